@@ -1,0 +1,458 @@
+"""``phalanx bench allreduce``: all-reduce time and bandwidth on 127.0.0.1, every result checked.
+
+N local rank processes (spawned, see :mod:`phalanx.testing.procs`) each bind a listener
+on port 0, swap addresses through the parent and build a static :class:`phalanx.comm.Group`.
+For every size: warm-up, then timed iterations; per iteration the buffer is refilled
+from the rank's source (untimed), the ranks meet at a barrier, and the all-reduce alone
+is timed. The op time of an iteration is the slowest rank's. Inputs are integer-valued
+(like the Gloo baseline) so float sums are exact: lossless results must equal the
+closed form bit for bit; lossy codecs report their largest relative error. Every
+iteration's result is hashed (sha256) and the hashes must agree across ranks.
+
+With ``--vs gloo`` a second set of ranks runs torch.distributed's gloo backend; both sets
+stay alive and take turns (a block of phalanx iterations, then a block of Gloo ones,
+``--rounds`` times per size) so that the machine's noise hits both.
+
+Output: one JSON line per size and implementation, plus a ratio line per size with
+``--vs``; or a table. Exit status 1 if any result is wrong or a rank failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from phalanx.bench._harness import (
+    busbw_factor,
+    format_bytes,
+    parse_sizes,
+    print_json,
+    print_table,
+    progress,
+    summarize_times,
+)
+from phalanx.testing.procs import RankPool, RanksFailed
+
+if TYPE_CHECKING:
+    from phalanx.testing.procs import RankContext
+
+__all__ = ["register", "run"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = "4KiB,1MiB,16MiB,64MiB"
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64")
+LOSSLESS_CODECS = frozenset({"none", "zstd"})
+# Largest relative error a lossy codec may show on the benchmark's inputs (small
+# integers, so fp16 is exact; the bounds only catch garbage, they are not a spec).
+LOSSY_TOLERANCE = {"fp16": 1e-3, "bf16": 1e-2, "int8": 0.25}
+DEFAULT_LOSSY_TOLERANCE = 0.5
+
+
+# -- messages between the parent and the ranks ----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a rank needs to build its backend."""
+
+    impl: str  # "phalanx" or "gloo"
+    secret: bytes
+    streams: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class _Prepare:
+    nbytes: int
+    dtype: str
+    codec: str
+
+
+@dataclass(frozen=True)
+class _Block:
+    iters: int
+
+
+@dataclass
+class _BlockResult:
+    times: list[float]
+    digests: list[str]
+    wire_bytes: list[int | None]
+    ok: bool
+    max_rel_err: float
+    algorithm: str | None
+
+
+@dataclass
+class _Series:
+    """Everything measured for one (implementation, size), over all rounds."""
+
+    impl: str
+    codec: str
+    streams: int | None
+    times: list[float] = field(default_factory=list)
+    wire_bytes: list[int] = field(default_factory=list)
+    ok: bool = True
+    max_rel_err: float = 0.0
+    algorithms: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, replies: Sequence[_BlockResult], *, timed: bool) -> None:
+        for rank, r in enumerate(replies):
+            if not r.ok:
+                self.ok = False
+                self.problems.append(f"rank {rank}: result differs from the exact sum")
+            self.max_rel_err = max(self.max_rel_err, r.max_rel_err)
+            if r.algorithm:
+                self.algorithms.add(r.algorithm)
+        for i, digests in enumerate(zip(*(r.digests for r in replies), strict=True)):
+            if len(set(digests)) != 1:
+                self.ok = False
+                self.problems.append(f"iteration {i}: ranks hold different bytes")
+        if not timed:
+            return
+        # The slowest rank defines the op time of an iteration.
+        self.times.extend(max(ts) for ts in zip(*(r.times for r in replies), strict=True))
+        for wires in zip(*(r.wire_bytes for r in replies), strict=True):
+            known = [w for w in wires if w is not None]
+            if known:
+                self.wire_bytes.append(max(known))
+
+
+# -- inside a rank --------------------------------------------------------------------
+
+
+class _Backend(Protocol):
+    impl: str
+
+    def bind_buffer(self, buf: np.ndarray[Any, Any]) -> None: ...
+    def all_reduce(self, codec: str) -> tuple[int | None, str | None]: ...
+    def barrier(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _PhalanxBackend:
+    impl = "phalanx"
+
+    def __init__(self, ctx: RankContext, spec: _Spec) -> None:
+        from phalanx.comm import CommOptions, Group, bind
+
+        listener = bind("127.0.0.1:0")
+        addresses = ctx.exchange(listener.address)
+        self._group = Group(
+            ctx.rank,
+            addresses,
+            spec.secret,
+            listener=listener,
+            epoch=0,
+            options=CommOptions(streams=spec.streams),
+        )
+        self._buf: np.ndarray[Any, Any] | None = None
+
+    def bind_buffer(self, buf: np.ndarray[Any, Any]) -> None:
+        self._buf = buf
+
+    def all_reduce(self, codec: str) -> tuple[int | None, str | None]:
+        info = self._group.all_reduce(self._buf, op="sum", codec=codec)
+        return int(info.wire_bytes_sent), str(info.algorithm)
+
+    def barrier(self) -> None:
+        self._group.barrier()
+
+    def close(self) -> None:
+        self._group.close()
+
+
+def _numpy_dtype(name: str) -> np.dtype[Any]:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bf16
+    return np.dtype(name)
+
+
+class _Buffers:
+    """A rank's source, result buffer and the exact expected sum for one size."""
+
+    def __init__(self, rank: int, world: int, prep: _Prepare) -> None:
+        dtype = _numpy_dtype(prep.dtype)
+        numel = prep.nbytes // dtype.itemsize
+        pattern = (np.arange(numel, dtype=np.int64) % 13).astype(np.float64)
+        self.src = (pattern + (rank + 1)).astype(dtype)
+        self.expected64 = pattern * world + world * (world + 1) // 2
+        self.expected = self.expected64.astype(dtype)
+        self.buf = np.empty_like(self.src)
+        self.lossless = prep.codec in LOSSLESS_CODECS
+        self.codec = prep.codec
+
+    def check(self) -> tuple[bool, float, str]:
+        """(equal to the exact sum or within tolerance, max relative error, sha256)."""
+        digest = hashlib.sha256(self.buf.view(np.uint8).data).hexdigest()
+        if self.lossless:
+            return bool(np.array_equal(self.buf, self.expected)), 0.0, digest
+        got = self.buf.astype(np.float64)
+        err = float(np.max(np.abs(got - self.expected64) / np.abs(self.expected64)))
+        tol = LOSSY_TOLERANCE.get(self.codec, DEFAULT_LOSSY_TOLERANCE)
+        return bool(np.isfinite(err) and err <= tol), err, digest
+
+
+def _run_block(backend: _Backend, bufs: _Buffers, iters: int) -> _BlockResult:
+    res = _BlockResult([], [], [], True, 0.0, None)
+    for _ in range(iters):
+        np.copyto(bufs.buf, bufs.src)
+        backend.barrier()
+        t0 = time.perf_counter()
+        wire, algorithm = backend.all_reduce(bufs.codec)
+        dt = time.perf_counter() - t0
+        ok, err, digest = bufs.check()
+        res.times.append(dt)
+        res.digests.append(digest)
+        res.wire_bytes.append(wire)
+        res.ok &= ok
+        res.max_rel_err = max(res.max_rel_err, err)
+        res.algorithm = algorithm
+    return res
+
+
+def _rank_worker(ctx: RankContext, spec: _Spec) -> None:
+    """A rank's whole life: build the backend, then serve _Prepare/_Block commands."""
+    backend: _Backend
+    if spec.impl == "gloo":
+        from phalanx.bench.gloo import GlooBackend
+
+        backend = GlooBackend(ctx, timeout_s=spec.timeout_s)
+    else:
+        backend = _PhalanxBackend(ctx, spec)
+    bufs: _Buffers | None = None
+    try:
+        while True:
+            cmd = ctx.recv()
+            if cmd is None:
+                return
+            if isinstance(cmd, _Prepare):
+                bufs = None  # free the previous size first
+                bufs = _Buffers(ctx.rank, ctx.world, cmd)
+                backend.bind_buffer(bufs.buf)
+                ctx.reply(os.getpid())
+            elif isinstance(cmd, _Block) and bufs is not None:
+                ctx.reply(_run_block(backend, bufs, cmd.iters))
+            else:
+                raise RuntimeError(f"unexpected command {cmd!r}")
+    finally:
+        backend.close()
+
+
+# -- the parent -----------------------------------------------------------------------
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` iterations in ``parts`` nearly equal blocks (no empty block)."""
+    parts = max(1, min(parts, total))
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, Any]:
+    world = args.world
+    ring_bytes = nbytes * busbw_factor(world)  # what a no-codec ring sends per rank
+    wire = int(np.median(series.wire_bytes)) if series.wire_bytes else None
+    row: dict[str, Any] = {
+        "impl": series.impl,
+        "world": world,
+        "bytes": nbytes,
+        "dtype": args.dtype,
+        "codec": series.codec,
+        "streams": series.streams,
+        "algorithm": ",".join(sorted(series.algorithms)) or None,
+        "iters": len(series.times),
+        "warmup": args.warmup,
+        "rounds": args.rounds if args.vs else 1,
+        **summarize_times(nbytes, world, series.times),
+        "wire_bytes": wire,
+        "wire_ratio": wire / ring_bytes if wire is not None and ring_bytes else None,
+        "max_rel_err": series.max_rel_err,
+        "correct": series.ok,
+    }
+    return row
+
+
+def _ratio_row(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ratio": f"phalanx/{theirs['impl']}",
+        "world": ours["world"],
+        "bytes": ours["bytes"],
+        "busbw_ratio": ours["busbw_Bps"] / theirs["busbw_Bps"],
+        "time_ratio": ours["median_s"] / theirs["median_s"],
+    }
+
+
+_TABLE = (
+    ("impl", "impl", "str"),
+    ("world", "n", "str"),
+    ("bytes", "size", "size"),
+    ("codec", "codec", "str"),
+    ("streams", "streams", "str"),
+    ("algorithm", "algo", "str"),
+    ("median_s", "median ms", "ms"),
+    ("min_s", "min ms", "ms"),
+    ("max_s", "max ms", "ms"),
+    ("algbw_Bps", "algbw MB/s", "MBps"),
+    ("busbw_Bps", "busbw MB/s", "MBps"),
+    ("wire_ratio", "wire", "ratio"),
+    ("max_rel_err", "rel err", "err"),
+    ("correct", "check", "bool"),
+)
+
+
+_RATIO_TABLE = (
+    ("ratio", "ratio", "str"),
+    ("world", "n", "str"),
+    ("bytes", "size", "size"),
+    ("busbw_ratio", "busbw ratio", "ratio"),
+    ("time_ratio", "time ratio", "ratio"),
+)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    dtype = _numpy_dtype(args.dtype)
+    bad = [s for s in args.sizes if s % dtype.itemsize]
+    if bad:
+        parser.error(f"sizes must be multiples of {dtype.itemsize} bytes ({args.dtype}): {bad}")
+    if args.vs:
+        from phalanx.bench.gloo import torch_problem
+
+        problem = torch_problem()
+        if problem:
+            parser.error(problem)
+    say = functools.partial(progress, enabled=not args.quiet)
+    secret = os.urandom(32)  # a fresh cluster secret for this run's group
+    specs = [_Spec("phalanx", secret, args.streams, args.timeout)]
+    if args.vs:
+        specs.append(_Spec(args.vs, secret, args.streams, args.timeout))
+    pools = [RankPool(_rank_worker, args.world, spec, name=spec.impl) for spec in specs]
+    rows: list[dict[str, Any]] = []
+    ok = True
+    try:
+        for pool, spec in zip(pools, specs, strict=True):
+            say(f"starting {args.world} {spec.impl} ranks")
+            pool.start()
+        for nbytes in args.sizes:
+            size_rows = _bench_size(pools, specs, args, nbytes, say)
+            for row in size_rows:
+                ok &= row.get("correct", True)
+                if args.json:
+                    print_json(row)
+            rows.extend(size_rows)
+    except RanksFailed as exc:
+        progress(f"FAILED: {exc}", enabled=True)
+        return 1
+    except KeyboardInterrupt:
+        progress("interrupted; stopping the ranks", enabled=True)
+        return 130
+    finally:
+        for pool in pools:
+            pool.close()
+    if not args.json:
+        print_table([r for r in rows if "ratio" not in r], _TABLE)
+        ratios = [r for r in rows if "ratio" in r]
+        if ratios:
+            print()
+            print_table(ratios, _RATIO_TABLE)
+    if not ok:
+        progress("some results were WRONG (see the 'correct' field)", enabled=True)
+    return 0 if ok else 1
+
+
+def _bench_size(
+    pools: Sequence[RankPool[None]],
+    specs: Sequence[_Spec],
+    args: argparse.Namespace,
+    nbytes: int,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    label = format_bytes(nbytes)
+    series = []
+    for pool, spec in zip(pools, specs, strict=True):
+        codec = args.codec if spec.impl == "phalanx" else "none"
+        streams = args.streams if spec.impl == "phalanx" else None
+        pool.request_all(_Prepare(nbytes, args.dtype, codec), args.timeout)
+        s = _Series(spec.impl, codec, streams)
+        if args.warmup:
+            say(f"{label}: {spec.impl} warm-up ({args.warmup})")
+            s.add(pool.request_all(_Block(args.warmup), args.timeout), timed=False)
+        series.append(s)
+    blocks = _split(args.iters, args.rounds if len(pools) > 1 else 1)
+    for i, n in enumerate(blocks):
+        for pool, s in zip(pools, series, strict=True):
+            say(f"{label}: {s.impl} round {i + 1}/{len(blocks)} ({n} iterations)")
+            s.add(pool.request_all(_Block(n), args.timeout), timed=True)
+    rows = []
+    for s in series:
+        for problem in s.problems[:5]:
+            log.error("%s %s: %s", s.impl, label, problem)
+        rows.append(_row(s, args, nbytes))
+    if len(rows) > 1:
+        rows.append(_ratio_row(rows[0], rows[1]))
+    return rows
+
+
+def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Add this benchmark's options to ``parser``; return the function that runs it."""
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--world", type=int, default=2, help="number of ranks (default 2)")
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=parse_sizes(DEFAULT_SIZES),
+        help=f"comma-separated sizes, bytes or KiB/MiB/GiB (default {DEFAULT_SIZES})",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="default float32")
+    parser.add_argument(
+        "--codec", default="none", help="none, zstd, fp16, bf16, int8 (default none)"
+    )
+    parser.add_argument("--streams", type=int, default=1, help="TCP streams per link")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up iterations (default 3)")
+    parser.add_argument(
+        "--vs",
+        choices=("gloo",),
+        default=None,
+        help="also run Gloo (torch 2.13.0 CPU), alternating blocks with phalanx",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="with --vs: blocks per implementation and size the iterations are split into",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="deadline in seconds for each step (start-up, each block of iterations)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+    def check_and_run(args: argparse.Namespace) -> int:
+        if args.world < 1:
+            parser.error("--world must be >= 1")
+        if args.iters < 1 or args.warmup < 0 or args.rounds < 1 or args.streams < 1:
+            parser.error("--iters, --rounds and --streams must be >= 1, --warmup >= 0")
+        if args.timeout <= 0:
+            parser.error("--timeout must be > 0")
+        return run(args, parser)
+
+    return check_and_run

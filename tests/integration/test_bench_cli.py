@@ -1,0 +1,274 @@
+"""The ``phalanx`` CLI and ``phalanx bench allreduce``, run as real subprocesses.
+
+Also the process harness underneath them (:mod:`phalanx.testing.procs`) and the
+conftest's leak fence, since the benchmark's promises rest on both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phalanx.bench._harness import format_bytes, parse_size, parse_sizes
+from phalanx.cli import COMMANDS
+from phalanx.testing.procs import RankContext, RankPool, RanksFailed, run_ranks
+from tests.conftest import child_pids, reap_new_children
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = {
+    "impl",
+    "world",
+    "bytes",
+    "dtype",
+    "codec",
+    "streams",
+    "iters",
+    "median_s",
+    "min_s",
+    "max_s",
+    "algbw_Bps",
+    "busbw_Bps",
+    "wire_bytes",
+    "wire_ratio",
+    "max_rel_err",
+    "correct",
+}
+
+
+def phalanx_cli(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "phalanx", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def json_lines(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+# -- the CLI --------------------------------------------------------------------------
+
+
+def test_help_names_every_command() -> None:
+    res = phalanx_cli("--help")
+    assert res.returncode == 0, res.stderr
+    for name in COMMANDS:
+        assert name in res.stdout
+    assert "bench allreduce" in res.stdout
+    res = phalanx_cli("bench", "--help")
+    assert res.returncode == 0, res.stderr
+    assert "allreduce" in res.stdout
+    res = phalanx_cli("bench", "allreduce", "--help")
+    assert res.returncode == 0, res.stderr
+    for option in ("--world", "--sizes", "--codec", "--streams", "--vs", "--json", "--timeout"):
+        assert option in res.stdout
+
+
+def test_version() -> None:
+    res = phalanx_cli("--version")
+    assert res.returncode == 0
+    assert res.stdout.startswith("phalanx ")
+
+
+@pytest.mark.parametrize(
+    ("sizes", "says"),
+    [("4KiB,lots", "KiB, MiB, GiB"), ("4XB", "KiB, MiB, GiB"), ("-4", "KiB"), ("0", "> 0")],
+)
+def test_bad_size_is_a_usage_error(sizes: str, says: str) -> None:
+    res = phalanx_cli("bench", "allreduce", "--sizes", sizes, "--json")
+    assert res.returncode == 2
+    assert "invalid size" in res.stderr
+    assert says in res.stderr  # says what a valid size looks like
+    assert "Traceback" not in res.stderr
+    assert res.stdout == ""
+
+
+def test_size_not_a_multiple_of_the_dtype_is_a_usage_error() -> None:
+    res = phalanx_cli("bench", "allreduce", "--sizes", "1001", "--json")
+    assert res.returncode == 2
+    assert "multiples of 4 bytes" in res.stderr
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    res = phalanx_cli("no-such-command")
+    assert res.returncode == 2
+    assert "invalid choice" in res.stderr
+
+
+def test_parse_size() -> None:
+    assert parse_size("4KiB") == 4096
+    assert parse_size("1MiB") == 1 << 20
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1000") == 1000
+    assert parse_size("4kB") == 4000
+    assert parse_sizes("4KiB, 64MiB") == [4096, 64 << 20]
+    assert format_bytes(64 << 20) == "64MiB"
+    assert format_bytes(1000) == "1000B"
+
+
+# -- the benchmark --------------------------------------------------------------------
+
+
+def _check_rows(rows: list[dict[str, Any]], impl: str, sizes: list[int]) -> None:
+    mine = [r for r in rows if r.get("impl") == impl]
+    assert [r["bytes"] for r in mine] == sizes
+    for row in mine:
+        assert set(row) >= FIELDS, FIELDS - set(row)
+        assert row["correct"] is True
+        assert row["world"] == 2
+        assert row["busbw_Bps"] > 0
+        assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["max_rel_err"] == 0
+
+
+def test_bench_allreduce_phalanx_json() -> None:
+    res = phalanx_cli(
+        "bench", "allreduce", "--world", "2", "--sizes", "4KiB,64KiB",
+        "--iters", "3", "--warmup", "1", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = json_lines(res.stdout)
+    assert len(rows) == 2
+    _check_rows(rows, "phalanx", [4096, 65536])
+    for row in rows:
+        assert row["codec"] == "none"
+        assert row["streams"] == 1
+        assert row["iters"] == 3
+        assert row["wire_bytes"] > 0
+        assert row["wire_ratio"] > 0
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs the torch extra: pip install -e '.[torch]'")
+def test_bench_allreduce_vs_gloo() -> None:
+    res = phalanx_cli(
+        "bench", "allreduce", "--world", "2", "--sizes", "4KiB,64KiB",
+        "--iters", "4", "--warmup", "1", "--rounds", "2", "--vs", "gloo", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = json_lines(res.stdout)
+    _check_rows(rows, "phalanx", [4096, 65536])
+    _check_rows(rows, "gloo", [4096, 65536])
+    ratios = [r for r in rows if "ratio" in r]
+    assert [r["bytes"] for r in ratios] == [4096, 65536]
+    for r in ratios:
+        assert r["ratio"] == "phalanx/gloo"
+        assert r["busbw_ratio"] > 0 and r["time_ratio"] > 0
+
+
+def test_bench_allreduce_table() -> None:
+    res = phalanx_cli(
+        "bench", "allreduce", "--world", "2", "--sizes", "4KiB", "--iters", "2", "--warmup", "0"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "busbw MB/s" in res.stdout
+    assert "4KiB" in res.stdout
+    assert "[bench]" in res.stderr  # progress goes to stderr, never to stdout
+
+
+def test_vs_gloo_without_torch_says_how_to_install(tmp_path: Path) -> None:
+    # Make torch look absent to the CLI process, whether it is installed or not.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.util as u\n"
+        "_f = u.find_spec\n"
+        "u.find_spec = lambda name, *a: None if name == 'torch' else _f(name, *a)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    res = subprocess.run(
+        [sys.executable, "-m", "phalanx", "bench", "allreduce", "--vs", "gloo", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert res.returncode == 2
+    assert "torch==2.13.0" in res.stderr
+    assert ".[torch]" in res.stderr
+
+
+# -- the process harness under the benchmark -------------------------------------------
+
+
+def _sum_of_ranks(ctx: RankContext, base: int) -> tuple[int, list[int]]:
+    everyone = ctx.exchange(base + ctx.rank)
+    return ctx.rank, everyone
+
+
+def _fails_on_rank_1(ctx: RankContext) -> int:
+    if ctx.rank == 1:
+        raise ValueError("rank one refuses")
+    time.sleep(60)  # the harness must kill this rank, not wait for it
+    return ctx.rank
+
+
+def _sleeps(ctx: RankContext) -> None:
+    time.sleep(60)
+
+
+def _echo(ctx: RankContext) -> int:
+    served = 0
+    while (cmd := ctx.recv()) is not None:
+        ctx.reply((ctx.rank, cmd * 2))
+        served += 1
+    return served
+
+
+def test_run_ranks_exchange_and_results() -> None:
+    results = run_ranks(_sum_of_ranks, 3, 10, timeout=60)
+    assert results == [(0, [10, 11, 12]), (1, [10, 11, 12]), (2, [10, 11, 12])]
+
+
+def test_run_ranks_reports_the_failing_rank_and_kills_the_rest() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(RanksFailed) as err:
+        run_ranks(_fails_on_rank_1, 3, timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert "rank one refuses" in err.value.failures[1]
+    assert "ValueError" in str(err.value)
+
+
+def test_run_ranks_deadline() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(RanksFailed) as err:
+        run_ranks(_sleeps, 2, timeout=1.0)
+    assert time.monotonic() - t0 < 15
+    assert set(err.value.failures) == {0, 1}
+    assert "timed out" in str(err.value)
+
+
+def test_rank_pool_commands() -> None:
+    with RankPool(_echo, 2) as pool:
+        assert pool.request_all(21, timeout=60) == [(0, 42), (1, 42)]
+        assert pool.request_all(1, timeout=10) == [(0, 2), (1, 2)]
+        pids = pool.pids
+    assert all(_gone(pid) for pid in pids)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_leak_fence_kills_and_reports_a_left_child() -> None:
+    before = child_pids()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    leaked = reap_new_children(before)
+    assert len(leaked) == 1 and f"pid {proc.pid}" in leaked[0]
+    assert proc.pid not in child_pids()
+    assert _gone(proc.pid)  # killed and reaped: not even a zombie is left
+    proc.wait(timeout=5)  # (already reaped; keeps Popen from warning)
