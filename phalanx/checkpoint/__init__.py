@@ -12,10 +12,24 @@ from phalanx.checkpoint.erasure import (
     available_backends,
     make_coder,
 )
+from phalanx.checkpoint.placement import (
+    Peer,
+    Placement,
+    PlacementError,
+    default_km,
+    place,
+    replace_lost,
+)
 
 __all__ = [
     "ErasureCoder",
     "ErasureError",
+    "Peer",
+    "Placement",
+    "PlacementError",
     "available_backends",
+    "default_km",
     "make_coder",
+    "place",
+    "replace_lost",
 ]
