@@ -115,6 +115,21 @@ def test_decode_into_slices_of_one_buffer(backend: str) -> None:
     assert np.array_equal(area, np.concatenate(shards[:k]))
 
 
+def test_unaligned_slices(backend: str) -> None:
+    """Shards at odd offsets inside one buffer (no alignment is promised by callers)."""
+    k, m, length = 4, 2, 1001
+    coder = make_coder(k, m, backend)  # type: ignore[arg-type]
+    raw = np.random.default_rng(9).integers(0, 256, 1 + (k + m) * length, dtype=np.uint8)
+    shards = [raw[1 + i * length : 1 + (i + 1) * length] for i in range(k + m)]
+    want = [s.copy() for s in shards[:k]]
+    coder.encode(shards[:k], shards[k:])
+    assert _encode(make_coder(k, m, "numpy"), want)[k:][0].tobytes() == shards[k].tobytes()
+    for i in (0, 3):
+        shards[i][:] = 0
+    coder.decode({i: shards[i] for i in (1, 2, 4, 5)}, {0: shards[0], 3: shards[3]})
+    assert all(np.array_equal(a, b) for a, b in zip(shards[:k], want, strict=True))
+
+
 def test_repair_rebuilds_parity_and_data_in_one_call(backend: str) -> None:
     coder = make_coder(6, 3, backend)  # type: ignore[arg-type]
     shards = _encode(coder, _random_shards(np.random.default_rng(3), 6, 777))
