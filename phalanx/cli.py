@@ -171,7 +171,8 @@ def _dispatch(
     run = register(leaf)
     args = leaf.parse_args(ns.args)
     default_level: str = getattr(args, "default_log_level", DEFAULT_LOG_LEVEL)
-    setup_logging(args.log_level or log_level or default_level)
+    args.log_level = args.log_level or log_level or default_level
+    setup_logging(args.log_level)
     return run(args)
 
 

@@ -69,6 +69,7 @@ class _Spec:
     secret: bytes
     streams: int
     timeout_s: float
+    log_level: str
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,9 @@ def _run_block(backend: _Backend, bufs: _Buffers, iters: int) -> _BlockResult:
 
 def _rank_worker(ctx: RankContext, spec: _Spec) -> None:
     """A rank's whole life: build the backend, then serve _Prepare/_Block commands."""
+    from phalanx.cli import setup_logging
+
+    setup_logging(spec.log_level)  # ranks log like the parent: key=value on stderr
     backend: _Backend
     if spec.impl == "gloo":
         from phalanx.bench.gloo import GlooBackend
@@ -337,9 +341,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(problem)
     say = functools.partial(progress, enabled=not args.quiet)
     secret = os.urandom(32)  # a fresh cluster secret for this run's group
-    specs = [_Spec("phalanx", secret, args.streams, args.timeout)]
+    specs = [_Spec("phalanx", secret, args.streams, args.timeout, args.log_level)]
     if args.vs:
-        specs.append(_Spec(args.vs, secret, args.streams, args.timeout))
+        specs.append(_Spec(args.vs, secret, args.streams, args.timeout, args.log_level))
     pools = [RankPool(_rank_worker, args.world, spec, name=spec.impl) for spec in specs]
     rows: list[dict[str, Any]] = []
     ok = True
