@@ -1,0 +1,502 @@
+"""Collectives compiled into engine plans: ring, recursive doubling, broadcast, barrier.
+
+Each ``build_*`` function takes a 1-D contiguous array and returns a
+:class:`~phalanx.comm.engine.Plan` whose sends, receives and compute steps follow a
+schedule from :mod:`phalanx.comm.schedules`, cut into pieces of at most
+``options.piece_bytes`` so that receiving, reducing and sending overlap.
+
+Rules every plan keeps:
+
+* **The caller's array is written only on success** (promise 2). Partial sums live in
+  a work buffer; results land in the work buffer (or a result buffer) and are copied
+  into the caller's array by the plan's success step, after the last frame is in.
+* **Bit parity** (promise 1). Every reduced element is computed once, by the owner of
+  its chunk, and then copied; in recursive doubling partners combine their partials in
+  rank order. With a codec, a chunk's final value is encoded once by its owner, the
+  encoded bytes are forwarded unchanged, and the owner itself takes the decoded value.
+  Lossy codecs also quantize a rank's own partial before it is exchanged, so both ends
+  combine the same numbers.
+* Narrow floats (and integer averages) accumulate in the wider dtype of
+  :func:`~phalanx.comm.reduce.accumulation_dtype`; the final cast happens once, on
+  the owner, before the all-gather (so the all-gather moves the narrow dtype).
+
+This module never touches a socket or a thread; it only describes work for the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+
+from phalanx.comm import schedules as sched
+from phalanx.comm.codecs import CODEC_NONE, Codec, decode_into
+from phalanx.comm.engine import Engine, Node, Plan, RecvNode
+from phalanx.comm.reduce import ReduceOp, accumulation_dtype, combine, finalize
+from phalanx.comm.transport import Buffer
+from phalanx.errors import UnsupportedError
+
+__all__ = [
+    "build_all_gather",
+    "build_all_reduce",
+    "build_barrier",
+    "build_broadcast",
+    "build_reduce_scatter",
+]
+
+Encoded = tuple[int, Buffer]
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    """The bytes of a 1-D contiguous array, as a writable flat memoryview."""
+    return memoryview(a.view(np.uint8))  # type: ignore[arg-type]
+
+
+def _raw(a: np.ndarray) -> Callable[[], Encoded]:
+    view = _bytes(a)
+
+    def produce() -> Encoded:
+        return CODEC_NONE, view
+
+    return produce
+
+
+def _check_codec(codec: Codec, dtype: np.dtype) -> None:
+    if not codec.supports(dtype):
+        raise UnsupportedError(f"codec {codec.name!r} does not support dtype {dtype}")
+
+
+def _piece_elems(engine: Engine, itemsize: int) -> int:
+    return max(1, engine.options.piece_bytes // max(1, itemsize))
+
+
+class _Stored:
+    """Encoded payloads kept for forwarding, keyed by (chunk, piece)."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[int, int], Encoded] = {}
+
+    def put(self, key: tuple[int, int], value: Encoded) -> None:
+        self.items[key] = value
+
+    def getter(self, key: tuple[int, int]) -> Callable[[], Encoded]:
+        return lambda: self.items.pop(key)
+
+
+# ----------------------------------------------------------------------------- all-reduce
+
+
+def build_all_reduce(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec) -> Plan:
+    world, rank = engine.world, engine.rank
+    acc_dtype = accumulation_dtype(x.dtype, op)
+    if codec.name != "none":
+        _check_codec(codec, acc_dtype)
+    small = x.nbytes <= engine.options.small_bytes
+    algorithm = (
+        "trivial" if world == 1 or x.size == 0 else ("recursive-doubling" if small else "ring")
+    )
+    plan = engine.plan("all_reduce", algorithm=algorithm, nbytes=x.nbytes, codec=codec.name)
+    if algorithm == "trivial":
+        if world == 1 and x.size:
+            work = x.astype(acc_dtype)
+            plan.on_success(partial(finalize, work, op, 1, x))
+        return plan
+    xa = x if acc_dtype == x.dtype else x.astype(acc_dtype)
+    if algorithm == "recursive-doubling":
+        _recursive_doubling(plan, engine, x, xa, op, codec)
+    else:
+        _ring_all_reduce(plan, engine, x, xa, op, codec, rank, world)
+    return plan
+
+
+def _reduce_scatter_phase(
+    plan: Plan,
+    engine: Engine,
+    xa: np.ndarray,
+    work: np.ndarray,
+    op: ReduceOp,
+    codec: Codec,
+    pieces: list[list[tuple[int, int]]],
+) -> dict[tuple[int, int], Node]:
+    """Ring reduce-scatter of ``xa`` into ``work``; returns the node that completes
+    each (chunk, piece) of the partial sums (for chunk ``rank``: the final sums)."""
+    rank, world = engine.rank, engine.world
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    last: dict[tuple[int, int], Node] = {}
+    encoded = codec.name != "none"
+    for s, step in enumerate(sched.ring_reduce_scatter(rank, world)):
+        assert step.send_chunk is not None and step.recv_chunk is not None
+        c = step.send_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            src = xa[a:b] if s == 0 else work[a:b]
+            produce = partial(codec.encode, src) if encoded else _raw(src)
+            plan.send(nxt, j, produce, after=(last.get((c, j)),))
+        c = step.recv_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            dst, own = work[a:b], xa[a:b]
+            node = plan.recv(
+                prv,
+                j,
+                direct=_bytes(dst),
+                max_encoded=codec.max_encoded_nbytes(b - a, work.dtype) if encoded else 0,
+                then=partial(_reduce_piece, dst, own, op),
+            )
+            last[(c, j)] = node
+    return last
+
+
+def _reduce_piece(
+    dst: np.ndarray, own: np.ndarray, op: ReduceOp, codec_id: int, payload: memoryview, direct: bool
+) -> None:
+    if not direct:
+        decode_into(codec_id, payload, dst)
+    combine(dst, own, dst, op)
+
+
+def _store_piece(
+    store: _Stored,
+    key: tuple[int, int],
+    dst: np.ndarray,
+    codec_id: int,
+    payload: memoryview,
+    direct: bool,
+) -> None:
+    if direct:
+        store.put(key, (CODEC_NONE, payload))
+    else:
+        decode_into(codec_id, payload, dst)
+        store.put(key, (codec_id, payload))
+
+
+def _ring_all_reduce(
+    plan: Plan,
+    engine: Engine,
+    x: np.ndarray,
+    xa: np.ndarray,
+    op: ReduceOp,
+    codec: Codec,
+    rank: int,
+    world: int,
+) -> None:
+    acc = xa.dtype
+    n = x.size
+    work = np.empty(n, dtype=acc)
+    parts = sched.partition(n, world)
+    pieces = [sched.split(a, b, _piece_elems(engine, acc.itemsize)) for a, b in parts]
+    last = _reduce_scatter_phase(plan, engine, xa, work, op, codec, pieces)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    encoded = codec.name != "none"
+    if not encoded:
+        # all-gather moves final values in the caller's dtype
+        res = work if acc == x.dtype else np.empty(n, dtype=x.dtype)
+        ready: dict[tuple[int, int], Node] = {}
+        for j, (a, b) in enumerate(pieces[rank]):
+            if res is work and op != "avg":
+                ready[(rank, j)] = last[(rank, j)]
+            else:
+                ready[(rank, j)] = plan.compute(
+                    partial(finalize, work[a:b], op, world, res[a:b]), after=(last[(rank, j)],)
+                )
+        for step in sched.ring_all_gather(rank, world):
+            assert step.send_chunk is not None and step.recv_chunk is not None
+            c = step.send_chunk
+            for j, (a, b) in enumerate(pieces[c]):
+                plan.send(nxt, j, _raw(res[a:b]), after=(ready[(c, j)],))
+            c = step.recv_chunk
+            for j, (a, b) in enumerate(pieces[c]):
+                ready[(c, j)] = plan.recv(prv, j, direct=_bytes(res[a:b]), max_encoded=0)
+        plan.on_success(partial(np.copyto, x, res))
+        return
+    # with a codec: the owner encodes its final chunk once; everyone forwards the bytes
+    store = _Stored()
+    encoded_ready: dict[tuple[int, int], Node] = {}
+    for j, (a, b) in enumerate(pieces[rank]):
+        encoded_ready[(rank, j)] = plan.compute(
+            partial(_own_final, store, (rank, j), work[a:b], op, world, codec),
+            after=(last[(rank, j)],),
+        )
+    for step in sched.ring_all_gather(rank, world):
+        assert step.send_chunk is not None and step.recv_chunk is not None
+        c = step.send_chunk
+        for j, _ in enumerate(pieces[c]):
+            plan.send(nxt, j, store.getter((c, j)), after=(encoded_ready[(c, j)],))
+        c = step.recv_chunk
+        last_step = step.recv_chunk == (rank + 1) % world
+        for j, (a, b) in enumerate(pieces[c]):
+            dst = work[a:b]
+            key = (c, j)
+            then = (
+                partial(_decode_only, dst) if last_step else partial(_store_piece, store, key, dst)
+            )
+            encoded_ready[key] = plan.recv(
+                prv,
+                j,
+                direct=_bytes(dst),
+                max_encoded=codec.max_encoded_nbytes(b - a, acc),
+                then=then,
+            )
+    plan.on_success(partial(_cast_into, x, work))
+
+
+def _decode_only(dst: np.ndarray, codec_id: int, payload: memoryview, direct: bool) -> None:
+    if not direct:
+        decode_into(codec_id, payload, dst)
+
+
+def _own_final(
+    store: _Stored,
+    key: tuple[int, int],
+    acc: np.ndarray,
+    op: ReduceOp,
+    world: int,
+    codec: Codec,
+) -> None:
+    if op == "avg":
+        finalize(acc, op, world, acc)
+    codec_id, payload = codec.encode(acc)
+    if codec.lossy:
+        decode_into(codec_id, memoryview(payload), acc)
+    store.put(key, (codec_id, payload))
+
+
+def _cast_into(x: np.ndarray, work: np.ndarray) -> None:
+    np.copyto(x, work, casting="unsafe")
+
+
+def _recursive_doubling(
+    plan: Plan, engine: Engine, x: np.ndarray, xa: np.ndarray, op: ReduceOp, codec: Codec
+) -> None:
+    rank, world = engine.rank, engine.world
+    n = x.size
+    acc = xa.dtype
+    work = xa.copy()
+    encoded = codec.name != "none"
+    lossy = encoded and codec.lossy
+    max_enc = codec.max_encoded_nbytes(n, acc) if encoded else 0
+    p = 1 << (world.bit_length() - 1)
+    core = rank < p
+    prev: Node | None = None
+    final_box: list[Encoded] | None = None
+
+    def quantize_final(after: Node | None) -> Node:
+        nonlocal final_box
+        final_box = []
+        return plan.compute(partial(_quantize_own, work, codec, final_box, True), after=(after,))
+
+    for step in sched.recursive_doubling(rank, world):
+        if step.send_to is not None and step.recv_from is not None:  # exchange
+            tmp = np.empty(n, dtype=acc)
+            if encoded:
+                box: list[Encoded] = []
+                q = plan.compute(partial(_quantize_own, work, codec, box, lossy), after=(prev,))
+                send_node: Node = plan.send(step.send_to, 0, partial(box.pop), after=(q,))
+            else:
+                send_node = plan.send(step.send_to, 0, _raw(work), after=(prev,))
+            recv = plan.recv(
+                step.recv_from,
+                0,
+                direct=_bytes(tmp),
+                max_encoded=max_enc,
+                then=partial(_decode_only, tmp),
+            )
+            if step.recv_from < rank:
+                fn = partial(combine, tmp, work, work, op)
+            else:
+                fn = partial(combine, work, tmp, work, op)
+            prev = plan.compute(fn, after=(recv, send_node))
+        elif step.send_to is not None:
+            if core and lossy:  # unfold: send exactly the final value this rank keeps
+                q_final: Node = quantize_final(prev)
+                box_final = final_box
+                assert box_final is not None
+                prev = plan.send(step.send_to, 0, partial(_peek_box, box_final), after=(q_final,))
+            elif encoded:
+                prev = plan.send(step.send_to, 0, partial(_encode_copy, codec, work), after=(prev,))
+            else:
+                prev = plan.send(step.send_to, 0, _raw(work), after=(prev,))
+        elif step.recv_from is not None:
+            tmp = np.empty(n, dtype=acc)
+            recv = plan.recv(
+                step.recv_from,
+                0,
+                direct=_bytes(tmp),
+                max_encoded=max_enc,
+                then=partial(_decode_only, tmp),
+            )
+            if step.combine == "copy":
+                fn = partial(np.copyto, work, tmp)
+            else:  # fold: the sender is always the higher rank
+                fn = partial(combine, work, tmp, work, op)
+            prev = plan.compute(fn, after=(recv, prev))
+    if core and lossy and world != p and final_box is None:
+        # core ranks without an unfold partner end with the same decoded value as the rest
+        quantize_final(prev)
+    plan.on_success(partial(finalize, work, op, world, x))
+
+
+def _peek_box(box: list[Encoded]) -> Encoded:
+    return box[0]
+
+
+def _encode_copy(codec: Codec, work: np.ndarray) -> Encoded:
+    codec_id, payload = codec.encode(work)
+    return codec_id, bytes(payload) if codec_id == CODEC_NONE else payload
+
+
+def _quantize_own(work: np.ndarray, codec: Codec, box: list[Encoded], lossy: bool) -> None:
+    codec_id, payload = codec.encode(work)
+    if codec_id == CODEC_NONE:
+        payload = bytes(payload)
+    if lossy:
+        decode_into(codec_id, memoryview(payload), work)
+    box.append((codec_id, payload))
+
+
+# ----------------------------------------------------------------------------- reduce-scatter
+
+
+def build_reduce_scatter(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec) -> Plan:
+    """After success, x[partition(n, world)[rank]] holds the reduced chunk; the rest of
+    x keeps its input values."""
+    world, rank = engine.world, engine.rank
+    acc_dtype = accumulation_dtype(x.dtype, op)
+    if codec.name != "none":
+        _check_codec(codec, acc_dtype)
+    plan = engine.plan("reduce_scatter", algorithm="ring", nbytes=x.nbytes, codec=codec.name)
+    a, b = sched.partition(x.size, world)[rank]
+    if world == 1 or x.size == 0:
+        if b > a:
+            plan.on_success(partial(finalize, x[a:b].astype(acc_dtype), op, world, x[a:b]))
+        return plan
+    xa = x if acc_dtype == x.dtype else x.astype(acc_dtype)
+    work = np.empty(x.size, dtype=acc_dtype)
+    pieces = [
+        sched.split(s, e, _piece_elems(engine, acc_dtype.itemsize))
+        for s, e in sched.partition(x.size, world)
+    ]
+    _reduce_scatter_phase(plan, engine, xa, work, op, codec, pieces)
+    plan.on_success(partial(finalize, work[a:b], op, world, x[a:b]))
+    return plan
+
+
+# ----------------------------------------------------------------------------- all-gather
+
+
+def build_all_gather(engine: Engine, x: np.ndarray, codec: Codec) -> Plan:
+    """Rank r contributes x[partition(n, world)[r]]; afterwards every rank has all."""
+    world, rank = engine.world, engine.rank
+    if codec.name != "none":
+        _check_codec(codec, x.dtype)
+    plan = engine.plan("all_gather", algorithm="ring", nbytes=x.nbytes, codec=codec.name)
+    if world == 1 or x.size == 0:
+        return plan
+    parts = sched.partition(x.size, world)
+    pieces = [sched.split(a, b, _piece_elems(engine, x.dtype.itemsize)) for a, b in parts]
+    res = np.empty_like(x)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    encoded = codec.name != "none"
+    store = _Stored()
+    ready: dict[tuple[int, int], Node] = {}
+    ra, rb = parts[rank]
+    np.copyto(res[ra:rb], x[ra:rb])
+    for j, (a, b) in enumerate(pieces[rank]):
+        if encoded:
+            box: list[Encoded] = []
+            ready[(rank, j)] = plan.compute(
+                partial(_quantize_own, res[a:b], codec, box, codec.lossy)
+            )
+            store_key = (rank, j)
+            ready[store_key] = plan.compute(
+                partial(_move_box, box, store, store_key), after=(ready[store_key],)
+            )
+    for step in sched.ring_all_gather(rank, world):
+        assert step.send_chunk is not None and step.recv_chunk is not None
+        c = step.send_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            produce = store.getter((c, j)) if encoded else _raw(res[a:b])
+            plan.send(nxt, j, produce, after=(ready.get((c, j)),))
+        c = step.recv_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            dst = res[a:b]
+            then = partial(_store_piece, store, (c, j), dst) if encoded else None
+            ready[(c, j)] = plan.recv(
+                prv,
+                j,
+                direct=_bytes(dst),
+                max_encoded=codec.max_encoded_nbytes(b - a, x.dtype) if encoded else 0,
+                then=then,
+            )
+    plan.on_success(partial(np.copyto, x, res))
+    return plan
+
+
+def _move_box(box: list[Encoded], store: _Stored, key: tuple[int, int]) -> None:
+    store.put(key, box.pop())
+
+
+# ----------------------------------------------------------------------------- broadcast
+
+
+def build_broadcast(engine: Engine, x: np.ndarray, root: int, codec: Codec) -> Plan:
+    world, rank = engine.world, engine.rank
+    if codec.name != "none":
+        _check_codec(codec, x.dtype)
+    small = x.nbytes <= engine.options.small_bytes
+    algorithm = "binomial" if small else "chain"
+    plan = engine.plan("broadcast", algorithm=algorithm, nbytes=x.nbytes, codec=codec.name)
+    if world == 1 or x.size == 0:
+        return plan
+    steps = (sched.binomial_broadcast if small else sched.chain_broadcast)(rank, world, root)
+    pieces = (
+        [(0, x.size)] if small else sched.split(0, x.size, _piece_elems(engine, x.dtype.itemsize))
+    )
+    encoded = codec.name != "none"
+    store = _Stored()
+    res = x.copy() if rank == root else np.empty_like(x)
+    ready: dict[int, Node | None] = {}
+    if rank == root:
+        for j, (a, b) in enumerate(pieces):
+            if encoded:
+                box: list[Encoded] = []
+                q = plan.compute(partial(_quantize_own, res[a:b], codec, box, codec.lossy))
+                ready[j] = plan.compute(partial(_move_box, box, store, (0, j)), after=(q,))
+            else:
+                ready[j] = None
+    for step in steps:
+        if step.recv_from is not None:
+            for j, (a, b) in enumerate(pieces):
+                dst = res[a:b]
+                then = partial(_store_piece, store, (0, j), dst) if encoded else None
+                ready[j] = plan.recv(
+                    step.recv_from,
+                    j,
+                    direct=_bytes(dst),
+                    max_encoded=codec.max_encoded_nbytes(b - a, x.dtype) if encoded else 0,
+                    then=then,
+                )
+        if step.send_to is not None:
+            for j, (a, b) in enumerate(pieces):
+                produce = _peek(store, (0, j)) if encoded else _raw(res[a:b])
+                plan.send(step.send_to, j, produce, after=(ready[j],))
+    plan.on_success(partial(np.copyto, x, res))
+    return plan
+
+
+def _peek(store: _Stored, key: tuple[int, int]) -> Callable[[], Encoded]:
+    """A payload that may be sent several times (binomial tree: several children)."""
+    return lambda: store.items[key]
+
+
+# ----------------------------------------------------------------------------- barrier
+
+
+def build_barrier(engine: Engine) -> Plan:
+    plan = engine.plan("barrier", algorithm="dissemination", nbytes=0, codec="none")
+    prev: RecvNode | None = None
+    empty = memoryview(bytearray(0))
+    for step in sched.dissemination_barrier(engine.rank, engine.world):
+        assert step.send_to is not None and step.recv_from is not None
+        plan.send_raw(step.send_to, 0, b"", after=(prev,))
+        prev = plan.recv(step.recv_from, 0, direct=empty, max_encoded=0)
+    return plan

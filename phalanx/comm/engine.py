@@ -1,0 +1,955 @@
+"""The progress engine: one I/O thread per group that runs collectives as dataflow plans.
+
+A collective is compiled (by :mod:`phalanx.comm.collectives`) into a :class:`Plan`: per
+link an ordered list of frames to send and an ordered list of frames to receive, plus
+compute steps (reduce, decode, finalize), tied together by dependency counts. The engine
+thread owns every socket of the group. It waits in ``epoll`` on all links at once,
+receives each frame's payload straight into the buffer its receive node names, runs
+the compute that the arrival unlocks, and sends whatever became ready — so receiving,
+reducing and sending overlap piece by piece without a thread per link.
+
+Between operations the thread keeps answering liveness probes (PING) and noticing
+peers that leave, so a failure is known before the next operation starts.
+
+Failure handling lives here too: a closed link, a malformed or foreign-epoch frame, an
+ABORT from a peer, or no progress for ``timeout_s`` (after a PING probe to find out who
+is actually silent) fails the operation with :class:`~phalanx.errors.PeerFailure`,
+tells every peer (ABORT naming the suspects), and breaks the group: later operations
+raise at once. Plans never write into the caller's array before they succeed, so there
+is nothing to roll back.
+
+What it must never do: block on a socket, allocate a receive buffer from a length
+field it has not checked, or leave a caller waiting past its deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from phalanx.comm.frames import FrameHeader, FrameKind, encode_header
+from phalanx.comm.options import CommOptions
+from phalanx.comm.transport import Buffer, Channel
+from phalanx.errors import CommError, FrameError, GroupClosed, PeerFailure
+
+__all__ = [
+    "ComputeNode",
+    "Engine",
+    "OpInfo",
+    "Plan",
+    "RecvNode",
+    "SendNode",
+]
+
+log = logging.getLogger(__name__)
+
+_ABORT = struct.Struct("<BH")  # reason code, number of suspects; then u32 per suspect
+_ABORT_REASONS = ("aborted", "disconnected", "timeout", "protocol", "foreign-epoch", "closed")
+_MAX_CONTROL_PAYLOAD = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class OpInfo:
+    """What a completed collective reports."""
+
+    op: str
+    seq: int
+    epoch: int
+    algorithm: str
+    nbytes: int
+    codec: str
+    world: int
+    wire_bytes_sent: int
+    wire_bytes_recv: int
+    duration_s: float
+    #: ranks whose data went into the result (all ranks of the group for a static group)
+    contributors: tuple[int, ...] = field(default=())
+
+
+# ----------------------------------------------------------------------------- plan nodes
+
+
+class Node:
+    __slots__ = ("children", "done", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.children: list[Node] = []
+        self.done = False
+
+    def after(self, deps: Iterable[Node | None]) -> None:
+        for dep in deps:
+            if dep is not None and not dep.done:
+                dep.children.append(self)
+                self.waiting += 1
+
+
+class SendNode(Node):
+    """Send one frame; ``produce()`` returns (codec id, payload) once deps are done."""
+
+    __slots__ = ("ordinal", "produce", "state")
+
+    def __init__(
+        self, state: _Link, ordinal: int, produce: Callable[[], tuple[int, Buffer]]
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self.ordinal = ordinal
+        self.produce = produce
+
+
+RecvThen = Callable[[int, memoryview, bool], None]
+
+
+class RecvNode(Node):
+    """Receive one frame. A raw payload of exactly ``len(direct)`` bytes lands in
+    ``direct``; anything else (encoded) in a fresh buffer of at most ``max_encoded``
+    bytes. ``then(codec, payload, was_direct)`` runs when it is complete."""
+
+    __slots__ = ("direct", "max_encoded", "ordinal", "state", "then")
+
+    def __init__(
+        self,
+        state: _Link,
+        ordinal: int,
+        direct: memoryview | None,
+        max_encoded: int,
+        then: RecvThen | None,
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self.ordinal = ordinal
+        self.direct = direct
+        self.max_encoded = max_encoded
+        self.then = then
+
+
+class ComputeNode(Node):
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        super().__init__()
+        self.fn = fn
+
+
+class Plan:
+    """A collective as per-link ordered sends/receives plus compute, built before it runs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        kind: str,
+        *,
+        algorithm: str,
+        nbytes: int,
+        codec: str,
+    ) -> None:
+        self.engine = engine
+        self.kind = kind
+        self.algorithm = algorithm
+        self.nbytes = nbytes
+        self.codec = codec
+        self.seq = -1  # assigned at submit
+        self.sends: dict[_Link, deque[SendNode]] = {}
+        self.recvs: dict[_Link, deque[RecvNode]] = {}
+        self._ordinals: dict[tuple[_Link, bool], int] = {}
+        self.ready: list[Node] = []
+        self.pending = 0
+        self.success: list[Callable[[], None]] = []
+        self.future: Future[OpInfo] = Future()
+
+    def _link(self, peer: int, piece: int) -> _Link:
+        streams = self.engine.links[peer]
+        return streams[piece % len(streams)]
+
+    def _ordinal(self, link: _Link, sending: bool) -> int:
+        key = (link, sending)
+        n = self._ordinals.get(key, 0)
+        self._ordinals[key] = n + 1
+        return n
+
+    def _add(self, node: Node, deps: Iterable[Node | None]) -> None:
+        node.after(deps)
+        self.pending += 1
+        if node.waiting == 0:
+            self.ready.append(node)
+
+    def send(
+        self,
+        peer: int,
+        piece: int,
+        produce: Callable[[], tuple[int, Buffer]],
+        after: Iterable[Node | None] = (),
+    ) -> SendNode:
+        link = self._link(peer, piece)
+        node = SendNode(link, self._ordinal(link, True), produce)
+        self.sends.setdefault(link, deque()).append(node)
+        self._add(node, after)
+        return node
+
+    def send_raw(
+        self, peer: int, piece: int, data: Buffer, after: Iterable[Node | None] = ()
+    ) -> SendNode:
+        payload = (0, data)
+        return self.send(peer, piece, lambda: payload, after)
+
+    def recv(
+        self,
+        peer: int,
+        piece: int,
+        *,
+        direct: memoryview | None,
+        max_encoded: int,
+        then: RecvThen | None = None,
+    ) -> RecvNode:
+        link = self._link(peer, piece)
+        node = RecvNode(link, self._ordinal(link, False), direct, max_encoded, then)
+        self.recvs.setdefault(link, deque()).append(node)
+        self._add(node, ())
+        return node
+
+    def compute(self, fn: Callable[[], None], after: Iterable[Node | None] = ()) -> ComputeNode:
+        node = ComputeNode(fn)
+        self._add(node, after)
+        return node
+
+    def on_success(self, fn: Callable[[], None]) -> None:
+        self.success.append(fn)
+
+
+# ----------------------------------------------------------------------------- per-link state
+
+
+class _Link:
+    """Engine-side state of one channel: queues of the running plan, control frames."""
+
+    __slots__ = (
+        "channel",
+        "ctrl",
+        "current",
+        "paused",
+        "peer",
+        "recvs",
+        "sends",
+        "stash",
+        "stash_bytes",
+        "want_write",
+    )
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.peer = channel.peer
+        self.ctrl: deque[bytes] = deque()
+        self.current: SendNode | None = None
+        self.sends: deque[SendNode] = deque()
+        self.recvs: deque[RecvNode] = deque()
+        # frames of operations not started here yet: (header, payload)
+        self.stash: deque[tuple[FrameHeader, memoryview]] = deque()
+        self.stash_bytes = 0
+        self.want_write = False
+        self.paused = False
+
+
+@dataclass
+class _Probe:
+    waited: frozenset[int]
+    deadline: float
+    answered: set[int] = field(default_factory=set)
+
+
+class _PeerLeft(Exception):
+    """A peer said BYE: it closed the group on purpose."""
+
+
+class _OpFailed(Exception):
+    def __init__(
+        self, suspects: Iterable[int], reason: str, detail: str, detected_by: int | None
+    ) -> None:
+        super().__init__(detail)
+        self.suspects = frozenset(suspects)
+        self.reason = reason
+        self.detail = detail
+        self.detected_by = detected_by
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Owns the group's channels and runs submitted plans in submission order."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world: int,
+        epoch: int,
+        channels: Sequence[Channel],
+        options: CommOptions,
+        name: str = "phalanx-engine",
+    ) -> None:
+        self.rank = rank
+        self.world = world
+        self.epoch = epoch
+        self.options = options
+        self.links: dict[int, list[_Link]] = {}
+        for ch in sorted(channels, key=lambda c: (c.peer, c.stream)):
+            self.links.setdefault(ch.peer, []).append(_Link(ch))
+        self._by_fd: dict[int, _Link] = {
+            link.channel.fd: link for streams in self.links.values() for link in streams
+        }
+        self._lock = threading.Lock()
+        self._queue: deque[Plan] = deque()
+        self._next_seq = 0
+        self._closing = False
+        self._broken: PeerFailure | GroupClosed | None = None
+        self._current: Plan | None = None
+        self._started = 0.0
+        self._bytes0 = (0, 0)
+        self._last_progress = 0.0
+        self._probe: _Probe | None = None
+        self._patience = 0
+        self._probe_id = 0
+        self._dirty: set[_Link] = set()
+        # peers whose links are gone (BYE or error): ops that still need them fail
+        self._departed: dict[int, _OpFailed] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        for fd in self._by_fd:
+            self._epoll.register(fd, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side
+    def plan(self, kind: str, *, algorithm: str, nbytes: int, codec: str) -> Plan:
+        return Plan(self, kind, algorithm=algorithm, nbytes=nbytes, codec=codec)
+
+    def reserve_seq(self) -> int:
+        """Sequence number the next submitted plan will get (plans are built with it)."""
+        with self._lock:
+            return self._next_seq
+
+    def submit(self, plan: Plan) -> Future[OpInfo]:
+        with self._lock:
+            if self._broken is not None or self._closing:
+                err = self._failure_for(plan)
+                plan.future.set_exception(err)
+                return plan.future
+            plan.seq = self._next_seq
+            self._next_seq += 1
+            self._queue.append(plan)
+        self._wake()
+        return plan.future
+
+    @property
+    def broken(self) -> PeerFailure | GroupClosed | None:
+        return self._broken
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Say BYE to every peer, fail queued work with GroupClosed, join the thread."""
+        with self._lock:
+            self._closing = True
+        self._wake()
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # pragma: no cover - the loop polls at least every 50 ms
+            log.error("event=engine-join-timeout rank=%d", self.rank)
+        for streams in self.links.values():
+            for link in streams:
+                link.channel.close()
+        self._epoll.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def _failure_for(self, plan: Plan) -> PeerFailure | GroupClosed:
+        broken = self._broken
+        if isinstance(broken, PeerFailure):
+            return PeerFailure(
+                op=plan.kind,
+                seq=plan.seq if plan.seq >= 0 else self._next_seq,
+                epoch=self.epoch,
+                suspects=broken.suspects,
+                reason=broken.reason,
+                detected_by=broken.detected_by,
+                detail=f"the group broke earlier: {broken}",
+            )
+        return GroupClosed(f"group (rank {self.rank}, epoch {self.epoch}) is closed")
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # pragma: no cover - a bug; never leave callers hanging
+            log.exception("event=engine-crash rank=%d", self.rank)
+            err = CommError(f"phalanx engine crashed: {exc!r}")
+            with self._lock:
+                self._broken = GroupClosed(str(err))
+                plans = list(self._queue)
+                self._queue.clear()
+            if self._current is not None:
+                plans.insert(0, self._current)
+            for plan in plans:
+                if not plan.future.done():
+                    plan.future.set_exception(err)
+        finally:
+            self._shutdown_links()
+
+    def _loop(self) -> None:
+        poll = self._epoll.poll
+        wake_fd = self._wake_r.fileno()
+        while True:
+            if self._current is None:
+                with self._lock:
+                    closing = self._closing
+                    nxt = self._queue.popleft() if self._queue and self._broken is None else None
+                if nxt is not None:
+                    self._start(nxt)
+                    try:
+                        self._flush()
+                    except _OpFailed as exc:
+                        self._fail_current(exc)
+                elif closing:
+                    self._fail_queued(GroupClosed("group closed"))
+                    return
+            timeout = self._poll_timeout()
+            events = poll(timeout)
+            now = time.monotonic()
+            for fd, mask in events:
+                if fd == wake_fd:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    continue
+                link = self._by_fd.get(fd)
+                if link is None or link.channel.closed:
+                    continue
+                try:
+                    if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                        link.channel.pump_recv(self)
+                    if mask & select.EPOLLOUT:
+                        self._dirty.add(link)
+                except _OpFailed as exc:
+                    self._fail_current(exc)
+                except FrameError as exc:
+                    reason = "foreign-epoch" if exc.reason == "foreign-epoch" else "protocol"
+                    self._link_failed(link, reason, f"bad frame from rank {link.peer}: {exc}")
+                except _PeerLeft as exc:
+                    self._link_failed(link, "closed", str(exc))
+                except OSError as exc:
+                    self._link_failed(link, "disconnected", f"link to rank {link.peer}: {exc}")
+            try:
+                self._flush()
+            except _OpFailed as exc:
+                self._fail_current(exc)
+            if self._current is not None:
+                self._check_progress(now)
+
+    def _poll_timeout(self) -> float:
+        if self._dirty:
+            return 0.0
+        if self._current is None:
+            return 0.05
+        now = time.monotonic()
+        if self._probe is not None:
+            left = self._probe.deadline - now
+        else:
+            left = self._last_progress + self.options.timeout_s - now
+        return max(0.0, min(left, 0.05))
+
+    # ---- starting and finishing plans
+    def _start(self, plan: Plan) -> None:
+        self._current = plan
+        self._started = time.monotonic()
+        self._last_progress = self._started
+        self._probe = None
+        self._patience = 0
+        sent = recv = 0
+        for streams in self.links.values():
+            for link in streams:
+                sent += link.channel.bytes_sent
+                recv += link.channel.bytes_recv
+        self._bytes0 = (sent, recv)
+        for link, sends in plan.sends.items():
+            link.sends = sends
+            self._dirty.add(link)
+        for link, recvs in plan.recvs.items():
+            link.recvs = recvs
+        try:
+            ready, plan.ready = plan.ready, []
+            for node in ready:
+                self._activate(node)
+            # frames that arrived before this plan started
+            for streams in self.links.values():
+                for link in streams:
+                    if self._current is plan:
+                        self._drain_stash(link)
+            if self._current is plan:
+                for peer, failure in self._departed.items():
+                    if self._involves(peer):
+                        raise failure
+        except _OpFailed as exc:
+            self._fail_current(exc)
+            return
+        if plan.pending == 0:
+            self._finish()
+
+    def _drain_stash(self, link: _Link) -> None:
+        plan = self._current
+        assert plan is not None
+        while link.stash and link.stash[0][0].seq == plan.seq:
+            header, payload = link.stash.popleft()
+            link.stash_bytes -= header.length
+            self._deliver(link, header, payload, stashed=True)
+        if link.paused and link.stash_bytes <= self.options.stash_limit_bytes:
+            link.paused = False
+            self._epoll.modify(
+                link.channel.fd, select.EPOLLIN | (select.EPOLLOUT if link.want_write else 0)
+            )
+
+    def _activate(self, node: Node) -> None:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, ComputeNode):
+                n.fn()
+                stack.extend(self._complete(n))
+            elif isinstance(n, SendNode):
+                self._dirty.add(n.state)
+            # RecvNodes need no activation: they wait for their frame
+
+    def _complete(self, node: Node) -> list[Node]:
+        node.done = True
+        plan = self._current
+        assert plan is not None
+        plan.pending -= 1
+        ready = []
+        for child in node.children:
+            child.waiting -= 1
+            if child.waiting == 0:
+                ready.append(child)
+        return ready
+
+    def _complete_and_activate(self, node: Node) -> None:
+        for child in self._complete(node):
+            self._activate(child)
+        plan = self._current
+        if plan is not None and plan.pending == 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        plan = self._current
+        assert plan is not None
+        try:
+            for fn in plan.success:
+                fn()
+        except Exception as exc:  # pragma: no cover - a bug in a plan's finalizer
+            self._current = None
+            plan.future.set_exception(exc)
+            return
+        sent = recv = 0
+        for streams in self.links.values():
+            for link in streams:
+                sent += link.channel.bytes_sent
+                recv += link.channel.bytes_recv
+        info = OpInfo(
+            op=plan.kind,
+            seq=plan.seq,
+            epoch=self.epoch,
+            algorithm=plan.algorithm,
+            nbytes=plan.nbytes,
+            codec=plan.codec,
+            world=self.world,
+            wire_bytes_sent=sent - self._bytes0[0],
+            wire_bytes_recv=recv - self._bytes0[1],
+            duration_s=time.monotonic() - self._started,
+            contributors=tuple(range(self.world)),
+        )
+        self._current = None
+        self._probe = None
+        plan.future.set_result(info)
+
+    # ---- the FrameSink interface used by Channel.pump_recv
+    def frame_dest(self, channel: Channel, header: FrameHeader) -> memoryview:
+        link = self._by_fd[channel.fd]
+        if header.kind != FrameKind.DATA:
+            if header.length > _MAX_CONTROL_PAYLOAD:
+                raise FrameError("too-large", f"{header.kind.name} frame of {header.length} bytes")
+            return memoryview(bytearray(header.length))
+        if header.epoch != self.epoch:
+            raise FrameError(
+                "foreign-epoch", f"frame of epoch {header.epoch} in epoch {self.epoch}"
+            )
+        plan = self._current
+        if plan is not None and header.seq == plan.seq:
+            if not link.recvs:
+                raise FrameError(
+                    "unexpected-frame", f"op #{header.seq} expects no more frames here"
+                )
+            node = link.recvs[0]
+            if header.chunk != node.ordinal:
+                raise FrameError(
+                    "unexpected-frame", f"got piece {header.chunk}, expected {node.ordinal}"
+                )
+            if header.codec == 0 and node.direct is not None:
+                if header.length != len(node.direct):
+                    raise FrameError(
+                        "bad-payload",
+                        f"raw piece of {header.length} bytes, expected {len(node.direct)}",
+                    )
+                return node.direct
+            if header.length > node.max_encoded:
+                raise FrameError(
+                    "bad-payload",
+                    f"encoded piece of {header.length} bytes, at most {node.max_encoded}",
+                )
+            return memoryview(bytearray(header.length))
+        if header.seq < self._next_seq_started():
+            raise FrameError("unexpected-frame", f"frame of finished op #{header.seq}")
+        # an op this rank has not started yet: keep it, bounded
+        return memoryview(bytearray(header.length))
+
+    def _next_seq_started(self) -> int:
+        plan = self._current
+        if plan is not None:
+            return plan.seq
+        with self._lock:
+            return self._next_seq - len(self._queue)
+
+    def frame_done(self, channel: Channel, header: FrameHeader, payload: memoryview) -> None:
+        link = self._by_fd[channel.fd]
+        kind = header.kind
+        if kind == FrameKind.DATA:
+            plan = self._current
+            if plan is not None and header.seq == plan.seq:
+                self._deliver(link, header, payload, stashed=False)
+            else:
+                link.stash.append((header, payload))
+                link.stash_bytes += header.length
+                if link.stash_bytes > self.options.stash_limit_bytes and not link.paused:
+                    link.paused = True
+                    self._epoll.modify(channel.fd, select.EPOLLOUT if link.want_write else 0)
+            return
+        if kind == FrameKind.PING:
+            link.ctrl.append(
+                encode_header(
+                    FrameKind.PONG, epoch=self.epoch, seq=header.seq, chunk=header.chunk, length=0
+                )
+            )
+            self._dirty.add(link)
+        elif kind == FrameKind.PONG:
+            if self._probe is not None:
+                self._probe.answered.add(link.peer)
+        elif kind == FrameKind.ABORT:
+            suspects, reason = _decode_abort(bytes(payload))
+            self._abort_received(link, header, suspects, reason)
+        elif kind == FrameKind.BYE:
+            log.debug("event=bye rank=%d peer=%d", self.rank, link.peer)
+            raise _PeerLeft(f"rank {link.peer} left the group")
+        else:
+            raise FrameError("unexpected-frame", f"{kind.name} frame on an established link")
+
+    def _deliver(
+        self, link: _Link, header: FrameHeader, payload: memoryview, *, stashed: bool
+    ) -> None:
+        if not link.recvs:
+            raise FrameError(
+                "unexpected-frame", f"op #{header.seq} expects no more frames from here"
+            )
+        node = link.recvs[0]
+        if stashed:
+            # validated against the plan now that it runs
+            if header.chunk != node.ordinal:
+                raise FrameError(
+                    "unexpected-frame", f"got piece {header.chunk}, expected {node.ordinal}"
+                )
+            if header.codec == 0 and node.direct is not None:
+                if header.length != len(node.direct):
+                    raise FrameError("bad-payload", "raw piece of the wrong size")
+                if header.length:
+                    node.direct[:] = payload
+                payload = node.direct
+            elif header.length > node.max_encoded:
+                raise FrameError("bad-payload", "encoded piece too large")
+        link.recvs.popleft()
+        self._last_progress = time.monotonic()
+        self._patience = 0
+        if node.then is not None:
+            direct = node.direct is not None and payload is node.direct
+            try:
+                node.then(header.codec, payload, direct)
+            except FrameError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise FrameError("bad-payload", str(exc)) from None
+        self._complete_and_activate(node)
+
+    # ---- sending
+    def _flush(self) -> None:
+        while self._dirty:
+            link = self._dirty.pop()
+            if link.channel.closed:
+                continue
+            try:
+                self._pump_out(link)
+            except OSError as exc:
+                self._link_failed(link, "disconnected", f"link to rank {link.peer}: {exc}")
+
+    def _pump_out(self, link: _Link) -> None:
+        channel = link.channel
+        while True:
+            if channel.sending:
+                if not channel.pump_send():
+                    self._want_write(link, True)
+                    return
+                node = link.current
+                if node is not None:
+                    link.current = None
+                    self._last_progress = time.monotonic()
+                    self._complete_and_activate(node)
+            if link.ctrl:
+                channel.queue(link.ctrl.popleft())
+                continue
+            sends = link.sends
+            if sends and sends[0].waiting == 0 and self._current is not None:
+                node = sends.popleft()
+                codec, payload = node.produce()
+                nbytes = len(memoryview(payload).cast("B")) if len(payload) else 0
+                header = encode_header(
+                    FrameKind.DATA,
+                    epoch=self.epoch,
+                    seq=self._current.seq,
+                    chunk=node.ordinal,
+                    length=nbytes,
+                    codec=codec,
+                )
+                channel.queue(header, payload)
+                link.current = node
+                continue
+            self._want_write(link, False)
+            return
+
+    def _want_write(self, link: _Link, on: bool) -> None:
+        if link.want_write != on:
+            link.want_write = on
+            mask = (0 if link.paused else select.EPOLLIN) | (select.EPOLLOUT if on else 0)
+            self._epoll.modify(link.channel.fd, mask)
+
+    # ---- failure detection
+    def _check_progress(self, now: float) -> None:
+        plan = self._current
+        assert plan is not None
+        probe = self._probe
+        if probe is None:
+            if now - self._last_progress < self.options.timeout_s:
+                return
+            waited = self._waited_peers()
+            if not waited:
+                return
+            self._probe_id += 1
+            for peer in waited:
+                for link in self.links[peer][:1]:
+                    link.ctrl.append(
+                        encode_header(
+                            FrameKind.PING,
+                            epoch=self.epoch,
+                            seq=plan.seq,
+                            chunk=self._probe_id,
+                            length=0,
+                        )
+                    )
+                    self._dirty.add(link)
+            self._probe = _Probe(frozenset(waited), now + self.options.probe_s)
+            self._flush()
+            return
+        if now < probe.deadline and not probe.waited <= probe.answered:
+            return
+        self._probe = None
+        silent = probe.waited - probe.answered
+        if silent:
+            self._fail_current(
+                _OpFailed(
+                    silent,
+                    "timeout",
+                    f"no progress for {self.options.timeout_s:g}s and no answer to a probe",
+                    self.rank,
+                )
+            )
+            return
+        self._patience += 1
+        if self._patience >= 2:
+            self._fail_current(
+                _OpFailed(
+                    probe.waited,
+                    "timeout",
+                    "peers alive but the operation made no progress",
+                    self.rank,
+                )
+            )
+            return
+        # everyone we wait on is alive: they wait on someone else, whose neighbour will
+        # tell us (ABORT); give it one more period
+        self._last_progress = now
+
+    def _waited_peers(self) -> set[int]:
+        waited: set[int] = set()
+        for peer, streams in self.links.items():
+            for link in streams:
+                if link.recvs or (link.want_write and (link.sends or link.current is not None)):
+                    waited.add(peer)
+        return waited
+
+    def _link_failed(self, link: _Link, reason: str, detail: str) -> None:
+        link.channel.close()
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(link.channel.fd)
+        level = logging.INFO if reason == "closed" else logging.WARNING
+        log.log(
+            level,
+            "event=link-down rank=%d peer=%d reason=%s detail=%r",
+            self.rank,
+            link.peer,
+            reason,
+            detail,
+        )
+        failure = _OpFailed({link.peer}, reason, detail, self.rank if reason != "closed" else None)
+        for other in self.links.get(link.peer, ()):
+            if not other.channel.closed:
+                other.channel.close()
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(other.channel.fd)
+        self._departed.setdefault(link.peer, failure)
+        if self._current is not None and self._involves(link.peer):
+            self._fail_current(failure)
+
+    def _involves(self, peer: int) -> bool:
+        return any(
+            link.recvs or link.sends or link.current is not None
+            for link in self.links.get(peer, ())
+        )
+
+    def _abort_received(
+        self, link: _Link, header: FrameHeader, suspects: frozenset[int], reason: str
+    ) -> None:
+        detail = f"rank {link.peer} aborted op #{header.seq}"
+        raise _OpFailed(suspects, reason, detail, link.peer)
+
+    def _fail_current(self, exc: _OpFailed) -> None:
+        plan = self._current
+        seq = plan.seq if plan is not None else self._next_seq_started()
+        failure = PeerFailure(
+            op=plan.kind if plan is not None else "idle",
+            seq=seq,
+            epoch=self.epoch,
+            suspects=exc.suspects,
+            reason=exc.reason,
+            detected_by=exc.detected_by,
+            detail=exc.detail,
+        )
+        first = self._broken is None
+        if first:
+            self._broken = failure
+            log.warning(
+                "event=op-failed rank=%d epoch=%d op=%s seq=%d reason=%s suspects=%s detected_by=%s",
+                self.rank,
+                self.epoch,
+                failure.op,
+                seq,
+                exc.reason,
+                sorted(exc.suspects),
+                exc.detected_by,
+            )
+            if exc.detected_by == self.rank:
+                self._broadcast_abort(seq, exc.suspects, exc.reason)
+        self._current = None
+        self._probe = None
+        if plan is not None and not plan.future.done():
+            plan.future.set_exception(failure)
+        self._fail_queued(None)
+
+    def _fail_queued(self, err: PeerFailure | GroupClosed | None) -> None:
+        with self._lock:
+            if err is not None and self._broken is None:
+                self._broken = err
+            plans = list(self._queue)
+            self._queue.clear()
+        for plan in plans:
+            if not plan.future.done():
+                plan.future.set_exception(self._failure_for(plan))
+
+    def _broadcast_abort(self, seq: int, suspects: frozenset[int], reason: str) -> None:
+        """Tell every reachable peer, so that everyone fails fast with the same suspects."""
+        payload = _encode_abort(suspects, reason)
+        header = encode_header(
+            FrameKind.ABORT, epoch=self.epoch, seq=seq, chunk=0, length=len(payload)
+        )
+        deadline = time.monotonic() + min(0.2, self.options.probe_s)
+        for peer, streams in self.links.items():
+            if peer in suspects:
+                continue
+            link = streams[0]
+            channel = link.channel
+            if channel.closed:
+                continue
+            try:
+                # finish the frame in flight (bounded), then the ABORT
+                while channel.sending and time.monotonic() < deadline:
+                    if not channel.pump_send():
+                        select.select([], [channel.fd], [], max(0.0, deadline - time.monotonic()))
+                if channel.sending:
+                    channel.close()
+                    continue
+                channel.queue(header + payload)
+                while channel.sending and time.monotonic() < deadline:
+                    if not channel.pump_send():
+                        select.select([], [channel.fd], [], max(0.0, deadline - time.monotonic()))
+            except OSError:
+                channel.close()
+
+    def _shutdown_links(self) -> None:
+        bye = encode_header(FrameKind.BYE, epoch=self.epoch, seq=0, chunk=0, length=0)
+        for streams in self.links.values():
+            for link in streams:
+                ch = link.channel
+                if ch.closed or ch.sending:
+                    continue
+                with contextlib.suppress(OSError):
+                    ch.sock.send(bye)
+
+
+def _encode_abort(suspects: Iterable[int], reason: str) -> bytes:
+    ranks = sorted(suspects)[:256]
+    code = _ABORT_REASONS.index(reason) if reason in _ABORT_REASONS else 0
+    return _ABORT.pack(code, len(ranks)) + b"".join(struct.pack("<I", r) for r in ranks)
+
+
+def _decode_abort(payload: bytes) -> tuple[frozenset[int], str]:
+    if len(payload) < _ABORT.size:
+        raise FrameError("bad-payload", "ABORT too short")
+    code, count = _ABORT.unpack_from(payload, 0)
+    if len(payload) != _ABORT.size + 4 * count:
+        raise FrameError("bad-payload", "ABORT length does not match its suspect count")
+    ranks = struct.unpack_from(f"<{count}I", payload, _ABORT.size)
+    reason = _ABORT_REASONS[code] if code < len(_ABORT_REASONS) else "aborted"
+    return frozenset(ranks), reason
+
+
+def _pid() -> int:  # pragma: no cover - debugging aid
+    return os.getpid()

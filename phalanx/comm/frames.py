@@ -1,0 +1,217 @@
+"""The data-plane frame codec: bytes in, frames (or "need more data") out.
+
+Every message between two ranks is a frame: a fixed 40-byte header followed by
+``length`` payload bytes. The header names the protocol version, the frame kind, the
+view epoch, the operation sequence number, the frame's ordinal inside that operation on
+its link (``chunk``), the payload codec and the payload length, and ends with a CRC-32
+of the header bytes before it, so a corrupted or misaligned header is caught before any
+of its fields is trusted.
+
+Header layout (little-endian, 40 bytes)::
+
+    offset size field
+    0      4    magic    b"PHLX"
+    4      1    version  PROTOCOL_VERSION
+    5      1    kind     FrameKind
+    6      1    codec    payload codec id (0 = raw); see phalanx.comm.codecs
+    7      1    flags    reserved, must be 0
+    8      8    epoch    view epoch the frame belongs to
+    16     8    seq      operation sequence number in the group
+    24     4    chunk    ordinal of this frame inside the operation on its link
+    28     8    length   payload bytes that follow the header
+    36     4    crc      zlib.crc32 of bytes 0..35
+
+This module never touches a socket (only ``phalanx.comm.transport`` does) and never
+allocates a buffer whose size comes from a length field before that length has been
+checked against the configured maximum.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+
+from phalanx.errors import FrameError
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_CODEC_ID",
+    "PROTOCOL_VERSION",
+    "Frame",
+    "FrameDecoder",
+    "FrameHeader",
+    "FrameKind",
+    "decode_header",
+    "encode_frame",
+    "encode_header",
+]
+
+MAGIC = b"PHLX"
+PROTOCOL_VERSION = 1
+HEADER_SIZE = 40
+#: Highest payload codec id a peer of this version may use (see codecs.py).
+MAX_CODEC_ID = 4
+
+_PREFIX = struct.Struct("<4sBBBBQQIQ")  # everything but the crc: 36 bytes
+_CRC = struct.Struct("<I")
+assert _PREFIX.size + _CRC.size == HEADER_SIZE
+
+
+class FrameKind(enum.IntEnum):
+    """What a frame is. Handshake kinds come first on a new connection only."""
+
+    HELLO = 1  # connector -> acceptor: who I am, who I want, my nonce
+    CHALLENGE = 2  # acceptor -> connector: acceptor's nonce and proof of the secret
+    PROOF = 3  # connector -> acceptor: connector's proof of the secret
+    WELCOME = 4  # acceptor -> connector: link established
+    REJECT = 5  # either side: refusal with a reason code, then close
+    DATA = 16  # a piece of a collective's payload
+    ABORT = 17  # the sender abandons operation `seq`; payload names reason and suspects
+    PING = 18  # liveness probe; answered with PONG carrying the same seq/chunk
+    PONG = 19
+    BYE = 20  # the sender is closing the link on purpose
+
+
+_KINDS = frozenset(int(k) for k in FrameKind)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    kind: FrameKind
+    epoch: int
+    seq: int
+    chunk: int
+    length: int
+    codec: int = 0
+    flags: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.epoch < 2**64:
+            raise ValueError(f"epoch out of range: {self.epoch}")
+        if not 0 <= self.seq < 2**64:
+            raise ValueError(f"seq out of range: {self.seq}")
+        if not 0 <= self.chunk < 2**32:
+            raise ValueError(f"chunk out of range: {self.chunk}")
+        if not 0 <= self.length < 2**64:
+            raise ValueError(f"length out of range: {self.length}")
+        if not 0 <= self.codec <= MAX_CODEC_ID:
+            raise ValueError(f"codec id out of range: {self.codec}")
+        if self.flags != 0:
+            raise ValueError(f"flags must be 0 in protocol version {PROTOCOL_VERSION}")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    header: FrameHeader
+    payload: bytes
+
+
+def encode_header(
+    kind: FrameKind,
+    *,
+    epoch: int,
+    seq: int,
+    chunk: int,
+    length: int,
+    codec: int = 0,
+) -> bytes:
+    """The 40 header bytes of a frame; the payload is sent separately (zero copy)."""
+    prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, codec, 0, epoch, seq, chunk, length)
+    return prefix + _CRC.pack(zlib.crc32(prefix))
+
+
+def encode_frame(header: FrameHeader, payload: bytes = b"") -> bytes:
+    """A whole frame as one bytes object (for control frames and tests)."""
+    if len(payload) != header.length:
+        raise ValueError(f"payload is {len(payload)} bytes, header says {header.length}")
+    head = encode_header(
+        header.kind,
+        epoch=header.epoch,
+        seq=header.seq,
+        chunk=header.chunk,
+        length=header.length,
+        codec=header.codec,
+    )
+    return head + payload
+
+
+def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> FrameHeader:
+    """Parse and validate exactly one header from the first 40 bytes of ``data``.
+
+    Raises :class:`FrameError` with a stable ``reason``: ``short``, ``bad-magic``,
+    ``bad-version``, ``bad-crc``, ``bad-kind``, ``bad-codec``, ``bad-flags`` or
+    ``too-large`` (length above ``max_payload``).
+    """
+    if len(data) < HEADER_SIZE:
+        raise FrameError("short", f"{len(data)} of {HEADER_SIZE} header bytes")
+    magic, version, kind, codec, flags, epoch, seq, chunk, length = _PREFIX.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise FrameError("bad-magic", f"got {bytes(magic)!r}")
+    if version != PROTOCOL_VERSION:
+        raise FrameError(
+            "bad-version", f"peer speaks version {version}, we speak {PROTOCOL_VERSION}"
+        )
+    (crc,) = _CRC.unpack_from(data, _PREFIX.size)
+    if crc != zlib.crc32(memoryview(data)[: _PREFIX.size]):
+        raise FrameError("bad-crc", "header checksum mismatch")
+    if kind not in _KINDS:
+        raise FrameError("bad-kind", f"unknown frame kind {kind}")
+    if codec > MAX_CODEC_ID:
+        raise FrameError("bad-codec", f"unknown codec id {codec}")
+    if flags != 0:
+        raise FrameError("bad-flags", f"flags {flags:#x}")
+    if length > max_payload:
+        raise FrameError(
+            "too-large", f"payload of {length} bytes exceeds the limit of {max_payload}"
+        )
+    return FrameHeader(FrameKind(kind), epoch, seq, chunk, length, codec, flags)
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it bytes as they come, take whole frames out.
+
+    ``next_frame()`` returns a :class:`Frame` or ``None`` when more data is needed.
+    A header is validated as soon as its 40 bytes are there, so an oversized length
+    is refused before a single payload byte is buffered. After an error the decoder
+    is poisoned: the stream cannot be resynchronised and must be closed.
+    """
+
+    def __init__(self, max_payload: int) -> None:
+        if max_payload < 0:
+            raise ValueError("max_payload must be >= 0")
+        self._max_payload = max_payload
+        self._buf = bytearray()
+        self._header: FrameHeader | None = None
+        self._error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as part of a frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        if self._error is not None:
+            raise self._error
+        if self._header is None:
+            if len(self._buf) < HEADER_SIZE:
+                return None
+            try:
+                self._header = decode_header(self._buf, self._max_payload)
+            except FrameError as exc:
+                self._error = exc
+                raise
+            del self._buf[:HEADER_SIZE]
+        if len(self._buf) < self._header.length:
+            return None
+        header, self._header = self._header, None
+        payload = bytes(self._buf[: header.length])
+        del self._buf[: header.length]
+        return Frame(header, payload)

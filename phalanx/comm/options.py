@@ -1,0 +1,58 @@
+"""Settings of the data plane, in one frozen dataclass.
+
+Every time in here is in seconds and every size in bytes. The defaults are the
+measured ones (docs/comm.md says how); the daemon's configuration (flags > env > file)
+fills this object, and a :class:`~phalanx.comm.group.Group` takes it whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from phalanx.errors import ConfigError
+
+__all__ = ["CommOptions"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class CommOptions:
+    #: parallel TCP connections per pair of ranks; an op's pieces are striped over them
+    streams: int = 1
+    #: an operation that makes no progress for this long probes the peers it waits
+    #: on; a peer that does not answer within ``probe_s`` is declared failed
+    timeout_s: float = 10.0
+    probe_s: float = 0.5
+    #: building a group: every link up (connect, handshake) within this time
+    connect_timeout_s: float = 30.0
+    #: one handshake (HELLO .. WELCOME) within this time
+    handshake_timeout_s: float = 5.0
+    #: SO_SNDBUF / SO_RCVBUF of every data-plane socket
+    socket_buffer_bytes: int = 4 * MiB
+    #: pipelining unit: collectives move data in pieces of at most this many bytes
+    piece_bytes: int = 1 * MiB
+    #: all-reduces of at most this many bytes use recursive doubling (latency-bound);
+    #: larger ones use the pipelined ring (bandwidth-bound); measured, see docs/comm.md
+    small_bytes: int = 64 * KiB
+    #: largest frame payload accepted from a peer; bigger length fields close the link
+    max_frame_bytes: int = 64 * MiB
+    #: bytes of frames that may arrive for an operation this rank has not started yet
+    stash_limit_bytes: int = 512 * MiB
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.streams <= 64:
+            raise ConfigError(f"streams must be in 1..64, got {self.streams}")
+        for name in ("timeout_s", "probe_s", "connect_timeout_s", "handshake_timeout_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.socket_buffer_bytes < 64 * KiB:
+            raise ConfigError("socket_buffer_bytes must be at least 64 KiB")
+        if not 4 * KiB <= self.piece_bytes <= self.max_frame_bytes:
+            raise ConfigError("piece_bytes must be between 4 KiB and max_frame_bytes")
+        if self.small_bytes < 0:
+            raise ConfigError("small_bytes must be >= 0")
+        if self.stash_limit_bytes < 0:
+            raise ConfigError("stash_limit_bytes must be >= 0")

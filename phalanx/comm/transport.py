@@ -1,0 +1,500 @@
+"""TCP for the data plane: listeners, authenticated links, and non-blocking channels.
+
+This is the only module of :mod:`phalanx.comm` that touches sockets. It
+
+* binds listeners (``bind("127.0.0.1:0")``),
+* establishes a link to a peer and runs the handshake of
+  :mod:`phalanx.comm.handshake` on it, blocking, with a deadline on every read and write,
+* wraps an established link in a :class:`Channel`: a non-blocking socket plus the
+  state of the frame being sent and the frame being received, so that the engine's
+  single I/O thread can move many links forward at once with ``recv_into`` into
+  preallocated buffers and ``sendmsg`` of (header, memoryview) pairs — tensor bytes
+  are never copied by Python on their way to or from the kernel.
+
+It knows nothing about collectives: what a frame means is the engine's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from phalanx.comm import handshake as hs
+from phalanx.comm.frames import (
+    HEADER_SIZE,
+    FrameHeader,
+    FrameKind,
+    decode_header,
+    encode_header,
+)
+from phalanx.errors import AuthError, FrameError, HandshakeError
+
+__all__ = [
+    "Channel",
+    "FrameSink",
+    "Link",
+    "Listener",
+    "accept_link",
+    "bind",
+    "connect_link",
+    "parse_address",
+]
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) -> (host, port), with a clear error."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"address must be HOST:PORT, got {address!r}")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad port in address {address!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in address {address!r}")
+    return host, port
+
+
+def _tune(sock: socket.socket, buffer_bytes: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class Listener:
+    """A bound, listening TCP socket; ``address`` is what peers connect to."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        host, port = sock.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def bind(address: str = "127.0.0.1:0", *, backlog: int = 128) -> Listener:
+    """Bind and listen on ``address`` (port 0 picks a free port)."""
+    host, port = parse_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(sock)
+
+
+# --------------------------------------------------------------------------- blocking I/O
+# used only during handshakes, every call bounded by the handshake deadline
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("handshake deadline passed")
+    return left
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
+    sock.settimeout(_remaining(deadline))
+    sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        sock.settimeout(_remaining(deadline))
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("connection closed during handshake")
+        got += k
+    return bytes(buf)
+
+
+def _read_frame(sock: socket.socket, deadline: float) -> tuple[FrameHeader, bytes]:
+    header = decode_header(_recv_exact(sock, HEADER_SIZE, deadline), hs.MAX_HANDSHAKE_PAYLOAD)
+    payload = _recv_exact(sock, header.length, deadline) if header.length else b""
+    return header, payload
+
+
+def _send_frame(
+    sock: socket.socket, kind: FrameKind, epoch: int, payload: bytes, deadline: float
+) -> None:
+    head = encode_header(kind, epoch=epoch, seq=0, chunk=0, length=len(payload))
+    _send_all(sock, head + payload, deadline)
+
+
+def _reject_error(payload: bytes, peer: int | None) -> HandshakeError:
+    reason, text = hs.decode_reject(payload)
+    name = (
+        reason.name.lower().replace("_", "-")
+        if isinstance(reason, hs.RejectReason)
+        else str(reason)
+    )
+    if reason == hs.RejectReason.BAD_AUTH:
+        return AuthError("bad-auth", f"peer refused our proof: {text}", peer=peer)
+    return HandshakeError(name, f"peer rejected the link: {text}", peer=peer)
+
+
+class Link:
+    """An established, authenticated connection to ``peer`` (blocking socket)."""
+
+    def __init__(self, sock: socket.socket, peer: int, stream: int) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.stream = stream
+
+
+def connect_link(
+    address: str,
+    *,
+    secret: bytes,
+    epoch: int,
+    world: int,
+    rank: int,
+    peer: int,
+    stream: int,
+    streams: int,
+    buffer_bytes: int,
+    deadline: float,
+    handshake_timeout: float,
+) -> Link:
+    """Connect to ``peer`` at ``address`` and run the connector side of the handshake.
+
+    Retries refused connections until ``deadline`` (the peer may not listen yet).
+    Raises :class:`AuthError` if the peer cannot prove the secret or refuses ours,
+    :class:`HandshakeError` for any other refusal or a passed deadline.
+    """
+    host, port = parse_address(address)
+    delay = 0.005
+    while True:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            _tune(sock, buffer_bytes)
+            sock.settimeout(max(0.001, min(deadline - time.monotonic(), handshake_timeout)))
+            sock.connect((host, port))
+            break
+        except (ConnectionRefusedError, TimeoutError, OSError) as exc:
+            sock.close()
+            retryable = isinstance(exc, ConnectionRefusedError | TimeoutError) or exc.errno in (
+                errno.ECONNREFUSED,
+                errno.ECONNRESET,
+                errno.EAGAIN,
+            )
+            if not retryable or time.monotonic() + delay >= deadline:
+                raise HandshakeError(
+                    "unreachable", f"cannot connect to {address}: {exc}", peer=peer
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+    hs_deadline = min(deadline, time.monotonic() + handshake_timeout)
+    try:
+        hello = hs.Hello(world, rank, peer, stream, streams, hs.new_nonce())
+        hello_payload = hs.encode_hello(hello)
+        _send_frame(sock, FrameKind.HELLO, epoch, hello_payload, hs_deadline)
+        header, payload = _read_frame(sock, hs_deadline)
+        if header.kind == FrameKind.REJECT:
+            raise _reject_error(payload, peer)
+        if header.kind != FrameKind.CHALLENGE:
+            raise HandshakeError(
+                "malformed", f"expected CHALLENGE, got {header.kind.name}", peer=peer
+            )
+        if header.epoch != epoch:
+            raise HandshakeError("wrong-epoch", f"peer is in epoch {header.epoch}", peer=peer)
+        challenge = hs.decode_challenge(payload)
+        hs.check_mac(
+            hs.accept_mac(secret, hello_payload, challenge.nonce, epoch),
+            challenge.mac,
+            who=f"peer at {address}",
+            peer=peer,
+        )
+        if challenge.rank != peer:
+            raise HandshakeError("wrong-rank", f"{address} is rank {challenge.rank}", peer=peer)
+        proof = hs.connect_mac(secret, hello_payload, challenge.nonce, epoch)
+        _send_frame(sock, FrameKind.PROOF, epoch, proof, hs_deadline)
+        header, payload = _read_frame(sock, hs_deadline)
+        if header.kind == FrameKind.REJECT:
+            raise _reject_error(payload, peer)
+        if header.kind != FrameKind.WELCOME:
+            raise HandshakeError(
+                "malformed", f"expected WELCOME, got {header.kind.name}", peer=peer
+            )
+    except (HandshakeError, FrameError, OSError) as exc:
+        sock.close()
+        if isinstance(exc, HandshakeError):
+            raise
+        if isinstance(exc, TimeoutError):
+            raise HandshakeError(
+                "timeout", f"handshake with {address} timed out", peer=peer
+            ) from None
+        raise HandshakeError("io", f"handshake with {address}: {exc}", peer=peer) from None
+    return Link(sock, peer, stream)
+
+
+Claim = Callable[[hs.Hello], "hs.RejectReason | None"]
+
+
+def accept_link(
+    sock: socket.socket,
+    *,
+    secret: bytes,
+    epoch: int,
+    world: int,
+    rank: int,
+    claim: Claim,
+    buffer_bytes: int,
+    deadline: float,
+) -> Link:
+    """Run the acceptor side of the handshake on an accepted socket.
+
+    ``claim(hello)`` is called only after the connector proved the secret; it returns
+    ``None`` to take the link or a :class:`RejectReason`. On any failure a REJECT is
+    sent when possible, the socket is closed and the error raised.
+    """
+
+    def reject(reason: hs.RejectReason, text: str) -> None:
+        with contextlib.suppress(OSError, TimeoutError):
+            _send_frame(sock, FrameKind.REJECT, epoch, hs.encode_reject(reason, text), deadline)
+
+    peer: int | None = None
+    try:
+        _tune(sock, buffer_bytes)
+        try:
+            header, payload = _read_frame(sock, deadline)
+        except FrameError as exc:
+            reason = (
+                hs.RejectReason.BAD_VERSION
+                if exc.reason == "bad-version"
+                else hs.RejectReason.MALFORMED
+            )
+            reject(reason, str(exc))
+            raise HandshakeError(exc.reason, str(exc)) from None
+        if header.kind != FrameKind.HELLO:
+            reject(hs.RejectReason.MALFORMED, f"expected HELLO, got {header.kind.name}")
+            raise HandshakeError("malformed", f"expected HELLO, got {header.kind.name}")
+        try:
+            hello = hs.decode_hello(payload)
+        except HandshakeError as exc:
+            reject(hs.RejectReason.MALFORMED, str(exc))
+            raise
+        peer = hello.from_rank
+        nonce_s = hs.new_nonce()
+        mac = hs.accept_mac(secret, payload, nonce_s, header.epoch)
+        _send_frame(
+            sock,
+            FrameKind.CHALLENGE,
+            epoch,
+            hs.encode_challenge(hs.Challenge(rank, nonce_s, mac)),
+            deadline,
+        )
+        header2, proof_payload = _read_frame(sock, deadline)
+        if header2.kind != FrameKind.PROOF:
+            reject(hs.RejectReason.MALFORMED, f"expected PROOF, got {header2.kind.name}")
+            raise HandshakeError("malformed", f"expected PROOF, got {header2.kind.name}", peer=peer)
+        try:
+            hs.check_mac(
+                hs.connect_mac(secret, payload, nonce_s, header.epoch),
+                hs.decode_proof(proof_payload),
+                who=f"connector claiming rank {peer}",
+                peer=peer,
+            )
+        except HandshakeError:
+            reject(hs.RejectReason.BAD_AUTH, "proof of the cluster secret failed")
+            raise
+        if header.epoch != epoch:
+            reject(hs.RejectReason.WRONG_EPOCH, f"this group is epoch {epoch}")
+            raise HandshakeError(
+                "wrong-epoch", f"peer is in epoch {header.epoch}, we are in {epoch}", peer=peer
+            )
+        if hello.world != world:
+            reject(hs.RejectReason.WORLD_MISMATCH, f"this group has world {world}")
+            raise HandshakeError("world-mismatch", f"peer says world {hello.world}", peer=peer)
+        if hello.to_rank != rank or hello.from_rank >= world or hello.from_rank == rank:
+            reject(hs.RejectReason.WRONG_RANK, f"this is rank {rank} of {world}")
+            raise HandshakeError(
+                "wrong-rank", f"HELLO from {hello.from_rank} to {hello.to_rank}", peer=peer
+            )
+        verdict = claim(hello)
+        if verdict is not None:
+            reject(verdict, f"link from rank {peer} stream {hello.stream} refused")
+            raise HandshakeError(
+                verdict.name.lower().replace("_", "-"), f"link from rank {peer} refused", peer=peer
+            )
+        _send_frame(sock, FrameKind.WELCOME, epoch, b"", deadline)
+    except (OSError, TimeoutError, FrameError) as exc:
+        sock.close()
+        if isinstance(exc, TimeoutError):
+            raise HandshakeError("timeout", "handshake timed out", peer=peer) from None
+        raise HandshakeError("io", str(exc), peer=peer) from None
+    except BaseException:
+        sock.close()
+        raise
+    return Link(sock, hello.from_rank, hello.stream)
+
+
+# --------------------------------------------------------------------------- channels
+
+
+class FrameSink(Protocol):
+    """What a :class:`Channel` calls as frames arrive (implemented by the engine)."""
+
+    def frame_dest(self, channel: Channel, header: FrameHeader) -> memoryview:
+        """Where the payload of ``header`` goes (exactly ``header.length`` bytes)."""
+        ...
+
+    def frame_done(self, channel: Channel, header: FrameHeader, payload: memoryview) -> None:
+        """The whole frame is in; ``payload`` is the view returned by frame_dest."""
+        ...
+
+
+_EMPTY = memoryview(b"")
+
+
+class Channel:
+    """One established link, non-blocking, with its in-flight send and receive frames.
+
+    The engine thread is its only user. ``pump_recv`` reads as much as the kernel has
+    (header first, then the payload straight into the buffer the sink chooses);
+    ``pump_send`` writes as much of the queued frame as the kernel takes.
+    """
+
+    __slots__ = (
+        "_dest",
+        "_got",
+        "_hdr",
+        "_hdr_view",
+        "_header",
+        "_out",
+        "bytes_recv",
+        "bytes_sent",
+        "closed",
+        "fd",
+        "max_payload",
+        "peer",
+        "sock",
+        "stream",
+    )
+
+    def __init__(self, link: Link, max_payload: int) -> None:
+        self.sock = link.sock
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.peer = link.peer
+        self.stream = link.stream
+        self.max_payload = max_payload
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hdr_view = memoryview(self._hdr)
+        self._header: FrameHeader | None = None
+        self._dest: memoryview = _EMPTY
+        self._got = 0
+        self._out: list[memoryview] = []
+        self.bytes_sent = 0
+        self.bytes_recv = 0
+        self.closed = False
+
+    # -- sending
+    @property
+    def sending(self) -> bool:
+        return bool(self._out)
+
+    def queue(self, header: bytes, payload: Buffer = b"") -> None:
+        """Start sending one frame; the previous one must be finished."""
+        if self._out:
+            raise RuntimeError("a frame is already being sent on this channel")
+        out = [memoryview(header)]
+        if len(payload):
+            out.append(memoryview(payload).cast("B"))
+        self._out = out
+
+    def pump_send(self) -> bool:
+        """Write what the kernel takes; True once the queued frame is completely sent."""
+        out = self._out
+        while out:
+            try:
+                n = self.sock.sendmsg(out)
+            except (BlockingIOError, InterruptedError):
+                return False
+            self.bytes_sent += n
+            while n:
+                first = out[0]
+                if n >= len(first):
+                    n -= len(first)
+                    out.pop(0)
+                else:
+                    out[0] = first[n:]
+                    n = 0
+        return True
+
+    # -- receiving
+    def pump_recv(self, sink: FrameSink) -> None:
+        """Read until the kernel has nothing more; hand complete frames to ``sink``.
+
+        Raises ConnectionError on EOF, FrameError on a bad header, and whatever the
+        sink raises.
+        """
+        recv_into = self.sock.recv_into
+        while True:
+            header = self._header
+            if header is None:
+                try:
+                    n = recv_into(self._hdr_view[self._got :])
+                except (BlockingIOError, InterruptedError):
+                    return
+                if n == 0:
+                    raise ConnectionResetError(f"rank {self.peer} closed the connection")
+                self.bytes_recv += n
+                self._got += n
+                if self._got < HEADER_SIZE:
+                    continue
+                header = decode_header(self._hdr, self.max_payload)
+                self._header = header
+                self._got = 0
+                self._dest = sink.frame_dest(self, header)
+                if len(self._dest) != header.length:
+                    raise FrameError(
+                        "bad-payload", "receive buffer does not match the frame length"
+                    )
+            if self._got < header.length:
+                try:
+                    n = recv_into(self._dest[self._got :])
+                except (BlockingIOError, InterruptedError):
+                    return
+                if n == 0:
+                    raise ConnectionResetError(f"rank {self.peer} closed the connection")
+                self.bytes_recv += n
+                self._got += n
+                if self._got < header.length:
+                    continue
+            dest = self._dest
+            self._header = None
+            self._dest = _EMPTY
+            self._got = 0
+            sink.frame_done(self, header, dest)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
