@@ -1,0 +1,542 @@
+"""The peer-side membership agent: join, heartbeat, watch, report, vote, leave.
+
+One :class:`Agent` per peer process. It joins the group (id, data-plane addresses,
+incarnation), sends a heartbeat every ``heartbeat_interval`` from one thread, follows
+the view through the coordinator's Watch stream from another, and calls
+``on_view(view)`` for every new view that contains this peer (in epoch order, from
+the watch thread) and ``on_evicted(epoch)`` once if the group removed it. When the
+coordinator goes away it keeps the current view (the data plane does not need the
+coordinator in the steady state), retries, and re-registers with the view it holds
+once a coordinator answers again.
+
+It knows nothing about the data plane: the daemon connects ``on_view`` to rebuilding
+its group and calls :meth:`Agent.report_failure` when a collective fails. It must
+never block without a deadline, call a user callback while holding its lock, or
+leave a thread running after :meth:`Agent.close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from phalanx.errors import ConfigError
+from phalanx.membership import _wire
+from phalanx.membership._group import Decision, Outcome
+from phalanx.membership._proto import membership_pb2 as pb
+from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.errors import (
+    CommitUnknown,
+    CoordinatorUnavailable,
+    Evicted,
+    MembershipError,
+    Rejected,
+    RejectReason,
+)
+from phalanx.membership.view import Member, View
+
+__all__ = ["Agent"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_WATCH_DEADLINE = 300.0  # a Watch stream is reopened at least this often
+_RETRY_MIN, _RETRY_MAX = 0.05, 0.25  # backoff while the coordinator is unreachable
+_VOTE_ATTEMPT = 5.0  # longest single Commit call; the vote is repeated after it
+
+
+class Agent:
+    """Membership client of one peer. See the module docstring.
+
+    Args:
+        coordinator: ``host:port`` of the coordinator.
+        member: this peer (id, data-plane addresses, incarnation, zone).
+        secret: the cluster secret; required unless ``insecure``.
+        on_view: called with every new view that contains this peer.
+        on_evicted: called once with the current epoch when this incarnation is
+            removed (it can then :meth:`rejoin`).
+        tls_root_cert: PEM root certificate(s): use TLS to reach the coordinator.
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        member: Member,
+        *,
+        secret: bytes | None = None,
+        insecure: bool = False,
+        config: MembershipConfig | None = None,
+        on_view: Callable[[View], None] | None = None,
+        on_evicted: Callable[[int], None] | None = None,
+        tls_root_cert: bytes | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        if secret is None and not insecure:
+            raise ConfigError("the agent needs the cluster secret (or insecure=True)")
+        self.config = config or MembershipConfig()
+        self._target = coordinator
+        self._signer = _wire.Signer(secret, max_skew=self.config.max_skew)
+        self._on_view = on_view
+        self._on_evicted = on_evicted
+        options: list[tuple[str, Any]] = [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 500),
+            ("grpc.enable_retries", 0),
+        ]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if tls_root_cert is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
+            self._channel = grpc.secure_channel(coordinator, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(coordinator, options=options)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._lock = threading.Condition()
+        self._register_lock = threading.Lock()
+        self._member = member
+        self._view = View(0)
+        self._run = ""
+        self._interval = self.config.heartbeat_interval
+        self._last_decision: Decision | None = None
+        self._evicted = False
+        self._left = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._watch_call: Any = None
+
+    # -- read side -------------------------------------------------------------------
+
+    @property
+    def member(self) -> Member:
+        return self._member
+
+    @property
+    def view(self) -> View:
+        """The last installed view that contains this peer (epoch 0 before admission)."""
+        with self._lock:
+            return self._view
+
+    @property
+    def evicted(self) -> bool:
+        return self._evicted
+
+    @property
+    def coordinator_run(self) -> str:
+        return self._run
+
+    def wait_for_view(self, predicate: Callable[[View], bool], timeout: float) -> View:
+        """Block until ``predicate(view)``; TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not predicate(self._view):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    raise TimeoutError(f"{self._member.id}: view condition not met ({self._view})")
+                self._lock.wait(min(remaining, 0.5))
+            return self._view
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def join(self, timeout: float = 15.0) -> View:
+        """Join (retrying while the coordinator is unreachable or the id is still held
+        by a dying incarnation) and wait until admitted; returns the first view."""
+        if self._closed:
+            raise MembershipError("agent is closed")
+        deadline = time.monotonic() + timeout
+        delay = _RETRY_MIN
+        while True:
+            try:
+                self._register()
+                break
+            except Rejected as err:
+                if err.reason is not RejectReason.DUPLICATE_ID:
+                    raise
+                why: Exception = err
+            except CoordinatorUnavailable as err:
+                why = err
+            if time.monotonic() + delay >= deadline:
+                raise why
+            time.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX)
+        self._start_threads()
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            view = self.wait_for_view(lambda v: v.has(self._member), remaining)
+        except TimeoutError:
+            if self._evicted:
+                raise Evicted("removed before admission") from None
+            raise
+        log.info(
+            "event=joined member=%s incarnation=%d epoch=%d rank=%d",
+            self._member.id,
+            self._member.incarnation,
+            view.epoch,
+            view.rank(self._member.id),
+        )
+        return view
+
+    def rejoin(self, timeout: float = 15.0, *, incarnation: int | None = None) -> View:
+        """After eviction (or leave): join again with a higher incarnation."""
+        self._stop_threads()
+        with self._lock:
+            new_inc = self._member.incarnation + 1 if incarnation is None else incarnation
+            if new_inc <= self._member.incarnation:
+                raise ConfigError("rejoin needs a higher incarnation")
+            self._member = replace(self._member, incarnation=new_inc)
+            self._view = View(0)
+            self._evicted = False
+            self._left = False
+            self._last_decision = None
+        return self.join(timeout)
+
+    def leave(self, timeout: float | None = None, reason: str = "") -> None:
+        """Leave gracefully: the group gets a view without this peer at once."""
+        with self._lock:
+            if self._left or self._evicted:
+                return
+            self._left = True  # threads stand down from here on
+        req = pb.LeaveRequest(reason=reason)
+        try:
+            self._call("Leave", req, timeout or self.config.rpc_timeout)
+            log.info("event=left member=%s reason=%s", self._member.id, reason or "-")
+        except (Rejected, CoordinatorUnavailable) as err:
+            log.warning("event=leave_failed member=%s error=%s", self._member.id, err)
+        finally:
+            self._stop_threads()
+
+    def close(self) -> None:
+        """Stop threads and the channel (no goodbye: call :meth:`leave` first for that)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._lock.notify_all()
+        self._stop_threads()
+        self._channel.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- data-plane hooks -------------------------------------------------------------
+
+    def report_failure(
+        self, peer_ids: Iterable[str], epoch: int, reason: str = "", timeout: float | None = None
+    ) -> list[str]:
+        """Tell the coordinator these peers failed in ``epoch``; returns the ids it now
+        suspects (empty if the view already moved on or it is unreachable)."""
+        ids = [p for p in peer_ids if p != self._member.id]
+        if not ids:
+            return []
+        req = pb.ReportFailureRequest(suspect_ids=ids, reason=reason)
+        try:
+            resp = cast(
+                pb.ReportFailureResponse,
+                self._call("ReportFailure", req, timeout or self.config.rpc_timeout, epoch=epoch),
+            )
+        except Rejected as err:
+            if err.reason in (RejectReason.STALE_EPOCH, RejectReason.NOT_MEMBER):
+                return []
+            raise
+        except CoordinatorUnavailable:
+            log.warning("event=report_undelivered member=%s suspects=%s", self._member.id, ids)
+            return []
+        return list(resp.suspected_ids)
+
+    def commit(
+        self, step: int, ok: bool, *, epoch: int | None = None, timeout: float | None = None
+    ) -> bool:
+        """Vote on ``step``; the group's decision (the same on every member of the view).
+
+        ``epoch`` is the epoch the step started in (default: the current view's); if the
+        view changed since, the answer is False. Raises :class:`CommitUnknown` if no
+        decision could be had before ``timeout`` (then do not apply the step).
+        """
+        vote_epoch = self.view.epoch if epoch is None else epoch
+        if vote_epoch == 0:
+            raise MembershipError("not a member of any view yet")
+        budget = timeout if timeout is not None else self.config.commit_timeout + 5.0
+        deadline = time.monotonic() + budget
+        delay = _RETRY_MIN
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed:
+                raise CommitUnknown(step, vote_epoch, "deadline passed")
+            req = pb.CommitRequest(
+                step=step, ok=ok, last_decision=_wire.decision_to_pb(self._last_decision)
+            )
+            try:
+                resp = cast(
+                    pb.CommitResponse,
+                    self._call("Commit", req, min(remaining, _VOTE_ATTEMPT), epoch=vote_epoch),
+                )
+            except Evicted:
+                self._handle_evicted()
+                return False
+            except Rejected as err:
+                if err.reason is not RejectReason.NOT_MEMBER:
+                    raise
+                self._reregister()  # a restarted coordinator: register, vote again
+            except CoordinatorUnavailable:
+                pass
+            else:
+                decision = Decision(
+                    int(resp.epoch), int(resp.step), bool(resp.committed), Outcome(resp.outcome)
+                )
+                with self._lock:
+                    if self._last_decision is None or (decision.epoch, decision.step) >= (
+                        self._last_decision.epoch,
+                        self._last_decision.step,
+                    ):
+                        self._last_decision = decision
+                log.info(
+                    "event=commit member=%s epoch=%d step=%d ok=%s committed=%s outcome=%s",
+                    self._member.id,
+                    decision.epoch,
+                    step,
+                    ok,
+                    decision.committed,
+                    decision.outcome.name,
+                )
+                return decision.committed
+            if self._stop.wait(delay) and self._closed:
+                raise CommitUnknown(step, vote_epoch, "agent closed")
+            delay = min(delay * 2, _RETRY_MAX)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _call(self, name: str, req: Any, timeout: float, *, epoch: int | None = None) -> Any:
+        """One signed unary call; raises Rejected/Evicted or CoordinatorUnavailable."""
+        method = _wire.SERVICE + name
+        with self._lock:
+            member = self._member
+            held = self._view.epoch
+        self._signer.sign(
+            req,
+            method,
+            "request",
+            sender_id=member.id,
+            incarnation=member.incarnation,
+            epoch=held if epoch is None else epoch,
+        )
+        try:
+            resp = getattr(self._stub, name)(req, timeout=timeout)
+        except grpc.RpcError as err:
+            refusal = _wire.error_from_rpc(err, method)
+            if refusal is not None:
+                raise refusal from None
+            code = err.code() if callable(getattr(err, "code", None)) else None
+            raise CoordinatorUnavailable(f"{name}: {code}: {err.details()}") from None
+        try:
+            self._signer.verify(resp, method, "response")
+        except Rejected as err:
+            log.warning("event=bad_response method=%s error=%s", name, err)
+            raise CoordinatorUnavailable(f"{name}: response failed verification") from None
+        return resp
+
+    def _register(self) -> None:
+        with self._register_lock:
+            with self._lock:
+                member = self._member
+                # Re-registration carries the view we hold (restart recovery).
+                known = self._view if self._view.has(member) else View(0)
+                last = self._last_decision
+            req = pb.JoinRequest(
+                member=_wire.member_to_pb(member),
+                known_view=_wire.view_to_pb(known),
+                last_decision=_wire.decision_to_pb(last),
+            )
+            resp = cast(pb.JoinResponse, self._call("Join", req, self.config.rpc_timeout))
+            view = _wire.view_from_pb(resp.view)
+            with self._lock:
+                if resp.coordinator_run != self._run:
+                    if self._run:
+                        log.info(
+                            "event=reregistered member=%s coordinator_run=%s epoch=%d",
+                            member.id,
+                            resp.coordinator_run,
+                            view.epoch,
+                        )
+                    self._run = resp.coordinator_run
+                if resp.timing.heartbeat_interval_ms:
+                    self._interval = resp.timing.heartbeat_interval_ms / 1000.0
+            if resp.admitted:
+                self._install(view)
+
+    def _reregister(self) -> None:
+        try:
+            self._register()
+        except Evicted:
+            self._handle_evicted()
+        except (Rejected, CoordinatorUnavailable) as err:
+            log.debug("event=reregister_failed member=%s error=%s", self._member.id, err)
+
+    def _install(self, view: View) -> None:
+        with self._lock:
+            if not view.has(self._member) or view.epoch <= self._view.epoch or self._evicted:
+                return
+            self._view = view
+            self._lock.notify_all()
+        log.info(
+            "event=view_installed member=%s epoch=%d rank=%d members=%s",
+            self._member.id,
+            view.epoch,
+            view.rank(self._member.id),
+            ",".join(view.ids),
+        )
+        self._callback(self._on_view, view)
+
+    def _handle_evicted(self) -> None:
+        with self._lock:
+            if self._evicted or self._left:
+                return
+            self._evicted = True
+            epoch = self._view.epoch
+            self._stop.set()
+            call = self._watch_call
+            self._lock.notify_all()
+        if call is not None:
+            call.cancel()
+        log.warning(
+            "event=evicted member=%s incarnation=%d epoch=%d",
+            self._member.id,
+            self._member.incarnation,
+            epoch,
+        )
+        self._callback(self._on_evicted, epoch)
+
+    def _callback(self, fn: Callable[[_T], None] | None, arg: _T) -> None:
+        if fn is None:
+            return
+        try:
+            fn(arg)
+        except Exception:
+            log.exception("event=callback_error member=%s", self._member.id)
+
+    def _start_threads(self) -> None:
+        self._stop_threads()
+        self._stop = threading.Event()
+        stop = self._stop
+        self._threads = [
+            threading.Thread(
+                target=self._heartbeat_loop, args=(stop,), name="phalanx-agent-hb", daemon=True
+            ),
+            threading.Thread(
+                target=self._watch_loop, args=(stop,), name="phalanx-agent-watch", daemon=True
+            ),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _stop_threads(self) -> None:
+        self._stop.set()
+        call = self._watch_call
+        if call is not None:
+            call.cancel()
+        current = threading.current_thread()
+        for t in self._threads:
+            if t is not current:
+                t.join(timeout=5.0)
+                if t.is_alive():
+                    log.error("event=thread_not_joined name=%s", t.name)
+        self._threads = []
+
+    def _standing_down(self, stop: threading.Event) -> bool:
+        return stop.is_set() or self._left or self._evicted or self._closed
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        next_beat = time.monotonic()
+        while not self._standing_down(stop):
+            try:
+                resp = cast(
+                    pb.HeartbeatResponse,
+                    self._call("Heartbeat", pb.HeartbeatRequest(), max(0.05, 2 * self._interval)),
+                )
+                if resp.coordinator_run != self._run:
+                    self._reregister()
+            except Evicted:
+                self._handle_evicted()
+                return
+            except Rejected as err:
+                if self._standing_down(stop):
+                    return
+                if err.reason is RejectReason.NOT_MEMBER:
+                    self._reregister()  # the coordinator restarted and forgot us
+                else:
+                    log.warning("event=heartbeat_refused member=%s error=%s", self._member.id, err)
+            except CoordinatorUnavailable as err:
+                log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
+            next_beat += self._interval
+            now = time.monotonic()
+            if next_beat < now:  # we fell behind (stopped, starved): beat now, re-anchor
+                next_beat = now
+            stop.wait(next_beat - now)
+
+    def _watch_loop(self, stop: threading.Event) -> None:
+        method = _wire.SERVICE + "Watch"
+        delay = _RETRY_MIN
+        while not self._standing_down(stop):
+            req = pb.WatchRequest()
+            with self._lock:
+                member = self._member
+                epoch = self._view.epoch
+            self._signer.sign(
+                req,
+                method,
+                "request",
+                sender_id=member.id,
+                incarnation=member.incarnation,
+                epoch=epoch,
+            )
+            try:
+                call = self._stub.Watch(req, timeout=_WATCH_DEADLINE)
+                with self._lock:
+                    self._watch_call = call
+                if self._standing_down(stop):
+                    call.cancel()
+                    return
+                for event in call:
+                    delay = _RETRY_MIN
+                    self._on_event(cast(pb.WatchEvent, event), method)
+                    if self._standing_down(stop):
+                        return
+            except grpc.RpcError as err:
+                if self._standing_down(stop):
+                    return
+                refusal = _wire.error_from_rpc(err, method)
+                if isinstance(refusal, Evicted):
+                    self._handle_evicted()
+                    return
+                code = err.code() if callable(getattr(err, "code", None)) else None
+                log.debug("event=watch_broken member=%s code=%s", member.id, code)
+                if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if stop.wait(delay):
+                        return
+                    delay = min(delay * 2, _RETRY_MAX)
+                    self._reregister()
+            finally:
+                with self._lock:
+                    self._watch_call = None
+
+    def _on_event(self, event: pb.WatchEvent, method: str) -> None:
+        try:
+            self._signer.verify(event, method, "event")
+            view = _wire.view_from_pb(event.view)
+        except Rejected as err:
+            log.warning("event=bad_watch_event member=%s error=%s", self._member.id, err)
+            return
+        if event.evicted:
+            self._handle_evicted()
+            return
+        self._install(view)

@@ -1,0 +1,465 @@
+"""The membership coordinator: a gRPC service around :class:`GroupState`.
+
+:class:`Coordinator` runs standalone (``phalanx coordinator --listen HOST:PORT``) or
+embedded in any process (``start()``/``stop(grace)``, port 0 supported). It checks
+every request (protocol version, HMAC and replay window, well-formedness) before it
+touches the group, converts protobuf to dataclasses at the door, and answers
+refusals with a gRPC status plus the ``phalanx-reject-reason`` trailer. A detector
+thread drives the clock of :class:`GroupState` (heartbeat timeouts, confirmation of
+suspicions, admission, recovery). It keeps no state that peers cannot rebuild: a
+restarted coordinator adopts the view the peers re-register with.
+
+It must never block a gRPC thread without a deadline, let an exception escape a
+handler as a crash, hold its lock while doing network I/O, or leave a thread running
+after ``stop()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from phalanx.errors import ConfigError
+from phalanx.membership import _wire
+from phalanx.membership._group import Decision, GroupState
+from phalanx.membership._proto import membership_pb2 as pb
+from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.errors import Rejected, RejectReason
+from phalanx.membership.view import IN_VIEW_STATES, MemberState, View, parse_address
+
+__all__ = ["Coordinator"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_WAIT_SLICE = 0.5  # longest single condition wait inside a handler
+
+
+class Coordinator:
+    """The membership authority, embeddable in a process.
+
+    Args:
+        listen: ``host:port`` to bind (port 0 picks a free one; see :attr:`address`).
+        secret: the cluster secret (>= 16 bytes). Required unless ``insecure``.
+        insecure: allow running without a secret (tests of the wire, demos).
+        config: timings and limits.
+        tls_cert, tls_key: PEM server certificate chain and key; gRPC over TLS when set.
+        recover: start in recovery mode (adopt the view peers re-register with). Turn
+            off only for a group that is known to be new.
+    """
+
+    def __init__(
+        self,
+        listen: str = "127.0.0.1:0",
+        *,
+        secret: bytes | None = None,
+        insecure: bool = False,
+        config: MembershipConfig | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        recover: bool = True,
+    ) -> None:
+        if secret is None and not insecure:
+            raise ConfigError("the coordinator needs a cluster secret (or insecure=True)")
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
+        try:
+            parse_address(listen) if not listen.endswith(":0") else parse_address(listen[:-1] + "1")
+        except ValueError as exc:
+            raise ConfigError(f"bad listen address {listen!r}: {exc}") from None
+        self.config = config or MembershipConfig()
+        self._listen = listen
+        self._signer = _wire.Signer(secret, max_skew=self.config.max_skew)
+        self._tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+        self._recover = recover
+        self.run_id = os.urandom(8).hex()
+        self._cond = threading.Condition()
+        self._state: GroupState | None = None
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._server: grpc.Server | None = None
+        self._detector: threading.Thread | None = None
+        self._address = ""
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on (valid after :meth:`start`)."""
+        return self._address
+
+    def start(self) -> str:
+        if self._server is not None:
+            raise RuntimeError("coordinator already started")
+        cfg = self.config
+        workers = 2 * cfg.max_members + 16
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phalanx-coord"),
+            maximum_concurrent_rpcs=workers,
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+                ("grpc.max_receive_message_length", 4 << 20),
+            ],
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
+            _Servicer(self), server
+        )
+        if self._tls is not None:
+            creds = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
+            port = server.add_secure_port(self._listen, creds)
+        else:
+            port = server.add_insecure_port(self._listen)
+        if port == 0:
+            raise ConfigError(f"cannot listen on {self._listen}")
+        host = self._listen.rpartition(":")[0]
+        self._address = f"{host}:{port}"
+        with self._cond:
+            self._state = GroupState(cfg, time.monotonic(), recovering=self._recover)
+        server.start()
+        self._server = server
+        self._detector = threading.Thread(
+            target=self._detect, name="phalanx-coord-detector", daemon=True
+        )
+        self._detector.start()
+        log.info(
+            "event=coordinator_started address=%s run=%s secure=%s tls=%s "
+            "heartbeat_interval_s=%.3f heartbeat_timeout_s=%.3f confirm_window_s=%.3f "
+            "recovery_grace_s=%.3f",
+            self._address,
+            self.run_id,
+            self._signer.secure,
+            self._tls is not None,
+            cfg.heartbeat_interval,
+            cfg.heartbeat_timeout,
+            cfg.confirm_window,
+            cfg.recovery_grace if self._recover else 0.0,
+        )
+        return self._address
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Refuse new work, end streams, stop the server and join the detector."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._stop_event.set()
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 5.0)
+        if self._detector is not None:
+            self._detector.join(timeout=5.0)
+        log.info("event=coordinator_stopped address=%s run=%s", self._address, self.run_id)
+
+    def __enter__(self) -> Coordinator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- introspection (tests, status) ------------------------------------------------
+
+    @property
+    def view(self) -> View:
+        with self._cond:
+            return self._group().view
+
+    def wait_for(self, predicate: Callable[[View], bool], timeout: float) -> View:
+        """Block until ``predicate(view)`` holds; TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._group().view):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"view predicate not met; view={self._group().view}")
+                self._cond.wait(min(remaining, _WAIT_SLICE))
+            return self._group().view
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _group(self) -> GroupState:
+        if self._state is None:
+            raise RuntimeError("coordinator not started")
+        return self._state
+
+    def _detect(self) -> None:
+        while not self._stop_event.wait(self.config.tick):
+            with self._cond:
+                group = self._group()
+                before = group.revision
+                group.tick(time.monotonic())
+                if group.revision != before:
+                    self._cond.notify_all()
+
+    def _locked(self, fn: Callable[[GroupState, float], _T]) -> _T:
+        with self._cond:
+            if self._stopping:
+                raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
+            group = self._group()
+            before = group.revision
+            try:
+                return fn(group, time.monotonic())
+            finally:
+                if group.revision != before:
+                    self._cond.notify_all()
+
+
+def _abort(context: grpc.ServicerContext, err: Rejected, method: str) -> NoReturn:
+    log.info(
+        "event=rejected method=%s reason=%s peer=%s detail=%r",
+        method.rpartition("/")[2],
+        err.reason.name,
+        context.peer(),
+        err.detail,
+    )
+    context.set_trailing_metadata(((_wire.REJECT_TRAILER, err.reason.name),))
+    context.abort(_wire.status_for(err.reason), err.detail or err.reason.name)
+
+
+class _Servicer(pb_grpc.CoordinatorServicer):
+    """Protobuf in, dataclasses to GroupState, protobuf out. One method per RPC."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._c = coordinator
+
+    def _sign(self, msg: _wire._Signed, method: str, direction: str, epoch: int) -> None:
+        self._c._signer.sign(msg, method, direction, epoch=epoch)
+
+    def _guard(self, context: grpc.ServicerContext, method: str, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except Rejected as err:
+            _abort(context, err, method)
+        except Exception:
+            log.exception("event=handler_error method=%s peer=%s", method, context.peer())
+            context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the coordinator)")
+
+    # -- Join --------------------------------------------------------------------------
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        method = _wire.SERVICE + "Join"
+        return self._guard(context, method, lambda: self._join(request, method))
+
+    def _join(self, request: pb.JoinRequest, method: str) -> pb.JoinResponse:
+        c = self._c
+        info = c._signer.verify(request, method, "request")
+        if not request.HasField("member"):
+            raise Rejected(RejectReason.MALFORMED, "join without member")
+        member = _wire.member_from_pb(request.member)
+        if member.id != info.sender_id or member.incarnation != info.incarnation:
+            raise Rejected(RejectReason.MALFORMED, "header sender differs from the member")
+        known = _wire.view_from_pb(request.known_view)
+        last = _wire.decision_from_pb(request.last_decision)
+        with c._cond:
+            known_here = c._group().state_of(member.id, member.incarnation) is not None
+        probe = c.config.probe_addresses and not known_here
+        if probe and not _wire.probe(member.addresses, c.config.probe_timeout):
+            raise Rejected(
+                RejectReason.UNREACHABLE_ADDRESS,
+                f"no TCP connection to any of {', '.join(member.addresses)} "
+                f"within {c.config.probe_timeout:.2f} s",
+            )
+        view, admitted = c._locked(lambda g, now: g.join(member, known, last, now))
+        resp = pb.JoinResponse(
+            view=_wire.view_to_pb(view),
+            admitted=admitted,
+            timing=pb.Timing(
+                heartbeat_interval_ms=round(c.config.heartbeat_interval * 1000),
+                heartbeat_timeout_ms=round(c.config.heartbeat_timeout * 1000),
+            ),
+            coordinator_run=c.run_id,
+        )
+        self._sign(resp, method, "response", view.epoch)
+        return resp
+
+    # -- Leave -------------------------------------------------------------------------
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        method = _wire.SERVICE + "Leave"
+
+        def run() -> pb.LeaveResponse:
+            info = self._c._signer.verify(request, method, "request")
+            reason = request.reason[:200]
+            view = self._c._locked(
+                lambda g, now: g.leave(info.sender_id, info.incarnation, reason, now)
+            )
+            resp = pb.LeaveResponse(view=_wire.view_to_pb(view))
+            self._sign(resp, method, "response", view.epoch)
+            return resp
+
+        return self._guard(context, method, run)
+
+    # -- Heartbeat ---------------------------------------------------------------------
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        method = _wire.SERVICE + "Heartbeat"
+
+        def run() -> pb.HeartbeatResponse:
+            info = self._c._signer.verify(request, method, "request")
+            epoch = self._c._locked(
+                lambda g, now: g.heartbeat(info.sender_id, info.incarnation, now)
+            )
+            resp = pb.HeartbeatResponse(epoch=epoch, coordinator_run=self._c.run_id)
+            self._sign(resp, method, "response", epoch)
+            return resp
+
+        return self._guard(context, method, run)
+
+    # -- ReportFailure -----------------------------------------------------------------
+
+    def ReportFailure(
+        self, request: pb.ReportFailureRequest, context: grpc.ServicerContext
+    ) -> pb.ReportFailureResponse:
+        method = _wire.SERVICE + "ReportFailure"
+
+        def run() -> pb.ReportFailureResponse:
+            c = self._c
+            info = c._signer.verify(request, method, "request")
+            suspects = list(request.suspect_ids)
+            if not suspects or len(suspects) > c.config.max_members:
+                raise Rejected(RejectReason.MALFORMED, f"{len(suspects)} suspects")
+            reason = request.reason[:64]
+            out = c._locked(
+                lambda g, now: g.report(
+                    info.sender_id, info.incarnation, info.epoch, suspects, reason, now
+                )
+            )
+            log.info(
+                "event=failure_reported reporter=%s epoch=%d suspects=%s reason=%s accepted=%s",
+                info.sender_id,
+                info.epoch,
+                ",".join(suspects),
+                reason or "-",
+                ",".join(out) or "-",
+            )
+            resp = pb.ReportFailureResponse(suspected_ids=out)
+            self._sign(resp, method, "response", info.epoch)
+            return resp
+
+        return self._guard(context, method, run)
+
+    # -- Commit ------------------------------------------------------------------------
+
+    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
+        method = _wire.SERVICE + "Commit"
+        return self._guard(context, method, lambda: self._commit(request, context, method))
+
+    def _commit(
+        self, request: pb.CommitRequest, context: grpc.ServicerContext, method: str
+    ) -> pb.CommitResponse:
+        c = self._c
+        info = c._signer.verify(request, method, "request")
+        step, ok = int(request.step), bool(request.ok)
+        last = _wire.decision_from_pb(request.last_decision)
+        epoch = info.epoch
+        if epoch == 0:
+            raise Rejected(RejectReason.MALFORMED, "vote without an epoch")
+        decision: Decision | None = c._locked(
+            lambda g, now: g.vote(info.sender_id, info.incarnation, epoch, step, ok, now, last)
+        )
+        with c._cond:
+            while decision is None:
+                if c._stopping:
+                    raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
+                remaining = context.time_remaining()
+                if not context.is_active():
+                    context.abort(grpc.StatusCode.CANCELLED, "vote cancelled by the caller")
+                if remaining is not None and remaining < 0.05:
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no decision yet: vote again")
+                wait = _WAIT_SLICE if remaining is None else min(_WAIT_SLICE, remaining - 0.05)
+                c._cond.wait(wait)
+                decision = c._group().decision(epoch, step)
+        resp = pb.CommitResponse(
+            epoch=decision.epoch,
+            step=decision.step,
+            committed=decision.committed,
+            outcome=decision.outcome.value,  # type: ignore[arg-type]
+        )
+        self._sign(resp, method, "response", epoch)
+        return resp
+
+    # -- Watch -------------------------------------------------------------------------
+
+    def Watch(
+        self, request: pb.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchEvent]:
+        method = _wire.SERVICE + "Watch"
+        c = self._c
+        try:
+            info = c._signer.verify(request, method, "request")
+            with c._cond:
+                c._group().check_sender(info.sender_id, info.incarnation)
+        except Rejected as err:
+            _abort(context, err, method)
+        member_id, incarnation = info.sender_id, info.incarnation
+        finished = threading.Event()
+        ended_by_us = threading.Event()
+
+        def on_done() -> None:
+            finished.set()
+            with c._cond:
+                if not c._stopping and not ended_by_us.is_set():
+                    c._group().stream_lost(member_id, incarnation, time.monotonic())
+                c._cond.notify_all()
+
+        context.add_callback(on_done)
+        return self._watch_events(context, method, member_id, incarnation, finished, ended_by_us)
+
+    def _watch_events(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        member_id: str,
+        incarnation: int,
+        finished: threading.Event,
+        ended_by_us: threading.Event,
+    ) -> Iterator[pb.WatchEvent]:
+        c = self._c
+        last_seq = -1
+        first = True
+        while True:
+            with c._cond:
+                while True:
+                    if c._stopping or finished.is_set():
+                        return
+                    group = c._group()
+                    state = group.state_of(member_id, incarnation)
+                    live = state is MemberState.JOINING or state in IN_VIEW_STATES
+                    if group.published.seq != last_seq or not live:
+                        break
+                    c._cond.wait(_WAIT_SLICE)
+                published = group.published
+            last_seq = published.seq
+            evicted = not live and state is not MemberState.LEFT
+            event = pb.WatchEvent(
+                view=_wire.view_to_pb(published.view),
+                cause=(pb.VIEW_CAUSE_SNAPSHOT if first else published.cause.value),  # type: ignore[arg-type]
+                removed_ids=[i for i, _ in published.removed],
+                removed_causes=[why for _, why in published.removed],
+                evicted=evicted,
+            )
+            first = False
+            self._sign(event, method, "event", published.view.epoch)
+            if not live:
+                ended_by_us.set()
+                log.info(
+                    "event=watch_closed member=%s incarnation=%d state=%s epoch=%d",
+                    member_id,
+                    incarnation,
+                    state.value if state is not None else "unknown",
+                    published.view.epoch,
+                )
+            yield event
+            if not live:
+                return
