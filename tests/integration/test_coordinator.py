@@ -1,0 +1,404 @@
+"""The coordinator over real gRPC on 127.0.0.1: forming views, leave, join at the
+operation boundary, commit agreement, refusals of bad input, and a coordinator that
+is SIGKILLed and restarted (in a child process) under a live group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from phalanx.membership import _wire
+from phalanx.membership._proto import membership_pb2 as pb
+from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
+from phalanx.membership.agent import Agent
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.coordinator import Coordinator
+from phalanx.membership.errors import Evicted, Rejected, RejectReason
+from phalanx.membership.view import Member, View
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"integration-test-secret-0123456789"
+REPO = Path(__file__).resolve().parents[2]
+FRESH = MembershipConfig(recovery_grace=0.0)
+
+
+class Listener:
+    """A data-plane stand-in: a listening socket the coordinator can probe."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def listeners() -> Iterator[list[Listener]]:
+    made: list[Listener] = []
+    yield made
+    for lst in made:
+        lst.sock.close()
+
+
+@pytest.fixture
+def coordinator() -> Iterator[Coordinator]:
+    c = Coordinator(secret=SECRET, config=FRESH)
+    c.start()
+    yield c
+    c.stop(grace=0.5)
+
+
+class Group:
+    def __init__(self, address: str, listeners: list[Listener]) -> None:
+        self.address = address
+        self.listeners = listeners
+        self.agents: list[Agent] = []
+
+    def agent(self, name: str, incarnation: int = 1, secret: bytes = SECRET) -> Agent:
+        lst = Listener()
+        self.listeners.append(lst)
+        a = Agent(self.address, Member(name, (lst.address,), incarnation), secret=secret)
+        self.agents.append(a)
+        return a
+
+    def close(self) -> None:
+        for a in self.agents:
+            a.close()
+
+
+@pytest.fixture
+def group(coordinator: Coordinator, listeners: list[Listener]) -> Iterator[Group]:
+    g = Group(coordinator.address, listeners)
+    yield g
+    g.close()
+
+
+def vote_all(agents: list[Agent], step: int, oks: list[bool]) -> list[bool | None]:
+    out: list[bool | None] = [None] * len(agents)
+
+    def run(i: int) -> None:
+        out[i] = agents[i].commit(step, oks[i], timeout=10)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(agents))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    return out
+
+
+def form(group: Group, names: str = "abc") -> list[Agent]:
+    agents = [group.agent(n) for n in names]
+    for a in agents:
+        a.join(10)
+    for a in agents:
+        a.wait_for_view(lambda v: v.size == len(names), 5)
+    return agents
+
+
+# -- forming, leaving, joining, voting ----------------------------------------------
+
+
+def test_view_forms_and_ring_order_is_join_order(coordinator: Coordinator, group: Group) -> None:
+    agents = form(group)
+    views = {a.view for a in agents}
+    assert len(views) == 1
+    (view,) = views
+    assert view.ids == ("a", "b", "c") and view == coordinator.view
+
+
+def test_graceful_leave(coordinator: Coordinator, group: Group) -> None:
+    a, b, c = form(group)
+    epoch = a.view.epoch
+    b.leave()
+    for x in (a, c):
+        v = x.wait_for_view(lambda v: "b" not in v, 2)
+        assert v.ids == ("a", "c") and v.epoch == epoch + 1
+    time.sleep(0.8)  # no suspicion or second change follows the goodbye
+    assert coordinator.view.epoch == epoch + 1
+
+
+def test_commit_agreement(coordinator: Coordinator, group: Group) -> None:
+    agents = form(group)
+    assert vote_all(agents, 1, [True, True, True]) == [True, True, True]
+    assert vote_all(agents, 2, [True, False, True]) == [False, False, False]
+    assert vote_all(agents, 3, [True, True, True]) == [True, True, True]
+
+
+def test_commit_false_everywhere_when_view_changes_mid_vote(
+    coordinator: Coordinator, group: Group
+) -> None:
+    a, b, c = form(group)
+    epoch = a.view.epoch
+    answers: list[bool | None] = [None, None]
+
+    def vote(i: int, agent: Agent) -> None:
+        answers[i] = agent.commit(7, True, epoch=epoch, timeout=10)
+
+    threads = [threading.Thread(target=vote, args=(i, x)) for i, x in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # a and b wait for c's vote...
+    c.close()  # ...and c dies instead: the view changes
+    for t in threads:
+        t.join(10)
+    assert answers == [False, False]
+    # c, had it survived to vote, gets the same answer for that (epoch, step)
+    assert coordinator.wait_for(lambda v: "c" not in v, 2).epoch == epoch + 1
+
+
+def test_joiner_admitted_at_commit_boundary(coordinator: Coordinator, group: Group) -> None:
+    agents = form(group, "ab")
+    assert vote_all(agents, 1, [True, True]) == [True, True]  # the group is stepping
+    epoch = agents[0].view.epoch
+    d = group.agent("d")
+    joined: list[View] = []
+    t = threading.Thread(target=lambda: joined.append(d.join(10)))
+    t.start()
+    time.sleep(0.3)
+    assert coordinator.view.epoch == epoch and "d" not in coordinator.view  # waits
+    assert vote_all(agents, 2, [True, True]) == [True, True]  # decided in the old view
+    t.join(10)
+    assert joined and joined[0].ids == ("a", "b", "d") and joined[0].epoch == epoch + 1
+    for a in agents:
+        a.wait_for_view(lambda v: "d" in v, 2)
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+
+def raw_join(
+    address: str,
+    member: pb.Member,
+    *,
+    secret: bytes | None = SECRET,
+    version: int | None = None,
+    sender: str | None = None,
+) -> pb.JoinResponse:
+    signer = _wire.Signer(secret)
+    req = pb.JoinRequest(member=member)
+    signer.sign(
+        req,
+        _wire.SERVICE + "Join",
+        "request",
+        sender_id=member.id if sender is None else sender,
+        incarnation=member.incarnation,
+    )
+    if version is not None:
+        req.header.protocol_version = version
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+        resp: pb.JoinResponse = stub.Join(req, timeout=5)
+        return resp
+
+
+def reason_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, RejectReason | None, str]:
+    err = _wire.error_from_rpc(exc, "Join")
+    reason = err.reason if isinstance(err, Rejected) else None
+    return exc.code(), reason, exc.details() or ""
+
+
+def test_refusals_are_clear_and_leave_the_view_alone(
+    coordinator: Coordinator, group: Group, listeners: list[Listener]
+) -> None:
+    form(group)
+    before = coordinator.view
+    good = Listener()
+    listeners.append(good)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: refuses connections
+    dead_addr = f"127.0.0.1:{dead.getsockname()[1]}"
+    cases = [
+        ("wrong secret", dict(secret=b"another-secret-0123456789"), "x", [good.address], 1,
+         grpc.StatusCode.UNAUTHENTICATED, RejectReason.BAD_AUTH),
+        ("unsigned", dict(secret=None), "x", [good.address], 1,
+         grpc.StatusCode.UNAUTHENTICATED, RejectReason.BAD_AUTH),
+        ("version", dict(version=99), "x", [good.address], 1,
+         grpc.StatusCode.FAILED_PRECONDITION, RejectReason.VERSION_MISMATCH),
+        ("duplicate id", {}, "b", [good.address], 5,
+         grpc.StatusCode.ALREADY_EXISTS, RejectReason.DUPLICATE_ID),
+        ("stale incarnation", {}, "b", [good.address], 0,
+         grpc.StatusCode.FAILED_PRECONDITION, RejectReason.STALE_INCARNATION),
+        ("empty id", dict(sender=""), "", [good.address], 1,
+         grpc.StatusCode.INVALID_ARGUMENT, RejectReason.MALFORMED),
+        ("bad address", {}, "x", ["not-an-address"], 1,
+         grpc.StatusCode.INVALID_ARGUMENT, RejectReason.MALFORMED),
+        ("no address", {}, "x", [], 1,
+         grpc.StatusCode.INVALID_ARGUMENT, RejectReason.MALFORMED),
+        ("header lies", dict(sender="y"), "x", [good.address], 1,
+         grpc.StatusCode.INVALID_ARGUMENT, RejectReason.MALFORMED),
+        ("unreachable", {}, "x", [dead_addr], 1,
+         grpc.StatusCode.FAILED_PRECONDITION, RejectReason.UNREACHABLE_ADDRESS),
+    ]  # fmt: skip
+    try:
+        for label, kw, name, addrs, inc, code, reason in cases:
+            member = pb.Member(id=name, addresses=addrs, incarnation=inc)
+            with pytest.raises(grpc.RpcError) as info:
+                raw_join(coordinator.address, member, **kw)  # type: ignore[arg-type]
+            got = reason_of(info.value)
+            assert got[:2] == (code, reason), (label, got)
+            assert got[2], label  # a human-readable detail
+    finally:
+        dead.close()
+    # the "duplicate id" attempt made b suspect; b's heartbeats refute it
+    time.sleep(0.8)
+    assert coordinator.view == before
+
+
+def test_replay_and_garbage_are_refused(coordinator: Coordinator, group: Group) -> None:
+    (a,) = form(group, "a")
+    before = coordinator.view
+    signer = _wire.Signer(SECRET)
+    req = pb.HeartbeatRequest()
+    signer.sign(req, _wire.SERVICE + "Heartbeat", "request", sender_id="a", incarnation=1)
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+        stub.Heartbeat(req, timeout=5)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Heartbeat(req, timeout=5)  # the same nonce again
+        assert reason_of(info.value)[1] is RejectReason.BAD_AUTH
+        # a MAC made for Heartbeat does not pass as a Leave
+        leave = pb.LeaveRequest()
+        leave.header.CopyFrom(req.header)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Leave(leave, timeout=5)
+        assert reason_of(info.value)[1] is RejectReason.BAD_AUTH
+        garbage = channel.unary_unary(
+            "/phalanx.v1.Coordinator/Join",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        for blob in (b"\xff\xff\xff", b"\x0a\x05\x08", os.urandom(300)):
+            with pytest.raises(grpc.RpcError) as info:
+                garbage(blob, timeout=5)
+            assert info.value.code() in (
+                grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.UNKNOWN,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+    assert coordinator.view == before
+    assert a.view == before
+
+
+def test_agent_with_wrong_secret_cannot_join(coordinator: Coordinator, group: Group) -> None:
+    intruder = group.agent("intruder", secret=b"not-the-cluster-secret-000")
+    with pytest.raises(Rejected) as info:
+        intruder.join(3)
+    assert info.value.reason is RejectReason.BAD_AUTH
+    assert "intruder" not in coordinator.view
+
+
+def test_rejoin_after_eviction_needs_new_incarnation(
+    coordinator: Coordinator, group: Group
+) -> None:
+    a, b = form(group, "ab")
+    a.report_failure(["b"], a.view.epoch, "test")  # b keeps beating: refuted
+    time.sleep(0.6)
+    assert "b" in coordinator.view
+    b._stop.set()  # silence b's heartbeat and watch without a goodbye
+    b._stop_threads()
+    coordinator.wait_for(lambda v: "b" not in v, 2)
+    with pytest.raises(Evicted):
+        b.join(2)
+    view = b.rejoin(5)
+    assert b.member.incarnation == 2 and view.ids == ("a", "b")
+
+
+# -- the coordinator dies and comes back ---------------------------------------------------
+
+
+def start_coordinator_process(listen: str, secret_file: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "phalanx.membership.cli", "coordinator",
+            "--listen", listen, "--secret-file", str(secret_file),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PHALANX_LOG_LEVEL": "WARNING"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening on" in line, line
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+def test_coordinator_sigkill_and_restart(tmp_path: Path, listeners: list[Listener]) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    procs: list[subprocess.Popen[str]] = []
+    group: Group | None = None
+    try:
+        proc, address = start_coordinator_process("127.0.0.1:0", secret_file)
+        procs.append(proc)
+        group = Group(address, listeners)
+        seen: list[list[int]] = [[], [], []]
+        agents = []
+        for i, name in enumerate("abc"):
+            a = group.agent(name)
+            a._on_view = lambda v, i=i: seen[i].append(v.epoch)
+            agents.append(a)
+        for a in agents:
+            a.join(10)
+        for a in agents:
+            a.wait_for_view(lambda v: v.size == 3, 5)
+        epoch = agents[0].view.epoch
+        assert vote_all(agents, 1, [True] * 3) == [True] * 3
+        for s in seen:
+            s.clear()
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+        # While it is down the view stands, and votes wait instead of failing.
+        answers: list[bool | None] = [None] * 3
+
+        def vote(i: int) -> None:
+            answers[i] = agents[i].commit(2, True, timeout=20)
+
+        voters = [threading.Thread(target=vote, args=(i,)) for i in range(3)]
+        for t in voters:
+            t.start()
+        time.sleep(0.7)
+        assert all(a.view.epoch == epoch for a in agents)
+
+        t0 = time.monotonic()
+        proc2, address2 = start_coordinator_process(address, secret_file)
+        procs.append(proc2)
+        assert address2 == address
+        for t in voters:
+            t.join(15)
+        recovered_s = time.monotonic() - t0
+        assert answers == [True, True, True]
+        time.sleep(0.8)  # settle: nobody was evicted, no view was published
+        assert all(a.view.epoch == epoch and not a.evicted for a in agents)
+        assert seen == [[], [], []]
+        assert all(a.coordinator_run for a in agents)
+        # The next change continues above the old epoch.
+        d = group.agent("d")
+        v = d.join(10)
+        assert v.epoch > epoch and v.ids == ("a", "b", "c", "d")
+        print(f"\ncoordinator restart: vote answered {recovered_s:.2f} s after restart began")
+    finally:
+        if group is not None:
+            group.close()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            p.wait(5)
+            if p.stdout is not None:
+                p.stdout.close()
