@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from phalanx.comm.frames import FrameHeader, FrameKind, encode_header
 from phalanx.comm.options import CommOptions
@@ -45,6 +46,7 @@ from phalanx.errors import CommError, FrameError, GroupClosed, PeerFailure
 __all__ = [
     "ComputeNode",
     "Engine",
+    "FrameHook",
     "OpInfo",
     "Plan",
     "RecvNode",
@@ -56,6 +58,19 @@ log = logging.getLogger(__name__)
 _ABORT = struct.Struct("<BH")  # reason code, number of suspects; then u32 per suspect
 _ABORT_REASONS = ("aborted", "disconnected", "timeout", "protocol", "foreign-epoch", "closed")
 _MAX_CONTROL_PAYLOAD = 4096
+
+
+class FrameHook(Protocol):
+    """Fault injection (tests and ``phalanx stress``): sees every outgoing DATA frame.
+
+    Return ``None`` to send the frame unchanged, or the (header, payload) to send
+    instead — corrupted, re-epoched, with a lying length field. It runs on the engine
+    thread, so sleeping in it makes this rank slow, as a straggler would be.
+    """
+
+    def outgoing(
+        self, peer: int, seq: int, ordinal: int, header: bytes, payload: Buffer
+    ) -> tuple[bytes, Buffer] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,8 +312,10 @@ class Engine:
         channels: Sequence[Channel],
         options: CommOptions,
         name: str = "phalanx-engine",
+        frame_hook: FrameHook | None = None,
     ) -> None:
         self.rank = rank
+        self.frame_hook = frame_hook
         self.world = world
         self.epoch = epoch
         self.options = options
@@ -740,6 +757,12 @@ class Engine:
                     length=nbytes,
                     codec=codec,
                 )
+                if self.frame_hook is not None:
+                    swapped = self.frame_hook.outgoing(
+                        link.peer, self._current.seq, node.ordinal, header, payload
+                    )
+                    if swapped is not None:
+                        header, payload = swapped
                 channel.queue(header, payload)
                 link.current = node
                 continue

@@ -25,7 +25,7 @@ import numpy as np
 from phalanx.comm import collectives
 from phalanx.comm import handshake as hs
 from phalanx.comm.codecs import Codec, parse_codec
-from phalanx.comm.engine import Engine, OpInfo, Plan
+from phalanx.comm.engine import Engine, FrameHook, OpInfo, Plan
 from phalanx.comm.options import CommOptions
 from phalanx.comm.reduce import check_dtype, parse_op
 from phalanx.comm.transport import (
@@ -93,7 +93,13 @@ class Group:
         listener: Listener | None = None,
         epoch: int = 0,
         options: CommOptions | None = None,
+        frame_hook: FrameHook | None = None,
     ) -> None:
+        """Connect to every peer (blocking, bounded by ``options.connect_timeout_s``).
+
+        ``listener`` is this rank's bound listener (see :func:`bind`); the group owns it
+        from now on and closes it. ``frame_hook`` is for fault injection only.
+        """
         world = len(addresses)
         if world < 1:
             raise ConfigError("a group needs at least one address")
@@ -139,6 +145,7 @@ class Group:
             channels=channels,
             options=self.options,
             name=f"phalanx-engine-{rank}",
+            frame_hook=frame_hook,
         )
         log.info(
             "event=group-up rank=%d world=%d epoch=%d streams=%d address=%s",
