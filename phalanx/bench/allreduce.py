@@ -158,7 +158,7 @@ class _PhalanxBackend:
             epoch=0,
             options=CommOptions(streams=spec.streams),
         )
-        self._buf: np.ndarray[Any, Any] | None = None
+        self._buf: np.ndarray[Any, Any] = np.empty(0, np.float32)
 
     def bind_buffer(self, buf: np.ndarray[Any, Any]) -> None:
         self._buf = buf
@@ -347,6 +347,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     pools = [RankPool(_rank_worker, args.world, spec, name=spec.impl) for spec in specs]
     rows: list[dict[str, Any]] = []
     ok = True
+    finished = False
     try:
         for pool, spec in zip(pools, specs, strict=True):
             say(f"starting {args.world} {spec.impl} ranks")
@@ -358,15 +359,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 if args.json:
                     print_json(row)
             rows.extend(size_rows)
+        finished = True
     except RanksFailed as exc:
         progress(f"FAILED: {exc}", enabled=True)
         return 1
     except KeyboardInterrupt:
-        progress("interrupted; stopping the ranks", enabled=True)
+        progress("interrupted; killing the ranks", enabled=True)
         return 130
     finally:
         for pool in pools:
-            pool.close()
+            # Done: let the ranks close their groups. Anything else (a failure,
+            # Ctrl-C, SIGTERM): they may be mid-operation, so kill them now.
+            if finished:
+                pool.close()
+            else:
+                pool.kill()
     if not args.json:
         print_table([r for r in rows if "ratio" not in r], _TABLE)
         ratios = [r for r in rows if "ratio" in r]

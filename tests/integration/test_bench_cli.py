@@ -272,3 +272,38 @@ def test_leak_fence_kills_and_reports_a_left_child() -> None:
     assert proc.pid not in child_pids()
     assert _gone(proc.pid)  # killed and reaped: not even a zombie is left
     proc.wait(timeout=5)  # (already reaped; keeps Popen from warning)
+
+
+def test_bench_step_deadline_kills_the_ranks() -> None:
+    res = phalanx_cli(
+        "bench", "allreduce", "--world", "2", "--sizes", "16MiB", "--iters", "1000",
+        "--warmup", "0", "--timeout", "1", "--json",
+    )  # fmt: skip
+    assert res.returncode == 1
+    assert "timed out after 1.0s" in res.stderr
+    assert res.stdout == ""
+
+
+def test_wrong_results_are_caught() -> None:
+    from phalanx.bench.allreduce import _BlockResult, _Buffers, _Prepare, _Series
+
+    bufs = _Buffers(0, 2, _Prepare(4096, "float32", "none"))
+    bufs.buf[:] = bufs.expected
+    ok, err, digest = bufs.check()
+    assert ok and err == 0
+    bufs.buf[7] += 1  # one element off
+    assert not bufs.check()[0]
+    lossy = _Buffers(1, 2, _Prepare(4096, "float32", "int8"))
+    lossy.buf[:] = lossy.expected * 1.5  # garbage a lossy codec must not get away with
+    ok, err, _ = lossy.check()
+    assert not ok and err > 0.25
+
+    series = _Series("phalanx", "none", 1)
+    same = _BlockResult([0.1], [digest], [10], True, 0.0, "ring")
+    other = _BlockResult([0.2], ["0" * 64], [12], True, 0.0, "ring")
+    series.add([same, same], timed=True)
+    assert series.ok and series.times == [0.1] and series.wire_bytes == [10]
+    series.add([same, other], timed=True)  # ranks disagree on the bytes
+    assert not series.ok
+    assert series.times == [0.1, 0.2]  # the slowest rank's time
+    assert series.wire_bytes == [10, 12]  # max over ranks
