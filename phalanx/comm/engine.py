@@ -256,8 +256,6 @@ class _Link:
         "peer",
         "recvs",
         "sends",
-        "stash",
-        "stash_bytes",
         "want_write",
     )
 
@@ -268,10 +266,8 @@ class _Link:
         self.current: SendNode | None = None
         self.sends: deque[SendNode] = deque()
         self.recvs: deque[RecvNode] = deque()
-        # frames of operations not started here yet: (header, payload)
-        self.stash: deque[tuple[FrameHeader, memoryview]] = deque()
-        self.stash_bytes = 0
         self.want_write = False
+        # not reading: a frame of an operation this rank has not started is parked
         self.paused = False
 
 
@@ -513,11 +509,11 @@ class Engine:
             ready, plan.ready = plan.ready, []
             for node in ready:
                 self._activate(node)
-            # frames that arrived before this plan started
+            # frames that arrived before this plan started wait parked on their link
             for streams in self.links.values():
                 for link in streams:
-                    if self._current is plan:
-                        self._drain_stash(link)
+                    if self._current is plan and link.paused:
+                        self._resume(link)
             if self._current is plan:
                 for peer, failure in self._departed.items():
                     if self._involves(peer):
@@ -528,18 +524,18 @@ class Engine:
         if plan.pending == 0:
             self._finish()
 
-    def _drain_stash(self, link: _Link) -> None:
-        plan = self._current
-        assert plan is not None
-        while link.stash and link.stash[0][0].seq == plan.seq:
-            header, payload = link.stash.popleft()
-            link.stash_bytes -= header.length
-            self._deliver(link, header, payload, stashed=True)
-        if link.paused and link.stash_bytes <= self.options.stash_limit_bytes:
-            link.paused = False
-            self._epoll.modify(
-                link.channel.fd, select.EPOLLIN | (select.EPOLLOUT if link.want_write else 0)
-            )
+    def _resume(self, link: _Link) -> None:
+        link.paused = False
+        self._set_mask(link)
+        try:
+            link.channel.pump_recv(self)
+        except FrameError as exc:
+            reason = "foreign-epoch" if exc.reason == "foreign-epoch" else "protocol"
+            self._link_failed(link, reason, f"bad frame from rank {link.peer}: {exc}")
+        except _PeerLeft as exc:
+            self._link_failed(link, "closed", str(exc))
+        except OSError as exc:
+            self._link_failed(link, "disconnected", f"link to rank {link.peer}: {exc}")
 
     def _activate(self, node: Node) -> None:
         stack = [node]
@@ -604,7 +600,7 @@ class Engine:
         plan.future.set_result(info)
 
     # ---- the FrameSink interface used by Channel.pump_recv
-    def frame_dest(self, channel: Channel, header: FrameHeader) -> memoryview:
+    def frame_dest(self, channel: Channel, header: FrameHeader) -> memoryview | None:
         link = self._by_fd[channel.fd]
         if header.kind != FrameKind.DATA:
             if header.length > _MAX_CONTROL_PAYLOAD:
@@ -640,8 +636,11 @@ class Engine:
             return memoryview(bytearray(header.length))
         if header.seq < self._next_seq_started():
             raise FrameError("unexpected-frame", f"frame of finished op #{header.seq}")
-        # an op this rank has not started yet: keep it, bounded
-        return memoryview(bytearray(header.length))
+        # an op this rank has not started yet: park the link until it starts
+        if not link.paused:
+            link.paused = True
+            self._set_mask(link)
+        return None
 
     def _next_seq_started(self) -> int:
         plan = self._current
@@ -654,15 +653,7 @@ class Engine:
         link = self._by_fd[channel.fd]
         kind = header.kind
         if kind == FrameKind.DATA:
-            plan = self._current
-            if plan is not None and header.seq == plan.seq:
-                self._deliver(link, header, payload, stashed=False)
-            else:
-                link.stash.append((header, payload))
-                link.stash_bytes += header.length
-                if link.stash_bytes > self.options.stash_limit_bytes and not link.paused:
-                    link.paused = True
-                    self._epoll.modify(channel.fd, select.EPOLLOUT if link.want_write else 0)
+            self._deliver(link, header, payload)
             return
         if kind == FrameKind.PING:
             link.ctrl.append(
@@ -683,28 +674,12 @@ class Engine:
         else:
             raise FrameError("unexpected-frame", f"{kind.name} frame on an established link")
 
-    def _deliver(
-        self, link: _Link, header: FrameHeader, payload: memoryview, *, stashed: bool
-    ) -> None:
+    def _deliver(self, link: _Link, header: FrameHeader, payload: memoryview) -> None:
         if not link.recvs:
             raise FrameError(
                 "unexpected-frame", f"op #{header.seq} expects no more frames from here"
             )
         node = link.recvs[0]
-        if stashed:
-            # validated against the plan now that it runs
-            if header.chunk != node.ordinal:
-                raise FrameError(
-                    "unexpected-frame", f"got piece {header.chunk}, expected {node.ordinal}"
-                )
-            if header.codec == 0 and node.direct is not None:
-                if header.length != len(node.direct):
-                    raise FrameError("bad-payload", "raw piece of the wrong size")
-                if header.length:
-                    node.direct[:] = payload
-                payload = node.direct
-            elif header.length > node.max_encoded:
-                raise FrameError("bad-payload", "encoded piece too large")
         link.recvs.popleft()
         self._last_progress = time.monotonic()
         self._patience = 0
@@ -772,8 +747,13 @@ class Engine:
     def _want_write(self, link: _Link, on: bool) -> None:
         if link.want_write != on:
             link.want_write = on
-            mask = (0 if link.paused else select.EPOLLIN) | (select.EPOLLOUT if on else 0)
-            self._epoll.modify(link.channel.fd, mask)
+            self._set_mask(link)
+
+    def _set_mask(self, link: _Link) -> None:
+        if link.channel.closed:
+            return
+        mask = (0 if link.paused else select.EPOLLIN) | (select.EPOLLOUT if link.want_write else 0)
+        self._epoll.modify(link.channel.fd, mask)
 
     # ---- failure detection
     def _check_progress(self, now: float) -> None:

@@ -38,8 +38,6 @@ class CommOptions:
     small_bytes: int = 64 * KiB
     #: largest frame payload accepted from a peer; bigger length fields close the link
     max_frame_bytes: int = 64 * MiB
-    #: bytes of frames that may arrive for an operation this rank has not started yet
-    stash_limit_bytes: int = 512 * MiB
 
     def __post_init__(self) -> None:
         if not 1 <= self.streams <= 64:
@@ -54,5 +52,3 @@ class CommOptions:
             raise ConfigError("piece_bytes must be between 4 KiB and max_frame_bytes")
         if self.small_bytes < 0:
             raise ConfigError("small_bytes must be >= 0")
-        if self.stash_limit_bytes < 0:
-            raise ConfigError("stash_limit_bytes must be >= 0")

@@ -361,16 +361,15 @@ def accept_link(
 class FrameSink(Protocol):
     """What a :class:`Channel` calls as frames arrive (implemented by the engine)."""
 
-    def frame_dest(self, channel: Channel, header: FrameHeader) -> memoryview:
-        """Where the payload of ``header`` goes (exactly ``header.length`` bytes)."""
+    def frame_dest(self, channel: Channel, header: FrameHeader) -> memoryview | None:
+        """Where the payload of ``header`` goes (exactly ``header.length`` bytes), or
+        ``None`` to park: the channel stops reading, keeps the header, and asks again
+        on the next ``pump_recv`` (the frame belongs to work not started yet)."""
         ...
 
     def frame_done(self, channel: Channel, header: FrameHeader, payload: memoryview) -> None:
         """The whole frame is in; ``payload`` is the view returned by frame_dest."""
         ...
-
-
-_EMPTY = memoryview(b"")
 
 
 class Channel:
@@ -408,7 +407,7 @@ class Channel:
         self._hdr = bytearray(HEADER_SIZE)
         self._hdr_view = memoryview(self._hdr)
         self._header: FrameHeader | None = None
-        self._dest: memoryview = _EMPTY
+        self._dest: memoryview | None = None
         self._got = 0
         self._out: list[memoryview] = []
         self.bytes_sent = 0
@@ -449,8 +448,14 @@ class Channel:
         return True
 
     # -- receiving
+    @property
+    def parked(self) -> bool:
+        """A header is in but the sink has no place for its payload yet."""
+        return self._header is not None and self._dest is None
+
     def pump_recv(self, sink: FrameSink) -> None:
-        """Read until the kernel has nothing more; hand complete frames to ``sink``.
+        """Read until the kernel has nothing more or the sink parks a frame; hand
+        complete frames to ``sink``.
 
         Raises ConnectionError on EOF, FrameError on a bad header, and whatever the
         sink raises.
@@ -472,14 +477,20 @@ class Channel:
                 header = decode_header(self._hdr, self.max_payload)
                 self._header = header
                 self._got = 0
-                self._dest = sink.frame_dest(self, header)
-                if len(self._dest) != header.length:
+                self._dest = None
+            dest = self._dest
+            if dest is None:
+                dest = sink.frame_dest(self, header)
+                if dest is None:
+                    return  # parked
+                if len(dest) != header.length:
                     raise FrameError(
                         "bad-payload", "receive buffer does not match the frame length"
                     )
+                self._dest = dest
             if self._got < header.length:
                 try:
-                    n = recv_into(self._dest[self._got :])
+                    n = recv_into(dest[self._got :])
                 except (BlockingIOError, InterruptedError):
                     return
                 if n == 0:
@@ -488,9 +499,8 @@ class Channel:
                 self._got += n
                 if self._got < header.length:
                     continue
-            dest = self._dest
             self._header = None
-            self._dest = _EMPTY
+            self._dest = None
             self._got = 0
             sink.frame_done(self, header, dest)
 
