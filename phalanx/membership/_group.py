@@ -314,7 +314,10 @@ class GroupState:
     def heartbeat(self, member_id: str, incarnation: int, now: float) -> int:
         entry = self.check_sender(member_id, incarnation)
         entry.last_beat = now
-        if entry.state is MemberState.SUSPECTED:
+        # Only a beat that arrives a while after the suspicion refutes it: one that was
+        # already in flight when the peer died must not (it would cost a full timeout).
+        settled = now - (entry.suspected_at or now) >= self.config.heartbeat_interval / 2
+        if entry.state is MemberState.SUSPECTED and settled:
             entry.state = transition(entry.state, MemberEvent.REFUTE)
             log.info(
                 "event=suspicion_refuted member=%s suspicion=%s after_s=%.3f",

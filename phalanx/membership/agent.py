@@ -110,6 +110,7 @@ class Agent:
         self._left = False
         self._closed = False
         self._stop = threading.Event()
+        self._watching = threading.Event()  # set by the first event of a Watch stream
         self._threads: list[threading.Thread] = []
         self._watch_call: Any = None
 
@@ -171,6 +172,9 @@ class Agent:
         remaining = max(0.0, deadline - time.monotonic())
         try:
             view = self.wait_for_view(lambda v: v.has(self._member), remaining)
+            # Joined means wired: the Watch stream is open (its loss is a fast death
+            # signal for the coordinator) before we return.
+            self._watching.wait(max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             if self._evicted:
                 raise Evicted("removed before admission") from None
@@ -427,6 +431,7 @@ class Agent:
     def _start_threads(self) -> None:
         self._stop_threads()
         self._stop = threading.Event()
+        self._watching = threading.Event()
         stop = self._stop
         self._threads = [
             threading.Thread(
@@ -540,3 +545,4 @@ class Agent:
             self._handle_evicted()
             return
         self._install(view)
+        self._watching.set()

@@ -1,0 +1,222 @@
+"""Agents in child processes that are SIGKILLed or SIGSTOPped under a live group.
+
+The coordinator and the surviving agents run in this process (threads); each victim
+is a real process running an Agent, so its death or freeze is the real thing (its
+sockets close, or stay open but silent). Bounds are generous for a shared 2-core
+machine; the measured times are printed (pytest -s).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from phalanx.membership.agent import Agent
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.coordinator import Coordinator
+from phalanx.membership.view import Member, View
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"integration-test-secret-0123456789"
+REPO = Path(__file__).resolve().parents[2]
+
+CHILD = r"""
+import socket, sys, threading
+from phalanx.membership.agent import Agent
+from phalanx.membership.view import Member
+address, name, secret = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
+lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(16)
+evicted = threading.Event()
+def say(*words):
+    sys.stdout.write(" ".join(str(w) for w in words) + "\n"); sys.stdout.flush()
+agent = Agent(address, Member(name, ("127.0.0.1:%d" % lst.getsockname()[1],), 1),
+              secret=secret, on_evicted=lambda epoch: evicted.set())
+view = agent.join(10)
+say("JOINED", view.epoch)
+threading.Thread(target=lambda: (sys.stdin.read(), evicted.set()), daemon=True).start()
+while True:
+    evicted.wait(30)
+    if not agent.evicted:
+        break  # stdin closed: the test is over
+    say("EVICTED")
+    evicted.clear()
+    view = agent.rejoin(10)
+    say("REJOINED", view.epoch, agent.member.incarnation)
+agent.close()
+"""
+
+
+class Child:
+    def __init__(self, address: str, name: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, address, name, SECRET.hex()],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def expect(self, word: str, timeout: float) -> list[str]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                if line.startswith(word):
+                    return line.split()
+        raise AssertionError(f"child did not say {word} within {timeout} s")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def coordinator() -> Iterator[Coordinator]:
+    c = Coordinator(secret=SECRET, config=MembershipConfig(recovery_grace=0.0))
+    c.start()
+    yield c
+    c.stop(grace=0.5)
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    made: list[Child] = []
+    yield made
+    for child in made:
+        child.kill()
+
+
+@pytest.fixture
+def survivors(coordinator: Coordinator) -> Iterator[list[Agent]]:
+    listeners = []
+    agents = []
+    for name in ("s1", "s2"):
+        lst = socket.socket()
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(16)
+        listeners.append(lst)
+        member = Member(name, (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+        agents.append(Agent(coordinator.address, member, secret=SECRET))
+    for a in agents:
+        a.join(10)
+    yield agents
+    for a in agents:
+        a.close()
+    for lst in listeners:
+        lst.close()
+
+
+def wait_all(agents: list[Agent], pred: object, timeout: float) -> list[View]:
+    assert callable(pred)
+    return [a.wait_for_view(pred, timeout) for a in agents]
+
+
+def test_sigkilled_peer_is_removed_within_a_second(
+    coordinator: Coordinator, survivors: list[Agent], children: list[Child]
+) -> None:
+    victim = Child(coordinator.address, "victim")
+    children.append(victim)
+    victim.expect("JOINED", 15)
+    wait_all(survivors, lambda v: "victim" in v, 5)
+    epoch = survivors[0].view.epoch
+    t0 = time.monotonic()
+    victim.proc.send_signal(signal.SIGKILL)
+    views = wait_all(survivors, lambda v: "victim" not in v, 3)
+    elapsed = time.monotonic() - t0
+    print(f"\nSIGKILL: survivors had the new view after {elapsed:.3f} s")
+    assert elapsed <= 1.0
+    assert {v.epoch for v in views} == {epoch + 1}
+    assert views[0].ids == ("s1", "s2")
+
+
+def test_reported_peer_failure_is_confirmed_fast(
+    coordinator: Coordinator, survivors: list[Agent], children: list[Child]
+) -> None:
+    """The data plane notices first (a reset connection) and reports it."""
+    victim = Child(coordinator.address, "victim")
+    children.append(victim)
+    victim.expect("JOINED", 15)
+    wait_all(survivors, lambda v: "victim" in v, 5)
+    victim.proc.send_signal(signal.SIGSTOP)  # alive, silent, sockets open
+    t0 = time.monotonic()
+    accepted = survivors[0].report_failure(["victim"], survivors[0].view.epoch, "disconnected")
+    assert accepted == ["victim"]
+    wait_all(survivors, lambda v: "victim" not in v, 3)
+    elapsed = time.monotonic() - t0
+    print(f"\nreported failure: new view after {elapsed:.3f} s")
+    assert elapsed <= 1.0
+
+
+def test_sigstopped_peer_is_evicted_and_rejoins_after_sigcont(
+    coordinator: Coordinator, survivors: list[Agent], children: list[Child]
+) -> None:
+    victim = Child(coordinator.address, "victim")
+    children.append(victim)
+    victim.expect("JOINED", 15)
+    wait_all(survivors, lambda v: "victim" in v, 5)
+    t0 = time.monotonic()
+    victim.proc.send_signal(signal.SIGSTOP)
+    wait_all(survivors, lambda v: "victim" not in v, 4)
+    elapsed = time.monotonic() - t0
+    print(f"\nSIGSTOP: evicted after {elapsed:.3f} s")
+    assert elapsed <= 2.0
+    victim.proc.send_signal(signal.SIGCONT)
+    victim.expect("EVICTED", 10)
+    words = victim.expect("REJOINED", 15)
+    assert words[2] == "2"  # a new incarnation
+    views = wait_all(survivors, lambda v: "victim" in v, 5)
+    back = views[0].get("victim")
+    assert back is not None and back.incarnation == 2
+    assert views[0].ids == ("s1", "s2", "victim")
+
+
+def test_frozen_peer_cannot_come_back_under_its_old_incarnation(
+    coordinator: Coordinator, survivors: list[Agent]
+) -> None:
+    """An in-process agent whose threads stall (like a GC pause or SIGSTOP) learns
+    it was evicted from its first heartbeat after waking."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+    evicted_at: list[int] = []
+    a = Agent(
+        coordinator.address,
+        Member("sleepy", (f"127.0.0.1:{lst.getsockname()[1]}",), 1),
+        secret=SECRET,
+        on_evicted=evicted_at.append,
+    )
+    try:
+        a.join(10)
+        wait_all(survivors, lambda v: "sleepy" in v, 5)
+        a._stop.set()
+        a._stop_threads()  # frozen: no heartbeats, no watch
+        wait_all(survivors, lambda v: "sleepy" not in v, 3)
+        a._start_threads()  # wakes up
+        deadline = time.monotonic() + 5
+        while not a.evicted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.evicted and evicted_at
+        assert a.rejoin(10).ids[-1] == "sleepy" and a.member.incarnation == 2
+    finally:
+        a.close()
+        lst.close()
