@@ -8,6 +8,10 @@ Every subcommand lives in its own module and is named in :data:`COMMANDS` as
 * another table of the same shape (a command group such as ``phalanx bench``, whose
   table is :data:`phalanx.bench.COMMANDS`).
 
+``--log-level`` is accepted before or after the command name; a command may choose its
+own default with ``parser.set_defaults(default_log_level="INFO")`` (otherwise WARNING).
+``run`` finds the level in effect in ``args.log_level`` (to hand to child processes).
+
 To add a command, add one line to the table (and, for a benchmark, to
 ``phalanx.bench.COMMANDS``); nothing else in this file changes. Only the chosen
 command's module is imported, so a slow import (torch, grpc) costs only its own command.
