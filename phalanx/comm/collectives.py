@@ -62,6 +62,12 @@ def _raw(a: np.ndarray) -> Callable[[], Encoded]:
     return produce
 
 
+def _converted(plan: Plan, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = plan.scratch(x.size, dtype)
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def _check_codec(codec: Codec, dtype: np.dtype) -> None:
     if not codec.supports(dtype):
         raise UnsupportedError(f"codec {codec.name!r} does not support dtype {dtype}")
@@ -102,7 +108,7 @@ def build_all_reduce(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec) 
             work = x.astype(acc_dtype)
             plan.on_success(partial(finalize, work, op, 1, x))
         return plan
-    xa = x if acc_dtype == x.dtype else x.astype(acc_dtype)
+    xa = x if acc_dtype == x.dtype else _converted(plan, x, acc_dtype)
     if algorithm == "recursive-doubling":
         _recursive_doubling(plan, engine, x, xa, op, codec)
     else:
@@ -181,7 +187,7 @@ def _ring_all_reduce(
 ) -> None:
     acc = xa.dtype
     n = x.size
-    work = np.empty(n, dtype=acc)
+    work = plan.scratch(n, acc)
     parts = sched.partition(n, world)
     pieces = [sched.split(a, b, _piece_elems(engine, acc.itemsize)) for a, b in parts]
     last = _reduce_scatter_phase(plan, engine, xa, work, op, codec, pieces)
@@ -189,7 +195,7 @@ def _ring_all_reduce(
     encoded = codec.name != "none"
     if not encoded:
         # all-gather moves final values in the caller's dtype
-        res = work if acc == x.dtype else np.empty(n, dtype=x.dtype)
+        res = work if acc == x.dtype else plan.scratch(n, x.dtype)
         ready: dict[tuple[int, int], Node] = {}
         for j, (a, b) in enumerate(pieces[rank]):
             if res is work and op != "avg":
@@ -369,8 +375,8 @@ def build_reduce_scatter(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Cod
         if b > a:
             plan.on_success(partial(finalize, x[a:b].astype(acc_dtype), op, world, x[a:b]))
         return plan
-    xa = x if acc_dtype == x.dtype else x.astype(acc_dtype)
-    work = np.empty(x.size, dtype=acc_dtype)
+    xa = x if acc_dtype == x.dtype else _converted(plan, x, acc_dtype)
+    work = plan.scratch(x.size, acc_dtype)
     pieces = [
         sched.split(s, e, _piece_elems(engine, acc_dtype.itemsize))
         for s, e in sched.partition(x.size, world)
@@ -393,7 +399,7 @@ def build_all_gather(engine: Engine, x: np.ndarray, codec: Codec) -> Plan:
         return plan
     parts = sched.partition(x.size, world)
     pieces = [sched.split(a, b, _piece_elems(engine, x.dtype.itemsize)) for a, b in parts]
-    res = np.empty_like(x)
+    res = plan.scratch(x.size, x.dtype)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     encoded = codec.name != "none"
     store = _Stored()
@@ -453,7 +459,9 @@ def build_broadcast(engine: Engine, x: np.ndarray, root: int, codec: Codec) -> P
     )
     encoded = codec.name != "none"
     store = _Stored()
-    res = x.copy() if rank == root else np.empty_like(x)
+    res = plan.scratch(x.size, x.dtype)
+    if rank == root:
+        np.copyto(res, x)
     ready: dict[int, Node | None] = {}
     if rank == root:
         for j, (a, b) in enumerate(pieces):

@@ -38,6 +38,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
+from phalanx.comm.buffers import BufferPool
 from phalanx.comm.frames import FrameHeader, FrameKind, encode_header
 from phalanx.comm.options import CommOptions
 from phalanx.comm.transport import Buffer, Channel
@@ -181,6 +184,8 @@ class Plan:
         self.ready: list[Node] = []
         self.pending = 0
         self.success: list[Callable[[], None]] = []
+        self.failure: list[Callable[[], None]] = []
+        self.borrowed: list[np.ndarray] = []
         self.future: Future[OpInfo] = Future()
 
     def _link(self, peer: int, piece: int) -> _Link:
@@ -240,6 +245,22 @@ class Plan:
 
     def on_success(self, fn: Callable[[], None]) -> None:
         self.success.append(fn)
+
+    def on_failure(self, fn: Callable[[], None]) -> None:
+        """Undo work on the caller's memory; runs on the engine thread when the op fails."""
+        self.failure.append(fn)
+
+    def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
+        """A work array of ``count`` elements borrowed from the group's pool for the
+        lifetime of this plan (contents undefined)."""
+        buf = self.engine.pool.get(count * dtype.itemsize)
+        self.borrowed.append(buf)
+        return buf[: count * dtype.itemsize].view(dtype)
+
+    def release(self) -> None:
+        bufs, self.borrowed = self.borrowed, []
+        for buf in bufs:
+            self.engine.pool.put(buf)
 
 
 # ----------------------------------------------------------------------------- per-link state
@@ -312,6 +333,7 @@ class Engine:
     ) -> None:
         self.rank = rank
         self.frame_hook = frame_hook
+        self.pool = BufferPool()
         self.world = world
         self.epoch = epoch
         self.options = options
@@ -359,6 +381,7 @@ class Engine:
         with self._lock:
             if self._broken is not None or self._closing:
                 err = self._failure_for(plan)
+                plan.release()
                 plan.future.set_exception(err)
                 return plan.future
             plan.seq = self._next_seq
@@ -575,8 +598,10 @@ class Engine:
                 fn()
         except Exception as exc:  # pragma: no cover - a bug in a plan's finalizer
             self._current = None
+            plan.release()
             plan.future.set_exception(exc)
             return
+        plan.release()
         sent = recv = 0
         for streams in self.links.values():
             for link in streams:
@@ -883,9 +908,27 @@ class Engine:
                 self._broadcast_abort(seq, exc.suspects, exc.reason)
         self._current = None
         self._probe = None
-        if plan is not None and not plan.future.done():
-            plan.future.set_exception(failure)
+        if first:
+            # nothing more may land in any plan's buffers: the group is over
+            self._close_links()
+        if plan is not None:
+            for undo in plan.failure:
+                try:
+                    undo()
+                except Exception:  # pragma: no cover - keep failing cleanly
+                    log.exception("event=undo-failed rank=%d seq=%d", self.rank, plan.seq)
+            plan.release()
+            if not plan.future.done():
+                plan.future.set_exception(failure)
         self._fail_queued(None)
+
+    def _close_links(self) -> None:
+        for streams in self.links.values():
+            for link in streams:
+                if not link.channel.closed:
+                    with contextlib.suppress(OSError, ValueError):
+                        self._epoll.unregister(link.channel.fd)
+                    link.channel.close()
 
     def _fail_queued(self, err: PeerFailure | GroupClosed | None) -> None:
         with self._lock:
@@ -894,6 +937,7 @@ class Engine:
             plans = list(self._queue)
             self._queue.clear()
         for plan in plans:
+            plan.release()
             if not plan.future.done():
                 plan.future.set_exception(self._failure_for(plan))
 
