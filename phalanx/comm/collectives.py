@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 Encoded = tuple[int, Buffer]
+_IN_PLACE = __import__("os").environ.get("PHX_INPLACE", "1") == "1"
 
 
 def _bytes(a: np.ndarray) -> memoryview:
@@ -107,6 +108,9 @@ def build_all_reduce(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec) 
         if world == 1 and x.size:
             work = x.astype(acc_dtype)
             plan.on_success(partial(finalize, work, op, 1, x))
+        return plan
+    if algorithm == "ring" and codec.name == "none" and acc_dtype == x.dtype and _IN_PLACE:
+        _ring_all_reduce_in_place(plan, engine, x, op, rank, world)
         return plan
     xa = x if acc_dtype == x.dtype else _converted(plan, x, acc_dtype)
     if algorithm == "recursive-doubling":
@@ -243,6 +247,106 @@ def _ring_all_reduce(
                 then=then,
             )
     plan.on_success(partial(_cast_into, x, work))
+
+
+class _Backup:
+    """Copies of the caller's pieces taken before they are overwritten, so that a
+    failed operation can put the input back (promise 2). Pieces are copied while the
+    engine waits for the network, or at the latest just before they are written."""
+
+    def __init__(self, x: np.ndarray, keep: np.ndarray, pieces: list[tuple[int, int]]) -> None:
+        self.x = x
+        self.keep = keep
+        self.pieces = pieces
+        self.saved = [False] * len(pieces)
+
+    def ensure(self, i: int) -> None:
+        if not self.saved[i]:
+            a, b = self.pieces[i]
+            np.copyto(self.keep[a:b], self.x[a:b])
+            self.saved[i] = True
+
+    def restore(self) -> None:
+        for i, (a, b) in enumerate(self.pieces):
+            if self.saved[i]:
+                np.copyto(self.x[a:b], self.keep[a:b])
+
+
+def _ring_all_reduce_in_place(
+    plan: Plan, engine: Engine, x: np.ndarray, op: ReduceOp, rank: int, world: int
+) -> None:
+    """Ring all-reduce, no codec, accumulation in the caller's dtype: the all-gather
+    receives straight into ``x`` and no final copy is needed. Each piece of ``x`` is
+    saved just before it is first written (or earlier, while the engine waits), and
+    put back if the operation fails."""
+    n = x.size
+    dtype = x.dtype
+    parts = sched.partition(n, world)
+    pieces = [sched.split(a, b, _piece_elems(engine, dtype.itemsize)) for a, b in parts]
+    work = plan.scratch(n, dtype)
+    # pieces in the order they get overwritten: own chunk (end of reduce-scatter),
+    # then the all-gather's receive order
+    order = [rank] + [step.recv_chunk for step in sched.ring_all_gather(rank, world)]
+    flat: list[tuple[int, int]] = []
+    index: dict[tuple[int, int], int] = {}
+    for c in order:
+        assert c is not None
+        for j, piece in enumerate(pieces[c]):
+            index[(c, j)] = len(flat)
+            flat.append(piece)
+    backup = _Backup(x, plan.scratch(n, dtype), flat)
+    for i in range(len(flat)):
+        plan.idle.append(partial(backup.ensure, i))
+    plan.on_failure(backup.restore)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    last: dict[tuple[int, int], Node] = {}
+    rs = sched.ring_reduce_scatter(rank, world)
+    for s, step in enumerate(rs):
+        assert step.send_chunk is not None and step.recv_chunk is not None
+        c = step.send_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            src = x[a:b] if s == 0 else work[a:b]
+            plan.send(nxt, j, _raw(src), after=(last.get((c, j)),))
+        c = step.recv_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            if c == rank:
+                then = partial(_final_piece, backup, index[(c, j)], work[a:b], x[a:b], op, world)
+            else:
+                then = partial(_reduce_piece, work[a:b], x[a:b], op)
+            last[(c, j)] = plan.recv(prv, j, direct=_bytes(work[a:b]), max_encoded=0, then=then)
+    ready = {(rank, j): last[(rank, j)] for j in range(len(pieces[rank]))}
+    for step in sched.ring_all_gather(rank, world):
+        assert step.send_chunk is not None and step.recv_chunk is not None
+        c = step.send_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            plan.send(nxt, j, _raw(x[a:b]), after=(ready[(c, j)],))
+        c = step.recv_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            ready[(c, j)] = plan.recv(
+                prv,
+                j,
+                direct=_bytes(x[a:b]),
+                max_encoded=0,
+                prepare=partial(backup.ensure, index[(c, j)]),
+            )
+
+
+def _final_piece(
+    backup: _Backup,
+    idx: int,
+    partial_sum: np.ndarray,
+    out: np.ndarray,
+    op: ReduceOp,
+    world: int,
+    codec_id: int,
+    payload: memoryview,
+    direct: bool,
+) -> None:
+    del codec_id, payload, direct
+    backup.ensure(idx)
+    combine(partial_sum, out, out, op)
+    if op == "avg":
+        finalize(out, op, world, out)
 
 
 def _decode_only(dst: np.ndarray, codec_id: int, payload: memoryview, direct: bool) -> None:

@@ -132,9 +132,10 @@ RecvThen = Callable[[int, memoryview, bool], None]
 class RecvNode(Node):
     """Receive one frame. A raw payload of exactly ``len(direct)`` bytes lands in
     ``direct``; anything else (encoded) in a fresh buffer of at most ``max_encoded``
-    bytes. ``then(codec, payload, was_direct)`` runs when it is complete."""
+    bytes. ``prepare()`` runs once the frame's header is in, before any payload byte
+    is written; ``then(codec, payload, was_direct)`` runs when it is complete."""
 
-    __slots__ = ("direct", "max_encoded", "ordinal", "state", "then")
+    __slots__ = ("direct", "max_encoded", "ordinal", "prepare", "state", "then")
 
     def __init__(
         self,
@@ -143,6 +144,7 @@ class RecvNode(Node):
         direct: memoryview | None,
         max_encoded: int,
         then: RecvThen | None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.state = state
@@ -150,6 +152,7 @@ class RecvNode(Node):
         self.direct = direct
         self.max_encoded = max_encoded
         self.then = then
+        self.prepare = prepare
 
 
 class ComputeNode(Node):
@@ -186,6 +189,8 @@ class Plan:
         self.success: list[Callable[[], None]] = []
         self.failure: list[Callable[[], None]] = []
         self.borrowed: list[np.ndarray] = []
+        #: small jobs the engine runs while it waits for the network (e.g. backups)
+        self.idle: deque[Callable[[], None]] = deque()
         self.future: Future[OpInfo] = Future()
 
     def _link(self, peer: int, piece: int) -> _Link:
@@ -231,9 +236,10 @@ class Plan:
         direct: memoryview | None,
         max_encoded: int,
         then: RecvThen | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> RecvNode:
         link = self._link(peer, piece)
-        node = RecvNode(link, self._ordinal(link, False), direct, max_encoded, then)
+        node = RecvNode(link, self._ordinal(link, False), direct, max_encoded, then, prepare)
         self.recvs.setdefault(link, deque()).append(node)
         self._add(node, ())
         return node
@@ -464,7 +470,17 @@ class Engine:
                     self._fail_queued(GroupClosed("group closed"))
                     return
             timeout = self._poll_timeout()
-            events = poll(timeout)
+            plan = self._current
+            if plan is not None and plan.idle and timeout > 0:
+                events = poll(0)
+                if not events:
+                    try:
+                        plan.idle.popleft()()
+                    except _OpFailed as exc:
+                        self._fail_current(exc)
+                    continue
+            else:
+                events = poll(timeout)
             now = time.monotonic()
             for fd, mask in events:
                 if fd == wake_fd:
@@ -544,7 +560,7 @@ class Engine:
         except _OpFailed as exc:
             self._fail_current(exc)
             return
-        if plan.pending == 0:
+        if self._current is plan and plan.pending == 0:
             self._finish()
 
     def _resume(self, link: _Link) -> None:
@@ -646,6 +662,8 @@ class Engine:
                 raise FrameError(
                     "unexpected-frame", f"got piece {header.chunk}, expected {node.ordinal}"
                 )
+            if node.prepare is not None:
+                node.prepare()
             if header.codec == 0 and node.direct is not None:
                 if header.length != len(node.direct):
                     raise FrameError(
