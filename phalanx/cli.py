@@ -44,8 +44,8 @@ RegisterFn = Callable[[argparse.ArgumentParser], RunFn]
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("phalanx.bench:COMMANDS", "benchmarks that print JSON lines (--json)"),
+    "coordinator": ("phalanx.membership.cli:command", "membership authority (gRPC)"),
     # Next, one line each (the module owns its options):
-    #   "coordinator": ("phalanx.membership.<module>:register", "membership authority"),
     #   "daemon":      ("phalanx.daemon:register", "one per training process"),
     #   "demo":        ("phalanx.<module>:register", "a local cluster trains through churn"),
     #   "status":      ("phalanx.<module>:register", "live view of members and links"),

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,7 +25,7 @@ from phalanx.errors import ConfigError
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
 
-__all__ = ["build_coordinator", "main", "register", "run_coordinator"]
+__all__ = ["build_coordinator", "command", "main", "register", "run_coordinator"]
 
 SECRET_ENV = "PHALANX_SECRET_FILE"
 
@@ -36,6 +37,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="run the membership coordinator",
         description="Membership authority: joins, failure detection, views, commit votes.",
     )
+    _add_arguments(p)
+    p.set_defaults(func=run_coordinator)
+    return p
+
+
+def command(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Hook for the main ``phalanx`` CLI's command table: options in, runner out."""
+    parser.description = "Membership authority: joins, failure detection, views, commit votes."
+    _add_arguments(parser)
+    parser.set_defaults(default_log_level="INFO")
+    return run_coordinator
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to bind")
     auth = p.add_mutually_exclusive_group()
     auth.add_argument(
@@ -59,8 +74,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-probe", action="store_true", help="do not check that joiners' addresses answer"
     )
-    p.set_defaults(func=run_coordinator)
-    return p
 
 
 def _config(args: argparse.Namespace) -> MembershipConfig:
