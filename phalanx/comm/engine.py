@@ -42,14 +42,16 @@ import numpy as np
 
 from phalanx.comm.buffers import BufferPool
 from phalanx.comm.frames import FrameHeader, FrameKind, encode_header
+from phalanx.comm.observer import CommObserver, LinkSample, OpSample
 from phalanx.comm.options import CommOptions
-from phalanx.comm.transport import Buffer, Channel
+from phalanx.comm.transport import Buffer, Channel, tcp_info
 from phalanx.errors import CommError, FrameError, GroupClosed, PeerFailure
 
 __all__ = [
     "ComputeNode",
     "Engine",
     "FrameHook",
+    "LinkStats",
     "OpInfo",
     "Plan",
     "RecvNode",
@@ -74,6 +76,18 @@ class FrameHook(Protocol):
     def outgoing(
         self, peer: int, seq: int, ordinal: int, header: bytes, payload: Buffer
     ) -> tuple[bytes, Buffer] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """Running totals of one link (one stream to one peer) and its kernel's view."""
+
+    peer: int
+    stream: int
+    bytes_sent: int
+    bytes_recv: int
+    rtt_s: float | None
+    retransmits: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,13 +290,20 @@ class _Link:
     """Engine-side state of one channel: queues of the running plan, control frames."""
 
     __slots__ = (
+        "blocked",
+        "blocked_since",
         "channel",
         "ctrl",
         "current",
+        "first",
+        "frames",
+        "last",
         "paused",
         "peer",
+        "recv0",
         "recvs",
         "sends",
+        "sent0",
         "want_write",
     )
 
@@ -296,6 +317,12 @@ class _Link:
         self.want_write = False
         # not reading: a frame of an operation this rank has not started is parked
         self.paused = False
+        # measurements of the running operation (see observer.LinkSample)
+        self.sent0 = self.recv0 = self.frames = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.blocked = 0.0
+        self.blocked_since: float | None = None
 
 
 @dataclass
@@ -336,8 +363,10 @@ class Engine:
         options: CommOptions,
         name: str = "phalanx-engine",
         frame_hook: FrameHook | None = None,
+        observer: CommObserver | None = None,
     ) -> None:
         self.rank = rank
+        self.observer = observer
         self.frame_hook = frame_hook
         self.pool = BufferPool()
         self.world = world
@@ -533,12 +562,19 @@ class Engine:
         self._last_progress = self._started
         self._probe = None
         self._patience = 0
-        sent = recv = 0
         for streams in self.links.values():
             for link in streams:
-                sent += link.channel.bytes_sent
-                recv += link.channel.bytes_recv
-        self._bytes0 = (sent, recv)
+                link.sent0 = link.channel.bytes_sent
+                link.recv0 = link.channel.bytes_recv
+                link.frames = 0
+                link.first = link.last = None
+                link.blocked = 0.0
+                link.blocked_since = self._started if link.want_write else None
+        if self.observer is not None:
+            try:
+                self.observer.op_started(plan.kind, plan.seq, self.epoch, plan.nbytes)
+            except Exception:
+                log.exception("event=observer-error rank=%d", self.rank)
         for link, sends in plan.sends.items():
             link.sends = sends
             self._dirty.add(link)
@@ -618,11 +654,10 @@ class Engine:
             plan.future.set_exception(exc)
             return
         plan.release()
-        sent = recv = 0
-        for streams in self.links.values():
-            for link in streams:
-                sent += link.channel.bytes_sent
-                recv += link.channel.bytes_recv
+        now = time.monotonic()
+        samples = self._link_samples(now)
+        sent = sum(sample.bytes_sent for sample in samples)
+        recv = sum(sample.bytes_recv for sample in samples)
         info = OpInfo(
             op=plan.kind,
             seq=plan.seq,
@@ -631,14 +666,107 @@ class Engine:
             nbytes=plan.nbytes,
             codec=plan.codec,
             world=self.world,
-            wire_bytes_sent=sent - self._bytes0[0],
-            wire_bytes_recv=recv - self._bytes0[1],
-            duration_s=time.monotonic() - self._started,
+            wire_bytes_sent=sent,
+            wire_bytes_recv=recv,
+            duration_s=now - self._started,
             contributors=tuple(range(self.world)),
         )
         self._current = None
         self._probe = None
+        self._observe(plan, True, now, samples, "", frozenset())
         plan.future.set_result(info)
+
+    def _link_samples(self, now: float) -> list[LinkSample]:
+        samples = []
+        for peer, streams in self.links.items():
+            sent = recv = frames = 0
+            first: float | None = None
+            last: float | None = None
+            blocked = 0.0
+            for link in streams:
+                sent += link.channel.bytes_sent - link.sent0
+                recv += link.channel.bytes_recv - link.recv0
+                frames += link.frames
+                if link.first is not None:
+                    first = link.first if first is None else min(first, link.first)
+                if link.last is not None:
+                    last = link.last if last is None else max(last, link.last)
+                blocked += link.blocked
+                if link.blocked_since is not None:
+                    blocked += now - link.blocked_since
+            t0 = self._started
+            samples.append(
+                LinkSample(
+                    peer=peer,
+                    bytes_sent=sent,
+                    bytes_recv=recv,
+                    frames_recv=frames,
+                    first_byte_s=None if first is None else first - t0,
+                    last_byte_s=None if last is None else last - t0,
+                    send_blocked_s=blocked,
+                )
+            )
+        return samples
+
+    def _observe(
+        self,
+        plan: Plan,
+        ok: bool,
+        now: float,
+        samples: list[LinkSample],
+        reason: str,
+        suspects: frozenset[int],
+    ) -> None:
+        if self.observer is None:
+            return
+        sample = OpSample(
+            op=plan.kind,
+            seq=plan.seq,
+            epoch=self.epoch,
+            algorithm=plan.algorithm,
+            codec=plan.codec,
+            nbytes=plan.nbytes,
+            world=self.world,
+            rank=self.rank,
+            ok=ok,
+            duration_s=now - self._started,
+            reason=reason,
+            suspects=suspects,
+            links=tuple(samples),
+        )
+        try:
+            self.observer.op_finished(sample)
+        except Exception:
+            log.exception("event=observer-error rank=%d", self.rank)
+
+    def inflight(self) -> tuple[str, int, float, float] | None:
+        """(op, seq, started, last progress) of the running operation, monotonic
+        seconds; ``None`` when idle. Safe to call from any thread (a snapshot)."""
+        plan, started, progress = self._current, self._started, self._last_progress
+        if plan is None:
+            return None
+        return plan.kind, plan.seq, started, progress
+
+    def link_stats(self) -> list[LinkStats]:
+        """Totals and TCP_INFO of every link (any thread; closed links are skipped)."""
+        out = []
+        for peer, streams in self.links.items():
+            for link in streams:
+                ch = link.channel
+                if ch.closed:
+                    continue
+                info = tcp_info(ch.sock)
+                out.append(
+                    LinkStats(
+                        peer=peer,
+                        stream=ch.stream,
+                        bytes_sent=ch.bytes_sent,
+                        bytes_recv=ch.bytes_recv,
+                        rtt_s=info.rtt_s if info else None,
+                        retransmits=info.total_retrans if info else None,
+                    )
+                )
+        return out
 
     # ---- the FrameSink interface used by Channel.pump_recv
     def frame_dest(self, channel: Channel, header: FrameHeader) -> memoryview | None:
@@ -662,6 +790,8 @@ class Engine:
                 raise FrameError(
                     "unexpected-frame", f"got piece {header.chunk}, expected {node.ordinal}"
                 )
+            if link.first is None:
+                link.first = time.monotonic()
             if node.prepare is not None:
                 node.prepare()
             if header.codec == 0 and node.direct is not None:
@@ -724,7 +854,8 @@ class Engine:
             )
         node = link.recvs[0]
         link.recvs.popleft()
-        self._last_progress = time.monotonic()
+        self._last_progress = link.last = time.monotonic()
+        link.frames += 1
         self._patience = 0
         if node.then is not None:
             direct = node.direct is not None and payload is node.direct
@@ -790,6 +921,12 @@ class Engine:
     def _want_write(self, link: _Link, on: bool) -> None:
         if link.want_write != on:
             link.want_write = on
+            now = time.monotonic()
+            if on:
+                link.blocked_since = now
+            elif link.blocked_since is not None:
+                link.blocked += now - link.blocked_since
+                link.blocked_since = None
             self._set_mask(link)
 
     def _set_mask(self, link: _Link) -> None:
@@ -930,6 +1067,8 @@ class Engine:
             # nothing more may land in any plan's buffers: the group is over
             self._close_links()
         if plan is not None:
+            now = time.monotonic()
+            self._observe(plan, False, now, self._link_samples(now), exc.reason, exc.suspects)
             for undo in plan.failure:
                 try:
                     undo()

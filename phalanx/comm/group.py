@@ -25,7 +25,8 @@ import numpy as np
 from phalanx.comm import collectives
 from phalanx.comm import handshake as hs
 from phalanx.comm.codecs import Codec, parse_codec
-from phalanx.comm.engine import Engine, FrameHook, OpInfo, Plan
+from phalanx.comm.engine import Engine, FrameHook, LinkStats, OpInfo, Plan
+from phalanx.comm.observer import CommObserver
 from phalanx.comm.options import CommOptions
 from phalanx.comm.reduce import check_dtype, parse_op
 from phalanx.comm.transport import (
@@ -94,11 +95,13 @@ class Group:
         epoch: int = 0,
         options: CommOptions | None = None,
         frame_hook: FrameHook | None = None,
+        observer: CommObserver | None = None,
     ) -> None:
         """Connect to every peer (blocking, bounded by ``options.connect_timeout_s``).
 
         ``listener`` is this rank's bound listener (see :func:`bind`); the group owns it
-        from now on and closes it. ``frame_hook`` is for fault injection only.
+        from now on and closes it. ``observer`` receives per-op, per-link measurements
+        (see :mod:`phalanx.comm.observer`); ``frame_hook`` is for fault injection only.
         """
         world = len(addresses)
         if world < 1:
@@ -146,6 +149,7 @@ class Group:
             options=self.options,
             name=f"phalanx-engine-{rank}",
             frame_hook=frame_hook,
+            observer=observer,
         )
         log.info(
             "event=group-up rank=%d world=%d epoch=%d streams=%d address=%s",
@@ -384,6 +388,10 @@ class Group:
 
         a, b = partition(size, self.world)[self.rank if rank is None else rank]
         return slice(a, b)
+
+    def link_stats(self) -> list[LinkStats]:
+        """Bytes moved and TCP round-trip time / retransmissions of every link."""
+        return self.engine.link_stats()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

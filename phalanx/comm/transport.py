@@ -20,9 +20,10 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from phalanx.comm import handshake as hs
 from phalanx.comm.frames import (
@@ -39,10 +40,12 @@ __all__ = [
     "FrameSink",
     "Link",
     "Listener",
+    "TcpInfo",
     "accept_link",
     "bind",
     "connect_link",
     "parse_address",
+    "tcp_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -353,6 +356,33 @@ def accept_link(
         sock.close()
         raise
     return Link(sock, hello.from_rank, hello.stream)
+
+
+# --------------------------------------------------------------------------- TCP_INFO
+
+_TCP_INFO = struct.Struct("<8x36x16x8xII16x8xI")  # rtt, rttvar (usec) @68, total_retrans @100
+
+
+class TcpInfo(NamedTuple):
+    rtt_s: float
+    rttvar_s: float
+    total_retrans: int
+
+
+def tcp_info(sock: socket.socket) -> TcpInfo | None:
+    """Round-trip time and retransmissions the kernel knows for ``sock`` (Linux);
+    ``None`` where TCP_INFO is not available or the socket is closed."""
+    opt = getattr(socket, "TCP_INFO", None)
+    if opt is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, opt, _TCP_INFO.size)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO.size:
+        return None
+    rtt, rttvar, retrans = _TCP_INFO.unpack_from(raw)
+    return TcpInfo(rtt / 1e6, rttvar / 1e6, retrans)
 
 
 # --------------------------------------------------------------------------- channels
