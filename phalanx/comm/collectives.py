@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 Encoded = tuple[int, Buffer]
-_IN_PLACE = __import__("os").environ.get("PHX_INPLACE", "1") == "1"
 
 
 def _bytes(a: np.ndarray) -> memoryview:
@@ -109,7 +108,7 @@ def build_all_reduce(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec) 
             work = x.astype(acc_dtype)
             plan.on_success(partial(finalize, work, op, 1, x))
         return plan
-    if algorithm == "ring" and codec.name == "none" and acc_dtype == x.dtype and _IN_PLACE:
+    if algorithm == "ring" and codec.name == "none" and acc_dtype == x.dtype:
         _ring_all_reduce_in_place(plan, engine, x, op, rank, world)
         return plan
     xa = x if acc_dtype == x.dtype else _converted(plan, x, acc_dtype)

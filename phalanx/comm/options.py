@@ -35,7 +35,7 @@ class CommOptions:
     piece_bytes: int = 1 * MiB
     #: all-reduces of at most this many bytes use recursive doubling (latency-bound);
     #: larger ones use the pipelined ring (bandwidth-bound); measured, see docs/comm.md
-    small_bytes: int = 64 * KiB
+    small_bytes: int = 256 * KiB
     #: largest frame payload accepted from a peer; bigger length fields close the link
     max_frame_bytes: int = 64 * MiB
 
