@@ -33,7 +33,7 @@ from phalanx.comm.frames import (
     decode_header,
     encode_header,
 )
-from phalanx.errors import AuthError, FrameError, HandshakeError
+from phalanx.errors import AuthError, ConfigError, FrameError, HandshakeError
 
 __all__ = [
     "Channel",
@@ -150,6 +150,14 @@ def _send_frame(
     _send_all(sock, head + payload, deadline)
 
 
+def _tell(
+    sock: socket.socket, reason: hs.RejectReason, text: str, epoch: int, deadline: float
+) -> None:
+    """Best effort: say why this side refuses, so the other side's error is precise."""
+    with contextlib.suppress(OSError, TimeoutError):
+        _send_frame(sock, FrameKind.REJECT, epoch, hs.encode_reject(reason, text), deadline)
+
+
 def _reject_error(payload: bytes, peer: int | None) -> HandshakeError:
     reason, text = hs.decode_reject(payload)
     name = (
@@ -192,6 +200,10 @@ def connect_link(
     :class:`HandshakeError` for any other refusal or a passed deadline.
     """
     host, port = parse_address(address)
+    try:
+        hello = hs.Hello(world, rank, peer, stream, streams, hs.new_nonce())
+    except ValueError as exc:
+        raise ConfigError(f"bad link arguments: {exc}") from None
     delay = 0.005
     while True:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -215,7 +227,6 @@ def connect_link(
             delay = min(delay * 2, 0.2)
     hs_deadline = min(deadline, time.monotonic() + handshake_timeout)
     try:
-        hello = hs.Hello(world, rank, peer, stream, streams, hs.new_nonce())
         hello_payload = hs.encode_hello(hello)
         _send_frame(sock, FrameKind.HELLO, epoch, hello_payload, hs_deadline)
         header, payload = _read_frame(sock, hs_deadline)
@@ -225,16 +236,34 @@ def connect_link(
             raise HandshakeError(
                 "malformed", f"expected CHALLENGE, got {header.kind.name}", peer=peer
             )
-        if header.epoch != epoch:
-            raise HandshakeError("wrong-epoch", f"peer is in epoch {header.epoch}", peer=peer)
         challenge = hs.decode_challenge(payload)
-        hs.check_mac(
-            hs.accept_mac(secret, hello_payload, challenge.nonce, epoch),
-            challenge.mac,
-            who=f"peer at {address}",
-            peer=peer,
-        )
+        try:
+            hs.check_mac(
+                hs.accept_mac(secret, hello_payload, challenge.nonce, epoch),
+                challenge.mac,
+                who=f"peer at {address}",
+                peer=peer,
+            )
+        except AuthError:
+            _tell(
+                sock,
+                hs.RejectReason.BAD_AUTH,
+                "your proof of the cluster secret failed",
+                epoch,
+                hs_deadline,
+            )
+            raise
+        if header.epoch != epoch:
+            _tell(
+                sock,
+                hs.RejectReason.WRONG_EPOCH,
+                f"this rank is in epoch {epoch}",
+                epoch,
+                hs_deadline,
+            )
+            raise HandshakeError("wrong-epoch", f"peer is in epoch {header.epoch}", peer=peer)
         if challenge.rank != peer:
+            _tell(sock, hs.RejectReason.WRONG_RANK, f"expected rank {peer}", epoch, hs_deadline)
             raise HandshakeError("wrong-rank", f"{address} is rank {challenge.rank}", peer=peer)
         proof = hs.connect_mac(secret, hello_payload, challenge.nonce, epoch)
         _send_frame(sock, FrameKind.PROOF, epoch, proof, hs_deadline)
@@ -314,6 +343,8 @@ def accept_link(
             deadline,
         )
         header2, proof_payload = _read_frame(sock, deadline)
+        if header2.kind == FrameKind.REJECT:
+            raise _reject_error(proof_payload, peer)
         if header2.kind != FrameKind.PROOF:
             reject(hs.RejectReason.MALFORMED, f"expected PROOF, got {header2.kind.name}")
             raise HandshakeError("malformed", f"expected PROOF, got {header2.kind.name}", peer=peer)

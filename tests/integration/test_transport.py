@@ -379,11 +379,6 @@ def test_wrong_secret_fails_on_both_sides(listener: Listener, secret: bytes) -> 
         assert acc.claimed == []  # nothing about the group before the proof
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a connector that rejects the acceptor's proof just closes the socket; "
-    "the acceptor sees EOF and reports 'io' instead of 'bad-auth'",
-)
 def test_wrong_secret_acceptor_reports_bad_auth(listener: Listener, secret: bytes) -> None:
     with Acceptor(listener, secret) as acc:
         connect_fails(listener.address, os.urandom(32))
@@ -685,11 +680,6 @@ def test_connector_reports_the_servers_reject(listener: Listener, secret: bytes)
     assert err.reason == "99"  # an unknown code is passed through, not invented
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: connect_link connects before it validates its arguments, and the "
-    "ValueError from Hello() leaves the connected socket to the garbage collector",
-)
 def test_invalid_connect_arguments_leave_no_socket(listener: Listener, secret: bytes) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
