@@ -1,0 +1,236 @@
+"""One data-plane port for every epoch: accepted connections are routed by epoch.
+
+A member advertises one data-plane address for its whole incarnation (it is part of
+its :class:`~phalanx.membership.view.Member`), but :class:`phalanx.comm.Group` is
+built per view, owns its listener, and refuses links of another epoch. Peers do not
+switch views at the same instant: a fast peer connects for epoch E+1 while this
+member's epoch-E group still accepts, and that group would refuse the link. The
+:class:`Door` owns the real listening socket, reads (``MSG_PEEK``, nothing consumed)
+the 40-byte header of the first frame of each new connection — the HELLO, which names
+its epoch — and hands the connection to the listener of that epoch
+(:meth:`Door.listener`), holding it briefly if that epoch's group is not built yet.
+Connections for an older epoch, garbage, and probes that close without a word (the
+coordinator's reachability check) are closed with a DEBUG/WARNING line.
+
+This module must never consume a byte of a connection it hands over, hold a
+connection past its deadline, or leave its thread running after :meth:`Door.close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import selectors
+import socket
+import threading
+import time
+from typing import cast
+
+from phalanx.comm.frames import HEADER_SIZE, FrameKind, decode_header
+from phalanx.comm.transport import Listener, bind
+from phalanx.errors import FrameError
+
+__all__ = ["Door", "EpochListener"]
+
+log = logging.getLogger(__name__)
+
+_MAX_PENDING = 256  # connections waiting for a header or for their epoch
+
+
+class _EpochSocket:
+    """What :class:`phalanx.comm.Group`'s accept loop sees: ``accept()`` pops the
+    connections routed to one epoch; ``close()`` ends that loop at once."""
+
+    def __init__(self, epoch: int, address: tuple[str, int]) -> None:
+        self.epoch = epoch
+        self._address = address
+        self._q: queue.Queue[socket.socket | None] = queue.Queue()
+        self._timeout: float | None = None
+        self.closed = False
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def getsockname(self) -> tuple[str, int]:
+        return self._address
+
+    def put(self, conn: socket.socket) -> None:
+        self._q.put(conn)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.closed:
+            raise OSError("listener closed")
+        try:
+            conn = self._q.get(timeout=self._timeout)
+        except queue.Empty:
+            raise TimeoutError("no connection") from None
+        if conn is None:
+            raise OSError("listener closed")
+        return conn, None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        while True:  # connections nobody accepted
+            try:
+                conn = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if conn is not None:
+                conn.close()
+        self._q.put(None)  # wakes an accept() waiting right now
+
+
+class EpochListener(Listener):
+    """A :class:`Listener` whose socket is one epoch's share of a :class:`Door`."""
+
+    def __init__(self, door: Door, sock: _EpochSocket) -> None:  # no super(): no real socket
+        self.sock = cast(socket.socket, sock)
+        self.address = door.address
+        self._door = door
+        self._epoch_sock = sock
+
+    def close(self) -> None:
+        self._door._retire(self._epoch_sock)
+
+
+class Door:
+    """Owns this member's data-plane listening socket; see the module docstring."""
+
+    def __init__(self, address: str = "127.0.0.1:0", *, hold_s: float = 5.0) -> None:
+        self._listener = bind(address)
+        self.address = self._listener.address
+        self._hold_s = hold_s
+        self._lock = threading.Lock()
+        self._open: dict[int, _EpochSocket] = {}
+        self._floor = 0  # connections for epochs below this are refused
+        self._held: list[tuple[socket.socket, int, float]] = []  # (conn, epoch, deadline)
+        self._stop = threading.Event()
+        self._sel = selectors.DefaultSelector()
+        self._listener.sock.setblocking(False)
+        self._sel.register(self._listener.sock, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._loop, name="phalanx-door", daemon=True)
+        self._thread.start()
+
+    def listener(self, epoch: int) -> EpochListener:
+        """The listener for ``epoch``'s group (older epochs are refused from now on)."""
+        es = _EpochSocket(epoch, cast(tuple[str, int], self._listener.sock.getsockname()))
+        with self._lock:
+            self._floor = max(self._floor, epoch)
+            for old in [e for e in self._open if e < epoch]:
+                self._open.pop(old).close()
+            self._open[epoch] = es
+            keep = []
+            for conn, ep, deadline in self._held:
+                if ep == epoch:
+                    es.put(conn)
+                elif ep < epoch:
+                    conn.close()
+                else:
+                    keep.append((conn, ep, deadline))
+            self._held = keep
+        return EpochListener(self, es)
+
+    def _retire(self, es: _EpochSocket) -> None:
+        with self._lock:
+            if self._open.get(es.epoch) is es:
+                del self._open[es.epoch]
+        es.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        with self._lock:
+            for es in self._open.values():
+                es.close()
+            self._open.clear()
+            for conn, _, _ in self._held:
+                conn.close()
+            self._held.clear()
+        for key in list(self._sel.get_map().values()):
+            if key.fileobj is not self._listener.sock:
+                cast(socket.socket, key.fileobj).close()
+        self._sel.close()
+        self._listener.close()
+
+    # -- the thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        peeking: dict[socket.socket, float] = {}
+        while not self._stop.is_set():
+            for key, _ in self._sel.select(0.05):
+                if key.fileobj is self._listener.sock:
+                    self._accept(peeking)
+                else:
+                    self._peek(cast(socket.socket, key.fileobj), peeking)
+            now = time.monotonic()
+            for conn, deadline in list(peeking.items()):
+                if now > deadline:
+                    log.debug("event=door_drop reason=no-header")
+                    self._forget(conn, peeking)
+                    conn.close()
+            with self._lock:
+                keep = []
+                for conn, ep, deadline in self._held:
+                    if now > deadline:
+                        log.warning("event=door_drop reason=epoch-never-opened epoch=%d", ep)
+                        conn.close()
+                    else:
+                        keep.append((conn, ep, deadline))
+                self._held = keep
+
+    def _accept(self, peeking: dict[socket.socket, float]) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(peeking) + len(self._held) >= _MAX_PENDING:
+                conn.close()
+                log.warning("event=door_drop reason=too-many-pending")
+                continue
+            conn.setblocking(False)
+            peeking[conn] = time.monotonic() + self._hold_s
+            self._sel.register(conn, selectors.EVENT_READ, None)
+
+    def _forget(self, conn: socket.socket, peeking: dict[socket.socket, float]) -> None:
+        peeking.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(conn)
+
+    def _peek(self, conn: socket.socket, peeking: dict[socket.socket, float]) -> None:
+        try:
+            data = conn.recv(HEADER_SIZE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if len(data) == 0:  # closed without a word: a reachability probe
+            self._forget(conn, peeking)
+            conn.close()
+            return
+        if len(data) < HEADER_SIZE:
+            return  # wait for the rest of the header
+        self._forget(conn, peeking)
+        try:
+            header = decode_header(data, 1 << 20)
+            if header.kind != FrameKind.HELLO:
+                raise FrameError("unexpected-frame", f"first frame is {header.kind.name}")
+        except FrameError as exc:
+            log.warning("event=door_drop reason=bad-header detail=%r", str(exc))
+            conn.close()
+            return
+        conn.setblocking(True)
+        with self._lock:
+            es = self._open.get(header.epoch)
+            if es is not None:
+                es.put(conn)
+            elif header.epoch > self._floor:
+                self._held.append((conn, header.epoch, time.monotonic() + self._hold_s))
+            else:
+                log.debug("event=door_drop reason=old-epoch epoch=%d", header.epoch)
+                conn.close()

@@ -1,0 +1,521 @@
+"""State sync: a newcomer or a diverged peer gets the group's state before it contributes.
+
+The group's *state* is a step number plus named numpy arrays (:class:`SyncState`). Its
+identity is a SHA-256 digest over the step and every entry's name, dtype, shape and
+bytes (:func:`state_digest`). When a new data-plane group is installed (one per view,
+see :mod:`phalanx.membership.elastic`) every member runs this protocol **over the data
+plane** — bulk bytes never travel through protobuf/gRPC:
+
+1. *exchange*: an ``all_gather`` of one fixed 64-byte :class:`PeerRecord` per rank
+   (has-state flag, state step, digest, and where the member is inside its training
+   step: ``pos_step``/``done``);
+2. *plan* (:func:`plan_sync`, pure, deterministic on the gathered table, so every
+   member reaches the same decision without talking again): the source is the lowest
+   rank of the largest (step, digest) class among members that hold a state (ties:
+   the higher step, then the smaller digest); every other member is a *receiver*.
+   If the members are not at the same point of a training step the plan is ``ABORT``
+   (see below) and nothing is transferred;
+3. *transfer* (:func:`transfer`): the source ``broadcast`` s a JSON manifest (length
+   first, then the bytes: names, dtypes, shapes, per-entry SHA-256), then each entry's
+   bytes (one ``broadcast`` per entry; the engine pipelines it in pieces). Receivers
+   write into fresh buffers, never into the live state;
+4. *verify*: each receiver checks every entry's SHA-256 and the state digest, then a
+   second tiny ``all_gather`` tells everyone whether all receivers verified. Only then
+   does a receiver install the arrays (copied into its existing arrays where name,
+   shape and dtype match, so references the caller holds stay valid). A mismatch
+   raises :class:`StateSyncError` on every member — the receiver never contributes a
+   collective with unverified state.
+
+Positions and ``ABORT``: a member that already finished collectives of the current
+training step (``done > 0``) cannot take new state mid-step, and its next collective
+would not line up with a member that is at the step boundary. If every member is at
+the boundary (``done == 0``), or every member is at the very same (step, done) and
+none needs state, the plan is ``PROCEED``; otherwise ``ABORT``: mid-step members get
+:class:`StepAborted` (vote the step down, call ``begin_step`` again), boundary members
+exchange again, which lines up with the others' next call.
+
+This module must never talk gRPC, hold a lock while a collective runs, or write a
+caller's array before its bytes were verified.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from phalanx.errors import CommError, ConfigError
+
+__all__ = [
+    "RECORD_BYTES",
+    "Action",
+    "Manifest",
+    "ManifestEntry",
+    "PeerRecord",
+    "StateSyncError",
+    "StepAborted",
+    "SyncGroup",
+    "SyncPlan",
+    "SyncReport",
+    "SyncState",
+    "entry_digest",
+    "plan_sync",
+    "state_digest",
+    "transfer",
+]
+
+log = logging.getLogger(__name__)
+
+RECORD_BYTES = 64
+_RECORD = struct.Struct("<4sIqqq32s")  # magic, flags, state_step, pos_step, done, digest
+_MAGIC = b"PXS1"
+_F_HAS_STATE = 1
+_MAX_ENTRIES = 65536
+_MAX_MANIFEST = 8 << 20
+_MAX_NAME = 1024
+
+
+class StateSyncError(CommError):
+    """State could not be synced (hash mismatch, bad manifest): no contribution.
+
+    ``bad_ranks``: the receivers whose verification failed (empty when unknown)."""
+
+    def __init__(self, message: str, bad_ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.bad_ranks = bad_ranks
+
+
+class StepAborted(CommError):
+    """This member was mid-step when a view with members at a step boundary came up:
+    the step cannot continue; vote it down (``commit(step, False)``) and start again
+    with ``begin_step``. ``epoch`` is the new view's epoch."""
+
+    def __init__(self, epoch: int, step: int, detail: str = "") -> None:
+        self.epoch = epoch
+        self.step = step
+        tail = f": {detail}" if detail else ""
+        super().__init__(f"step {step} aborted by the view of epoch {epoch}{tail}")
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def entry_digest(array: np.ndarray) -> bytes:
+    """SHA-256 of an array's bytes in C order (what goes over the wire)."""
+    data = np.ascontiguousarray(array)
+    return hashlib.sha256(data.reshape(-1).view(np.uint8).data).digest()
+
+
+def _combine(step: int, entries: Sequence[tuple[str, str, tuple[int, ...], bytes]]) -> bytes:
+    h = hashlib.sha256(b"phalanx.state.v1\n")
+    h.update(struct.pack("<qI", step, len(entries)))
+    for name, dtype, shape, sha in entries:
+        raw = name.encode()
+        h.update(struct.pack("<I", len(raw)) + raw)
+        dt = dtype.encode()
+        h.update(struct.pack("<I", len(dt)) + dt)
+        h.update(struct.pack(f"<I{len(shape)}q", len(shape), *shape))
+        h.update(sha)
+    return h.digest()
+
+
+def state_digest(step: int, arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The state's identity: step + every entry (sorted by name) and its SHA-256."""
+    entries = [
+        (name, arrays[name].dtype.str, tuple(arrays[name].shape), entry_digest(arrays[name]))
+        for name in sorted(arrays)
+    ]
+    return _combine(step, entries)
+
+
+class SyncState:
+    """The state a group keeps identical on its members: ``step`` + named arrays.
+
+    Mutable on purpose (it is the training loop's state, not a message). The digest is
+    computed lazily and cached; after changing arrays in place call :meth:`update`.
+    ``SyncState.empty()`` is a newcomer's: it holds nothing and receives everything.
+    """
+
+    def __init__(
+        self, arrays: Mapping[str, np.ndarray] | None = None, step: int = 0, *, valid: bool = True
+    ) -> None:
+        self.arrays: dict[str, np.ndarray] = dict(arrays or {})
+        self.step = int(step)
+        self.valid = valid
+        self._digest: bytes | None = None
+        for name in self.arrays:
+            _check_name(name)
+
+    @classmethod
+    def empty(cls) -> SyncState:
+        return cls({}, -1, valid=False)
+
+    def update(self, step: int | None = None) -> None:
+        """The arrays (or the step) changed: forget the cached digest."""
+        if step is not None:
+            self.step = int(step)
+        self._digest = None
+
+    def digest(self) -> bytes:
+        if not self.valid:
+            return b"\0" * 32
+        if self._digest is None:
+            self._digest = state_digest(self.step, self.arrays)
+        return self._digest
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or len(name.encode()) > _MAX_NAME:
+        raise ConfigError(f"state entry names must be non-empty strings, got {name!r}")
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What one member says about itself in the exchange (64 bytes on the wire)."""
+
+    has_state: bool
+    state_step: int
+    digest: bytes
+    pos_step: int = -1  # the training step it is in (-1: not tracking steps)
+    done: int = 0  # collectives it finished in that step
+
+    def __post_init__(self) -> None:
+        if len(self.digest) != 32:
+            raise ValueError("digest must be 32 bytes")
+        if self.done < 0:
+            raise ValueError("done must be >= 0")
+
+    def encode(self) -> bytes:
+        flags = _F_HAS_STATE if self.has_state else 0
+        return _RECORD.pack(_MAGIC, flags, self.state_step, self.pos_step, self.done, self.digest)
+
+    @classmethod
+    def decode(cls, data: bytes) -> PeerRecord:
+        if len(data) != RECORD_BYTES:
+            raise StateSyncError(f"state record of {len(data)} bytes, want {RECORD_BYTES}")
+        magic, flags, state_step, pos_step, done, digest = _RECORD.unpack(data)
+        if magic != _MAGIC or flags & ~_F_HAS_STATE or done < 0:
+            raise StateSyncError("malformed state record (peer speaks another version?)")
+        return cls(bool(flags & _F_HAS_STATE), state_step, digest, pos_step, done)
+
+
+class Action(enum.Enum):
+    PROCEED = "proceed"  # (sync if needed, then) run collectives
+    ABORT = "abort"  # members are at different points of a step: realign first
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """The decision every member derives from the same gathered records."""
+
+    action: Action
+    source: int | None  # rank holding the majority state (None: nobody has state)
+    receivers: tuple[int, ...]  # ranks that must receive the state
+    step: int  # the majority state's step (-1 without state)
+    digest: bytes  # the majority state's digest
+    majority: int  # how many ranks hold it
+    aborted: tuple[int, ...] = ()  # ranks that are mid-step (they raise StepAborted)
+
+
+def plan_sync(records: Sequence[PeerRecord]) -> SyncPlan:
+    """Pick the source and the receivers, and whether ranks are aligned (pure)."""
+    classes: dict[tuple[int, bytes], list[int]] = {}
+    for rank, rec in enumerate(records):
+        if rec.has_state:
+            classes.setdefault((rec.state_step, rec.digest), []).append(rank)
+    if classes:
+        (step, digest), holders = max(
+            classes.items(), key=lambda kv: (len(kv[1]), kv[0][0], [-b for b in kv[0][1]])
+        )
+        source: int | None = min(holders)
+        receivers = tuple(r for r in range(len(records)) if r not in holders)
+    else:
+        step, digest, holders, source, receivers = -1, b"\0" * 32, [], None, ()
+    mid = tuple(r for r, rec in enumerate(records) if rec.done > 0)
+    positions = {(rec.pos_step, rec.done) for rec in records}
+    aligned = not mid or (len(positions) == 1 and not receivers)
+    if any(r in mid for r in receivers):
+        aligned = False
+    action = Action.PROCEED if aligned else Action.ABORT
+    return SyncPlan(
+        action, source, receivers, step, digest, len(holders), mid if not aligned else ()
+    )
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        try:
+            dt = np.dtype(self.dtype)
+        except TypeError:
+            raise StateSyncError(
+                f"manifest entry {self.name!r}: bad dtype {self.dtype!r}"
+            ) from None
+        if dt.hasobject:
+            raise StateSyncError(f"manifest entry {self.name!r}: object dtype refused")
+        if len(self.shape) > 32 or any(not isinstance(d, int) or d < 0 for d in self.shape):
+            raise StateSyncError(f"manifest entry {self.name!r}: bad shape {self.shape!r}")
+        if len(self.sha256) != 32:
+            raise StateSyncError(f"manifest entry {self.name!r}: bad hash")
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the source sends before the bytes: step, entries (sorted), state digest."""
+
+    step: int
+    entries: tuple[ManifestEntry, ...]
+
+    @classmethod
+    def of(cls, state: SyncState) -> Manifest:
+        entries = tuple(
+            ManifestEntry(
+                n,
+                state.arrays[n].dtype.str,
+                tuple(state.arrays[n].shape),
+                entry_digest(state.arrays[n]),
+            )
+            for n in sorted(state.arrays)
+        )
+        return cls(state.step, entries)
+
+    @property
+    def digest(self) -> bytes:
+        return _combine(self.step, [(e.name, e.dtype, e.shape, e.sha256) for e in self.entries])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def encode(self) -> bytes:
+        doc = {
+            "v": 1,
+            "step": self.step,
+            "entries": [
+                {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "sha256": e.sha256.hex()}
+                for e in self.entries
+            ],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        if len(data) > _MAX_MANIFEST:
+            raise StateSyncError("state manifest too large")
+        try:
+            doc = json.loads(data)
+            if doc.get("v") != 1:
+                raise StateSyncError(f"state manifest version {doc.get('v')!r} not understood")
+            raw = doc["entries"]
+            if not isinstance(raw, list) or len(raw) > _MAX_ENTRIES:
+                raise StateSyncError("state manifest: bad entry list")
+            entries = tuple(
+                ManifestEntry(
+                    str(e["name"]),
+                    str(e["dtype"]),
+                    tuple(int(d) for d in e["shape"]),
+                    bytes.fromhex(str(e["sha256"])),
+                )
+                for e in raw
+            )
+            return cls(int(doc["step"]), entries)
+        except StateSyncError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateSyncError(f"malformed state manifest: {exc}") from None
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+class SyncGroup(Protocol):
+    """The part of :class:`phalanx.comm.Group` the transfer needs."""
+
+    rank: int
+    world: int
+
+    def broadcast(self, x: np.ndarray, root: int = ...) -> object: ...
+
+    def all_gather(self, x: np.ndarray) -> object: ...
+
+    def chunk(self, size: int, rank: int | None = None) -> slice: ...
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What a sync did on this member."""
+
+    epoch: int
+    source: int | None
+    receivers: tuple[int, ...]
+    received: bool  # this member installed new state
+    step: int
+    nbytes: int  # state bytes moved
+    seconds: float  # manifest + bytes + verification
+
+    @property
+    def rate_bytes_s(self) -> float:
+        return self.nbytes / self.seconds if self.seconds > 0 else 0.0
+
+
+def gather_records(group: SyncGroup, mine: PeerRecord) -> list[PeerRecord]:
+    """The exchange: an all_gather of every rank's 64-byte record."""
+    buf = np.zeros(group.world * RECORD_BYTES, dtype=np.uint8)
+    own = group.chunk(buf.size)
+    if own != slice(group.rank * RECORD_BYTES, (group.rank + 1) * RECORD_BYTES):
+        raise StateSyncError(f"unexpected all_gather partition {own}")
+    buf[own] = np.frombuffer(mine.encode(), dtype=np.uint8)
+    group.all_gather(buf)
+    raw = buf.tobytes()
+    return [
+        PeerRecord.decode(raw[r * RECORD_BYTES : (r + 1) * RECORD_BYTES])
+        for r in range(group.world)
+    ]
+
+
+def _flags_all(group: SyncGroup, ok: bool) -> list[bool]:
+    """A tiny all_gather of one flag per rank (8 bytes each, to stay word aligned)."""
+    buf = np.zeros(group.world, dtype=np.int64)
+    own = group.chunk(buf.size)
+    buf[own] = 1 if ok else 0
+    group.all_gather(buf)
+    return [bool(v) for v in buf]
+
+
+def _bytes_of(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1).view(np.uint8)
+
+
+def transfer(group: SyncGroup, plan: SyncPlan, state: SyncState, *, epoch: int) -> SyncReport:
+    """Run steps 3-4 of the protocol for ``plan`` (every rank calls it); installs the
+    state on receivers after verification. Raises :class:`StateSyncError` everywhere
+    if any receiver failed verification."""
+    t0 = time.monotonic()
+    if plan.source is None or not plan.receivers:
+        return SyncReport(epoch, plan.source, plan.receivers, False, plan.step, 0, 0.0)
+    me = group.rank
+    src = plan.source
+    receiving = me in plan.receivers
+    # -- manifest: length, then bytes
+    if me == src:
+        manifest = Manifest.of(state)
+        blob = manifest.encode()
+        if manifest.digest != state.digest():  # the arrays changed without update()
+            raise StateSyncError("source state changed without SyncState.update()")
+    else:
+        blob = b""
+    length = np.array([len(blob)], dtype=np.int64)
+    group.broadcast(length, root=src)
+    n = int(length[0])
+    if not 0 < n <= _MAX_MANIFEST:
+        raise StateSyncError(f"state manifest length {n} out of range")
+    raw = np.zeros(n, dtype=np.uint8)
+    if me == src:
+        raw[:] = np.frombuffer(blob, dtype=np.uint8)
+    group.broadcast(raw, root=src)
+    error = ""
+    try:
+        manifest = Manifest.decode(raw.tobytes())
+    except StateSyncError as exc:
+        manifest, error = Manifest(plan.step, ()), str(exc)
+    if not error and (manifest.digest != plan.digest or manifest.step != plan.step):
+        error = "manifest does not match the majority digest"
+    # -- bytes: one broadcast per entry (every rank takes part, whatever the manifest)
+    fresh: dict[str, np.ndarray] = {}
+    for entry in manifest.entries:
+        have = state.arrays.get(entry.name)
+        if me == src or (not receiving and have is not None and _same(have, entry)):
+            assert have is not None
+            buf = _bytes_of(have) if have.flags.c_contiguous and have.flags.writeable else None
+        else:
+            buf = None
+        if buf is None:
+            buf = np.empty(entry.nbytes, dtype=np.uint8)
+            if me == src and have is not None:
+                buf[:] = _bytes_of(np.ascontiguousarray(have))
+        group.broadcast(buf, root=src)
+        if receiving:
+            got = hashlib.sha256(buf.data).digest()
+            if got != entry.sha256 and not error:
+                error = f"entry {entry.name!r}: sha256 mismatch after transfer"
+            fresh[entry.name] = buf
+    verdicts = _flags_all(group, not error)
+    seconds = time.monotonic() - t0
+    if not all(verdicts):
+        bad = [r for r, ok in enumerate(verdicts) if not ok]
+        log.error(
+            "event=state_sync_failed epoch=%d source=%d bad_receivers=%s detail=%r",
+            epoch,
+            src,
+            bad,
+            error,
+        )
+        raise StateSyncError(
+            f"state sync in epoch {epoch} failed on ranks {bad}" + (f": {error}" if error else ""),
+            tuple(bad),
+        )
+    if receiving:
+        _install(state, manifest, fresh)
+    log.info(
+        "event=state_synced epoch=%d source=%d receivers=%s received=%s step=%d bytes=%d "
+        "seconds=%.4f rate_MBps=%.0f",
+        epoch,
+        src,
+        list(plan.receivers),
+        receiving,
+        manifest.step,
+        manifest.nbytes,
+        seconds,
+        manifest.nbytes / seconds / 1e6 if seconds > 0 else 0.0,
+    )
+    return SyncReport(
+        epoch, src, plan.receivers, receiving, manifest.step, manifest.nbytes, seconds
+    )
+
+
+def _same(a: np.ndarray, entry: ManifestEntry) -> bool:
+    return a.dtype.str == entry.dtype and tuple(a.shape) == entry.shape
+
+
+def _install(state: SyncState, manifest: Manifest, fresh: Mapping[str, np.ndarray]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for entry in manifest.entries:
+        value = fresh[entry.name].view(np.dtype(entry.dtype)).reshape(entry.shape)
+        have = state.arrays.get(entry.name)
+        if have is not None and _same(have, entry) and have.flags.writeable:
+            np.copyto(have, value)  # keep the caller's references valid
+            arrays[entry.name] = have
+        else:
+            arrays[entry.name] = value
+    state.arrays = arrays
+    state.step = manifest.step
+    state.valid = True
+    state.update()
