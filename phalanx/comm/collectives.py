@@ -250,8 +250,7 @@ def _ring_all_reduce(
 
 class _Backup:
     """Copies of the caller's pieces taken before they are overwritten, so that a
-    failed operation can put the input back (promise 2). Pieces are copied while the
-    engine waits for the network, or at the latest just before they are written."""
+    failed operation can put the input back (promise 2)."""
 
     def __init__(self, x: np.ndarray, keep: np.ndarray, pieces: list[tuple[int, int]]) -> None:
         self.x = x
@@ -275,27 +274,23 @@ def _ring_all_reduce_in_place(
     plan: Plan, engine: Engine, x: np.ndarray, op: ReduceOp, rank: int, world: int
 ) -> None:
     """Ring all-reduce, no codec, accumulation in the caller's dtype: the all-gather
-    receives straight into ``x`` and no final copy is needed. Each piece of ``x`` is
-    saved just before it is first written (or earlier, while the engine waits), and
-    put back if the operation fails."""
+    receives straight into ``x`` and no final copy is needed.
+
+    Each piece of ``x`` is saved (for a failure to put back) while it is hot in the
+    cache: right after the reduce-scatter has read it (reduced into the partial sum,
+    or sent raw at the first step), and in any case before its first write."""
     n = x.size
     dtype = x.dtype
     parts = sched.partition(n, world)
     pieces = [sched.split(a, b, _piece_elems(engine, dtype.itemsize)) for a, b in parts]
     work = plan.scratch(n, dtype)
-    # pieces in the order they get overwritten: own chunk (end of reduce-scatter),
-    # then the all-gather's receive order
-    order = [rank] + [step.recv_chunk for step in sched.ring_all_gather(rank, world)]
     flat: list[tuple[int, int]] = []
     index: dict[tuple[int, int], int] = {}
-    for c in order:
-        assert c is not None
+    for c in range(world):
         for j, piece in enumerate(pieces[c]):
             index[(c, j)] = len(flat)
             flat.append(piece)
     backup = _Backup(x, plan.scratch(n, dtype), flat)
-    for i in range(len(flat)):
-        plan.idle.append(partial(backup.ensure, i))
     plan.on_failure(backup.restore)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     last: dict[tuple[int, int], Node] = {}
@@ -304,14 +299,18 @@ def _ring_all_reduce_in_place(
         assert step.send_chunk is not None and step.recv_chunk is not None
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
-            src = x[a:b] if s == 0 else work[a:b]
-            plan.send(nxt, j, _raw(src), after=(last.get((c, j)),))
+            if s == 0:  # this chunk of x leaves raw: save it once the kernel has read it
+                sent = plan.send(nxt, j, _raw(x[a:b]))
+                plan.compute(partial(backup.ensure, index[(c, j)]), after=(sent,))
+            else:
+                plan.send(nxt, j, _raw(work[a:b]), after=(last[(c, j)],))
         c = step.recv_chunk
         for j, (a, b) in enumerate(pieces[c]):
+            i = index[(c, j)]
             if c == rank:
-                then = partial(_final_piece, backup, index[(c, j)], work[a:b], x[a:b], op, world)
+                then = partial(_final_piece, backup, i, work[a:b], x[a:b], op, world)
             else:
-                then = partial(_reduce_piece, work[a:b], x[a:b], op)
+                then = partial(_reduce_and_save, backup, i, work[a:b], x[a:b], op)
             last[(c, j)] = plan.recv(prv, j, direct=_bytes(work[a:b]), max_encoded=0, then=then)
     ready = {(rank, j): last[(rank, j)] for j in range(len(pieces[rank]))}
     for step in sched.ring_all_gather(rank, world):
@@ -328,6 +327,21 @@ def _ring_all_reduce_in_place(
                 max_encoded=0,
                 prepare=partial(backup.ensure, index[(c, j)]),
             )
+
+
+def _reduce_and_save(
+    backup: _Backup,
+    idx: int,
+    dst: np.ndarray,
+    own: np.ndarray,
+    op: ReduceOp,
+    codec_id: int,
+    payload: memoryview,
+    direct: bool,
+) -> None:
+    del codec_id, payload, direct
+    combine(dst, own, dst, op)
+    backup.ensure(idx)  # ``own`` was just read: save it from the cache
 
 
 def _final_piece(

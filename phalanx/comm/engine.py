@@ -203,8 +203,6 @@ class Plan:
         self.success: list[Callable[[], None]] = []
         self.failure: list[Callable[[], None]] = []
         self.borrowed: list[np.ndarray] = []
-        #: small jobs the engine runs while it waits for the network (e.g. backups)
-        self.idle: deque[Callable[[], None]] = deque()
         self.future: Future[OpInfo] = Future()
 
     def _link(self, peer: int, piece: int) -> _Link:
@@ -498,18 +496,7 @@ class Engine:
                 elif closing:
                     self._fail_queued(GroupClosed("group closed"))
                     return
-            timeout = self._poll_timeout()
-            plan = self._current
-            if plan is not None and plan.idle and timeout > 0:
-                events = poll(0)
-                if not events:
-                    try:
-                        plan.idle.popleft()()
-                    except _OpFailed as exc:
-                        self._fail_current(exc)
-                    continue
-            else:
-                events = poll(timeout)
+            events = poll(self._poll_timeout())
             now = time.monotonic()
             for fd, mask in events:
                 if fd == wake_fd:
