@@ -1,0 +1,309 @@
+"""Every Prometheus metric phalanx exports, defined in one place.
+
+Naming follows the Prometheus rules: prefix ``phalanx_``, base units (seconds, bytes),
+``_total`` on counters, ``_seconds``/``_bytes`` suffixes, points in time as
+``*_timestamp_seconds`` (Unix time) rather than ages, histograms rather than summaries.
+Labels are small bounded sets: op kinds, algorithms, outcomes, anomaly kinds and peer
+ranks -- never steps, sequence numbers or tensor names. When a peer leaves the view,
+:meth:`Metrics.forget_peer` removes every series labelled with it.
+
+Each daemon owns one :class:`Metrics` built on its own ``CollectorRegistry`` (never the
+process-global one), so several daemons in one process (tests, embedded mode) do not
+collide. Code that measures something calls a method or sets a metric here; it never
+creates a metric of its own.
+
+What this module must never do: start threads, open sockets, or block. Scrape-time
+values (TCP_INFO) come from a provider callable that must itself be quick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "ANOMALY_KINDS",
+    "DURATION_BUCKETS",
+    "LINK_BUCKETS",
+    "LinkTcp",
+    "Metrics",
+]
+
+#: op durations: 100 us .. 60 s
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+#: per-link times inside one op (first-byte wait, transfer, send-blocked): 10 us .. 10 s
+LINK_BUCKETS: tuple[float, ...] = (
+    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)  # fmt: skip
+#: snapshot stall (the training loop's one memory copy) and seal times
+SNAPSHOT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+#: the anomaly kinds the detectors produce (the ``kind`` label's whole domain)
+ANOMALY_KINDS: tuple[str, ...] = ("slow_link", "straggler", "hang", "degradation")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTcp:
+    """What the kernel says about one link at scrape time (see ``Engine.link_stats``)."""
+
+    peer: int
+    stream: int
+    rtt_s: float | None
+    retransmits: int | None
+
+
+class _TcpCollector(Collector):
+    """Reads TCP_INFO through ``provider`` at scrape time: rtt gauge, retransmit counter."""
+
+    def __init__(self, provider: Callable[[], Sequence[LinkTcp]] | None = None) -> None:
+        self.provider = provider
+
+    def collect(self) -> Iterable[Metric]:
+        rtt = GaugeMetricFamily(
+            "phalanx_link_rtt_seconds",
+            "Smoothed TCP round-trip time of a data-plane link (TCP_INFO).",
+            labels=["peer", "stream"],
+        )
+        retrans = CounterMetricFamily(
+            "phalanx_link_retransmits",
+            "TCP segments retransmitted on a data-plane link since it opened (TCP_INFO).",
+            labels=["peer", "stream"],
+        )
+        stats: Sequence[LinkTcp] = ()
+        if self.provider is not None:
+            try:
+                stats = self.provider()
+            except Exception:  # a closing engine: report nothing rather than fail a scrape
+                stats = ()
+        for s in stats:
+            labels = [str(s.peer), str(s.stream)]
+            if s.rtt_s is not None:
+                rtt.add_metric(labels, s.rtt_s)
+            if s.retransmits is not None:
+                retrans.add_metric(labels, float(s.retransmits))
+        return [rtt, retrans]
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class Metrics:
+    """The metric objects of one daemon, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        # ---- collectives
+        self.op_duration = Histogram(
+            "phalanx_op_duration_seconds",
+            "Duration of a collective on this rank, by op, algorithm and outcome (ok/failed); "
+            "the _count series counts ops.",
+            ["op", "algorithm", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.op_payload = Counter(
+            "phalanx_op_payload_bytes",
+            "Bytes of user data (tensor size) handed to collectives.",
+            ["op"],
+            registry=r,
+        )
+        self.op_failures = Counter(
+            "phalanx_op_failures",
+            "Collectives that failed, by reason token.",
+            ["op", "reason"],
+            registry=r,
+        )
+        self.op_inflight = Gauge(
+            "phalanx_op_inflight",
+            "1 while a collective is running on this rank, else 0.",
+            registry=r,
+        )
+        self.op_last_progress = Gauge(
+            "phalanx_op_last_progress_timestamp_seconds",
+            "Unix time of the last progress (frame sent or received) of the running "
+            "collective; with phalanx_op_inflight it tells a hang.",
+            registry=r,
+        )
+        self.op_last_finished = Gauge(
+            "phalanx_op_last_finished_timestamp_seconds",
+            "Unix time at which the last collective finished on this rank.",
+            registry=r,
+        )
+        # ---- per link (peer = the other rank)
+        self.link_sent = Counter(
+            "phalanx_link_sent_bytes",
+            "Wire bytes sent to a peer by collectives.",
+            ["peer"],
+            registry=r,
+        )
+        self.link_received = Counter(
+            "phalanx_link_received_bytes",
+            "Wire bytes received from a peer by collectives.",
+            ["peer"],
+            registry=r,
+        )
+        self.link_send_blocked = Histogram(
+            "phalanx_link_send_blocked_seconds",
+            "Per op: time this rank had data for the peer that the kernel would not take.",
+            ["peer"],
+            buckets=LINK_BUCKETS,
+            registry=r,
+        )
+        self.link_first_byte_wait = Histogram(
+            "phalanx_link_first_byte_wait_seconds",
+            "Per op: from the op's start on this rank to the first byte from the peer.",
+            ["peer"],
+            buckets=LINK_BUCKETS,
+            registry=r,
+        )
+        self.link_transfer = Histogram(
+            "phalanx_link_transfer_seconds",
+            "Per op: from the first to the last byte received from the peer.",
+            ["peer"],
+            buckets=LINK_BUCKETS,
+            registry=r,
+        )
+        self.tcp = _TcpCollector()
+        r.register(self.tcp)
+        # ---- membership
+        self.rank = Gauge("phalanx_rank", "This daemon's rank in the current view.", registry=r)
+        self.view_epoch = Gauge(
+            "phalanx_view_epoch", "Epoch of the membership view this daemon is in.", registry=r
+        )
+        self.view_members = Gauge(
+            "phalanx_view_members", "Number of members of the current view.", registry=r
+        )
+        self.view_changes = Counter(
+            "phalanx_view_changes",
+            "Views this daemon has installed (a fast rise means membership flapping).",
+            registry=r,
+        )
+        self.heartbeat_sent = Gauge(
+            "phalanx_heartbeat_last_sent_timestamp_seconds",
+            "Unix time of the last heartbeat sent to the coordinator.",
+            registry=r,
+        )
+        self.heartbeat_acked = Gauge(
+            "phalanx_heartbeat_last_ack_timestamp_seconds",
+            "Unix time of the last heartbeat the coordinator acknowledged.",
+            registry=r,
+        )
+        # ---- snapshots (set by the checkpoint code through the daemon)
+        self.snapshot_stall = Histogram(
+            "phalanx_snapshot_stall_seconds",
+            "Time the training loop was blocked by snapshot() (its one memory copy).",
+            buckets=SNAPSHOT_BUCKETS,
+            registry=r,
+        )
+        self.snapshot_seal = Histogram(
+            "phalanx_snapshot_seal_duration_seconds",
+            "From snapshot() to the generation being committed (encoded, placed, acked).",
+            buckets=SNAPSHOT_BUCKETS,
+            registry=r,
+        )
+        self.snapshot_seals = Counter(
+            "phalanx_snapshot_seals",
+            "Snapshot generations that ended, by outcome (committed/abandoned).",
+            ["outcome"],
+            registry=r,
+        )
+        self.snapshot_last_sealed = Gauge(
+            "phalanx_snapshot_last_sealed_timestamp_seconds",
+            "Unix time at which the newest snapshot generation was committed.",
+            registry=r,
+        )
+        self.snapshot_held = Gauge(
+            "phalanx_snapshot_held_bytes",
+            "Bytes of snapshot shards (own and peers') held in this daemon's memory.",
+            registry=r,
+        )
+        self.snapshot_underprotected = Gauge(
+            "phalanx_snapshot_underprotected_generations",
+            "Committed generations that lost shard holders and can survive fewer than m "
+            "further losses until repaired.",
+            registry=r,
+        )
+        # ---- anomalies
+        self.anomaly_score = Gauge(
+            "phalanx_anomaly_score",
+            "Latest anomaly score by kind and peer (0 = normal; >= 1 = over the verdict "
+            "threshold).",
+            ["kind", "peer"],
+            registry=r,
+        )
+        self.anomaly_active = Gauge(
+            "phalanx_anomaly_active",
+            "1 while a verdict of this kind against this peer stands, else 0.",
+            ["kind", "peer"],
+            registry=r,
+        )
+        self.anomalies = Counter(
+            "phalanx_anomalies",
+            "Anomaly verdicts issued, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ANOMALY_KINDS:  # export zeros so rate() works before the first verdict
+            self.anomalies.labels(kind=kind)
+        self.build_info = Gauge(
+            "phalanx_build_info", "Always 1; labels carry the version.", ["version"], registry=r
+        )
+        from phalanx import __version__ as _v
+
+        self.build_info.labels(version=_v).set(1)
+        self._peers: set[str] = set()
+
+    # ------------------------------------------------------------------ helpers
+    def peer_seen(self, peer: int | str) -> str:
+        p = str(peer)
+        self._peers.add(p)
+        return p
+
+    def forget_peer(self, peer: int | str) -> None:
+        """Remove every series labelled with ``peer`` (it left the view)."""
+        p = str(peer)
+        self._peers.discard(p)
+        for m in (
+            self.link_sent,
+            self.link_received,
+            self.link_send_blocked,
+            self.link_first_byte_wait,
+            self.link_transfer,
+        ):
+            _remove(m, (p,))
+        for kind in ANOMALY_KINDS:
+            _remove(self.anomaly_score, (kind, p))
+            _remove(self.anomaly_active, (kind, p))
+
+    def peers(self) -> frozenset[str]:
+        return frozenset(self._peers)
+
+    def set_view(self, epoch: int, members: int, rank: int) -> None:
+        self.view_epoch.set(epoch)
+        self.view_members.set(members)
+        self.rank.set(rank)
+        self.view_changes.inc()
+
+    def heartbeat(self, acked: bool, at: float | None = None) -> None:
+        """Record a heartbeat sent (and, if ``acked``, acknowledged) at Unix time ``at``."""
+        now = time.time() if at is None else at
+        self.heartbeat_sent.set(now)
+        if acked:
+            self.heartbeat_acked.set(now)
+
+
+def _remove(metric: Counter | Gauge | Histogram, labels: tuple[str, ...]) -> None:
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
