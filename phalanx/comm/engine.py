@@ -389,7 +389,7 @@ class Engine:
         self._patience = 0
         self._probe_id = 0
         self._dirty: set[_Link] = set()
-        # peers whose links are gone (BYE or error): ops that still need them fail
+        # peers with a link gone (BYE or error): ops that still need such a link fail
         self._departed: dict[int, _OpFailed] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -578,7 +578,7 @@ class Engine:
                         self._resume(link)
             if self._current is plan:
                 for peer, failure in self._departed.items():
-                    if self._involves(peer):
+                    if self._needs_dead_link(peer):
                         raise failure
         except _OpFailed as exc:
             self._fail_current(exc)
@@ -987,31 +987,37 @@ class Engine:
         return waited
 
     def _link_failed(self, link: _Link, reason: str, detail: str) -> None:
-        link.channel.close()
-        with contextlib.suppress(OSError, ValueError):
-            self._epoll.unregister(link.channel.fd)
+        """A link is gone: BYE (``closed``) ends just that stream — frames the peer
+        sent before it on its other streams are still read — while an error ends
+        every stream to that peer. An op that still needs a dead stream fails."""
         level = logging.INFO if reason == "closed" else logging.WARNING
         log.log(
             level,
-            "event=link-down rank=%d peer=%d reason=%s detail=%r",
+            "event=link-down rank=%d peer=%d stream=%d reason=%s detail=%r",
             self.rank,
             link.peer,
+            link.channel.stream,
             reason,
             detail,
         )
-        failure = _OpFailed({link.peer}, reason, detail, self.rank if reason != "closed" else None)
-        for other in self.links.get(link.peer, ()):
-            if not other.channel.closed:
-                other.channel.close()
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.unregister(other.channel.fd)
+        graceful = reason == "closed"
+        failure = _OpFailed({link.peer}, reason, detail, None if graceful else self.rank)
+        streams = self.links.get(link.peer, [])
+        for victim in [link] if graceful else streams:
+            self._drop(victim)
         self._departed.setdefault(link.peer, failure)
-        if self._current is not None and self._involves(link.peer):
+        if self._current is not None and self._needs_dead_link(link.peer):
             self._fail_current(failure)
 
-    def _involves(self, peer: int) -> bool:
+    def _drop(self, link: _Link) -> None:
+        if not link.channel.closed:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(link.channel.fd)
+            link.channel.close()
+
+    def _needs_dead_link(self, peer: int) -> bool:
         return any(
-            link.recvs or link.sends or link.current is not None
+            link.channel.closed and (link.recvs or link.sends or link.current is not None)
             for link in self.links.get(peer, ())
         )
 
