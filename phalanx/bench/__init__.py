@@ -15,5 +15,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "phalanx.bench.allreduce:register",
         "all-reduce time and bandwidth on 127.0.0.1, every result checked; --vs gloo",
     ),
-    # Later: "failover", "snapshot", "anomaly" (same shape: "phalanx.bench.<name>:register").
+    "failover": (
+        "phalanx.bench.failover:register",
+        "kill/stop/leave/join/coordinator fault in a stream of checked all-reduces: detect_s, resume_s",
+    ),
+    "anomaly": (
+        "phalanx.bench.anomaly:register",
+        "time to detect an injected slow link, straggler or hang; false positives (healthy run)",
+    ),
+    # Later: "snapshot" (same shape: "phalanx.bench.<name>:register").
 }

@@ -46,12 +46,14 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
+from phalanx.comm import Group, Handle
 from phalanx.errors import CommError, ConfigError
 
 __all__ = [
@@ -62,7 +64,6 @@ __all__ = [
     "PeerRecord",
     "StateSyncError",
     "StepAborted",
-    "SyncGroup",
     "SyncPlan",
     "SyncReport",
     "SyncState",
@@ -81,6 +82,8 @@ _F_HAS_STATE = 1
 _MAX_ENTRIES = 65536
 _MAX_MANIFEST = 8 << 20
 _MAX_NAME = 1024
+CHUNK_BYTES = 8 << 20  # state bytes per broadcast
+WINDOW = 3  # broadcasts in flight during a transfer
 
 
 class StateSyncError(CommError):
@@ -139,8 +142,9 @@ def state_digest(step: int, arrays: Mapping[str, np.ndarray]) -> bytes:
 class SyncState:
     """The state a group keeps identical on its members: ``step`` + named arrays.
 
-    Mutable on purpose (it is the training loop's state, not a message). The digest is
-    computed lazily and cached; after changing arrays in place call :meth:`update`.
+    Mutable on purpose (it is the training loop's state, not a message). Entry hashes
+    and the digest are computed lazily and cached; after changing arrays in place call
+    :meth:`update` (naming the changed entries keeps the others' cached hashes).
     ``SyncState.empty()`` is a newcomer's: it holds nothing and receives everything.
     """
 
@@ -151,6 +155,7 @@ class SyncState:
         self.step = int(step)
         self.valid = valid
         self._digest: bytes | None = None
+        self._entry: dict[str, bytes] = {}
         for name in self.arrays:
             _check_name(name)
 
@@ -158,17 +163,37 @@ class SyncState:
     def empty(cls) -> SyncState:
         return cls({}, -1, valid=False)
 
-    def update(self, step: int | None = None) -> None:
-        """The arrays (or the step) changed: forget the cached digest."""
+    def update(self, step: int | None = None, changed: Iterable[str] | None = None) -> None:
+        """The arrays (all, or those named in ``changed``) or the step changed."""
         if step is not None:
             self.step = int(step)
+        if changed is None:
+            self._entry.clear()
+        else:
+            for name in changed:
+                self._entry.pop(name, None)
         self._digest = None
+
+    def entry_hash(self, name: str) -> bytes:
+        sha = self._entry.get(name)
+        if sha is None:
+            sha = self._entry[name] = entry_digest(self.arrays[name])
+        return sha
+
+    def manifest(self) -> Manifest:
+        entries = tuple(
+            ManifestEntry(
+                n, self.arrays[n].dtype.str, tuple(self.arrays[n].shape), self.entry_hash(n)
+            )
+            for n in sorted(self.arrays)
+        )
+        return Manifest(self.step, entries)
 
     def digest(self) -> bytes:
         if not self.valid:
             return b"\0" * 32
         if self._digest is None:
-            self._digest = state_digest(self.step, self.arrays)
+            self._digest = self.manifest().digest
         return self._digest
 
     @property
@@ -294,19 +319,6 @@ class Manifest:
     step: int
     entries: tuple[ManifestEntry, ...]
 
-    @classmethod
-    def of(cls, state: SyncState) -> Manifest:
-        entries = tuple(
-            ManifestEntry(
-                n,
-                state.arrays[n].dtype.str,
-                tuple(state.arrays[n].shape),
-                entry_digest(state.arrays[n]),
-            )
-            for n in sorted(state.arrays)
-        )
-        return cls(state.step, entries)
-
     @property
     def digest(self) -> bytes:
         return _combine(self.step, [(e.name, e.dtype, e.shape, e.sha256) for e in self.entries])
@@ -356,19 +368,6 @@ class Manifest:
 # --------------------------------------------------------------------------- transfer
 
 
-class SyncGroup(Protocol):
-    """The part of :class:`phalanx.comm.Group` the transfer needs."""
-
-    rank: int
-    world: int
-
-    def broadcast(self, x: np.ndarray, root: int = ...) -> object: ...
-
-    def all_gather(self, x: np.ndarray) -> object: ...
-
-    def chunk(self, size: int, rank: int | None = None) -> slice: ...
-
-
 @dataclass(frozen=True)
 class SyncReport:
     """What a sync did on this member."""
@@ -386,7 +385,7 @@ class SyncReport:
         return self.nbytes / self.seconds if self.seconds > 0 else 0.0
 
 
-def gather_records(group: SyncGroup, mine: PeerRecord) -> list[PeerRecord]:
+def gather_records(group: Group, mine: PeerRecord) -> list[PeerRecord]:
     """The exchange: an all_gather of every rank's 64-byte record."""
     buf = np.zeros(group.world * RECORD_BYTES, dtype=np.uint8)
     own = group.chunk(buf.size)
@@ -401,7 +400,7 @@ def gather_records(group: SyncGroup, mine: PeerRecord) -> list[PeerRecord]:
     ]
 
 
-def _flags_all(group: SyncGroup, ok: bool) -> list[bool]:
+def _flags_all(group: Group, ok: bool) -> list[bool]:
     """A tiny all_gather of one flag per rank (8 bytes each, to stay word aligned)."""
     buf = np.zeros(group.world, dtype=np.int64)
     own = group.chunk(buf.size)
@@ -414,7 +413,7 @@ def _bytes_of(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
 
-def transfer(group: SyncGroup, plan: SyncPlan, state: SyncState, *, epoch: int) -> SyncReport:
+def transfer(group: Group, plan: SyncPlan, state: SyncState, *, epoch: int) -> SyncReport:
     """Run steps 3-4 of the protocol for ``plan`` (every rank calls it); installs the
     state on receivers after verification. Raises :class:`StateSyncError` everywhere
     if any receiver failed verification."""
@@ -426,7 +425,7 @@ def transfer(group: SyncGroup, plan: SyncPlan, state: SyncState, *, epoch: int) 
     receiving = me in plan.receivers
     # -- manifest: length, then bytes
     if me == src:
-        manifest = Manifest.of(state)
+        manifest = state.manifest()
         blob = manifest.encode()
         if manifest.digest != state.digest():  # the arrays changed without update()
             raise StateSyncError("source state changed without SyncState.update()")
@@ -448,23 +447,31 @@ def transfer(group: SyncGroup, plan: SyncPlan, state: SyncState, *, epoch: int) 
         manifest, error = Manifest(plan.step, ()), str(exc)
     if not error and (manifest.digest != plan.digest or manifest.step != plan.step):
         error = "manifest does not match the majority digest"
-    # -- bytes: one broadcast per entry (every rank takes part, whatever the manifest)
+    # -- bytes: every rank takes part in every broadcast, whatever the manifest says.
+    # Entries go in chunks of CHUNK_BYTES, up to WINDOW broadcasts in flight, so a
+    # receiver hashes chunk k (hashlib drops the GIL) while the engine moves k+1...
     fresh: dict[str, np.ndarray] = {}
     for entry in manifest.entries:
         have = state.arrays.get(entry.name)
-        if me == src or (not receiving and have is not None and _same(have, entry)):
-            assert have is not None
-            buf = _bytes_of(have) if have.flags.c_contiguous and have.flags.writeable else None
-        else:
-            buf = None
+        buf: np.ndarray | None = None
+        mine = (me == src or not receiving) and have is not None and _same(have, entry)
+        if mine and have is not None and have.flags.c_contiguous and have.flags.writeable:
+            buf = _bytes_of(have)  # same bytes as the source's: overwriting is harmless
         if buf is None:
             buf = np.empty(entry.nbytes, dtype=np.uint8)
             if me == src and have is not None:
                 buf[:] = _bytes_of(np.ascontiguousarray(have))
-        group.broadcast(buf, root=src)
+        sha = hashlib.sha256()
+        inflight: deque[tuple[Handle, np.ndarray]] = deque()
+        for a in range(0, max(entry.nbytes, 1), CHUNK_BYTES):
+            piece = buf[a : a + CHUNK_BYTES]
+            inflight.append((group.broadcast(piece, root=src, async_op=True), piece))
+            if len(inflight) >= WINDOW:
+                _finish(inflight, sha if receiving else None)
+        while inflight:
+            _finish(inflight, sha if receiving else None)
         if receiving:
-            got = hashlib.sha256(buf.data).digest()
-            if got != entry.sha256 and not error:
+            if sha.digest() != entry.sha256 and not error:
                 error = f"entry {entry.name!r}: sha256 mismatch after transfer"
             fresh[entry.name] = buf
     verdicts = _flags_all(group, not error)
@@ -499,6 +506,13 @@ def transfer(group: SyncGroup, plan: SyncPlan, state: SyncState, *, epoch: int) 
     return SyncReport(
         epoch, src, plan.receivers, receiving, manifest.step, manifest.nbytes, seconds
     )
+
+
+def _finish(inflight: deque[tuple[Handle, np.ndarray]], sha: Any) -> None:
+    handle, piece = inflight.popleft()
+    handle.wait()
+    if sha is not None:
+        sha.update(piece.data)
 
 
 def _same(a: np.ndarray, entry: ManifestEntry) -> bool:
