@@ -79,9 +79,9 @@ class DetectorConfig:
     hang_floor_s: float = 1.0
     #: degradation: shift to detect, samples per batch, baseline batches, CUSUM limit
     degradation_shift: float = 0.10
-    degradation_batch: int = 20
-    degradation_baseline_batches: int = 3
-    degradation_limit: float = 3.0
+    degradation_batch: int = 25
+    degradation_baseline_batches: int = 4
+    degradation_limit: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.n:
