@@ -149,7 +149,7 @@ def _peer_main(
 ) -> None:
     from phalanx.membership.elastic import ElasticGroup
     from phalanx.membership.errors import CommitUnknown, Evicted
-    from phalanx.membership.statesync import SyncState
+    from phalanx.membership.statesync import StepAborted, SyncState
 
     _child_logging(scenario.log_level)
     me = member_id
@@ -165,6 +165,8 @@ def _peer_main(
     deadline = time.monotonic() + scenario.timeout
     try:
         eg.join(min(30.0, scenario.timeout))
+        if not fresh:  # the initial group: start the stream once everybody is in
+            eg.agent.wait_for_view(lambda v: v.size >= scenario.world, 30.0)
         events.put(("joined", me, time.monotonic()))
         run = eg.agent.coordinator_run
         while time.monotonic() < deadline:
@@ -191,6 +193,9 @@ def _peer_main(
                 except CommitUnknown:
                     ok = None
                 t_commit = time.monotonic()
+            except StepAborted:
+                events.put(("aborted", me, time.monotonic()))
+                continue  # back to begin_step; no vote: the step never ran in this view
             except Evicted:
                 events.put(("evicted", me, time.monotonic()))
                 eg.rejoin(30.0)

@@ -387,7 +387,7 @@ class ElasticGroup:
                     )
                 self._cond.wait(min(left, 0.1))
 
-    def _ensure_exchanged(self, ep: _Epoch, deadline: float) -> None:
+    def _ensure_exchanged(self, ep: _Epoch, deadline: float, *, in_op: bool) -> None:
         """Run the state exchange (and the sync it calls for) once per group."""
         while not ep.exchanged:
             assert ep.group is not None
@@ -398,6 +398,7 @@ class ElasticGroup:
                 digest=st.digest() if st is not None else b"\0" * 32,
                 pos_step=self._pos_step,
                 done=self._done,
+                in_op=in_op,
             )
             records = gather_records(ep.group, mine)
             plan = plan_sync(records)
@@ -484,7 +485,7 @@ class ElasticGroup:
             ep = self._acquire(after, deadline)
             assert ep.group is not None
             try:
-                self._ensure_exchanged(ep, deadline)
+                self._ensure_exchanged(ep, deadline, in_op=True)
                 info = run(ep.group)
             except (PeerFailure, GroupClosed) as exc:
                 err = self._on_op_failure(ep, exc, op)
@@ -520,7 +521,7 @@ class ElasticGroup:
             ep = self._acquire(after, deadline)
             assert ep.group is not None
             try:
-                self._ensure_exchanged(ep, deadline)
+                self._ensure_exchanged(ep, deadline, in_op=False)
             except (PeerFailure, GroupClosed) as exc:
                 self._on_op_failure(ep, exc, "exchange")
                 after = ep.view.epoch

@@ -28,11 +28,14 @@ plane** — bulk bytes never travel through protobuf/gRPC:
 
 Positions and ``ABORT``: a member that already finished collectives of the current
 training step (``done > 0``) cannot take new state mid-step, and its next collective
-would not line up with a member that is at the step boundary. If every member is at
-the boundary (``done == 0``), or every member is at the very same (step, done) and
-none needs state, the plan is ``PROCEED``; otherwise ``ABORT``: mid-step members get
-:class:`StepAborted` (vote the step down, call ``begin_step`` again), boundary members
-exchange again, which lines up with the others' next call.
+would not line up with a member that is at the step boundary; nor can a member that
+must receive state while inside a collective call (``in_op``: a retry whose input was
+computed from the old state). If no member is in either situation, or every member is
+at the very same (step, done) and none needs state, the plan is ``PROCEED`` (a retry
+of a step's first collective lines up with the first collective of members coming
+from ``begin_step``); otherwise ``ABORT``: those members get :class:`StepAborted`
+(they call ``begin_step`` again; no vote is needed: the step never ran in this view),
+the others exchange again, which lines up with the aborted members' next call.
 
 This module must never talk gRPC, hold a lock while a collective runs, or write a
 caller's array before its bytes were verified.
@@ -79,6 +82,7 @@ RECORD_BYTES = 64
 _RECORD = struct.Struct("<4sIqqq32s")  # magic, flags, state_step, pos_step, done, digest
 _MAGIC = b"PXS1"
 _F_HAS_STATE = 1
+_F_IN_OP = 2  # the exchange runs inside a collective call (a retry), not at begin_step
 _MAX_ENTRIES = 65536
 _MAX_MANIFEST = 8 << 20
 _MAX_NAME = 1024
@@ -97,9 +101,9 @@ class StateSyncError(CommError):
 
 
 class StepAborted(CommError):
-    """This member was mid-step when a view with members at a step boundary came up:
-    the step cannot continue; vote it down (``commit(step, False)``) and start again
-    with ``begin_step``. ``epoch`` is the new view's epoch."""
+    """This member was mid-step (or had to receive state inside a collective) when a
+    new view came up: the step cannot continue here. Do not vote on it (it never ran
+    in this view); call ``begin_step`` again. ``epoch`` is the new view's epoch."""
 
     def __init__(self, epoch: int, step: int, detail: str = "") -> None:
         self.epoch = epoch
@@ -218,6 +222,7 @@ class PeerRecord:
     digest: bytes
     pos_step: int = -1  # the training step it is in (-1: not tracking steps)
     done: int = 0  # collectives it finished in that step
+    in_op: bool = False  # inside a collective (its input is computed from its state)
 
     def __post_init__(self) -> None:
         if len(self.digest) != 32:
@@ -226,7 +231,7 @@ class PeerRecord:
             raise ValueError("done must be >= 0")
 
     def encode(self) -> bytes:
-        flags = _F_HAS_STATE if self.has_state else 0
+        flags = (_F_HAS_STATE if self.has_state else 0) | (_F_IN_OP if self.in_op else 0)
         return _RECORD.pack(_MAGIC, flags, self.state_step, self.pos_step, self.done, self.digest)
 
     @classmethod
@@ -234,9 +239,11 @@ class PeerRecord:
         if len(data) != RECORD_BYTES:
             raise StateSyncError(f"state record of {len(data)} bytes, want {RECORD_BYTES}")
         magic, flags, state_step, pos_step, done, digest = _RECORD.unpack(data)
-        if magic != _MAGIC or flags & ~_F_HAS_STATE or done < 0:
+        if magic != _MAGIC or flags & ~(_F_HAS_STATE | _F_IN_OP) or done < 0:
             raise StateSyncError("malformed state record (peer speaks another version?)")
-        return cls(bool(flags & _F_HAS_STATE), state_step, digest, pos_step, done)
+        return cls(
+            bool(flags & _F_HAS_STATE), state_step, digest, pos_step, done, bool(flags & _F_IN_OP)
+        )
 
 
 class Action(enum.Enum):
@@ -271,11 +278,13 @@ def plan_sync(records: Sequence[PeerRecord]) -> SyncPlan:
         receivers = tuple(r for r in range(len(records)) if r not in holders)
     else:
         step, digest, holders, source, receivers = -1, b"\0" * 32, [], None, ()
-    mid = tuple(r for r, rec in enumerate(records) if rec.done > 0)
+    # A member that finished collectives of its step, or that must receive state while
+    # inside a collective (its input was computed from the old state), cannot go on.
+    mid = tuple(
+        r for r, rec in enumerate(records) if rec.done > 0 or (rec.in_op and r in receivers)
+    )
     positions = {(rec.pos_step, rec.done) for rec in records}
     aligned = not mid or (len(positions) == 1 and not receivers)
-    if any(r in mid for r in receivers):
-        aligned = False
     action = Action.PROCEED if aligned else Action.ABORT
     return SyncPlan(
         action, source, receivers, step, digest, len(holders), mid if not aligned else ()
@@ -344,6 +353,8 @@ class Manifest:
             raise StateSyncError("state manifest too large")
         try:
             doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise StateSyncError("state manifest is not a JSON object")
             if doc.get("v") != 1:
                 raise StateSyncError(f"state manifest version {doc.get('v')!r} not understood")
             raw = doc["entries"]
@@ -361,7 +372,7 @@ class Manifest:
             return cls(int(doc["step"]), entries)
         except StateSyncError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StateSyncError(f"malformed state manifest: {exc}") from None
 
 
