@@ -15,10 +15,11 @@ from phalanx.monitor.detectors import (
     Verdict,
 )
 from phalanx.monitor.metrics import Metrics
-from phalanx.monitor.monitor import Monitor, MonitorConfig
+from phalanx.monitor.monitor import ClusterView, Monitor, MonitorConfig
 
 __all__ = [
     "ClusterDetector",
+    "ClusterView",
     "DetectorConfig",
     "HangDetector",
     "LocalDetector",

@@ -30,13 +30,19 @@ from typing import TYPE_CHECKING, Protocol
 from prometheus_client import CollectorRegistry
 
 from phalanx.comm.observer import OpSample
-from phalanx.monitor.detectors import DetectorConfig, HangDetector, LocalDetector, Verdict
+from phalanx.monitor.detectors import (
+    ClusterDetector,
+    DetectorConfig,
+    HangDetector,
+    LocalDetector,
+    Verdict,
+)
 from phalanx.monitor.metrics import LinkTcp, Metrics
 
 if TYPE_CHECKING:
     from phalanx.monitor.server import MetricsServer
 
-__all__ = ["EngineLike", "Monitor", "MonitorConfig"]
+__all__ = ["ClusterView", "EngineLike", "Monitor", "MonitorConfig"]
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.anomaly")
@@ -59,6 +65,51 @@ class MonitorConfig:
     #: straggler verdicts against one peer (within ``active_s`` of each other) before
     #: ``on_evict`` is called; the policy is off unless ``on_evict`` is given
     evict_after: int = 3
+
+
+class ClusterView:
+    """The sender x receiver matrix when every rank's samples reach one place.
+
+    Monitors given ``cluster=view`` forward each finished op with its start time
+    (``time.monotonic()``: valid as one clock only for ranks on one host -- embedded
+    mode, tests, the bench; across hosts the daemon must correct clock offsets first).
+    When all ``world`` ranks have reported an op, the :class:`ClusterDetector` judges it
+    and ``record`` receives each verdict (e.g. ``monitors[v.dst or 0].record``)."""
+
+    def __init__(
+        self,
+        world: int,
+        record: Callable[[Verdict], None],
+        config: DetectorConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.world = world
+        self._record = record
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._detector = ClusterDetector(config or DetectorConfig())
+        self._ops: dict[tuple[int, int], dict[int, tuple[OpSample, float]]] = {}
+        self._epoch: int | None = None
+
+    def add(self, sample: OpSample, start: float) -> None:
+        with self._lock:
+            if sample.epoch != self._epoch:
+                self._detector.reset()
+                self._ops.clear()
+                self._epoch = sample.epoch
+            key = (sample.epoch, sample.seq)
+            got = self._ops.setdefault(key, {})
+            got[sample.rank] = (sample, start)
+            if len(got) < self.world:
+                if len(self._ops) > 64:  # a rank stopped reporting: drop the oldest op
+                    self._ops.pop(min(self._ops))
+                return
+            del self._ops[key]
+            samples = [s for s, _ in got.values()]
+            starts = {r: t for r, (_, t) in got.items()}
+            verdicts = self._detector.observe(samples, starts, self._clock())
+        for v in verdicts:
+            self._record(v)
 
 
 class _Observer:
@@ -85,6 +136,7 @@ class Monitor:
         config: MonitorConfig | None = None,
         on_evict: Callable[[int, str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        cluster: ClusterView | None = None,
     ) -> None:
         self.rank = rank
         self.config = config or MonitorConfig()
@@ -106,6 +158,8 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._server: MetricsServer | None = None
         self.ops_seen = 0
+        self.cluster = cluster
+        self._start_mono = 0.0
         self.metrics.rank.set(rank)
 
     # ------------------------------------------------------------------ wiring
@@ -190,6 +244,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ observer
     def _op_started(self, op: str, seq: int, epoch: int, nbytes: int) -> None:
+        self._start_mono = time.monotonic()
         self.metrics.op_inflight.set(1)
         self.metrics.op_last_progress.set(self._clock())
 
@@ -234,6 +289,8 @@ class Monitor:
                 m.anomaly_score.labels(kind, m.peer_seen(peer)).set(round(score, 4))
         for v in verdicts:
             self.record(v)
+        if self.cluster is not None:
+            self.cluster.add(sample, self._start_mono)
 
     # ------------------------------------------------------------------ verdicts
     def record(self, verdict: Verdict) -> None:
