@@ -319,8 +319,9 @@ class DegradationDetector:
     Values come in batches of ``degradation_batch``; the first
     ``degradation_baseline_batches`` batch medians set the baseline. Each later batch
     adds ``log(median / baseline) - log(1 + shift/2)`` to a sum floored at zero; the
-    alarm rings when the sum exceeds ``degradation_limit x log(1 + shift)``, i.e. after
-    about ``limit`` batches at the full shift, sooner for a larger one."""
+    alarm rings when the sum exceeds ``degradation_limit x log(1 + shift)``: about ten
+    batches at exactly the shift, four at twice it (one batch counts as at most twice
+    the shift, so a short blip never rings it)."""
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
@@ -361,7 +362,9 @@ class DegradationDetector:
             return False
         if self.baseline <= 0 or med <= 0:
             return False
-        step = math.log(med / self.baseline) - math.log1p(cfg.degradation_shift / 2)
+        # one batch counts as at most a 2 x shift: a short blip cannot ring the alarm
+        shift = min(math.log(med / self.baseline), 2 * math.log1p(cfg.degradation_shift))
+        step = shift - math.log1p(cfg.degradation_shift / 2)
         self.cusum = max(0.0, self.cusum + step)
         was = self.active
         self.active = self.cusum >= self.limit

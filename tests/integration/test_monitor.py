@@ -1,0 +1,121 @@
+"""The Monitor on a real group: HTTP endpoints, the hang thread, eviction policy, clean close."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from phalanx.comm import CommOptions, Group, bind
+from phalanx.monitor import DetectorConfig, Monitor, MonitorConfig, Verdict
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5.0) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture
+def pair(secret: bytes) -> Iterator[tuple[list[Group], list[Monitor]]]:
+    cfg = MonitorConfig(detectors=DetectorConfig(hang_floor_s=0.5), hang_check_s=0.05)
+    monitors = [Monitor(r, config=cfg) for r in range(2)]
+    listeners = [bind("127.0.0.1:0") for _ in range(2)]
+    addrs = [x.address for x in listeners]
+    groups: list[Group | None] = [None, None]
+    opts = CommOptions(timeout_s=5.0)
+
+    def build(r: int) -> None:
+        groups[r] = Group(r, addrs, secret, listener=listeners[r], options=opts,
+                          observer=monitors[r].observer)  # fmt: skip
+
+    ts = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30.0)
+    gs = [g for g in groups if g is not None]
+    assert len(gs) == 2
+    for g, m in zip(gs, monitors, strict=True):
+        m.attach(g.engine)
+        m.start()
+    try:
+        yield gs, monitors
+    finally:
+        for g in gs:
+            g.close()
+        for m in monitors:
+            m.close()
+
+
+def test_endpoints_and_hang_detection(pair: tuple[list[Group], list[Monitor]]) -> None:
+    groups, monitors = pair
+    host, port = monitors[0].serve("127.0.0.1", 0)
+    base = f"http://{host}:{port}"
+
+    def both(n: int) -> None:
+        ts = [threading.Thread(target=lambda g=g: [g.all_reduce(np.ones(256, np.float32))
+                                                   for _ in range(n)]) for g in groups]  # fmt: skip
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30.0)
+
+    both(20)
+    code, body = _get(base + "/metrics")
+    assert code == 200 and b"phalanx_op_duration_seconds_bucket" in body
+    assert b"phalanx_link_rtt_seconds" in body  # TCP_INFO through engine.link_stats()
+    assert _get(base + "/healthz") == (200, b"ok\n")
+    assert _get(base + "/nope")[0] == 404
+    # rank 0 enters an all-reduce alone: no progress -> a hang verdict within ~0.5 s
+    x = np.ones(256, np.float32)
+    started = time.monotonic()
+    handle = groups[0].all_reduce(x, async_op=True)
+    while time.monotonic() - started < 3.0:
+        anomalies = json.loads(_get(base + "/anomalies")[1])
+        if any(v["kind"] == "hang" for v in anomalies["recent"]):
+            break
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    assert any(v["kind"] == "hang" for v in anomalies["recent"]), anomalies
+    assert 0.4 < took < 2.0
+    assert _get(base + "/healthz")[0] == 503
+    groups[1].all_reduce(np.ones(256, np.float32))  # the partner arrives: op completes
+    handle.wait(10.0)
+    deadline = time.monotonic() + 2.0
+    while _get(base + "/healthz")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_eviction_policy_is_opt_in_and_fires_once() -> None:
+    asked: list[tuple[int, str]] = []
+    mon = Monitor(
+        0, config=MonitorConfig(evict_after=3), on_evict=lambda p, r: asked.append((p, r))
+    )
+    for i in range(5):
+        mon.record(Verdict("straggler", 2, 1.5, time.time(), 1, i))
+    assert asked == [(2, "straggler")]
+    quiet = Monitor(1)
+    for i in range(5):
+        quiet.record(Verdict("straggler", 2, 1.5, time.time(), 1, i))
+    assert len(quiet.verdicts()) == 5
+
+
+def test_close_joins_threads() -> None:
+    before = {t.name for t in threading.enumerate()}
+    mon = Monitor(0)
+    mon.start()
+    mon.serve()
+    mon.close()
+    mon.close()
+    after = {t.name for t in threading.enumerate()} - before
+    assert not [n for n in after if n.startswith("phalanx-")], after

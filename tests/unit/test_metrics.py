@@ -1,0 +1,82 @@
+"""Metric definitions: naming rules, per-daemon registries, departed peers removed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from phalanx.comm.observer import LinkSample, OpSample
+from phalanx.monitor import Monitor
+from phalanx.monitor.metrics import LinkTcp, Metrics
+
+
+def _sample(seq: int, ok: bool = True) -> OpSample:
+    links = (LinkSample(0, 100, 200, 2, 0.001, 0.002, 0.0005),
+             LinkSample(2, 300, 0, 0, None, None, 0.0))  # fmt: skip
+    return OpSample("all_reduce", seq, 3, "ring", "none", 4096, 3, 1, ok, 0.01,
+                    "" if ok else "timeout", frozenset(), links)  # fmt: skip
+
+
+def test_names_follow_prometheus_rules() -> None:
+    m = Metrics()
+    m.tcp.provider = lambda: [LinkTcp(0, 0, 0.0001, 3)]
+    families = list(text_string_to_metric_families(generate_latest(m.registry).decode()))
+    assert families
+    for f in families:
+        assert f.name.startswith("phalanx_"), f.name
+        assert f.type != "summary", f.name
+        if f.type == "counter":
+            assert not f.name.endswith("_total")  # the client appends _total itself
+        for s in f.samples:
+            assert "seq" not in s.labels and "step" not in s.labels
+            assert set(s.labels) <= {"op", "algorithm", "outcome", "peer", "stream", "kind",
+                                     "reason", "version", "le"}  # fmt: skip
+        if re.search(r"(time|duration|latency|wait|rtt)", f.name) and not f.name.endswith(
+            "_created"
+        ):
+            assert f.name.endswith("_seconds"), f.name
+
+
+def test_registries_are_per_daemon() -> None:
+    a, b = Monitor(0), Monitor(1)  # would raise "Duplicated timeseries" on one registry
+    a.observer.op_finished(_sample(1))
+    assert b"phalanx_op_duration_seconds_count" in generate_latest(a.registry)
+    text_b = generate_latest(b.registry).decode()
+    assert 'phalanx_op_duration_seconds_count{algorithm="ring"' not in text_b
+
+
+def test_op_and_link_metrics_and_forget_peer() -> None:
+    mon = Monitor(1)
+    mon.observer.op_finished(_sample(1))
+    mon.observer.op_finished(_sample(2, ok=False))
+    text = generate_latest(mon.registry).decode()
+    assert (
+        'phalanx_op_duration_seconds_count{algorithm="ring",op="all_reduce",outcome="ok"} 1.0'
+        in text
+    )
+    assert 'phalanx_op_failures_total{op="all_reduce",reason="timeout"} 1.0' in text
+    assert 'phalanx_link_received_bytes_total{peer="0"} 400.0' in text
+    assert 'phalanx_link_sent_bytes_total{peer="2"} 600.0' in text
+    assert 'phalanx_link_first_byte_wait_seconds_count{peer="0"} 2.0' in text
+    assert "phalanx_view_epoch 3.0" in text
+    mon.set_view(4, [1, 2], rank=0)  # rank 0 left
+    text = generate_latest(mon.registry).decode()
+    assert 'peer="0"' not in text and 'peer="2"' in text
+    assert "phalanx_view_members 2.0" in text and "phalanx_view_changes_total 1.0" in text
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is absent")
+def test_promtool_check_metrics_is_clean() -> None:
+    mon = Monitor(1)
+    for i in range(5):
+        mon.observer.op_finished(_sample(i))
+    mon.metrics.heartbeat(acked=True)
+    mon.metrics.snapshot_stall.observe(0.01)
+    out = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(mon.registry),
+                         capture_output=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
