@@ -60,7 +60,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ABORT = struct.Struct("<BH")  # reason code, number of suspects; then u32 per suspect
+# reason code, detecting rank + 1 (0: unknown), number of suspects; then u32 per suspect
+_ABORT = struct.Struct("<BIH")
 _ABORT_REASONS = ("aborted", "disconnected", "timeout", "protocol", "foreign-epoch", "closed")
 _MAX_CONTROL_PAYLOAD = 4096
 
@@ -293,6 +294,7 @@ class _Link:
         "channel",
         "ctrl",
         "current",
+        "draining",
         "first",
         "frames",
         "last",
@@ -315,6 +317,10 @@ class _Link:
         self.want_write = False
         # not reading: a frame of an operation this rank has not started is parked
         self.paused = False
+        # after a failure: our side is shut down, the peer's bytes are read and dropped
+        # until it closes too (closing with unread bytes would send a reset that can
+        # destroy the ABORT we just sent)
+        self.draining = False
         # measurements of the running operation (see observer.LinkSample)
         self.sent0 = self.recv0 = self.frames = 0
         self.first: float | None = None
@@ -336,8 +342,15 @@ class _PeerLeft(Exception):
 
 class _OpFailed(Exception):
     def __init__(
-        self, suspects: Iterable[int], reason: str, detail: str, detected_by: int | None
+        self,
+        suspects: Iterable[int],
+        reason: str,
+        detail: str,
+        detected_by: int | None,
+        *,
+        relayed: bool = False,
     ) -> None:
+        self.relayed = relayed
         super().__init__(detail)
         self.suspects = frozenset(suspects)
         self.reason = reason
@@ -391,6 +404,7 @@ class Engine:
         self._dirty: set[_Link] = set()
         # peers with a link gone (BYE or error): ops that still need such a link fail
         self._departed: dict[int, _OpFailed] = {}
+        self._drain_deadline = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -509,6 +523,9 @@ class Engine:
                 link = self._by_fd.get(fd)
                 if link is None or link.channel.closed:
                     continue
+                if link.draining:
+                    self._drain(link)
+                    continue
                 try:
                     if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
                         link.channel.pump_recv(self)
@@ -529,6 +546,8 @@ class Engine:
                 self._fail_current(exc)
             if self._current is not None:
                 self._check_progress(now)
+            elif self._drain_deadline:
+                self._expire_drains(now)
 
     def _poll_timeout(self) -> float:
         if self._dirty:
@@ -826,8 +845,10 @@ class Engine:
             if self._probe is not None:
                 self._probe.answered.add(link.peer)
         elif kind == FrameKind.ABORT:
-            suspects, reason = _decode_abort(bytes(payload))
-            self._abort_received(link, header, suspects, reason)
+            suspects, reason, by = _decode_abort(bytes(payload))
+            raise _OpFailed(
+                suspects, reason, f"rank {link.peer} aborted op #{header.seq}", by, relayed=True
+            )
         elif kind == FrameKind.BYE:
             log.debug("event=bye rank=%d peer=%d", self.rank, link.peer)
             raise _PeerLeft(f"rank {link.peer} left the group")
@@ -1002,6 +1023,14 @@ class Engine:
         )
         graceful = reason == "closed"
         failure = _OpFailed({link.peer}, reason, detail, None if graceful else self.rank)
+        if reason in ("protocol", "foreign-epoch"):
+            # the peer is alive but broke the contract: stop parsing its bytes, keep the
+            # socket so the ABORT tells it why, and break the group now
+            link.draining = True
+            self._set_mask(link)
+            self._departed.setdefault(link.peer, failure)
+            self._fail_current(failure)
+            return
         streams = self.links.get(link.peer, [])
         for victim in [link] if graceful else streams:
             self._drop(victim)
@@ -1020,12 +1049,6 @@ class Engine:
             link.channel.closed and (link.recvs or link.sends or link.current is not None)
             for link in self.links.get(peer, ())
         )
-
-    def _abort_received(
-        self, link: _Link, header: FrameHeader, suspects: frozenset[int], reason: str
-    ) -> None:
-        detail = f"rank {link.peer} aborted op #{header.seq}"
-        raise _OpFailed(suspects, reason, detail, link.peer)
 
     def _fail_current(self, exc: _OpFailed) -> None:
         plan = self._current
@@ -1052,13 +1075,14 @@ class Engine:
                 sorted(exc.suspects),
                 exc.detected_by,
             )
-            if exc.detected_by == self.rank:
-                self._broadcast_abort(seq, exc.suspects, exc.reason)
+            # every rank that fails passes the verdict on before it shuts its links,
+            # so a peer never reads our FIN before the reason for it
+            self._broadcast_abort(seq, exc.suspects, exc.reason, exc.detected_by)
         self._current = None
         self._probe = None
         if first:
             # nothing more may land in any plan's buffers: the group is over
-            self._close_links()
+            self._quiesce_links()
         if plan is not None:
             now = time.monotonic()
             self._observe(plan, False, now, self._link_samples(now), exc.reason, exc.suspects)
@@ -1072,13 +1096,37 @@ class Engine:
                 plan.future.set_exception(failure)
         self._fail_queued(None)
 
-    def _close_links(self) -> None:
+    def _quiesce_links(self) -> None:
+        """After a failure: FIN every link (after the ABORT already queued) and keep
+        reading, discarding, until the peer closes or a short deadline passes."""
         for streams in self.links.values():
             for link in streams:
-                if not link.channel.closed:
-                    with contextlib.suppress(OSError, ValueError):
-                        self._epoll.unregister(link.channel.fd)
-                    link.channel.close()
+                ch = link.channel
+                if ch.closed:
+                    continue
+                link.draining = True
+                link.paused = False
+                link.want_write = False
+                with contextlib.suppress(OSError):
+                    ch.sock.shutdown(socket.SHUT_WR)
+                self._set_mask(link)
+        self._drain_deadline = time.monotonic() + max(1.0, 2 * self.options.probe_s)
+
+    def _drain(self, link: _Link) -> None:
+        try:
+            done = link.channel.discard()
+        except OSError:
+            done = True
+        if done:
+            self._drop(link)
+
+    def _expire_drains(self, now: float) -> None:
+        if self._drain_deadline and now >= self._drain_deadline:
+            self._drain_deadline = 0.0
+            for streams in self.links.values():
+                for link in streams:
+                    if link.draining:
+                        self._drop(link)
 
     def _fail_queued(self, err: PeerFailure | GroupClosed | None) -> None:
         with self._lock:
@@ -1091,16 +1139,19 @@ class Engine:
             if not plan.future.done():
                 plan.future.set_exception(self._failure_for(plan))
 
-    def _broadcast_abort(self, seq: int, suspects: frozenset[int], reason: str) -> None:
+    def _broadcast_abort(
+        self, seq: int, suspects: frozenset[int], reason: str, detected_by: int | None
+    ) -> None:
         """Tell every reachable peer, so that everyone fails fast with the same suspects."""
-        payload = _encode_abort(suspects, reason)
+        payload = _encode_abort(suspects, reason, detected_by)
         header = encode_header(
             FrameKind.ABORT, epoch=self.epoch, seq=seq, chunk=0, length=len(payload)
         )
         deadline = time.monotonic() + min(0.2, self.options.probe_s)
-        for peer, streams in self.links.items():
-            if peer in suspects:
-                continue
+        # the innocent first; then the suspects, so a live culprit learns why
+        order = sorted(self.links, key=lambda p: (p in suspects, p))
+        for peer in order:
+            streams = self.links[peer]
             link = streams[0]
             channel = link.channel
             if channel.closed:
@@ -1131,21 +1182,22 @@ class Engine:
                     ch.sock.send(bye)
 
 
-def _encode_abort(suspects: Iterable[int], reason: str) -> bytes:
+def _encode_abort(suspects: Iterable[int], reason: str, detected_by: int | None) -> bytes:
     ranks = sorted(suspects)[:256]
     code = _ABORT_REASONS.index(reason) if reason in _ABORT_REASONS else 0
-    return _ABORT.pack(code, len(ranks)) + b"".join(struct.pack("<I", r) for r in ranks)
+    by = 0 if detected_by is None else detected_by + 1
+    return _ABORT.pack(code, by, len(ranks)) + b"".join(struct.pack("<I", r) for r in ranks)
 
 
-def _decode_abort(payload: bytes) -> tuple[frozenset[int], str]:
+def _decode_abort(payload: bytes) -> tuple[frozenset[int], str, int | None]:
     if len(payload) < _ABORT.size:
         raise FrameError("bad-payload", "ABORT too short")
-    code, count = _ABORT.unpack_from(payload, 0)
+    code, by, count = _ABORT.unpack_from(payload, 0)
     if len(payload) != _ABORT.size + 4 * count:
         raise FrameError("bad-payload", "ABORT length does not match its suspect count")
     ranks = struct.unpack_from(f"<{count}I", payload, _ABORT.size)
     reason = _ABORT_REASONS[code] if code < len(_ABORT_REASONS) else "aborted"
-    return frozenset(ranks), reason
+    return frozenset(ranks), reason, (by - 1 if by else None)
 
 
 def _pid() -> int:  # pragma: no cover - debugging aid

@@ -565,6 +565,17 @@ class Channel:
             self._got = 0
             sink.frame_done(self, header, dest)
 
+    def discard(self) -> bool:
+        """Read and drop whatever the kernel holds (after a failure); True at EOF."""
+        sink = bytearray(65536)
+        while True:
+            try:
+                n = self.sock.recv_into(sink)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if n == 0:
+                return True
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
