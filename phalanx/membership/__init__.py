@@ -4,8 +4,10 @@ Public pieces: :class:`View`/:class:`Member` (pure, ``view.py``), the
 :class:`Coordinator` service (``coordinator.py``), the peer-side :class:`Agent`
 (``agent.py``), their :class:`MembershipConfig`, and the errors. The generated
 protobuf modules in ``_proto/`` are private to this package: nothing outside it may
-import them. This package must never import from ``phalanx.comm`` or other parts;
-the daemon wires it to the data plane.
+import them. The core of this package must never import from ``phalanx.comm`` or
+other parts; the wiring to the data plane lives in ``elastic.py`` (``ElasticGroup``),
+``statesync.py`` and ``_door.py``, which are deliberately not imported here (import
+``phalanx.membership.elastic`` to use them).
 """
 
 from phalanx.membership.agent import Agent

@@ -98,6 +98,8 @@ class _Entry:
     suspected_at: float | None = None
     suspicion: str = ""
     removal_cause: str = ""
+    # independent signals behind the current suspicion: "stream" and "report:<id>"
+    signals: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -327,6 +329,7 @@ class GroupState:
             )
             entry.suspected_at = None
             entry.suspicion = ""
+            entry.signals.clear()
         self._maybe_end_recovery(now)
         return self.view.epoch
 
@@ -357,7 +360,7 @@ class GroupState:
                 continue
             if target.state is MemberState.LEAVING:
                 continue
-            self._suspect(target, now, f"report:{reporter}:{reason or '-'}")
+            self._suspect(target, now, f"report:{reporter}:{reason or '-'}", f"report:{reporter}")
             out.append(suspect_id)
         return out
 
@@ -367,15 +370,25 @@ class GroupState:
         if entry is None or entry.member.incarnation != incarnation:
             return
         if entry.state in (MemberState.ACTIVE, MemberState.SUSPECTED):
-            self._suspect(entry, now, "watch-stream-lost")
+            self._suspect(entry, now, "watch-stream-lost", "stream")
 
-    def _suspect(self, entry: _Entry, now: float, why: str) -> None:
+    def _suspect(self, entry: _Entry, now: float, why: str, signal: str = "") -> None:
         first = entry.state is not MemberState.SUSPECTED
         entry.state = transition(entry.state, MemberEvent.SUSPECT)
         if first:
             entry.suspected_at = now
             entry.suspicion = why
+            entry.signals.clear()
             log.info("event=suspected member=%s why=%s", entry.member.id, why)
+        if signal:
+            entry.signals.add(signal)
+
+    @staticmethod
+    def _corroborated(entry: _Entry) -> bool:
+        """The coordinator saw the member's Watch stream die AND a peer lost its
+        data-plane links to it: two independent signals that its process (or its
+        network) is gone — confirmed without waiting out the window."""
+        return "stream" in entry.signals and any(s.startswith("report:") for s in entry.signals)
 
     # -- the clock ------------------------------------------------------------------
 
@@ -394,10 +407,12 @@ class GroupState:
             if (
                 entry.state is MemberState.SUSPECTED
                 and entry.suspected_at is not None
-                and now - entry.suspected_at >= cfg.confirm_window
+                and (now - entry.suspected_at >= cfg.confirm_window or self._corroborated(entry))
             ):
                 entry.state = transition(entry.state, MemberEvent.CONFIRM)
                 entry.removal_cause = f"confirmed:{entry.suspicion}"
+                if now - entry.suspected_at < cfg.confirm_window:
+                    entry.removal_cause += "+corroborated"
                 removals.append(Change(ChangeKind.FAIL, entry.member, entry.removal_cause))
                 continue
             if age >= cfg.heartbeat_timeout:
