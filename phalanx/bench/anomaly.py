@@ -234,6 +234,9 @@ def run(args: argparse.Namespace) -> int:
             false_positives=len(fp_cluster),
             false_positives_local=len(fp_local),
             false_positive_kinds=sorted({v.kind for _, v in fp_cluster}),
+            false_positive_details=[
+                f"{v.kind} {v.src}->{v.dst} peer={v.peer} {v.detail}" for _, v in fp_cluster
+            ][:4],
             false_positive_kinds_local=sorted({v[0] for v in fp_local}),
             median_step_s=round(med_step, 6),
             latency_measurable=len(measured),

@@ -69,8 +69,8 @@ class DetectorConfig:
     #: a cell must also exceed its median by this many seconds (ignores microsecond noise)
     min_excess_s: float = 0.0002
     #: persistence: hits in ``k`` of the last ``n`` ops make a verdict
-    k: int = 3
-    n: int = 5
+    k: int = 4
+    n: int = 6
     #: baseline window per cell and the samples needed before judging
     window: int = 128
     min_baseline: int = 20

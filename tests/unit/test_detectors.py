@@ -59,12 +59,12 @@ def test_slow_link_needs_k_of_n_and_names_the_cell() -> None:
     cells = [("all_reduce", 14, s, (s + 1) % 4) for s in range(4)]
     for _ in range(100):
         assert det.observe({c: 0.001 + rng.uniform(0, 3e-4) for c in cells}, cross=True) == []
-    # one spike is not a verdict (needs 3 of 5)
+    # one spike is not a verdict (needs k of n)
     spike = {c: 0.001 for c in cells} | {cells[1]: 0.01}
     assert det.observe(spike, cross=True) == []
     assert det.observe({c: 0.001 for c in cells}, cross=True) == []
     hits = []
-    for _ in range(3):
+    for _ in range(CFG.k):
         hits = det.observe({c: 0.001 for c in cells} | {cells[2]: 0.004}, cross=True)
     assert [h.cell for h in hits] == [cells[2]] and hits[0].new
 
