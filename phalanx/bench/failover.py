@@ -36,15 +36,17 @@ import argparse
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -137,13 +139,26 @@ def _initial_state(nbytes: int) -> dict[str, np.ndarray]:
     }
 
 
+class _Events:
+    """A peer's own pipe to the parent (never a queue shared by all peers: a peer
+    SIGKILLed while holding a shared queue's lock would silence every other one)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def put(self, event: tuple[Any, ...]) -> None:
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self._conn.send(event)
+
+
 def _peer_main(
     member_id: str,
     coordinator: str,
     secret: bytes,
     scenario: Scenario,
     fresh: bool,
-    events: Any,
+    conn: Any,
     stop_step: Any,
     leave_now: Any,
 ) -> None:
@@ -152,6 +167,7 @@ def _peer_main(
     from phalanx.membership.statesync import StepAborted, SyncState
 
     _child_logging(scenario.log_level)
+    events = _Events(conn)
     me = member_id
     state = SyncState.empty() if fresh else SyncState(_initial_state(scenario.state_size), 0)
     n = scenario.size // 4
@@ -240,8 +256,8 @@ def _peer_main(
 class _Run:
     sc: Scenario
     secret: bytes
-    events: Any
     stop_step: Any
+    conns: dict[str, Any] = field(default_factory=dict)
     procs: dict[str, BaseProcess] = field(default_factory=dict)
     leave: dict[str, Any] = field(default_factory=dict)
     coord: BaseProcess | None = None
@@ -270,6 +286,7 @@ class _Run:
 
     def start_peer(self, member_id: str, fresh: bool) -> None:
         leave = _MP.Event()
+        parent, child = _MP.Pipe(duplex=False)
         proc = _MP.Process(
             target=_peer_main,
             args=(
@@ -278,7 +295,7 @@ class _Run:
                 self.secret,
                 self.sc,
                 fresh,
-                self.events,
+                child,
                 self.stop_step,
                 leave,
             ),
@@ -286,6 +303,8 @@ class _Run:
             daemon=True,
         )
         proc.start()
+        child.close()
+        self.conns[member_id] = parent
         self.procs[member_id] = proc
         self.leave[member_id] = leave
 
@@ -295,20 +314,33 @@ class _Run:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"timed out waiting for {what}")
+            self.drain(min(left, 0.05))
+
+    def drain(self, timeout: float) -> None:
+        """Read every event that arrives within ``timeout`` seconds."""
+        live = list(self.conns.values())
+        if not live:
+            time.sleep(timeout)
+            return
+        for ready in multiprocessing.connection.wait(live, timeout):
+            conn = cast(Connection, ready)
             try:
-                ev = self.events.get(timeout=min(left, 0.05))
-            except queue.Empty:
+                ev = conn.recv()
+            except (EOFError, OSError):
+                self.conns = {k: c for k, c in self.conns.items() if c is not conn}
                 continue
-            kind = ev[0]
-            if kind == "op":
-                self.ops.append(ev)
-            elif kind == "view":
-                self.views.append(ev)
-            elif kind == "error":
+            self.record(ev)
+
+    def record(self, ev: tuple[Any, ...]) -> None:
+        kind = ev[0]
+        if kind == "op":
+            self.ops.append(ev)
+        elif kind == "view":
+            self.views.append(ev)
+        else:
+            if kind == "error":
                 self.errors.append(f"{ev[1]}: {ev[2]}")
-                self.other.append(ev)
-            else:
-                self.other.append(ev)
+            self.other.append(ev)
 
     def ops_of(self, member: str) -> list[tuple[Any, ...]]:
         return [o for o in self.ops if o[1] == member]
@@ -332,7 +364,8 @@ class _Run:
 
 def run_scenario(sc: Scenario, *, verbose: bool = False) -> dict[str, Any]:
     """Run one fault scenario; returns the result row (see the module docstring)."""
-    r = _Run(sc, os.urandom(24), _MP.Queue(), _MP.Value("q", 1 << 62))
+    # lock=False: a SIGKILLed peer must not be able to die holding a shared lock
+    r = _Run(sc, os.urandom(24), _MP.Value("q", 1 << 62, lock=False))
 
     def say(msg: str) -> None:
         progress(msg, enabled=verbose)
@@ -470,12 +503,9 @@ def run_scenario(sc: Scenario, *, verbose: bool = False) -> dict[str, Any]:
         r.errors.append(str(exc))
     finally:
         r.kill_all()
-        while True:  # whatever is still queued
-            try:
-                ev = r.events.get(timeout=0.05)
-            except (queue.Empty, OSError, EOFError):
-                break
-            (r.ops if ev[0] == "op" else r.views if ev[0] == "view" else r.other).append(ev)
+        r.drain(0.05)  # whatever is still in the pipes
+        for conn in r.conns.values():
+            conn.close()
     _summarize(r, row, victim)
     row["wall_s"] = round(time.monotonic() - t_start, 2)
     return row
