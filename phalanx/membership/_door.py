@@ -114,13 +114,16 @@ class Door:
         self._thread = threading.Thread(target=self._loop, name="phalanx-door", daemon=True)
         self._thread.start()
 
-    def listener(self, epoch: int) -> EpochListener:
-        """The listener for ``epoch``'s group (older epochs are refused from now on)."""
+    def listener(self, epoch: int, *, advance: bool = True) -> EpochListener:
+        """The listener for ``epoch``'s group. With ``advance`` (a view's group) older
+        epochs are refused from now on; without (a side group, e.g. a state transfer
+        under an epoch id of its own) nothing else changes."""
         es = _EpochSocket(epoch, cast(tuple[str, int], self._listener.sock.getsockname()))
         with self._lock:
-            self._floor = max(self._floor, epoch)
-            for old in [e for e in self._open if e < epoch]:
-                self._open.pop(old).close()
+            if advance:
+                self._floor = max(self._floor, epoch)
+                for old in [e for e in self._open if e < epoch]:
+                    self._open.pop(old).close()
             self._open[epoch] = es
             keep = []
             for conn, ep, deadline in self._held:

@@ -412,7 +412,9 @@ class ElasticGroup:
                 continue  # the mid-step members exchange again on their next call
             if st is not None and plan.receivers:
                 try:
-                    ep.sync = transfer(ep.group, plan, st, epoch=ep.view.epoch)
+                    ep.sync = transfer(
+                        ep.group, plan, st, epoch=ep.view.epoch, side=self._side_group(ep)
+                    )
                 except StateSyncError as exc:
                     with self._cond:
                         ep.broken = PeerFailure(
@@ -438,6 +440,28 @@ class ElasticGroup:
                 plan.source,
                 list(plan.receivers),
             )
+
+    def _side_group(self, ep: _Epoch) -> Callable[[tuple[int, ...]], Group]:
+        """Builds a group of some ranks of ``ep``'s view, for the state transfer, under
+        its own epoch id (bit 62 set: never a view's) through the same door."""
+
+        def build(ranks: tuple[int, ...]) -> Group:
+            side_epoch = (1 << 62) | ep.view.epoch
+            listener = self._door.listener(side_epoch, advance=False)
+            try:
+                return Group(
+                    ranks.index(ep.rank),
+                    [ep.view.members[r].addresses[0] for r in ranks],
+                    self._secret,
+                    listener=listener,
+                    epoch=side_epoch,
+                    options=self.options,
+                )
+            except BaseException:
+                listener.close()
+                raise
+
+        return build
 
     def _on_op_failure(self, ep: _Epoch, exc: CommError, op: str) -> PeerFailure:
         """Classify a failed collective; report real peer failures; return what to raise."""

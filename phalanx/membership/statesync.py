@@ -50,7 +50,7 @@ import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -424,67 +424,47 @@ def _bytes_of(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
 
-def transfer(group: Group, plan: SyncPlan, state: SyncState, *, epoch: int) -> SyncReport:
+def transfer(
+    group: Group,
+    plan: SyncPlan,
+    state: SyncState,
+    *,
+    epoch: int,
+    side: Callable[[tuple[int, ...]], Group] | None = None,
+) -> SyncReport:
     """Run steps 3-4 of the protocol for ``plan`` (every rank calls it); installs the
     state on receivers after verification. Raises :class:`StateSyncError` everywhere
-    if any receiver failed verification."""
+    if any receiver failed verification.
+
+    ``side(ranks)``, if given, builds a group of just those ranks of ``group`` (source
+    first, then receivers, in rank order): the bytes then go one hop from the source to
+    the receivers instead of down the whole broadcast chain, and the other members
+    only wait for the verdict."""
     t0 = time.monotonic()
     if plan.source is None or not plan.receivers:
         return SyncReport(epoch, plan.source, plan.receivers, False, plan.step, 0, 0.0)
     me = group.rank
     src = plan.source
     receiving = me in plan.receivers
-    # -- manifest: length, then bytes
-    if me == src:
-        manifest = state.manifest()
-        blob = manifest.encode()
-        if manifest.digest != state.digest():  # the arrays changed without update()
-            raise StateSyncError("source state changed without SyncState.update()")
-    else:
-        blob = b""
-    length = np.array([len(blob)], dtype=np.int64)
-    group.broadcast(length, root=src)
-    n = int(length[0])
-    if not 0 < n <= _MAX_MANIFEST:
-        raise StateSyncError(f"state manifest length {n} out of range")
-    raw = np.zeros(n, dtype=np.uint8)
-    if me == src:
-        raw[:] = np.frombuffer(blob, dtype=np.uint8)
-    group.broadcast(raw, root=src)
-    error = ""
-    try:
-        manifest = Manifest.decode(raw.tobytes())
-    except StateSyncError as exc:
-        manifest, error = Manifest(plan.step, ()), str(exc)
-    if not error and (manifest.digest != plan.digest or manifest.step != plan.step):
-        error = "manifest does not match the majority digest"
-    # -- bytes: every rank takes part in every broadcast, whatever the manifest says.
-    # Entries go in chunks of CHUNK_BYTES, up to WINDOW broadcasts in flight, so a
-    # receiver hashes chunk k (hashlib drops the GIL) while the engine moves k+1...
+    parts = tuple(sorted({src, *plan.receivers}))
+    manifest, error = Manifest(plan.step, ()), ""
     fresh: dict[str, np.ndarray] = {}
-    for entry in manifest.entries:
-        have = state.arrays.get(entry.name)
-        buf: np.ndarray | None = None
-        mine = (me == src or not receiving) and have is not None and _same(have, entry)
-        if mine and have is not None and have.flags.c_contiguous and have.flags.writeable:
-            buf = _bytes_of(have)  # same bytes as the source's: overwriting is harmless
-        if buf is None:
-            buf = np.empty(entry.nbytes, dtype=np.uint8)
-            if me == src and have is not None:
-                buf[:] = _bytes_of(np.ascontiguousarray(have))
-        sha = hashlib.sha256()
-        inflight: deque[tuple[Handle, np.ndarray]] = deque()
-        for a in range(0, max(entry.nbytes, 1), CHUNK_BYTES):
-            piece = buf[a : a + CHUNK_BYTES]
-            inflight.append((group.broadcast(piece, root=src, async_op=True), piece))
-            if len(inflight) >= WINDOW:
-                _finish(inflight, sha if receiving else None)
-        while inflight:
-            _finish(inflight, sha if receiving else None)
-        if receiving:
-            if sha.digest() != entry.sha256 and not error:
-                error = f"entry {entry.name!r}: sha256 mismatch after transfer"
-            fresh[entry.name] = buf
+    if side is None or len(parts) == group.world:
+        manifest, fresh, error = _move(group, src, receiving, plan, state)
+    elif me in parts:
+        try:
+            sub = side(parts)
+        except Exception as exc:  # HandshakeError, OSError: no transfer, say so
+            error = f"transfer group: {exc}"
+        else:
+            try:
+                manifest, fresh, error = _move(sub, parts.index(src), receiving, plan, state)
+            except (CommError, StateSyncError) as exc:
+                error = error or f"transfer: {exc}"
+            finally:
+                sub.close()
+    else:
+        manifest = Manifest(plan.step, ())
     verdicts = _flags_all(group, not error)
     seconds = time.monotonic() - t0
     if not all(verdicts):
@@ -517,6 +497,65 @@ def transfer(group: Group, plan: SyncPlan, state: SyncState, *, epoch: int) -> S
     return SyncReport(
         epoch, src, plan.receivers, receiving, manifest.step, manifest.nbytes, seconds
     )
+
+
+def _move(
+    g: Group, root: int, receiving: bool, plan: SyncPlan, state: SyncState
+) -> tuple[Manifest, dict[str, np.ndarray], str]:
+    """Manifest, then every entry's bytes, from ``root`` to every rank of ``g``;
+    returns (manifest, received arrays, verification error or "")."""
+    # -- manifest: length, then bytes
+    if g.rank == root:
+        manifest = state.manifest()
+        blob = manifest.encode()
+        if manifest.digest != state.digest():  # the arrays changed without update()
+            raise StateSyncError("source state changed without SyncState.update()")
+    else:
+        blob = b""
+    length = np.array([len(blob)], dtype=np.int64)
+    g.broadcast(length, root=root)
+    n = int(length[0])
+    if not 0 < n <= _MAX_MANIFEST:
+        raise StateSyncError(f"state manifest length {n} out of range")
+    raw = np.zeros(n, dtype=np.uint8)
+    if g.rank == root:
+        raw[:] = np.frombuffer(blob, dtype=np.uint8)
+    g.broadcast(raw, root=root)
+    error = ""
+    try:
+        manifest = Manifest.decode(raw.tobytes())
+    except StateSyncError as exc:
+        manifest, error = Manifest(plan.step, ()), str(exc)
+    if not error and (manifest.digest != plan.digest or manifest.step != plan.step):
+        error = "manifest does not match the majority digest"
+    # -- bytes: every rank takes part in every broadcast, whatever the manifest says.
+    # Entries go in chunks of CHUNK_BYTES, up to WINDOW broadcasts in flight, so a
+    # receiver hashes chunk k (hashlib drops the GIL) while the engine moves k+1...
+    fresh: dict[str, np.ndarray] = {}
+    for entry in manifest.entries:
+        have = state.arrays.get(entry.name)
+        buf: np.ndarray | None = None
+        mine = (g.rank == root or not receiving) and have is not None and _same(have, entry)
+        if mine and have is not None and have.flags.c_contiguous and have.flags.writeable:
+            buf = _bytes_of(have)  # same bytes as the source's: overwriting is harmless
+        if buf is None:
+            buf = np.empty(entry.nbytes, dtype=np.uint8)
+            if g.rank == root and have is not None:
+                buf[:] = _bytes_of(np.ascontiguousarray(have))
+        sha = hashlib.sha256()
+        inflight: deque[tuple[Handle, np.ndarray]] = deque()
+        for a in range(0, max(entry.nbytes, 1), CHUNK_BYTES):
+            piece = buf[a : a + CHUNK_BYTES]
+            inflight.append((g.broadcast(piece, root=root, async_op=True), piece))
+            if len(inflight) >= WINDOW:
+                _finish(inflight, sha if receiving else None)
+        while inflight:
+            _finish(inflight, sha if receiving else None)
+        if receiving:
+            if sha.digest() != entry.sha256 and not error:
+                error = f"entry {entry.name!r}: sha256 mismatch after transfer"
+            fresh[entry.name] = buf
+    return manifest, fresh, error
 
 
 def _finish(inflight: deque[tuple[Handle, np.ndarray]], sha: Any) -> None:
