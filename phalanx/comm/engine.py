@@ -739,6 +739,7 @@ class Engine:
             reason=reason,
             suspects=suspects,
             links=tuple(samples),
+            started=self._started,
         )
         try:
             self.observer.op_finished(sample)
@@ -752,6 +753,16 @@ class Engine:
         if plan is None:
             return None
         return plan.kind, plan.seq, started, progress
+
+    def waiting_on(self) -> frozenset[int]:
+        """Peers the running op still expects frames from or cannot send to (a
+        snapshot; empty when idle). Lets a hang verdict name a peer."""
+        if self._current is None:
+            return frozenset()
+        try:
+            return frozenset(self._waited_peers())
+        except RuntimeError:  # the engine thread changed a queue under us: try later
+            return frozenset()
 
     def link_stats(self) -> list[LinkStats]:
         """Totals and TCP_INFO of every link (any thread; closed links are skipped)."""

@@ -62,6 +62,9 @@ class OpSample:
     reason: str
     suspects: frozenset[int]
     links: tuple[LinkSample, ...]
+    #: ``time.monotonic()`` when the op started on this rank (comparable across ranks
+    #: of one host only)
+    started: float = 0.0
 
 
 class CommObserver(Protocol):
