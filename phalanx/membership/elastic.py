@@ -7,9 +7,10 @@ data-plane :class:`phalanx.comm.Group` of the current view. It
   routes each incoming link to the group of the epoch named in its HELLO);
 * on every new view (agent callback): aborts the collective in flight in the old view
   (its links are shut down, so the engine fails it at once with the caller's buffer
-  restored — promise 2), closes the old group and builds the group of the new view
-  (rank = index in the view, address = each member's first address) on its own
-  *installer* thread, so the build overlaps with the caller noticing the failure;
+  restored — promise 2); its *installer* thread closes the old group and starts the
+  build of the new view's group (rank = index in the view, address = each member's
+  first address) on a *builder* thread of its own, so the build overlaps with the
+  caller noticing the failure, and a stale build never delays the newest one;
 * before the first collective in a new group, runs the state-sync exchange
   (:mod:`phalanx.membership.statesync`): members that hold another state than the
   majority receive it over the data plane, verified by hash, before contributing;
@@ -27,8 +28,8 @@ ran in); other data-plane failures raise the engine's :class:`PeerFailure`;
 :class:`~phalanx.membership.errors.Evicted` once this incarnation was removed (call
 :meth:`ElasticGroup.rejoin`).
 
-Threads: the agent's two, the door's, the installer and the reporter; :meth:`close`
-joins all of them. The caller's thread runs collectives and the sync protocol; no lock
+Threads: the agent's two, the door's, the installer, the reporter and short-lived
+builders (one per view, each bounded by ``build_timeout``); :meth:`close` joins all. The caller's thread runs collectives and the sync protocol; no lock
 of this class is held while a collective or an RPC runs. Every wait has a deadline.
 """
 
@@ -187,6 +188,7 @@ class ElasticGroup:
             threading.Thread(target=self._installer, name="phalanx-elastic-install", daemon=True),
             threading.Thread(target=self._reporter, name="phalanx-elastic-report", daemon=True),
         ]
+        self._builders: list[threading.Thread] = []
         for t in self._threads:
             t.start()
 
@@ -237,8 +239,8 @@ class ElasticGroup:
         self.agent.close()
         self._stop.set()
         self._reports.put(None)
-        for t in self._threads:
-            t.join(10.0)
+        for t in [*self._threads, *self._builders]:
+            t.join(self.options.connect_timeout_s + self.options.handshake_timeout_s + 5.0)
             if t.is_alive():
                 log.error("event=thread_not_joined name=%s", t.name)
         self._retire_current()
@@ -286,7 +288,15 @@ class ElasticGroup:
                 except Exception:
                     log.exception("event=observer_error member=%s", self.member_id)
             self._retire_current()
-            self._build(view)
+            # Each view is built on a thread of its own: a build of a view that is
+            # already stale (waiting for a member that moved on) must not delay the
+            # newest one, or the others give up on us (``build_timeout``) meanwhile.
+            builder = threading.Thread(
+                target=self._build, args=(view,), name="phalanx-elastic-build", daemon=True
+            )
+            self._builders = [b for b in self._builders if b.is_alive()]
+            self._builders.append(builder)
+            builder.start()
 
     def _build(self, view: View) -> None:
         me = self.member_id
@@ -314,7 +324,7 @@ class ElasticGroup:
                 "event=group_build_failed member=%s epoch=%d error=%r", me, view.epoch, str(exc)
             )
             with self._cond:
-                newer = self._pending is not None
+                newer = self._latest > view.epoch
             if suspects and not newer:
                 self._reports.put((suspects, view.epoch, "connect"))
         else:
@@ -328,7 +338,7 @@ class ElasticGroup:
             )
         stale = None
         with self._cond:
-            if self._closed or (self._pending is not None and ep.group is not None):
+            if self._closed or view.epoch < self._latest:
                 stale = ep  # a newer view arrived during the build (or we are closing)
             else:
                 self._current = ep
