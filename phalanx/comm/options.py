@@ -29,8 +29,10 @@ class CommOptions:
     connect_timeout_s: float = 30.0
     #: one handshake (HELLO .. WELCOME) within this time
     handshake_timeout_s: float = 5.0
-    #: SO_SNDBUF / SO_RCVBUF of every data-plane socket
-    socket_buffer_bytes: int = 4 * MiB
+    #: SO_SNDBUF / SO_RCVBUF of every data-plane socket; 0 leaves them to the
+    #: kernel's autotuning (measured at least as fast here, and it can grow the
+    #: receive side past net.core.rmem_max, which caps explicit sizes)
+    socket_buffer_bytes: int = 0
     #: pipelining unit: collectives move data in pieces of at most this many bytes
     piece_bytes: int = 1 * MiB
     #: all-reduces of at most this many bytes use recursive doubling (latency-bound);
@@ -46,8 +48,8 @@ class CommOptions:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
-        if self.socket_buffer_bytes < 64 * KiB:
-            raise ConfigError("socket_buffer_bytes must be at least 64 KiB")
+        if self.socket_buffer_bytes and self.socket_buffer_bytes < 64 * KiB:
+            raise ConfigError("socket_buffer_bytes must be 0 (kernel autotuning) or >= 64 KiB")
         if not 4 * KiB <= self.piece_bytes <= self.max_frame_bytes:
             raise ConfigError("piece_bytes must be between 4 KiB and max_frame_bytes")
         if self.small_bytes < 0:
