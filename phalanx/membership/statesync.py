@@ -457,6 +457,12 @@ def transfer(
         except Exception as exc:  # HandshakeError, OSError: no transfer, say so
             error = f"transfer group: {exc}"
         else:
+            log.debug(
+                "event=side_group_up epoch=%d ranks=%s build_s=%.4f",
+                epoch,
+                list(parts),
+                time.monotonic() - t0,
+            )
             try:
                 manifest, fresh, error = _move(sub, parts.index(src), receiving, plan, state)
             except (CommError, StateSyncError) as exc:
