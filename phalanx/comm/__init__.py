@@ -8,9 +8,9 @@ Build a static group from ranks, addresses and the cluster secret::
     group.all_reduce(grads, op="avg", codec="int8")
 """
 
-from phalanx.comm.engine import OpInfo
 from phalanx.comm.group import Group, Handle
 from phalanx.comm.options import CommOptions
+from phalanx.comm.plan import OpInfo
 from phalanx.comm.transport import Listener, bind
 
 __all__ = ["CommOptions", "Group", "Handle", "Listener", "OpInfo", "bind"]

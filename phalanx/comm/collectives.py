@@ -1,7 +1,7 @@
 """Collectives compiled into engine plans: ring, recursive doubling, broadcast, barrier.
 
 Each ``build_*`` function takes a 1-D contiguous array and returns a
-:class:`~phalanx.comm.engine.Plan` whose sends, receives and compute steps follow a
+:class:`~phalanx.comm.plan.Plan` whose sends, receives and compute steps follow a
 schedule from :mod:`phalanx.comm.schedules`, cut into pieces of at most
 ``options.piece_bytes`` so that receiving, reducing and sending overlap.
 
@@ -32,7 +32,8 @@ import numpy as np
 
 from phalanx.comm import schedules as sched
 from phalanx.comm.codecs import CODEC_NONE, Codec, decode_into
-from phalanx.comm.engine import Engine, Node, Plan, RecvNode
+from phalanx.comm.engine import Engine
+from phalanx.comm.plan import Node, Plan, RecvNode
 from phalanx.comm.reduce import ReduceOp, accumulation_dtype, combine, finalize
 from phalanx.comm.transport import Buffer
 from phalanx.errors import UnsupportedError

@@ -25,9 +25,10 @@ import numpy as np
 from phalanx.comm import collectives
 from phalanx.comm import handshake as hs
 from phalanx.comm.codecs import Codec, parse_codec
-from phalanx.comm.engine import Engine, FrameHook, LinkStats, OpInfo, Plan
+from phalanx.comm.engine import Engine, FrameHook, LinkStats
 from phalanx.comm.observer import CommObserver
 from phalanx.comm.options import CommOptions
+from phalanx.comm.plan import OpInfo, Plan
 from phalanx.comm.reduce import check_dtype, parse_op
 from phalanx.comm.transport import (
     Channel,

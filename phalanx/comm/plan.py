@@ -1,0 +1,216 @@
+"""Plans: a collective as a dataflow of sends, receives and compute steps.
+
+:mod:`phalanx.comm.collectives` builds a :class:`Plan` for each operation; the
+:class:`~phalanx.comm.engine.Engine` runs it. A plan is per link an ordered list of
+frames to send and an ordered list of frames to receive, plus compute steps, tied
+together by dependency counts: a node runs when every node it waits for is done.
+Plans also carry what the engine must do at the end (success steps, undo steps on
+failure) and the scratch buffers they borrowed.
+
+This module holds data and bookkeeping only: no sockets, no threads, no clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from phalanx.comm.transport import Buffer
+
+if TYPE_CHECKING:
+    from phalanx.comm.engine import Engine, _Link
+
+__all__ = ["ComputeNode", "Node", "OpInfo", "Plan", "RecvNode", "RecvThen", "SendNode"]
+
+
+@dataclass(frozen=True, slots=True)
+class OpInfo:
+    """What a completed collective reports."""
+
+    op: str
+    seq: int
+    epoch: int
+    algorithm: str
+    nbytes: int
+    codec: str
+    world: int
+    wire_bytes_sent: int
+    wire_bytes_recv: int
+    duration_s: float
+    #: ranks whose data went into the result (all ranks of the group for a static group)
+    contributors: tuple[int, ...] = field(default=())
+
+
+class Node:
+    __slots__ = ("children", "done", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.children: list[Node] = []
+        self.done = False
+
+    def after(self, deps: Iterable[Node | None]) -> None:
+        for dep in deps:
+            if dep is not None and not dep.done:
+                dep.children.append(self)
+                self.waiting += 1
+
+
+class SendNode(Node):
+    """Send one frame; ``produce()`` returns (codec id, payload) once deps are done."""
+
+    __slots__ = ("ordinal", "produce", "state")
+
+    def __init__(
+        self, state: _Link, ordinal: int, produce: Callable[[], tuple[int, Buffer]]
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self.ordinal = ordinal
+        self.produce = produce
+
+
+RecvThen = Callable[[int, memoryview, bool], None]
+
+
+class RecvNode(Node):
+    """Receive one frame. A raw payload of exactly ``len(direct)`` bytes lands in
+    ``direct``; anything else (encoded) in a fresh buffer of at most ``max_encoded``
+    bytes. ``prepare()`` runs once the frame's header is in, before any payload byte
+    is written; ``then(codec, payload, was_direct)`` runs when it is complete."""
+
+    __slots__ = ("direct", "max_encoded", "ordinal", "prepare", "state", "then")
+
+    def __init__(
+        self,
+        state: _Link,
+        ordinal: int,
+        direct: memoryview | None,
+        max_encoded: int,
+        then: RecvThen | None,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self.ordinal = ordinal
+        self.direct = direct
+        self.max_encoded = max_encoded
+        self.then = then
+        self.prepare = prepare
+
+
+class ComputeNode(Node):
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        super().__init__()
+        self.fn = fn
+
+
+class Plan:
+    """A collective as per-link ordered sends/receives plus compute, built before it runs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        kind: str,
+        *,
+        algorithm: str,
+        nbytes: int,
+        codec: str,
+    ) -> None:
+        self.engine = engine
+        self.kind = kind
+        self.algorithm = algorithm
+        self.nbytes = nbytes
+        self.codec = codec
+        self.seq = -1  # assigned at submit
+        self.sends: dict[_Link, deque[SendNode]] = {}
+        self.recvs: dict[_Link, deque[RecvNode]] = {}
+        self._ordinals: dict[tuple[_Link, bool], int] = {}
+        self.ready: list[Node] = []
+        self.pending = 0
+        self.success: list[Callable[[], None]] = []
+        self.failure: list[Callable[[], None]] = []
+        self.borrowed: list[np.ndarray] = []
+        self.future: Future[OpInfo] = Future()
+
+    def _link(self, peer: int, piece: int) -> _Link:
+        streams = self.engine.links[peer]
+        return streams[piece % len(streams)]
+
+    def _ordinal(self, link: _Link, sending: bool) -> int:
+        key = (link, sending)
+        n = self._ordinals.get(key, 0)
+        self._ordinals[key] = n + 1
+        return n
+
+    def _add(self, node: Node, deps: Iterable[Node | None]) -> None:
+        node.after(deps)
+        self.pending += 1
+        if node.waiting == 0:
+            self.ready.append(node)
+
+    def send(
+        self,
+        peer: int,
+        piece: int,
+        produce: Callable[[], tuple[int, Buffer]],
+        after: Iterable[Node | None] = (),
+    ) -> SendNode:
+        link = self._link(peer, piece)
+        node = SendNode(link, self._ordinal(link, True), produce)
+        self.sends.setdefault(link, deque()).append(node)
+        self._add(node, after)
+        return node
+
+    def send_raw(
+        self, peer: int, piece: int, data: Buffer, after: Iterable[Node | None] = ()
+    ) -> SendNode:
+        payload = (0, data)
+        return self.send(peer, piece, lambda: payload, after)
+
+    def recv(
+        self,
+        peer: int,
+        piece: int,
+        *,
+        direct: memoryview | None,
+        max_encoded: int,
+        then: RecvThen | None = None,
+        prepare: Callable[[], None] | None = None,
+    ) -> RecvNode:
+        link = self._link(peer, piece)
+        node = RecvNode(link, self._ordinal(link, False), direct, max_encoded, then, prepare)
+        self.recvs.setdefault(link, deque()).append(node)
+        self._add(node, ())
+        return node
+
+    def compute(self, fn: Callable[[], None], after: Iterable[Node | None] = ()) -> ComputeNode:
+        node = ComputeNode(fn)
+        self._add(node, after)
+        return node
+
+    def on_success(self, fn: Callable[[], None]) -> None:
+        self.success.append(fn)
+
+    def on_failure(self, fn: Callable[[], None]) -> None:
+        """Undo work on the caller's memory; runs on the engine thread when the op fails."""
+        self.failure.append(fn)
+
+    def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
+        """A work array of ``count`` elements borrowed from the group's pool for the
+        lifetime of this plan (contents undefined)."""
+        buf = self.engine.pool.get(count * dtype.itemsize)
+        self.borrowed.append(buf)
+        return buf[: count * dtype.itemsize].view(dtype)
+
+    def release(self) -> None:
+        bufs, self.borrowed = self.borrowed, []
+        for buf in bufs:
+            self.engine.pool.put(buf)
