@@ -51,7 +51,15 @@ log = logging.getLogger(__name__)
 
 # reason code, detecting rank + 1 (0: unknown), number of suspects; then u32 per suspect
 _ABORT = struct.Struct("<BIH")
-_ABORT_REASONS = ("aborted", "disconnected", "timeout", "protocol", "foreign-epoch", "closed")
+_ABORT_REASONS = (
+    "aborted",
+    "disconnected",
+    "timeout",
+    "protocol",
+    "foreign-epoch",
+    "closed",
+    "view-change",
+)
 _MAX_CONTROL_PAYLOAD = 4096
 
 
@@ -203,6 +211,7 @@ class Engine:
         # peers with a link gone (BYE or error): ops that still need such a link fail
         self._departed: dict[int, _OpFailed] = {}
         self._drain_deadline = 0.0
+        self._abort_request: tuple[str, str] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -234,6 +243,15 @@ class Engine:
             self._queue.append(plan)
         self._wake()
         return plan.future
+
+    def abort(self, reason: str = "view-change", detail: str = "") -> None:
+        """Fail the running op (and every later one) from any thread, at once: the
+        caller's buffers are restored and peers are told (ABORT). Used when the
+        membership layer installs a new view."""
+        with self._lock:
+            if self._abort_request is None:
+                self._abort_request = (reason, detail or "aborted by this rank")
+        self._wake()
 
     @property
     def broken(self) -> PeerFailure | GroupClosed | None:
@@ -295,6 +313,9 @@ class Engine:
         poll = self._epoll.poll
         wake_fd = self._wake_r.fileno()
         while True:
+            if self._abort_request is not None and self._broken is None:
+                reason, detail = self._abort_request
+                self._fail_current(_OpFailed((), reason, detail, self.rank))
             if self._current is None:
                 with self._lock:
                     closing = self._closing

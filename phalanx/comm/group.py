@@ -390,6 +390,12 @@ class Group:
         a, b = partition(size, self.world)[self.rank if rank is None else rank]
         return slice(a, b)
 
+    def abort(self, reason: str = "view-change", detail: str = "") -> None:
+        """Fail the op in flight and break the group, from any thread (e.g. when a new
+        view is installed): the waiting caller gets :class:`PeerFailure` with this
+        ``reason`` and its array back as it was; later calls raise at once."""
+        self.engine.abort(reason, detail)
+
     def link_stats(self) -> list[LinkStats]:
         """Bytes moved and TCP round-trip time / retransmissions of every link."""
         return self.engine.link_stats()

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -599,20 +598,9 @@ class ElasticGroup:
 
 
 def _abort_links(group: Group) -> None:
-    """Make the engine fail whatever it runs, at once: shut its sockets down.
-
-    :class:`phalanx.comm.Group` has no abort call (yet); shutting the links down is
-    the one lever that works from another thread: the engine sees EOF/errors on its
-    next poll, fails the op with its buffers restored, and stops using the links.
-    """
-    try:
-        links = group.engine.links
-    except ConfigError:
-        return
-    for streams in list(links.values()):
-        for link in streams:
-            with contextlib.suppress(OSError):
-                link.channel.sock.shutdown(socket.SHUT_RDWR)
+    """Make the engine fail whatever it runs, at once (buffers restored, peers told)."""
+    with contextlib.suppress(ConfigError):
+        group.abort("view-change", "a new view was installed")
 
 
 def _close_epoch(ep: _Epoch) -> None:

@@ -1,0 +1,58 @@
+"""Group.abort(): another thread fails the op in flight at once, input intact."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from phalanx.comm import CommOptions, Group, bind
+from phalanx.errors import PeerFailure
+
+
+def test_abort_from_another_thread_fails_the_op_and_restores_the_input() -> None:
+    listeners = [bind("127.0.0.1:0") for _ in range(2)]
+    addresses = [lst.address for lst in listeners]
+    opts = CommOptions(timeout_s=30.0)
+    groups: list[Group | None] = [None, None]
+
+    def build(rank: int) -> None:
+        groups[rank] = Group(rank, addresses, b"s" * 32, listener=listeners[rank], options=opts)
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    g0, g1 = groups
+    assert g0 is not None and g1 is not None
+    try:
+        x = np.arange(1 << 20, dtype=np.float32)
+        before = x.copy()
+        handle = g0.all_reduce(x, async_op=True)  # rank 1 never joins this op
+        time.sleep(0.2)
+        assert not handle.done()
+        t0 = time.monotonic()
+        g0.abort("view-change", "test")
+        with pytest.raises(PeerFailure) as info:
+            handle.wait(5.0)
+        assert time.monotonic() - t0 < 2.0
+        assert info.value.reason == "view-change"
+        assert info.value.detected_by == 0
+        assert np.array_equal(x, before)
+        # the group is broken now: the next op fails at once
+        with pytest.raises(PeerFailure):
+            g0.barrier()
+        # rank 1, joining the same op late, hears the verdict instead of timing out,
+        # and its input is intact too
+        y = np.ones(1 << 20, dtype=np.float32)
+        with pytest.raises(PeerFailure) as peer_info:
+            g1.all_reduce(y)
+        assert peer_info.value.reason == "view-change"
+        assert peer_info.value.detected_by == 0
+        assert np.array_equal(y, np.ones_like(y))
+    finally:
+        g0.close()
+        g1.close()
