@@ -45,10 +45,10 @@ RegisterFn = Callable[[argparse.ArgumentParser], RunFn]
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("phalanx.bench:COMMANDS", "benchmarks that print JSON lines (--json)"),
     "coordinator": ("phalanx.membership.cli:command", "membership authority (gRPC)"),
+    "status": ("phalanx.monitor.status:register", "live view of members, links, anomalies"),
+    "daemon": ("phalanx.daemon:register", "one per training process: group, data plane, /metrics"),
     # Next, one line each (the module owns its options):
-    #   "daemon":      ("phalanx.daemon:register", "one per training process"),
     #   "demo":        ("phalanx.<module>:register", "a local cluster trains through churn"),
-    #   "status":      ("phalanx.<module>:register", "live view of members and links"),
     #   "stress":      ("phalanx.testing.<module>:register", "churn with every result checked"),
 }
 
