@@ -1,13 +1,19 @@
 """phalanx: fault-tolerant collectives and in-memory checkpoints for elastic training.
 
-The public surface grows issue by issue; today it is the static-group data plane in
-:mod:`phalanx.comm` and the error hierarchy in :mod:`phalanx.errors`.
+The training loop's surface is the client (:mod:`phalanx.client`): ``phalanx.connect()``
+to the local daemon or ``phalanx.start()`` for embedded mode, then collectives, steps,
+commit votes and state sync on a :class:`Client`. The static-group data plane is in
+:mod:`phalanx.comm`, the error hierarchy in :mod:`phalanx.errors`.
 """
 
+from typing import Any
+
+from phalanx.client import Client, Handle, OpResult, StepInfo, ViewInfo, connect, start
 from phalanx.errors import (
     AuthError,
     CommError,
     ConfigError,
+    DaemonUnavailable,
     FrameError,
     GroupClosed,
     HandshakeError,
@@ -16,19 +22,49 @@ from phalanx.errors import (
     ProtocolError,
     UnsupportedError,
 )
+from phalanx.membership.errors import CommitUnknown, Evicted
 
 __version__ = "0.1.0"
 
+# Imported on first use: they pull in the data plane (and ViewChanged gRPC).
+_LAZY = {
+    "ViewChanged": "phalanx.membership.elastic",
+    "StepAborted": "phalanx.membership.statesync",
+    "StateSyncError": "phalanx.membership.statesync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'phalanx' has no attribute {name!r}")
+
+
 __all__ = [
     "AuthError",
+    "Client",
     "CommError",
+    "CommitUnknown",
     "ConfigError",
+    "DaemonUnavailable",
+    "Evicted",
     "FrameError",
     "GroupClosed",
+    "Handle",
     "HandshakeError",
+    "OpResult",
     "PeerFailure",
     "PhalanxError",
     "ProtocolError",
+    "StateSyncError",
+    "StepAborted",
+    "StepInfo",
     "UnsupportedError",
+    "ViewChanged",
+    "ViewInfo",
     "__version__",
+    "connect",
+    "start",
 ]

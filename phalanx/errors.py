@@ -16,6 +16,7 @@ __all__ = [
     "AuthError",
     "CommError",
     "ConfigError",
+    "DaemonUnavailable",
     "FrameError",
     "GroupClosed",
     "HandshakeError",
@@ -121,3 +122,15 @@ class PeerFailure(CommError):
         if detail:
             msg += f" ({detail})"
         super().__init__(msg)
+
+
+class DaemonUnavailable(PhalanxError, ConnectionError):
+    """The local phalanx daemon cannot be reached: it is not running, it died, or it
+    closed the connection. ``socket`` is the local API socket path that was used.
+
+    Raised by every client call within about a second of the daemon's death (the
+    kernel closes its end of the socket), never after an unbounded wait."""
+
+    def __init__(self, message: str, *, socket: str = "") -> None:
+        self.socket = socket
+        super().__init__(message)

@@ -1,0 +1,271 @@
+"""The daemon's configuration: one frozen dataclass, one precedence order.
+
+:class:`PhalanxConfig` holds every setting of a ``phalanx daemon`` (or of an embedded
+one, :func:`phalanx.start`): the daemon's own fields at the top level, and one section
+per part, each the part's own frozen dataclass (``comm`` =
+:class:`~phalanx.comm.CommOptions`, ``membership`` =
+:class:`~phalanx.membership.MembershipConfig`, ``monitor`` =
+:class:`~phalanx.monitor.MonitorConfig`, with its nested ``detectors``).
+
+:func:`load_config` fills it from, in this order of precedence:
+
+1. command-line flags (only those given: ``None`` means "not given");
+2. the environment: ``PHALANX_<FIELD>`` for top-level fields (``PHALANX_COORDINATOR``,
+   ``PHALANX_SECRET_FILE``), ``PHALANX_<SECTION>_<FIELD>`` inside a section
+   (``PHALANX_COMM_STREAMS``, ``PHALANX_MONITOR_DETECTORS_K``);
+3. an optional TOML file (top-level keys, ``[comm]``, ``[membership]``, ``[monitor]``,
+   ``[monitor.detectors]``);
+4. the defaults below.
+
+Unknown keys (file or ``PHALANX_*`` names that match no field) are refused with the
+list of valid names, never ignored. :meth:`PhalanxConfig.describe` is what the daemon
+prints at start-up; secrets never live in this object (only ``secret_file``, a path),
+and any value whose key names a secret is printed as ``<redacted>`` anyway.
+
+This module must never open a socket, start a thread, or read the secret itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from phalanx.comm.options import CommOptions
+from phalanx.errors import ConfigError
+from phalanx.membership.config import MembershipConfig
+from phalanx.monitor.monitor import MonitorConfig
+
+__all__ = ["ENV_PREFIX", "PhalanxConfig", "default_socket_path", "load_config"]
+
+ENV_PREFIX = "PHALANX_"
+GiB = 1024**3
+
+_T = TypeVar("_T")
+
+
+def default_socket_path(member_id: str = "") -> str:
+    """Where a daemon listens for its training process when ``--socket`` is not given:
+    ``$XDG_RUNTIME_DIR/phalanx/<id>.sock`` (a per-user 0700 directory), else
+    ``/tmp/phalanx-<uid>/<id>.sock``; ``<id>`` is ``daemon`` for an unnamed one."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    root = Path(base) / "phalanx" if base else Path(f"/tmp/phalanx-{os.getuid()}")
+    return str(root / f"{member_id or 'daemon'}.sock")
+
+
+@dataclass(frozen=True)
+class PhalanxConfig:
+    """Every setting of one daemon. Times in seconds, sizes in bytes."""
+
+    #: ``host:port`` of the membership coordinator (required by ``phalanx daemon``)
+    coordinator: str = ""
+    #: data-plane address to bind and advertise (port 0: any free port)
+    listen: str = "127.0.0.1:0"
+    #: /metrics, /healthz, /anomalies; port 0 = any free port, -1 = no HTTP endpoint
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    #: file holding the cluster secret (>= 16 bytes); required unless ``insecure``
+    secret_file: str = ""
+    #: run without a secret: only for tests and demos on one machine (the data plane
+    #: still authenticates with a per-daemon random secret, so a world of 1 works)
+    insecure: bool = False
+    #: this member's stable id (default: ``<hostname>-<pid>``)
+    id: str = ""
+    zone: str = ""
+    incarnation: int = 1
+    #: Unix socket of the local API (default: :func:`default_socket_path`)
+    socket: str = ""
+    #: shared memory one client may map into the daemon
+    max_client_shm_bytes: int = 64 * GiB
+    #: default deadline of one collective (retries included) and of a commit vote
+    op_timeout: float = 120.0
+    #: longest a per-view data-plane build may take
+    build_timeout: float = 3.0
+    #: SIGTERM: time to finish the operation in flight before leaving
+    drain_timeout: float = 10.0
+    #: joining the group at start-up
+    join_timeout: float = 30.0
+    comm: CommOptions = field(default_factory=CommOptions)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        if self.coordinator and ":" not in self.coordinator:
+            raise ConfigError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
+        if ":" not in self.listen:
+            raise ConfigError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port must be -1 (off), 0 (any) or a port number")
+        if self.incarnation < 1:
+            raise ConfigError("incarnation must be >= 1")
+        if self.max_client_shm_bytes < 1 << 20:
+            raise ConfigError("max_client_shm_bytes must be >= 1 MiB")
+        for name in ("op_timeout", "build_timeout", "drain_timeout", "join_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
+
+    @property
+    def socket_path(self) -> str:
+        return self.socket or default_socket_path(self.id)
+
+    def describe(self) -> str:
+        """``key = value`` lines (sections dotted), secrets redacted: the start-up print."""
+        return "\n".join(f"{k} = {v}" for k, v in _flatten(self, ""))
+
+
+def _flatten(obj: object, prefix: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    assert is_dataclass(obj)
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        if is_dataclass(value):
+            out.extend(_flatten(value, key + "."))
+        elif "secret" in f.name and f.name != "secret_file" and value:
+            out.append((key, "<redacted>"))
+        else:
+            out.append((key, repr(value)))
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(text: str, typ: Any, where: str) -> Any:
+    """An environment string as the field's type (bool, int, float, str, optional)."""
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if text.strip().lower() in ("", "none", "null"):
+            return None
+        typ = args[0]
+    try:
+        if typ is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if typ is int:
+            return int(text.strip(), 0)
+        if typ is float:
+            return float(text.strip())
+        if typ is str:
+            return text
+    except ValueError as exc:
+        raise ConfigError(f"{where}: cannot read {text!r} as {typ.__name__}: {exc}") from None
+    raise ConfigError(f"{where}: cannot be set from text")
+
+
+def _check_value(value: Any, typ: Any, where: str) -> Any:
+    """A TOML or flag value checked against the field's type (ints accepted as floats)."""
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        if value is None:
+            return None
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (bool, int, float, str) and (
+        not isinstance(value, typ) or (typ is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj: _T, values: Mapping[str, Any], where: str) -> _T:
+    """``obj`` with ``values`` (nested mappings for sections) applied; unknown keys refused."""
+    assert is_dataclass(obj) and not isinstance(obj, type)
+    hints = _hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{where}{key}: unknown setting (known: {', '.join(sorted(known))})")
+        current = getattr(obj, name)
+        if is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}{key}: expected a section (table)")
+            changes[name] = _apply(current, value, f"{where}{name}.")
+        else:
+            changes[name] = _check_value(value, hints[name], f"{where}{name}")
+    try:
+        return replace(obj, **changes)
+    except ConfigError as exc:
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {exc}") from None
+    except TypeError as exc:  # pragma: no cover - a field type we cannot handle
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _env_tree(cls: type, env: Mapping[str, str], prefix: str, where: str) -> dict[str, Any]:
+    """The ``PHALANX_*`` variables that name fields of ``cls`` (recursively), as a tree;
+    leftover ``PHALANX_*`` names are checked by the caller."""
+    out: dict[str, Any] = {}
+    hints = _hints(cls)
+    for f in fields(cls):
+        typ = hints[f.name]
+        var = prefix + f.name.upper()
+        if isinstance(typ, type) and is_dataclass(typ):
+            sub = _env_tree(typ, env, var + "_", f"{where}{f.name}.")
+            if sub:
+                out[f.name] = sub
+        elif var in env:
+            out[f.name] = _coerce(env[var], typ, f"${var}")
+    return out
+
+
+def _env_names(cls: type, prefix: str) -> set[str]:
+    names: set[str] = set()
+    hints = _hints(cls)
+    for f in fields(cls):
+        var = prefix + f.name.upper()
+        typ = hints[f.name]
+        is_section = isinstance(typ, type) and is_dataclass(typ)
+        names |= _env_names(typ, var + "_") if is_section else {var}
+    return names
+
+
+#: PHALANX_* variables that belong to other tools, not to the daemon's config
+_FOREIGN_ENV = frozenset({"PHALANX_LOG_LEVEL", "PHALANX_SOCKET_DIR"})
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    file: str | os.PathLike[str] | None = None,
+    base: PhalanxConfig | None = None,
+) -> PhalanxConfig:
+    """Build the config: ``flags`` > ``env`` (default ``os.environ``) > TOML ``file`` >
+    ``base`` (default: the defaults). ``flags`` maps field names (``"comm"`` may map to a
+    dict) to values; ``None`` values are "not given". Raises :class:`ConfigError`."""
+    cfg = base or PhalanxConfig()
+    if file is not None:
+        path = Path(file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        cfg = _apply(cfg, data, f"{path}: ")
+    environ = os.environ if env is None else env
+    ours = {k for k in environ if k.startswith(ENV_PREFIX)} - _FOREIGN_ENV
+    unknown = ours - _env_names(PhalanxConfig, ENV_PREFIX)
+    if unknown:
+        raise ConfigError(
+            f"unknown environment variable(s) {sorted(unknown)}: PHALANX_<FIELD> or "
+            "PHALANX_<SECTION>_<FIELD> (e.g. PHALANX_COORDINATOR, PHALANX_COMM_STREAMS)"
+        )
+    cfg = _apply(cfg, _env_tree(PhalanxConfig, environ, ENV_PREFIX, ""), "$")
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    return _apply(cfg, given, "--")

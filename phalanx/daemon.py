@@ -1,0 +1,252 @@
+"""``phalanx daemon``: one per training process; wires membership, data plane, monitor, local API.
+
+:class:`Daemon` is the engine shared by the command line and embedded mode
+(:func:`phalanx.start`): a :class:`~phalanx.membership.hosted.HostedGroup` (membership
+agent + per-view data-plane groups + state sync) whose groups report to a
+:class:`~phalanx.monitor.Monitor` (/metrics, /healthz, /anomalies), and the local API
+(:class:`~phalanx.local.server.LocalServer`) that the training process talks to.
+
+Wiring: every data-plane group gets ``monitor.observer`` and ``monitor.attach(engine)``
+(through HostedGroup, before its first collective); every new view goes to
+``monitor.set_view`` and, as an EVENT, to clients that watch views.
+
+Stop (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop accepting clients, let the request
+in flight finish (``drain_timeout``), leave the group (the others get a view without
+us at once), close the local connections, join every thread, exit 0.
+
+Secure by default: ``run`` refuses to start without a secret file unless
+``--insecure``. With ``--insecure`` the data plane (which always authenticates) uses a
+fixed, public secret: anyone who can reach the ports can join. This module must never
+print outside :func:`run` nor hold logic the embeddable :class:`Daemon` lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket as _socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from phalanx.config import PhalanxConfig, load_config
+from phalanx.errors import ConfigError, PhalanxError
+from phalanx.local.server import LocalServer
+from phalanx.local.service import Service, view_body
+from phalanx.membership.hosted import HostedGroup
+from phalanx.membership.statesync import SyncState
+from phalanx.membership.view import View
+from phalanx.monitor import Monitor
+
+__all__ = ["INSECURE_SECRET", "Daemon", "read_secret", "register", "run"]
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("phalanx.audit.daemon")
+
+#: the data plane's secret under --insecure: public on purpose (anyone may join)
+INSECURE_SECRET = b"phalanx-insecure-mode-public-secret"
+
+
+def read_secret(cfg: PhalanxConfig) -> bytes:
+    """The cluster secret from ``cfg.secret_file``; the public one under ``insecure``."""
+    if not cfg.secret_file:
+        if cfg.insecure:
+            return INSECURE_SECRET
+        raise ConfigError(
+            "no cluster secret: pass --secret-file F (or set PHALANX_SECRET_FILE), "
+            "or --insecure to run without authentication"
+        )
+    path = Path(cfg.secret_file)
+    try:
+        raw = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc}") from None
+    if len(raw) < 16:
+        raise ConfigError(f"secret in {path} is shorter than 16 bytes")
+    return raw
+
+
+class Daemon:
+    """The daemon's parts, started and stopped in order (see the module docstring)."""
+
+    def __init__(self, config: PhalanxConfig, secret: bytes) -> None:
+        if not config.coordinator:
+            raise ConfigError("the daemon needs --coordinator HOST:PORT")
+        self.config = config
+        self._secret = secret
+        self.member_id = config.id or f"{_socket.gethostname()}-{os.getpid()}"
+        self.socket_path = config.socket_path
+        self.monitor = Monitor(0, config=config.monitor)
+        self.metrics_address: tuple[str, int] | None = None
+        self.group: HostedGroup | None = None
+        self.server: LocalServer | None = None
+        self.service: Service | None = None
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    def _on_view(self, view: View) -> None:
+        rank = view.rank(self.member_id) if self.member_id in view else 0
+        self.monitor.set_view(view.epoch, list(range(view.size)), rank)
+        server = self.server
+        if server is not None:
+            server.publish({"view": view_body(view, self.member_id)})
+
+    def start(self) -> None:
+        """Serve the local API, join the group, serve /metrics. Raises on failure
+        (everything started so far is stopped)."""
+        cfg = self.config
+        try:
+            self.group = HostedGroup(
+                cfg.coordinator,
+                self.member_id,
+                self._secret,
+                listen=cfg.listen,
+                incarnation=cfg.incarnation,
+                zone=cfg.zone,
+                state=SyncState.empty(),
+                config=cfg.membership,
+                options=cfg.comm,
+                build_timeout=cfg.build_timeout,
+                on_view=self._on_view,
+                observer=self.monitor.observer,
+                on_engine=self.monitor.attach,
+            )
+            self.service = Service(
+                self.group,
+                max_client_shm_bytes=cfg.max_client_shm_bytes,
+                op_timeout=cfg.op_timeout,
+                join_timeout=cfg.join_timeout,
+            )
+            self.server = LocalServer(self.socket_path, self.service)
+            self.monitor.start()
+            if cfg.metrics_port >= 0:
+                self.metrics_address = self.monitor.serve(cfg.metrics_host, cfg.metrics_port)
+            view = self.group.join(cfg.join_timeout)
+        except BaseException:
+            self.stop(leave=False)
+            raise
+        audit.info(
+            "event=daemon_started member=%s epoch=%d members=%s socket=%s data=%s metrics=%s",
+            self.member_id,
+            view.epoch,
+            ",".join(view.ids),
+            self.socket_path,
+            self.group.address,
+            _hostport(self.metrics_address),
+        )
+
+    def stop(self, *, leave: bool = True, drain_timeout: float | None = None) -> None:
+        """Drain, leave the group (``leave``), close everything, join every thread.
+        Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        t0 = time.monotonic()
+        drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        if self.server is not None:
+            self.server.stop_accepting()
+        drained = self.service.shutdown(drain) if self.service is not None else True
+        if self.group is not None:
+            if leave:
+                try:
+                    self.group.leave(reason="shutdown")
+                except PhalanxError as exc:
+                    log.warning("event=leave_failed error=%r", str(exc))
+            self.group.close()
+        if self.service is not None:
+            self.service.release()
+        if self.server is not None:
+            self.server.close()
+        self.monitor.close()
+        audit.info(
+            "event=daemon_stopped member=%s left=%s drained=%s stop_s=%.3f",
+            self.member_id,
+            leave,
+            drained,
+            time.monotonic() - t0,
+        )
+
+
+def _hostport(addr: tuple[str, int] | None) -> str:
+    return f"{addr[0]}:{addr[1]}" if addr is not None else "off"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Add ``phalanx daemon``'s options; return the function that runs it."""
+    parser.description = (
+        "One per training process: joins the group, runs collectives for the local "
+        "training process (Unix socket + shared memory), serves /metrics."
+    )
+    a = parser.add_argument
+    a("--coordinator", metavar="HOST:PORT", help="the membership coordinator")
+    a("--listen", metavar="HOST:PORT", help="data-plane address (default 127.0.0.1:0)")
+    a("--metrics-port", type=int, metavar="P", help="/metrics port (0 any, -1 off)")
+    a("--metrics-host", metavar="HOST", help="/metrics address (default 127.0.0.1)")
+    a("--secret-file", metavar="F", help="file holding the cluster secret (>= 16 bytes)")
+    a("--id", metavar="ID", help="member id (default HOSTNAME-PID)")
+    a("--zone", metavar="Z", help="failure zone label")
+    a("--socket", metavar="PATH", help="local API socket (default: per-user runtime dir)")
+    a("--config", metavar="FILE.toml", help="settings file (flags > PHALANX_* env > file)")
+    a("--incarnation", type=int, metavar="N", help="bump when restarting under one id")
+    a("--insecure", action="store_true", default=None, help="run without a secret (tests)")
+    parser.set_defaults(default_log_level="INFO")
+    return run
+
+
+_FLAGS = ("coordinator", "listen", "metrics_port", "metrics_host", "secret_file", "id",
+          "zone", "socket", "incarnation", "insecure")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT: 0 after a clean stop, 2 on a configuration error."""
+    flags: dict[str, Any] = {k: getattr(args, k, None) for k in _FLAGS}
+    try:
+        cfg = load_config(flags, file=args.config)
+        secret = read_secret(cfg)
+        daemon = Daemon(cfg, secret)
+    except ConfigError as exc:
+        sys.stderr.write(f"phalanx daemon: {exc}\n")
+        return 2
+    sys.stdout.write("phalanx daemon configuration:\n")
+    for line in cfg.describe().splitlines():
+        sys.stdout.write(f"  {line}\n")
+    sys.stdout.flush()
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            daemon.start()
+        except (PhalanxError, TimeoutError, OSError) as exc:
+            sys.stderr.write(f"phalanx daemon: could not start: {exc}\n")
+            return 1
+        assert daemon.group is not None
+        metrics = _hostport(daemon.metrics_address)
+        sys.stdout.write(
+            f"phalanx daemon ready member={daemon.member_id} socket={daemon.socket_path} "
+            f"data={daemon.group.address} metrics={metrics} epoch={daemon.group.view.epoch}\n"
+        )
+        sys.stdout.flush()
+        while not done.wait(0.5):
+            pass
+        daemon.stop(leave=True)
+    finally:
+        daemon.stop(leave=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    sys.stdout.write("phalanx daemon stopped\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,202 @@
+"""The client side of the local API socket: send requests, wait for their replies.
+
+:class:`Connection` owns one Unix socket to the daemon. :meth:`Connection.send` writes
+a request (with a memfd for ``MAP``) and returns its id; :meth:`Connection.wait` reads
+replies until that id's arrives (replies to other requests are kept for their
+waiters), on the caller's thread: no background thread, so a synchronous call costs
+one round trip and no thread hand-off. Any number of threads may wait; one reads at a
+time.
+
+Every wait has a deadline (``TimeoutError``). End of file, a reset, or a refused
+connect raise :class:`~phalanx.errors.DaemonUnavailable` at once: when the daemon dies
+the kernel closes its end, so a blocked caller learns it within one poll slice.
+
+This module must never interpret a reply beyond its kind (ERROR bodies become typed
+exceptions through :mod:`phalanx.local.errcodec`), nor block without a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import select
+import socket
+import threading
+import time
+from typing import Any
+
+from phalanx.errors import DaemonUnavailable, ProtocolError
+from phalanx.local.errcodec import decode_error
+from phalanx.local.wire import Decoder, Frame, Kind, encode
+
+__all__ = ["Connection"]
+
+_POLL_S = 0.2
+_SEND_TIMEOUT_S = 5.0
+_RECV = 1 << 16
+
+
+class Connection:
+    """One connection to the daemon at ``path`` (see the module docstring)."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.path = path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise DaemonUnavailable(
+                f"no phalanx daemon is listening on {path} ({exc.strerror}); start one "
+                "with 'phalanx daemon ...' or use phalanx.start() for embedded mode",
+                socket=path,
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(f"cannot connect to {path}: {exc}", socket=path) from None
+        sock.settimeout(_SEND_TIMEOUT_S)  # sends only; reads poll first
+        self.sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._reading = False
+        self._replies: dict[int, Frame] = {}
+        self._events: list[Frame] = []
+        self._decoder = Decoder()
+        self._dead: DaemonUnavailable | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ sending
+    def send(self, kind: Kind, body: dict[str, Any], fd: int | None = None) -> int:
+        """Write one request; its id (pass it to :meth:`wait`)."""
+        rid = next(self._ids)
+        data = encode(kind, rid, body)
+        self._check()
+        try:
+            with self._send_lock:
+                if fd is None:
+                    self.sock.sendall(data)
+                else:
+                    sent = socket.send_fds(self.sock, [data], [fd])
+                    if sent < len(data):
+                        self.sock.sendall(data[sent:])
+        except OSError as exc:
+            raise self._die(f"the daemon went away ({exc})") from None
+        return rid
+
+    def call(self, kind: Kind, body: dict[str, Any], timeout: float, fd: int | None = None) -> Any:
+        """send + wait: the reply body, or the typed error the daemon sent."""
+        return self.wait(self.send(kind, body, fd), timeout)
+
+    # ------------------------------------------------------------------ receiving
+    def wait(self, rid: int, timeout: float | None) -> dict[str, Any]:
+        """The reply body for request ``rid``; raises its typed error, TimeoutError at
+        the deadline, DaemonUnavailable if the daemon is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                frame = self._replies.pop(rid, None)
+                if frame is not None:
+                    break
+                if self._dead is not None:
+                    raise self._dead
+                if self._closed:
+                    raise DaemonUnavailable("the connection was closed", socket=self.path)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no answer from the daemon within {timeout}s")
+                if self._reading:
+                    self._cond.wait(_POLL_S if left is None else min(left, _POLL_S))
+                    continue
+                self._reading = True
+                self._cond.release()
+                try:
+                    self._read_once(_POLL_S if left is None else min(left, _POLL_S))
+                finally:
+                    self._cond.acquire()
+                    self._reading = False
+                    self._cond.notify_all()
+        if frame.kind is Kind.ERROR:
+            raise decode_error(frame.body)
+        return frame.body
+
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next EVENT body (watch connections), or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._events:
+                if self._dead is not None:
+                    raise self._dead
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if self._reading:
+                    self._cond.wait(min(left, _POLL_S))
+                    continue
+                self._reading = True
+                self._cond.release()
+                try:
+                    self._read_once(min(left, _POLL_S))
+                finally:
+                    self._cond.acquire()
+                    self._reading = False
+                    self._cond.notify_all()
+            return self._events.pop(0).body
+
+    def _read_once(self, timeout: float) -> None:
+        """One recv (without the condition held); frames go to their slots."""
+        try:
+            if not self._poll.poll(max(1, int(timeout * 1000))):
+                return
+            data = self.sock.recv(_RECV)
+        except TimeoutError:
+            return
+        except OSError as exc:
+            with self._cond:
+                self._die(f"the daemon went away ({exc})")
+            return
+        if not data:
+            with self._cond:
+                self._die("the daemon closed the connection (it stopped or died)")
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            with self._cond:
+                self._die(f"garbled data from the daemon: {exc}")
+            return
+        with self._cond:
+            for f in frames:
+                if f.kind is Kind.EVENT:
+                    self._events.append(f)
+                else:
+                    self._replies[f.rid] = f
+
+    def _die(self, why: str) -> DaemonUnavailable:
+        if self._dead is None:
+            self._dead = DaemonUnavailable(f"{why} [socket {self.path}]", socket=self.path)
+        return self._dead
+
+    def _check(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._closed:
+            raise DaemonUnavailable("the connection was closed", socket=self.path)
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._closed
+
+    def close(self) -> None:
+        """Close the socket (idempotent); waiters get DaemonUnavailable."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()

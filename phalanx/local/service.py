@@ -1,0 +1,333 @@
+"""The daemon side of the local API: requests in, calls on the hosted group, results out.
+
+:class:`Service` turns decoded requests (:mod:`phalanx.local.wire`) of one client
+:class:`Session` into calls on the daemon's :class:`~phalanx.membership.hosted.HostedGroup`
+on arrays that live in the client's shared memory (zero copies: the data plane reads
+and writes the very pages the training process sees). It knows no sockets (that is
+``server.py``) and returns plain JSON-able dicts or raises typed errors (encoded by
+:mod:`phalanx.local.errcodec`).
+
+One lock serializes every call that drives the group (collectives, step, commit,
+state), so two connections can never interleave a collective; calls that only read
+(HELLO, VIEW) or map memory do not take it.
+
+A client that disconnects without ``close()`` (it died) keeps the daemon's state: the
+view, the group, the state arrays (their pages stay mapped here). If it died *inside* a
+training step (a collective ran since its last commit decision), the step cannot be
+finished by anyone: the daemon leaves and rejoins the group (a view change: the other
+members' collectives and votes of that step fail over to the new view, promise 4), so
+the restarted process starts cleanly at its next ``begin_step``.
+
+This module must never hold its lock while waiting for a client, nor keep a reference
+to a region after its session ended unless the state holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from phalanx.errors import ConfigError, GroupClosed, ProtocolError
+from phalanx.local.shm import Region
+from phalanx.local.wire import BufRef, Frame, Kind, parse_op, parse_state_entries
+from phalanx.membership.hosted import HostedGroup
+from phalanx.membership.statesync import SyncState
+from phalanx.membership.view import View
+
+__all__ = ["Service", "Session", "view_body"]
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("phalanx.audit.local")
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class Session:
+    """One client connection's mapped regions."""
+
+    sid: int
+    pid: int = 0
+    regions: dict[int, Region] = field(default_factory=dict)
+    shm_bytes: int = 0
+    closed_cleanly: bool = False
+
+
+def view_body(view: View, member_id: str) -> dict[str, Any]:
+    return {
+        "epoch": view.epoch,
+        "members": list(view.ids),
+        "rank": view.rank(member_id) if member_id in view else None,
+        "member": member_id,
+    }
+
+
+class Service:
+    """Executes local API requests on ``group`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        group: HostedGroup,
+        *,
+        max_client_shm_bytes: int,
+        op_timeout: float,
+        join_timeout: float = 30.0,
+    ) -> None:
+        self.group = group
+        self.max_shm = max_client_shm_bytes
+        self.op_timeout = op_timeout
+        self.join_timeout = join_timeout
+        self._lock = threading.Lock()
+        self._mid_step = False  # a collective ran since the last commit decision
+        self._step = -1
+        self._attached: dict[str, np.ndarray] = {}
+        self._closing = False
+        self._held = False
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self, drain_timeout: float) -> bool:
+        """Refuse new group calls; wait up to ``drain_timeout`` for the one in flight,
+        then hold the lock until :meth:`release`. True if it drained in time."""
+        self._closing = True
+        self._held = self._lock.acquire(timeout=drain_timeout)
+        return self._held
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def _enter(self) -> None:
+        if self._closing:
+            raise GroupClosed("the daemon is shutting down")
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, s: Session, frame: Frame, fd: int | None) -> dict[str, Any]:
+        """The reply body for ``frame``; raises a typed error for an ERROR reply.
+        ``fd`` (a received memfd) is consumed (mapped and closed) or closed."""
+        k = frame.kind
+        if k is not Kind.MAP and fd is not None:
+            os.close(fd)
+            raise ProtocolError(f"{k.name} must not carry a file descriptor")
+        body = frame.body
+        if k in (Kind.OP, Kind.COMMIT, Kind.BEGIN_STEP, Kind.STATE_ATTACH, Kind.STATE_UPDATE):
+            self._enter()
+        if k is Kind.OP:
+            return self._op(s, body)
+        if k is Kind.HELLO:
+            pid = body.get("pid", 0)
+            s.pid = pid if isinstance(pid, int) else 0
+            audit.info("event=client_connected session=%d pid=%d", s.sid, s.pid)
+            return {"version": PROTOCOL_VERSION, "daemon_pid": os.getpid(), "view": self.view()}
+        if k is Kind.MAP:
+            return self._map(s, body, fd)
+        if k is Kind.UNMAP:
+            rid = body.get("region")
+            region = s.regions.pop(rid, None) if isinstance(rid, int) else None
+            if region is not None:
+                s.shm_bytes -= region.size
+            return {}
+        if k is Kind.VIEW:
+            return self.view()
+        if k is Kind.COMMIT:
+            return self._commit(body)
+        if k is Kind.BEGIN_STEP:
+            return self._begin_step(body)
+        if k is Kind.STATE_ATTACH:
+            return self._attach(s, body)
+        if k is Kind.STATE_UPDATE:
+            return self._update(body)
+        raise ProtocolError(f"{k.name} is not a request")
+
+    def view(self) -> dict[str, Any]:
+        return view_body(self.group.view, self.group.member_id)
+
+    # ------------------------------------------------------------------ memory
+    def _map(self, s: Session, body: dict[str, Any], fd: int | None) -> dict[str, Any]:
+        if fd is None:
+            raise ProtocolError("MAP needs a file descriptor")
+        rid = body.get("region")
+        if not isinstance(rid, int) or rid in s.regions:
+            os.close(fd)
+            raise ProtocolError(f"bad or duplicate region id {rid!r}")
+        region = Region.adopt(rid, fd, self.max_shm - s.shm_bytes)
+        s.regions[rid] = region
+        s.shm_bytes += region.size
+        return {"size": region.size}
+
+    def _array(self, s: Session, ref: BufRef) -> np.ndarray:
+        region = s.regions.get(ref.region)
+        if region is None:
+            raise ProtocolError(f"unknown region {ref.region}")
+        return region.array(ref.offset, ref.dtype, ref.shape)
+
+    # ------------------------------------------------------------------ group calls
+    def _op(self, s: Session, body: dict[str, Any]) -> dict[str, Any]:
+        req = parse_op(body)
+        x = None if req.buf is None else self._array(s, req.buf)
+        timeout = req.timeout or self.op_timeout
+        g = self.group
+        with self._lock:
+            self._mid_step = True
+            if req.op == "barrier":
+                res = g.barrier(retry=req.retry, timeout=timeout)
+            else:
+                assert x is not None
+                if req.op == "all_reduce":
+                    res = g.all_reduce(x, req.reduce, req.codec, retry=req.retry, timeout=timeout)
+                elif req.op == "reduce_scatter":
+                    res = g.reduce_scatter(
+                        x, req.reduce, req.codec, retry=req.retry, timeout=timeout
+                    )
+                elif req.op == "broadcast":
+                    res = g.broadcast(
+                        x, req.root, codec=req.codec, retry=req.retry, timeout=timeout
+                    )
+                else:
+                    res = g.all_gather(x, codec=req.codec, retry=req.retry, timeout=timeout)
+        info = res.info
+        return {
+            "op": req.op,
+            "epoch": res.epoch,
+            "seq": info.seq,
+            "contributors": list(res.contributors),
+            "failed_attempts": res.failed_attempts,
+            "algorithm": info.algorithm,
+            "duration_s": info.duration_s,
+            "nbytes": info.nbytes,
+        }
+
+    def _commit(self, body: dict[str, Any]) -> dict[str, Any]:
+        step, ok = body.get("step"), body.get("ok", True)
+        if not isinstance(step, int) or not isinstance(ok, bool):
+            raise ProtocolError("COMMIT needs an integer step and a boolean ok")
+        timeout = body.get("timeout")
+        t = float(timeout) if isinstance(timeout, int | float) else None
+        with self._lock:
+            try:
+                committed = self.group.commit(step, ok, timeout=t)
+            finally:
+                self._mid_step = False
+        return {"committed": committed, "step": step}
+
+    def _begin_step(self, body: dict[str, Any]) -> dict[str, Any]:
+        step = body.get("step")
+        if step is not None and not isinstance(step, int):
+            raise ProtocolError("BEGIN_STEP: step must be an integer or null")
+        timeout = body.get("timeout")
+        t = float(timeout) if isinstance(timeout, int | float) else self.op_timeout
+        with self._lock:
+            info = self.group.begin_step(step, timeout=t)
+            st = self.group.state
+            moved = [
+                n for n, a in self._attached.items() if st is None or st.arrays.get(n) is not a
+            ]
+            if st is not None and self._attached and set(st.arrays) != set(self._attached):
+                moved = sorted(set(st.arrays) ^ set(self._attached) | set(moved))
+            self._step = info.step
+        if moved:
+            raise ConfigError(
+                f"the group's state does not fit the attached arrays (entries {moved}): "
+                "attach arrays with the group's names, dtypes and shapes"
+            )
+        sync = info.sync
+        return {
+            "epoch": info.epoch,
+            "members": list(info.members),
+            "step": info.step,
+            "synced": bool(sync is not None and sync.received),
+            "sync_bytes": int(sync.nbytes) if sync is not None and sync.received else 0,
+        }
+
+    def _attach(self, s: Session, body: dict[str, Any]) -> dict[str, Any]:
+        entries = parse_state_entries(body)
+        step = body.get("step")
+        if step is not None and not isinstance(step, int):
+            raise ProtocolError("STATE_ATTACH: step must be an integer or null")
+        arrays = {e.name: self._array(s, e.buf) for e in entries}
+        if len(arrays) != len(entries):
+            raise ConfigError("state entry names must be unique")
+        with self._lock:
+            old = self.group.state
+            if step is not None:
+                new = SyncState(arrays, step)
+                how = "given"
+            elif old is not None and old.valid and _same_layout(old.arrays, arrays):
+                for name, a in arrays.items():
+                    np.copyto(a, old.arrays[name])  # the daemon kept it: hand it back
+                new = SyncState(arrays, old.step)
+                how = "kept"
+            else:
+                new = SyncState(arrays, -1, valid=False)
+                how = "to-receive"
+            self.group.state = new
+            self._attached = dict(arrays)
+        audit.info(
+            "event=state_attached session=%d step=%d entries=%d bytes=%d source=%s",
+            s.sid,
+            new.step,
+            len(arrays),
+            new.nbytes,
+            how,
+        )
+        return {"step": new.step, "valid": new.valid, "source": how}
+
+    def _update(self, body: dict[str, Any]) -> dict[str, Any]:
+        step = body.get("step")
+        changed = body.get("changed")
+        if not isinstance(step, int):
+            raise ProtocolError("STATE_UPDATE needs an integer step")
+        if changed is not None and not (
+            isinstance(changed, list) and all(isinstance(c, str) for c in changed)
+        ):
+            raise ProtocolError("STATE_UPDATE: changed must be a list of names or null")
+        with self._lock:
+            st = self.group.state
+            if st is None or not self._attached:
+                raise ConfigError("no state attached (call attach_state first)")
+            st.update(step, changed)
+            st.valid = True
+        return {"step": step}
+
+    # ------------------------------------------------------------------ client loss
+    def session_ended(self, s: Session) -> None:
+        """The connection of ``s`` closed; if it died mid-step, leave and rejoin."""
+        s.regions.clear()  # arrays the state holds keep their pages mapped
+        if s.closed_cleanly or self._closing:
+            audit.info("event=client_closed session=%d pid=%d", s.sid, s.pid)
+            return
+        with self._lock:
+            mid = self._mid_step
+            audit.warning(
+                "event=client_lost session=%d pid=%d mid_step=%s step=%d epoch=%d",
+                s.sid,
+                s.pid,
+                mid,
+                self._step,
+                self.group.view.epoch,
+            )
+            if not mid:
+                return
+            self._mid_step = False
+            g = self.group
+            try:
+                g.leave(reason="client-lost-mid-step")
+                view = g.rejoin(self.join_timeout)
+                audit.info(
+                    "event=rejoined reason=client-lost-mid-step epoch=%d members=%s",
+                    view.epoch,
+                    ",".join(view.ids),
+                )
+            except Exception as exc:  # the next client call will see the group's error
+                log.error("event=rejoin_failed error=%r", str(exc))
+
+
+def _same_layout(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return set(a) == set(b) and all(
+        a[n].dtype == b[n].dtype and a[n].shape == b[n].shape for n in a
+    )

@@ -1,0 +1,104 @@
+"""Shared memory between a training process and its daemon: anonymous memfd regions.
+
+Why memfd (``os.memfd_create``) passed over the Unix socket (SCM_RIGHTS), and not
+``multiprocessing.shared_memory`` or named files in ``/dev/shm``:
+
+* nothing has a name, so nothing leaks: when both processes are gone (even by
+  SIGKILL) the kernel frees the memory; a named segment outlives a killed owner;
+* Python 3.11's ``multiprocessing.shared_memory`` registers every segment it *attaches
+  to* with the resource tracker, which unlinks it (and warns about a "leak") when that
+  process exits — a restarted training process would destroy the daemon's memory
+  (``track=False`` only arrived in 3.13);
+* only a process holding the fd can map it: the daemon receives it over its 0600
+  socket, no other user can open it by guessing a name.
+
+A :class:`Region` is one mapping. The client creates it (:meth:`Region.create`), sends
+the fd with a ``MAP`` request and keeps its mapping; the daemon maps the fd it got
+(:meth:`Region.adopt`, size from ``fstat``, bounded by the caller) and closes the fd
+(the mapping keeps the memory). Arrays are views of the mapping; the mapping is
+unmapped when the last array over it is gone (no explicit close while arrays live).
+
+This module must never send or receive anything, nor map a size it did not check.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+import numpy as np
+
+from phalanx.errors import ConfigError, ProtocolError
+
+__all__ = ["PAGE", "Region"]
+
+PAGE = mmap.PAGESIZE
+
+
+def _round_up(n: int, to: int = PAGE) -> int:
+    return max(to, (n + to - 1) // to * to)
+
+
+class Region:
+    """One shared mapping: ``rid`` (unique per client connection), ``size`` bytes."""
+
+    def __init__(self, rid: int, mm: mmap.mmap, size: int, fd: int | None) -> None:
+        self.rid = rid
+        self.size = size
+        self.fd = fd  # client side: kept until sent; daemon side: None (closed)
+        self._mm = mm
+        self.bytes: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(mm, np.uint8, size)
+        self.base: int = int(self.bytes.ctypes.data)
+
+    @classmethod
+    def create(cls, rid: int, nbytes: int, name: str = "phalanx") -> Region:
+        """A new memfd of at least ``nbytes`` (rounded up to a page), mapped here."""
+        size = _round_up(nbytes)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(rid, mm, size, fd)
+
+    @classmethod
+    def adopt(cls, rid: int, fd: int, max_bytes: int) -> Region:
+        """Map a memfd received from a client. Closes ``fd`` in every case."""
+        try:
+            size = os.fstat(fd).st_size
+            if size <= 0 or size > max_bytes:
+                raise ProtocolError(f"shared region of {size} bytes refused (limit {max_bytes})")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise ProtocolError(f"cannot map the shared region: {exc}") from None
+        finally:
+            os.close(fd)
+        return cls(rid, mm, size, None)
+
+    def close_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def array(self, offset: int, dtype: str | np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        """A C-contiguous view of ``shape``/``dtype`` at byte ``offset`` (bounds checked)."""
+        dt = np.dtype(dtype)
+        count = 1
+        for d in shape:
+            count *= d
+        end = offset + count * dt.itemsize
+        if offset < 0 or end > self.size:
+            raise ConfigError(f"bytes [{offset}, {end}) are outside region {self.rid}")
+        if offset % dt.alignment:
+            raise ConfigError(f"offset {offset} is not aligned for {dt}")
+        return self.bytes[offset:end].view(dt).reshape(shape)
+
+    def offset_of(self, addr: int, nbytes: int) -> int | None:
+        """Byte offset of ``[addr, addr+nbytes)`` if it lies inside this region."""
+        off = addr - self.base
+        if off >= 0 and off + nbytes <= self.size:
+            return off
+        return None
