@@ -9,6 +9,12 @@ is timed. The op time of an iteration is the slowest rank's. Inputs are integer-
 closed form bit for bit; lossy codecs report their largest relative error. Every
 iteration's result is hashed (sha256) and the hashes must agree across ranks.
 
+With ``--via daemon`` each rank is a *client*: it starts its own ``phalanx daemon``
+process (a coordinator runs in the parent), allocates the buffer with
+``client.empty`` (daemon-shared memory) and the all-reduce goes client -> daemon ->
+data plane; a second set of ranks runs the in-process group beside it (alternating
+blocks, as with ``--vs``), and a ratio line per size compares the two.
+
 With ``--vs gloo`` a second set of ranks runs torch.distributed's gloo backend; both sets
 stay alive and take turns (a block of phalanx iterations, then a block of Gloo ones,
 ``--rounds`` times per size) so that the machine's noise hits both.
@@ -65,11 +71,13 @@ DEFAULT_LOSSY_TOLERANCE = 0.5
 class _Spec:
     """What a rank needs to build its backend."""
 
-    impl: str  # "phalanx" or "gloo"
+    impl: str  # "phalanx", "phalanx-daemon" or "gloo"
     secret: bytes
     streams: int
     timeout_s: float
     log_level: str
+    coordinator: str = ""  # phalanx-daemon: where the ranks' daemons join
+    workdir: str = ""  # phalanx-daemon: secret file and sockets
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,69 @@ class _PhalanxBackend:
         self._group.close()
 
 
+class _DaemonBackend:
+    """The rank is a client of its own ``phalanx daemon`` process (client -> daemon ->
+    data plane); the buffer lives in daemon-shared memory (zero-copy path)."""
+
+    impl = "phalanx-daemon"
+
+    def __init__(self, ctx: RankContext, spec: _Spec) -> None:
+        import subprocess
+        import sys
+
+        import phalanx
+
+        sock = os.path.join(spec.workdir, f"d{ctx.rank}.sock")
+        cmd = [sys.executable, "-m", "phalanx", "--log-level", spec.log_level, "daemon",
+               "--coordinator", spec.coordinator, "--secret-file",
+               os.path.join(spec.workdir, "secret"), "--socket", sock, "--id",
+               f"bench-{ctx.rank}", "--metrics-port", "-1"]  # fmt: skip
+        env = {**os.environ, "PHALANX_COMM_STREAMS": str(spec.streams)}
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + spec.timeout_s
+        while True:
+            try:
+                self._pg = phalanx.connect(sock, op_timeout=spec.timeout_s)
+                break
+            except phalanx.DaemonUnavailable:
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    self.close()
+                    raise
+                time.sleep(0.05)
+        while self._pg.view().world < ctx.world:  # everyone in one view
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError("the daemons did not form one view in time")
+            time.sleep(0.05)
+        ctx.exchange(None)
+        self._buf: np.ndarray[Any, Any] = np.empty(0, np.float32)
+
+    def alloc(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+        return self._pg.empty(shape, dtype)
+
+    def bind_buffer(self, buf: np.ndarray[Any, Any]) -> None:
+        self._buf = buf
+
+    def all_reduce(self, codec: str) -> tuple[int | None, str | None]:
+        res = self._pg.all_reduce(self._buf, op="sum", codec=codec)
+        return None, res.algorithm
+
+    def barrier(self) -> None:
+        self._pg.barrier()
+
+    def close(self) -> None:
+        import subprocess
+
+        if getattr(self, "_pg", None) is not None:
+            self._pg.close()
+        self._proc.terminate()
+        try:
+            self._proc.wait(15.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5.0)
+
+
 def _numpy_dtype(name: str) -> np.dtype[Any]:
     if name == "bfloat16":
         import ml_dtypes
@@ -186,14 +257,20 @@ def _numpy_dtype(name: str) -> np.dtype[Any]:
 class _Buffers:
     """A rank's source, result buffer and the exact expected sum for one size."""
 
-    def __init__(self, rank: int, world: int, prep: _Prepare) -> None:
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        prep: _Prepare,
+        alloc: Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray[Any, Any]] | None = None,
+    ) -> None:
         dtype = _numpy_dtype(prep.dtype)
         numel = prep.nbytes // dtype.itemsize
         pattern = (np.arange(numel, dtype=np.int64) % 13).astype(np.float64)
         self.src = (pattern + (rank + 1)).astype(dtype)
         self.expected64 = pattern * world + world * (world + 1) // 2
         self.expected = self.expected64.astype(dtype)
-        self.buf = np.empty_like(self.src)
+        self.buf = np.empty_like(self.src) if alloc is None else alloc(self.src.shape, dtype)
         self.lossless = prep.codec in LOSSLESS_CODECS
         self.codec = prep.codec
 
@@ -236,6 +313,8 @@ def _rank_worker(ctx: RankContext, spec: _Spec) -> None:
         from phalanx.bench.gloo import GlooBackend
 
         backend = GlooBackend(ctx, timeout_s=spec.timeout_s)
+    elif spec.impl == "phalanx-daemon":
+        backend = _DaemonBackend(ctx, spec)
     else:
         backend = _PhalanxBackend(ctx, spec)
     bufs: _Buffers | None = None
@@ -246,7 +325,8 @@ def _rank_worker(ctx: RankContext, spec: _Spec) -> None:
                 return
             if isinstance(cmd, _Prepare):
                 bufs = None  # free the previous size first
-                bufs = _Buffers(ctx.rank, ctx.world, cmd)
+                # a backend may place the buffer (the daemon's shared memory)
+                bufs = _Buffers(ctx.rank, ctx.world, cmd, getattr(backend, "alloc", None))
                 backend.bind_buffer(bufs.buf)
                 ctx.reply(os.getpid())
             elif isinstance(cmd, _Block) and bufs is not None:
@@ -281,7 +361,7 @@ def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, An
         "algorithm": ",".join(sorted(series.algorithms)) or None,
         "iters": len(series.times),
         "warmup": args.warmup,
-        "rounds": args.rounds if args.vs else 1,
+        "rounds": args.rounds if args.vs or args.via else 1,
         **summarize_times(nbytes, world, series.times),
         "wire_bytes": wire,
         "wire_ratio": wire / ring_bytes if wire is not None and ring_bytes else None,
@@ -293,7 +373,7 @@ def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, An
 
 def _ratio_row(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     return {
-        "ratio": f"phalanx/{theirs['impl']}",
+        "ratio": f"{ours['impl']}/{theirs['impl']}",
         "world": ours["world"],
         "bytes": ours["bytes"],
         "busbw_ratio": ours["busbw_Bps"] / theirs["busbw_Bps"],
@@ -342,6 +422,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     say = functools.partial(progress, enabled=not args.quiet)
     secret = os.urandom(32)  # a fresh cluster secret for this run's group
     specs = [_Spec("phalanx", secret, args.streams, args.timeout, args.log_level)]
+    coordinator = None
+    if args.via == "daemon":
+        import tempfile
+
+        from phalanx.membership.coordinator import Coordinator
+
+        workdir = tempfile.mkdtemp(prefix="phalanx-bench-")
+        with open(os.path.join(workdir, "secret"), "wb") as f:
+            f.write(secret.hex().encode())
+        coordinator = Coordinator("127.0.0.1:0", secret=secret.hex().encode(), recover=False)
+        via = _Spec("phalanx-daemon", secret, args.streams, args.timeout, args.log_level,
+                    coordinator.start(), workdir)  # fmt: skip
+        specs.insert(0, via)
     if args.vs:
         specs.append(_Spec(args.vs, secret, args.streams, args.timeout, args.log_level))
     pools = [RankPool(_rank_worker, args.world, spec, name=spec.impl) for spec in specs]
@@ -371,9 +464,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             # Done: let the ranks close their groups. Anything else (a failure,
             # Ctrl-C, SIGTERM): they may be mid-operation, so kill them now.
             if finished:
-                pool.close()
+                pool.close(timeout=30.0)
             else:
                 pool.kill()
+        if coordinator is not None:
+            import shutil
+
+            coordinator.stop(0.5)
+            shutil.rmtree(specs[0].workdir, ignore_errors=True)
     if not args.json:
         print_table([r for r in rows if "ratio" not in r], _TABLE)
         ratios = [r for r in rows if "ratio" in r]
@@ -395,8 +493,8 @@ def _bench_size(
     label = format_bytes(nbytes)
     series = []
     for pool, spec in zip(pools, specs, strict=True):
-        codec = args.codec if spec.impl == "phalanx" else "none"
-        streams = args.streams if spec.impl == "phalanx" else None
+        codec = args.codec if spec.impl.startswith("phalanx") else "none"
+        streams = args.streams if spec.impl.startswith("phalanx") else None
         pool.request_all(_Prepare(nbytes, args.dtype, codec), args.timeout)
         s = _Series(spec.impl, codec, streams)
         if args.warmup:
@@ -413,8 +511,8 @@ def _bench_size(
         for problem in s.problems[:5]:
             log.error("%s %s: %s", s.impl, label, problem)
         rows.append(_row(s, args, nbytes))
-    if len(rows) > 1:
-        rows.append(_ratio_row(rows[0], rows[1]))
+    for other in rows[1:]:
+        rows.append(_ratio_row(rows[0], other))
     return rows
 
 
@@ -441,6 +539,13 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         choices=("gloo",),
         default=None,
         help="also run Gloo (torch 2.13.0 CPU), alternating blocks with phalanx",
+    )
+    parser.add_argument(
+        "--via",
+        choices=("daemon",),
+        default=None,
+        help="daemon: each rank is a client of its own 'phalanx daemon' process "
+        "(client -> daemon -> data plane), compared with the in-process group",
     )
     parser.add_argument(
         "--rounds",
