@@ -347,18 +347,11 @@ class Engine:
                     continue
                 try:
                     if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-                        link.channel.pump_recv(self)
+                        self._pump_in(link)
                     if mask & select.EPOLLOUT:
                         self._dirty.add(link)
                 except _OpFailed as exc:
                     self._fail_current(exc)
-                except FrameError as exc:
-                    reason = "foreign-epoch" if exc.reason == "foreign-epoch" else "protocol"
-                    self._link_failed(link, reason, f"bad frame from rank {link.peer}: {exc}")
-                except _PeerLeft as exc:
-                    self._link_failed(link, "closed", str(exc))
-                except OSError as exc:
-                    self._link_failed(link, "disconnected", f"link to rank {link.peer}: {exc}")
             try:
                 self._flush()
             except _OpFailed as exc:
@@ -427,6 +420,11 @@ class Engine:
     def _resume(self, link: _Link) -> None:
         link.paused = False
         self._set_mask(link)
+        self._pump_in(link)
+
+    def _pump_in(self, link: _Link) -> None:
+        """Read what the link has; a broken link becomes a link failure (an ABORT or a
+        plan's own failure propagates as _OpFailed to the caller)."""
         try:
             link.channel.pump_recv(self)
         except FrameError as exc:
