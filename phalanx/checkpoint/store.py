@@ -1,0 +1,236 @@
+"""Holder side of snapshots: shard keys, shard errors, and the :class:`ShardStore`.
+
+A holder keeps other peers' shards in memory under a byte budget. Every shard is stored
+with the CRC-32 its owner computed; :meth:`ShardStore.put` checks it on the way in and
+:meth:`ShardStore.get` on *every* read, so a shard that rotted in memory (or was
+tampered with) is reported as :class:`ShardCorrupt` and its reader treats it as lost.
+
+:class:`ShardStore` is the pluggable part (one conformance test,
+tests/unit/test_snapshot_store.py, holds every implementation to it);
+:class:`MemoryShardStore` is the in-memory one the daemon uses. This module must never
+do I/O, and a store must never hand out bytes it has not just checked.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from phalanx.checkpoint._crc import crc32
+from phalanx.errors import PhalanxError
+
+__all__ = [
+    "BudgetExceeded",
+    "HolderUnavailable",
+    "MemoryShardStore",
+    "ShardCorrupt",
+    "ShardError",
+    "ShardKey",
+    "ShardMissing",
+    "ShardStore",
+]
+
+U8 = npt.NDArray[np.uint8]
+
+#: ``ShardKey.stripe`` of a generation's metadata blob and of its seal marker.
+META_STRIPE = -1
+SEAL_STRIPE = -2
+MAX_OWNER_LEN = 128
+
+
+class ShardError(PhalanxError):
+    """A shard operation failed; ``reason`` is a stable token, ``holder`` who failed."""
+
+    reason = "shard-error"
+
+    def __init__(self, detail: str = "", *, holder: str = "", key: ShardKey | None = None) -> None:
+        self.detail = detail
+        self.holder = holder
+        self.key = key
+        who = f" on {holder}" if holder else ""
+        what = f" ({key})" if key is not None else ""
+        super().__init__(f"{self.reason}{who}{what}: {detail}" if detail else self.reason + who)
+
+
+class ShardMissing(ShardError):
+    """The holder does not have that shard."""
+
+    reason = "missing"
+
+
+class ShardCorrupt(ShardError):
+    """The shard's bytes fail their checksum: the shard counts as lost."""
+
+    reason = "corrupt"
+
+
+class BudgetExceeded(ShardError):
+    """Storing the shard would take the holder over its byte budget."""
+
+    reason = "budget"
+
+
+class HolderUnavailable(ShardError):
+    """The holder cannot be reached, refused us, or did not answer before the deadline."""
+
+    reason = "unavailable"
+
+
+@dataclass(frozen=True, order=True)
+class ShardKey:
+    """Which shard: ``owner``'s generation ``generation``, piece ``index`` of stripe
+    ``stripe`` (data pieces ``0..k-1``, then parity); stripe :data:`META_STRIPE` is the
+    generation's metadata, :data:`SEAL_STRIPE` its seal marker."""
+
+    owner: str
+    generation: int
+    stripe: int
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.owner, str) or not 0 < len(self.owner.encode()) <= MAX_OWNER_LEN:
+            raise ValueError(f"owner must be a str of 1..{MAX_OWNER_LEN} bytes")
+        if not 0 <= self.generation < 2**63:
+            raise ValueError(f"generation out of range: {self.generation}")
+        if not -2 <= self.stripe < 2**31 or not 0 <= self.index < 256:
+            raise ValueError(f"bad stripe/index {self.stripe}/{self.index}")
+
+    @classmethod
+    def meta(cls, owner: str, generation: int) -> ShardKey:
+        return cls(owner, generation, META_STRIPE)
+
+    @classmethod
+    def seal(cls, owner: str, generation: int) -> ShardKey:
+        return cls(owner, generation, SEAL_STRIPE)
+
+    @property
+    def is_meta(self) -> bool:
+        return self.stripe == META_STRIPE
+
+    @property
+    def is_seal(self) -> bool:
+        return self.stripe == SEAL_STRIPE
+
+    def __str__(self) -> str:
+        part = {META_STRIPE: "meta", SEAL_STRIPE: "seal"}.get(self.stripe)
+        return f"{self.owner}/g{self.generation}/" + (part or f"s{self.stripe}.{self.index}")
+
+
+class ShardStore(ABC):
+    """Shards held for other peers, under ``budget_bytes``; thread-safe.
+
+    ``put`` takes ownership of ``data`` (a 1-D uint8 array the caller will not touch
+    again), checks ``crc`` and the budget, and replaces any shard under the same key.
+    ``get`` returns ``(bytes, crc)`` after checking the bytes against the crc; the
+    returned array is read-only and must not be kept past the next ``put``/``delete``
+    of that key."""
+
+    @property
+    @abstractmethod
+    def budget_bytes(self) -> int: ...
+
+    @abstractmethod
+    def used_bytes(self) -> int: ...
+
+    @abstractmethod
+    def can_fit(self, key: ShardKey, nbytes: int) -> bool:
+        """Would a shard of ``nbytes`` under ``key`` fit in the budget right now?"""
+
+    @abstractmethod
+    def put(self, key: ShardKey, data: U8, crc: int) -> None:
+        """Raises :class:`ShardCorrupt` (bytes do not match crc), :class:`BudgetExceeded`."""
+
+    @abstractmethod
+    def get(self, key: ShardKey) -> tuple[U8, int]:
+        """Raises :class:`ShardMissing`, :class:`ShardCorrupt`."""
+
+    @abstractmethod
+    def delete(self, keys: Iterable[ShardKey]) -> int:
+        """Drop these shards (absent ones are ignored); returns how many were dropped."""
+
+    @abstractmethod
+    def keys(self, owner: str | None = None) -> list[ShardKey]:
+        """Held keys (of ``owner`` only when given), sorted."""
+
+
+class MemoryShardStore(ShardStore):
+    """Shards in this process's memory. ``on_change(used_bytes)`` is called after every
+    change (the daemon points it at the ``phalanx_snapshot_held_bytes`` gauge)."""
+
+    def __init__(
+        self, budget_bytes: int, *, on_change: Callable[[int], None] | None = None
+    ) -> None:
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self._budget = budget_bytes
+        self._blobs: dict[ShardKey, tuple[U8, int]] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self._on_change = on_change
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used
+
+    def _fits(self, key: ShardKey, nbytes: int) -> bool:
+        old = self._blobs.get(key)
+        return self._used - (old[0].nbytes if old else 0) + nbytes <= self._budget
+
+    def can_fit(self, key: ShardKey, nbytes: int) -> bool:
+        with self._lock:
+            return self._fits(key, nbytes)
+
+    def put(self, key: ShardKey, data: U8, crc: int) -> None:
+        if data.dtype != np.uint8 or data.ndim != 1 or not data.flags.c_contiguous:
+            raise ValueError("shards are 1-D C-contiguous uint8 arrays")
+        if crc32(data) != crc:
+            raise ShardCorrupt("bytes do not match the checksum sent with them", key=key)
+        data.setflags(write=False)
+        with self._lock:
+            if not self._fits(key, data.nbytes):
+                raise BudgetExceeded(
+                    f"{data.nbytes} more bytes over a budget of {self._budget} ({self._used} used)",
+                    key=key,
+                )
+            old = self._blobs.get(key)
+            self._used += data.nbytes - (old[0].nbytes if old else 0)
+            self._blobs[key] = (data, crc)
+            used = self._used
+        if self._on_change is not None:
+            self._on_change(used)
+
+    def get(self, key: ShardKey) -> tuple[U8, int]:
+        with self._lock:
+            blob = self._blobs.get(key)
+        if blob is None:
+            raise ShardMissing("not held here", key=key)
+        data, crc = blob
+        if crc32(data) != crc:
+            raise ShardCorrupt("held bytes fail their checksum", key=key)
+        return data, crc
+
+    def delete(self, keys: Iterable[ShardKey]) -> int:
+        n = 0
+        with self._lock:
+            for key in keys:
+                old = self._blobs.pop(key, None)
+                if old is not None:
+                    self._used -= old[0].nbytes
+                    n += 1
+            used = self._used
+        if n and self._on_change is not None:
+            self._on_change(used)
+        return n
+
+    def keys(self, owner: str | None = None) -> list[ShardKey]:
+        with self._lock:
+            return sorted(k for k in self._blobs if owner is None or k.owner == owner)
