@@ -139,7 +139,7 @@ class Handle:
     :class:`OpResult` or raises its error; the array must not be touched before."""
 
     def __init__(
-        self, conn: Connection, rid: int, finish: Callable[[dict[str, Any] | None], OpResult],
+        self, conn: Connection, rid: int, finish: Callable[[dict[str, Any] | None], OpResult | None],
         timeout: float,
     ) -> None:  # fmt: skip
         self._conn = conn
@@ -168,7 +168,9 @@ class Handle:
                 self._error = exc
                 self._finish(None)
                 return True
-            self._result = self._finish(body)
+            result = self._finish(body)
+            assert result is not None
+            self._result = result
             return True
 
     def done(self) -> bool:
@@ -308,9 +310,10 @@ class Client:
             done(False)
             raise
 
-        def finish(body: dict[str, Any] | None) -> OpResult:
-            done(body is not None)
-            assert body is not None
+        def finish(body: dict[str, Any] | None) -> OpResult | None:
+            done(body is not None)  # copy back only on success; staging back to the pool
+            if body is None:
+                return None
             return OpResult(
                 op=op,
                 epoch=int(body["epoch"]),

@@ -12,11 +12,18 @@ state), so two connections can never interleave a collective; calls that only re
 (HELLO, VIEW) or map memory do not take it.
 
 A client that disconnects without ``close()`` (it died) keeps the daemon's state: the
-view, the group, the state arrays (their pages stay mapped here). If it died *inside* a
-training step (a collective ran since its last commit decision), the step cannot be
-finished by anyone: the daemon leaves and rejoins the group (a view change: the other
-members' collectives and votes of that step fail over to the new view, promise 4), so
-the restarted process starts cleanly at its next ``begin_step``.
+view, the group, the state arrays (their pages stay mapped here). Where it died decides
+the rest:
+
+* at a step boundary (no collective since its last ``update_state``/failed commit): the
+  view stays; the restarted process attaches its state (the daemon copies it back) and
+  its next collective lines up with the others';
+* inside a step (a collective ran, no decision yet): nobody can finish that step, so the
+  daemon leaves and rejoins the group: the other members' collectives and votes of
+  that step fail over to the new view (promise 4); the state is intact;
+* between a True commit and ``update_state`` (the state was being changed in place):
+  as above, and the daemon's state is marked invalid, so the group's state is received
+  (verified by hash) at the next ``begin_step``.
 
 This module must never hold its lock while waiting for a client, nor keep a reference
 to a region after its session ended unless the state holds it.
@@ -83,7 +90,10 @@ class Service:
         self.op_timeout = op_timeout
         self.join_timeout = join_timeout
         self._lock = threading.Lock()
-        self._mid_step = False  # a collective ran since the last commit decision
+        # where the client is in its training step: "idle" (at a boundary), "stepping"
+        # (a collective ran since the boundary), "applying" (the step committed and the
+        # state is being changed in place: done at update_state)
+        self._phase = "idle"
         self._step = -1
         self._attached: dict[str, np.ndarray] = {}
         self._closing = False
@@ -173,7 +183,8 @@ class Service:
         timeout = req.timeout or self.op_timeout
         g = self.group
         with self._lock:
-            self._mid_step = True
+            if self._phase == "idle":
+                self._phase = "stepping"
             if req.op == "barrier":
                 res = g.barrier(retry=req.retry, timeout=timeout)
             else:
@@ -209,10 +220,10 @@ class Service:
         timeout = body.get("timeout")
         t = float(timeout) if isinstance(timeout, int | float) else None
         with self._lock:
-            try:
-                committed = self.group.commit(step, ok, timeout=t)
-            finally:
-                self._mid_step = False
+            committed = self.group.commit(step, ok, timeout=t)
+            # committed: the client now changes its state; it is consistent again at
+            # update_state (if no state is attached, there is nothing to wait for)
+            self._phase = "applying" if committed and self._attached else "idle"
         return {"committed": committed, "step": step}
 
     def _begin_step(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -292,6 +303,7 @@ class Service:
                 raise ConfigError("no state attached (call attach_state first)")
             st.update(step, changed)
             st.valid = True
+            self._phase = "idle"
         return {"step": step}
 
     # ------------------------------------------------------------------ client loss
@@ -302,18 +314,21 @@ class Service:
             audit.info("event=client_closed session=%d pid=%d", s.sid, s.pid)
             return
         with self._lock:
-            mid = self._mid_step
+            phase = self._phase
             audit.warning(
-                "event=client_lost session=%d pid=%d mid_step=%s step=%d epoch=%d",
+                "event=client_lost session=%d pid=%d phase=%s step=%d epoch=%d",
                 s.sid,
                 s.pid,
-                mid,
+                phase,
                 self._step,
                 self.group.view.epoch,
             )
-            if not mid:
-                return
-            self._mid_step = False
+            if phase == "idle":
+                return  # at a boundary: the restarted process simply goes on
+            self._phase = "idle"
+            st = self.group.state
+            if phase == "applying" and st is not None:
+                st.valid = False  # changed half-way: receive the group's state again
             g = self.group
             try:
                 g.leave(reason="client-lost-mid-step")

@@ -1,0 +1,170 @@
+"""``phalanx daemon`` as a real process: secure by default, config printed, /healthz and
+/metrics served, SIGTERM leaves the group and exits 0, and a SIGKILLed daemon gives its
+client ``DaemonUnavailable`` within a second (a blocked call and a new one), not a hang.
+
+:func:`daemons` (also used by test_client.py) runs an in-process coordinator and N
+daemon processes on 127.0.0.1 (port 0 everywhere) and stops them all in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import phalanx
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.coordinator import Coordinator
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@dataclass
+class Cluster:
+    coordinator: Coordinator
+    procs: list[subprocess.Popen[bytes]]
+    sockets: list[str]
+    outs: list[Path]
+    secret_file: Path
+
+    def ready_line(self, i: int, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.outs[i].read_text().splitlines():
+                if line.startswith("phalanx daemon ready"):
+                    return line
+            if self.procs[i].poll() is not None:
+                break
+            time.sleep(0.05)
+        err = self.outs[i].with_suffix(".err").read_text()[-3000:]
+        raise AssertionError(f"daemon {i} not ready: rc={self.procs[i].poll()}\n{err}")
+
+
+def spawn_daemon(
+    coordinator: str, secret_file: Path, sock: str, out: Path, member: str, *extra: str
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "phalanx", "daemon", "--coordinator", coordinator,
+           "--secret-file", str(secret_file), "--socket", sock, "--id", member,
+           "--metrics-port", "0", *extra]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
+    with open(out, "wb") as o, open(out.with_suffix(".err"), "wb") as e:
+        return subprocess.Popen(cmd, stdout=o, stderr=e, env=env)
+
+
+@contextlib.contextmanager
+def daemons(n: int, secret: bytes, tmp: Path) -> Iterator[Cluster]:
+    """A coordinator (this process) and ``n`` daemon processes in one view."""
+    secret_file = tmp / "secret"
+    secret_file.write_bytes(secret.hex().encode())
+    coord = Coordinator(
+        "127.0.0.1:0", secret=secret.hex().encode(), config=MembershipConfig(), recover=False
+    )
+    addr = coord.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    cl = Cluster(coord, procs, [str(tmp / f"d{i}.sock") for i in range(n)], [], secret_file)
+    try:
+        for i in range(n):
+            out = tmp / f"d{i}.out"
+            cl.outs.append(out)
+            procs.append(spawn_daemon(addr, secret_file, cl.sockets[i], out, f"d{i}"))
+        for i in range(n):
+            cl.ready_line(i)
+        coord.wait_for(lambda v: v.size == n, 20.0)
+        yield cl
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5.0)
+        coord.stop(0.5)
+
+
+def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phalanx",
+            "daemon",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--socket",
+            str(tmp_path / "s.sock"),
+        ],
+        capture_output=True,
+        env=env,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert b"--insecure" in r.stderr and b"secret" in r.stderr
+
+
+def test_serves_health_and_metrics_and_leaves_on_sigterm(secret: bytes, tmp_path: Path) -> None:
+    with daemons(1, secret, tmp_path) as cl:
+        ready = cl.ready_line(0)
+        text = cl.outs[0].read_text()
+        assert "comm.streams = 1" in text and "secret_file" in text  # the config, printed
+        assert secret.hex() not in text  # ... with no secret in it
+        metrics = ready.split("metrics=")[1].split()[0]
+        with urllib.request.urlopen(f"http://{metrics}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        with phalanx.connect(cl.sockets[0]) as pg:
+            x = pg.empty((256,), "float32")
+            x[:] = 2
+            pg.all_reduce(x)
+            assert pg.view().members == ("d0",)
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        assert "phalanx_view_epoch" in body and "phalanx_op_duration_seconds_count{" in body
+        t0 = time.monotonic()
+        cl.procs[0].send_signal(signal.SIGTERM)
+        assert cl.procs[0].wait(15.0) == 0
+        cl.coordinator.wait_for(lambda v: "d0" not in v, 5.0)  # it left; not failed late
+        assert time.monotonic() - t0 < 10.0
+        assert "phalanx daemon stopped" in cl.outs[0].read_text()
+        assert not os.path.exists(cl.sockets[0])
+
+
+def test_sigkilled_daemon_gives_daemon_unavailable_within_a_second(
+    secret: bytes, tmp_path: Path
+) -> None:
+    with daemons(2, secret, tmp_path) as cl:
+        pg = phalanx.connect(cl.sockets[0], op_timeout=30.0)
+        try:
+            x = pg.empty((1024,), "float32")
+            # nobody drives daemon 1: this all-reduce waits for its peer
+            handle = pg.all_reduce(x, async_op=True)
+            time.sleep(0.3)
+            assert not handle.done()
+            t0 = time.monotonic()
+            cl.procs[0].kill()
+            with pytest.raises(phalanx.DaemonUnavailable):
+                handle.wait()
+            assert time.monotonic() - t0 < 1.0
+            t1 = time.monotonic()
+            with pytest.raises(phalanx.DaemonUnavailable):
+                pg.all_reduce(np.ones(4, np.float32))
+            with pytest.raises(phalanx.DaemonUnavailable):
+                pg.view()
+            assert time.monotonic() - t1 < 1.0
+        finally:
+            pg.close()
+        cl.procs[0].wait(5.0)
+        with pytest.raises(phalanx.DaemonUnavailable, match="no phalanx daemon"):
+            phalanx.connect(cl.sockets[0])

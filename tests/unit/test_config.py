@@ -1,0 +1,95 @@
+"""PhalanxConfig: one precedence order (flags > PHALANX_* env > TOML file > defaults),
+nested sections, unknown names refused, values validated, secrets never printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from phalanx.config import PhalanxConfig, load_config
+from phalanx.errors import ConfigError
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "phalanx.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_parts_own() -> None:
+    cfg = load_config(env={})
+    assert cfg == PhalanxConfig()
+    assert cfg.comm.streams == 1 and cfg.membership.heartbeat_timeout == 0.6
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    f = _toml(
+        tmp_path,
+        'coordinator = "file:1"\nzone = "z-file"\nop_timeout = 7\n'
+        "[comm]\nstreams = 3\ntimeout_s = 4\n[monitor.detectors]\nk = 2\n",
+    )
+    env = {"PHALANX_COORDINATOR": "env:2", "PHALANX_COMM_STREAMS": "2"}
+    cfg = load_config({"coordinator": "flag:3", "zone": None}, env=env, file=f)
+    assert cfg.coordinator == "flag:3"  # flag beats env and file
+    assert cfg.comm.streams == 2  # env beats file
+    assert cfg.comm.timeout_s == 4.0 and cfg.op_timeout == 7.0  # file (ints accepted as floats)
+    assert cfg.zone == "z-file"  # a flag given as None is "not given"
+    assert cfg.monitor.detectors.k == 2  # nested section
+
+
+def test_env_values_are_typed() -> None:
+    env = {
+        "PHALANX_INSECURE": "yes",
+        "PHALANX_METRICS_PORT": "9100",
+        "PHALANX_MEMBERSHIP_PROBE_ADDRESSES": "false",
+        "PHALANX_MONITOR_DETECTORS_HANG_FLOOR_S": "2.5",
+    }
+    cfg = load_config(env=env)
+    assert cfg.insecure is True and cfg.metrics_port == 9100
+    assert cfg.membership.probe_addresses is False
+    assert cfg.monitor.detectors.hang_floor_s == 2.5
+    with pytest.raises(ConfigError, match="PHALANX_METRICS_PORT"):
+        load_config(env={"PHALANX_METRICS_PORT": "many"})
+
+
+def test_unknown_names_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PHALANX_COMM_STREEMS"):
+        load_config(env={"PHALANX_COMM_STREEMS": "2"})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_config(env={}, file=_toml(tmp_path, "[comm]\nstreems = 2\n"))
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_config({"no_such_flag": 1}, env={})
+    # variables of other tools are not ours to refuse
+    assert load_config(env={"PHALANX_LOG_LEVEL": "DEBUG"}) == PhalanxConfig()
+
+
+def test_values_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="streams"):
+        load_config({"comm": {"streams": 0}}, env={})
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(env={}, file=_toml(tmp_path, '[comm]\nstreams = "two"\n'))
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        load_config({"coordinator": "nohostport"}, env={})
+    with pytest.raises(ConfigError, match="heartbeat_timeout"):
+        load_config(env={"PHALANX_MEMBERSHIP_HEARTBEAT_TIMEOUT": "0.1"})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(env={}, file=tmp_path / "missing.toml")
+    with pytest.raises(ConfigError):
+        load_config(env={}, file=_toml(tmp_path, "not toml ["))
+
+
+def test_describe_lists_every_setting_and_no_secret(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("s3cr3t-s3cr3t-s3cr3t")
+    cfg = load_config({"secret_file": str(secret_file), "coordinator": "h:1"}, env={})
+    text = cfg.describe()
+    assert "coordinator = 'h:1'" in text and "comm.streams = 1" in text
+    assert "monitor.detectors.k = 4" in text and "membership.heartbeat_timeout" in text
+    assert "s3cr3t" not in text  # the config holds the path, never the secret
+
+
+def test_frozen() -> None:
+    cfg = PhalanxConfig()
+    with pytest.raises(AttributeError):
+        cfg.coordinator = "x:1"  # type: ignore[misc]
