@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +40,13 @@ U8 = npt.NDArray[np.uint8]
 @dataclass(frozen=True)
 class DiskWrite:
     """One generation to write: ``buf[:manifest.nbytes]`` must not change until
-    ``done`` is set (the service pins the buffer)."""
+    ``done()`` is called (written, failed or replaced; the service pins the buffer)."""
 
     generation: int
     step: int
     manifest: Manifest
     buf: U8
-    done: threading.Event
+    done: Callable[[], None]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,7 +75,7 @@ class DiskTier:
         """Queue ``write``; a queued write not yet started is replaced (its ``done`` set)."""
         with self._cond:
             if self._pending is not None:
-                self._pending.done.set()
+                self._pending.done()
             self._pending = write
             self._cond.notify()
 
@@ -83,6 +84,10 @@ class DiskTier:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout)
+        with self._cond:
+            if self._pending is not None:  # closed before it started: never written
+                self._pending.done()
+                self._pending = None
         if self._thread.is_alive():
             log.error("snapshot disk writer did not stop within %.1fs dir=%s", timeout, self.dir)
 
@@ -104,7 +109,7 @@ class DiskTier:
                     exc,
                 )
             finally:
-                w.done.set()
+                w.done()
 
     def _write(self, w: DiskWrite) -> None:
         final = self.dir / f"g{w.generation:020d}"

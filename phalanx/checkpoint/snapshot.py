@@ -25,6 +25,7 @@ and the disk writer; all joined by :meth:`SnapshotService.close`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -695,9 +696,9 @@ class SnapshotService:
                 raise SnapshotError("unavailable", str(e), holder=h)
         except BaseException as exc:
             reason, holder = _abandon_reason(exc)
-            self._fail(gen, SnapshotAbandoned(reason, str(exc), holder=holder))
-            if holders:
+            if holders:  # drop what was stored before anyone hears of the failure
                 self._delete_gen(gen.generation, holders, geo.stripes, n)
+            self._fail(gen, SnapshotAbandoned(reason, str(exc), holder=holder))
             return
         # Phase 1 complete: every piece and the metadata are acknowledged. Commit.
         gen.meta = meta
@@ -715,7 +716,6 @@ class SnapshotService:
             to_disk = self._disk is not None and self._seals % self.config.disk_every == 0
             if to_disk:
                 gen.pins += 1
-        gen.event.set()
         audit.info(
             "snapshot sealed owner=%s generation=%d step=%d bytes=%d k=%d m=%d holders=%s "
             "seal_s=%.3f encode_s=%.3f unmarked=%s",
@@ -740,16 +740,13 @@ class SnapshotService:
                 self._delete_stale(g, hs)
             self._stale = []
         if to_disk and self._disk is not None:
-            done = threading.Event()
-            self._disk.submit(DiskWrite(gen.generation, gen.step, manifest, gen.buf, done))
-            threading.Thread(
-                target=self._unpin_after, args=(gen, done), name="snapshot-disk-pin", daemon=True
-            ).start()
+            self._disk.submit(
+                DiskWrite(
+                    gen.generation, gen.step, manifest, gen.buf, functools.partial(self._unpin, gen)
+                )
+            )
         self._report_held()
-
-    def _unpin_after(self, gen: _Gen, done: threading.Event) -> None:
-        done.wait(self.config.seal_timeout_s)
-        self._unpin(gen)
+        gen.event.set()  # last: the previous generation is already gone from the holders
 
     def _delete_stale(self, generation: int, holders: Sequence[str]) -> None:
         """Drop every key of an old generation on ``holders`` (listing what they hold)."""
@@ -771,7 +768,6 @@ class SnapshotService:
         with self._lock:
             if self._inflight is gen:
                 self._inflight = None
-        gen.event.set()
         audit.warning(
             "snapshot abandoned owner=%s generation=%d step=%d reason=%s holder=%s detail=%s",
             self.member_id,
@@ -783,6 +779,7 @@ class SnapshotService:
         )
         self._obs.on_seal(time.perf_counter() - gen.t0, "abandoned")
         self._release(gen)
+        gen.event.set()
 
     def _repair(self) -> None:
         with self._lock:

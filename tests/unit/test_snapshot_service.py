@@ -1,0 +1,340 @@
+"""SnapshotService over the in-process hub: seal, restore, every loss pattern, corrupt
+shards, a holder dying mid-seal, budgets, bad input, repair, the disk tier."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from phalanx.checkpoint.channel import InProcessChannel, InProcessHub
+from phalanx.checkpoint.layout import LayoutError
+from phalanx.checkpoint.snapshot import (
+    SnapshotAbandoned,
+    SnapshotConfig,
+    SnapshotNotFound,
+    SnapshotObserver,
+    SnapshotService,
+)
+from phalanx.checkpoint.store import MemoryShardStore, ShardKey
+
+SHARD = 4096  # small pieces: many stripes even for small states
+
+
+class Recorder(SnapshotObserver):
+    def __init__(self) -> None:
+        self.stalls: list[float] = []
+        self.seals: list[str] = []
+        self.under: list[int] = []
+        self.held: list[int] = []
+
+    def on_stall(self, seconds: float) -> None:
+        self.stalls.append(seconds)
+
+    def on_seal(self, seconds: float, outcome: str) -> None:
+        self.seals.append(outcome)
+
+    def on_held_bytes(self, nbytes: int) -> None:
+        self.held.append(nbytes)
+
+    def on_underprotected(self, generations: int) -> None:
+        self.under.append(generations)
+
+
+class Cluster:
+    def __init__(self, n: int, k: int, m: int, budget: int = 1 << 30, **cfg: Any) -> None:
+        self.hub = InProcessHub()
+        self.ids = [f"p{i}" for i in range(n)]
+        self.stores = {i: MemoryShardStore(budget) for i in self.ids}
+        self.obs = {i: Recorder() for i in self.ids}
+        self.cfg = SnapshotConfig(
+            k=k, m=m, shard_bytes=SHARD, call_timeout_s=5, seal_timeout_s=20, **cfg
+        )
+        self.svcs: dict[str, SnapshotService] = {}
+        for i in self.ids:
+            self.hub.register(i, self.stores[i])
+        for i in self.ids:
+            self.svcs[i] = self.service(i)
+
+    def service(self, member: str, channel: InProcessChannel | None = None) -> SnapshotService:
+        return SnapshotService(
+            member,
+            channel or self.hub.channel(),
+            self.stores.get(member),
+            peers=self.ids,
+            config=self.cfg,
+            observer=self.obs.get(member),
+        )
+
+    def kill(self, *members: str) -> None:
+        for m in members:
+            self.hub.unregister(m)
+            svc = self.svcs.pop(m, None)
+            if svc is not None:
+                svc.close()
+        self.ids = [i for i in self.ids if i not in members]
+
+    def view(self, ids: Sequence[str]) -> None:
+        self.ids = list(ids)
+        for s in self.svcs.values():
+            s.on_view(self.ids)
+
+    def close(self) -> None:
+        for s in self.svcs.values():
+            s.close()
+
+
+@pytest.fixture
+def cluster6() -> Iterator[Cluster]:
+    c = Cluster(6, 4, 2)
+    yield c
+    c.close()
+
+
+def state(seed: int, n: int = 50_000) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        "model": {"w": rng.random(n, np.float32), "b": rng.integers(0, 9, 77, np.int16)},
+        "step": np.array(seed),
+    }
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[x], b[x]) for x in a)
+    return bool(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b))
+
+
+def test_snapshot_seals_and_restores_locally(cluster6: Cluster) -> None:
+    svc = cluster6.svcs["p0"]
+    st = state(1)
+    h = svc.snapshot(st, 10)
+    info = h.wait(10)
+    assert (info.step, info.k, info.m, len(set(info.holders))) == (10, 4, 2, 6)
+    st["model"]["w"][:] = 0  # the snapshot is a copy
+    step, out = svc.restore()
+    assert step == 10 and same(out, state(1))
+    assert svc.sealed() == info
+    obs = cluster6.obs["p0"]
+    assert obs.seals == ["committed"] and len(obs.stalls) == 1 and obs.held[-1] > 0
+
+
+def test_every_m_of_k_plus_m_loss_pattern_restores_on_a_replacement(cluster6: Cluster) -> None:
+    owner = cluster6.svcs["p0"]
+    info = owner.snapshot(state(2), 3).wait(10)
+    cluster6.hub.register("new", MemoryShardStore(0))
+    repl = cluster6.service("new")
+    try:
+        patterns = [c for r in range(3) for c in itertools.combinations(info.holders, r)]
+        assert len(patterns) == 1 + 6 + 15
+        for lost in patterns:
+            saved = {h: cluster6.stores[h] for h in lost}
+            for h in lost:
+                cluster6.hub.unregister(h)
+            try:
+                step, out = repl.restore_peer("p0")
+                assert step == 3 and same(out, state(2)), lost
+            finally:
+                for h, st in saved.items():
+                    cluster6.hub.register(h, st)
+        # m + 1 losses: the data is gone, and restore says so
+        for h in info.holders[:3]:
+            cluster6.hub.unregister(h)
+        with pytest.raises((SnapshotNotFound, SnapshotAbandoned, Exception)) as exc:
+            repl.restore_peer("p0")
+        assert "too-few-shards" in str(exc.value) or "not-found" in str(exc.value)
+    finally:
+        repl.close()
+
+
+def test_corrupt_shard_counts_as_lost(cluster6: Cluster) -> None:
+    owner = cluster6.svcs["p0"]
+    info = owner.snapshot(state(3), 1).wait(10)
+    # flip a byte in one data piece of every stripe on two holders (= m losses)
+    for h in info.holders[:2]:
+        st = cluster6.stores[h]
+        for key in st.keys("p0"):
+            if key.stripe >= 0:
+                arr, _ = st._blobs[key]
+                arr.setflags(write=True)
+                arr[0] ^= 0xFF
+    cluster6.hub.register("new", MemoryShardStore(0))
+    repl = cluster6.service("new")
+    try:
+        step, out = repl.restore_peer("p0")
+        assert step == 1 and same(out, state(3))
+        # a third corrupt holder: beyond m
+        st = cluster6.stores[info.holders[2]]
+        for key in st.keys("p0"):
+            if key.stripe >= 0:
+                arr, _ = st._blobs[key]
+                arr.setflags(write=True)
+                arr[0] ^= 0xFF
+        with pytest.raises(Exception, match="too-few-shards"):
+            repl.restore_peer("p0")
+    finally:
+        repl.close()
+
+
+class DyingChannel(InProcessChannel):
+    """Kills ``victim`` (unregisters it) just before the ``after``-th put reaches it."""
+
+    def __init__(self, hub: InProcessHub, victim: str, after: int) -> None:
+        super().__init__(hub)
+        self.victim, self.after, self.count = victim, after, 0
+        self.lock = threading.Lock()
+
+    def put(self, holder: str, key: ShardKey, data: Any, crc: int, *, timeout: float) -> None:
+        if holder == self.victim:
+            with self.lock:
+                self.count += 1
+                if self.count == self.after:
+                    self._hub.unregister(holder)
+        super().put(holder, key, data, crc, timeout=timeout)
+
+
+def test_holder_killed_mid_seal_generation_never_seals_previous_restores() -> None:
+    c = Cluster(7, 4, 2)
+    try:
+        first = c.svcs["p0"].snapshot(state(4), 1).wait(10)
+        victim = first.holders[1]
+        dying = DyingChannel(c.hub, victim, after=3)
+        owner = c.service("p0", dying)
+        c.svcs["p0"].close()
+        c.svcs["p0"] = owner
+        # this fresh instance has no own copy: its restore() must go to the holders
+        h = owner.snapshot(state(5), 2)
+        with pytest.raises(SnapshotAbandoned) as info:
+            h.wait(10)
+        assert info.value.reason == "unavailable" and info.value.holder == victim
+        # nothing of generation 2 is left on live holders, and it is never offered
+        for hid in c.ids:
+            if hid != victim:
+                assert all(k.generation == first.generation for k in c.stores[hid].keys("p0"))
+        step, out = owner.restore()
+        assert step == 1 and same(out, state(4))
+        with pytest.raises(SnapshotNotFound):
+            owner.restore(step=2)
+    finally:
+        c.close()
+
+
+def test_budget_exhausted_abandons_and_keeps_the_last_sealed() -> None:
+    c = Cluster(6, 4, 2, budget=200_000)
+    try:
+        svc = c.svcs["p0"]
+        svc.snapshot(state(6, 10_000), 1).wait(10)
+        h = svc.snapshot(state(7, 200_000), 2)  # 800 KB: 200 KB per piece column + parity
+        with pytest.raises(SnapshotAbandoned) as info:
+            h.wait(10)
+        assert info.value.reason == "budget" and "budget" in str(info.value)
+        assert c.obs["p0"].seals == ["committed", "abandoned"]
+        step, out = svc.restore()
+        assert step == 1 and same(out, state(6, 10_000))
+        c.hub.register("new", MemoryShardStore(0))
+        repl = c.service("new")
+        try:
+            assert repl.restore_peer("p0")[0] == 1
+        finally:
+            repl.close()
+    finally:
+        c.close()
+
+
+def test_bad_input_is_refused_and_the_last_sealed_stays(cluster6: Cluster) -> None:
+    svc = cluster6.svcs["p0"]
+    svc.snapshot(state(8), 1).wait(10)
+    for bad in ({"a": np.ones((8, 8))[:, ::2]}, {"a": np.array([None])}, {"a": 3}):
+        with pytest.raises(LayoutError):
+            svc.snapshot(bad, 2)
+    with pytest.raises(LayoutError):
+        svc.snapshot(state(8), -1)
+    # shapes may change between generations; the change is reported
+    grown = state(9)
+    grown["model"]["w"] = np.ones(70_000, np.float32)
+    h = svc.snapshot(grown, 3)
+    assert h.changes == ("model/w",)
+    h.wait(10)
+    assert same(svc.restore()[1], grown)
+    with pytest.raises(SnapshotNotFound):
+        svc.restore(step=99)
+    with pytest.raises(SnapshotNotFound):
+        cluster6.svcs["p1"].restore_peer("nobody")
+
+
+def test_repair_brings_a_generation_back_to_full_protection() -> None:
+    c = Cluster(9, 4, 2)
+    try:
+        owner = c.svcs["p0"]
+        info = owner.snapshot(state(10), 5).wait(10)
+        lost = [h for h in info.holders if h != "p0"][:2]
+        c.kill(*lost)
+        c.view(c.ids)
+        deadline = threading.Event()
+        for _ in range(200):
+            if 1 in c.obs["p0"].under and c.obs["p0"].under[-1] == 0:
+                break
+            deadline.wait(0.05)
+        assert 1 in c.obs["p0"].under and owner.underprotected == 0
+        # fully protected again: m more holders of the repaired placement may die
+        holders = {h for h in c.ids if c.stores[h].keys("p0")}
+        more = sorted(holders - {"p0"})[:2]
+        c.kill(*more)
+        c.hub.register("new", MemoryShardStore(0))
+        repl = c.service("new")
+        try:
+            step, out = repl.restore_peer("p0")
+            assert step == 5 and same(out, state(10))
+        finally:
+            repl.close()
+    finally:
+        c.close()
+
+
+def test_previous_generation_dropped_only_after_the_next_seals(cluster6: Cluster) -> None:
+    svc = cluster6.svcs["p0"]
+    g1 = svc.snapshot(state(11), 1).wait(10)
+    g2 = svc.snapshot(state(12), 2).wait(10)
+    gens = {k.generation for h in cluster6.ids for k in cluster6.stores[h].keys("p0")}
+    assert gens == {g2.generation} and g1.generation < g2.generation
+    assert svc.restore()[0] == 2
+
+
+def test_disk_tier_survives_a_restart_of_every_service(tmp_path: Path) -> None:
+    c = Cluster(6, 4, 2, snapshot_dir=str(tmp_path), disk_every=1)
+    try:
+        for i, sid in enumerate(c.ids):
+            c.svcs[sid].snapshot(state(20 + i), 7).wait(10)
+    finally:
+        c.close()  # joins the disk writers
+    assert (tmp_path / "p0").is_dir()
+    # every process restarts: memory (own copies and every holder's shards) is gone
+    c2 = Cluster(6, 4, 2, snapshot_dir=str(tmp_path))
+    try:
+        for i, sid in enumerate(c2.ids):
+            step, out = c2.svcs[sid].restore()
+            assert step == 7 and same(out, state(20 + i))
+        # a torn write (tmp folder) is ignored and cleaned up
+        (tmp_path / "p0" / "g99999999999999999999.tmp").mkdir()
+    finally:
+        c2.close()
+    c3 = Cluster(6, 4, 2, snapshot_dir=str(tmp_path))
+    try:
+        assert not list((tmp_path / "p0").glob("*.tmp"))
+        assert c3.svcs["p0"].restore()[0] == 7
+    finally:
+        c3.close()
+
+
+def test_close_joins_threads(cluster6: Cluster) -> None:
+    before = {t.name for t in threading.enumerate()}
+    assert any(n.startswith("snapshot-worker") for n in before)
+    cluster6.close()
+    cluster6.svcs.clear()
+    left = [t.name for t in threading.enumerate() if t.name.startswith("snapshot")]
+    assert left == []
