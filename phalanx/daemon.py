@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import socket as _socket
 import sys
@@ -35,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from phalanx.comm.observer import CommObserver, OpSample
 from phalanx.config import PhalanxConfig, load_config
 from phalanx.errors import ConfigError, PhalanxError
 from phalanx.local.server import LocalServer
@@ -72,6 +74,42 @@ def read_secret(cfg: PhalanxConfig) -> bytes:
     return raw
 
 
+class _DeferredObserver:
+    """Hands finished-op samples to the monitor on a thread of its own.
+
+    The engine calls ``op_finished`` before it completes the op's future, so the
+    monitor's work (metrics, detectors: tens of microseconds of Python) would sit in
+    every collective's latency; here the engine thread only enqueues the sample.
+    ``op_started`` (two gauge updates) is passed through: hang checks need it at once.
+    """
+
+    def __init__(self, inner: CommObserver) -> None:
+        self._inner = inner
+        self._q: queue.SimpleQueue[OpSample | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="phalanx-observe", daemon=True)
+        self._thread.start()
+
+    def op_started(self, op: str, seq: int, epoch: int, nbytes: int) -> None:
+        self._inner.op_started(op, seq, epoch, nbytes)
+
+    def op_finished(self, sample: OpSample) -> None:
+        self._q.put(sample)
+
+    def _run(self) -> None:
+        while True:
+            sample = self._q.get()
+            if sample is None:
+                return
+            try:
+                self._inner.op_finished(sample)
+            except Exception:
+                log.exception("event=observer_error op=%s", sample.op)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)
+
+
 class Daemon:
     """The daemon's parts, started and stopped in order (see the module docstring)."""
 
@@ -83,6 +121,7 @@ class Daemon:
         self.member_id = config.id or f"{_socket.gethostname()}-{os.getpid()}"
         self.socket_path = config.socket_path
         self.monitor = Monitor(0, config=config.monitor)
+        self._observer = _DeferredObserver(self.monitor.observer)
         self.metrics_address: tuple[str, int] | None = None
         self.group: HostedGroup | None = None
         self.server: LocalServer | None = None
@@ -114,7 +153,7 @@ class Daemon:
                 options=cfg.comm,
                 build_timeout=cfg.build_timeout,
                 on_view=self._on_view,
-                observer=self.monitor.observer,
+                observer=self._observer,
                 on_engine=self.monitor.attach,
             )
             self.service = Service(
@@ -164,6 +203,7 @@ class Daemon:
             self.service.release()
         if self.server is not None:
             self.server.close()
+        self._observer.close()
         self.monitor.close()
         audit.info(
             "event=daemon_stopped member=%s left=%s drained=%s stop_s=%.3f",
