@@ -496,8 +496,8 @@ class Engine:
         )
         self._current = None
         self._probe = None
+        plan.future.set_result(info)  # the caller first, then the observer
         self._observe(plan, True, now, samples, "", frozenset())
-        plan.future.set_result(info)
 
     def _link_samples(self, now: float) -> list[LinkSample]:
         samples = []
