@@ -120,7 +120,11 @@ class Daemon:
         self._secret = secret
         self.member_id = config.id or f"{_socket.gethostname()}-{os.getpid()}"
         self.socket_path = config.socket_path
-        self.monitor = Monitor(0, config=config.monitor)
+        self.monitor = Monitor(
+            0,
+            config=config.monitor,
+            on_evict=self._evict if config.monitor.evict_stragglers else None,
+        )
         self._observer = _DeferredObserver(self.monitor.observer)
         self.metrics_address: tuple[str, int] | None = None
         self.group: HostedGroup | None = None
@@ -128,6 +132,27 @@ class Daemon:
         self.service: Service | None = None
         self._stopped = False
         self._lock = threading.Lock()
+
+    def _evict(self, peer_rank: int, detail: str) -> None:
+        """The monitor's opt-in eviction policy: report a persistent straggler to the
+        coordinator (on a short thread: the monitor must never wait on an RPC)."""
+        group = self.group
+        if group is None:
+            return
+        view = group.view
+        if not 0 <= peer_rank < view.size:
+            return
+        member = view.members[peer_rank].id
+        if member == self.member_id:
+            return
+
+        def report() -> None:
+            try:
+                group.agent.report_failure([member], view.epoch, f"straggler: {detail}", timeout=2.0)
+            except Exception:  # a failed report only means no eviction
+                log.exception("event=evict-report-failed member=%s", member)
+
+        threading.Thread(target=report, name="phalanx-evict", daemon=True).start()
 
     def _on_view(self, view: View) -> None:
         rank = view.rank(self.member_id) if self.member_id in view else 0

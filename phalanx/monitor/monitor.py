@@ -65,6 +65,8 @@ class MonitorConfig:
     #: straggler verdicts against one peer (within ``active_s`` of each other) before
     #: ``on_evict`` is called; the policy is off unless ``on_evict`` is given
     evict_after: int = 3
+    #: the daemon's opt-in: report a persistent straggler to the coordinator for eviction
+    evict_stragglers: bool = False
 
 
 class ClusterView:

@@ -93,3 +93,11 @@ def test_frozen() -> None:
     cfg = PhalanxConfig()
     with pytest.raises(AttributeError):
         cfg.coordinator = "x:1"  # type: ignore[misc]
+
+
+def test_straggler_eviction_is_opt_in_and_set_from_the_environment() -> None:
+    from phalanx.config import load_config
+
+    assert load_config(env={}).monitor.evict_stragglers is False
+    cfg = load_config(env={"PHALANX_MONITOR_EVICT_STRAGGLERS": "true"})
+    assert cfg.monitor.evict_stragglers is True
