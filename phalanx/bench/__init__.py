@@ -23,5 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "phalanx.bench.anomaly:register",
         "time to detect an injected slow link, straggler or hang; false positives (healthy run)",
     ),
-    # Later: "snapshot" (same shape: "phalanx.bench.<name>:register").
+    "snapshot": (
+        "phalanx.bench.snapshot:register",
+        "erasure-coded snapshots over TCP: stall vs memcpy, seal, encode rate, restore after m losses",
+    ),
 }

@@ -165,7 +165,8 @@ class SealInfo:
     m: int
     holders: tuple[str, ...]
     seal_s: float
-    encode_s: float  # time inside the coder (and piece checksums)
+    encode_s: float  # time inside the erasure coder
+    checksum_s: float  # time computing piece checksums
 
 
 class _ViewLike(Protocol):
@@ -305,7 +306,9 @@ class SnapshotService:
         cap = Geometry(nbytes, k, self.config.shard_bytes).capacity
         with self._lock:
             while len(self._free) < 2:
-                self._free.append(np.zeros(cap, np.uint8))
+                buf = np.empty(cap, np.uint8)
+                buf.fill(0)  # touch every page now (np.zeros would map them lazily)
+                self._free.append(buf)
         self._report_held()
 
     def snapshot(self, state: Mapping[str, Any], step: int) -> SnapshotHandle:
@@ -467,7 +470,14 @@ class SnapshotService:
     def _coder(self, k: int, m: int) -> ErasureCoder:
         key = (k, m)
         if key not in self._coders:
-            self._coders[key] = make_coder(k, m, self.config.backend)  # type: ignore[arg-type]
+            # One backend call per piece: ctypes drops the GIL for the whole call, and
+            # fewer calls mean fewer waits to get it back from the I/O threads.
+            self._coders[key] = make_coder(
+                k,
+                m,
+                self.config.backend,  # type: ignore[arg-type]
+                stripe_bytes=self.config.shard_bytes,
+            )
         return self._coders[key]
 
     def _parity_pool(self, m: int) -> queue.Queue[list[U8]]:
@@ -476,7 +486,10 @@ class SnapshotService:
         if pool is None:
             pool = queue.Queue()
             for _ in range(self.config.inflight_stripes):
-                pool.put([np.zeros(self.config.shard_bytes, np.uint8) for _ in range(m)])
+                bufs = [np.empty(self.config.shard_bytes, np.uint8) for _ in range(m)]
+                for b in bufs:
+                    b.fill(0)  # fault the pages in before the first encode
+                pool.put(bufs)
             self._parity[key] = pool
         return pool
 
@@ -555,16 +568,16 @@ class SnapshotService:
         indices: Sequence[int],
         deadline: float,
         crcs: list[list[int]],
-    ) -> tuple[BaseException | None, float]:
+    ) -> tuple[BaseException | None, float, float]:
         """Encode and put pieces ``indices`` of every stripe to ``holders[i]``;
-        fill ``crcs``. Returns (first error, seconds spent encoding)."""
+        fill ``crcs``. Returns (first error, seconds encoding, seconds checksumming)."""
         geo = gen.geo
         k, m = gen.k, gen.m
         need_parity = any(i >= k for i in indices)
         coder = self._coder(k, m)
         pool = self._parity_pool(m)
         futures: list[Future[None]] = []
-        encode_s = 0.0
+        encode_s = checksum_s = 0.0
         failed = threading.Event()
         for s in range(geo.stripes):
             if failed.is_set() or self._closed:
@@ -580,15 +593,18 @@ class SnapshotService:
             te = time.perf_counter()
             if need_parity:
                 coder.encode(data, parity)
+            tc = time.perf_counter()
+            encode_s += tc - te
             pieces = data + parity
             if not crcs[s]:
                 crcs[s] = [crc32(p) for p in pieces]
             elif any(crc32(pieces[i]) != crcs[s][i] for i in indices):
                 failed.set()
                 pool.put(par)
-                return SnapshotError("corrupt", f"own copy of stripe {s} changed"), encode_s
+                bad = SnapshotError("corrupt", f"own copy of stripe {s} changed")
+                return bad, encode_s, checksum_s
             row = crcs[s]
-            encode_s += time.perf_counter() - te
+            checksum_s += time.perf_counter() - tc
             left = [len(indices)]
             lk = threading.Lock()
 
@@ -623,7 +639,7 @@ class SnapshotService:
         err = self._wait_all(futures, deadline)
         if err is None and failed.is_set():
             err = SnapshotError("timeout", "parity buffers not returned before the deadline")
-        return err, encode_s
+        return err, encode_s, checksum_s
 
     def _put_all(
         self, holders: Sequence[str], key: ShardKey, data: bytes, deadline: float
@@ -672,7 +688,7 @@ class SnapshotService:
             placement = place(self.member_id, peers, gen.k, gen.m)
             holders = placement.holders
             crcs: list[list[int]] = [[] for _ in range(geo.stripes)]
-            err, encode_s = self._send_stripes(gen, holders, range(n), deadline, crcs)
+            err, encode_s, checksum_s = self._send_stripes(gen, holders, range(n), deadline, crcs)
             if err is not None:
                 raise err
             meta = GenerationMeta(
@@ -708,7 +724,15 @@ class SnapshotService:
         gen.unmarked = set(unmarked)
         seal_s = time.perf_counter() - gen.t0
         gen.info = SealInfo(
-            gen.generation, gen.step, manifest.nbytes, gen.k, gen.m, holders, seal_s, encode_s
+            gen.generation,
+            gen.step,
+            manifest.nbytes,
+            gen.k,
+            gen.m,
+            holders,
+            seal_s,
+            encode_s,
+            checksum_s,
         )
         with self._lock:
             prev, self._sealed, self._inflight = self._sealed, gen, None
@@ -813,7 +837,7 @@ class SnapshotService:
         with self._lock:
             gen.pins += 1
         try:
-            err, _ = self._send_stripes(gen, new.holders, slots, deadline, crcs)
+            err, _, _ = self._send_stripes(gen, new.holders, slots, deadline, crcs)
         finally:
             self._unpin(gen)
         new_meta = GenerationMeta(

@@ -1,0 +1,130 @@
+"""One conformance test for every ShardChannel (in-process hub and TCP shard links),
+plus what only the TCP links can get wrong: the secret, oversized lengths, deadlines."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from phalanx.checkpoint._crc import crc32
+from phalanx.checkpoint.channel import InProcessHub, ShardChannel
+from phalanx.checkpoint.store import (
+    BudgetExceeded,
+    HolderUnavailable,
+    MemoryShardStore,
+    ShardCorrupt,
+    ShardKey,
+    ShardMissing,
+)
+from phalanx.checkpoint.tcp import ShardServer, TcpShardChannel
+from phalanx.comm.frames import FrameKind, encode_header
+
+
+@dataclass
+class Rig:
+    channel: ShardChannel
+    stores: dict[str, MemoryShardStore]
+
+
+@pytest.fixture(params=["inprocess", "tcp"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    stores = {"h1": MemoryShardStore(1 << 20), "h2": MemoryShardStore(10_000)}
+    if request.param == "inprocess":
+        hub = InProcessHub()
+        for h, st in stores.items():
+            hub.register(h, st)
+        ch: ShardChannel = hub.channel()
+        yield Rig(ch, stores)
+        ch.close()
+        return
+    secret = os.urandom(32)
+    servers = {h: ShardServer(st, secret=secret) for h, st in stores.items()}
+    ch = TcpShardChannel(secret=secret, addresses={h: s.address for h, s in servers.items()})
+    yield Rig(ch, stores)
+    ch.close()
+    for s in servers.values():
+        s.close()
+
+
+def _blob(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def test_channel_conformance(rig: Rig) -> None:
+    ch = rig.channel
+    k1, k2 = ShardKey("own", 5, 0, 1), ShardKey("own", 5, ShardKey.meta("own", 5).stripe)
+    d = _blob(300_000, 1)
+    ch.put("h1", k1, d, crc32(d), timeout=5)
+    d[0] ^= 1  # the channel did not keep a reference
+    got, crc = ch.get("h1", k1, timeout=5)
+    d[0] ^= 1
+    assert np.array_equal(got, d) and crc == crc32(d)
+    ch.put("h1", k2, _blob(10, 2), crc32(_blob(10, 2)), timeout=5)
+    ch.put("h1", ShardKey("other", 1, 0), _blob(5), crc32(_blob(5)), timeout=5)
+    assert ch.list("h1", "own", timeout=5) == sorted([k1, k2])
+    assert len(ch.list("h1", timeout=5)) == 3
+    with pytest.raises(ShardMissing):
+        ch.get("h1", ShardKey("own", 6, 0), timeout=5)
+    with pytest.raises(ShardCorrupt):  # wrong checksum refused on the way in
+        ch.put("h1", ShardKey("own", 7, 0), d[:100], crc32(d[:100]) ^ 1, timeout=5)
+    with pytest.raises(BudgetExceeded):
+        ch.put("h2", k1, d, crc32(d), timeout=5)
+    assert rig.stores["h2"].used_bytes() == 0
+    # held bytes rot: the read says corrupt
+    arr, _ = rig.stores["h1"]._blobs[k1]
+    arr.setflags(write=True)
+    arr[99] ^= 0x10
+    with pytest.raises(ShardCorrupt):
+        ch.get("h1", k1, timeout=5)
+    ch.delete("h1", [k1, k2, ShardKey("own", 99, 0)], timeout=5)
+    assert ch.list("h1", "own", timeout=5) == []
+    with pytest.raises(HolderUnavailable):
+        ch.list("nobody", timeout=1)
+
+
+def test_tcp_wrong_secret_is_refused() -> None:
+    st = MemoryShardStore(1 << 20)
+    with ShardServer(st, secret=os.urandom(32)) as srv:
+        ch = TcpShardChannel(secret=os.urandom(32), addresses={"h": srv.address})
+        with pytest.raises(HolderUnavailable, match="bad-auth"):
+            ch.put("h", ShardKey("o", 1, 0), _blob(10), crc32(_blob(10)), timeout=3)
+        ch.close()
+        assert st.keys() == []
+
+
+def test_tcp_oversized_length_closes_the_link_without_allocating() -> None:
+    secret = os.urandom(32)
+    st = MemoryShardStore(1 << 20)
+    with ShardServer(st, secret=secret, max_message=1 << 20) as srv:
+        ch = TcpShardChannel(secret=secret, addresses={"h": srv.address})
+        sock = ch._take("h", time.monotonic() + 5)  # an authenticated link
+        sock.sendall(encode_header(FrameKind.DATA, epoch=0, seq=1, chunk=1, length=2**40))
+        sock.settimeout(5)
+        assert sock.recv(100) == b""  # the server closed it
+        sock.close()
+        # the server is still fine for well-behaved peers
+        ch.put("h", ShardKey("o", 1, 0), _blob(10), crc32(_blob(10)), timeout=5)
+        ch.close()
+
+
+def test_tcp_silent_holder_fails_by_the_deadline() -> None:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)  # accepts (kernel backlog) but never answers the handshake
+    ch = TcpShardChannel(
+        secret=os.urandom(32),
+        addresses={"h": f"127.0.0.1:{lsock.getsockname()[1]}"},
+        handshake_timeout=0.5,
+    )
+    t0 = time.monotonic()
+    with pytest.raises(HolderUnavailable):
+        ch.list("h", timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    ch.close()
+    lsock.close()
