@@ -258,9 +258,12 @@ class Engine:
         return self._broken
 
     def close(self, timeout: float = 5.0) -> None:
-        """Say BYE to every peer, fail queued work with GroupClosed, join the thread."""
+        """Say BYE to every peer, fail queued work with GroupClosed, join the thread.
+        An op still in flight is aborted (reason ``closed``; its input restored)."""
         with self._lock:
             self._closing = True
+            if self._current is not None and self._abort_request is None:
+                self._abort_request = ("closed", "the group was closed under this operation")
         self._wake()
         self._thread.join(timeout)
         if self._thread.is_alive():  # pragma: no cover - the loop polls at least every 50 ms

@@ -56,3 +56,37 @@ def test_abort_from_another_thread_fails_the_op_and_restores_the_input() -> None
     finally:
         g0.close()
         g1.close()
+
+
+def test_close_aborts_the_op_in_flight_promptly() -> None:
+    listeners = [bind("127.0.0.1:0") for _ in range(2)]
+    addresses = [lst.address for lst in listeners]
+    groups: list[Group | None] = [None, None]
+
+    def build(rank: int) -> None:
+        groups[rank] = Group(
+            rank, addresses, b"s" * 32, listener=listeners[rank], options=CommOptions(timeout_s=30.0)
+        )
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    g0, g1 = groups
+    assert g0 is not None and g1 is not None
+    try:
+        x = np.arange(1 << 20, dtype=np.float32)
+        before = x.copy()
+        handle = g0.all_reduce(x, async_op=True)  # rank 1 never joins
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        g0.close()
+        assert time.monotonic() - t0 < 3.0
+        with pytest.raises(PeerFailure) as info:
+            handle.wait(1.0)
+        assert info.value.reason == "closed"
+        assert np.array_equal(x, before)
+    finally:
+        g0.close()
+        g1.close()
