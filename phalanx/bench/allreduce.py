@@ -78,6 +78,7 @@ class _Spec:
     log_level: str
     coordinator: str = ""  # phalanx-daemon: where the ranks' daemons join
     workdir: str = ""  # phalanx-daemon: secret file and sockets
+    preserve_input: bool = True  # False: promise 2 waived (measures what it costs)
 
 
 @dataclass(frozen=True)
@@ -167,12 +168,15 @@ class _PhalanxBackend:
             options=CommOptions(streams=spec.streams),
         )
         self._buf: np.ndarray[Any, Any] = np.empty(0, np.float32)
+        self._preserve = spec.preserve_input
 
     def bind_buffer(self, buf: np.ndarray[Any, Any]) -> None:
         self._buf = buf
 
     def all_reduce(self, codec: str) -> tuple[int | None, str | None]:
-        info = self._group.all_reduce(self._buf, op="sum", codec=codec)
+        info = self._group.all_reduce(
+            self._buf, op="sum", codec=codec, preserve_input=self._preserve
+        )
         return int(info.wire_bytes_sent), str(info.algorithm)
 
     def barrier(self) -> None:
@@ -358,6 +362,7 @@ def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, An
         "dtype": args.dtype,
         "codec": series.codec,
         "streams": series.streams,
+        "preserve_input": (not args.no_preserve_input) if series.impl == "phalanx" else None,
         "algorithm": ",".join(sorted(series.algorithms)) or None,
         "iters": len(series.times),
         "warmup": args.warmup,
@@ -421,7 +426,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(problem)
     say = functools.partial(progress, enabled=not args.quiet)
     secret = os.urandom(32)  # a fresh cluster secret for this run's group
-    specs = [_Spec("phalanx", secret, args.streams, args.timeout, args.log_level)]
+    specs = [
+        _Spec(
+            "phalanx",
+            secret,
+            args.streams,
+            args.timeout,
+            args.log_level,
+            preserve_input=not args.no_preserve_input,
+        )
+    ]
     coordinator = None
     if args.via == "daemon":
         import tempfile
@@ -532,6 +546,12 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         "--codec", default="none", help="none, zstd, fp16, bf16, int8 (default none)"
     )
     parser.add_argument("--streams", type=int, default=1, help="TCP streams per link")
+    parser.add_argument(
+        "--no-preserve-input",
+        action="store_true",
+        help="phalanx skips saving the input (promise 2 waived): shows what the "
+        "nothing-half-done guarantee costs; not the default",
+    )
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up iterations (default 3)")
     parser.add_argument(

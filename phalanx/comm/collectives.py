@@ -94,7 +94,11 @@ class _Stored:
 # ----------------------------------------------------------------------------- all-reduce
 
 
-def build_all_reduce(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec) -> Plan:
+def build_all_reduce(
+    engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec, *, preserve_input: bool = True
+) -> Plan:
+    """``preserve_input=False`` lets the in-place ring skip saving the caller's array
+    (promise 2 waived: after a failure ``x`` is undefined); other paths ignore it."""
     world, rank = engine.world, engine.rank
     acc_dtype = accumulation_dtype(x.dtype, op)
     if codec.name != "none":
@@ -110,7 +114,7 @@ def build_all_reduce(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec) 
             plan.on_success(partial(finalize, work, op, 1, x))
         return plan
     if algorithm == "ring" and codec.name == "none" and acc_dtype == x.dtype:
-        _ring_all_reduce_in_place(plan, engine, x, op, rank, world)
+        _ring_all_reduce_in_place(plan, engine, x, op, rank, world, preserve_input)
         return plan
     xa = x if acc_dtype == x.dtype else _converted(plan, x, acc_dtype)
     if algorithm == "recursive-doubling":
@@ -253,26 +257,37 @@ class _Backup:
     """Copies of the caller's pieces taken before they are overwritten, so that a
     failed operation can put the input back (promise 2)."""
 
-    def __init__(self, x: np.ndarray, keep: np.ndarray, pieces: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, x: np.ndarray, keep: np.ndarray | None, pieces: list[tuple[int, int]]
+    ) -> None:
         self.x = x
-        self.keep = keep
+        self.keep = keep  # None: the caller waived promise 2 (nothing is saved)
         self.pieces = pieces
-        self.saved = [False] * len(pieces)
+        self.saved = [keep is None] * len(pieces)
 
     def ensure(self, i: int) -> None:
         if not self.saved[i]:
+            assert self.keep is not None
             a, b = self.pieces[i]
             np.copyto(self.keep[a:b], self.x[a:b])
             self.saved[i] = True
 
     def restore(self) -> None:
+        if self.keep is None:
+            return
         for i, (a, b) in enumerate(self.pieces):
             if self.saved[i]:
                 np.copyto(self.x[a:b], self.keep[a:b])
 
 
 def _ring_all_reduce_in_place(
-    plan: Plan, engine: Engine, x: np.ndarray, op: ReduceOp, rank: int, world: int
+    plan: Plan,
+    engine: Engine,
+    x: np.ndarray,
+    op: ReduceOp,
+    rank: int,
+    world: int,
+    preserve: bool = True,
 ) -> None:
     """Ring all-reduce, no codec, accumulation in the caller's dtype: the all-gather
     receives straight into ``x`` and no final copy is needed.
@@ -291,8 +306,11 @@ def _ring_all_reduce_in_place(
         for j, piece in enumerate(pieces[c]):
             index[(c, j)] = len(flat)
             flat.append(piece)
-    backup = _Backup(x, plan.scratch(n, dtype), flat)
-    plan.on_failure(backup.restore)
+    backup = _Backup(x, plan.scratch(n, dtype) if preserve else None, flat)
+    if preserve:
+        plan.on_failure(backup.restore)
+    else:
+        plan.preserves_input = False
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     last: dict[tuple[int, int], Node] = {}
     rs = sched.ring_reduce_scatter(rank, world)

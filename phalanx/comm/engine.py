@@ -884,6 +884,9 @@ class Engine:
     def _fail_current(self, exc: _OpFailed) -> None:
         plan = self._current
         seq = plan.seq if plan is not None else self._next_seq_started()
+        detail = exc.detail
+        if plan is not None and not plan.preserves_input:
+            detail += "; input NOT preserved (preserve_input=False)"
         failure = PeerFailure(
             op=plan.kind if plan is not None else "idle",
             seq=seq,
@@ -891,7 +894,7 @@ class Engine:
             suspects=exc.suspects,
             reason=exc.reason,
             detected_by=exc.detected_by,
-            detail=exc.detail,
+            detail=detail,
         )
         first = self._broken is None
         if first:

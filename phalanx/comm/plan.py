@@ -139,6 +139,8 @@ class Plan:
         self.failure: list[Callable[[], None]] = []
         self.borrowed: list[np.ndarray] = []
         self.future: Future[OpInfo] = Future()
+        #: False when the caller waived promise 2 for this op (preserve_input=False)
+        self.preserves_input = True
 
     def _link(self, peer: int, piece: int) -> _Link:
         streams = self.engine.links[peer]

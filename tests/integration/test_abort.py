@@ -65,7 +65,11 @@ def test_close_aborts_the_op_in_flight_promptly() -> None:
 
     def build(rank: int) -> None:
         groups[rank] = Group(
-            rank, addresses, b"s" * 32, listener=listeners[rank], options=CommOptions(timeout_s=30.0)
+            rank,
+            addresses,
+            b"s" * 32,
+            listener=listeners[rank],
+            options=CommOptions(timeout_s=30.0),
         )
 
     threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
@@ -87,6 +91,52 @@ def test_close_aborts_the_op_in_flight_promptly() -> None:
             handle.wait(1.0)
         assert info.value.reason == "closed"
         assert np.array_equal(x, before)
+    finally:
+        g0.close()
+        g1.close()
+
+
+def test_preserve_input_false_is_correct_and_says_so_on_failure() -> None:
+    listeners = [bind("127.0.0.1:0") for _ in range(2)]
+    addresses = [lst.address for lst in listeners]
+    groups: list[Group | None] = [None, None]
+
+    def build(rank: int) -> None:
+        groups[rank] = Group(
+            rank,
+            addresses,
+            b"s" * 32,
+            listener=listeners[rank],
+            options=CommOptions(timeout_s=30.0),
+        )
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    g0, g1 = groups
+    assert g0 is not None and g1 is not None
+    try:
+        n = 1 << 20  # 4 MiB of float32: the in-place ring
+        xs = [np.arange(n, dtype=np.float32) % 7 + r for r in range(2)]
+        expected = xs[0] + xs[1]
+        hs = [
+            g.all_reduce(x, async_op=True, preserve_input=False)
+            for g, x in zip((g0, g1), xs, strict=True)
+        ]
+        for h in hs:
+            assert h.wait(30).algorithm == "ring"
+        for x in xs:
+            assert np.array_equal(x, expected)
+        # a failure now says the input was not kept
+        y = np.ones(n, dtype=np.float32)
+        h = g0.all_reduce(y, async_op=True, preserve_input=False)
+        time.sleep(0.1)
+        g0.abort("view-change", "test")
+        with pytest.raises(PeerFailure) as info:
+            h.wait(5.0)
+        assert "NOT preserved" in str(info.value)
     finally:
         g0.close()
         g1.close()
