@@ -2,13 +2,24 @@
 
 The training loop's surface is the client (:mod:`phalanx.client`): ``phalanx.connect()``
 to the local daemon or ``phalanx.start()`` for embedded mode, then collectives, steps,
-commit votes and state sync on a :class:`Client`. The static-group data plane is in
+commit votes, state sync and snapshots (``snapshot``/``restore``/``restore_peer``) on a
+:class:`Client`. The static-group data plane is in
 :mod:`phalanx.comm`, the error hierarchy in :mod:`phalanx.errors`.
 """
 
 from typing import Any
 
-from phalanx.client import Client, Handle, OpResult, StepInfo, ViewInfo, connect, start
+from phalanx.client import (
+    Client,
+    Handle,
+    OpResult,
+    SealResult,
+    SnapshotHandle,
+    StepInfo,
+    ViewInfo,
+    connect,
+    start,
+)
 from phalanx.errors import (
     AuthError,
     CommError,
@@ -31,6 +42,11 @@ _LAZY = {
     "ViewChanged": "phalanx.membership.elastic",
     "StepAborted": "phalanx.membership.statesync",
     "StateSyncError": "phalanx.membership.statesync",
+    "SnapshotError": "phalanx.checkpoint.snapshot",
+    "SnapshotAbandoned": "phalanx.checkpoint.snapshot",
+    "SnapshotNotFound": "phalanx.checkpoint.snapshot",
+    "RestoreError": "phalanx.checkpoint.snapshot",
+    "LayoutError": "phalanx.checkpoint.layout",
 }
 
 
@@ -54,10 +70,17 @@ __all__ = [
     "GroupClosed",
     "Handle",
     "HandshakeError",
+    "LayoutError",
     "OpResult",
     "PeerFailure",
     "PhalanxError",
     "ProtocolError",
+    "RestoreError",
+    "SealResult",
+    "SnapshotAbandoned",
+    "SnapshotError",
+    "SnapshotHandle",
+    "SnapshotNotFound",
     "StateSyncError",
     "StepAborted",
     "StepInfo",

@@ -33,6 +33,20 @@ contiguous); CUDA tensors are staged through host memory (pinned with
 ``cudaHostRegister`` when available) — that path is written but not tested on the
 project's CPU-only machines.
 
+Snapshots (promise 5): :meth:`Client.snapshot` hands a (nested) mapping of arrays to
+the daemon's snapshot service and returns a :class:`SnapshotHandle` once the bytes are
+in daemon memory; ``handle.wait()`` returns a :class:`SealResult` once the generation
+is sealed (erasure-coded and acknowledged by every holder) or raises
+``SnapshotAbandoned``. Arrays from :meth:`Client.empty` are copied exactly once, by
+the daemon, from the shared pages into its own buffer; any other array is first copied
+into a pooled shared staging region (a second memcpy, and the staging memory stays
+mapped for reuse). :meth:`Client.restore` (this member, also after the training
+process was killed and restarted: the daemon kept the snapshots) and
+:meth:`Client.restore_peer` (a gone member's state, rebuilt from its holders) return
+``(step, state)`` with the same nesting, dtypes and shapes as numpy arrays (torch
+tensors come back as numpy: ``torch.from_numpy`` them), in memory the daemon filled
+and this process owns.
+
 Errors: the promises' typed exceptions (:class:`~phalanx.errors.PeerFailure`,
 ``ViewChanged``, ``Evicted``, ``StepAborted``, ``CommitUnknown``, ...) reach the caller
 as the same classes; :class:`~phalanx.errors.DaemonUnavailable` when the daemon is not
@@ -61,12 +75,24 @@ from phalanx.local.conn import Connection
 from phalanx.local.shm import Region
 from phalanx.local.wire import BufRef, Kind, OpRequest
 
+_ALIGN = 64
+
 if TYPE_CHECKING:
     from phalanx.config import PhalanxConfig
     from phalanx.daemon import Daemon
     from phalanx.membership.coordinator import Coordinator
 
-__all__ = ["Client", "Handle", "OpResult", "StepInfo", "ViewInfo", "connect", "start"]
+__all__ = [
+    "Client",
+    "Handle",
+    "OpResult",
+    "SealResult",
+    "SnapshotHandle",
+    "StepInfo",
+    "ViewInfo",
+    "connect",
+    "start",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +148,81 @@ class StepInfo:
     step: int
     synced: bool
     sync_bytes: int
+
+
+@dataclass(frozen=True)
+class SealResult:
+    """A sealed snapshot generation: its id, step, state bytes, the erasure code
+    (``k`` data + ``m`` parity pieces per stripe), the holders in piece order, the time
+    from ``snapshot()`` to the seal and the time spent encoding."""
+
+    generation: int
+    step: int
+    nbytes: int
+    k: int
+    m: int
+    holders: tuple[str, ...]
+    seal_s: float
+    encode_s: float
+
+
+class SnapshotHandle:
+    """A snapshot whose bytes are in daemon memory (:meth:`Client.snapshot`).
+
+    ``stall_s``: the daemon's copy (the one memcpy); ``call_s``: the whole call as the
+    caller saw it (staging copy, if any, + round trip + the copy); ``zero_copy``: every
+    array came from shared memory (no staging copy); ``changes``: names added, removed
+    or reshaped since the previous snapshot. :meth:`wait` returns when the generation
+    is sealed."""
+
+    def __init__(self, client: Client, body: Mapping[str, Any], call_s: float, zero_copy: bool):
+        self._client = client
+        self.generation = int(body["generation"])
+        self.step = int(body["step"])
+        self.nbytes = int(body["nbytes"])
+        self.stall_s = float(body["stall_s"])
+        self.changes = tuple(str(c) for c in body.get("changes", ()))
+        self.call_s = call_s
+        self.zero_copy = zero_copy
+        self._result: SealResult | None = None
+        self._error: BaseException | None = None
+
+    def _poll(self, timeout: float) -> bool:
+        if self._result is not None or self._error is not None:
+            return True
+        body = {"generation": self.generation, "timeout": timeout}
+        try:
+            b = self._client._conn.call(Kind.SNAPSHOT_WAIT, body, timeout + _MARGIN_S)
+        except (DaemonUnavailable, TimeoutError):
+            raise
+        except Exception as exc:  # SnapshotAbandoned and friends: final
+            self._error = exc
+            return True
+        if not b.get("sealed"):
+            return False
+        self._result = SealResult(
+            int(b["generation"]), int(b["step"]), int(b["nbytes"]), int(b["k"]), int(b["m"]),
+            tuple(str(h) for h in b["holders"]), float(b["seal_s"]), float(b["encode_s"]),
+        )  # fmt: skip
+        return True
+
+    def done(self) -> bool:
+        """True once the generation sealed or was abandoned (one quick round trip)."""
+        return self._poll(0.0)
+
+    def wait(self, timeout: float | None = None) -> SealResult:
+        """Block until sealed (at most ``timeout``, default the daemon's seal timeout;
+        ``TimeoutError`` then, the seal goes on). Raises ``SnapshotAbandoned`` (with
+        ``reason``: budget, unavailable, timeout, closed, ...) if it never will; the
+        previous sealed generation is then still the one restored. While it waits, this
+        client's connection serves no other call."""
+        t = self._client._seal_timeout if timeout is None else max(0.0, float(timeout))
+        if not self._poll(t):
+            raise TimeoutError(f"snapshot generation {self.generation} not sealed after {t}s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _view(body: Mapping[str, Any]) -> ViewInfo:
@@ -236,6 +337,7 @@ class Client:
         self.daemon: Daemon | None = None  # embedded mode: the daemon in this process
         hello = conn.call(Kind.HELLO, {"pid": os.getpid()}, _CONTROL_TIMEOUT)
         self.daemon_pid = int(hello.get("daemon_pid", 0))
+        self._seal_timeout = float(hello.get("seal_timeout", 300.0))
         self._member_id = str(hello["view"]["member"])
 
     @property
@@ -489,6 +591,93 @@ class Client:
         self._conn.call(Kind.STATE_UPDATE, {"step": int(step), "changed": changed},
                         _CONTROL_TIMEOUT)  # fmt: skip
 
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(
+        self, state: Mapping[str, Any], step: int, *, timeout: float | None = None
+    ) -> SnapshotHandle:
+        """Snapshot ``state`` (a nested mapping of str -> numpy array / CPU torch
+        tensor) as ``step``; returns once the bytes are in daemon memory. Arrays from
+        :meth:`empty` are copied once (daemon side); others are staged through shared
+        memory first (one more copy). Refused with ``LayoutError`` (a ``ValueError``
+        and ``TypeError``) before anything is copied: object/structured dtypes,
+        non-contiguous arrays, non-CPU tensors, bad keys. If the previous generation is
+        still sealing, the call waits for it (bounded by the seal timeout).
+        ``timeout``: deadline of the call (default: the daemon's seal timeout)."""
+        t0 = time.perf_counter()
+        leaves: list[tuple[list[str], np.ndarray]] = []
+        _snapshot_leaves(state, [], leaves)
+        entries: list[dict[str, Any]] = []
+        staged: list[tuple[int, np.ndarray]] = []  # (entry index, array)
+        total = 0
+        for path, arr in leaves:
+            ref = self._locate(arr) if arr.nbytes else None
+            if ref is None:
+                staged.append((len(entries), arr))
+                entries.append({"path": path, "buf": None})
+                total += -(-arr.nbytes // _ALIGN) * _ALIGN
+            else:
+                ref = BufRef(ref.region, ref.offset, _dtype_str(arr.dtype), ref.shape)
+                entries.append({"path": path, "buf": ref.to_body()})
+        region: Region | None = None
+        if staged:
+            region = self._staging.take(max(total, 1)) or self._map(max(total, 1 << 20))
+            off = 0
+            for i, arr in staged:
+                dst = region.bytes[off : off + arr.nbytes]
+                np.copyto(dst, arr.reshape(-1).view(np.uint8))  # the staging copy
+                ref = BufRef(region.rid, off, _dtype_str(arr.dtype), tuple(arr.shape))
+                entries[i]["buf"] = ref.to_body()
+                off += -(-arr.nbytes // _ALIGN) * _ALIGN
+        t = self._seal_timeout if timeout is None else float(timeout)
+        try:
+            body = self._conn.call(Kind.SNAPSHOT, {"entries": entries, "step": step}, t + _MARGIN_S)
+        finally:
+            if region is not None:
+                for extra in self._staging.give(region):
+                    self._unmap(extra)
+        return SnapshotHandle(self, body, time.perf_counter() - t0, not staged)
+
+    def restore(
+        self, step: int | None = None, *, timeout: float | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """(step, state) of this member's newest sealed generation (of ``step`` if
+        given): the daemon's own copy, else its holders, else the disk tier. Works
+        after this training process was killed and restarted (the daemon kept it).
+        Raises ``SnapshotNotFound`` if nothing sealed is held, ``RestoreError`` if it
+        cannot be rebuilt. Arrays come back as numpy arrays (see the module docs)."""
+        return self._restore(None, step, timeout)
+
+    def restore_peer(
+        self, member_id: str, step: int | None = None, *, timeout: float | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """(step, state) of ``member_id``'s newest sealed generation (of ``step`` if
+        given), rebuilt from the live holders (any k checked pieces per stripe): how a
+        replacement takes over a gone peer's state."""
+        return self._restore(str(member_id), step, timeout)
+
+    def _restore(
+        self, member: str | None, step: int | None, timeout: float | None
+    ) -> tuple[int, dict[str, Any]]:
+        t = self._seal_timeout if timeout is None else float(timeout)
+        if not t > 0:
+            raise ConfigError("timeout must be > 0")
+        body = {"member": member, "step": None if step is None else int(step), "timeout": t}
+        frame = self._conn.wait_frame(self._conn.send(Kind.RESTORE, body), t + 2 * _MARGIN_S)
+        if frame.fd is None:
+            raise DaemonUnavailable("the daemon's restore reply carried no memory")
+        size = int(frame.body["size"])
+        region = Region.adopt(-1, frame.fd, size + mmap_page())  # closes the fd
+        state: dict[str, Any] = {}
+        for e in frame.body["entries"]:
+            arr = region.array(int(e["offset"]), _restored_dtype(str(e["dtype"])),
+                               tuple(int(d) for d in e["shape"]))  # fmt: skip
+            node = state
+            path = [str(p) for p in e["path"]]
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = arr
+        return int(frame.body["step"]), state
+
     # ------------------------------------------------------------------ views
     def view(self) -> ViewInfo:
         """The daemon's current view."""
@@ -550,6 +739,82 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def mmap_page() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+def _dtype_str(dt: np.dtype[Any]) -> str:
+    return dt.name if dt.kind == "V" else dt.str
+
+
+def _restored_dtype(name: str) -> np.dtype[Any]:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        dt: np.dtype[Any] = np.dtype(getattr(ml_dtypes, name))
+        return dt
+
+
+def _layout_error(reason: str, detail: str, path: str) -> Exception:
+    from phalanx.checkpoint.layout import LayoutError
+
+    return LayoutError(reason, detail, path)
+
+
+def _snapshot_leaves(
+    node: Mapping[str, Any], prefix: list[str], out: list[tuple[list[str], np.ndarray]]
+) -> None:
+    """The arrays of a state, checked (nothing copied yet): what the service would
+    refuse is refused here, so a bad state never costs a staging copy."""
+    if not isinstance(node, Mapping):
+        raise _layout_error("bad-state", f"state must be a mapping, got {type(node).__name__}", "")
+    for key, value in node.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise _layout_error(
+                "bad-key", f"keys must be non-empty str without '/', got {key!r}", "/".join(prefix)
+            )
+        path = [*prefix, key]
+        name = "/".join(path)
+        if isinstance(value, Mapping):
+            _snapshot_leaves(value, path, out)
+            continue
+        if isinstance(value, np.ndarray):
+            arr = value
+        elif type(value).__module__.startswith("torch"):
+            if value.device.type != "cpu":
+                raise _layout_error("device", f"tensor is on {value.device}; move it to CPU", name)
+            if not value.is_contiguous():
+                raise _layout_error(
+                    "non-contiguous", "tensor is not contiguous; .contiguous()", name
+                )
+            arr = _tensor_view(value.detach())
+        else:
+            raise _layout_error(
+                "bad-type", f"{type(value).__name__} is not a numpy array or CPU torch tensor", name
+            )
+        dt = arr.dtype
+        if (
+            dt.hasobject
+            or dt.fields is not None
+            or (dt.kind == "V" and not dt.type.__module__.startswith("ml_dtypes"))
+        ):
+            raise _layout_error(
+                "object-dtype",
+                f"dtype {dt} cannot be snapshotted (object/structured arrays hold references, "
+                "not bytes)",
+                name,
+            )
+        if not arr.flags.c_contiguous:
+            raise _layout_error(
+                "non-contiguous", "array is not C-contiguous; pass np.ascontiguousarray(a)", name
+            )
+        out.append((path, arr))
 
 
 def _nothing(ok: bool) -> None:

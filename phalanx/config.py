@@ -5,7 +5,10 @@ one, :func:`phalanx.start`): the daemon's own fields at the top level, and one s
 per part, each the part's own frozen dataclass (``comm`` =
 :class:`~phalanx.comm.CommOptions`, ``membership`` =
 :class:`~phalanx.membership.MembershipConfig`, ``monitor`` =
-:class:`~phalanx.monitor.MonitorConfig`, with its nested ``detectors``).
+:class:`~phalanx.monitor.MonitorConfig`, with its nested ``detectors``), and
+``snapshot`` = :class:`SnapshotSettings` (defined here: the daemon's view of the
+snapshot service, turned into a :class:`~phalanx.checkpoint.SnapshotConfig` by the
+daemon).
 
 :func:`load_config` fills it from, in this order of precedence:
 
@@ -14,7 +17,7 @@ per part, each the part's own frozen dataclass (``comm`` =
    ``PHALANX_SECRET_FILE``), ``PHALANX_<SECTION>_<FIELD>`` inside a section
    (``PHALANX_COMM_STREAMS``, ``PHALANX_MONITOR_DETECTORS_K``);
 3. an optional TOML file (top-level keys, ``[comm]``, ``[membership]``, ``[monitor]``,
-   ``[monitor.detectors]``);
+   ``[monitor.detectors]``, ``[snapshot]``);
 4. the defaults below.
 
 Unknown keys (file or ``PHALANX_*`` names that match no field) are refused with the
@@ -41,7 +44,13 @@ from phalanx.errors import ConfigError
 from phalanx.membership.config import MembershipConfig
 from phalanx.monitor.monitor import MonitorConfig
 
-__all__ = ["ENV_PREFIX", "PhalanxConfig", "default_socket_path", "load_config"]
+__all__ = [
+    "ENV_PREFIX",
+    "PhalanxConfig",
+    "SnapshotSettings",
+    "default_socket_path",
+    "load_config",
+]
 
 ENV_PREFIX = "PHALANX_"
 GiB = 1024**3
@@ -56,6 +65,46 @@ def default_socket_path(member_id: str = "") -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     root = Path(base) / "phalanx" if base else Path(f"/tmp/phalanx-{os.getuid()}")
     return str(root / f"{member_id or 'daemon'}.sock")
+
+
+@dataclass(frozen=True)
+class SnapshotSettings:
+    """The ``[snapshot]`` section: the daemon's snapshot service and shard holder.
+
+    ``budget_bytes``: shards this daemon holds for its peers (budget two generations of
+    every owner it serves; 0 = hold nothing, so every snapshot that places a piece here
+    is abandoned with ``reason=budget``). ``k``/``m``: data/parity pieces per stripe,
+    ``k = 0`` = :func:`~phalanx.checkpoint.default_km` of the view size. ``snapshot_dir``
+    (empty: off) and ``disk_every``: the disk tier. ``listen``: the shard server's
+    address (empty: the data plane's host, any port); it is advertised as the member's
+    second address. ``shard_bytes``, ``call_timeout``, ``seal_timeout``: see
+    :class:`~phalanx.checkpoint.SnapshotConfig`."""
+
+    budget_bytes: int = 4 * GiB
+    k: int = 0
+    m: int = 0
+    snapshot_dir: str = ""
+    disk_every: int = 1
+    listen: str = ""
+    shard_bytes: int = 4 * 1024 * 1024
+    call_timeout: float = 30.0
+    seal_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes < 0:
+            raise ConfigError("snapshot.budget_bytes must be >= 0")
+        if self.k < 0 or self.m < 0 or (self.k == 0 and self.m != 0):
+            raise ConfigError("snapshot.k/m: k = m = 0 (default from the view size) or k >= 1")
+        if self.k and self.k + self.m > 255:
+            raise ConfigError("snapshot.k + snapshot.m must be <= 255")
+        if self.disk_every < 1:
+            raise ConfigError("snapshot.disk_every must be >= 1")
+        if self.listen and ":" not in self.listen:
+            raise ConfigError(f"snapshot.listen must be HOST:PORT, got {self.listen!r}")
+        if self.shard_bytes < 64 or self.shard_bytes % 64:
+            raise ConfigError("snapshot.shard_bytes must be a positive multiple of 64")
+        if not (self.call_timeout > 0 and self.seal_timeout > 0):
+            raise ConfigError("snapshot.call_timeout and snapshot.seal_timeout must be > 0")
 
 
 @dataclass(frozen=True)
@@ -93,6 +142,7 @@ class PhalanxConfig:
     comm: CommOptions = field(default_factory=CommOptions)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
 
     def __post_init__(self) -> None:
         if self.coordinator and ":" not in self.coordinator:

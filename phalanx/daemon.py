@@ -8,11 +8,23 @@ agent + per-view data-plane groups + state sync) whose groups report to a
 
 Wiring: every data-plane group gets ``monitor.observer`` and ``monitor.attach(engine)``
 (through HostedGroup, before its first collective); every new view goes to
-``monitor.set_view`` and, as an EVENT, to clients that watch views.
+``monitor.set_view``, to the snapshot service (``on_view``: placement and repair) and,
+as an EVENT, to clients that watch views.
+
+Snapshots (issue 5): a :class:`~phalanx.checkpoint.MemoryShardStore` (``snapshot.
+budget_bytes``) holds peers' shards and is served by a
+:class:`~phalanx.checkpoint.tcp.ShardServer` whose address is advertised as the
+member's **second** address (the data plane uses only the first); a
+:class:`~phalanx.checkpoint.tcp.TcpShardChannel` resolves a member id to the second
+address of that member in the current view; the
+:class:`~phalanx.checkpoint.SnapshotService` reports to the monitor's snapshot metrics
+through :class:`SnapshotMetrics`. It lives as long as the daemon, so a training process
+that was SIGKILLed and restarted restores from it.
 
 Stop (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop accepting clients, let the request
 in flight finish (``drain_timeout``), leave the group (the others get a view without
-us at once), close the local connections, join every thread, exit 0.
+us at once), close the snapshot service, the shard server and the shard channel (in
+that order), close the local connections, join every thread, exit 0.
 
 Secure by default: ``run`` refuses to start without a secret file unless
 ``--insecure``. With ``--insecure`` the data plane (which always authenticates) uses a
@@ -36,6 +48,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from phalanx.checkpoint.snapshot import SnapshotConfig, SnapshotObserver, SnapshotService
+from phalanx.checkpoint.store import MemoryShardStore
+from phalanx.checkpoint.tcp import ShardServer, TcpShardChannel
 from phalanx.comm.observer import CommObserver, OpSample
 from phalanx.config import PhalanxConfig, load_config
 from phalanx.errors import ConfigError, PhalanxError
@@ -45,8 +60,9 @@ from phalanx.membership.hosted import HostedGroup
 from phalanx.membership.statesync import SyncState
 from phalanx.membership.view import View
 from phalanx.monitor import Monitor
+from phalanx.monitor.metrics import Metrics
 
-__all__ = ["INSECURE_SECRET", "Daemon", "read_secret", "register", "run"]
+__all__ = ["INSECURE_SECRET", "Daemon", "SnapshotMetrics", "read_secret", "register", "run"]
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.daemon")
@@ -110,6 +126,39 @@ class _DeferredObserver:
         self._thread.join(timeout)
 
 
+class SnapshotMetrics(SnapshotObserver):
+    """The snapshot service's reports -> the monitor's ``phalanx_snapshot_*`` metrics.
+
+    Held bytes = the service's own buffers + the shards held for peers; the service
+    reports the sum when its own buffers change, the store (``on_store_change``) when
+    a peer's shard arrives or goes, so the gauge follows both."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+        self._own = 0
+        self._store_used = 0
+
+    def on_stall(self, seconds: float) -> None:
+        self._m.snapshot_stall.observe(seconds)
+
+    def on_seal(self, seconds: float, outcome: str) -> None:
+        self._m.snapshot_seals.labels(outcome).inc()
+        if outcome == "committed":
+            self._m.snapshot_seal.observe(seconds)
+            self._m.snapshot_last_sealed.set(time.time())
+
+    def on_held_bytes(self, nbytes: int) -> None:
+        self._own = max(0, nbytes - self._store_used)
+        self._m.snapshot_held.set(nbytes)
+
+    def on_store_change(self, used: int) -> None:
+        self._store_used = used
+        self._m.snapshot_held.set(self._own + used)
+
+    def on_underprotected(self, generations: int) -> None:
+        self._m.snapshot_underprotected.set(generations)
+
+
 class Daemon:
     """The daemon's parts, started and stopped in order (see the module docstring)."""
 
@@ -130,6 +179,11 @@ class Daemon:
         self.group: HostedGroup | None = None
         self.server: LocalServer | None = None
         self.service: Service | None = None
+        self.snapshots: SnapshotService | None = None
+        self.shard_server: ShardServer | None = None
+        self._shard_channel: TcpShardChannel | None = None
+        self._store: MemoryShardStore | None = None
+        self._snapshot_metrics = SnapshotMetrics(self.monitor.metrics)
         self._stopped = False
         self._lock = threading.Lock()
 
@@ -148,7 +202,9 @@ class Daemon:
 
         def report() -> None:
             try:
-                group.agent.report_failure([member], view.epoch, f"straggler: {detail}", timeout=2.0)
+                group.agent.report_failure(
+                    [member], view.epoch, f"straggler: {detail}", timeout=2.0
+                )
             except Exception:  # a failed report only means no eviction
                 log.exception("event=evict-report-failed member=%s", member)
 
@@ -157,15 +213,68 @@ class Daemon:
     def _on_view(self, view: View) -> None:
         rank = view.rank(self.member_id) if self.member_id in view else 0
         self.monitor.set_view(view.epoch, list(range(view.size)), rank)
+        svc = self.snapshots
+        if svc is not None:
+            svc.on_view(view)
         server = self.server
         if server is not None:
             server.publish({"view": view_body(view, self.member_id)})
+
+    def _shard_address(self, member_id: str) -> str | None:
+        """Where ``member_id`` serves shards: its second address in the current view."""
+        group = self.group
+        if group is None:
+            return None
+        for m in group.view.members:
+            if m.id == member_id:
+                return m.addresses[1] if len(m.addresses) > 1 else None
+        return None
+
+    def _start_snapshots(self) -> tuple[str, ...]:
+        """The shard store, server and channel; returns the address to advertise."""
+        sc = self.config.snapshot
+        store = MemoryShardStore(sc.budget_bytes, on_change=self._snapshot_metrics.on_store_change)
+        host = self.config.listen.rpartition(":")[0] or "127.0.0.1"
+        max_message = max(sc.shard_bytes + (1 << 20), 64 << 20)
+        self.shard_server = ShardServer(
+            store,
+            secret=self._secret,
+            address=sc.listen or f"{host}:0",
+            max_message=max_message,
+            io_timeout=sc.call_timeout,
+        )
+        self._shard_channel = TcpShardChannel(
+            secret=self._secret, addresses=self._shard_address, max_message=max_message
+        )
+        self._store = store
+        return (self.shard_server.address,)
+
+    def _snapshot_service(self) -> SnapshotService:
+        sc = self.config.snapshot
+        assert self._shard_channel is not None
+        return SnapshotService(
+            self.member_id,
+            self._shard_channel,
+            self._store,
+            peers=(),
+            config=SnapshotConfig(
+                k=sc.k or None,
+                m=sc.m if sc.k else None,
+                shard_bytes=sc.shard_bytes,
+                call_timeout_s=sc.call_timeout,
+                seal_timeout_s=sc.seal_timeout,
+                snapshot_dir=sc.snapshot_dir or None,
+                disk_every=sc.disk_every,
+            ),
+            observer=self._snapshot_metrics,
+        )
 
     def start(self) -> None:
         """Serve the local API, join the group, serve /metrics. Raises on failure
         (everything started so far is stopped)."""
         cfg = self.config
         try:
+            advertise = self._start_snapshots()
             self.group = HostedGroup(
                 cfg.coordinator,
                 self.member_id,
@@ -180,18 +289,23 @@ class Daemon:
                 on_view=self._on_view,
                 observer=self._observer,
                 on_engine=self.monitor.attach,
+                advertise=advertise,
             )
+            self.snapshots = self._snapshot_service()
             self.service = Service(
                 self.group,
                 max_client_shm_bytes=cfg.max_client_shm_bytes,
                 op_timeout=cfg.op_timeout,
                 join_timeout=cfg.join_timeout,
+                snapshots=self.snapshots,
+                seal_timeout=cfg.snapshot.seal_timeout,
             )
             self.server = LocalServer(self.socket_path, self.service)
             self.monitor.start()
             if cfg.metrics_port >= 0:
                 self.metrics_address = self.monitor.serve(cfg.metrics_host, cfg.metrics_port)
             view = self.group.join(cfg.join_timeout)
+            self.snapshots.on_view(self.group.view)
         except BaseException:
             self.stop(leave=False)
             raise
@@ -204,6 +318,19 @@ class Daemon:
             self.group.address,
             _hostport(self.metrics_address),
         )
+
+    def _stop_snapshots(self) -> None:
+        # the service (abandons an unsealed generation, joins its threads), then the
+        # server (peers lose the shards held here), then the channel
+        if self.snapshots is not None:
+            try:
+                self.snapshots.close()
+            except Exception:
+                log.exception("event=snapshot_close_failed")
+        if self.shard_server is not None:
+            self.shard_server.close()
+        if self._shard_channel is not None:
+            self._shard_channel.close()
 
     def stop(self, *, leave: bool = True, drain_timeout: float | None = None) -> None:
         """Drain, leave the group (``leave``), close everything, join every thread.
@@ -224,6 +351,7 @@ class Daemon:
                 except PhalanxError as exc:
                     log.warning("event=leave_failed error=%r", str(exc))
             self.group.close()
+        self._stop_snapshots()
         if self.service is not None:
             self.service.release()
         if self.server is not None:

@@ -5,7 +5,8 @@ a request (with a memfd for ``MAP``) and returns its id; :meth:`Connection.wait`
 replies until that id's arrives (replies to other requests are kept for their
 waiters), on the caller's thread: no background thread, so a synchronous call costs
 one round trip and no thread hand-off. Any number of threads may wait; one reads at a
-time.
+time. A reply flagged ``FLAG_FD`` carries a descriptor (received with SCM_RIGHTS,
+handed out by :meth:`Connection.wait_frame`; the caller owns it).
 
 Every wait has a deadline (``TimeoutError``). End of file, a reset, or a refused
 connect raise :class:`~phalanx.errors.DaemonUnavailable` at once: when the daemon dies
@@ -17,8 +18,11 @@ exceptions through :mod:`phalanx.local.errcodec`), nor block without a deadline.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import dataclasses
 import itertools
+import os
 import select
 import socket
 import threading
@@ -27,7 +31,7 @@ from typing import Any
 
 from phalanx.errors import DaemonUnavailable, ProtocolError
 from phalanx.local.errcodec import decode_error
-from phalanx.local.wire import Decoder, Frame, Kind, encode
+from phalanx.local.wire import FLAG_FD, Decoder, Frame, Kind, encode
 
 __all__ = ["Connection"]
 
@@ -66,6 +70,7 @@ class Connection:
         self._replies: dict[int, Frame] = {}
         self._events: list[Frame] = []
         self._decoder = Decoder()
+        self._fds: list[int] = []  # received, not yet matched to a FLAG_FD frame
         self._dead: DaemonUnavailable | None = None
         self._closed = False
 
@@ -95,6 +100,13 @@ class Connection:
     def wait(self, rid: int, timeout: float | None) -> dict[str, Any]:
         """The reply body for request ``rid``; raises its typed error, TimeoutError at
         the deadline, DaemonUnavailable if the daemon is gone."""
+        frame = self.wait_frame(rid, timeout)
+        if frame.fd is not None:  # nobody asked for it
+            os.close(frame.fd)
+        return frame.body
+
+    def wait_frame(self, rid: int, timeout: float | None) -> Frame:
+        """:meth:`wait`, returning the REPLY frame (with its ``fd``, owned by the caller)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -121,7 +133,7 @@ class Connection:
                     self._cond.notify_all()
         if frame.kind is Kind.ERROR:
             raise decode_error(frame.body)
-        return frame.body
+        return frame
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
         """The next EVENT body (watch connections), or None after ``timeout``."""
@@ -151,19 +163,29 @@ class Connection:
         try:
             if not self._poll.poll(max(1, int(timeout * 1000))):
                 return
-            data = self.sock.recv(_RECV)
+            data, anc, _flags, _ = self.sock.recvmsg(_RECV, socket.CMSG_SPACE(4 * 4))
         except TimeoutError:
             return
         except OSError as exc:
             with self._cond:
                 self._die(f"the daemon went away ({exc})")
             return
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % 4])
+                self._fds.extend(fds)
         if not data:
             with self._cond:
                 self._die("the daemon closed the connection (it stopped or died)")
             return
         try:
             frames = self._decoder.feed(data)
+            for i, f in enumerate(frames):
+                if f.flags & FLAG_FD:
+                    if not self._fds:
+                        raise ProtocolError("a reply announced a descriptor that did not come")
+                    frames[i] = dataclasses.replace(f, fd=self._fds.pop(0))
         except ProtocolError as exc:
             with self._cond:
                 self._die(f"garbled data from the daemon: {exc}")
@@ -200,3 +222,9 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        with self._cond:
+            left = [f.fd for f in self._replies.values() if f.fd is not None] + self._fds
+            self._fds = []
+        for fd in left:
+            with contextlib.suppress(OSError):
+                os.close(fd)

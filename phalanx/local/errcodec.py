@@ -5,12 +5,15 @@ classes in :data:`_TABLE` and carries its attributes, so the training process ge
 same exception types (and fields) as code that ran the group in-process:
 ``PeerFailure`` (epoch, op, seq, suspects, reason, detected_by), ``ViewChanged``
 (+ old_epoch), ``Evicted``, ``StepAborted``, ``StateSyncError``, ``CommitUnknown``,
-``ConfigError``, ``UnsupportedError``, ``GroupClosed``, ``TimeoutError``, ... Anything
-else becomes a plain :class:`~phalanx.errors.PhalanxError` with the daemon's message.
+``ConfigError``, ``UnsupportedError``, ``GroupClosed``, ``TimeoutError``, and the
+snapshot errors ``SnapshotAbandoned``/``SnapshotNotFound``/``RestoreError``/
+``SnapshotError`` (reason, detail, holder) and ``LayoutError`` (reason, detail, path),
+... Anything else becomes a plain :class:`~phalanx.errors.PhalanxError` with the
+daemon's message.
 
 Decoding never looks a class up by an arbitrary name: only the table's entries exist.
 This module must never import gRPC (``ViewChanged`` and ``Evicted`` are imported
-lazily, only when such an error arrives).
+lazily, only when such an error arrives; so are the snapshot errors).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ _KNOWN = frozenset(
         "StepAborted",
         "StateSyncError",
         "CommitUnknown",
+        "SnapshotAbandoned",
+        "SnapshotNotFound",
+        "RestoreError",
+        "SnapshotError",
+        "LayoutError",
         "CoordinatorUnavailable",
         "MembershipError",
         "GroupClosed",
@@ -62,7 +70,8 @@ _KNOWN = frozenset(
 def encode_error(exc: BaseException) -> dict[str, Any]:
     """The ERROR body for ``exc`` (its class name in the table, message, attributes)."""
     body: dict[str, Any] = {"type": _type_name(exc), "message": str(exc)}
-    for attr in ("op", "seq", "epoch", "reason", "detected_by", "detail", "old_epoch", "step"):
+    for attr in ("op", "seq", "epoch", "reason", "detected_by", "detail", "old_epoch", "step",
+                 "holder", "path"):  # fmt: skip
         v = getattr(exc, attr, None)
         if isinstance(v, int | str) and not isinstance(v, bool):
             body[attr] = v
@@ -118,6 +127,15 @@ def decode_error(body: dict[str, Any]) -> Exception:
         e2 = CommitUnknown(int(body.get("step", -1)), epoch)
         e2.args = (msg,)
         return e2
+    if kind in ("SnapshotAbandoned", "SnapshotNotFound", "RestoreError", "SnapshotError"):
+        from phalanx.checkpoint import snapshot as snap
+
+        scls: type[snap.SnapshotError] = getattr(snap, kind)
+        return scls(str(body.get("reason", "error")), detail, holder=str(body.get("holder", "")))
+    if kind == "LayoutError":
+        from phalanx.checkpoint.layout import LayoutError
+
+        return LayoutError(str(body.get("reason", "bad-state")), detail, str(body.get("path", "")))
     if kind in ("CoordinatorUnavailable", "MembershipError"):
         from phalanx.membership import errors as merr
 

@@ -3,7 +3,7 @@
 :class:`LocalServer` binds the socket (its directory 0700, the socket 0600, and only
 processes of the daemon's own user are served: ``SO_PEERCRED``), accepts connections
 and runs, per connection, a thread that reads frames (:mod:`phalanx.local.wire`),
-receives memfds (SCM_RIGHTS) and answers each request with the
+receives memfds (SCM_RIGHTS; a RESTORE reply sends one back) and answers each request with the
 :class:`~phalanx.local.service.Service`'s result, in order. Running the request on the
 connection's own thread keeps the round trip to one thread hop in the daemon; async
 requests from a client simply queue in the socket until the previous one is answered.
@@ -36,8 +36,8 @@ from typing import Any
 
 from phalanx.errors import ConfigError, PhalanxError, ProtocolError
 from phalanx.local.errcodec import encode_error
-from phalanx.local.service import Service, Session
-from phalanx.local.wire import Decoder, Frame, Kind, encode
+from phalanx.local.service import FdReply, Service, Session
+from phalanx.local.wire import FLAG_FD, Decoder, Frame, Kind, encode
 
 __all__ = ["LocalServer"]
 
@@ -60,6 +60,13 @@ class _Conn:
     def send(self, data: bytes) -> None:
         with self.send_lock:
             self.sock.sendall(data)
+
+    def send_fd(self, data: bytes, fd: int) -> None:
+        """``data`` with ``fd`` attached to its first byte (SCM_RIGHTS)."""
+        with self.send_lock:
+            sent = socket.send_fds(self.sock, [data], [fd])
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
 
 
 class LocalServer:
@@ -165,7 +172,7 @@ class LocalServer:
 
     def _answer(self, conn: _Conn, frame: Frame, fd: int | None) -> None:
         try:
-            body = self.service.handle(conn.session, frame, fd)
+            body = self.service.handle_fd(conn.session, frame, fd)
         except ProtocolError:
             raise
         except Exception as exc:  # typed errors travel to the client
@@ -174,6 +181,13 @@ class LocalServer:
             else:  # a bug on our side: keep the traceback
                 log.exception("event=local_request_failed kind=%s", frame.kind.name)
             conn.send(encode(Kind.ERROR, frame.rid, encode_error(exc)))
+            return
+        if isinstance(body, FdReply):
+            try:
+                data = encode(Kind.REPLY, frame.rid, body.body, FLAG_FD)
+                conn.send_fd(data, body.fd)
+            finally:
+                os.close(body.fd)
             return
         conn.send(encode(Kind.REPLY, frame.rid, body))
 

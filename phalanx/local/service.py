@@ -25,6 +25,16 @@ the rest:
   as above, and the daemon's state is marked invalid, so the group's state is received
   (verified by hash) at the next ``begin_step``.
 
+Snapshots (``SNAPSHOT``, ``SNAPSHOT_WAIT``, ``RESTORE``) go to the daemon's
+:class:`~phalanx.checkpoint.SnapshotService` and never take the group lock (a snapshot
+does not wait for a collective). ``SNAPSHOT`` names arrays in the client's regions;
+the service's ``snapshot()`` copies them once into its own memory (the one copy) and
+the reply goes out after that copy. ``SNAPSHOT_WAIT`` waits (bounded) for a
+generation's seal. ``RESTORE`` rebuilds a state (this member's, or a gone peer's) and
+returns it in a fresh memfd (:class:`FdReply`): the daemon lays the arrays out at
+64-byte offsets, copies them in, and the client maps the memfd; the daemon keeps no
+mapping of it.
+
 This module must never hold its lock while waiting for a client, nor keep a reference
 to a region after its session ended unless the state holds it.
 """
@@ -39,19 +49,42 @@ from typing import Any
 
 import numpy as np
 
-from phalanx.errors import ConfigError, GroupClosed, ProtocolError
+from phalanx.checkpoint.snapshot import SnapshotError, SnapshotHandle, SnapshotService
+from phalanx.errors import ConfigError, GroupClosed, ProtocolError, UnsupportedError
 from phalanx.local.shm import Region
-from phalanx.local.wire import BufRef, Frame, Kind, parse_op, parse_state_entries
+from phalanx.local.wire import (
+    BufRef,
+    Frame,
+    Kind,
+    parse_op,
+    parse_snapshot_entries,
+    parse_state_entries,
+)
 from phalanx.membership.hosted import HostedGroup
 from phalanx.membership.statesync import SyncState
 from phalanx.membership.view import View
 
-__all__ = ["Service", "Session", "view_body"]
+__all__ = ["FdReply", "Service", "Session", "dtype_str", "view_body"]
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.local")
 
 PROTOCOL_VERSION = 1
+_KEEP_HANDLES = 16  # snapshot handles kept for SNAPSHOT_WAIT (newest first)
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class FdReply:
+    """A reply that carries a file descriptor (the server sends it, then closes it)."""
+
+    body: dict[str, Any]
+    fd: int
+
+
+def dtype_str(dt: np.dtype[Any]) -> str:
+    """A dtype as the local API names it: byte order kept (``<f4``), ml_dtypes by name."""
+    return dt.name if dt.kind == "V" else dt.str
 
 
 @dataclass
@@ -84,8 +117,14 @@ class Service:
         max_client_shm_bytes: int,
         op_timeout: float,
         join_timeout: float = 30.0,
+        snapshots: SnapshotService | None = None,
+        seal_timeout: float = 300.0,
     ) -> None:
         self.group = group
+        self.snapshots = snapshots
+        self.seal_timeout = seal_timeout
+        self._snap_lock = threading.Lock()
+        self._handles: dict[int, SnapshotHandle] = {}
         self.max_shm = max_client_shm_bytes
         self.op_timeout = op_timeout
         self.join_timeout = join_timeout
@@ -125,7 +164,8 @@ class Service:
             os.close(fd)
             raise ProtocolError(f"{k.name} must not carry a file descriptor")
         body = frame.body
-        if k in (Kind.OP, Kind.COMMIT, Kind.BEGIN_STEP, Kind.STATE_ATTACH, Kind.STATE_UPDATE):
+        if k in (Kind.OP, Kind.COMMIT, Kind.BEGIN_STEP, Kind.STATE_ATTACH, Kind.STATE_UPDATE,
+                 Kind.SNAPSHOT, Kind.RESTORE):  # fmt: skip
             self._enter()
         if k is Kind.OP:
             return self._op(s, body)
@@ -133,7 +173,8 @@ class Service:
             pid = body.get("pid", 0)
             s.pid = pid if isinstance(pid, int) else 0
             audit.info("event=client_connected session=%d pid=%d", s.sid, s.pid)
-            return {"version": PROTOCOL_VERSION, "daemon_pid": os.getpid(), "view": self.view()}
+            return {"version": PROTOCOL_VERSION, "daemon_pid": os.getpid(), "view": self.view(),
+                    "seal_timeout": self.seal_timeout}  # fmt: skip
         if k is Kind.MAP:
             return self._map(s, body, fd)
         if k is Kind.UNMAP:
@@ -153,6 +194,27 @@ class Service:
         if k is Kind.STATE_UPDATE:
             return self._update(body)
         raise ProtocolError(f"{k.name} is not a request")
+
+    def handle_fd(self, s: Session, frame: Frame, fd: int | None) -> dict[str, Any] | FdReply:
+        """:meth:`handle`, plus the requests whose reply carries a descriptor."""
+        if frame.kind is Kind.RESTORE:
+            if fd is not None:
+                os.close(fd)
+                raise ProtocolError("RESTORE must not carry a file descriptor")
+            self._enter()
+            return self._restore(frame.body)
+        if frame.kind is Kind.SNAPSHOT:
+            if fd is not None:
+                os.close(fd)
+                raise ProtocolError("SNAPSHOT must not carry a file descriptor")
+            self._enter()
+            return self._snapshot(s, frame.body)
+        if frame.kind is Kind.SNAPSHOT_WAIT:
+            if fd is not None:
+                os.close(fd)
+                raise ProtocolError("SNAPSHOT_WAIT must not carry a file descriptor")
+            return self._snapshot_wait(frame.body)
+        return self.handle(s, frame, fd)
 
     def view(self) -> dict[str, Any]:
         return view_body(self.group.view, self.group.member_id)
@@ -306,6 +368,107 @@ class Service:
             self._phase = "idle"
         return {"step": step}
 
+    # ------------------------------------------------------------------ snapshots
+    def _svc(self) -> SnapshotService:
+        if self.snapshots is None:
+            raise UnsupportedError("this daemon runs no snapshot service")
+        return self.snapshots
+
+    def _snapshot(self, s: Session, body: dict[str, Any]) -> dict[str, Any]:
+        svc = self._svc()
+        entries = parse_snapshot_entries(body)
+        step = body.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ProtocolError("SNAPSHOT needs an integer step")
+        state: dict[str, Any] = {}
+        for e in entries:
+            node = state
+            for key in e.path[:-1]:
+                nxt = node.setdefault(key, {})
+                if not isinstance(nxt, dict):
+                    raise ConfigError(f"snapshot path {'/'.join(e.path)!r} crosses an array")
+                node = nxt
+            if e.path[-1] in node:
+                raise ConfigError(f"snapshot path {'/'.join(e.path)!r} given twice")
+            node[e.path[-1]] = self._array(s, e.buf)
+        with self._snap_lock:  # one generation at a time: the service rotates two buffers
+            h = svc.snapshot(state, step)  # the one memory copy, from the client's pages
+            self._handles[h.generation] = h
+            for old in sorted(self._handles)[:-_KEEP_HANDLES]:
+                del self._handles[old]
+        return {
+            "generation": h.generation,
+            "step": h.step,
+            "nbytes": h.nbytes,
+            "stall_s": h.stall_s,
+            "changes": list(h.changes),
+        }
+
+    def _snapshot_wait(self, body: dict[str, Any]) -> dict[str, Any]:
+        gen, timeout = body.get("generation"), body.get("timeout")
+        if not isinstance(gen, int) or not isinstance(timeout, int | float):
+            raise ProtocolError("SNAPSHOT_WAIT needs an integer generation and a timeout")
+        with self._snap_lock:
+            h = self._handles.get(gen)
+        if h is None:
+            raise SnapshotError("unknown-generation", f"this daemon tracks no generation {gen}")
+        try:
+            info = h.wait(min(max(0.0, float(timeout)), self.seal_timeout))
+        except TimeoutError:
+            return {"sealed": False}
+        return {
+            "sealed": True,
+            "generation": info.generation,
+            "step": info.step,
+            "nbytes": info.nbytes,
+            "k": info.k,
+            "m": info.m,
+            "holders": list(info.holders),
+            "seal_s": info.seal_s,
+            "encode_s": info.encode_s,
+        }
+
+    def _restore(self, body: dict[str, Any]) -> FdReply:
+        svc = self._svc()
+        member, step, timeout = body.get("member"), body.get("step"), body.get("timeout")
+        if member is not None and (not isinstance(member, str) or not 0 < len(member) <= 128):
+            raise ProtocolError("RESTORE: member must be a member id or null")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise ProtocolError("RESTORE: step must be an integer or null")
+        t = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None
+        if member is None or member == self.group.member_id:
+            got, state = svc.restore(step)
+        else:
+            got, state = svc.restore_peer(member, step, timeout=t)
+        leaves: list[tuple[list[str], np.ndarray]] = []
+        _leaves(state, [], leaves)
+        entries: list[dict[str, Any]] = []
+        offset = 0
+        for path, arr in leaves:
+            entries.append({"path": path, "dtype": dtype_str(arr.dtype),
+                            "shape": list(arr.shape), "offset": offset})  # fmt: skip
+            offset += -(-arr.nbytes // _ALIGN) * _ALIGN
+        region = Region.create(0, max(offset, 1), "phalanx-restore")
+        try:
+            for (_, arr), e in zip(leaves, entries, strict=True):
+                if arr.nbytes:
+                    dst = region.bytes[e["offset"] : e["offset"] + arr.nbytes]
+                    np.copyto(dst, arr.reshape(-1).view(np.uint8))
+        except BaseException:
+            region.close_fd()
+            raise
+        fd = region.fd
+        assert fd is not None
+        del region  # the memfd keeps the pages; the client maps them
+        audit.info(
+            "event=restore_served member=%s step=%d arrays=%d bytes=%d",
+            member or self.group.member_id,
+            got,
+            len(entries),
+            offset,
+        )
+        return FdReply({"step": got, "size": max(offset, 1), "entries": entries}, fd)
+
     # ------------------------------------------------------------------ client loss
     def session_ended(self, s: Session) -> None:
         """The connection of ``s`` closed; if it died mid-step, leave and rejoin."""
@@ -340,6 +503,20 @@ class Service:
                 )
             except Exception as exc:  # the next client call will see the group's error
                 log.error("event=rejoin_failed error=%r", str(exc))
+
+
+def _leaves(
+    node: dict[str, Any], prefix: list[str], out: list[tuple[list[str], np.ndarray]]
+) -> None:
+    """The arrays of a restored nested state, in order (torch tensors as numpy views)."""
+    for key, value in node.items():
+        path = [*prefix, key]
+        if isinstance(value, dict):
+            _leaves(value, path, out)
+        elif isinstance(value, np.ndarray):
+            out.append((path, value))
+        else:  # a torch tensor (a state snapshotted in-process): its bytes as uint8
+            out.append((path, np.asarray(value.numpy())))
 
 
 def _same_layout(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:

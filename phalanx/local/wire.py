@@ -10,7 +10,9 @@ Requests (client -> daemon) carry a request id the reply repeats; a daemon answe
 each request with exactly one ``REPLY`` (JSON result) or ``ERROR`` (a typed error, see
 :func:`error_body`), in order. ``MAP`` travels with one file descriptor (SCM_RIGHTS): a
 memfd the client created, which the daemon maps (its size is what ``fstat`` says,
-never what a length field claims). After ``WATCH`` a connection carries only
+never what a length field claims). A ``REPLY`` with flag :data:`FLAG_FD` travels with
+one file descriptor too (a restored state: a memfd the daemon filled and the client
+maps). After ``WATCH`` a connection carries only
 ``EVENT`` frames from the daemon (view changes). Tensor bytes never travel in frames:
 a request names them as a :class:`BufRef` (region, offset, dtype, shape).
 
@@ -32,6 +34,7 @@ from phalanx.errors import ProtocolError
 
 __all__ = [
     "COLLECTIVES",
+    "FLAG_FD",
     "HEADER",
     "MAX_BODY",
     "BufRef",
@@ -39,16 +42,20 @@ __all__ = [
     "Frame",
     "Kind",
     "OpRequest",
+    "SnapshotEntry",
     "StateEntry",
     "encode",
     "parse_bufref",
     "parse_op",
+    "parse_snapshot_entries",
     "parse_state_entries",
 ]
 
 MAGIC = b"PXL1"
 HEADER = struct.Struct("<4sBBHQI")
 MAX_BODY = 1 << 20
+#: frame flag: a file descriptor travels with this frame (SCM_RIGHTS)
+FLAG_FD = 1
 #: collectives a client may ask for (anything else is refused by name)
 COLLECTIVES = frozenset({"all_reduce", "broadcast", "all_gather", "reduce_scatter", "barrier"})
 _MAX_DIMS = 32
@@ -68,6 +75,9 @@ class Kind(enum.IntEnum):
     STATE_UPDATE = 9  # {"step", "changed"|null}
     WATCH = 10  # this connection becomes an event stream
     BYE = 11  # the client closes on purpose (not a crash)
+    SNAPSHOT = 12  # {"entries": [{"path", "buf"}], "step"} -> generation, stall_s
+    SNAPSHOT_WAIT = 13  # {"generation", "timeout"} -> {"sealed": bool, ...SealInfo}
+    RESTORE = 14  # {"member"|null, "step"|null, "timeout"} -> layout + memfd (FLAG_FD)
     REPLY = 64
     ERROR = 65
     EVENT = 66
@@ -78,14 +88,17 @@ class Frame:
     kind: Kind
     rid: int
     body: dict[str, Any]
+    flags: int = 0
+    #: the descriptor that came with a FLAG_FD frame (set by the receiving side)
+    fd: int | None = None
 
 
-def encode(kind: Kind, rid: int, body: dict[str, Any]) -> bytes:
+def encode(kind: Kind, rid: int, body: dict[str, Any], flags: int = 0) -> bytes:
     """One frame's bytes. Raises ProtocolError if the body is too large."""
     data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     if len(data) > MAX_BODY:
         raise ProtocolError(f"local API message of {len(data)} bytes exceeds {MAX_BODY}")
-    return HEADER.pack(MAGIC, int(kind), 0, 0, rid, len(data)) + data
+    return HEADER.pack(MAGIC, int(kind), flags, 0, rid, len(data)) + data
 
 
 class Decoder:
@@ -104,7 +117,7 @@ class Decoder:
         self._buf += data
         out: list[Frame] = []
         while len(self._buf) >= HEADER.size:
-            magic, kind, _flags, _res, rid, length = HEADER.unpack_from(self._buf)
+            magic, kind, flags, _res, rid, length = HEADER.unpack_from(self._buf)
             if magic != MAGIC:
                 raise ProtocolError(f"bad magic {bytes(magic)!r} on the local API socket")
             if length > self._max:
@@ -124,7 +137,7 @@ class Decoder:
                 raise ProtocolError(f"frame body is not JSON: {exc}") from None
             if not isinstance(body, dict):
                 raise ProtocolError("frame body must be a JSON object")
-            out.append(Frame(k, rid, body))
+            out.append(Frame(k, rid, body, flags))
         return out
 
 
@@ -260,4 +273,31 @@ def parse_state_entries(body: dict[str, Any]) -> list[StateEntry]:
         if not isinstance(e, dict):
             raise ProtocolError("a state entry must be an object")
         out.append(StateEntry(_str(e, "name"), parse_bufref(e.get("buf"))))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """One array of a snapshot: its ``path`` in the nested state and where it lives."""
+
+    path: tuple[str, ...]
+    buf: BufRef
+
+
+def parse_snapshot_entries(body: dict[str, Any]) -> list[SnapshotEntry]:
+    entries = body.get("entries")
+    if not isinstance(entries, list) or len(entries) > 65536:
+        raise ProtocolError("'entries' must be a list of at most 65536 arrays")
+    out = []
+    for e in entries:
+        if not isinstance(e, dict):
+            raise ProtocolError("a snapshot entry must be an object")
+        path = e.get("path")
+        if (
+            not isinstance(path, list)
+            or not 1 <= len(path) <= _MAX_DIMS
+            or not all(isinstance(p, str) and 0 < len(p) <= 256 for p in path)
+        ):
+            raise ProtocolError(f"bad snapshot entry path {path!r}")
+        out.append(SnapshotEntry(tuple(path), parse_bufref(e.get("buf"))))
     return out

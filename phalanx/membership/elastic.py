@@ -132,6 +132,8 @@ class ElasticGroup:
         build_timeout: longest a per-view group build may take (a member that died
             during the build costs at most this; the next view is then built).
         on_view: observer called (installer thread) with every new view, before the build.
+        advertise: more addresses to advertise after the data-plane one (the daemon's
+            shard server); the data plane only ever uses ``addresses[0]``.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class ElasticGroup:
         build_timeout: float = 3.0,
         tls_root_cert: bytes | None = None,
         on_view: Callable[[View], None] | None = None,
+        advertise: tuple[str, ...] = (),
     ) -> None:
         raw = secret.encode() if isinstance(secret, str) else bytes(secret)
         if len(raw) < 16:
@@ -161,7 +164,7 @@ class ElasticGroup:
         self.state = state
         self._observer = on_view
         self._door = Door(listen, hold_s=max(build_timeout, self.options.handshake_timeout_s))
-        member = Member(member_id, (self._door.address,), incarnation, zone)
+        member = Member(member_id, (self._door.address, *advertise), incarnation, zone)
         self.agent = Agent(
             coordinator,
             member,
