@@ -1,0 +1,366 @@
+"""The churn harness's processes: a coordinator, daemons, trainers, and optional netns.
+
+:class:`Cluster` starts real processes under one private temporary directory (the
+generated cluster secret, 0600; the daemons' Unix sockets; every process's log):
+``phalanx coordinator`` and ``phalanx daemon`` as subprocesses, trainers as
+multiprocessing *spawn* children with one pipe each. Nothing here blocks on a child:
+readiness is polled (:meth:`Peer.daemon_ready` reads the daemon's stdout file), so the
+harness's single loop keeps draining events while processes start.
+
+With ``netns=True`` (root and ``ip`` needed) every daemon runs in a network namespace
+of its own, joined to a bridge by a veth pair; the coordinator listens on the bridge.
+A partition is then ``ip link set <veth> down`` (this kernel has no ``netem``, so no
+delay or loss at that layer). :func:`netns_unavailable` says why it cannot be done.
+
+Every child gets ``PR_SET_PDEATHSIG`` (a SIGKILLed harness leaves nothing behind) and
+is signalled only by PID; :meth:`Cluster.close` SIGCONTs, stops (SIGTERM then
+SIGKILL after a grace) and reaps all of them, removes the namespaces, and
+:func:`leaks` reports any process, thread or socket left over. This module must never
+signal a process it did not start nor wait without a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from phalanx.testing._stress_trainer import TrainerArgs, trainer_main
+
+__all__ = ["Cluster", "Peer", "leaks", "netns_unavailable", "open_fds", "socket_fds"]
+
+_PR_SET_PDEATHSIG = 1
+_MP = multiprocessing.get_context("spawn")
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _signal(pid: int | None, sig: int) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def netns_unavailable() -> str | None:
+    """None if network namespaces can be used here, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and veth pairs)"
+    if shutil.which("ip") is None:
+        return "needs iproute2 ('ip' not found)"
+    name = f"pxprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10)
+    if r.returncode != 0:
+        return f"'ip netns add' failed: {r.stderr.decode(errors='replace').strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+    return None
+
+
+@dataclass
+class Peer:
+    """One member slot: a daemon process and the trainer process talking to it."""
+
+    member: str
+    slot: int
+    daemon: subprocess.Popen[bytes]
+    out: Path
+    socket: str
+    trainer: BaseProcess | None = None
+    conn: Any = None
+    status: str = "starting"  # starting | running | stopped | leaving | gone
+    t_started: float = field(default_factory=time.monotonic)
+    t_last: float = field(default_factory=time.monotonic)
+    restore_peer: str | None = None
+    netns: str | None = None
+    veth: str | None = None
+
+    def daemon_ready(self) -> bool:
+        try:
+            return b"phalanx daemon ready" in self.out.read_bytes()
+        except OSError:
+            return False
+
+    def pids(self) -> list[int]:
+        out = [self.daemon.pid]
+        if self.trainer is not None and self.trainer.pid is not None:
+            out.append(self.trainer.pid)
+        return out
+
+    def signal(self, sig: int, *, trainer: bool = True, daemon: bool = True) -> None:
+        if daemon and self.daemon.poll() is None:
+            _signal(self.daemon.pid, sig)
+        if trainer and self.trainer is not None and self.trainer.exitcode is None:
+            _signal(self.trainer.pid, sig)
+
+
+class Cluster:
+    """The processes of one stress run (see the module docstring)."""
+
+    def __init__(self, *, heartbeat_timeout: float | None, netns: bool, log_level: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="phalanx-stress-"))
+        self.secret_file = self.dir / "secret"
+        self.secret_file.write_bytes(os.urandom(32).hex().encode())
+        self.secret_file.chmod(0o600)
+        self.heartbeat_timeout = heartbeat_timeout
+        self.log_level = log_level
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.coord_out: Path | None = None
+        self.address = ""
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.peers: dict[str, Peer] = {}
+        self.retired: list[Peer] = []
+        self._coords: list[subprocess.Popen[bytes]] = []
+        self._runs = 0
+        self._slot = 0
+        self.netns = netns
+        tag = os.getpid() % 100000
+        self._bridge = f"pxb{tag}"
+        self._net = f"10.{100 + tag % 100}.{(tag // 100) % 250}"
+        self._namespaces: list[str] = []
+        if netns:
+            self._ip("link", "add", self._bridge, "type", "bridge")
+            self._ip("addr", "add", f"{self._net}.1/24", "dev", self._bridge)
+            self._ip("link", "set", self._bridge, "up")
+            self.host = f"{self._net}.1"
+
+    # ------------------------------------------------------------------ helpers
+    def _ip(self, *args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, timeout=10)
+        if r.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.decode(errors='replace')}")
+
+    def _popen(self, cmd: list[str], out: Path) -> subprocess.Popen[bytes]:
+        with open(out, "wb") as o, open(out.with_suffix(".err"), "wb") as e:
+            return subprocess.Popen(
+                cmd, stdout=o, stderr=e, env=self.env, preexec_fn=_die_with_parent
+            )
+
+    # ------------------------------------------------------------------ coordinator
+    def start_coordinator(self) -> None:
+        """Start (or restart on the same port) the coordinator; returns once it
+        listens (deadline 30 s)."""
+        self._runs += 1
+        out = self.dir / f"coordinator-{self._runs}.out"
+        cmd = [sys.executable, "-m", "phalanx", "--log-level", self.log_level, "coordinator",
+               "--listen", f"{self.host}:{self.port}", "--secret-file", str(self.secret_file)]  # fmt: skip
+        if self.heartbeat_timeout is not None:
+            cmd += ["--heartbeat-timeout", str(self.heartbeat_timeout)]
+        proc = self._popen(cmd, out)
+        self._coords.append(proc)
+        self.coordinator, self.coord_out = proc, out
+        deadline = time.monotonic() + 30.0
+        while True:
+            text = out.read_text(errors="replace")
+            if "listening on" in text:
+                self.address = text.split("listening on", 1)[1].split()[0]
+                self.port = int(self.address.rpartition(":")[2])
+                return
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = out.with_suffix(".err").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"coordinator did not start (rc={proc.poll()}): {err}")
+            time.sleep(0.05)
+
+    def kill_coordinator(self) -> None:
+        if self.coordinator is not None:
+            _signal(self.coordinator.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.coordinator.wait(5.0)
+
+    # ------------------------------------------------------------------ peers
+    def start_daemon(self, member: str) -> Peer:
+        """Start ``member``'s daemon (not waiting for it); the trainer comes later."""
+        self._slot += 1
+        slot = self._slot
+        out = self.dir / f"{member}.out"
+        sock = str(self.dir / f"{member}.sock")
+        listen = "127.0.0.1:0"
+        prefix: list[str] = []
+        ns = veth = None
+        if self.netns:
+            ns, veth = self._add_netns(slot)
+            listen = f"{self._net}.{slot % 250 + 2}:0"
+            prefix = ["ip", "netns", "exec", ns]
+        cmd = [*prefix, sys.executable, "-m", "phalanx", "--log-level", self.log_level, "daemon",
+               "--coordinator", self.address, "--secret-file", str(self.secret_file),
+               "--socket", sock, "--id", member, "--listen", listen, "--metrics-port", "-1"]  # fmt: skip
+        peer = Peer(member, slot, self._popen(cmd, out), out, sock, netns=ns, veth=veth)
+        self.peers[member] = peer
+        return peer
+
+    def _add_netns(self, slot: int) -> tuple[str, str]:
+        ns = f"pxs{os.getpid()}-{slot}"
+        host, inner = f"pxh{os.getpid() % 100000}k{slot}", f"pxn{os.getpid() % 100000}k{slot}"
+        self._ip("netns", "add", ns)
+        self._namespaces.append(ns)
+        self._ip("link", "add", host, "type", "veth", "peer", "name", inner)
+        self._ip("link", "set", inner, "netns", ns)
+        self._ip("link", "set", host, "master", self._bridge, "up")
+        self._ip("-n", ns, "addr", "add", f"{self._net}.{slot % 250 + 2}/24", "dev", inner)
+        self._ip("-n", ns, "link", "set", inner, "up")
+        self._ip("-n", ns, "link", "set", "lo", "up")
+        return ns, host
+
+    def set_link(self, peer: Peer, up: bool) -> None:
+        """Partition (``up=False``) or heal one peer's network."""
+        if peer.veth is not None:
+            with contextlib.suppress(RuntimeError):
+                self._ip("link", "set", peer.veth, "up" if up else "down")
+
+    def start_trainer(self, peer: Peer, args: TrainerArgs) -> None:
+        parent, child = _MP.Pipe(duplex=True)
+        proc = _MP.Process(target=trainer_main, args=(args, child), name=peer.member, daemon=True)
+        proc.start()
+        child.close()
+        if peer.conn is not None:
+            with contextlib.suppress(OSError):
+                peer.conn.close()
+        peer.trainer, peer.conn = proc, parent
+        peer.t_last = time.monotonic()
+
+    def send(self, peer: Peer, cmd: str | tuple[str, int]) -> None:
+        if peer.conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                peer.conn.send(cmd)
+
+    def retire(self, peer: Peer, *, kill: bool) -> None:
+        """Take ``peer`` out: SIGKILL (``kill``) or SIGTERM its daemon (a graceful
+        leave) and its trainer if still there; reaped in :meth:`reap`."""
+        peer.status = "gone"
+        if kill:
+            peer.signal(signal.SIGKILL)
+        else:
+            peer.signal(signal.SIGCONT)
+            peer.signal(signal.SIGTERM, trainer=False)
+        self.peers.pop(peer.member, None)
+        self.retired.append(peer)
+
+    def reap(self) -> None:
+        """Reap retired processes that have exited (never blocks)."""
+        for p in self.retired:
+            p.daemon.poll()
+            if p.trainer is not None and p.trainer.exitcode is None and not p.trainer.is_alive():
+                p.trainer.join(0)
+
+    # ------------------------------------------------------------------ the end
+    def close(self, grace: float = 15.0) -> None:
+        """Stop and reap every process started, remove the namespaces. Idempotent."""
+        everyone = list(self.peers.values()) + self.retired
+        for p in everyone:
+            p.signal(signal.SIGCONT)
+            p.signal(signal.SIGTERM, trainer=False)
+        deadline = time.monotonic() + grace
+        for p in everyone:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.daemon.wait(max(0.0, deadline - time.monotonic()))
+        for p in everyone:
+            p.signal(signal.SIGKILL)
+        for p in everyone:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.daemon.wait(5.0)
+            if p.trainer is not None:
+                p.trainer.join(5.0)
+            if p.conn is not None:
+                with contextlib.suppress(OSError):
+                    p.conn.close()
+        for c in self._coords:
+            if c.poll() is None:
+                _signal(c.pid, signal.SIGTERM)
+                try:
+                    c.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    _signal(c.pid, signal.SIGKILL)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        c.wait(5.0)
+        for ns in self._namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        self._namespaces.clear()
+        if self.netns:
+            subprocess.run(["ip", "link", "del", self._bridge], capture_output=True, timeout=10)
+            self.netns = False
+
+    def remove_dir(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def open_fds() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return out
+
+
+def socket_fds() -> set[int]:
+    return {fd for fd, target in open_fds().items() if target.startswith("socket:")}
+
+
+def _children() -> list[tuple[int, str, str]]:
+    """(pid, state, cmdline) of every process whose parent is this one."""
+    me, out = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            fields = text.rsplit(")", 1)[1].split()
+            if int(fields[1]) != me:
+                continue
+            cmd = (
+                (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+        out.append((int(stat.parent.name), fields[0], cmd.strip()[:160]))
+    return out
+
+
+def _helper(cmd: str) -> bool:
+    return "multiprocessing.resource_tracker" in cmd or "multiprocessing.forkserver" in cmd
+
+
+def leaks(tmpdir: Path, threads_before: set[int], sockets_before: set[int]) -> list[str]:
+    """What the run left behind: live or unreaped children, processes that mention the
+    run's directory (orphaned grandchildren, killed by PID here), harness threads,
+    sockets, network namespaces."""
+    found = []
+    for pid, state, cmd in _children():
+        if _helper(cmd):
+            continue
+        found.append(f"child pid {pid} state {state}: {cmd}")
+        if state != "Z":
+            _signal(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0 if state != "Z" else os.WNOHANG)
+    needle = str(tmpdir).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            if needle in cmdline.read_bytes():
+                pid = int(cmdline.parent.name)
+                found.append(f"orphan pid {pid} still runs in {tmpdir}")
+                _signal(pid, signal.SIGKILL)
+    extra = [t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
+    found += [f"thread {t.name} still alive" for t in extra]
+    sockets = socket_fds() - sockets_before
+    found += [f"socket fd {fd} still open" for fd in sorted(sockets)]
+    r = (
+        subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10)
+        if shutil.which("ip")
+        else None
+    )
+    if r is not None and f"pxs{os.getpid()}-".encode() in r.stdout:
+        found.append("network namespaces of this run still exist")
+    return found

@@ -1,0 +1,579 @@
+"""``phalanx stress``: churn at random times from a seed, every result checked.
+
+Starts a coordinator, ``--peers`` daemons and as many training processes on this
+machine (real processes; :mod:`._stress_cluster`). Each trainer runs checked steps
+(:mod:`._stress_trainer`): ``begin_step``, one to three collectives whose inputs are a
+known function of (member, step) so the exact result of every op is recomputed from
+the contributors it reports (:mod:`._stress_model`), ``commit(step)``, the state
+update; snapshots every few steps once the client has ``snapshot``. Meanwhile a fault
+orchestrator driven by ``random.Random(seed)`` injects, every ``--churn`` seconds:
+
+* ``kill``: SIGKILL a peer (trainer + daemon) and later start a replacement that
+  joins, syncs state and restores the lost peer's snapshot; or SIGKILL only the
+  trainer and restart it on the same daemon (it gets its state back);
+* ``stop``: SIGSTOP a peer, SIGCONT after 0.2-2.5 s (past the heartbeat timeout it is
+  evicted; a peer that cannot continue is replaced);
+* ``join`` / ``leave``: a new peer; a trainer finishes its step and its daemon leaves
+  gracefully (SIGTERM);
+* ``coordinator``: SIGKILL the coordinator and restart it on the same port;
+* ``slow``: duty-cycle one daemon (SIGSTOP 50 ms of every 200 ms) for 1-3 s;
+* ``net``: with root and iproute2 every daemon runs in its own network namespace
+  and a partition takes one peer's veth down for 0.3-2 s (no netem on this kernel, so
+  no delay or loss at that layer); without them it is skipped with a message.
+
+Never fewer than 2 live peers. Checks (:mod:`._stress_check`): exact results (lossy
+codecs: within their stated error and bit-identical across members), the synced state
+after every ``begin_step``, commit answers, restores, hangs (any call that runs
+``--hang-s`` or hits its deadline, or a trainer silent for ``--hang-s`` + 10 s), and
+leaks at the end (children, threads, sockets, namespaces).
+
+Output: a progress bar on stderr; one JSON line on stdout. Exit status 1 when
+``wrong_results``, ``hangs``, ``lost_snapshots``, ``crashes`` or ``leaks`` is not 0.
+``--duration`` is the churn phase; start-up and the orderly stop come on top, and
+the whole run is bounded by ``duration + 150`` s. This module must never signal a
+process it did not start nor wait without a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing.connection
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from phalanx.testing._stress_check import Checker
+from phalanx.testing._stress_cluster import Cluster, Peer, leaks, netns_unavailable, socket_fds
+from phalanx.testing._stress_model import member_id
+from phalanx.testing._stress_trainer import TrainerArgs
+
+__all__ = ["FAULTS", "StressConfig", "register", "run_stress"]
+
+log = logging.getLogger(__name__)
+
+FAULTS = ("kill", "stop", "join", "leave", "coordinator", "slow", "net")
+_DISRUPTIVE = frozenset({"kill", "stop", "leave", "coordinator", "net"})
+_MAX_EXTRA_PEERS = 2  # joins may grow the group to peers + 2
+
+
+@dataclass(frozen=True)
+class StressConfig:
+    """One run's settings."""
+
+    peers: int = 4
+    duration: float = 60.0
+    seed: int = 0
+    faults: tuple[str, ...] = FAULTS
+    churn: tuple[float, float] = (0.5, 2.0)
+    hang_s: float = 20.0
+    heartbeat_timeout: float | None = None
+    snapshot_every: int = 5
+    startup_timeout: float = 90.0
+    log_level: str = "WARNING"
+    keep_dir: bool = False
+
+    def __post_init__(self) -> None:
+        bad = set(self.faults) - set(FAULTS)
+        if bad:
+            raise ValueError(f"unknown faults {sorted(bad)}; choose from {','.join(FAULTS)}")
+        if self.peers < 2:
+            raise ValueError("--peers must be >= 2")
+        if self.duration <= 0 or self.hang_s <= 0:
+            raise ValueError("--duration and --hang-s must be > 0")
+        lo, hi = self.churn
+        if not 0 < lo <= hi:
+            raise ValueError("--churn must be LO-HI seconds with 0 < LO <= HI")
+
+
+class _Run:
+    """The orchestrator's state: one loop drains trainer events, starts what is due,
+    injects the next fault and watches for hangs."""
+
+    def __init__(self, cfg: StressConfig, cluster: Cluster, say: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.cl = cluster
+        self.say = say
+        self.rng = random.Random(cfg.seed)
+        self.check = Checker(cfg.seed, cfg.hang_s)
+        self.counts = {k: 0 for k in ("kills", "trainer_kills", "stops", "joins", "leaves",
+                                      "coordinator_restarts", "slows", "nets", "evictions",
+                                      "replacements", "join_failures")}  # fmt: skip
+        self.next_index = 0
+        self.timers: list[tuple[float, str, Callable[[], None]]] = []
+        self.slow_threads: list[threading.Thread] = []
+        self.stop_slow = threading.Event()
+        self.stopping = False
+        self.founding = True  # founders attach w at step 0; later peers receive it
+
+    # ------------------------------------------------------------------ helpers
+    def new_member(self) -> str:
+        m = member_id(self.next_index)
+        self.next_index += 1
+        return m
+
+    def at(self, delay: float, what: str, fn: Callable[[], None]) -> None:
+        self.timers.append((time.monotonic() + delay, what, fn))
+
+    def live(self) -> list[Peer]:
+        """Peers whose trainer runs and that no fault holds right now."""
+        return [p for p in self.cl.peers.values() if p.status == "running"]
+
+    def trainer_args(self, peer: Peer, *, founding: bool, restore_own: bool = False) -> TrainerArgs:
+        return TrainerArgs(
+            member=peer.member,
+            socket=peer.socket,
+            seed=self.cfg.seed,
+            founding=founding,
+            call_timeout=self.cfg.hang_s,
+            snapshot_every=self.cfg.snapshot_every,
+            restore_peer=peer.restore_peer,
+            restore_own=restore_own,
+        )
+
+    def start_peer(self, restore_peer: str | None = None) -> None:
+        peer = self.cl.start_daemon(self.new_member())
+        if restore_peer is not None and self.check.last_sealed(restore_peer) is not None:
+            peer.restore_peer = restore_peer
+
+    # ------------------------------------------------------------------ events
+    def pump(self, timeout: float) -> None:
+        conns = {id(p.conn): p for p in [*self.cl.peers.values(), *self.cl.retired]
+                 if p.conn is not None and not p.conn.closed}  # fmt: skip
+        if not conns:
+            time.sleep(timeout)
+            return
+        ready = multiprocessing.connection.wait([p.conn for p in conns.values()], timeout)
+        for c in ready:
+            peer = conns[id(c)]
+            try:
+                while peer.conn.poll(0):
+                    ev = peer.conn.recv()
+                    peer.t_last = time.monotonic()
+                    self.on_event(peer, ev)
+            except (EOFError, OSError):
+                peer.conn.close()
+                self.on_trainer_gone(peer, "pipe closed")
+
+    def on_event(self, peer: Peer, ev: tuple[str, str, float, dict[str, Any]]) -> None:
+        self.check.event(ev)
+        kind, payload = ev[0], ev[3]
+        if kind == "ready" and peer.status == "starting":
+            peer.status = "running"
+        elif kind == "done":
+            self.on_trainer_gone(peer, str(payload.get("why", "")))
+
+    def on_trainer_gone(self, peer: Peer, why: str) -> None:
+        if peer.member not in self.cl.peers or self.stopping:
+            return
+        if peer.status == "leaving":
+            self.cl.retire(peer, kill=False)  # SIGTERM: the daemon leaves gracefully
+            return
+        if peer.status == "restarting":
+            return
+        # the trainer ended on its own (evicted, daemon gone, crashed): replace the peer
+        if "Evicted" in why:
+            self.counts["evictions"] += 1
+        self.say(f"{peer.member} lost ({why}); replacing it")
+        self.cl.retire(peer, kill=True)
+        self.counts["replacements"] += 1
+        self.start_peer(restore_peer=peer.member)
+
+    # ------------------------------------------------------------------ progress
+    def advance(self) -> None:
+        """Start trainers of daemons that became ready; notice dead daemons."""
+        now = time.monotonic()
+        for peer in list(self.cl.peers.values()):
+            if peer.status == "starting" and peer.trainer is None:
+                if peer.daemon_ready():
+                    founding = self.founding
+                    self.cl.start_trainer(peer, self.trainer_args(peer, founding=founding))
+                elif (
+                    peer.daemon.poll() is not None
+                    or now - peer.t_started > self.cfg.startup_timeout
+                ):
+                    self.counts["join_failures"] += 1
+                    self.check.note(f"join failed: {peer.member} daemon rc={peer.daemon.poll()}")
+                    self.cl.retire(peer, kill=True)
+                    if not self.stopping:
+                        self.start_peer()
+            elif peer.status in ("running", "stopped") and peer.daemon.poll() is not None:
+                self.check.crashes += 1
+                self.check.note(f"crash: daemon {peer.member} exited rc={peer.daemon.poll()}")
+                self.on_trainer_gone(peer, "daemon exited")
+            elif peer.status == "running" and now - peer.t_last > self.cfg.hang_s + 10.0:
+                self.check.hangs += 1
+                self.check.note(f"hang: trainer {peer.member} silent for {now - peer.t_last:.1f}s")
+                self.on_trainer_gone(peer, "silent")
+        due = [t for t in self.timers if t[0] <= now]
+        self.timers = [t for t in self.timers if t[0] > now]
+        for _, _, fn in due:
+            fn()
+        self.cl.reap()
+
+    # ------------------------------------------------------------------ faults
+    def inject(self) -> None:
+        live = self.live()
+        n_all = len(self.cl.peers)
+        kinds = []
+        for k in self.cfg.faults:
+            if k in ("kill", "stop", "leave", "net", "slow") and len(live) < 3:
+                continue
+            if k == "join" and n_all >= self.cfg.peers + _MAX_EXTRA_PEERS:
+                continue
+            if k == "coordinator" and any(w == "coordinator" for _, w, _ in self.timers):
+                continue
+            kinds.append(k)
+        if n_all < self.cfg.peers and "join" in self.cfg.faults and self.rng.random() < 0.5:
+            kinds = ["join"]
+        if not kinds:
+            return
+        kind = self.rng.choice(kinds)
+        victim = self.rng.choice(live) if live else None
+        now = time.monotonic()
+        if kind in _DISRUPTIVE:
+            self.check.fault(now, kind)
+        getattr(self, f"_fault_{kind}")(victim)
+
+    def _fault_kill(self, victim: Peer | None) -> None:
+        assert victim is not None
+        self.counts["kills"] += 1
+        if self.rng.random() < 0.3:  # the training process only: its daemon keeps state
+            self.counts["trainer_kills"] += 1
+            victim.status = "restarting"
+            victim.signal(signal.SIGKILL, daemon=False)
+            self.say(f"kill trainer of {victim.member}")
+
+            def restart() -> None:
+                if victim.member in self.cl.peers and not self.stopping:
+                    own = self.check.last_sealed(victim.member) is not None
+                    args = self.trainer_args(victim, founding=False, restore_own=own)
+                    victim.restore_peer = None
+                    self.cl.start_trainer(victim, args)
+                    victim.status = "starting"
+
+            self.at(self.rng.uniform(0.2, 1.0), "restart", restart)
+            return
+        self.say(f"kill {victim.member}")
+        self.cl.retire(victim, kill=True)
+        self.at(self.rng.uniform(0.3, 1.5), "replace", lambda: self.start_peer(victim.member))
+
+    def _fault_stop(self, victim: Peer | None) -> None:
+        assert victim is not None
+        self.counts["stops"] += 1
+        dur = self.rng.uniform(0.2, 2.5)
+        self.say(f"stop {victim.member} for {dur:.1f}s")
+        victim.status = "stopped"
+        victim.signal(signal.SIGSTOP)
+
+        def cont() -> None:
+            victim.signal(signal.SIGCONT)
+            victim.t_last = time.monotonic()
+            if victim.status == "stopped":
+                victim.status = "running"
+
+        self.at(dur, "cont", cont)
+
+    def _fault_join(self, victim: Peer | None) -> None:
+        self.counts["joins"] += 1
+        self.say("join a new peer")
+        self.start_peer()
+
+    def _fault_leave(self, victim: Peer | None) -> None:
+        assert victim is not None
+        self.counts["leaves"] += 1
+        self.say(f"leave {victim.member}")
+        victim.status = "leaving"
+        self.cl.send(victim, "stop")
+
+    def _fault_coordinator(self, victim: Peer | None) -> None:
+        self.counts["coordinator_restarts"] += 1
+        self.say("kill the coordinator")
+        self.cl.kill_coordinator()
+
+        def restart() -> None:
+            try:
+                self.cl.start_coordinator()
+            except RuntimeError as exc:  # e.g. the port was taken meanwhile
+                self.check.note(f"coordinator restart failed: {exc}")
+                self.at(0.5, "coordinator", restart)
+
+        self.at(self.rng.uniform(0.0, 1.0), "coordinator", restart)
+
+    def _fault_slow(self, victim: Peer | None) -> None:
+        assert victim is not None
+        self.counts["slows"] += 1
+        dur = self.rng.uniform(1.0, 3.0)
+        self.say(f"slow {victim.member} for {dur:.1f}s")
+        t = threading.Thread(target=self._duty_cycle, args=(victim, dur), name="stress-slow",
+                             daemon=True)  # fmt: skip
+        self.slow_threads = [s for s in self.slow_threads if s.is_alive()] + [t]
+        t.start()
+
+    def _duty_cycle(self, peer: Peer, dur: float) -> None:
+        end = time.monotonic() + dur
+        try:
+            while time.monotonic() < end and not self.stop_slow.is_set():
+                if peer.status != "running":
+                    return
+                peer.signal(signal.SIGSTOP, trainer=False)
+                self.stop_slow.wait(0.05)
+                peer.signal(signal.SIGCONT, trainer=False)
+                self.stop_slow.wait(0.15)
+        finally:
+            peer.signal(signal.SIGCONT, trainer=False)
+
+    def _fault_net(self, victim: Peer | None) -> None:
+        assert victim is not None
+        self.counts["nets"] += 1
+        dur = self.rng.uniform(0.3, 2.0)
+        self.say(f"partition {victim.member} for {dur:.1f}s")
+        self.cl.set_link(victim, False)
+        self.at(dur, "heal", lambda: self.cl.set_link(victim, True))
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, deadline: float) -> None:
+        """Fire pending timers early (heal, continue, restart), stop every trainer at
+        a step boundary, wait for them (bounded), then the cluster stops the rest."""
+        self.stop_slow.set()
+        for t in self.slow_threads:
+            t.join(2.0)
+        for _, what, fn in sorted(self.timers, key=lambda x: x[0]):
+            if what in ("cont", "heal", "coordinator"):
+                fn()
+        self.timers.clear()
+        self.stopping = True
+        last = self.check.max_step + 2  # every member stops at the same boundary
+        for p in self.cl.peers.values():
+            p.signal(signal.SIGCONT)
+            self.cl.set_link(p, True)
+            self.cl.send(p, ("stop", last))
+        while time.monotonic() < deadline:
+            waiting = [p for p in self.cl.peers.values()
+                       if p.trainer is not None and p.conn is not None and not p.conn.closed]  # fmt: skip
+            if not waiting:
+                break
+            self.pump(0.1)
+        for p in self.cl.peers.values():
+            if p.conn is not None and not p.conn.closed:
+                self.check.note(f"{p.member}'s trainer did not stop in time")
+
+
+def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run one stress session; returns the result row (see the module docstring)."""
+    t0 = time.monotonic()
+    bar = _Progress(cfg.duration, enabled=progress)
+    threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
+    sockets_before = socket_fds()
+    faults = list(cfg.faults)
+    row: dict[str, Any] = {"seed": cfg.seed, "peers": cfg.peers, "duration_s": cfg.duration}
+    netns = False
+    if "net" in faults:
+        why = netns_unavailable()
+        if why is None:
+            netns = True
+        else:
+            bar.say(f"net faults skipped: {why}")
+            row["net_skipped"] = why
+            faults.remove("net")
+    cl = Cluster(heartbeat_timeout=cfg.heartbeat_timeout, netns=netns, log_level=cfg.log_level)
+    run = _Run(StressConfig(**{**cfg.__dict__, "faults": tuple(faults)}), cl, bar.say)
+    bar.say(f"stress seed={cfg.seed} peers={cfg.peers} faults={','.join(faults)} dir={cl.dir}")
+    hard_end = t0 + cfg.duration + 150.0
+    t_churn = t_end = float("inf")
+    try:
+        cl.start_coordinator()
+        for _ in range(cfg.peers):
+            run.start_peer()
+        while time.monotonic() < t0 + cfg.startup_timeout:  # every founder in and stepping
+            run.pump(0.05)
+            run.advance()
+            if len(run.live()) == cfg.peers and run.check.steps_committed >= cfg.peers:
+                break
+        else:
+            raise RuntimeError(f"the founding peers did not start within {cfg.startup_timeout}s")
+        run.founding = False
+        t_churn = time.monotonic()
+        t_end = t_churn + cfg.duration
+        bar.say(f"started in {t_churn - t0:.1f}s; churn for {cfg.duration:.0f}s")
+        next_fault = t_churn + run.rng.uniform(*cfg.churn)
+        while time.monotonic() < t_end:
+            run.pump(0.05)
+            run.advance()
+            now = time.monotonic()
+            if now >= next_fault:
+                run.inject()
+                next_fault = now + run.rng.uniform(*cfg.churn)
+            bar.show(now - t_churn, run)
+        run.finish(min(hard_end, time.monotonic() + cfg.hang_s + 10.0))
+    except RuntimeError as exc:
+        run.check.note(f"harness: {exc}")
+        row["error"] = str(exc)
+    finally:
+        run.stopping = True
+        run.stop_slow.set()
+        for t in run.slow_threads:
+            t.join(2.0)
+        cl.close()
+    bar.done()
+    row.update(_summary(run))
+    unresolved = run.check.unresolved(min(time.monotonic(), t_end), cfg.hang_s)
+    if unresolved:  # the group never committed a step after these faults
+        row["hangs"] += len(unresolved)
+        row["details"] = row.get("details", []) + [
+            f"no step committed after {u}" for u in unresolved
+        ]
+    left = leaks(cl.dir, threads_before, sockets_before)
+    row["leaks"] = left
+    if "snapshot" not in dir(_client_class()):
+        row["snapshots_sealed"] = None
+        row["restores_ok"] = None
+    failed = (row["wrong_results"] or row["hangs"] or row["lost_snapshots"] or row["crashes"]
+              or left or "error" in row)  # fmt: skip
+    row["ok"] = not failed
+    row["wall_s"] = round(time.monotonic() - t0, 1)
+    if failed or cfg.keep_dir:
+        row["dir"] = str(cl.dir)
+    else:
+        cl.remove_dir()
+    return row
+
+
+def _client_class() -> type:
+    from phalanx.client import Client
+
+    return Client
+
+
+def _summary(run: _Run) -> dict[str, Any]:
+    c = run.check
+    out: dict[str, Any] = {
+        "ops": c.ops,
+        "ops_ok": c.ops_ok,
+        "ops_failed_clean": c.ops_failed_clean,
+        "retried_attempts": c.retried_attempts,
+        "wrong_results": c.wrong_results,
+        "hangs": c.hangs,
+        **{k: v for k, v in run.counts.items()},
+        "snapshots_sealed": c.snapshots_sealed,
+        "snapshot_failures_clean": c.snapshot_failures,
+        "restores_ok": c.restores_ok,
+        "lost_snapshots": c.lost_snapshots,
+        "max_resume_s": round(c.max_resume_s, 3),
+        "steps_committed": c.steps_committed,
+        "steps_failed_clean": c.steps_failed_clean,
+        "commit_unknown": c.commit_unknown,
+        "state_syncs": c.state_syncs,
+        "crashes": c.crashes,
+    }
+    if c.details:
+        out["details"] = list(c.details)
+    return out
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a plain line every 10 s when not a tty)."""
+
+    def __init__(self, total: float, *, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.drawn = False
+
+    def say(self, msg: str) -> None:
+        if self.enabled:
+            self._clear()
+            sys.stderr.write(f"stress: {msg}\n")
+            sys.stderr.flush()
+
+    def show(self, elapsed: float, run: _Run) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < (0.5 if self.tty else 10.0):
+            return
+        self.last = now
+        c = run.check
+        frac = min(1.0, elapsed / self.total)
+        bar = "#" * int(frac * 30)
+        line = (f"[{bar:<30}] {elapsed:5.0f}/{self.total:.0f}s live={len(run.live())} "
+                f"ops={c.ops} steps={c.steps_committed} faults={sum(run.counts.values())} "
+                f"wrong={c.wrong_results} hangs={c.hangs}")  # fmt: skip
+        if self.tty:
+            sys.stderr.write("\r" + line[:150])
+            self.drawn = True
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def _clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\033[K")
+            self.drawn = False
+
+    def done(self) -> None:
+        if self.enabled:
+            self._clear()
+
+
+def _parse_churn(text: str) -> tuple[float, float]:
+    try:
+        lo, _, hi = text.removesuffix("s").partition("-")
+        return float(lo), float(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--churn wants LO-HI seconds (e.g. 0.5-2s), got {text!r}"
+        ) from None
+
+
+def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Add ``phalanx stress``'s options to ``parser``; return the function that runs it."""
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    a = parser.add_argument
+    a("--peers", type=int, default=4, help="founding peers (default 4)")
+    a("--duration", type=float, default=60.0, help="seconds of churn (default 60)")
+    a("--seed", type=int, default=None, help="fault schedule seed (default: random, printed)")
+    a("--faults", default=",".join(FAULTS), help=f"comma list (default {','.join(FAULTS)})")
+    a(
+        "--churn",
+        type=_parse_churn,
+        default=(0.5, 2.0),
+        help="LO-HI seconds between faults (0.5-2s)",
+    )
+    a("--hang-s", type=float, default=20.0, help="a call running this long is a hang (20)")
+    a("--heartbeat-timeout", type=float, default=None, help="coordinator's (default 0.6)")
+    a("--snapshot-every", type=int, default=5, help="steps between snapshots (when available)")
+    a("--keep-dir", action="store_true", help="keep the run's directory (logs) even when green")
+    a("--json", action="store_true", help="one JSON line on stdout (else key=value)")
+    a("--quiet", action="store_true", help="no progress on stderr")
+
+    def run(args: argparse.Namespace) -> int:
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+        try:
+            cfg = StressConfig(
+                peers=args.peers, duration=args.duration, seed=seed,
+                faults=tuple(f for f in args.faults.split(",") if f), churn=args.churn,
+                hang_s=args.hang_s, heartbeat_timeout=args.heartbeat_timeout,
+                snapshot_every=args.snapshot_every, log_level=args.log_level or "WARNING",
+                keep_dir=args.keep_dir,
+            )  # fmt: skip
+        except ValueError as exc:
+            parser.error(str(exc))
+        if not args.quiet:
+            sys.stderr.write(f"phalanx stress: seed {seed}\n")
+        row = run_stress(cfg, progress=not args.quiet)
+        if args.json:
+            print(json.dumps(row, sort_keys=False))
+        else:
+            print(" ".join(f"{k}={v}" for k, v in row.items()))
+        sys.stdout.flush()
+        return 0 if row["ok"] else 1
+
+    return run
