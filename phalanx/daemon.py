@@ -391,6 +391,8 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     a("--socket", metavar="PATH", help="local API socket (default: per-user runtime dir)")
     a("--config", metavar="FILE.toml", help="settings file (flags > PHALANX_* env > file)")
     a("--incarnation", type=int, metavar="N", help="bump when restarting under one id")
+    a("--snapshot-dir", metavar="DIR", help="disk tier for this member's sealed snapshots")
+    a("--snapshot-budget", type=int, metavar="BYTES", help="bytes of peers' shards to hold")
     a("--insecure", action="store_true", default=None, help="run without a secret (tests)")
     parser.set_defaults(default_log_level="INFO")
     return run
@@ -403,6 +405,10 @@ _FLAGS = ("coordinator", "listen", "metrics_port", "metrics_host", "secret_file"
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT: 0 after a clean stop, 2 on a configuration error."""
     flags: dict[str, Any] = {k: getattr(args, k, None) for k in _FLAGS}
+    snap = {"snapshot_dir": getattr(args, "snapshot_dir", None),
+            "budget_bytes": getattr(args, "snapshot_budget", None)}  # fmt: skip
+    if any(v is not None for v in snap.values()):
+        flags["snapshot"] = {k: v for k, v in snap.items() if v is not None}
     try:
         cfg = load_config(flags, file=args.config)
         secret = read_secret(cfg)
@@ -428,9 +434,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
         assert daemon.group is not None
         metrics = _hostport(daemon.metrics_address)
+        shards = daemon.shard_server.address if daemon.shard_server is not None else "off"
         sys.stdout.write(
             f"phalanx daemon ready member={daemon.member_id} socket={daemon.socket_path} "
-            f"data={daemon.group.address} metrics={metrics} epoch={daemon.group.view.epoch}\n"
+            f"data={daemon.group.address} shards={shards} metrics={metrics} "
+            f"epoch={daemon.group.view.epoch}\n"
         )
         sys.stdout.flush()
         while not done.wait(0.5):
