@@ -13,7 +13,10 @@ JSON line reports. What it checks:
   (every committed step applied exactly once, newcomers synced byte-exact);
 * ``commit(step)``: one definite answer per ``(epoch of the step's first op, step)``
   across members, and True only for a step whose ops all ran in one epoch;
-* restores byte-exact and never older than the newest seal the owner reported;
+* restores byte-exact and never older than the newest seal the owner reported; a
+  restore that fails is a lost snapshot unless more than ``m`` (of the default
+  ``k + m`` for the view size at the seal) other peers went away or were unreachable
+  since that seal (``lost_beyond_m``: the code promises nothing then);
 * hangs: any call that ran ``hang_s`` or longer, or hit its deadline.
 
 This module must never start a process or wait: it only counts.
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from phalanx.checkpoint.placement import default_km
 from phalanx.testing import _stress_model as model
 
 __all__ = ["Checker"]
@@ -56,11 +60,15 @@ class Checker:
     snapshot_failures: int = 0
     restores_ok: int = 0
     lost_snapshots: int = 0
+    lost_beyond_m: int = 0  # restores that failed after more than m holders went away
     crashes: int = 0
     details: list[str] = field(default_factory=list)
     _by_op: dict[tuple[int, int], tuple[tuple[str, ...], str, str]] = field(default_factory=dict)
     _answers: dict[tuple[int, int], dict[str, bool]] = field(default_factory=dict)
     _sealed: dict[str, int] = field(default_factory=dict)
+    _seal_at: dict[str, tuple[float, int]] = field(default_factory=dict)  # (t, world)
+    _departed: list[tuple[float, str]] = field(default_factory=list)
+    unavailable: set[str] = field(default_factory=set)  # stopped / partitioned now
     _last_begin: dict[str, float] = field(default_factory=dict)
     _pending_faults: list[tuple[float, str]] = field(default_factory=list)
     max_step: int = 0
@@ -73,6 +81,18 @@ class Checker:
 
     def last_sealed(self, member: str) -> int | None:
         return self._sealed.get(member)
+
+    def departed(self, t: float, member: str) -> None:
+        """``member`` left the group at ``t`` (killed, left, evicted): a holder fewer."""
+        self._departed.append((t, member))
+
+    def _beyond_m(self, owner: str) -> bool:
+        """More of ``owner``'s possible shard holders went away since its newest seal
+        than its code tolerates (m), so a failed restore breaks no promise."""
+        t_seal, world = self._seal_at.get(owner, (0.0, 1))
+        gone = {m for t, m in self._departed if t >= t_seal} | self.unavailable
+        gone.discard(owner)
+        return len(gone) > default_km(world)[1]
 
     def fault(self, t: float, what: str) -> None:
         """A disruptive fault at ``t``: resolved by the first step that begins after it
@@ -182,7 +202,9 @@ class Checker:
 
     def _on_sealed(self, me: str, t: float, p: dict[str, Any]) -> None:
         self.snapshots_sealed += 1
-        self._sealed[me] = max(self._sealed.get(me, -1), int(p["step"]))
+        if int(p["step"]) >= self._sealed.get(me, -1):
+            self._sealed[me] = int(p["step"])
+            self._seal_at[me] = (t, int(p.get("world", 1)))
 
     def _on_snapshot_failed(self, me: str, t: float, p: dict[str, Any]) -> None:
         # clean: a generation that cannot seal (a holder died) is never offered; counted
@@ -195,14 +217,19 @@ class Checker:
             self.wrong_results += 1
             self.note(f"wrong: {me} restored {owner} step={step}: bytes differ")
         elif newest is not None and step < newest:
-            self.lost_snapshots += 1
-            self.note(f"lost: {me} restored {owner} step={step} < newest sealed {newest}")
+            if self._beyond_m(owner):
+                self.lost_beyond_m += 1
+            else:
+                self.lost_snapshots += 1
+                self.note(f"lost: {me} restored {owner} step={step} < newest sealed {newest}")
         else:
             self.restores_ok += 1
 
     def _on_restore_failed(self, me: str, t: float, p: dict[str, Any]) -> None:
         owner = str(p["owner"])
-        if self._sealed.get(owner) is not None:
+        if self._sealed.get(owner) is not None and self._beyond_m(owner):
+            self.lost_beyond_m += 1
+        elif self._sealed.get(owner) is not None:
             self.lost_snapshots += 1
             self.note(f"lost: {me} could not restore {owner} (sealed "
                       f"{self._sealed[owner]}): {p.get('error')}")  # fmt: skip

@@ -215,7 +215,7 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
                     and a.snapshot_every
                     and (step + 1) % a.snapshot_every == 0
                 ):
-                    _snapshot(pg, w, step + 1, T, out)
+                    _snapshot(pg, w, step + 1, T, out, len(info.members))
             if a.step_pause_s:
                 time.sleep(a.step_pause_s)
     except (Evicted, DaemonUnavailable) as exc:
@@ -231,7 +231,7 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
             conn.close()
 
 
-def _snapshot(pg: Any, w: np.ndarray, step: int, timeout: float, out: _Out) -> None:
+def _snapshot(pg: Any, w: np.ndarray, step: int, timeout: float, out: _Out, world: int) -> None:
     t0 = time.monotonic()
     try:
         handle = pg.snapshot({"w": w}, step)
@@ -239,4 +239,4 @@ def _snapshot(pg: Any, w: np.ndarray, step: int, timeout: float, out: _Out) -> N
     except Exception as exc:
         out.put("snapshot_failed", step=step, error=_err(exc), secs=time.monotonic() - t0)
         return
-    out.put("sealed", step=step, secs=time.monotonic() - t0)
+    out.put("sealed", step=step, world=world, secs=time.monotonic() - t0)

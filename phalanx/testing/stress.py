@@ -138,6 +138,11 @@ class _Run:
             restore_own=restore_own,
         )
 
+    def retire(self, peer: Peer, *, kill: bool) -> None:
+        self.check.departed(time.monotonic(), peer.member)
+        self.check.unavailable.discard(peer.member)
+        self.cl.retire(peer, kill=kill)
+
     def start_peer(self, restore_peer: str | None = None) -> None:
         peer = self.cl.start_daemon(self.new_member())
         if restore_peer is not None and self.check.last_sealed(restore_peer) is not None:
@@ -174,7 +179,7 @@ class _Run:
         if peer.member not in self.cl.peers or self.stopping:
             return
         if peer.status == "leaving":
-            self.cl.retire(peer, kill=False)  # SIGTERM: the daemon leaves gracefully
+            self.retire(peer, kill=False)  # SIGTERM: the daemon leaves gracefully
             return
         if peer.status == "restarting":
             return
@@ -182,7 +187,7 @@ class _Run:
         if "Evicted" in why:
             self.counts["evictions"] += 1
         self.say(f"{peer.member} lost ({why}); replacing it")
-        self.cl.retire(peer, kill=True)
+        self.retire(peer, kill=True)
         self.counts["replacements"] += 1
         self.start_peer(restore_peer=peer.member)
 
@@ -201,7 +206,7 @@ class _Run:
                 ):
                     self.counts["join_failures"] += 1
                     self.check.note(f"join failed: {peer.member} daemon rc={peer.daemon.poll()}")
-                    self.cl.retire(peer, kill=True)
+                    self.retire(peer, kill=True)
                     if not self.stopping:
                         self.start_peer()
             elif peer.status in ("running", "stopped") and peer.daemon.poll() is not None:
@@ -262,7 +267,7 @@ class _Run:
             self.at(self.rng.uniform(0.2, 1.0), "restart", restart)
             return
         self.say(f"kill {victim.member}")
-        self.cl.retire(victim, kill=True)
+        self.retire(victim, kill=True)
         self.at(self.rng.uniform(0.3, 1.5), "replace", lambda: self.start_peer(victim.member))
 
     def _fault_stop(self, victim: Peer | None) -> None:
@@ -272,9 +277,11 @@ class _Run:
         self.say(f"stop {victim.member} for {dur:.1f}s")
         victim.status = "stopped"
         victim.signal(signal.SIGSTOP)
+        self.check.unavailable.add(victim.member)
 
         def cont() -> None:
             victim.signal(signal.SIGCONT)
+            self.check.unavailable.discard(victim.member)
             victim.t_last = time.monotonic()
             if victim.status == "stopped":
                 victim.status = "running"
@@ -336,7 +343,13 @@ class _Run:
         dur = self.rng.uniform(0.3, 2.0)
         self.say(f"partition {victim.member} for {dur:.1f}s")
         self.cl.set_link(victim, False)
-        self.at(dur, "heal", lambda: self.cl.set_link(victim, True))
+        self.check.unavailable.add(victim.member)
+
+        def heal() -> None:
+            self.cl.set_link(victim, True)
+            self.check.unavailable.discard(victim.member)
+
+        self.at(dur, "heal", heal)
 
     # ------------------------------------------------------------------ the end
     def finish(self, deadline: float) -> None:
@@ -350,6 +363,9 @@ class _Run:
                 fn()
         self.timers.clear()
         self.stopping = True
+        for p in list(self.cl.peers.values()):
+            if p.status not in ("running", "stopped"):  # no trainer: it would block the rest
+                self.retire(p, kill=False)
         last = self.check.max_step + 2  # every member stops at the same boundary
         for p in self.cl.peers.values():
             p.signal(signal.SIGCONT)
@@ -466,6 +482,7 @@ def _summary(run: _Run) -> dict[str, Any]:
         "snapshot_failures_clean": c.snapshot_failures,
         "restores_ok": c.restores_ok,
         "lost_snapshots": c.lost_snapshots,
+        "lost_beyond_m": c.lost_beyond_m,
         "max_resume_s": round(c.max_resume_s, 3),
         "steps_committed": c.steps_committed,
         "steps_failed_clean": c.steps_failed_clean,
