@@ -413,6 +413,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(flags, file=args.config)
         secret = read_secret(cfg)
         daemon = Daemon(cfg, secret)
+        if cfg.switch_interval_s > 0:  # the daemon process is ours to tune (see config)
+            sys.setswitchinterval(cfg.switch_interval_s)
     except ConfigError as exc:
         sys.stderr.write(f"phalanx daemon: {exc}\n")
         return 2

@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -40,6 +41,7 @@ import numpy as np
 
 from phalanx.bench._harness import parse_size, print_json, progress
 from phalanx.checkpoint.erasure import make_coder
+from phalanx.config import DAEMON_SWITCH_INTERVAL_S
 
 __all__ = ["register", "run_bench"]
 
@@ -63,6 +65,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) -> None:
+    # like a daemon (PhalanxConfig.switch_interval_s): threads hand the GIL over quickly,
+    # so the coder thread is not kept waiting behind the shard senders after each call
+    sys.setswitchinterval(DAEMON_SWITCH_INTERVAL_S)
     from phalanx.checkpoint.snapshot import SnapshotConfig, SnapshotService
     from phalanx.checkpoint.store import MemoryShardStore
     from phalanx.checkpoint.tcp import ShardServer, TcpShardChannel
