@@ -25,7 +25,7 @@ import math
 import sys
 from collections.abc import Callable
 
-from phalanx.demo.scenario import CODECS, TOLERANCE, DemoOptions, DemoResult, run_demo
+from phalanx.demo.scenario import CODECS, TOLERANCE, DemoOptions, DemoResult, hold_at, run_demo
 
 __all__ = ["format_summary", "register"]
 
@@ -122,6 +122,11 @@ def format_summary(res: DemoResult) -> str:
             f"                   resumed at step {fl.resumed_step}, time lost {_s(fl.lost_s)}, "
             f"retried steps {fl.retried_steps or 'none'}"
         )
+    if res.held_s > 0:
+        lines.append(
+            f"  waited           {res.held_s:.2f}s at step {hold_at(o)} for the replacement "
+            "(it was not in yet; see docs/demo.md)"
+        )
     lines.append("  metrics          (each daemon's /metrics while it ran)")
     for member, url in res.metrics.items():
         got = res.scraped.get(member)
@@ -129,6 +134,12 @@ def format_summary(res: DemoResult) -> str:
                  f"view changes {got['view_changes']:.0f}") if got else "  (gone)"  # fmt: skip
         lines.append(f"    {member:<8} {url}{extra}")
     tol = TOLERANCE[o.codec]
+    if not res.members_final:  # nothing trained: no model to compare
+        lines.append("FAILED:")
+        lines += [f"  - {e}" for e in res.errors]
+        if res.logs:
+            lines.append(f"  logs kept in {res.logs}")
+        return "\n".join(lines) + "\n"
     lines += [
         f"  final loss       {res.final_loss:.10f} (initial {res.initial_loss:.4f})",
         f"  reference loss   {res.reference_loss:.10f} (one process, whole batches, same steps)",

@@ -43,7 +43,15 @@ from phalanx.demo.cluster import Cluster, DemoError, Proc
 from phalanx.demo.model import Problem, init_params, loss, make_dataset, reference
 from phalanx.demo.progress import Progress
 
-__all__ = ["CODECS", "TOLERANCE", "DemoOptions", "DemoResult", "FaultReport", "run_demo"]
+__all__ = [
+    "CODECS",
+    "TOLERANCE",
+    "DemoOptions",
+    "DemoResult",
+    "FaultReport",
+    "hold_at",
+    "run_demo",
+]
 
 CODECS = ("none", "zstd", "fp16", "bf16", "int8")
 
@@ -118,6 +126,7 @@ class DemoResult:
     step_s: float = 0.0  # median time between commits
     view_changes: int = 0
     steps_retried: int = 0
+    held_s: float = 0.0  # the group waited this long at hold_at() for a late replacement
     attempts_failed: int = 0
     faults: list[FaultReport] = field(default_factory=list)
     metrics: dict[str, str] = field(default_factory=dict)  # member -> /metrics URL
@@ -156,6 +165,7 @@ class _Follower:
         self.done: dict[str, dict[str, Any]] = {}
         self.errors: list[str] = []
         self.ignored: set[str] = set()  # members whose reports no longer count (killed)
+        self.held = 0.0  # longest wait for a late replacement (see worker --hold-at)
 
     def add(self, member: str, proc: Proc) -> None:
         self.workers[member] = proc
@@ -203,6 +213,8 @@ class _Follower:
             self.retries.append(ev)
         elif kind == "sync":
             self.syncs.append(ev)
+        elif kind == "held":
+            self.held = max(self.held, float(ev["seconds"]))
         elif kind == "done":
             self.done[member] = ev
         elif kind == "error":
@@ -243,13 +255,24 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
+def hold_at(o: DemoOptions) -> int:
+    """The step at which the group waits for a replacement that is not in yet: the
+    last tenth of the run (after ``join_at``)."""
+    return max(o.steps - max(1, o.steps // 10), o.join_at + 1)
+
+
 def _worker_args(o: DemoOptions, *, expect_world: int, fresh: bool) -> list[str]:
     args = [
         "--steps", str(o.steps), "--seed", str(o.seed), "--codec", o.codec,
         "--step-time", str(o.step_time), "--expect-world", str(expect_world),
         "--deadline", str(o.timeout),
     ]  # fmt: skip
-    return [*args, "--fresh"] if fresh else args
+    if fresh:
+        return [*args, "--fresh"]
+    if o.join_at:
+        final = o.peers - (1 if o.kill_at else 0) + 1
+        args += ["--hold-at", str(hold_at(o)), "--hold-world", str(final)]
+    return args
 
 
 def run_demo(o: DemoOptions, progress: Progress | None = None) -> DemoResult:
@@ -300,6 +323,7 @@ def _train(
     join: FaultReport | None = None
     join_daemon: Proc | None = None
     started = False
+    last_ok: float | None = None  # when all but the replacement had finished
     while True:
         now = time.monotonic()
         if now > deadline:
@@ -315,7 +339,8 @@ def _train(
         world = len(f.views[max(f.views)][1]) if f.views else 0
         lossv = f.loss.get(step - 1, float("nan"))
         retried = len({r["step"] for r in f.retries if r.get("step", -1) >= 0})
-        bar.update(step, f"loss {lossv:.4f} world {world} retried {retried}")
+        shown = "-" if np.isnan(lossv) else f"{lossv:.4f}"
+        bar.update(step, f"loss {shown} world {world} retried {retried}")
         if victim and kill is None and step >= o.kill_at:
             kill = FaultReport("kill", victim, step, time.monotonic())
             daemons[victim].kill()  # the daemon first: see the module docstring
@@ -344,8 +369,17 @@ def _train(
                     f"training process {m} exited with status {p.popen.returncode} "
                     f"before the end:\n{p.log_tail()}"
                 )
+        res.steps = f.state_step
         if expected <= set(f.done):
             break
+        if joiner and joiner not in f.done and expected - {joiner} <= set(f.done):
+            if last_ok is None:
+                last_ok = time.monotonic()
+            elif time.monotonic() - last_ok > 3.0:
+                raise DemoError(
+                    f"training ended before the replacement {joiner} joined it "
+                    f"(give it more time: a larger --steps or --step-time)"
+                )
     for p in f.workers.values():
         if not p.killed:
             p.popen.wait(10.0)
@@ -380,6 +414,7 @@ def _summarize(
     errors = res.errors
     errors.extend(f.errors)
     res.steps = f.state_step
+    res.held_s = f.held
     times = [f.commit_t[s] for s in sorted(f.commit_t)]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     res.step_s = statistics.median(gaps) if gaps else 0.0

@@ -22,6 +22,11 @@ One step, with a world that may change under it:
 4. on a good verdict, ``commit(step)``: the group's answer, the same on every member;
    on True, ``params -= lr * gradient / batch`` and ``update_state(step + 1)``.
 
+With ``--hold-at H --hold-world W`` (the demo passes them when a replacement is to
+join) a member that reaches step H in a view smaller than W waits there, once, until
+the view has W members: a late replacement still trains before the end. Only timing
+changes: the steps and their results are the same.
+
 Any failure (a peer died, the view changed, the exchange aborted the step, a bad
 verdict, a commit refused) means: no vote, back to 1 for the same step. A member never
 votes against a step (a "no" would settle that (epoch, step) round for good, and the
@@ -50,7 +55,7 @@ import numpy as np
 from phalanx.demo.model import Problem, batch_indices, grad_sum, init_params, loss, make_dataset
 from phalanx.demo.model import shard as cut
 from phalanx.errors import CommError, DaemonUnavailable
-from phalanx.membership.errors import CommitUnknown, MembershipError
+from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
 
 __all__ = ["LOSSLESS", "main"]
 
@@ -120,14 +125,18 @@ def run(args: argparse.Namespace) -> int:
         _emit("ready", member=me, pid=os.getpid(), daemon_pid=pg.daemon_pid)
         last_epoch = -1
         attempts = 0
+        held = False
         while True:
             if time.monotonic() > deadline:
                 _emit("error", member=me, error="deadline passed")
                 return 3
             try:
                 info = pg.begin_step(timeout=20.0)
+            except Evicted:
+                raise  # see main()
             except (CommError, MembershipError, TimeoutError) as exc:
                 _emit("retry", member=me, step=-1, why=f"begin_step: {type(exc).__name__}")
+                time.sleep(0.05)  # the group is between views: do not spin
                 continue
             if info.epoch != last_epoch:  # (a view's sync runs once, at its start)
                 last_epoch = info.epoch
@@ -141,6 +150,18 @@ def run(args: argparse.Namespace) -> int:
             step = info.step
             if step >= steps:
                 break
+            if not held and step >= args.hold_at and len(info.members) < args.hold_world:
+                # a replacement is on its way but not in yet: wait for it here, so that it
+                # trains with us before the end (timing only: the math does not change)
+                held = True
+                t_hold = time.monotonic()
+                while pg.view().world < args.hold_world:
+                    if time.monotonic() > deadline:
+                        _emit("error", member=me, error="the replacement never joined")
+                        return 3
+                    time.sleep(0.02)
+                _emit("held", member=me, step=step, seconds=time.monotonic() - t_hold)
+                continue  # begin_step again: installs the view with the replacement
             members = info.members
             idx = cut(batch_indices(pr, seed, step), members.index(me), len(members))
             g, lsum = grad_sum(pr, params, data.x[idx], data.y[idx])
@@ -203,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-time", type=float, default=0.0)
     p.add_argument("--expect-world", type=int, default=1)
     p.add_argument("--fresh", action="store_true", help="a newcomer: receive the state")
+    p.add_argument("--hold-at", type=int, default=0, help="at this step, wait for ...")
+    p.add_argument("--hold-world", type=int, default=0, help="... a view this large (once)")
     p.add_argument("--deadline", type=float, default=120.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -211,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonUnavailable as exc:
         _emit("error", error=f"daemon unavailable: {exc}")
         return 4
+    except Evicted:
+        # the daemon's incarnation was removed (it stalled past the heartbeat timeout);
+        # the client has no call to rejoin, so this peer is out of the run
+        _emit("error", error="evicted from the group")
+        return 5
 
 
 if __name__ == "__main__":
