@@ -49,9 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "daemon": ("phalanx.daemon:register", "one per training process: group, data plane, /metrics"),
     "demo": ("phalanx.demo:register", "a local cluster trains through a kill and a join"),
     "stress": ("phalanx.testing.stress:register", "churn with every result checked"),
-    # Next, one line each (the module owns its options):
-    #   "demo":        ("phalanx.<module>:register", "a local cluster trains through churn"),
-    #   "stress":      ("phalanx.testing.<module>:register", "churn with every result checked"),
+    # a new command is one more line here; its module owns its options
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
