@@ -73,6 +73,7 @@ class Checker:
     _pending_faults: list[tuple[float, str]] = field(default_factory=list)
     max_step: int = 0
     max_resume_s: float = 0.0
+    resume_by_fault: dict[str, float] = field(default_factory=dict)  # max per fault kind
     resumes: int = 0
 
     def note(self, what: str) -> None:
@@ -195,6 +196,8 @@ class Checker:
             for tf, what in self._pending_faults:
                 if tf <= begun:
                     self.max_resume_s = max(self.max_resume_s, t - tf)
+                    kind = what.split(" ")[0]
+                    self.resume_by_fault[kind] = max(self.resume_by_fault.get(kind, 0.0), t - tf)
                     self.resumes += 1
                 else:
                     left.append((tf, what))

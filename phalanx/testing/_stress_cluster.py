@@ -152,9 +152,9 @@ class Cluster:
             )
 
     # ------------------------------------------------------------------ coordinator
-    def start_coordinator(self) -> None:
-        """Start (or restart on the same port) the coordinator; returns once it
-        listens (deadline 30 s)."""
+    def start_coordinator(self, *, wait: bool = True) -> None:
+        """Start (or restart on the same port) the coordinator. ``wait``: return once
+        it listens (deadline 30 s); otherwise poll :meth:`coordinator_ready`."""
         self._runs += 1
         out = self.dir / f"coordinator-{self._runs}.out"
         cmd = [sys.executable, "-m", "phalanx", "--log-level", self.log_level, "coordinator",
@@ -165,16 +165,25 @@ class Cluster:
         self._coords.append(proc)
         self.coordinator, self.coord_out = proc, out
         deadline = time.monotonic() + 30.0
-        while True:
-            text = out.read_text(errors="replace")
-            if "listening on" in text:
-                self.address = text.split("listening on", 1)[1].split()[0]
-                self.port = int(self.address.rpartition(":")[2])
-                return
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = out.with_suffix(".err").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"coordinator did not start (rc={proc.poll()}): {err}")
+        while wait and not self.coordinator_ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the coordinator did not start within 30 s")
             time.sleep(0.05)
+
+    def coordinator_ready(self) -> bool:
+        """True once the current coordinator listens; raises RuntimeError if it exited."""
+        proc, out = self.coordinator, self.coord_out
+        if proc is None or out is None:
+            return False
+        text = out.read_text(errors="replace")
+        if "listening on" in text:
+            self.address = text.split("listening on", 1)[1].split()[0]
+            self.port = int(self.address.rpartition(":")[2])
+            return True
+        if proc.poll() is not None:
+            err = out.with_suffix(".err").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"coordinator exited (rc={proc.poll()}): {err}")
+        return False
 
     def kill_coordinator(self) -> None:
         if self.coordinator is not None:

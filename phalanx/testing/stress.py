@@ -111,6 +111,7 @@ class _Run:
         self.slow_threads: list[threading.Thread] = []
         self.stop_slow = threading.Event()
         self.stopping = False
+        self.coord_starting: float | None = None  # a restarted coordinator not up yet
         self.founding = True  # founders attach w at step 0; later peers receive it
 
     # ------------------------------------------------------------------ helpers
@@ -217,11 +218,27 @@ class _Run:
                 self.check.hangs += 1
                 self.check.note(f"hang: trainer {peer.member} silent for {now - peer.t_last:.1f}s")
                 self.on_trainer_gone(peer, "silent")
+        self.poll_coordinator(now)
         due = [t for t in self.timers if t[0] <= now]
         self.timers = [t for t in self.timers if t[0] > now]
         for _, _, fn in due:
             fn()
         self.cl.reap()
+
+    def poll_coordinator(self, now: float) -> None:
+        """Notice when a restarted coordinator listens; start it again if it failed."""
+        if self.coord_starting is None:
+            return
+        try:
+            if self.cl.coordinator_ready():
+                self.coord_starting = None
+            elif now - self.coord_starting > 30.0:
+                raise RuntimeError("did not listen within 30 s")
+        except RuntimeError as exc:  # e.g. the port was taken meanwhile: try again
+            self.check.note(f"coordinator restart failed: {exc}")
+            self.cl.kill_coordinator()
+            self.cl.start_coordinator(wait=False)
+            self.coord_starting = now
 
     # ------------------------------------------------------------------ faults
     def inject(self) -> None:
@@ -233,7 +250,10 @@ class _Run:
                 continue
             if k == "join" and n_all >= self.cfg.peers + _MAX_EXTRA_PEERS:
                 continue
-            if k == "coordinator" and any(w == "coordinator" for _, w, _ in self.timers):
+            if k == "coordinator" and (
+                self.coord_starting is not None
+                or any(w == "coordinator" for _, w, _ in self.timers)
+            ):
                 continue
             kinds.append(k)
         if n_all < self.cfg.peers and "join" in self.cfg.faults and self.rng.random() < 0.5:
@@ -243,7 +263,7 @@ class _Run:
         kind = self.rng.choice(kinds)
         victim = self.rng.choice(live) if live else None
         now = time.monotonic()
-        if kind in _DISRUPTIVE:
+        if kind in _DISRUPTIVE and kind != "kill":  # kill says which kind it chose
             self.check.fault(now, kind)
         getattr(self, f"_fault_{kind}")(victim)
 
@@ -252,6 +272,7 @@ class _Run:
         self.counts["kills"] += 1
         if self.rng.random() < 0.3:  # the training process only: its daemon keeps state
             self.counts["trainer_kills"] += 1
+            self.check.fault(time.monotonic(), "kill_trainer")
             victim.status = "restarting"
             victim.signal(signal.SIGKILL, daemon=False)
             self.say(f"kill trainer of {victim.member}")
@@ -267,6 +288,7 @@ class _Run:
             self.at(self.rng.uniform(0.2, 1.0), "restart", restart)
             return
         self.say(f"kill {victim.member}")
+        self.check.fault(time.monotonic(), "kill")
         self.retire(victim, kill=True)
         self.at(self.rng.uniform(0.3, 1.5), "replace", lambda: self.start_peer(victim.member))
 
@@ -306,11 +328,8 @@ class _Run:
         self.cl.kill_coordinator()
 
         def restart() -> None:
-            try:
-                self.cl.start_coordinator()
-            except RuntimeError as exc:  # e.g. the port was taken meanwhile
-                self.check.note(f"coordinator restart failed: {exc}")
-                self.at(0.5, "coordinator", restart)
+            self.cl.start_coordinator(wait=False)  # polled in advance(): never blocks
+            self.coord_starting = time.monotonic()
 
         self.at(self.rng.uniform(0.0, 1.0), "coordinator", restart)
 
@@ -377,6 +396,7 @@ class _Run:
             if not waiting:
                 break
             self.pump(0.1)
+            self.poll_coordinator(time.monotonic())
         for p in self.cl.peers.values():
             if p.conn is not None and not p.conn.closed:
                 self.check.note(f"{p.member}'s trainer did not stop in time")
@@ -484,6 +504,7 @@ def _summary(run: _Run) -> dict[str, Any]:
         "lost_snapshots": c.lost_snapshots,
         "lost_beyond_m": c.lost_beyond_m,
         "max_resume_s": round(c.max_resume_s, 3),
+        "max_resume_s_by_fault": {k: round(v, 3) for k, v in sorted(c.resume_by_fault.items())},
         "steps_committed": c.steps_committed,
         "steps_failed_clean": c.steps_failed_clean,
         "commit_unknown": c.commit_unknown,
