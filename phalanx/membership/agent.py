@@ -267,6 +267,11 @@ class Agent:
         view changed since, the answer is False. Raises :class:`CommitUnknown` if no
         decision could be had before ``timeout`` (then do not apply the step).
         """
+        if not 0 <= step < 2**63:
+            raise ConfigError(
+                f"commit(step={step}): steps are 0 .. 2**63-1"
+                + (" (begin_step() returns -1 until a state is attached)" if step == -1 else "")
+            )
         vote_epoch = self.view.epoch if epoch is None else epoch
         if vote_epoch == 0:
             raise MembershipError("not a member of any view yet")

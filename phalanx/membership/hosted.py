@@ -12,6 +12,10 @@ things, added here without touching ``elastic.py``:
   observer is installed on the engine (``engine.observer``, a public attribute) the
   first time a collective runs on a group; the state-sync exchange that runs before a
   group's first collective is therefore not observed;
+* rejoining by itself after an eviction (a SIGSTOPped daemon that wakes, a partition
+  that heals): a daemon exists to be in the group, so it joins again with a higher
+  incarnation in the background; its client sees ``Evicted`` until then and receives
+  the group's state at its next ``begin_step``;
 * nothing else: every collective still goes through ``ElasticGroup._collective`` (its
   retry, failure classification, reports and step bookkeeping).
 
@@ -21,6 +25,8 @@ the methods it inherits.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +36,11 @@ from phalanx.comm import Group
 from phalanx.comm.engine import Engine
 from phalanx.comm.observer import CommObserver
 from phalanx.membership.elastic import ElasticGroup, ElasticResult
+from phalanx.membership.view import View
 
 __all__ = ["HostedGroup"]
+
+log = logging.getLogger(__name__)
 
 
 class HostedGroup(ElasticGroup):
@@ -46,12 +55,64 @@ class HostedGroup(ElasticGroup):
         *args: Any,
         observer: CommObserver | None = None,
         on_engine: Callable[[Engine], None] | None = None,
+        auto_rejoin: bool = True,
+        rejoin_timeout: float = 15.0,
         **kwargs: Any,
     ) -> None:
         self._comm_observer = observer
         self._on_engine = on_engine
         self._observed: int | None = None  # id() of the engine last wired
+        self._auto_rejoin = auto_rejoin
+        self._rejoin_timeout = rejoin_timeout
+        self._rejoin_stop = threading.Event()  # set by close(): never cleared
+        self._left = False  # leave() on purpose: no automatic return until rejoin()
+        self._rejoiner: threading.Thread | None = None
         super().__init__(*args, **kwargs)
+
+    def _on_evicted(self, epoch: int) -> None:
+        super()._on_evicted(epoch)
+        if not self._auto_rejoin or self._rejoin_stop.is_set() or self._left:
+            return
+        if self._rejoiner is not None and self._rejoiner.is_alive():
+            return
+        self._rejoiner = threading.Thread(
+            target=self._rejoin_loop, name="phalanx-rejoin", daemon=True
+        )
+        self._rejoiner.start()
+
+    def _rejoin_loop(self) -> None:
+        """Join again until it works or the group closes (backoff 0.2 s .. 5 s)."""
+        delay = 0.2
+        while not self._rejoin_stop.is_set() and not self._left and self.evicted:
+            try:
+                view = super().rejoin(self._rejoin_timeout)
+                log.warning(
+                    "event=rejoined reason=evicted member=%s epoch=%d members=%s",
+                    self.member_id,
+                    view.epoch,
+                    ",".join(view.ids),
+                )
+                return
+            except Exception as exc:  # coordinator away, refused: try again later
+                log.warning("event=rejoin_failed member=%s error=%r", self.member_id, str(exc))
+            if self._rejoin_stop.wait(delay):
+                return
+            delay = min(delay * 2, 5.0)
+
+    def leave(self, timeout: float | None = None, reason: str = "") -> None:
+        self._left = True  # leaving on purpose: do not come back by ourselves
+        super().leave(timeout, reason)
+
+    def rejoin(self, timeout: float = 15.0) -> View:
+        self._left = False
+        return super().rejoin(timeout)
+
+    def close(self) -> None:
+        self._rejoin_stop.set()
+        t = self._rejoiner
+        super().close()
+        if t is not None:
+            t.join(self._rejoin_timeout + 5.0)
 
     def _wire(self, g: Group) -> Group:
         engine = g.engine

@@ -189,12 +189,6 @@ def _stepper(pg: phalanx.Client, until: float, out: dict[str, Any]) -> None:
             time.sleep(0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a daemon evicted after SIGSTOP (past the heartbeat timeout) never rejoins: "
-    "its client gets Evicted on every call and the client API has no rejoin, so the peer "
-    "must be restarted (issue 3: 'when it wakes it learns it was evicted and can rejoin')",
-)
 def test_evicted_daemon_rejoins_after_sigcont(secret: bytes, tmp_path: Path) -> None:
     with daemons(2, secret, tmp_path) as cl:
         pgs = [phalanx.connect(s, op_timeout=20.0) for s in cl.sockets]
@@ -230,12 +224,6 @@ def test_evicted_daemon_rejoins_after_sigcont(secret: bytes, tmp_path: Path) -> 
                 pg.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: begin_step() with no state attached returns step -1, and commit(-1) fails "
-    "deep in protobuf ('Value out of range: -1') as a bare PhalanxError instead of a "
-    "ConfigError naming the bad step (promise 7: bad input gets a clear error)",
-)
 def test_commit_of_a_negative_step_is_a_clear_config_error() -> None:
     pg = phalanx.start()
     try:
