@@ -25,6 +25,7 @@ This module must never start a process or wait: it only counts.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ class Checker:
     lost_snapshots: int = 0
     lost_beyond_m: int = 0  # restores that failed after more than m holders went away
     crashes: int = 0
+    evictions: int = 0
+    max_rejoin_s: float = 0.0
+    on_finding: Callable[[str], None] | None = None  # told each finding as it happens
     details: list[str] = field(default_factory=list)
     _by_op: dict[tuple[int, int], tuple[tuple[str, ...], str, str]] = field(default_factory=dict)
     _answers: dict[tuple[int, int], dict[str, bool]] = field(default_factory=dict)
@@ -79,6 +83,8 @@ class Checker:
     def note(self, what: str) -> None:
         if len(self.details) < _MAX_DETAILS:
             self.details.append(what[:400])
+        if self.on_finding is not None:
+            self.on_finding(what[:400])
 
     def last_sealed(self, member: str) -> int | None:
         return self._sealed.get(member)
@@ -236,6 +242,12 @@ class Checker:
             self.lost_snapshots += 1
             self.note(f"lost: {me} could not restore {owner} (sealed "
                       f"{self._sealed[owner]}): {p.get('error')}")  # fmt: skip
+
+    def _on_evicted(self, me: str, t: float, p: dict[str, Any]) -> None:
+        self.evictions += 1
+
+    def _on_back(self, me: str, t: float, p: dict[str, Any]) -> None:
+        self.max_rejoin_s = max(self.max_rejoin_s, float(p["secs"]))
 
     def _on_done(self, me: str, t: float, p: dict[str, Any]) -> None:
         why = str(p.get("why", ""))

@@ -260,11 +260,20 @@ class Cluster:
         self.retired.append(peer)
 
     def reap(self) -> None:
-        """Reap retired processes that have exited (never blocks)."""
+        """Reap retired processes that have exited (never blocks); forget the ones
+        fully gone (both processes reaped, pipe closed)."""
+        keep = []
         for p in self.retired:
             p.daemon.poll()
             if p.trainer is not None and p.trainer.exitcode is None and not p.trainer.is_alive():
                 p.trainer.join(0)
+            trainer_gone = p.trainer is None or p.trainer.exitcode is not None
+            pipe_gone = p.conn is None or p.conn.closed
+            if p.daemon.returncode is None or not trainer_gone or not pipe_gone:
+                keep.append(p)
+            elif p.trainer is not None:
+                p.trainer.close()  # release the Process object's sentinel fd
+        self.retired = keep
 
     # ------------------------------------------------------------------ the end
     def close(self, grace: float = 15.0) -> None:

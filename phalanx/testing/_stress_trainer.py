@@ -8,6 +8,10 @@ intended use: ``begin_step`` (view install + state sync), the step's collectives
 on True ``w += delta(step)`` and ``update_state(step + 1)``; every ``snapshot_every``
 steps a snapshot of ``w`` (when the client has ``snapshot``).
 
+``Evicted`` is transient: the daemon rejoins by itself with a new incarnation and the
+state re-syncs at the next ``begin_step``; the trainer waits (``evicted`` / ``back``
+events) and gives up only when its daemon stays out for ``call_timeout`` seconds.
+
 It reports facts, not verdicts: every op's epoch, seq, contributors and result digest,
 every commit answer, every clean failure with its type, and the state check after each
 ``begin_step``. The harness recomputes what each result must be. Events are tuples
@@ -139,6 +143,7 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
         T = a.call_timeout
         shared: dict[tuple[str, int], np.ndarray] = {}
         stop_at = float("inf")
+        evicted_since: float | None = None
         while True:
             stop_at = _stop_at(conn, stop_at)
             if stop_at < 0:
@@ -146,12 +151,18 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
             t0 = time.monotonic()
             try:
                 info = pg.begin_step(timeout=T)
-            except (Evicted, DaemonUnavailable):
+            except Evicted as exc:
+                evicted_since = _evicted(out, evicted_since, exc, T)
+                continue
+            except DaemonUnavailable:
                 raise
             except (PhalanxError, TimeoutError) as exc:
                 out.put("fail", call="begin_step", error=_err(exc), secs=time.monotonic() - t0)
                 time.sleep(0.05)
                 continue
+            if evicted_since is not None:
+                out.put("back", secs=time.monotonic() - evicted_since)
+                evicted_since = None
             step = info.step
             if step >= stop_at:
                 break
@@ -174,13 +185,13 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
                 t1 = time.monotonic()
                 try:
                     r = _run_op(pg, spec, x, T)
-                except (Evicted, DaemonUnavailable):
+                except DaemonUnavailable:
                     raise
-                except (PhalanxError, TimeoutError) as exc:
+                except (PhalanxError, TimeoutError) as exc:  # Evicted too: no vote
                     out.put("fail", call=spec.kind, step=step, op=i, error=_err(exc),
                             secs=time.monotonic() - t1)  # fmt: skip
                     ok = False
-                    vote = type(exc).__name__ != "StepAborted"
+                    vote = type(exc).__name__ not in ("StepAborted", "Evicted")
                     break
                 err = None
                 if spec.lossy and x is not None:
@@ -197,8 +208,11 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
             answer: bool | None
             try:
                 answer = pg.commit(step, ok, timeout=T)
-            except (Evicted, DaemonUnavailable):
+            except DaemonUnavailable:
                 raise
+            except Evicted as exc:  # the daemon rejoins by itself; the state re-syncs
+                evicted_since = _evicted(out, evicted_since, exc, T)
+                continue
             except CommitUnknown:
                 answer = None
             except (PhalanxError, TimeoutError) as exc:
@@ -229,6 +243,19 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
         out.put("done", why=why)
         with contextlib.suppress(OSError):
             conn.close()
+
+
+def _evicted(out: _Out, since: float | None, exc: BaseException, limit: float) -> float:
+    """An ``Evicted`` answer: the daemon rejoins by itself (new incarnation), so wait
+    and begin the step again; give up (raise) when it stays out for ``limit`` s."""
+    now = time.monotonic()
+    if since is None:
+        out.put("evicted", error=_err(exc))
+        since = now
+    elif now - since > limit:
+        raise exc
+    time.sleep(0.1)
+    return since
 
 
 def _snapshot(pg: Any, w: np.ndarray, step: int, timeout: float, out: _Out, world: int) -> None:

@@ -102,9 +102,9 @@ class _Run:
         self.cl = cluster
         self.say = say
         self.rng = random.Random(cfg.seed)
-        self.check = Checker(cfg.seed, cfg.hang_s)
+        self.check = Checker(cfg.seed, cfg.hang_s, on_finding=lambda m: say(f"FINDING {m}"))
         self.counts = {k: 0 for k in ("kills", "trainer_kills", "stops", "joins", "leaves",
-                                      "coordinator_restarts", "slows", "nets", "evictions",
+                                      "coordinator_restarts", "slows", "nets",
                                       "replacements", "join_failures")}  # fmt: skip
         self.next_index = 0
         self.timers: list[tuple[float, str, Callable[[], None]]] = []
@@ -184,9 +184,7 @@ class _Run:
             return
         if peer.status == "restarting":
             return
-        # the trainer ended on its own (evicted, daemon gone, crashed): replace the peer
-        if "Evicted" in why:
-            self.counts["evictions"] += 1
+        # the trainer ended on its own (evicted for good, daemon gone, crashed): replace it
         self.say(f"{peer.member} lost ({why}); replacing it")
         self.retire(peer, kill=True)
         self.counts["replacements"] += 1
@@ -452,6 +450,8 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
     except RuntimeError as exc:
         run.check.note(f"harness: {exc}")
         row["error"] = str(exc)
+    except (KeyboardInterrupt, SystemExit) as exc:  # SIGINT/SIGTERM: still report
+        row["error"] = f"interrupted ({type(exc).__name__})"
     finally:
         run.stopping = True
         run.stop_slow.set()
@@ -510,6 +510,8 @@ def _summary(run: _Run) -> dict[str, Any]:
         "commit_unknown": c.commit_unknown,
         "state_syncs": c.state_syncs,
         "crashes": c.crashes,
+        "evictions": c.evictions,
+        "max_rejoin_s": round(c.max_rejoin_s, 3),
     }
     if c.details:
         out["details"] = list(c.details)
