@@ -279,3 +279,67 @@ def test_a_vote_past_its_deadline_is_not_a_coordinator_error(
         for lst in listeners:
             lst.close()
         coord.stop(grace=0.5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Agent.commit() returns False when its (re)vote is refused with EVICTED, "
+    "although the group may have decided True with this member's vote (the answer was "
+    "lost in a partition, the coordinator restarted and forgot the decision, the retry "
+    "was refused): promise 4 broken; it must raise CommitUnknown/Evicted, not invent "
+    "False. phalanx stress seed 20261122 (soak): 'commit answers differ for epoch=177 "
+    "step=7367: 5 members True, p47 (partitioned, evicted) False'",
+)
+def test_an_evicted_revote_is_not_a_false_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from phalanx.membership.agent import Agent
+    from phalanx.membership.config import MembershipConfig
+    from phalanx.membership.coordinator import Coordinator
+    from phalanx.membership.errors import CommitUnknown, Evicted
+    from phalanx.membership.view import Member
+
+    secret = os.urandom(32)
+    coord = Coordinator(secret=secret, config=MembershipConfig(recovery_grace=0.0))
+    coord.start()
+    listeners, agents = [], []
+    try:
+        for name in ("e1", "e2"):
+            lst = socket.socket()
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(4)
+            listeners.append(lst)
+            member = Member(name, (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+            agents.append(Agent(coord.address, member, secret=secret))
+        for a in agents:
+            a.join(10)
+        epoch = agents[0].wait_for_view(lambda v: v.size == 2, 10).epoch
+        decided = [False, False]
+
+        def vote(i: int) -> None:
+            decided[i] = agents[i].commit(0, True, epoch=epoch, timeout=10)
+
+        ts = [threading.Thread(target=vote, args=(i,)) for i in (0, 1)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(15)
+        assert decided == [True, True]  # the group decided (epoch, 0) = True
+
+        # e1's answer is lost and its retry reaches a coordinator that refuses it as
+        # EVICTED (restarted, forgot the decision, e1 was partitioned meanwhile)
+        def refused(*args: object, **kwargs: object) -> object:
+            raise Evicted("removed while partitioned", epoch=epoch + 1)
+
+        monkeypatch.setattr(agents[0], "_call", refused)
+        try:
+            again: bool | None = agents[0].commit(0, True, epoch=epoch, timeout=2)
+        except (CommitUnknown, Evicted):
+            again = None  # "I do not know": the caller must not apply, and re-syncs
+        assert again is not False, "False is another answer than the group's True"
+    finally:
+        for a in agents:
+            a.close()
+        for lst in listeners:
+            lst.close()
+        coord.stop(grace=0.5)
