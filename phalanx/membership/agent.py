@@ -291,8 +291,14 @@ class Agent:
                     self._call("Commit", req, min(remaining, _VOTE_ATTEMPT), epoch=vote_epoch),
                 )
             except Evicted:
+                # The group may have decided -- even True, with this member's vote -- before
+                # the eviction (an answer lost in a partition, a restarted coordinator that
+                # forgot the decision): "False" would be another answer than the group's.
+                # Not knowing is the honest answer: do not apply, re-sync after rejoining.
                 self._handle_evicted()
-                return False
+                raise CommitUnknown(
+                    step, vote_epoch, "this member was evicted; the group's decision is unknown here"
+                ) from None
             except Rejected as err:
                 if err.reason is not RejectReason.NOT_MEMBER:
                     raise

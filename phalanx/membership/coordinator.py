@@ -213,6 +213,16 @@ class Coordinator:
                     self._cond.notify_all()
 
 
+class _Ended(Exception):
+    """A call that ends without an answer, normally (cancelled, deadline): aborted once,
+    with this status, and not logged as a handler error."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
 def _abort(context: grpc.ServicerContext, err: Rejected, method: str) -> NoReturn:
     log.info(
         "event=rejected method=%s reason=%s peer=%s detail=%r",
@@ -239,6 +249,8 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             return fn()
         except Rejected as err:
             _abort(context, err, method)
+        except _Ended as end:  # the caller went away or its deadline passed: not an error
+            context.abort(end.code, end.detail)
         except Exception:
             log.exception("event=handler_error method=%s peer=%s", method, context.peer())
             context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the coordinator)")
@@ -374,9 +386,9 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
                 remaining = context.time_remaining()
                 if not context.is_active():
-                    context.abort(grpc.StatusCode.CANCELLED, "vote cancelled by the caller")
+                    raise _Ended(grpc.StatusCode.CANCELLED, "vote cancelled by the caller")
                 if remaining is not None and remaining < 0.05:
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no decision yet: vote again")
+                    raise _Ended(grpc.StatusCode.DEADLINE_EXCEEDED, "no decision yet: vote again")
                 wait = _WAIT_SLICE if remaining is None else min(_WAIT_SLICE, remaining - 0.05)
                 c._cond.wait(wait)
                 decision = c._group().decision(epoch, step)

@@ -203,7 +203,7 @@ def test_evicted_daemon_rejoins_after_sigcont(secret: bytes, tmp_path: Path) -> 
                 t.start()
             for t in ts:
                 t.join(30.0)
-            assert outs[1].get("last") == ("d0", "d1")  # both stepping
+            assert set(outs[1].get("last", ())) == {"d0", "d1"}  # both stepping
             os.kill(cl.procs[1].pid, signal.SIGSTOP)
             cl.coordinator.wait_for(lambda v: "d1" not in v, 10.0)  # evicted
             os.kill(cl.procs[1].pid, signal.SIGCONT)
@@ -234,13 +234,6 @@ def test_commit_of_a_negative_step_is_a_clear_config_error() -> None:
         pg.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a commit vote whose caller's deadline passes (or that the caller cancels) "
-    "is logged by the coordinator as event=handler_error at ERROR with a traceback: "
-    "context.abort() raises inside _guard's try, whose `except Exception` logs it and "
-    "aborts a second time (seen in every phalanx stress run with coordinator faults)",
-)
 def test_a_vote_past_its_deadline_is_not_a_coordinator_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -281,15 +274,6 @@ def test_a_vote_past_its_deadline_is_not_a_coordinator_error(
         coord.stop(grace=0.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Agent.commit() returns False when its (re)vote is refused with EVICTED, "
-    "although the group may have decided True with this member's vote (the answer was "
-    "lost in a partition, the coordinator restarted and forgot the decision, the retry "
-    "was refused): promise 4 broken; it must raise CommitUnknown/Evicted, not invent "
-    "False. phalanx stress seed 20261122 (soak): 'commit answers differ for epoch=177 "
-    "step=7367: 5 members True, p47 (partitioned, evicted) False'",
-)
 def test_an_evicted_revote_is_not_a_false_decision(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
