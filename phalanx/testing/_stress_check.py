@@ -15,8 +15,8 @@ JSON line reports. What it checks:
   across members, and True only for a step whose ops all ran in one epoch;
 * restores byte-exact and never older than the newest seal the owner reported; a
   restore that fails is a lost snapshot unless more than ``m`` (of the default
-  ``k + m`` for the view size at the seal) other peers went away or were unreachable
-  since that seal (``lost_beyond_m``: the code promises nothing then);
+  ``k + m`` for the view size at the seal) other peers went away, were evicted, or
+  were unreachable since that seal (``lost_beyond_m``: the code promises nothing then);
 * hangs: any call that ran ``hang_s`` or longer, or hit its deadline.
 
 This module must never start a process or wait: it only counts.
@@ -245,9 +245,14 @@ class Checker:
 
     def _on_evicted(self, me: str, t: float, p: dict[str, Any]) -> None:
         self.evictions += 1
+        # out of the view until it rejoined: restores read holders through the current
+        # view, so its shards cannot be read meanwhile
+        self.unavailable.add(me)
+        self._departed.append((t, me))
 
     def _on_back(self, me: str, t: float, p: dict[str, Any]) -> None:
         self.max_rejoin_s = max(self.max_rejoin_s, float(p["secs"]))
+        self.unavailable.discard(me)
 
     def _on_done(self, me: str, t: float, p: dict[str, Any]) -> None:
         why = str(p.get("why", ""))
