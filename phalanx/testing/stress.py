@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 FAULTS = ("kill", "stop", "join", "leave", "coordinator", "slow", "net")
 _DISRUPTIVE = frozenset({"kill", "stop", "leave", "coordinator", "net"})
 _MAX_EXTRA_PEERS = 2  # joins may grow the group to peers + 2
+# a coordinator is killed again only this long after its restart listened: one outage
+# at a time (recovery grace 1.5 s + re-registration); back-to-back kills would starve
+# every membership change (a peer that left cannot be removed) past --hang-s
+_COORDINATOR_SPACING_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class _Run:
         self.stop_slow = threading.Event()
         self.stopping = False
         self.coord_starting: float | None = None  # a restarted coordinator not up yet
+        self.coord_up_at = 0.0  # when the last restarted coordinator listened
         self.founding = True  # founders attach w at step 0; later peers receive it
 
     # ------------------------------------------------------------------ helpers
@@ -230,6 +235,7 @@ class _Run:
         try:
             if self.cl.coordinator_ready():
                 self.coord_starting = None
+                self.coord_up_at = now
             elif now - self.coord_starting > 30.0:
                 raise RuntimeError("did not listen within 30 s")
         except RuntimeError as exc:  # e.g. the port was taken meanwhile: try again
