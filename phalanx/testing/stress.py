@@ -66,6 +66,7 @@ _MAX_EXTRA_PEERS = 2  # joins may grow the group to peers + 2
 # at a time (recovery grace 1.5 s + re-registration); back-to-back kills would starve
 # every membership change (a peer that left cannot be removed) past --hang-s
 _COORDINATOR_SPACING_S = 5.0
+_STOP_STRAGGLER_S = 5.0  # at the end: members still stepping this long after the rest stopped
 
 
 @dataclass(frozen=True)
@@ -394,11 +395,23 @@ class _Run:
             p.signal(signal.SIGCONT)
             self.cl.set_link(p, True)
             self.cl.send(p, ("stop", last))
+        n_left, t_change = -1, time.monotonic()
         while time.monotonic() < deadline:
             waiting = [p for p in self.cl.peers.values()
                        if p.trainer is not None and p.conn is not None and not p.conn.closed]  # fmt: skip
             if not waiting:
                 break
+            if len(waiting) != n_left:
+                n_left, t_change = len(waiting), time.monotonic()
+            elif time.monotonic() - t_change > _STOP_STRAGGLER_S:
+                # the rest stopped at the boundary; these are caught in a view change
+                # (e.g. a late joiner's state exchange) that needs members who are gone:
+                # it is shut down (SIGKILL: a SIGTERMed daemon would drain that very call
+                # first), so the run ends now instead of at the call's deadline
+                for p in waiting:
+                    self.say(f"{p.member} still in a step after the others stopped: killing it")
+                    self.retire(p, kill=True)
+                n_left = -1
             self.pump(0.1)
             self.poll_coordinator(time.monotonic())
         for p in self.cl.peers.values():
