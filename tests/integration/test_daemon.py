@@ -82,16 +82,22 @@ def daemons(n: int, secret: bytes, tmp: Path) -> Iterator[Cluster]:
         coord.wait_for(lambda v: v.size == n, 20.0)
         yield cl
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15.0)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5.0)
-        coord.stop(0.5)
+        stop_daemons(procs, coord, 15.0)
+
+
+def stop_daemons(procs: list[subprocess.Popen[bytes]], coord: Coordinator, grace: float) -> None:
+    """SIGTERM every daemon still running, wait ``grace`` s each (then SIGKILL), stop
+    the coordinator."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5.0)
+    coord.stop(0.5)
 
 
 def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:

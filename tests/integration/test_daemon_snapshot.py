@@ -40,7 +40,7 @@ import pytest
 import phalanx
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
-from tests.integration.test_daemon import Cluster, spawn_daemon
+from tests.integration.test_daemon import Cluster, spawn_daemon, stop_daemons
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -102,16 +102,7 @@ def cluster(secret: bytes, tmp: Path, n: int = 3) -> Iterator[Cluster]:
         coord.wait_for(lambda v: v.size == n, 30.0)
         yield cl
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20.0)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5.0)
-        coord.stop(0.5)
+        stop_daemons(procs, coord, 20.0)
 
 
 def add(cl: Cluster, coordinator: str, tmp: Path, i: int) -> None:
