@@ -14,7 +14,11 @@ Rules (docs/membership.md explains them):
     boundary), or at once when the group is not stepping (no decision within
     ``step_window`` and no round open), or at the latest after ``admit_deadline``.
   * commit: one decision per (epoch, step), remembered; a vote for an epoch that is
-    not current is answered "not committed" unless that round was already decided.
+    not current is answered "not committed" unless that round was already decided --
+    but only for epochs this instance published itself. For an older epoch (one a
+    restarted coordinator adopted, or whose decisions were dropped from memory) a
+    predecessor may have decided either way, so the answer is UNKNOWN (not committed,
+    and the caller must not treat it as "no": found by the churn soak, seed 20261122).
   * restart: the coordinator starts in recovery; the highest view peers report is
     adopted without an epoch change; members that do not re-register within
     ``recovery_grace`` are failed; votes wait until recovery ends.
@@ -59,6 +63,7 @@ class Outcome(enum.Enum):
     MEMBER_FAILED = 2
     VIEW_CHANGED = 3
     TIMEOUT = 4
+    UNKNOWN = 5  # a round of an epoch this instance did not witness; see vote()
 
 
 class ViewCause(enum.Enum):
@@ -119,6 +124,10 @@ class GroupState:
         self._tombstones: OrderedDict[str, tuple[int, MemberState]] = OrderedDict()
         self._decisions: OrderedDict[tuple[int, int], Decision] = OrderedDict()
         self._rounds: dict[tuple[int, int], _Round] = {}
+        # Epochs this instance published itself (bounded; oldest dropped): only for
+        # those does it know every decision. Epochs <= _forgotten_upto lost some.
+        self._witnessed: OrderedDict[int, None] = OrderedDict()
+        self._forgotten_upto = 0
         self._last_decision_at: float | None = None
         self._published = Published(View(0), ViewCause.SNAPSHOT)
         self._published_anything = False
@@ -487,6 +496,16 @@ class GroupState:
         key = (epoch, step)
         rnd = self._rounds.get(key)
         if rnd is None:
+            if epoch < self.view.epoch and not self._recovering and not self._knows_all(epoch):
+                # Not remembered: a later seed of the real decision must still win.
+                log.info(
+                    "event=commit_unknown member=%s epoch=%d step=%d current=%d",
+                    member_id,
+                    epoch,
+                    step,
+                    self.view.epoch,
+                )
+                return Decision(epoch, step, False, Outcome.UNKNOWN)
             rnd = self._rounds[key] = _Round(epoch, step, now)
         rnd.votes[member_id] = rnd.votes.get(member_id, True) and ok
         return self._evaluate(rnd, now)
@@ -495,12 +514,20 @@ class GroupState:
         if self._recovering:
             return None  # the history may still be incomplete
         if rnd.epoch != self.view.epoch:
-            return self._decide(rnd, False, Outcome.VIEW_CHANGED, now)
+            return self._decide(rnd, False, self._moved_on(rnd.epoch), now)
         if not all(rnd.votes.values()):
             return self._decide(rnd, False, Outcome.MEMBER_FAILED, now)
         if all(m.id in rnd.votes for m in self.view.members):
             return self._decide(rnd, True, Outcome.ALL_OK, now)
         return None
+
+    def _knows_all(self, epoch: int) -> bool:
+        """Does this instance know every decision made in ``epoch``?"""
+        return epoch in self._witnessed and epoch > self._forgotten_upto
+
+    def _moved_on(self, epoch: int) -> Outcome:
+        """The outcome of an open round of ``epoch`` once the view left that epoch."""
+        return Outcome.VIEW_CHANGED if self._knows_all(epoch) else Outcome.UNKNOWN
 
     def _decide(self, rnd: _Round, committed: bool, outcome: Outcome, now: float) -> Decision:
         decision = Decision(rnd.epoch, rnd.step, committed, outcome)
@@ -522,11 +549,13 @@ class GroupState:
         self._decisions[(decision.epoch, decision.step)] = decision
         self.revision += 1
         while len(self._decisions) > _MAX_DECISIONS:
-            self._decisions.popitem(last=False)
+            (epoch, _), _ = self._decisions.popitem(last=False)
+            self._forgotten_upto = max(self._forgotten_upto, epoch)
 
     def _seed_decision(self, decision: Decision, now: float) -> None:
         key = (decision.epoch, decision.step)
-        if key in self._decisions:
+        known = self._decisions.get(key)
+        if known is not None and known.outcome is not Outcome.UNKNOWN:
             return
         self._remember(decision)
         rnd = self._rounds.pop(key, None)
@@ -591,6 +620,9 @@ class GroupState:
     ) -> None:
         self._published = Published(view, cause, removed, self._published.seq + 1)
         self._published_anything = True
+        self._witnessed[view.epoch] = None
+        while len(self._witnessed) > _MAX_DECISIONS:
+            self._witnessed.popitem(last=False)
         self.revision += 1
         log.info(
             "event=view_changed epoch=%d cause=%s members=%s removed=%s",
@@ -603,7 +635,7 @@ class GroupState:
             return
         for key, rnd in list(self._rounds.items()):
             if rnd.epoch != view.epoch and key in self._rounds:
-                self._decide(rnd, False, Outcome.VIEW_CHANGED, now)
+                self._decide(rnd, False, self._moved_on(rnd.epoch), now)
 
     def _bury(self, entry: _Entry, state: MemberState, cause: str) -> None:
         member = entry.member

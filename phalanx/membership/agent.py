@@ -278,17 +278,34 @@ class Agent:
         budget = timeout if timeout is not None else self.config.commit_timeout + 5.0
         deadline = time.monotonic() + budget
         delay = _RETRY_MIN
+        incarnation = self._member.incarnation
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closed:
                 raise CommitUnknown(step, vote_epoch, "deadline passed")
+            with self._lock:
+                gone = self._evicted or self._member.incarnation != incarnation
+            if gone:
+                # Evicted while voting (a re-registration refused): a vote from here on
+                # would come from a later incarnation that never ran the step, and a
+                # coordinator would count it as a fresh, late vote ("no") -- found by
+                # the churn soak, seed 20261122.
+                raise CommitUnknown(
+                    step, vote_epoch, "this member was evicted while voting; decision unknown"
+                )
             req = pb.CommitRequest(
                 step=step, ok=ok, last_decision=_wire.decision_to_pb(self._last_decision)
             )
             try:
                 resp = cast(
                     pb.CommitResponse,
-                    self._call("Commit", req, min(remaining, _VOTE_ATTEMPT), epoch=vote_epoch),
+                    self._call(
+                        "Commit",
+                        req,
+                        min(remaining, _VOTE_ATTEMPT),
+                        epoch=vote_epoch,
+                        incarnation=incarnation,
+                    ),
                 )
             except Evicted:
                 # The group may have decided -- even True, with this member's vote -- before
@@ -297,7 +314,9 @@ class Agent:
                 # Not knowing is the honest answer: do not apply, re-sync after rejoining.
                 self._handle_evicted()
                 raise CommitUnknown(
-                    step, vote_epoch, "this member was evicted; the group's decision is unknown here"
+                    step,
+                    vote_epoch,
+                    "this member was evicted; the group's decision is unknown here",
                 ) from None
             except Rejected as err:
                 if err.reason is not RejectReason.NOT_MEMBER:
@@ -309,6 +328,14 @@ class Agent:
                 decision = Decision(
                     int(resp.epoch), int(resp.step), bool(resp.committed), Outcome(resp.outcome)
                 )
+                if decision.outcome is Outcome.UNKNOWN:
+                    # A restarted coordinator that cannot know the round's decision.
+                    raise CommitUnknown(
+                        step,
+                        vote_epoch,
+                        "the coordinator does not know this round's decision (it restarted "
+                        "or forgot it, and the view moved on); do not apply the step",
+                    )
                 with self._lock:
                     if self._last_decision is None or (decision.epoch, decision.step) >= (
                         self._last_decision.epoch,
@@ -331,12 +358,25 @@ class Agent:
 
     # -- internals -------------------------------------------------------------------
 
-    def _call(self, name: str, req: Any, timeout: float, *, epoch: int | None = None) -> Any:
-        """One signed unary call; raises Rejected/Evicted or CoordinatorUnavailable."""
+    def _call(
+        self,
+        name: str,
+        req: Any,
+        timeout: float,
+        *,
+        epoch: int | None = None,
+        incarnation: int | None = None,
+    ) -> Any:
+        """One signed unary call; raises Rejected/Evicted or CoordinatorUnavailable.
+
+        ``incarnation``: send only as that incarnation (else :class:`Evicted`).
+        """
         method = _wire.SERVICE + name
         with self._lock:
             member = self._member
             held = self._view.epoch
+        if incarnation is not None and member.incarnation != incarnation:
+            raise Evicted(f"{member.id}#{incarnation} was replaced by #{member.incarnation}")
         self._signer.sign(
             req,
             method,

@@ -333,3 +333,52 @@ def test_an_evicted_revote_is_not_a_false_decision(monkeypatch: pytest.MonkeyPat
         for lst in listeners:
             lst.close()
         coord.stop(grace=0.5)
+
+
+def test_a_vote_cut_short_by_eviction_is_not_recast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (churn soak, seed 20261122, epoch 969 step 47092): a partitioned
+    member's vote found a restarted coordinator that did not know it; re-registering
+    was refused (evicted), the daemon rejoined as a new incarnation, and the still
+    running vote loop voted again as that incarnation -- and got "no" for a step
+    the rest of the group had committed."""
+    import socket
+
+    from phalanx.membership.agent import Agent
+    from phalanx.membership.config import MembershipConfig
+    from phalanx.membership.coordinator import Coordinator
+    from phalanx.membership.errors import CommitUnknown, Evicted, Rejected, RejectReason
+    from phalanx.membership.view import Member
+
+    secret = os.urandom(32)
+    coord = Coordinator(secret=secret, config=MembershipConfig(recovery_grace=0.0))
+    coord.start()
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+    agent = Agent(
+        coord.address, Member("r1", (f"127.0.0.1:{lst.getsockname()[1]}",), 1), secret=secret
+    )
+    try:
+        epoch = agent.join(10).epoch
+        real_call = agent._call
+        calls: list[str] = []
+
+        def call(name: str, *args: object, **kwargs: object) -> object:
+            calls.append(name)
+            if name == "Commit" and len(calls) == 1:
+                raise Rejected(RejectReason.NOT_MEMBER, "r1#1 is not known here")
+            return real_call(name, *args, **kwargs)  # type: ignore[arg-type]
+
+        def register() -> None:  # the re-registration is refused...
+            raise Evicted("r1#1 is not in the current view", epoch=epoch + 1)
+
+        monkeypatch.setattr(agent, "_call", call)
+        monkeypatch.setattr(agent, "_register", register)
+        with pytest.raises(CommitUnknown, match="evicted"):
+            agent.commit(7, True, epoch=epoch, timeout=5)
+        assert calls == ["Commit"], "voted again after the eviction"
+        assert agent.evicted
+    finally:
+        agent.close()
+        lst.close()
+        coord.stop(grace=0.5)

@@ -376,11 +376,54 @@ def test_restart_recovery_window_expires() -> None:
     for _ in range(12):
         beat_all(g, clock, "ab", 0.1)
     assert ids(g) == ("a", "b") and g.view.epoch == 7
-    assert g.decision(6, 1) == Decision(6, 1, False, Outcome.VIEW_CHANGED)
+    # epoch 6 was adopted, not run from its start here: its predecessor may have
+    # decided round 1 (with c's vote) before dying, so "no" would be a guess
+    assert g.decision(6, 1) == Decision(6, 1, False, Outcome.UNKNOWN)
     # a late peer with a view at or above the current epoch pushes the epoch up
     with pytest.raises(Evicted):
         g.join(m("x"), view_of(9, "a", "b", "x"), None, clock())
     assert g.view.epoch == 10 and ids(g) == ("a", "b")
+
+
+def test_restarted_coordinator_does_not_guess_an_old_round() -> None:
+    """Regression (churn soak, seed 20261122, epoch 969 step 47092): a member whose
+    commit answer was lost in a partition re-voted after the coordinator restarted;
+    the new one, which never saw that epoch, answered "view changed, not committed"
+    while every other member had applied the step."""
+    old, clock = formed("abp")
+    e = old.view.epoch
+    for n in "abp":
+        old.vote(n, 1, e, 41, True, clock())
+    committed = old.decision(e, 41)
+    assert committed == Decision(e, 41, True, Outcome.ALL_OK)  # a, b apply; p's answer is lost
+    old.leave("p", 1, "", clock())  # p drops out of the view (evicted in the soak)
+    e1 = old.view.epoch
+    for n in "ab":
+        old.vote(n, 1, e1, 42, True, clock())
+    # the coordinator dies; a new one recovers from a and b
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0)
+    new = GroupState(cfg, clock(), recovering=True)
+    for n in "ab":
+        new.join(m(n), old.view, old.decision(e1, 42), clock())
+    assert not new.recovering and new.view == old.view
+    # p is unknown here: re-registering with the view it last saw is refused...
+    with pytest.raises(Evicted):
+        new.join(m("p"), view_of(e, "a", "b", "p"), None, clock())
+    # ... its daemon rejoins as p#2, and the vote still in flight arrives as p#2
+    new.join(m("p", 2), View(0), None, clock())
+    d = new.vote("p", 2, e, 41, True, clock())
+    assert d == Decision(e, 41, False, Outcome.UNKNOWN)  # was VIEW_CHANGED: "no"
+    assert new.decision(e, 41) is None  # not remembered: the real answer may still come
+    new.join(m("a"), old.view, committed, clock())  # ... e.g. from a member that has it
+    assert new.vote("p", 2, e, 41, True, clock()) == committed
+    # rounds of epochs it ran itself keep the plain rule
+    new.tick(clock(0.01))
+    e2 = new.view.epoch
+    assert e2 > e1
+    new.join(m("q"), View(0), None, clock())
+    new.tick(clock(0.01))
+    assert new.view.epoch > e2
+    assert new.vote("a", 1, e2, 7, True, clock()) == Decision(e2, 7, False, Outcome.VIEW_CHANGED)
 
 
 def test_stream_loss_is_a_suspicion() -> None:

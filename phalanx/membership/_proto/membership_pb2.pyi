@@ -38,6 +38,7 @@ class CommitOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMMIT_OUTCOME_MEMBER_FAILED: _ClassVar[CommitOutcome]
     COMMIT_OUTCOME_VIEW_CHANGED: _ClassVar[CommitOutcome]
     COMMIT_OUTCOME_TIMEOUT: _ClassVar[CommitOutcome]
+    COMMIT_OUTCOME_UNKNOWN: _ClassVar[CommitOutcome]
 REJECT_REASON_UNSPECIFIED: RejectReason
 REJECT_REASON_BAD_AUTH: RejectReason
 REJECT_REASON_VERSION_MISMATCH: RejectReason
@@ -61,6 +62,7 @@ COMMIT_OUTCOME_ALL_OK: CommitOutcome
 COMMIT_OUTCOME_MEMBER_FAILED: CommitOutcome
 COMMIT_OUTCOME_VIEW_CHANGED: CommitOutcome
 COMMIT_OUTCOME_TIMEOUT: CommitOutcome
+COMMIT_OUTCOME_UNKNOWN: CommitOutcome
 
 class Header(_message.Message):
     __slots__ = ("protocol_version", "sender_id", "incarnation", "epoch", "timestamp_ms", "nonce", "mac")
