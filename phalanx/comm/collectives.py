@@ -33,7 +33,7 @@ import numpy as np
 from phalanx.comm import schedules as sched
 from phalanx.comm.codecs import CODEC_NONE, Codec, decode_into
 from phalanx.comm.engine import Engine
-from phalanx.comm.plan import Node, Plan, RecvNode
+from phalanx.comm.plan import Node, Plan, RecvNode, RecvThen
 from phalanx.comm.reduce import ReduceOp, accumulation_dtype, combine, finalize
 from phalanx.comm.transport import Buffer
 from phalanx.errors import UnsupportedError
@@ -290,11 +290,22 @@ def _ring_all_reduce_in_place(
     preserve: bool = True,
 ) -> None:
     """Ring all-reduce, no codec, accumulation in the caller's dtype: the all-gather
-    receives straight into ``x`` and no final copy is needed.
+    receives straight into ``x``.
 
-    Each piece of ``x`` is saved (for a failure to put back) while it is hot in the
-    cache: right after the reduce-scatter has read it (reduced into the partial sum,
-    or sent raw at the first step), and in any case before its first write."""
+    With ``preserve`` (promise 2) ``x`` is written only where the all-gather lands, and
+    each piece is saved first -- while it is hot in the cache: right after the
+    reduce-scatter has read it, or before it leaves raw at the first step. What this
+    rank sends then comes from its own scratch (the saved copy, the partial sums, its
+    final chunk), never from ``x``, so it goes out zero-copy (see comm/zerocopy.py:
+    the kernel takes the pages, and a failure may restore ``x`` at once). Its own
+    final chunk is copied into ``x`` when the operation succeeds. Without
+    ``preserve`` everything happens in place and ``x`` is sent directly.
+
+    Reduce-scatter frames land in one small buffer per stream, reused piece after
+    piece: it stays in the cache, so the kernel's copy and the reduce that reads it
+    right after cost no memory traffic. Frames on one link arrive in order and each is
+    reduced (its ``then``) before the next one's first byte is written, so the buffer
+    is always free again in time."""
     n = x.size
     dtype = x.dtype
     parts = sched.partition(n, world)
@@ -306,37 +317,50 @@ def _ring_all_reduce_in_place(
         for j, piece in enumerate(pieces[c]):
             index[(c, j)] = len(flat)
             flat.append(piece)
-    backup = _Backup(x, plan.scratch(n, dtype) if preserve else None, flat)
+    keep = plan.scratch(n, dtype) if preserve else None
+    backup = _Backup(x, keep, flat)
     if preserve:
         plan.on_failure(backup.restore)
+        own_a, own_b = parts[rank]
+        plan.on_success(partial(np.copyto, x[own_a:own_b], work[own_a:own_b]))
     else:
         plan.preserves_input = False
     nxt, prv = (rank + 1) % world, (rank - 1) % world
+    hot = [plan.scratch(max(b - a for a, b in flat), dtype) for _ in range(len(engine.links[prv]))]
     last: dict[tuple[int, int], Node] = {}
     rs = sched.ring_reduce_scatter(rank, world)
     for s, step in enumerate(rs):
         assert step.send_chunk is not None and step.recv_chunk is not None
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
-            if s == 0:  # this chunk of x leaves raw: save it once the kernel has read it
-                sent = plan.send(nxt, j, _raw(x[a:b]))
-                plan.compute(partial(backup.ensure, index[(c, j)]), after=(sent,))
+            if s > 0:  # a partial sum: scratch, written once
+                plan.send(nxt, j, _raw(work[a:b]), after=(last[(c, j)],), zero_copy=True)
+            elif keep is not None:  # this chunk leaves raw: save it, send the copy
+                saved = plan.compute(partial(backup.ensure, index[(c, j)]))
+                plan.send(nxt, j, _raw(keep[a:b]), after=(saved,), zero_copy=True)
             else:
-                plan.send(nxt, j, _raw(work[a:b]), after=(last[(c, j)],))
+                plan.send(nxt, j, _raw(x[a:b]))
         c = step.recv_chunk
         for j, (a, b) in enumerate(pieces[c]):
             i = index[(c, j)]
-            if c == rank:
-                then = partial(_final_piece, backup, i, work[a:b], x[a:b], op, world)
+            into = hot[j % len(hot)][: b - a]
+            then: RecvThen
+            if c != rank:
+                then = partial(_reduce_and_save, backup, i, into, x[a:b], work[a:b], op)
+            elif keep is not None:
+                then = partial(_final_piece, None, i, into, x[a:b], work[a:b], op, world)
             else:
-                then = partial(_reduce_and_save, backup, i, work[a:b], x[a:b], op)
-            last[(c, j)] = plan.recv(prv, j, direct=_bytes(work[a:b]), max_encoded=0, then=then)
+                then = partial(_final_piece, backup, i, into, x[a:b], x[a:b], op, world)
+            last[(c, j)] = plan.recv(prv, j, direct=_bytes(into), max_encoded=0, then=then)
     ready = {(rank, j): last[(rank, j)] for j in range(len(pieces[rank]))}
     for step in sched.ring_all_gather(rank, world):
         assert step.send_chunk is not None and step.recv_chunk is not None
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
-            plan.send(nxt, j, _raw(x[a:b]), after=(ready[(c, j)],))
+            if c == rank and keep is not None:  # the final chunk, in scratch
+                plan.send(nxt, j, _raw(work[a:b]), after=(ready[(c, j)],), zero_copy=True)
+            else:  # a final chunk received into x, forwarded
+                plan.send(nxt, j, _raw(x[a:b]), after=(ready[(c, j)],))
         c = step.recv_chunk
         for j, (a, b) in enumerate(pieces[c]):
             ready[(c, j)] = plan.recv(
@@ -351,22 +375,24 @@ def _ring_all_reduce_in_place(
 def _reduce_and_save(
     backup: _Backup,
     idx: int,
-    dst: np.ndarray,
+    got: np.ndarray,
     own: np.ndarray,
+    dst: np.ndarray,
     op: ReduceOp,
     codec_id: int,
     payload: memoryview,
     direct: bool,
 ) -> None:
     del codec_id, payload, direct
-    combine(dst, own, dst, op)
+    combine(got, own, dst, op)
     backup.ensure(idx)  # ``own`` was just read: save it from the cache
 
 
 def _final_piece(
-    backup: _Backup,
+    backup: _Backup | None,
     idx: int,
-    partial_sum: np.ndarray,
+    got: np.ndarray,
+    own: np.ndarray,
     out: np.ndarray,
     op: ReduceOp,
     world: int,
@@ -374,9 +400,12 @@ def _final_piece(
     payload: memoryview,
     direct: bool,
 ) -> None:
+    """This rank's own chunk: ``out = got (op) own``, then avg's division. ``backup``
+    saves ``own`` first when ``out`` is ``own`` itself (in place)."""
     del codec_id, payload, direct
-    backup.ensure(idx)
-    combine(partial_sum, out, out, op)
+    if backup is not None:
+        backup.ensure(idx)
+    combine(got, own, out, op)
     if op == "avg":
         finalize(out, op, world, out)
 

@@ -37,8 +37,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from phalanx.comm.buffers import BufferPool
-from phalanx.comm.frames import FrameHeader, FrameKind, encode_header
+from phalanx.comm import zerocopy
+from phalanx.comm.buffers import BufferPool, HeldScratch
+from phalanx.comm.frames import FLAG_RECEIPT, FrameHeader, FrameKind, encode_header
 from phalanx.comm.observer import CommObserver, LinkSample, OpSample
 from phalanx.comm.options import CommOptions
 from phalanx.comm.plan import ComputeNode, Node, OpInfo, Plan, RecvNode, SendNode
@@ -208,6 +209,9 @@ class Engine:
         self._patience = 0
         self._probe_id = 0
         self._dirty: set[_Link] = set()
+        # zero-copy sends: scratch of finished plans that peers may still be reading
+        self._zero_copy = options.zero_copy_min_bytes > 0 and zerocopy.available()
+        self.held = HeldScratch(self.pool)
         # peers with a link gone (BYE or error): ops that still need such a link fail
         self._departed: dict[int, _OpFailed] = {}
         self._drain_deadline = 0.0
@@ -479,6 +483,10 @@ class Engine:
             plan.release()
             plan.future.set_exception(exc)
             return
+        self._send_receipts(plan)
+        if plan.spliced:
+            self.held.hold(plan.seq, plan.spliced, plan.borrowed)
+            plan.borrowed = []
         plan.release()
         now = time.monotonic()
         samples = self._link_samples(now)
@@ -501,6 +509,18 @@ class Engine:
         self._probe = None
         plan.future.set_result(info)  # the caller first, then the observer
         self._observe(plan, True, now, samples, "", frozenset())
+
+    # ---- zero-copy bookkeeping: scratch goes back to the pool after the RECEIPTs
+    def _send_receipts(self, plan: Plan) -> None:
+        """Tell every peer that asked: all its frames of ``plan`` have been read."""
+        for peer in plan.receipts:
+            link = self.links[peer][0]
+            if link.channel.closed or link.draining:
+                continue
+            link.ctrl.append(
+                encode_header(FrameKind.RECEIPT, epoch=self.epoch, seq=plan.seq, chunk=0, length=0)
+            )
+            self._dirty.add(link)
 
     def _link_samples(self, now: float) -> list[LinkSample]:
         samples = []
@@ -629,6 +649,8 @@ class Engine:
                 )
             if link.first is None:
                 link.first = time.monotonic()
+            if header.flags & FLAG_RECEIPT:
+                plan.receipts.add(link.peer)
             if node.prepare is not None:
                 node.prepare()
             if header.codec == 0 and node.direct is not None:
@@ -680,6 +702,8 @@ class Engine:
             raise _OpFailed(
                 suspects, reason, f"rank {link.peer} aborted op #{header.seq}", by, relayed=True
             )
+        elif kind == FrameKind.RECEIPT:
+            self.held.receipt(link.peer, header.seq)
         elif kind == FrameKind.BYE:
             log.debug("event=bye rank=%d peer=%d", self.rank, link.peer)
             raise _PeerLeft(f"rank {link.peer} left the group")
@@ -737,6 +761,12 @@ class Engine:
                 node = sends.popleft()
                 codec, payload = node.produce()
                 nbytes = len(memoryview(payload).cast("B")) if len(payload) else 0
+                zero_copy = (
+                    node.zero_copy
+                    and self._zero_copy
+                    and codec == 0
+                    and nbytes >= self.options.zero_copy_min_bytes
+                )
                 header = encode_header(
                     FrameKind.DATA,
                     epoch=self.epoch,
@@ -744,6 +774,7 @@ class Engine:
                     chunk=node.ordinal,
                     length=nbytes,
                     codec=codec,
+                    flags=FLAG_RECEIPT if zero_copy else 0,
                 )
                 if self.frame_hook is not None:
                     swapped = self.frame_hook.outgoing(
@@ -751,7 +782,10 @@ class Engine:
                     )
                     if swapped is not None:
                         header, payload = swapped
-                channel.queue(header, payload)
+                        zero_copy = False
+                channel.queue(header, payload, zero_copy=zero_copy)
+                if zero_copy:
+                    self._current.spliced.add(link.peer)
                 link.current = node
                 continue
             self._want_write(link, False)
@@ -925,6 +959,8 @@ class Engine:
                     undo()
                 except Exception:  # pragma: no cover - keep failing cleanly
                     log.exception("event=undo-failed rank=%d seq=%d", self.rank, plan.seq)
+            if plan.spliced:  # peers may still read it: never back into the pool
+                plan.borrowed = []
             plan.release()
             if not plan.future.done():
                 plan.future.set_exception(failure)

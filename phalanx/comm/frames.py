@@ -14,7 +14,7 @@ Header layout (little-endian, 40 bytes)::
     4      1    version  PROTOCOL_VERSION
     5      1    kind     FrameKind
     6      1    codec    payload codec id (0 = raw); see phalanx.comm.codecs
-    7      1    flags    reserved, must be 0
+    7      1    flags    FLAG_RECEIPT or 0 (other bits must be 0)
     8      8    epoch    view epoch the frame belongs to
     16     8    seq      operation sequence number in the group
     24     4    chunk    ordinal of this frame inside the operation on its link
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from phalanx.errors import FrameError
 
 __all__ = [
+    "FLAG_RECEIPT",
     "HEADER_SIZE",
     "MAGIC",
     "MAX_CODEC_ID",
@@ -50,7 +51,12 @@ __all__ = [
 ]
 
 MAGIC = b"PHLX"
-PROTOCOL_VERSION = 1
+#: 2: the RECEIPT frame kind and flag (zero-copy sends); version 1 peers are refused
+PROTOCOL_VERSION = 2
+#: on a DATA frame: the sender handed the payload's pages to the kernel (no copy) and
+#: may reuse that memory only after a RECEIPT for the operation from this receiver
+FLAG_RECEIPT = 0x01
+_KNOWN_FLAGS = FLAG_RECEIPT
 HEADER_SIZE = 40
 #: Highest payload codec id a peer of this version may use (see codecs.py).
 MAX_CODEC_ID = 4
@@ -73,6 +79,7 @@ class FrameKind(enum.IntEnum):
     PING = 18  # liveness probe; answered with PONG carrying the same seq/chunk
     PONG = 19
     BYE = 20  # the sender is closing the link on purpose
+    RECEIPT = 21  # the sender finished operation `seq`: it has read every frame of it
 
 
 _KINDS = frozenset(int(k) for k in FrameKind)
@@ -99,8 +106,8 @@ class FrameHeader:
             raise ValueError(f"length out of range: {self.length}")
         if not 0 <= self.codec <= MAX_CODEC_ID:
             raise ValueError(f"codec id out of range: {self.codec}")
-        if self.flags != 0:
-            raise ValueError(f"flags must be 0 in protocol version {PROTOCOL_VERSION}")
+        if self.flags & ~_KNOWN_FLAGS:
+            raise ValueError(f"unknown flags {self.flags:#x}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +124,10 @@ def encode_header(
     chunk: int,
     length: int,
     codec: int = 0,
+    flags: int = 0,
 ) -> bytes:
     """The 40 header bytes of a frame; the payload is sent separately (zero copy)."""
-    prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, codec, 0, epoch, seq, chunk, length)
+    prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, codec, flags, epoch, seq, chunk, length)
     return prefix + _CRC.pack(zlib.crc32(prefix))
 
 
@@ -134,6 +142,7 @@ def encode_frame(header: FrameHeader, payload: bytes = b"") -> bytes:
         chunk=header.chunk,
         length=header.length,
         codec=header.codec,
+        flags=header.flags,
     )
     return head + payload
 
@@ -161,7 +170,7 @@ def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> Fra
         raise FrameError("bad-kind", f"unknown frame kind {kind}")
     if codec > MAX_CODEC_ID:
         raise FrameError("bad-codec", f"unknown codec id {codec}")
-    if flags != 0:
+    if flags & ~_KNOWN_FLAGS:
         raise FrameError("bad-flags", f"flags {flags:#x}")
     if length > max_payload:
         raise FrameError(

@@ -40,6 +40,9 @@ class CommOptions:
     small_bytes: int = 256 * KiB
     #: largest frame payload accepted from a peer; bigger length fields close the link
     max_frame_bytes: int = 64 * MiB
+    #: frames of at least this many bytes sent from the engine's own scratch go out
+    #: zero-copy (vmsplice + splice, Linux; see comm/zerocopy.py); 0 turns it off
+    zero_copy_min_bytes: int = 256 * KiB
 
     def __post_init__(self) -> None:
         if not 1 <= self.streams <= 64:
@@ -54,3 +57,5 @@ class CommOptions:
             raise ConfigError("piece_bytes must be between 4 KiB and max_frame_bytes")
         if self.small_bytes < 0:
             raise ConfigError("small_bytes must be >= 0")
+        if self.zero_copy_min_bytes < 0:
+            raise ConfigError("zero_copy_min_bytes must be >= 0 (0 turns zero-copy off)")

@@ -62,17 +62,25 @@ class Node:
 
 
 class SendNode(Node):
-    """Send one frame; ``produce()`` returns (codec id, payload) once deps are done."""
+    """Send one frame; ``produce()`` returns (codec id, payload) once deps are done.
 
-    __slots__ = ("ordinal", "produce", "state")
+    ``zero_copy``: the payload is plan scratch that nothing writes to again in this
+    plan, so the engine may hand its pages to the kernel (see comm/zerocopy.py)."""
+
+    __slots__ = ("ordinal", "produce", "state", "zero_copy")
 
     def __init__(
-        self, state: _Link, ordinal: int, produce: Callable[[], tuple[int, Buffer]]
+        self,
+        state: _Link,
+        ordinal: int,
+        produce: Callable[[], tuple[int, Buffer]],
+        zero_copy: bool = False,
     ) -> None:
         super().__init__()
         self.state = state
         self.ordinal = ordinal
         self.produce = produce
+        self.zero_copy = zero_copy
 
 
 RecvThen = Callable[[int, memoryview, bool], None]
@@ -141,6 +149,11 @@ class Plan:
         self.future: Future[OpInfo] = Future()
         #: False when the caller waived promise 2 for this op (preserve_input=False)
         self.preserves_input = True
+        #: peers this plan sent zero-copy frames to: its scratch goes back to the pool
+        #: only after each of them sent a RECEIPT for it (engine.py)
+        self.spliced: set[int] = set()
+        #: peers that asked for a RECEIPT (FLAG_RECEIPT): sent when this plan succeeds
+        self.receipts: set[int] = set()
 
     def _link(self, peer: int, piece: int) -> _Link:
         streams = self.engine.links[peer]
@@ -164,18 +177,26 @@ class Plan:
         piece: int,
         produce: Callable[[], tuple[int, Buffer]],
         after: Iterable[Node | None] = (),
+        *,
+        zero_copy: bool = False,
     ) -> SendNode:
         link = self._link(peer, piece)
-        node = SendNode(link, self._ordinal(link, True), produce)
+        node = SendNode(link, self._ordinal(link, True), produce, zero_copy)
         self.sends.setdefault(link, deque()).append(node)
         self._add(node, after)
         return node
 
     def send_raw(
-        self, peer: int, piece: int, data: Buffer, after: Iterable[Node | None] = ()
+        self,
+        peer: int,
+        piece: int,
+        data: Buffer,
+        after: Iterable[Node | None] = (),
+        *,
+        zero_copy: bool = False,
     ) -> SendNode:
         payload = (0, data)
-        return self.send(peer, piece, lambda: payload, after)
+        return self.send(peer, piece, lambda: payload, after, zero_copy=zero_copy)
 
     def recv(
         self,

@@ -25,7 +25,10 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+import numpy as np
+
 from phalanx.comm import handshake as hs
+from phalanx.comm import zerocopy
 from phalanx.comm.frames import (
     HEADER_SIZE,
     FrameHeader,
@@ -33,6 +36,7 @@ from phalanx.comm.frames import (
     decode_header,
     encode_header,
 )
+from phalanx.comm.zerocopy import SplicePipe
 from phalanx.errors import AuthError, ConfigError, FrameError, HandshakeError
 
 __all__ = [
@@ -419,6 +423,8 @@ def tcp_info(sock: socket.socket) -> TcpInfo | None:
 
 # --------------------------------------------------------------------------- channels
 
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)  # the spliced payload follows the header
+
 
 class FrameSink(Protocol):
     """What a :class:`Channel` calls as frames arrive (implemented by the engine)."""
@@ -449,8 +455,13 @@ class Channel:
         "_hdr_view",
         "_header",
         "_out",
+        "_pipe",
+        "_zc_addr",
+        "_zc_left",
+        "_zc_ref",
         "bytes_recv",
         "bytes_sent",
+        "bytes_zero_copy",
         "closed",
         "fd",
         "max_payload",
@@ -472,22 +483,41 @@ class Channel:
         self._dest: memoryview | None = None
         self._got = 0
         self._out: list[memoryview] = []
+        # zero-copy payload in flight: address and bytes not yet in the pipe
+        self._pipe: SplicePipe | None = None
+        self._zc_addr = 0
+        self._zc_left = 0
+        self._zc_ref: memoryview | None = None  # keeps the payload's memory alive
         self.bytes_sent = 0
+        self.bytes_zero_copy = 0  # of bytes_sent: payload pages handed over, not copied
         self.bytes_recv = 0
         self.closed = False
 
     # -- sending
     @property
     def sending(self) -> bool:
-        return bool(self._out)
+        return bool(self._out) or self._zc_ref is not None
 
-    def queue(self, header: bytes, payload: Buffer = b"") -> None:
-        """Start sending one frame; the previous one must be finished."""
-        if self._out:
+    def queue(self, header: bytes, payload: Buffer = b"", *, zero_copy: bool = False) -> None:
+        """Start sending one frame; the previous one must be finished.
+
+        ``zero_copy``: hand the payload's pages to the kernel instead of copying them
+        (see :mod:`phalanx.comm.zerocopy`; the caller guarantees the memory stays
+        unchanged until the receiver has read it). Ignored where unavailable.
+        """
+        if self.sending:
             raise RuntimeError("a frame is already being sent on this channel")
         out = [memoryview(header)]
         if len(payload):
-            out.append(memoryview(payload).cast("B"))
+            view = memoryview(payload).cast("B")
+            if zero_copy and view.contiguous and zerocopy.available():
+                if self._pipe is None:
+                    self._pipe = SplicePipe()
+                self._zc_ref = view
+                self._zc_addr = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+                self._zc_left = view.nbytes
+            else:
+                out.append(view)
         self._out = out
 
     def pump_send(self) -> bool:
@@ -495,7 +525,7 @@ class Channel:
         out = self._out
         while out:
             try:
-                n = self.sock.sendmsg(out)
+                n = self.sock.sendmsg(out, (), _MSG_MORE if self._zc_ref is not None else 0)
             except (BlockingIOError, InterruptedError):
                 return False
             self.bytes_sent += n
@@ -507,6 +537,24 @@ class Channel:
                 else:
                     out[0] = first[n:]
                     n = 0
+        pipe = self._pipe
+        if self._zc_ref is None or pipe is None:
+            return True
+        while self._zc_left or pipe.fill:
+            if pipe.fill:
+                try:
+                    moved = pipe.drain(self.fd, more=self._zc_left > 0)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                self.bytes_sent += moved
+                self.bytes_zero_copy += moved
+                continue
+            taken = pipe.feed(self._zc_addr, self._zc_left)
+            if not taken:  # cannot happen with an empty pipe; never spin
+                raise OSError(errno.EIO, "vmsplice took nothing into an empty pipe")
+            self._zc_addr += taken
+            self._zc_left -= taken
+        self._zc_ref = None
         return True
 
     # -- receiving
@@ -581,3 +629,6 @@ class Channel:
         if not self.closed:
             self.closed = True
             self.sock.close()
+            if self._pipe is not None:
+                self._pipe.close()
+            self._zc_ref = None

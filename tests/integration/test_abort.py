@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from phalanx.comm import CommOptions, Group, bind
 from phalanx.errors import PeerFailure
-
-
-def _pair(timeout_s: float = 30.0) -> tuple[Group, Group]:
-    """Two ranks of one group, in this process (threads build them concurrently)."""
-    listeners = [bind("127.0.0.1:0") for _ in range(2)]
-    addresses = [lst.address for lst in listeners]
-    groups: list[Group | None] = [None, None]
-
-    def build(rank: int) -> None:
-        groups[rank] = Group(
-            rank,
-            addresses,
-            b"s" * 32,
-            listener=listeners[rank],
-            options=CommOptions(timeout_s=timeout_s),
-        )
-
-    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    g0, g1 = groups
-    assert g0 is not None and g1 is not None
-    return g0, g1
+from tests.integration._pairs import pair
 
 
 def test_abort_from_another_thread_fails_the_op_and_restores_the_input() -> None:
-    g0, g1 = _pair()
+    g0, g1 = pair()
     try:
         x = np.arange(1 << 20, dtype=np.float32)
         before = x.copy()
@@ -70,7 +44,7 @@ def test_abort_from_another_thread_fails_the_op_and_restores_the_input() -> None
 
 
 def test_close_aborts_the_op_in_flight_promptly() -> None:
-    g0, g1 = _pair()
+    g0, g1 = pair()
     try:
         x = np.arange(1 << 20, dtype=np.float32)
         before = x.copy()
@@ -89,7 +63,7 @@ def test_close_aborts_the_op_in_flight_promptly() -> None:
 
 
 def test_preserve_input_false_is_correct_and_says_so_on_failure() -> None:
-    g0, g1 = _pair()
+    g0, g1 = pair()
     try:
         n = 1 << 20  # 4 MiB of float32: the in-place ring
         xs = [np.arange(n, dtype=np.float32) % 7 + r for r in range(2)]

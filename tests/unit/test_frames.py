@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phalanx.comm.frames import (
+    FLAG_RECEIPT,
     HEADER_SIZE,
     MAGIC,
     MAX_CODEC_ID,
@@ -190,7 +191,7 @@ def test_decode_header_accepts_any_buffer_type_and_ignores_what_follows() -> Non
         ("length", 2**64),
         ("codec", -1),
         ("codec", MAX_CODEC_ID + 1),
-        ("flags", 1),
+        ("flags", 2),
         ("flags", -1),
     ],
 )
@@ -231,11 +232,11 @@ def test_short_header(n: int) -> None:
         ({"kind": 0}, "bad-kind"),
         ({"kind": 6}, "bad-kind"),
         ({"kind": 15}, "bad-kind"),
-        ({"kind": 21}, "bad-kind"),
+        ({"kind": 22}, "bad-kind"),
         ({"kind": 255}, "bad-kind"),
         ({"codec": MAX_CODEC_ID + 1}, "bad-codec"),
         ({"codec": 255}, "bad-codec"),
-        ({"flags": 1}, "bad-flags"),
+        ({"flags": 2}, "bad-flags"),
         ({"flags": 0x80}, "bad-flags"),
         ({"length": 11}, "too-large"),
         ({"length": 2**40}, "too-large"),
@@ -439,7 +440,8 @@ def test_payload_is_an_independent_bytes_object() -> None:
     ("bad", "reason"),
     [
         (b"XXXX" + bytes(36), "bad-magic"),
-        (raw_header(version=2), "bad-version"),
+        (raw_header(version=PROTOCOL_VERSION + 1), "bad-version"),
+        (raw_header(version=1), "bad-version"),  # before RECEIPT: refused, not misread
         (raw_header(crc=0), "bad-crc"),
         (raw_header(kind=99), "bad-kind"),
         (raw_header(length=2**40), "too-large"),
@@ -487,3 +489,11 @@ def test_decoder_refuses_a_negative_limit() -> None:
     with pytest.raises(ValueError):
         FrameDecoder(max_payload=-1)
     FrameDecoder(max_payload=0)
+
+
+def test_the_receipt_flag_and_kind_round_trip() -> None:
+    head = encode_header(FrameKind.DATA, epoch=3, seq=9, chunk=1, length=8, flags=FLAG_RECEIPT)
+    header = decode_header(head, 64)
+    assert header.flags == FLAG_RECEIPT and header.kind is FrameKind.DATA
+    receipt = decode_header(encode_header(FrameKind.RECEIPT, epoch=3, seq=9, chunk=0, length=0), 64)
+    assert receipt.kind is FrameKind.RECEIPT and receipt.seq == 9 and receipt.flags == 0
