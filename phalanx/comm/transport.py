@@ -1,6 +1,7 @@
 """TCP for the data plane: listeners, authenticated links, and non-blocking channels.
 
-This is the only module of :mod:`phalanx.comm` that touches sockets. It
+This is the only module of :mod:`phalanx.comm` that touches sockets (with
+:mod:`phalanx.comm.zerocopy`, whose pipes it drives). It
 
 * binds listeners (``bind("127.0.0.1:0")``),
 * establishes a link to a peer and runs the handshake of
@@ -8,8 +9,9 @@ This is the only module of :mod:`phalanx.comm` that touches sockets. It
 * wraps an established link in a :class:`Channel`: a non-blocking socket plus the
   state of the frame being sent and the frame being received, so that the engine's
   single I/O thread can move many links forward at once with ``recv_into`` into
-  preallocated buffers and ``sendmsg`` of (header, memoryview) pairs — tensor bytes
-  are never copied by Python on their way to or from the kernel.
+  preallocated buffers and ``sendmsg`` of (header, memoryview) pairs, or the header
+  followed by the payload's pages spliced in (``queue(..., zero_copy=True)``) —
+  tensor bytes are never copied by Python on their way to or from the kernel.
 
 It knows nothing about collectives: what a frame means is the engine's business.
 """
