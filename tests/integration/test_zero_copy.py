@@ -3,6 +3,7 @@ receiver's RECEIPT, and a channel that keeps the frame whole through a full sock
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -70,7 +71,12 @@ def test_back_to_back_all_reduces_are_exact(zero_copy: bool) -> None:
             g.close()
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def test_scratch_is_held_until_the_receipt_then_pooled() -> None:
+    fds = _open_fds()
     groups = pair(options=CommOptions(timeout_s=30.0))
     try:
         xs = [np.ones(4 << 20, dtype=np.float32) for _ in range(2)]
@@ -91,6 +97,7 @@ def test_scratch_is_held_until_the_receipt_then_pooled() -> None:
     finally:
         for g in groups:
             g.close()
+    assert _open_fds() <= fds  # the channels' splice pipes are closed with them
 
 
 def _tcp_pair(bufsize: int) -> tuple[socket.socket, socket.socket]:
