@@ -480,6 +480,8 @@ class Engine:
                 fn()
         except Exception as exc:  # pragma: no cover - a bug in a plan's finalizer
             self._current = None
+            if plan.spliced:
+                plan.borrowed = []
             plan.release()
             plan.future.set_exception(exc)
             return

@@ -68,7 +68,8 @@ class SplicePipe:
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self.capacity = fcntl.fcntl(self._w, _F_SETPIPE_SZ, _PIPE_BYTES)
-        except OSError:  # above fs.pipe-max-size (unprivileged): keep the default size
+        except OSError:  # above fs.pipe-max-size or the user's pipe-user-pages limits
+            # (unprivileged): keep the default size; it only costs more syscalls
             self.capacity = 64 << 10
         self.fill = 0  # bytes in the pipe, not yet in the socket
         self._iov = _IOVec()
