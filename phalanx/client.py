@@ -338,6 +338,12 @@ class Client:
         hello = conn.call(Kind.HELLO, {"pid": os.getpid()}, _CONTROL_TIMEOUT)
         self.daemon_pid = int(hello.get("daemon_pid", 0))
         self._seal_timeout = float(hello.get("seal_timeout", 300.0))
+        # STATE_ATTACH / STATE_UPDATE queue behind whatever the daemon is finishing: a
+        # step's op or commit, or leaving and rejoining after a client lost mid-step
+        # (a restarted trainer's first calls); wait as long as those may take
+        self._state_timeout = (
+            max(self.op_timeout, float(hello.get("rejoin_timeout", 30.0))) + _MARGIN_S
+        )
         self._member_id = str(hello["view"]["member"])
 
     @property
@@ -584,12 +590,12 @@ class Client:
                 )
             entries.append({"name": name, "buf": ref.to_body()})
         body = {"entries": entries, "step": step}
-        return int(self._conn.call(Kind.STATE_ATTACH, body, _CONTROL_TIMEOUT)["step"])
+        return int(self._conn.call(Kind.STATE_ATTACH, body, self._state_timeout)["step"])
 
     def update_state(self, step: int, changed: list[str] | None = None) -> None:
         """The attached arrays (all, or those named) now hold ``step``'s values."""
         self._conn.call(Kind.STATE_UPDATE, {"step": int(step), "changed": changed},
-                        _CONTROL_TIMEOUT)  # fmt: skip
+                        self._state_timeout)  # fmt: skip
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(

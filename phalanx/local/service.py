@@ -174,7 +174,8 @@ class Service:
             s.pid = pid if isinstance(pid, int) else 0
             audit.info("event=client_connected session=%d pid=%d", s.sid, s.pid)
             return {"version": PROTOCOL_VERSION, "daemon_pid": os.getpid(), "view": self.view(),
-                    "seal_timeout": self.seal_timeout}  # fmt: skip
+                    "seal_timeout": self.seal_timeout,
+                    "rejoin_timeout": self.join_timeout}  # fmt: skip
         if k is Kind.MAP:
             return self._map(s, body, fd)
         if k is Kind.UNMAP:

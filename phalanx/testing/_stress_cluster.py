@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -87,6 +88,7 @@ class Peer:
     restore_peer: str | None = None
     netns: str | None = None
     veth: str | None = None
+    host: int = 0  # last octet of its address in the namespace (0: loopback)
 
     def daemon_ready(self) -> bool:
         try:
@@ -133,6 +135,13 @@ class Cluster:
         self._bridge = f"pxb{tag}"
         self._net = f"10.{100 + tag % 100}.{(tag // 100) % 250}"
         self._namespaces: list[str] = []
+        # Host numbers of the /24, handed out oldest-freed first and returned when a
+        # peer's namespace is removed: an address is never on two live namespaces, and
+        # is reused as late as possible (no stale neighbour entries elsewhere). Handing
+        # out ``slot % 250`` instead put a new peer on the address of an old namespace
+        # still up on the bridge once a soak passed 250 peers: connections to it timed
+        # out at random and the views churned for minutes (soak, seed 20261124).
+        self._free_hosts: deque[int] = deque(range(2, 252))
         if netns:
             self._ip("link", "add", self._bridge, "type", "bridge")
             self._ip("addr", "add", f"{self._net}.1/24", "dev", self._bridge)
@@ -201,18 +210,22 @@ class Cluster:
         listen = "127.0.0.1:0"
         prefix: list[str] = []
         ns = veth = None
+        host = 0
         if self.netns:
-            ns, veth = self._add_netns(slot)
-            listen = f"{self._net}.{slot % 250 + 2}:0"
+            ns, veth, host = self._add_netns(slot)
+            listen = f"{self._net}.{host}:0"
             prefix = ["ip", "netns", "exec", ns]
         cmd = [*prefix, sys.executable, "-m", "phalanx", "--log-level", self.log_level, "daemon",
                "--coordinator", self.address, "--secret-file", str(self.secret_file),
                "--socket", sock, "--id", member, "--listen", listen, "--metrics-port", "-1"]  # fmt: skip
-        peer = Peer(member, slot, self._popen(cmd, out), out, sock, netns=ns, veth=veth)
+        peer = Peer(member, slot, self._popen(cmd, out), out, sock, netns=ns, veth=veth, host=host)
         self.peers[member] = peer
         return peer
 
-    def _add_netns(self, slot: int) -> tuple[str, str]:
+    def _add_netns(self, slot: int) -> tuple[str, str, int]:
+        if not self._free_hosts:
+            raise RuntimeError("no free address left in the stress network (250 live peers)")
+        host_no = self._free_hosts.popleft()
         ns = f"pxs{os.getpid()}-{slot}"
         host, inner = f"pxh{os.getpid() % 100000}k{slot}", f"pxn{os.getpid() % 100000}k{slot}"
         self._ip("netns", "add", ns)
@@ -220,10 +233,23 @@ class Cluster:
         self._ip("link", "add", host, "type", "veth", "peer", "name", inner)
         self._ip("link", "set", inner, "netns", ns)
         self._ip("link", "set", host, "master", self._bridge, "up")
-        self._ip("-n", ns, "addr", "add", f"{self._net}.{slot % 250 + 2}/24", "dev", inner)
+        self._ip("-n", ns, "addr", "add", f"{self._net}.{host_no}/24", "dev", inner)
         self._ip("-n", ns, "link", "set", inner, "up")
         self._ip("-n", ns, "link", "set", "lo", "up")
-        return ns, host
+        return ns, host, host_no
+
+    def _drop_netns(self, peer: Peer) -> None:
+        """Remove an exited peer's namespace (its veth pair goes with it) and free
+        its address."""
+        if peer.netns is None:
+            return
+        subprocess.run(["ip", "netns", "del", peer.netns], capture_output=True, timeout=10)
+        with contextlib.suppress(ValueError):
+            self._namespaces.remove(peer.netns)
+        peer.netns = peer.veth = None
+        if peer.host:
+            self._free_hosts.append(peer.host)
+            peer.host = 0
 
     def set_link(self, peer: Peer, up: bool) -> None:
         """Partition (``up=False``) or heal one peer's network."""
@@ -265,6 +291,8 @@ class Cluster:
         keep = []
         for p in self.retired:
             p.daemon.poll()
+            if p.daemon.returncode is not None:
+                self._drop_netns(p)
             if p.trainer is not None and p.trainer.exitcode is None and not p.trainer.is_alive():
                 p.trainer.join(0)
             trainer_gone = p.trainer is None or p.trainer.exitcode is not None

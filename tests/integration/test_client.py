@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,24 @@ def test_embedded_mode_same_api_and_view_callbacks() -> None:
     assert pg.daemon is not None and not os.path.exists(pg.socket)
     with pytest.raises(phalanx.DaemonUnavailable):
         pg.view()
+
+
+def test_state_calls_wait_out_a_busy_daemon() -> None:
+    """Regression (churn soak, seed 20261124): a trainer killed mid-step was restarted
+    while its daemon was still leaving and rejoining (it holds the step lock, up to its
+    join timeout); the new trainer's attach/update gave up after a fixed 10 s and the
+    trainer crashed. State calls now wait as long as the daemon may be busy."""
+    pg = phalanx.start()
+    try:
+        x = pg.empty((4,), "float32")
+        x[:] = 1
+        assert pg.attach_state({"w": x}, step=0) == 0
+        assert pg.daemon is not None and pg.daemon.service is not None
+        busy = pg.daemon.service._lock
+        assert busy.acquire(timeout=5)
+        threading.Timer(11.0, busy.release).start()  # longer than the old 10 s
+        t0 = time.monotonic()
+        pg.update_state(1)
+        assert time.monotonic() - t0 >= 10.5
+    finally:
+        pg.close()
