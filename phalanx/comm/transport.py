@@ -38,7 +38,6 @@ from phalanx.comm.frames import (
     decode_header,
     encode_header,
 )
-from phalanx.comm.zerocopy import SplicePipe
 from phalanx.errors import AuthError, ConfigError, FrameError, HandshakeError
 
 __all__ = [
@@ -486,7 +485,7 @@ class Channel:
         self._got = 0
         self._out: list[memoryview] = []
         # zero-copy payload in flight: address and bytes not yet in the pipe
-        self._pipe: SplicePipe | None = None
+        self._pipe: zerocopy.SplicePipe | None = None
         self._zc_addr = 0
         self._zc_left = 0
         self._zc_ref: memoryview | None = None  # keeps the payload's memory alive
@@ -514,7 +513,7 @@ class Channel:
             view = memoryview(payload).cast("B")
             if zero_copy and view.contiguous and zerocopy.available():
                 if self._pipe is None:
-                    self._pipe = SplicePipe()
+                    self._pipe = zerocopy.SplicePipe()
                 self._zc_ref = view
                 self._zc_addr = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
                 self._zc_left = view.nbytes

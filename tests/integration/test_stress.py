@@ -12,12 +12,15 @@ regression tests for what the stress found.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,11 @@ import numpy as np
 import pytest
 
 import phalanx
+from phalanx.membership.agent import Agent
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.coordinator import Coordinator
+from phalanx.membership.errors import CommitUnknown, Evicted, Rejected, RejectReason
+from phalanx.membership.view import Member
 from phalanx.testing import _stress_model as model
 from phalanx.testing._stress_check import Checker
 from phalanx.testing.stress import StressConfig, run_stress
@@ -240,29 +248,36 @@ def test_commit_of_a_negative_step_is_a_clear_config_error() -> None:
         pg.close()
 
 
-def test_a_vote_past_its_deadline_is_not_a_coordinator_error(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    import socket
-
-    from phalanx.membership.agent import Agent
-    from phalanx.membership.config import MembershipConfig
-    from phalanx.membership.coordinator import Coordinator
-    from phalanx.membership.errors import CommitUnknown
-    from phalanx.membership.view import Member
-
+@contextlib.contextmanager
+def _agents(*names: str) -> Iterator[list[Agent]]:
+    """A coordinator (no recovery grace) and one unjoined agent per name, each with a
+    listener for its advertised address; everything is closed afterwards."""
     secret = os.urandom(32)
     coord = Coordinator(secret=secret, config=MembershipConfig(recovery_grace=0.0))
     coord.start()
-    listeners, agents = [], []
+    listeners: list[socket.socket] = []
+    agents: list[Agent] = []
     try:
-        for name in ("v1", "v2"):
+        for name in names:
             lst = socket.socket()
             lst.bind(("127.0.0.1", 0))
             lst.listen(4)
             listeners.append(lst)
             member = Member(name, (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
             agents.append(Agent(coord.address, member, secret=secret))
+        yield agents
+    finally:
+        for a in agents:
+            a.close()
+        for lst in listeners:
+            lst.close()
+        coord.stop(grace=0.5)
+
+
+def test_a_vote_past_its_deadline_is_not_a_coordinator_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with _agents("v1", "v2") as agents:
         for a in agents:
             a.join(10)
         agents[0].wait_for_view(lambda v: v.size == 2, 10)
@@ -272,35 +287,10 @@ def test_a_vote_past_its_deadline_is_not_a_coordinator_error(
             time.sleep(0.3)
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert not [e for e in errors if "handler_error" in e], errors
-    finally:
-        for a in agents:
-            a.close()
-        for lst in listeners:
-            lst.close()
-        coord.stop(grace=0.5)
 
 
 def test_an_evicted_revote_is_not_a_false_decision(monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
-    from phalanx.membership.agent import Agent
-    from phalanx.membership.config import MembershipConfig
-    from phalanx.membership.coordinator import Coordinator
-    from phalanx.membership.errors import CommitUnknown, Evicted
-    from phalanx.membership.view import Member
-
-    secret = os.urandom(32)
-    coord = Coordinator(secret=secret, config=MembershipConfig(recovery_grace=0.0))
-    coord.start()
-    listeners, agents = [], []
-    try:
-        for name in ("e1", "e2"):
-            lst = socket.socket()
-            lst.bind(("127.0.0.1", 0))
-            lst.listen(4)
-            listeners.append(lst)
-            member = Member(name, (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
-            agents.append(Agent(coord.address, member, secret=secret))
+    with _agents("e1", "e2") as agents:
         for a in agents:
             a.join(10)
         epoch = agents[0].wait_for_view(lambda v: v.size == 2, 10).epoch
@@ -327,12 +317,6 @@ def test_an_evicted_revote_is_not_a_false_decision(monkeypatch: pytest.MonkeyPat
         except (CommitUnknown, Evicted):
             again = None  # "I do not know": the caller must not apply, and re-syncs
         assert again is not False, "False is another answer than the group's True"
-    finally:
-        for a in agents:
-            a.close()
-        for lst in listeners:
-            lst.close()
-        coord.stop(grace=0.5)
 
 
 def test_a_vote_cut_short_by_eviction_is_not_recast(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -341,24 +325,7 @@ def test_a_vote_cut_short_by_eviction_is_not_recast(monkeypatch: pytest.MonkeyPa
     was refused (evicted), the daemon rejoined as a new incarnation, and the still
     running vote loop voted again as that incarnation -- and got "no" for a step
     the rest of the group had committed."""
-    import socket
-
-    from phalanx.membership.agent import Agent
-    from phalanx.membership.config import MembershipConfig
-    from phalanx.membership.coordinator import Coordinator
-    from phalanx.membership.errors import CommitUnknown, Evicted, Rejected, RejectReason
-    from phalanx.membership.view import Member
-
-    secret = os.urandom(32)
-    coord = Coordinator(secret=secret, config=MembershipConfig(recovery_grace=0.0))
-    coord.start()
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(4)
-    agent = Agent(
-        coord.address, Member("r1", (f"127.0.0.1:{lst.getsockname()[1]}",), 1), secret=secret
-    )
-    try:
+    with _agents("r1") as (agent,):
         epoch = agent.join(10).epoch
         real_call = agent._call
         calls: list[str] = []
@@ -378,7 +345,3 @@ def test_a_vote_cut_short_by_eviction_is_not_recast(monkeypatch: pytest.MonkeyPa
             agent.commit(7, True, epoch=epoch, timeout=5)
         assert calls == ["Commit"], "voted again after the eviction"
         assert agent.evicted
-    finally:
-        agent.close()
-        lst.close()
-        coord.stop(grace=0.5)
