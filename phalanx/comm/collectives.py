@@ -7,9 +7,12 @@ schedule from :mod:`phalanx.comm.schedules`, cut into pieces of at most
 
 Rules every plan keeps:
 
-* **The caller's array is written only on success** (promise 2). Partial sums live in
-  a work buffer; results land in the work buffer (or a result buffer) and are copied
-  into the caller's array by the plan's success step, after the last frame is in.
+* **After a failure the caller's array holds its input** (promise 2). Most plans
+  write it only on success: partial sums live in a work buffer, results land there
+  (or in a result buffer) and the plan's success step copies them into the caller's
+  array after the last frame is in. The in-place ring all-reduce (no codec, the
+  caller's dtype) works in the caller's array itself and saves each piece to
+  scratch before first writing it; a failure puts the saved pieces back.
 * **Bit parity** (promise 1). Every reduced element is computed once, by the owner of
   its chunk, and then copied; in recursive doubling partners combine their partials in
   rank order. With a codec, a chunk's final value is encoded once by its owner, the
@@ -33,7 +36,7 @@ import numpy as np
 from phalanx.comm import schedules as sched
 from phalanx.comm.codecs import CODEC_NONE, Codec, decode_into
 from phalanx.comm.engine import Engine
-from phalanx.comm.plan import Node, Plan, RecvNode, RecvThen
+from phalanx.comm.plan import Node, Plan, RecvNode
 from phalanx.comm.reduce import ReduceOp, accumulation_dtype, combine, finalize
 from phalanx.comm.transport import Buffer
 from phalanx.errors import UnsupportedError
@@ -280,6 +283,12 @@ class _Backup:
                 np.copyto(self.x[a:b], self.keep[a:b])
 
 
+#: the in-place ring saves and reduces a piece in blocks of this many bytes, so that
+#: the block the save has just read is still in the cache when the reduce reads and
+#: overwrites it (measured: 256 KiB makes the save almost free; see docs/comm.md)
+_FUSED_BLOCK_BYTES = 256 * 1024
+
+
 def _ring_all_reduce_in_place(
     plan: Plan,
     engine: Engine,
@@ -289,17 +298,18 @@ def _ring_all_reduce_in_place(
     world: int,
     preserve: bool = True,
 ) -> None:
-    """Ring all-reduce, no codec, accumulation in the caller's dtype: the all-gather
-    receives straight into ``x``.
+    """Ring all-reduce, no codec, accumulation in the caller's dtype, entirely in
+    ``x``: partial sums are reduced into it and sent from it, and the all-gather
+    receives straight into it.
 
-    With ``preserve`` (promise 2) ``x`` is written only where the all-gather lands, and
-    each piece is saved first -- while it is hot in the cache: right after the
-    reduce-scatter has read it, or before it leaves raw at the first step. What this
-    rank sends then comes from its own scratch (the saved copy, the partial sums, its
-    final chunk), never from ``x``, so it goes out zero-copy (see comm/zerocopy.py:
-    the kernel takes the pages, and a failure may restore ``x`` at once). Its own
-    final chunk is copied into ``x`` when the operation succeeds. Without
-    ``preserve`` everything happens in place and ``x`` is sent directly.
+    With ``preserve`` (promise 2) every piece is copied to scratch just before it is
+    first overwritten, block by block inside the reduce that overwrites it (see
+    :func:`_save_and_combine`): the save reads what the reduce then finds in the
+    cache, and writing ``x`` in place needs no fresh cache lines, so promise 2 costs
+    little more than the waived path. The chunk that leaves raw at the first step is
+    saved first and sent from the saved copy, zero-copy (comm/zerocopy.py: the kernel
+    takes the scratch pages; ``x`` itself is never spliced, since a failure must be
+    able to restore it at once). Without ``preserve`` nothing is saved.
 
     Reduce-scatter frames land in one small buffer per stream, reused piece after
     piece: it stays in the cache, so the kernel's copy and the reduce that reads it
@@ -310,7 +320,6 @@ def _ring_all_reduce_in_place(
     dtype = x.dtype
     parts = sched.partition(n, world)
     pieces = [sched.split(a, b, _piece_elems(engine, dtype.itemsize)) for a, b in parts]
-    work = plan.scratch(n, dtype)
     flat: list[tuple[int, int]] = []
     index: dict[tuple[int, int], int] = {}
     for c in range(world):
@@ -321,46 +330,35 @@ def _ring_all_reduce_in_place(
     backup = _Backup(x, keep, flat)
     if preserve:
         plan.on_failure(backup.restore)
-        own_a, own_b = parts[rank]
-        plan.on_success(partial(np.copyto, x[own_a:own_b], work[own_a:own_b]))
     else:
         plan.preserves_input = False
+    block = max(1, _FUSED_BLOCK_BYTES // dtype.itemsize)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     hot = [plan.scratch(max(b - a for a, b in flat), dtype) for _ in range(len(engine.links[prv]))]
     last: dict[tuple[int, int], Node] = {}
-    rs = sched.ring_reduce_scatter(rank, world)
-    for s, step in enumerate(rs):
+    for s, step in enumerate(sched.ring_reduce_scatter(rank, world)):
         assert step.send_chunk is not None and step.recv_chunk is not None
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
-            if s > 0:  # a partial sum: scratch, written once
-                plan.send(nxt, j, _raw(work[a:b]), after=(last[(c, j)],), zero_copy=True)
+            if s > 0:  # a partial sum, reduced into x
+                plan.send(nxt, j, _raw(x[a:b]), after=(last[(c, j)],))
             elif keep is not None:  # this chunk leaves raw: save it, send the copy
                 saved = plan.compute(partial(backup.ensure, index[(c, j)]))
                 plan.send(nxt, j, _raw(keep[a:b]), after=(saved,), zero_copy=True)
             else:
                 plan.send(nxt, j, _raw(x[a:b]))
         c = step.recv_chunk
+        final = world if c == rank else 0
         for j, (a, b) in enumerate(pieces[c]):
-            i = index[(c, j)]
             into = hot[j % len(hot)][: b - a]
-            then: RecvThen
-            if c != rank:
-                then = partial(_reduce_and_save, backup, i, into, x[a:b], work[a:b], op)
-            elif keep is not None:
-                then = partial(_final_piece, None, i, into, x[a:b], work[a:b], op, world)
-            else:
-                then = partial(_final_piece, backup, i, into, x[a:b], x[a:b], op, world)
+            then = partial(_save_and_combine, backup, index[(c, j)], into, op, final, block)
             last[(c, j)] = plan.recv(prv, j, direct=_bytes(into), max_encoded=0, then=then)
     ready = {(rank, j): last[(rank, j)] for j in range(len(pieces[rank]))}
     for step in sched.ring_all_gather(rank, world):
         assert step.send_chunk is not None and step.recv_chunk is not None
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
-            if c == rank and keep is not None:  # the final chunk, in scratch
-                plan.send(nxt, j, _raw(work[a:b]), after=(ready[(c, j)],), zero_copy=True)
-            else:  # a final chunk received into x, forwarded
-                plan.send(nxt, j, _raw(x[a:b]), after=(ready[(c, j)],))
+            plan.send(nxt, j, _raw(x[a:b]), after=(ready[(c, j)],))
         c = step.recv_chunk
         for j, (a, b) in enumerate(pieces[c]):
             ready[(c, j)] = plan.recv(
@@ -372,42 +370,41 @@ def _ring_all_reduce_in_place(
             )
 
 
-def _reduce_and_save(
+def _save_and_combine(
     backup: _Backup,
     idx: int,
     got: np.ndarray,
-    own: np.ndarray,
-    dst: np.ndarray,
-    op: ReduceOp,
-    codec_id: int,
-    payload: memoryview,
-    direct: bool,
-) -> None:
-    del codec_id, payload, direct
-    combine(got, own, dst, op)
-    backup.ensure(idx)  # ``own`` was just read: save it from the cache
-
-
-def _final_piece(
-    backup: _Backup | None,
-    idx: int,
-    got: np.ndarray,
-    own: np.ndarray,
-    out: np.ndarray,
     op: ReduceOp,
     world: int,
+    block: int,
     codec_id: int,
     payload: memoryview,
     direct: bool,
 ) -> None:
-    """This rank's own chunk: ``out = got (op) own``, then avg's division. ``backup``
-    saves ``own`` first when ``out`` is ``own`` itself (in place)."""
+    """A reduce-scatter piece arrived in ``got``: ``x = got (op) x`` over piece
+    ``idx``, saving each block of ``x`` first (unless already saved or waived);
+    ``world`` > 0 marks this rank's own, final chunk (avg divides by it)."""
     del codec_id, payload, direct
-    if backup is not None:
-        backup.ensure(idx)
-    combine(got, own, out, op)
-    if op == "avg":
-        finalize(out, op, world, out)
+    x, keep = backup.x, backup.keep
+    a, b = backup.pieces[idx]
+    if backup.saved[idx] or keep is None:
+        keep = None  # saved before, or promise 2 waived
+    saved_upto = a
+    try:
+        for lo in range(a, b, block):
+            hi = min(b, lo + block)
+            xs = x[lo:hi]
+            if keep is not None:
+                np.copyto(keep[lo:hi], xs)
+                saved_upto = hi
+            combine(got[lo - a : hi - a], xs, xs, op)
+            if world and op == "avg":
+                finalize(xs, op, world, xs)
+    except BaseException:
+        if keep is not None:  # the piece is not marked saved: put back what changed
+            np.copyto(x[a:saved_upto], keep[a:saved_upto])
+        raise
+    backup.saved[idx] = True
 
 
 def _decode_only(dst: np.ndarray, codec_id: int, payload: memoryview, direct: bool) -> None:
