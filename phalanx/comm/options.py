@@ -41,8 +41,11 @@ class CommOptions:
     #: largest frame payload accepted from a peer; bigger length fields close the link
     max_frame_bytes: int = 64 * MiB
     #: frames of at least this many bytes sent from the engine's own scratch go out
-    #: zero-copy (vmsplice + splice, Linux; see comm/zerocopy.py); 0 turns it off
-    zero_copy_min_bytes: int = 256 * KiB
+    #: zero-copy (vmsplice + splice, Linux; see comm/zerocopy.py); 0 (the default)
+    #: sends everything with sendmsg: since the in-place ring sends almost nothing
+    #: from scratch, zero-copy measured neutral here and 5-9 % slower on a 16-core
+    #: host (docs/comm.md); 256 KiB is the size it was tuned with
+    zero_copy_min_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.streams <= 64:

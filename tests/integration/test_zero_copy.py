@@ -77,7 +77,7 @@ def _open_fds() -> int:
 
 def test_scratch_is_held_until_the_receipt_then_pooled() -> None:
     fds = _open_fds()
-    groups = pair(options=CommOptions(timeout_s=30.0))
+    groups = pair(options=CommOptions(zero_copy_min_bytes=256 << 10, timeout_s=30.0))
     try:
         xs = [np.ones(4 << 20, dtype=np.float32) for _ in range(2)]
         _run_pair(groups, xs)
