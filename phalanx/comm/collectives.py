@@ -307,9 +307,10 @@ def _ring_all_reduce_in_place(
     :func:`_save_and_combine`): the save reads what the reduce then finds in the
     cache, and writing ``x`` in place needs no fresh cache lines, so promise 2 costs
     little more than the waived path. The chunk that leaves raw at the first step is
-    saved first and sent from the saved copy, zero-copy (comm/zerocopy.py: the kernel
-    takes the scratch pages; ``x`` itself is never spliced, since a failure must be
-    able to restore it at once). Without ``preserve`` nothing is saved.
+    saved first and sent from the saved copy (zero-copy where the options turn it on,
+    comm/zerocopy.py: the kernel takes the scratch pages; ``x`` itself is never
+    spliced, since a failure must be able to restore it at once). Without
+    ``preserve`` nothing is saved.
 
     Reduce-scatter frames land in one small buffer per stream, reused piece after
     piece: it stays in the cache, so the kernel's copy and the reduce that reads it
