@@ -21,7 +21,12 @@ Rules (docs/membership.md explains them):
     and the caller must not treat it as "no": found by the churn soak, seed 20261122).
   * restart: the coordinator starts in recovery; the highest view peers report is
     adopted without an epoch change; members that do not re-register within
-    ``recovery_grace`` are failed; votes wait until recovery ends.
+    ``recovery_grace`` are failed; votes wait until recovery ends. The first view it
+    publishes is numbered at least ``epoch_floor`` (the coordinator passes the wall
+    clock in milliseconds): a restarted coordinator cannot know every epoch its
+    predecessors used -- when no peer re-registers in time it knows none -- and
+    counting up again from what it adopted (or from 1) reused epochs that had run
+    ops (found by the churn soak, seed 20261126: a lone joiner got epoch 1 again).
 
 It must never raise anything but :class:`Rejected` / :class:`IllegalTransition` to
 its caller, and never publish two different views with one epoch.
@@ -118,8 +123,17 @@ class _Round:
 class GroupState:
     """See the module docstring. Not thread-safe: the caller serializes calls."""
 
-    def __init__(self, config: MembershipConfig, now: float, *, recovering: bool = True) -> None:
+    def __init__(
+        self,
+        config: MembershipConfig,
+        now: float,
+        *,
+        recovering: bool = True,
+        epoch_floor: int = 0,
+    ) -> None:
         self.config = config
+        #: the lowest epoch this instance may publish (see the module docstring)
+        self.epoch_floor = epoch_floor
         self._entries: dict[str, _Entry] = {}
         self._tombstones: OrderedDict[str, tuple[int, MemberState]] = OrderedDict()
         self._decisions: OrderedDict[tuple[int, int], Decision] = OrderedDict()
@@ -618,6 +632,8 @@ class GroupState:
     def _install(
         self, view: View, cause: ViewCause, removed: tuple[tuple[str, str], ...], now: float
     ) -> None:
+        if view.epoch < self.epoch_floor:  # only ever the first view this instance publishes
+            view = View(self.epoch_floor, view.members)
         self._published = Published(view, cause, removed, self._published.seq + 1)
         self._published_anything = True
         self._witnessed[view.epoch] = None

@@ -338,6 +338,25 @@ def start_coordinator_process(listen: str, secret_file: Path) -> tuple[subproces
     return proc, line.split("listening on ")[1].split()[0]
 
 
+def test_a_recovering_coordinator_numbers_its_first_view_from_the_clock(
+    listeners: list[Listener],
+) -> None:
+    """A coordinator that starts in recovery cannot know which epochs ran before it:
+    its first view is numbered from the wall clock (ms), above any predecessor's."""
+    before_ms = time.time_ns() // 1_000_000
+    c = Coordinator(secret=SECRET, config=MembershipConfig(recovery_grace=0.2))
+    c.start()
+    group = Group(c.address, listeners)
+    try:
+        v = group.agent("a").join(10)
+        assert v.ids == ("a",) and before_ms <= v.epoch <= time.time_ns() // 1_000_000
+        v2 = group.agent("b").join(10)
+        assert v2.epoch == v.epoch + 1
+    finally:
+        group.close()
+        c.stop(grace=0.5)
+
+
 def test_coordinator_sigkill_and_restart(tmp_path: Path, listeners: list[Listener]) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(SECRET)

@@ -385,6 +385,45 @@ def test_restart_recovery_window_expires() -> None:
     assert g.view.epoch == 10 and ids(g) == ("a", "b")
 
 
+def test_a_restart_that_recovers_nothing_never_reuses_an_epoch() -> None:
+    """Regression (churn soak, seed 20261126): two coordinator kills in a row, no old
+    member re-registered within the grace, and a brand-new peer was admitted alone as
+    epoch 1 -- an epoch that had run ops with the first five members. The first view
+    a restarted instance publishes is numbered from its floor instead."""
+    old, clock = formed("abc")
+    for n in "de":
+        old.join(m(n), View(0), None, clock())
+    old_epoch = old.view.epoch
+    assert old_epoch >= 2
+    floor = 1_795_000_000_000  # what the coordinator passes: the wall clock in ms
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0)
+    new = GroupState(cfg, clock(), recovering=True, epoch_floor=floor)
+    new.tick(clock(1.5))  # nobody re-registered: recovery ends with nothing adopted
+    assert not new.recovering and new.view == View(0)
+    view, admitted = new.join(m("p"), View(0), None, clock())
+    assert admitted and view.epoch == floor and view.ids == ("p",)  # was epoch 1
+    # an old member that comes back later holds a lower epoch: it was left behind
+    with pytest.raises(Evicted):
+        new.join(m("a"), old.view, None, clock())
+    new.join(m("q"), View(0), None, clock())
+    new.tick(clock(0.01))
+    assert new.view.epoch == floor + 1  # then it counts up as usual
+
+
+def test_after_adopting_a_view_the_next_epoch_comes_from_the_floor() -> None:
+    """Peers may re-register with a view older than the last one the predecessor
+    published; counting up from it could repeat an epoch that already ran ops."""
+    old, clock = formed("abc")
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0)
+    new = GroupState(cfg, clock(), recovering=True, epoch_floor=10_000)
+    for n in "ab":
+        new.join(m(n), old.view, None, clock())
+    assert new.view == old.view  # adopted as is: ops in flight are not disturbed
+    for _ in range(12):  # c never comes back: recovery ends and fails it
+        beat_all(new, clock, "ab", 0.1)
+    assert ids(new) == ("a", "b") and new.view.epoch == 10_000  # not old epoch + 1
+
+
 def test_restarted_coordinator_does_not_guess_an_old_round() -> None:
     """Regression (churn soak, seed 20261122, epoch 969 step 47092): a member whose
     commit answer was lost in a partition re-voted after the coordinator restarted;
