@@ -187,16 +187,10 @@ class Plan:
         return node
 
     def send_raw(
-        self,
-        peer: int,
-        piece: int,
-        data: Buffer,
-        after: Iterable[Node | None] = (),
-        *,
-        zero_copy: bool = False,
+        self, peer: int, piece: int, data: Buffer, after: Iterable[Node | None] = ()
     ) -> SendNode:
         payload = (0, data)
-        return self.send(peer, piece, lambda: payload, after, zero_copy=zero_copy)
+        return self.send(peer, piece, lambda: payload, after)
 
     def recv(
         self,

@@ -6,7 +6,9 @@ ring's CPU time, measured with ``perf``). Linux can move *references* to the pag
 instead: ``vmsplice`` maps user memory into a pipe, and ``splice`` moves those pages
 from the pipe into the socket. The receiver still copies once, as it must.
 
-The price is a rule the caller must keep: **the memory must not change until the
+Off by default (``CommOptions.zero_copy_min_bytes`` = 0): since the in-place ring
+sends almost nothing from scratch it measured neutral on the project's machine and
+slower on a 16-core host (docs/comm.md). The price is a rule the caller must keep: **the memory must not change until the
 receiver has read it** -- the kernel sends (or the peer's socket holds) the very
 pages, not a copy. The engine keeps it by splicing only from scratch buffers it
 owns and returning those to the pool only once the receiver confirms it has finished

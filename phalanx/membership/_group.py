@@ -132,8 +132,10 @@ class GroupState:
         epoch_floor: int = 0,
     ) -> None:
         self.config = config
-        #: the lowest epoch this instance may publish (see the module docstring)
-        self.epoch_floor = epoch_floor
+        self._recovering = recovering and config.recovery_grace > 0
+        #: the lowest epoch this instance may publish (see the module docstring); a
+        #: group known to be new (no recovery) counts from 1 whatever it is given
+        self.epoch_floor = epoch_floor if self._recovering else 0
         self._entries: dict[str, _Entry] = {}
         self._tombstones: OrderedDict[str, tuple[int, MemberState]] = OrderedDict()
         self._decisions: OrderedDict[tuple[int, int], Decision] = OrderedDict()
@@ -145,7 +147,6 @@ class GroupState:
         self._last_decision_at: float | None = None
         self._published = Published(View(0), ViewCause.SNAPSHOT)
         self._published_anything = False
-        self._recovering = recovering and config.recovery_grace > 0
         self._recovery_deadline = now + config.recovery_grace
         #: Grows on every publication, adoption or decision (waiters compare it).
         self.revision = 0

@@ -124,12 +124,11 @@ class Coordinator:
             raise ConfigError(f"cannot listen on {self._listen}")
         host = self._listen.rpartition(":")[0]
         self._address = f"{host}:{port}"
-        # A restarted coordinator numbers its first view from the wall clock (in ms), so
+        # A recovering coordinator numbers its first view from the wall clock (in ms), so
         # that it never reuses an epoch of a predecessor it learnt nothing from. That
         # holds while the clock does not step back and no predecessor published more
         # than one view per millisecond of its life.
-        recovering = self._recover and cfg.recovery_grace > 0
-        floor = time.time_ns() // 1_000_000 if recovering else 0
+        floor = time.time_ns() // 1_000_000
         with self._cond:
             self._state = GroupState(
                 cfg, time.monotonic(), recovering=self._recover, epoch_floor=floor
