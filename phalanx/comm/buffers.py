@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,10 +23,23 @@ __all__ = ["BufferPool", "HeldScratch"]
 _ALIGN = 1 << 20  # sizes are rounded up to whole MiB so that near sizes share buffers
 
 
+def _empty(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, dtype=np.uint8)
+
+
 class BufferPool:
-    def __init__(self, max_cached: int = 1 << 30, min_pooled: int = 1 << 20) -> None:
+    """``alloc`` makes a new uint8 buffer of the given size (``np.empty`` by default;
+    page-swap twins need memory mapped a particular way, see comm/pageswap.py)."""
+
+    def __init__(
+        self,
+        max_cached: int = 1 << 30,
+        min_pooled: int = 1 << 20,
+        alloc: Callable[[int], np.ndarray] = _empty,
+    ) -> None:
         self.max_cached = max_cached
         self.min_pooled = min_pooled
+        self.alloc = alloc
         self._lock = threading.Lock()
         self._free: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._free_bytes = 0
@@ -38,7 +52,7 @@ class BufferPool:
     def get(self, nbytes: int) -> np.ndarray:
         """A uint8 array of at least ``nbytes`` bytes (contents undefined)."""
         if nbytes < self.min_pooled:
-            return np.empty(nbytes, dtype=np.uint8)
+            return self.alloc(nbytes)
         size = -(-nbytes // _ALIGN) * _ALIGN
         with self._lock:
             bufs = self._free.get(size)
@@ -48,7 +62,7 @@ class BufferPool:
                     del self._free[size]
                 self._free_bytes -= size
                 return buf
-        return np.empty(size, dtype=np.uint8)
+        return self.alloc(size)
 
     def put(self, buf: np.ndarray) -> None:
         """Return a buffer from :meth:`get`; the caller must not use it afterwards."""

@@ -33,6 +33,7 @@ from functools import partial
 
 import numpy as np
 
+from phalanx.comm import pageswap
 from phalanx.comm import schedules as sched
 from phalanx.comm.codecs import CODEC_NONE, Codec, decode_into
 from phalanx.comm.engine import Engine
@@ -117,7 +118,11 @@ def build_all_reduce(
             plan.on_success(partial(finalize, work, op, 1, x))
         return plan
     if algorithm == "ring" and codec.name == "none" and acc_dtype == x.dtype:
-        _ring_all_reduce_in_place(plan, engine, x, op, rank, world, preserve_input)
+        swap_min = engine.options.page_swap_min_bytes
+        if preserve_input and swap_min and x.nbytes >= swap_min and pageswap.eligible(x):
+            _ring_all_reduce_swapped(plan, engine, x, op, rank, world)
+        else:
+            _ring_all_reduce_in_place(plan, engine, x, op, rank, world, preserve_input)
         return plan
     xa = x if acc_dtype == x.dtype else _converted(plan, x, acc_dtype)
     if algorithm == "recursive-doubling":
@@ -319,8 +324,7 @@ def _ring_all_reduce_in_place(
     is always free again in time."""
     n = x.size
     dtype = x.dtype
-    parts = sched.partition(n, world)
-    pieces = [sched.split(a, b, _piece_elems(engine, dtype.itemsize)) for a, b in parts]
+    pieces = _ring_pieces(engine, x, world)
     flat: list[tuple[int, int]] = []
     index: dict[tuple[int, int], int] = {}
     for c in range(world):
@@ -354,21 +358,101 @@ def _ring_all_reduce_in_place(
             into = hot[j % len(hot)][: b - a]
             then = partial(_save_and_combine, backup, index[(c, j)], into, op, final, block)
             last[(c, j)] = plan.recv(prv, j, direct=_bytes(into), max_encoded=0, then=then)
+    _ring_all_gather_in(
+        plan, x, pieces, last, rank, world, lambda c, j: partial(backup.ensure, index[(c, j)])
+    )
+
+
+def _ring_all_gather_in(
+    plan: Plan,
+    dst: np.ndarray,
+    pieces: list[list[tuple[int, int]]],
+    last: dict[tuple[int, int], Node],
+    rank: int,
+    world: int,
+    prepare: Callable[[int, int], Callable[[], None]] | None = None,
+) -> None:
+    """The ring's all-gather, raw, in ``dst``: send each final piece once it is
+    ready (``last`` has this rank's own, from the reduce-scatter), receive the others
+    straight into place (``prepare(chunk, piece)`` runs before a piece is written)."""
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
     ready = {(rank, j): last[(rank, j)] for j in range(len(pieces[rank]))}
     for step in sched.ring_all_gather(rank, world):
         assert step.send_chunk is not None and step.recv_chunk is not None
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
-            plan.send(nxt, j, _raw(x[a:b]), after=(ready[(c, j)],))
+            plan.send(nxt, j, _raw(dst[a:b]), after=(ready[(c, j)],))
         c = step.recv_chunk
         for j, (a, b) in enumerate(pieces[c]):
             ready[(c, j)] = plan.recv(
                 prv,
                 j,
-                direct=_bytes(x[a:b]),
+                direct=_bytes(dst[a:b]),
                 max_encoded=0,
-                prepare=partial(backup.ensure, index[(c, j)]),
+                prepare=None if prepare is None else prepare(c, j),
             )
+
+
+def _ring_pieces(engine: Engine, x: np.ndarray, world: int) -> list[list[tuple[int, int]]]:
+    """The ring's layout: chunk c (of ``world``) cut into pieces, as element ranges."""
+    step = _piece_elems(engine, x.dtype.itemsize)
+    return [sched.split(a, b, step) for a, b in sched.partition(x.size, world)]
+
+
+def _ring_all_reduce_swapped(
+    plan: Plan, engine: Engine, x: np.ndarray, op: ReduceOp, rank: int, world: int
+) -> None:
+    """Ring all-reduce, no codec, that never writes ``x`` until it has succeeded:
+    partial sums are received, reduced and sent on in a twin buffer, the all-gather
+    receives into the twin, and on success the twin's pages are exchanged with
+    ``x``'s (comm/pageswap.py). Promise 2 then costs nothing: a failure leaves ``x``
+    untouched, so there is no save and no undo. ``x`` must be
+    :func:`pageswap.eligible`.
+
+    A received piece is reduced with ``x``'s piece into the twin (``twin = got (op)
+    x``, the same operand order as the in-place ring, so the two give the same
+    bits). The raw chunk of the first step leaves straight from ``x``."""
+    arena, out = plan.twin(x)
+    pieces = _ring_pieces(engine, x, world)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    last: dict[tuple[int, int], Node] = {}
+    for s, step in enumerate(sched.ring_reduce_scatter(rank, world)):
+        assert step.send_chunk is not None and step.recv_chunk is not None
+        c = step.send_chunk
+        for j, (a, b) in enumerate(pieces[c]):
+            if s > 0:  # a partial sum, reduced into the twin
+                plan.send(nxt, j, _raw(out[a:b]), after=(last[(c, j)],))
+            else:
+                plan.send(nxt, j, _raw(x[a:b]))
+        c = step.recv_chunk
+        final = world if c == rank else 0
+        for j, (a, b) in enumerate(pieces[c]):
+            then = partial(_combine_into_twin, out[a:b], x[a:b], op, final)
+            last[(c, j)] = plan.recv(prv, j, direct=_bytes(out[a:b]), max_encoded=0, then=then)
+    _ring_all_gather_in(plan, out, pieces, last, rank, world)
+    plan.on_success(partial(_hand_over, plan, arena, x, out))
+
+
+def _combine_into_twin(
+    got: np.ndarray,
+    xs: np.ndarray,
+    op: ReduceOp,
+    world: int,
+    codec_id: int,
+    payload: memoryview,
+    direct: bool,
+) -> None:
+    """A reduce-scatter piece arrived in the twin (``got``): ``got = got (op) x``;
+    ``world`` > 0 marks this rank's own, final chunk (avg divides by it)."""
+    del codec_id, payload, direct
+    combine(got, xs, got, op)
+    if world and op == "avg":
+        finalize(got, op, world, got)
+
+
+def _hand_over(plan: Plan, arena: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    if not pageswap.move_into(x, out):
+        plan.drop_twin(arena)  # the kernel left it without memory somewhere: never reuse
 
 
 def _save_and_combine(

@@ -15,8 +15,8 @@ Failure handling lives here too: a closed link, a malformed or foreign-epoch fra
 ABORT from a peer, or no progress for ``timeout_s`` (after a PING probe to find out who
 is actually silent) fails the operation with :class:`~phalanx.errors.PeerFailure`,
 tells every peer (ABORT naming the suspects), and breaks the group: later operations
-raise at once. Plans never write into the caller's array before they succeed, so there
-is nothing to roll back.
+raise at once, and the plan's undo steps put the caller's array back (promise 2; the
+page-swapped ring has none: it writes the array only once it has succeeded).
 
 What it must never do: block on a socket, allocate a receive buffer from a length
 field it has not checked, or leave a caller waiting past its deadline.
@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from phalanx.comm import zerocopy
+from phalanx.comm import pageswap, zerocopy
 from phalanx.comm.buffers import BufferPool, HeldScratch
 from phalanx.comm.frames import FLAG_RECEIPT, FrameHeader, FrameKind, encode_header
 from phalanx.comm.observer import CommObserver, LinkSample, OpSample
@@ -187,6 +187,8 @@ class Engine:
         self.observer = observer
         self.frame_hook = frame_hook
         self.pool = BufferPool()
+        # twins of page-swapped all-reduces (comm/pageswap.py): mapped memory of their own
+        self.twins = BufferPool(alloc=pageswap.new_arena)
         self.world = world
         self.epoch = epoch
         self.options = options

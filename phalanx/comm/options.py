@@ -46,6 +46,13 @@ class CommOptions:
     #: from scratch, zero-copy measured neutral here and 5-9 % slower on a 16-core
     #: host (docs/comm.md); 256 KiB is the size it was tuned with
     zero_copy_min_bytes: int = 0
+    #: a ring all-reduce of at least this many bytes, on an array in private
+    #: anonymous memory, reduces into a twin buffer and hands the caller the result
+    #: by exchanging pages (mremap) once it has succeeded, instead of saving the
+    #: array for promise 2 (comm/pageswap.py; 10-20 % faster at 64 MiB here). 0
+    #: turns it off -- needed when the arrays' pages are pinned for a device by
+    #: physical address (cudaHostRegister of a numpy array, an RDMA memory region)
+    page_swap_min_bytes: int = 4 * MiB
 
     def __post_init__(self) -> None:
         if not 1 <= self.streams <= 64:
@@ -60,5 +67,7 @@ class CommOptions:
             raise ConfigError("piece_bytes must be between 4 KiB and max_frame_bytes")
         if self.small_bytes < 0:
             raise ConfigError("small_bytes must be >= 0")
+        if self.page_swap_min_bytes < 0:
+            raise ConfigError("page_swap_min_bytes must be >= 0 (0 turns page swap off)")
         if self.zero_copy_min_bytes < 0:
             raise ConfigError("zero_copy_min_bytes must be >= 0 (0 turns zero-copy off)")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from phalanx.comm import pageswap
 from phalanx.comm.transport import Buffer
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ class Plan:
         self.success: list[Callable[[], None]] = []
         self.failure: list[Callable[[], None]] = []
         self.borrowed: list[np.ndarray] = []
+        self.twins: list[np.ndarray] = []  # arenas from the engine's twin pool
         self.future: Future[OpInfo] = Future()
         #: False when the caller waived promise 2 for this op (preserve_input=False)
         self.preserves_input = True
@@ -227,7 +229,21 @@ class Plan:
         self.borrowed.append(buf)
         return buf[: count * dtype.itemsize].view(dtype)
 
+    def twin(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(arena, twin): memory borrowed for this plan that can exchange pages with
+        ``x`` (see comm/pageswap.py); the arena goes back to the pool at the end
+        unless :meth:`drop_twin` says the exchange damaged it."""
+        arena = self.engine.twins.get(x.nbytes + pageswap.HUGE)
+        self.twins.append(arena)
+        return arena, pageswap.twin(arena, x)
+
+    def drop_twin(self, arena: np.ndarray) -> None:
+        self.twins = [t for t in self.twins if t is not arena]
+
     def release(self) -> None:
         bufs, self.borrowed = self.borrowed, []
         for buf in bufs:
             self.engine.pool.put(buf)
+        twins, self.twins = self.twins, []
+        for arena in twins:
+            self.engine.twins.put(arena)

@@ -22,6 +22,7 @@ arrays, arrays smaller than the world, and world 1.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -548,6 +549,50 @@ def _cases_streams(c: _Checker) -> None:
             c.digest(case, x)
 
 
+def _cases_page_swap(c: _Checker, tmp: str) -> None:
+    """The page-swapped ring (comm/pageswap.py; this group swaps from 4 KiB up): every
+    op and dtype, and arrays that sit anywhere -- at odd offsets inside a buffer whose
+    other bytes must stay as they were, and in a file (not swappable: the saving ring
+    takes it, and the result must reach the file)."""
+    world, rank, g = c.world, c.rank, c.group
+    for op in OPS:
+        for dtype in DTYPES:
+            case = f"swap all_reduce {op} {dtype}"
+            inputs = [make_input(case, r, LARGE, dtype, op, False) for r in range(world)]
+            x = inputs[rank].copy()
+            info = c.run(case, partial(g.all_reduce, x, op), False)
+            if info is None:
+                continue
+            c.info(case, info, "all_reduce", ("ring",), x)
+            c.compare(case, x, reference(inputs, op))
+            c.digest(case, x)
+    n = 300_007
+    for offset in (0, 4, 16, 4092):
+        case = f"swap placed offset={offset}"
+        inputs = [make_input(case, r, n, "float32", "sum", False) for r in range(world)]
+        buf = np.full(4 * n + offset + 3 * 4096, 0x5A, dtype=np.uint8)
+        x = buf[4096 + offset : 4096 + offset + 4 * n].view(np.float32)
+        x[:] = inputs[rank]
+        info = c.run(case, partial(g.all_reduce, x, "sum"), False)
+        if info is None:
+            continue
+        c.compare(case, x, reference(inputs, "sum"))
+        c.digest(case, x)
+        rest = np.concatenate([buf[: 4096 + offset], buf[4096 + offset + 4 * n :]])
+        if not np.all(rest == 0x5A):
+            c.error(case, "bytes next to the array changed")
+    case = "swap memmap"
+    inputs = [make_input(case, r, n, "float32", "max", False) for r in range(world)]
+    path = f"{tmp}/rank{rank}.bin"
+    on_disk = np.memmap(path, dtype=np.float32, mode="w+", shape=(n,))
+    on_disk[:] = inputs[rank]
+    if c.run(case, partial(g.all_reduce, on_disk, "max"), False) is not None:
+        on_disk.flush()
+        c.compare(case, np.fromfile(path, dtype=np.float32), reference(inputs, "max"))
+        c.digest(case, on_disk)
+    del on_disk
+
+
 def _connect(ctx: RankContext, options: CommOptions, epoch: int) -> Group:
     listener = bind("127.0.0.1:0")
     addresses = ctx.exchange(listener.address)
@@ -578,6 +623,15 @@ def _collectives_rank(ctx: RankContext) -> dict[str, Any]:
         assert c.errors is not None and c.hashes is not None
         errors += c.errors
         hashes += c.hashes
+    swap = CommOptions(timeout_s=20.0, small_bytes=64 * 1024, page_swap_min_bytes=4096)
+    with _connect(ctx, swap, EPOCH + 2) as gs, tempfile.TemporaryDirectory() as tmp:
+        cs = _Checker(ctx.rank, ctx.world, gs, ctx)
+        t = time.monotonic()
+        _cases_page_swap(cs, tmp)
+        timings["page swap"] = round(time.monotonic() - t, 2)
+        assert cs.errors is not None and cs.hashes is not None
+        errors += cs.errors
+        hashes += cs.hashes
     opts = CommOptions(streams=3, small_bytes=4096, piece_bytes=4096, timeout_s=20.0)
     with _connect(ctx, opts, EPOCH + 1) as g3:
         c3 = _Checker(ctx.rank, ctx.world, g3, ctx)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from phalanx.comm import CommOptions, Group, bind
+from phalanx.comm import CommOptions, Group, bind, pageswap
 from phalanx.comm.transport import connect_link
 from phalanx.errors import AuthError, GroupClosed, HandshakeError, PeerFailure
 from phalanx.testing.faults import (
@@ -253,17 +254,23 @@ class _LogTap(logging.Handler):
 
 
 def _loop_until_failure(
-    ctx: _Ctx, hook: FaultInjector | None, n: int, max_s: float, ring: bool = True
+    ctx: _Ctx,
+    hook: FaultInjector | None,
+    n: int,
+    max_s: float,
+    ring: bool = True,
+    options: CommOptions = FAST,
 ) -> dict[str, Any]:
     """All-reduce ``n`` float32 elements until the group fails; report the failure."""
     tap = _LogTap()
     logging.getLogger("phalanx").addHandler(tap)
     base = _baseline()
-    g = _group(ctx, hook)
+    g = _group(ctx, hook, options)
     out: dict[str, Any] = {"pid": os.getpid()}
     rng = np.random.default_rng(ctx.rank)
     pattern = rng.integers(-1000, 1000, n).astype(np.float32)
     x = pattern.copy()
+    out["swappable"] = pageswap.eligible(x)  # which ring runs: see comm/pageswap.py
     done = 0
     end = time.monotonic() + max_s
     try:
@@ -315,8 +322,10 @@ def _loop_until_failure(
     return out
 
 
-def _faulty_rank(ctx: _Ctx, hooks: dict[int, FaultInjector], n: int) -> dict[str, Any]:
-    return _loop_until_failure(ctx, hooks.get(ctx.rank), n, max_s=30.0)
+def _faulty_rank(
+    ctx: _Ctx, hooks: dict[int, FaultInjector], n: int, options: CommOptions = FAST
+) -> dict[str, Any]:
+    return _loop_until_failure(ctx, hooks.get(ctx.rank), n, max_s=30.0, options=options)
 
 
 def _survivor_checks(r: dict[str, Any], *, failed_after: float | None = None) -> None:
@@ -335,24 +344,29 @@ def _survivor_checks(r: dict[str, Any], *, failed_after: float | None = None) ->
 DETECTION: dict[str, dict[int, float]] = {}
 
 
-def test_sigkill_mid_op() -> None:
+@pytest.mark.parametrize("page_swap", [True, False], ids=["page-swap", "save"])
+def test_sigkill_mid_op(page_swap: bool) -> None:
     """SIGKILL a rank in the middle of 32 MiB all-reduces: the others raise
-    PeerFailure naming it, within a bounded time, with their input intact."""
+    PeerFailure naming it, within a bounded time, with their input intact -- both
+    when the ring works in a twin and swaps pages on success (the default at this
+    size) and when it works in place and saves the input (page swap off)."""
     n = 8 * 1024 * 1024  # 32 MiB of float32: ring, pipelined
-    with _Ranks(_faulty_rank, {}, n) as ranks:
+    options = dataclasses.replace(FAST, page_swap_min_bytes=4 << 20 if page_swap else 0)
+    with _Ranks(_faulty_rank, {}, n, options) as ranks:
         ranks.pump(lambda: len(ranks.progress[0]) >= 2, 60)
         t_kill = ranks.signal(2, signal.SIGKILL)
         res = ranks.wait_results({0, 1}, 10 + SLACK_S)
     for rank, r in res.items():
+        assert r["swappable"], "numpy's memory should be page-swappable on Linux"
         _survivor_checks(r)
         # the first survivor to notice passes its verdict on (ABORT before FIN, and it
         # drains instead of resetting), so both name the killed rank
         assert r["suspects"] == [2], r["text"]
         assert r["reason"] in ("disconnected", "aborted", "closed"), r
-        DETECTION.setdefault("sigkill", {})[rank] = r["t_raise"] - t_kill
+        DETECTION.setdefault(f"sigkill {page_swap=}", {})[rank] = r["t_raise"] - t_kill
         assert r["t_raise"] - t_kill < 10.0, r
     assert any(r["suspects"] == [2] for r in res.values()), res
-    print("sigkill detection", DETECTION["sigkill"], "peak RSS MiB", res[0]["peak_rss_mib"])
+    print("sigkill detection", DETECTION, "peak RSS MiB", res[0]["peak_rss_mib"])
 
 
 def test_sigstop_past_the_deadline() -> None:

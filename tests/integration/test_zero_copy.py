@@ -52,7 +52,10 @@ def _run_pair(groups: tuple[Group, Group], xs: list[np.ndarray]) -> None:
 def test_back_to_back_all_reduces_are_exact(zero_copy: bool) -> None:
     """New data every round: a scratch buffer reused while the peer still reads its
     pages would show up as a wrong sum in a later round."""
-    opts = CommOptions(zero_copy_min_bytes=256 << 10 if zero_copy else 0, timeout_s=30.0)
+    # page swap off: zero-copy sends come from the saving ring's scratch
+    opts = CommOptions(
+        zero_copy_min_bytes=256 << 10 if zero_copy else 0, page_swap_min_bytes=0, timeout_s=30.0
+    )
     groups = pair(options=opts)
     rng = np.random.default_rng(7)
     try:
@@ -77,7 +80,8 @@ def _open_fds() -> int:
 
 def test_scratch_is_held_until_the_receipt_then_pooled() -> None:
     fds = _open_fds()
-    groups = pair(options=CommOptions(zero_copy_min_bytes=256 << 10, timeout_s=30.0))
+    opts = CommOptions(zero_copy_min_bytes=256 << 10, page_swap_min_bytes=0, timeout_s=30.0)
+    groups = pair(options=opts)
     try:
         xs = [np.ones(4 << 20, dtype=np.float32) for _ in range(2)]
         _run_pair(groups, xs)
