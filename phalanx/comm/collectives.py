@@ -10,9 +10,12 @@ Rules every plan keeps:
 * **After a failure the caller's array holds its input** (promise 2). Most plans
   write it only on success: partial sums live in a work buffer, results land there
   (or in a result buffer) and the plan's success step copies them into the caller's
-  array after the last frame is in. The in-place ring all-reduce (no codec, the
-  caller's dtype) works in the caller's array itself and saves each piece to
-  scratch before first writing it; a failure puts the saved pieces back.
+  array after the last frame is in. The ring all-reduce without a codec (the
+  caller's dtype) takes one of two forms: for arrays of ``page_swap_min_bytes`` and
+  more in private anonymous memory it works in a twin buffer and exchanges pages
+  with the caller's array on success (comm/pageswap.py: no copy at all); otherwise
+  it works in the caller's array itself and saves each piece to scratch before
+  first writing it, and a failure puts the saved pieces back.
 * **Bit parity** (promise 1). Every reduced element is computed once, by the owner of
   its chunk, and then copied; in recursive doubling partners combine their partials in
   rank order. With a codec, a chunk's final value is encoded once by its owner, the
