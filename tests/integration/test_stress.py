@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -35,7 +35,8 @@ from phalanx.membership.errors import CommitUnknown, Evicted, Rejected, RejectRe
 from phalanx.membership.view import Member
 from phalanx.testing import _stress_model as model
 from phalanx.testing._stress_check import Checker
-from phalanx.testing.stress import StressConfig, run_stress
+from phalanx.testing._stress_cluster import Cluster
+from phalanx.testing.stress import _COORDINATOR_SPACING_S, StressConfig, _Run, run_stress
 from tests.integration.test_daemon import daemons
 
 pytestmark = pytest.mark.timeout(180)
@@ -154,6 +155,23 @@ def test_checker_counts_every_kind_of_wrong() -> None:
     c.departed(4.6, "p2")  # view of 3: m = 1, two others gone
     c.event(("restore_failed", "p3", 5.0, {"owner": "p1", "error": "x"}))
     assert (c.lost_snapshots, c.lost_beyond_m) == (1, 1)
+
+
+def test_the_coordinator_is_never_killed_again_within_the_spacing() -> None:
+    """One outage at a time: no coordinator fault while a restart is pending or not
+    yet listening, nor within _COORDINATOR_SPACING_S of the restart listening (the
+    check was documented but missing until stop 11's soak killed it 1.3 s apart)."""
+    run = _Run(StressConfig(seed=1), cast(Cluster, None), lambda msg: None)
+    now = 1000.0
+    assert run.coordinator_may_fail(now)  # never restarted yet
+    run.coord_starting = now
+    assert not run.coordinator_may_fail(now + 60)  # not listening yet
+    run.coord_starting = None
+    run.coord_up_at = now
+    assert not run.coordinator_may_fail(now + _COORDINATOR_SPACING_S - 0.1)
+    assert run.coordinator_may_fail(now + _COORDINATOR_SPACING_S)
+    run.timers.append((now + 1, "coordinator", lambda: None))  # a restart is due
+    assert not run.coordinator_may_fail(now + 60)
 
 
 # ----------------------------------------------------------------------------- a short run
