@@ -211,8 +211,12 @@ def _mappings_text(lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
 
 def _mappings(lo: int, hi: int) -> list[tuple[int, int, bool]]:
     """The mappings over [lo, hi) in order, clipped to it: (start, end, usable), where
-    usable means private anonymous read-write memory (holes are not usable)."""
-    return list(_mappings_ioctl(lo, hi) if _can_query() else _mappings_text(lo, hi))
+    usable means private anonymous read-write memory (holes are not usable). Where
+    /proc cannot be read (a sandbox without it), nothing is usable."""
+    try:
+        return list(_mappings_ioctl(lo, hi) if _can_query() else _mappings_text(lo, hi))
+    except OSError:
+        return [(lo, hi, False)]
 
 
 # ----------------------------------------------------------------------- the interface

@@ -100,6 +100,15 @@ def test_only_private_anonymous_memory_is_eligible(tmp_path: Path, backend: str)
     assert not pageswap.eligible(np.zeros((1024, 1024), dtype=np.float32)[:, ::2])
 
 
+def test_without_a_readable_proc_nothing_is_eligible(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_proc(*args: object, **kwargs: object) -> int:
+        raise FileNotFoundError(2, "no /proc here")
+
+    monkeypatch.setattr(pageswap, "_can_query", lambda: False)
+    monkeypatch.setattr(pageswap, "open", no_proc, raising=False)
+    assert not pageswap.eligible(np.zeros(MiB, dtype=np.float32))
+
+
 def test_an_ineligible_array_gets_the_result_by_copy(tmp_path: Path, arena: np.ndarray) -> None:
     on_disk = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=(MiB,))
     result = pageswap.twin(arena, on_disk)
