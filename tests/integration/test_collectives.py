@@ -359,6 +359,25 @@ def _cases_broadcast(c: _Checker, small: int, large: int) -> None:
         c.digest(case, x)
 
 
+def _async_sums(c: _Checker, case: str, ins: list[list[np.ndarray]]) -> None:
+    """Sum ``ins[k]`` (every rank's input of op k) with all ops in flight at once,
+    waited in order: each result, seq and OpInfo checked, each digest recorded."""
+    xs = [ins[k][c.rank].copy() for k in range(len(ins))]
+    handles = [c.group.all_reduce(x, "sum", async_op=True) for x in xs]
+    for k, h in enumerate(handles):
+        try:
+            info = h.wait(60)
+        except Exception:
+            c.error(f"{case} {k}", traceback.format_exc())
+            continue
+        if info.seq != c.seq:
+            c.error(f"{case} {k}", f"seq {info.seq}, expected {c.seq}")
+        c.seq = info.seq + 1
+        c.info(f"{case} {k}", info, "all_reduce", ("recursive-doubling", "ring"), xs[k])
+        c.compare(f"{case} {k}", xs[k], reference(ins[k], "sum"))
+        c.digest(f"{case} {k}", xs[k])
+
+
 def _cases_misc(c: _Checker) -> None:
     """Barrier, async handles, shapes, non-contiguous views, zero-length, n < world."""
     world, rank, g = c.world, c.rank, c.group
@@ -374,20 +393,7 @@ def _cases_misc(c: _Checker) -> None:
         [make_input(f"{case} {k}", r, n, "float32", "sum", False) for r in range(world)]
         for k, n in enumerate(sizes)
     ]
-    xs = [ins[k][rank].copy() for k in range(len(sizes))]
-    handles = [g.all_reduce(x, "sum", async_op=True) for x in xs]
-    for k, h in enumerate(handles):
-        try:
-            info = h.wait(60)
-        except Exception:
-            c.error(f"{case} {k}", traceback.format_exc())
-            continue
-        if info.seq != c.seq:
-            c.error(f"{case} {k}", f"seq {info.seq}, expected {c.seq}")
-        c.seq = info.seq + 1
-        c.info(f"{case} {k}", info, "all_reduce", ("recursive-doubling", "ring"), xs[k])
-        c.compare(f"{case} {k}", xs[k], reference(ins[k], "sum"))
-        c.digest(f"{case} {k}", xs[k])
+    _async_sums(c, case, ins)
     # async all four kinds at once
     case = "async mixed"
     n = 1001
@@ -566,6 +572,13 @@ def _cases_page_swap(c: _Checker, tmp: str) -> None:
             c.info(case, info, "all_reduce", ("ring",), x)
             c.compare(case, x, reference(inputs, op))
             c.digest(case, x)
+    # three swapped ops in flight at once: each borrows its own twin
+    case = "swap async"
+    ins = [
+        [make_input(f"{case} {k}", r, LARGE + k, "float64", "sum", False) for r in range(world)]
+        for k in range(3)
+    ]
+    _async_sums(c, case, ins)
     n = 300_007
     for offset in (0, 4, 16, 4092):
         case = f"swap placed offset={offset}"
