@@ -112,7 +112,14 @@ class Peer:
 class Cluster:
     """The processes of one stress run (see the module docstring)."""
 
-    def __init__(self, *, heartbeat_timeout: float | None, netns: bool, log_level: str) -> None:
+    def __init__(
+        self,
+        *,
+        heartbeat_timeout: float | None,
+        netns: bool,
+        log_level: str,
+        seal_timeout: float | None = None,
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="phalanx-stress-"))
         self.secret_file = self.dir / "secret"
         self.secret_file.write_bytes(os.urandom(32).hex().encode())
@@ -120,6 +127,10 @@ class Cluster:
         self.heartbeat_timeout = heartbeat_timeout
         self.log_level = log_level
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
+        # daemons give up on a snapshot generation after this long (None: their default)
+        self.daemon_env = dict(self.env)
+        if seal_timeout is not None:
+            self.daemon_env["PHALANX_SNAPSHOT_SEAL_TIMEOUT"] = str(seal_timeout)
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.coord_out: Path | None = None
         self.address = ""
@@ -154,10 +165,12 @@ class Cluster:
         if r.returncode != 0:
             raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.decode(errors='replace')}")
 
-    def _popen(self, cmd: list[str], out: Path) -> subprocess.Popen[bytes]:
+    def _popen(
+        self, cmd: list[str], out: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with open(out, "wb") as o, open(out.with_suffix(".err"), "wb") as e:
             return subprocess.Popen(
-                cmd, stdout=o, stderr=e, env=self.env, preexec_fn=_die_with_parent
+                cmd, stdout=o, stderr=e, env=env or self.env, preexec_fn=_die_with_parent
             )
 
     # ------------------------------------------------------------------ coordinator
@@ -218,7 +231,8 @@ class Cluster:
         cmd = [*prefix, sys.executable, "-m", "phalanx", "--log-level", self.log_level, "daemon",
                "--coordinator", self.address, "--secret-file", str(self.secret_file),
                "--socket", sock, "--id", member, "--listen", listen, "--metrics-port", "-1"]  # fmt: skip
-        peer = Peer(member, slot, self._popen(cmd, out), out, sock, netns=ns, veth=veth, host=host)
+        proc = self._popen(cmd, out, self.daemon_env)
+        peer = Peer(member, slot, proc, out, sock, netns=ns, veth=veth, host=host)
         self.peers[member] = peer
         return peer
 

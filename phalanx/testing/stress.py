@@ -445,7 +445,16 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
             bar.say(f"net faults skipped: {why}")
             row["net_skipped"] = why
             faults.remove("net")
-    cl = Cluster(heartbeat_timeout=cfg.heartbeat_timeout, netns=netns, log_level=cfg.log_level)
+    # every deadline of the system under test below the harness's patience: a snapshot
+    # generation that cannot seal is abandoned (a clean failure) before the trainer's
+    # wait for it ends at hang_s (which the checker counts as a hang). The daemon's
+    # default, 300 s, made one CI run's seal under 22 kills in 90 s a "hang".
+    cl = Cluster(
+        heartbeat_timeout=cfg.heartbeat_timeout,
+        netns=netns,
+        log_level=cfg.log_level,
+        seal_timeout=cfg.hang_s / 2,
+    )
     run = _Run(StressConfig(**{**cfg.__dict__, "faults": tuple(faults)}), cl, bar.say)
     bar.say(f"stress seed={cfg.seed} peers={cfg.peers} faults={','.join(faults)} dir={cl.dir}")
     hard_end = t0 + cfg.duration + 150.0

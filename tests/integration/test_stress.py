@@ -174,6 +174,26 @@ def test_the_coordinator_is_never_killed_again_within_the_spacing() -> None:
     assert not run.coordinator_may_fail(now + 60)
 
 
+def test_stress_daemons_give_up_a_seal_before_the_harness_calls_it_a_hang() -> None:
+    """The harness's daemons run with the seal timeout it asks for (run_stress asks
+    for hang_s / 2): a generation that cannot seal is abandoned -- a clean failure --
+    before the trainer's wait for it reaches hang_s (one CI run's seal under 22 kills
+    in 90 s waited out the daemon's default 300 s and was counted as a hang)."""
+    cl = Cluster(heartbeat_timeout=None, netns=False, log_level="WARNING", seal_timeout=7.5)
+    try:
+        cl.start_coordinator()
+        peer = cl.start_daemon("p0")
+        deadline = time.monotonic() + 60
+        text = ""
+        while "snapshot.seal_timeout" not in text and time.monotonic() < deadline:
+            time.sleep(0.1)
+            text = peer.out.read_text(errors="replace")
+        assert "snapshot.seal_timeout = 7.5" in text, text[-2000:]
+    finally:
+        cl.close(grace=5.0)
+        cl.remove_dir()
+
+
 # ----------------------------------------------------------------------------- a short run
 
 
