@@ -69,6 +69,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="declare a silent peer failed after S seconds (default 0.6)",
     )
     p.add_argument("--recovery-grace", type=float, metavar="S", help="default 1.5")
+    p.add_argument(
+        "--commit-timeout",
+        type=float,
+        metavar="S",
+        help="decide a commit round with missing votes 'not committed' after S seconds "
+        "(default 30)",
+    )
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
     p.add_argument(
@@ -89,6 +96,8 @@ def _config(args: argparse.Namespace) -> MembershipConfig:
         )
     if args.recovery_grace is not None:
         kw["recovery_grace"] = float(args.recovery_grace)
+    if args.commit_timeout is not None:
+        kw["commit_timeout"] = float(args.commit_timeout)
     if args.no_probe:
         kw["probe_addresses"] = False
     return MembershipConfig(**kw)

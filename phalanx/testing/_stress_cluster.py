@@ -119,12 +119,14 @@ class Cluster:
         netns: bool,
         log_level: str,
         seal_timeout: float | None = None,
+        commit_timeout: float | None = None,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="phalanx-stress-"))
         self.secret_file = self.dir / "secret"
         self.secret_file.write_bytes(os.urandom(32).hex().encode())
         self.secret_file.chmod(0o600)
         self.heartbeat_timeout = heartbeat_timeout
+        self.commit_timeout = commit_timeout
         self.log_level = log_level
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
         # daemons give up on a snapshot generation after this long (None: their default)
@@ -183,6 +185,8 @@ class Cluster:
                "--listen", f"{self.host}:{self.port}", "--secret-file", str(self.secret_file)]  # fmt: skip
         if self.heartbeat_timeout is not None:
             cmd += ["--heartbeat-timeout", str(self.heartbeat_timeout)]
+        if self.commit_timeout is not None:
+            cmd += ["--commit-timeout", str(self.commit_timeout)]
         proc = self._popen(cmd, out)
         self._coords.append(proc)
         self.coordinator, self.coord_out = proc, out

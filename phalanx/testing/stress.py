@@ -446,14 +446,17 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
             row["net_skipped"] = why
             faults.remove("net")
     # every deadline of the system under test below the harness's patience: a snapshot
-    # generation that cannot seal is abandoned (a clean failure) before the trainer's
-    # wait for it ends at hang_s (which the checker counts as a hang). The daemon's
-    # default, 300 s, made one CI run's seal under 22 kills in 90 s a "hang".
+    # generation that cannot seal is abandoned, and a commit round missing votes is
+    # decided "not committed" (clean failures), before the trainer's wait ends at
+    # hang_s (which the checker counts as a hang). The defaults -- seal 300 s, commit
+    # 30 s -- made one CI run's seal under 22 kills in 90 s and the soaks' commits
+    # during eviction storms "hangs" of exactly hang_s.
     cl = Cluster(
         heartbeat_timeout=cfg.heartbeat_timeout,
         netns=netns,
         log_level=cfg.log_level,
         seal_timeout=cfg.hang_s / 2,
+        commit_timeout=cfg.hang_s / 2,
     )
     run = _Run(StressConfig(**{**cfg.__dict__, "faults": tuple(faults)}), cl, bar.say)
     bar.say(f"stress seed={cfg.seed} peers={cfg.peers} faults={','.join(faults)} dir={cl.dir}")

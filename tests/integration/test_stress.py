@@ -12,6 +12,7 @@ regression tests for what the stress found.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 
 import phalanx
+from phalanx.membership import cli as coordinator_cli
 from phalanx.membership.agent import Agent
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
@@ -174,14 +176,24 @@ def test_the_coordinator_is_never_killed_again_within_the_spacing() -> None:
     assert not run.coordinator_may_fail(now + 60)
 
 
-def test_stress_daemons_give_up_a_seal_before_the_harness_calls_it_a_hang() -> None:
-    """The harness's daemons run with the seal timeout it asks for (run_stress asks
-    for hang_s / 2): a generation that cannot seal is abandoned -- a clean failure --
-    before the trainer's wait for it reaches hang_s (one CI run's seal under 22 kills
-    in 90 s waited out the daemon's default 300 s and was counted as a hang)."""
-    cl = Cluster(heartbeat_timeout=None, netns=False, log_level="WARNING", seal_timeout=7.5)
+def test_stress_deadlines_end_before_the_harness_calls_it_a_hang() -> None:
+    """The harness's daemons and coordinator run with the seal and commit timeouts it
+    asks for (run_stress asks for hang_s / 2): a generation that cannot seal is
+    abandoned and a round missing votes decided "not committed" -- clean failures --
+    before the trainer's wait reaches hang_s (one CI run's seal under 22 kills in 90 s
+    waited out the daemon's default 300 s and was counted as a hang)."""
+    cl = Cluster(
+        heartbeat_timeout=None,
+        netns=False,
+        log_level="WARNING",
+        seal_timeout=7.5,
+        commit_timeout=6.5,
+    )
     try:
         cl.start_coordinator()
+        assert cl.coordinator is not None
+        args = [str(a) for a in cl.coordinator.args]  # type: ignore[union-attr]
+        assert args[args.index("--commit-timeout") + 1] == "6.5"
         peer = cl.start_daemon("p0")
         deadline = time.monotonic() + 60
         text = ""
@@ -192,6 +204,15 @@ def test_stress_daemons_give_up_a_seal_before_the_harness_calls_it_a_hang() -> N
     finally:
         cl.close(grace=5.0)
         cl.remove_dir()
+
+
+def test_the_coordinator_takes_a_commit_timeout_flag() -> None:
+    p = argparse.ArgumentParser()
+    coordinator_cli._add_arguments(p)
+    args = p.parse_args(["--listen", "127.0.0.1:0", "--insecure", "--commit-timeout", "6.5"])
+    assert coordinator_cli._config(args).commit_timeout == 6.5
+    plain = p.parse_args(["--listen", "127.0.0.1:0", "--insecure"])
+    assert coordinator_cli._config(plain).commit_timeout == MembershipConfig().commit_timeout
 
 
 # ----------------------------------------------------------------------------- a short run
