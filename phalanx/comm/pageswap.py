@@ -60,6 +60,7 @@ _MREMAP_MAYMOVE = 1
 _MREMAP_FIXED = 2
 _MREMAP_DONTUNMAP = 4
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10  # linux/mman.h (Python's mmap module does not export it)
 
 # struct procmap_query (linux/fs.h, 6.11+): size, query_flags, query_addr, vma_start,
 # vma_end, vma_flags, vma_page_size, vma_offset, inode, dev_major, dev_minor,
@@ -67,6 +68,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _QUERY = struct.Struct("=QQQQQQQQQIIIIQQ")
 _PROCMAP_QUERY = (3 << 30) | (_QUERY.size << 16) | (ord("f") << 8) | 17  # _IOWR('f', 17)
 _VMA_READ, _VMA_WRITE, _VMA_SHARED = 1, 2, 8
+_COVERING_OR_NEXT_VMA = 0x10  # PROCMAP_QUERY flag: the mapping at addr, or the next one
 
 
 class SwapError(OSError):
@@ -151,7 +153,9 @@ def _can_query() -> bool:
 
 def _query(fd: int, addr: int) -> tuple[int, int, int, int]:
     """(start, end, flags, inode) of the mapping that covers ``addr`` or comes next."""
-    buf = bytearray(_QUERY.pack(_QUERY.size, 0x10, addr, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    buf = bytearray(
+        _QUERY.pack(_QUERY.size, _COVERING_OR_NEXT_VMA, addr, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    )
     fcntl.ioctl(fd, _PROCMAP_QUERY, buf, True)
     fields = _QUERY.unpack(buf)
     return fields[3], fields[4], fields[5], fields[8]
@@ -340,9 +344,7 @@ def _map_fresh(at: int, size: int) -> None:
     libc = _libc()
     assert libc is not None
     prot = mmap.PROT_READ | mmap.PROT_WRITE
-    got = libc.mmap(
-        at, size, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10, -1, 0
-    )  # MAP_FIXED
+    got = libc.mmap(at, size, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
     if got != at:
         err = ctypes.get_errno()
         raise SwapError(err, f"could not map memory back at {at:#x}: {os.strerror(err)}")
