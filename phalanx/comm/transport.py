@@ -31,13 +31,7 @@ import numpy as np
 
 from phalanx.comm import handshake as hs
 from phalanx.comm import zerocopy
-from phalanx.comm.frames import (
-    HEADER_SIZE,
-    FrameHeader,
-    FrameKind,
-    decode_header,
-    encode_header,
-)
+from phalanx.comm.frames import FrameDecoder, FrameHeader, FrameKind, encode_header
 from phalanx.errors import AuthError, ConfigError, FrameError, HandshakeError
 
 __all__ = [
@@ -130,23 +124,21 @@ def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
     sock.sendall(data)
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        sock.settimeout(_remaining(deadline))
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError("connection closed during handshake")
-        got += k
-    return bytes(buf)
-
-
 def _read_frame(sock: socket.socket, deadline: float) -> tuple[FrameHeader, bytes]:
-    header = decode_header(_recv_exact(sock, HEADER_SIZE, deadline), hs.MAX_HANDSHAKE_PAYLOAD)
-    payload = _recv_exact(sock, header.length, deadline) if header.length else b""
-    return header, payload
+    """One whole frame, read with the data plane's decoder (blocking, bounded)."""
+    decoder = FrameDecoder(hs.MAX_HANDSHAKE_PAYLOAD)
+    while True:
+        if decoder.needs_dest:
+            assert decoder.header is not None
+            decoder.place(memoryview(bytearray(decoder.header.length)))
+        if decoder.complete:
+            header, payload = decoder.pop()
+            return header, bytes(payload)
+        sock.settimeout(_remaining(deadline))
+        n = sock.recv_into(decoder.window())
+        if n == 0:
+            raise ConnectionError("connection closed during handshake")
+        decoder.advance(n)
 
 
 def _send_frame(
@@ -445,16 +437,13 @@ class Channel:
     """One established link, non-blocking, with its in-flight send and receive frames.
 
     The engine thread is its only user. ``pump_recv`` reads as much as the kernel has
-    (header first, then the payload straight into the buffer the sink chooses);
-    ``pump_send`` writes as much of the queued frame as the kernel takes.
+    with the data plane's :class:`~phalanx.comm.frames.FrameDecoder` (header first,
+    then the payload straight into the buffer the sink chooses); ``pump_send`` writes
+    as much of the queued frame as the kernel takes.
     """
 
     __slots__ = (
-        "_dest",
-        "_got",
-        "_hdr",
-        "_hdr_view",
-        "_header",
+        "_decoder",
         "_out",
         "_pipe",
         "_zc_addr",
@@ -478,11 +467,7 @@ class Channel:
         self.peer = link.peer
         self.stream = link.stream
         self.max_payload = max_payload
-        self._hdr = bytearray(HEADER_SIZE)
-        self._hdr_view = memoryview(self._hdr)
-        self._header: FrameHeader | None = None
-        self._dest: memoryview | None = None
-        self._got = 0
+        self._decoder = FrameDecoder(max_payload)
         self._out: list[memoryview] = []
         # zero-copy payload in flight: address and bytes not yet in the pipe
         self._pipe: zerocopy.SplicePipe | None = None
@@ -562,7 +547,7 @@ class Channel:
     @property
     def parked(self) -> bool:
         """A header is in but the sink has no place for its payload yet."""
-        return self._header is not None and self._dest is None
+        return self._decoder.needs_dest
 
     def pump_recv(self, sink: FrameSink) -> None:
         """Read until the kernel has nothing more or the sink parks a frame; hand
@@ -572,48 +557,27 @@ class Channel:
         sink raises.
         """
         recv_into = self.sock.recv_into
+        decoder = self._decoder
         while True:
-            header = self._header
-            if header is None:
-                try:
-                    n = recv_into(self._hdr_view[self._got :])
-                except (BlockingIOError, InterruptedError):
-                    return
-                if n == 0:
-                    raise ConnectionResetError(f"rank {self.peer} closed the connection")
-                self.bytes_recv += n
-                self._got += n
-                if self._got < HEADER_SIZE:
-                    continue
-                header = decode_header(self._hdr, self.max_payload)
-                self._header = header
-                self._got = 0
-                self._dest = None
-            dest = self._dest
-            if dest is None:
+            if decoder.needs_dest:
+                header = decoder.header
+                assert header is not None
                 dest = sink.frame_dest(self, header)
                 if dest is None:
-                    return  # parked
-                if len(dest) != header.length:
-                    raise FrameError(
-                        "bad-payload", "receive buffer does not match the frame length"
-                    )
-                self._dest = dest
-            if self._got < header.length:
-                try:
-                    n = recv_into(dest[self._got :])
-                except (BlockingIOError, InterruptedError):
-                    return
-                if n == 0:
-                    raise ConnectionResetError(f"rank {self.peer} closed the connection")
-                self.bytes_recv += n
-                self._got += n
-                if self._got < header.length:
-                    continue
-            self._header = None
-            self._dest = None
-            self._got = 0
-            sink.frame_done(self, header, dest)
+                    return  # parked: asked again on the next pump
+                decoder.place(dest)
+            if decoder.complete:
+                header, payload = decoder.pop()
+                sink.frame_done(self, header, payload)
+                continue
+            try:
+                n = recv_into(decoder.window())
+            except (BlockingIOError, InterruptedError):
+                return
+            if n == 0:
+                raise ConnectionResetError(f"rank {self.peer} closed the connection")
+            self.bytes_recv += n
+            decoder.advance(n)
 
     def discard(self) -> bool:
         """Read and drop whatever the kernel holds (after a failure); True at EOF."""

@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from phalanx.comm import CommOptions, Group, OpInfo
+from phalanx.comm import CommOptions, Group
 from phalanx.errors import CommError, ConfigError, GroupClosed, HandshakeError, PeerFailure
 from phalanx.membership._door import Door, EpochListener
 from phalanx.membership.agent import Agent
@@ -63,6 +63,7 @@ from phalanx.membership.statesync import (
     transfer,
 )
 from phalanx.membership.view import Member, View
+from phalanx.ops import OpResult
 
 __all__ = ["ElasticGroup", "ElasticResult", "StepInfo", "ViewChanged"]
 
@@ -87,7 +88,7 @@ class ElasticResult:
     """A completed collective: the engine's info, the epoch it ran in, the member ids
     that contributed (view order = rank order) and how many attempts failed before."""
 
-    info: OpInfo
+    info: OpResult
     epoch: int
     contributors: tuple[str, ...]
     failed_attempts: int
@@ -512,7 +513,7 @@ class ElasticGroup:
         )
 
     def _collective(
-        self, op: str, run: Callable[[Group], OpInfo], retry: bool, timeout: float | None
+        self, op: str, run: Callable[[Group], OpResult], retry: bool, timeout: float | None
     ) -> ElasticResult:
         deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
         failed = 0

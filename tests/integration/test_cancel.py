@@ -47,7 +47,9 @@ def pair() -> Iterator[tuple[phalanx.Client, phalanx.Client]]:
         a.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: the client reuses memory the daemon's op still writes")
+@pytest.mark.xfail(
+    strict=True, reason="issue 15: the client reuses memory the daemon's op still writes"
+)
 def test_a_timed_out_op_never_touches_the_next_ops_data(
     pair: tuple[phalanx.Client, phalanx.Client],
 ) -> None:
@@ -64,7 +66,7 @@ def test_a_timed_out_op_never_touches_the_next_ops_data(
         got: list[np.ndarray] = []
         errors: list[BaseException] = []
 
-        def peer() -> None:
+        def peer(got: list[np.ndarray], errors: list[BaseException]) -> None:
             y = np.full(N, 0.5, np.float32)
             try:
                 b.all_reduce(y, retry=True, timeout=15.0)
@@ -72,7 +74,7 @@ def test_a_timed_out_op_never_touches_the_next_ops_data(
                 errors.append(exc)
             got.append(y)
 
-        t = threading.Thread(target=peer)
+        t = threading.Thread(target=peer, args=(got, errors))
         t.start()
         second = np.full(N, 1000.0 + i, np.float32)
         try:
