@@ -63,7 +63,12 @@ from phalanx.checkpoint.placement import (
     replace_lost,
 )
 from phalanx.checkpoint.store import ShardError, ShardKey, ShardStore
-from phalanx.errors import PhalanxError
+from phalanx.errors import (
+    RestoreError,
+    SnapshotAbandoned,
+    SnapshotError,
+    SnapshotNotFound,
+)
 
 __all__ = [
     "RestoreError",
@@ -81,31 +86,6 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.snapshot")
 
 U8 = npt.NDArray[np.uint8]
-
-
-class SnapshotError(PhalanxError):
-    """A snapshot or restore failed; ``reason`` is a short stable token."""
-
-    def __init__(self, reason: str, detail: str = "", *, holder: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        self.holder = holder
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
-
-class SnapshotAbandoned(SnapshotError):
-    """The generation never sealed (``reason``: ``budget``, ``unavailable``, ``corrupt``,
-    ``missing``, ``too-few-peers``, ``timeout``, ``closed``); ``holder`` names the
-    holder that failed when one did. The previous sealed generation is intact."""
-
-
-class SnapshotNotFound(SnapshotError, LookupError):
-    """No sealed generation (of the requested step) is held anywhere reachable."""
-
-
-class RestoreError(SnapshotError):
-    """A sealed generation exists but cannot be rebuilt (more than m pieces of a stripe
-    lost or corrupt, or the rebuilt state fails its checksums)."""
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from phalanx.comm import CommOptions, Group
-from phalanx.errors import CommError, ConfigError, GroupClosed, HandshakeError, PeerFailure
+from phalanx.errors import (
+    CommError,
+    ConfigError,
+    GroupClosed,
+    HandshakeError,
+    PeerFailure,
+    ViewChanged,
+)
 from phalanx.membership._door import Door, EpochListener
 from phalanx.membership.agent import Agent
 from phalanx.membership.config import MembershipConfig
@@ -70,17 +77,6 @@ __all__ = ["ElasticGroup", "ElasticResult", "StepInfo", "ViewChanged"]
 log = logging.getLogger(__name__)
 
 _UNSET = object()
-
-
-class ViewChanged(PeerFailure):
-    """The collective was aborted because a new view (``epoch``) was installed; the
-    caller's array holds its input. ``old_epoch``: the view it ran in."""
-
-    def __init__(self, *, op: str, seq: int, old_epoch: int, epoch: int, detail: str = "") -> None:
-        super().__init__(
-            op=op, seq=seq, epoch=epoch, suspects=(), reason="view-change", detail=detail
-        )
-        self.old_epoch = old_epoch
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from phalanx.comm import Group, Handle
-from phalanx.errors import CommError, ConfigError
+from phalanx.errors import CommError, ConfigError, StateSyncError, StepAborted
 
 __all__ = [
     "RECORD_BYTES",
@@ -88,28 +88,6 @@ _MAX_MANIFEST = 8 << 20
 _MAX_NAME = 1024
 CHUNK_BYTES = 8 << 20  # state bytes per broadcast
 WINDOW = 3  # broadcasts in flight during a transfer
-
-
-class StateSyncError(CommError):
-    """State could not be synced (hash mismatch, bad manifest): no contribution.
-
-    ``bad_ranks``: the receivers whose verification failed (empty when unknown)."""
-
-    def __init__(self, message: str, bad_ranks: tuple[int, ...] = ()) -> None:
-        super().__init__(message)
-        self.bad_ranks = bad_ranks
-
-
-class StepAborted(CommError):
-    """This member was mid-step (or had to receive state inside a collective) when a
-    new view came up: the step cannot continue here. Do not vote on it (it never ran
-    in this view); call ``begin_step`` again. ``epoch`` is the new view's epoch."""
-
-    def __init__(self, epoch: int, step: int, detail: str = "") -> None:
-        self.epoch = epoch
-        self.step = step
-        tail = f": {detail}" if detail else ""
-        super().__init__(f"step {step} aborted by the view of epoch {epoch}{tail}")
 
 
 # --------------------------------------------------------------------------- digests
