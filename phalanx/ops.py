@@ -86,13 +86,14 @@ class OpResult:
 class StepInfo:
     """What ``begin_step`` found: the view (``epoch``, ``members`` in rank order), the
     ``step`` the state is at, and whether **this** call received the group's state
-    (``synced``, ``sync_bytes``) into the attached arrays."""
+    (``synced``, ``sync_bytes``, ``sync_s`` the transfer took) into the attached arrays."""
 
     epoch: int
     members: tuple[str, ...]
     step: int
     synced: bool = False
     sync_bytes: int = 0
+    sync_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

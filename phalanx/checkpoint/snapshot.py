@@ -71,12 +71,12 @@ from phalanx.errors import (
 )
 
 __all__ = [
+    "PendingSeal",
     "RestoreError",
     "SealInfo",
     "SnapshotAbandoned",
     "SnapshotConfig",
     "SnapshotError",
-    "SnapshotHandle",
     "SnapshotNotFound",
     "SnapshotObserver",
     "SnapshotService",
@@ -173,7 +173,7 @@ class _Gen:
     unmarked: set[str] = field(default_factory=set)  # holders that missed the seal marker
 
 
-class SnapshotHandle:
+class PendingSeal:
     """Returned by :meth:`SnapshotService.snapshot` once the state is copied."""
 
     def __init__(self, gen: _Gen, stall_s: float, changed: tuple[str, ...], timeout: float):
@@ -291,7 +291,7 @@ class SnapshotService:
                 self._free.append(buf)
         self._report_held()
 
-    def snapshot(self, state: Mapping[str, Any], step: int) -> SnapshotHandle:
+    def snapshot(self, state: Mapping[str, Any], step: int) -> PendingSeal:
         """Copy ``state`` into service memory and start sealing it; returns after that
         one copy. Raises :class:`~phalanx.checkpoint.layout.LayoutError` for a state
         that cannot be snapshotted (nothing is copied; the sealed generation stays)."""
@@ -329,7 +329,7 @@ class SnapshotService:
         self._tasks.put(("seal", gen))
         self._obs.on_stall(stall)
         self._report_held()
-        return SnapshotHandle(gen, stall, changed, self.config.seal_timeout_s)
+        return PendingSeal(gen, stall, changed, self.config.seal_timeout_s)
 
     def sealed(self) -> SealInfo | None:
         """The newest sealed generation this service holds, if any."""

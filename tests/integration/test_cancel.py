@@ -47,9 +47,6 @@ def pair() -> Iterator[tuple[phalanx.Client, phalanx.Client]]:
         a.close()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15: the client reuses memory the daemon's op still writes"
-)
 def test_a_timed_out_op_never_touches_the_next_ops_data(
     pair: tuple[phalanx.Client, phalanx.Client],
 ) -> None:
