@@ -567,7 +567,9 @@ def decode(kind: int, body: bytes | memoryview) -> Any:
 
 class Decoder:
     """Incremental frame decoder: ``feed(bytes)`` returns the complete frames so far.
-    Anything malformed raises :class:`ProtocolError`; the decoder is then poisoned."""
+    Anything malformed raises :class:`ProtocolError` (after the good frames before it
+    were returned: however the input is cut, the same frames come out); the decoder is
+    then poisoned."""
 
     def __init__(self, max_body: int = MAX_BODY) -> None:
         self._buf = bytearray()
@@ -604,5 +606,7 @@ class Decoder:
                 out.append(WireFrame(kind, rid, message, flags))
         except ProtocolError as exc:
             self._error = exc
-            raise
+            if not out:
+                raise
+            # the frames before the bad one are delivered; the error comes next time
         return out
