@@ -394,6 +394,8 @@ class Engine:
         self._last_progress = self._started
         self._probe = None
         self._patience = 0
+        if self._expired(plan, self._started):
+            return  # given up before it started: it must not pair with the next op
         for streams in self.links.values():
             for link in streams:
                 link.sent0 = link.channel.bytes_sent
@@ -431,6 +433,18 @@ class Engine:
             return
         if self._current is plan and plan.pending == 0:
             self._finish()
+
+    def _expired(self, plan: Plan, now: float) -> bool:
+        """Fail ``plan`` if its caller's deadline passed (or was cancelled): nobody is
+        to blame, so no suspects; peers learn it from the ABORT and fail too (an op
+        this rank gives up on must never pair with its next one)."""
+        deadline = plan.deadline
+        if deadline is None or now < deadline.at:
+            return False
+        why = "cancelled by the caller" if deadline.cancelled else "the caller's deadline passed"
+        late = sorted(self._waited_peers())
+        self._fail_current(_OpFailed((), "aborted", f"{why} (waiting on ranks {late})", self.rank))
+        return True
 
     def _resume(self, link: _Link) -> None:
         link.paused = False
@@ -822,17 +836,7 @@ class Engine:
     def _check_progress(self, now: float) -> None:
         plan = self._current
         assert plan is not None
-        deadline = plan.deadline
-        if deadline is not None and now >= deadline.at:
-            # the caller gave up (its deadline passed, or it cancelled): nobody is to
-            # blame, so no suspects; peers learn it from the ABORT and fail too
-            why = (
-                "cancelled by the caller" if deadline.cancelled else "the caller's deadline passed"
-            )
-            late = sorted(self._waited_peers())
-            self._fail_current(
-                _OpFailed((), "aborted", f"{why} (waiting on ranks {late})", self.rank)
-            )
+        if self._expired(plan, now):
             return
         probe = self._probe
         if probe is None:

@@ -14,14 +14,19 @@ Two members in embedded mode (real daemons, real Unix sockets, real TCP; one pro
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import phalanx
+from phalanx.local import protocol
+from phalanx.ops import ViewInfo
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -85,3 +90,153 @@ def test_a_timed_out_op_never_touches_the_next_ops_data(
             "the cancelled op wrote into its memory"
         )
         assert np.all(got[0] == want)
+
+
+class _StallOnce:
+    """A frame hook that holds the engine thread once, as a wedged engine would (a
+    long reduce, a GIL-starved thread): the op cannot end at its deadline."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.fired = threading.Event()
+
+    def outgoing(self, peer: int, seq: int, ordinal: int, header: bytes, payload: Any) -> None:
+        if not self.fired.is_set():
+            self.fired.set()
+            time.sleep(self.seconds)
+        return None
+
+
+def test_a_client_cancels_an_op_that_overruns_and_reuses_memory_only_after_the_ack(
+    pair: tuple[phalanx.Client, phalanx.Client],
+) -> None:
+    """The daemon cannot end the op at its deadline (its engine is held for 2 s): the
+    client sends CANCEL at deadline + grace, and its TimeoutError (and the reuse of the
+    staging memory) comes only after the daemon acknowledged that the op is over."""
+    a, b = pair
+    assert a.daemon is not None and a.daemon.group is not None
+    plane = a.daemon.group._current
+    assert plane is not None and plane.group is not None
+    stall = _StallOnce(2.0)
+    plane.group.engine.frame_hook = stall
+    got: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def peer(got: list[np.ndarray], errors: list[BaseException]) -> None:
+        y = np.full(N, 0.5, np.float32)
+        try:
+            b.all_reduce(y, retry=True, timeout=20.0)  # fails with a's op, then pairs again
+        except BaseException as exc:
+            errors.append(exc)
+        got.append(y)
+
+    t = threading.Thread(target=peer, args=(got, errors))
+    t.start()
+    first = np.full(N, 1.0, np.float32)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            a.all_reduce(first, timeout=0.3)
+        took = time.monotonic() - t0
+        assert stall.fired.is_set()
+        assert 1.9 < took < 7.0, f"answered after {took:.2f}s: before the op was over?"
+        assert np.all(first == 1.0)
+        second = np.full(N, 1000.0, np.float32)  # the same staging memory, at once
+        a.all_reduce(second, retry=True, timeout=20.0)
+    finally:
+        t.join(30.0)
+    assert not errors, repr(errors)
+    assert np.all(second == 1000.5) and np.all(got[0] == 1000.5)
+
+
+def test_a_daemon_that_cannot_stop_an_op_is_treated_as_gone_and_its_memory_never_reused(
+    tmp_path: Path,
+) -> None:
+    """A daemon that neither answers nor stops an op: the client gives up after the
+    deadline, its grace and the acknowledgement time, closes the connection, and never
+    hands the staging region out again."""
+    path = str(tmp_path / "mute.sock")
+    with _MuteDaemon(path) as fake:
+        pg = phalanx.connect(path, timeout=2.0)
+        try:
+            x = np.ones(64, np.float32)  # staged: plain numpy
+            t0 = time.monotonic()
+            with pytest.raises(phalanx.DaemonUnavailable, match="did not stop"):
+                pg.all_reduce(x, timeout=0.2)
+            assert time.monotonic() - t0 < 1.0 + 0.2 + 5.0 + 2.0
+            assert fake.cancels == 1
+            assert pg._staging.free == [] and not pg._regions  # quarantined
+            with pytest.raises(phalanx.DaemonUnavailable):
+                pg.all_reduce(x, timeout=0.2)
+        finally:
+            pg.close()
+
+
+class _MuteDaemon:
+    """A Unix socket that speaks the local protocol but never finishes an OP and
+    answers CANCEL with STILL_RUNNING (the real daemon's last resort)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.cancels = 0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        self._sock.listen(4)
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            th = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(th)
+            th.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        dec = protocol.Decoder()
+        conn.settimeout(0.1)
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data, _anc, _f, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(16))
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                for frame in dec.feed(data):
+                    reply = self._reply(frame.message)
+                    if reply is not None:
+                        conn.sendall(
+                            protocol.encode(reply, frame.rid, reply_to=type(frame.message))
+                        )
+
+    def _reply(self, msg: Any) -> Any:
+        view = ViewInfo(1, ("mute",), 0, "mute")
+        if isinstance(msg, protocol.Hello):
+            return protocol.Welcome(protocol.PROTOCOL_VERSION, 1, 1, "mute", view, 300.0, 30.0)
+        if isinstance(msg, protocol.Map):
+            return protocol.Mapped(1 << 20)
+        if isinstance(msg, protocol.Cancel):
+            self.cancels += 1
+            return protocol.Cancelled(protocol.CancelState.STILL_RUNNING.value)
+        if isinstance(msg, protocol.Bye | protocol.Unmap):
+            return protocol.Done()
+        return None  # an OP: never answered
+
+    def __enter__(self) -> _MuteDaemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._sock.close()
+        for th in self._threads:
+            th.join(2.0)
