@@ -321,11 +321,13 @@ def test_wrong_results_are_caught() -> None:
     assert not ok and err > 0.25
 
     series = _Series("phalanx", "none", 1)
-    same = _BlockResult([0.1], [digest], [10], True, 0.0, "ring")
-    other = _BlockResult([0.2], ["0" * 64], [12], True, 0.0, "ring")
+    same = _BlockResult([0.1], [0.004], [digest], [10], True, 0.0, "ring")
+    other = _BlockResult([0.2], [0.002], ["0" * 64], [12], True, 0.0, "ring")
     series.add([same, same], timed=True)
     assert series.ok and series.times == [0.1] and series.wire_bytes == [10]
+    assert series.cpu == [0.004]
     series.add([same, other], timed=True)  # ranks disagree on the bytes
     assert not series.ok
     assert series.times == [0.1, 0.2]  # the slowest rank's time
+    assert series.cpu == [0.004, 0.003]  # the mean over ranks
     assert series.wire_bytes == [10, 12]  # max over ranks
