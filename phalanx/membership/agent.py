@@ -171,7 +171,11 @@ class Agent:
         self._start_threads()
         remaining = max(0.0, deadline - time.monotonic())
         try:
-            view = self.wait_for_view(lambda v: v.has(self._member), remaining)
+            # an eviction ends the wait at once (a join refused while it waited for
+            # admission would otherwise hold the caller for the whole timeout)
+            view = self.wait_for_view(lambda v: v.has(self._member) or self._evicted, remaining)
+            if self._evicted and not view.has(self._member):
+                raise Evicted("removed before admission")
             # Joined means wired: the Watch stream is open (its loss is a fast death
             # signal for the coordinator) before we return.
             self._watching.wait(max(0.0, deadline - time.monotonic()))

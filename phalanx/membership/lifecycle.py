@@ -344,6 +344,7 @@ class Lifecycle:
         self.presence = Presence.JOINING
         self.failed_rejoins = 0
         self.next_rejoin_at: float | None = None  # when the rejoin policy tries again
+        self.cycled = False  # out because a client was lost mid-step (not evicted)
         self.step_phase = StepPhase.NONE
         self.step = -1  # the step begin_step opened (-1: none yet)
         self.members: tuple[str, ...] | None = None  # whom the step began with
@@ -461,10 +462,12 @@ class Lifecycle:
         return half
 
     def coming_back(self) -> bool:
-        """Out of the group, but the rejoin policy is bringing this member back."""
-        p = self.presence
-        return p in (Presence.CYCLING, Presence.REJOINING) or (
-            p is Presence.EVICTED and self.next_rejoin_at is not None
+        """Out of the group because a client was lost mid-step, and on the way back
+        (a restarted client's calls wait for it; an eviction is reported instead)."""
+        return self.cycled and self.presence in (
+            Presence.CYCLING,
+            Presence.REJOINING,
+            Presence.EVICTED,
         )
 
     # -- presence --------------------------------------------------------------------
@@ -475,6 +478,7 @@ class Lifecycle:
         self._presence(PresenceEvent.JOINED)
         self.failed_rejoins = 0
         self.next_rejoin_at = None
+        self.cycled = False
 
     def evicted(self, now: float) -> bool:
         """The group removed this incarnation. True when the rejoin policy should
@@ -501,6 +505,7 @@ class Lifecycle:
         """Leave to come back at once (a client lost mid-step)."""
         self._presence(PresenceEvent.CYCLE)
         self.next_rejoin_at = now
+        self.cycled = True
 
     def rejoin_started(self) -> None:
         self._presence(PresenceEvent.REJOIN)
@@ -511,7 +516,7 @@ class Lifecycle:
         """An attempt failed; when to try again (None: no automatic retry)."""
         self._presence(PresenceEvent.REJOIN_FAILED)
         self.failed_rejoins += 1
-        if not self.auto_rejoin:
+        if not (self.auto_rejoin or self.cycled):
             return None
         self.next_rejoin_at = now + rejoin_delay(self.failed_rejoins)
         return self.next_rejoin_at

@@ -115,8 +115,13 @@ def test_a_client_cancels_an_op_that_overruns_and_reuses_memory_only_after_the_a
     staging memory) comes only after the daemon acknowledged that the op is over."""
     a, b = pair
     assert a.daemon is not None and a.daemon.group is not None
-    plane = a.daemon.group._current
-    assert plane is not None and plane.group is not None
+    deadline = time.monotonic() + 20
+    while True:  # the view is known; its data-plane group may still be building
+        plane = a.daemon.group._current
+        if plane is not None and plane.group is not None and plane.view.size == 2:
+            break
+        assert time.monotonic() < deadline, "the data-plane group was never built"
+        time.sleep(0.02)
     stall = _StallOnce(2.0)
     plane.group.engine.frame_hook = stall
     got: list[np.ndarray] = []

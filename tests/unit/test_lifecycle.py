@@ -233,7 +233,7 @@ def test_one_rejoin_policy_with_backoff_on_a_fake_clock() -> None:
     clock = Clock()
     life = member(auto_rejoin=True)
     assert life.evicted(clock()) is True
-    assert life.rejoin_due(clock()) and life.coming_back()
+    assert life.rejoin_due(clock()) and not life.coming_back()  # calls see Evicted
     delays: list[float] = []
     for _ in range(7):
         life.rejoin_started()
@@ -269,8 +269,12 @@ def test_a_client_lost_mid_step_cycles_and_a_deliberate_leave_stays_out() -> Non
     assert life.client_lost() is Loss.CYCLE
     life.cycle(clock())
     assert presence(life) == Presence.CYCLING and life.rejoin_due(clock())
+    assert life.coming_back()  # a restarted client's calls wait for it
+    life.rejoin_started()
+    assert life.rejoin_failed(clock()) is not None  # cycles retry even without auto
     life.rejoin_started()
     life.joined()
+    assert not life.coming_back()
     life.leave()
     assert presence(life) == Presence.LEFT
     assert life.evicted(clock()) is False  # the removal of a member that left on purpose
