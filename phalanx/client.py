@@ -87,10 +87,10 @@ from phalanx.local.protocol import (
     BufRef,
     Bye,
     CancelState,
+    ClientHello,
     Commit,
     Committed,
     GetView,
-    Hello,
     Map,
     NamedBuf,
     Op,
@@ -99,10 +99,10 @@ from phalanx.local.protocol import (
     RestoreLayout,
     SealResult,
     SealStatus,
-    Snapshot,
     SnapshotArray,
     SnapshotTaken,
     SnapshotWait,
+    TakeSnapshot,
     Unmap,
     UpdateState,
     Watch,
@@ -246,7 +246,7 @@ class Client:
         self._owned: list[Callable[[], None]] = []  # embedded mode: what close() stops
         self.coordinator_address: str | None = None  # embedded mode: where peers join
         self.daemon: Daemon | None = None  # embedded mode: the daemon in this process
-        welcome = conn.call(Hello(os.getpid(), time.monotonic()), _CONTROL_TIMEOUT)
+        welcome = conn.call(ClientHello(os.getpid(), time.monotonic()), _CONTROL_TIMEOUT)
         assert isinstance(welcome, Welcome)
         self._session = welcome.session
         self.daemon_pid = welcome.daemon_pid
@@ -640,7 +640,7 @@ class Client:
 
         t = self._seal_timeout if timeout is None else float(timeout)
         try:
-            req = Snapshot(tuple(entries), int(step), t, time.monotonic() + t)
+            req = TakeSnapshot(tuple(entries), int(step), t, time.monotonic() + t)
             taken = self._call(req, t, unsafe=unsafe)
         finally:
             if region is not None and not lost:

@@ -224,14 +224,14 @@ class Group:
             self._threads.append(t)
             t.start()
 
-    def _claim(self, hello: hs.Hello) -> hs.RejectReason | None:
+    def _claim(self, hello: hs.Hello) -> hs.LinkRefusal | None:
         with self._cond:
             if hello.streams != self.options.streams or hello.from_rank <= self.rank:
-                return hs.RejectReason.UNEXPECTED
+                return hs.LinkRefusal.UNEXPECTED
             if not self._accepting:
-                return hs.RejectReason.UNEXPECTED
+                return hs.LinkRefusal.UNEXPECTED
             if (hello.from_rank, hello.stream) in self._links:
-                return hs.RejectReason.DUPLICATE
+                return hs.LinkRefusal.DUPLICATE
             return None
 
     def _handshake(self, conn: object) -> None:

@@ -153,7 +153,7 @@ def _send_frame(
 
 
 def _tell(
-    sock: socket.socket, reason: hs.RejectReason, text: str, epoch: int, deadline: float
+    sock: socket.socket, reason: hs.LinkRefusal, text: str, epoch: int, deadline: float
 ) -> None:
     """Best effort: say why this side refuses, so the other side's error is precise."""
     with contextlib.suppress(OSError, TimeoutError):
@@ -163,11 +163,9 @@ def _tell(
 def _reject_error(payload: bytes, peer: int | None) -> HandshakeError:
     reason, text = hs.decode_reject(payload)
     name = (
-        reason.name.lower().replace("_", "-")
-        if isinstance(reason, hs.RejectReason)
-        else str(reason)
+        reason.name.lower().replace("_", "-") if isinstance(reason, hs.LinkRefusal) else str(reason)
     )
-    if reason == hs.RejectReason.BAD_AUTH:
+    if reason == hs.LinkRefusal.BAD_AUTH:
         return AuthError("bad-auth", f"peer refused our proof: {text}", peer=peer)
     return HandshakeError(name, f"peer rejected the link: {text}", peer=peer)
 
@@ -249,7 +247,7 @@ def connect_link(
         except AuthError:
             _tell(
                 sock,
-                hs.RejectReason.BAD_AUTH,
+                hs.LinkRefusal.BAD_AUTH,
                 "your proof of the cluster secret failed",
                 epoch,
                 hs_deadline,
@@ -258,14 +256,14 @@ def connect_link(
         if header.epoch != epoch:
             _tell(
                 sock,
-                hs.RejectReason.WRONG_EPOCH,
+                hs.LinkRefusal.WRONG_EPOCH,
                 f"this rank is in epoch {epoch}",
                 epoch,
                 hs_deadline,
             )
             raise HandshakeError("wrong-epoch", f"peer is in epoch {header.epoch}", peer=peer)
         if challenge.rank != peer:
-            _tell(sock, hs.RejectReason.WRONG_RANK, f"expected rank {peer}", epoch, hs_deadline)
+            _tell(sock, hs.LinkRefusal.WRONG_RANK, f"expected rank {peer}", epoch, hs_deadline)
             raise HandshakeError("wrong-rank", f"{address} is rank {challenge.rank}", peer=peer)
         proof = hs.connect_mac(secret, hello_payload, challenge.nonce, epoch)
         _send_frame(sock, FrameKind.PROOF, epoch, proof, hs_deadline)
@@ -288,7 +286,7 @@ def connect_link(
     return Link(sock, peer, stream)
 
 
-Claim = Callable[[hs.Hello], "hs.RejectReason | None"]
+Claim = Callable[[hs.Hello], "hs.LinkRefusal | None"]
 
 
 def accept_link(
@@ -305,11 +303,11 @@ def accept_link(
     """Run the acceptor side of the handshake on an accepted socket.
 
     ``claim(hello)`` is called only after the connector proved the secret; it returns
-    ``None`` to take the link or a :class:`RejectReason`. On any failure a REJECT is
+    ``None`` to take the link or a :class:`LinkRefusal`. On any failure a REJECT is
     sent when possible, the socket is closed and the error raised.
     """
 
-    def reject(reason: hs.RejectReason, text: str) -> None:
+    def reject(reason: hs.LinkRefusal, text: str) -> None:
         with contextlib.suppress(OSError, TimeoutError):
             _send_frame(sock, FrameKind.REJECT, epoch, hs.encode_reject(reason, text), deadline)
 
@@ -320,19 +318,19 @@ def accept_link(
             header, payload = _read_frame(sock, deadline)
         except FrameError as exc:
             reason = (
-                hs.RejectReason.BAD_VERSION
+                hs.LinkRefusal.BAD_VERSION
                 if exc.reason == "bad-version"
-                else hs.RejectReason.MALFORMED
+                else hs.LinkRefusal.MALFORMED
             )
             reject(reason, str(exc))
             raise HandshakeError(exc.reason, str(exc)) from None
         if header.kind != FrameKind.HELLO:
-            reject(hs.RejectReason.MALFORMED, f"expected HELLO, got {header.kind.name}")
+            reject(hs.LinkRefusal.MALFORMED, f"expected HELLO, got {header.kind.name}")
             raise HandshakeError("malformed", f"expected HELLO, got {header.kind.name}")
         try:
             hello = hs.decode_hello(payload)
         except HandshakeError as exc:
-            reject(hs.RejectReason.MALFORMED, str(exc))
+            reject(hs.LinkRefusal.MALFORMED, str(exc))
             raise
         peer = hello.from_rank
         nonce_s = hs.new_nonce()
@@ -348,7 +346,7 @@ def accept_link(
         if header2.kind == FrameKind.REJECT:
             raise _reject_error(proof_payload, peer)
         if header2.kind != FrameKind.PROOF:
-            reject(hs.RejectReason.MALFORMED, f"expected PROOF, got {header2.kind.name}")
+            reject(hs.LinkRefusal.MALFORMED, f"expected PROOF, got {header2.kind.name}")
             raise HandshakeError("malformed", f"expected PROOF, got {header2.kind.name}", peer=peer)
         try:
             hs.check_mac(
@@ -358,18 +356,18 @@ def accept_link(
                 peer=peer,
             )
         except HandshakeError:
-            reject(hs.RejectReason.BAD_AUTH, "proof of the cluster secret failed")
+            reject(hs.LinkRefusal.BAD_AUTH, "proof of the cluster secret failed")
             raise
         if header.epoch != epoch:
-            reject(hs.RejectReason.WRONG_EPOCH, f"this group is epoch {epoch}")
+            reject(hs.LinkRefusal.WRONG_EPOCH, f"this group is epoch {epoch}")
             raise HandshakeError(
                 "wrong-epoch", f"peer is in epoch {header.epoch}, we are in {epoch}", peer=peer
             )
         if hello.world != world:
-            reject(hs.RejectReason.WORLD_MISMATCH, f"this group has world {world}")
+            reject(hs.LinkRefusal.WORLD_MISMATCH, f"this group has world {world}")
             raise HandshakeError("world-mismatch", f"peer says world {hello.world}", peer=peer)
         if hello.to_rank != rank or hello.from_rank >= world or hello.from_rank == rank:
-            reject(hs.RejectReason.WRONG_RANK, f"this is rank {rank} of {world}")
+            reject(hs.LinkRefusal.WRONG_RANK, f"this is rank {rank} of {world}")
             raise HandshakeError(
                 "wrong-rank", f"HELLO from {hello.from_rank} to {hello.to_rank}", peer=peer
             )

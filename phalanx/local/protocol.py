@@ -58,13 +58,13 @@ __all__ = [
     "Bye",
     "Cancel",
     "Cancelled",
+    "ClientHello",
     "Commit",
     "Committed",
     "Decoder",
     "Done",
     "Event",
     "GetView",
-    "Hello",
     "Kind",
     "Map",
     "Mapped",
@@ -77,10 +77,10 @@ __all__ = [
     "Row",
     "SealResult",
     "SealStatus",
-    "Snapshot",
     "SnapshotArray",
     "SnapshotTaken",
     "SnapshotWait",
+    "TakeSnapshot",
     "Unmap",
     "UpdateState",
     "Watch",
@@ -239,7 +239,7 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class Hello(Request):
+class ClientHello(Request):
     """The first request: who the client is, and its ``time.monotonic()`` (the daemon
     takes the client's deadlines as instants when the two clocks agree)."""
 
@@ -374,7 +374,7 @@ class Bye(Request):
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot(Request):
+class TakeSnapshot(Request):
     entries: tuple[SnapshotArray, ...]
     step: int
     timeout: float
@@ -481,7 +481,7 @@ class Row:
 
 #: every request the daemon serves
 REQUESTS: tuple[Row, ...] = (
-    Row(Kind.HELLO, Hello, Welcome),
+    Row(Kind.HELLO, ClientHello, Welcome),
     Row(Kind.MAP, Map, Mapped, fd_in=True),
     Row(Kind.UNMAP, Unmap, Done),
     Row(Kind.OP, Op, OpResult, memory=True),
@@ -492,7 +492,7 @@ REQUESTS: tuple[Row, ...] = (
     Row(Kind.UPDATE_STATE, UpdateState, Done),
     Row(Kind.WATCH, Watch, ViewInfo),
     Row(Kind.BYE, Bye, Done),
-    Row(Kind.SNAPSHOT, Snapshot, SnapshotTaken, memory=True),
+    Row(Kind.SNAPSHOT, TakeSnapshot, SnapshotTaken, memory=True),
     Row(Kind.SNAPSHOT_WAIT, SnapshotWait, SealStatus),
     Row(Kind.RESTORE, Restore, RestoreLayout, fd_out=True),
     Row(Kind.CANCEL, Cancel, Cancelled),

@@ -67,20 +67,20 @@ from phalanx.local.protocol import (
     Cancel,
     Cancelled,
     CancelState,
+    ClientHello,
     Commit,
     Committed,
     Decoder,
     Done,
     Event,
     GetView,
-    Hello,
     Map,
     Mapped,
     Op,
     Request,
     Restore,
-    Snapshot,
     SnapshotWait,
+    TakeSnapshot,
     Unmap,
     UpdateState,
     Watch,
@@ -367,7 +367,7 @@ class LocalServer:
             self._group_lock.release()
 
     # ------------------------------------------------------------------ handlers
-    def _hello(self, s: Session, req: Hello, fd: int | None, dl: Deadline) -> Welcome:
+    def _hello(self, s: Session, req: ClientHello, fd: int | None, dl: Deadline) -> Welcome:
         if req.version != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"client speaks local protocol {req.version}, not {PROTOCOL_VERSION}"
@@ -522,7 +522,7 @@ _Handler = Callable[[LocalServer, Session, Any, "int | None", Deadline], Any]
 
 #: request class -> what answers it (the daemon's one dispatch table)
 HANDLERS: dict[type[Request], _Handler] = {
-    Hello: LocalServer._hello,
+    ClientHello: LocalServer._hello,
     Map: LocalServer._map,
     Unmap: LocalServer._unmap,
     Op: LocalServer._op,
@@ -533,7 +533,7 @@ HANDLERS: dict[type[Request], _Handler] = {
     UpdateState: LocalServer._update,
     Watch: LocalServer._watch,
     Bye: LocalServer._bye,
-    Snapshot: snapshots.snapshot,
+    TakeSnapshot: snapshots.snapshot,
     SnapshotWait: snapshots.snapshot_wait,
     Restore: snapshots.restore,
     Cancel: LocalServer._cancel,

@@ -28,9 +28,9 @@ from phalanx.local.protocol import (
     RestoreLayout,
     SealResult,
     SealStatus,
-    Snapshot,
     SnapshotTaken,
     SnapshotWait,
+    TakeSnapshot,
 )
 from phalanx.local.shm import Region
 
@@ -70,7 +70,7 @@ def _service(server: LocalServer) -> SnapshotService:
 
 
 def snapshot(
-    server: LocalServer, s: Session, req: Snapshot, fd: int | None, dl: Deadline
+    server: LocalServer, s: Session, req: TakeSnapshot, fd: int | None, dl: Deadline
 ) -> SnapshotTaken:
     svc = _service(server)
     state: dict[str, Any] = {}

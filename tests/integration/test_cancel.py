@@ -226,7 +226,7 @@ class _MuteDaemon:
 
     def _reply(self, msg: Any) -> Any:
         view = ViewInfo(1, ("mute",), 0, "mute")
-        if isinstance(msg, protocol.Hello):
+        if isinstance(msg, protocol.ClientHello):
             return protocol.Welcome(protocol.PROTOCOL_VERSION, 1, 1, "mute", view, 300.0, 30.0)
         if isinstance(msg, protocol.Map):
             return protocol.Mapped(1 << 20)

@@ -21,7 +21,7 @@ VIEW = ViewInfo(1_780_000_000_123, ("d0", "d1", "ü-2"), 1, "d1")
 
 #: one instance of every request, and its reply
 SAMPLES: dict[type, tuple[Any, Any]] = {
-    p.Hello: (p.Hello(4242, 123.5), p.Welcome(2, 7, 99, "d1", VIEW, 300.0, 30.0)),
+    p.ClientHello: (p.ClientHello(4242, 123.5), p.Welcome(2, 7, 99, "d1", VIEW, 300.0, 30.0)),
     p.Map: (p.Map(5), p.Mapped(1 << 20)),
     p.Unmap: (p.Unmap(5), p.Done()),
     p.Op: (
@@ -52,8 +52,8 @@ SAMPLES: dict[type, tuple[Any, Any]] = {
     p.UpdateState: (p.UpdateState(4, ("w",)), p.Done()),
     p.Watch: (p.Watch(), VIEW),
     p.Bye: (p.Bye(), p.Done()),
-    p.Snapshot: (
-        p.Snapshot((p.SnapshotArray(("model", "w"), REF),), 8, 300.0, 9.0),
+    p.TakeSnapshot: (
+        p.TakeSnapshot((p.SnapshotArray(("model", "w"), REF),), 8, 300.0, 9.0),
         p.SnapshotTaken(2, 8, 16384, 0.01, ("model/w",)),
     ),
     p.SnapshotWait: (
