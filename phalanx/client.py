@@ -252,9 +252,9 @@ class Client:
         self.daemon_pid = welcome.daemon_pid
         self._seal_timeout = welcome.seal_timeout
         # ATTACH_STATE / UPDATE_STATE queue behind whatever the daemon is finishing: a
-        # step's op or commit, or leaving and rejoining after a client lost mid-step
-        # (a restarted trainer's first calls); wait as long as those may take
-        self._state_timeout = max(self.op_timeout, welcome.join_timeout)
+        # step's op or commit (a restarted trainer's first calls); wait as long as
+        # those may take
+        self._state_timeout = self.op_timeout + welcome.join_timeout
         self._member_id = welcome.member_id
 
     @property
@@ -583,15 +583,18 @@ class Client:
                     "client.empty() (or torch.from_numpy of such an array)"
                 )
             entries.append(NamedBuf(name, ref))
-        req = AttachState(tuple(entries), None if step is None else int(step))
-        reply = self._call(req, self._state_timeout)
+        t = self._state_timeout
+        req = AttachState(tuple(entries), None if step is None else int(step), t,
+                          time.monotonic() + t)  # fmt: skip
+        reply = self._call(req, t)
         assert isinstance(reply, Attached)
         return reply.step
 
     def update_state(self, step: int, changed: list[str] | None = None) -> None:
         """The attached arrays (all, or those named) now hold ``step``'s values."""
         names = None if changed is None else tuple(str(c) for c in changed)
-        self._call(UpdateState(int(step), names), self._state_timeout)
+        t = self._state_timeout
+        self._call(UpdateState(int(step), names, t, time.monotonic() + t), t)
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(

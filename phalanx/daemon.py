@@ -393,9 +393,15 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     a("--metrics-port", type=int, metavar="P", help="/metrics port (0 any, -1 off)")
     a("--metrics-host", metavar="HOST", help="/metrics address (default 127.0.0.1)")
     a("--secret-file", metavar="F", help="file holding the cluster secret (>= 16 bytes)")
-    a("--id", metavar="ID", help="member id (default HOSTNAME-PID)")
+    a("--id", metavar="ID", help="member id (default HOSTNAME-PID); also names the socket")
     a("--zone", metavar="Z", help="failure zone label")
-    a("--socket", metavar="PATH", help="local API socket (default: per-user runtime dir)")
+    a(
+        "--socket",
+        metavar="PATH",
+        help="local API socket (default: $XDG_RUNTIME_DIR/phalanx/ID.sock, else "
+        "/tmp/phalanx-UID/ID.sock; daemon.sock without --id); clients find it with "
+        "phalanx.connect(member_id=ID) or PHALANX_ID=ID",
+    )
     a("--config", metavar="FILE.toml", help="settings file (flags > PHALANX_* env > file)")
     a("--incarnation", type=int, metavar="N", help="bump when restarting under one id")
     a("--snapshot-dir", metavar="DIR", help="disk tier for this member's sealed snapshots")

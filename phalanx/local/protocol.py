@@ -345,10 +345,13 @@ class AttachState(Request):
 
     entries: tuple[NamedBuf, ...]
     step: int | None
+    timeout: float
+    at: float
 
     def __post_init__(self) -> None:
         if len({e.name for e in self.entries}) != len(self.entries):
             raise ProtocolError("state entry names must be unique")
+        _timeout(self.timeout, "ATTACH_STATE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +364,11 @@ class Attached:
 class UpdateState(Request):
     step: int
     changed: tuple[str, ...] | None
+    timeout: float
+    at: float
+
+    def __post_init__(self) -> None:
+        _timeout(self.timeout, "UPDATE_STATE")
 
 
 @dataclass(frozen=True, slots=True)

@@ -421,7 +421,7 @@ class LocalServer:
         return Attached(step, how)
 
     def _update(self, s: Session, req: UpdateState, fd: int | None, dl: Deadline) -> Done:
-        with self._driving(Deadline.after(self.op_timeout + self.join_timeout)):
+        with self._driving(dl):
             self.group.update_state(req.step, None if req.changed is None else list(req.changed))
         return Done()
 

@@ -46,10 +46,12 @@ SAMPLES: dict[type, tuple[Any, Any]] = {
     p.BeginStep: (p.BeginStep(None, 60.0, 77.0, True), StepInfo(4, ("d0",), 12, True, 64, 0.5)),
     p.GetView: (p.GetView(), VIEW),
     p.AttachState: (
-        p.AttachState((p.NamedBuf("w", REF), p.NamedBuf("m", p.BufRef(1, 0, "bfloat16", ()))), 3),
+        p.AttachState(
+            (p.NamedBuf("w", REF), p.NamedBuf("m", p.BufRef(1, 0, "bfloat16", ()))), 3, 9.0, 1.0
+        ),
         p.Attached(3, "given"),
     ),
-    p.UpdateState: (p.UpdateState(4, ("w",)), p.Done()),
+    p.UpdateState: (p.UpdateState(4, ("w",), 9.0, 1.0), p.Done()),
     p.Watch: (p.Watch(), VIEW),
     p.Bye: (p.Bye(), p.Done()),
     p.TakeSnapshot: (
@@ -195,7 +197,7 @@ def test_validation_in_the_constructors_reaches_the_decoder() -> None:
     with pytest.raises(ProtocolError, match="barrier"):
         p.decode(OP, _body(barrier_with_buffer))
     with pytest.raises(ProtocolError, match="unique"):
-        p.AttachState((p.NamedBuf("w", REF), p.NamedBuf("w", REF)), 1)
+        p.AttachState((p.NamedBuf("w", REF), p.NamedBuf("w", REF)), 1, 1.0, 1.0)
 
 
 def test_oversized_input_is_refused_before_it_is_buffered() -> None:
@@ -203,11 +205,11 @@ def test_oversized_input_is_refused_before_it_is_buffered() -> None:
     header = p.HEADER.pack(b"PXL2", OP, 0, 0, 1, p.MAX_BODY + 1)
     with pytest.raises(ProtocolError, match="exceeds"):
         dec.feed(header)  # the header alone: no body byte was needed to refuse it
-    huge = p.AttachState(tuple(p.NamedBuf(f"{i:06d}" * 40, REF) for i in range(5000)), 0)
+    huge = p.AttachState(tuple(p.NamedBuf(f"{i:06d}" * 40, REF) for i in range(5000)), 0, 1.0, 1.0)
     with pytest.raises(ProtocolError, match="exceeds"):
         p.encode(huge, 1)
     with pytest.raises(ProtocolError, match="string"):
-        p.encode(p.UpdateState(1, ("x" * 5000,)), 1)
+        p.encode(p.UpdateState(1, ("x" * 5000,), 1.0, 1.0), 1)
 
 
 def test_error_info_round_trips_with_every_value_kind() -> None:
