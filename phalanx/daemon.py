@@ -1,13 +1,14 @@
 """``phalanx daemon``: one per training process; wires membership, data plane, monitor, local API.
 
 :class:`Daemon` is the engine shared by the command line and embedded mode
-(:func:`phalanx.start`): a :class:`~phalanx.membership.hosted.HostedGroup` (membership
-agent + per-view data-plane groups + state sync) whose groups report to a
-:class:`~phalanx.monitor.Monitor` (/metrics, /healthz, /anomalies), and the local API
-(:class:`~phalanx.local.server.LocalServer`) that the training process talks to.
+(:func:`phalanx.start`): an :class:`~phalanx.membership.elastic.ElasticGroup`
+(membership agent + per-view data-plane groups + state sync + the step lifecycle, with
+``auto_rejoin``) whose groups report to a :class:`~phalanx.monitor.Monitor` (/metrics,
+/healthz, /anomalies), and the local API (:class:`~phalanx.local.server.LocalServer`)
+that the training process talks to.
 
-Wiring: every data-plane group gets ``monitor.observer`` and ``monitor.attach(engine)``
-(through HostedGroup, before its first collective); every new view goes to
+Wiring: every data-plane group is built with ``monitor.observer`` (deferred to a thread
+of its own) and handed to ``monitor.attach(engine)``; every new view goes to
 ``monitor.set_view``, to the snapshot service (``on_view``: placement and repair) and,
 as an EVENT, to clients that watch views.
 
@@ -56,8 +57,7 @@ from phalanx.comm.observer import CommObserver, OpSample
 from phalanx.config import PhalanxConfig, load_config
 from phalanx.errors import ConfigError, PhalanxError
 from phalanx.local.server import LocalServer
-from phalanx.local.service import Service, view_body
-from phalanx.membership.hosted import HostedGroup
+from phalanx.membership.elastic import ElasticGroup
 from phalanx.membership.statesync import SyncState
 from phalanx.membership.view import View
 from phalanx.monitor import Monitor
@@ -177,9 +177,8 @@ class Daemon:
         )
         self._observer = _DeferredObserver(self.monitor.observer)
         self.metrics_address: tuple[str, int] | None = None
-        self.group: HostedGroup | None = None
+        self.group: ElasticGroup | None = None
         self.server: LocalServer | None = None
-        self.service: Service | None = None
         self.snapshots: SnapshotService | None = None
         self.erasure_backend = "numpy"  # set at start(): what snapshots encode with
         self.shard_server: ShardServer | None = None
@@ -220,7 +219,7 @@ class Daemon:
             svc.on_view(view)
         server = self.server
         if server is not None:
-            server.publish({"view": view_body(view, self.member_id)})
+            server.publish(view)
 
     def _shard_address(self, member_id: str) -> str | None:
         """Where ``member_id`` serves shards: its second address in the current view."""
@@ -277,7 +276,7 @@ class Daemon:
         cfg = self.config
         try:
             advertise = self._start_snapshots()
-            self.group = HostedGroup(
+            self.group = ElasticGroup(
                 cfg.coordinator,
                 self.member_id,
                 self._secret,
@@ -288,13 +287,16 @@ class Daemon:
                 config=cfg.membership,
                 options=cfg.comm,
                 build_timeout=cfg.build_timeout,
+                join_timeout=cfg.join_timeout,
                 on_view=self._on_view,
                 observer=self._observer,
                 on_engine=self.monitor.attach,
                 advertise=advertise,
+                auto_rejoin=True,
             )
             self.snapshots = self._snapshot_service()
-            self.service = Service(
+            self.server = LocalServer(
+                self.socket_path,
                 self.group,
                 max_client_shm_bytes=cfg.max_client_shm_bytes,
                 op_timeout=cfg.op_timeout,
@@ -302,7 +304,6 @@ class Daemon:
                 snapshots=self.snapshots,
                 seal_timeout=cfg.snapshot.seal_timeout,
             )
-            self.server = LocalServer(self.socket_path, self.service)
             self.monitor.start()
             if cfg.metrics_port >= 0:
                 self.metrics_address = self.monitor.serve(cfg.metrics_host, cfg.metrics_port)
@@ -350,7 +351,7 @@ class Daemon:
         drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
         if self.server is not None:
             self.server.stop_accepting()
-        drained = self.service.shutdown(drain) if self.service is not None else True
+        drained = self.server.drain(drain) if self.server is not None else True
         if self.group is not None:
             if leave:
                 try:
@@ -359,9 +360,8 @@ class Daemon:
                     log.warning("event=leave_failed error=%r", str(exc))
             self.group.close()
         self._stop_snapshots()
-        if self.service is not None:
-            self.service.release()
         if self.server is not None:
+            self.server.release()
             self.server.close()
         self._observer.close()
         self.monitor.close()
@@ -393,9 +393,15 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     a("--metrics-port", type=int, metavar="P", help="/metrics port (0 any, -1 off)")
     a("--metrics-host", metavar="HOST", help="/metrics address (default 127.0.0.1)")
     a("--secret-file", metavar="F", help="file holding the cluster secret (>= 16 bytes)")
-    a("--id", metavar="ID", help="member id (default HOSTNAME-PID)")
+    a("--id", metavar="ID", help="member id (default HOSTNAME-PID); also names the socket")
     a("--zone", metavar="Z", help="failure zone label")
-    a("--socket", metavar="PATH", help="local API socket (default: per-user runtime dir)")
+    a(
+        "--socket",
+        metavar="PATH",
+        help="local API socket (default: $XDG_RUNTIME_DIR/phalanx/ID.sock, else "
+        "/tmp/phalanx-UID/ID.sock; daemon.sock without --id); clients find it with "
+        "phalanx.connect(member_id=ID) or PHALANX_ID=ID",
+    )
     a("--config", metavar="FILE.toml", help="settings file (flags > PHALANX_* env > file)")
     a("--incarnation", type=int, metavar="N", help="bump when restarting under one id")
     a("--snapshot-dir", metavar="DIR", help="disk tier for this member's sealed snapshots")

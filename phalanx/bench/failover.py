@@ -195,10 +195,8 @@ def _peer_main(
                 step = info.step
                 if step >= stop_step.value:
                     break
-                if info.sync is not None and info.sync.received:
-                    events.put(
-                        ("synced", me, time.monotonic(), info.sync.nbytes, info.sync.seconds)
-                    )
+                if info.synced:
+                    events.put(("synced", me, time.monotonic(), info.sync_bytes, info.sync_s))
                 x = base * mine
                 x += np.float32(step % 11)
                 r = eg.all_reduce(x, retry=True, timeout=30.0)

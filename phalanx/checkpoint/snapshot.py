@@ -63,15 +63,20 @@ from phalanx.checkpoint.placement import (
     replace_lost,
 )
 from phalanx.checkpoint.store import ShardError, ShardKey, ShardStore
-from phalanx.errors import PhalanxError
+from phalanx.errors import (
+    RestoreError,
+    SnapshotAbandoned,
+    SnapshotError,
+    SnapshotNotFound,
+)
 
 __all__ = [
+    "PendingSeal",
     "RestoreError",
     "SealInfo",
     "SnapshotAbandoned",
     "SnapshotConfig",
     "SnapshotError",
-    "SnapshotHandle",
     "SnapshotNotFound",
     "SnapshotObserver",
     "SnapshotService",
@@ -81,31 +86,6 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.snapshot")
 
 U8 = npt.NDArray[np.uint8]
-
-
-class SnapshotError(PhalanxError):
-    """A snapshot or restore failed; ``reason`` is a short stable token."""
-
-    def __init__(self, reason: str, detail: str = "", *, holder: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        self.holder = holder
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
-
-class SnapshotAbandoned(SnapshotError):
-    """The generation never sealed (``reason``: ``budget``, ``unavailable``, ``corrupt``,
-    ``missing``, ``too-few-peers``, ``timeout``, ``closed``); ``holder`` names the
-    holder that failed when one did. The previous sealed generation is intact."""
-
-
-class SnapshotNotFound(SnapshotError, LookupError):
-    """No sealed generation (of the requested step) is held anywhere reachable."""
-
-
-class RestoreError(SnapshotError):
-    """A sealed generation exists but cannot be rebuilt (more than m pieces of a stripe
-    lost or corrupt, or the rebuilt state fails its checksums)."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +173,7 @@ class _Gen:
     unmarked: set[str] = field(default_factory=set)  # holders that missed the seal marker
 
 
-class SnapshotHandle:
+class PendingSeal:
     """Returned by :meth:`SnapshotService.snapshot` once the state is copied."""
 
     def __init__(self, gen: _Gen, stall_s: float, changed: tuple[str, ...], timeout: float):
@@ -311,7 +291,7 @@ class SnapshotService:
                 self._free.append(buf)
         self._report_held()
 
-    def snapshot(self, state: Mapping[str, Any], step: int) -> SnapshotHandle:
+    def snapshot(self, state: Mapping[str, Any], step: int) -> PendingSeal:
         """Copy ``state`` into service memory and start sealing it; returns after that
         one copy. Raises :class:`~phalanx.checkpoint.layout.LayoutError` for a state
         that cannot be snapshotted (nothing is copied; the sealed generation stays)."""
@@ -349,7 +329,7 @@ class SnapshotService:
         self._tasks.put(("seal", gen))
         self._obs.on_stall(stall)
         self._report_held()
-        return SnapshotHandle(gen, stall, changed, self.config.seal_timeout_s)
+        return PendingSeal(gen, stall, changed, self.config.seal_timeout_s)
 
     def sealed(self) -> SealInfo | None:
         """The newest sealed generation this service holds, if any."""

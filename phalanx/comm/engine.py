@@ -12,8 +12,9 @@ Between operations the thread keeps answering liveness probes (PING) and noticin
 peers that leave, so a failure is known before the next operation starts.
 
 Failure handling lives here too: a closed link, a malformed or foreign-epoch frame, an
-ABORT from a peer, or no progress for ``timeout_s`` (after a PING probe to find out who
-is actually silent) fails the operation with :class:`~phalanx.errors.PeerFailure`,
+ABORT from a peer, no progress for ``timeout_s`` (after a PING probe to find out who
+is actually silent), or the caller's deadline (``plan.deadline``: passed or cancelled,
+reason ``aborted``) fails the operation with :class:`~phalanx.errors.PeerFailure`,
 tells every peer (ABORT naming the suspects), and breaks the group: later operations
 raise at once, and the plan's undo steps put the caller's array back (promise 2; the
 page-swapped ring has none: it writes the array only once it has succeeded).
@@ -35,16 +36,17 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from phalanx.comm import pageswap, zerocopy
 from phalanx.comm.buffers import BufferPool, HeldScratch
 from phalanx.comm.frames import FLAG_RECEIPT, FrameHeader, FrameKind, encode_header
 from phalanx.comm.observer import CommObserver, LinkSample, OpSample
 from phalanx.comm.options import CommOptions
-from phalanx.comm.plan import ComputeNode, Node, OpInfo, Plan, RecvNode, SendNode
+from phalanx.comm.plan import ComputeNode, Node, Plan, RecvNode, SendNode
 from phalanx.comm.transport import Buffer, Channel, tcp_info
 from phalanx.errors import CommError, FrameError, GroupClosed, PeerFailure
+from phalanx.ops import OpResult
 
 __all__ = ["Engine", "FrameHook", "LinkStats"]
 
@@ -182,8 +184,11 @@ class Engine:
         name: str = "phalanx-engine",
         frame_hook: FrameHook | None = None,
         observer: CommObserver | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         self.rank = rank
+        #: what OpResult.contributors calls each rank (default: "0", "1", ...)
+        self.names = tuple(names) if names is not None else tuple(str(r) for r in range(world))
         self.observer = observer
         self.frame_hook = frame_hook
         self.pool = BufferPool()
@@ -237,7 +242,7 @@ class Engine:
         with self._lock:
             return self._next_seq
 
-    def submit(self, plan: Plan) -> Future[OpInfo]:
+    def submit(self, plan: Plan) -> Future[OpResult]:
         with self._lock:
             if self._broken is not None or self._closing:
                 err = self._failure_for(plan)
@@ -389,6 +394,8 @@ class Engine:
         self._last_progress = self._started
         self._probe = None
         self._patience = 0
+        if self._expired(plan, self._started):
+            return  # given up before it started: it must not pair with the next op
         for streams in self.links.values():
             for link in streams:
                 link.sent0 = link.channel.bytes_sent
@@ -402,11 +409,12 @@ class Engine:
                 self.observer.op_started(plan.kind, plan.seq, self.epoch, plan.nbytes)
             except Exception:
                 log.exception("event=observer-error rank=%d", self.rank)
-        for link, sends in plan.sends.items():
+        for key, sends in plan.sends.items():
+            link = cast(_Link, key)
             link.sends = sends
             self._dirty.add(link)
-        for link, recvs in plan.recvs.items():
-            link.recvs = recvs
+        for key, recvs in plan.recvs.items():
+            cast(_Link, key).recvs = recvs
         try:
             ready, plan.ready = plan.ready, []
             for node in ready:
@@ -425,6 +433,18 @@ class Engine:
             return
         if self._current is plan and plan.pending == 0:
             self._finish()
+
+    def _expired(self, plan: Plan, now: float) -> bool:
+        """Fail ``plan`` if its caller's deadline passed (or was cancelled): nobody is
+        to blame, so no suspects; peers learn it from the ABORT and fail too (an op
+        this rank gives up on must never pair with its next one)."""
+        deadline = plan.deadline
+        if deadline is None or now < deadline.at:
+            return False
+        why = "cancelled by the caller" if deadline.cancelled else "the caller's deadline passed"
+        late = sorted(self._waited_peers())
+        self._fail_current(_OpFailed((), "aborted", f"{why} (waiting on ranks {late})", self.rank))
+        return True
 
     def _resume(self, link: _Link) -> None:
         link.paused = False
@@ -452,7 +472,7 @@ class Engine:
                 n.fn()
                 stack.extend(self._complete(n))
             elif isinstance(n, SendNode):
-                self._dirty.add(n.state)
+                self._dirty.add(cast(_Link, n.state))
             # RecvNodes need no activation: they wait for their frame
 
     def _complete(self, node: Node) -> list[Node]:
@@ -496,7 +516,7 @@ class Engine:
         samples = self._link_samples(now)
         sent = sum(sample.bytes_sent for sample in samples)
         recv = sum(sample.bytes_recv for sample in samples)
-        info = OpInfo(
+        info = OpResult(
             op=plan.kind,
             seq=plan.seq,
             epoch=self.epoch,
@@ -507,7 +527,7 @@ class Engine:
             wire_bytes_sent=sent,
             wire_bytes_recv=recv,
             duration_s=now - self._started,
-            contributors=tuple(range(self.world)),
+            contributors=self.names,
         )
         self._current = None
         self._probe = None
@@ -816,6 +836,8 @@ class Engine:
     def _check_progress(self, now: float) -> None:
         plan = self._current
         assert plan is not None
+        if self._expired(plan, now):
+            return
         probe = self._probe
         if probe is None:
             if now - self._last_progress < self.options.timeout_s:

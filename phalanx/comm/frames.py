@@ -180,26 +180,102 @@ def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> Fra
 
 
 class FrameDecoder:
-    """Incremental decoder: feed it bytes as they come, take whole frames out.
+    """The data plane's one frame decoder: a state machine over header, destination,
+    payload, with two ways in.
 
-    ``next_frame()`` returns a :class:`Frame` or ``None`` when more data is needed.
-    A header is validated as soon as its 40 bytes are there, so an oversized length
-    is refused before a single payload byte is buffered. After an error the decoder
+    *Copying* (tests, fuzzing, small readers): ``feed(bytes)`` then ``next_frame()``,
+    which returns a :class:`Frame` or ``None`` when more data is needed.
+
+    *Zero-copy* (the engine's channels, the handshake): the caller ``recv_into``s
+    :meth:`window` and reports the count to :meth:`advance`. Once a header is in
+    (:attr:`header` set, :attr:`needs_dest` true) the caller chooses where the payload
+    goes with :meth:`place` — the plan's own buffer, so payload bytes land where they
+    belong without a copy — or leaves the frame parked until it knows. When the frame
+    is complete (:attr:`complete`), :meth:`pop` returns it and the decoder starts on
+    the next header.
+
+    A header is validated as soon as its 40 bytes are in, so an oversized length is
+    refused before a single payload byte is read; the copying side allocates a
+    payload buffer only once all of its bytes have arrived. After an error the decoder
     is poisoned: the stream cannot be resynchronised and must be closed.
     """
+
+    __slots__ = ("_buf", "_dest", "_error", "_got", "_hdr", "_hdr_view", "_max_payload", "header")
 
     def __init__(self, max_payload: int) -> None:
         if max_payload < 0:
             raise ValueError("max_payload must be >= 0")
         self._max_payload = max_payload
-        self._buf = bytearray()
-        self._header: FrameHeader | None = None
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hdr_view = memoryview(self._hdr)
+        self._got = 0  # bytes of the current header (no header yet) or payload
+        #: the current frame's header once its 40 bytes are in (None before)
+        self.header: FrameHeader | None = None
+        self._dest: memoryview | None = None
         self._error: FrameError | None = None
+        self._buf = bytearray()  # the copying side's unread bytes
+
+    # -- zero-copy side -------------------------------------------------------------
+    @property
+    def needs_dest(self) -> bool:
+        """A header is in and no payload destination has been placed yet."""
+        return self.header is not None and self._dest is None
 
     @property
+    def complete(self) -> bool:
+        """The current frame is whole: :meth:`pop` it."""
+        return self._dest is not None and self.header is not None and self._got == len(self._dest)
+
+    def window(self) -> memoryview:
+        """Where the next received bytes go: the rest of the header, or the rest of the
+        placed payload destination. Never empty while neither :attr:`needs_dest` nor
+        :attr:`complete` holds."""
+        if self._error is not None:
+            raise self._error
+        if self.header is None:
+            return self._hdr_view[self._got :]
+        if self._dest is None:
+            raise RuntimeError("the frame has no payload destination yet (place() it)")
+        return self._dest[self._got :]
+
+    def advance(self, n: int) -> None:
+        """``n`` bytes were written into :meth:`window`. Raises :class:`FrameError` on a
+        bad header (the decoder is poisoned from then on)."""
+        self._got += n
+        if self.header is None and self._got == HEADER_SIZE:
+            try:
+                self.header = decode_header(self._hdr, self._max_payload)
+            except FrameError as exc:
+                self._error = exc
+                raise
+            self._got = 0
+
+    def place(self, dest: memoryview) -> None:
+        """Receive the current frame's payload into ``dest`` (exactly its length)."""
+        header = self.header
+        if header is None or self._dest is not None:
+            raise RuntimeError("no frame is waiting for a payload destination")
+        if len(dest) != header.length:
+            raise FrameError("bad-payload", "receive buffer does not match the frame length")
+        self._dest = dest
+
+    def pop(self) -> tuple[FrameHeader, memoryview]:
+        """The complete frame (header, payload view); the decoder moves on."""
+        header, dest = self.header, self._dest
+        if header is None or dest is None or self._got != len(dest):
+            raise RuntimeError("no complete frame")
+        self.header = None
+        self._dest = None
+        self._got = 0
+        return header, dest
+
+    # -- copying side ---------------------------------------------------------------
+    @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as part of a frame."""
-        return len(self._buf)
+        """Bytes fed but not yet returned as part of a frame (a parsed header's 40
+        bytes no longer count)."""
+        pending = self._got if self.header is None else 0
+        return len(self._buf) + pending
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
@@ -209,18 +285,20 @@ class FrameDecoder:
     def next_frame(self) -> Frame | None:
         if self._error is not None:
             raise self._error
-        if self._header is None:
-            if len(self._buf) < HEADER_SIZE:
+        buf = self._buf
+        if self.header is None:
+            take = min(HEADER_SIZE - self._got, len(buf))
+            self._hdr_view[self._got : self._got + take] = buf[:take]
+            del buf[:take]
+            self.advance(take)
+            if self.header is None:
                 return None
-            try:
-                self._header = decode_header(self._buf, self._max_payload)
-            except FrameError as exc:
-                self._error = exc
-                raise
-            del self._buf[:HEADER_SIZE]
-        if len(self._buf) < self._header.length:
-            return None
-        header, self._header = self._header, None
-        payload = bytes(self._buf[: header.length])
-        del self._buf[: header.length]
+        header = self.header
+        if len(buf) < header.length:
+            return None  # allocate nothing until the whole payload is here
+        payload = bytes(buf[: header.length])
+        del buf[: header.length]
+        self.place(memoryview(payload))
+        self._got = header.length
+        self.pop()
         return Frame(header, payload)

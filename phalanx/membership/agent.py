@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from phalanx.errors import ConfigError
-from phalanx.membership import _wire
+from phalanx.membership import _rpc
 from phalanx.membership._group import Decision, Outcome
 from phalanx.membership._proto import membership_pb2 as pb
 from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
@@ -82,7 +82,7 @@ class Agent:
             raise ConfigError("the agent needs the cluster secret (or insecure=True)")
         self.config = config or MembershipConfig()
         self._target = coordinator
-        self._signer = _wire.Signer(secret, max_skew=self.config.max_skew)
+        self._signer = _rpc.Signer(secret, max_skew=self.config.max_skew)
         self._on_view = on_view
         self._on_evicted = on_evicted
         options: list[tuple[str, Any]] = [
@@ -171,7 +171,11 @@ class Agent:
         self._start_threads()
         remaining = max(0.0, deadline - time.monotonic())
         try:
-            view = self.wait_for_view(lambda v: v.has(self._member), remaining)
+            # an eviction ends the wait at once (a join refused while it waited for
+            # admission would otherwise hold the caller for the whole timeout)
+            view = self.wait_for_view(lambda v: v.has(self._member) or self._evicted, remaining)
+            if self._evicted and not view.has(self._member):
+                raise Evicted("removed before admission")
             # Joined means wired: the Watch stream is open (its loss is a fast death
             # signal for the coordinator) before we return.
             self._watching.wait(max(0.0, deadline - time.monotonic()))
@@ -294,7 +298,7 @@ class Agent:
                     step, vote_epoch, "this member was evicted while voting; decision unknown"
                 )
             req = pb.CommitRequest(
-                step=step, ok=ok, last_decision=_wire.decision_to_pb(self._last_decision)
+                step=step, ok=ok, last_decision=_rpc.decision_to_pb(self._last_decision)
             )
             try:
                 resp = cast(
@@ -371,7 +375,7 @@ class Agent:
 
         ``incarnation``: send only as that incarnation (else :class:`Evicted`).
         """
-        method = _wire.SERVICE + name
+        method = _rpc.SERVICE + name
         with self._lock:
             member = self._member
             held = self._view.epoch
@@ -388,7 +392,7 @@ class Agent:
         try:
             resp = getattr(self._stub, name)(req, timeout=timeout)
         except grpc.RpcError as err:
-            refusal = _wire.error_from_rpc(err, method)
+            refusal = _rpc.error_from_rpc(err, method)
             if refusal is not None:
                 raise refusal from None
             code = err.code() if callable(getattr(err, "code", None)) else None
@@ -408,12 +412,12 @@ class Agent:
                 known = self._view if self._view.has(member) else View(0)
                 last = self._last_decision
             req = pb.JoinRequest(
-                member=_wire.member_to_pb(member),
-                known_view=_wire.view_to_pb(known),
-                last_decision=_wire.decision_to_pb(last),
+                member=_rpc.member_to_pb(member),
+                known_view=_rpc.view_to_pb(known),
+                last_decision=_rpc.decision_to_pb(last),
             )
             resp = cast(pb.JoinResponse, self._call("Join", req, self.config.rpc_timeout))
-            view = _wire.view_from_pb(resp.view)
+            view = _rpc.view_from_pb(resp.view)
             with self._lock:
                 if resp.coordinator_run != self._run:
                     if self._run:
@@ -540,7 +544,7 @@ class Agent:
             stop.wait(next_beat - now)
 
     def _watch_loop(self, stop: threading.Event) -> None:
-        method = _wire.SERVICE + "Watch"
+        method = _rpc.SERVICE + "Watch"
         delay = _RETRY_MIN
         while not self._standing_down(stop):
             req = pb.WatchRequest()
@@ -570,7 +574,7 @@ class Agent:
             except grpc.RpcError as err:
                 if self._standing_down(stop):
                     return
-                refusal = _wire.error_from_rpc(err, method)
+                refusal = _rpc.error_from_rpc(err, method)
                 if isinstance(refusal, Evicted):
                     self._handle_evicted()
                     return
@@ -588,7 +592,7 @@ class Agent:
     def _on_event(self, event: pb.WatchEvent, method: str) -> None:
         try:
             self._signer.verify(event, method, "event")
-            view = _wire.view_from_pb(event.view)
+            view = _rpc.view_from_pb(event.view)
         except Rejected as err:
             log.warning("event=bad_watch_event member=%s error=%s", self._member.id, err)
             return

@@ -27,7 +27,7 @@ from typing import NoReturn, TypeVar
 import grpc
 
 from phalanx.errors import ConfigError
-from phalanx.membership import _wire
+from phalanx.membership import _rpc
 from phalanx.membership._group import Decision, GroupState
 from phalanx.membership._proto import membership_pb2 as pb
 from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
@@ -77,7 +77,7 @@ class Coordinator:
             raise ConfigError(f"bad listen address {listen!r}: {exc}") from None
         self.config = config or MembershipConfig()
         self._listen = listen
-        self._signer = _wire.Signer(secret, max_skew=self.config.max_skew)
+        self._signer = _rpc.Signer(secret, max_skew=self.config.max_skew)
         self._tls = (tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
         self._recover = recover
         self.run_id = os.urandom(8).hex()
@@ -238,8 +238,8 @@ def _abort(context: grpc.ServicerContext, err: Rejected, method: str) -> NoRetur
         context.peer(),
         err.detail,
     )
-    context.set_trailing_metadata(((_wire.REJECT_TRAILER, err.reason.name),))
-    context.abort(_wire.status_for(err.reason), err.detail or err.reason.name)
+    context.set_trailing_metadata(((_rpc.REJECT_TRAILER, err.reason.name),))
+    context.abort(_rpc.status_for(err.reason), err.detail or err.reason.name)
 
 
 class _Servicer(pb_grpc.CoordinatorServicer):
@@ -248,7 +248,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self._c = coordinator
 
-    def _sign(self, msg: _wire._Signed, method: str, direction: str, epoch: int) -> None:
+    def _sign(self, msg: _rpc._Signed, method: str, direction: str, epoch: int) -> None:
         self._c._signer.sign(msg, method, direction, epoch=epoch)
 
     def _guard(self, context: grpc.ServicerContext, method: str, fn: Callable[[], _T]) -> _T:
@@ -265,7 +265,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     # -- Join --------------------------------------------------------------------------
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        method = _wire.SERVICE + "Join"
+        method = _rpc.SERVICE + "Join"
         return self._guard(context, method, lambda: self._join(request, method))
 
     def _join(self, request: pb.JoinRequest, method: str) -> pb.JoinResponse:
@@ -273,15 +273,15 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         info = c._signer.verify(request, method, "request")
         if not request.HasField("member"):
             raise Rejected(RejectReason.MALFORMED, "join without member")
-        member = _wire.member_from_pb(request.member)
+        member = _rpc.member_from_pb(request.member)
         if member.id != info.sender_id or member.incarnation != info.incarnation:
             raise Rejected(RejectReason.MALFORMED, "header sender differs from the member")
-        known = _wire.view_from_pb(request.known_view)
-        last = _wire.decision_from_pb(request.last_decision)
+        known = _rpc.view_from_pb(request.known_view)
+        last = _rpc.decision_from_pb(request.last_decision)
         with c._cond:
             known_here = c._group().state_of(member.id, member.incarnation) is not None
         probe = c.config.probe_addresses and not known_here
-        if probe and not _wire.probe(member.addresses, c.config.probe_timeout):
+        if probe and not _rpc.probe(member.addresses, c.config.probe_timeout):
             raise Rejected(
                 RejectReason.UNREACHABLE_ADDRESS,
                 f"no TCP connection to any of {', '.join(member.addresses)} "
@@ -289,7 +289,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             )
         view, admitted = c._locked(lambda g, now: g.join(member, known, last, now))
         resp = pb.JoinResponse(
-            view=_wire.view_to_pb(view),
+            view=_rpc.view_to_pb(view),
             admitted=admitted,
             timing=pb.Timing(
                 heartbeat_interval_ms=round(c.config.heartbeat_interval * 1000),
@@ -303,7 +303,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     # -- Leave -------------------------------------------------------------------------
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        method = _wire.SERVICE + "Leave"
+        method = _rpc.SERVICE + "Leave"
 
         def run() -> pb.LeaveResponse:
             info = self._c._signer.verify(request, method, "request")
@@ -311,7 +311,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             view = self._c._locked(
                 lambda g, now: g.leave(info.sender_id, info.incarnation, reason, now)
             )
-            resp = pb.LeaveResponse(view=_wire.view_to_pb(view))
+            resp = pb.LeaveResponse(view=_rpc.view_to_pb(view))
             self._sign(resp, method, "response", view.epoch)
             return resp
 
@@ -322,7 +322,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatResponse:
-        method = _wire.SERVICE + "Heartbeat"
+        method = _rpc.SERVICE + "Heartbeat"
 
         def run() -> pb.HeartbeatResponse:
             info = self._c._signer.verify(request, method, "request")
@@ -340,7 +340,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def ReportFailure(
         self, request: pb.ReportFailureRequest, context: grpc.ServicerContext
     ) -> pb.ReportFailureResponse:
-        method = _wire.SERVICE + "ReportFailure"
+        method = _rpc.SERVICE + "ReportFailure"
 
         def run() -> pb.ReportFailureResponse:
             c = self._c
@@ -371,7 +371,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     # -- Commit ------------------------------------------------------------------------
 
     def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
-        method = _wire.SERVICE + "Commit"
+        method = _rpc.SERVICE + "Commit"
         return self._guard(context, method, lambda: self._commit(request, context, method))
 
     def _commit(
@@ -380,7 +380,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         c = self._c
         info = c._signer.verify(request, method, "request")
         step, ok = int(request.step), bool(request.ok)
-        last = _wire.decision_from_pb(request.last_decision)
+        last = _rpc.decision_from_pb(request.last_decision)
         epoch = info.epoch
         if epoch == 0:
             raise Rejected(RejectReason.MALFORMED, "vote without an epoch")
@@ -413,7 +413,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def Watch(
         self, request: pb.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.WatchEvent]:
-        method = _wire.SERVICE + "Watch"
+        method = _rpc.SERVICE + "Watch"
         c = self._c
         try:
             info = c._signer.verify(request, method, "request")
@@ -462,7 +462,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             last_seq = published.seq
             evicted = not live and state is not MemberState.LEFT
             event = pb.WatchEvent(
-                view=_wire.view_to_pb(published.view),
+                view=_rpc.view_to_pb(published.view),
                 cause=(pb.VIEW_CAUSE_SNAPSHOT if first else published.cause.value),  # type: ignore[arg-type]
                 removed_ids=[i for i, _ in published.removed],
                 removed_causes=[why for _, why in published.removed],

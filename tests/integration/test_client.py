@@ -211,8 +211,8 @@ def test_state_calls_wait_out_a_busy_daemon() -> None:
         x = pg.empty((4,), "float32")
         x[:] = 1
         assert pg.attach_state({"w": x}, step=0) == 0
-        assert pg.daemon is not None and pg.daemon.service is not None
-        busy = pg.daemon.service._lock
+        assert pg.daemon is not None and pg.daemon.server is not None
+        busy = pg.daemon.server._group_lock
         assert busy.acquire(timeout=5)
         threading.Timer(11.0, busy.release).start()  # longer than the old 10 s
         t0 = time.monotonic()

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from phalanx.membership import _wire
+from phalanx.membership import _rpc
 from phalanx.membership._proto import membership_pb2 as pb
 from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
 from phalanx.membership.agent import Agent
@@ -187,11 +187,11 @@ def raw_join(
     version: int | None = None,
     sender: str | None = None,
 ) -> pb.JoinResponse:
-    signer = _wire.Signer(secret)
+    signer = _rpc.Signer(secret)
     req = pb.JoinRequest(member=member)
     signer.sign(
         req,
-        _wire.SERVICE + "Join",
+        _rpc.SERVICE + "Join",
         "request",
         sender_id=member.id if sender is None else sender,
         incarnation=member.incarnation,
@@ -205,7 +205,7 @@ def raw_join(
 
 
 def reason_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, RejectReason | None, str]:
-    err = _wire.error_from_rpc(exc, "Join")
+    err = _rpc.error_from_rpc(exc, "Join")
     reason = err.reason if isinstance(err, Rejected) else None
     return exc.code(), reason, exc.details() or ""
 
@@ -260,9 +260,9 @@ def test_refusals_are_clear_and_leave_the_view_alone(
 def test_replay_and_garbage_are_refused(coordinator: Coordinator, group: Group) -> None:
     (a,) = form(group, "a")
     before = coordinator.view
-    signer = _wire.Signer(SECRET)
+    signer = _rpc.Signer(SECRET)
     req = pb.HeartbeatRequest()
-    signer.sign(req, _wire.SERVICE + "Heartbeat", "request", sender_id="a", incarnation=1)
+    signer.sign(req, _rpc.SERVICE + "Heartbeat", "request", sender_id="a", incarnation=1)
     with grpc.insecure_channel(coordinator.address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         stub.Heartbeat(req, timeout=5)

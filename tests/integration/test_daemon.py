@@ -138,8 +138,13 @@ def test_serves_health_and_metrics_and_leaves_on_sigterm(secret: bytes, tmp_path
             x[:] = 2
             pg.all_reduce(x)
             assert pg.view().members == ("d0",)
-        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as resp:
-            body = resp.read().decode()
+        deadline = time.monotonic() + 10.0
+        while True:  # op samples reach the monitor on a thread of their own: allow it a beat
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            if "phalanx_op_duration_seconds_count{" in body or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert "phalanx_view_epoch" in body and "phalanx_op_duration_seconds_count{" in body
         t0 = time.monotonic()
         cl.procs[0].send_signal(signal.SIGTERM)
