@@ -280,7 +280,7 @@ class Daemon:
                 self.member_id,
                 self._secret,
                 listen=cfg.listen,
-                incarnation=cfg.incarnation,
+                incarnation=cfg.incarnation or time.time_ns() // 1_000_000,
                 zone=cfg.zone,
                 state=SyncState.empty(),
                 config=cfg.membership,
@@ -390,7 +390,8 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     a("--zone", metavar="Z", help="failure zone label")
     a("--socket", metavar="PATH", help="local API socket (default: per-user runtime dir)")
     a("--config", metavar="FILE.toml", help="settings file (flags > PHALANX_* env > file)")
-    a("--incarnation", type=int, metavar="N", help="bump when restarting under one id")
+    a("--incarnation", type=int, metavar="N",
+      help="bump when restarting under one id (0: the wall clock in ms)")  # fmt: skip
     a("--snapshot-dir", metavar="DIR", help="disk tier for this member's sealed snapshots")
     a("--snapshot-budget", type=int, metavar="BYTES", help="bytes of peers' shards to hold")
     a("--insecure", action="store_true", default=None, help="run without a secret (tests)")
