@@ -329,6 +329,10 @@ def session(log_path: Path) -> Iterator[dict[str, str]]:
     finally:
         try:
             if proc is not None:
+                # this engine is ours: drop the untagged images builds leave behind
+                # (multi-stage build stages, replaced tags), so its data root stays small
+                subprocess.run([docker_binary(), "--host", host, "image", "prune", "--force"],
+                               capture_output=True, timeout=120, check=False)  # fmt: skip
                 kids = _children(proc.pid)  # containerd (and its shims, if any are left)
                 _stop_pid(proc.pid, STOP_TIMEOUT_S)
                 proc.wait(timeout=5)
