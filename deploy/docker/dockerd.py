@@ -19,9 +19,10 @@ after, whatever happens (exceptions, SIGINT, SIGTERM):
 
 * the bridge and forwarding sysctls (``net.bridge.bridge-nf-call-*``,
   ``net.ipv4.ip_forward``, ``net.ipv4.conf.all.forwarding``, ``net.ipv6.conf.all.forwarding``);
-* every iptables / ip6tables table: rules and chains that appeared are removed, the
-  built-in chains' policies set back (``FORWARD`` above all), rules others added
-  meanwhile are left alone;
+* every iptables / ip6tables table: the rules and chains dockerd makes (its ``DOCKER*``
+  chains, rules naming them, ``docker0`` or a ``br-*`` bridge) that appeared are
+  removed, the built-in chains' policies set back (``FORWARD`` above all); rules that
+  other programs added meanwhile are left alone;
 * network links named ``docker0``, ``br-*`` or ``veth*`` that appeared are deleted.
 
 ``dockerd`` and the ``containerd`` it spawned are stopped by PID (SIGTERM, then SIGKILL
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["CANNOT_RUN", "HostState", "capture", "restore", "session"]
+__all__ = ["CANNOT_RUN", "HostState", "Table", "capture", "parse_save", "plan_table", "restore", "same", "session"]
 
 #: exit status when Docker cannot run on this machine (a skip outside CI)
 CANNOT_RUN = 77
@@ -119,7 +120,7 @@ def _run(cmd: Sequence[str], check: bool = True) -> str:
     return p.stdout
 
 
-def _parse_save(text: str) -> dict[str, Table]:
+def parse_save(text: str) -> dict[str, Table]:
     tables: dict[str, Table] = {}
     name = ""
     policies: dict[str, str] = {}
@@ -141,7 +142,7 @@ def _parse_save(text: str) -> dict[str, Table]:
 def _iptables(tool: str) -> dict[str, Table]:
     if shutil.which(f"{tool}-save") is None:
         return {}
-    return _parse_save(_run([f"{tool}-save"]))
+    return parse_save(_run([f"{tool}-save"]))
 
 
 def _links() -> frozenset[str]:
@@ -183,29 +184,41 @@ def restore(before: HostState) -> list[str]:
     return done
 
 
-def _restore_table(tool: str, name: str, now: Table, then: Table | None) -> list[str]:
-    done: list[str] = []
+def _docker_made(text: str) -> bool:
+    """A rule or chain dockerd makes: its chains, its bridges, its interfaces."""
+    return "DOCKER" in text or "docker0" in text or " br-" in text
+
+
+def plan_table(tool: str, name: str, now: Table, then: Table | None) -> list[list[str]]:
+    """The commands that undo in ``now`` what dockerd did since ``then`` (pure):
+    delete the rules and chains it made, set the built-in policies back. Rules that
+    appeared but are not dockerd's (another program's, meanwhile) are left alone."""
+    cmds: list[list[str]] = []
     then = then or Table({c: "ACCEPT" for c in _BUILTIN.get(name, ())}, ())
     extra = Counter(now.rules) - Counter(then.rules)
     for rule in reversed(now.rules):  # last added first: jumps go before their targets
-        if extra[rule] > 0:
+        if extra[rule] > 0 and _docker_made(rule):
             extra[rule] -= 1
             args = shlex.split(rule)
             args[0] = "-D"
-            _run([tool, "-t", name, *args], check=False)
-            done.append(f"{tool} -t {name} {shlex.join(args)}")
+            cmds.append([tool, "-t", name, *args])
     for chain, policy in now.policies.items():
         if chain in then.policies:
-            if policy != "-" and policy != then.policies[chain]:
-                _run([tool, "-t", name, "-P", chain, then.policies[chain]])
-                done.append(f"{tool} -t {name} -P {chain} {then.policies[chain]}")
-        elif policy == "-":  # a user chain that appeared
-            _run([tool, "-t", name, "-F", chain], check=False)
-            _run([tool, "-t", name, "-X", chain], check=False)
-            done.append(f"{tool} -t {name} -X {chain}")
-        elif policy != "ACCEPT":  # a built-in chain of a table that did not exist
-            _run([tool, "-t", name, "-P", chain, "ACCEPT"])
-            done.append(f"{tool} -t {name} -P {chain} ACCEPT")
+            if policy not in ("-", then.policies[chain]):
+                cmds.append([tool, "-t", name, "-P", chain, then.policies[chain]])
+        elif policy == "-" and _docker_made(chain):  # a user chain dockerd made
+            cmds.append([tool, "-t", name, "-F", chain])
+            cmds.append([tool, "-t", name, "-X", chain])
+        elif policy not in ("-", "ACCEPT"):  # a built-in chain of a table that was not there
+            cmds.append([tool, "-t", name, "-P", chain, "ACCEPT"])
+    return cmds
+
+
+def _restore_table(tool: str, name: str, now: Table, then: Table | None) -> list[str]:
+    done = []
+    for cmd in plan_table(tool, name, now, then):
+        _run(cmd, check=False)
+        done.append(shlex.join(cmd))
     return done
 
 
