@@ -189,7 +189,9 @@ def scenario(stack: Stack, peers: int) -> dict[str, Any]:
     victim = ids[0]
     victim_id = stack.member(victim)
     survivors = ids[1:]
-    before_kill = stack.events(victim)
+    # its snapshot must be on its peers before it dies, or there is nothing to restore
+    wait_for("a sealed snapshot of the peer to kill",
+             lambda: [e for e in stack.events(victim) if e["ev"] == "sealed"], 90)  # fmt: skip
     t_kill = time.time()
     sh([DOCKER, "kill", victim], env=stack.env)
 
@@ -208,7 +210,9 @@ def scenario(stack: Stack, peers: int) -> dict[str, Any]:
         raise SmokeError(f"survivors resumed {resume_s:.1f}s after the kill (limit {RESUME_LIMIT_S}s)")
 
     # 4. the killed container comes back: its snapshot is rebuilt from the holders
-    snaps = {e["step"]: e["sha256"] for e in before_kill if e["ev"] == "snapshot"}
+    # what it logged as it took each snapshot (read now: its log outlives it)
+    snaps = {e["step"]: e["sha256"] for e in stack.events(victim)
+             if e["ev"] == "snapshot" and e["t"] < t_kill}  # fmt: skip
     if not snaps:
         raise SmokeError("the killed peer had taken no snapshot before the kill")
     if not stack.inspect(victim)["State"]["Running"]:
