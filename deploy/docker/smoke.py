@@ -74,10 +74,11 @@ def sh(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float 
 
 
 def wait_for(what: str, fn: Callable[[], _T | None], timeout: float, every: float = 0.5) -> _T:
+    """``fn()``'s first truthy answer (None, False, [] mean "not yet")."""
     deadline = time.monotonic() + timeout
     while True:
         got = fn()
-        if got is not None and got is not False:
+        if got:
             return got
         if time.monotonic() > deadline:
             raise SmokeError(f"timed out after {timeout:.0f}s waiting for {what}")
@@ -195,16 +196,16 @@ def scenario(stack: Stack, peers: int) -> dict[str, Any]:
     t_kill = time.time()
     sh([DOCKER, "kill", victim], env=stack.env)
 
-    def resumed() -> float | None:
+    def resumed() -> dict[str, float] | None:
         firsts = []
         for c in survivors:
             got = commits_after(stack.events(c), t_kill, without=victim_id)
             if not got:
                 return None
             firsts.append(got[0]["t"])
-        return max(firsts) - t_kill
+        return {"s": max(firsts) - t_kill}
 
-    resume_s = wait_for("the survivors to commit without the killed peer", resumed, 30)
+    resume_s = wait_for("the survivors to commit without the killed peer", resumed, 30)["s"]
     seen["kill_resume_s"] = round(resume_s, 2)
     if resume_s > RESUME_LIMIT_S:
         raise SmokeError(f"survivors resumed {resume_s:.1f}s after the kill (limit {RESUME_LIMIT_S}s)")
