@@ -48,6 +48,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from phalanx.checkpoint.erasure import backend_summary
 from phalanx.checkpoint.snapshot import SnapshotConfig, SnapshotObserver, SnapshotService
 from phalanx.checkpoint.store import MemoryShardStore
 from phalanx.checkpoint.tcp import ShardServer, TcpShardChannel
@@ -180,6 +181,7 @@ class Daemon:
         self.server: LocalServer | None = None
         self.service: Service | None = None
         self.snapshots: SnapshotService | None = None
+        self.erasure_backend = "numpy"  # set at start(): what snapshots encode with
         self.shard_server: ShardServer | None = None
         self._shard_channel: TcpShardChannel | None = None
         self._store: MemoryShardStore | None = None
@@ -309,14 +311,19 @@ class Daemon:
         except BaseException:
             self.stop(leave=False)
             raise
+        erasure, erasure_detail = backend_summary()
+        self.erasure_backend = erasure
         audit.info(
-            "event=daemon_started member=%s epoch=%d members=%s socket=%s data=%s metrics=%s",
+            "event=daemon_started member=%s epoch=%d members=%s socket=%s data=%s metrics=%s "
+            "erasure=%s erasure_detail=%r",
             self.member_id,
             view.epoch,
             ",".join(view.ids),
             self.socket_path,
             self.group.address,
             _hostport(self.metrics_address),
+            erasure,
+            erasure_detail,
         )
 
     def _stop_snapshots(self) -> None:
@@ -441,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(
             f"phalanx daemon ready member={daemon.member_id} socket={daemon.socket_path} "
             f"data={daemon.group.address} shards={shards} metrics={metrics} "
-            f"epoch={daemon.group.view.epoch}\n"
+            f"epoch={daemon.group.view.epoch} erasure={daemon.erasure_backend}\n"
         )
         sys.stdout.flush()
         while not done.wait(0.5):

@@ -37,6 +37,7 @@ __all__ = [
     "IsalCoder",
     "NumpyCoder",
     "available_backends",
+    "backend_summary",
     "isal_unavailable_reason",
     "make_coder",
 ]
@@ -331,6 +332,18 @@ def isal_unavailable_reason(library: str | None = None) -> str | None:
     """``None`` when ISA-L loads and passes its self-check, else why not."""
     lib, why = _isal.load(library)
     return None if lib is not None else why
+
+
+def backend_summary(prefer: str = "auto", library: str | None = None) -> tuple[str, str]:
+    """What :func:`make_coder` would use, for start-up lines: a short token
+    (``isal-2.32``, ``numpy``) and a description (the library's path, or why ISA-L is
+    not used)."""
+    if prefer == "numpy":
+        return "numpy", "numpy engine (asked for)"
+    lib, why = _isal.load(library)
+    if lib is None:
+        return "numpy", why
+    return f"isal-{lib.version}", f"isal {lib.version} ({lib.path})"
 
 
 def available_backends(library: str | None = None) -> tuple[str, ...]:

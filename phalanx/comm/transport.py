@@ -90,6 +90,10 @@ class Listener:
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def close(self) -> None:
+        """Stop listening; a thread blocked in ``accept()`` wakes now (shutdown wakes
+        it on Linux, where close alone would leave it to its next timeout)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
     def __enter__(self) -> Listener:

@@ -127,6 +127,9 @@ def test_serves_health_and_metrics_and_leaves_on_sigterm(secret: bytes, tmp_path
         text = cl.outs[0].read_text()
         assert "comm.streams = 1" in text and "secret_file" in text  # the config, printed
         assert secret.hex() not in text  # ... with no secret in it
+        from phalanx.checkpoint.erasure import backend_summary
+
+        assert f"erasure={backend_summary()[0]}" in ready.split()  # says what it encodes with
         metrics = ready.split("metrics=")[1].split()[0]
         with urllib.request.urlopen(f"http://{metrics}/healthz", timeout=5) as resp:
             assert resp.status == 200
