@@ -352,6 +352,7 @@ def session(log_path: Path) -> Iterator[dict[str, str]]:
                 for kid in kids:
                     if _alive(kid):
                         _stop_pid(kid, 10.0)
+                shutil.rmtree(RUN_DIR, ignore_errors=True)  # its socket, pid file, exec root
         finally:
             done = restore(before)
             after = capture()
