@@ -281,7 +281,7 @@ class Daemon:
                 self.member_id,
                 self._secret,
                 listen=cfg.listen,
-                incarnation=cfg.incarnation,
+                incarnation=cfg.incarnation or time.time_ns() // 1_000_000,
                 zone=cfg.zone,
                 state=SyncState.empty(),
                 config=cfg.membership,
@@ -403,7 +403,8 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         "phalanx.connect(member_id=ID) or PHALANX_ID=ID",
     )
     a("--config", metavar="FILE.toml", help="settings file (flags > PHALANX_* env > file)")
-    a("--incarnation", type=int, metavar="N", help="bump when restarting under one id")
+    a("--incarnation", type=int, metavar="N",
+      help="bump when restarting under one id (0: the wall clock in ms)")  # fmt: skip
     a("--snapshot-dir", metavar="DIR", help="disk tier for this member's sealed snapshots")
     a("--snapshot-budget", type=int, metavar="BYTES", help="bytes of peers' shards to hold")
     a("--insecure", action="store_true", default=None, help="run without a secret (tests)")
