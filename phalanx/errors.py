@@ -10,7 +10,7 @@ working. This module imports nothing from the rest of the package.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 __all__ = [
     "AuthError",
@@ -20,6 +20,7 @@ __all__ = [
     "FrameError",
     "GroupClosed",
     "HandshakeError",
+    "OpMismatch",
     "PeerFailure",
     "PhalanxError",
     "ProtocolError",
@@ -119,6 +120,65 @@ class PeerFailure(CommError):
         who = ",".join(str(r) for r in sorted(self.suspects)) or "unknown"
         by = f" detected by rank {detected_by}" if detected_by is not None else ""
         msg = f"{op} #{seq} in epoch {epoch} failed: {reason}; suspected ranks [{who}]{by}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+class OpMismatch(CommError, ValueError):
+    """Ranks called the same collective (same ``seq``) with different arguments: a
+    caller's mistake, caught before any rank reduced or wrote a peer's data.
+
+    Every rank of the group raises it for the same op, each caller's array holds its
+    input (promise 2), and the group stays usable: the next op runs as usual. It is
+    not a :class:`PeerFailure` (no peer is at fault, nothing to report or heal) and it
+    is a ``ValueError`` (a wrong argument).
+
+    Attributes:
+        op: this rank's collective kind (``"all_reduce"``, ...).
+        seq: the operation sequence number inside the group.
+        epoch: the view epoch the operation ran in.
+        descriptors: rank -> that rank's arguments, as text
+            (``"all_reduce(count=10, dtype=float32, op=sum, codec=none)"``).
+        fields: the argument names the ranks disagree on (``("count",)``).
+        detected_by: the rank that noticed first, as far as this rank knows.
+        reason: always ``"mismatch"`` (so code that sorts failures by ``reason``
+            can treat it like the others).
+    """
+
+    reason = "mismatch"
+
+    def __init__(
+        self,
+        *,
+        op: str,
+        seq: int,
+        epoch: int,
+        descriptors: Mapping[int, str],
+        fields: Iterable[str] = (),
+        detected_by: int | None = None,
+        detail: str = "",
+    ) -> None:
+        self.op = op
+        self.seq = seq
+        self.epoch = epoch
+        self.descriptors = dict(sorted(descriptors.items()))
+        self.fields = tuple(fields)
+        self.detected_by = detected_by
+        self.detail = detail
+        groups: dict[str, list[int]] = {}
+        for rank, text in self.descriptors.items():
+            groups.setdefault(text, []).append(rank)
+        parts = []
+        for text, ranks in groups.items():
+            who = "rank" if len(ranks) == 1 else "ranks"
+            parts.append(f"{who} {','.join(str(r) for r in ranks)}: {text}")
+        what = ", ".join(self.fields) or "arguments"
+        by = f"; detected by rank {detected_by}" if detected_by is not None else ""
+        msg = (
+            f"{op} #{seq} in epoch {epoch}: ranks disagree on {what} ({'; '.join(parts)}){by}; "
+            "nothing was reduced, inputs are intact and the group is still usable"
+        )
         if detail:
             msg += f" ({detail})"
         super().__init__(msg)
