@@ -3,7 +3,8 @@
 A failed request is answered with an ``ERROR`` frame whose body names one of the
 classes in :data:`_TABLE` and carries its attributes, so the training process gets the
 same exception types (and fields) as code that ran the group in-process:
-``PeerFailure`` (epoch, op, seq, suspects, reason, detected_by), ``ViewChanged``
+``PeerFailure`` (epoch, op, seq, suspects, reason, detected_by), ``OpMismatch`` (epoch,
+op, seq, each rank's arguments, the fields that differ, detected_by), ``ViewChanged``
 (+ old_epoch), ``Evicted``, ``StepAborted``, ``StateSyncError``, ``CommitUnknown``,
 ``ConfigError``, ``UnsupportedError``, ``GroupClosed``, ``TimeoutError``, and the
 snapshot errors ``SnapshotAbandoned``/``SnapshotNotFound``/``RestoreError``/
@@ -24,6 +25,7 @@ from phalanx.errors import (
     CommError,
     ConfigError,
     GroupClosed,
+    OpMismatch,
     PeerFailure,
     PhalanxError,
     ProtocolError,
@@ -45,6 +47,7 @@ _KNOWN = frozenset(
     {
         "ViewChanged",
         "PeerFailure",
+        "OpMismatch",
         "Evicted",
         "StepAborted",
         "StateSyncError",
@@ -79,6 +82,9 @@ def encode_error(exc: BaseException) -> dict[str, Any]:
         v = getattr(exc, attr, None)
         if v is not None:
             body[attr] = sorted(int(r) for r in v)
+    if isinstance(exc, OpMismatch):
+        body["descriptors"] = [[int(r), str(t)] for r, t in exc.descriptors.items()]
+        body["fields"] = [str(f) for f in exc.fields]
     return body
 
 
@@ -104,6 +110,23 @@ def decode_error(body: dict[str, Any]) -> Exception:
             epoch=epoch,
             suspects=[int(r) for r in body.get("suspects", [])],
             reason=str(body.get("reason", "unknown")),
+            detected_by=int(by) if isinstance(by, int) else None,
+            detail=detail,
+        )
+    if kind == "OpMismatch":
+        by = body.get("detected_by")
+        pairs = body.get("descriptors")
+        pairs = (
+            [p for p in pairs if isinstance(p, list) and len(p) == 2]
+            if isinstance(pairs, list)
+            else []
+        )
+        return OpMismatch(
+            op=str(body.get("op", "?")),
+            seq=int(body.get("seq", -1)),
+            epoch=epoch,
+            descriptors={int(r): str(t) for r, t in pairs},
+            fields=[str(f) for f in body.get("fields", [])],
             detected_by=int(by) if isinstance(by, int) else None,
             detail=detail,
         )
