@@ -7,7 +7,10 @@ and starts the engine thread. Collectives are in place on numpy arrays of any sh
 each has an ``async_op=True`` form returning a :class:`Handle`.
 
 Membership changes are not this class's business: after a :class:`PeerFailure` the group
-is broken and a new one (a new view, a new epoch) must be built.
+is broken and a new one (a new view, a new epoch) must be built. Ranks that call an op
+with different arguments (length, dtype, op, codec, root, kind) all raise
+:class:`~phalanx.errors.OpMismatch` instead, with their arrays intact, and the group
+stays usable (docs/comm.md, "Mismatched calls").
 """
 
 from __future__ import annotations
