@@ -46,7 +46,7 @@ import numpy as np
 from phalanx.comm import pageswap
 from phalanx.comm import schedules as sched
 from phalanx.comm.codecs import CODEC_NONE, Codec, NoneCodec, decode_into
-from phalanx.comm.descriptor import OpDescriptor
+from phalanx.comm.descriptor import op_descriptor
 from phalanx.comm.engine import Engine
 from phalanx.comm.plan import Node, Plan, RecvNode
 from phalanx.comm.reduce import (
@@ -116,15 +116,15 @@ def _describe(
 ) -> None:
     """Give ``plan`` its descriptor: what every rank must have called identically."""
     plan.describe(
-        OpDescriptor(
-            kind=plan.kind,
-            count=0 if x is None else x.size,
-            dtype="" if x is None else _DTYPE_NAMES[x.dtype],
-            op=op,
-            codec=codec.spec,
-            root=root,
-            algorithm=plan.algorithm,
-            piece_bytes=engine.options.piece_bytes if plan.algorithm in _PIECED else 0,
+        op_descriptor(
+            plan.kind,
+            0 if x is None else x.size,
+            "" if x is None else _DTYPE_NAMES[x.dtype],
+            op,
+            codec.spec,
+            root,
+            plan.algorithm,
+            engine.options.piece_bytes if plan.algorithm in _PIECED else 0,
         )
     )
 
