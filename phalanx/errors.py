@@ -13,7 +13,7 @@ so ``except ValueError`` keeps working.
     ├── ConfigError (ValueError) ── ScheduleError
     ├── UnsupportedError (TypeError)
     ├── ProtocolError ── FrameError, HandshakeError ── AuthError
-    ├── CommError ── GroupClosed, StateSyncError, StepAborted,
+    ├── CommError ── GroupClosed, StateSyncError, StepAborted, OpMismatch (ValueError),
     │                PeerFailure ── ViewChanged
     ├── DaemonUnavailable (ConnectionError)
     ├── MembershipError ── IllegalTransition (ValueError), CoordinatorUnavailable,
@@ -42,7 +42,7 @@ from __future__ import annotations
 import enum
 import inspect
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,6 +64,7 @@ __all__ = [
     "IllegalTransition",
     "LayoutError",
     "MembershipError",
+    "OpMismatch",
     "PeerFailure",
     "PhalanxError",
     "PlacementError",
@@ -264,6 +265,67 @@ class StepAborted(CommError):
 # ----------------------------------------------------------------------------- the daemon
 
 
+class OpMismatch(CommError, ValueError):
+    """Ranks called the same collective (same ``seq``) with different arguments: a
+    caller's mistake, caught before any rank reduced or wrote a peer's data.
+
+    Every rank of the group raises it for the same op, each caller's array holds its
+    input (promise 2), and the group stays usable: the next op runs as usual. It is
+    not a :class:`PeerFailure` (no peer is at fault, nothing to report or heal) and it
+    is a ``ValueError`` (a wrong argument).
+
+    Attributes:
+        op: this rank's collective kind (``"all_reduce"``, ...).
+        seq: the operation sequence number inside the group.
+        epoch: the view epoch the operation ran in.
+        descriptors: rank -> that rank's arguments, as text
+            (``"all_reduce(count=10, dtype=float32, op=sum, codec=none)"``).
+        fields: the argument names the ranks disagree on (``("count",)``).
+        detected_by: the rank that noticed first, as far as this rank knows.
+        reason: always ``"mismatch"`` (so code that sorts failures by ``reason``
+            can treat it like the others).
+    """
+
+    reason = "mismatch"
+
+    def __init__(
+        self,
+        *,
+        op: str,
+        seq: int,
+        epoch: int,
+        descriptors: Mapping[int, str] | Sequence[str],
+        fields: Iterable[str] = (),
+        detected_by: int | None = None,
+        detail: str = "",
+    ) -> None:
+        self.op = op
+        self.seq = seq
+        self.epoch = epoch
+        # by rank; a sequence is rank order (how the field travels, see _value)
+        pairs = descriptors.items() if isinstance(descriptors, Mapping) else enumerate(descriptors)
+        self.descriptors: dict[int, str] = dict(sorted(pairs))
+        self.fields = tuple(fields)
+        self.detected_by = detected_by
+        self.detail = detail
+        groups: dict[str, list[int]] = {}
+        for rank, text in self.descriptors.items():
+            groups.setdefault(text, []).append(rank)
+        parts = []
+        for text, ranks in groups.items():
+            who = "rank" if len(ranks) == 1 else "ranks"
+            parts.append(f"{who} {','.join(str(r) for r in ranks)}: {text}")
+        what = ", ".join(self.fields) or "arguments"
+        by = f"; detected by rank {detected_by}" if detected_by is not None else ""
+        msg = (
+            f"{op} #{seq} in epoch {epoch}: ranks disagree on {what} ({'; '.join(parts)}){by}; "
+            "nothing was reduced, inputs are intact and the group is still usable"
+        )
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
 class DaemonUnavailable(PhalanxError, ConnectionError):
     """The local phalanx daemon cannot be reached: it is not running, it died, or it
     closed the connection. ``socket`` is the local API socket path that was used.
@@ -459,7 +521,7 @@ class HolderUnavailable(ShardError):
 # ----------------------------------------------------------------------------- travel
 
 #: a field value that can cross a process boundary
-Value = None | bool | int | float | str | tuple[int, ...]
+Value = None | bool | int | float | str | tuple[int, ...] | tuple[str, ...]
 
 #: builtins an error may be when it is not a PhalanxError (a deadline passing)
 _BUILTINS: Mapping[str, type[Exception]] = {"TimeoutError": TimeoutError}
@@ -498,6 +560,14 @@ def _value(v: object) -> Value:
         isinstance(r, int) and not isinstance(r, bool) for r in v
     ):
         return tuple(sorted(v)) if isinstance(v, frozenset | set) else tuple(v)
+    if isinstance(v, tuple | list) and all(isinstance(t, str) for t in v):
+        return tuple(v)
+    if (
+        isinstance(v, Mapping)
+        and sorted(v) == list(range(len(v)))
+        and all(isinstance(t, str) for t in v.values())
+    ):
+        return tuple(v[i] for i in range(len(v)))  # a per-rank table, in rank order
     return None  # not a value that travels (e.g. a shard key): its default on the other side
 
 

@@ -51,7 +51,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["CANNOT_RUN", "HostState", "Table", "capture", "parse_save", "plan_table", "restore", "same", "session"]
+__all__ = [
+    "CANNOT_RUN",
+    "HostState",
+    "Table",
+    "capture",
+    "parse_save",
+    "plan_table",
+    "restore",
+    "same",
+    "session",
+]
 
 #: exit status when Docker cannot run on this machine (a skip outside CI)
 CANNOT_RUN = 77

@@ -69,7 +69,9 @@ def sh(cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float 
        check: bool = True) -> str:  # fmt: skip
     p = subprocess.run(list(cmd), capture_output=True, text=True, env=env, timeout=timeout)
     if check and p.returncode != 0:
-        raise SmokeError(f"{' '.join(cmd)}: exit {p.returncode}\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+        raise SmokeError(
+            f"{' '.join(cmd)}: exit {p.returncode}\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
+        )
     return p.stdout
 
 
@@ -208,7 +210,9 @@ def scenario(stack: Stack, peers: int) -> dict[str, Any]:
     resume_s = wait_for("the survivors to commit without the killed peer", resumed, 30)["s"]
     seen["kill_resume_s"] = round(resume_s, 2)
     if resume_s > RESUME_LIMIT_S:
-        raise SmokeError(f"survivors resumed {resume_s:.1f}s after the kill (limit {RESUME_LIMIT_S}s)")
+        raise SmokeError(
+            f"survivors resumed {resume_s:.1f}s after the kill (limit {RESUME_LIMIT_S}s)"
+        )
 
     # 4. the killed container comes back: its snapshot is rebuilt from the holders
     # what it logged as it took each snapshot (read now: its log outlives it)
@@ -225,15 +229,21 @@ def scenario(stack: Stack, peers: int) -> dict[str, Any]:
 
     restore = wait_for("the restarted peer's restore", restored, 90)
     seen["restore_step"] = restore.get("step")
-    seen["restore_ok"] = restore["ev"] == "restore" and snaps.get(restore["step"]) == restore["sha256"]
+    seen["restore_ok"] = (
+        restore["ev"] == "restore" and snaps.get(restore["step"]) == restore["sha256"]
+    )
     if not seen["restore_ok"]:
         raise SmokeError(f"restore after the kill: {restore} (snapshots taken: {sorted(snaps)})")
-    wait_for("the restarted peer to commit", lambda: commits_after(stack.events(victim), t_kill), 60)
+    wait_for(
+        "the restarted peer to commit", lambda: commits_after(stack.events(victim), t_kill), 60
+    )
 
     # 5. scale up by one: the new peer syncs the state and contributes
     t_scale = time.time()
     stack.compose("up", "-d", "--no-recreate", "--scale", f"peer={peers + 1}")
-    new = wait_for("the new peer", lambda: [c for c in stack.peers() if c not in ids] or None, 60)[0]
+    new = wait_for("the new peer", lambda: [c for c in stack.peers() if c not in ids] or None, 60)[
+        0
+    ]
     new_id = stack.member(new)
     everyone = [*ids, new]
 
@@ -278,7 +288,9 @@ def scenario(stack: Stack, peers: int) -> dict[str, Any]:
         raise SmokeError(f"alert rules not loaded: missing {sorted(missing)}")
     seen["prometheus_rules"] = len(loaded)
     if seen["prometheus_targets_up"] != len(everyone):
-        raise SmokeError(f"targets up {seen['prometheus_targets_up']} != peers {len(everyone)}: {targets}")
+        raise SmokeError(
+            f"targets up {seen['prometheus_targets_up']} != peers {len(everyone)}: {targets}"
+        )
     return seen
 
 
@@ -302,7 +314,10 @@ def main(argv: Sequence[str]) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     if shutil.which("docker-compose") is None:
-        print("smoke: docker-compose is not installed (apt-get install docker-compose)", file=sys.stderr)
+        print(
+            "smoke: docker-compose is not installed (apt-get install docker-compose)",
+            file=sys.stderr,
+        )
         return 2
     env = dict(os.environ)
     result: dict[str, Any] = {"smoke": "compose"}

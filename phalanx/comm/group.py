@@ -11,7 +11,10 @@ only build the spec. Results are :class:`~phalanx.ops.OpResult` (contributors na
 ``names``, default the ranks as strings).
 
 Membership changes are not this class's business: after a :class:`PeerFailure` the group
-is broken and a new one (a new view, a new epoch) must be built.
+is broken and a new one (a new view, a new epoch) must be built. Ranks that call an op
+with different arguments (length, dtype, op, codec, root, kind) all raise
+:class:`~phalanx.errors.OpMismatch` instead, with their arrays intact, and the group
+stays usable (docs/comm.md, "Mismatched calls").
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import numpy as np
 
 from phalanx.comm import pageswap
 from phalanx.comm.buffers import BufferPool
+from phalanx.comm.descriptor import OpDescriptor
 from phalanx.comm.transport import Buffer
 from phalanx.deadline import Deadline
 from phalanx.ops import OpResult
@@ -161,6 +162,19 @@ class Plan:
         self.spliced: set[int] = set()
         #: peers that asked for a RECEIPT (FLAG_RECEIPT): sent when this plan succeeds
         self.receipts: set[int] = set()
+        #: what every rank must agree on (descriptor.py); its digest goes in the
+        #: header of every DATA frame of this plan (0: none, nothing is checked)
+        self.descriptor: OpDescriptor | None = None
+        self.digest = 0
+        #: once ranks are known to disagree on this op: rank -> its descriptor, as far
+        #: as they are in (the engine then runs the MISMATCH exchange, not the plan)
+        self.mismatch: dict[int, OpDescriptor] | None = None
+        self.mismatch_by: int | None = None
+
+    def describe(self, descriptor: OpDescriptor) -> None:
+        """Name what this plan is (kind, count, dtype, op, codec, root, ...)."""
+        self.descriptor = descriptor
+        self.digest = descriptor.digest
 
     def _link(self, peer: int, piece: int) -> Hashable:
         streams = self.host.links[peer]

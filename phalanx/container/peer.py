@@ -44,9 +44,9 @@ from types import FrameType
 
 __all__ = [
     "ON_EXIT",
-    "Action",
     "Backoff",
     "Exit",
+    "OnExit",
     "classify",
     "peer_env",
     "register",
@@ -68,19 +68,19 @@ class Exit(enum.Enum):
     KILLED = "killed"  # a signal
 
 
-class Action(enum.Enum):
+class OnExit(enum.Enum):
     RESTART = "restart"  # start the training process again, after the backoff delay
     STOP = "stop"  # stop everything and exit
 
 
 #: (child, how it ended) -> what the supervisor does
-ON_EXIT: Mapping[tuple[str, Exit], Action] = {
-    ("daemon", Exit.DONE): Action.STOP,
-    ("daemon", Exit.FAILED): Action.STOP,
-    ("daemon", Exit.KILLED): Action.STOP,
-    ("trainer", Exit.DONE): Action.STOP,
-    ("trainer", Exit.FAILED): Action.RESTART,
-    ("trainer", Exit.KILLED): Action.RESTART,
+ON_EXIT: Mapping[tuple[str, Exit], OnExit] = {
+    ("daemon", Exit.DONE): OnExit.STOP,
+    ("daemon", Exit.FAILED): OnExit.STOP,
+    ("daemon", Exit.KILLED): OnExit.STOP,
+    ("trainer", Exit.DONE): OnExit.STOP,
+    ("trainer", Exit.FAILED): OnExit.RESTART,
+    ("trainer", Exit.KILLED): OnExit.RESTART,
 }
 
 
@@ -135,12 +135,27 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     )
     b = Backoff()
     a = parser.add_argument
-    a("--stop-timeout", type=float, default=20.0, metavar="S",
-      help="on SIGTERM, wait this long for each child before SIGKILL (default 20)")
-    a("--restart-delay", type=float, default=b.initial, metavar="S",
-      help=f"first delay before restarting a failed training process (default {b.initial})")
-    a("--max-restart-delay", type=float, default=b.maximum, metavar="S",
-      help=f"longest such delay (default {b.maximum})")
+    a(
+        "--stop-timeout",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="on SIGTERM, wait this long for each child before SIGKILL (default 20)",
+    )
+    a(
+        "--restart-delay",
+        type=float,
+        default=b.initial,
+        metavar="S",
+        help=f"first delay before restarting a failed training process (default {b.initial})",
+    )
+    a(
+        "--max-restart-delay",
+        type=float,
+        default=b.maximum,
+        metavar="S",
+        help=f"longest such delay (default {b.maximum})",
+    )
     a("trainer", nargs=argparse.REMAINDER, metavar="-- COMMAND",
       help="the training command (default: phalanx train)")  # fmt: skip
     parser.set_defaults(default_log_level="INFO")
@@ -230,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
                 log.info("event=exited child=%s pid=%d status=%s how=%s ran_s=%.1f action=%s",
                          c.name, c.pid, c.proc.returncode, how.value, ran,
                          action.value)  # fmt: skip
-                if action is Action.STOP:
+                if action is OnExit.STOP:
                     stop.set()
                     code = c.proc.returncode or 0
                     if c is daemon:  # its status is the container's (-N: signal N)

@@ -78,13 +78,23 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     a("--socket", metavar="PATH", help="the daemon's socket (default $PHALANX_SOCKET)")
     a("--seed", type=int, default=0, help="data and initial parameters (default 0)")
     a("--steps", type=int, default=0, help="stop after this step (default 0: run until SIGTERM)")
-    a("--step-time", type=float, default=0.1, metavar="S",
-      help="seconds of 'compute' per step, standing for a real model's (default 0.1)")
+    a(
+        "--step-time",
+        type=float,
+        default=0.1,
+        metavar="S",
+        help="seconds of 'compute' per step, standing for a real model's (default 0.1)",
+    )
     a("--snapshot-every", type=int, default=20, metavar="N", help="0: never (default 20)")
     a("--log-every", type=int, default=50, metavar="N", help="commit lines (default 50)")
     a("--call-timeout", type=float, default=30.0, metavar="S", help="deadline of each call")
-    a("--connect-timeout", type=float, default=120.0, metavar="S",
-      help="wait this long for the daemon and its first view (default 120)")
+    a(
+        "--connect-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="wait this long for the daemon and its first view (default 120)",
+    )
     a("--rejoin-timeout", type=float, default=120.0, metavar="S",
       help="give up when evicted and not back in the group after S (default 120)")  # fmt: skip
     parser.set_defaults(default_log_level="WARNING")
@@ -294,4 +304,3 @@ def _settled(handle: Any, out: _Out) -> bool:
     out("sealed", generation=res.generation, step=res.step, holders=list(res.holders),
         k=res.k, m=res.m, seal_s=round(res.seal_s, 4))  # fmt: skip
     return True
-

@@ -58,7 +58,8 @@ def _dec_str(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos + 2 : end].decode(), end
 
 
-_TAG_NONE, _TAG_FALSE, _TAG_TRUE, _TAG_INT, _TAG_FLOAT, _TAG_STR, _TAG_INTS = range(7)
+_TAG_NONE, _TAG_FALSE, _TAG_TRUE, _TAG_INT, _TAG_FLOAT, _TAG_STR, _TAG_INTS, _TAG_STRS = range(8)
+_MAX_STRS = 4096  # strings in one value (a per-rank table of an error)
 
 
 def _enc_value(v: Value, out: bytearray) -> None:
@@ -75,11 +76,16 @@ def _enc_value(v: Value, out: bytearray) -> None:
     elif isinstance(v, str):
         out.append(_TAG_STR)
         _enc_str(v, out)
+    elif v and all(isinstance(t, str) for t in v):
+        out.append(_TAG_STRS)
+        out += _U32.pack(len(v))
+        for t in v:
+            _enc_str(str(t), out)
     else:
         out.append(_TAG_INTS)
         out += _U32.pack(len(v))
         for r in v:
-            out += _I64.pack(r)
+            out += _I64.pack(int(r))
 
 
 def _dec_value(buf: bytes, pos: int) -> tuple[Value, int]:
@@ -101,6 +107,16 @@ def _dec_value(buf: bytes, pos: int) -> tuple[Value, int]:
         if 8 * n > len(buf) - pos:
             raise ProtocolError(f"a list of {n} integers does not fit the message")
         return struct.unpack_from(f"<{n}q", buf, pos), pos + 8 * n
+    if tag == _TAG_STRS:
+        (n,) = _U32.unpack_from(buf, pos)
+        pos += 4
+        if n > _MAX_STRS or 2 * n > len(buf) - pos:
+            raise ProtocolError(f"a list of {n} strings does not fit the message")
+        items = []
+        for _ in range(n):
+            t, pos = _dec_str(buf, pos)
+            items.append(t)
+        return tuple(items), pos
     raise ProtocolError(f"unknown value tag {tag}")
 
 

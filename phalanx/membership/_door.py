@@ -6,7 +6,7 @@ built per view, owns its listener, and refuses links of another epoch. Peers do 
 switch views at the same instant: a fast peer connects for epoch E+1 while this
 member's epoch-E group still accepts, and that group would refuse the link. The
 :class:`Door` owns the real listening socket, reads (``MSG_PEEK``, nothing consumed)
-the 40-byte header of the first frame of each new connection — the HELLO, which names
+the fixed-size header of the first frame of each new connection — the HELLO, which names
 its epoch — and hands the connection to the listener of that epoch
 (:meth:`Door.listener`), holding it briefly if that epoch's group is not built yet.
 Connections for an older epoch, garbage, and probes that close without a word (the

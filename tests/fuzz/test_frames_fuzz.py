@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from phalanx.comm.frames import (
     HEADER_SIZE,
     MAX_CODEC_ID,
+    PROTOCOL_VERSION,
     Frame,
     FrameDecoder,
     FrameHeader,
@@ -148,6 +149,7 @@ def valid_frames(draw: st.DrawFn) -> Frame:
         chunk=draw(st.integers(0, 2**32 - 1)),
         length=len(payload),
         codec=draw(st.integers(0, MAX_CODEC_ID)),
+        desc=draw(st.integers(0, 2**64 - 1)),
     )
     return Frame(header, payload)
 
@@ -163,7 +165,13 @@ def mutated_streams(draw: st.DrawFn) -> bytes:
         h = frame_list[i].header
         length = draw(st.sampled_from([49, 2**16, 2**20, 2**31, 2**40, 2**63, 2**64 - 1]))
         head = encode_header(
-            h.kind, epoch=h.epoch, seq=h.seq, chunk=h.chunk, length=length, codec=h.codec
+            h.kind,
+            epoch=h.epoch,
+            seq=h.seq,
+            chunk=h.chunk,
+            length=length,
+            codec=h.codec,
+            desc=h.desc,
         )
         pieces[i] = head + pieces[i][HEADER_SIZE:]
     data = bytearray(b"".join(pieces))
@@ -201,12 +209,13 @@ def test_arbitrary_bytes(data: bytes, cut_list: list[int], max_payload: int) -> 
 
 
 @_FUZZ
-@given(st.binary(min_size=40, max_size=200), cuts, limits)
+@given(st.binary(min_size=HEADER_SIZE, max_size=200), cuts, limits)
 def test_arbitrary_bytes_behind_a_real_magic(
     data: bytes, cut_list: list[int], max_payload: int
 ) -> None:
-    # Random bytes rarely start with b"PHLX"; make the fuzzer reach the later checks.
-    check_stream(b"PHLX\x01" + data, cut_list, max_payload)
+    # Random bytes rarely start with b"PHLX" and our version; make the fuzzer reach
+    # the later checks (the CRC, then the fields).
+    check_stream(b"PHLX" + bytes([PROTOCOL_VERSION]) + data, cut_list, max_payload)
 
 
 @_FUZZ

@@ -87,7 +87,11 @@ class Peer:
         for e in self.events():
             if e["ev"] == "view":
                 members = e["members"]
-            elif e["ev"] == "commit" and e["t"] > after and (without is None or without not in members):
+            elif (
+                e["ev"] == "commit"
+                and e["t"] > after
+                and (without is None or without not in members)
+            ):
                 got.append(e)
         return got
 
@@ -150,12 +154,18 @@ def cluster(n: int, secret: bytes, tmp: Path) -> Iterator[list[Peer]]:
         coord.stop(0.5)
 
 
-def test_container_peers_train_through_kills_restarts_and_stops(secret: bytes, tmp_path: Path) -> None:
+def test_container_peers_train_through_kills_restarts_and_stops(
+    secret: bytes, tmp_path: Path
+) -> None:
     with cluster(3, secret, tmp_path) as peers:
         t0 = time.time()
         for p in peers:
             _wait(f"{p.name} to commit in a full view", _full_view(p, t0, 3), 60)
-        _wait("p0 to take a snapshot", lambda: [e for e in peers[0].events() if e["ev"] == "sealed"], 30)
+        _wait(
+            "p0 to take a snapshot",
+            lambda: [e for e in peers[0].events() if e["ev"] == "sealed"],
+            30,
+        )
 
         # the whole of p0 dies: the others go on without it within 10 s
         snaps = {e["step"]: e["sha256"] for e in peers[0].events() if e["ev"] == "snapshot"}

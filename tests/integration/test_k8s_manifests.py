@@ -89,7 +89,9 @@ def _expand_env(container: Doc) -> tuple[dict[str, str], list[str]]:
             value = str(e["value"])
             for ref in re.findall(r"\$\((\w+)\)", value):
                 if ref not in env:
-                    problems.append(f"{container['name']}: {e['name']} uses $({ref}), not set before it")
+                    problems.append(
+                        f"{container['name']}: {e['name']} uses $({ref}), not set before it"
+                    )
                 value = value.replace(f"$({ref})", env.get(ref, ""))
             env[e["name"]] = value
         else:
@@ -162,7 +164,9 @@ def check(docs: list[Doc]) -> list[str]:
                     continue
                 act = probe.get("httpGet") or probe.get("tcpSocket") or {}
                 if _port(c, act.get("port")) is None:
-                    problems.append(f"{name}: {kind} port {act.get('port')!r} is not a container port")
+                    problems.append(
+                        f"{name}: {kind} port {act.get('port')!r} is not a container port"
+                    )
                 if "httpGet" in probe and not _served(probe["httpGet"]["path"]):
                     problems.append(f"{name}: {kind} path {probe['httpGet']['path']} is not served")
             # the secret file lies in a mounted Secret, under one of its keys
@@ -181,11 +185,17 @@ def check(docs: list[Doc]) -> list[str]:
                     problems.append(f"{name}: the daemon refuses its environment: {exc}")
                     continue
                 if _port(c, "metrics") != cfg.metrics_port:
-                    problems.append(f"{name}: port 'metrics' is not the daemon's metrics port {cfg.metrics_port}")
+                    problems.append(
+                        f"{name}: port 'metrics' is not the daemon's metrics port {cfg.metrics_port}"
+                    )
                 if cfg.metrics_host not in ("0.0.0.0", "::"):
-                    problems.append(f"{name}: metrics on {cfg.metrics_host}: probes cannot reach it")
+                    problems.append(
+                        f"{name}: metrics on {cfg.metrics_host}: probes cannot reach it"
+                    )
                 if _port(c, "data") != int(cfg.listen.rpartition(":")[2]):
-                    problems.append(f"{name}: port 'data' is not the data-plane port of {cfg.listen}")
+                    problems.append(
+                        f"{name}: port 'data' is not the data-plane port of {cfg.listen}"
+                    )
                 if not cfg.id or cfg.incarnation != 0:
                     problems.append(f"{name}: set PHALANX_ID and PHALANX_INCARNATION=0 (restarts)")
                 host, _, port = cfg.coordinator.rpartition(":")
@@ -214,14 +224,20 @@ def check(docs: list[Doc]) -> list[str]:
                     problems.append(f"{name}: /dev/shm is not a memory-backed emptyDir")
         if sockets:
             if set(sockets) != {"daemon", "trainer"} or len(set(sockets.values())) != 1:
-                problems.append(f"{workload['metadata']['name']}: daemon and trainer sockets differ: {sockets}")
+                problems.append(
+                    f"{workload['metadata']['name']}: daemon and trainer sockets differ: {sockets}"
+                )
             else:
                 folder = sockets["daemon"].rpartition("/")[0]
                 users = [c for c in spec["containers"]
                          if any(m["mountPath"] == folder for m in c.get("volumeMounts", []))]  # fmt: skip
-                vol = {m["name"] for c in users for m in c["volumeMounts"] if m["mountPath"] == folder}
+                vol = {
+                    m["name"] for c in users for m in c["volumeMounts"] if m["mountPath"] == folder
+                }
                 if len(users) != 2 or len(vol) != 1 or "emptyDir" not in volumes.get(vol.pop(), {}):
-                    problems.append(f"{workload['metadata']['name']}: {folder} is not one shared emptyDir")
+                    problems.append(
+                        f"{workload['metadata']['name']}: {folder} is not one shared emptyDir"
+                    )
     # Services and the PodMonitor select pods and name their ports
     pods = [(p["metadata"]["labels"], p["spec"]["containers"]) for _, p in _pods(docs)]
     for s in services:
@@ -230,10 +246,16 @@ def check(docs: list[Doc]) -> list[str]:
             problems.append(f"Service {s['metadata']['name']} selects no pods")
         for p in s["spec"]["ports"]:
             if not any(_port(c, p.get("targetPort", p["port"])) for cs in hit for c in cs):
-                problems.append(f"Service {s['metadata']['name']}: targetPort {p.get('targetPort')} not on its pods")
+                problems.append(
+                    f"Service {s['metadata']['name']}: targetPort {p.get('targetPort')} not on its pods"
+                )
     jobs = set(re.findall(r'job="([^"]+)"', ALERTS.read_text()))
     for m in (d for d in docs if d["kind"] == "PodMonitor"):
-        hit = [(labels, cs) for labels, cs in pods if _selects(m["spec"]["selector"]["matchLabels"], labels)]
+        hit = [
+            (labels, cs)
+            for labels, cs in pods
+            if _selects(m["spec"]["selector"]["matchLabels"], labels)
+        ]
         if not hit:
             problems.append(f"PodMonitor {m['metadata']['name']} selects no pods")
         for ep in m["spec"]["podMetricsEndpoints"]:

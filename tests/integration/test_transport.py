@@ -504,9 +504,13 @@ def test_world_mismatch(listener: Listener, secret: bytes) -> None:
             hs.LinkRefusal.MALFORMED,
         ),
         (bytes(HEADER_SIZE), "bad-magic", hs.LinkRefusal.MALFORMED),
-        (b"PHLX" + bytes([PROTOCOL_VERSION]) + bytes(35), "bad-crc", hs.LinkRefusal.MALFORMED),
         (
-            b"PHLX" + bytes([PROTOCOL_VERSION + 1]) + bytes(35),
+            b"PHLX" + bytes([PROTOCOL_VERSION]) + bytes(HEADER_SIZE - 5),
+            "bad-crc",
+            hs.LinkRefusal.MALFORMED,
+        ),
+        (
+            b"PHLX" + bytes([PROTOCOL_VERSION + 1]) + bytes(HEADER_SIZE - 5),
             "bad-version",
             hs.LinkRefusal.BAD_VERSION,
         ),

@@ -12,9 +12,9 @@ import pytest
 from phalanx.config import load_config
 from phalanx.container.peer import (
     ON_EXIT,
-    Action,
     Backoff,
     Exit,
+    OnExit,
     classify,
     peer_env,
     restart_delay,
@@ -51,18 +51,20 @@ def test_raw_epoch_squares_would_not_be_exact() -> None:
 
 def test_mixed_epochs_and_wrong_members_are_refused() -> None:
     members = ("a", "b", "c")
-    assert "different views" in verdict(_reduced([EPOCH, EPOCH, EPOCH + 1]), EPOCH, members, members)
+    assert "different views" in verdict(
+        _reduced([EPOCH, EPOCH, EPOCH + 1]), EPOCH, members, members
+    )
     assert "different views" in verdict(_reduced([EPOCH, EPOCH]), EPOCH, members, members)
     assert "ran among 2" in verdict(_reduced([EPOCH] * 3), EPOCH, members, ("a", "b"))
 
 
 def test_every_exit_of_every_child_has_an_action() -> None:
     assert set(ON_EXIT) == set(itertools.product(("daemon", "trainer"), Exit))
-    assert all(ON_EXIT[("daemon", how)] is Action.STOP for how in Exit)
+    assert all(ON_EXIT[("daemon", how)] is OnExit.STOP for how in Exit)
     # a finished job stops the peer; a crashed or killed training process is restarted
-    assert ON_EXIT[("trainer", Exit.DONE)] is Action.STOP
-    assert ON_EXIT[("trainer", Exit.FAILED)] is Action.RESTART
-    assert ON_EXIT[("trainer", Exit.KILLED)] is Action.RESTART
+    assert ON_EXIT[("trainer", Exit.DONE)] is OnExit.STOP
+    assert ON_EXIT[("trainer", Exit.FAILED)] is OnExit.RESTART
+    assert ON_EXIT[("trainer", Exit.KILLED)] is OnExit.RESTART
 
 
 def test_classify() -> None:
@@ -90,7 +92,9 @@ def test_peer_env_fills_defaults_from_the_container_and_keeps_what_is_set() -> N
     assert env["PHALANX_METRICS_HOST"] == "0.0.0.0"
     assert env["PHALANX_METRICS_PORT"] == "9464"
     assert env["PHALANX_SOCKET"].endswith("c0ffee123456.sock")
-    kept = peer_env({"PHALANX_ID": "peer-0", "PHALANX_SOCKET": "/run/phalanx/d.sock"}, "h", "1.2.3.4")
+    kept = peer_env(
+        {"PHALANX_ID": "peer-0", "PHALANX_SOCKET": "/run/phalanx/d.sock"}, "h", "1.2.3.4"
+    )
     assert kept["PHALANX_ID"] == "peer-0" and kept["PHALANX_SOCKET"] == "/run/phalanx/d.sock"
 
 
