@@ -143,7 +143,7 @@ def _mismatch(sock: str, n: int, pipe: Connection) -> None:
         err = ""
         try:
             pg.all_reduce(bad, timeout=10.0)  # the ranks disagree on the length
-        except phalanx.PeerFailure as exc:
+        except phalanx.OpMismatch as exc:
             err = type(exc).__name__
         except TimeoutError as exc:
             err = f"TimeoutError: {exc}"
@@ -169,9 +169,10 @@ def _mismatch(sock: str, n: int, pipe: Connection) -> None:
 def test_after_a_ranks_mistake_the_group_is_usable_again_without_a_view_change(
     secret: bytes, tmp_path: Path
 ) -> None:
-    """Issue 18.1: two ranks all-reduce arrays of different lengths; both fail; the
-    next correct op succeeds within its deadline in the same view (the data-plane group
-    is rebuilt), where it used to time out until a view change that never came."""
+    """Issue 18.1: two ranks all-reduce arrays of different lengths; both get OpMismatch
+    (the op descriptors differ, so nothing moves); the next correct op succeeds within
+    its deadline in the same view, where it used to time out until a view change that
+    never came."""
     with daemons(2, secret, tmp_path) as cl:
         pipes, procs = [], []
         try:
@@ -191,7 +192,7 @@ def test_after_a_ranks_mistake_the_group_is_usable_again_without_a_view_change(
                     p.kill()
                 p.join(10)
     for out in outs:
-        assert out["error"] == "PeerFailure" and out["input_kept"], out
+        assert out["error"] == "OpMismatch" and out["input_kept"], out
         assert out["sum"] == 4.0 and out["same_view"], out
         assert out["healed_s"] < 5.0, out
 
