@@ -312,7 +312,7 @@ class Agent:
                 # the eviction (an answer lost in a partition, a restarted coordinator that
                 # forgot the decision): "False" would be another answer than the group's.
                 # Not knowing is the honest answer: do not apply, re-sync after rejoining.
-                self._handle_evicted()
+                self._handle_evicted(incarnation)
                 raise CommitUnknown(
                     step,
                     vote_epoch,
@@ -321,7 +321,7 @@ class Agent:
             except Rejected as err:
                 if err.reason is not RejectReason.NOT_MEMBER:
                     raise
-                self._reregister()  # a restarted coordinator: register, vote again
+                self._reregister(incarnation)  # a restarted coordinator: register, vote again
             except CoordinatorUnavailable:
                 pass
             else:
@@ -429,11 +429,16 @@ class Agent:
             if resp.admitted:
                 self._install(view)
 
-    def _reregister(self) -> None:
+    def _reregister(self, incarnation: int) -> None:
+        """Register again as ``incarnation`` (a restarted coordinator forgot us); an
+        incarnation replaced meanwhile has nothing left to register."""
+        with self._lock:
+            if self._member.incarnation != incarnation:
+                return
         try:
             self._register()
         except Evicted:
-            self._handle_evicted()
+            self._handle_evicted(incarnation)
         except (Rejected, CoordinatorUnavailable) as err:
             log.debug("event=reregister_failed member=%s error=%s", self._member.id, err)
 
@@ -452,8 +457,23 @@ class Agent:
         )
         self._callback(self._on_view, view)
 
-    def _handle_evicted(self) -> None:
+    def _handle_evicted(self, incarnation: int) -> None:
+        """``incarnation`` was removed from the group. Only the current incarnation's
+        removal counts: an answer to a call made as an earlier one (a vote still in
+        flight when the daemon rejoined) says nothing about the current one. Applying
+        it anyway stopped the new incarnation's heartbeats right after its rejoin, so
+        the coordinator failed it 0.6 s later and it stayed out for its whole 15 s join
+        timeout -- four members at once in the soak of seed 20261206, and the newcomers
+        left in the view had no training state (the release soak's stall)."""
         with self._lock:
+            if incarnation != self._member.incarnation:
+                log.info(
+                    "event=stale_eviction_ignored member=%s incarnation=%d current=%d",
+                    self._member.id,
+                    incarnation,
+                    self._member.incarnation,
+                )
+                return
             if self._evicted or self._left:
                 return
             self._evicted = True
@@ -480,18 +500,23 @@ class Agent:
             log.exception("event=callback_error member=%s", self._member.id)
 
     def _start_threads(self) -> None:
+        """The heartbeat and watch threads of the current incarnation (they speak only
+        as that incarnation and stand down when it is replaced)."""
         self._stop_threads()
         self._stop = threading.Event()
         self._watching = threading.Event()
         stop = self._stop
+        inc = self._member.incarnation
         self._threads = [
             threading.Thread(
-                target=self._heartbeat_loop, args=(stop,), name="phalanx-agent-hb", daemon=True
+                target=self._heartbeat_loop, args=(stop, inc), name="phalanx-agent-hb",
+                daemon=True,
             ),
             threading.Thread(
-                target=self._watch_loop, args=(stop,), name="phalanx-agent-watch", daemon=True
+                target=self._watch_loop, args=(stop, inc), name="phalanx-agent-watch",
+                daemon=True,
             ),
-        ]
+        ]  # fmt: skip
         for t in self._threads:
             t.start()
 
@@ -511,24 +536,25 @@ class Agent:
     def _standing_down(self, stop: threading.Event) -> bool:
         return stop.is_set() or self._left or self._evicted or self._closed
 
-    def _heartbeat_loop(self, stop: threading.Event) -> None:
+    def _heartbeat_loop(self, stop: threading.Event, inc: int) -> None:
         next_beat = time.monotonic()
         while not self._standing_down(stop):
             try:
                 resp = cast(
                     pb.HeartbeatResponse,
-                    self._call("Heartbeat", pb.HeartbeatRequest(), max(0.05, 2 * self._interval)),
-                )
+                    self._call("Heartbeat", pb.HeartbeatRequest(), max(0.05, 2 * self._interval),
+                               incarnation=inc),
+                )  # fmt: skip
                 if resp.coordinator_run != self._run:
-                    self._reregister()
+                    self._reregister(inc)
             except Evicted:
-                self._handle_evicted()
+                self._handle_evicted(inc)
                 return
             except Rejected as err:
                 if self._standing_down(stop):
                     return
                 if err.reason is RejectReason.NOT_MEMBER:
-                    self._reregister()  # the coordinator restarted and forgot us
+                    self._reregister(inc)  # the coordinator restarted and forgot us
                 else:
                     log.warning("event=heartbeat_refused member=%s error=%s", self._member.id, err)
             except CoordinatorUnavailable as err:
@@ -539,7 +565,7 @@ class Agent:
                 next_beat = now
             stop.wait(next_beat - now)
 
-    def _watch_loop(self, stop: threading.Event) -> None:
+    def _watch_loop(self, stop: threading.Event, inc: int) -> None:
         method = _wire.SERVICE + "Watch"
         delay = _RETRY_MIN
         while not self._standing_down(stop):
@@ -547,6 +573,8 @@ class Agent:
             with self._lock:
                 member = self._member
                 epoch = self._view.epoch
+            if member.incarnation != inc:
+                return  # replaced: that incarnation's threads do not speak for it
             self._signer.sign(
                 req,
                 method,
@@ -564,7 +592,7 @@ class Agent:
                     return
                 for event in call:
                     delay = _RETRY_MIN
-                    self._on_event(cast(pb.WatchEvent, event), method)
+                    self._on_event(cast(pb.WatchEvent, event), method, inc)
                     if self._standing_down(stop):
                         return
             except grpc.RpcError as err:
@@ -572,7 +600,7 @@ class Agent:
                     return
                 refusal = _wire.error_from_rpc(err, method)
                 if isinstance(refusal, Evicted):
-                    self._handle_evicted()
+                    self._handle_evicted(inc)
                     return
                 code = err.code() if callable(getattr(err, "code", None)) else None
                 log.debug("event=watch_broken member=%s code=%s", member.id, code)
@@ -580,12 +608,12 @@ class Agent:
                     if stop.wait(delay):
                         return
                     delay = min(delay * 2, _RETRY_MAX)
-                    self._reregister()
+                    self._reregister(inc)
             finally:
                 with self._lock:
                     self._watch_call = None
 
-    def _on_event(self, event: pb.WatchEvent, method: str) -> None:
+    def _on_event(self, event: pb.WatchEvent, method: str, inc: int) -> None:
         try:
             self._signer.verify(event, method, "event")
             view = _wire.view_from_pb(event.view)
@@ -593,7 +621,7 @@ class Agent:
             log.warning("event=bad_watch_event member=%s error=%s", self._member.id, err)
             return
         if event.evicted:
-            self._handle_evicted()
+            self._handle_evicted(inc)
             return
         self._install(view)
         self._watching.set()
