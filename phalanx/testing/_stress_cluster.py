@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from phalanx.testing._stress_trainer import TrainerArgs, trainer_main
+from phalanx.testing.netns import Bridge, BridgeError, leftover_rules
+from phalanx.testing.netns import unavailable as _netns_unavailable
 
 __all__ = ["Cluster", "Peer", "leaks", "netns_unavailable", "open_fds", "socket_fds"]
 
@@ -59,16 +61,7 @@ def _signal(pid: int | None, sig: int) -> None:
 
 def netns_unavailable() -> str | None:
     """None if network namespaces can be used here, else why not."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and veth pairs)"
-    if shutil.which("ip") is None:
-        return "needs iproute2 ('ip' not found)"
-    name = f"pxprobe{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10)
-    if r.returncode != 0:
-        return f"'ip netns add' failed: {r.stderr.decode(errors='replace').strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-    return None
+    return _netns_unavailable()
 
 
 @dataclass
@@ -144,10 +137,8 @@ class Cluster:
         self._runs = 0
         self._slot = 0
         self.netns = netns
+        self.net_skipped: str | None = None  # why net faults cannot run after all
         tag = os.getpid() % 100000
-        self._bridge = f"pxb{tag}"
-        self._net = f"10.{100 + tag % 100}.{(tag // 100) % 250}"
-        self._namespaces: list[str] = []
         # Host numbers of the /24, handed out oldest-freed first and returned when a
         # peer's namespace is removed: an address is never on two live namespaces, and
         # is reused as late as possible (no stale neighbour entries elsewhere). Handing
@@ -155,18 +146,29 @@ class Cluster:
         # still up on the bridge once a soak passed 250 peers: connections to it timed
         # out at random and the views churned for minutes (soak, seed 20261124).
         self._free_hosts: deque[int] = deque(range(2, 252))
+        self.bridge: Bridge | None = None
         if netns:
-            self._ip("link", "add", self._bridge, "type", "bridge")
-            self._ip("addr", "add", f"{self._net}.1/24", "dev", self._bridge)
-            self._ip("link", "set", self._bridge, "up")
-            self.host = f"{self._net}.1"
+            # on a host where dockerd ran, bridged frames are dropped unless the bridge
+            # opens forwarding for itself (netns.Bridge does); then two namespaces must
+            # reach each other before any peer starts, else the run goes on without
+            # net faults and says why (it used to time out: "founding peers did not
+            # start within 90 s", hangs)
+            try:
+                self.bridge = Bridge(f"pxb{tag}", f"10.{100 + tag % 100}.{(tag // 100) % 250}",
+                                     str(tag), f"pxs{os.getpid()}-")  # fmt: skip
+                why = self.bridge.probe()
+            except (BridgeError, OSError, subprocess.SubprocessError) as exc:
+                why = f"could not set up the stress bridge: {exc}"
+            if why is not None or self.bridge is None:
+                self.net_skipped = why
+                if self.bridge is not None:
+                    self.bridge.close()
+                self.bridge = None
+                self.netns = False
+            else:
+                self.host = self.bridge.host
 
     # ------------------------------------------------------------------ helpers
-    def _ip(self, *args: str) -> None:
-        r = subprocess.run(["ip", *args], capture_output=True, timeout=10)
-        if r.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.decode(errors='replace')}")
-
     def _popen(
         self, cmd: list[str], out: Path, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
@@ -228,9 +230,9 @@ class Cluster:
         prefix: list[str] = []
         ns = veth = None
         host = 0
-        if self.netns:
+        if self.netns and self.bridge is not None:
             ns, veth, host = self._add_netns(slot)
-            listen = f"{self._net}.{host}:0"
+            listen = f"{self.bridge.net}.{host}:0"
             prefix = ["ip", "netns", "exec", ns]
         cmd = [*prefix, sys.executable, "-m", "phalanx", "--log-level", self.log_level, "daemon",
                "--coordinator", self.address, "--secret-file", str(self.secret_file),
@@ -241,29 +243,25 @@ class Cluster:
         return peer
 
     def _add_netns(self, slot: int) -> tuple[str, str, int]:
+        assert self.bridge is not None
         if not self._free_hosts:
             raise RuntimeError("no free address left in the stress network (250 live peers)")
         host_no = self._free_hosts.popleft()
         ns = f"pxs{os.getpid()}-{slot}"
-        host, inner = f"pxh{os.getpid() % 100000}k{slot}", f"pxn{os.getpid() % 100000}k{slot}"
-        self._ip("netns", "add", ns)
-        self._namespaces.append(ns)
-        self._ip("link", "add", host, "type", "veth", "peer", "name", inner)
-        self._ip("link", "set", inner, "netns", ns)
-        self._ip("link", "set", host, "master", self._bridge, "up")
-        self._ip("-n", ns, "addr", "add", f"{self._net}.{host_no}/24", "dev", inner)
-        self._ip("-n", ns, "link", "set", inner, "up")
-        self._ip("-n", ns, "link", "set", "lo", "up")
-        return ns, host, host_no
+        try:
+            veth = self.bridge.add(ns, host_no)
+        except BridgeError as exc:
+            self.bridge.remove(ns)
+            self._free_hosts.append(host_no)
+            raise RuntimeError(str(exc)) from exc
+        return ns, veth, host_no
 
     def _drop_netns(self, peer: Peer) -> None:
         """Remove an exited peer's namespace (its veth pair goes with it) and free
         its address."""
-        if peer.netns is None:
+        if peer.netns is None or self.bridge is None:
             return
-        subprocess.run(["ip", "netns", "del", peer.netns], capture_output=True, timeout=10)
-        with contextlib.suppress(ValueError):
-            self._namespaces.remove(peer.netns)
+        self.bridge.remove(peer.netns)
         peer.netns = peer.veth = None
         if peer.host:
             self._free_hosts.append(peer.host)
@@ -271,9 +269,9 @@ class Cluster:
 
     def set_link(self, peer: Peer, up: bool) -> None:
         """Partition (``up=False``) or heal one peer's network."""
-        if peer.veth is not None:
-            with contextlib.suppress(RuntimeError):
-                self._ip("link", "set", peer.veth, "up" if up else "down")
+        if peer.veth is not None and self.bridge is not None:
+            with contextlib.suppress(BridgeError):
+                self.bridge.set_link(peer.veth, up)
 
     def start_trainer(self, peer: Peer, args: TrainerArgs) -> None:
         parent, child = _MP.Pipe(duplex=True)
@@ -351,12 +349,10 @@ class Cluster:
                     _signal(c.pid, signal.SIGKILL)
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         c.wait(5.0)
-        for ns in self._namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-        self._namespaces.clear()
-        if self.netns:
-            subprocess.run(["ip", "link", "del", self._bridge], capture_output=True, timeout=10)
-            self.netns = False
+        if self.bridge is not None:  # namespaces, the bridge, the forwarding rules
+            self.bridge.close()
+            self.bridge = None
+        self.netns = False
 
     def remove_dir(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -427,4 +423,5 @@ def leaks(tmpdir: Path, threads_before: set[int], sockets_before: set[int]) -> l
     )
     if r is not None and f"pxs{os.getpid()}-".encode() in r.stdout:
         found.append("network namespaces of this run still exist")
+    found += [f"iptables rule left: {rule}" for rule in leftover_rules(str(os.getpid() % 100000))]
     return found
