@@ -212,6 +212,39 @@ def test_heartbeat_timeout_fails_member() -> None:
     assert ids(g) == ("a", "b", "c")
 
 
+def test_most_of_the_view_silent_at_once_gets_one_more_timeout() -> None:
+    """Four of four members silent in one tick (soak seed 20261206: the coordinator
+    starved, their heartbeats queued) were all failed at once, and the view went to
+    newcomers without the training state. Now they get one more heartbeat timeout:
+    those whose beats arrive meanwhile stay, those still silent then are removed."""
+    g, clock = formed("abcd")
+    e0 = g.view.epoch
+    beat_all(g, clock, "abcd")
+    now = clock(0.7)  # nobody heard from for 0.7 s > 0.6 s
+    g.tick(now)
+    assert ids(g) == ("a", "b", "c", "d") and g.view.epoch == e0  # held, not failed
+    now = clock(0.1)  # the queued beats of a, b, c arrive; d really is gone
+    for n in "abc":
+        g.heartbeat(n, 1, now)
+    g.tick(now)
+    assert g.view.epoch == e0
+    beat_all(g, clock, "abc", 0.3)
+    beat_all(g, clock, "abc", 0.25)  # the hold (0.6 s) is over: d, silent all along, goes
+    assert ids(g) == ("a", "b", "c") and g.published.removed == (("d", "heartbeat-timeout"),)
+    # the whole group silent for good: removed one timeout later, not never
+    now = clock(0.7)
+    g.tick(now)
+    assert ids(g) == ("a", "b", "c")
+    g.tick(clock(0.61))
+    assert ids(g) == ()
+    # a minority falling silent is failed at the first timeout, as before
+    g2, clock2 = formed("abcde")
+    beat_all(g2, clock2, "abcde")
+    for _ in range(6):
+        beat_all(g2, clock2, "abc", 0.11)
+    assert ids(g2) == ("a", "b", "c")
+
+
 def test_report_confirmed_quickly_but_refuted_by_heartbeat() -> None:
     g, clock = formed()
     e = g.view.epoch
