@@ -41,7 +41,7 @@ from phalanx.testing import _stress_model as model
 from phalanx.testing._stress_check import Checker
 from phalanx.testing._stress_cluster import Cluster
 from phalanx.testing.stress import _COORDINATOR_SPACING_S, StressConfig, _Run, run_stress
-from tests.integration.test_daemon import daemons
+from tests.integration.test_daemon import daemons, spawn_daemon
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -554,3 +554,68 @@ def test_a_vote_cut_short_by_eviction_is_not_recast(monkeypatch: pytest.MonkeyPa
             agent.commit(7, True, epoch=epoch, timeout=5)
         assert calls == ["Commit"], "voted again after the eviction"
         assert agent.evicted
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 18 point 0c, for core: ElasticGroup must rebuild a state no member "
+    "holds from the newest sealed snapshot (SnapshotService.restore_newest); today "
+    "begin_step answers step -1 forever and every commit(-1) fails",
+)
+def test_a_group_that_lost_its_state_recovers_it_from_the_newest_snapshot(
+    secret: bytes, tmp_path: Path
+) -> None:
+    """Every member that held the training state is gone; the one left (a newcomer
+    that never received it) holds the founders' sealed snapshots. Its begin_step must
+    come back with the newest sealed step, not step -1 (soak seed 20261205: the group
+    ran ops at step -1 for 360 s and committed nothing)."""
+    with daemons(2, secret, tmp_path) as cl:
+        pgs = [phalanx.connect(s, op_timeout=20.0) for s in cl.sockets]
+        ws = [pg.empty((64,), "float64") for pg in pgs]
+        for pg, w in zip(pgs, ws, strict=True):
+            pg.attach_state({"w": w}, step=0)
+
+        def steps(pg: phalanx.Client, w: np.ndarray) -> None:
+            x = np.ones(8, np.float32)
+            for _ in range(3):
+                info = pg.begin_step(timeout=20.0)
+                pg.all_reduce(x, retry=True, timeout=20.0)
+                if pg.commit(info.step, timeout=20.0):
+                    w += 1.0
+                    pg.update_state(info.step + 1)
+
+        runners = [
+            threading.Thread(target=steps, args=(pg, w)) for pg, w in zip(pgs, ws, strict=True)
+        ]
+        for t in runners:
+            t.start()
+        for t in runners:
+            t.join(60)
+        assert all(np.array_equal(w, np.full(64, 3.0)) for w in ws)
+        # a newcomer joins; it expects the group's state (attached, nothing received yet)
+        sock, out = str(tmp_path / "d2.sock"), tmp_path / "d2.out"
+        cl.sockets.append(sock)
+        cl.outs.append(out)
+        cl.procs.append(spawn_daemon(cl.coordinator.address, cl.secret_file, sock, out, "d2"))
+        cl.ready_line(2)
+        cl.coordinator.wait_for(lambda v: v.size == 3, 20.0)
+        late = phalanx.connect(sock, op_timeout=20.0)
+        w2 = late.empty((64,), "float64")
+        assert late.attach_state({"w": w2}) == -1
+        # the founders seal step 3 in the view of three: each generation on the two others
+        for pg, w in zip(pgs, ws, strict=True):
+            sealed = pg.snapshot({"w": w}, 3).wait(20.0)
+            assert "d2" in sealed.holders and sealed.k == 1, sealed
+        for p in cl.procs[:2]:  # every member that held the state dies
+            p.kill()
+            p.wait(10)
+        for pg in pgs:
+            with contextlib.suppress(Exception):
+                pg.close()
+        cl.coordinator.wait_for(lambda v: v.ids == ("d2",), 20.0)
+        try:
+            info = late.begin_step(timeout=30.0)
+            assert info.step == 3, info
+            assert np.array_equal(w2, np.full(64, 3.0))
+        finally:
+            late.close()
