@@ -291,6 +291,8 @@ class Daemon:
                 on_engine=self.monitor.attach,
                 advertise=advertise,
             )
+            # heartbeats -> phalanx_heartbeat_last_{sent,ack}_timestamp_seconds
+            self.group.agent.on_heartbeat = self.monitor.metrics.heartbeat
             self.snapshots = self._snapshot_service()
             self.service = Service(
                 self.group,

@@ -62,6 +62,10 @@ class Agent:
         on_view: called with every new view that contains this peer.
         on_evicted: called once with the current epoch when this incarnation is
             removed (it can then :meth:`rejoin`).
+        on_heartbeat: called after every heartbeat with whether the coordinator
+            acknowledged it (the daemon points it at the monitor's
+            ``phalanx_heartbeat_last_*`` gauges); also settable as an attribute after
+            construction. It runs on the heartbeat thread and must not block.
         tls_root_cert: PEM root certificate(s): use TLS to reach the coordinator.
     """
 
@@ -75,6 +79,7 @@ class Agent:
         config: MembershipConfig | None = None,
         on_view: Callable[[View], None] | None = None,
         on_evicted: Callable[[int], None] | None = None,
+        on_heartbeat: Callable[[bool], None] | None = None,
         tls_root_cert: bytes | None = None,
         tls_server_name: str | None = None,
     ) -> None:
@@ -85,6 +90,7 @@ class Agent:
         self._signer = _wire.Signer(secret, max_skew=self.config.max_skew)
         self._on_view = on_view
         self._on_evicted = on_evicted
+        self.on_heartbeat = on_heartbeat
         options: list[tuple[str, Any]] = [
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
@@ -539,12 +545,15 @@ class Agent:
     def _heartbeat_loop(self, stop: threading.Event, inc: int) -> None:
         next_beat = time.monotonic()
         while not self._standing_down(stop):
+            acked = False
             try:
                 resp = cast(
                     pb.HeartbeatResponse,
                     self._call("Heartbeat", pb.HeartbeatRequest(), max(0.05, 2 * self._interval),
                                incarnation=inc),
                 )  # fmt: skip
+                acked = True
+                self._callback(self.on_heartbeat, True)
                 if resp.coordinator_run != self._run:
                     self._reregister(inc)
             except Evicted:
@@ -559,6 +568,8 @@ class Agent:
                     log.warning("event=heartbeat_refused member=%s error=%s", self._member.id, err)
             except CoordinatorUnavailable as err:
                 log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
+            if not acked:
+                self._callback(self.on_heartbeat, False)  # sent, not acknowledged
             next_beat += self._interval
             now = time.monotonic()
             if next_beat < now:  # we fell behind (stopped, starved): beat now, re-anchor

@@ -147,6 +147,39 @@ def test_serves_health_and_metrics_and_leaves_on_sigterm(secret: bytes, tmp_path
         assert not os.path.exists(cl.sockets[0])
 
 
+def _gauge(body: str, name: str) -> float:
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_heartbeat_gauges_follow_the_agent(secret: bytes, tmp_path: Path) -> None:
+    """phalanx_heartbeat_last_{sent,ack}_timestamp_seconds come from the agent's
+    heartbeats (they stayed 0.0: nothing called metrics.heartbeat); with the
+    coordinator gone, beats are still sent but no longer acknowledged."""
+    with daemons(1, secret, tmp_path) as cl:
+        metrics = cl.ready_line(0).split("metrics=")[1].split()[0]
+
+        def scrape() -> tuple[float, float]:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            return (_gauge(body, "phalanx_heartbeat_last_sent_timestamp_seconds"),
+                    _gauge(body, "phalanx_heartbeat_last_ack_timestamp_seconds"))  # fmt: skip
+
+        sent, acked = scrape()
+        assert time.time() - 5.0 < acked <= sent <= time.time() + 1.0, (sent, acked)
+        cl.coordinator.stop(0.5)  # beats go unanswered from here on
+        stopped = time.time()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            sent, acked = scrape()
+            if sent > stopped + 1.0:
+                break
+            time.sleep(0.2)
+        assert sent > stopped + 1.0 and acked < stopped + 0.5, (sent, acked, stopped)
+
+
 def test_sigkilled_daemon_gives_daemon_unavailable_within_a_second(
     secret: bytes, tmp_path: Path
 ) -> None:
