@@ -83,6 +83,7 @@ class Checker:
     restores_ok: int = 0
     lost_snapshots: int = 0
     lost_beyond_m: int = 0  # restores that failed after more than m holders went away
+    lost_by_old_rule: int = 0  # of those, the ones departures-since-the-seal called lost
     crashes: int = 0
     state_lost: int = 0  # begin_step answered step -1: no member of the view held the state
     _lost_epochs: set[int] = field(default_factory=set)
@@ -144,10 +145,7 @@ class Checker:
         1+m code a lost snapshot."""
         held = self._holders.get(owner)
         if held is None:
-            t_seal, world = self._seal_at.get(owner, (0.0, 1))
-            gone = {m for t, m in self._departed if t >= t_seal} | self.unavailable
-            gone.discard(owner)
-            return len(gone) > default_km(world)[1]
+            return self._beyond_m_since_seal(owner)
         holders, m = held
         seen = set(view) if view else None
         why = {}
@@ -159,7 +157,21 @@ class Checker:
             elif seen is not None and h not in seen:
                 why[h] = "not-in-view"
         self.last_unreadable = why
-        return len(why) > m
+        beyond = len(why) > m
+        if beyond and not self._beyond_m_since_seal(owner):
+            # the old rule (departures since the seal event) would have called this
+            # a lost snapshot: counted, to show what the holder accounting changed
+            self.lost_by_old_rule += 1
+        return beyond
+
+    def _beyond_m_since_seal(self, owner: str) -> bool:
+        """The coarse rule, for trainers that do not report holders: more than m
+        (default k + m for the view size) other peers departed since the seal event
+        or are unavailable now."""
+        t_seal, world = self._seal_at.get(owner, (0.0, 1))
+        gone = {m for t, m in self._departed if t >= t_seal} | self.unavailable
+        gone.discard(owner)
+        return len(gone) > default_km(world)[1]
 
     def fault(self, t: float, what: str) -> None:
         """A disruptive fault at ``t``: resolved by the first step that begins after it

@@ -580,6 +580,7 @@ def _summary(run: _Run) -> dict[str, Any]:
         "restores_ok": c.restores_ok,
         "lost_snapshots": c.lost_snapshots,
         "lost_beyond_m": c.lost_beyond_m,
+        "lost_by_old_rule": c.lost_by_old_rule,
         "max_resume_s": round(c.max_resume_s, 3),
         "max_resume_s_by_fault": {k: round(v, 3) for k, v in sorted(c.resume_by_fault.items())},
         "steps_committed": c.steps_committed,

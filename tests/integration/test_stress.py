@@ -182,6 +182,7 @@ def test_lost_snapshots_are_counted_by_the_generations_holders() -> None:
                                            "view": ["r", "h3", "h4"]}))  # fmt: skip
     assert (c.lost_snapshots, c.lost_beyond_m) == (0, 1), c.details
     assert c.last_unreadable == {"h1": "gone", "h2": "gone"}
+    assert c.lost_by_old_rule == 1  # departures since the seal event: only h2 -> "lost"
     # one holder gone, the others readable: the promise holds, so a failure is lost
     c.event(_sealed("q0", 20.0, 60, ("g1", "g2", "g3", "g4"), 1))
     c.departed(21.0, "q0")
