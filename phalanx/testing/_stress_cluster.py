@@ -12,8 +12,10 @@ of its own, joined to a bridge by a veth pair; the coordinator listens on the br
 A partition is then ``ip link set <veth> down`` (this kernel has no ``netem``, so no
 delay or loss at that layer). :func:`netns_unavailable` says why it cannot be done.
 
-Every child gets ``PR_SET_PDEATHSIG`` (a SIGKILLed harness leaves nothing behind) and
-is signalled only by PID; :meth:`Cluster.close` SIGCONTs, stops (SIGTERM then
+Processes are started through :class:`phalanx.testing.launcher.Launcher` (the one
+launcher tests, the demo and the benchmarks share): every child dies with the harness
+(``PR_SET_PDEATHSIG``, so a SIGKILLed harness leaves nothing behind) and is signalled
+only by PID; :meth:`Cluster.close` SIGCONTs, stops (SIGTERM then
 SIGKILL after a grace) and reaps all of them, removes the namespaces, and
 :func:`leaks` reports any process, thread or socket left over. This module must never
 signal a process it did not start nor wait without a deadline.
@@ -22,14 +24,11 @@ signal a process it did not start nor wait without a deadline.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -39,18 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from phalanx.testing._stress_trainer import TrainerArgs, trainer_main
+from phalanx.testing.launcher import Launcher, LaunchError, Proc
 from phalanx.testing.netns import Bridge, BridgeError, leftover_rules
 from phalanx.testing.netns import unavailable as _netns_unavailable
 
 __all__ = ["Cluster", "Peer", "leaks", "netns_unavailable", "open_fds", "socket_fds"]
 
-_PR_SET_PDEATHSIG = 1
 _MP = multiprocessing.get_context("spawn")
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _signal(pid: int | None, sig: int) -> None:
@@ -114,26 +108,23 @@ class Cluster:
         seal_timeout: float | None = None,
         commit_timeout: float | None = None,
     ) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="phalanx-stress-"))
-        self.secret_file = self.dir / "secret"
-        self.secret_file.write_bytes(os.urandom(32).hex().encode())
-        self.secret_file.chmod(0o600)
+        self.launcher = Launcher(prefix="phalanx-stress-", log_level=log_level)
+        self.dir = self.launcher.dir
+        self.secret_file = self.launcher.secret_file
         self.heartbeat_timeout = heartbeat_timeout
         self.commit_timeout = commit_timeout
         self.log_level = log_level
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
         # daemons give up on a snapshot generation after this long (None: their default)
-        self.daemon_env = dict(self.env)
+        self.daemon_env = dict(self.launcher.env)
         if seal_timeout is not None:
             self.daemon_env["PHALANX_SNAPSHOT_SEAL_TIMEOUT"] = str(seal_timeout)
         self.coordinator: subprocess.Popen[bytes] | None = None
-        self.coord_out: Path | None = None
+        self._coord: Proc | None = None
         self.address = ""
         self.host = "127.0.0.1"
         self.port = 0
         self.peers: dict[str, Peer] = {}
         self.retired: list[Peer] = []
-        self._coords: list[subprocess.Popen[bytes]] = []
         self._runs = 0
         self._slot = 0
         self.netns = netns
@@ -168,30 +159,20 @@ class Cluster:
             else:
                 self.host = self.bridge.host
 
-    # ------------------------------------------------------------------ helpers
-    def _popen(
-        self, cmd: list[str], out: Path, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        with open(out, "wb") as o, open(out.with_suffix(".err"), "wb") as e:
-            return subprocess.Popen(
-                cmd, stdout=o, stderr=e, env=env or self.env, preexec_fn=_die_with_parent
-            )
-
     # ------------------------------------------------------------------ coordinator
     def start_coordinator(self, *, wait: bool = True) -> None:
         """Start (or restart on the same port) the coordinator. ``wait``: return once
         it listens (deadline 30 s); otherwise poll :meth:`coordinator_ready`."""
         self._runs += 1
-        out = self.dir / f"coordinator-{self._runs}.out"
-        cmd = [sys.executable, "-m", "phalanx", "--log-level", self.log_level, "coordinator",
-               "--listen", f"{self.host}:{self.port}", "--secret-file", str(self.secret_file)]  # fmt: skip
+        flags: list[str] = []
         if self.heartbeat_timeout is not None:
-            cmd += ["--heartbeat-timeout", str(self.heartbeat_timeout)]
+            flags += ["--heartbeat-timeout", str(self.heartbeat_timeout)]
         if self.commit_timeout is not None:
-            cmd += ["--commit-timeout", str(self.commit_timeout)]
-        proc = self._popen(cmd, out)
-        self._coords.append(proc)
-        self.coordinator, self.coord_out = proc, out
+            flags += ["--commit-timeout", str(self.commit_timeout)]
+        proc = self.launcher.start_coordinator(
+            *flags, listen=f"{self.host}:{self.port}", name=f"coordinator-{self._runs}"
+        )
+        self._coord, self.coordinator = proc, proc.popen
         deadline = time.monotonic() + 30.0
         while wait and not self.coordinator_ready():
             if time.monotonic() > deadline:
@@ -200,24 +181,20 @@ class Cluster:
 
     def coordinator_ready(self) -> bool:
         """True once the current coordinator listens; raises RuntimeError if it exited."""
-        proc, out = self.coordinator, self.coord_out
-        if proc is None or out is None:
+        if self._coord is None:
             return False
-        text = out.read_text(errors="replace")
-        if "listening on" in text:
-            self.address = text.split("listening on", 1)[1].split()[0]
-            self.port = int(self.address.rpartition(":")[2])
-            return True
-        if proc.poll() is not None:
-            err = out.with_suffix(".err").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"coordinator exited (rc={proc.poll()}): {err}")
-        return False
+        try:
+            if not self.launcher.ready(self._coord):
+                return False
+        except LaunchError as exc:
+            raise RuntimeError(str(exc)) from None
+        self.address = self._coord.info["address"]
+        self.port = int(self.address.rpartition(":")[2])
+        return True
 
     def kill_coordinator(self) -> None:
-        if self.coordinator is not None:
-            _signal(self.coordinator.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.coordinator.wait(5.0)
+        if self._coord is not None:
+            self._coord.kill()
 
     # ------------------------------------------------------------------ peers
     def start_daemon(self, member: str) -> Peer:
@@ -234,11 +211,10 @@ class Cluster:
             ns, veth, host = self._add_netns(slot)
             listen = f"{self.bridge.net}.{host}:0"
             prefix = ["ip", "netns", "exec", ns]
-        cmd = [*prefix, sys.executable, "-m", "phalanx", "--log-level", self.log_level, "daemon",
-               "--coordinator", self.address, "--secret-file", str(self.secret_file),
-               "--socket", sock, "--id", member, "--listen", listen, "--metrics-port", "-1"]  # fmt: skip
-        proc = self._popen(cmd, out, self.daemon_env)
-        peer = Peer(member, slot, proc, out, sock, netns=ns, veth=veth, host=host)
+        proc = self.launcher.start_daemon(member, coordinator=self.address, listen=listen,
+                                          metrics_port=-1, prefix=prefix, env=self.daemon_env)  # fmt: skip
+        assert proc.out_path == out and self.launcher.socket_of(member) == sock
+        peer = Peer(member, slot, proc.popen, out, sock, netns=ns, veth=veth, host=host)
         self.peers[member] = peer
         return peer
 
@@ -340,15 +316,7 @@ class Cluster:
             if p.conn is not None:
                 with contextlib.suppress(OSError):
                     p.conn.close()
-        for c in self._coords:
-            if c.poll() is None:
-                _signal(c.pid, signal.SIGTERM)
-                try:
-                    c.wait(5.0)
-                except subprocess.TimeoutExpired:
-                    _signal(c.pid, signal.SIGKILL)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        c.wait(5.0)
+        self.launcher.close(5.0)  # the coordinators, and anything else still running
         if self.bridge is not None:  # namespaces, the bridge, the forwarding rules
             self.bridge.close()
             self.bridge = None

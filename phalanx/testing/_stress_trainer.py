@@ -29,7 +29,6 @@ This module must never wait without a deadline nor exit without telling the harn
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import time
@@ -39,10 +38,9 @@ from typing import Any
 import numpy as np
 
 from phalanx.testing import _stress_model as model
+from phalanx.testing.launcher import die_with_parent
 
 __all__ = ["TrainerArgs", "trainer_main"]
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -138,8 +136,7 @@ def _members(pg: Any) -> tuple[str, ...]:
 
 def trainer_main(a: TrainerArgs, conn: Any) -> None:
     """Entry point of a trainer process (see the module docstring)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = _Out(conn, a.member)
     import phalanx

@@ -20,7 +20,6 @@ conftest fixture fails any test that leaves a child process behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -47,6 +46,7 @@ from phalanx.testing.faults import (
     foreign_epoch,
     oversize_length,
 )
+from phalanx.testing.launcher import die_with_parent
 
 WORLD = 3
 EPOCH = 5
@@ -107,8 +107,7 @@ def _settled(base: tuple[int, int], within: float = 2.0) -> dict[str, Any]:
 def _child(
     fn: Callable[..., dict[str, Any]], rank: int, conn: Connection, args: tuple[Any, ...]
 ) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # die with the parent
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="rank" + str(rank) + " %(message)s")
     try:

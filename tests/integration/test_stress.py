@@ -41,7 +41,7 @@ from phalanx.testing import _stress_model as model
 from phalanx.testing._stress_check import Checker
 from phalanx.testing._stress_cluster import Cluster
 from phalanx.testing.stress import _COORDINATOR_SPACING_S, StressConfig, _Run, run_stress
-from tests.integration.test_daemon import daemons, spawn_daemon
+from tests.integration.test_daemon import Daemons
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -408,8 +408,8 @@ def _stepper(pg: phalanx.Client, until: float, out: dict[str, Any]) -> None:
             time.sleep(0.1)
 
 
-def test_evicted_daemon_rejoins_after_sigcont(secret: bytes, tmp_path: Path) -> None:
-    with daemons(2, secret, tmp_path) as cl:
+def test_evicted_daemon_rejoins_after_sigcont(daemons: Daemons) -> None:
+    with daemons(2) as cl:
         pgs = [phalanx.connect(s, op_timeout=20.0) for s in cl.sockets]
         try:
             outs: list[dict[str, Any]] = [{}, {}]
@@ -564,13 +564,13 @@ def test_a_vote_cut_short_by_eviction_is_not_recast(monkeypatch: pytest.MonkeyPa
     "begin_step answers step -1 forever and every commit(-1) fails",
 )
 def test_a_group_that_lost_its_state_recovers_it_from_the_newest_snapshot(
-    secret: bytes, tmp_path: Path
+    daemons: Daemons,
 ) -> None:
     """Every member that held the training state is gone; the one left (a newcomer
     that never received it) holds the founders' sealed snapshots. Its begin_step must
     come back with the newest sealed step, not step -1 (soak seed 20261205: the group
     ran ops at step -1 for 360 s and committed nothing)."""
-    with daemons(2, secret, tmp_path) as cl:
+    with daemons(2) as cl:
         pgs = [phalanx.connect(s, op_timeout=20.0) for s in cl.sockets]
         ws = [pg.empty((64,), "float64") for pg in pgs]
         for pg, w in zip(pgs, ws, strict=True):
@@ -594,11 +594,9 @@ def test_a_group_that_lost_its_state_recovers_it_from_the_newest_snapshot(
             t.join(60)
         assert all(np.array_equal(w, np.full(64, 3.0)) for w in ws)
         # a newcomer joins; it expects the group's state (attached, nothing received yet)
-        sock, out = str(tmp_path / "d2.sock"), tmp_path / "d2.out"
-        cl.sockets.append(sock)
-        cl.outs.append(out)
-        cl.procs.append(spawn_daemon(cl.coordinator.address, cl.secret_file, sock, out, "d2"))
+        cl.add_daemon()
         cl.ready_line(2)
+        sock = cl.sockets[2]
         cl.coordinator.wait_for(lambda v: v.size == 3, 20.0)
         late = phalanx.connect(sock, op_timeout=20.0)
         w2 = late.empty((64,), "float64")
