@@ -18,6 +18,9 @@ Rules (docs/membership.md explains them):
   * admission: joiners enter the view right after a commit decision (the operation
     boundary), or at once when the group is not stepping (no decision within
     ``step_window`` and no round open), or at the latest after ``admit_deadline``.
+    Joins that arrive within ``join_batch`` of the last admission wait for the next
+    tick and enter together: a cluster of N starting at once is a handful of views,
+    not N views each sent to every member (N^2 watch events).
   * commit: one decision per (epoch, step), remembered; a vote for an epoch that is
     not current is answered "not committed" unless that round was already decided --
     but only for epochs this instance published itself. For an older epoch (one a
@@ -150,6 +153,7 @@ class GroupState:
         self._witnessed: OrderedDict[int, None] = OrderedDict()
         self._forgotten_upto = 0
         self._last_decision_at: float | None = None
+        self._last_admit_at: float | None = None
         self._published = Published(View(0), ViewCause.SNAPSHOT)
         self._published_anything = False
         self._recovery_deadline = now + config.recovery_grace
@@ -273,7 +277,11 @@ class GroupState:
             member.incarnation,
             self.view.epoch,
         )
-        self._maybe_admit(now, boundary=False)
+        recent = self._last_admit_at is not None and now - self._last_admit_at < (
+            self.config.join_batch
+        )
+        if not recent:  # else the next tick admits it with whoever else joins meanwhile
+            self._maybe_admit(now, boundary=False)
         entry = self._entries[member.id]
         return self.view, entry.state in IN_VIEW_STATES
 
@@ -633,6 +641,7 @@ class GroupState:
                 return
         changes = [Change(ChangeKind.ADMIT, e.member, "join") for e in joiners]
         self._publish(changes, ViewCause.JOIN, now)
+        self._last_admit_at = now
 
     def _publish(self, changes: list[Change], cause: ViewCause, now: float) -> None:
         if not self._recovering and any(c.removes for c in changes):

@@ -22,13 +22,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from phalanx.errors import ConfigError
 from phalanx.membership import _wire
-from phalanx.membership._group import Decision, GroupState
+from phalanx.membership._group import Decision, GroupState, Published
 from phalanx.membership._proto import membership_pb2 as pb
 from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
 from phalanx.membership.config import MembershipConfig
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _WAIT_SLICE = 0.5  # longest single condition wait inside a handler
+SERVICE_NAME = _wire.SERVICE.strip("/")
 
 
 class Coordinator:
@@ -88,6 +89,9 @@ class Coordinator:
         self._server: grpc.Server | None = None
         self._detector: threading.Thread | None = None
         self._address = ""
+        # the newest view's Watch event, signed and serialized once for every watcher
+        # (per watcher that was N serializations of an N-member view per view change)
+        self._event: tuple[int, bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -112,9 +116,7 @@ class Coordinator:
                 ("grpc.max_receive_message_length", 4 << 20),
             ],
         )
-        pb_grpc.add_CoordinatorServicer_to_server(  # type: ignore[no-untyped-call]
-            _Servicer(self), server
-        )
+        server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
         if self._tls is not None:
             creds = grpc.ssl_server_credentials([(self._tls[1], self._tls[0])])
             port = server.add_secure_port(self._listen, creds)
@@ -218,6 +220,36 @@ class Coordinator:
             finally:
                 if group.revision != before:
                     self._cond.notify_all()
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+def _handlers(servicer: _Servicer) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+    """The Coordinator service's handlers, as the generated code registers them, but
+    Watch streams bytes: its events are serialized once per view, not per watcher."""
+    rpcs: dict[str, tuple[Callable[..., Any], Any, Any]] = {
+        "Join": (servicer.Join, pb.JoinRequest, pb.JoinResponse),
+        "Leave": (servicer.Leave, pb.LeaveRequest, pb.LeaveResponse),
+        "Heartbeat": (servicer.Heartbeat, pb.HeartbeatRequest, pb.HeartbeatResponse),
+        "ReportFailure": (
+            servicer.ReportFailure,
+            pb.ReportFailureRequest,
+            pb.ReportFailureResponse,
+        ),
+        "Commit": (servicer.Commit, pb.CommitRequest, pb.CommitResponse),
+    }
+    handlers: dict[str, Any] = {
+        name: grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
+        for name, (fn, req, resp) in rpcs.items()
+    }
+    handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=_raw
+    )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 class _Ended(Exception):
@@ -410,9 +442,9 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
     # -- Watch -------------------------------------------------------------------------
 
-    def Watch(
+    def Watch(  # streams serialized events (see _handlers)
         self, request: pb.WatchRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WatchEvent]:
+    ) -> Iterator[bytes]:
         method = _wire.SERVICE + "Watch"
         c = self._c
         try:
@@ -443,7 +475,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         incarnation: int,
         finished: threading.Event,
         ended_by_us: threading.Event,
-    ) -> Iterator[pb.WatchEvent]:
+    ) -> Iterator[bytes]:
         c = self._c
         last_seq = -1
         first = True
@@ -461,15 +493,15 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 published = group.published
             last_seq = published.seq
             evicted = not live and state is not MemberState.LEFT
-            event = pb.WatchEvent(
-                view=_wire.view_to_pb(published.view),
-                cause=(pb.VIEW_CAUSE_SNAPSHOT if first else published.cause.value),  # type: ignore[arg-type]
-                removed_ids=[i for i, _ in published.removed],
-                removed_causes=[why for _, why in published.removed],
-                evicted=evicted,
-            )
+            if first or evicted:  # this watcher's own event
+                data = self._event(published, first=first, evicted=evicted)
+            else:  # the same bytes for every watcher of this view
+                cached = c._event
+                if cached is None or cached[0] != published.seq:
+                    cached = (published.seq, self._event(published, first=False, evicted=False))
+                    c._event = cached
+                data = cached[1]
             first = False
-            self._sign(event, method, "event", published.view.epoch)
             if not live:
                 ended_by_us.set()
                 log.info(
@@ -479,6 +511,19 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     state.value if state is not None else "unknown",
                     published.view.epoch,
                 )
-            yield event
+            yield data
             if not live:
                 return
+
+    def _event(self, published: Published, *, first: bool, evicted: bool) -> bytes:
+        """A signed, serialized Watch event for ``published``. A broadcast event may go
+        to many watchers with one nonce: each agent's replay cache sees it once."""
+        event = pb.WatchEvent(
+            view=_wire.view_to_pb(published.view),
+            cause=(pb.VIEW_CAUSE_SNAPSHOT if first else published.cause.value),  # type: ignore[arg-type]
+            removed_ids=[i for i, _ in published.removed],
+            removed_causes=[why for _, why in published.removed],
+            evicted=evicted,
+        )
+        self._sign(event, _wire.SERVICE + "Watch", "event", published.view.epoch)
+        return event.SerializeToString()

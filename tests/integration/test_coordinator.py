@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -421,3 +422,26 @@ def test_coordinator_sigkill_and_restart(tmp_path: Path, listeners: list[Listene
             p.wait(5)
             if p.stdout is not None:
                 p.stdout.close()
+
+
+def test_a_view_change_is_serialized_once_for_every_watcher(
+    coordinator: Coordinator, group: Group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each watcher used to sign and serialize its own copy of the new view (N copies
+    of an N-member view per change: the coordinator bench's N^2). Now the broadcast
+    event is built once per view and every watcher gets those bytes."""
+    from phalanx.membership import coordinator as coord_mod
+
+    agents = form(group, "abcde")
+    built: list[tuple[bool, bool]] = []
+    original = coord_mod._Servicer._event
+
+    def counting(self: Any, published: Any, *, first: bool, evicted: bool) -> bytes:
+        built.append((first, evicted))
+        return original(self, published, first=first, evicted=evicted)
+
+    monkeypatch.setattr(coord_mod._Servicer, "_event", counting)
+    agents[-1].leave()
+    for a in agents[:-1]:
+        a.wait_for_view(lambda v: v.size == 4, 5)
+    assert built.count((False, False)) == 1, built  # one broadcast for four watchers
