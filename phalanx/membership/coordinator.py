@@ -83,6 +83,10 @@ class Coordinator:
         self._recover = recover
         self.run_id = os.urandom(8).hex()
         self._cond = threading.Condition()
+        # Watch streams wait on their own condition (same lock), woken only when a view
+        # is published: commit decisions bump the revision every step, and waking every
+        # watcher thread for each of them cost N wake-ups per step for nothing.
+        self._views = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         self._state: GroupState | None = None
         self._stopping = False
         self._stop_event = threading.Event()
@@ -161,6 +165,7 @@ class Coordinator:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            self._views.notify_all()
         self._stop_event.set()
         if self._server is not None:
             self._server.stop(grace).wait(grace + 5.0)
@@ -204,22 +209,28 @@ class Coordinator:
         while not self._stop_event.wait(self.config.tick):
             with self._cond:
                 group = self._group()
-                before = group.revision
+                before, seq = group.revision, group.published.seq
                 group.tick(time.monotonic())
-                if group.revision != before:
-                    self._cond.notify_all()
+                self._notify(group, before, seq)
+
+    def _notify(self, group: GroupState, revision: int, seq: int) -> None:
+        """Wake waiters after a change (caller holds the lock): votes and tests on any
+        revision, Watch streams only on a new published view."""
+        if group.revision != revision:
+            self._cond.notify_all()
+        if group.published.seq != seq:
+            self._views.notify_all()
 
     def _locked(self, fn: Callable[[GroupState, float], _T]) -> _T:
         with self._cond:
             if self._stopping:
                 raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
             group = self._group()
-            before = group.revision
+            before, seq = group.revision, group.published.seq
             try:
                 return fn(group, time.monotonic())
             finally:
-                if group.revision != before:
-                    self._cond.notify_all()
+                self._notify(group, before, seq)
 
 
 def _raw(data: bytes) -> bytes:
@@ -381,11 +392,15 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             if not suspects or len(suspects) > c.config.max_members:
                 raise Rejected(RejectReason.MALFORMED, f"{len(suspects)} suspects")
             reason = request.reason[:64]
-            out = c._locked(
-                lambda g, now: g.report(
+
+            def report(g: GroupState, now: float) -> list[str]:
+                accepted = g.report(
                     info.sender_id, info.incarnation, info.epoch, suspects, reason, now
                 )
-            )
+                g.tick(now)  # a suspect whose Watch stream already dropped goes now
+                return accepted
+
+            out = c._locked(report)
             log.info(
                 "event=failure_reported reporter=%s epoch=%d suspects=%s reason=%s accepted=%s",
                 info.sender_id,
@@ -460,9 +475,15 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         def on_done() -> None:
             finished.set()
             with c._cond:
+                group = c._group()
+                before, seq = group.revision, group.published.seq
                 if not c._stopping and not ended_by_us.is_set():
-                    c._group().stream_lost(member_id, incarnation, time.monotonic())
+                    now = time.monotonic()
+                    group.stream_lost(member_id, incarnation, now)
+                    group.tick(now)  # corroborated by a report already: remove it now
+                c._notify(group, before, seq)
                 c._cond.notify_all()
+                c._views.notify_all()
 
         context.add_callback(on_done)
         return self._watch_events(context, method, member_id, incarnation, finished, ended_by_us)
@@ -489,7 +510,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     live = state is MemberState.JOINING or state in IN_VIEW_STATES
                     if group.published.seq != last_seq or not live:
                         break
-                    c._cond.wait(_WAIT_SLICE)
+                    c._views.wait(_WAIT_SLICE)  # a new view, the stream's end, or a look
                 published = group.published
             last_seq = published.seq
             evicted = not live and state is not MemberState.LEFT
