@@ -53,6 +53,7 @@ EPOCH = 5
 SECRET = b"phalanx-fault-tests-secret-32byt"
 FAST = CommOptions(timeout_s=1.0, probe_s=0.3, connect_timeout_s=10.0, handshake_timeout_s=2.0)
 SLACK_S = 3.0  # scheduling slack on a shared 2-core machine
+STARTUP_S = 120.0  # spawning the ranks and building their group, on a loaded machine
 
 # ----------------------------------------------------------------------------- harness
 
@@ -190,6 +191,13 @@ class _Ranks:
                     self.results[rank] = payload
                 else:
                     self.errors[rank] = payload
+
+    def started(self, timeout: float = STARTUP_S) -> None:
+        """Wait until every rank built its group and finished an op (or reported): on
+        a loaded machine starting three interpreters alone can take tens of seconds,
+        which the op phase's own deadline must not pay for (run 183 of a 200-run loop
+        of test_corrupt_frame: no rank had finished an op after 30 s)."""
+        self.pump(lambda: all(self.progress[r] or r in self.results for r in range(WORLD)), timeout)
 
     def go(self) -> None:
         for c in self.conns:
@@ -391,6 +399,7 @@ def test_sigstop_past_the_deadline() -> None:
 
 def _frame_fault(hook: FaultInjector, n: int = 300_000) -> dict[int, dict[str, Any]]:
     with _Ranks(_faulty_rank, {2: hook}, n) as ranks:
+        ranks.started()
         res = ranks.wait_results({0, 1, 2}, 30)
     for r in res.values():
         _survivor_checks(r)
@@ -433,6 +442,7 @@ def test_the_culprit_is_told_why_it_was_expelled() -> None:
     (suspects [2], detected by 0) instead of accusing rank 0, so no survivor can hear a
     wrong verdict first."""
     with _Ranks(_faulty_rank, {2: corrupt_header(peer=0, seq=3)}, 300_000) as ranks:
+        ranks.started()
         res = ranks.wait_results({0, 1, 2}, 30)
     assert res[2]["suspects"] == [2] and res[2]["detected_by"] == 0, res[2]
     assert res[1]["suspects"] == [2], res[1]
