@@ -108,6 +108,7 @@ class Checker:
     _holders: dict[str, tuple[tuple[str, ...], int]] = field(default_factory=dict)
     _retired: set[str] = field(default_factory=set)  # killed, left or replaced: for good
     last_unreadable: dict[str, str] = field(default_factory=dict)  # of the last _beyond_m
+    last_old_rule_lost: bool = False
     _departed: list[tuple[float, str]] = field(default_factory=list)
     unavailable: set[str] = field(default_factory=set)  # stopped / partitioned now
     _last_begin: dict[str, float] = field(default_factory=dict)
@@ -158,7 +159,8 @@ class Checker:
                 why[h] = "not-in-view"
         self.last_unreadable = why
         beyond = len(why) > m
-        if beyond and not self._beyond_m_since_seal(owner):
+        self.last_old_rule_lost = beyond and not self._beyond_m_since_seal(owner)
+        if self.last_old_rule_lost:
             # the old rule (departures since the seal event) would have called this
             # a lost snapshot: counted, to show what the holder accounting changed
             self.lost_by_old_rule += 1
@@ -371,6 +373,7 @@ class Checker:
                 self.beyond_m_details.append(
                     f"{me} could not restore {owner} (sealed {self._sealed[owner]}, holders "
                     f"{','.join(held[0])}, m={held[1]}): unreadable {self.last_unreadable}"
+                    + (" [the old rule: lost]" if self.last_old_rule_lost else "")
                 )
         elif self._sealed.get(owner) is not None:
             self.lost_snapshots += 1
