@@ -51,9 +51,11 @@ _CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 class _Sim:
     """One simulated member's tasks and what it saw."""
 
-    def __init__(self, member: Member, stub: Any) -> None:
+    def __init__(self, member: Member, stub: Any, channel: grpc.aio.Channel) -> None:
         self.member = member
         self.stub = stub
+        self.channel = channel
+        self.ids: frozenset[str] = frozenset()
         self.tasks: list[asyncio.Task[None]] = []
         self.view = View(0)
         self.gone: dict[str, float] = {}  # member id -> first view without it (monotonic)
@@ -71,12 +73,13 @@ class _Load:
         self.failed_beats = 0
         self.events = 0
         self.last_error = ""
+        self._parsed: dict[bytes, tuple[View, bool, frozenset[str]]] = {}
         self.beat_s: collections.deque[float] = collections.deque(maxlen=2000)
 
-    def _stub(self) -> Any:
+    def _channel(self) -> grpc.aio.Channel:
         if not self.channels or len(self.sims) >= len(self.channels) * _MEMBERS_PER_CHANNEL:
             self.channels.append(grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS))
-        return pb_grpc.CoordinatorStub(self.channels[-1])  # type: ignore[no-untyped-call]
+        return self.channels[-1]
 
     def _sign(self, req: Any, name: str, m: Member, epoch: int = 0) -> Any:
         self.signer.sign(req, _wire.SERVICE + name, "request", sender_id=m.id,
@@ -85,7 +88,8 @@ class _Load:
 
     async def join(self, member_id: str, timeout: float = 30.0) -> None:
         m = Member(member_id, ("127.0.0.1:9",), 1)
-        sim = _Sim(m, self._stub())
+        ch = self._channel()
+        sim = _Sim(m, pb_grpc.CoordinatorStub(ch), ch)  # type: ignore[no-untyped-call]
         self.sims[member_id] = sim
         req = pb.JoinRequest(member=_wire.member_to_pb(m), known_view=_wire.view_to_pb(View(0)))
         deadline = time.monotonic() + timeout
@@ -118,22 +122,39 @@ class _Load:
             nxt += self.interval
             await asyncio.sleep(max(0.0, nxt - time.monotonic()))
 
+    def _parse(self, raw: bytes) -> tuple[View, bool, frozenset[str]]:
+        """(view, evicted, member ids) of a Watch event, verified. The coordinator sends
+        one event's bytes to every watcher, so a process parses each once: otherwise
+        the load generator, not the coordinator, did O(N^2) work per view change."""
+        hit = self._parsed.get(raw)
+        if hit is None:
+            event = pb.WatchEvent.FromString(raw)
+            self.signer.verify(event, _wire.SERVICE + "Watch", "event", check_replay=False)
+            view = _wire.view_from_pb(event.view)
+            hit = (view, bool(event.evicted), frozenset(view.ids))
+            if len(self._parsed) > 64:
+                self._parsed.clear()
+            self._parsed[raw] = hit
+        return hit
+
     async def _watch(self, sim: _Sim) -> None:
-        method = _wire.SERVICE + "Watch"
         while sim.alive:
             req = self._sign(pb.WatchRequest(), "Watch", sim.member, sim.view.epoch)
-            call = sim.stub.Watch(req, timeout=300.0)
+            watch = sim.channel.unary_stream(
+                _wire.SERVICE + "Watch",
+                request_serializer=pb.WatchRequest.SerializeToString,
+                response_deserializer=None,  # bytes: parsed once per process (_parse)
+            )
+            call = watch(req, timeout=300.0)
             try:
-                async for event in call:
+                async for raw in call:
                     now = time.monotonic()
                     self.events += 1
-                    self.signer.verify(event, method, "event", check_replay=False)
-                    view = _wire.view_from_pb(event.view)
-                    before = set(sim.view.ids)
-                    for gone in before - set(view.ids):
+                    view, evicted, ids = self._parse(raw)
+                    for gone in sim.ids - ids:
                         sim.gone.setdefault(gone, now)
-                    sim.view = view
-                    if event.evicted:
+                    sim.view, sim.ids = view, ids
+                    if evicted:
                         sim.alive = False
                         return
             except grpc.aio.AioRpcError:
