@@ -69,6 +69,7 @@ class _Loads:
         self.owner: dict[str, int] = {}
         self.last_error = ""  # the first failed heartbeat's gRPC status, if any
         self.beat_latency: tuple[float | None, float | None] = (None, None)  # p50, p99
+        self.alive = 0  # simulated members still in the group (at the last stats())
         for p in range(procs):
             part = ids[p::procs]
             parent, child = _MP.Pipe()
@@ -102,10 +103,12 @@ class _Loads:
 
     def stats(self) -> tuple[int, int, int]:
         acked = failed = events = 0
+        self.alive = 0
         for p in range(len(self.conns)):
-            _, a, f, e, _, self.last_error, p50, p99 = self.ask(p, ("stats",))[:8]
+            _, a, f, e, alive, self.last_error, p50, p99 = self.ask(p, ("stats",))[:8]
             self.beat_latency = (p50, p99)
             acked, failed, events = acked + a, failed + f, events + e
+            self.alive += alive
         return acked, failed, events
 
     def close(self) -> None:
@@ -156,6 +159,7 @@ def run_bench(
             say(f"{members} members in the view after {time.monotonic() - t_join:.1f}s")
             time.sleep(2.0)  # every member's Watch is open and its beats are spread
             acked0, failed0, _ = loads.stats()
+            alive0 = loads.alive
             cpu0, t0 = _cpu_s(coord.pid), time.monotonic()
             load_pids = [p.pid for p in loads.procs if p.pid is not None]
             load0 = sum(_cpu_s(pid) for pid in load_pids)
@@ -212,6 +216,9 @@ def run_bench(
         "window_s": round(span, 2),
         "heartbeats_per_s": round(beats / span, 1),
         "heartbeats_failed": failed1 - failed0,
+        # simulated members still in the group at the window's start and end (a member
+        # the coordinator evicted stops, as an evicted agent would until it rejoins)
+        "members_alive": [alive0, loads.alive],
         "coordinator_cores": round(cpu / span, 3),
         "load_cores": round((load1 - load0) / span, 3),  # the simulated members' processes
         "heartbeat_rtt_s": {

@@ -226,6 +226,7 @@ async def _serve(load: _Load, members: list[str], conn: Any) -> None:
     threading.Thread(target=reader, name="bench-load-pipe", daemon=True).start()
     for i in range(0, len(members), 50):  # joins in waves, as a cluster would start
         await asyncio.gather(*(load.join(m) for m in members[i : i + 50]))
+        await asyncio.sleep(0.1)  # the wave's first beats and Watch snapshots go through
     conn.send(("ready", len(members)))
     while True:
         msg = await inbox.get()
@@ -244,7 +245,8 @@ async def _serve(load: _Load, members: list[str], conn: Any) -> None:
             beats = sorted(load.beat_s)
             p50 = beats[len(beats) // 2] if beats else None
             p99 = beats[int(len(beats) * 0.99)] if beats else None
-            conn.send(("stats", load.acked, load.failed_beats, load.events, len(load.sims),
+            alive = sum(1 for sim in load.sims.values() if sim.alive)
+            conn.send(("stats", load.acked, load.failed_beats, load.events, alive,
                        load.last_error, p50, p99))  # fmt: skip
         elif kind == "arrivals":
             conn.send(("arrivals", *load.arrivals(msg[1], msg[2])))

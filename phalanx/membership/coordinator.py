@@ -96,6 +96,7 @@ class Coordinator:
         # the newest view's Watch event, signed and serialized once for every watcher
         # (per watcher that was N serializations of an N-member view per view change)
         self._event: tuple[int, bytes] | None = None
+        self._first: tuple[int, bytes, set[tuple[str, int]]] | None = None  # same, opening
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -514,8 +515,10 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 published = group.published
             last_seq = published.seq
             evicted = not live and state is not MemberState.LEFT
-            if first or evicted:  # this watcher's own event
-                data = self._event(published, first=first, evicted=evicted)
+            if evicted:  # this watcher's own notice
+                data = self._event(published, first=first, evicted=True)
+            elif first:  # a stream's snapshot: shared too, but never twice to one watcher
+                data = self._first_event(published, (member_id, incarnation))
             else:  # the same bytes for every watcher of this view
                 cached = c._event
                 if cached is None or cached[0] != published.seq:
@@ -535,6 +538,28 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             yield data
             if not live:
                 return
+
+    def _first_event(self, published: Published, who: tuple[str, int]) -> bytes:
+        """The snapshot event that opens a Watch stream, built once per view (a cluster
+        starting at once opens N streams on N-member views). A watcher that reopens its
+        stream within one view gets fresh bytes: its agent's replay cache would refuse
+        the same nonce twice."""
+        c = self._c
+        with c._cond:
+            cached = c._first
+            if cached is None or cached[0] != published.seq:
+                cached = c._first = (published.seq, b"", set())
+            if who in cached[2] or not cached[1]:
+                fresh = not cached[1]
+            else:
+                cached[2].add(who)
+                return cached[1]
+        data = self._event(published, first=True, evicted=False)
+        if fresh:
+            with c._cond:
+                if c._first is not None and c._first[0] == published.seq and not c._first[1]:
+                    c._first = (published.seq, data, {who})
+        return data
 
     def _event(self, published: Published, *, first: bool, evicted: bool) -> bytes:
         """A signed, serialized Watch event for ``published``. A broadcast event may go
