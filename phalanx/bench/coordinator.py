@@ -70,6 +70,7 @@ class _Loads:
         self.last_error = ""  # the first failed heartbeat's gRPC status, if any
         self.beat_latency: tuple[float | None, float | None] = (None, None)  # p50, p99
         self.alive = 0  # simulated members still in the group (at the last stats())
+        self.max_lag = 0.0  # the load processes' worst event-loop lag (they starve members)
         for p in range(procs):
             part = ids[p::procs]
             parent, child = _MP.Pipe()
@@ -105,7 +106,8 @@ class _Loads:
         acked = failed = events = 0
         self.alive = 0
         for p in range(len(self.conns)):
-            _, a, f, e, alive, self.last_error, p50, p99 = self.ask(p, ("stats",))[:8]
+            _, a, f, e, alive, self.last_error, p50, p99, lag = self.ask(p, ("stats",))[:9]
+            self.max_lag = max(self.max_lag, lag)
             self.beat_latency = (p50, p99)
             acked, failed, events = acked + a, failed + f, events + e
             self.alive += alive
@@ -221,6 +223,7 @@ def run_bench(
         "members_alive": [alive0, loads.alive],
         "coordinator_cores": round(cpu / span, 3),
         "load_cores": round((load1 - load0) / span, 3),  # the simulated members' processes
+        "load_max_lag_s": round(loads.max_lag, 3),
         "heartbeat_rtt_s": {
             "p50": None if beat_p50 is None else round(beat_p50, 4),
             "p99": None if beat_p99 is None else round(beat_p99, 4),
@@ -241,7 +244,8 @@ def run_bench(
         "ok": med is not None
         and med <= _OK_MEDIAN_S
         and cpu / span <= _OK_CORES
-        and (failed1 - failed0) <= 0.01 * max(1, beats),
+        and (failed1 - failed0) <= 0.01 * max(1, beats)
+        and alive0 >= members,
     }
 
 

@@ -74,6 +74,7 @@ class _Load:
         self.events = 0
         self.last_error = ""
         self._parsed: dict[bytes, tuple[View, bool, frozenset[str]]] = {}
+        self.max_lag = 0.0
         self.beat_s: collections.deque[float] = collections.deque(maxlen=2000)
 
     def _channel(self) -> grpc.aio.Channel:
@@ -224,6 +225,14 @@ async def _serve(load: _Load, members: list[str], conn: Any) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, ("stop",))
 
     threading.Thread(target=reader, name="bench-load-pipe", daemon=True).start()
+
+    async def lag() -> None:  # how late this process's loop runs (it starves members)
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.05)
+            load.max_lag = max(load.max_lag, time.monotonic() - t - 0.05)
+
+    lag_task = asyncio.create_task(lag())
     for i in range(0, len(members), 50):  # joins in waves, as a cluster would start
         await asyncio.gather(*(load.join(m) for m in members[i : i + 50]))
         await asyncio.sleep(0.1)  # the wave's first beats and Watch snapshots go through
@@ -247,11 +256,12 @@ async def _serve(load: _Load, members: list[str], conn: Any) -> None:
             p99 = beats[int(len(beats) * 0.99)] if beats else None
             alive = sum(1 for sim in load.sims.values() if sim.alive)
             conn.send(("stats", load.acked, load.failed_beats, load.events, alive,
-                       load.last_error, p50, p99))  # fmt: skip
+                       load.last_error, p50, p99, load.max_lag))  # fmt: skip
         elif kind == "arrivals":
             conn.send(("arrivals", *load.arrivals(msg[1], msg[2])))
         elif kind == "live":
             conn.send(("live", load.live()))
+    lag_task.cancel()
     await load.close()
 
 
