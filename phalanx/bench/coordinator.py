@@ -63,7 +63,7 @@ class _Loads:
     """The load processes and their pipes."""
 
     def __init__(self, address: str, secret: bytes, interval: float, ids: list[str],
-                 procs: int) -> None:  # fmt: skip
+                 procs: int, unary: bool = False) -> None:  # fmt: skip
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
         self.owner: dict[str, int] = {}
@@ -74,7 +74,8 @@ class _Loads:
         for p in range(procs):
             part = ids[p::procs]
             parent, child = _MP.Pipe()
-            proc = _MP.Process(target=load_main, args=(address, secret, interval, part, child),
+            proc = _MP.Process(target=load_main,
+                               args=(address, secret, interval, part, child, unary),
                                name=f"bench-load-{p}", daemon=True)  # fmt: skip
             proc.start()
             child.close()
@@ -143,6 +144,7 @@ def run_bench(
     procs: int = 0,
     log_level: str | None = None,
     keep: Path | None = None,
+    unary: bool = False,
     say: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """One member count (see the module docstring); returns the result row."""
@@ -155,7 +157,7 @@ def run_bench(
         secret = launcher.secret
         loads = None
         try:
-            loads = _Loads(address, secret, interval, ids, procs)
+            loads = _Loads(address, secret, interval, ids, procs, unary)
             t_join = time.monotonic()
             loads.wait_ready(60.0 + members / 20)
             say(f"{members} members in the view after {time.monotonic() - t_join:.1f}s")
@@ -214,6 +216,7 @@ def run_bench(
         "bench": "coordinator",
         "members": members,
         "load_procs": procs,
+        "beats": "unary" if unary else "stream",
         "heartbeat_interval_s": interval,
         "window_s": round(span, 2),
         "heartbeats_per_s": round(beats / span, 1),
@@ -288,6 +291,9 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     parser.add_argument("--churn-every", type=float, default=2.0,
                         help="seconds between a join and a leave (alternating)")  # fmt: skip
     parser.add_argument("--procs", type=int, default=0, help="load processes (0: by size)")
+    parser.add_argument("--unary-beats", action="store_true",
+                        help="members send unary Heartbeat calls (an older agent) instead of "
+                        "one Beats stream each")  # fmt: skip
     parser.add_argument("--keep-dir", metavar="DIR",
                         help="keep the coordinator's logs in DIR/<members>/")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON line per member count")
@@ -305,6 +311,7 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
             row = run_bench(n, window=args.window, failures=args.failures,
                             churn_every=args.churn_every, procs=args.procs,
                             log_level=getattr(args, "log_level", None),
+                            unary=args.unary_beats,
                             keep=Path(args.keep_dir) / str(n) if args.keep_dir else None,
                             say=(lambda m: None) if args.quiet else progress)  # fmt: skip
             ok = ok and bool(row["ok"])

@@ -63,7 +63,9 @@ class _Sim:
 
 
 class _Load:
-    def __init__(self, address: str, secret: bytes, interval: float) -> None:
+    def __init__(self, address: str, secret: bytes, interval: float, unary: bool = False) -> None:
+        self.unary = unary  # unary Heartbeat calls instead of one Beats stream per member
+        self.stream_acks = 0
         self.address = address
         self.signer = _wire.Signer(secret)
         self.interval = interval
@@ -107,6 +109,13 @@ class _Load:
     async def _beat(self, sim: _Sim) -> None:
         # spread the members' beats over the interval, as independent processes would
         await asyncio.sleep(self.interval * (hash(sim.member.id) % 1000) / 1000)
+        if self.unary:
+            await self._unary_beats(sim)
+        else:
+            await self._beat_stream(sim)
+
+    async def _unary_beats(self, sim: _Sim) -> None:
+        """One unary Heartbeat call per beat (an agent against an older coordinator)."""
         nxt = time.monotonic()
         while sim.alive:
             t0 = time.monotonic()
@@ -122,6 +131,49 @@ class _Load:
                 self.last_error = self.last_error or f"{exc.code().name}: {exc.details()}"
             nxt += self.interval
             await asyncio.sleep(max(0.0, nxt - time.monotonic()))
+
+    async def _beat_stream(self, sim: _Sim) -> None:
+        """The agent's way: every beat on one Beats call; the coordinator answers about
+        once a second. A beat counts once handed to the stream (``beat_s``: how long
+        that took -- it queues when the coordinator falls behind)."""
+        while sim.alive:
+            open_beats: Any = sim.channel.stream_stream(
+                _wire.SERVICE + "Beats",
+                request_serializer=pb.HeartbeatRequest.SerializeToString,
+                response_deserializer=pb.HeartbeatResponse.FromString,
+            )
+            call = open_beats()  # requests are written with call.write()
+            acks = asyncio.create_task(self._acks(call, sim))
+            nxt = time.monotonic()
+            try:
+                while sim.alive and not acks.done():
+                    t0 = time.monotonic()
+                    req = self._sign(pb.HeartbeatRequest(), "Beats", sim.member, sim.view.epoch)
+                    await call.write(req)
+                    self.acked += 1
+                    self.beat_s.append(time.monotonic() - t0)
+                    nxt += self.interval
+                    await asyncio.sleep(max(0.0, nxt - time.monotonic()))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                self.failed_beats += 1
+                self.last_error = self.last_error or f"Beats: {exc}"[:200]
+            finally:
+                call.cancel()
+                acks.cancel()
+            if sim.alive:
+                await asyncio.sleep(0.1)
+
+    async def _acks(self, call: Any, sim: _Sim) -> None:
+        try:
+            async for _ in call:
+                self.stream_acks += 1
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.CANCELLED:
+                return
+            self.failed_beats += 1
+            self.last_error = self.last_error or f"{exc.code().name}: {exc.details()}"
+            if _wire.error_from_rpc(exc, _wire.SERVICE + "Beats") is not None:
+                sim.alive = False  # refused (evicted): it stops, as the Watch would say
 
     def _parse(self, raw: bytes) -> tuple[View, bool, frozenset[str]]:
         """(view, evicted, member ids) of a Watch event, verified. The coordinator sends
@@ -265,12 +317,19 @@ async def _serve(load: _Load, members: list[str], conn: Any) -> None:
     await load.close()
 
 
-def load_main(address: str, secret: bytes, interval: float, members: list[str], conn: Any) -> None:
+def load_main(
+    address: str,
+    secret: bytes,
+    interval: float,
+    members: list[str],
+    conn: Any,
+    unary: bool = False,
+) -> None:
     """Entry point of one load process (multiprocessing *spawn*)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
-    load = _Load(address, secret, interval)
+    load = _Load(address, secret, interval, unary)
     try:
         asyncio.run(_serve(load, members, conn))
     except Exception as exc:  # the parent reports it

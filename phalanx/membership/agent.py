@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -119,6 +119,8 @@ class Agent:
         self._watching = threading.Event()  # set by the first event of a Watch stream
         self._threads: list[threading.Thread] = []
         self._watch_call: Any = None
+        self._beats_call: Any = None
+        self._unary_beats = False  # the coordinator has no Beats stream: unary beats
 
     # -- read side -------------------------------------------------------------------
 
@@ -485,10 +487,11 @@ class Agent:
             self._evicted = True
             epoch = self._view.epoch
             self._stop.set()
-            call = self._watch_call
+            calls = (self._watch_call, self._beats_call)
             self._lock.notify_all()
-        if call is not None:
-            call.cancel()
+        for call in calls:
+            if call is not None:
+                call.cancel()
         log.warning(
             "event=evicted member=%s incarnation=%d epoch=%d",
             self._member.id,
@@ -528,9 +531,9 @@ class Agent:
 
     def _stop_threads(self) -> None:
         self._stop.set()
-        call = self._watch_call
-        if call is not None:
-            call.cancel()
+        for call in (self._watch_call, self._beats_call):
+            if call is not None:
+                call.cancel()
         current = threading.current_thread()
         for t in self._threads:
             if t is not current:
@@ -543,6 +546,93 @@ class Agent:
         return stop.is_set() or self._left or self._evicted or self._closed
 
     def _heartbeat_loop(self, stop: threading.Event, inc: int) -> None:
+        """Heartbeats of incarnation ``inc``: on one ``Beats`` stream (a unary call per
+        beat cost the coordinator five times the CPU), or unary ``Heartbeat`` calls
+        against a coordinator that does not have ``Beats``."""
+        delay = _RETRY_MIN
+        while not self._standing_down(stop):
+            if self._unary_beats:
+                self._unary_heartbeats(stop, inc)
+                return
+            try:
+                if self._beat_stream(stop, inc):
+                    delay = _RETRY_MIN  # it ran; reopen at once
+            except Evicted:
+                self._handle_evicted(inc)
+                return
+            except Rejected as err:
+                if self._standing_down(stop):
+                    return
+                if err.reason is RejectReason.NOT_MEMBER:
+                    self._reregister(inc)  # the coordinator restarted and forgot us
+                else:
+                    log.warning("event=heartbeat_refused member=%s error=%s", self._member.id, err)
+            except CoordinatorUnavailable as err:
+                log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
+                self._callback(self.on_heartbeat, False)  # a beat due, not delivered
+            if stop.wait(delay):
+                return
+            delay = min(delay * 2, _RETRY_MAX)
+
+    def _beat_stream(self, stop: threading.Event, inc: int) -> bool:
+        """One ``Beats`` call: a signed request per interval until this incarnation
+        stands down; responses (the first beat, ~1/s, epoch changes) are the acks.
+        Returns True if the coordinator answered; raises the refusal that ended it."""
+        method = _wire.SERVICE + "Beats"
+        answered = False
+
+        def beats() -> Iterator[pb.HeartbeatRequest]:
+            next_beat = time.monotonic()
+            while not self._standing_down(stop):
+                with self._lock:
+                    member, epoch = self._member, self._view.epoch
+                if member.incarnation != inc:
+                    return
+                req = pb.HeartbeatRequest()
+                self._signer.sign(req, method, "request", sender_id=member.id,
+                                  incarnation=inc, epoch=epoch)  # fmt: skip
+                yield req
+                self._callback(self.on_heartbeat, False)  # sent
+                next_beat += self._interval
+                now = time.monotonic()
+                if next_beat < now:  # fell behind (stopped, starved): beat now, re-anchor
+                    next_beat = now
+                if stop.wait(next_beat - now):
+                    return
+
+        call = self._stub.Beats(beats(), timeout=_WATCH_DEADLINE)
+        with self._lock:
+            self._beats_call = call
+        try:
+            for resp in call:
+                try:
+                    self._signer.verify(resp, method, "response")
+                except Rejected as err:
+                    log.warning("event=bad_response method=Beats error=%s", err)
+                    raise CoordinatorUnavailable("Beats: response failed verification") from None
+                answered = True
+                self._callback(self.on_heartbeat, True)
+                if resp.coordinator_run != self._run:
+                    self._reregister(inc)
+        except grpc.RpcError as err:
+            if self._standing_down(stop):
+                return answered
+            if err.code() is grpc.StatusCode.UNIMPLEMENTED:  # an older coordinator
+                self._unary_beats = True
+                return answered
+            refusal = _wire.error_from_rpc(err, method)
+            if refusal is not None:
+                raise refusal from None
+            if err.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return True  # the call's own deadline: reopen
+            raise CoordinatorUnavailable(f"Beats: {err.code()}: {err.details()}") from None
+        finally:
+            with self._lock:
+                self._beats_call = None
+            call.cancel()
+        return answered
+
+    def _unary_heartbeats(self, stop: threading.Event, inc: int) -> None:
         next_beat = time.monotonic()
         while not self._standing_down(stop):
             acked = False

@@ -16,6 +16,7 @@ after ``stop()``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -96,6 +97,7 @@ class Coordinator:
         # the newest view's Watch event, signed and serialized once for every watcher
         # (per watcher that was N serializations of an N-member view per view change)
         self._event: tuple[int, bytes] | None = None
+        self._event_lock = threading.Lock()  # one watcher builds it, the others wait
         self._first: tuple[int, bytes, set[tuple[str, int]]] | None = None  # same, opening
 
     # -- lifecycle -------------------------------------------------------------------
@@ -109,7 +111,7 @@ class Coordinator:
         if self._server is not None:
             raise RuntimeError("coordinator already started")
         cfg = self.config
-        workers = 2 * cfg.max_members + 16
+        workers = 3 * cfg.max_members + 16  # each member's Watch and Beats calls, votes
         server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phalanx-coord"),
             maximum_concurrent_rpcs=workers,
@@ -234,6 +236,10 @@ class Coordinator:
                 self._notify(group, before, seq)
 
 
+def _beat(who: tuple[str, int], group: GroupState, now: float) -> int:
+    return group.heartbeat(who[0], who[1], now)
+
+
 def _raw(data: bytes) -> bytes:
     return data
 
@@ -258,6 +264,11 @@ def _handlers(servicer: _Servicer) -> grpc.GenericRpcHandler:  # type: ignore[ty
         )
         for name, (fn, req, resp) in rpcs.items()
     }
+    handlers["Beats"] = grpc.stream_stream_rpc_method_handler(
+        servicer.Beats,
+        request_deserializer=pb.HeartbeatRequest.FromString,
+        response_serializer=pb.HeartbeatResponse.SerializeToString,
+    )
     handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
         servicer.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=_raw
     )
@@ -378,6 +389,38 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             return resp
 
         return self._guard(context, method, run)
+
+    # -- Beats -------------------------------------------------------------------------
+
+    def Beats(
+        self, request_iterator: Iterator[pb.HeartbeatRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.HeartbeatResponse]:
+        """Heartbeats on one call (see the .proto): each request verified and counted
+        as a Heartbeat; answered on the first beat, on an epoch change and about once a
+        second. A refusal ends the call with its status, as Heartbeat would answer."""
+        method = _wire.SERVICE + "Beats"
+        c = self._c
+        every = max(1, round(1.0 / c.config.heartbeat_interval))
+        sender: tuple[str, int] | None = None
+        last_epoch = -1
+        n = 0
+        try:
+            for request in request_iterator:
+                info = c._signer.verify(request, method, "request")
+                who = (info.sender_id, info.incarnation)
+                if sender is None:
+                    sender = who
+                elif who != sender:
+                    raise Rejected(RejectReason.MALFORMED, "one Beats call per member incarnation")
+                epoch = c._locked(functools.partial(_beat, who))
+                n += 1
+                if epoch != last_epoch or n % every == 0:
+                    last_epoch = epoch
+                    resp = pb.HeartbeatResponse(epoch=epoch, coordinator_run=c.run_id)
+                    self._sign(resp, method, "response", epoch)
+                    yield resp
+        except Rejected as err:
+            _abort(context, err, method)
 
     # -- ReportFailure -----------------------------------------------------------------
 
@@ -519,11 +562,12 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 data = self._event(published, first=first, evicted=True)
             elif first:  # a stream's snapshot: shared too, but never twice to one watcher
                 data = self._first_event(published, (member_id, incarnation))
-            else:  # the same bytes for every watcher of this view
-                cached = c._event
-                if cached is None or cached[0] != published.seq:
-                    cached = (published.seq, self._event(published, first=False, evicted=False))
-                    c._event = cached
+            else:  # the same bytes for every watcher of this view, built by the first
+                with c._event_lock:
+                    cached = c._event
+                    if cached is None or cached[0] != published.seq:
+                        data = self._event(published, first=False, evicted=False)
+                        cached = c._event = (published.seq, data)
                 data = cached[1]
             first = False
             if not live:
