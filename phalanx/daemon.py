@@ -294,6 +294,8 @@ class Daemon:
                 advertise=advertise,
                 auto_rejoin=True,
             )
+            # heartbeats -> phalanx_heartbeat_last_{sent,ack}_timestamp_seconds
+            self.group.agent.on_heartbeat = self.monitor.metrics.heartbeat
             self.snapshots = self._snapshot_service()
             self.server = LocalServer(
                 self.socket_path,

@@ -205,17 +205,19 @@ class _DaemonBackend:
 
     def __init__(self, ctx: RankContext, spec: _Spec) -> None:
         import subprocess
-        import sys
 
         import phalanx
+        from phalanx.testing.launcher import die_with_parent, phalanx_argv
 
         sock = os.path.join(spec.workdir, f"d{ctx.rank}.sock")
-        cmd = [sys.executable, "-m", "phalanx", "--log-level", spec.log_level, "daemon",
-               "--coordinator", spec.coordinator, "--secret-file",
-               os.path.join(spec.workdir, "secret"), "--socket", sock, "--id",
-               f"bench-{ctx.rank}", "--metrics-port", "-1"]  # fmt: skip
+        cmd = phalanx_argv("daemon", "--coordinator", spec.coordinator, "--secret-file",
+                           os.path.join(spec.workdir, "secret"), "--socket", sock, "--id",
+                           f"bench-{ctx.rank}", "--metrics-port", "-1",
+                           log_level=spec.log_level)  # fmt: skip
         env = {**os.environ, "PHALANX_COMM_STREAMS": str(spec.streams)}
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+        self._proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent
+        )
         self.helper_pids: tuple[int, ...] = (self._proc.pid,)
         deadline = time.monotonic() + spec.timeout_s
         while True:

@@ -244,6 +244,9 @@ class Engine:
         self.held = HeldScratch(self.pool)
         # peers with a link gone (BYE or error): ops that still need such a link fail
         self._departed: dict[int, _OpFailed] = {}
+        # a failure that belongs to a later op than the running one (see _later_op):
+        # the running op may still finish; the group breaks right after it
+        self._deferred: _OpFailed | None = None
         self._drain_deadline = 0.0
         self._abort_request: tuple[str, str] | None = None
         # op descriptors (comm/descriptor.py): seqs that ended in a mismatch (their late
@@ -359,6 +362,9 @@ class Engine:
             if self._abort_request is not None and self._broken is None:
                 reason, detail = self._abort_request
                 self._fail_current(_OpFailed((), reason, detail, self.rank))
+            if self._deferred is not None and self._current is None:
+                # the running op ended; the group broke in a later one: tell everyone
+                self._fail_current(self._deferred)
             if self._current is None:
                 with self._lock:
                     closing = self._closing
@@ -900,9 +906,19 @@ class Engine:
                 self._probe.answered.add(link.peer)
         elif kind == FrameKind.ABORT:
             suspects, reason, by = _decode_abort(bytes(payload))
-            raise _OpFailed(
+            failure = _OpFailed(
                 suspects, reason, f"rank {link.peer} aborted op #{header.seq}", by, relayed=True
             )
+            plan = self._current
+            if plan is not None and header.seq > plan.seq:
+                # The peer aborts a later op, so it finished this one and sent all of
+                # its frames of it before the ABORT: this op may still complete here
+                # (an ABORT of op N+1 read before the last frame of op N from another
+                # peer failed op N on this rank only -- test_corrupt_frame's rare
+                # "assert 2 == 3": ranks disagreed on which op the group broke in).
+                self._later_op(failure)
+                return
+            raise failure
         elif kind == FrameKind.RECEIPT:
             self.held.receipt(link.peer, header.seq)
         elif kind == FrameKind.MISMATCH:
@@ -1109,10 +1125,16 @@ class Engine:
         failure = _OpFailed({link.peer}, reason, detail, None if graceful else self.rank)
         if reason in ("protocol", "foreign-epoch"):
             # the peer is alive but broke the contract: stop parsing its bytes, keep the
-            # socket so the ABORT tells it why, and break the group now
+            # socket so the ABORT tells it why, and break the group now -- or right
+            # after the running op when that op needs nothing more of this peer (the bad
+            # frame then belongs to a later op: all of this op's frames from the peer
+            # arrived, and a frame whose header fails its check says nothing else)
             link.draining = True
             self._set_mask(link)
             self._departed.setdefault(link.peer, failure)
+            if self._current is not None and not self._needs_peer(link.peer):
+                self._later_op(failure)
+                return
             self._fail_current(failure)
             return
         streams = self.links.get(link.peer, [])
@@ -1127,6 +1149,18 @@ class Engine:
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(link.channel.fd)
             link.channel.close()
+
+    def _needs_peer(self, peer: int) -> bool:
+        """The running op still has frames to receive from, or send to, ``peer``."""
+        return any(
+            link.recvs or link.sends or link.current is not None
+            for link in self.links.get(peer, ())
+        )
+
+    def _later_op(self, failure: _OpFailed) -> None:
+        """Break the group once the running op ends (first verdict kept)."""
+        if self._deferred is None:
+            self._deferred = failure
 
     def _needs_dead_link(self, peer: int) -> bool:
         plan = self._current
@@ -1153,6 +1187,7 @@ class Engine:
             detected_by=exc.detected_by,
             detail=detail,
         )
+        self._deferred = None
         first = self._broken is None
         if first:
             self._broken = failure

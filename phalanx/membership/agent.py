@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
@@ -62,6 +62,10 @@ class Agent:
         on_view: called with every new view that contains this peer.
         on_evicted: called once with the current epoch when this incarnation is
             removed (it can then :meth:`rejoin`).
+        on_heartbeat: called after every heartbeat with whether the coordinator
+            acknowledged it (the daemon points it at the monitor's
+            ``phalanx_heartbeat_last_*`` gauges); also settable as an attribute after
+            construction. It runs on the heartbeat thread and must not block.
         tls_root_cert: PEM root certificate(s): use TLS to reach the coordinator.
     """
 
@@ -75,6 +79,7 @@ class Agent:
         config: MembershipConfig | None = None,
         on_view: Callable[[View], None] | None = None,
         on_evicted: Callable[[int], None] | None = None,
+        on_heartbeat: Callable[[bool], None] | None = None,
         tls_root_cert: bytes | None = None,
         tls_server_name: str | None = None,
     ) -> None:
@@ -85,6 +90,7 @@ class Agent:
         self._signer = _rpc.Signer(secret, max_skew=self.config.max_skew)
         self._on_view = on_view
         self._on_evicted = on_evicted
+        self.on_heartbeat = on_heartbeat
         options: list[tuple[str, Any]] = [
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
@@ -113,6 +119,8 @@ class Agent:
         self._watching = threading.Event()  # set by the first event of a Watch stream
         self._threads: list[threading.Thread] = []
         self._watch_call: Any = None
+        self._beats_call: Any = None
+        self._unary_beats = False  # the coordinator has no Beats stream: unary beats
 
     # -- read side -------------------------------------------------------------------
 
@@ -316,7 +324,7 @@ class Agent:
                 # the eviction (an answer lost in a partition, a restarted coordinator that
                 # forgot the decision): "False" would be another answer than the group's.
                 # Not knowing is the honest answer: do not apply, re-sync after rejoining.
-                self._handle_evicted()
+                self._handle_evicted(incarnation)
                 raise CommitUnknown(
                     step,
                     vote_epoch,
@@ -325,7 +333,7 @@ class Agent:
             except Rejected as err:
                 if err.reason is not RejectReason.NOT_MEMBER:
                     raise
-                self._reregister()  # a restarted coordinator: register, vote again
+                self._reregister(incarnation)  # a restarted coordinator: register, vote again
             except CoordinatorUnavailable:
                 pass
             else:
@@ -433,11 +441,16 @@ class Agent:
             if resp.admitted:
                 self._install(view)
 
-    def _reregister(self) -> None:
+    def _reregister(self, incarnation: int) -> None:
+        """Register again as ``incarnation`` (a restarted coordinator forgot us); an
+        incarnation replaced meanwhile has nothing left to register."""
+        with self._lock:
+            if self._member.incarnation != incarnation:
+                return
         try:
             self._register()
         except Evicted:
-            self._handle_evicted()
+            self._handle_evicted(incarnation)
         except (Rejected, CoordinatorUnavailable) as err:
             log.debug("event=reregister_failed member=%s error=%s", self._member.id, err)
 
@@ -456,17 +469,33 @@ class Agent:
         )
         self._callback(self._on_view, view)
 
-    def _handle_evicted(self) -> None:
+    def _handle_evicted(self, incarnation: int) -> None:
+        """``incarnation`` was removed from the group. Only the current incarnation's
+        removal counts: an answer to a call made as an earlier one (a vote still in
+        flight when the daemon rejoined) says nothing about the current one. Applying
+        it anyway stopped the new incarnation's heartbeats right after its rejoin, so
+        the coordinator failed it 0.6 s later and it stayed out for its whole 15 s join
+        timeout -- four members at once in the soak of seed 20261206, and the newcomers
+        left in the view had no training state (the release soak's stall)."""
         with self._lock:
+            if incarnation != self._member.incarnation:
+                log.info(
+                    "event=stale_eviction_ignored member=%s incarnation=%d current=%d",
+                    self._member.id,
+                    incarnation,
+                    self._member.incarnation,
+                )
+                return
             if self._evicted or self._left:
                 return
             self._evicted = True
             epoch = self._view.epoch
             self._stop.set()
-            call = self._watch_call
+            calls = (self._watch_call, self._beats_call)
             self._lock.notify_all()
-        if call is not None:
-            call.cancel()
+        for call in calls:
+            if call is not None:
+                call.cancel()
         log.warning(
             "event=evicted member=%s incarnation=%d epoch=%d",
             self._member.id,
@@ -484,26 +513,31 @@ class Agent:
             log.exception("event=callback_error member=%s", self._member.id)
 
     def _start_threads(self) -> None:
+        """The heartbeat and watch threads of the current incarnation (they speak only
+        as that incarnation and stand down when it is replaced)."""
         self._stop_threads()
         self._stop = threading.Event()
         self._watching = threading.Event()
         stop = self._stop
+        inc = self._member.incarnation
         self._threads = [
             threading.Thread(
-                target=self._heartbeat_loop, args=(stop,), name="phalanx-agent-hb", daemon=True
+                target=self._heartbeat_loop, args=(stop, inc), name="phalanx-agent-hb",
+                daemon=True,
             ),
             threading.Thread(
-                target=self._watch_loop, args=(stop,), name="phalanx-agent-watch", daemon=True
+                target=self._watch_loop, args=(stop, inc), name="phalanx-agent-watch",
+                daemon=True,
             ),
-        ]
+        ]  # fmt: skip
         for t in self._threads:
             t.start()
 
     def _stop_threads(self) -> None:
         self._stop.set()
-        call = self._watch_call
-        if call is not None:
-            call.cancel()
+        for call in (self._watch_call, self._beats_call):
+            if call is not None:
+                call.cancel()
         current = threading.current_thread()
         for t in self._threads:
             if t is not current:
@@ -515,35 +549,128 @@ class Agent:
     def _standing_down(self, stop: threading.Event) -> bool:
         return stop.is_set() or self._left or self._evicted or self._closed
 
-    def _heartbeat_loop(self, stop: threading.Event) -> None:
-        next_beat = time.monotonic()
+    def _heartbeat_loop(self, stop: threading.Event, inc: int) -> None:
+        """Heartbeats of incarnation ``inc``: on one ``Beats`` stream (a unary call per
+        beat cost the coordinator five times the CPU), or unary ``Heartbeat`` calls
+        against a coordinator that does not have ``Beats``."""
+        delay = _RETRY_MIN
         while not self._standing_down(stop):
+            if self._unary_beats:
+                self._unary_heartbeats(stop, inc)
+                return
             try:
-                resp = cast(
-                    pb.HeartbeatResponse,
-                    self._call("Heartbeat", pb.HeartbeatRequest(), max(0.05, 2 * self._interval)),
-                )
-                if resp.coordinator_run != self._run:
-                    self._reregister()
+                if self._beat_stream(stop, inc):
+                    delay = _RETRY_MIN  # it ran; reopen at once
             except Evicted:
-                self._handle_evicted()
+                self._handle_evicted(inc)
                 return
             except Rejected as err:
                 if self._standing_down(stop):
                     return
                 if err.reason is RejectReason.NOT_MEMBER:
-                    self._reregister()  # the coordinator restarted and forgot us
+                    self._reregister(inc)  # the coordinator restarted and forgot us
                 else:
                     log.warning("event=heartbeat_refused member=%s error=%s", self._member.id, err)
             except CoordinatorUnavailable as err:
                 log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
+                self._callback(self.on_heartbeat, False)  # a beat due, not delivered
+            if stop.wait(delay):
+                return
+            delay = min(delay * 2, _RETRY_MAX)
+
+    def _beat_stream(self, stop: threading.Event, inc: int) -> bool:
+        """One ``Beats`` call: a signed request per interval until this incarnation
+        stands down; responses (the first beat, ~1/s, epoch changes) are the acks.
+        Returns True if the coordinator answered; raises the refusal that ended it."""
+        method = _rpc.SERVICE + "Beats"
+        answered = False
+
+        def beats() -> Iterator[pb.HeartbeatRequest]:
+            next_beat = time.monotonic()
+            while not self._standing_down(stop):
+                with self._lock:
+                    member, epoch = self._member, self._view.epoch
+                if member.incarnation != inc:
+                    return
+                req = pb.HeartbeatRequest()
+                self._signer.sign(req, method, "request", sender_id=member.id,
+                                  incarnation=inc, epoch=epoch)  # fmt: skip
+                yield req
+                self._callback(self.on_heartbeat, False)  # sent
+                next_beat += self._interval
+                now = time.monotonic()
+                if next_beat < now:  # fell behind (stopped, starved): beat now, re-anchor
+                    next_beat = now
+                if stop.wait(next_beat - now):
+                    return
+
+        call = self._stub.Beats(beats(), timeout=_WATCH_DEADLINE)
+        with self._lock:
+            self._beats_call = call
+        try:
+            for resp in call:
+                try:
+                    self._signer.verify(resp, method, "response")
+                except Rejected as err:
+                    log.warning("event=bad_response method=Beats error=%s", err)
+                    raise CoordinatorUnavailable("Beats: response failed verification") from None
+                answered = True
+                self._callback(self.on_heartbeat, True)
+                if resp.coordinator_run != self._run:
+                    self._reregister(inc)
+        except grpc.RpcError as err:
+            if self._standing_down(stop):
+                return answered
+            if err.code() is grpc.StatusCode.UNIMPLEMENTED:  # an older coordinator
+                self._unary_beats = True
+                return answered
+            refusal = _rpc.error_from_rpc(err, method)
+            if refusal is not None:
+                raise refusal from None
+            if err.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return True  # the call's own deadline: reopen
+            raise CoordinatorUnavailable(f"Beats: {err.code()}: {err.details()}") from None
+        finally:
+            with self._lock:
+                self._beats_call = None
+            call.cancel()
+        return answered
+
+    def _unary_heartbeats(self, stop: threading.Event, inc: int) -> None:
+        next_beat = time.monotonic()
+        while not self._standing_down(stop):
+            acked = False
+            try:
+                resp = cast(
+                    pb.HeartbeatResponse,
+                    self._call("Heartbeat", pb.HeartbeatRequest(), max(0.05, 2 * self._interval),
+                               incarnation=inc),
+                )  # fmt: skip
+                acked = True
+                self._callback(self.on_heartbeat, True)
+                if resp.coordinator_run != self._run:
+                    self._reregister(inc)
+            except Evicted:
+                self._handle_evicted(inc)
+                return
+            except Rejected as err:
+                if self._standing_down(stop):
+                    return
+                if err.reason is RejectReason.NOT_MEMBER:
+                    self._reregister(inc)  # the coordinator restarted and forgot us
+                else:
+                    log.warning("event=heartbeat_refused member=%s error=%s", self._member.id, err)
+            except CoordinatorUnavailable as err:
+                log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
+            if not acked:
+                self._callback(self.on_heartbeat, False)  # sent, not acknowledged
             next_beat += self._interval
             now = time.monotonic()
             if next_beat < now:  # we fell behind (stopped, starved): beat now, re-anchor
                 next_beat = now
             stop.wait(next_beat - now)
 
-    def _watch_loop(self, stop: threading.Event) -> None:
+    def _watch_loop(self, stop: threading.Event, inc: int) -> None:
         method = _rpc.SERVICE + "Watch"
         delay = _RETRY_MIN
         while not self._standing_down(stop):
@@ -551,6 +678,8 @@ class Agent:
             with self._lock:
                 member = self._member
                 epoch = self._view.epoch
+            if member.incarnation != inc:
+                return  # replaced: that incarnation's threads do not speak for it
             self._signer.sign(
                 req,
                 method,
@@ -568,7 +697,7 @@ class Agent:
                     return
                 for event in call:
                     delay = _RETRY_MIN
-                    self._on_event(cast(pb.WatchEvent, event), method)
+                    self._on_event(cast(pb.WatchEvent, event), method, inc)
                     if self._standing_down(stop):
                         return
             except grpc.RpcError as err:
@@ -576,7 +705,7 @@ class Agent:
                     return
                 refusal = _rpc.error_from_rpc(err, method)
                 if isinstance(refusal, Evicted):
-                    self._handle_evicted()
+                    self._handle_evicted(inc)
                     return
                 code = err.code() if callable(getattr(err, "code", None)) else None
                 log.debug("event=watch_broken member=%s code=%s", member.id, code)
@@ -584,12 +713,12 @@ class Agent:
                     if stop.wait(delay):
                         return
                     delay = min(delay * 2, _RETRY_MAX)
-                    self._reregister()
+                    self._reregister(inc)
             finally:
                 with self._lock:
                     self._watch_call = None
 
-    def _on_event(self, event: pb.WatchEvent, method: str) -> None:
+    def _on_event(self, event: pb.WatchEvent, method: str, inc: int) -> None:
         try:
             self._signer.verify(event, method, "event")
             view = _rpc.view_from_pb(event.view)
@@ -597,7 +726,7 @@ class Agent:
             log.warning("event=bad_watch_event member=%s error=%s", self._member.id, err)
             return
         if event.evicted:
-            self._handle_evicted()
+            self._handle_evicted(inc)
             return
         self._install(view)
         self._watching.set()

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -421,3 +422,70 @@ def test_coordinator_sigkill_and_restart(tmp_path: Path, listeners: list[Listene
             p.wait(5)
             if p.stdout is not None:
                 p.stdout.close()
+
+
+def test_a_view_change_is_serialized_once_for_every_watcher(
+    coordinator: Coordinator, group: Group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each watcher used to sign and serialize its own copy of the new view (N copies
+    of an N-member view per change: the coordinator bench's N^2). Now the broadcast
+    event is built once per view and every watcher gets those bytes."""
+    from phalanx.membership import coordinator as coord_mod
+
+    agents = form(group, "abcde")
+    built: list[tuple[bool, bool]] = []
+    original = coord_mod._Servicer._event
+
+    def counting(self: Any, published: Any, *, first: bool, evicted: bool) -> bytes:
+        built.append((first, evicted))
+        return original(self, published, first=first, evicted=evicted)
+
+    monkeypatch.setattr(coord_mod._Servicer, "_event", counting)
+    agents[-1].leave()
+    for a in agents[:-1]:
+        a.wait_for_view(lambda v: v.size == 4, 5)
+    assert built.count((False, False)) == 1, built  # one broadcast for four watchers
+
+
+def test_heartbeats_go_on_one_beats_stream_and_fall_back_to_unary(
+    listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent sends its heartbeats on one Beats call (a unary call per beat cost the
+    coordinator five times the CPU); against a coordinator without Beats it falls back
+    to unary Heartbeat calls. Either way the member stays in the view."""
+    from phalanx.membership import coordinator as coord_mod
+
+    calls: dict[str, int] = {"Beats": 0, "Heartbeat": 0}
+    for name in calls:
+        original = getattr(coord_mod._Servicer, name)
+
+        def counting(self: Any, request: Any, context: Any, _o: Any = original,
+                     _n: str = name) -> Any:  # fmt: skip
+            calls[_n] += 1
+            return _o(self, request, context)
+
+        monkeypatch.setattr(coord_mod._Servicer, name, counting)
+    for streams in (True, False):
+        if not streams:  # an older coordinator: no Beats method
+
+            def without_beats(servicer: Any, _full: Any = coord_mod._handlers) -> Any:
+                handler = _full(servicer)
+                handler._method_handlers.pop("/phalanx.v1.Coordinator/Beats")
+                return handler
+
+            monkeypatch.setattr(coord_mod, "_handlers", without_beats)
+        c = Coordinator(secret=SECRET, config=FRESH)
+        c.start()
+        group = Group(c.address, listeners)
+        try:
+            calls.update(Beats=0, Heartbeat=0)
+            (a,) = form(group, "a")
+            time.sleep(6 * c.config.heartbeat_interval)
+            assert c.view.has(a.member) and not a.evicted
+            if streams:
+                assert calls == {"Beats": 1, "Heartbeat": 0}, calls
+            else:
+                assert calls["Heartbeat"] >= 4 and a._unary_beats, calls
+        finally:
+            group.close()
+            c.stop(0.5)

@@ -21,7 +21,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ import phalanx
 from phalanx.comm import CommOptions, Group, Handle, bind
 from phalanx.errors import OpMismatch
 from phalanx.testing.procs import RankContext, run_ranks
+from tests.integration.test_daemon import Daemons
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -425,13 +425,11 @@ def _client_rank(ctx: RankContext, sockets: list[str]) -> dict[str, Any]:
         pg.close()
 
 
-def test_through_the_daemons_the_view_does_not_change(secret: bytes, tmp_path: Path) -> None:
+def test_through_the_daemons_the_view_does_not_change(daemons: Daemons) -> None:
     """Issue 18's stall: clients whose all-reduces disagree both get OpMismatch,
     quickly, and the next all-reduce runs in the same view (no failure reported, no
     new epoch, nothing waits for a view change)."""
-    from tests.integration.test_daemon import daemons
-
-    with daemons(2, secret, tmp_path) as cl:
+    with daemons(2) as cl:
         out = run_ranks(_client_rank, 2, cl.sockets, timeout=90.0, name="mmd")
     for r in out:
         assert r["raised"] == "OpMismatch ('count',) [0, 1] epoch " + str(r["epochs"][0]), r

@@ -9,14 +9,12 @@ general half (a PeerFailure whose suspects are alive), point 6(a); issue 15's sy
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,8 @@ import pytest
 
 import phalanx
 from phalanx.membership.config import MembershipConfig
-from phalanx.membership.coordinator import Coordinator
-from tests.integration.test_daemon import Cluster, daemons, spawn_daemon, stop_daemons
+from phalanx.testing.launcher import LocalCluster, local_cluster
+from tests.integration.test_daemon import Daemons
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -62,29 +60,11 @@ def _stepper(sock: str, allow_partial: bool, contribute: bool, pipe: Connection)
         pg.close()
 
 
-@contextlib.contextmanager
-def _steady(n: int, secret: bytes, tmp: Path) -> Iterator[Cluster]:
+def _steady(n: int, secret: bytes, tmp: Path) -> AbstractContextManager[LocalCluster]:
     """Like ``daemons``, with a failure detector that a loaded machine does not trip
     (heartbeats may lag by 2 s): the only view change is the one the test makes."""
-    secret_file = tmp / "secret"
-    secret_file.write_bytes(secret.hex().encode())
     config = MembershipConfig(heartbeat_timeout=2.5, confirm_window=1.0)
-    coord = Coordinator("127.0.0.1:0", secret=secret.hex().encode(), config=config,
-                        recover=False)  # fmt: skip
-    addr = coord.start()
-    procs: list[subprocess.Popen[bytes]] = []
-    cl = Cluster(coord, procs, [str(tmp / f"d{i}.sock") for i in range(n)], [], secret_file)
-    try:
-        for i in range(n):
-            out = tmp / f"d{i}.out"
-            cl.outs.append(out)
-            procs.append(spawn_daemon(addr, secret_file, cl.sockets[i], out, f"d{i}"))
-        for i in range(n):
-            cl.ready_line(i)
-        coord.wait_for(lambda v: v.size == n, 30.0)
-        yield cl
-    finally:
-        stop_daemons(procs, coord, 15.0)
+    return local_cluster(n, secret, tmp, config=config, ready_timeout=30.0)
 
 
 @pytest.mark.parametrize("allow_partial", [False, True])
@@ -167,13 +147,13 @@ def _mismatch(sock: str, n: int, pipe: Connection) -> None:
 
 
 def test_after_a_ranks_mistake_the_group_is_usable_again_without_a_view_change(
-    secret: bytes, tmp_path: Path
+    daemons: Daemons,
 ) -> None:
     """Issue 18.1: two ranks all-reduce arrays of different lengths; both get OpMismatch
     (the op descriptors differ, so nothing moves); the next correct op succeeds within
     its deadline in the same view, where it used to time out until a view change that
     never came."""
-    with daemons(2, secret, tmp_path) as cl:
+    with daemons(2) as cl:
         pipes, procs = [], []
         try:
             for i, n in enumerate((10, 12)):
@@ -247,11 +227,11 @@ def _collectives_only(sock: str) -> None:
 
 
 def test_a_client_that_only_runs_collectives_costs_its_daemon_nothing_when_it_exits(
-    secret: bytes, tmp_path: Path
+    daemons: Daemons,
 ) -> None:
     """Issue 18.6(a): the daemon used to leave and rejoin (a new incarnation) when such
     a client exited, so restarting it with --incarnation 2 was refused."""
-    with daemons(2, secret, tmp_path) as cl:
+    with daemons(2) as cl:
         epoch = cl.coordinator.view.epoch
         procs = [_MP.Process(target=_collectives_only, args=(s,)) for s in cl.sockets]
         for p in procs:
@@ -267,10 +247,8 @@ def test_a_client_that_only_runs_collectives_costs_its_daemon_nothing_when_it_ex
         # the operator restarts d1 as its next incarnation: admitted
         cl.procs[1].send_signal(signal.SIGKILL)
         cl.procs[1].wait(10)
-        out = tmp_path / "d1b.out"
-        cl.outs[1] = out
-        cl.procs[1] = spawn_daemon(
-            cl.coordinator.address, cl.secret_file, cl.sockets[1], out, "d1", "--incarnation", "2"
+        cl.daemons[1] = cl.launcher.start_daemon(
+            "d1", "--incarnation", "2", coordinator=cl.coordinator.address, name="d1b"
         )
         cl.ready_line(1)
         cl.coordinator.wait_for(
