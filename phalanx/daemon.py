@@ -49,16 +49,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
+
 from phalanx.checkpoint.erasure import backend_summary
 from phalanx.checkpoint.snapshot import SnapshotConfig, SnapshotObserver, SnapshotService
 from phalanx.checkpoint.store import MemoryShardStore
 from phalanx.checkpoint.tcp import ShardServer, TcpShardChannel
 from phalanx.comm.observer import CommObserver, OpSample
 from phalanx.config import PhalanxConfig, load_config
-from phalanx.errors import ConfigError, PhalanxError
+from phalanx.deadline import Deadline
+from phalanx.errors import ConfigError, PhalanxError, SnapshotError
 from phalanx.local.server import LocalServer
 from phalanx.membership.elastic import ElasticGroup
-from phalanx.membership.statesync import SyncState
+from phalanx.membership.statesync import SyncReport, SyncState
 from phalanx.membership.view import View
 from phalanx.monitor import Monitor
 from phalanx.monitor.metrics import Metrics
@@ -211,6 +214,43 @@ class Daemon:
 
         threading.Thread(target=report, name="phalanx-evict", daemon=True).start()
 
+    def _recover_state(self, state: SyncState, deadline: Deadline) -> SyncReport | None:
+        """The group lost its training state (every member that held it is gone): fill
+        the client's attached arrays from the newest sealed snapshot generation this
+        member or the live holders can rebuild (any owner's: the members of a
+        data-parallel group snapshot the same state). None when nothing fits."""
+        svc, group = self.snapshots, self.group
+        if svc is None or group is None:
+            return None
+        layout = {n: (a.dtype, a.shape) for n, a in state.arrays.items()}
+
+        def fits(_step: int, candidate: dict[str, Any]) -> bool:
+            return set(candidate) == set(layout) and all(
+                isinstance(v, np.ndarray) and (v.dtype, v.shape) == layout[n]
+                for n, v in candidate.items()
+            )
+
+        t0 = time.monotonic()
+        try:
+            owner, step, found = svc.restore_newest(timeout=max(0.1, deadline.left()), accept=fits)
+        except SnapshotError as exc:
+            audit.warning(
+                "event=state_lost member=%s recovered=false why=%r", self.member_id, str(exc)
+            )
+            return None
+        nbytes = 0
+        for name, arr in found.items():
+            np.copyto(state.arrays[name], arr)
+            nbytes += arr.nbytes
+        state.update(step)
+        state.valid = True
+        seconds = time.monotonic() - t0
+        audit.warning(
+            "event=state_recovered member=%s step=%d from_snapshot_of=%s bytes=%d seconds=%.3f",
+            self.member_id, step, owner, nbytes, seconds,
+        )  # fmt: skip
+        return SyncReport(group.view.epoch, None, (), True, step, nbytes, seconds)
+
     def _on_view(self, view: View) -> None:
         rank = view.rank(self.member_id) if self.member_id in view else 0
         self.monitor.set_view(view.epoch, list(range(view.size)), rank)
@@ -274,6 +314,9 @@ class Daemon:
         """Serve the local API, join the group, serve /metrics. Raises on failure
         (everything started so far is stopped)."""
         cfg = self.config
+        # before any gRPC or worker thread runs: loading the erasure backend may start a
+        # child process (a fork beside gRPC's threads can break gRPC's poller)
+        erasure, erasure_detail = backend_summary()
         try:
             advertise = self._start_snapshots()
             self.group = ElasticGroup(
@@ -296,6 +339,7 @@ class Daemon:
             )
             # heartbeats -> phalanx_heartbeat_last_{sent,ack}_timestamp_seconds
             self.group.agent.on_heartbeat = self.monitor.metrics.heartbeat
+            self.group.recover_state = self._recover_state
             self.snapshots = self._snapshot_service()
             self.server = LocalServer(
                 self.socket_path,
@@ -314,7 +358,6 @@ class Daemon:
         except BaseException:
             self.stop(leave=False)
             raise
-        erasure, erasure_detail = backend_summary()
         self.erasure_backend = erasure
         audit.info(
             "event=daemon_started member=%s epoch=%d members=%s socket=%s data=%s metrics=%s "

@@ -181,23 +181,35 @@ def bundled_copies() -> list[str]:
 
 def _load_uncached(path: str | None) -> tuple[IsaL | None, str]:
     names: list[str] = [path] if path else [*bundled_copies(), *DEFAULT_NAMES]
-    if not path:
-        found = ctypes.util.find_library("isal")
-        if found and found not in names:
-            names.append(found)
     errors: list[str] = []
     for name in names:
-        try:
-            lib = ctypes.CDLL(name)
-            _bind(lib)
-        except (OSError, AttributeError) as e:
-            errors.append(f"{name}: {e}")
-            continue
-        isal = IsaL(path=name, version=_version(lib, name), _lib=lib)
-        problem = _self_check(isal)
-        if problem is not None:
-            errors.append(f"{name}: {problem}")
-            continue
-        return isal, ""
+        isal = _try(name, errors)
+        if isal is not None:
+            return isal, ""
+    if not path:
+        # last resort: find_library runs ldconfig/gcc in a child process, and a fork in
+        # a process whose gRPC threads already run can break gRPC's poller (a daemon
+        # aborted with "epoll_wait error: Bad file descriptor"): only when all else failed
+        found = ctypes.util.find_library("isal")
+        if found and found not in names:
+            isal = _try(found, errors)
+            if isal is not None:
+                return isal, ""
     hint = "" if path else " (pip install pyeclib, or the Debian package libisal2)"
     return None, "ISA-L not loadable" + hint + ": " + "; ".join(errors)
+
+
+def _try(name: str, errors: list[str]) -> IsaL | None:
+    """Load, bind and self-check one candidate; its failure goes to ``errors``."""
+    try:
+        lib = ctypes.CDLL(name)
+        _bind(lib)
+    except (OSError, AttributeError) as e:
+        errors.append(f"{name}: {e}")
+        return None
+    isal = IsaL(path=name, version=_version(lib, name), _lib=lib)
+    problem = _self_check(isal)
+    if problem is not None:
+        errors.append(f"{name}: {problem}")
+        return None
+    return isal

@@ -340,6 +340,22 @@ def test_a_plain_pip_install_gives_isal_speed() -> None:
     assert erasure_mod.backend_summary("numpy")[0] == "numpy"
 
 
+@pytest.mark.skipif(not PIP_GIVES_ISAL, reason="pyeclib has wheels for Linux x86-64/aarch64 only")
+def test_finding_isal_starts_no_child_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ctypes.util.find_library`` forks (ldconfig, gcc); a fork beside a daemon's gRPC
+    threads aborted it ("epoll_wait error: Bad file descriptor"). With a copy that loads
+    by name, the search must not call it."""
+    import ctypes.util
+
+    def forbidden(name: str) -> str | None:
+        raise AssertionError(f"find_library({name!r}) was called")
+
+    monkeypatch.setattr(ctypes.util, "find_library", forbidden)
+    monkeypatch.setattr(_isal, "_cache", {})
+    lib, why = _isal.load()
+    assert lib is not None, why
+
+
 def test_every_isal_copy_writes_the_same_parity() -> None:
     """The bundled copy and a system libisal2 (where installed) are interchangeable:
     shards one encodes decode with the other and with numpy (the matrix is the format)."""
