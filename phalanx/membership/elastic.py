@@ -35,7 +35,11 @@ holds in-process, and what a daemon serves its client with. It
   with (a retry on a smaller view) raises ``StepAborted`` instead — nothing of it ran,
   and a vote on that step is False — unless ``begin_step(allow_partial=True)``; losing the
   client mid-step (a daemon's :meth:`client_lost`) leaves and rejoins; an evicted
-  member rejoins by the one rejoin policy when ``auto_rejoin`` (a daemon's setting).
+  member rejoins by the one rejoin policy when ``auto_rejoin`` (a daemon's setting);
+* when the group lost its training state (every member that held it is gone and a
+  member waits for it), calls :attr:`ElasticGroup.recover_state` on each member that
+  waits -- a daemon rebuilds the newest sealed snapshot generation there -- and runs
+  the exchange once more, so the newest recovered state spreads by the usual sync.
 
 Errors: a collective aborted because the view changed raises ``ViewChanged`` (a
 ``PeerFailure`` whose ``epoch`` is the **new** epoch; ``old_epoch`` is the one it ran
@@ -232,6 +236,10 @@ class ElasticGroup:
         self._current: _Plane | None = None
         self._latest = 0  # newest view epoch announced
         self._attached = False  # a client attached its arrays (attach_state): see commit
+        #: called (on the caller's thread, lock not held) when nobody in the view holds
+        #: the state this member waits for: fill ``state`` from elsewhere (snapshots) and
+        #: say what moved, or None. The daemon sets it.
+        self.recover_state: Callable[[SyncState, Deadline], SyncReport | None] | None = None
         self._rejoin_lock = threading.Lock()
         self._stop = threading.Event()
         self._reports: queue.Queue[tuple[list[str], int, str] | None] = queue.Queue()
@@ -619,6 +627,7 @@ class ElasticGroup:
         """Run the state exchange (and the sync it calls for) once per group; the sync
         report if this call ran one that moved state."""
         report: SyncReport | None = None
+        recovered = False  # the lost-state recovery runs at most once per call
         while plane.phase is GroupPhase.READY:
             group = plane.group
             assert group is not None
@@ -632,6 +641,7 @@ class ElasticGroup:
                 pos_step=pos_step,
                 done=done,
                 in_op=in_op,
+                wants_state=st is not None and not st.valid and self._attached,
             )
             plan = plan_sync(gather_records(group, mine, deadline))
             if plan.action is SyncAction.ABORT:
@@ -644,6 +654,13 @@ class ElasticGroup:
                 if deadline.expired:
                     raise TimeoutError("members did not realign at a step boundary in time")
                 continue  # the mid-step members exchange again on their next call
+            if plan.recover and not recovered:
+                # every member saw the same plan: all of them exchange once more
+                recovered = True
+                hook = self.recover_state
+                if st is not None and not st.valid and hook is not None:
+                    report = hook(st, deadline)
+                continue
             if st is not None and plan.receivers:
                 try:
                     report = transfer(

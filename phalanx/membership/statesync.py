@@ -84,6 +84,8 @@ _RECORD = struct.Struct("<4sIqqq32s")  # magic, flags, state_step, pos_step, don
 _MAGIC = b"PXS1"
 _F_HAS_STATE = 1
 _F_IN_OP = 2  # the exchange runs inside a collective call (a retry), not at begin_step
+_F_WANTS_STATE = 4  # a state is attached but holds nothing yet (it waits to receive one)
+_FLAGS = _F_HAS_STATE | _F_IN_OP | _F_WANTS_STATE
 _MAX_ENTRIES = 65536
 _MAX_MANIFEST = 8 << 20
 _MAX_NAME = 1024
@@ -200,6 +202,7 @@ class PeerRecord:
     pos_step: int = -1  # the training step it is in (-1: not tracking steps)
     done: int = 0  # collectives it finished in that step
     in_op: bool = False  # inside a collective (its input is computed from its state)
+    wants_state: bool = False  # attached arrays that wait for the group's state
 
     def __post_init__(self) -> None:
         if len(self.digest) != 32:
@@ -208,7 +211,11 @@ class PeerRecord:
             raise ValueError("done must be >= 0")
 
     def encode(self) -> bytes:
-        flags = (_F_HAS_STATE if self.has_state else 0) | (_F_IN_OP if self.in_op else 0)
+        flags = (
+            (_F_HAS_STATE if self.has_state else 0)
+            | (_F_IN_OP if self.in_op else 0)
+            | (_F_WANTS_STATE if self.wants_state else 0)
+        )
         return _RECORD.pack(_MAGIC, flags, self.state_step, self.pos_step, self.done, self.digest)
 
     @classmethod
@@ -216,10 +223,16 @@ class PeerRecord:
         if len(data) != RECORD_BYTES:
             raise StateSyncError(f"state record of {len(data)} bytes, want {RECORD_BYTES}")
         magic, flags, state_step, pos_step, done, digest = _RECORD.unpack(data)
-        if magic != _MAGIC or flags & ~(_F_HAS_STATE | _F_IN_OP) or done < 0:
+        if magic != _MAGIC or flags & ~_FLAGS or done < 0:
             raise StateSyncError("malformed state record (peer speaks another version?)")
         return cls(
-            bool(flags & _F_HAS_STATE), state_step, digest, pos_step, done, bool(flags & _F_IN_OP)
+            bool(flags & _F_HAS_STATE),
+            state_step,
+            digest,
+            pos_step,
+            done,
+            bool(flags & _F_IN_OP),
+            bool(flags & _F_WANTS_STATE),
         )
 
 
@@ -239,6 +252,9 @@ class SyncPlan:
     digest: bytes  # the majority state's digest
     majority: int  # how many ranks hold it
     aborted: tuple[int, ...] = ()  # ranks that are mid-step (they raise StepAborted)
+    #: nobody holds the state and somebody waits for it: the group lost its state (every
+    #: member that held it is gone); members rebuild it from snapshots, then exchange again
+    recover: bool = False
 
 
 def plan_sync(records: Sequence[PeerRecord]) -> SyncPlan:
@@ -263,8 +279,9 @@ def plan_sync(records: Sequence[PeerRecord]) -> SyncPlan:
     positions = {(rec.pos_step, rec.done) for rec in records}
     aligned = not mid or (len(positions) == 1 and not receivers)
     action = SyncAction.PROCEED if aligned else SyncAction.ABORT
+    recover = source is None and any(rec.wants_state for rec in records)
     return SyncPlan(
-        action, source, receivers, step, digest, len(holders), mid if not aligned else ()
+        action, source, receivers, step, digest, len(holders), mid if not aligned else (), recover
     )
 
 

@@ -70,6 +70,18 @@ def test_plan_nothing_to_do_without_state() -> None:
     assert plan.source is None and plan.receivers == () and plan.action is SyncAction.PROCEED
 
 
+def test_plan_recovers_only_a_state_that_somebody_waits_for_and_nobody_holds() -> None:
+    waiting = PeerRecord(False, -1, NONE, wants_state=True)
+    assert PeerRecord.decode(waiting.encode()) == waiting
+    # every member that held the state is gone; the one left waits for it: recover
+    assert plan_sync([waiting, PeerRecord(False, -1, NONE)]).recover
+    # a holder is present: an ordinary sync, no recovery
+    plan = plan_sync([waiting, PeerRecord(True, 5, D1)])
+    assert not plan.recover and plan.receivers == (0,)
+    # nobody attached a state (collectives only): nothing to recover
+    assert not plan_sync([PeerRecord(False, -1, NONE)] * 2).recover
+
+
 def test_plan_aborts_mid_step_members_when_a_boundary_member_arrives() -> None:
     mid = PeerRecord(True, 5, D1, pos_step=5, done=1)
     recs = [mid, mid, PeerRecord(False, -1, NONE, pos_step=-1, done=0)]

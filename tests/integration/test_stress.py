@@ -557,12 +557,6 @@ def test_a_vote_cut_short_by_eviction_is_not_recast(monkeypatch: pytest.MonkeyPa
         assert agent.evicted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 point 0c, for core: ElasticGroup must rebuild a state no member "
-    "holds from the newest sealed snapshot (SnapshotService.restore_newest); today "
-    "begin_step answers step -1 forever and every commit(-1) fails",
-)
 def test_a_group_that_lost_its_state_recovers_it_from_the_newest_snapshot(
     daemons: Daemons,
 ) -> None:
