@@ -199,9 +199,12 @@ class Cluster:
     def socket_of(self, member: str) -> str:
         return str(self.dir / f"{member}.sock")
 
-    def start_worker(self, member: str, args: list[str]) -> Proc:
-        """Start a training process for ``member``; its stdout (JSON lines) is a pipe."""
-        argv = [sys.executable, "-m", "phalanx.demo.worker", "--socket", self.socket_of(member),
+    def start_worker(
+        self, member: str, args: list[str], *, module: str = "phalanx.demo.worker"
+    ) -> Proc:
+        """Start a training process (``python -m module``) for ``member``; its stdout
+        (JSON lines) is a pipe."""
+        argv = [sys.executable, "-m", module, "--socket", self.socket_of(member),
                 *args]  # fmt: skip
         return self._spawn(f"worker-{member}", "worker", argv, pipe_out=True)
 
