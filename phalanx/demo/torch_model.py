@@ -68,6 +68,7 @@ class TorchDemo:
     gamma: float = 0.5
     inner_lr: float = 0.05  # DiLoCo: inner SGD (momentum 0.9)
     outer_lr: float = 0.7  # DiLoCo: outer Nesterov SGD (momentum 0.9)
+    dtype: str = "float64"  # the benchmarks also run it in float32
     problem: Problem = field(default_factory=Problem)
 
 
@@ -76,7 +77,7 @@ DEMO = TorchDemo()
 
 def make_data(seed: int, demo: TorchDemo = DEMO) -> tuple[torch.Tensor, torch.Tensor]:
     data = make_dataset(demo.problem, seed)
-    return torch.from_numpy(data.x), torch.from_numpy(data.y)
+    return torch.from_numpy(data.x).to(getattr(torch, demo.dtype)), torch.from_numpy(data.y)
 
 
 def make_model(seed: int, demo: TorchDemo = DEMO) -> torch.nn.Module:
@@ -88,7 +89,7 @@ def make_model(seed: int, demo: TorchDemo = DEMO) -> torch.nn.Module:
         torch.nn.BatchNorm1d(demo.hidden),
         torch.nn.Tanh(),
         torch.nn.Linear(demo.hidden, pr.classes),
-    ).double()
+    ).to(getattr(torch, demo.dtype))
     with torch.no_grad():  # every parameter from the generator: the global RNG is not ours
         for name, p in model.named_parameters():
             if p.dim() > 1:

@@ -34,7 +34,10 @@ from typing import Any
 
 import torch
 
-from phalanx.demo.torch_model import (
+_IMPORTED = time.monotonic()  # the replacement-latency benchmark measures from here
+
+from phalanx.demo.torch_model import (  # noqa: E402
+    TorchDemo,
     batch,
     evaluate,
     flat_state,
@@ -46,8 +49,8 @@ from phalanx.demo.torch_model import (
     rows,
     state_sha256,
 )
-from phalanx.errors import DaemonUnavailable
-from phalanx.membership.errors import Evicted
+from phalanx.errors import DaemonUnavailable  # noqa: E402
+from phalanx.membership.errors import Evicted  # noqa: E402
 
 __all__ = ["main"]
 
@@ -88,9 +91,9 @@ def _ddp(pg: Any, args: argparse.Namespace, deadline: float) -> tuple[torch.nn.M
     from phalanx.torch import Manager, StepTimeout
 
     me = pg.member_id
-    x, y = make_data(args.seed)
-    model = make_model(args.seed)
-    opt, sched = make_optimizer(model)
+    x, y = make_data(args.seed, args.demo)
+    model = make_model(args.seed, args.demo)
+    opt, sched = make_optimizer(model, args.demo)
     user: dict[str, Any] = {"seen": 0}
     mgr = Manager(
         pg, model, opt, scheduler=sched, user_state=user, global_batch=64, join=args.fresh,
@@ -138,12 +141,12 @@ def _diloco(pg: Any, args: argparse.Namespace, deadline: float
     from phalanx.torch import DiLoCo
 
     me = pg.member_id
-    x, y = make_data(args.seed)
-    model = make_model(args.seed)
-    inner = make_inner(model)
+    x, y = make_data(args.seed, args.demo)
+    model = make_model(args.seed, args.demo)
+    inner = make_inner(model, args.demo)
     user: dict[str, Any] = {"seen": 0}
     algo = DiLoCo(
-        pg, model, inner, sync_every=args.diloco, outer_optimizer=make_outer(),
+        pg, model, inner, sync_every=args.diloco, outer_optimizer=make_outer(args.demo),
         codec=args.codec, global_batch=64, user_state=user, join=args.fresh,
         job="phalanx-demo-torch", timeout=60.0, op_timeout=20.0,
     )  # fmt: skip
@@ -198,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     pg = _connect(args.socket, deadline)
     try:
         me = pg.member_id
+        _emit("imported", member=me, t_imported=_IMPORTED)
         while True:
             v = pg.view()
             if v.rank is not None and v.world >= args.expect_world:
@@ -206,16 +210,17 @@ def run(args: argparse.Namespace) -> int:
                 _emit("error", member=me, error=f"no view of {args.expect_world} members in time")
                 return 3
             time.sleep(0.02)
+        _emit("attached", member=me)  # the daemon is in a view: its client may start
         try:
             model, stats = (_diloco if args.diloco else _ddp)(pg, args, deadline)
         except TimeoutError as exc:
             _emit("error", member=me, error=str(exc))
             return 3
-        x, y = make_data(args.seed)
-        final = flat_state(model)
+        x, y = make_data(args.seed, args.demo)
+        final = b"" if args.no_final else flat_state(model).tobytes()
         _emit(
             "done", member=me, step=args.steps, loss=evaluate(model, x, y),
-            sha256=state_sha256(model), params=base64.b64encode(final.tobytes()).decode(),
+            sha256=state_sha256(model), params=base64.b64encode(final).decode(),
             seen=stats["seen"], stats={k: v for k, v in stats.items() if k != "last_failure"},
         )  # fmt: skip
         return 0
@@ -236,8 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold-at", type=int, default=0)
     p.add_argument("--hold-world", type=int, default=0)
     p.add_argument("--deadline", type=float, default=120.0)
+    p.add_argument("--hidden", type=int, default=TorchDemo().hidden, help="hidden width")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument("--inner-lr", type=float, default=TorchDemo().inner_lr)
+    p.add_argument("--lr-step", type=int, default=TorchDemo().lr_step, help="StepLR period")
+    p.add_argument("--no-final", action="store_true", help="skip the final report's state")
     args = p.parse_args(argv)
+    args.demo = TorchDemo(hidden=args.hidden, dtype=args.dtype, inner_lr=args.inner_lr,
+                          lr_step=args.lr_step)  # fmt: skip
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # several training processes and their daemons share the machine's cores: one
+    # intra-op thread each (the model is tiny; spinning OpenMP workers would starve
+    # the daemons that carry the collectives)
+    torch.set_num_threads(1)
     try:
         return run(args)
     except DaemonUnavailable as exc:

@@ -60,6 +60,7 @@ import torch
 from phalanx.client import Client, OpResult
 from phalanx.errors import CommError, ConfigError, DaemonUnavailable
 from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
+from phalanx.torch.bufsync import BufferSync
 from phalanx.torch.errors import JobMismatch, StepTimeout
 from phalanx.torch.layout import TensorSpec, plan_layout
 from phalanx.torch.manager import StepContext, shard_slice
@@ -202,8 +203,7 @@ class DiLoCo:
                 by_name[s.spec.name].grad = flat[s.offset : s.offset + s.spec.numel].view(
                     s.spec.shape)  # fmt: skip
         self._open = client.empty((SLOTS,), "float64")
-        nbuf = sum(b.numel() for _, b in self._buffers)
-        self._bufop = client.empty((nbuf + 1,), "float64")
+        self._bufsync = BufferSync(client, [b for _, b in self._buffers], timeout=op_timeout)
         self.job = job_identity(
             self.kind, job, self.state.layout.signature(), str(global_batch), codec,
             str(self.H), str(self.F),
@@ -354,7 +354,7 @@ class DiLoCo:
             for r in results:
                 if r.epoch != res.epoch or r.contributors != members:
                     raise _Again("a pseudo-gradient op ran in another view", 0.0)
-            why, means = self._reduce_buffers(w, W, res)
+            why, means = self._bufsync.reduce(round(w), round(W), res.epoch, members)
             if why:
                 raise _Again(why, 0.0)
             ok = c.commit(info.step, True, timeout=self.op_timeout)
@@ -376,9 +376,7 @@ class DiLoCo:
             self.outer.step()
         for g, grad in saved:
             g.grad = grad
-        with torch.no_grad():
-            for gb, mean in zip(self._gbuf, means, strict=True):
-                gb.copy_(mean)
+        BufferSync.apply(self._gbuf, means)
         self._t = new_step
         self.state.extra = {"t": new_step}
         self.state.capture()
@@ -439,33 +437,6 @@ class DiLoCo:
         self._rank = members.index(self.client.member_id)
         self._synced_at = self._t
         self._fresh = True
-
-    def _reduce_buffers(self, w: float, W: float, res: OpResult) -> tuple[str, list[torch.Tensor]]:
-        """All-reduce the weighted local buffers; (why not, means) — the means are
-        written into the state only once the sync is committed."""
-        if not self._buffers:
-            return "", []
-        buf = self._bufop
-        off = 0
-        for _, b in self._buffers:
-            n = b.numel()
-            buf[off : off + n] = b.detach().reshape(-1).to("cpu", torch.float64).numpy() * w
-            off += n
-        buf[off] = w
-        r = self.client.all_reduce(buf, "sum", timeout=self.op_timeout)
-        if r.epoch != res.epoch or r.contributors != res.contributors:
-            return "the buffer op ran in another view", []
-        if float(buf[off]) != W:
-            return f"buffer weights sum to {float(buf[off])}, not {W}", []
-        off = 0
-        means = []
-        for gb in self._gbuf:
-            n = gb.numel()
-            mean = torch.from_numpy(buf[off : off + n] / W).reshape(gb.shape)
-            means.append(mean.to(gb.dtype) if gb.dtype.is_floating_point
-                         else torch.round(mean).to(gb.dtype))  # fmt: skip
-            off += n
-        return "", means
 
     # ------------------------------------------------------------------ misc
     def shard(self, n: int | None = None) -> slice:

@@ -57,6 +57,7 @@ import torch
 from phalanx.client import Client, OpResult
 from phalanx.errors import CommError, ConfigError, DaemonUnavailable
 from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
+from phalanx.torch.bufsync import BufferSync
 from phalanx.torch.errors import JobMismatch, StepTimeout
 from phalanx.torch.gradsync import GradSync
 from phalanx.torch.state import SectionTensor, TrainingState
@@ -211,8 +212,7 @@ class Manager:
             str([(b.dtype, b.numel) for b in self.grads.plan]),
         )  # fmt: skip
         self._open = client.empty((SLOTS,), "float64")
-        nbuf = sum(b.numel() for _, b in self._buffers)
-        self._bufop = client.empty((nbuf + 1,), "float64") if nbuf else None
+        self._bufsync = BufferSync(client, [b for _, b in self._buffers], timeout=op_timeout)
         self._stash_buffers: list[torch.Tensor] | None = None
         self._zero_grad_patched = True
         optimizer.zero_grad = self.zero_grad  # type: ignore[method-assign]
@@ -378,36 +378,16 @@ class Manager:
         return att.synced
 
     def _reduce_buffers(self, att: _Attempt) -> str:
-        buf = self._bufop
-        if buf is None:
+        if not self._buffers:
             return ""
-        n_i = att.weight * att.total  # this member's examples (or 1)
         if self.buffers_rule == "rank0":
-            w, total = (1.0 if att.ctx.rank == 0 else 0.0), 1.0
-        else:
-            w, total = n_i, att.total
-        off = 0
-        for _, b in self._buffers:
-            n = b.numel()
-            buf[off : off + n] = b.detach().reshape(-1).to(torch.float64).numpy() * w
-            off += n
-        buf[off] = w
-        res = self.client.all_reduce(buf, "sum", timeout=self.op_timeout)
-        if res.epoch != att.open.epoch or res.contributors != att.open.contributors:
-            return "the buffer op ran in another view"
-        if float(buf[off]) != total:
-            return f"buffer weights sum to {float(buf[off])}, not {total}"
-        off = 0
-        with torch.no_grad():
-            for _, b in self._buffers:
-                n = b.numel()
-                mean = torch.from_numpy(buf[off : off + n] / total).reshape(b.shape)
-                if b.dtype.is_floating_point:
-                    b.copy_(mean.to(b.dtype))
-                else:
-                    b.copy_(torch.round(mean).to(b.dtype))
-                off += n
-        return ""
+            w, total = (1 if att.ctx.rank == 0 else 0), 1
+        else:  # example counts (or 1 each): integral, so the weighted sum is exact
+            w, total = round(att.weight * att.total), round(att.total)
+        why, means = self._bufsync.reduce(w, total, att.open.epoch, att.open.contributors)
+        if not why:  # the live buffers: reverted from the state if the step is dropped
+            BufferSync.apply([b for _, b in self._buffers], means)
+        return why
 
     def commit(self, apply: Callable[[], None] | None = None) -> bool:
         """Finish the attempt: gradients (:meth:`sync_gradients`), the group's vote,
