@@ -1,6 +1,7 @@
 """Encode a torch ``state_dict``-like tree as plain bytes plus flat arrays, and back.
 
-A state dict is nested dicts (keys: str, int, ...), lists and tuples whose leaves are
+A state dict is nested dicts (keys: str, int, ...; ``OrderedDict`` s keep their type
+and ``_metadata``, which ``load_state_dict`` reads), lists and tuples whose leaves are
 tensors, numpy arrays and plain values (None, bool, int, float incl. nan/inf, str,
 bytes, ``torch.dtype``, ``torch.Size``). phalanx moves named numpy arrays (snapshots,
 state sync), so :func:`encode` splits a tree into
@@ -27,6 +28,7 @@ import base64
 import json
 import math
 import struct
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,6 +128,14 @@ def _enc(obj: Any, arrays: list[np.ndarray], path: str) -> Any:
         return {"dt": _dtype_name(obj, path)}
     if isinstance(obj, torch.Size):
         return {"S": [int(d) for d in obj]}
+    if isinstance(obj, OrderedDict):  # what state_dict() returns, with its _metadata
+        node: dict[str, Any] = {
+            "o": [[_key(k, path), _enc(v, arrays, f"{path}/{k}")] for k, v in obj.items()]
+        }
+        meta = getattr(obj, "_metadata", None)
+        if meta is not None:
+            node["m"] = _enc(meta, arrays, f"{path}/_metadata")
+        return node
     if isinstance(obj, Mapping):
         return {"d": [[_key(k, path), _enc(v, arrays, f"{path}/{k}")] for k, v in obj.items()]}
     if isinstance(obj, list):
@@ -178,6 +188,13 @@ def _dec(node: Any, arrays: list[np.ndarray]) -> Any:
             return raw.view(_np_dtype(str(node["dt"]))).reshape(tuple(node["sh"]))
         if "d" in node:
             return {_unkey(k): _dec(v, arrays) for k, v in node["d"]}
+        if "o" in node:
+            od: OrderedDict[Any, Any] = OrderedDict(
+                (_unkey(k), _dec(v, arrays)) for k, v in node["o"]
+            )
+            if "m" in node:
+                od._metadata = _dec(node["m"], arrays)  # type: ignore[attr-defined]
+            return od
         if "l" in node:
             return [_dec(v, arrays) for v in node["l"]]
         if "u" in node:
