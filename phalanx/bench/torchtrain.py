@@ -43,7 +43,7 @@ from typing import Any
 from phalanx.bench._harness import parse_size, print_json, progress
 from phalanx.demo.cluster import Cluster, DemoError, Proc
 
-__all__ = ["PARTS", "register", "run_parts"]
+__all__ = ["PARTS", "TrainRun", "register", "run_parts"]
 
 PARTS = ("failover", "transfer", "diloco")
 _WORKER = "phalanx.demo.torch_worker"
@@ -59,8 +59,9 @@ class _Member:
     partial: bytes = b""
 
 
-class _Run:
-    """One cluster and its training processes' events."""
+class TrainRun:
+    """One local cluster and its training processes' JSON events (also used by the
+    tests of phalanx.torch)."""
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
@@ -106,15 +107,22 @@ class _Run:
         while not until():
             if time.monotonic() > self.deadline:
                 raise DemoError(f"deadline passed waiting for {what}")
-            for m in self.members.values():
-                if not m.worker.killed and not m.worker.alive() and not self._done(m):
+            dead = [m for m in self.members.values()
+                    if not m.worker.killed and not m.worker.alive() and not self.finished(m)]
+            self.pump(0.02)  # (a process that just exited may still have lines in its pipe)
+            for m in dead:
+                if not self.finished(m):
                     raise DemoError(f"{m.name} exited ({m.worker.popen.returncode}):\n"
                                     f"{m.worker.log_tail()}")  # fmt: skip
-            self.pump(0.02)
 
     @staticmethod
-    def _done(m: _Member) -> bool:
+    def done(m: _Member) -> bool:
         return any(e["ev"] == "done" for e in m.events)
+
+    @staticmethod
+    def finished(m: _Member) -> bool:
+        """Done, or gone on purpose (an injected fault, a foreign job noticed)."""
+        return any(e["ev"] in ("done", "fault", "foreign") for e in m.events)
 
     def commits(self, m: _Member) -> list[dict[str, Any]]:
         return [e for e in m.events if e["ev"] == "commit"]
@@ -154,7 +162,7 @@ def _worker_args(steps: int, *, extra: list[str] | None = None, step_time: float
 
 def _failover(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
               say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    r = _Run(time.monotonic() + a.timeout)
+    r = TrainRun(time.monotonic() + a.timeout)
     rows: list[dict[str, Any]] = []
     try:
         r.cluster.start_coordinator(r.deadline)
@@ -215,7 +223,7 @@ def _hidden_for(state_bytes: int) -> int:
 
 def _transfer(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
               say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    r = _Run(time.monotonic() + a.timeout)
+    r = TrainRun(time.monotonic() + a.timeout)
     hidden = _hidden_for(a.state_size)
     extra = ["--hidden", str(hidden), "--dtype", "float32", "--no-final"]
     rows: list[dict[str, Any]] = []
@@ -251,7 +259,7 @@ def _transfer(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
 
 
 def _train_run(a: argparse.Namespace, extra: list[str]) -> tuple[float, float, dict[str, Any]]:
-    r = _Run(time.monotonic() + a.timeout)
+    r = TrainRun(time.monotonic() + a.timeout)
     try:
         r.cluster.start_coordinator(r.deadline)
         # no LR decay: the DDP baseline keeps learning for the whole run, as DiLoCo does
@@ -259,7 +267,7 @@ def _train_run(a: argparse.Namespace, extra: list[str]) -> tuple[float, float, d
                                             str(a.hidden), "--no-final", "--lr-step",
                                             "1000000000"])  # fmt: skip
         live = [r.start(args, fresh=False, expect=3) for _ in range(3)]
-        r.wait("the end of training", lambda: all(r._done(m) for m in live))
+        r.wait("the end of training", lambda: all(r.done(m) for m in live))
         sent = r.sent_bytes()
         done = [next(e for e in m.events if e["ev"] == "done") for m in live]
         return sent, float(done[0]["loss"]), done[0].get("stats", {})

@@ -28,6 +28,7 @@ import base64
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -51,6 +52,7 @@ from phalanx.demo.torch_model import (  # noqa: E402
 )
 from phalanx.errors import DaemonUnavailable  # noqa: E402
 from phalanx.membership.errors import Evicted  # noqa: E402
+from phalanx.torch.errors import JobMismatch  # noqa: E402
 
 __all__ = ["main"]
 
@@ -87,6 +89,38 @@ def _hold(pg: Any, args: argparse.Namespace, step: int, deadline: float, me: str
     return True
 
 
+FAULTS = ("die-in-backward", "leave-in-backward", "die-in-outer", "leave-in-outer")
+
+
+def _faults(specs: list[str]) -> dict[str, int]:
+    """``--fault KIND@STEP`` (the tests' injected faults) -> {kind: step}."""
+    out = {}
+    for spec in specs:
+        kind, _, step = spec.partition("@")
+        if kind not in FAULTS or not step.isdigit():
+            raise SystemExit(f"bad --fault {spec!r}: KIND@STEP, KIND one of {', '.join(FAULTS)}")
+        out[kind] = int(step)
+    return out
+
+
+def _go(pg: Any, kind: str, step: int) -> None:
+    """Die (SIGKILL, the daemon first) or leave (SIGTERM to the daemon: it leaves the
+    group gracefully; then exit) right now."""
+    _emit("fault", member=pg.member_id, fault=kind, step=step)
+    if kind.startswith("die"):
+        os.kill(pg.daemon_pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(pg.daemon_pid, signal.SIGTERM)
+    end = time.monotonic() + 15.0
+    while time.monotonic() < end:
+        try:
+            pg.view()
+        except DaemonUnavailable:
+            break
+        time.sleep(0.02)
+    os._exit(0)
+
+
 def _ddp(pg: Any, args: argparse.Namespace, deadline: float) -> tuple[torch.nn.Module, dict[str, Any]]:
     from phalanx.torch import Manager, StepTimeout
 
@@ -97,10 +131,12 @@ def _ddp(pg: Any, args: argparse.Namespace, deadline: float) -> tuple[torch.nn.M
     user: dict[str, Any] = {"seen": 0}
     mgr = Manager(
         pg, model, opt, scheduler=sched, user_state=user, global_batch=64, join=args.fresh,
-        job="phalanx-demo-torch", codec=args.codec, timeout=20.0, op_timeout=20.0,
+        job=args.job, codec=args.codec, timeout=20.0, op_timeout=20.0,
+        bucket_cap_mb=args.bucket_cap_mb,
     )  # fmt: skip
     _emit("ready", member=me, pid=os.getpid(), daemon_pid=pg.daemon_pid)
     last_epoch, held = -1, False
+    faults = _faults(args.fault)
     while mgr.step < args.steps:
         if time.monotonic() > deadline:
             raise TimeoutError("deadline passed")
@@ -125,6 +161,11 @@ def _ddp(pg: Any, args: argparse.Namespace, deadline: float) -> tuple[torch.nn.M
         loss = torch.nn.functional.cross_entropy(model(rows(x, idx)), rows(y, idx))
         if args.step_time > 0:
             time.sleep(args.step_time)  # stands for a bigger model's forward/backward
+        for kind in ("die-in-backward", "leave-in-backward"):
+            if faults.get(kind) == s.step:  # the first layer's gradient comes last
+                first = next(model.parameters())
+                first.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                    lambda p, k=kind, st=s.step: _go(pg, k, st))
         loss.backward()
         if mgr.commit(apply=lambda: user.__setitem__("seen", user["seen"] + 64)):
             _emit("commit", member=me, step=s.step, epoch=s.epoch, world=s.world,
@@ -148,8 +189,9 @@ def _diloco(pg: Any, args: argparse.Namespace, deadline: float
     algo = DiLoCo(
         pg, model, inner, sync_every=args.diloco, outer_optimizer=make_outer(args.demo),
         codec=args.codec, global_batch=64, user_state=user, join=args.fresh,
-        job="phalanx-demo-torch", timeout=60.0, op_timeout=20.0,
+        job=args.job, timeout=60.0, op_timeout=20.0,
     )  # fmt: skip
+    faults = _faults(args.fault)
     _emit("ready", member=me, pid=os.getpid(), daemon_pid=pg.daemon_pid)
     last_epoch, held, reported, synced = -1, False, 0, 0
 
@@ -186,6 +228,10 @@ def _diloco(pg: Any, args: argparse.Namespace, deadline: float
         loss.backward()
         inner.step()
         epoch, world = algo.epoch, len(algo.members)
+        for kind in ("die-in-outer", "leave-in-outer"):
+            if faults.get(kind) == s.step + 1:  # inside this outer sync, after the deltas
+                algo._bufsync.reduce = (  # type: ignore[method-assign]
+                    lambda *a, k=kind, st=s.step + 1: _go(pg, k, st))  # type: ignore[misc]
         algo.end_step()
         # an inner step is "committed" locally at once; the outer syncs are reported apart
         _emit("commit", member=me, step=s.step, epoch=epoch, world=world,
@@ -216,6 +262,9 @@ def run(args: argparse.Namespace) -> int:
         except TimeoutError as exc:
             _emit("error", member=me, error=str(exc))
             return 3
+        except JobMismatch as exc:
+            _emit("foreign", member=me, epoch=exc.epoch, members=list(exc.members))
+            return 6
         x, y = make_data(args.seed, args.demo)
         final = b"" if args.no_final else flat_state(model).tobytes()
         _emit(
@@ -246,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner-lr", type=float, default=TorchDemo().inner_lr)
     p.add_argument("--lr-step", type=int, default=TorchDemo().lr_step, help="StepLR period")
     p.add_argument("--no-final", action="store_true", help="skip the final report's state")
+    p.add_argument("--job", default="phalanx-demo-torch", help="the job's name (identity)")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    p.add_argument("--fault", action="append", default=[], metavar="KIND@STEP",
+                   help=f"(tests) inject a fault: {', '.join(FAULTS)}")  # fmt: skip
     args = p.parse_args(argv)
     args.demo = TorchDemo(hidden=args.hidden, dtype=args.dtype, inner_lr=args.inner_lr,
                           lr_step=args.lr_step)  # fmt: skip

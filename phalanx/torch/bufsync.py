@@ -56,7 +56,7 @@ class BufferSync:
         buffer order). Raises the collectives' errors."""
         if not self.buffers:
             return "", []
-        handles = []
+        results = []
         for op, group in ((self._fop, self.floats), (self._iop, self.ints)):
             if op is None:
                 continue
@@ -67,8 +67,8 @@ class BufferSync:
                 op[off : off + n] = src.numpy().astype(op.dtype) * weight
                 off += n
             op[off] = weight
-            handles.append(self.client.all_reduce(op, "sum", async_op=True, timeout=self.timeout))
-        results = [h.wait() for h in handles]
+            # one after the other: a failed op leaves nothing queued for the next view
+            results.append(self.client.all_reduce(op, "sum", timeout=self.timeout))
         for r in results:
             if r.epoch != epoch or r.contributors != contributors:
                 return "a buffer op ran in another view", []

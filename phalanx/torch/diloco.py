@@ -333,24 +333,13 @@ class DiLoCo:
                             g.grad.mul_(w / W)
                         else:
                             g.grad.zero_()
-        handles = []
         try:
-            for f in frags:
+            results: list[OpResult] = []
+            for f in frags:  # one op at a time: nothing stale queued after a failure
                 for flat in self._frag_flats[f]:
-                    handles.append(c.all_reduce(flat, "sum", self.codec, async_op=True,
+                    results.append(c.all_reduce(flat, "sum", self.codec,
                                                 timeout=self.op_timeout))  # fmt: skip
                     nbytes += flat.numel() * flat.element_size()
-            results: list[OpResult] = []
-            errors: list[BaseException] = []
-            for h in handles:
-                try:
-                    results.append(h.wait())
-                except BaseException as exc:
-                    errors.append(exc)
-            if errors:
-                if any(isinstance(e, DaemonUnavailable) for e in errors):
-                    raise next(e for e in errors if isinstance(e, DaemonUnavailable))
-                raise errors[0]
             for r in results:
                 if r.epoch != res.epoch or r.contributors != members:
                     raise _Again("a pseudo-gradient op ran in another view", 0.0)

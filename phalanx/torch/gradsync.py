@@ -7,7 +7,10 @@ on them with **zero copies**. A ``post_accumulate_grad`` hook per parameter coun
 bucket's ready gradients; when a bucket is complete (and every bucket before it was
 launched: buckets go out in plan order, identical on every member) it is scaled by this
 member's weight and submitted as an **async** ``all_reduce(sum)``, so communication
-overlaps with the rest of the backward pass. :meth:`GradSync.finish` launches whatever
+overlaps with the rest of the backward pass. **One bucket is in flight at a time** (the
+next goes out when the previous finished): after a failure no later bucket waits in
+the daemon's queue, where it would run in the next view against another member's first
+op of its next attempt (seen with a member frozen mid-step). :meth:`GradSync.finish` launches whatever
 is left (unused parameters contribute zeros) and collects every result.
 
 Errors never cross autograd: the hook only submits; a submission error is recorded
@@ -107,6 +110,7 @@ class GradSync:
         self._next = 0  # next bucket to launch
         self._handles: list[tuple[_Slot, Handle]] = []
         self._errors: list[BaseException] = []
+        self._failed = False
         self._counted: set[int] = set()
         # keep_local: each bucket's own (unweighted, unreduced) gradient, copied just
         # before it goes out: what a partial step replays in the next view
@@ -132,6 +136,7 @@ class GradSync:
                 if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                     p.grad = view
             self._counted.clear()
+            self._failed = False
             self._weight = float(weight)
             self._next = 0
             self._errors = []
@@ -177,15 +182,31 @@ class GradSync:
             if self._sync:
                 self._launch_ready()
 
+    def _in_flight(self) -> bool:
+        """Whether the last submitted bucket is still running (a non-blocking poll);
+        a failed one stops further launches."""
+        if not self._handles:
+            return False
+        _, h = self._handles[-1]
+        if not h.done():
+            return True
+        try:
+            h.wait(0.0)
+        except BaseException:
+            self._failed = True
+        return False
+
     def _launch_ready(self) -> None:
-        while self._next < len(self._slots):
+        while self._next < len(self._slots) and not self._failed:
             s = self._slots[self._next]
-            if s.ready < len(s.bucket.params):
+            if s.ready < len(s.bucket.params) or self._in_flight():
                 return
             self._launch(s)
 
     def _launch(self, s: _Slot) -> None:
         self._next += 1
+        if self._failed:
+            return
         try:
             if self.keep_local:
                 i = s.bucket.index
@@ -226,26 +247,42 @@ class GradSync:
             if not self._armed:
                 raise RuntimeError("GradSync.finish() without arm()")
             for p in self.params:
-                s, view = self._where[id(p)]
+                _, view = self._where[id(p)]
                 if p.grad is None:
                     p.grad = view  # unused in this backward: contributes zeros
                 elif p.grad.data_ptr() != view.data_ptr():
                     with torch.no_grad():
                         view.copy_(p.grad)
                     p.grad = view
-            while self._next < len(self._slots):
-                self._launch(self._slots[self._next])
-            self._armed = False
-            handles, self._handles = self._handles, []
+            # one bucket in flight at a time: when an op fails, no later bucket is
+            # queued in the daemon, where it would run in the next view and meet
+            # another member's first op of its next attempt
+            results: list[OpResult] = []
             errors = list(self._errors)
-        results: list[OpResult] = []
-        for s, h in handles:
-            try:
-                results.append(h.wait())
-                if s.device_bucket is not None:
-                    s.device_bucket.stage_in()
-            except BaseException as exc:
-                errors.append(exc)
+            waited = 0
+            while not errors:
+                if waited < len(self._handles):
+                    slot, h = self._handles[waited]
+                    waited += 1
+                    try:
+                        results.append(h.wait())
+                        if slot.device_bucket is not None:
+                            slot.device_bucket.stage_in()
+                    except BaseException as exc:
+                        errors.append(exc)
+                    continue
+                if self._next >= len(self._slots):
+                    break
+                n = len(self._errors)
+                self._launch(self._slots[self._next])
+                errors.extend(self._errors[n:])
+            for _, h in self._handles[waited:]:  # after a failure: settle them all
+                try:
+                    h.wait()
+                except BaseException as exc:
+                    errors.append(exc)
+            self._armed = False
+            self._handles = []
         if errors:
             fatal = [e for e in errors if isinstance(e, DaemonUnavailable)]
             raise fatal[0] if fatal else errors[0]

@@ -156,7 +156,7 @@ class ProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
     def size(self) -> int:
         return self._view.world
 
-    def getBackendName(self) -> str:  # noqa: N802 (torch's name)
+    def getBackendName(self) -> str:  # torch's name
         return BACKEND
 
     def name(self) -> str:
