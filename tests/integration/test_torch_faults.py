@@ -86,29 +86,38 @@ def test_ddp_kill_and_leave_in_backward_and_a_frozen_member() -> None:
         r.close()
 
 
-def test_diloco_kill_and_leave_during_the_outer_sync() -> None:
+def test_diloco_kill_and_leave_during_the_outer_sync_then_a_join() -> None:
     steps, h = 30, 5
     r = TrainRun(time.monotonic() + 240)
     try:
         r.cluster.start_coordinator(r.deadline)
-        base = ["--steps", str(steps), "--diloco", str(h), "--step-time", "0.01"]
+        # --hold-at: the founders wait at step 22 for the replacement's daemon, so that
+        # it enters at the sync of step 25 and trains the last round
+        base = ["--steps", str(steps), "--diloco", str(h), "--step-time", "0.01",
+                "--hold-at", "22", "--hold-world", "3"]
         m0 = r.start(base, fresh=False, expect=4)
         m1 = r.start(base, fresh=False, expect=4)
         m2 = r.start([*base, "--fault", "leave-in-outer@20"], fresh=False, expect=4)
         m3 = r.start([*base, "--fault", "die-in-outer@10"], fresh=False, expect=4)
-        r.wait("the end", lambda: r.done(m0) and r.done(m1))
-        assert _events(r, "fault", m2) and _events(r, "fault", m3)
-        survivors = [m0, m1]
+        r.wait("the leave", lambda: bool(_events(r, "fault", m2)))
+        m4 = r.start(base, fresh=True, expect=1)
+        r.wait("the end", lambda: r.done(m0) and r.done(m1) and r.done(m4))
+        assert _events(r, "fault", m3)
+        survivors = [m0, m1, m4]
         done = _done(r, survivors)
         assert len({d["sha256"] for d in done.values()}) == 1
-        for d in done.values():
-            st = d["stats"]
+        for m in (m0, m1):
+            st = done[m.name]["stats"]
             # a dead peer in the outer sync cost no survivor a single inner step
             assert st["inner_steps"] == steps, st
             assert st["short_rounds"] == 2, st
             assert st["attempts_failed"] >= 2, st
+        # the replacement received the state, entered one sync with weight 0 and
+        # trained the last round
+        assert done[m4.name]["stats"]["inner_steps"] == h
+        assert done[m4.name]["stats"]["state_syncs"] == 1
         outer: dict[int, dict[str, Any]] = {}
-        for m in survivors:
+        for m in [*survivors, m2, m3]:
             for e in _events(r, "outer", m):
                 o = outer.setdefault(e["step"], {"contributors": tuple(e["contributors"]),
                                                  "w": {}, "round": ()})  # fmt: skip
@@ -116,6 +125,7 @@ def test_diloco_kill_and_leave_during_the_outer_sync() -> None:
                 if e["w"]:
                     o["round"] = tuple(e["round_members"])
         assert len(outer[10]["contributors"]) == 3 and len(outer[20]["contributors"]) == 2
+        assert outer[25]["w"][m4.name] == 0 and outer[30]["w"][m4.name] == 1
         got = check(SimpleNamespace(seed=0, codec="none", diloco=h, steps=steps), done, {},
                     outer)  # fmt: skip
         assert not got.errors, got.errors
