@@ -188,7 +188,10 @@ def _failover(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
             t_start = time.monotonic()
             new = r.start(args, fresh=True, expect=1)
             live = [*survivors, new]
-            r.wait("the replacement's first step", lambda m=new: bool(r.commits(m)))
+            def started(m: _Member = new) -> bool:
+                return bool(r.commits(m))
+
+            r.wait("the replacement's first step", started)
             imported = next(e["t_imported"] for e in new.events if e["ev"] == "imported")
             first = r.commits(new)[0]["t"]
             sync = next((e for e in new.events if e["ev"] == "sync"), {})
@@ -205,8 +208,10 @@ def _failover(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
             }  # fmt: skip
             rows.append(row)
             emit(row)
-            r.wait("steady state", lambda ms=live, t0=first: all(
-                len([e for e in r.commits(m) if e["t"] > t0]) >= 10 for m in ms))
+            def steady(ms: list[_Member] = live, t0: float = first) -> bool:
+                return all(len([e for e in r.commits(m) if e["t"] > t0]) >= 10 for m in ms)
+
+            r.wait("steady state", steady)
     finally:
         r.close()
     return _summary("failover", rows, ["kill_to_commit_s", "import_to_contribution_s",

@@ -490,10 +490,10 @@ def _summarize(
     if o.torch:
         from phalanx.demo.torch_model import check
 
-        got = check(o, f.done, f.commit_world, f.outer)
-        res.initial_loss, res.reference_loss, res.final_loss = got.initial, got.reference, got.final
-        res.loss_diff, res.param_diff, res.tolerance = got.loss_diff, got.param_diff, got.tolerance
-        errors.extend(got.errors)
+        tc = check(o, f.done, f.commit_world, f.outer)
+        res.initial_loss, res.reference_loss, res.final_loss = tc.initial, tc.reference, tc.final
+        res.loss_diff, res.param_diff, res.tolerance = tc.loss_diff, tc.param_diff, tc.tolerance
+        errors.extend(tc.errors)
         return
     # ... and they match the single-process reference
     pr = Problem()

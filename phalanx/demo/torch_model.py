@@ -159,7 +159,7 @@ def reference_ddp(seed: int, worlds: list[int], demo: TorchDemo = DEMO) -> torch
             for p in params:
                 p.grad = None
             w = len(shard) / n_total
-            _loss(model, rows(x, shard), rows(y, shard)).backward()
+            _loss(model, rows(x, shard), rows(y, shard)).backward()  # type: ignore[no-untyped-call]
             for g, p in zip(grad, params, strict=True):
                 assert p.grad is not None
                 g += p.grad * w
@@ -217,7 +217,7 @@ def reference_diloco(
             for t in range(start, r.end):
                 shard = _split(batch(seed, t, demo), world)[rank]
                 inner.zero_grad()
-                _loss(lm, rows(x, shard), rows(y, shard)).backward()
+                _loss(lm, rows(x, shard), rows(y, shard)).backward()  # type: ignore[no-untyped-call]
                 inner.step()
             for d, g, p in zip(deltas, gparams, lm.parameters(), strict=True):
                 d += (g.detach() - p.detach()) * (w / W)

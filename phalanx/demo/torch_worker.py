@@ -166,7 +166,7 @@ def _ddp(pg: Any, args: argparse.Namespace, deadline: float) -> tuple[torch.nn.M
                 first = next(model.parameters())
                 first.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
                     lambda p, k=kind, st=s.step: _go(pg, k, st))
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         if mgr.commit(apply=lambda: user.__setitem__("seen", user["seen"] + 64)):
             _emit("commit", member=me, step=s.step, epoch=s.epoch, world=s.world,
                   loss=float(loss.detach()), attempts=s.attempt)  # fmt: skip
@@ -225,13 +225,13 @@ def _diloco(pg: Any, args: argparse.Namespace, deadline: float
         loss = torch.nn.functional.cross_entropy(model(rows(x, idx)), rows(y, idx))
         if args.step_time > 0:
             time.sleep(args.step_time)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         inner.step()
         epoch, world = algo.epoch, len(algo.members)
         for kind in ("die-in-outer", "leave-in-outer"):
             if faults.get(kind) == s.step + 1:  # inside this outer sync, after the deltas
-                algo._bufsync.reduce = (  # type: ignore[method-assign]
-                    lambda *a, k=kind, st=s.step + 1: _go(pg, k, st))  # type: ignore[misc]
+                algo._bufsync.reduce = (
+                    lambda *a, k=kind, st=s.step + 1: _go(pg, k, st))
         algo.end_step()
         # an inner step is "committed" locally at once; the outer syncs are reported apart
         _emit("commit", member=me, step=s.step, epoch=epoch, world=world,

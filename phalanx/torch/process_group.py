@@ -120,13 +120,13 @@ class _Work(dist._Work):  # type: ignore[misc,name-defined]
         fut: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
         self._settle()
         if self._error is not None:
-            fut.set_exception(self._error)
+            fut.set_exception(self._error)  # type: ignore[arg-type]
         else:
             fut.set_result(self._result)
         return fut
 
 
-class ProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
+class ProcessGroup(dist.ProcessGroup):
     """A ``torch.distributed`` process group whose collectives run over ``client``'s
     daemon (see the module docstring). ``retry``: rerun a collective that a view change
     interrupted; ``timeout``: per collective (default the client's)."""
@@ -134,7 +134,7 @@ class ProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
     def __init__(self, client: Client, *, retry: bool = False,
                  timeout: float | None = None) -> None:  # fmt: skip
         v = client.view()
-        super().__init__(v.rank or 0, max(1, v.world))
+        super().__init__(v.rank or 0, max(1, v.world))  # type: ignore[call-arg]
         self.client = client
         self.retry = retry
         self.timeout = timeout
@@ -176,13 +176,13 @@ class ProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
                 )
 
     # -------------------------------------------------------------- collectives
-    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> _Work:
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> _Work:  # type: ignore[override]
         self._cpu(tensors)
         op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
         hs = [self.client.all_reduce(t, op, **self._kw()) for t in tensors]
         return _Work(hs, None, tensors)
 
-    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> _Work:
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> _Work:  # type: ignore[override]
         self._cpu(tensors)
         root = int(opts.rootRank) if opts is not None else 0
         hs = [self.client.broadcast(t, root, **self._kw()) for t in tensors]
@@ -210,8 +210,10 @@ class ProcessGroup(dist.ProcessGroup):  # type: ignore[misc]
 
         return _Work([h], after, [out])
 
-    def allgather(self, output_tensors: list[list[torch.Tensor]],
-                  input_tensors: list[torch.Tensor], opts: Any = None) -> _Work:  # fmt: skip
+    def allgather(  # type: ignore[override]
+        self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
+        opts: Any = None,
+    ) -> _Work:
         del opts
         if len(input_tensors) != 1:
             raise UnsupportedError("all_gather takes one input tensor per call over phalanx")
@@ -303,7 +305,8 @@ def init_process_group(client: Client, *, retry: bool = False,
     register_backend()
     _pending.append((client, retry, timeout))
     try:
-        dist.init_process_group(BACKEND, store=dist.HashStore(), rank=0, world_size=1)
+        store = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group(BACKEND, store=store, rank=0, world_size=1)
     finally:
         _pending.clear()
     pg = dist.distributed_c10d._get_default_group()
