@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import time
@@ -149,9 +150,37 @@ def _rank(ctx: RankContext, secret: bytes) -> dict[str, Any]:
         with pytest.raises(phalanx.UnsupportedError):
             dist.send(torch.ones(1), dst=1 - me)
         ctx.exchange("phase-done")
-        if ctx.rank == 1:
-            return out  # and leaves (finally), then tells rank 0
-        # ---- the view changes under torch.distributed: rank 1 has left
+        # ---- opt-in partial steps: rank 1 leaves during backward of step 2; rank 0
+        # commits that step with its own gradient (no second forward/backward)
+        part_model = make_model(2, demo)
+        popt = torch.optim.SGD(part_model.parameters(), lr=0.1)
+        pm = pt.Manager(pg, part_model, popt, global_batch=64, partial=True, timeout=60)
+        while pm.step < 4:
+            s = pm.begin_step()
+            idx = batch(0, s.step, demo)[s.shard()]
+            if ctx.rank == 1 and s.step == 2:
+                first = next(part_model.parameters())
+                first.register_post_accumulate_grad_hook(lambda p: pg.close())
+            loss = torch.nn.functional.cross_entropy(part_model(rows(x, idx)), rows(y, idx))
+            loss.backward()
+            if ctx.rank == 1 and s.step == 2:
+                return out  # it has left the group, mid-step (and tells rank 0, below)
+            if s.step == 2:  # rank 0's own gradient on its shard, from a twin of the model
+                before = [p.detach().clone() for p in part_model.parameters()]
+                twin = copy.deepcopy(part_model)
+                for p in twin.parameters():
+                    p.grad = None
+                torch.nn.functional.cross_entropy(twin(rows(x, idx)), rows(y, idx)).backward()
+                own = [p.grad.detach().clone() for p in twin.parameters()]
+            committed = pm.commit()
+            if s.step == 2:
+                assert committed, "the partial step was not committed by the survivor"
+                assert pm.stats["partial_commits"] == 1, pm.stats
+                # the step's gradient is the mean over the survivor's examples only
+                for b0, g, p in zip(before, own, part_model.parameters(), strict=True):
+                    torch.testing.assert_close(p.detach(), b0 - 0.1 * g, rtol=1e-5, atol=1e-6)
+        pm.close()
+        # ---- the view changed under torch.distributed too: rank 1 has left
         ctx.exchange(None)
         end = time.monotonic() + 30
         while dist.get_world_size() != 1:
