@@ -160,7 +160,8 @@ def _rank(ctx: RankContext, secret: bytes) -> dict[str, Any]:
             idx = batch(0, s.step, demo)[s.shard()]
             if ctx.rank == 1 and s.step == 2:
                 first = next(part_model.parameters())
-                first.register_post_accumulate_grad_hook(lambda p: pg.close())
+                first.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                    lambda p: pg.close())
             loss = torch.nn.functional.cross_entropy(part_model(rows(x, idx)), rows(y, idx))
             loss.backward()
             if ctx.rank == 1 and s.step == 2:
@@ -171,7 +172,7 @@ def _rank(ctx: RankContext, secret: bytes) -> dict[str, Any]:
                 for p in twin.parameters():
                     p.grad = None
                 torch.nn.functional.cross_entropy(twin(rows(x, idx)), rows(y, idx)).backward()
-                own = [p.grad.detach().clone() for p in twin.parameters()]
+                own = [torch.as_tensor(p.grad).clone() for p in twin.parameters()]
             committed = pm.commit()
             if s.step == 2:
                 assert committed, "the partial step was not committed by the survivor"
