@@ -221,7 +221,9 @@ class DiLoCo:
         self._fresh = True  # no inner step since the last sync: weight 0
         self._synced_at = start_step  # the group's state step this member started from
         self._loaded_epoch = -1
-        self.client.attach_state(self.state.arrays(), step=None if join else start_step)
+        got = self.client.attach_state(self.state.arrays(), step=None if join else start_step)
+        if join and got >= 0:  # a restarted training process: its daemon kept the state
+            self._receive(-1, 0)
         self._started = False
 
     # ------------------------------------------------------------------ properties

@@ -225,7 +225,12 @@ class Manager:
             "sync_bytes": 0, "last_failure": "", "grad_bytes": 0, "foreign": 0,
         }  # fmt: skip
         self._step = -1 if join else start_step
-        self.client.attach_state(self.state.arrays(), step=None if join else start_step)
+        got = self.client.attach_state(self.state.arrays(), step=None if join else start_step)
+        if join and got >= 0:
+            # the daemon still held this member's state (this training process was
+            # restarted): it is in the arrays now; install the plain values too
+            self.state.load()
+            self._step = got
         audit.info(
             "event=torch_attached member=%s join=%s step=%d state_bytes=%d buckets=%d job=%s",
             client.member_id, join, self._step, self.state.nbytes, len(self.grads.plan),

@@ -94,6 +94,17 @@ def _rank(ctx: RankContext, secret: bytes) -> dict[str, Any]:
         out["params_sha"] = _sha([p.detach() for p in ela.parameters()])
         mgr.close()
         dist.destroy_process_group()
+        # ---- a restarted training process: the daemon kept the state, join=True gets it
+        pg2 = phalanx.connect(pg.socket)
+        again = make_model(7, demo)  # other weights: they must be replaced
+        opt2 = torch.optim.SGD(again.parameters(), lr=0.1, momentum=0.9)
+        mgr2 = pt.Manager(pg2, again, opt2, global_batch=64, join=True)
+        assert mgr2.step == _STEPS
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                      ela.state_dict().values(), strict=True))
+        assert _sha(opt2.state_dict()) == _sha(opt.state_dict())
+        mgr2.close()
+        pg2.close()
         # ---- LocalSGD: after a sync every member holds the average of the local models
         local = make_model(1, demo)
         inner = torch.optim.SGD(local.parameters(), lr=0.1)
