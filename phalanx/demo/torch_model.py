@@ -38,6 +38,7 @@ from phalanx.demo.model import Problem, batch_indices, make_dataset
 
 __all__ = [
     "DEMO",
+    "DILOCO_TOLERANCE",
     "TORCH_PARAM_TOLERANCE",
     "TORCH_TOLERANCE",
     "Check",
@@ -274,7 +275,12 @@ def state_sha256(model: torch.nn.Module) -> str:
 #: |final loss - reference loss| allowed per codec, and |parameter - reference| with a
 #: lossless one (docs/demo.md, "The torch demo's tolerance", says why)
 TORCH_TOLERANCE: dict[str, float] = {
-    "none": 1e-9, "zstd": 1e-9, "fp16": 1e-3, "bf16": 1e-2, "int8": 1e-2,
+    "none": 1e-9, "zstd": 1e-9, "fp16": 1e-4, "bf16": 1e-3, "int8": 1e-3,
+}  # fmt: skip
+#: DiLoCo rounds the pseudo-gradient (an H-step delta, then scaled by the outer Nesterov
+#: step) instead of one step's gradient: lossy codecs move it further
+DILOCO_TOLERANCE: dict[str, float] = {
+    "none": 1e-9, "zstd": 1e-9, "fp16": 1e-3, "bf16": 5e-3, "int8": 5e-3,
 }  # fmt: skip
 TORCH_PARAM_TOLERANCE = 1e-7
 
@@ -299,7 +305,7 @@ def check(
     """Compare the members' final state (``done`` events) with the reference rebuilt
     from the world history: ``worlds`` (step -> world it committed in, DDP) or
     ``outer`` (sync step -> contributors, weights, round members; DiLoCo)."""
-    out = Check(tolerance=TORCH_TOLERANCE.get(o.codec, 1e-2))
+    out = Check(tolerance=(DILOCO_TOLERANCE if o.diloco else TORCH_TOLERANCE)[o.codec])
     x, y = make_data(o.seed)
     out.initial = evaluate(make_model(o.seed), x, y)
     if o.diloco:

@@ -202,6 +202,9 @@ def _diloco(pg: Any, args: argparse.Namespace, deadline: float
             _emit("sync", member=me, step=algo.step, bytes=algo.stats["sync_bytes"],
                   epoch=algo.epoch)  # fmt: skip
         for rep in algo.reports[reported:]:
+            for _ in range(rep.attempts - 1):  # failed attempts of this outer sync
+                _emit("retry", member=me, step=rep.step - 1, epoch=rep.epoch,
+                      why=algo.stats["last_failure"])  # fmt: skip
             _emit("outer", member=me, step=rep.step, epoch=rep.epoch,
                   contributors=list(rep.contributors), w=rep.mine,
                   round_members=list(rep.round_members), attempts=rep.attempts)  # fmt: skip
