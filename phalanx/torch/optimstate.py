@@ -13,7 +13,8 @@ specs on every member.
 slots: after each ``step()`` :meth:`adopt` copies any state tensor that is not yet a
 shared view into its slot and puts the view in its place (once: optimizers update
 their state in place from then on, so the check is a pointer comparison), and returns
-the plain values (``param_groups`` hyper-parameters, non-tensor state entries) for the
+the plain values (``param_groups`` hyper-parameters, non-tensor state entries, which
+parameters have state) for the
 manager's plain-value blob; :meth:`load` does the reverse after a state transfer.
 
 This module must never change the real optimizer's parameters or state in
@@ -97,22 +98,17 @@ class SharedOptimizerState:
             i, key = name.split("/", 1)
             self.keys.setdefault(int(i), []).append(key)
 
-    @property
-    def initialized(self) -> bool:
-        return any(self.opt.state.get(p) for p in self.params)
-
     def adopt(self) -> dict[str, Any]:
         """Move the state tensors into their slots (copy once, then pointers agree);
         return the plain values to keep (``groups``, ``extra``, ``init``)."""
         extra: dict[int, dict[str, Any]] = {}
-        init = self.initialized
+        has: list[int] = []  # parameters with state (not all: e.g. streaming DiLoCo's
+        # outer step moves one fragment at a time, and parameters without a gradient)
         for i, p in enumerate(self.params):
             st = self.opt.state.get(p)
             if not st:
-                if init and self.keys.get(i):
-                    raise StateLayoutError("the optimizer has state for some parameters only",
-                                           str(i))  # fmt: skip
                 continue
+            has.append(i)
             want = set(self.keys.get(i, ()))
             for key in list(st):
                 v = st[key]
@@ -139,7 +135,7 @@ class SharedOptimizerState:
                 raise StateLayoutError(f"optimizer state entries {sorted(missing)} vanished",
                                        str(i))  # fmt: skip
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
-        return {"init": init, "groups": groups, "extra": extra}
+        return {"has": has, "groups": groups, "extra": extra}
 
     def load(self, plain: dict[str, Any]) -> None:
         """Install the group's optimizer state: slots (already received in place) and
@@ -150,10 +146,9 @@ class SharedOptimizerState:
         for g, saved in zip(self.opt.param_groups, groups, strict=True):
             g.update(saved)
         self.opt.state.clear()
-        if not plain["init"]:
-            return
         extra: dict[int, dict[str, Any]] = plain["extra"]
-        for i, p in enumerate(self.params):
+        for i in plain["has"]:
+            p = self.params[i]
             st: dict[str, Any] = {}
             for key in self.keys.get(i, ()):
                 st[key] = self.views[f"{i}/{key}"]

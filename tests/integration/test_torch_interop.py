@@ -8,7 +8,8 @@
   (sync and async) run over the daemons; unsupported ops raise phalanx's typed error;
   ``get_world_size()`` follows the view when a member leaves.
 * Snapshots of whole state dicts come back exactly, also another member's.
-* LocalSGD: after each sync every member holds the average of the local models.
+* LocalSGD: after each sync every member holds the average of the local models;
+  streaming DiLoCo syncs its fragments in turn.
 """
 
 from __future__ import annotations
@@ -125,6 +126,28 @@ def _rank(ctx: RankContext, secret: bytes) -> dict[str, Any]:
             else:
                 assert algo.end_step() is None
         algo.close()
+        # ---- streaming DiLoCo: two fragments, one synced every H/2 steps, in turn
+        sm = make_model(3, demo)
+        sin = torch.optim.SGD(sm.parameters(), lr=0.05)
+        st = pt.DiLoCo(pg, sm, sin, sync_every=4, fragments=2, codec="none", global_batch=64,
+                       timeout=60)  # fmt: skip
+        frags = []
+        while st.step < 8:
+            s = st.begin_step()
+            idx = batch(0, s.step, demo)[st.shard()]
+            sin.zero_grad()
+            torch.nn.functional.cross_entropy(sm(rows(x, idx)), rows(y, idx)).backward()
+            sin.step()
+            rep = st.end_step()
+            if rep is not None:
+                frags.append(rep.fragment)
+        assert frags == [1, 0, 1, 0], frags
+        just_synced = [p.detach().clone() for p, f in zip(sm.parameters(), st._frag, strict=True)
+                       if f == 0]  # fmt: skip
+        assert just_synced and 0 < len(just_synced) < len(list(sm.parameters()))
+        both = ctx.exchange(just_synced)
+        assert all(torch.equal(a, b) for a, b in zip(*both, strict=True))
+        st.close()
         # ---- snapshots of whole state dicts
         state = {"model": ela.state_dict(), "opt": opt.state_dict(), "step": 3,
                  "note": ("x", b"\x01")}  # fmt: skip
