@@ -310,8 +310,9 @@ class Manager:
         else:
             gb = self.global_batch
             n_i = float(_count(shard_slice(gb, rank, world))) if gb else 1.0
+        # a replay and a fresh attempt must not meet: the kind is part of the step fact
         mode = "replay" if replay else "fresh"
-        self._open[:] = opening_slots(info.epoch, info.members, self.job + mode, info.step, n_i)
+        self._open[:] = opening_slots(info.epoch, info.members, self.job, info.step, n_i, mode)
         try:
             res = c.all_reduce(self._open, "sum", timeout=self.op_timeout)
         except DaemonUnavailable:
@@ -320,10 +321,8 @@ class Manager:
             raise _Retry(f"evicted: {exc}", 0.05) from exc
         except _RETRYABLE as exc:
             raise _Retry(f"opening op: {type(exc).__name__}: {exc}", 0.0) from exc
-        v = judge(self._open, res.epoch, res.contributors, info.step)
+        v = judge(self._open, res.epoch, res.contributors, info.step, mode)
         if v.verdict is Verdict.FOREIGN:
-            if replay:
-                raise _Retry("replay: contributors disagree on the mode", 0.0)
             self.stats["foreign"] += 1
             raise JobMismatch(res.epoch, res.contributors, self.job)
         if v.verdict is Verdict.RETRY:

@@ -82,8 +82,8 @@ def view_hashes(epoch: int, members: Sequence[str]) -> tuple[int, ...]:
     return hashes("view", struct.pack("<q", epoch) + "\0".join(members).encode())
 
 
-def step_hashes(step: int) -> tuple[int, ...]:
-    return hashes("step", struct.pack("<q", step))
+def step_hashes(step: int, tag: str = "") -> tuple[int, ...]:
+    return hashes("step", struct.pack("<q", step) + tag.encode())
 
 
 def job_identity(*parts: str) -> str:
@@ -97,11 +97,12 @@ def job_identity(*parts: str) -> str:
 
 
 def opening_slots(
-    epoch: int, members: Sequence[str], job: str, step: int, weight: float
+    epoch: int, members: Sequence[str], job: str, step: int, weight: float, tag: str = ""
 ) -> np.ndarray:
-    """This member's contribution to the opening all-reduce (float64, sum)."""
+    """This member's contribution to the opening all-reduce (float64, sum). ``tag``
+    names the kind of attempt (members must agree on it, like on the step)."""
     out = [1.0, float(weight)]
-    for hs in (view_hashes(epoch, members), hashes("job", job.encode()), step_hashes(step)):
+    for hs in (view_hashes(epoch, members), hashes("job", job.encode()), step_hashes(step, tag)):
         for h in hs:
             out += [float(h), float(h * h)]
     return np.array(out, dtype=np.float64)
@@ -113,7 +114,7 @@ def _all_equal(n: int, s1: float, s2: float) -> bool:
 
 
 def judge(
-    reduced: np.ndarray, epoch: int, contributors: Sequence[str], step: int
+    reduced: np.ndarray, epoch: int, contributors: Sequence[str], step: int, tag: str = ""
 ) -> Opening:
     """The verdict on an opening op that ran in ``epoch`` among ``contributors``, from
     its reduced slots (the same on every member)."""
@@ -139,6 +140,6 @@ def judge(
             Verdict.RETRY, n, weight,
             f"the op ran in epoch {epoch} among {n}, not in the view the step began in",
         )  # fmt: skip
-    if common["step"] != step_hashes(step):
+    if common["step"] != step_hashes(step, tag):
         return Opening(Verdict.RETRY, n, weight, "contributors are at another step")
     return Opening(Verdict.OK, n, weight)

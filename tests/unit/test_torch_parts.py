@@ -150,3 +150,10 @@ def test_fragments_are_whole_tensors_in_order() -> None:
     assert fragment_plan([10, 10, 10, 10], 2) == [0, 0, 1, 1]
     assert fragment_plan([100, 1, 1], 2) == [0, 1, 1]
     assert fragment_plan([5], 1) == [0]
+
+
+def test_a_replay_meeting_a_fresh_attempt_is_a_retry_not_a_foreign_job() -> None:
+    rows = [opening_slots(7, MEMBERS, "job", 12, 1, "replay") for _ in range(2)]
+    rows.append(opening_slots(7, MEMBERS, "job", 12, 1, "fresh"))
+    for tag in ("replay", "fresh"):
+        assert judge(_reduce(rows), 7, MEMBERS, 12, tag).verdict is Verdict.RETRY
