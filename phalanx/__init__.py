@@ -3,11 +3,9 @@
 The training loop's surface is the client (:mod:`phalanx.client`): ``phalanx.connect()``
 to the local daemon or ``phalanx.start()`` for embedded mode, then collectives, steps,
 commit votes, state sync and snapshots (``snapshot``/``restore``/``restore_peer``) on a
-:class:`Client`. The static-group data plane is in
-:mod:`phalanx.comm`, the error hierarchy in :mod:`phalanx.errors`.
+:class:`Client`. The static-group data plane is in :mod:`phalanx.comm`, the values every
+layer shares in :mod:`phalanx.ops`, the error hierarchy in :mod:`phalanx.errors`.
 """
-
-from typing import Any
 
 from phalanx.client import (
     Client,
@@ -23,40 +21,29 @@ from phalanx.client import (
 from phalanx.errors import (
     AuthError,
     CommError,
+    CommitUnknown,
     ConfigError,
     DaemonUnavailable,
+    Evicted,
     FrameError,
     GroupClosed,
     HandshakeError,
+    LayoutError,
+    OpMismatch,
     PeerFailure,
     PhalanxError,
     ProtocolError,
+    RestoreError,
+    SnapshotAbandoned,
+    SnapshotError,
+    SnapshotNotFound,
+    StateSyncError,
+    StepAborted,
     UnsupportedError,
+    ViewChanged,
 )
-from phalanx.membership.errors import CommitUnknown, Evicted
 
 __version__ = "0.1.0"
-
-# Imported on first use: they pull in the data plane (and ViewChanged gRPC).
-_LAZY = {
-    "ViewChanged": "phalanx.membership.elastic",
-    "StepAborted": "phalanx.membership.statesync",
-    "StateSyncError": "phalanx.membership.statesync",
-    "SnapshotError": "phalanx.checkpoint.snapshot",
-    "SnapshotAbandoned": "phalanx.checkpoint.snapshot",
-    "SnapshotNotFound": "phalanx.checkpoint.snapshot",
-    "RestoreError": "phalanx.checkpoint.snapshot",
-    "LayoutError": "phalanx.checkpoint.layout",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'phalanx' has no attribute {name!r}")
-
 
 __all__ = [
     "AuthError",
@@ -71,6 +58,7 @@ __all__ = [
     "Handle",
     "HandshakeError",
     "LayoutError",
+    "OpMismatch",
     "OpResult",
     "PeerFailure",
     "PhalanxError",

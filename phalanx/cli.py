@@ -49,6 +49,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "daemon": ("phalanx.daemon:register", "one per training process: group, data plane, /metrics"),
     "demo": ("phalanx.demo:register", "a local cluster trains through a kill and a join"),
     "stress": ("phalanx.testing.stress:register", "churn with every result checked"),
+    "train": ("phalanx.container.train:register", "a small real training job via the local daemon"),
+    "peer": (
+        "phalanx.container.peer:register",
+        "a daemon and a training job, supervised (containers)",
+    ),
     # a new command is one more line here; its module owns its options
 }
 

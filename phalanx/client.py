@@ -24,7 +24,8 @@ Example (a daemon runs beside the training process, or use ``phalanx.start()``):
 
 Every collective works in place on a numpy array or a PyTorch tensor and has a
 synchronous form (returns :class:`OpResult`) and ``async_op=True`` (returns a
-:class:`Handle`; ``handle.wait()``). Arrays from :meth:`Client.empty` (and tensors over
+:class:`Handle`; ``handle.wait()``); all of them are one request, an
+:class:`~phalanx.ops.OpSpec` plus where the array lives. Arrays from :meth:`Client.empty` (and tensors over
 them, ``torch.from_numpy``) are reduced with **zero copies**: the daemon runs the
 collective on those very pages. Any other array is copied into shared staging memory
 and back once (the copy back happens only on success: after a failure the array holds
@@ -47,11 +48,18 @@ process was killed and restarted: the daemon kept the snapshots) and
 tensors come back as numpy: ``torch.from_numpy`` them), in memory the daemon filled
 and this process owns.
 
+Deadlines: every call has one. It travels with the request to the daemon, which ends
+the work by then (into the data plane: the op is aborted there, the array restored)
+and answers. A client that still has no answer a moment later sends ``CANCEL`` and
+touches the memory the request named — a staging copy, or the caller's own array —
+only after the daemon acknowledged that the request is over: ``TimeoutError`` then
+means "over, and your array holds its input". A daemon that cannot stop it in time is
+treated as gone (``DaemonUnavailable``; the staging memory is never reused).
+
 Errors: the promises' typed exceptions (:class:`~phalanx.errors.PeerFailure`,
 ``ViewChanged``, ``Evicted``, ``StepAborted``, ``CommitUnknown``, ...) reach the caller
-as the same classes; :class:`~phalanx.errors.DaemonUnavailable` when the daemon is not
-there or died (within a second, never a hang); ``TimeoutError`` when a call's deadline
-passes. Every call has a deadline.
+as the same classes (:mod:`phalanx.errors`); :class:`~phalanx.errors.DaemonUnavailable`
+when the daemon is not there or died (within a second, never a hang).
 
 This module must never touch the network or the data plane itself: it talks only to
 the daemon's local API (:mod:`phalanx.local`).
@@ -65,15 +73,44 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from phalanx.errors import ConfigError, DaemonUnavailable, UnsupportedError
-from phalanx.local.conn import Connection
+from phalanx.errors import ConfigError, DaemonUnavailable, LayoutError, UnsupportedError
+from phalanx.local.conn import Connection, NoReply
+from phalanx.local.protocol import (
+    Attached,
+    AttachState,
+    BeginStep,
+    BufRef,
+    Bye,
+    CancelState,
+    ClientHello,
+    Commit,
+    Committed,
+    GetView,
+    Map,
+    NamedBuf,
+    Op,
+    Request,
+    Restore,
+    RestoreLayout,
+    SealResult,
+    SealStatus,
+    SnapshotArray,
+    SnapshotTaken,
+    SnapshotWait,
+    TakeSnapshot,
+    Unmap,
+    UpdateState,
+    Watch,
+    Welcome,
+    row_of,
+)
 from phalanx.local.shm import Region
-from phalanx.local.wire import BufRef, Kind, OpRequest
+from phalanx.ops import Handle, OpResult, OpSpec, StepInfo, ViewInfo
 
 _ALIGN = 64
 
@@ -99,71 +136,11 @@ log = logging.getLogger(__name__)
 #: what the collectives accept: a numpy array or a torch.Tensor
 Array = Any
 
-_MARGIN_S = 5.0  # the client waits this much longer than the daemon's own deadline
 _DEFAULT_OP_TIMEOUT = 120.0
 _CONTROL_TIMEOUT = 10.0
+_GRACE_S = 1.0  # past its deadline, how long a request may take to answer before CANCEL
+_ACK_S = 5.0  # how long the daemon has to acknowledge a CANCEL
 _STAGING_KEEP = 4
-
-
-@dataclass(frozen=True)
-class ViewInfo:
-    """The daemon's current view: ``epoch``, member ids in rank order, this member's
-    ``rank`` (None while not in a view) and id."""
-
-    epoch: int
-    members: tuple[str, ...]
-    rank: int | None
-    member_id: str
-
-    @property
-    def world(self) -> int:
-        return len(self.members)
-
-
-@dataclass(frozen=True)
-class OpResult:
-    """A completed collective: the epoch it ran in, the member ids that contributed
-    (rank order), its sequence number, failed attempts before it (``retry=True``),
-    the algorithm, the daemon-side duration, and whether it ran on the caller's memory
-    (``zero_copy``) or through a staging copy."""
-
-    op: str
-    epoch: int
-    seq: int
-    contributors: tuple[str, ...]
-    failed_attempts: int
-    algorithm: str
-    duration_s: float
-    zero_copy: bool
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What :meth:`Client.begin_step` found: the view, the step the state is at, and
-    whether state was received (``synced``, ``sync_bytes``) in place into the attached
-    arrays."""
-
-    epoch: int
-    members: tuple[str, ...]
-    step: int
-    synced: bool
-    sync_bytes: int
-
-
-@dataclass(frozen=True)
-class SealResult:
-    """A sealed snapshot generation: its id, step, state bytes, the erasure code
-    (``k`` data + ``m`` parity pieces per stripe), the holders in piece order, the time
-    from ``snapshot()`` to the seal and the time spent encoding."""
-
-    generation: int
-    step: int
-    nbytes: int
-    k: int
-    m: int
-    holders: tuple[str, ...]
-    seal_s: float
-    encode_s: float
 
 
 class SnapshotHandle:
@@ -175,13 +152,13 @@ class SnapshotHandle:
     or reshaped since the previous snapshot. :meth:`wait` returns when the generation
     is sealed."""
 
-    def __init__(self, client: Client, body: Mapping[str, Any], call_s: float, zero_copy: bool):
+    def __init__(self, client: Client, taken: SnapshotTaken, call_s: float, zero_copy: bool):
         self._client = client
-        self.generation = int(body["generation"])
-        self.step = int(body["step"])
-        self.nbytes = int(body["nbytes"])
-        self.stall_s = float(body["stall_s"])
-        self.changes = tuple(str(c) for c in body.get("changes", ()))
+        self.generation = taken.generation
+        self.step = taken.step
+        self.nbytes = taken.nbytes
+        self.stall_s = taken.stall_s
+        self.changes = taken.changes
         self.call_s = call_s
         self.zero_copy = zero_copy
         self._result: SealResult | None = None
@@ -190,20 +167,18 @@ class SnapshotHandle:
     def _poll(self, timeout: float) -> bool:
         if self._result is not None or self._error is not None:
             return True
-        body = {"generation": self.generation, "timeout": timeout}
+        req = SnapshotWait(self.generation, timeout)
         try:
-            b = self._client._conn.call(Kind.SNAPSHOT_WAIT, body, timeout + _MARGIN_S)
+            status = self._client._conn.call(req, timeout + _GRACE_S + _ACK_S)
         except (DaemonUnavailable, TimeoutError):
             raise
         except Exception as exc:  # SnapshotAbandoned and friends: final
             self._error = exc
             return True
-        if not b.get("sealed"):
+        assert isinstance(status, SealStatus)
+        if status.seal is None:
             return False
-        self._result = SealResult(
-            int(b["generation"]), int(b["step"]), int(b["nbytes"]), int(b["k"]), int(b["m"]),
-            tuple(str(h) for h in b["holders"]), float(b["seal_s"]), float(b["encode_s"]),
-        )  # fmt: skip
+        self._result = status.seal
         return True
 
     def done(self) -> bool:
@@ -219,70 +194,6 @@ class SnapshotHandle:
         t = self._client._seal_timeout if timeout is None else max(0.0, float(timeout))
         if not self._poll(t):
             raise TimeoutError(f"snapshot generation {self.generation} not sealed after {t}s")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-
-def _view(body: Mapping[str, Any]) -> ViewInfo:
-    rank = body.get("rank")
-    return ViewInfo(
-        int(body["epoch"]),
-        tuple(str(m) for m in body["members"]),
-        int(rank) if rank is not None else None,
-        str(body["member"]),
-    )
-
-
-class Handle:
-    """A collective in flight (``async_op=True``). :meth:`wait` returns its
-    :class:`OpResult` or raises its error; the array must not be touched before."""
-
-    def __init__(
-        self, conn: Connection, rid: int, finish: Callable[[dict[str, Any] | None], OpResult | None],
-        timeout: float,
-    ) -> None:  # fmt: skip
-        self._conn = conn
-        self._rid = rid
-        self._finish = finish
-        self._deadline = time.monotonic() + timeout
-        self._result: OpResult | None = None
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def _settle(self, timeout: float | None) -> bool:
-        with self._lock:
-            if self._result is not None or self._error is not None:
-                return True
-            left = self._deadline - time.monotonic()
-            wait = left if timeout is None else min(timeout, left)
-            try:
-                body = self._conn.wait(self._rid, max(0.0, wait))
-            except TimeoutError:
-                if timeout is not None and timeout < left:
-                    return False  # the caller's own timeout, not the op's deadline
-                self._error = TimeoutError("the collective passed its deadline")
-                self._finish(None)
-                return True
-            except BaseException as exc:
-                self._error = exc
-                self._finish(None)
-                return True
-            result = self._finish(body)
-            assert result is not None
-            self._result = result
-            return True
-
-    def done(self) -> bool:
-        """True once the result (or error) is in; never blocks."""
-        return self._settle(0.0)
-
-    def wait(self, timeout: float | None = None) -> OpResult:
-        """Block until the op ends (at most its deadline); ``timeout``: give up waiting
-        sooner (``TimeoutError``; the op goes on, wait again later)."""
-        if not self._settle(timeout):
-            raise TimeoutError(f"collective still running after {timeout}s")
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -335,16 +246,16 @@ class Client:
         self._owned: list[Callable[[], None]] = []  # embedded mode: what close() stops
         self.coordinator_address: str | None = None  # embedded mode: where peers join
         self.daemon: Daemon | None = None  # embedded mode: the daemon in this process
-        hello = conn.call(Kind.HELLO, {"pid": os.getpid()}, _CONTROL_TIMEOUT)
-        self.daemon_pid = int(hello.get("daemon_pid", 0))
-        self._seal_timeout = float(hello.get("seal_timeout", 300.0))
-        # STATE_ATTACH / STATE_UPDATE queue behind whatever the daemon is finishing: a
-        # step's op or commit, or leaving and rejoining after a client lost mid-step
-        # (a restarted trainer's first calls); wait as long as those may take
-        self._state_timeout = (
-            max(self.op_timeout, float(hello.get("rejoin_timeout", 30.0))) + _MARGIN_S
-        )
-        self._member_id = str(hello["view"]["member"])
+        welcome = conn.call(ClientHello(os.getpid(), time.monotonic()), _CONTROL_TIMEOUT)
+        assert isinstance(welcome, Welcome)
+        self._session = welcome.session
+        self.daemon_pid = welcome.daemon_pid
+        self._seal_timeout = welcome.seal_timeout
+        # ATTACH_STATE / UPDATE_STATE queue behind whatever the daemon is finishing: a
+        # step's op or commit (a restarted trainer's first calls); wait as long as
+        # those may take
+        self._state_timeout = self.op_timeout + welcome.join_timeout
+        self._member_id = welcome.member_id
 
     @property
     def socket(self) -> str:
@@ -354,6 +265,52 @@ class Client:
     def member_id(self) -> str:
         return self._member_id
 
+    # ------------------------------------------------------------------ requests
+    def _call(
+        self,
+        request: Request,
+        timeout: float,
+        *,
+        fd: int | None = None,
+        unsafe: Callable[[], None] | None = None,
+    ) -> Any:
+        """One request and its reply within ``timeout`` (+ a grace for the answer to
+        come back); see :meth:`_await`."""
+        return self._await(self._conn.send(request, fd), request, timeout + _GRACE_S, unsafe)
+
+    def _await(
+        self, rid: int, request: Request, wait: float, unsafe: Callable[[], None] | None
+    ) -> Any:
+        """The reply to ``rid``. A request that names this process's memory and has no
+        answer in time is cancelled, and this returns (or raises) only once the daemon
+        said it is over. If it cannot say so, ``unsafe()`` runs (that memory must not
+        be reused), the connection is closed and DaemonUnavailable raised."""
+        try:
+            return self._conn.wait(rid, wait)
+        except NoReply:
+            row = row_of(request)
+            if not row.memory:
+                raise TimeoutError(
+                    f"{row.kind.name} got no answer within {wait - _GRACE_S:g}s"
+                ) from None
+        name = row_of(request).kind.name
+        try:
+            state: CancelState | None = self._conn.cancel(self._session, rid, _ACK_S)
+        except (NoReply, DaemonUnavailable, OSError):
+            state = None
+        if state is CancelState.WILL_NOT_RUN:
+            raise TimeoutError(f"{name} passed its deadline before the daemon ran it (cancelled)")
+        if state in (CancelState.FINISHED, CancelState.STOPPED):
+            return self._conn.wait(rid, _ACK_S)  # its answer is in: a result or its error
+        if unsafe is not None:
+            unsafe()
+        self._conn.close()
+        raise DaemonUnavailable(
+            f"the daemon did not stop {name} after its deadline: the connection is closed, "
+            "and memory that request named may still change",
+            socket=self._conn.path,
+        )
+
     # ------------------------------------------------------------------ memory
     def _map(self, nbytes: int) -> Region:
         with self._rlock:
@@ -361,7 +318,7 @@ class Client:
             self._next_region += 1
         region = Region.create(rid, nbytes, f"phalanx-{rid}")
         try:
-            self._conn.call(Kind.MAP, {"region": rid}, _CONTROL_TIMEOUT, fd=region.fd)
+            self._conn.call(Map(rid), _CONTROL_TIMEOUT, fd=region.fd)
         finally:
             region.close_fd()  # the mapping keeps the memory; the daemon has its own fd
         with self._rlock:
@@ -372,7 +329,13 @@ class Client:
         with self._rlock:
             self._regions.pop(region.rid, None)
         with contextlib.suppress(DaemonUnavailable, TimeoutError):
-            self._conn.call(Kind.UNMAP, {"region": region.rid}, _CONTROL_TIMEOUT)
+            self._conn.call(Unmap(region.rid), _CONTROL_TIMEOUT)
+
+    def _forget(self, region: Region) -> None:
+        """Never hand this region out again (an op it was given may still write it)."""
+        with self._rlock:
+            self._regions.pop(region.rid, None)
+        log.warning("event=staging_quarantined region=%d bytes=%d", region.rid, region.size)
 
     def empty(
         self, shape: int | tuple[int, ...], dtype: str | np.dtype[Any] = "float32"
@@ -395,49 +358,57 @@ class Client:
         for r in regions:
             off = r.offset_of(addr, arr.nbytes)
             if off is not None:
-                return BufRef(r.rid, off, arr.dtype.name, tuple(arr.shape))
+                return BufRef(r.rid, off, _dtype_name(arr.dtype), tuple(arr.shape))
         return None
 
     # ------------------------------------------------------------------ collectives
     def _submit(
-        self, op: str, x: Array | None, *, reduce: str = "sum", codec: str = "none",
-        root: int = 0, retry: bool, timeout: float | None, async_op: bool,
+        self, spec: OpSpec, x: Array | None, *, retry: bool, timeout: float | None,
+        async_op: bool,
     ) -> OpResult | Handle:  # fmt: skip
+        """Every collective: one OP request for ``spec`` on where ``x`` lives."""
         t = self.op_timeout if timeout is None else float(timeout)
         if not t > 0:
             raise ConfigError("timeout must be > 0")
-        done: Callable[[bool], None] = _nothing
+        release: Callable[[bool], None] = _nothing
+        unsafe: Callable[[], None] | None = None
         ref: BufRef | None = None
         zero_copy = True
         if x is not None:
-            ref, done, zero_copy = self._prepare(x)
-        req = OpRequest(op, ref, reduce, codec, root, retry, t)
+            ref, release, unsafe, zero_copy = self._prepare(x)
+        at = time.monotonic() + t
+        req = Op(spec, ref, retry, t, at)
         try:
-            rid = self._conn.send(Kind.OP, req.to_body())
+            rid = self._conn.send(req)
         except BaseException:
-            done(False)
+            release(False)
             raise
 
-        def finish(body: dict[str, Any] | None) -> OpResult | None:
-            done(body is not None)  # copy back only on success; staging back to the pool
-            if body is None:
-                return None
-            return OpResult(
-                op=op,
-                epoch=int(body["epoch"]),
-                seq=int(body["seq"]),
-                contributors=tuple(body["contributors"]),
-                failed_attempts=int(body["failed_attempts"]),
-                algorithm=str(body["algorithm"]),
-                duration_s=float(body["duration_s"]),
-                zero_copy=zero_copy,
-            )
+        def settle(wait: float | None) -> OpResult | None:
+            left = at + _GRACE_S - time.monotonic()
+            try:
+                if wait is not None and wait < left:
+                    try:
+                        reply = self._conn.wait(rid, wait)
+                    except NoReply:
+                        return None  # the caller's own wait: the op goes on
+                else:
+                    reply = self._await(rid, req, max(left, 0.0), unsafe)
+            except BaseException:
+                release(False)
+                raise
+            release(True)  # copy back (staged arrays), staging memory back to the pool
+            assert isinstance(reply, OpResult)
+            return reply if zero_copy else replace(reply, zero_copy=False)
 
-        handle = Handle(self._conn, rid, finish, t + _MARGIN_S)
+        handle = Handle(settle)
         return handle if async_op else handle.wait()
 
-    def _prepare(self, x: Array) -> tuple[BufRef, Callable[[bool], None], bool]:
-        """(where the daemon finds the data, what to do when the op ends, zero-copy?)."""
+    def _prepare(
+        self, x: Array
+    ) -> tuple[BufRef, Callable[[bool], None], Callable[[], None] | None, bool]:
+        """(where the daemon finds the data, what to do when the op ends, what to do if
+        its memory can never be trusted again, zero-copy?)."""
         arr, back = _as_numpy(x, self)
         if not isinstance(arr, np.ndarray):
             raise UnsupportedError(f"expected a numpy array or a torch tensor, got {type(x)}")
@@ -445,22 +416,29 @@ class Client:
             raise UnsupportedError("the array is read-only; collectives work in place")
         ref = self._locate(arr)
         if ref is not None:
-            return ref, back, back is _nothing
+            return ref, back, None, back is _nothing
         # copy in once, out once (on success only): staging memory from the pool
         nbytes = max(arr.nbytes, 1)
         region = self._staging.take(nbytes) or self._map(max(nbytes, 1 << 20))
         view = region.array(0, arr.dtype, arr.shape)
         np.copyto(view, arr)
-        ref = BufRef(region.rid, 0, arr.dtype.name, tuple(arr.shape))
+        ref = BufRef(region.rid, 0, _dtype_name(arr.dtype), tuple(arr.shape))
+        lost = False
 
-        def done(ok: bool) -> None:
+        def release(ok: bool) -> None:
             if ok:
                 np.copyto(arr, view)
                 back(True)
-            for extra in self._staging.give(region):
-                self._unmap(extra)
+            if not lost:  # the daemon is done with it: reuse
+                for extra in self._staging.give(region):
+                    self._unmap(extra)
 
-        return ref, done, False
+        def unsafe() -> None:
+            nonlocal lost
+            lost = True
+            self._forget(region)
+
+        return ref, release, unsafe, False
 
     @overload
     def all_reduce(self, x: Array, op: str = ..., codec: str = ..., *,
@@ -476,11 +454,12 @@ class Client:
     ) -> OpResult | Handle:  # fmt: skip
         """Reduce ``x`` in place over the current view (``op``: sum, avg, min, max,
         prod; ``codec``: none, zstd, fp16, bf16, int8). ``retry=True``: if the view
-        changes under the op, run it again in the next view (exact: the input was
-        restored) instead of raising ``ViewChanged``. ``timeout``: deadline in seconds
-        for the whole call, retries included (default ``op_timeout``)."""
-        return self._submit("all_reduce", x, reduce=op, codec=codec, retry=retry,
-                            timeout=timeout, async_op=async_op)  # fmt: skip
+        changes under the op (or its data-plane group must be rebuilt), run it again
+        (exact: the input was restored) instead of raising ``ViewChanged``.
+        ``timeout``: deadline in seconds for the whole call, retries included (default
+        ``op_timeout``); ``TimeoutError`` after it, with ``x`` holding its input."""
+        return self._submit(OpSpec("all_reduce", op, codec), x, retry=retry, timeout=timeout,
+                            async_op=async_op)  # fmt: skip
 
     @overload
     def reduce_scatter(self, x: Array, op: str = ..., codec: str = ..., *,
@@ -496,7 +475,7 @@ class Client:
     ) -> OpResult | Handle:  # fmt: skip
         """Reduce over the view; only this member's chunk of ``x`` (flat, see
         :meth:`chunk`) is written with the result, the rest keeps its values."""
-        return self._submit("reduce_scatter", x, reduce=op, codec=codec, retry=retry,
+        return self._submit(OpSpec("reduce_scatter", op, codec), x, retry=retry,
                             timeout=timeout, async_op=async_op)  # fmt: skip
 
     @overload
@@ -511,7 +490,7 @@ class Client:
     ) -> OpResult | Handle:  # fmt: skip
         """Each member contributes its chunk of ``x`` (flat, :meth:`chunk`); afterwards
         every member's ``x`` holds every chunk."""
-        return self._submit("all_gather", x, codec=codec, retry=retry, timeout=timeout,
+        return self._submit(OpSpec("all_gather", codec=codec), x, retry=retry, timeout=timeout,
                             async_op=async_op)  # fmt: skip
 
     @overload
@@ -528,7 +507,9 @@ class Client:
     ) -> OpResult | Handle:  # fmt: skip
         """Copy the ``x`` of the member at rank ``root`` (in the view the op runs in)
         into every member's ``x``."""
-        return self._submit("broadcast", x, codec=codec, root=root, retry=retry,
+        if root < 0:
+            raise ConfigError(f"root must be >= 0, got {root}")
+        return self._submit(OpSpec("broadcast", codec=codec, root=root), x, retry=retry,
                             timeout=timeout, async_op=async_op)  # fmt: skip
 
     @overload
@@ -541,7 +522,8 @@ class Client:
         self, *, async_op: bool = False, retry: bool = False, timeout: float | None = None
     ) -> OpResult | Handle:
         """Return once every member of the view has entered the barrier."""
-        return self._submit("barrier", None, retry=retry, timeout=timeout, async_op=async_op)
+        return self._submit(OpSpec("barrier"), None, retry=retry, timeout=timeout,
+                            async_op=async_op)  # fmt: skip
 
     def chunk(self, size: int) -> slice:
         """The flat slice of a ``size``-element array this member owns in
@@ -554,23 +536,35 @@ class Client:
         return slice(start, start + base + (1 if v.rank < extra else 0))
 
     # ------------------------------------------------------------------ steps and state
-    def begin_step(self, step: int | None = None, *, timeout: float | None = None) -> StepInfo:
+    def begin_step(
+        self, step: int | None = None, *, timeout: float | None = None,
+        allow_partial: bool = False,
+    ) -> StepInfo:  # fmt: skip
         """Mark a step boundary: a pending view is installed and, if this member's state
         differs from the group's, the group's state is received (verified by hash)
-        **in place** into the attached arrays. ``step`` defaults to the state's step."""
-        t = self.op_timeout if timeout is None else timeout
-        b = self._conn.call(Kind.BEGIN_STEP, {"step": step, "timeout": t}, t + _MARGIN_S)
-        return StepInfo(
-            int(b["epoch"]), tuple(b["members"]), int(b["step"]), bool(b["synced"]),
-            int(b["sync_bytes"]),
-        )  # fmt: skip
+        **in place** into the attached arrays (``StepInfo.synced``: by this call).
+        ``step`` defaults to the state's step.
+
+        No silent wrong step: a collective of this step that would run over other
+        members than ``StepInfo.members`` (the view changed: a retry on a smaller
+        view, a member joined) raises ``StepAborted`` without running (the array holds
+        its input), and ``commit`` of this step is then False on every member: begin
+        the step again with the new members. ``allow_partial=True`` lets such
+        collectives run, for loops that weigh contributions themselves
+        (``OpResult.contributors``)."""
+        t = self.op_timeout if timeout is None else float(timeout)
+        req = BeginStep(step, t, time.monotonic() + t, allow_partial)
+        info = self._call(req, t)
+        assert isinstance(info, StepInfo)
+        return info
 
     def commit(self, step: int, ok: bool = True, *, timeout: float | None = None) -> bool:
         """Vote on ``step``; the group's decision, the same on every member (promise 4).
         Apply the step only on True. ``CommitUnknown`` if no decision came in time."""
-        t = self.op_timeout if timeout is None else timeout
-        body = {"step": int(step), "ok": bool(ok), "timeout": t}
-        return bool(self._conn.call(Kind.COMMIT, body, t + _MARGIN_S)["committed"])
+        t = self.op_timeout if timeout is None else float(timeout)
+        reply = self._call(Commit(int(step), bool(ok), t, time.monotonic() + t), t)
+        assert isinstance(reply, Committed)
+        return reply.committed
 
     def attach_state(self, arrays: Mapping[str, Array], step: int | None = None) -> int:
         """Make ``arrays`` (from :meth:`empty`, or tensors over them) the state the
@@ -588,14 +582,19 @@ class Client:
                     f"state entry {name!r} must live in shared memory: allocate it with "
                     "client.empty() (or torch.from_numpy of such an array)"
                 )
-            entries.append({"name": name, "buf": ref.to_body()})
-        body = {"entries": entries, "step": step}
-        return int(self._conn.call(Kind.STATE_ATTACH, body, self._state_timeout)["step"])
+            entries.append(NamedBuf(name, ref))
+        t = self._state_timeout
+        req = AttachState(tuple(entries), None if step is None else int(step), t,
+                          time.monotonic() + t)  # fmt: skip
+        reply = self._call(req, t)
+        assert isinstance(reply, Attached)
+        return reply.step
 
     def update_state(self, step: int, changed: list[str] | None = None) -> None:
         """The attached arrays (all, or those named) now hold ``step``'s values."""
-        self._conn.call(Kind.STATE_UPDATE, {"step": int(step), "changed": changed},
-                        self._state_timeout)  # fmt: skip
+        names = None if changed is None else tuple(str(c) for c in changed)
+        t = self._state_timeout
+        self._call(UpdateState(int(step), names, t, time.monotonic() + t), t)
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(
@@ -612,36 +611,46 @@ class Client:
         t0 = time.perf_counter()
         leaves: list[tuple[list[str], np.ndarray]] = []
         _snapshot_leaves(state, [], leaves)
-        entries: list[dict[str, Any]] = []
+        refs: list[BufRef | None] = []
         staged: list[tuple[int, np.ndarray]] = []  # (entry index, array)
         total = 0
-        for path, arr in leaves:
+        for _path, arr in leaves:
             ref = self._locate(arr) if arr.nbytes else None
             if ref is None:
-                staged.append((len(entries), arr))
-                entries.append({"path": path, "buf": None})
+                staged.append((len(refs), arr))
                 total += -(-arr.nbytes // _ALIGN) * _ALIGN
-            else:
-                ref = BufRef(ref.region, ref.offset, _dtype_str(arr.dtype), ref.shape)
-                entries.append({"path": path, "buf": ref.to_body()})
+            refs.append(ref)
         region: Region | None = None
+        lost = False
         if staged:
             region = self._staging.take(max(total, 1)) or self._map(max(total, 1 << 20))
             off = 0
             for i, arr in staged:
                 dst = region.bytes[off : off + arr.nbytes]
                 np.copyto(dst, arr.reshape(-1).view(np.uint8))  # the staging copy
-                ref = BufRef(region.rid, off, _dtype_str(arr.dtype), tuple(arr.shape))
-                entries[i]["buf"] = ref.to_body()
+                refs[i] = BufRef(region.rid, off, _dtype_name(arr.dtype), tuple(arr.shape))
                 off += -(-arr.nbytes // _ALIGN) * _ALIGN
+        entries = []
+        for (path, _arr), ref in zip(leaves, refs, strict=True):
+            assert ref is not None
+            entries.append(SnapshotArray(tuple(path), ref))
+
+        def unsafe() -> None:
+            nonlocal lost
+            lost = True
+            if region is not None:
+                self._forget(region)
+
         t = self._seal_timeout if timeout is None else float(timeout)
         try:
-            body = self._conn.call(Kind.SNAPSHOT, {"entries": entries, "step": step}, t + _MARGIN_S)
+            req = TakeSnapshot(tuple(entries), int(step), t, time.monotonic() + t)
+            taken = self._call(req, t, unsafe=unsafe)
         finally:
-            if region is not None:
+            if region is not None and not lost:
                 for extra in self._staging.give(region):
                     self._unmap(extra)
-        return SnapshotHandle(self, body, time.perf_counter() - t0, not staged)
+        assert isinstance(taken, SnapshotTaken)
+        return SnapshotHandle(self, taken, time.perf_counter() - t0, not staged)
 
     def restore(
         self, step: int | None = None, *, timeout: float | None = None
@@ -667,27 +676,27 @@ class Client:
         t = self._seal_timeout if timeout is None else float(timeout)
         if not t > 0:
             raise ConfigError("timeout must be > 0")
-        body = {"member": member, "step": None if step is None else int(step), "timeout": t}
-        frame = self._conn.wait_frame(self._conn.send(Kind.RESTORE, body), t + 2 * _MARGIN_S)
-        if frame.fd is None:
+        req = Restore(member, None if step is None else int(step), t, time.monotonic() + t)
+        frame = self._conn.wait_frame(self._conn.send(req), t + _GRACE_S + _ACK_S)
+        layout = frame.message
+        if frame.fd is None or not isinstance(layout, RestoreLayout):
             raise DaemonUnavailable("the daemon's restore reply carried no memory")
-        size = int(frame.body["size"])
-        region = Region.adopt(-1, frame.fd, size + mmap_page())  # closes the fd
+        region = Region.adopt(-1, frame.fd, layout.size + mmap_page())  # closes the fd
         state: dict[str, Any] = {}
-        for e in frame.body["entries"]:
-            arr = region.array(int(e["offset"]), _restored_dtype(str(e["dtype"])),
-                               tuple(int(d) for d in e["shape"]))  # fmt: skip
+        for e in layout.entries:
+            arr = region.array(e.offset, _restored_dtype(e.dtype), e.shape)
             node = state
-            path = [str(p) for p in e["path"]]
-            for key in path[:-1]:
+            for key in e.path[:-1]:
                 node = node.setdefault(key, {})
-            node[path[-1]] = arr
-        return int(frame.body["step"]), state
+            node[e.path[-1]] = arr
+        return layout.step, state
 
     # ------------------------------------------------------------------ views
     def view(self) -> ViewInfo:
         """The daemon's current view."""
-        return _view(self._conn.call(Kind.VIEW, {}, _CONTROL_TIMEOUT))
+        view = self._conn.call(GetView(), _CONTROL_TIMEOUT)
+        assert isinstance(view, ViewInfo)
+        return view
 
     def on_view_change(self, fn: Callable[[ViewInfo], None]) -> None:
         """Call ``fn(view)`` on every new view (from a client thread; keep it short).
@@ -696,7 +705,7 @@ class Client:
         if self._watch is not None:
             return
         watch = Connection(self._conn.path)
-        watch.call(Kind.WATCH, {}, _CONTROL_TIMEOUT)
+        watch.call(Watch(), _CONTROL_TIMEOUT)
         self._watch = watch
         self._watcher = threading.Thread(
             target=self._watch_loop, args=(watch,), name="phalanx-client-watch", daemon=True
@@ -706,19 +715,18 @@ class Client:
     def _watch_loop(self, watch: Connection) -> None:
         while not self._stop.is_set():
             try:
-                body = watch.next_event(0.25)
+                event = watch.next_event(0.25)
             except DaemonUnavailable:
                 if not self._stop.is_set():
                     log.warning("event=watch_lost socket=%s", watch.path)
                 return
-            if body is None or "view" not in body:
+            if event is None:
                 continue
-            info = _view(body["view"])
             for fn in list(self._callbacks):
                 try:
-                    fn(info)
+                    fn(event.view)
                 except Exception:
-                    log.exception("event=view_callback_failed epoch=%d", info.epoch)
+                    log.exception("event=view_callback_failed epoch=%d", event.view.epoch)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -727,7 +735,7 @@ class Client:
         self._stop.set()
         if self._conn.alive:
             with contextlib.suppress(DaemonUnavailable, TimeoutError, OSError):
-                self._conn.call(Kind.BYE, {}, 2.0)
+                self._conn.call(Bye(), 2.0)
         self._conn.close()
         if self._watch is not None:
             self._watch.close()
@@ -753,7 +761,8 @@ def mmap_page() -> int:
     return mmap.PAGESIZE
 
 
-def _dtype_str(dt: np.dtype[Any]) -> str:
+def _dtype_name(dt: np.dtype[Any]) -> str:
+    """A dtype as the local protocol names it: byte order kept, ml_dtypes by name."""
     return dt.name if dt.kind == "V" else dt.str
 
 
@@ -768,8 +777,6 @@ def _restored_dtype(name: str) -> np.dtype[Any]:
 
 
 def _layout_error(reason: str, detail: str, path: str) -> Exception:
-    from phalanx.checkpoint.layout import LayoutError
-
     return LayoutError(reason, detail, path)
 
 
@@ -901,23 +908,57 @@ def _tensor_view(t: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- entry points
 
 
-def connect(
-    socket: str | None = None, *, timeout: float = 5.0, op_timeout: float | None = None
-) -> Client:
-    """Connect to the local daemon at ``socket`` (default: ``$PHALANX_SOCKET``, else the
-    daemon's default path, :func:`phalanx.config.default_socket_path`).
-    Raises :class:`DaemonUnavailable` if none answers."""
-    path = socket or os.environ.get("PHALANX_SOCKET")
-    if not path:
-        from phalanx.config import default_socket_path
+def socket_path(socket: str | None = None, member_id: str | None = None) -> str:
+    """Where :func:`connect` looks: ``socket``; else ``$PHALANX_SOCKET``; else where a
+    daemon listens by default (:func:`phalanx.config.default_socket_path`) when started
+    with ``--id member_id`` (``$PHALANX_ID`` when no id is given here — the variable
+    the daemon reads its id from too; ``daemon.sock`` for a daemon without an id)."""
+    if socket:
+        return socket
+    env = os.environ.get("PHALANX_SOCKET")
+    if env:
+        return env
+    from phalanx.config import default_socket_path
 
-        path = default_socket_path()
-    conn = Connection(path, timeout)
+    return default_socket_path(member_id or os.environ.get("PHALANX_ID", ""))
+
+
+def connect(
+    socket: str | None = None,
+    *,
+    member_id: str | None = None,
+    timeout: float = 5.0,
+    op_timeout: float | None = None,
+) -> Client:
+    """Connect to the local daemon (where: :func:`socket_path`). A daemon that is still
+    starting is waited for, up to ``timeout`` seconds; then
+    :class:`~phalanx.errors.DaemonUnavailable` (naming the sockets that do exist
+    there, when the default path was used)."""
+    path = socket_path(socket, member_id)
+    try:
+        conn = Connection(path, timeout, wait=timeout)
+    except DaemonUnavailable as exc:
+        if socket or os.environ.get("PHALANX_SOCKET"):
+            raise
+        raise DaemonUnavailable(f"{exc}{_others(path)}", socket=path) from None
     try:
         return Client(conn, op_timeout=op_timeout or _DEFAULT_OP_TIMEOUT)
     except BaseException:
         conn.close()
         raise
+
+
+def _others(path: str) -> str:
+    """A hint naming the daemons' sockets next to ``path`` (another --id)."""
+    folder = os.path.dirname(path)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".sock"))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    ids = ", ".join(repr(n.removesuffix(".sock")) for n in names[:8])
+    return f"; daemons listen in {folder} as {ids}: pass member_id= (or set PHALANX_ID)"
 
 
 def start(

@@ -131,6 +131,9 @@ class PhalanxConfig:
     #: this member's stable id (default: ``<hostname>-<pid>``)
     id: str = ""
     zone: str = ""
+    #: bump when restarting under the same ``id``; 0 = the wall clock in milliseconds
+    #: at start, so every restart is newer (containers: a restarted daemon keeps its
+    #: hostname id, and the coordinator refuses an incarnation it has seen)
     incarnation: int = 1
     #: Unix socket of the local API (default: :func:`default_socket_path`)
     socket: str = ""
@@ -161,8 +164,8 @@ class PhalanxConfig:
             raise ConfigError(f"listen must be HOST:PORT, got {self.listen!r}")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError("metrics_port must be -1 (off), 0 (any) or a port number")
-        if self.incarnation < 1:
-            raise ConfigError("incarnation must be >= 1")
+        if self.incarnation < 0:
+            raise ConfigError("incarnation must be >= 1, or 0 (from the wall clock at start)")
         if self.max_client_shm_bytes < 1 << 20:
             raise ConfigError("max_client_shm_bytes must be >= 1 MiB")
         for name in ("op_timeout", "build_timeout", "drain_timeout", "join_timeout"):

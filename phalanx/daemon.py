@@ -1,13 +1,14 @@
 """``phalanx daemon``: one per training process; wires membership, data plane, monitor, local API.
 
 :class:`Daemon` is the engine shared by the command line and embedded mode
-(:func:`phalanx.start`): a :class:`~phalanx.membership.hosted.HostedGroup` (membership
-agent + per-view data-plane groups + state sync) whose groups report to a
-:class:`~phalanx.monitor.Monitor` (/metrics, /healthz, /anomalies), and the local API
-(:class:`~phalanx.local.server.LocalServer`) that the training process talks to.
+(:func:`phalanx.start`): an :class:`~phalanx.membership.elastic.ElasticGroup`
+(membership agent + per-view data-plane groups + state sync + the step lifecycle, with
+``auto_rejoin``) whose groups report to a :class:`~phalanx.monitor.Monitor` (/metrics,
+/healthz, /anomalies), and the local API (:class:`~phalanx.local.server.LocalServer`)
+that the training process talks to.
 
-Wiring: every data-plane group gets ``monitor.observer`` and ``monitor.attach(engine)``
-(through HostedGroup, before its first collective); every new view goes to
+Wiring: every data-plane group is built with ``monitor.observer`` (deferred to a thread
+of its own) and handed to ``monitor.attach(engine)``; every new view goes to
 ``monitor.set_view``, to the snapshot service (``on_view``: placement and repair) and,
 as an EVENT, to clients that watch views.
 
@@ -48,6 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from phalanx.checkpoint.erasure import backend_summary
 from phalanx.checkpoint.snapshot import SnapshotConfig, SnapshotObserver, SnapshotService
 from phalanx.checkpoint.store import MemoryShardStore
 from phalanx.checkpoint.tcp import ShardServer, TcpShardChannel
@@ -55,8 +57,7 @@ from phalanx.comm.observer import CommObserver, OpSample
 from phalanx.config import PhalanxConfig, load_config
 from phalanx.errors import ConfigError, PhalanxError
 from phalanx.local.server import LocalServer
-from phalanx.local.service import Service, view_body
-from phalanx.membership.hosted import HostedGroup
+from phalanx.membership.elastic import ElasticGroup
 from phalanx.membership.statesync import SyncState
 from phalanx.membership.view import View
 from phalanx.monitor import Monitor
@@ -176,10 +177,10 @@ class Daemon:
         )
         self._observer = _DeferredObserver(self.monitor.observer)
         self.metrics_address: tuple[str, int] | None = None
-        self.group: HostedGroup | None = None
+        self.group: ElasticGroup | None = None
         self.server: LocalServer | None = None
-        self.service: Service | None = None
         self.snapshots: SnapshotService | None = None
+        self.erasure_backend = "numpy"  # set at start(): what snapshots encode with
         self.shard_server: ShardServer | None = None
         self._shard_channel: TcpShardChannel | None = None
         self._store: MemoryShardStore | None = None
@@ -218,7 +219,7 @@ class Daemon:
             svc.on_view(view)
         server = self.server
         if server is not None:
-            server.publish({"view": view_body(view, self.member_id)})
+            server.publish(view)
 
     def _shard_address(self, member_id: str) -> str | None:
         """Where ``member_id`` serves shards: its second address in the current view."""
@@ -275,24 +276,29 @@ class Daemon:
         cfg = self.config
         try:
             advertise = self._start_snapshots()
-            self.group = HostedGroup(
+            self.group = ElasticGroup(
                 cfg.coordinator,
                 self.member_id,
                 self._secret,
                 listen=cfg.listen,
-                incarnation=cfg.incarnation,
+                incarnation=cfg.incarnation or time.time_ns() // 1_000_000,
                 zone=cfg.zone,
                 state=SyncState.empty(),
                 config=cfg.membership,
                 options=cfg.comm,
                 build_timeout=cfg.build_timeout,
+                join_timeout=cfg.join_timeout,
                 on_view=self._on_view,
                 observer=self._observer,
                 on_engine=self.monitor.attach,
                 advertise=advertise,
+                auto_rejoin=True,
             )
+            # heartbeats -> phalanx_heartbeat_last_{sent,ack}_timestamp_seconds
+            self.group.agent.on_heartbeat = self.monitor.metrics.heartbeat
             self.snapshots = self._snapshot_service()
-            self.service = Service(
+            self.server = LocalServer(
+                self.socket_path,
                 self.group,
                 max_client_shm_bytes=cfg.max_client_shm_bytes,
                 op_timeout=cfg.op_timeout,
@@ -300,7 +306,6 @@ class Daemon:
                 snapshots=self.snapshots,
                 seal_timeout=cfg.snapshot.seal_timeout,
             )
-            self.server = LocalServer(self.socket_path, self.service)
             self.monitor.start()
             if cfg.metrics_port >= 0:
                 self.metrics_address = self.monitor.serve(cfg.metrics_host, cfg.metrics_port)
@@ -309,14 +314,19 @@ class Daemon:
         except BaseException:
             self.stop(leave=False)
             raise
+        erasure, erasure_detail = backend_summary()
+        self.erasure_backend = erasure
         audit.info(
-            "event=daemon_started member=%s epoch=%d members=%s socket=%s data=%s metrics=%s",
+            "event=daemon_started member=%s epoch=%d members=%s socket=%s data=%s metrics=%s "
+            "erasure=%s erasure_detail=%r",
             self.member_id,
             view.epoch,
             ",".join(view.ids),
             self.socket_path,
             self.group.address,
             _hostport(self.metrics_address),
+            erasure,
+            erasure_detail,
         )
 
     def _stop_snapshots(self) -> None:
@@ -343,7 +353,7 @@ class Daemon:
         drain = self.config.drain_timeout if drain_timeout is None else drain_timeout
         if self.server is not None:
             self.server.stop_accepting()
-        drained = self.service.shutdown(drain) if self.service is not None else True
+        drained = self.server.drain(drain) if self.server is not None else True
         if self.group is not None:
             if leave:
                 try:
@@ -352,9 +362,8 @@ class Daemon:
                     log.warning("event=leave_failed error=%r", str(exc))
             self.group.close()
         self._stop_snapshots()
-        if self.service is not None:
-            self.service.release()
         if self.server is not None:
+            self.server.release()
             self.server.close()
         self._observer.close()
         self.monitor.close()
@@ -386,11 +395,18 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     a("--metrics-port", type=int, metavar="P", help="/metrics port (0 any, -1 off)")
     a("--metrics-host", metavar="HOST", help="/metrics address (default 127.0.0.1)")
     a("--secret-file", metavar="F", help="file holding the cluster secret (>= 16 bytes)")
-    a("--id", metavar="ID", help="member id (default HOSTNAME-PID)")
+    a("--id", metavar="ID", help="member id (default HOSTNAME-PID); also names the socket")
     a("--zone", metavar="Z", help="failure zone label")
-    a("--socket", metavar="PATH", help="local API socket (default: per-user runtime dir)")
+    a(
+        "--socket",
+        metavar="PATH",
+        help="local API socket (default: $XDG_RUNTIME_DIR/phalanx/ID.sock, else "
+        "/tmp/phalanx-UID/ID.sock; daemon.sock without --id); clients find it with "
+        "phalanx.connect(member_id=ID) or PHALANX_ID=ID",
+    )
     a("--config", metavar="FILE.toml", help="settings file (flags > PHALANX_* env > file)")
-    a("--incarnation", type=int, metavar="N", help="bump when restarting under one id")
+    a("--incarnation", type=int, metavar="N",
+      help="bump when restarting under one id (0: the wall clock in ms)")  # fmt: skip
     a("--snapshot-dir", metavar="DIR", help="disk tier for this member's sealed snapshots")
     a("--snapshot-budget", type=int, metavar="BYTES", help="bytes of peers' shards to hold")
     a("--insecure", action="store_true", default=None, help="run without a secret (tests)")
@@ -440,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(
             f"phalanx daemon ready member={daemon.member_id} socket={daemon.socket_path} "
             f"data={daemon.group.address} shards={shards} metrics={metrics} "
-            f"epoch={daemon.group.view.epoch}\n"
+            f"epoch={daemon.group.view.epoch} erasure={daemon.erasure_backend}\n"
         )
         sys.stdout.flush()
         while not done.wait(0.5):

@@ -10,6 +10,11 @@
 * multiprocessing's helper processes (resource tracker, forkserver) live for the whole
   session once started; they are never counted as leaks.
 * ``secret``: a fresh random cluster secret per test.
+* ``launcher``: a :class:`phalanx.testing.launcher.Launcher` in the test's ``tmp_path``
+  (coordinator, daemon and worker processes by PID, closed after the test);
+  ``daemons``: ``with daemons(n, *daemon_flags) as cl:`` an in-process coordinator and
+  ``n`` daemon processes in one view (:func:`phalanx.testing.launcher.local_cluster`)
+  -- the one launcher that tests, ``phalanx stress``, the demo and the benchmarks share.
 
 To run rank processes in a test use :func:`phalanx.testing.procs.run_ranks`.
 """
@@ -24,9 +29,14 @@ import multiprocessing.resource_tracker
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from phalanx.testing.launcher import Launcher, LocalCluster, local_cluster
 
 _PR_SET_CHILD_SUBREAPER = 36
 _EXIT_GRACE_S = 2.0  # children that are already on their way out get this long
@@ -139,3 +149,21 @@ def _no_leaked_children() -> Iterator[None]:
 def secret() -> bytes:
     """A fresh random cluster secret (32 bytes)."""
     return os.urandom(32)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    """Processes started in the test's tmp_path (secret file there); all stopped after."""
+    with Launcher(tmp_path / "cluster") as lc:
+        yield lc
+
+
+@pytest.fixture
+def daemons(secret: bytes, tmp_path: Path) -> Callable[..., AbstractContextManager[LocalCluster]]:
+    """``with daemons(n, *daemon_flags, **kw) as cl:`` -- an in-process coordinator and
+    ``n`` daemon processes ``d0..`` in one view, stopped when the block ends."""
+
+    def make(n: int, *extra: str, **kw: Any) -> AbstractContextManager[LocalCluster]:
+        return local_cluster(n, secret, tmp_path, *extra, **kw)
+
+    return make

@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "phalanx.bench.torchtrain:register",
         "phalanx.torch under faults: kill -> next commit, replacement latency, state transfer, DiLoCo bytes",
     ),
+    "coordinator": (
+        "phalanx.bench.coordinator:register",
+        "one coordinator under N simulated members: CPU per heartbeat, failure -> every member",
+    ),
     "snapshot": (
         "phalanx.bench.snapshot:register",
         "erasure-coded snapshots over TCP: stall vs memcpy, seal, encode rate, restore after m losses",

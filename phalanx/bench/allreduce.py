@@ -4,7 +4,11 @@ N local rank processes (spawned, see :mod:`phalanx.testing.procs`) each bind a l
 on port 0, swap addresses through the parent and build a static :class:`phalanx.comm.Group`.
 For every size: warm-up, then timed iterations; per iteration the buffer is refilled
 from the rank's source (untimed), the ranks meet at a barrier, and the all-reduce alone
-is timed. The op time of an iteration is the slowest rank's. Inputs are integer-valued
+is timed. The op time of an iteration is the slowest rank's; the CPU an op costs
+(``cpu_s_per_op``: user + system seconds of every thread, per rank, averaged over the
+ranks, median over iterations) counts the rank process and, with ``--via daemon``, its
+daemon process too, so the three implementations are compared on what the machine
+pays, not only on time. Inputs are integer-valued
 (like the Gloo baseline) so float sums are exact: lossless results must equal the
 closed form bit for bit; lossy codecs report their largest relative error. Every
 iteration's result is hashed (sha256) and the hashes must agree across ranks.
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from phalanx.bench._harness import (
+    CpuClock,
     busbw_factor,
     format_bytes,
     parse_sizes,
@@ -96,6 +101,7 @@ class _Block:
 @dataclass
 class _BlockResult:
     times: list[float]
+    cpu: list[float]
     digests: list[str]
     wire_bytes: list[int | None]
     ok: bool
@@ -111,6 +117,7 @@ class _Series:
     codec: str
     streams: int | None
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     wire_bytes: list[int] = field(default_factory=list)
     ok: bool = True
     max_rel_err: float = 0.0
@@ -133,6 +140,7 @@ class _Series:
             return
         # The slowest rank defines the op time of an iteration.
         self.times.extend(max(ts) for ts in zip(*(r.times for r in replies), strict=True))
+        self.cpu.extend(sum(cs) / len(cs) for cs in zip(*(r.cpu for r in replies), strict=True))
         for wires in zip(*(r.wire_bytes for r in replies), strict=True):
             known = [w for w in wires if w is not None]
             if known:
@@ -144,6 +152,8 @@ class _Series:
 
 class _Backend(Protocol):
     impl: str
+    #: other processes whose CPU an op costs (the daemon of a client rank)
+    helper_pids: tuple[int, ...]
 
     def bind_buffer(self, buf: np.ndarray[Any, Any]) -> None: ...
     def all_reduce(self, codec: str) -> tuple[int | None, str | None]: ...
@@ -153,6 +163,7 @@ class _Backend(Protocol):
 
 class _PhalanxBackend:
     impl = "phalanx"
+    helper_pids: tuple[int, ...] = ()
 
     def __init__(self, ctx: RankContext, spec: _Spec) -> None:
         from phalanx.comm import CommOptions, Group, bind
@@ -194,17 +205,20 @@ class _DaemonBackend:
 
     def __init__(self, ctx: RankContext, spec: _Spec) -> None:
         import subprocess
-        import sys
 
         import phalanx
+        from phalanx.testing.launcher import die_with_parent, phalanx_argv
 
         sock = os.path.join(spec.workdir, f"d{ctx.rank}.sock")
-        cmd = [sys.executable, "-m", "phalanx", "--log-level", spec.log_level, "daemon",
-               "--coordinator", spec.coordinator, "--secret-file",
-               os.path.join(spec.workdir, "secret"), "--socket", sock, "--id",
-               f"bench-{ctx.rank}", "--metrics-port", "-1"]  # fmt: skip
+        cmd = phalanx_argv("daemon", "--coordinator", spec.coordinator, "--secret-file",
+                           os.path.join(spec.workdir, "secret"), "--socket", sock, "--id",
+                           f"bench-{ctx.rank}", "--metrics-port", "-1",
+                           log_level=spec.log_level)  # fmt: skip
         env = {**os.environ, "PHALANX_COMM_STREAMS": str(spec.streams)}
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+        self._proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent
+        )
+        self.helper_pids: tuple[int, ...] = (self._proc.pid,)
         deadline = time.monotonic() + spec.timeout_s
         while True:
             try:
@@ -289,14 +303,16 @@ class _Buffers:
         return bool(np.isfinite(err) and err <= tol), err, digest
 
 
-def _run_block(backend: _Backend, bufs: _Buffers, iters: int) -> _BlockResult:
-    res = _BlockResult([], [], [], True, 0.0, None)
+def _run_block(backend: _Backend, bufs: _Buffers, iters: int, cpu: CpuClock) -> _BlockResult:
+    res = _BlockResult([], [], [], [], True, 0.0, None)
     for _ in range(iters):
         np.copyto(bufs.buf, bufs.src)
         backend.barrier()
+        c0 = cpu.read()
         t0 = time.perf_counter()
         wire, algorithm = backend.all_reduce(bufs.codec)
         dt = time.perf_counter() - t0
+        res.cpu.append(cpu.read() - c0)
         ok, err, digest = bufs.check()
         res.times.append(dt)
         res.digests.append(digest)
@@ -322,6 +338,7 @@ def _rank_worker(ctx: RankContext, spec: _Spec) -> None:
     else:
         backend = _PhalanxBackend(ctx, spec)
     bufs: _Buffers | None = None
+    cpu = CpuClock(backend.helper_pids)
     try:
         while True:
             cmd = ctx.recv()
@@ -334,7 +351,7 @@ def _rank_worker(ctx: RankContext, spec: _Spec) -> None:
                 backend.bind_buffer(bufs.buf)
                 ctx.reply(os.getpid())
             elif isinstance(cmd, _Block) and bufs is not None:
-                ctx.reply(_run_block(backend, bufs, cmd.iters))
+                ctx.reply(_run_block(backend, bufs, cmd.iters, cpu))
             else:
                 raise RuntimeError(f"unexpected command {cmd!r}")
     finally:
@@ -368,6 +385,7 @@ def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, An
         "warmup": args.warmup,
         "rounds": args.rounds if args.vs or args.via else 1,
         **summarize_times(nbytes, world, series.times),
+        "cpu_s_per_op": float(np.median(series.cpu)) if series.cpu else None,
         "wire_bytes": wire,
         "wire_ratio": wire / ring_bytes if wire is not None and ring_bytes else None,
         "max_rel_err": series.max_rel_err,
@@ -383,6 +401,9 @@ def _ratio_row(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
         "bytes": ours["bytes"],
         "busbw_ratio": ours["busbw_Bps"] / theirs["busbw_Bps"],
         "time_ratio": ours["median_s"] / theirs["median_s"],
+        "cpu_ratio": (
+            ours["cpu_s_per_op"] / theirs["cpu_s_per_op"] if theirs["cpu_s_per_op"] else None
+        ),
     }
 
 
@@ -396,6 +417,7 @@ _TABLE = (
     ("median_s", "median ms", "ms"),
     ("min_s", "min ms", "ms"),
     ("max_s", "max ms", "ms"),
+    ("cpu_s_per_op", "cpu ms/op", "ms"),
     ("algbw_Bps", "algbw MB/s", "MBps"),
     ("busbw_Bps", "busbw MB/s", "MBps"),
     ("wire_ratio", "wire", "ratio"),
@@ -410,6 +432,7 @@ _RATIO_TABLE = (
     ("bytes", "size", "size"),
     ("busbw_ratio", "busbw ratio", "ratio"),
     ("time_ratio", "time ratio", "ratio"),
+    ("cpu_ratio", "cpu ratio", "ratio"),
 )
 
 

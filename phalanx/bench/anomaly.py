@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phalanx.bench._harness import print_json, print_table, progress
+from phalanx.testing.launcher import die_with_parent
 from phalanx.testing.procs import RankPool
 from phalanx.testing.throttle import LinkProxy
 
@@ -144,6 +145,7 @@ def _ring_proxies(
 
 
 def _hog(stop_at: float) -> None:
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     n = 0
     while time.time() < stop_at:

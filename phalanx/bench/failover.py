@@ -51,6 +51,7 @@ from typing import Any, cast
 import numpy as np
 
 from phalanx.bench._harness import parse_size, print_json, progress
+from phalanx.testing.launcher import die_with_parent
 
 __all__ = ["FAULTS", "Scenario", "register", "run_scenario"]
 
@@ -100,6 +101,7 @@ def _coordinator_main(
     from phalanx.membership.config import MembershipConfig
     from phalanx.membership.coordinator import Coordinator
 
+    die_with_parent()
     _child_logging(level)
     cfg = MembershipConfig()
     if hb_timeout is not None:
@@ -166,6 +168,7 @@ def _peer_main(
     from phalanx.membership.errors import CommitUnknown, Evicted
     from phalanx.membership.statesync import StepAborted, SyncState
 
+    die_with_parent()
     _child_logging(scenario.log_level)
     events = _Events(conn)
     me = member_id
@@ -195,10 +198,8 @@ def _peer_main(
                 step = info.step
                 if step >= stop_step.value:
                     break
-                if info.sync is not None and info.sync.received:
-                    events.put(
-                        ("synced", me, time.monotonic(), info.sync.nbytes, info.sync.seconds)
-                    )
+                if info.synced:
+                    events.put(("synced", me, time.monotonic(), info.sync_bytes, info.sync_s))
                 x = base * mine
                 x += np.float32(step % 11)
                 r = eg.all_reduce(x, retry=True, timeout=30.0)

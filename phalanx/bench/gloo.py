@@ -46,6 +46,7 @@ class GlooBackend:
     """One rank of a gloo process group; all-reduces numpy buffers in place (SUM)."""
 
     impl = "gloo"
+    helper_pids: tuple[int, ...] = ()
 
     def __init__(self, ctx: RankContext, *, timeout_s: float) -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"

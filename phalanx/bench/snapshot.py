@@ -42,6 +42,7 @@ import numpy as np
 from phalanx.bench._harness import parse_size, print_json, progress
 from phalanx.checkpoint.erasure import make_coder
 from phalanx.config import DAEMON_SWITCH_INTERVAL_S
+from phalanx.testing.launcher import die_with_parent
 
 __all__ = ["register", "run_bench"]
 
@@ -65,6 +66,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) -> None:
+    die_with_parent()
     # like a daemon (PhalanxConfig.switch_interval_s): threads hand the GIL over quickly,
     # so the coder thread is not kept waiting behind the shard senders after each call
     sys.setswitchinterval(DAEMON_SWITCH_INTERVAL_S)

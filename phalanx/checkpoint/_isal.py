@@ -1,4 +1,17 @@
-"""ctypes binding to Intel ISA-L's erasure-code functions (Debian package ``libisal2``).
+"""ctypes binding to Intel ISA-L's erasure-code functions, wherever a copy is found.
+
+Where from, in this order (the first that loads and passes the self-check wins):
+
+1. the copy inside the ``pyeclib`` wheel (``pyeclib.libs/libisal*.so*``), a dependency
+   of phalanx on Linux x86-64/aarch64, so ``pip install phalanx`` alone gives ISA-L
+   speed. Only its vendored ISA-L is loaded, never pyeclib's own API (which holds the
+   GIL for whole encodes and is 10x slower). Chosen first because pip pins it: the same
+   ISA-L (2.32, with AVX2, AVX-512 and GFNI kernels) on every host, where Debian
+   bookworm's ``libisal2`` is 2.30 (no GFNI kernels). On this project's 2-core machine
+   both encode 4+2 at the same speed (6.2-6.9 GB/s, 256 MiB, measured side by side);
+2. the system's ``libisal.so.2`` (Debian/Ubuntu ``libisal2``), then whatever
+   ``ctypes.util.find_library("isal")`` finds;
+3. none: the caller falls back to phalanx's numpy engine (about 0.6 GB/s).
 
 Only four C functions are used: ``gf_gen_cauchy1_matrix`` (checked against our own
 generator at load), ``gf_invert_matrix``, ``ec_init_tables`` and ``ec_encode_data``.
@@ -14,6 +27,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
+import importlib.util
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,11 +39,11 @@ import numpy.typing as npt
 
 from phalanx.checkpoint import _gf256
 
-__all__ = ["DEFAULT_NAMES", "IsaL", "load"]
+__all__ = ["DEFAULT_NAMES", "IsaL", "bundled_copies", "load"]
 
 U8 = npt.NDArray[np.uint8]
 
-#: Tried in order when no explicit path is given: the Debian soname first.
+#: System sonames tried after the bundled copies when no explicit path is given.
 DEFAULT_NAMES = ("libisal.so.2",)
 
 _P = ctypes.c_void_p
@@ -149,8 +165,22 @@ def load(path: str | None = None) -> tuple[IsaL | None, str]:
         return result
 
 
+def bundled_copies() -> list[str]:
+    """Paths of ISA-L copies that pip-installed wheels carry (pyeclib's), best first.
+
+    Found without importing pyeclib (``find_spec`` only locates it)."""
+    try:
+        spec = importlib.util.find_spec("pyeclib")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    site = os.path.dirname(next(iter(spec.submodule_search_locations)))
+    return sorted(glob.glob(os.path.join(site, "pyeclib.libs", "libisal*.so*")), reverse=True)
+
+
 def _load_uncached(path: str | None) -> tuple[IsaL | None, str]:
-    names: list[str] = [path] if path else list(DEFAULT_NAMES)
+    names: list[str] = [path] if path else [*bundled_copies(), *DEFAULT_NAMES]
     if not path:
         found = ctypes.util.find_library("isal")
         if found and found not in names:
@@ -169,5 +199,5 @@ def _load_uncached(path: str | None) -> tuple[IsaL | None, str]:
             errors.append(f"{name}: {problem}")
             continue
         return isal, ""
-    hint = "" if path else " (install the Debian package libisal2)"
+    hint = "" if path else " (pip install pyeclib, or the Debian package libisal2)"
     return None, "ISA-L not loadable" + hint + ": " + "; ".join(errors)

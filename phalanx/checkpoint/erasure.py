@@ -21,14 +21,14 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import ClassVar, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint import _gf256, _isal
-from phalanx.errors import PhalanxError
+from phalanx.errors import ErasureError
 
 __all__ = [
     "MAX_SHARDS",
@@ -37,6 +37,7 @@ __all__ = [
     "IsalCoder",
     "NumpyCoder",
     "available_backends",
+    "backend_summary",
     "isal_unavailable_reason",
     "make_coder",
 ]
@@ -50,24 +51,6 @@ Backend = Literal["auto", "isal", "numpy"]
 MAX_SHARDS = _gf256.MAX_SHARDS
 
 _PLAN_CACHE_MAX = 256
-
-
-class ErasureError(PhalanxError, ValueError):
-    """The coder was asked for something impossible; ``reason`` is a short stable token.
-
-    Reasons: ``bad-params`` (k, m), ``bad-shard`` (dtype, shape, length, read-only or
-    overlapping buffer), ``bad-index`` (shard index out of range, or both present and
-    wanted), ``too-few-shards`` (fewer than k present: the data is lost),
-    ``backend-unavailable``. ``present`` holds the indices the caller had, where known.
-    """
-
-    def __init__(
-        self, reason: str, detail: str = "", *, present: Iterable[int] | None = None
-    ) -> None:
-        self.reason = reason
-        self.detail = detail
-        self.present = frozenset(present) if present is not None else None
-        super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 def _check_params(k: int, m: int) -> None:
@@ -331,6 +314,18 @@ def isal_unavailable_reason(library: str | None = None) -> str | None:
     """``None`` when ISA-L loads and passes its self-check, else why not."""
     lib, why = _isal.load(library)
     return None if lib is not None else why
+
+
+def backend_summary(prefer: str = "auto", library: str | None = None) -> tuple[str, str]:
+    """What :func:`make_coder` would use, for start-up lines: a short token
+    (``isal-2.32``, ``numpy``) and a description (the library's path, or why ISA-L is
+    not used)."""
+    if prefer == "numpy":
+        return "numpy", "numpy engine (asked for)"
+    lib, why = _isal.load(library)
+    if lib is None:
+        return "numpy", why
+    return f"isal-{lib.version}", f"isal {lib.version} ({lib.path})"
 
 
 def available_backends(library: str | None = None) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint._crc import crc32
-from phalanx.errors import PhalanxError
+from phalanx.errors import LayoutError
 
 __all__ = [
     "ALIGN",
@@ -51,21 +51,6 @@ _MAX_MANIFEST = 64 * 1024 * 1024
 _OK_KINDS = frozenset("biufcmMSU")
 
 U8 = npt.NDArray[np.uint8]
-
-
-class LayoutError(PhalanxError, TypeError, ValueError):
-    """The state cannot be snapshotted (or a manifest cannot be read).
-
-    ``reason``: ``bad-state``, ``bad-key``, ``bad-type``, ``object-dtype``,
-    ``non-contiguous``, ``device``, ``bad-manifest``; ``path`` names the array.
-    """
-
-    def __init__(self, reason: str, detail: str, path: str = "") -> None:
-        self.reason = reason
-        self.path = path
-        self.detail = detail
-        where = f" at {path!r}" if path else ""
-        super().__init__(f"{reason}{where}: {detail}")
 
 
 @dataclass(frozen=True)

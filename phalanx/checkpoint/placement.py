@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from phalanx.errors import PhalanxError
+from phalanx.errors import PlacementError
 
 __all__ = [
     "Peer",
@@ -41,15 +41,6 @@ __all__ = [
 #: default_km's upper bounds: 8 data shards (1.25x memory at m=2), 2 parity shards.
 MAX_DEFAULT_K = 8
 MAX_DEFAULT_M = 2
-
-
-class PlacementError(PhalanxError, ValueError):
-    """No valid placement exists; ``reason`` is ``bad-input`` or ``too-few-peers``."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 @dataclass(frozen=True)

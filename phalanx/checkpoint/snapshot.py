@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -63,15 +63,20 @@ from phalanx.checkpoint.placement import (
     replace_lost,
 )
 from phalanx.checkpoint.store import ShardError, ShardKey, ShardStore
-from phalanx.errors import PhalanxError
+from phalanx.errors import (
+    RestoreError,
+    SnapshotAbandoned,
+    SnapshotError,
+    SnapshotNotFound,
+)
 
 __all__ = [
+    "PendingSeal",
     "RestoreError",
     "SealInfo",
     "SnapshotAbandoned",
     "SnapshotConfig",
     "SnapshotError",
-    "SnapshotHandle",
     "SnapshotNotFound",
     "SnapshotObserver",
     "SnapshotService",
@@ -81,31 +86,6 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.snapshot")
 
 U8 = npt.NDArray[np.uint8]
-
-
-class SnapshotError(PhalanxError):
-    """A snapshot or restore failed; ``reason`` is a short stable token."""
-
-    def __init__(self, reason: str, detail: str = "", *, holder: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        self.holder = holder
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
-
-class SnapshotAbandoned(SnapshotError):
-    """The generation never sealed (``reason``: ``budget``, ``unavailable``, ``corrupt``,
-    ``missing``, ``too-few-peers``, ``timeout``, ``closed``); ``holder`` names the
-    holder that failed when one did. The previous sealed generation is intact."""
-
-
-class SnapshotNotFound(SnapshotError, LookupError):
-    """No sealed generation (of the requested step) is held anywhere reachable."""
-
-
-class RestoreError(SnapshotError):
-    """A sealed generation exists but cannot be rebuilt (more than m pieces of a stripe
-    lost or corrupt, or the rebuilt state fails its checksums)."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +173,7 @@ class _Gen:
     unmarked: set[str] = field(default_factory=set)  # holders that missed the seal marker
 
 
-class SnapshotHandle:
+class PendingSeal:
     """Returned by :meth:`SnapshotService.snapshot` once the state is copied."""
 
     def __init__(self, gen: _Gen, stall_s: float, changed: tuple[str, ...], timeout: float):
@@ -311,7 +291,7 @@ class SnapshotService:
                 self._free.append(buf)
         self._report_held()
 
-    def snapshot(self, state: Mapping[str, Any], step: int) -> SnapshotHandle:
+    def snapshot(self, state: Mapping[str, Any], step: int) -> PendingSeal:
         """Copy ``state`` into service memory and start sealing it; returns after that
         one copy. Raises :class:`~phalanx.checkpoint.layout.LayoutError` for a state
         that cannot be snapshotted (nothing is copied; the sealed generation stays)."""
@@ -349,7 +329,7 @@ class SnapshotService:
         self._tasks.put(("seal", gen))
         self._obs.on_stall(stall)
         self._report_held()
-        return SnapshotHandle(gen, stall, changed, self.config.seal_timeout_s)
+        return PendingSeal(gen, stall, changed, self.config.seal_timeout_s)
 
     def sealed(self) -> SealInfo | None:
         """The newest sealed generation this service holds, if any."""
@@ -436,6 +416,64 @@ class SnapshotService:
         want = "any step" if step is None else f"step {step}"
         raise SnapshotNotFound(
             "not-found", f"no live holder has a sealed generation of {owner} ({want})"
+        )
+
+    def restore_newest(
+        self,
+        *,
+        timeout: float | None = None,
+        accept: Callable[[int, dict[str, Any]], bool] | None = None,
+    ) -> tuple[str, int, dict[str, Any]]:
+        """(owner, step, state) of the newest sealed generation of *any* member that
+        this member's own copy or the live holders can rebuild: newest step first
+        (then newest generation), each checked as :meth:`restore_peer` checks.
+
+        For a group that lost its training state altogether (every member that held
+        it gone): the members of a data-parallel group snapshot the same state, so the
+        newest step anyone sealed is the newest state the group can go back to.
+        ``accept(step, state)`` skips candidates that do not fit (another layout).
+        Raises :class:`SnapshotNotFound` when nothing sealed can be rebuilt."""
+        deadline = time.monotonic() + (timeout or self.config.seal_timeout_s)
+        have = self._listing(None, deadline)
+        candidates: list[tuple[int, int, str, GenerationMeta | None]] = []
+        with self._lock:
+            own = self._sealed
+        if own is not None and own.meta is not None:
+            candidates.append((own.step, own.generation, self.member_id, None))
+        sealed = sorted({(k.owner, k.generation) for k in have if k.is_seal},
+                        key=lambda og: -og[1])  # fmt: skip
+        for owner, generation in sealed:
+            if owner == self.member_id and own is not None and generation == own.generation:
+                continue
+            meta = self._fetch_meta(owner, generation, have, deadline)
+            if meta is not None:
+                candidates.append((meta.step, meta.generation, owner, meta))
+        errors: list[str] = []
+        for step, generation, owner, meta in sorted(candidates, key=lambda c: (-c[0], -c[1])):
+            try:
+                if meta is None:
+                    got, state = self.restore(step)
+                else:
+                    buf, _ = self._rebuild(meta, have, deadline)
+                    got, state = meta.step, unflatten(meta.manifest, buf)
+            except SnapshotError as exc:
+                errors.append(f"{owner}/g{generation}: {exc}")
+                continue
+            if accept is not None and not accept(got, state):
+                errors.append(f"{owner}/g{generation}: does not fit")
+                continue
+            audit.info(
+                "snapshot newest restored owner=%s generation=%d step=%d candidates=%d",
+                owner,
+                generation,
+                got,
+                len(candidates),
+            )
+            return owner, got, state
+        raise SnapshotNotFound(
+            "not-found",
+            "no sealed generation of any member can be rebuilt"
+            + (f": {'; '.join(errors[:5])}" if errors else " (none is held by a live peer)"),
         )
 
     def close(self, timeout: float = 30.0) -> None:
@@ -892,7 +930,7 @@ class SnapshotService:
             self._tasks.put(("repair", None))
 
     # ------------------------------------------------------------------ restore side
-    def _listing(self, owner: str, deadline: float) -> dict[ShardKey, list[str]]:
+    def _listing(self, owner: str | None, deadline: float) -> dict[ShardKey, list[str]]:
         with self._lock:
             holders = sorted({p.id for p in self._peers} | {self.member_id})
         futs = {

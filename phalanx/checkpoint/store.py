@@ -22,7 +22,13 @@ import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint._crc import crc32
-from phalanx.errors import PhalanxError
+from phalanx.errors import (
+    BudgetExceeded,
+    HolderUnavailable,
+    ShardCorrupt,
+    ShardError,
+    ShardMissing,
+)
 
 __all__ = [
     "BudgetExceeded",
@@ -41,44 +47,6 @@ U8 = npt.NDArray[np.uint8]
 META_STRIPE = -1
 SEAL_STRIPE = -2
 MAX_OWNER_LEN = 128
-
-
-class ShardError(PhalanxError):
-    """A shard operation failed; ``reason`` is a stable token, ``holder`` who failed."""
-
-    reason = "shard-error"
-
-    def __init__(self, detail: str = "", *, holder: str = "", key: ShardKey | None = None) -> None:
-        self.detail = detail
-        self.holder = holder
-        self.key = key
-        who = f" on {holder}" if holder else ""
-        what = f" ({key})" if key is not None else ""
-        super().__init__(f"{self.reason}{who}{what}: {detail}" if detail else self.reason + who)
-
-
-class ShardMissing(ShardError):
-    """The holder does not have that shard."""
-
-    reason = "missing"
-
-
-class ShardCorrupt(ShardError):
-    """The shard's bytes fail their checksum: the shard counts as lost."""
-
-    reason = "corrupt"
-
-
-class BudgetExceeded(ShardError):
-    """Storing the shard would take the holder over its byte budget."""
-
-    reason = "budget"
-
-
-class HolderUnavailable(ShardError):
-    """The holder cannot be reached, refused us, or did not answer before the deadline."""
-
-    reason = "unavailable"
 
 
 @dataclass(frozen=True, order=True)

@@ -223,9 +223,9 @@ class ShardServer:
         try:
             sock.setblocking(True)
 
-            def claim(hello: hs.Hello) -> hs.RejectReason | None:
+            def claim(hello: hs.Hello) -> hs.LinkRefusal | None:
                 ok = hello.stream == SHARD_STREAM and hello.streams == SHARD_STREAMS
-                return None if ok else hs.RejectReason.UNEXPECTED
+                return None if ok else hs.LinkRefusal.UNEXPECTED
 
             accept_link(
                 sock,

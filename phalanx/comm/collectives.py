@@ -25,6 +25,13 @@ Rules every plan keeps:
 * Narrow floats (and integer averages) accumulate in the wider dtype of
   :func:`~phalanx.comm.reduce.accumulation_dtype`; the final cast happens once, on
   the owner, before the all-gather (so the all-gather moves the narrow dtype).
+* **Every plan names its descriptor** (:mod:`phalanx.comm.descriptor`), and every
+  rank's completion depends on a frame from every other rank, each checked against
+  that descriptor: then ranks that disagree can never complete, and at least one of
+  them sees a foreign descriptor (docs/comm.md, "Mismatched calls"). The ring, the
+  recursive doubling and the dissemination barrier have that shape already (empty
+  chunks still send an empty piece); broadcast and zero-length ops add an exchange of
+  empty frames (:func:`_exchange`) where their tree or their emptiness does not.
 
 This module never touches a socket or a thread; it only describes work for the engine.
 """
@@ -38,10 +45,17 @@ import numpy as np
 
 from phalanx.comm import pageswap
 from phalanx.comm import schedules as sched
-from phalanx.comm.codecs import CODEC_NONE, Codec, decode_into
+from phalanx.comm.codecs import CODEC_NONE, Codec, NoneCodec, decode_into
+from phalanx.comm.descriptor import op_descriptor
 from phalanx.comm.engine import Engine
 from phalanx.comm.plan import Node, Plan, RecvNode
-from phalanx.comm.reduce import ReduceOp, accumulation_dtype, combine, finalize
+from phalanx.comm.reduce import (
+    SUPPORTED_DTYPES,
+    ReduceOp,
+    accumulation_dtype,
+    combine,
+    finalize,
+)
 from phalanx.comm.transport import Buffer
 from phalanx.errors import UnsupportedError
 
@@ -85,6 +99,53 @@ def _piece_elems(engine: Engine, itemsize: int) -> int:
     return max(1, engine.options.piece_bytes // max(1, itemsize))
 
 
+_DTYPE_NAMES = {dt: name for name, dt in SUPPORTED_DTYPES.items()}
+_NONE = NoneCodec()
+#: algorithms whose frames depend on options.piece_bytes (the others send whole arrays)
+_PIECED = ("ring", "chain")
+
+
+def _describe(
+    plan: Plan,
+    engine: Engine,
+    x: np.ndarray | None,
+    *,
+    op: str = "",
+    codec: Codec = _NONE,
+    root: int = -1,
+) -> None:
+    """Give ``plan`` its descriptor: what every rank must have called identically."""
+    plan.describe(
+        op_descriptor(
+            plan.kind,
+            0 if x is None else x.size,
+            "" if x is None else _DTYPE_NAMES[x.dtype],
+            op,
+            codec.spec,
+            root,
+            plan.algorithm,
+            engine.options.piece_bytes if plan.algorithm in _PIECED else 0,
+        )
+    )
+
+
+def _exchange(
+    plan: Plan, engine: Engine, skip_to: frozenset[int] = frozenset(), skip_from: int = -1
+) -> None:
+    """An empty frame to every peer but ``skip_to``, and one from every peer but
+    ``skip_from``, first on stream 0: each carries this rank's descriptor digest, so
+    this rank completes only if every peer called the same op. Added before the plan's
+    other nodes, so these are ordinal 0 on their links at both ends."""
+    empty = memoryview(bytearray(0))
+    for peer in range(engine.world):
+        if peer == engine.rank:
+            continue
+        if peer not in skip_to:
+            plan.send_raw(peer, 0, b"")
+        if peer != skip_from:
+            plan.recv(peer, 0, direct=empty, max_encoded=0)
+
+
 class _Stored:
     """Encoded payloads kept for forwarding, keyed by (chunk, piece)."""
 
@@ -115,10 +176,13 @@ def build_all_reduce(
         "trivial" if world == 1 or x.size == 0 else ("recursive-doubling" if small else "ring")
     )
     plan = engine.plan("all_reduce", algorithm=algorithm, nbytes=x.nbytes, codec=codec.name)
+    _describe(plan, engine, x, op=op, codec=codec)
     if algorithm == "trivial":
         if world == 1 and x.size:
             work = x.astype(acc_dtype)
             plan.on_success(partial(finalize, work, op, 1, x))
+        elif world > 1:
+            _exchange(plan, engine)  # nothing to move, but the ranks must agree
         return plan
     if algorithm == "ring" and codec.name == "none" and acc_dtype == x.dtype:
         swap_min = engine.options.page_swap_min_bytes
@@ -620,8 +684,11 @@ def build_reduce_scatter(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Cod
     if codec.name != "none":
         _check_codec(codec, acc_dtype)
     plan = engine.plan("reduce_scatter", algorithm="ring", nbytes=x.nbytes, codec=codec.name)
+    _describe(plan, engine, x, op=op, codec=codec)
     a, b = sched.partition(x.size, world)[rank]
     if world == 1 or x.size == 0:
+        if world > 1:
+            _exchange(plan, engine)
         if b > a:
             plan.on_success(partial(finalize, x[a:b].astype(acc_dtype), op, world, x[a:b]))
         return plan
@@ -645,7 +712,10 @@ def build_all_gather(engine: Engine, x: np.ndarray, codec: Codec) -> Plan:
     if codec.name != "none":
         _check_codec(codec, x.dtype)
     plan = engine.plan("all_gather", algorithm="ring", nbytes=x.nbytes, codec=codec.name)
+    _describe(plan, engine, x, codec=codec)
     if world == 1 or x.size == 0:
+        if world > 1:
+            _exchange(plan, engine)
         return plan
     parts = sched.partition(x.size, world)
     pieces = [sched.split(a, b, _piece_elems(engine, x.dtype.itemsize)) for a, b in parts]
@@ -701,9 +771,18 @@ def build_broadcast(engine: Engine, x: np.ndarray, root: int, codec: Codec) -> P
     small = x.nbytes <= engine.options.small_bytes
     algorithm = "binomial" if small else "chain"
     plan = engine.plan("broadcast", algorithm=algorithm, nbytes=x.nbytes, codec=codec.name)
-    if world == 1 or x.size == 0:
+    _describe(plan, engine, x, codec=codec, root=root)
+    if world == 1:
+        return plan
+    if x.size == 0:
+        _exchange(plan, engine)
         return plan
     steps = (sched.binomial_broadcast if small else sched.chain_broadcast)(rank, world, root)
+    # the tree alone lets the root finish without hearing from anyone, and a leaf with
+    # hearing only from its ancestors: every other pair exchanges an empty frame
+    parent = next((s.recv_from for s in steps if s.recv_from is not None), -1)
+    children = frozenset(s.send_to for s in steps if s.send_to is not None)
+    _exchange(plan, engine, skip_to=children, skip_from=parent)
     pieces = (
         [(0, x.size)] if small else sched.split(0, x.size, _piece_elems(engine, x.dtype.itemsize))
     )
@@ -751,6 +830,7 @@ def _peek(store: _Stored, key: tuple[int, int]) -> Callable[[], Encoded]:
 
 def build_barrier(engine: Engine) -> Plan:
     plan = engine.plan("barrier", algorithm="dissemination", nbytes=0, codec="none")
+    _describe(plan, engine, None)
     prev: RecvNode | None = None
     empty = memoryview(bytearray(0))
     for step in sched.dissemination_barrier(engine.rank, engine.world):

@@ -12,11 +12,20 @@ Between operations the thread keeps answering liveness probes (PING) and noticin
 peers that leave, so a failure is known before the next operation starts.
 
 Failure handling lives here too: a closed link, a malformed or foreign-epoch frame, an
-ABORT from a peer, or no progress for ``timeout_s`` (after a PING probe to find out who
-is actually silent) fails the operation with :class:`~phalanx.errors.PeerFailure`,
+ABORT from a peer, no progress for ``timeout_s`` (after a PING probe to find out who
+is actually silent), or the caller's deadline (``plan.deadline``: passed or cancelled,
+reason ``aborted``) fails the operation with :class:`~phalanx.errors.PeerFailure`,
 tells every peer (ABORT naming the suspects), and breaks the group: later operations
 raise at once, and the plan's undo steps put the caller's array back (promise 2; the
 page-swapped ring has none: it writes the array only once it has succeeded).
+
+A caller's mistake is not a failure: every DATA frame carries the digest of its op's
+descriptor (comm/descriptor.py), checked before its payload may land in a plan's
+buffer. A foreign digest (or a peer's MISMATCH frame) stops the plan, and the ranks
+swap their full descriptors (MISMATCH frames); once every rank's is in, and no frame
+of the op is still half sent or half received, the op fails with
+:class:`~phalanx.errors.OpMismatch` on every rank, the input is restored, and the next
+op runs as usual. Frames of that op still on their way are read and dropped.
 
 What it must never do: block on a socket, allocate a receive buffer from a length
 field it has not checked, or leave a caller waiting past its deadline.
@@ -35,16 +44,23 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from phalanx.comm import pageswap, zerocopy
 from phalanx.comm.buffers import BufferPool, HeldScratch
+from phalanx.comm.descriptor import (
+    OpDescriptor,
+    decode_mismatch,
+    encode_mismatch,
+    mismatch_error,
+)
 from phalanx.comm.frames import FLAG_RECEIPT, FrameHeader, FrameKind, encode_header
 from phalanx.comm.observer import CommObserver, LinkSample, OpSample
 from phalanx.comm.options import CommOptions
-from phalanx.comm.plan import ComputeNode, Node, OpInfo, Plan, RecvNode, SendNode
+from phalanx.comm.plan import ComputeNode, Node, Plan, RecvNode, SendNode
 from phalanx.comm.transport import Buffer, Channel, tcp_info
 from phalanx.errors import CommError, FrameError, GroupClosed, PeerFailure
+from phalanx.ops import OpResult
 
 __all__ = ["Engine", "FrameHook", "LinkStats"]
 
@@ -62,6 +78,12 @@ _ABORT_REASONS = (
     "view-change",
 )
 _MAX_CONTROL_PAYLOAD = 4096
+#: ops that ended in a mismatch whose late DATA frames are still read and dropped
+_STALE_SEQS = 64
+#: how far ahead of this rank a peer's MISMATCH frame may be (seqs); farther is a
+#: protocol error (a peer can be one or two ops ahead at most: see docs/comm.md)
+_EARLY_SEQS = 64
+_SINK_KEEP_BYTES = 4 << 20
 
 
 class FrameHook(Protocol):
@@ -104,6 +126,7 @@ class _Link:
         "draining",
         "first",
         "frames",
+        "landing",
         "last",
         "paused",
         "peer",
@@ -124,6 +147,8 @@ class _Link:
         self.want_write = False
         # not reading: a frame of an operation this rank has not started is parked
         self.paused = False
+        # a DATA frame's payload is being received into the running plan's memory
+        self.landing = False
         # after a failure: our side is shut down, the peer's bytes are read and dropped
         # until it closes too (closing with unread bytes would send a reset that can
         # destroy the ABORT we just sent)
@@ -182,8 +207,11 @@ class Engine:
         name: str = "phalanx-engine",
         frame_hook: FrameHook | None = None,
         observer: CommObserver | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         self.rank = rank
+        #: what OpResult.contributors calls each rank (default: "0", "1", ...)
+        self.names = tuple(names) if names is not None else tuple(str(r) for r in range(world))
         self.observer = observer
         self.frame_hook = frame_hook
         self.pool = BufferPool()
@@ -216,8 +244,17 @@ class Engine:
         self.held = HeldScratch(self.pool)
         # peers with a link gone (BYE or error): ops that still need such a link fail
         self._departed: dict[int, _OpFailed] = {}
+        # a failure that belongs to a later op than the running one (see _later_op):
+        # the running op may still finish; the group breaks right after it
+        self._deferred: _OpFailed | None = None
         self._drain_deadline = 0.0
         self._abort_request: tuple[str, str] | None = None
+        # op descriptors (comm/descriptor.py): seqs that ended in a mismatch (their late
+        # frames are dropped), MISMATCH frames of ops not started yet, and the buffer
+        # that dropped payloads are read into (contents never looked at)
+        self._stale: deque[int] = deque(maxlen=_STALE_SEQS)
+        self._early: dict[int, dict[int, tuple[OpDescriptor, int | None]]] = {}
+        self._sink = bytearray()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -237,7 +274,7 @@ class Engine:
         with self._lock:
             return self._next_seq
 
-    def submit(self, plan: Plan) -> Future[OpInfo]:
+    def submit(self, plan: Plan) -> Future[OpResult]:
         with self._lock:
             if self._broken is not None or self._closing:
                 err = self._failure_for(plan)
@@ -325,6 +362,9 @@ class Engine:
             if self._abort_request is not None and self._broken is None:
                 reason, detail = self._abort_request
                 self._fail_current(_OpFailed((), reason, detail, self.rank))
+            if self._deferred is not None and self._current is None:
+                # the running op ended; the group broke in a later one: tell everyone
+                self._fail_current(self._deferred)
             if self._current is None:
                 with self._lock:
                     closing = self._closing
@@ -389,6 +429,8 @@ class Engine:
         self._last_progress = self._started
         self._probe = None
         self._patience = 0
+        if self._expired(plan, self._started):
+            return  # given up before it started: it must not pair with the next op
         for streams in self.links.values():
             for link in streams:
                 link.sent0 = link.channel.bytes_sent
@@ -402,15 +444,21 @@ class Engine:
                 self.observer.op_started(plan.kind, plan.seq, self.epoch, plan.nbytes)
             except Exception:
                 log.exception("event=observer-error rank=%d", self.rank)
-        for link, sends in plan.sends.items():
+        for key, sends in plan.sends.items():
+            link = cast(_Link, key)
             link.sends = sends
             self._dirty.add(link)
-        for link, recvs in plan.recvs.items():
-            link.recvs = recvs
+        for key, recvs in plan.recvs.items():
+            cast(_Link, key).recvs = recvs
         try:
-            ready, plan.ready = plan.ready, []
-            for node in ready:
-                self._activate(node)
+            if plan.seq in self._early:
+                # a peer already told us the ranks disagree on this op: send nothing
+                first = next(iter(self._early[plan.seq].values()))
+                self._mismatched(plan, first[1])
+            else:
+                ready, plan.ready = plan.ready, []
+                for node in ready:
+                    self._activate(node)
             # frames that arrived before this plan started wait parked on their link
             for streams in self.links.values():
                 for link in streams:
@@ -423,8 +471,22 @@ class Engine:
         except _OpFailed as exc:
             self._fail_current(exc)
             return
-        if self._current is plan and plan.pending == 0:
+        if self._current is plan and plan.mismatch is not None:
+            self._maybe_end_mismatch()
+        elif self._current is plan and plan.pending == 0:
             self._finish()
+
+    def _expired(self, plan: Plan, now: float) -> bool:
+        """Fail ``plan`` if its caller's deadline passed (or was cancelled): nobody is
+        to blame, so no suspects; peers learn it from the ABORT and fail too (an op
+        this rank gives up on must never pair with its next one)."""
+        deadline = plan.deadline
+        if deadline is None or now < deadline.at:
+            return False
+        why = "cancelled by the caller" if deadline.cancelled else "the caller's deadline passed"
+        late = sorted(self._waited_peers())
+        self._fail_current(_OpFailed((), "aborted", f"{why} (waiting on ranks {late})", self.rank))
+        return True
 
     def _resume(self, link: _Link) -> None:
         link.paused = False
@@ -452,7 +514,7 @@ class Engine:
                 n.fn()
                 stack.extend(self._complete(n))
             elif isinstance(n, SendNode):
-                self._dirty.add(n.state)
+                self._dirty.add(cast(_Link, n.state))
             # RecvNodes need no activation: they wait for their frame
 
     def _complete(self, node: Node) -> list[Node]:
@@ -488,6 +550,8 @@ class Engine:
             plan.future.set_exception(exc)
             return
         self._send_receipts(plan)
+        if len(self._sink) > _SINK_KEEP_BYTES:  # a big dropped frame once: do not keep it
+            self._sink = bytearray()
         if plan.spliced:
             self.held.hold(plan.seq, plan.spliced, plan.borrowed)
             plan.borrowed = []
@@ -496,7 +560,7 @@ class Engine:
         samples = self._link_samples(now)
         sent = sum(sample.bytes_sent for sample in samples)
         recv = sum(sample.bytes_recv for sample in samples)
-        info = OpInfo(
+        info = OpResult(
             op=plan.kind,
             seq=plan.seq,
             epoch=self.epoch,
@@ -507,7 +571,7 @@ class Engine:
             wire_bytes_sent=sent,
             wire_bytes_recv=recv,
             duration_s=now - self._started,
-            contributors=tuple(range(self.world)),
+            contributors=self.names,
         )
         self._current = None
         self._probe = None
@@ -642,6 +706,11 @@ class Engine:
             )
         plan = self._current
         if plan is not None and header.seq == plan.seq:
+            if plan.mismatch is not None:
+                return self._dropped(header.length)  # the ranks disagree: nothing lands
+            if header.desc != plan.digest:
+                self._mismatched(plan, self.rank)
+                return self._dropped(header.length)
             if not link.recvs:
                 raise FrameError(
                     "unexpected-frame", f"op #{header.seq} expects no more frames here"
@@ -663,13 +732,17 @@ class Engine:
                         "bad-payload",
                         f"raw piece of {header.length} bytes, expected {len(node.direct)}",
                     )
+                link.landing = True
                 return node.direct
             if header.length > node.max_encoded:
                 raise FrameError(
                     "bad-payload",
                     f"encoded piece of {header.length} bytes, at most {node.max_encoded}",
                 )
+            link.landing = True
             return memoryview(bytearray(header.length))
+        if header.seq in self._stale:
+            return self._dropped(header.length)  # sent before its sender heard of the mismatch
         if header.seq < self._next_seq_started():
             raise FrameError("unexpected-frame", f"frame of finished op #{header.seq}")
         # an op this rank has not started yet: park the link until it starts
@@ -677,6 +750,131 @@ class Engine:
             link.paused = True
             self._set_mask(link)
         return None
+
+    # ---- mismatched calls (comm/descriptor.py, docs/comm.md "Mismatched calls")
+    def _dropped(self, length: int) -> memoryview:
+        """Where a payload that must not land anywhere is read to (and forgotten).
+        ``length`` was checked against ``max_frame_bytes`` by the header decoder."""
+        if len(self._sink) < length:
+            self._sink = bytearray(length)
+        return memoryview(self._sink)[:length]
+
+    def _mismatched(self, plan: Plan, detected_by: int | None) -> None:
+        """The ranks disagree on ``plan``'s op: stop it (nothing more is sent, nothing
+        more lands), tell every peer our descriptor, and wait for theirs."""
+        if plan.mismatch is not None:
+            return
+        assert plan.descriptor is not None  # every plan of collectives.py has one
+        plan.mismatch = {self.rank: plan.descriptor}
+        plan.mismatch_by = detected_by
+        for peer, (desc, by) in self._early.pop(plan.seq, {}).items():
+            plan.mismatch[peer] = desc
+            if plan.mismatch_by is None:
+                plan.mismatch_by = by
+        self._stale.append(plan.seq)
+        self._probe = None
+        self._patience = 0
+        self._last_progress = time.monotonic()
+        for streams in self.links.values():
+            for link in streams:
+                # a frame half in the kernel (link.current) is finished; the rest never go
+                link.sends = deque()
+                link.recvs = deque()
+        payload = encode_mismatch(plan.descriptor, plan.mismatch_by)
+        frame = (
+            encode_header(
+                FrameKind.MISMATCH,
+                epoch=self.epoch,
+                seq=plan.seq,
+                chunk=0,
+                length=len(payload),
+                desc=plan.digest,
+            )
+            + payload
+        )
+        for streams in self.links.values():
+            link = streams[0]
+            if link.channel.closed or link.draining:
+                continue
+            link.ctrl.append(frame)
+            self._dirty.add(link)
+        log.debug(
+            "event=op-mismatch-seen rank=%d epoch=%d op=%s seq=%d detected_by=%s mine=%r",
+            self.rank,
+            self.epoch,
+            plan.kind,
+            plan.seq,
+            plan.mismatch_by,
+            plan.descriptor.describe(),
+        )
+
+    def _peer_mismatch(
+        self, peer: int, seq: int, desc: OpDescriptor, detected_by: int | None
+    ) -> None:
+        """A peer's MISMATCH frame: its descriptor for op ``seq``."""
+        plan = self._current
+        if plan is not None and seq == plan.seq:
+            self._mismatched(plan, detected_by)
+            assert plan.mismatch is not None
+            plan.mismatch[peer] = desc
+            self._last_progress = time.monotonic()
+            self._maybe_end_mismatch()
+            return
+        first = self._next_seq_started()
+        if seq >= first and (plan is None or seq > plan.seq):
+            # an op this rank has not started: remember it until it does
+            if seq - first >= _EARLY_SEQS:
+                raise FrameError("unexpected-frame", f"MISMATCH for op #{seq}, far ahead")
+            self._early.setdefault(seq, {})[peer] = (desc, detected_by)
+            return
+        raise FrameError("unexpected-frame", f"MISMATCH for finished op #{seq}")
+
+    def _maybe_end_mismatch(self) -> None:
+        """End the mismatched op once every rank's descriptor is in and no frame of
+        it is half sent or half received (the caller's memory is then ours alone)."""
+        plan = self._current
+        if plan is None or plan.mismatch is None or len(plan.mismatch) < self.world:
+            return
+        for streams in self.links.values():
+            for link in streams:
+                if not link.channel.closed and (link.current is not None or link.landing):
+                    return
+        assert plan.descriptor is not None
+        err = mismatch_error(
+            op=plan.kind,
+            seq=plan.seq,
+            epoch=self.epoch,
+            descriptors=plan.mismatch,
+            detected_by=plan.mismatch_by,
+        )
+        self._current = None
+        self._probe = None
+        for streams in self.links.values():
+            for link in streams:
+                link.current = None
+                link.landing = False
+        now = time.monotonic()
+        self._observe(plan, False, now, self._link_samples(now), "mismatch", frozenset())
+        for undo in plan.failure:
+            try:
+                undo()
+            except Exception:  # pragma: no cover - keep failing cleanly
+                log.exception("event=undo-failed rank=%d seq=%d", self.rank, plan.seq)
+        if plan.spliced:  # peers may still read it: never back into the pool
+            plan.borrowed = []
+        plan.release()
+        log.warning(
+            "event=op-mismatch rank=%d epoch=%d op=%s seq=%d fields=%s detected_by=%s ranks=%r",
+            self.rank,
+            self.epoch,
+            plan.kind,
+            plan.seq,
+            ",".join(err.fields),
+            plan.mismatch_by,
+            err.descriptors,
+        )
+        if not plan.future.done():
+            plan.future.set_exception(err)
 
     def _next_seq_started(self) -> int:
         plan = self._current
@@ -689,7 +887,12 @@ class Engine:
         link = self._by_fd[channel.fd]
         kind = header.kind
         if kind == FrameKind.DATA:
-            self._deliver(link, header, payload)
+            link.landing = False
+            plan = self._current
+            if plan is not None and header.seq == plan.seq and plan.mismatch is None:
+                self._deliver(link, header, payload)
+            elif plan is not None and plan.mismatch is not None:
+                self._maybe_end_mismatch()  # a dropped frame: maybe the op's last one
             return
         if kind == FrameKind.PING:
             link.ctrl.append(
@@ -703,11 +906,24 @@ class Engine:
                 self._probe.answered.add(link.peer)
         elif kind == FrameKind.ABORT:
             suspects, reason, by = _decode_abort(bytes(payload))
-            raise _OpFailed(
+            failure = _OpFailed(
                 suspects, reason, f"rank {link.peer} aborted op #{header.seq}", by, relayed=True
             )
+            plan = self._current
+            if plan is not None and header.seq > plan.seq:
+                # The peer aborts a later op, so it finished this one and sent all of
+                # its frames of it before the ABORT: this op may still complete here
+                # (an ABORT of op N+1 read before the last frame of op N from another
+                # peer failed op N on this rank only -- test_corrupt_frame's rare
+                # "assert 2 == 3": ranks disagreed on which op the group broke in).
+                self._later_op(failure)
+                return
+            raise failure
         elif kind == FrameKind.RECEIPT:
             self.held.receipt(link.peer, header.seq)
+        elif kind == FrameKind.MISMATCH:
+            desc, by = decode_mismatch(payload)
+            self._peer_mismatch(link.peer, header.seq, desc, by)
         elif kind == FrameKind.BYE:
             log.debug("event=bye rank=%d peer=%d", self.rank, link.peer)
             raise _PeerLeft(f"rank {link.peer} left the group")
@@ -756,7 +972,10 @@ class Engine:
                 if node is not None:
                     link.current = None
                     self._last_progress = time.monotonic()
-                    self._complete_and_activate(node)
+                    if self._current is not None and self._current.mismatch is not None:
+                        self._maybe_end_mismatch()  # that frame was the op's last word
+                    else:
+                        self._complete_and_activate(node)
             if link.ctrl:
                 channel.queue(link.ctrl.popleft())
                 continue
@@ -779,6 +998,7 @@ class Engine:
                     length=nbytes,
                     codec=codec,
                     flags=FLAG_RECEIPT if zero_copy else 0,
+                    desc=self._current.digest,
                 )
                 if self.frame_hook is not None:
                     swapped = self.frame_hook.outgoing(
@@ -816,6 +1036,8 @@ class Engine:
     def _check_progress(self, now: float) -> None:
         plan = self._current
         assert plan is not None
+        if self._expired(plan, now):
+            return
         probe = self._probe
         if probe is None:
             if now - self._last_progress < self.options.timeout_s:
@@ -869,6 +1091,15 @@ class Engine:
         self._last_progress = now
 
     def _waited_peers(self) -> set[int]:
+        plan = self._current
+        if plan is not None and plan.mismatch is not None:
+            # the MISMATCH exchange: peers whose descriptor is missing, and links that
+            # still carry a frame of the op
+            waiting = {p for p in self.links if p not in plan.mismatch}
+            for peer, streams in self.links.items():
+                if any(lk.current is not None or lk.landing for lk in streams):
+                    waiting.add(peer)
+            return waiting
         waited: set[int] = set()
         for peer, streams in self.links.items():
             for link in streams:
@@ -894,10 +1125,16 @@ class Engine:
         failure = _OpFailed({link.peer}, reason, detail, None if graceful else self.rank)
         if reason in ("protocol", "foreign-epoch"):
             # the peer is alive but broke the contract: stop parsing its bytes, keep the
-            # socket so the ABORT tells it why, and break the group now
+            # socket so the ABORT tells it why, and break the group now -- or right
+            # after the running op when that op needs nothing more of this peer (the bad
+            # frame then belongs to a later op: all of this op's frames from the peer
+            # arrived, and a frame whose header fails its check says nothing else)
             link.draining = True
             self._set_mask(link)
             self._departed.setdefault(link.peer, failure)
+            if self._current is not None and not self._needs_peer(link.peer):
+                self._later_op(failure)
+                return
             self._fail_current(failure)
             return
         streams = self.links.get(link.peer, [])
@@ -913,7 +1150,23 @@ class Engine:
                 self._epoll.unregister(link.channel.fd)
             link.channel.close()
 
+    def _needs_peer(self, peer: int) -> bool:
+        """The running op still has frames to receive from, or send to, ``peer``."""
+        return any(
+            link.recvs or link.sends or link.current is not None
+            for link in self.links.get(peer, ())
+        )
+
+    def _later_op(self, failure: _OpFailed) -> None:
+        """Break the group once the running op ends (first verdict kept)."""
+        if self._deferred is None:
+            self._deferred = failure
+
     def _needs_dead_link(self, peer: int) -> bool:
+        plan = self._current
+        if plan is not None and plan.mismatch is not None:
+            # its MISMATCH frame comes on stream 0, and only while that is open
+            return peer not in plan.mismatch and self.links[peer][0].channel.closed
         return any(
             link.channel.closed and (link.recvs or link.sends or link.current is not None)
             for link in self.links.get(peer, ())
@@ -934,6 +1187,7 @@ class Engine:
             detected_by=exc.detected_by,
             detail=detail,
         )
+        self._deferred = None
         first = self._broken is None
         if first:
             self._broken = failure

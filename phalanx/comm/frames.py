@@ -1,13 +1,14 @@
 """The data-plane frame codec: bytes in, frames (or "need more data") out.
 
-Every message between two ranks is a frame: a fixed 40-byte header followed by
+Every message between two ranks is a frame: a fixed 48-byte header followed by
 ``length`` payload bytes. The header names the protocol version, the frame kind, the
 view epoch, the operation sequence number, the frame's ordinal inside that operation on
-its link (``chunk``), the payload codec and the payload length, and ends with a CRC-32
-of the header bytes before it, so a corrupted or misaligned header is caught before any
-of its fields is trusted.
+its link (``chunk``), the payload codec, the payload length and the digest of the
+operation's descriptor (``desc``, see ``descriptor.py``), and ends with a CRC-32 of the
+header bytes before it, so a corrupted or misaligned header is caught before any of its
+fields is trusted.
 
-Header layout (little-endian, 40 bytes)::
+Header layout (little-endian, 48 bytes)::
 
     offset size field
     0      4    magic    b"PHLX"
@@ -19,7 +20,8 @@ Header layout (little-endian, 40 bytes)::
     16     8    seq      operation sequence number in the group
     24     4    chunk    ordinal of this frame inside the operation on its link
     28     8    length   payload bytes that follow the header
-    36     4    crc      zlib.crc32 of bytes 0..35
+    36     8    desc     DATA: 64-bit digest of the op's descriptor; 0 otherwise
+    44     4    crc      zlib.crc32 of bytes 0..43
 
 This module never touches a socket (only ``phalanx.comm.transport`` does) and never
 allocates a buffer whose size comes from a length field before that length has been
@@ -51,17 +53,19 @@ __all__ = [
 ]
 
 MAGIC = b"PHLX"
-#: 2: the RECEIPT frame kind and flag (zero-copy sends); version 1 peers are refused
-PROTOCOL_VERSION = 2
+#: 2: the RECEIPT frame kind and flag (zero-copy sends)
+#: 3: the ``desc`` header field and the MISMATCH kind (op descriptors); header 40 -> 48
+#: bytes. Peers of another version are refused at their first frame (the handshake).
+PROTOCOL_VERSION = 3
 #: on a DATA frame: the sender handed the payload's pages to the kernel (no copy) and
 #: may reuse that memory only after a RECEIPT for the operation from this receiver
 FLAG_RECEIPT = 0x01
 _KNOWN_FLAGS = FLAG_RECEIPT
-HEADER_SIZE = 40
+HEADER_SIZE = 48
 #: Highest payload codec id a peer of this version may use (see codecs.py).
 MAX_CODEC_ID = 4
 
-_PREFIX = struct.Struct("<4sBBBBQQIQ")  # everything but the crc: 36 bytes
+_PREFIX = struct.Struct("<4sBBBBQQIQQ")  # everything but the crc: 44 bytes
 _CRC = struct.Struct("<I")
 assert _PREFIX.size + _CRC.size == HEADER_SIZE
 
@@ -80,6 +84,7 @@ class FrameKind(enum.IntEnum):
     PONG = 19
     BYE = 20  # the sender is closing the link on purpose
     RECEIPT = 21  # the sender finished operation `seq`: it has read every frame of it
+    MISMATCH = 22  # ranks disagree on operation `seq`; payload: the sender's descriptor
 
 
 _KINDS = frozenset(int(k) for k in FrameKind)
@@ -94,6 +99,7 @@ class FrameHeader:
     length: int
     codec: int = 0
     flags: int = 0
+    desc: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.epoch < 2**64:
@@ -108,6 +114,8 @@ class FrameHeader:
             raise ValueError(f"codec id out of range: {self.codec}")
         if self.flags & ~_KNOWN_FLAGS:
             raise ValueError(f"unknown flags {self.flags:#x}")
+        if not 0 <= self.desc < 2**64:
+            raise ValueError(f"desc out of range: {self.desc}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +133,12 @@ def encode_header(
     length: int,
     codec: int = 0,
     flags: int = 0,
+    desc: int = 0,
 ) -> bytes:
-    """The 40 header bytes of a frame; the payload is sent separately (zero copy)."""
-    prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, codec, flags, epoch, seq, chunk, length)
+    """The 48 header bytes of a frame; the payload is sent separately (zero copy)."""
+    prefix = _PREFIX.pack(
+        MAGIC, PROTOCOL_VERSION, kind, codec, flags, epoch, seq, chunk, length, desc
+    )
     return prefix + _CRC.pack(zlib.crc32(prefix))
 
 
@@ -143,12 +154,13 @@ def encode_frame(header: FrameHeader, payload: bytes = b"") -> bytes:
         length=header.length,
         codec=header.codec,
         flags=header.flags,
+        desc=header.desc,
     )
     return head + payload
 
 
 def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> FrameHeader:
-    """Parse and validate exactly one header from the first 40 bytes of ``data``.
+    """Parse and validate exactly one header from the first 48 bytes of ``data``.
 
     Raises :class:`FrameError` with a stable ``reason``: ``short``, ``bad-magic``,
     ``bad-version``, ``bad-crc``, ``bad-kind``, ``bad-codec``, ``bad-flags`` or
@@ -156,7 +168,9 @@ def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> Fra
     """
     if len(data) < HEADER_SIZE:
         raise FrameError("short", f"{len(data)} of {HEADER_SIZE} header bytes")
-    magic, version, kind, codec, flags, epoch, seq, chunk, length = _PREFIX.unpack_from(data, 0)
+    magic, version, kind, codec, flags, epoch, seq, chunk, length, desc = _PREFIX.unpack_from(
+        data, 0
+    )
     if magic != MAGIC:
         raise FrameError("bad-magic", f"got {bytes(magic)!r}")
     if version != PROTOCOL_VERSION:
@@ -176,30 +190,106 @@ def decode_header(data: bytes | bytearray | memoryview, max_payload: int) -> Fra
         raise FrameError(
             "too-large", f"payload of {length} bytes exceeds the limit of {max_payload}"
         )
-    return FrameHeader(FrameKind(kind), epoch, seq, chunk, length, codec, flags)
+    return FrameHeader(FrameKind(kind), epoch, seq, chunk, length, codec, flags, desc)
 
 
 class FrameDecoder:
-    """Incremental decoder: feed it bytes as they come, take whole frames out.
+    """The data plane's one frame decoder: a state machine over header, destination,
+    payload, with two ways in.
 
-    ``next_frame()`` returns a :class:`Frame` or ``None`` when more data is needed.
-    A header is validated as soon as its 40 bytes are there, so an oversized length
-    is refused before a single payload byte is buffered. After an error the decoder
+    *Copying* (tests, fuzzing, small readers): ``feed(bytes)`` then ``next_frame()``,
+    which returns a :class:`Frame` or ``None`` when more data is needed.
+
+    *Zero-copy* (the engine's channels, the handshake): the caller ``recv_into``s
+    :meth:`window` and reports the count to :meth:`advance`. Once a header is in
+    (:attr:`header` set, :attr:`needs_dest` true) the caller chooses where the payload
+    goes with :meth:`place` — the plan's own buffer, so payload bytes land where they
+    belong without a copy — or leaves the frame parked until it knows. When the frame
+    is complete (:attr:`complete`), :meth:`pop` returns it and the decoder starts on
+    the next header.
+
+    A header is validated as soon as its HEADER_SIZE bytes are in, so an oversized length is
+    refused before a single payload byte is read; the copying side allocates a
+    payload buffer only once all of its bytes have arrived. After an error the decoder
     is poisoned: the stream cannot be resynchronised and must be closed.
     """
+
+    __slots__ = ("_buf", "_dest", "_error", "_got", "_hdr", "_hdr_view", "_max_payload", "header")
 
     def __init__(self, max_payload: int) -> None:
         if max_payload < 0:
             raise ValueError("max_payload must be >= 0")
         self._max_payload = max_payload
-        self._buf = bytearray()
-        self._header: FrameHeader | None = None
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hdr_view = memoryview(self._hdr)
+        self._got = 0  # bytes of the current header (no header yet) or payload
+        #: the current frame's header once its HEADER_SIZE bytes are in (None before)
+        self.header: FrameHeader | None = None
+        self._dest: memoryview | None = None
         self._error: FrameError | None = None
+        self._buf = bytearray()  # the copying side's unread bytes
+
+    # -- zero-copy side -------------------------------------------------------------
+    @property
+    def needs_dest(self) -> bool:
+        """A header is in and no payload destination has been placed yet."""
+        return self.header is not None and self._dest is None
 
     @property
+    def complete(self) -> bool:
+        """The current frame is whole: :meth:`pop` it."""
+        return self._dest is not None and self.header is not None and self._got == len(self._dest)
+
+    def window(self) -> memoryview:
+        """Where the next received bytes go: the rest of the header, or the rest of the
+        placed payload destination. Never empty while neither :attr:`needs_dest` nor
+        :attr:`complete` holds."""
+        if self._error is not None:
+            raise self._error
+        if self.header is None:
+            return self._hdr_view[self._got :]
+        if self._dest is None:
+            raise RuntimeError("the frame has no payload destination yet (place() it)")
+        return self._dest[self._got :]
+
+    def advance(self, n: int) -> None:
+        """``n`` bytes were written into :meth:`window`. Raises :class:`FrameError` on a
+        bad header (the decoder is poisoned from then on)."""
+        self._got += n
+        if self.header is None and self._got == HEADER_SIZE:
+            try:
+                self.header = decode_header(self._hdr, self._max_payload)
+            except FrameError as exc:
+                self._error = exc
+                raise
+            self._got = 0
+
+    def place(self, dest: memoryview) -> None:
+        """Receive the current frame's payload into ``dest`` (exactly its length)."""
+        header = self.header
+        if header is None or self._dest is not None:
+            raise RuntimeError("no frame is waiting for a payload destination")
+        if len(dest) != header.length:
+            raise FrameError("bad-payload", "receive buffer does not match the frame length")
+        self._dest = dest
+
+    def pop(self) -> tuple[FrameHeader, memoryview]:
+        """The complete frame (header, payload view); the decoder moves on."""
+        header, dest = self.header, self._dest
+        if header is None or dest is None or self._got != len(dest):
+            raise RuntimeError("no complete frame")
+        self.header = None
+        self._dest = None
+        self._got = 0
+        return header, dest
+
+    # -- copying side ---------------------------------------------------------------
+    @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as part of a frame."""
-        return len(self._buf)
+        """Bytes fed but not yet returned as part of a frame (a parsed header's 40
+        bytes no longer count)."""
+        pending = self._got if self.header is None else 0
+        return len(self._buf) + pending
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
@@ -209,18 +299,20 @@ class FrameDecoder:
     def next_frame(self) -> Frame | None:
         if self._error is not None:
             raise self._error
-        if self._header is None:
-            if len(self._buf) < HEADER_SIZE:
+        buf = self._buf
+        if self.header is None:
+            take = min(HEADER_SIZE - self._got, len(buf))
+            self._hdr_view[self._got : self._got + take] = buf[:take]
+            del buf[:take]
+            self.advance(take)
+            if self.header is None:
                 return None
-            try:
-                self._header = decode_header(self._buf, self._max_payload)
-            except FrameError as exc:
-                self._error = exc
-                raise
-            del self._buf[:HEADER_SIZE]
-        if len(self._buf) < self._header.length:
-            return None
-        header, self._header = self._header, None
-        payload = bytes(self._buf[: header.length])
-        del self._buf[: header.length]
+        header = self.header
+        if len(buf) < header.length:
+            return None  # allocate nothing until the whole payload is here
+        payload = bytes(buf[: header.length])
+        del buf[: header.length]
+        self.place(memoryview(payload))
+        self._got = header.length
+        self.pop()
         return Frame(header, payload)

@@ -4,10 +4,17 @@ This is the data plane's public face: tests, the benchmark and the daemon build 
 Creating a :class:`Group` binds (or takes) this rank's listener, connects to every
 lower rank and accepts every higher one — ``streams`` authenticated TCP links per pair —
 and starts the engine thread. Collectives are in place on numpy arrays of any shape;
-each has an ``async_op=True`` form returning a :class:`Handle`.
+each has an ``async_op=True`` form returning a :class:`~phalanx.ops.Handle`, and a
+``deadline`` (:class:`~phalanx.deadline.Deadline`) the engine fails the op at. They are
+all one method, :meth:`Group.run` of an :class:`~phalanx.ops.OpSpec`; the named methods
+only build the spec. Results are :class:`~phalanx.ops.OpResult` (contributors named by
+``names``, default the ranks as strings).
 
 Membership changes are not this class's business: after a :class:`PeerFailure` the group
-is broken and a new one (a new view, a new epoch) must be built.
+is broken and a new one (a new view, a new epoch) must be built. Ranks that call an op
+with different arguments (length, dtype, op, codec, root, kind) all raise
+:class:`~phalanx.errors.OpMismatch` instead, with their arrays intact, and the group
+stays usable (docs/comm.md, "Mismatched calls").
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Literal, overload
@@ -28,7 +35,7 @@ from phalanx.comm.codecs import Codec, parse_codec
 from phalanx.comm.engine import Engine, FrameHook, LinkStats
 from phalanx.comm.observer import CommObserver
 from phalanx.comm.options import CommOptions
-from phalanx.comm.plan import OpInfo, Plan
+from phalanx.comm.plan import Plan
 from phalanx.comm.reduce import check_dtype, parse_op
 from phalanx.comm.transport import (
     Channel,
@@ -39,41 +46,32 @@ from phalanx.comm.transport import (
     connect_link,
     parse_address,
 )
+from phalanx.deadline import Deadline
 from phalanx.errors import ConfigError, HandshakeError, UnsupportedError
+from phalanx.ops import Handle, OpResult, OpSpec
 
-__all__ = ["Group", "Handle", "OpInfo"]
+__all__ = ["Group"]
 
 log = logging.getLogger(__name__)
 
 
-class Handle:
-    """An operation in flight; ``wait()`` returns its :class:`OpInfo` or raises."""
+def _settler(
+    future: Future[OpResult], copy_back: list[tuple[np.ndarray, np.ndarray]]
+) -> Callable[[float | None], OpResult | None]:
+    """A :class:`Handle`'s settle function for an engine future. ``wait()`` without a
+    timeout still ends in bounded time: the engine bounds every op (progress timeout,
+    the caller's deadline)."""
 
-    def __init__(
-        self, future: Future[OpInfo], on_success: list[tuple[np.ndarray, np.ndarray]]
-    ) -> None:
-        self._future = future
-        self._copy_back = on_success
-        self._copied = False
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout: float | None = None) -> OpInfo:
-        """Block until the operation ends (or ``timeout`` seconds pass: TimeoutError).
-
-        The engine bounds every operation by its progress deadline, so ``wait()``
-        without a timeout still returns or raises in bounded time.
-        """
+    def settle(timeout: float | None) -> OpResult | None:
         try:
-            info = self._future.result(timeout)
+            result = future.result(timeout)
         except FutureTimeout:
-            raise TimeoutError(f"operation still running after {timeout}s") from None
-        if not self._copied:
-            for dst, src in self._copy_back:
-                np.copyto(dst, src)
-            self._copied = True
-        return info
+            return None
+        for dst, src in copy_back:  # once: the Handle keeps the outcome
+            np.copyto(dst, src)
+        return result
+
+    return settle
 
 
 def _coerce_secret(secret: bytes | str) -> bytes:
@@ -97,12 +95,15 @@ class Group:
         options: CommOptions | None = None,
         frame_hook: FrameHook | None = None,
         observer: CommObserver | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         """Connect to every peer (blocking, bounded by ``options.connect_timeout_s``).
 
         ``listener`` is this rank's bound listener (see :func:`bind`); the group owns it
         from now on and closes it. ``observer`` receives per-op, per-link measurements
         (see :mod:`phalanx.comm.observer`); ``frame_hook`` is for fault injection only.
+        ``names``: what results call each rank (``OpResult.contributors``; default the
+        ranks as strings).
         """
         world = len(addresses)
         if world < 1:
@@ -115,6 +116,8 @@ class Group:
             raise ConfigError("every rank needs its own address")
         if not 0 <= epoch < 2**64:
             raise ConfigError("epoch must fit in 64 bits")
+        if names is not None and len(names) != world:
+            raise ConfigError(f"{len(names)} names for a group of {world}")
         self.rank = rank
         self.world = world
         self.epoch = epoch
@@ -151,6 +154,7 @@ class Group:
             name=f"phalanx-engine-{rank}",
             frame_hook=frame_hook,
             observer=observer,
+            names=names,
         )
         log.info(
             "event=group-up rank=%d world=%d epoch=%d streams=%d address=%s",
@@ -223,14 +227,14 @@ class Group:
             self._threads.append(t)
             t.start()
 
-    def _claim(self, hello: hs.Hello) -> hs.RejectReason | None:
+    def _claim(self, hello: hs.Hello) -> hs.LinkRefusal | None:
         with self._cond:
             if hello.streams != self.options.streams or hello.from_rank <= self.rank:
-                return hs.RejectReason.UNEXPECTED
+                return hs.LinkRefusal.UNEXPECTED
             if not self._accepting:
-                return hs.RejectReason.UNEXPECTED
+                return hs.LinkRefusal.UNEXPECTED
             if (hello.from_rank, hello.stream) in self._links:
-                return hs.RejectReason.DUPLICATE
+                return hs.LinkRefusal.DUPLICATE
             return None
 
     def _handshake(self, conn: object) -> None:
@@ -281,126 +285,126 @@ class Group:
         tmp = np.ascontiguousarray(x)
         return tmp.reshape(-1), [(x, tmp)]
 
-    @staticmethod
-    def _codec(codec: str | Codec) -> Codec:
-        return codec if isinstance(codec, Codec) else parse_codec(codec)
+    def run(
+        self,
+        spec: OpSpec,
+        x: np.ndarray | None,
+        *,
+        async_op: bool = False,
+        deadline: Deadline | None = None,
+        preserve_input: bool = True,
+    ) -> OpResult | Handle:
+        """Run the collective ``spec`` on ``x`` (in place; ``None`` for a barrier): the
+        one entry point every named collective below goes through.
 
-    def _run(
-        self, plan: Plan, copy_back: list[tuple[np.ndarray, np.ndarray]], async_op: bool
-    ) -> OpInfo | Handle:
-        handle = Handle(self.engine.submit(plan), copy_back)
+        ``deadline``: the engine fails the op (reason ``aborted``, the array restored)
+        once it passes or is cancelled. ``preserve_input=False`` waives promise 2 for an
+        all-reduce (see :meth:`all_reduce`).
+        """
+        if spec.needs_array:
+            if x is None:
+                raise ConfigError(f"{spec.kind} needs an array")
+            flat, copy_back = self._prepare(x)
+        else:
+            flat, copy_back = np.empty(0, np.uint8), []
+        plan = _BUILD[spec.kind](self, flat, spec, preserve_input)
+        plan.deadline = deadline
+        handle = Handle(_settler(self.engine.submit(plan), copy_back))
         return handle if async_op else handle.wait()
 
     @overload
     def all_reduce(
-        self,
-        x: np.ndarray,
-        op: str = ...,
-        codec: str | Codec = ...,
-        *,
-        async_op: Literal[False] = ...,
-        preserve_input: bool = ...,
-    ) -> OpInfo: ...
+        self, x: np.ndarray, op: str = ..., codec: str | Codec = ..., *,
+        async_op: Literal[False] = ..., preserve_input: bool = ...,
+        deadline: Deadline | None = ...,
+    ) -> OpResult: ...  # fmt: skip
     @overload
     def all_reduce(
-        self,
-        x: np.ndarray,
-        op: str = ...,
-        codec: str | Codec = ...,
-        *,
-        async_op: Literal[True],
-        preserve_input: bool = ...,
-    ) -> Handle: ...
+        self, x: np.ndarray, op: str = ..., codec: str | Codec = ..., *,
+        async_op: Literal[True], preserve_input: bool = ..., deadline: Deadline | None = ...,
+    ) -> Handle: ...  # fmt: skip
     def all_reduce(
-        self,
-        x: np.ndarray,
-        op: str = "sum",
-        codec: str | Codec = "none",
-        *,
-        async_op: bool = False,
-        preserve_input: bool = True,
-    ) -> OpInfo | Handle:
+        self, x: np.ndarray, op: str = "sum", codec: str | Codec = "none", *,
+        async_op: bool = False, preserve_input: bool = True, deadline: Deadline | None = None,
+    ) -> OpResult | Handle:  # fmt: skip
         """Reduce ``x`` over all ranks, in place; every rank ends with the same bytes.
 
         ``preserve_input=False`` waives promise 2 for this call: the large-array path
         then skips saving ``x`` (one pass over it less; ~20 % faster here), and after a
         failure ``x`` is undefined. For callers that can recompute their input.
         """
-        flat, copy_back = self._prepare(x)
-        plan = collectives.build_all_reduce(
-            self.engine, flat, parse_op(op), self._codec(codec), preserve_input=preserve_input
-        )
-        return self._run(plan, copy_back, async_op)
+        return self.run(OpSpec("all_reduce", op, _spec(codec)), x, async_op=async_op,
+                        deadline=deadline, preserve_input=preserve_input)  # fmt: skip
 
     @overload
     def reduce_scatter(
-        self,
-        x: np.ndarray,
-        op: str = ...,
-        codec: str | Codec = ...,
-        *,
-        async_op: Literal[False] = ...,
-    ) -> OpInfo: ...
+        self, x: np.ndarray, op: str = ..., codec: str | Codec = ..., *,
+        async_op: Literal[False] = ..., deadline: Deadline | None = ...,
+    ) -> OpResult: ...  # fmt: skip
     @overload
     def reduce_scatter(
-        self, x: np.ndarray, op: str = ..., codec: str | Codec = ..., *, async_op: Literal[True]
-    ) -> Handle: ...
+        self, x: np.ndarray, op: str = ..., codec: str | Codec = ..., *,
+        async_op: Literal[True], deadline: Deadline | None = ...,
+    ) -> Handle: ...  # fmt: skip
     def reduce_scatter(
-        self, x: np.ndarray, op: str = "sum", codec: str | Codec = "none", *, async_op: bool = False
-    ) -> OpInfo | Handle:
+        self, x: np.ndarray, op: str = "sum", codec: str | Codec = "none", *,
+        async_op: bool = False, deadline: Deadline | None = None,
+    ) -> OpResult | Handle:  # fmt: skip
         """Reduce ``x`` over all ranks; only this rank's chunk (:meth:`chunk`) is
         written with the result, the rest of ``x`` keeps its values."""
-        flat, copy_back = self._prepare(x)
-        plan = collectives.build_reduce_scatter(self.engine, flat, parse_op(op), self._codec(codec))
-        return self._run(plan, copy_back, async_op)
+        return self.run(OpSpec("reduce_scatter", op, _spec(codec)), x, async_op=async_op,
+                        deadline=deadline)  # fmt: skip
 
     @overload
     def all_gather(
-        self, x: np.ndarray, codec: str | Codec = ..., *, async_op: Literal[False] = ...
-    ) -> OpInfo: ...
+        self, x: np.ndarray, codec: str | Codec = ..., *, async_op: Literal[False] = ...,
+        deadline: Deadline | None = ...,
+    ) -> OpResult: ...  # fmt: skip
     @overload
     def all_gather(
-        self, x: np.ndarray, codec: str | Codec = ..., *, async_op: Literal[True]
-    ) -> Handle: ...
+        self, x: np.ndarray, codec: str | Codec = ..., *, async_op: Literal[True],
+        deadline: Deadline | None = ...,
+    ) -> Handle: ...  # fmt: skip
     def all_gather(
-        self, x: np.ndarray, codec: str | Codec = "none", *, async_op: bool = False
-    ) -> OpInfo | Handle:
+        self, x: np.ndarray, codec: str | Codec = "none", *, async_op: bool = False,
+        deadline: Deadline | None = None,
+    ) -> OpResult | Handle:  # fmt: skip
         """Rank r contributes the elements of its chunk (:meth:`chunk`) of ``x`` (flat
         order); afterwards every rank's ``x`` holds every rank's chunk."""
-        flat, copy_back = self._prepare(x)
-        plan = collectives.build_all_gather(self.engine, flat, self._codec(codec))
-        return self._run(plan, copy_back, async_op)
+        return self.run(OpSpec("all_gather", codec=_spec(codec)), x, async_op=async_op,
+                        deadline=deadline)  # fmt: skip
 
     @overload
     def broadcast(
-        self,
-        x: np.ndarray,
-        root: int = ...,
-        codec: str | Codec = ...,
-        *,
-        async_op: Literal[False] = ...,
-    ) -> OpInfo: ...
+        self, x: np.ndarray, root: int = ..., codec: str | Codec = ..., *,
+        async_op: Literal[False] = ..., deadline: Deadline | None = ...,
+    ) -> OpResult: ...  # fmt: skip
     @overload
     def broadcast(
-        self, x: np.ndarray, root: int = ..., codec: str | Codec = ..., *, async_op: Literal[True]
-    ) -> Handle: ...
+        self, x: np.ndarray, root: int = ..., codec: str | Codec = ..., *,
+        async_op: Literal[True], deadline: Deadline | None = ...,
+    ) -> Handle: ...  # fmt: skip
     def broadcast(
-        self, x: np.ndarray, root: int = 0, codec: str | Codec = "none", *, async_op: bool = False
-    ) -> OpInfo | Handle:
+        self, x: np.ndarray, root: int = 0, codec: str | Codec = "none", *,
+        async_op: bool = False, deadline: Deadline | None = None,
+    ) -> OpResult | Handle:  # fmt: skip
         """Copy root's ``x`` into every rank's ``x``."""
         if not 0 <= root < self.world:
             raise ConfigError(f"root {root} is outside 0..{self.world - 1}")
-        flat, copy_back = self._prepare(x)
-        plan = collectives.build_broadcast(self.engine, flat, root, self._codec(codec))
-        return self._run(plan, copy_back, async_op)
+        return self.run(OpSpec("broadcast", codec=_spec(codec), root=root), x,
+                        async_op=async_op, deadline=deadline)  # fmt: skip
 
     @overload
-    def barrier(self, *, async_op: Literal[False] = ...) -> OpInfo: ...
+    def barrier(
+        self, *, async_op: Literal[False] = ..., deadline: Deadline | None = ...
+    ) -> OpResult: ...
     @overload
-    def barrier(self, *, async_op: Literal[True]) -> Handle: ...
-    def barrier(self, *, async_op: bool = False) -> OpInfo | Handle:
+    def barrier(self, *, async_op: Literal[True], deadline: Deadline | None = ...) -> Handle: ...
+    def barrier(
+        self, *, async_op: bool = False, deadline: Deadline | None = None
+    ) -> OpResult | Handle:
         """Return once every rank has entered the barrier."""
-        return self._run(collectives.build_barrier(self.engine), [], async_op)
+        return self.run(OpSpec("barrier"), None, async_op=async_op, deadline=deadline)
 
     def chunk(self, size: int, rank: int | None = None) -> slice:
         """The flat slice of a ``size``-element array that ``rank`` owns in
@@ -429,6 +433,10 @@ class Group:
         self._stop.set()
         if self._engine is not None:
             self._engine.close()
+        # the group owns its listener, given or not; closing it first wakes the accept
+        # loop now instead of at its next poll (0.1 s that every state sync's short-lived
+        # side group used to pay)
+        self._listener.close()
         self._acceptor.join(2.0)
         for t in self._threads:
             t.join(self.options.handshake_timeout_s + 1)
@@ -436,10 +444,49 @@ class Group:
             if self._engine is None:
                 for link in self._links.values():
                     link.sock.close()
-        self._listener.close()  # the group owns its listener, given or not
 
     def __enter__(self) -> Group:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _spec(codec: str | Codec) -> str:
+    return codec.spec if isinstance(codec, Codec) else codec
+
+
+def _build_all_reduce(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> Plan:
+    return collectives.build_all_reduce(
+        g.engine, x, parse_op(spec.reduce), parse_codec(spec.codec), preserve_input=preserve
+    )
+
+
+def _build_reduce_scatter(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> Plan:
+    return collectives.build_reduce_scatter(
+        g.engine, x, parse_op(spec.reduce), parse_codec(spec.codec)
+    )
+
+
+def _build_all_gather(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> Plan:
+    return collectives.build_all_gather(g.engine, x, parse_codec(spec.codec))
+
+
+def _build_broadcast(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> Plan:
+    if not 0 <= spec.root < g.world:
+        raise ConfigError(f"root {spec.root} is outside 0..{g.world - 1}")
+    return collectives.build_broadcast(g.engine, x, spec.root, parse_codec(spec.codec))
+
+
+def _build_barrier(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> Plan:
+    return collectives.build_barrier(g.engine)
+
+
+#: OpSpec.kind -> the plan compiler (the one place a collective's name meets its code)
+_BUILD: dict[str, Callable[[Group, np.ndarray, OpSpec, bool], Plan]] = {
+    "all_reduce": _build_all_reduce,
+    "reduce_scatter": _build_reduce_scatter,
+    "all_gather": _build_all_gather,
+    "broadcast": _build_broadcast,
+    "barrier": _build_barrier,
+}

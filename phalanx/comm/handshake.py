@@ -36,7 +36,7 @@ __all__ = [
     "NONCE_SIZE",
     "Challenge",
     "Hello",
-    "RejectReason",
+    "LinkRefusal",
     "accept_mac",
     "check_mac",
     "connect_mac",
@@ -62,8 +62,9 @@ _REJECT = struct.Struct("<B")
 _EPOCH = struct.Struct("<Q")
 
 
-class RejectReason(enum.IntEnum):
-    """Why an acceptor refused a connection (one byte on the wire)."""
+class LinkRefusal(enum.IntEnum):
+    """Why an acceptor refused a link (one byte on the wire; the membership's
+    coordinator has its own reasons, ``phalanx.errors.RejectReason``)."""
 
     BAD_AUTH = 1  # the connector could not prove the cluster secret
     BAD_VERSION = 2  # protocol version mismatch (caught by the frame header)
@@ -139,18 +140,18 @@ def decode_proof(payload: bytes) -> bytes:
     return bytes(mac)
 
 
-def encode_reject(reason: RejectReason, text: str = "") -> bytes:
+def encode_reject(reason: LinkRefusal, text: str = "") -> bytes:
     return _REJECT.pack(reason) + text.encode("utf-8", "replace")[:_MAX_REJECT_TEXT]
 
 
-def decode_reject(payload: bytes) -> tuple[RejectReason | int, str]:
+def decode_reject(payload: bytes) -> tuple[LinkRefusal | int, str]:
     """(reason, text); an unknown reason code is returned as a plain int."""
     if not payload:
-        return RejectReason.MALFORMED, "empty REJECT"
+        return LinkRefusal.MALFORMED, "empty REJECT"
     code = payload[0]
     text = payload[1 : 1 + _MAX_REJECT_TEXT].decode("utf-8", "replace")
     try:
-        return RejectReason(code), text
+        return LinkRefusal(code), text
     except ValueError:
         return code, text
 

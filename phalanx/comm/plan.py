@@ -5,7 +5,11 @@
 frames to send and an ordered list of frames to receive, plus compute steps, tied
 together by dependency counts: a node runs when every node it waits for is done.
 Plans also carry what the engine must do at the end (success steps, undo steps on
-failure) and the scratch buffers they borrowed.
+failure), the scratch buffers they borrowed, and the caller's :class:`Deadline`.
+
+A plan borrows from a :class:`PlanHost` — the streams to each peer and two buffer
+pools — and knows nothing else of what runs it (the engine is one such host; the
+dependency goes one way: ``engine`` imports ``plan``, never the reverse).
 
 This module holds data and bookkeeping only: no sockets, no threads, no clock.
 """
@@ -13,38 +17,37 @@ This module holds data and bookkeeping only: no sockets, no threads, no clock.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from phalanx.comm import pageswap
+from phalanx.comm.buffers import BufferPool
+from phalanx.comm.descriptor import OpDescriptor
 from phalanx.comm.transport import Buffer
+from phalanx.deadline import Deadline
+from phalanx.ops import OpResult
 
-if TYPE_CHECKING:
-    from phalanx.comm.engine import Engine, _Link
-
-__all__ = ["ComputeNode", "Node", "OpInfo", "Plan", "RecvNode", "RecvThen", "SendNode"]
+__all__ = ["ComputeNode", "Node", "Plan", "PlanHost", "RecvNode", "RecvThen", "SendNode"]
 
 
-@dataclass(frozen=True, slots=True)
-class OpInfo:
-    """What a completed collective reports."""
+class PlanHost(Protocol):
+    """What a plan borrows from whoever runs it.
 
-    op: str
-    seq: int
-    epoch: int
-    algorithm: str
-    nbytes: int
-    codec: str
-    world: int
-    wire_bytes_sent: int
-    wire_bytes_recv: int
-    duration_s: float
-    #: ranks whose data went into the result (all ranks of the group for a static group)
-    contributors: tuple[int, ...] = field(default=())
+    ``links``: per peer rank, its streams (opaque keys: a plan orders its sends and
+    receives per stream and hands them back to the host); ``pool``: scratch buffers;
+    ``twins``: page-swap twins (comm/pageswap.py)."""
+
+    @property
+    def links(self) -> Mapping[int, Sequence[Hashable]]: ...
+
+    @property
+    def pool(self) -> BufferPool: ...
+
+    @property
+    def twins(self) -> BufferPool: ...
 
 
 class Node:
@@ -72,7 +75,7 @@ class SendNode(Node):
 
     def __init__(
         self,
-        state: _Link,
+        state: Hashable,
         ordinal: int,
         produce: Callable[[], tuple[int, Buffer]],
         zero_copy: bool = False,
@@ -97,7 +100,7 @@ class RecvNode(Node):
 
     def __init__(
         self,
-        state: _Link,
+        state: Hashable,
         ordinal: int,
         direct: memoryview | None,
         max_encoded: int,
@@ -126,29 +129,32 @@ class Plan:
 
     def __init__(
         self,
-        engine: Engine,
+        host: PlanHost,
         kind: str,
         *,
         algorithm: str,
         nbytes: int,
         codec: str,
     ) -> None:
-        self.engine = engine
+        self.host = host
         self.kind = kind
         self.algorithm = algorithm
         self.nbytes = nbytes
         self.codec = codec
         self.seq = -1  # assigned at submit
-        self.sends: dict[_Link, deque[SendNode]] = {}
-        self.recvs: dict[_Link, deque[RecvNode]] = {}
-        self._ordinals: dict[tuple[_Link, bool], int] = {}
+        self.sends: dict[Hashable, deque[SendNode]] = {}
+        self.recvs: dict[Hashable, deque[RecvNode]] = {}
+        self._ordinals: dict[tuple[Hashable, bool], int] = {}
         self.ready: list[Node] = []
         self.pending = 0
         self.success: list[Callable[[], None]] = []
         self.failure: list[Callable[[], None]] = []
         self.borrowed: list[np.ndarray] = []
         self.twins: list[np.ndarray] = []  # arenas from the engine's twin pool
-        self.future: Future[OpInfo] = Future()
+        self.future: Future[OpResult] = Future()
+        #: the caller's deadline: the engine fails the op once it passes (None: only
+        #: the engine's own progress timeout applies)
+        self.deadline: Deadline | None = None
         #: False when the caller waived promise 2 for this op (preserve_input=False)
         self.preserves_input = True
         #: peers this plan sent zero-copy frames to: its scratch goes back to the pool
@@ -156,12 +162,25 @@ class Plan:
         self.spliced: set[int] = set()
         #: peers that asked for a RECEIPT (FLAG_RECEIPT): sent when this plan succeeds
         self.receipts: set[int] = set()
+        #: what every rank must agree on (descriptor.py); its digest goes in the
+        #: header of every DATA frame of this plan (0: none, nothing is checked)
+        self.descriptor: OpDescriptor | None = None
+        self.digest = 0
+        #: once ranks are known to disagree on this op: rank -> its descriptor, as far
+        #: as they are in (the engine then runs the MISMATCH exchange, not the plan)
+        self.mismatch: dict[int, OpDescriptor] | None = None
+        self.mismatch_by: int | None = None
 
-    def _link(self, peer: int, piece: int) -> _Link:
-        streams = self.engine.links[peer]
+    def describe(self, descriptor: OpDescriptor) -> None:
+        """Name what this plan is (kind, count, dtype, op, codec, root, ...)."""
+        self.descriptor = descriptor
+        self.digest = descriptor.digest
+
+    def _link(self, peer: int, piece: int) -> Hashable:
+        streams = self.host.links[peer]
         return streams[piece % len(streams)]
 
-    def _ordinal(self, link: _Link, sending: bool) -> int:
+    def _ordinal(self, link: Hashable, sending: bool) -> int:
         key = (link, sending)
         n = self._ordinals.get(key, 0)
         self._ordinals[key] = n + 1
@@ -225,7 +244,7 @@ class Plan:
     def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:
         """A work array of ``count`` elements borrowed from the group's pool for the
         lifetime of this plan (contents undefined)."""
-        buf = self.engine.pool.get(count * dtype.itemsize)
+        buf = self.host.pool.get(count * dtype.itemsize)
         self.borrowed.append(buf)
         return buf[: count * dtype.itemsize].view(dtype)
 
@@ -233,7 +252,7 @@ class Plan:
         """(arena, twin): memory borrowed for this plan that can exchange pages with
         ``x`` (see comm/pageswap.py); the arena goes back to the pool at the end
         unless :meth:`drop_twin` says the exchange damaged it."""
-        arena = self.engine.twins.get(x.nbytes + pageswap.HUGE)
+        arena = self.host.twins.get(x.nbytes + pageswap.HUGE)
         self.twins.append(arena)
         return arena, pageswap.twin(arena, x)
 
@@ -243,7 +262,7 @@ class Plan:
     def release(self) -> None:
         bufs, self.borrowed = self.borrowed, []
         for buf in bufs:
-            self.engine.pool.put(buf)
+            self.host.pool.put(buf)
         twins, self.twins = self.twins, []
         for arena in twins:
-            self.engine.twins.put(arena)
+            self.host.twins.put(arena)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar, get_args
 
-from phalanx.errors import ConfigError
+from phalanx.errors import ConfigError, ScheduleError
 
 __all__ = [
     "Combine",
@@ -253,20 +253,6 @@ def _ceil_log2(n: int) -> int:
 
 
 # --------------------------------------------------------------------------- simulator
-
-
-class ScheduleError(ConfigError):
-    """A set of schedules does not fit together (found by :func:`simulate`).
-
-    ``reason`` is one of ``bad-input``, ``bad-peer``, ``bad-chunk``, ``mismatch``,
-    ``deadlock``; ``rank`` is the rank whose step showed it, when there is one.
-    """
-
-    def __init__(self, reason: str, detail: str, *, rank: int | None = None) -> None:
-        self.reason = reason
-        self.detail = detail
-        self.rank = rank
-        super().__init__(f"{reason}: {detail}")
 
 
 @dataclass(frozen=True, slots=True)

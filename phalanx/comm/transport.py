@@ -31,13 +31,7 @@ import numpy as np
 
 from phalanx.comm import handshake as hs
 from phalanx.comm import zerocopy
-from phalanx.comm.frames import (
-    HEADER_SIZE,
-    FrameHeader,
-    FrameKind,
-    decode_header,
-    encode_header,
-)
+from phalanx.comm.frames import FrameDecoder, FrameHeader, FrameKind, encode_header
 from phalanx.errors import AuthError, ConfigError, FrameError, HandshakeError
 
 __all__ = [
@@ -90,6 +84,10 @@ class Listener:
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def close(self) -> None:
+        """Stop listening; a thread blocked in ``accept()`` wakes now (shutdown wakes
+        it on Linux, where close alone would leave it to its next timeout)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
     def __enter__(self) -> Listener:
@@ -130,23 +128,21 @@ def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
     sock.sendall(data)
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        sock.settimeout(_remaining(deadline))
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError("connection closed during handshake")
-        got += k
-    return bytes(buf)
-
-
 def _read_frame(sock: socket.socket, deadline: float) -> tuple[FrameHeader, bytes]:
-    header = decode_header(_recv_exact(sock, HEADER_SIZE, deadline), hs.MAX_HANDSHAKE_PAYLOAD)
-    payload = _recv_exact(sock, header.length, deadline) if header.length else b""
-    return header, payload
+    """One whole frame, read with the data plane's decoder (blocking, bounded)."""
+    decoder = FrameDecoder(hs.MAX_HANDSHAKE_PAYLOAD)
+    while True:
+        if decoder.needs_dest:
+            assert decoder.header is not None
+            decoder.place(memoryview(bytearray(decoder.header.length)))
+        if decoder.complete:
+            header, payload = decoder.pop()
+            return header, bytes(payload)
+        sock.settimeout(_remaining(deadline))
+        n = sock.recv_into(decoder.window())
+        if n == 0:
+            raise ConnectionError("connection closed during handshake")
+        decoder.advance(n)
 
 
 def _send_frame(
@@ -157,7 +153,7 @@ def _send_frame(
 
 
 def _tell(
-    sock: socket.socket, reason: hs.RejectReason, text: str, epoch: int, deadline: float
+    sock: socket.socket, reason: hs.LinkRefusal, text: str, epoch: int, deadline: float
 ) -> None:
     """Best effort: say why this side refuses, so the other side's error is precise."""
     with contextlib.suppress(OSError, TimeoutError):
@@ -167,11 +163,9 @@ def _tell(
 def _reject_error(payload: bytes, peer: int | None) -> HandshakeError:
     reason, text = hs.decode_reject(payload)
     name = (
-        reason.name.lower().replace("_", "-")
-        if isinstance(reason, hs.RejectReason)
-        else str(reason)
+        reason.name.lower().replace("_", "-") if isinstance(reason, hs.LinkRefusal) else str(reason)
     )
-    if reason == hs.RejectReason.BAD_AUTH:
+    if reason == hs.LinkRefusal.BAD_AUTH:
         return AuthError("bad-auth", f"peer refused our proof: {text}", peer=peer)
     return HandshakeError(name, f"peer rejected the link: {text}", peer=peer)
 
@@ -253,7 +247,7 @@ def connect_link(
         except AuthError:
             _tell(
                 sock,
-                hs.RejectReason.BAD_AUTH,
+                hs.LinkRefusal.BAD_AUTH,
                 "your proof of the cluster secret failed",
                 epoch,
                 hs_deadline,
@@ -262,14 +256,14 @@ def connect_link(
         if header.epoch != epoch:
             _tell(
                 sock,
-                hs.RejectReason.WRONG_EPOCH,
+                hs.LinkRefusal.WRONG_EPOCH,
                 f"this rank is in epoch {epoch}",
                 epoch,
                 hs_deadline,
             )
             raise HandshakeError("wrong-epoch", f"peer is in epoch {header.epoch}", peer=peer)
         if challenge.rank != peer:
-            _tell(sock, hs.RejectReason.WRONG_RANK, f"expected rank {peer}", epoch, hs_deadline)
+            _tell(sock, hs.LinkRefusal.WRONG_RANK, f"expected rank {peer}", epoch, hs_deadline)
             raise HandshakeError("wrong-rank", f"{address} is rank {challenge.rank}", peer=peer)
         proof = hs.connect_mac(secret, hello_payload, challenge.nonce, epoch)
         _send_frame(sock, FrameKind.PROOF, epoch, proof, hs_deadline)
@@ -292,7 +286,7 @@ def connect_link(
     return Link(sock, peer, stream)
 
 
-Claim = Callable[[hs.Hello], "hs.RejectReason | None"]
+Claim = Callable[[hs.Hello], "hs.LinkRefusal | None"]
 
 
 def accept_link(
@@ -309,11 +303,11 @@ def accept_link(
     """Run the acceptor side of the handshake on an accepted socket.
 
     ``claim(hello)`` is called only after the connector proved the secret; it returns
-    ``None`` to take the link or a :class:`RejectReason`. On any failure a REJECT is
+    ``None`` to take the link or a :class:`LinkRefusal`. On any failure a REJECT is
     sent when possible, the socket is closed and the error raised.
     """
 
-    def reject(reason: hs.RejectReason, text: str) -> None:
+    def reject(reason: hs.LinkRefusal, text: str) -> None:
         with contextlib.suppress(OSError, TimeoutError):
             _send_frame(sock, FrameKind.REJECT, epoch, hs.encode_reject(reason, text), deadline)
 
@@ -324,19 +318,19 @@ def accept_link(
             header, payload = _read_frame(sock, deadline)
         except FrameError as exc:
             reason = (
-                hs.RejectReason.BAD_VERSION
+                hs.LinkRefusal.BAD_VERSION
                 if exc.reason == "bad-version"
-                else hs.RejectReason.MALFORMED
+                else hs.LinkRefusal.MALFORMED
             )
             reject(reason, str(exc))
             raise HandshakeError(exc.reason, str(exc)) from None
         if header.kind != FrameKind.HELLO:
-            reject(hs.RejectReason.MALFORMED, f"expected HELLO, got {header.kind.name}")
+            reject(hs.LinkRefusal.MALFORMED, f"expected HELLO, got {header.kind.name}")
             raise HandshakeError("malformed", f"expected HELLO, got {header.kind.name}")
         try:
             hello = hs.decode_hello(payload)
         except HandshakeError as exc:
-            reject(hs.RejectReason.MALFORMED, str(exc))
+            reject(hs.LinkRefusal.MALFORMED, str(exc))
             raise
         peer = hello.from_rank
         nonce_s = hs.new_nonce()
@@ -352,7 +346,7 @@ def accept_link(
         if header2.kind == FrameKind.REJECT:
             raise _reject_error(proof_payload, peer)
         if header2.kind != FrameKind.PROOF:
-            reject(hs.RejectReason.MALFORMED, f"expected PROOF, got {header2.kind.name}")
+            reject(hs.LinkRefusal.MALFORMED, f"expected PROOF, got {header2.kind.name}")
             raise HandshakeError("malformed", f"expected PROOF, got {header2.kind.name}", peer=peer)
         try:
             hs.check_mac(
@@ -362,18 +356,18 @@ def accept_link(
                 peer=peer,
             )
         except HandshakeError:
-            reject(hs.RejectReason.BAD_AUTH, "proof of the cluster secret failed")
+            reject(hs.LinkRefusal.BAD_AUTH, "proof of the cluster secret failed")
             raise
         if header.epoch != epoch:
-            reject(hs.RejectReason.WRONG_EPOCH, f"this group is epoch {epoch}")
+            reject(hs.LinkRefusal.WRONG_EPOCH, f"this group is epoch {epoch}")
             raise HandshakeError(
                 "wrong-epoch", f"peer is in epoch {header.epoch}, we are in {epoch}", peer=peer
             )
         if hello.world != world:
-            reject(hs.RejectReason.WORLD_MISMATCH, f"this group has world {world}")
+            reject(hs.LinkRefusal.WORLD_MISMATCH, f"this group has world {world}")
             raise HandshakeError("world-mismatch", f"peer says world {hello.world}", peer=peer)
         if hello.to_rank != rank or hello.from_rank >= world or hello.from_rank == rank:
-            reject(hs.RejectReason.WRONG_RANK, f"this is rank {rank} of {world}")
+            reject(hs.LinkRefusal.WRONG_RANK, f"this is rank {rank} of {world}")
             raise HandshakeError(
                 "wrong-rank", f"HELLO from {hello.from_rank} to {hello.to_rank}", peer=peer
             )
@@ -445,16 +439,13 @@ class Channel:
     """One established link, non-blocking, with its in-flight send and receive frames.
 
     The engine thread is its only user. ``pump_recv`` reads as much as the kernel has
-    (header first, then the payload straight into the buffer the sink chooses);
-    ``pump_send`` writes as much of the queued frame as the kernel takes.
+    with the data plane's :class:`~phalanx.comm.frames.FrameDecoder` (header first,
+    then the payload straight into the buffer the sink chooses); ``pump_send`` writes
+    as much of the queued frame as the kernel takes.
     """
 
     __slots__ = (
-        "_dest",
-        "_got",
-        "_hdr",
-        "_hdr_view",
-        "_header",
+        "_decoder",
         "_out",
         "_pipe",
         "_zc_addr",
@@ -478,11 +469,7 @@ class Channel:
         self.peer = link.peer
         self.stream = link.stream
         self.max_payload = max_payload
-        self._hdr = bytearray(HEADER_SIZE)
-        self._hdr_view = memoryview(self._hdr)
-        self._header: FrameHeader | None = None
-        self._dest: memoryview | None = None
-        self._got = 0
+        self._decoder = FrameDecoder(max_payload)
         self._out: list[memoryview] = []
         # zero-copy payload in flight: address and bytes not yet in the pipe
         self._pipe: zerocopy.SplicePipe | None = None
@@ -562,7 +549,7 @@ class Channel:
     @property
     def parked(self) -> bool:
         """A header is in but the sink has no place for its payload yet."""
-        return self._header is not None and self._dest is None
+        return self._decoder.needs_dest
 
     def pump_recv(self, sink: FrameSink) -> None:
         """Read until the kernel has nothing more or the sink parks a frame; hand
@@ -572,48 +559,27 @@ class Channel:
         sink raises.
         """
         recv_into = self.sock.recv_into
+        decoder = self._decoder
         while True:
-            header = self._header
-            if header is None:
-                try:
-                    n = recv_into(self._hdr_view[self._got :])
-                except (BlockingIOError, InterruptedError):
-                    return
-                if n == 0:
-                    raise ConnectionResetError(f"rank {self.peer} closed the connection")
-                self.bytes_recv += n
-                self._got += n
-                if self._got < HEADER_SIZE:
-                    continue
-                header = decode_header(self._hdr, self.max_payload)
-                self._header = header
-                self._got = 0
-                self._dest = None
-            dest = self._dest
-            if dest is None:
+            if decoder.needs_dest:
+                header = decoder.header
+                assert header is not None
                 dest = sink.frame_dest(self, header)
                 if dest is None:
-                    return  # parked
-                if len(dest) != header.length:
-                    raise FrameError(
-                        "bad-payload", "receive buffer does not match the frame length"
-                    )
-                self._dest = dest
-            if self._got < header.length:
-                try:
-                    n = recv_into(dest[self._got :])
-                except (BlockingIOError, InterruptedError):
-                    return
-                if n == 0:
-                    raise ConnectionResetError(f"rank {self.peer} closed the connection")
-                self.bytes_recv += n
-                self._got += n
-                if self._got < header.length:
-                    continue
-            self._header = None
-            self._dest = None
-            self._got = 0
-            sink.frame_done(self, header, dest)
+                    return  # parked: asked again on the next pump
+                decoder.place(dest)
+            if decoder.complete:
+                header, payload = decoder.pop()
+                sink.frame_done(self, header, payload)
+                continue
+            try:
+                n = recv_into(decoder.window())
+            except (BlockingIOError, InterruptedError):
+                return
+            if n == 0:
+                raise ConnectionResetError(f"rank {self.peer} closed the connection")
+            self.bytes_recv += n
+            decoder.advance(n)
 
     def discard(self) -> bool:
         """Read and drop whatever the kernel holds (after a failure); True at EOF."""

@@ -1,19 +1,25 @@
 """The client side of the local API socket: send requests, wait for their replies.
 
 :class:`Connection` owns one Unix socket to the daemon. :meth:`Connection.send` writes
-a request (with a memfd for ``MAP``) and returns its id; :meth:`Connection.wait` reads
-replies until that id's arrives (replies to other requests are kept for their
+a request message (with a memfd for ``MAP``) and returns its id; :meth:`Connection.wait`
+reads replies until that id's arrives (replies to other requests are kept for their
 waiters), on the caller's thread: no background thread, so a synchronous call costs
 one round trip and no thread hand-off. Any number of threads may wait; one reads at a
 time. A reply flagged ``FLAG_FD`` carries a descriptor (received with SCM_RIGHTS,
 handed out by :meth:`Connection.wait_frame`; the caller owns it).
 
-Every wait has a deadline (``TimeoutError``). End of file, a reset, or a refused
+:meth:`Connection.cancel` asks the daemon, on a second connection (the first one's
+daemon thread is busy with the request), to stop a request; it returns the daemon's
+acknowledgement: the request is over (or will never run) — or that it could not be
+stopped in time.
+
+Every wait has a deadline (:class:`NoReply`, a ``TimeoutError``). End of file, a reset, or a refused
 connect raise :class:`~phalanx.errors.DaemonUnavailable` at once: when the daemon dies
 the kernel closes its end, so a blocked caller learns it within one poll slice.
+Connecting waits (bounded by ``wait``) for a daemon that is still starting.
 
-This module must never interpret a reply beyond its kind (ERROR bodies become typed
-exceptions through :mod:`phalanx.local.errcodec`), nor block without a deadline.
+This module must never interpret a reply beyond its frame (ERROR frames become the
+typed exceptions of :func:`phalanx.errors.rebuild`), nor block without a deadline.
 """
 
 from __future__ import annotations
@@ -29,36 +35,65 @@ import threading
 import time
 from typing import Any
 
-from phalanx.errors import DaemonUnavailable, ProtocolError
-from phalanx.local.errcodec import decode_error
-from phalanx.local.wire import FLAG_FD, Decoder, Frame, Kind, encode
+from phalanx.errors import DaemonUnavailable, ErrorInfo, ProtocolError, rebuild
+from phalanx.local.protocol import (
+    FLAG_FD,
+    Cancel,
+    Cancelled,
+    CancelState,
+    Decoder,
+    Event,
+    Kind,
+    Request,
+    WireFrame,
+    encode,
+)
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "NoReply"]
 
 _POLL_S = 0.2
 _SEND_TIMEOUT_S = 5.0
 _RECV = 1 << 16
+_CONNECT_RETRY_S = 0.05
+
+
+class NoReply(TimeoutError):
+    """No reply came within the wait (the request may still be running). Distinct
+    from a TimeoutError the daemon sent as the request's answer."""
+
+
+def _open(path: str, timeout: float, wait: float) -> socket.socket:
+    """A connected socket to ``path``; retries for ``wait`` seconds while nothing
+    listens there yet (a daemon still starting)."""
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            if time.monotonic() + _CONNECT_RETRY_S >= deadline:
+                waited = f" (waited {wait:g}s)" if wait > 0 else ""
+                raise DaemonUnavailable(
+                    f"no phalanx daemon is listening on {path} ({exc.strerror}){waited}; "
+                    "start one with 'phalanx daemon ...' or use phalanx.start() for "
+                    "embedded mode",
+                    socket=path,
+                ) from None
+            time.sleep(_CONNECT_RETRY_S)
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(f"cannot connect to {path}: {exc}", socket=path) from None
 
 
 class Connection:
     """One connection to the daemon at ``path`` (see the module docstring)."""
 
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, timeout: float = 5.0, *, wait: float = 0.0) -> None:
         self.path = path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise DaemonUnavailable(
-                f"no phalanx daemon is listening on {path} ({exc.strerror}); start one "
-                "with 'phalanx daemon ...' or use phalanx.start() for embedded mode",
-                socket=path,
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise DaemonUnavailable(f"cannot connect to {path}: {exc}", socket=path) from None
+        sock = _open(path, timeout, wait)
         sock.settimeout(_SEND_TIMEOUT_S)  # sends only; reads poll first
         self.sock = sock
         self._poll = select.poll()
@@ -67,18 +102,20 @@ class Connection:
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._reading = False
-        self._replies: dict[int, Frame] = {}
-        self._events: list[Frame] = []
+        self._replies: dict[int, WireFrame] = {}
+        self._events: list[WireFrame] = []
         self._decoder = Decoder()
         self._fds: list[int] = []  # received, not yet matched to a FLAG_FD frame
         self._dead: DaemonUnavailable | None = None
         self._closed = False
+        self._side: Connection | None = None  # for CANCEL
+        self._side_lock = threading.Lock()
 
     # ------------------------------------------------------------------ sending
-    def send(self, kind: Kind, body: dict[str, Any], fd: int | None = None) -> int:
+    def send(self, request: Request, fd: int | None = None) -> int:
         """Write one request; its id (pass it to :meth:`wait`)."""
         rid = next(self._ids)
-        data = encode(kind, rid, body)
+        data = encode(request, rid)
         self._check()
         try:
             with self._send_lock:
@@ -92,21 +129,33 @@ class Connection:
             raise self._die(f"the daemon went away ({exc})") from None
         return rid
 
-    def call(self, kind: Kind, body: dict[str, Any], timeout: float, fd: int | None = None) -> Any:
-        """send + wait: the reply body, or the typed error the daemon sent."""
-        return self.wait(self.send(kind, body, fd), timeout)
+    def call(self, request: Request, timeout: float, fd: int | None = None) -> Any:
+        """send + wait: the reply message, or the typed error the daemon sent."""
+        return self.wait(self.send(request, fd), timeout)
+
+    def cancel(self, session: int, rid: int, timeout: float) -> CancelState:
+        """Ask the daemon to stop request ``rid`` of ``session`` (this process's own),
+        on a second connection; its answer (the request is over unless it says
+        ``STILL_RUNNING``). ``TimeoutError`` if it does not answer in time."""
+        with self._side_lock:
+            if self._side is None or not self._side.alive:
+                self._side = Connection(self.path, timeout)
+            side = self._side
+        reply = side.call(Cancel(session, rid), timeout)
+        assert isinstance(reply, Cancelled)
+        return CancelState(reply.state)
 
     # ------------------------------------------------------------------ receiving
-    def wait(self, rid: int, timeout: float | None) -> dict[str, Any]:
-        """The reply body for request ``rid``; raises its typed error, TimeoutError at
-        the deadline, DaemonUnavailable if the daemon is gone."""
+    def wait(self, rid: int, timeout: float | None) -> Any:
+        """The reply message for request ``rid``; raises its typed error, TimeoutError
+        at the deadline, DaemonUnavailable if the daemon is gone."""
         frame = self.wait_frame(rid, timeout)
         if frame.fd is not None:  # nobody asked for it
             os.close(frame.fd)
-        return frame.body
+        return frame.message
 
-    def wait_frame(self, rid: int, timeout: float | None) -> Frame:
-        """:meth:`wait`, returning the REPLY frame (with its ``fd``, owned by the caller)."""
+    def wait_frame(self, rid: int, timeout: float | None) -> WireFrame:
+        """:meth:`wait`, returning the reply frame (with its ``fd``, owned by the caller)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -119,24 +168,15 @@ class Connection:
                     raise DaemonUnavailable("the connection was closed", socket=self.path)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"no answer from the daemon within {timeout}s")
-                if self._reading:
-                    self._cond.wait(_POLL_S if left is None else min(left, _POLL_S))
-                    continue
-                self._reading = True
-                self._cond.release()
-                try:
-                    self._read_once(_POLL_S if left is None else min(left, _POLL_S))
-                finally:
-                    self._cond.acquire()
-                    self._reading = False
-                    self._cond.notify_all()
-        if frame.kind is Kind.ERROR:
-            raise decode_error(frame.body)
+                    raise NoReply(f"no answer from the daemon within {timeout}s")
+                self._read_or_wait(_POLL_S if left is None else min(left, _POLL_S))
+        if frame.kind == Kind.ERROR:
+            assert isinstance(frame.message, ErrorInfo)
+            raise rebuild(frame.message)
         return frame
 
-    def next_event(self, timeout: float) -> dict[str, Any] | None:
-        """The next EVENT body (watch connections), or None after ``timeout``."""
+    def next_event(self, timeout: float) -> Event | None:
+        """The next view EVENT (watch connections), or None after ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._events:
@@ -145,18 +185,25 @@ class Connection:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                if self._reading:
-                    self._cond.wait(min(left, _POLL_S))
-                    continue
-                self._reading = True
-                self._cond.release()
-                try:
-                    self._read_once(min(left, _POLL_S))
-                finally:
-                    self._cond.acquire()
-                    self._reading = False
-                    self._cond.notify_all()
-            return self._events.pop(0).body
+                self._read_or_wait(min(left, _POLL_S))
+            event = self._events.pop(0).message
+            assert isinstance(event, Event)
+            return event
+
+    def _read_or_wait(self, timeout: float) -> None:
+        """With the condition held: read once (if nobody else is) or wait for the
+        reader to hand frames out."""
+        if self._reading:
+            self._cond.wait(timeout)
+            return
+        self._reading = True
+        self._cond.release()
+        try:
+            self._read_once(timeout)
+        finally:
+            self._cond.acquire()
+            self._reading = False
+            self._cond.notify_all()
 
     def _read_once(self, timeout: float) -> None:
         """One recv (without the condition held); frames go to their slots."""
@@ -192,7 +239,7 @@ class Connection:
             return
         with self._cond:
             for f in frames:
-                if f.kind is Kind.EVENT:
+                if f.kind == Kind.EVENT:
                     self._events.append(f)
                 else:
                     self._replies[f.rid] = f
@@ -228,3 +275,6 @@ class Connection:
         for fd in left:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        side = self._side
+        if side is not None:
+            side.close()

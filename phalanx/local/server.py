@@ -1,23 +1,38 @@
-"""The daemon's local API endpoint: a Unix socket, one thread per client connection.
+"""The daemon's end of the local API: a Unix socket, a thread per connection, one table.
 
 :class:`LocalServer` binds the socket (its directory 0700, the socket 0600, and only
 processes of the daemon's own user are served: ``SO_PEERCRED``), accepts connections
-and runs, per connection, a thread that reads frames (:mod:`phalanx.local.wire`),
-receives memfds (SCM_RIGHTS; a RESTORE reply sends one back) and answers each request with the
-:class:`~phalanx.local.service.Service`'s result, in order. Running the request on the
-connection's own thread keeps the round trip to one thread hop in the daemon; async
-requests from a client simply queue in the socket until the previous one is answered.
+and runs, per connection, a thread that reads frames (:mod:`phalanx.local.protocol`),
+receives memfds (SCM_RIGHTS; a RESTORE reply sends one back), and answers each request
+through **one dispatch table**, :data:`HANDLERS` (request class -> handler), in order.
+Running the request on the connection's own thread keeps the round trip to one thread
+hop in the daemon; async requests from a client queue in the socket until the previous
+one is answered. The handlers are thin: collectives, steps, votes and state go to the
+:class:`~phalanx.membership.elastic.ElasticGroup` (which keeps the step lifecycle),
+snapshots to :mod:`phalanx.local.snapshots`, memory to the connection's session.
 
-A connection that sent ``WATCH`` only receives ``EVENT`` frames (:meth:`publish`).
-Malformed input (bad frame, bad request, oversized body) closes that connection with
-an ``event=local_protocol_error`` log line; it never stops the daemon.
+**Deadlines and CANCEL.** A request's deadline is the client's (its monotonic clock is
+this one's when HELLO showed they agree; else the seconds it sent, from arrival), and
+travels into the elastic group and the data plane. A client that has no answer by
+then sends ``CANCEL`` on a second connection (the first is busy with the request): the
+request, if running, has its :class:`~phalanx.deadline.Deadline` cancelled, which
+stops it wherever it waits; the CANCEL is answered only once the request is over (or
+will never run), so the client reuses no memory an op could still touch.
 
-A stale socket file (nobody accepts on it) is replaced; a live one (another daemon)
-is refused. :meth:`close` stops accepting, shuts every connection down and joins
-every thread (each blocked read wakes at least every ``_POLL_S``).
+**Sessions and client loss.** A connection that sent HELLO is a client session. When
+it ends without BYE (the training process died) the elastic group is told
+(:meth:`ElasticGroup.client_lost`: its step lifecycle decides what that costs).
+Connections that sent WATCH only receive view EVENTs.
 
-This module must never run group logic itself or block a connection thread without
-a deadline.
+One lock serializes every request that drives the group, so two connections never
+interleave a collective; it is taken bounded by the request's deadline. Malformed
+input closes that connection with an ``event=local_protocol_error`` line; it never
+stops the daemon. A stale socket file is replaced; a live one (another daemon) is
+refused. :meth:`close` stops accepting, shuts every connection down and joins every
+thread.
+
+This module must never hold the group lock while it waits for a client, nor block a
+connection thread without a deadline.
 """
 
 from __future__ import annotations
@@ -31,22 +46,102 @@ import socket
 import stat
 import struct
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from phalanx.errors import ConfigError, PhalanxError, ProtocolError
-from phalanx.local.errcodec import encode_error
-from phalanx.local.service import FdReply, Service, Session
-from phalanx.local.wire import FLAG_FD, Decoder, Frame, Kind, encode
+import numpy as np
 
-__all__ = ["LocalServer"]
+from phalanx.deadline import Deadline
+from phalanx.errors import ConfigError, GroupClosed, PhalanxError, ProtocolError, describe
+from phalanx.local import snapshots
+from phalanx.local.protocol import (
+    REQUESTS,
+    Attached,
+    AttachState,
+    BeginStep,
+    BufRef,
+    Bye,
+    Cancel,
+    Cancelled,
+    CancelState,
+    ClientHello,
+    Commit,
+    Committed,
+    Decoder,
+    Done,
+    Event,
+    GetView,
+    Map,
+    Mapped,
+    Op,
+    Request,
+    Restore,
+    SnapshotWait,
+    TakeSnapshot,
+    Unmap,
+    UpdateState,
+    Watch,
+    Welcome,
+    WireFrame,
+    encode,
+    row_of,
+)
+from phalanx.local.shm import Region
+from phalanx.ops import OpResult, StepInfo, ViewInfo
+
+if TYPE_CHECKING:
+    from phalanx.checkpoint.snapshot import PendingSeal, SnapshotService
+    from phalanx.membership.elastic import ElasticGroup
+    from phalanx.membership.view import View
+
+__all__ = ["HANDLERS", "LocalServer", "Session", "view_info"]
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("phalanx.audit.local")
 
+PROTOCOL_VERSION = 2
 _POLL_S = 0.25
 _RECV = 1 << 16
 _SEND_TIMEOUT_S = 5.0
 _MAX_CONNECTIONS = 64
+_CONTROL_TIMEOUT_S = 10.0  # requests that carry no deadline of their own
+_CLOCK_SKEW_S = 0.05  # HELLO: the client's monotonic clock is ours if this close
+_CANCEL_WAIT_S = 5.0  # how long a CANCEL waits for its request to stop
+_KEEP_HANDLES = 16  # snapshot generations kept for SNAPSHOT_WAIT (newest first)
+
+
+def view_info(view: View, member_id: str) -> ViewInfo:
+    rank = view.rank(member_id) if member_id in view else None
+    return ViewInfo(view.epoch, view.ids, rank, member_id)
+
+
+@dataclass
+class Session:
+    """One connection: its client process (``SO_PEERCRED``), mapped regions, and the
+    request it runs (for CANCEL)."""
+
+    sid: int
+    peer_pid: int
+    regions: dict[int, Region] = field(default_factory=dict)
+    shm_bytes: int = 0
+    hello: bool = False  # a client session (not a WATCH or CANCEL connection)
+    closed_cleanly: bool = False
+    watching: bool = False
+    shared_clock: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    running: int = 0  # rid of the request being handled (0: none)
+    deadline: Deadline | None = None  # its deadline (CANCEL cancels it)
+    answered: int = 0  # highest rid answered
+    cancelled: set[int] = field(default_factory=set)  # rids cancelled before they ran
+
+    def array(self, ref: BufRef) -> np.ndarray:
+        region = self.regions.get(ref.region)
+        if region is None:
+            raise ProtocolError(f"unknown region {ref.region}")
+        return region.array(ref.offset, ref.dtype, ref.shape)
 
 
 class _Conn:
@@ -54,30 +149,48 @@ class _Conn:
         self.sock = sock
         self.session = session
         self.send_lock = threading.Lock()
-        self.watching = False
         self.thread: threading.Thread | None = None
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray, fd: int | None = None) -> None:
         with self.send_lock:
-            self.sock.sendall(data)
-
-    def send_fd(self, data: bytes, fd: int) -> None:
-        """``data`` with ``fd`` attached to its first byte (SCM_RIGHTS)."""
-        with self.send_lock:
-            sent = socket.send_fds(self.sock, [data], [fd])
+            if fd is None:
+                self.sock.sendall(data)
+                return
+            sent = socket.send_fds(self.sock, [data], [fd])  # fd attached to the first byte
             if sent < len(data):
                 self.sock.sendall(data[sent:])
 
 
 class LocalServer:
-    """Serves ``service`` on the Unix socket ``path`` (see the module docstring)."""
+    """Serves ``group`` (and ``snapshots``) on the Unix socket ``path``."""
 
-    def __init__(self, path: str, service: Service) -> None:
+    def __init__(
+        self,
+        path: str,
+        group: ElasticGroup,
+        *,
+        max_client_shm_bytes: int,
+        op_timeout: float,
+        join_timeout: float = 30.0,
+        snapshots: SnapshotService | None = None,
+        seal_timeout: float = 300.0,
+    ) -> None:
         self.path = path
-        self.service = service
+        self.group = group
+        self.snapshots = snapshots
+        self.max_shm = max_client_shm_bytes
+        self.op_timeout = op_timeout
+        self.join_timeout = join_timeout
+        self.seal_timeout = seal_timeout
+        self.seals: dict[int, PendingSeal] = {}  # generation -> its seal, for SNAPSHOT_WAIT
+        self.snapshot_lock = threading.Lock()  # one generation at a time
+        self._group_lock = threading.Lock()
+        self._closing = False
+        self._held = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conns: list[_Conn] = []
+        self._sessions: dict[int, Session] = {}
         self._next_sid = 1
         self._sock = _bind(path)
         self._acceptor = threading.Thread(
@@ -96,7 +209,8 @@ class LocalServer:
                 continue
             except OSError:
                 return
-            if not _same_user(sock):
+            pid = _peer_pid(sock)
+            if pid is None:
                 log.warning("event=local_refused reason=foreign-user")
                 sock.close()
                 continue
@@ -106,18 +220,20 @@ class LocalServer:
                     log.warning("event=local_refused reason=too-many-connections")
                     sock.close()
                     continue
-                conn = _Conn(sock, Session(self._next_sid))
+                session = Session(self._next_sid, pid)
                 self._next_sid += 1
+                conn = _Conn(sock, session)
                 t = threading.Thread(
                     target=self._serve, args=(conn,), name="phalanx-local-conn", daemon=True
                 )
                 conn.thread = t
                 self._conns.append(conn)
+                self._sessions[session.sid] = session
             t.start()
 
     # ------------------------------------------------------------------ one connection
     def _serve(self, conn: _Conn) -> None:
-        sock = conn.sock
+        sock, s = conn.sock, conn.session
         sock.settimeout(_POLL_S)
         decoder = Decoder()
         fds: list[int] = []
@@ -131,30 +247,20 @@ class LocalServer:
                     break
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        arr = array.array("i")
-                        arr.frombytes(payload[: len(payload) - len(payload) % 4])
-                        fds.extend(arr)
+                        fds_in = array.array("i")
+                        fds_in.frombytes(payload[: len(payload) - len(payload) % 4])
+                        fds.extend(fds_in)
                 if not data:
                     break  # EOF: the client closed or died
                 for frame in decoder.feed(data):
-                    if frame.kind is Kind.WATCH:
-                        conn.watching = True
-                        conn.send(encode(Kind.REPLY, frame.rid, self.service.view()))
-                        continue
-                    if frame.kind is Kind.BYE:
-                        conn.session.closed_cleanly = True
-                        conn.send(encode(Kind.REPLY, frame.rid, {}))
-                        continue
-                    fd = fds.pop(0) if frame.kind is Kind.MAP and fds else None
+                    fd = fds.pop(0) if frame.flags and fds else None
                     self._answer(conn, frame, fd)
                 if fds and decoder.pending == 0:
-                    raise ProtocolError("file descriptor without a MAP request")
+                    raise ProtocolError("a file descriptor came without a MAP request")
         except ProtocolError as exc:
-            log.warning(
-                "event=local_protocol_error session=%d error=%r", conn.session.sid, str(exc)
-            )
+            log.warning("event=local_protocol_error session=%d error=%r", s.sid, str(exc))
         except OSError as exc:  # the client went away while we answered
-            log.info("event=local_send_failed session=%d error=%r", conn.session.sid, str(exc))
+            log.info("event=local_send_failed session=%d error=%r", s.sid, str(exc))
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -164,39 +270,203 @@ class LocalServer:
             with self._lock:
                 if conn in self._conns:
                     self._conns.remove(conn)
-            if not conn.watching:
-                try:
-                    self.service.session_ended(conn.session)
-                except Exception:
-                    log.exception("event=session_end_failed session=%d", conn.session.sid)
+                self._sessions.pop(s.sid, None)
+            self._session_ended(s)
 
-    def _answer(self, conn: _Conn, frame: Frame, fd: int | None) -> None:
+    def _answer(self, conn: _Conn, frame: WireFrame, fd: int | None) -> None:
+        s, req = conn.session, frame.message
+        if not isinstance(req, Request):
+            if fd is not None:
+                os.close(fd)
+            raise ProtocolError(f"a {type(req).__name__} is not a request")
+        row = row_of(req)
+        if row.fd_in != (fd is not None):
+            if fd is not None:
+                os.close(fd)
+            raise ProtocolError(
+                f"{row.kind.name} {'needs' if row.fd_in else 'must not carry'} a file descriptor"
+            )
+        deadline = self._deadline(s, req)
+        with s.cond:
+            if frame.rid in s.cancelled:  # the client gave up before it ran
+                s.cancelled.discard(frame.rid)
+                s.answered = max(s.answered, frame.rid)
+                s.cond.notify_all()
+                cancelled = True
+            else:
+                s.running, s.deadline = frame.rid, deadline
+                cancelled = False
+        if cancelled:
+            err = TimeoutError(f"{row.kind.name} was cancelled before it ran")
+            conn.send(encode(describe(err), frame.rid))
+            return
+        out_fd: int | None = None
         try:
-            body = self.service.handle_fd(conn.session, frame, fd)
-        except ProtocolError:
-            raise
-        except Exception as exc:  # typed errors travel to the client
-            if isinstance(exc, PhalanxError | TimeoutError):
-                log.debug("event=local_request_error kind=%s error=%r", frame.kind.name, str(exc))
-            else:  # a bug on our side: keep the traceback
-                log.exception("event=local_request_failed kind=%s", frame.kind.name)
-            conn.send(encode(Kind.ERROR, frame.rid, encode_error(exc)))
-            return
-        if isinstance(body, FdReply):
             try:
-                data = encode(Kind.REPLY, frame.rid, body.body, FLAG_FD)
-                conn.send_fd(data, body.fd)
-            finally:
-                os.close(body.fd)
+                reply = HANDLERS[type(req)](self, s, req, fd, deadline)
+            except ProtocolError:
+                raise
+            except Exception as exc:  # typed errors travel to the client
+                if isinstance(exc, PhalanxError | TimeoutError):
+                    log.debug("event=local_request_error kind=%s error=%r", row.kind.name, str(exc))
+                else:  # a bug on our side: keep the traceback
+                    log.exception("event=local_request_failed kind=%s", row.kind.name)
+                conn.send(encode(describe(exc), frame.rid))
+                return
+            if isinstance(reply, snapshots.WithFd):
+                out_fd, reply = reply.fd, reply.layout
+            conn.send(encode(reply, frame.rid, reply_to=type(req)), out_fd)
+        finally:
+            if out_fd is not None:
+                os.close(out_fd)
+            with s.cond:
+                s.running, s.deadline = 0, None
+                s.answered = max(s.answered, frame.rid)
+                s.cond.notify_all()
+
+    def _deadline(self, s: Session, req: Request) -> Deadline:
+        timeout = getattr(req, "timeout", None)
+        if timeout is None:
+            return Deadline.after(_CONTROL_TIMEOUT_S)
+        at = getattr(req, "at", None)
+        if s.shared_clock and at is not None:
+            return Deadline(at)
+        return Deadline.after(timeout)
+
+    def _session_ended(self, s: Session) -> None:
+        s.regions.clear()  # arrays the state holds keep their pages mapped
+        if not s.hello or s.watching:
             return
-        conn.send(encode(Kind.REPLY, frame.rid, body))
+        if s.closed_cleanly or self._closing:
+            audit.info("event=client_closed session=%d pid=%d", s.sid, s.peer_pid)
+            self.group.client_closed()
+            return
+        audit.warning(
+            "event=client_lost session=%d pid=%d epoch=%d", s.sid, s.peer_pid, self.group.view.epoch
+        )
+        try:
+            self.group.client_lost()
+        except Exception as exc:  # the next client call will see the group's error
+            log.error("event=client_lost_failed error=%r", str(exc))
+
+    # ------------------------------------------------------------------ the group lock
+    @contextlib.contextmanager
+    def _driving(self, deadline: Deadline) -> Any:
+        """Hold the group lock (bounded by ``deadline``, cancellable)."""
+        if self._closing:
+            raise GroupClosed("the daemon is shutting down")
+        while not self._group_lock.acquire(timeout=deadline.slice(0.05)):
+            if deadline.expired:
+                why = "cancelled" if deadline.cancelled else "its deadline passed"
+                raise TimeoutError(f"the request {why} while another one drove the group")
+        try:
+            if self._closing:
+                raise GroupClosed("the daemon is shutting down")
+            yield
+        finally:
+            self._group_lock.release()
+
+    # ------------------------------------------------------------------ handlers
+    def _hello(self, s: Session, req: ClientHello, fd: int | None, dl: Deadline) -> Welcome:
+        if req.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"client speaks local protocol {req.version}, not {PROTOCOL_VERSION}"
+            )
+        s.hello = True
+        s.shared_clock = abs(req.clock - time.monotonic()) < _CLOCK_SKEW_S
+        audit.info("event=client_connected session=%d pid=%d", s.sid, s.peer_pid)
+        return Welcome(PROTOCOL_VERSION, s.sid, os.getpid(), self.group.member_id, self.view(),
+                       self.seal_timeout, self.join_timeout)  # fmt: skip
+
+    def _map(self, s: Session, req: Map, fd: int | None, dl: Deadline) -> Mapped:
+        assert fd is not None
+        if req.region in s.regions:
+            os.close(fd)
+            raise ProtocolError(f"duplicate region id {req.region}")
+        region = Region.adopt(req.region, fd, self.max_shm - s.shm_bytes)
+        s.regions[req.region] = region
+        s.shm_bytes += region.size
+        return Mapped(region.size)
+
+    def _unmap(self, s: Session, req: Unmap, fd: int | None, dl: Deadline) -> Done:
+        region = s.regions.pop(req.region, None)
+        if region is not None:
+            s.shm_bytes -= region.size
+        return Done()
+
+    def _op(self, s: Session, req: Op, fd: int | None, dl: Deadline) -> OpResult:
+        x = None if req.buf is None else s.array(req.buf)
+        with self._driving(dl):
+            return self.group.run(req.spec, x, retry=req.retry, deadline=dl)
+
+    def _commit(self, s: Session, req: Commit, fd: int | None, dl: Deadline) -> Committed:
+        with self._driving(dl):
+            return Committed(self.group.commit(req.step, req.ok, timeout=max(dl.left(), 0.001)))
+
+    def _begin_step(self, s: Session, req: BeginStep, fd: int | None, dl: Deadline) -> StepInfo:
+        with self._driving(dl):
+            return self.group.begin_step(req.step, deadline=dl, allow_partial=req.allow_partial)
+
+    def _view(self, s: Session, req: GetView, fd: int | None, dl: Deadline) -> ViewInfo:
+        return self.view()
+
+    def _attach(self, s: Session, req: AttachState, fd: int | None, dl: Deadline) -> Attached:
+        arrays = {e.name: s.array(e.buf) for e in req.entries}
+        with self._driving(dl):
+            step, how = self.group.attach_state(arrays, req.step)
+        audit.info(
+            "event=state_attached session=%d step=%d entries=%d bytes=%d source=%s",
+            s.sid, step, len(arrays), sum(a.nbytes for a in arrays.values()), how,
+        )  # fmt: skip
+        return Attached(step, how)
+
+    def _update(self, s: Session, req: UpdateState, fd: int | None, dl: Deadline) -> Done:
+        with self._driving(dl):
+            self.group.update_state(req.step, None if req.changed is None else list(req.changed))
+        return Done()
+
+    def _watch(self, s: Session, req: Watch, fd: int | None, dl: Deadline) -> ViewInfo:
+        s.watching = True
+        return self.view()
+
+    def _bye(self, s: Session, req: Bye, fd: int | None, dl: Deadline) -> Done:
+        s.closed_cleanly = True
+        return Done()
+
+    def _cancel(self, s: Session, req: Cancel, fd: int | None, dl: Deadline) -> Cancelled:
+        with self._lock:
+            target = self._sessions.get(req.session)
+        if target is None:  # its connection is gone: its thread finished every request
+            return Cancelled(CancelState.FINISHED.value)
+        if target.peer_pid != s.peer_pid:
+            raise ProtocolError("a process may only cancel its own requests")
+        with target.cond:
+            if req.rid <= target.answered:
+                return Cancelled(CancelState.FINISHED.value)
+            if target.running != req.rid:
+                target.cancelled.add(req.rid)  # not read yet: it never runs
+                return Cancelled(CancelState.WILL_NOT_RUN.value)
+            if target.deadline is not None:
+                target.deadline.cancel()
+            audit.info("event=request_cancelled session=%d rid=%d", target.sid, req.rid)
+            end = time.monotonic() + _CANCEL_WAIT_S
+            while target.answered < req.rid:
+                left = end - time.monotonic()
+                if left <= 0:
+                    log.error("event=cancel_timeout session=%d rid=%d", target.sid, req.rid)
+                    return Cancelled(CancelState.STILL_RUNNING.value)
+                target.cond.wait(left)
+        return Cancelled(CancelState.STOPPED.value)
+
+    def view(self) -> ViewInfo:
+        return view_info(self.group.view, self.group.member_id)
 
     # ------------------------------------------------------------------ events
-    def publish(self, body: dict[str, Any]) -> None:
-        """Send an EVENT to every watching connection (drops one that cannot keep up)."""
-        data = encode(Kind.EVENT, 0, body)
+    def publish(self, view: View) -> None:
+        """Send the view to every watching connection (drops one that cannot keep up)."""
+        data = encode(Event(view_info(view, self.group.member_id)), 0)
         with self._lock:
-            watchers = [c for c in self._conns if c.watching]
+            watchers = [c for c in self._conns if c.session.watching]
         for c in watchers:
             try:
                 c.sock.settimeout(_SEND_TIMEOUT_S)
@@ -208,7 +478,7 @@ class LocalServer:
     @property
     def clients(self) -> int:
         with self._lock:
-            return sum(1 for c in self._conns if not c.watching)
+            return sum(1 for c in self._conns if c.session.hello and not c.session.watching)
 
     # ------------------------------------------------------------------ lifecycle
     def stop_accepting(self) -> None:
@@ -217,8 +487,21 @@ class LocalServer:
             self._sock.close()
         self._acceptor.join(2 * _POLL_S + 1.0)
 
+    def drain(self, timeout: float) -> bool:
+        """Refuse new group calls; wait up to ``timeout`` for the one in flight, then
+        hold the group lock until :meth:`release`. True if it drained in time."""
+        self._closing = True
+        self._held = self._group_lock.acquire(timeout=timeout)
+        return self._held
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._group_lock.release()
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop accepting, shut every connection down, join every thread. Idempotent."""
+        self._closing = True
         self.stop_accepting()
         with self._lock:
             conns = list(self._conns)
@@ -233,6 +516,30 @@ class LocalServer:
         with contextlib.suppress(FileNotFoundError):
             if _is_socket(self.path):
                 os.unlink(self.path)
+
+
+_Handler = Callable[[LocalServer, Session, Any, "int | None", Deadline], Any]
+
+#: request class -> what answers it (the daemon's one dispatch table)
+HANDLERS: dict[type[Request], _Handler] = {
+    ClientHello: LocalServer._hello,
+    Map: LocalServer._map,
+    Unmap: LocalServer._unmap,
+    Op: LocalServer._op,
+    Commit: LocalServer._commit,
+    BeginStep: LocalServer._begin_step,
+    GetView: LocalServer._view,
+    AttachState: LocalServer._attach,
+    UpdateState: LocalServer._update,
+    Watch: LocalServer._watch,
+    Bye: LocalServer._bye,
+    TakeSnapshot: snapshots.snapshot,
+    SnapshotWait: snapshots.snapshot_wait,
+    Restore: snapshots.restore,
+    Cancel: LocalServer._cancel,
+}
+if set(HANDLERS) != {r.request for r in REQUESTS}:  # pragma: no cover - caught at import
+    raise ConfigError("every request of protocol.REQUESTS needs exactly one handler")
 
 
 def _is_socket(path: str) -> bool:
@@ -276,10 +583,11 @@ def _bind(path: str) -> socket.socket:
     return sock
 
 
-def _same_user(sock: socket.socket) -> bool:
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The connecting process's pid if it runs as our user (SO_PEERCRED), else None."""
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
-        return False
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return bool(uid == os.getuid())
+        return None
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid) if uid == os.getuid() else None

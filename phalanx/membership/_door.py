@@ -6,11 +6,17 @@ built per view, owns its listener, and refuses links of another epoch. Peers do 
 switch views at the same instant: a fast peer connects for epoch E+1 while this
 member's epoch-E group still accepts, and that group would refuse the link. The
 :class:`Door` owns the real listening socket, reads (``MSG_PEEK``, nothing consumed)
-the 40-byte header of the first frame of each new connection — the HELLO, which names
+the fixed-size header of the first frame of each new connection — the HELLO, which names
 its epoch — and hands the connection to the listener of that epoch
 (:meth:`Door.listener`), holding it briefly if that epoch's group is not built yet.
 Connections for an older epoch, garbage, and probes that close without a word (the
 coordinator's reachability check) are closed with a DEBUG/WARNING line.
+
+Epochs here are data-plane group ids (:func:`~phalanx.membership.lifecycle.
+data_epoch`): a view epoch, the generation of its rebuilt group, and a side-group
+bit; "older" compares them as that tuple. A connection held for a group that is not
+open yet is reported to ``on_ahead`` (a peer already runs a newer generation of this
+view: the member's own group is stale and must be rebuilt there).
 
 This module must never consume a byte of a connection it hands over, hold a
 connection past its deadline, or leave its thread running after :meth:`Door.close`.
@@ -25,11 +31,13 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import cast
 
 from phalanx.comm.frames import HEADER_SIZE, FrameKind, decode_header
 from phalanx.comm.transport import Listener, bind
 from phalanx.errors import FrameError
+from phalanx.membership.lifecycle import split_epoch
 
 __all__ = ["Door", "EpochListener"]
 
@@ -99,13 +107,20 @@ class EpochListener(Listener):
 class Door:
     """Owns this member's data-plane listening socket; see the module docstring."""
 
-    def __init__(self, address: str = "127.0.0.1:0", *, hold_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:0",
+        *,
+        hold_s: float = 5.0,
+        on_ahead: Callable[[int], None] | None = None,
+    ) -> None:
         self._listener = bind(address)
         self.address = self._listener.address
         self._hold_s = hold_s
+        self._on_ahead = on_ahead
         self._lock = threading.Lock()
         self._open: dict[int, _EpochSocket] = {}
-        self._floor = 0  # connections for epochs below this are refused
+        self._floor = (0, 0, False)  # connections for groups below this are refused
         self._held: list[tuple[socket.socket, int, float]] = []  # (conn, epoch, deadline)
         self._stop = threading.Event()
         self._sel = selectors.DefaultSelector()
@@ -119,17 +134,18 @@ class Door:
         epochs are refused from now on; without (a side group, e.g. a state transfer
         under an epoch id of its own) nothing else changes."""
         es = _EpochSocket(epoch, cast(tuple[str, int], self._listener.sock.getsockname()))
+        key = split_epoch(epoch)
         with self._lock:
             if advance:
-                self._floor = max(self._floor, epoch)
-                for old in [e for e in self._open if e < epoch]:
+                self._floor = max(self._floor, key)
+                for old in [e for e in self._open if split_epoch(e) < key]:
                     self._open.pop(old).close()
             self._open[epoch] = es
             keep = []
             for conn, ep, deadline in self._held:
                 if ep == epoch:
                     es.put(conn)
-                elif ep < epoch:
+                elif advance and split_epoch(ep) < key:
                     conn.close()
                 else:
                     keep.append((conn, ep, deadline))
@@ -228,12 +244,19 @@ class Door:
             conn.close()
             return
         conn.setblocking(True)
+        ahead = False
         with self._lock:
             es = self._open.get(header.epoch)
             if es is not None:
                 es.put(conn)
-            elif header.epoch > self._floor:
+            elif split_epoch(header.epoch) > self._floor:
                 self._held.append((conn, header.epoch, time.monotonic() + self._hold_s))
+                ahead = True
             else:
                 log.debug("event=door_drop reason=old-epoch epoch=%d", header.epoch)
                 conn.close()
+        if ahead and self._on_ahead is not None:
+            try:
+                self._on_ahead(header.epoch)
+            except Exception:
+                log.exception("event=door_callback_failed epoch=%d", header.epoch)

@@ -9,10 +9,18 @@ every rule here is testable with a fake clock. The gRPC servicer in
 Rules (docs/membership.md explains them):
   * failure: no heartbeat for ``heartbeat_timeout``; or a suspicion (peer report,
     lost Watch stream, a higher incarnation asking to join) not refuted by a
-    heartbeat within ``confirm_window``.
+    heartbeat within ``confirm_window``. When more than half of the view (two or
+    more) falls silent in the same tick, the likelier cause is on this side (the
+    coordinator starved of CPU, its host's network) rather than that many deaths at
+    once: they get one more ``heartbeat_timeout`` and only those still silent then
+    are removed (soak, seed 20261206: four of four members failed in one tick, the
+    view was left to newcomers without the training state).
   * admission: joiners enter the view right after a commit decision (the operation
     boundary), or at once when the group is not stepping (no decision within
     ``step_window`` and no round open), or at the latest after ``admit_deadline``.
+    Joins that arrive within ``join_batch`` of the last admission wait for the next
+    tick and enter together: a cluster of N starting at once is a handful of views,
+    not N views each sent to every member (N^2 watch events).
   * commit: one decision per (epoch, step), remembered; a vote for an epoch that is
     not current is answered "not committed" unless that round was already decided --
     but only for epochs this instance published itself. For an older epoch (one a
@@ -145,9 +153,12 @@ class GroupState:
         self._witnessed: OrderedDict[int, None] = OrderedDict()
         self._forgotten_upto = 0
         self._last_decision_at: float | None = None
+        self._last_admit_at: float | None = None
         self._published = Published(View(0), ViewCause.SNAPSHOT)
         self._published_anything = False
         self._recovery_deadline = now + config.recovery_grace
+        # a mass silence being waited out: (since, until) -- see tick()
+        self._silence: tuple[float, float] | None = None
         #: Grows on every publication, adoption or decision (waiters compare it).
         self.revision = 0
 
@@ -266,7 +277,11 @@ class GroupState:
             member.incarnation,
             self.view.epoch,
         )
-        self._maybe_admit(now, boundary=False)
+        recent = self._last_admit_at is not None and now - self._last_admit_at < (
+            self.config.join_batch
+        )
+        if not recent:  # else the next tick admits it with whoever else joins meanwhile
+            self._maybe_admit(now, boundary=False)
         entry = self._entries[member.id]
         return self.view, entry.state in IN_VIEW_STATES
 
@@ -416,10 +431,34 @@ class GroupState:
 
     # -- the clock ------------------------------------------------------------------
 
+    def _hold_mass_silence(self, now: float) -> bool:
+        """True while heartbeat timeouts are held because most of the view fell silent
+        at once (see the module docstring); starts such a hold when it applies."""
+        cfg = self.config
+        if self._silence is not None:
+            if now < self._silence[1]:
+                return True
+            self._silence = None  # waited out: whoever is still silent goes now
+            return False
+        in_view = [e for e in self._entries.values() if e.state in IN_VIEW_STATES]
+        silent = [e for e in in_view
+                  if e.last_beat is not None and now - e.last_beat >= cfg.heartbeat_timeout]  # fmt: skip
+        if len(silent) < 2 or 2 * len(silent) <= len(in_view):
+            return False
+        self._silence = (now, now + cfg.heartbeat_timeout)
+        log.warning(
+            "event=mass_silence members=%s of=%d hold_s=%.3f",
+            ",".join(sorted(e.member.id for e in silent)),
+            len(in_view),
+            cfg.heartbeat_timeout,
+        )
+        return True
+
     def tick(self, now: float) -> None:
         """Detect failures, confirm suspicions, end recovery, admit joiners, time out rounds."""
         cfg = self.config
         removals: list[Change] = []
+        hold = self._hold_mass_silence(now)
         for member_id in list(self._entries):
             entry = self._entries[member_id]
             if entry.last_beat is None:
@@ -439,7 +478,7 @@ class GroupState:
                     entry.removal_cause += "+corroborated"
                 removals.append(Change(ChangeKind.FAIL, entry.member, entry.removal_cause))
                 continue
-            if age >= cfg.heartbeat_timeout:
+            if age >= cfg.heartbeat_timeout and not (hold and entry.state in IN_VIEW_STATES):
                 was_joining = entry.state is MemberState.JOINING
                 entry.state = transition(entry.state, MemberEvent.TIMEOUT)
                 cause = "heartbeat-timeout" if entry.last_beat is not None else "no-reregistration"
@@ -602,6 +641,7 @@ class GroupState:
                 return
         changes = [Change(ChangeKind.ADMIT, e.member, "join") for e in joiners]
         self._publish(changes, ViewCause.JOIN, now)
+        self._last_admit_at = now
 
     def _publish(self, changes: list[Change], cause: ViewCause, now: float) -> None:
         if not self._recovering and any(c.removes for c in changes):

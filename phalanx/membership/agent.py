@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import grpc
 
 from phalanx.errors import ConfigError
-from phalanx.membership import _wire
+from phalanx.membership import _rpc
 from phalanx.membership._group import Decision, Outcome
 from phalanx.membership._proto import membership_pb2 as pb
 from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
@@ -62,6 +62,10 @@ class Agent:
         on_view: called with every new view that contains this peer.
         on_evicted: called once with the current epoch when this incarnation is
             removed (it can then :meth:`rejoin`).
+        on_heartbeat: called after every heartbeat with whether the coordinator
+            acknowledged it (the daemon points it at the monitor's
+            ``phalanx_heartbeat_last_*`` gauges); also settable as an attribute after
+            construction. It runs on the heartbeat thread and must not block.
         tls_root_cert: PEM root certificate(s): use TLS to reach the coordinator.
     """
 
@@ -75,6 +79,7 @@ class Agent:
         config: MembershipConfig | None = None,
         on_view: Callable[[View], None] | None = None,
         on_evicted: Callable[[int], None] | None = None,
+        on_heartbeat: Callable[[bool], None] | None = None,
         tls_root_cert: bytes | None = None,
         tls_server_name: str | None = None,
     ) -> None:
@@ -82,9 +87,10 @@ class Agent:
             raise ConfigError("the agent needs the cluster secret (or insecure=True)")
         self.config = config or MembershipConfig()
         self._target = coordinator
-        self._signer = _wire.Signer(secret, max_skew=self.config.max_skew)
+        self._signer = _rpc.Signer(secret, max_skew=self.config.max_skew)
         self._on_view = on_view
         self._on_evicted = on_evicted
+        self.on_heartbeat = on_heartbeat
         options: list[tuple[str, Any]] = [
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
@@ -113,6 +119,8 @@ class Agent:
         self._watching = threading.Event()  # set by the first event of a Watch stream
         self._threads: list[threading.Thread] = []
         self._watch_call: Any = None
+        self._beats_call: Any = None
+        self._unary_beats = False  # the coordinator has no Beats stream: unary beats
 
     # -- read side -------------------------------------------------------------------
 
@@ -171,7 +179,11 @@ class Agent:
         self._start_threads()
         remaining = max(0.0, deadline - time.monotonic())
         try:
-            view = self.wait_for_view(lambda v: v.has(self._member), remaining)
+            # an eviction ends the wait at once (a join refused while it waited for
+            # admission would otherwise hold the caller for the whole timeout)
+            view = self.wait_for_view(lambda v: v.has(self._member) or self._evicted, remaining)
+            if self._evicted and not view.has(self._member):
+                raise Evicted("removed before admission")
             # Joined means wired: the Watch stream is open (its loss is a fast death
             # signal for the coordinator) before we return.
             self._watching.wait(max(0.0, deadline - time.monotonic()))
@@ -294,7 +306,7 @@ class Agent:
                     step, vote_epoch, "this member was evicted while voting; decision unknown"
                 )
             req = pb.CommitRequest(
-                step=step, ok=ok, last_decision=_wire.decision_to_pb(self._last_decision)
+                step=step, ok=ok, last_decision=_rpc.decision_to_pb(self._last_decision)
             )
             try:
                 resp = cast(
@@ -312,7 +324,7 @@ class Agent:
                 # the eviction (an answer lost in a partition, a restarted coordinator that
                 # forgot the decision): "False" would be another answer than the group's.
                 # Not knowing is the honest answer: do not apply, re-sync after rejoining.
-                self._handle_evicted()
+                self._handle_evicted(incarnation)
                 raise CommitUnknown(
                     step,
                     vote_epoch,
@@ -321,7 +333,7 @@ class Agent:
             except Rejected as err:
                 if err.reason is not RejectReason.NOT_MEMBER:
                     raise
-                self._reregister()  # a restarted coordinator: register, vote again
+                self._reregister(incarnation)  # a restarted coordinator: register, vote again
             except CoordinatorUnavailable:
                 pass
             else:
@@ -371,7 +383,7 @@ class Agent:
 
         ``incarnation``: send only as that incarnation (else :class:`Evicted`).
         """
-        method = _wire.SERVICE + name
+        method = _rpc.SERVICE + name
         with self._lock:
             member = self._member
             held = self._view.epoch
@@ -388,7 +400,7 @@ class Agent:
         try:
             resp = getattr(self._stub, name)(req, timeout=timeout)
         except grpc.RpcError as err:
-            refusal = _wire.error_from_rpc(err, method)
+            refusal = _rpc.error_from_rpc(err, method)
             if refusal is not None:
                 raise refusal from None
             code = err.code() if callable(getattr(err, "code", None)) else None
@@ -408,12 +420,12 @@ class Agent:
                 known = self._view if self._view.has(member) else View(0)
                 last = self._last_decision
             req = pb.JoinRequest(
-                member=_wire.member_to_pb(member),
-                known_view=_wire.view_to_pb(known),
-                last_decision=_wire.decision_to_pb(last),
+                member=_rpc.member_to_pb(member),
+                known_view=_rpc.view_to_pb(known),
+                last_decision=_rpc.decision_to_pb(last),
             )
             resp = cast(pb.JoinResponse, self._call("Join", req, self.config.rpc_timeout))
-            view = _wire.view_from_pb(resp.view)
+            view = _rpc.view_from_pb(resp.view)
             with self._lock:
                 if resp.coordinator_run != self._run:
                     if self._run:
@@ -429,11 +441,16 @@ class Agent:
             if resp.admitted:
                 self._install(view)
 
-    def _reregister(self) -> None:
+    def _reregister(self, incarnation: int) -> None:
+        """Register again as ``incarnation`` (a restarted coordinator forgot us); an
+        incarnation replaced meanwhile has nothing left to register."""
+        with self._lock:
+            if self._member.incarnation != incarnation:
+                return
         try:
             self._register()
         except Evicted:
-            self._handle_evicted()
+            self._handle_evicted(incarnation)
         except (Rejected, CoordinatorUnavailable) as err:
             log.debug("event=reregister_failed member=%s error=%s", self._member.id, err)
 
@@ -452,17 +469,33 @@ class Agent:
         )
         self._callback(self._on_view, view)
 
-    def _handle_evicted(self) -> None:
+    def _handle_evicted(self, incarnation: int) -> None:
+        """``incarnation`` was removed from the group. Only the current incarnation's
+        removal counts: an answer to a call made as an earlier one (a vote still in
+        flight when the daemon rejoined) says nothing about the current one. Applying
+        it anyway stopped the new incarnation's heartbeats right after its rejoin, so
+        the coordinator failed it 0.6 s later and it stayed out for its whole 15 s join
+        timeout -- four members at once in the soak of seed 20261206, and the newcomers
+        left in the view had no training state (the release soak's stall)."""
         with self._lock:
+            if incarnation != self._member.incarnation:
+                log.info(
+                    "event=stale_eviction_ignored member=%s incarnation=%d current=%d",
+                    self._member.id,
+                    incarnation,
+                    self._member.incarnation,
+                )
+                return
             if self._evicted or self._left:
                 return
             self._evicted = True
             epoch = self._view.epoch
             self._stop.set()
-            call = self._watch_call
+            calls = (self._watch_call, self._beats_call)
             self._lock.notify_all()
-        if call is not None:
-            call.cancel()
+        for call in calls:
+            if call is not None:
+                call.cancel()
         log.warning(
             "event=evicted member=%s incarnation=%d epoch=%d",
             self._member.id,
@@ -480,26 +513,31 @@ class Agent:
             log.exception("event=callback_error member=%s", self._member.id)
 
     def _start_threads(self) -> None:
+        """The heartbeat and watch threads of the current incarnation (they speak only
+        as that incarnation and stand down when it is replaced)."""
         self._stop_threads()
         self._stop = threading.Event()
         self._watching = threading.Event()
         stop = self._stop
+        inc = self._member.incarnation
         self._threads = [
             threading.Thread(
-                target=self._heartbeat_loop, args=(stop,), name="phalanx-agent-hb", daemon=True
+                target=self._heartbeat_loop, args=(stop, inc), name="phalanx-agent-hb",
+                daemon=True,
             ),
             threading.Thread(
-                target=self._watch_loop, args=(stop,), name="phalanx-agent-watch", daemon=True
+                target=self._watch_loop, args=(stop, inc), name="phalanx-agent-watch",
+                daemon=True,
             ),
-        ]
+        ]  # fmt: skip
         for t in self._threads:
             t.start()
 
     def _stop_threads(self) -> None:
         self._stop.set()
-        call = self._watch_call
-        if call is not None:
-            call.cancel()
+        for call in (self._watch_call, self._beats_call):
+            if call is not None:
+                call.cancel()
         current = threading.current_thread()
         for t in self._threads:
             if t is not current:
@@ -511,42 +549,137 @@ class Agent:
     def _standing_down(self, stop: threading.Event) -> bool:
         return stop.is_set() or self._left or self._evicted or self._closed
 
-    def _heartbeat_loop(self, stop: threading.Event) -> None:
-        next_beat = time.monotonic()
+    def _heartbeat_loop(self, stop: threading.Event, inc: int) -> None:
+        """Heartbeats of incarnation ``inc``: on one ``Beats`` stream (a unary call per
+        beat cost the coordinator five times the CPU), or unary ``Heartbeat`` calls
+        against a coordinator that does not have ``Beats``."""
+        delay = _RETRY_MIN
         while not self._standing_down(stop):
+            if self._unary_beats:
+                self._unary_heartbeats(stop, inc)
+                return
             try:
-                resp = cast(
-                    pb.HeartbeatResponse,
-                    self._call("Heartbeat", pb.HeartbeatRequest(), max(0.05, 2 * self._interval)),
-                )
-                if resp.coordinator_run != self._run:
-                    self._reregister()
+                if self._beat_stream(stop, inc):
+                    delay = _RETRY_MIN  # it ran; reopen at once
             except Evicted:
-                self._handle_evicted()
+                self._handle_evicted(inc)
                 return
             except Rejected as err:
                 if self._standing_down(stop):
                     return
                 if err.reason is RejectReason.NOT_MEMBER:
-                    self._reregister()  # the coordinator restarted and forgot us
+                    self._reregister(inc)  # the coordinator restarted and forgot us
                 else:
                     log.warning("event=heartbeat_refused member=%s error=%s", self._member.id, err)
             except CoordinatorUnavailable as err:
                 log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
+                self._callback(self.on_heartbeat, False)  # a beat due, not delivered
+            if stop.wait(delay):
+                return
+            delay = min(delay * 2, _RETRY_MAX)
+
+    def _beat_stream(self, stop: threading.Event, inc: int) -> bool:
+        """One ``Beats`` call: a signed request per interval until this incarnation
+        stands down; responses (the first beat, ~1/s, epoch changes) are the acks.
+        Returns True if the coordinator answered; raises the refusal that ended it."""
+        method = _rpc.SERVICE + "Beats"
+        answered = False
+
+        def beats() -> Iterator[pb.HeartbeatRequest]:
+            next_beat = time.monotonic()
+            while not self._standing_down(stop):
+                with self._lock:
+                    member, epoch = self._member, self._view.epoch
+                if member.incarnation != inc:
+                    return
+                req = pb.HeartbeatRequest()
+                self._signer.sign(req, method, "request", sender_id=member.id,
+                                  incarnation=inc, epoch=epoch)  # fmt: skip
+                yield req
+                self._callback(self.on_heartbeat, False)  # sent
+                next_beat += self._interval
+                now = time.monotonic()
+                if next_beat < now:  # fell behind (stopped, starved): beat now, re-anchor
+                    next_beat = now
+                if stop.wait(next_beat - now):
+                    return
+
+        call = self._stub.Beats(beats(), timeout=_WATCH_DEADLINE)
+        with self._lock:
+            self._beats_call = call
+        try:
+            for resp in call:
+                try:
+                    self._signer.verify(resp, method, "response")
+                except Rejected as err:
+                    log.warning("event=bad_response method=Beats error=%s", err)
+                    raise CoordinatorUnavailable("Beats: response failed verification") from None
+                answered = True
+                self._callback(self.on_heartbeat, True)
+                if resp.coordinator_run != self._run:
+                    self._reregister(inc)
+        except grpc.RpcError as err:
+            if self._standing_down(stop):
+                return answered
+            if err.code() is grpc.StatusCode.UNIMPLEMENTED:  # an older coordinator
+                self._unary_beats = True
+                return answered
+            refusal = _rpc.error_from_rpc(err, method)
+            if refusal is not None:
+                raise refusal from None
+            if err.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return True  # the call's own deadline: reopen
+            raise CoordinatorUnavailable(f"Beats: {err.code()}: {err.details()}") from None
+        finally:
+            with self._lock:
+                self._beats_call = None
+            call.cancel()
+        return answered
+
+    def _unary_heartbeats(self, stop: threading.Event, inc: int) -> None:
+        next_beat = time.monotonic()
+        while not self._standing_down(stop):
+            acked = False
+            try:
+                resp = cast(
+                    pb.HeartbeatResponse,
+                    self._call("Heartbeat", pb.HeartbeatRequest(), max(0.05, 2 * self._interval),
+                               incarnation=inc),
+                )  # fmt: skip
+                acked = True
+                self._callback(self.on_heartbeat, True)
+                if resp.coordinator_run != self._run:
+                    self._reregister(inc)
+            except Evicted:
+                self._handle_evicted(inc)
+                return
+            except Rejected as err:
+                if self._standing_down(stop):
+                    return
+                if err.reason is RejectReason.NOT_MEMBER:
+                    self._reregister(inc)  # the coordinator restarted and forgot us
+                else:
+                    log.warning("event=heartbeat_refused member=%s error=%s", self._member.id, err)
+            except CoordinatorUnavailable as err:
+                log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
+            if not acked:
+                self._callback(self.on_heartbeat, False)  # sent, not acknowledged
             next_beat += self._interval
             now = time.monotonic()
             if next_beat < now:  # we fell behind (stopped, starved): beat now, re-anchor
                 next_beat = now
             stop.wait(next_beat - now)
 
-    def _watch_loop(self, stop: threading.Event) -> None:
-        method = _wire.SERVICE + "Watch"
+    def _watch_loop(self, stop: threading.Event, inc: int) -> None:
+        method = _rpc.SERVICE + "Watch"
         delay = _RETRY_MIN
         while not self._standing_down(stop):
             req = pb.WatchRequest()
             with self._lock:
                 member = self._member
                 epoch = self._view.epoch
+            if member.incarnation != inc:
+                return  # replaced: that incarnation's threads do not speak for it
             self._signer.sign(
                 req,
                 method,
@@ -564,15 +697,15 @@ class Agent:
                     return
                 for event in call:
                     delay = _RETRY_MIN
-                    self._on_event(cast(pb.WatchEvent, event), method)
+                    self._on_event(cast(pb.WatchEvent, event), method, inc)
                     if self._standing_down(stop):
                         return
             except grpc.RpcError as err:
                 if self._standing_down(stop):
                     return
-                refusal = _wire.error_from_rpc(err, method)
+                refusal = _rpc.error_from_rpc(err, method)
                 if isinstance(refusal, Evicted):
-                    self._handle_evicted()
+                    self._handle_evicted(inc)
                     return
                 code = err.code() if callable(getattr(err, "code", None)) else None
                 log.debug("event=watch_broken member=%s code=%s", member.id, code)
@@ -580,20 +713,20 @@ class Agent:
                     if stop.wait(delay):
                         return
                     delay = min(delay * 2, _RETRY_MAX)
-                    self._reregister()
+                    self._reregister(inc)
             finally:
                 with self._lock:
                     self._watch_call = None
 
-    def _on_event(self, event: pb.WatchEvent, method: str) -> None:
+    def _on_event(self, event: pb.WatchEvent, method: str, inc: int) -> None:
         try:
             self._signer.verify(event, method, "event")
-            view = _wire.view_from_pb(event.view)
+            view = _rpc.view_from_pb(event.view)
         except Rejected as err:
             log.warning("event=bad_watch_event member=%s error=%s", self._member.id, err)
             return
         if event.evicted:
-            self._handle_evicted()
+            self._handle_evicted(inc)
             return
         self._install(view)
         self._watching.set()

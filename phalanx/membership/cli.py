@@ -81,6 +81,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-probe", action="store_true", help="do not check that joiners' addresses answer"
     )
+    p.add_argument(
+        "--max-members",
+        type=int,
+        metavar="N",
+        help=f"members plus joiners accepted (default {MembershipConfig().max_members})",
+    )
 
 
 def _config(args: argparse.Namespace) -> MembershipConfig:
@@ -100,6 +106,8 @@ def _config(args: argparse.Namespace) -> MembershipConfig:
         kw["commit_timeout"] = float(args.commit_timeout)
     if args.no_probe:
         kw["probe_addresses"] = False
+    if args.max_members is not None:
+        kw["max_members"] = int(args.max_members)
     return MembershipConfig(**kw)
 
 

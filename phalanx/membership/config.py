@@ -46,6 +46,10 @@ class MembershipConfig:
     probe_timeout: float = 0.5
     #: How often the coordinator's detector wakes up.
     tick: float = 0.05
+    #: Joins arriving within this long of the last admission are admitted together at
+    #: the next tick (one view for a burst of joins, not one view per join); 0: each
+    #: join is admitted on its own as soon as the admission rules allow.
+    join_batch: float = 0.05
     #: Default deadline of one unary RPC made by an agent.
     rpc_timeout: float = 2.0
 
@@ -65,7 +69,7 @@ class MembershipConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"membership.{name} must be a positive number, got {value!r}")
-        for name in ("recovery_grace", "step_window"):
+        for name in ("recovery_grace", "step_window", "join_batch"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"membership.{name} must be >= 0")
         if self.heartbeat_timeout < 2 * self.heartbeat_interval:

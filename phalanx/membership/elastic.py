@@ -1,36 +1,54 @@
 """ElasticGroup: collectives over a group whose members change while training runs.
 
-An :class:`ElasticGroup` is one peer's union of a membership :class:`Agent` and the
-data-plane :class:`phalanx.comm.Group` of the current view. It
+An :class:`ElasticGroup` is one member's union of a membership :class:`Agent` and the
+data-plane :class:`phalanx.comm.Group` of the current view — what a training process
+holds in-process, and what a daemon serves its client with. It
 
 * advertises one data-plane address for the whole incarnation (a :class:`Door` that
-  routes each incoming link to the group of the epoch named in its HELLO);
+  routes each incoming link to the group its HELLO names);
 * on every new view (agent callback): aborts the collective in flight in the old view
-  (its links are shut down, so the engine fails it at once with the caller's buffer
-  restored — promise 2); its *installer* thread closes the old group and starts the
-  build of the new view's group (rank = index in the view, address = each member's
-  first address) on a *builder* thread of its own, so the build overlaps with the
-  caller noticing the failure, and a stale build never delays the newest one;
-* before the first collective in a new group, runs the state-sync exchange
+  (the engine fails it at once with the caller's buffer restored — promise 2); its
+  *installer* thread retires the old group and starts the build of the new one on a
+  *builder* thread of its own, so a stale build never delays the newest one. Every
+  group is built with the comm observer and handed to ``on_engine`` (the monitor);
+* **heals**: a group whose collective failed while its members are still in the view
+  (a rank broke the contract, a corrupt frame, a deadline) is rebuilt for the same
+  view as the next *generation* (:func:`~phalanx.membership.lifecycle.data_epoch`);
+  every member of the broken group does the same, and a member that learns from its
+  door that a peer already runs a newer generation moves there too, so the group is
+  usable again within the op's deadline without waiting for a view change;
+* before the first collective in a group, runs the state-sync exchange
   (:mod:`phalanx.membership.statesync`): members that hold another state than the
   majority receive it over the data plane, verified by hash, before contributing;
 * reports data-plane :class:`PeerFailure` s to the coordinator (``report_failure``
   by member id, on a *reporter* thread so a slow coordinator never delays a retry);
-* runs collectives with an opt-in ``retry=True``: on failure, wait for the next view
-  and run again (exact: the input was restored); the :class:`ElasticResult` names the
+* runs every collective through one method, :meth:`ElasticGroup.run` of an
+  :class:`~phalanx.ops.OpSpec`, with one :class:`~phalanx.deadline.Deadline` for the
+  whole call (waits, retries, the exchange and the op in the engine) and an opt-in
+  ``retry=True``: on failure, wait for the next view or generation and run again
+  (exact: the input was restored). The :class:`~phalanx.ops.OpResult` names the
   member ids that contributed;
-* votes ``commit(step, ok)`` with the epoch of the step's first successful collective,
-  so a step whose collectives ran in two views is never committed.
+* keeps the step, each group's phase and its presence in the tables of
+  :mod:`phalanx.membership.lifecycle`: ``commit`` votes with the epoch of the step's
+  first successful collective (a step whose collectives ran in two views is never
+  committed); a collective that would run over other members than the step began
+  with (a retry on a smaller view) raises ``StepAborted`` instead — nothing of it ran,
+  and a vote on that step is False — unless ``begin_step(allow_partial=True)``; losing the
+  client mid-step (a daemon's :meth:`client_lost`) leaves and rejoins; an evicted
+  member rejoins by the one rejoin policy when ``auto_rejoin`` (a daemon's setting).
 
-Errors: a collective aborted because the view changed raises :class:`ViewChanged` (a
-:class:`PeerFailure` whose ``epoch`` is the **new** epoch; ``old_epoch`` is the one it
-ran in); other data-plane failures raise the engine's :class:`PeerFailure`;
-:class:`~phalanx.membership.errors.Evicted` once this incarnation was removed (call
-:meth:`ElasticGroup.rejoin`).
+Errors: a collective aborted because the view changed raises ``ViewChanged`` (a
+``PeerFailure`` whose ``epoch`` is the **new** epoch; ``old_epoch`` is the one it ran
+in); other data-plane failures raise the engine's ``PeerFailure`` (its ``epoch`` the
+view's); ``TimeoutError`` once the caller's deadline passed (or it was cancelled);
+``Evicted`` once this incarnation was removed (:meth:`rejoin`, or wait for the rejoin
+policy).
 
-Threads: the agent's two, the door's, the installer, the reporter and short-lived
-builders (one per view, each bounded by ``build_timeout``); :meth:`close` joins all. The caller's thread runs collectives and the sync protocol; no lock
-of this class is held while a collective or an RPC runs. Every wait has a deadline.
+Threads: the agent's two, the door's, the installer (views, rebuilds and the rejoin
+policy), the reporter and short-lived builders (one per group, each bounded by
+``build_timeout``); :meth:`close` joins all. The caller's thread runs collectives and
+the sync protocol; no lock of this class is held while a collective or an RPC runs.
+Every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -40,22 +58,46 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
-from phalanx.comm import CommOptions, Group, OpInfo
-from phalanx.errors import CommError, ConfigError, GroupClosed, HandshakeError, PeerFailure
+from phalanx.comm import CommOptions, Group
+from phalanx.comm.engine import Engine
+from phalanx.comm.observer import CommObserver, OpSample
+from phalanx.deadline import Deadline
+from phalanx.errors import (
+    CommError,
+    ConfigError,
+    Evicted,
+    GroupClosed,
+    HandshakeError,
+    MembershipError,
+    PeerFailure,
+    StateSyncError,
+    StepAborted,
+    ViewChanged,
+)
 from phalanx.membership._door import Door, EpochListener
 from phalanx.membership.agent import Agent
 from phalanx.membership.config import MembershipConfig
-from phalanx.membership.errors import Evicted, MembershipError
+from phalanx.membership.lifecycle import (
+    SIDE_BIT,
+    GroupEvent,
+    GroupPhase,
+    Heal,
+    Lifecycle,
+    Loss,
+    Presence,
+    after_break,
+    data_epoch,
+    group_transition,
+    split_epoch,
+)
 from phalanx.membership.statesync import (
-    Action,
     PeerRecord,
-    StateSyncError,
-    StepAborted,
+    SyncAction,
     SyncReport,
     SyncState,
     gather_records,
@@ -63,58 +105,49 @@ from phalanx.membership.statesync import (
     transfer,
 )
 from phalanx.membership.view import Member, View
+from phalanx.ops import OpResult, OpSpec, StepInfo
 
-__all__ = ["ElasticGroup", "ElasticResult", "StepInfo", "ViewChanged"]
+__all__ = ["ElasticGroup", "ViewChanged"]
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("phalanx.audit.elastic")
 
-_UNSET = object()
-
-
-class ViewChanged(PeerFailure):
-    """The collective was aborted because a new view (``epoch``) was installed; the
-    caller's array holds its input. ``old_epoch``: the view it ran in."""
-
-    def __init__(self, *, op: str, seq: int, old_epoch: int, epoch: int, detail: str = "") -> None:
-        super().__init__(
-            op=op, seq=seq, epoch=epoch, suspects=(), reason="view-change", detail=detail
-        )
-        self.old_epoch = old_epoch
+_DEFAULT_TIMEOUT = 60.0
+_WAIT_SLICE = 0.1
 
 
-@dataclass(frozen=True)
-class ElasticResult:
-    """A completed collective: the engine's info, the epoch it ran in, the member ids
-    that contributed (view order = rank order) and how many attempts failed before."""
+class _Plane:
+    """The data-plane group of one view and generation, and its phase."""
 
-    info: OpInfo
-    epoch: int
-    contributors: tuple[str, ...]
-    failed_attempts: int
+    __slots__ = ("broken", "error", "exchanged_sync", "generation", "group", "listener",
+                 "phase", "rank", "view")  # fmt: skip
 
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What :meth:`ElasticGroup.begin_step` found: the view and, if one ran, the sync."""
-
-    epoch: int
-    members: tuple[str, ...]
-    step: int
-    sync: SyncReport | None
-
-
-class _Epoch:
-    """The data-plane group of one view (built or failed) and its install status."""
-
-    def __init__(self, view: View, rank: int) -> None:
+    def __init__(self, view: View, rank: int, generation: int) -> None:
         self.view = view
         self.rank = rank
+        self.generation = generation
+        self.phase = GroupPhase.BUILDING
         self.group: Group | None = None
         self.listener: EpochListener | None = None
         self.error: BaseException | None = None
-        self.exchanged = False  # state exchange done: collectives may run
-        self.broken: PeerFailure | None = None  # a collective failed here
-        self.sync: SyncReport | None = None
+        self.broken: PeerFailure | None = None
+        self.exchanged_sync: SyncReport | None = None
+
+    @property
+    def epoch(self) -> int:
+        """This group's id on the wire."""
+        return data_epoch(self.view.epoch, self.generation)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.view.epoch, self.generation)
+
+    @property
+    def usable(self) -> bool:
+        return self.phase in (GroupPhase.READY, GroupPhase.EXCHANGED)
+
+    def move(self, event: GroupEvent) -> None:
+        self.phase = group_transition(self.phase, event)
 
 
 class ElasticGroup:
@@ -129,11 +162,16 @@ class ElasticGroup:
         state: the state kept identical across members (``SyncState.empty()`` for a
             newcomer); ``None`` disables state sync.
         options: data-plane options; ``connect_timeout_s`` is capped by ``build_timeout``.
-        build_timeout: longest a per-view group build may take (a member that died
-            during the build costs at most this; the next view is then built).
+        build_timeout: longest a group build may take (a member that died during the
+            build costs at most this; the next view or generation is then built).
+        join_timeout: every join attempt (the first, and each rejoin).
         on_view: observer called (installer thread) with every new view, before the build.
         advertise: more addresses to advertise after the data-plane one (the daemon's
             shard server); the data plane only ever uses ``addresses[0]``.
+        observer: the data plane's per-op, per-link observer, given to every group.
+        on_engine: called with every group's engine once it is built (the monitor).
+        auto_rejoin: after an eviction, join again by itself (a daemon exists to be in
+            the group; its client sees ``Evicted`` until then).
     """
 
     def __init__(
@@ -149,21 +187,32 @@ class ElasticGroup:
         config: MembershipConfig | None = None,
         options: CommOptions | None = None,
         build_timeout: float = 3.0,
+        join_timeout: float = 30.0,
         tls_root_cert: bytes | None = None,
         on_view: Callable[[View], None] | None = None,
         advertise: tuple[str, ...] = (),
+        observer: CommObserver | None = None,
+        on_engine: Callable[[Engine], None] | None = None,
+        auto_rejoin: bool = False,
     ) -> None:
         raw = secret.encode() if isinstance(secret, str) else bytes(secret)
         if len(raw) < 16:
             raise ConfigError("the cluster secret must be at least 16 bytes")
-        if not build_timeout > 0:
-            raise ConfigError("build_timeout must be > 0")
+        if not build_timeout > 0 or not join_timeout > 0:
+            raise ConfigError("build_timeout and join_timeout must be > 0")
         self._secret = raw
         base = options or CommOptions()
         self.options = replace(base, connect_timeout_s=min(base.connect_timeout_s, build_timeout))
+        self.join_timeout = join_timeout
         self.state = state
-        self._observer = on_view
-        self._door = Door(listen, hold_s=max(build_timeout, self.options.handshake_timeout_s))
+        self._on_view_cb = on_view
+        self._observer = observer
+        self._on_engine = on_engine
+        self._door = Door(
+            listen,
+            hold_s=max(build_timeout, self.options.handshake_timeout_s),
+            on_ahead=self._on_ahead,
+        )
         member = Member(member_id, (self._door.address, *advertise), incarnation, zone)
         self.agent = Agent(
             coordinator,
@@ -175,17 +224,17 @@ class ElasticGroup:
             tls_root_cert=tls_root_cert,
         )
         self._cond = threading.Condition()
-        self._pending: View | None = None
-        self._current: _Epoch | None = None
-        self._latest = 0  # newest epoch announced
-        self._evicted = False
-        self._closed = False
+        self._life = Lifecycle(auto_rejoin=auto_rejoin)
+        self._pending: View | None = None  # a view the installer has not taken yet
+        self._rebuild: tuple[View, int] | None = None  # (view, generation) to build
+        self._view: View | None = None  # the view the newest build is for
+        self._generation = 0  # of that view
+        self._current: _Plane | None = None
+        self._latest = 0  # newest view epoch announced
+        self._attached = False  # a client attached its arrays (attach_state): see commit
+        self._rejoin_lock = threading.Lock()
         self._stop = threading.Event()
         self._reports: queue.Queue[tuple[list[str], int, str] | None] = queue.Queue()
-        # position inside the caller's training step (see statesync: PeerRecord)
-        self._pos_step = -1
-        self._done = 0
-        self._step_epoch: int | None = None
         self._threads = [
             threading.Thread(target=self._installer, name="phalanx-elastic-install", daemon=True),
             threading.Thread(target=self._reporter, name="phalanx-elastic-report", daemon=True),
@@ -210,39 +259,65 @@ class ElasticGroup:
 
     @property
     def evicted(self) -> bool:
-        return self._evicted
+        return self._life.presence in (Presence.EVICTED, Presence.REJOINING, Presence.CYCLING)
 
-    def join(self, timeout: float = 15.0) -> View:
+    @property
+    def presence(self) -> Presence:
+        return self._life.presence
+
+    def join(self, timeout: float | None = None) -> View:
         """Join the group; returns the first view (the data-plane group is built in the
         background; the first collective or :meth:`begin_step` waits for it)."""
-        return self.agent.join(timeout)
-
-    def rejoin(self, timeout: float = 15.0) -> View:
-        """After eviction: join again with a higher incarnation (state is re-synced)."""
-        self._retire_current()
+        view = self.agent.join(self.join_timeout if timeout is None else timeout)
         with self._cond:
-            self._evicted = False
-            self._done = 0
-            self._step_epoch = None
-        return self.agent.rejoin(timeout)
+            self._life.joined()
+        return view
+
+    def rejoin(self, timeout: float | None = None) -> View:
+        """After eviction (or leave): join again with a higher incarnation (the state is
+        re-synced at the next exchange)."""
+        return self._rejoin(self.join_timeout if timeout is None else timeout)
+
+    def _rejoin(self, timeout: float) -> View:
+        with self._rejoin_lock:
+            with self._cond:
+                self._life.rejoin_started()
+                self._cond.notify_all()
+            self._retire_current()
+            try:
+                view = self.agent.rejoin(timeout)
+            except BaseException:
+                with self._cond:
+                    self._life.rejoin_failed(time.monotonic())
+                    self._cond.notify_all()
+                raise
+            with self._cond:
+                self._life.joined()
+                self._cond.notify_all()
+            return view
 
     def leave(self, timeout: float | None = None, reason: str = "") -> None:
-        """Leave gracefully: the others get a view without us at once."""
+        """Leave on purpose: the others get a view without us at once; no automatic
+        return (:meth:`rejoin` comes back)."""
+        with self._cond:
+            self._life.leave()
+            self._cond.notify_all()
         self.agent.leave(timeout, reason)
         self._retire_current()
 
     def close(self) -> None:
         """Stop everything (no goodbye: :meth:`leave` first for that). Idempotent."""
         with self._cond:
-            if self._closed:
+            if self._life.presence is Presence.CLOSED:
                 return
-            self._closed = True
+            self._life.close()
             self._cond.notify_all()
-        self.agent.close()
         self._stop.set()
+        self.agent.close()
         self._reports.put(None)
+        join_s = self.options.connect_timeout_s + self.options.handshake_timeout_s + 5.0
         for t in [*self._threads, *self._builders]:
-            t.join(self.options.connect_timeout_s + self.options.handshake_timeout_s + 5.0)
+            t.join(max(join_s, self.join_timeout + 5.0))
             if t.is_alive():
                 log.error("event=thread_not_joined name=%s", t.name)
         self._retire_current()
@@ -254,106 +329,236 @@ class ElasticGroup:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ agent callbacks
+    # ------------------------------------------------------------------ agent and door callbacks
     def _on_view(self, view: View) -> None:
         with self._cond:
             self._pending = view
             self._latest = max(self._latest, view.epoch)
             cur = self._current
             self._cond.notify_all()
-        if cur is not None and cur.group is not None:
-            _abort_links(cur.group)  # fail the op in flight now; the installer closes it
+        if cur is not None and cur.group is not None and cur.view.epoch < view.epoch:
+            _abort(cur.group, "view-change", "a new view was installed")
 
     def _on_evicted(self, epoch: int) -> None:
         with self._cond:
-            self._evicted = True
+            self._life.evicted(time.monotonic())
             cur = self._current
             self._cond.notify_all()
         log.warning("event=elastic_evicted member=%s epoch=%d", self.member_id, epoch)
         if cur is not None and cur.group is not None:
-            _abort_links(cur.group)
+            _abort(cur.group, "view-change", "this member was evicted")
+
+    def _on_ahead(self, epoch: int) -> None:
+        """The door holds a link for a group not built here: if it is a newer
+        generation of this view, a peer has rebuilt; follow it there."""
+        view_epoch, generation, side = split_epoch(epoch)
+        with self._cond:
+            view = self._view
+            if side or view is None or view.epoch != view_epoch or generation <= self._generation:
+                return
+            cur = self._current
+            self._generation = generation
+            self._rebuild = (view, generation)
+            self._cond.notify_all()
+        log.info(
+            "event=peer_rebuilt member=%s epoch=%d generation=%d",
+            self.member_id,
+            view_epoch,
+            generation,
+        )
+        if cur is not None and cur.group is not None:
+            _abort(cur.group, "aborted", f"a peer rebuilt the group as generation {generation}")
 
     # ------------------------------------------------------------------ installer thread
     def _installer(self) -> None:
+        """Takes new views and rebuilds, and carries out the rejoin policy."""
         while not self._stop.is_set():
+            view: View | None = None
+            rebuild: tuple[View, int] | None = None
+            rejoin = False
             with self._cond:
-                while self._pending is None and not self._stop.is_set() and not self._closed:
-                    self._cond.wait(0.1)
-                if self._stop.is_set() or self._closed:
+                while not self._stop.is_set():
+                    if self._life.presence is Presence.CLOSED:
+                        return
+                    if self._pending is not None:
+                        view, self._pending = self._pending, None
+                        break
+                    if self._rebuild is not None:
+                        rebuild, self._rebuild = self._rebuild, None
+                        break
+                    if self._life.rejoin_due(time.monotonic()):
+                        rejoin = True
+                        break
+                    self._notice_break()
+                    if self._rebuild is not None:
+                        continue
+                    self._cond.wait(_WAIT_SLICE)
+                else:
                     return
-                view = self._pending
-                self._pending = None
-            assert view is not None
-            if self._observer is not None:
-                try:
-                    self._observer(view)
-                except Exception:
-                    log.exception("event=observer_error member=%s", self.member_id)
-            self._retire_current()
-            # Each view is built on a thread of its own: a build of a view that is
-            # already stale (waiting for a member that moved on) must not delay the
-            # newest one, or the others give up on us (``build_timeout``) meanwhile.
-            builder = threading.Thread(
-                target=self._build, args=(view,), name="phalanx-elastic-build", daemon=True
-            )
-            self._builders = [b for b in self._builders if b.is_alive()]
-            self._builders.append(builder)
-            builder.start()
+            if view is not None:
+                self._install(view)
+            elif rebuild is not None:
+                self._start_build(*rebuild)
+            elif rejoin:
+                self._rejoin_by_policy()
 
-    def _build(self, view: View) -> None:
+    def _install(self, view: View) -> None:
+        if self._on_view_cb is not None:
+            try:
+                self._on_view_cb(view)
+            except Exception:
+                log.exception("event=observer_error member=%s", self.member_id)
+        with self._cond:
+            if self._view is not None and view.epoch <= self._view.epoch:
+                return  # an old view delivered late
+            self._view = view
+            self._generation = 0
+            self._rebuild = None
+        self._retire_current()
+        self._start_build(view, 0)
+
+    def _start_build(self, view: View, generation: int) -> None:
+        with self._cond:
+            if self._view is not view or generation != self._generation:
+                return  # superseded before it started
+        if generation:
+            self._retire_current()
+        # Each group is built on a thread of its own: a build of a group that is already
+        # stale (waiting for a member that moved on) must not delay the newest one, or
+        # the others give up on us (``build_timeout``) meanwhile.
+        builder = threading.Thread(
+            target=self._build, args=(view, generation), name="phalanx-elastic-build", daemon=True
+        )
+        self._builders = [b for b in self._builders if b.is_alive()]
+        self._builders.append(builder)
+        builder.start()
+
+    def _build(self, view: View, generation: int) -> None:
         me = self.member_id
         if me not in view:
             return
-        ep = _Epoch(view, view.rank(me))
+        plane = _Plane(view, view.rank(me), generation)
         t0 = time.monotonic()
-        listener = self._door.listener(view.epoch)
-        ep.listener = listener
+        listener = self._door.listener(plane.epoch)
+        plane.listener = listener
         try:
-            ep.group = Group(
-                ep.rank,
+            observer = self._observer
+            if observer is not None and generation:
+                observer = _ViewEpoch(observer, view.epoch)
+            plane.group = Group(
+                plane.rank,
                 [m.addresses[0] for m in view.members],
                 self._secret,
                 listener=listener,
-                epoch=view.epoch,
+                epoch=plane.epoch,
                 options=self.options,
+                observer=observer,
+                names=view.ids,
             )
-        except Exception as exc:  # HandshakeError, OSError, ...: this epoch is unusable
-            ep.error = exc
+        except Exception as exc:  # HandshakeError, OSError, ...: this group is unusable
+            plane.error = exc
+            plane.move(GroupEvent.BUILD_FAILED)
             listener.close()
             peer = exc.peer if isinstance(exc, HandshakeError) else None
             suspects = [view.members[peer].id] if peer is not None and peer < view.size else []
             log.warning(
-                "event=group_build_failed member=%s epoch=%d error=%r", me, view.epoch, str(exc)
+                "event=group_build_failed member=%s epoch=%d generation=%d error=%r",
+                me,
+                view.epoch,
+                generation,
+                str(exc),
             )
             with self._cond:
                 newer = self._latest > view.epoch
             if suspects and not newer:
                 self._reports.put((suspects, view.epoch, "connect"))
         else:
+            plane.move(GroupEvent.BUILT)
+            if self._on_engine is not None:
+                try:
+                    self._on_engine(plane.group.engine)
+                except Exception:
+                    log.exception("event=on_engine_failed member=%s", me)
             log.info(
-                "event=group_built member=%s epoch=%d rank=%d world=%d build_s=%.4f",
+                "event=group_built member=%s epoch=%d generation=%d rank=%d world=%d build_s=%.4f",
                 me,
                 view.epoch,
-                ep.rank,
+                generation,
+                plane.rank,
                 view.size,
                 time.monotonic() - t0,
             )
         stale = None
         with self._cond:
-            if self._closed or view.epoch < self._latest:
-                stale = ep  # a newer view arrived during the build (or we are closing)
+            closed = self._life.presence is Presence.CLOSED
+            if closed or self._view is not view or generation != self._generation:
+                stale = plane  # a newer view or generation came during the build
+                plane.move(GroupEvent.RETIRE)
             else:
-                self._current = ep
+                self._current = plane
+                if plane.phase is GroupPhase.FAILED:
+                    self._heal(plane)
             self._cond.notify_all()
         if stale is not None:
-            _close_epoch(stale)
+            _retire(stale)
+
+    def _notice_break(self) -> None:
+        """(Lock held.) A group can break while this member runs nothing — a peer's
+        ABORT or a lost link reach an idle engine — and the peers then rebuild and wait
+        for us; notice it here instead of at the next collective."""
+        cur = self._current
+        if cur is None or not cur.usable or cur.group is None:
+            return
+        broken = cur.group.engine.broken
+        if broken is None:
+            return
+        if cur.broken is None and isinstance(broken, PeerFailure):
+            cur.broken = _in_view(broken, cur.view.epoch)
+        cur.move(GroupEvent.OP_FAILED)
+        self._heal(cur)
+
+    def _heal(self, plane: _Plane) -> None:
+        """After ``plane`` broke or failed to build (caller holds the lock): the rule of
+        :func:`after_break`; a rebuild is the view's next generation, once."""
+        heal = after_break(self._life.presence, newer_view=self._latest > plane.view.epoch)
+        if heal is not Heal.REBUILD:
+            return
+        view = self._view
+        if view is None or view.epoch != plane.view.epoch or plane.generation != self._generation:
+            return  # already superseded (a newer view or generation is on its way)
+        self._generation = plane.generation + 1
+        self._rebuild = (view, self._generation)
+        audit.info(
+            "event=group_rebuild member=%s epoch=%d generation=%d cause=%r",
+            self.member_id,
+            view.epoch,
+            self._generation,
+            str(plane.broken or plane.error),
+        )
+        self._cond.notify_all()
+
+    def _rejoin_by_policy(self) -> None:
+        try:
+            view = self._rejoin(self.join_timeout)
+        except Exception as exc:  # coordinator away, refused: the policy retries later
+            log.warning("event=rejoin_failed member=%s error=%r", self.member_id, str(exc))
+            return
+        audit.warning(
+            "event=rejoined member=%s incarnation=%d epoch=%d members=%s",
+            self.member_id,
+            self.agent.member.incarnation,
+            view.epoch,
+            ",".join(view.ids),
+        )
 
     def _retire_current(self) -> None:
         with self._cond:
             cur = self._current
             self._current = None
+            if cur is not None:
+                cur.move(GroupEvent.RETIRE)
         if cur is not None:
-            _close_epoch(cur)
+            _retire(cur)
 
     # ------------------------------------------------------------------ reporter thread
     def _reporter(self) -> None:
@@ -373,97 +578,129 @@ class ElasticGroup:
                 log.warning("event=report_failed member=%s error=%s", self.member_id, exc)
 
     # ------------------------------------------------------------------ caller side
-    def _acquire(self, after: int, deadline: float) -> _Epoch:
-        """The built group of the newest view with epoch > ``after``; waits for it."""
+    def _acquire(
+        self, after: tuple[int, int], deadline: Deadline, *, across_rejoin: bool = False
+    ) -> _Plane:
+        """The usable group of the newest view (and generation) past ``after``.
+        ``across_rejoin``: while the rejoin policy brings this member back, wait for
+        it (a step boundary) instead of raising ``Evicted``."""
         with self._cond:
             while True:
-                if self._closed:
+                presence = self._life.presence
+                if presence is Presence.CLOSED:
                     raise GroupClosed("elastic group is closed")
-                if self._evicted:
+                if presence is Presence.LEFT:
+                    raise GroupClosed("this member left the group (rejoin() to come back)")
+                if presence in (Presence.EVICTED, Presence.REJOINING, Presence.CYCLING) and not (
+                    across_rejoin and self._life.coming_back()
+                ):
                     raise Evicted("this incarnation was removed from the group", epoch=self._latest)
                 cur = self._current
                 if (
                     cur is not None
-                    and cur.view.epoch > after
+                    and cur.key > after
                     and cur.view.epoch >= self._latest
                     and self._pending is None
+                    and self._rebuild is None
                 ):
-                    if cur.error is None and cur.broken is None:
+                    if cur.usable:
                         return cur
-                    after = max(after, cur.view.epoch)  # unusable: wait for the next view
+                    after = max(after, cur.key)  # broken: wait for the next view or generation
                     continue
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if deadline.expired:
+                    why = "cancelled" if deadline.cancelled else "no usable view"
                     raise TimeoutError(
-                        f"{self.member_id}: no usable view after epoch {after} in time"
+                        f"{self.member_id}: {why} after epoch {after[0]}"
+                        + (f" generation {after[1]}" if after[1] else "")
                     )
-                self._cond.wait(min(left, 0.1))
+                self._cond.wait(deadline.slice(_WAIT_SLICE))
 
-    def _ensure_exchanged(self, ep: _Epoch, deadline: float, *, in_op: bool) -> None:
-        """Run the state exchange (and the sync it calls for) once per group."""
-        while not ep.exchanged:
-            assert ep.group is not None
+    def _exchange(self, plane: _Plane, deadline: Deadline, *, in_op: bool) -> SyncReport | None:
+        """Run the state exchange (and the sync it calls for) once per group; the sync
+        report if this call ran one that moved state."""
+        report: SyncReport | None = None
+        while plane.phase is GroupPhase.READY:
+            group = plane.group
+            assert group is not None
             st = self.state
+            with self._cond:
+                pos_step, done = self._life.step, self._life.done
             mine = PeerRecord(
                 has_state=st is not None and st.valid,
                 state_step=st.step if st is not None else -1,
                 digest=st.digest() if st is not None else b"\0" * 32,
-                pos_step=self._pos_step,
-                done=self._done,
+                pos_step=pos_step,
+                done=done,
                 in_op=in_op,
             )
-            records = gather_records(ep.group, mine)
-            plan = plan_sync(records)
-            if plan.action is Action.ABORT:
-                if ep.rank in plan.aborted:
+            plan = plan_sync(gather_records(group, mine, deadline))
+            if plan.action is SyncAction.ABORT:
+                if plane.rank in plan.aborted:
+                    with self._cond:
+                        self._life.abort_step()
                     raise StepAborted(
-                        ep.view.epoch, self._pos_step, "members at a step boundary joined"
+                        plane.view.epoch, pos_step, "members at a step boundary joined"
                     )
-                if time.monotonic() > deadline:
+                if deadline.expired:
                     raise TimeoutError("members did not realign at a step boundary in time")
                 continue  # the mid-step members exchange again on their next call
             if st is not None and plan.receivers:
                 try:
-                    ep.sync = transfer(
-                        ep.group, plan, st, epoch=ep.view.epoch, side=self._side_group(ep)
+                    report = transfer(
+                        group,
+                        plan,
+                        st,
+                        epoch=plane.view.epoch,
+                        side=self._side_group(plane),
+                        deadline=deadline,
                     )
                 except StateSyncError as exc:
+                    failure = PeerFailure(
+                        op="state_sync",
+                        seq=-1,
+                        epoch=plane.view.epoch,
+                        suspects=exc.bad_ranks,
+                        reason="protocol",
+                        detail=str(exc),
+                    )
                     with self._cond:
-                        ep.broken = PeerFailure(
-                            op="state_sync",
-                            seq=-1,
-                            epoch=ep.view.epoch,
-                            suspects=exc.bad_ranks,
-                            reason="protocol",
-                            detail=str(exc),
-                        )
-                    if ep.rank in exc.bad_ranks:
+                        plane.broken = failure
+                        plane.move(GroupEvent.OP_FAILED)
+                    if plane.rank in exc.bad_ranks:
                         # never contribute unverified state: step out, so that the
                         # others get a view without us; the caller may rejoin()
+                        with self._cond:
+                            self._life.leave()
                         self.agent.leave(reason="state-sync-failed")
                     raise
-            ep.exchanged = True
+            with self._cond:
+                if plane.phase is GroupPhase.READY:
+                    plane.move(GroupEvent.EXCHANGED)
+                    plane.exchanged_sync = report
             log.info(
-                "event=view_ready member=%s epoch=%d rank=%d members=%s source=%s receivers=%s",
+                "event=view_ready member=%s epoch=%d generation=%d rank=%d members=%s "
+                "source=%s receivers=%s",
                 self.member_id,
-                ep.view.epoch,
-                ep.rank,
-                ",".join(ep.view.ids),
+                plane.view.epoch,
+                plane.generation,
+                plane.rank,
+                ",".join(plane.view.ids),
                 plan.source,
                 list(plan.receivers),
             )
+        return report
 
-    def _side_group(self, ep: _Epoch) -> Callable[[tuple[int, ...]], Group]:
-        """Builds a group of some ranks of ``ep``'s view, for the state transfer, under
-        its own epoch id (bit 62 set: never a view's) through the same door."""
+    def _side_group(self, plane: _Plane) -> Callable[[tuple[int, ...]], Group]:
+        """Builds a group of some ranks of ``plane``'s view, for the state transfer,
+        under its own id (the side bit set: never a view's) through the same door."""
 
         def build(ranks: tuple[int, ...]) -> Group:
-            side_epoch = (1 << 62) | ep.view.epoch
+            side_epoch = SIDE_BIT | plane.epoch
             listener = self._door.listener(side_epoch, advance=False)
             try:
                 return Group(
-                    ranks.index(ep.rank),
-                    [ep.view.members[r].addresses[0] for r in ranks],
+                    ranks.index(plane.rank),
+                    [plane.view.members[r].addresses[0] for r in ranks],
                     self._secret,
                     listener=listener,
                     epoch=side_epoch,
@@ -475,140 +712,342 @@ class ElasticGroup:
 
         return build
 
-    def _on_op_failure(self, ep: _Epoch, exc: CommError, op: str) -> PeerFailure:
-        """Classify a failed collective; report real peer failures; return what to raise."""
+    def _failed(self, plane: _Plane, exc: CommError, op: str, deadline: Deadline) -> Exception:
+        """A collective (or the exchange) failed in ``plane``: record it, heal, report
+        real peer failures; return what to raise."""
         seq = exc.seq if isinstance(exc, PeerFailure) else -1
+        view = plane.view
+        failure = (
+            _in_view(exc, view.epoch)
+            if isinstance(exc, PeerFailure)
+            else PeerFailure(
+                op=op, seq=seq, epoch=view.epoch, suspects=(), reason="closed", detail=str(exc)
+            )
+        )
         with self._cond:
+            if plane.phase is not GroupPhase.RETIRED and plane.broken is None:
+                plane.broken = failure
+            plane.move(GroupEvent.OP_FAILED)
+            self._heal(plane)
             latest = self._latest
-            evicted = self._evicted
-            if isinstance(exc, PeerFailure) and ep.broken is None:
-                ep.broken = exc
-            elif ep.broken is None:
-                ep.broken = PeerFailure(
-                    op=op,
-                    seq=seq,
-                    epoch=ep.view.epoch,
-                    suspects=(),
-                    reason="closed",
-                    detail=str(exc),
-                )
-        if evicted:
-            raise Evicted("this incarnation was removed from the group", epoch=latest) from exc
-        if latest > ep.view.epoch:
+            presence = self._life.presence
+        if presence in (Presence.EVICTED, Presence.REJOINING, Presence.CYCLING):
+            return Evicted("this incarnation was removed from the group", epoch=latest)
+        if deadline.expired:
+            why = "cancelled" if deadline.cancelled else "its deadline passed"
+            return TimeoutError(f"{op} in epoch {view.epoch}: {why} ({failure.detail or failure})")
+        if latest > view.epoch:
             return ViewChanged(
                 op=op,
                 seq=seq,
-                old_epoch=ep.view.epoch,
+                old_epoch=view.epoch,
                 epoch=latest,
-                detail=f"view {latest} replaced view {ep.view.epoch}: {exc}",
+                detail=f"view {latest} replaced view {view.epoch}: {exc}",
             )
-        if isinstance(exc, PeerFailure):
-            if exc.reason not in ("closed", "view-change") and exc.suspects:
-                ids = [ep.view.members[r].id for r in sorted(exc.suspects) if r < ep.view.size]
-                self._reports.put((ids, ep.view.epoch, exc.reason))
-            return exc
-        return PeerFailure(
-            op=op, seq=seq, epoch=ep.view.epoch, suspects=(), reason="closed", detail=str(exc)
-        )
+        if failure.reason not in ("closed", "view-change", "aborted") and failure.suspects:
+            ids = [view.members[r].id for r in sorted(failure.suspects) if r < view.size]
+            self._reports.put((ids, view.epoch, failure.reason))
+        return failure
 
-    def _collective(
-        self, op: str, run: Callable[[Group], OpInfo], retry: bool, timeout: float | None
-    ) -> ElasticResult:
-        deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
-        failed = 0
-        after = 0
-        while True:
-            ep = self._acquire(after, deadline)
-            assert ep.group is not None
-            try:
-                self._ensure_exchanged(ep, deadline, in_op=True)
-                info = run(ep.group)
-            except (PeerFailure, GroupClosed) as exc:
-                err = self._on_op_failure(ep, exc, op)
-                failed += 1
-                if not retry:
-                    raise err from exc
-                after = ep.view.epoch
-                log.info(
-                    "event=op_retry member=%s op=%s epoch=%d reason=%s",
-                    self.member_id,
-                    op,
-                    ep.view.epoch,
-                    err.reason,
-                )
-                continue
-            self._done += 1
-            if self._step_epoch is None:
-                self._step_epoch = ep.view.epoch
-            return ElasticResult(info, ep.view.epoch, ep.view.ids, failed)
-
-    # ------------------------------------------------------------------ public ops
-    def begin_step(self, step: int | None = None, timeout: float = 60.0) -> StepInfo:
-        """Mark a training-step boundary: install a new view if one is pending and run
-        the state exchange/sync there. ``step`` defaults to ``state.step``."""
-        if step is None:
-            step = self.state.step if self.state is not None else self._pos_step + 1
-        self._pos_step = step
-        self._done = 0
-        self._step_epoch = None
-        deadline = time.monotonic() + timeout
-        after = 0
-        while True:
-            ep = self._acquire(after, deadline)
-            assert ep.group is not None
-            try:
-                self._ensure_exchanged(ep, deadline, in_op=False)
-            except (PeerFailure, GroupClosed) as exc:
-                self._on_op_failure(ep, exc, "exchange")
-                after = ep.view.epoch
-                continue
-            st = self.state
-            return StepInfo(
-                ep.view.epoch, ep.view.ids, st.step if st is not None else step, ep.sync
-            )
-
-    def all_reduce(
+    def run(
         self,
-        x: np.ndarray,
-        op: str = "sum",
-        codec: str = "none",
+        spec: OpSpec,
+        x: np.ndarray | None,
         *,
         retry: bool = False,
         timeout: float | None = None,
-    ) -> ElasticResult:
-        """In-place all-reduce over the current view (see :meth:`phalanx.comm.Group.all_reduce`)."""
-        return self._collective("all_reduce", lambda g: g.all_reduce(x, op, codec), retry, timeout)
+        deadline: Deadline | None = None,
+    ) -> OpResult:
+        """Run the collective ``spec`` on ``x`` (in place; ``None`` for a barrier) over
+        the current view: the one method every collective goes through.
 
-    def broadcast(
-        self, x: np.ndarray, root: int = 0, *, retry: bool = False, timeout: float | None = None
-    ) -> ElasticResult:
-        """Copy rank ``root``'s ``x`` to everyone (rank in the view the op runs in)."""
-        return self._collective("broadcast", lambda g: g.broadcast(x, root), retry, timeout)
+        ``retry=True``: when the view changes under the op (or its group must be
+        rebuilt), run it again in the next one (exact: the input was restored) instead
+        of raising. ``deadline`` (or ``timeout`` seconds, default 60) bounds the whole
+        call: waits, retries, the state exchange and the op in the data plane; after it
+        ``TimeoutError`` is raised with the array holding its input.
+        """
+        dl = deadline if deadline is not None else Deadline.after(timeout or _DEFAULT_TIMEOUT)
+        with self._cond:
+            self._life.op_started()
+        failed = 0
+        after = (0, -1)
+        while True:
+            plane = self._acquire(after, dl)
+            group = plane.group
+            assert group is not None
+            with self._cond:
+                admitted = self._life.admits(plane.view.ids)
+                step = self._life.step
+                if not admitted:
+                    self._life.abort_step()
+            if not admitted:
+                audit.warning(
+                    "event=step_aborted member=%s step=%d epoch=%d members=%s why=%s",
+                    self.member_id,
+                    step,
+                    plane.view.epoch,
+                    ",".join(plane.view.ids),
+                    "the view changed since begin_step",
+                )
+                raise StepAborted(
+                    plane.view.epoch,
+                    step,
+                    "the view changed since begin_step: the step's collectives would mix "
+                    "contributions computed for another member set; begin the step again "
+                    "(or begin_step(allow_partial=True))",
+                )
+            try:
+                if plane.phase is GroupPhase.READY:
+                    self._exchange(plane, dl, in_op=True)
+                res = group.run(spec, x, deadline=dl)
+            except (PeerFailure, GroupClosed) as exc:
+                err = self._failed(plane, exc, spec.kind, dl)
+                failed += 1
+                if not retry or not isinstance(err, PeerFailure):
+                    raise err from exc
+                after = plane.key
+                log.info(
+                    "event=op_retry member=%s op=%s epoch=%d generation=%d reason=%s",
+                    self.member_id,
+                    spec.kind,
+                    plane.view.epoch,
+                    plane.generation,
+                    err.reason,
+                )
+                continue
+            assert isinstance(res, OpResult)
+            epoch = plane.view.epoch
+            with self._cond:
+                self._life.op_succeeded(epoch, res.contributors)
+            if failed or res.epoch != epoch:
+                res = replace(res, epoch=epoch, failed_attempts=failed)
+            return res
+
+    def all_reduce(
+        self, x: np.ndarray, op: str = "sum", codec: str = "none", *, retry: bool = False,
+        timeout: float | None = None,
+    ) -> OpResult:  # fmt: skip
+        """In-place all-reduce over the current view (:meth:`run`)."""
+        return self.run(OpSpec("all_reduce", op, codec), x, retry=retry, timeout=timeout)
+
+    def reduce_scatter(
+        self, x: np.ndarray, op: str = "sum", codec: str = "none", *, retry: bool = False,
+        timeout: float | None = None,
+    ) -> OpResult:  # fmt: skip
+        """Reduce over the view; only this member's chunk of ``x`` is written."""
+        return self.run(OpSpec("reduce_scatter", op, codec), x, retry=retry, timeout=timeout)
 
     def all_gather(
-        self, x: np.ndarray, *, retry: bool = False, timeout: float | None = None
-    ) -> ElasticResult:
-        return self._collective("all_gather", lambda g: g.all_gather(x), retry, timeout)
+        self, x: np.ndarray, codec: str = "none", *, retry: bool = False,
+        timeout: float | None = None,
+    ) -> OpResult:  # fmt: skip
+        """Every member's chunk of ``x`` (:meth:`chunk_of`) ends up in every ``x``."""
+        return self.run(OpSpec("all_gather", codec=codec), x, retry=retry, timeout=timeout)
 
-    def barrier(self, *, retry: bool = False, timeout: float | None = None) -> ElasticResult:
-        return self._collective("barrier", lambda g: g.barrier(), retry, timeout)
+    def broadcast(
+        self, x: np.ndarray, root: int = 0, codec: str = "none", *, retry: bool = False,
+        timeout: float | None = None,
+    ) -> OpResult:  # fmt: skip
+        """Copy the ``x`` of the member at rank ``root`` (in the view the op runs in)."""
+        spec = OpSpec("broadcast", codec=codec, root=root)
+        return self.run(spec, x, retry=retry, timeout=timeout)
 
-    def commit(self, step: int, ok: bool, *, timeout: float | None = None) -> bool:
-        """The group's decision on ``step`` (same on every member): the vote carries
-        the epoch of the step's first successful collective."""
-        epoch = self._step_epoch if self._step_epoch is not None else self.agent.view.epoch
-        return self.agent.commit(step, ok, epoch=epoch, timeout=timeout)
+    def barrier(self, *, retry: bool = False, timeout: float | None = None) -> OpResult:
+        return self.run(OpSpec("barrier"), None, retry=retry, timeout=timeout)
+
+    def chunk_of(self, size: int) -> tuple[int, int]:
+        """(start, stop) of this member's chunk of a ``size``-element array in the
+        current view (what reduce_scatter writes and all_gather contributes)."""
+        from phalanx.comm.schedules import partition
+
+        view = self.view
+        if self.member_id not in view:
+            return (0, 0)
+        a, b = partition(size, view.size)[view.rank(self.member_id)]
+        return (int(a), int(b))
+
+    # ------------------------------------------------------------------ steps
+    def begin_step(
+        self,
+        step: int | None = None,
+        *,
+        timeout: float | None = None,
+        deadline: Deadline | None = None,
+        allow_partial: bool = False,
+    ) -> StepInfo:
+        """Mark a training-step boundary: install a new view if one is pending and run
+        the state exchange/sync there. ``step`` defaults to ``state.step``.
+
+        No silent wrong step: a collective of this step that would run over other
+        members than ``StepInfo.members`` (the view changed: a retry on a smaller view,
+        a member joined) raises ``StepAborted`` without running, and ``commit`` of this
+        step is then False on every member. ``allow_partial=True`` lets such collectives
+        run (the caller weighs contributions by ``OpResult.contributors``).
+        ``StepInfo.synced`` says whether *this* call received the group's state.
+        """
+        dl = deadline if deadline is not None else Deadline.after(timeout or _DEFAULT_TIMEOUT)
+        st = self.state
+        if step is None:
+            step = st.step if st is not None else self._life.step + 1
+        with self._cond:
+            stale = self._life.begin(step, self.view.ids, allow_partial=allow_partial)
+        if stale and st is not None:
+            st.update()  # changed in place without update_state: hash again
+        after = (0, -1)
+        received: SyncReport | None = None
+        while True:
+            plane = self._acquire(after, dl, across_rejoin=True)
+            try:
+                report = self._exchange(plane, dl, in_op=False)
+            except (PeerFailure, GroupClosed) as exc:
+                err = self._failed(plane, exc, "exchange", dl)
+                if not isinstance(err, PeerFailure):
+                    raise err from exc
+                after = plane.key
+                continue
+            if report is not None and report.received:
+                received = report
+            with self._cond:
+                self._life.begin_members(plane.view.ids, plane.view.epoch)
+            st = self.state
+            return StepInfo(
+                plane.view.epoch,
+                plane.view.ids,
+                st.step if st is not None else step,
+                received is not None,
+                received.nbytes if received is not None else 0,
+                received.seconds if received is not None else 0.0,
+            )
+
+    def commit(self, step: int, ok: bool = True, *, timeout: float | None = None) -> bool:
+        """The group's decision on ``step`` (the same on every member). The vote carries
+        the epoch of the step's first successful collective; it is False for a step
+        that was aborted (see :meth:`begin_step`)."""
+        with self._cond:
+            vote = self._life.vote(step, ok, self.agent.view.epoch)
+        if vote.why:
+            audit.warning(
+                "event=vote_forced_false member=%s step=%d epoch=%d why=%r",
+                self.member_id,
+                step,
+                vote.epoch,
+                vote.why,
+            )
+        committed = self.agent.commit(step, vote.ok, epoch=vote.epoch, timeout=timeout)
+        with self._cond:
+            self._life.decided(committed, state_attached=self._attached)
+        return committed
+
+    # ------------------------------------------------------------------ state and the client
+    def attach_state(self, arrays: Mapping[str, np.ndarray], step: int | None) -> tuple[int, str]:
+        """Make ``arrays`` the state (a daemon's client attaching its arrays). ``step``:
+        the step they hold; ``None``: if this member still holds a valid state of the
+        same layout (the client restarted) it is copied into them, else the group's
+        state is received at the next exchange. Returns (step, source): ``given``,
+        ``kept`` or ``to-receive``."""
+        old = self.state
+        if step is not None:
+            new, how = SyncState(arrays, step), "given"
+        elif old is not None and old.valid and _same_layout(old.arrays, arrays):
+            for name, a in arrays.items():
+                np.copyto(a, old.arrays[name])  # kept here: hand it back
+            new, how = SyncState(arrays, old.step), "kept"
+        else:
+            new, how = SyncState(arrays, -1, valid=False), "to-receive"
+        with self._cond:
+            self.state = new
+            self._attached = True
+        return new.step, how
+
+    def update_state(self, step: int, changed: list[str] | None = None) -> None:
+        """The state's arrays (all, or those named) now hold ``step``'s values."""
+        st = self.state
+        if st is None:
+            raise ConfigError("no state attached")
+        st.update(step, changed)
+        st.valid = True
+        with self._cond:
+            self._life.updated()
+
+    def client_lost(self) -> Loss:
+        """The client's connection closed without a goodbye (a daemon's call). Mid-step
+        nobody can finish the step: leave (the others' collectives and votes fail over
+        to a view without us) and rejoin by the rejoin policy; with the state half
+        changed, it is received again at the next exchange."""
+        with self._cond:
+            loss = self._life.client_lost()
+            if loss is Loss.NOTHING:
+                return loss
+            st = self.state
+            if loss is Loss.CYCLE_AND_RESYNC and st is not None:
+                st.valid = False
+            if self._life.presence is not Presence.MEMBER:
+                return loss
+            self._life.cycle(time.monotonic())
+            self._cond.notify_all()
+        audit.warning("event=client_lost_mid_step member=%s loss=%s", self.member_id, loss.value)
+        self.agent.leave(reason="client-lost-mid-step")
+        self._retire_current()
+        return loss
+
+    def client_closed(self) -> None:
+        """The client said goodbye: the next one starts outside steps (a state left
+        committed but not updated is received again at the next exchange)."""
+        with self._cond:
+            half = self._life.client_closed()
+            st = self.state
+            if half and st is not None:
+                st.valid = False
 
 
-def _abort_links(group: Group) -> None:
+class _ViewEpoch:
+    """A rebuilt group's observer: its samples carry the view's epoch, not the wire
+    epoch (which has the generation in its high bits)."""
+
+    def __init__(self, inner: CommObserver, epoch: int) -> None:
+        self._inner = inner
+        self._epoch = epoch
+
+    def op_started(self, op: str, seq: int, epoch: int, nbytes: int) -> None:
+        self._inner.op_started(op, seq, self._epoch, nbytes)
+
+    def op_finished(self, sample: OpSample) -> None:
+        self._inner.op_finished(replace(sample, epoch=self._epoch))
+
+
+def _in_view(exc: PeerFailure, view_epoch: int) -> PeerFailure:
+    """The engine's failure, named by the view's epoch (a rebuilt group's wire epoch
+    carries its generation too)."""
+    if exc.epoch == view_epoch:
+        return exc
+    return PeerFailure(
+        op=exc.op,
+        seq=exc.seq,
+        epoch=view_epoch,
+        suspects=exc.suspects,
+        reason=exc.reason,
+        detected_by=exc.detected_by,
+        detail=exc.detail,
+    )
+
+
+def _same_layout(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    return set(a) == set(b) and all(
+        a[n].dtype == b[n].dtype and a[n].shape == b[n].shape for n in a
+    )
+
+
+def _abort(group: Group, reason: str, detail: str) -> None:
     """Make the engine fail whatever it runs, at once (buffers restored, peers told)."""
     with contextlib.suppress(ConfigError):
-        group.abort("view-change", "a new view was installed")
+        group.abort(reason, detail)
 
 
-def _close_epoch(ep: _Epoch) -> None:
-    if ep.listener is not None:
-        ep.listener.close()  # ends the group's accept loop now instead of its next poll
-    if ep.group is not None:
-        _abort_links(ep.group)
-        ep.group.close()
+def _retire(plane: _Plane) -> None:
+    """Close a retired group (its phase already moved, under the lock)."""
+    if plane.listener is not None:
+        plane.listener.close()  # ends the group's accept loop now instead of its next poll
+    if plane.group is not None:
+        _abort(plane.group, "view-change", "the group was replaced")
+        plane.group.close()

@@ -57,16 +57,17 @@ from typing import Any
 import numpy as np
 
 from phalanx.comm import Group, Handle
-from phalanx.errors import CommError, ConfigError
+from phalanx.deadline import Deadline
+from phalanx.errors import CommError, ConfigError, StateSyncError, StepAborted
 
 __all__ = [
     "RECORD_BYTES",
-    "Action",
-    "Manifest",
-    "ManifestEntry",
     "PeerRecord",
+    "StateEntry",
+    "StateManifest",
     "StateSyncError",
     "StepAborted",
+    "SyncAction",
     "SyncPlan",
     "SyncReport",
     "SyncState",
@@ -88,28 +89,6 @@ _MAX_MANIFEST = 8 << 20
 _MAX_NAME = 1024
 CHUNK_BYTES = 8 << 20  # state bytes per broadcast
 WINDOW = 3  # broadcasts in flight during a transfer
-
-
-class StateSyncError(CommError):
-    """State could not be synced (hash mismatch, bad manifest): no contribution.
-
-    ``bad_ranks``: the receivers whose verification failed (empty when unknown)."""
-
-    def __init__(self, message: str, bad_ranks: tuple[int, ...] = ()) -> None:
-        super().__init__(message)
-        self.bad_ranks = bad_ranks
-
-
-class StepAborted(CommError):
-    """This member was mid-step (or had to receive state inside a collective) when a
-    new view came up: the step cannot continue here. Do not vote on it (it never ran
-    in this view); call ``begin_step`` again. ``epoch`` is the new view's epoch."""
-
-    def __init__(self, epoch: int, step: int, detail: str = "") -> None:
-        self.epoch = epoch
-        self.step = step
-        tail = f": {detail}" if detail else ""
-        super().__init__(f"step {step} aborted by the view of epoch {epoch}{tail}")
 
 
 # --------------------------------------------------------------------------- digests
@@ -184,14 +163,12 @@ class SyncState:
             sha = self._entry[name] = entry_digest(self.arrays[name])
         return sha
 
-    def manifest(self) -> Manifest:
+    def manifest(self) -> StateManifest:
         entries = tuple(
-            ManifestEntry(
-                n, self.arrays[n].dtype.str, tuple(self.arrays[n].shape), self.entry_hash(n)
-            )
+            StateEntry(n, self.arrays[n].dtype.str, tuple(self.arrays[n].shape), self.entry_hash(n))
             for n in sorted(self.arrays)
         )
-        return Manifest(self.step, entries)
+        return StateManifest(self.step, entries)
 
     def digest(self) -> bytes:
         if not self.valid:
@@ -246,7 +223,7 @@ class PeerRecord:
         )
 
 
-class Action(enum.Enum):
+class SyncAction(enum.Enum):
     PROCEED = "proceed"  # (sync if needed, then) run collectives
     ABORT = "abort"  # members are at different points of a step: realign first
 
@@ -255,7 +232,7 @@ class Action(enum.Enum):
 class SyncPlan:
     """The decision every member derives from the same gathered records."""
 
-    action: Action
+    action: SyncAction
     source: int | None  # rank holding the majority state (None: nobody has state)
     receivers: tuple[int, ...]  # ranks that must receive the state
     step: int  # the majority state's step (-1 without state)
@@ -285,7 +262,7 @@ def plan_sync(records: Sequence[PeerRecord]) -> SyncPlan:
     )
     positions = {(rec.pos_step, rec.done) for rec in records}
     aligned = not mid or (len(positions) == 1 and not receivers)
-    action = Action.PROCEED if aligned else Action.ABORT
+    action = SyncAction.PROCEED if aligned else SyncAction.ABORT
     return SyncPlan(
         action, source, receivers, step, digest, len(holders), mid if not aligned else ()
     )
@@ -295,7 +272,7 @@ def plan_sync(records: Sequence[PeerRecord]) -> SyncPlan:
 
 
 @dataclass(frozen=True)
-class ManifestEntry:
+class StateEntry:
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -322,11 +299,11 @@ class ManifestEntry:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class StateManifest:
     """What the source sends before the bytes: step, entries (sorted), state digest."""
 
     step: int
-    entries: tuple[ManifestEntry, ...]
+    entries: tuple[StateEntry, ...]
 
     @property
     def digest(self) -> bytes:
@@ -348,7 +325,7 @@ class Manifest:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, data: bytes) -> Manifest:
+    def decode(cls, data: bytes) -> StateManifest:
         if len(data) > _MAX_MANIFEST:
             raise StateSyncError("state manifest too large")
         try:
@@ -361,7 +338,7 @@ class Manifest:
             if not isinstance(raw, list) or len(raw) > _MAX_ENTRIES:
                 raise StateSyncError("state manifest: bad entry list")
             entries = tuple(
-                ManifestEntry(
+                StateEntry(
                     str(e["name"]),
                     str(e["dtype"]),
                     tuple(int(d) for d in e["shape"]),
@@ -396,14 +373,16 @@ class SyncReport:
         return self.nbytes / self.seconds if self.seconds > 0 else 0.0
 
 
-def gather_records(group: Group, mine: PeerRecord) -> list[PeerRecord]:
-    """The exchange: an all_gather of every rank's 64-byte record."""
+def gather_records(
+    group: Group, mine: PeerRecord, deadline: Deadline | None = None
+) -> list[PeerRecord]:
+    """The exchange: an all_gather of every rank's 64-byte record (ends by ``deadline``)."""
     buf = np.zeros(group.world * RECORD_BYTES, dtype=np.uint8)
     own = group.chunk(buf.size)
     if own != slice(group.rank * RECORD_BYTES, (group.rank + 1) * RECORD_BYTES):
         raise StateSyncError(f"unexpected all_gather partition {own}")
     buf[own] = np.frombuffer(mine.encode(), dtype=np.uint8)
-    group.all_gather(buf)
+    group.all_gather(buf, deadline=deadline)
     raw = buf.tobytes()
     return [
         PeerRecord.decode(raw[r * RECORD_BYTES : (r + 1) * RECORD_BYTES])
@@ -411,12 +390,12 @@ def gather_records(group: Group, mine: PeerRecord) -> list[PeerRecord]:
     ]
 
 
-def _flags_all(group: Group, ok: bool) -> list[bool]:
+def _flags_all(group: Group, ok: bool, deadline: Deadline | None) -> list[bool]:
     """A tiny all_gather of one flag per rank (8 bytes each, to stay word aligned)."""
     buf = np.zeros(group.world, dtype=np.int64)
     own = group.chunk(buf.size)
     buf[own] = 1 if ok else 0
-    group.all_gather(buf)
+    group.all_gather(buf, deadline=deadline)
     return [bool(v) for v in buf]
 
 
@@ -431,6 +410,7 @@ def transfer(
     *,
     epoch: int,
     side: Callable[[tuple[int, ...]], Group] | None = None,
+    deadline: Deadline | None = None,
 ) -> SyncReport:
     """Run steps 3-4 of the protocol for ``plan`` (every rank calls it); installs the
     state on receivers after verification. Raises :class:`StateSyncError` everywhere
@@ -447,10 +427,10 @@ def transfer(
     src = plan.source
     receiving = me in plan.receivers
     parts = tuple(sorted({src, *plan.receivers}))
-    manifest, error = Manifest(plan.step, ()), ""
+    manifest, error = StateManifest(plan.step, ()), ""
     fresh: dict[str, np.ndarray] = {}
     if side is None or len(parts) == group.world:
-        manifest, fresh, error = _move(group, src, receiving, plan, state)
+        manifest, fresh, error = _move(group, src, receiving, plan, state, deadline)
     elif me in parts:
         try:
             sub = side(parts)
@@ -464,14 +444,16 @@ def transfer(
                 time.monotonic() - t0,
             )
             try:
-                manifest, fresh, error = _move(sub, parts.index(src), receiving, plan, state)
+                manifest, fresh, error = _move(
+                    sub, parts.index(src), receiving, plan, state, deadline
+                )
             except (CommError, StateSyncError) as exc:
                 error = error or f"transfer: {exc}"
             finally:
                 sub.close()
     else:
-        manifest = Manifest(plan.step, ())
-    verdicts = _flags_all(group, not error)
+        manifest = StateManifest(plan.step, ())
+    verdicts = _flags_all(group, not error, deadline)
     seconds = time.monotonic() - t0
     if not all(verdicts):
         bad = [r for r, ok in enumerate(verdicts) if not ok]
@@ -506,9 +488,14 @@ def transfer(
 
 
 def _move(
-    g: Group, root: int, receiving: bool, plan: SyncPlan, state: SyncState
-) -> tuple[Manifest, dict[str, np.ndarray], str]:
-    """Manifest, then every entry's bytes, from ``root`` to every rank of ``g``;
+    g: Group,
+    root: int,
+    receiving: bool,
+    plan: SyncPlan,
+    state: SyncState,
+    deadline: Deadline | None,
+) -> tuple[StateManifest, dict[str, np.ndarray], str]:
+    """The manifest, then every entry's bytes, from ``root`` to every rank of ``g``;
     returns (manifest, received arrays, verification error or "")."""
     # -- manifest: length, then bytes
     if g.rank == root:
@@ -519,19 +506,19 @@ def _move(
     else:
         blob = b""
     length = np.array([len(blob)], dtype=np.int64)
-    g.broadcast(length, root=root)
+    g.broadcast(length, root=root, deadline=deadline)
     n = int(length[0])
     if not 0 < n <= _MAX_MANIFEST:
         raise StateSyncError(f"state manifest length {n} out of range")
     raw = np.zeros(n, dtype=np.uint8)
     if g.rank == root:
         raw[:] = np.frombuffer(blob, dtype=np.uint8)
-    g.broadcast(raw, root=root)
+    g.broadcast(raw, root=root, deadline=deadline)
     error = ""
     try:
-        manifest = Manifest.decode(raw.tobytes())
+        manifest = StateManifest.decode(raw.tobytes())
     except StateSyncError as exc:
-        manifest, error = Manifest(plan.step, ()), str(exc)
+        manifest, error = StateManifest(plan.step, ()), str(exc)
     if not error and (manifest.digest != plan.digest or manifest.step != plan.step):
         error = "manifest does not match the majority digest"
     # -- bytes: every rank takes part in every broadcast, whatever the manifest says.
@@ -552,7 +539,8 @@ def _move(
         inflight: deque[tuple[Handle, np.ndarray]] = deque()
         for a in range(0, max(entry.nbytes, 1), CHUNK_BYTES):
             piece = buf[a : a + CHUNK_BYTES]
-            inflight.append((g.broadcast(piece, root=root, async_op=True), piece))
+            handle = g.broadcast(piece, root=root, async_op=True, deadline=deadline)
+            inflight.append((handle, piece))
             if len(inflight) >= WINDOW:
                 _finish(inflight, sha if receiving else None)
         while inflight:
@@ -571,11 +559,11 @@ def _finish(inflight: deque[tuple[Handle, np.ndarray]], sha: Any) -> None:
         sha.update(piece.data)
 
 
-def _same(a: np.ndarray, entry: ManifestEntry) -> bool:
+def _same(a: np.ndarray, entry: StateEntry) -> bool:
     return a.dtype.str == entry.dtype and tuple(a.shape) == entry.shape
 
 
-def _install(state: SyncState, manifest: Manifest, fresh: Mapping[str, np.ndarray]) -> None:
+def _install(state: SyncState, manifest: StateManifest, fresh: Mapping[str, np.ndarray]) -> None:
     arrays: dict[str, np.ndarray] = {}
     for entry in manifest.entries:
         value = fresh[entry.name].view(np.dtype(entry.dtype)).reshape(entry.shape)

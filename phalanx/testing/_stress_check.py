@@ -14,10 +14,21 @@ JSON line reports. What it checks:
 * ``commit(step)``: one definite answer per ``(epoch of the step's first op, step)``
   across members, and True only for a step whose ops all ran in one epoch;
 * restores byte-exact and never older than the newest seal the owner reported; a
-  restore that fails is a lost snapshot unless more than ``m`` (of the default
-  ``k + m`` for the view size at the seal) other peers went away, were evicted, or
-  were unreachable since that seal (``lost_beyond_m``: the code promises nothing then);
-* hangs: any call that ran ``hang_s`` or longer, or hit its deadline.
+  restore that fails is a lost snapshot unless more than ``m`` of that generation's
+  holders (the trainer reports them with the seal) could not be read: gone (killed,
+  left, replaced), stopped, partitioned or evicted now, or out of the restorer's view
+  (restores read holders through it) -- ``lost_beyond_m``, the code promises nothing
+  then. Without the holders (an older trainer) the rule is the coarse one: more than
+  ``m`` (of the default ``k + m`` for the view size) other peers went away since the
+  seal event;
+* hangs: any call that ran ``hang_s`` or longer, or hit its deadline; and a stall
+  (:meth:`Checker.stalled`): no step committed for ``hang_s`` while at least two
+  peers ran, counted once per stretch as it happens.
+
+Every clean failure is kept too: :attr:`Checker.failure_reasons` counts them by
+reason (the call and the error with numbers masked, so one cause is one key), and
+``on_failure`` is told each one (the harness writes them to ``failures.log``) — a
+run that stalls can be read from what it keeps.
 
 This module must never start a process or wait: it only counts.
 """
@@ -25,6 +36,8 @@ This module must never start a process or wait: it only counts.
 from __future__ import annotations
 
 import functools
+import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +52,14 @@ __all__ = ["Checker"]
 _OP_KINDS = frozenset({"all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier"})
 _SAME_BYTES = frozenset({"all_reduce", "all_gather", "broadcast"})
 _MAX_DETAILS = 20
+_NUMBERS = re.compile(r"0x[0-9a-f]+|\d+(\.\d+)?")
+
+
+def failure_reason(call: str, error: str) -> str:
+    """A failure's histogram key: the call and the error with its numbers masked (so
+    "epoch 1234 ... in 3.0s" and "epoch 1240 ... in 3.1s" are one reason), and member
+    ids kept apart from numbers ("p17" stays "p#")."""
+    return f"{call}: {_NUMBERS.sub('#', error)[:160]}"
 
 
 @dataclass
@@ -62,15 +83,32 @@ class Checker:
     restores_ok: int = 0
     lost_snapshots: int = 0
     lost_beyond_m: int = 0  # restores that failed after more than m holders went away
+    lost_by_old_rule: int = 0  # of those, the ones departures-since-the-seal called lost
     crashes: int = 0
+    state_lost: int = 0  # begin_step answered step -1: no member of the view held the state
+    _lost_epochs: set[int] = field(default_factory=set)
     evictions: int = 0
     max_rejoin_s: float = 0.0
     on_finding: Callable[[str], None] | None = None  # told each finding as it happens
+    on_failure: Callable[[str, float, dict[str, Any]], None] | None = None  # each clean failure
+    failure_reasons: Counter[str] = field(default_factory=Counter)
+    stalls: int = 0  # stretches of hang_s without a committed step (each also a hang)
+    longest_stall_s: float = 0.0
+    last_commit_t: float | None = None  # monotonic time of the newest committed step
+    _stall_from: float | None = None  # start of the stretch now being watched
+    _stall_counted: bool = False
+    _reasons_since_commit: Counter[str] = field(default_factory=Counter)
     details: list[str] = field(default_factory=list)
+    beyond_m_details: list[str] = field(default_factory=list)  # why each was beyond m
     _by_op: dict[tuple[int, int], tuple[tuple[str, ...], str, str]] = field(default_factory=dict)
     _answers: dict[tuple[int, int], dict[str, bool]] = field(default_factory=dict)
     _sealed: dict[str, int] = field(default_factory=dict)
     _seal_at: dict[str, tuple[float, int]] = field(default_factory=dict)  # (t, world)
+    # the newest sealed generation's holders (piece order) and m, per owner
+    _holders: dict[str, tuple[tuple[str, ...], int]] = field(default_factory=dict)
+    _retired: set[str] = field(default_factory=set)  # killed, left or replaced: for good
+    last_unreadable: dict[str, str] = field(default_factory=dict)  # of the last _beyond_m
+    last_old_rule_lost: bool = False
     _departed: list[tuple[float, str]] = field(default_factory=list)
     unavailable: set[str] = field(default_factory=set)  # stopped / partitioned now
     _last_begin: dict[str, float] = field(default_factory=dict)
@@ -90,12 +128,48 @@ class Checker:
         return self._sealed.get(member)
 
     def departed(self, t: float, member: str) -> None:
-        """``member`` left the group at ``t`` (killed, left, evicted): a holder fewer."""
+        """``member`` left the group for good at ``t`` (killed, left, replaced)."""
         self._departed.append((t, member))
+        self._retired.add(member)
 
-    def _beyond_m(self, owner: str) -> bool:
-        """More of ``owner``'s possible shard holders went away since its newest seal
-        than its code tolerates (m), so a failed restore breaks no promise."""
+    def _beyond_m(self, owner: str, view: list[str] | None = None) -> bool:
+        """More of the holders of ``owner``'s newest sealed generation could not be
+        read than its code tolerates (m), so a failed restore breaks no promise.
+
+        A holder counts as unreadable when it is gone for good, unavailable now
+        (stopped, partitioned, evicted), or missing from ``view`` (the restorer's view
+        around the restore). Counting holders rather than departures since the seal
+        event matters: a holder killed (or told to leave) while the owner's seal was
+        still in flight -- after its piece was acknowledged, before the trainer
+        reported the seal -- is one of the generation's holders although it "departed
+        before the seal"; the old rule missed it and called the next single loss of a
+        1+m code a lost snapshot."""
+        held = self._holders.get(owner)
+        if held is None:
+            return self._beyond_m_since_seal(owner)
+        holders, m = held
+        seen = set(view) if view else None
+        why = {}
+        for h in holders:
+            if h in self._retired:
+                why[h] = "gone"
+            elif h in self.unavailable:
+                why[h] = "unavailable"
+            elif seen is not None and h not in seen:
+                why[h] = "not-in-view"
+        self.last_unreadable = why
+        beyond = len(why) > m
+        self.last_old_rule_lost = beyond and not self._beyond_m_since_seal(owner)
+        if self.last_old_rule_lost:
+            # the old rule (departures since the seal event) would have called this
+            # a lost snapshot: counted, to show what the holder accounting changed
+            self.lost_by_old_rule += 1
+        return beyond
+
+    def _beyond_m_since_seal(self, owner: str) -> bool:
+        """The coarse rule, for trainers that do not report holders: more than m
+        (default k + m for the view size) other peers departed since the seal event
+        or are unavailable now."""
         t_seal, world = self._seal_at.get(owner, (0.0, 1))
         gone = {m for t, m in self._departed if t >= t_seal} | self.unavailable
         gone.discard(owner)
@@ -155,8 +229,45 @@ class Checker:
         else:
             self.ops_ok += 1
 
+    def stalled(self, now: float, live: int) -> bool:
+        """Watch for a stall: no step committed for ``hang_s`` while ``live`` >= 2
+        peers ran. Counts one hang per stretch, as soon as it passes ``hang_s`` (the
+        soak of seed 20261205 committed nothing for 360 s while the progress line said
+        ``hangs=0``); True the moment it is counted."""
+        if live < 2:  # nobody to commit with: the stretch starts again later
+            self._stall_from = None
+            return False
+        if self._stall_from is None:
+            self._stall_from, self._stall_counted = now, False
+        if self.last_commit_t is not None and self.last_commit_t > self._stall_from:
+            self._stall_from, self._stall_counted = self.last_commit_t, False
+        quiet = now - self._stall_from
+        if self._stall_counted:  # how long the stall counted already lasted
+            self.longest_stall_s = max(self.longest_stall_s, quiet)
+        if quiet < self.hang_s or self._stall_counted:
+            return False
+        self._stall_counted = True
+        self.stalls += 1
+        self.hangs += 1
+        self.longest_stall_s = max(self.longest_stall_s, quiet)
+        top = "; ".join(f"{n}x {r}" for r, n in self._reasons_since_commit.most_common(3))
+        self.note(f"hang: no step committed for {quiet:.1f}s with {live} live peers"
+                  + (f" (failures since the last commit: {top})" if top else ""))  # fmt: skip
+        return True
+
+    def _failed(self, me: str, t: float, call: str, p: dict[str, Any]) -> None:
+        why = failure_reason(call, str(p.get("error", "")))
+        self.failure_reasons[why] += 1
+        self._reasons_since_commit[why] += 1
+        if self.on_failure is not None:
+            self.on_failure(me, t, {**p, "call": call})
+
+    def since_commit(self, now: float) -> float | None:
+        return None if self.last_commit_t is None else now - self.last_commit_t
+
     def _on_fail(self, me: str, t: float, p: dict[str, Any]) -> None:
         err = str(p.get("error", ""))
+        self._failed(me, t, str(p.get("call", "")), p)
         if p.get("call") in _OP_KINDS:
             self.ops += 1
             self.ops_failed_clean += 1
@@ -168,6 +279,17 @@ class Checker:
 
     def _on_begin(self, me: str, t: float, p: dict[str, Any]) -> None:
         self._last_begin[me] = t - float(p["secs"])
+        if int(p["step"]) < 0:
+            # begin_step syncs the state from any member that holds it: a step of -1
+            # means nobody in this view holds the training state any more (every member
+            # that held it is gone); no step can commit until it is recovered
+            self.state_lost += 1
+            epoch = int(p["epoch"])
+            if epoch not in self._lost_epochs:
+                self._lost_epochs.add(epoch)
+                if len(self._lost_epochs) <= 3:
+                    self.note(f"state lost: {me} began a step with no state in its view "
+                              f"(epoch {epoch}, members {','.join(p.get('members', ()))})")  # fmt: skip
         self.max_step = max(self.max_step, int(p["step"]))
         if p.get("synced"):
             self.state_syncs += 1
@@ -197,6 +319,8 @@ class Checker:
                 )
         if answer:
             self.steps_committed += 1
+            self.last_commit_t = max(self.last_commit_t or t, t)
+            self._reasons_since_commit.clear()
             begun = self._last_begin.get(me, t)
             left = []
             for tf, what in self._pending_faults:
@@ -214,10 +338,15 @@ class Checker:
         if int(p["step"]) >= self._sealed.get(me, -1):
             self._sealed[me] = int(p["step"])
             self._seal_at[me] = (t, int(p.get("world", 1)))
+            if "holders" in p:
+                self._holders[me] = (tuple(str(h) for h in p["holders"]), int(p["m"]))
+            else:
+                self._holders.pop(me, None)
 
     def _on_snapshot_failed(self, me: str, t: float, p: dict[str, Any]) -> None:
         # clean: a generation that cannot seal (a holder died) is never offered; counted
         self.snapshot_failures += 1
+        self._failed(me, t, "snapshot", p)
 
     def _on_restored(self, me: str, t: float, p: dict[str, Any]) -> None:
         owner, step = str(p["owner"]), int(p["step"])
@@ -226,7 +355,7 @@ class Checker:
             self.wrong_results += 1
             self.note(f"wrong: {me} restored {owner} step={step}: bytes differ")
         elif newest is not None and step < newest:
-            if self._beyond_m(owner):
+            if self._beyond_m(owner, p.get("view")):
                 self.lost_beyond_m += 1
             else:
                 self.lost_snapshots += 1
@@ -236,12 +365,22 @@ class Checker:
 
     def _on_restore_failed(self, me: str, t: float, p: dict[str, Any]) -> None:
         owner = str(p["owner"])
-        if self._sealed.get(owner) is not None and self._beyond_m(owner):
+        self._failed(me, t, "restore", p)
+        if self._sealed.get(owner) is not None and self._beyond_m(owner, p.get("view")):
             self.lost_beyond_m += 1
+            held = self._holders.get(owner)
+            if held is not None:
+                self.beyond_m_details.append(
+                    f"{me} could not restore {owner} (sealed {self._sealed[owner]}, holders "
+                    f"{','.join(held[0])}, m={held[1]}): unreadable {self.last_unreadable}"
+                    + (" [the old rule: lost]" if self.last_old_rule_lost else "")
+                )
         elif self._sealed.get(owner) is not None:
             self.lost_snapshots += 1
+            held = self._holders.get(owner)
+            who = f" holders={','.join(held[0])} m={held[1]}" if held else ""
             self.note(f"lost: {me} could not restore {owner} (sealed "
-                      f"{self._sealed[owner]}): {p.get('error')}")  # fmt: skip
+                      f"{self._sealed[owner]}{who}): {p.get('error')}")  # fmt: skip
 
     def _on_evicted(self, me: str, t: float, p: dict[str, Any]) -> None:
         self.evictions += 1

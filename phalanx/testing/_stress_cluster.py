@@ -12,8 +12,10 @@ of its own, joined to a bridge by a veth pair; the coordinator listens on the br
 A partition is then ``ip link set <veth> down`` (this kernel has no ``netem``, so no
 delay or loss at that layer). :func:`netns_unavailable` says why it cannot be done.
 
-Every child gets ``PR_SET_PDEATHSIG`` (a SIGKILLed harness leaves nothing behind) and
-is signalled only by PID; :meth:`Cluster.close` SIGCONTs, stops (SIGTERM then
+Processes are started through :class:`phalanx.testing.launcher.Launcher` (the one
+launcher tests, the demo and the benchmarks share): every child dies with the harness
+(``PR_SET_PDEATHSIG``, so a SIGKILLed harness leaves nothing behind) and is signalled
+only by PID; :meth:`Cluster.close` SIGCONTs, stops (SIGTERM then
 SIGKILL after a grace) and reaps all of them, removes the namespaces, and
 :func:`leaks` reports any process, thread or socket left over. This module must never
 signal a process it did not start nor wait without a deadline.
@@ -22,14 +24,11 @@ signal a process it did not start nor wait without a deadline.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -39,16 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from phalanx.testing._stress_trainer import TrainerArgs, trainer_main
+from phalanx.testing.launcher import Launcher, LaunchError, Proc
+from phalanx.testing.netns import Bridge, BridgeError, leftover_rules
+from phalanx.testing.netns import unavailable as _netns_unavailable
 
 __all__ = ["Cluster", "Peer", "leaks", "netns_unavailable", "open_fds", "socket_fds"]
 
-_PR_SET_PDEATHSIG = 1
 _MP = multiprocessing.get_context("spawn")
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _signal(pid: int | None, sig: int) -> None:
@@ -59,16 +55,7 @@ def _signal(pid: int | None, sig: int) -> None:
 
 def netns_unavailable() -> str | None:
     """None if network namespaces can be used here, else why not."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and veth pairs)"
-    if shutil.which("ip") is None:
-        return "needs iproute2 ('ip' not found)"
-    name = f"pxprobe{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10)
-    if r.returncode != 0:
-        return f"'ip netns add' failed: {r.stderr.decode(errors='replace').strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-    return None
+    return _netns_unavailable()
 
 
 @dataclass
@@ -121,33 +108,28 @@ class Cluster:
         seal_timeout: float | None = None,
         commit_timeout: float | None = None,
     ) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="phalanx-stress-"))
-        self.secret_file = self.dir / "secret"
-        self.secret_file.write_bytes(os.urandom(32).hex().encode())
-        self.secret_file.chmod(0o600)
+        self.launcher = Launcher(prefix="phalanx-stress-", log_level=log_level)
+        self.dir = self.launcher.dir
+        self.secret_file = self.launcher.secret_file
         self.heartbeat_timeout = heartbeat_timeout
         self.commit_timeout = commit_timeout
         self.log_level = log_level
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
         # daemons give up on a snapshot generation after this long (None: their default)
-        self.daemon_env = dict(self.env)
+        self.daemon_env = dict(self.launcher.env)
         if seal_timeout is not None:
             self.daemon_env["PHALANX_SNAPSHOT_SEAL_TIMEOUT"] = str(seal_timeout)
         self.coordinator: subprocess.Popen[bytes] | None = None
-        self.coord_out: Path | None = None
+        self._coord: Proc | None = None
         self.address = ""
         self.host = "127.0.0.1"
         self.port = 0
         self.peers: dict[str, Peer] = {}
         self.retired: list[Peer] = []
-        self._coords: list[subprocess.Popen[bytes]] = []
         self._runs = 0
         self._slot = 0
         self.netns = netns
+        self.net_skipped: str | None = None  # why net faults cannot run after all
         tag = os.getpid() % 100000
-        self._bridge = f"pxb{tag}"
-        self._net = f"10.{100 + tag % 100}.{(tag // 100) % 250}"
-        self._namespaces: list[str] = []
         # Host numbers of the /24, handed out oldest-freed first and returned when a
         # peer's namespace is removed: an address is never on two live namespaces, and
         # is reused as late as possible (no stale neighbour entries elsewhere). Handing
@@ -155,41 +137,42 @@ class Cluster:
         # still up on the bridge once a soak passed 250 peers: connections to it timed
         # out at random and the views churned for minutes (soak, seed 20261124).
         self._free_hosts: deque[int] = deque(range(2, 252))
+        self.bridge: Bridge | None = None
         if netns:
-            self._ip("link", "add", self._bridge, "type", "bridge")
-            self._ip("addr", "add", f"{self._net}.1/24", "dev", self._bridge)
-            self._ip("link", "set", self._bridge, "up")
-            self.host = f"{self._net}.1"
-
-    # ------------------------------------------------------------------ helpers
-    def _ip(self, *args: str) -> None:
-        r = subprocess.run(["ip", *args], capture_output=True, timeout=10)
-        if r.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.decode(errors='replace')}")
-
-    def _popen(
-        self, cmd: list[str], out: Path, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        with open(out, "wb") as o, open(out.with_suffix(".err"), "wb") as e:
-            return subprocess.Popen(
-                cmd, stdout=o, stderr=e, env=env or self.env, preexec_fn=_die_with_parent
-            )
+            # on a host where dockerd ran, bridged frames are dropped unless the bridge
+            # opens forwarding for itself (netns.Bridge does); then two namespaces must
+            # reach each other before any peer starts, else the run goes on without
+            # net faults and says why (it used to time out: "founding peers did not
+            # start within 90 s", hangs)
+            try:
+                self.bridge = Bridge(f"pxb{tag}", f"10.{100 + tag % 100}.{(tag // 100) % 250}",
+                                     str(tag), f"pxs{os.getpid()}-")  # fmt: skip
+                why = self.bridge.probe()
+            except (BridgeError, OSError, subprocess.SubprocessError) as exc:
+                why = f"could not set up the stress bridge: {exc}"
+            if why is not None or self.bridge is None:
+                self.net_skipped = why
+                if self.bridge is not None:
+                    self.bridge.close()
+                self.bridge = None
+                self.netns = False
+            else:
+                self.host = self.bridge.host
 
     # ------------------------------------------------------------------ coordinator
     def start_coordinator(self, *, wait: bool = True) -> None:
         """Start (or restart on the same port) the coordinator. ``wait``: return once
         it listens (deadline 30 s); otherwise poll :meth:`coordinator_ready`."""
         self._runs += 1
-        out = self.dir / f"coordinator-{self._runs}.out"
-        cmd = [sys.executable, "-m", "phalanx", "--log-level", self.log_level, "coordinator",
-               "--listen", f"{self.host}:{self.port}", "--secret-file", str(self.secret_file)]  # fmt: skip
+        flags: list[str] = []
         if self.heartbeat_timeout is not None:
-            cmd += ["--heartbeat-timeout", str(self.heartbeat_timeout)]
+            flags += ["--heartbeat-timeout", str(self.heartbeat_timeout)]
         if self.commit_timeout is not None:
-            cmd += ["--commit-timeout", str(self.commit_timeout)]
-        proc = self._popen(cmd, out)
-        self._coords.append(proc)
-        self.coordinator, self.coord_out = proc, out
+            flags += ["--commit-timeout", str(self.commit_timeout)]
+        proc = self.launcher.start_coordinator(
+            *flags, listen=f"{self.host}:{self.port}", name=f"coordinator-{self._runs}"
+        )
+        self._coord, self.coordinator = proc, proc.popen
         deadline = time.monotonic() + 30.0
         while wait and not self.coordinator_ready():
             if time.monotonic() > deadline:
@@ -198,24 +181,20 @@ class Cluster:
 
     def coordinator_ready(self) -> bool:
         """True once the current coordinator listens; raises RuntimeError if it exited."""
-        proc, out = self.coordinator, self.coord_out
-        if proc is None or out is None:
+        if self._coord is None:
             return False
-        text = out.read_text(errors="replace")
-        if "listening on" in text:
-            self.address = text.split("listening on", 1)[1].split()[0]
-            self.port = int(self.address.rpartition(":")[2])
-            return True
-        if proc.poll() is not None:
-            err = out.with_suffix(".err").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"coordinator exited (rc={proc.poll()}): {err}")
-        return False
+        try:
+            if not self.launcher.ready(self._coord):
+                return False
+        except LaunchError as exc:
+            raise RuntimeError(str(exc)) from None
+        self.address = self._coord.info["address"]
+        self.port = int(self.address.rpartition(":")[2])
+        return True
 
     def kill_coordinator(self) -> None:
-        if self.coordinator is not None:
-            _signal(self.coordinator.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.coordinator.wait(5.0)
+        if self._coord is not None:
+            self._coord.kill()
 
     # ------------------------------------------------------------------ peers
     def start_daemon(self, member: str) -> Peer:
@@ -228,42 +207,37 @@ class Cluster:
         prefix: list[str] = []
         ns = veth = None
         host = 0
-        if self.netns:
+        if self.netns and self.bridge is not None:
             ns, veth, host = self._add_netns(slot)
-            listen = f"{self._net}.{host}:0"
+            listen = f"{self.bridge.net}.{host}:0"
             prefix = ["ip", "netns", "exec", ns]
-        cmd = [*prefix, sys.executable, "-m", "phalanx", "--log-level", self.log_level, "daemon",
-               "--coordinator", self.address, "--secret-file", str(self.secret_file),
-               "--socket", sock, "--id", member, "--listen", listen, "--metrics-port", "-1"]  # fmt: skip
-        proc = self._popen(cmd, out, self.daemon_env)
-        peer = Peer(member, slot, proc, out, sock, netns=ns, veth=veth, host=host)
+        proc = self.launcher.start_daemon(member, coordinator=self.address, listen=listen,
+                                          metrics_port=-1, prefix=prefix, env=self.daemon_env)  # fmt: skip
+        assert proc.out_path == out and self.launcher.socket_of(member) == sock
+        peer = Peer(member, slot, proc.popen, out, sock, netns=ns, veth=veth, host=host)
         self.peers[member] = peer
         return peer
 
     def _add_netns(self, slot: int) -> tuple[str, str, int]:
+        assert self.bridge is not None
         if not self._free_hosts:
             raise RuntimeError("no free address left in the stress network (250 live peers)")
         host_no = self._free_hosts.popleft()
         ns = f"pxs{os.getpid()}-{slot}"
-        host, inner = f"pxh{os.getpid() % 100000}k{slot}", f"pxn{os.getpid() % 100000}k{slot}"
-        self._ip("netns", "add", ns)
-        self._namespaces.append(ns)
-        self._ip("link", "add", host, "type", "veth", "peer", "name", inner)
-        self._ip("link", "set", inner, "netns", ns)
-        self._ip("link", "set", host, "master", self._bridge, "up")
-        self._ip("-n", ns, "addr", "add", f"{self._net}.{host_no}/24", "dev", inner)
-        self._ip("-n", ns, "link", "set", inner, "up")
-        self._ip("-n", ns, "link", "set", "lo", "up")
-        return ns, host, host_no
+        try:
+            veth = self.bridge.add(ns, host_no)
+        except BridgeError as exc:
+            self.bridge.remove(ns)
+            self._free_hosts.append(host_no)
+            raise RuntimeError(str(exc)) from exc
+        return ns, veth, host_no
 
     def _drop_netns(self, peer: Peer) -> None:
         """Remove an exited peer's namespace (its veth pair goes with it) and free
         its address."""
-        if peer.netns is None:
+        if peer.netns is None or self.bridge is None:
             return
-        subprocess.run(["ip", "netns", "del", peer.netns], capture_output=True, timeout=10)
-        with contextlib.suppress(ValueError):
-            self._namespaces.remove(peer.netns)
+        self.bridge.remove(peer.netns)
         peer.netns = peer.veth = None
         if peer.host:
             self._free_hosts.append(peer.host)
@@ -271,9 +245,9 @@ class Cluster:
 
     def set_link(self, peer: Peer, up: bool) -> None:
         """Partition (``up=False``) or heal one peer's network."""
-        if peer.veth is not None:
-            with contextlib.suppress(RuntimeError):
-                self._ip("link", "set", peer.veth, "up" if up else "down")
+        if peer.veth is not None and self.bridge is not None:
+            with contextlib.suppress(BridgeError):
+                self.bridge.set_link(peer.veth, up)
 
     def start_trainer(self, peer: Peer, args: TrainerArgs) -> None:
         parent, child = _MP.Pipe(duplex=True)
@@ -342,21 +316,11 @@ class Cluster:
             if p.conn is not None:
                 with contextlib.suppress(OSError):
                     p.conn.close()
-        for c in self._coords:
-            if c.poll() is None:
-                _signal(c.pid, signal.SIGTERM)
-                try:
-                    c.wait(5.0)
-                except subprocess.TimeoutExpired:
-                    _signal(c.pid, signal.SIGKILL)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        c.wait(5.0)
-        for ns in self._namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-        self._namespaces.clear()
-        if self.netns:
-            subprocess.run(["ip", "link", "del", self._bridge], capture_output=True, timeout=10)
-            self.netns = False
+        self.launcher.close(5.0)  # the coordinators, and anything else still running
+        if self.bridge is not None:  # namespaces, the bridge, the forwarding rules
+            self.bridge.close()
+            self.bridge = None
+        self.netns = False
 
     def remove_dir(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -427,4 +391,5 @@ def leaks(tmpdir: Path, threads_before: set[int], sockets_before: set[int]) -> l
     )
     if r is not None and f"pxs{os.getpid()}-".encode() in r.stdout:
         found.append("network namespaces of this run still exist")
+    found += [f"iptables rule left: {rule}" for rule in leftover_rules(str(os.getpid() % 100000))]
     return found

@@ -29,7 +29,6 @@ This module must never wait without a deadline nor exit without telling the harn
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import time
@@ -39,10 +38,9 @@ from typing import Any
 import numpy as np
 
 from phalanx.testing import _stress_model as model
+from phalanx.testing.launcher import die_with_parent
 
 __all__ = ["TrainerArgs", "trainer_main"]
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -112,20 +110,33 @@ def _restore_checks(pg: Any, a: TrainerArgs, out: _Out) -> None:
         if fn is None:
             continue
         t0 = time.monotonic()
+        owner = a.restore_peer if what == "peer" else a.member
+        before = _members(pg)
         try:
             step, state = fn()
             w = np.asarray(state["w"])
             exact = bool(np.array_equal(w, model.expected_state(int(step))))
-            out.put("restored", what=what, owner=a.restore_peer or a.member, step=int(step),
-                    exact=exact, secs=time.monotonic() - t0)  # fmt: skip
+            out.put("restored", what=what, owner=owner, step=int(step), exact=exact,
+                    view=sorted(set(before) & set(_members(pg))),
+                    secs=time.monotonic() - t0)  # fmt: skip
         except Exception as exc:
-            out.put("restore_failed", what=what, owner=a.restore_peer or a.member, error=_err(exc))
+            # the views before and after: restores read holders through the view, so a
+            # holder missing from either could not be read (the checker's accounting)
+            out.put("restore_failed", what=what, owner=owner, error=_err(exc),
+                    view=sorted(set(before) & set(_members(pg))),
+                    secs=time.monotonic() - t0)  # fmt: skip
+
+
+def _members(pg: Any) -> tuple[str, ...]:
+    try:
+        return tuple(pg.view().members)
+    except Exception:
+        return ()
 
 
 def trainer_main(a: TrainerArgs, conn: Any) -> None:
     """Entry point of a trainer process (see the module docstring)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = _Out(conn, a.member)
     import phalanx
@@ -168,7 +179,8 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
                 break
             state_ok = bool(np.array_equal(w, model.expected_state(step)))
             out.put("begin", step=step, epoch=info.epoch, secs=time.monotonic() - t0,
-                    synced=info.synced, state_ok=state_ok)  # fmt: skip
+                    synced=info.synced, state_ok=state_ok,
+                    members=tuple(info.members))  # fmt: skip
             ok, vote, epochs = True, True, []
             for i, spec in enumerate(model.plan(a.seed, step)):
                 x = None
@@ -262,8 +274,10 @@ def _snapshot(pg: Any, w: np.ndarray, step: int, timeout: float, out: _Out, worl
     t0 = time.monotonic()
     try:
         handle = pg.snapshot({"w": w}, step)
-        handle.wait(timeout)
+        info = handle.wait(timeout)
     except Exception as exc:
         out.put("snapshot_failed", step=step, error=_err(exc), secs=time.monotonic() - t0)
         return
-    out.put("sealed", step=step, world=world, secs=time.monotonic() - t0)
+    out.put("sealed", step=step, world=world, secs=time.monotonic() - t0,
+            generation=info.generation, k=info.k, m=info.m,
+            holders=tuple(info.holders))  # fmt: skip

@@ -40,6 +40,7 @@ from phalanx.comm.transport import Buffer
 __all__ = [
     "CHUNK_OFFSET",
     "CRC_OFFSET",
+    "DESC_OFFSET",
     "EPOCH_OFFSET",
     "LENGTH_OFFSET",
     "SEQ_OFFSET",
@@ -65,14 +66,15 @@ EPOCH_OFFSET = 8
 SEQ_OFFSET = 16
 CHUNK_OFFSET = 24
 LENGTH_OFFSET = 28
-CRC_OFFSET = 36
+DESC_OFFSET = 36
+CRC_OFFSET = 44
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
 def reseal(header: bytes | bytearray) -> bytes:
-    """``header`` with its CRC-32 (bytes 36..39) recomputed over bytes 0..35."""
+    """``header`` with its CRC-32 (bytes 44..47) recomputed over bytes 0..43."""
     if len(header) != HEADER_SIZE:
         raise ValueError(f"a frame header is {HEADER_SIZE} bytes, got {len(header)}")
     body = bytes(header[:CRC_OFFSET])
@@ -86,6 +88,7 @@ def rewrite_header(
     seq: int | None = None,
     chunk: int | None = None,
     length: int | None = None,
+    desc: int | None = None,
 ) -> bytes:
     """A well-formed copy of ``header`` with the given fields replaced (CRC recomputed)."""
     if len(header) != HEADER_SIZE:
@@ -99,6 +102,8 @@ def rewrite_header(
         _U32.pack_into(buf, CHUNK_OFFSET, chunk)
     if length is not None:
         _U64.pack_into(buf, LENGTH_OFFSET, length)
+    if desc is not None:
+        _U64.pack_into(buf, DESC_OFFSET, desc)
     return reseal(buf)
 
 

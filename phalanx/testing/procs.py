@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -36,6 +35,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
+
+from phalanx.testing.launcher import die_with_parent
 
 __all__ = ["RankContext", "RankPool", "RanksFailed", "run_ranks"]
 
@@ -50,7 +51,6 @@ _CMD = "cmd"  # parent -> rank: a command for ctx.recv()
 _OK = "ok"  # rank -> parent: fn returned (payload: its result)
 _ERR = "err"  # rank -> parent: fn raised (payload: formatted traceback)
 
-_PR_SET_PDEATHSIG = 1
 _KILL_GRACE_S = 5.0  # how long the other ranks may take to report after one failed
 
 
@@ -111,22 +111,16 @@ class RankContext:
         return msg
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the parent dies (best effort)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux, or no prctl: rely on pipe EOF
-        pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _rank_main(
-    fn: Callable[..., Any], rank: int, world: int, conn: Connection, args: tuple[Any, ...]
+    fn: Callable[..., Any],
+    rank: int,
+    world: int,
+    conn: Connection,
+    args: tuple[Any, ...],
+    parent: int | None = None,
 ) -> None:
     """Entry point of every rank process."""
-    _die_with_parent()
+    die_with_parent(parent)
     # Ctrl-C goes to the whole foreground process group; the parent decides what the
     # ranks do (it kills them), so a rank must not die half-way on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -184,7 +178,7 @@ class RankPool(Generic[T]):
             parent_end, child_end = self._mp.Pipe(duplex=True)
             proc = self._mp.Process(
                 target=_rank_main,
-                args=(self._fn, rank, self.world, child_end, self._args),
+                args=(self._fn, rank, self.world, child_end, self._args, os.getpid()),
                 name=f"{self._name}-{rank}",
                 daemon=True,
             )

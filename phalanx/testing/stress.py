@@ -37,6 +37,7 @@ process it did not start nor wait without a deadline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing.connection
@@ -48,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from phalanx.testing._stress_check import Checker
 from phalanx.testing._stress_cluster import Cluster, Peer, leaks, netns_unavailable, socket_fds
@@ -66,7 +67,8 @@ _MAX_EXTRA_PEERS = 2  # joins may grow the group to peers + 2
 # at a time (recovery grace 1.5 s + re-registration); back-to-back kills would starve
 # every membership change (a peer that left cannot be removed) past --hang-s
 _COORDINATOR_SPACING_S = 5.0
-_STOP_STRAGGLER_S = 5.0  # at the end: members still stepping this long after the rest stopped
+_STOP_STRAGGLER_S = 5.0
+_MAX_REASONS = 25  # failure reasons in the JSON line (the rest: failures.log)  # at the end: members still stepping this long after the rest stopped
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,11 @@ class _Run:
         self.cl = cluster
         self.say = say
         self.rng = random.Random(cfg.seed)
-        self.check = Checker(cfg.seed, cfg.hang_s, on_finding=lambda m: say(f"FINDING {m}"))
+        self.check = Checker(cfg.seed, cfg.hang_s, on_finding=lambda m: say(f"FINDING {m}"),
+                             on_failure=self.log_failure)  # fmt: skip
+        # every clean failure, one line each, in failures.log (kept with the logs:
+        # --keep-dir, or a red run); opened at the first failure
+        self.failures: TextIO | None = None
         self.counts = {k: 0 for k in ("kills", "trainer_kills", "stops", "joins", "leaves",
                                       "coordinator_restarts", "slows", "nets",
                                       "replacements", "join_failures")}  # fmt: skip
@@ -121,6 +127,16 @@ class _Run:
         self.founding = True  # founders attach w at step 0; later peers receive it
 
     # ------------------------------------------------------------------ helpers
+    def log_failure(self, member: str, t: float, p: dict[str, Any]) -> None:
+        extra = " ".join(f"{k}={p[k]}" for k in ("step", "op", "owner") if k in p)
+        secs = p.get("secs")
+        took = f" after {secs:.2f}s" if isinstance(secs, float) else ""
+        with contextlib.suppress(OSError, ValueError):
+            if self.failures is None:
+                self.failures = open(self.cl.dir / "failures.log", "a", buffering=1)  # noqa: SIM115
+            self.failures.write(f"{t:.3f} {member} {p.get('call')} {extra}{took}: "
+                                f"{p.get('error', '')}\n")  # fmt: skip
+
     def new_member(self) -> str:
         m = member_id(self.next_index)
         self.next_index += 1
@@ -294,8 +310,8 @@ class _Run:
             def restart() -> None:
                 if victim.member in self.cl.peers and not self.stopping:
                     own = self.check.last_sealed(victim.member) is not None
+                    victim.restore_peer = None  # a replacement restores its peer once
                     args = self.trainer_args(victim, founding=False, restore_own=own)
-                    victim.restore_peer = None
                     self.cl.start_trainer(victim, args)
                     victim.status = "starting"
 
@@ -458,8 +474,25 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
         seal_timeout=cfg.hang_s / 2,
         commit_timeout=cfg.hang_s / 2,
     )
-    run = _Run(StressConfig(**{**cfg.__dict__, "faults": tuple(faults)}), cl, bar.say)
-    bar.say(f"stress seed={cfg.seed} peers={cfg.peers} faults={','.join(faults)} dir={cl.dir}")
+    if cl.net_skipped is not None:  # the namespaces could not reach each other: the cause
+        bar.say(f"net faults skipped: {cl.net_skipped}")
+        row["net_skipped"] = cl.net_skipped
+        faults.remove("net")
+    elif cl.bridge is not None and cl.bridge.rules:
+        bar.say(f"opened forwarding for the stress bridge: {'; '.join(cl.bridge.rules)}")
+    events = open(cl.dir / "events.log", "a", buffering=1)  # noqa: SIM115
+
+    def say(msg: str) -> None:
+        """Progress on stderr; with wall-clock and monotonic times in events.log, so
+        faults line up with the daemons' logs and the trainers' failures.log."""
+        bar.say(msg)
+        with contextlib.suppress(OSError, ValueError):
+            wall = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            events.write(f"{wall}.{int(time.time() * 1000) % 1000:03d}Z "
+                         f"{time.monotonic():.3f} {msg}\n")  # fmt: skip
+
+    run = _Run(StressConfig(**{**cfg.__dict__, "faults": tuple(faults)}), cl, say)
+    say(f"stress seed={cfg.seed} peers={cfg.peers} faults={','.join(faults)} dir={cl.dir}")
     hard_end = t0 + cfg.duration + 150.0
     t_churn = t_end = float("inf")
     try:
@@ -476,7 +509,7 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
         run.founding = False
         t_churn = time.monotonic()
         t_end = t_churn + cfg.duration
-        bar.say(f"started in {t_churn - t0:.1f}s; churn for {cfg.duration:.0f}s")
+        say(f"started in {t_churn - t0:.1f}s; churn for {cfg.duration:.0f}s")
         next_fault = t_churn + run.rng.uniform(*cfg.churn)
         while time.monotonic() < t_end:
             run.pump(0.05)
@@ -485,6 +518,7 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
             if now >= next_fault:
                 run.inject()
                 next_fault = now + run.rng.uniform(*cfg.churn)
+            run.check.stalled(now, len(run.live()))  # a stall is a hang as it happens
             bar.show(now - t_churn, run)
         run.finish(min(hard_end, time.monotonic() + cfg.hang_s + 10.0))
     except RuntimeError as exc:
@@ -498,6 +532,9 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
         for t in run.slow_threads:
             t.join(2.0)
         cl.close()
+        if run.failures is not None:
+            run.failures.close()
+        events.close()
     bar.done()
     row.update(_summary(run))
     unresolved = run.check.unresolved(min(time.monotonic(), t_end), cfg.hang_s)
@@ -543,6 +580,7 @@ def _summary(run: _Run) -> dict[str, Any]:
         "restores_ok": c.restores_ok,
         "lost_snapshots": c.lost_snapshots,
         "lost_beyond_m": c.lost_beyond_m,
+        "lost_by_old_rule": c.lost_by_old_rule,
         "max_resume_s": round(c.max_resume_s, 3),
         "max_resume_s_by_fault": {k: round(v, 3) for k, v in sorted(c.resume_by_fault.items())},
         "steps_committed": c.steps_committed,
@@ -552,9 +590,17 @@ def _summary(run: _Run) -> dict[str, Any]:
         "crashes": c.crashes,
         "evictions": c.evictions,
         "max_rejoin_s": round(c.max_rejoin_s, 3),
+        "state_lost": c.state_lost,
+        "stalls": c.stalls,
+        "longest_stall_s": round(c.longest_stall_s, 1),
+        # why calls failed (clean failures by reason, most frequent first; the lines
+        # themselves are in failures.log in the run's directory)
+        "failure_reasons": dict(c.failure_reasons.most_common(_MAX_REASONS)),
     }
     if c.details:
         out["details"] = list(c.details)
+    if c.beyond_m_details:  # which holders could not be read, for each restore beyond m
+        out["beyond_m_details"] = c.beyond_m_details[:_MAX_REASONS]
     return out
 
 
@@ -582,9 +628,11 @@ class _Progress:
         c = run.check
         frac = min(1.0, elapsed / self.total)
         bar = "#" * int(frac * 30)
+        quiet = c.since_commit(now)
+        since = "-" if quiet is None else f"{quiet:.0f}s"
         line = (f"[{bar:<30}] {elapsed:5.0f}/{self.total:.0f}s live={len(run.live())} "
-                f"ops={c.ops} steps={c.steps_committed} faults={sum(run.counts.values())} "
-                f"wrong={c.wrong_results} hangs={c.hangs}")  # fmt: skip
+                f"ops={c.ops} steps={c.steps_committed} last_commit={since} "
+                f"faults={sum(run.counts.values())} wrong={c.wrong_results} hangs={c.hangs}")  # fmt: skip
         if self.tty:
             sys.stderr.write("\r" + line[:150])
             self.drawn = True

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import phalanx
-from phalanx.membership.config import MembershipConfig
-from phalanx.membership.coordinator import Coordinator
-from tests.integration.test_daemon import Cluster, spawn_daemon
+from phalanx.testing.launcher import local_cluster
 
 
 def main() -> None:
@@ -45,21 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     nbytes = args.size << 20
     tmp = Path(tempfile.mkdtemp(prefix="phalanx-bench-"))
-    secret = os.urandom(32)
-    (tmp / "secret").write_bytes(secret.hex().encode())
-    coord = Coordinator(
-        "127.0.0.1:0", secret=secret.hex().encode(), config=MembershipConfig(), recover=False
-    )
-    addr = coord.start()
-    cl = Cluster(coord, [], [], [], tmp / "secret")
-    try:
-        for i in range(args.world):
-            cl.sockets.append(str(tmp / f"d{i}.sock"))
-            cl.outs.append(tmp / f"d{i}.out")
-            cl.procs.append(spawn_daemon(addr, tmp / "secret", cl.sockets[i], cl.outs[i], f"d{i}"))
-        for i in range(args.world):
-            cl.ready_line(i)
-        coord.wait_for(lambda v: v.size == args.world, 30.0)
+    with local_cluster(args.world, os.urandom(32), tmp) as cl:
         with phalanx.connect(cl.sockets[0]) as pg:
             w = np.empty(nbytes // 4, np.float32) if args.staged else pg.empty(nbytes // 4)
             w[:] = np.random.default_rng(0).standard_normal(w.size, dtype=np.float32)
@@ -97,17 +79,6 @@ def main() -> None:
                 }
             )
         )
-    finally:
-        for p in cl.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in cl.procs:
-            try:
-                p.wait(20.0)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5.0)
-        coord.stop(0.5)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Group.abort(): another thread fails the op in flight at once, input intact."""
+"""Group.abort() and the caller's deadline: the op in flight fails at once, input intact."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from phalanx.deadline import Deadline
 from phalanx.errors import PeerFailure
 from tests.integration._pairs import pair
 
@@ -84,6 +85,45 @@ def test_preserve_input_false_is_correct_and_says_so_on_failure() -> None:
         with pytest.raises(PeerFailure) as info:
             h.wait(5.0)
         assert "NOT preserved" in str(info.value)
+    finally:
+        g0.close()
+        g1.close()
+
+
+def test_the_callers_deadline_ends_the_op_in_the_engine_and_cancel_ends_it_sooner() -> None:
+    """The deadline travels into the engine: an op a peer never joins fails when the
+    caller's deadline passes (not after the engine's own progress timeout, 30 s here),
+    with no suspects (nobody failed: the caller gave up) and the input intact; a
+    cancelled deadline ends a second op at once."""
+    g0, g1 = pair(timeout_s=30.0)
+    try:
+        x = np.arange(1 << 18, dtype=np.float32)
+        before = x.copy()
+        t0 = time.monotonic()
+        with pytest.raises(PeerFailure) as info:
+            g0.all_reduce(x, deadline=Deadline.after(0.3))
+        took = time.monotonic() - t0
+        assert 0.25 < took < 2.0
+        assert info.value.reason == "aborted" and not info.value.suspects
+        assert "deadline passed" in str(info.value)
+        assert np.array_equal(x, before)
+        # the peer that comes late hears the verdict
+        with pytest.raises(PeerFailure) as peer_info:
+            g1.all_reduce(np.ones(1 << 18, np.float32))
+        assert peer_info.value.reason == "aborted" and peer_info.value.detected_by == 0
+    finally:
+        g0.close()
+        g1.close()
+    g0, g1 = pair(timeout_s=30.0)
+    try:
+        deadline = Deadline.after(60.0)
+        h = g0.barrier(async_op=True, deadline=deadline)
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        deadline.cancel()
+        with pytest.raises(PeerFailure, match="cancelled by the caller"):
+            h.wait(5.0)
+        assert time.monotonic() - t0 < 1.0
     finally:
         g0.close()
         g1.close()

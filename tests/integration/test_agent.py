@@ -14,9 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -220,3 +222,71 @@ def test_frozen_peer_cannot_come_back_under_its_old_incarnation(
     finally:
         a.close()
         lst.close()
+
+
+class _HeldCommit:
+    """Stands in for an agent's stub: ``Commit`` waits for ``release`` before it goes
+    out (a vote still in flight), everything else passes straight through."""
+
+    def __init__(self, stub: object) -> None:
+        self._stub = stub
+        self.release = threading.Event()
+        self.sent = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stub, name)
+
+    def Commit(self, req: object, timeout: float) -> object:  # gRPC's method name
+        self.sent.set()
+        self.release.wait(20)
+        return self._stub.Commit(req, timeout=timeout)  # type: ignore[attr-defined]
+
+
+def test_a_stale_eviction_does_not_evict_the_rejoined_incarnation(
+    coordinator: Coordinator, survivors: list[Agent]
+) -> None:
+    """A vote made as incarnation 1 that is answered EVICTED after the peer rejoined as
+    incarnation 2 says nothing about incarnation 2. The old agent applied it to the
+    current incarnation: its heartbeats stopped right after the rejoin, the coordinator
+    failed it 0.6 s later and it stayed out for its 15 s join timeout (soak, seed
+    20261206: four members at once, and the newcomers left in the view had no state)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(16)
+    member = Member("v", (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+    agent = Agent(coordinator.address, member, secret=SECRET)
+    try:
+        view = agent.join(10)
+        wait_all(survivors, lambda v: v.has(member), 10)
+        stub = agent._stub
+        held = _HeldCommit(stub)
+        agent._stub = cast(Any, held)
+        answers: list[object] = []
+        voter = threading.Thread(
+            target=lambda: answers.append(_outcome(lambda: agent.commit(7, True, epoch=view.epoch,
+                                                                        timeout=15.0))),
+            daemon=True,
+        )  # fmt: skip
+        voter.start()
+        assert held.sent.wait(10)  # the vote of incarnation 1 is in flight
+        # the daemon rejoins meanwhile (a new incarnation replaces #1 on the coordinator)
+        agent._stub = stub
+        rejoined = agent.rejoin(10)
+        assert agent.member.incarnation == 2 and rejoined.has(agent.member)
+        held.release.set()  # the old vote now reaches the coordinator: "#1 was removed"
+        voter.join(20)
+        assert answers and answers[0] == "CommitUnknown", answers
+        time.sleep(4 * coordinator.config.heartbeat_timeout)
+        assert not agent.evicted
+        current = coordinator.view
+        assert current.has(agent.member), current  # incarnation 2 still heartbeats
+    finally:
+        agent.close()
+        lst.close()
+
+
+def _outcome(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except Exception as exc:
+        return type(exc).__name__

@@ -33,6 +33,7 @@ FIELDS = {
     "streams",
     "iters",
     "median_s",
+    "cpu_s_per_op",
     "min_s",
     "max_s",
     "algbw_Bps",
@@ -130,6 +131,7 @@ def _check_rows(rows: list[dict[str, Any]], impl: str, sizes: list[int]) -> None
         assert row["world"] == 2
         assert row["busbw_Bps"] > 0
         assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["cpu_s_per_op"] > 0
         assert row["max_rel_err"] == 0
 
 
@@ -165,6 +167,26 @@ def test_bench_allreduce_vs_gloo() -> None:
     for r in ratios:
         assert r["ratio"] == "phalanx/gloo"
         assert r["busbw_ratio"] > 0 and r["time_ratio"] > 0
+
+
+def test_bench_allreduce_via_daemon_counts_the_daemons_cpu() -> None:
+    """Through the daemon the rank process only waits on a socket: its CPU per op
+    must include its daemon's, or the daemon path would look almost free."""
+    res = phalanx_cli(
+        "bench", "allreduce", "--world", "2", "--sizes", "1MiB", "--iters", "6",
+        "--warmup", "1", "--rounds", "2", "--via", "daemon", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = json_lines(res.stdout)
+    _check_rows(rows, "phalanx", [1 << 20])
+    _check_rows(rows, "phalanx-daemon", [1 << 20])
+    daemon = next(r for r in rows if r.get("impl") == "phalanx-daemon")
+    inproc = next(r for r in rows if r.get("impl") == "phalanx")
+    # the ring's reductions and socket copies happen in the daemon: ~ the in-process
+    # group's CPU (a client-only count would be a socket round trip, ~20x less)
+    assert daemon["cpu_s_per_op"] >= 0.5 * inproc["cpu_s_per_op"], (daemon, inproc)
+    ratio = next(r for r in rows if r.get("ratio") == "phalanx-daemon/phalanx")
+    assert ratio["cpu_ratio"] == daemon["cpu_s_per_op"] / inproc["cpu_s_per_op"]
 
 
 def test_bench_allreduce_table() -> None:
@@ -299,11 +321,13 @@ def test_wrong_results_are_caught() -> None:
     assert not ok and err > 0.25
 
     series = _Series("phalanx", "none", 1)
-    same = _BlockResult([0.1], [digest], [10], True, 0.0, "ring")
-    other = _BlockResult([0.2], ["0" * 64], [12], True, 0.0, "ring")
+    same = _BlockResult([0.1], [0.004], [digest], [10], True, 0.0, "ring")
+    other = _BlockResult([0.2], [0.002], ["0" * 64], [12], True, 0.0, "ring")
     series.add([same, same], timed=True)
     assert series.ok and series.times == [0.1] and series.wire_bytes == [10]
+    assert series.cpu == [0.004]
     series.add([same, other], timed=True)  # ranks disagree on the bytes
     assert not series.ok
     assert series.times == [0.1, 0.2]  # the slowest rank's time
+    assert series.cpu == [0.004, 0.003]  # the mean over ranks
     assert series.wire_bytes == [10, 12]  # max over ranks

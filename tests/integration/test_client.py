@@ -19,7 +19,7 @@ import pytest
 
 import phalanx
 from phalanx.testing.procs import RankContext, run_ranks
-from tests.integration.test_daemon import daemons
+from tests.integration.test_daemon import Daemons
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,8 +89,8 @@ def _collectives(ctx: RankContext, sockets: list[str]) -> dict[str, Any]:
         pg.close()
 
 
-def test_every_collective_through_the_daemon(secret: bytes, tmp_path: Path) -> None:
-    with daemons(2, secret, tmp_path) as cl:
+def test_every_collective_through_the_daemon(daemons: Daemons) -> None:
+    with daemons(2) as cl:
         out = run_ranks(_collectives, 2, cl.sockets, timeout=60.0)
     assert sorted(o["rank"] for o in out) == [0, 1]
     assert out[0]["seq"] == out[1]["seq"]
@@ -137,9 +137,11 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def test_training_process_sigkilled_and_restarted_continues(secret: bytes, tmp_path: Path) -> None:
+def test_training_process_sigkilled_and_restarted_continues(
+    daemons: Daemons, tmp_path: Path
+) -> None:
     mp = multiprocessing.get_context("spawn")
-    with daemons(2, secret, tmp_path) as cl:
+    with daemons(2) as cl:
         prog = [tmp_path / "p0", tmp_path / "p1"]
         procs = [mp.Process(target=_trainer, args=(cl.sockets[i], str(prog[i]))) for i in (0, 1)]
         try:
@@ -211,8 +213,8 @@ def test_state_calls_wait_out_a_busy_daemon() -> None:
         x = pg.empty((4,), "float32")
         x[:] = 1
         assert pg.attach_state({"w": x}, step=0) == 0
-        assert pg.daemon is not None and pg.daemon.service is not None
-        busy = pg.daemon.service._lock
+        assert pg.daemon is not None and pg.daemon.server is not None
+        busy = pg.daemon.server._group_lock
         assert busy.acquire(timeout=5)
         threading.Timer(11.0, busy.release).start()  # longer than the old 10 s
         t0 = time.monotonic()

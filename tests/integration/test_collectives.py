@@ -13,7 +13,7 @@ float inputs there are small integers (products of +-1, +-2), so every partial s
 exact whatever order the ring adds in. Lossy codecs get random floats and the bound
 documented at :func:`_lossy_bound`.
 
-A few checks are local by nature: OpInfo fields (epoch, seq increasing by one per
+A few checks are local by nature: OpResult fields (epoch, seq increasing by one per
 submitted op, algorithm, wire bytes), int8 wire bytes against float32's, async handles,
 three streams with many small pieces, odd shapes, non-contiguous views, zero-length
 arrays, arrays smaller than the world, and world 1.
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from phalanx.comm import CommOptions, Group, OpInfo, bind
+from phalanx.comm import CommOptions, Group, OpResult, bind
 from phalanx.comm.reduce import SUPPORTED_DTYPES, ReduceOp, accumulation_dtype, reference
 from phalanx.comm.schedules import partition
 from phalanx.errors import UnsupportedError
@@ -160,9 +160,9 @@ class _Checker:
     def info(
         self, case: str, info: object, kind: str, algorithms: tuple[str, ...], x: np.ndarray
     ) -> None:
-        """Check the OpInfo of a successful op (and count its seq)."""
-        if not isinstance(info, OpInfo):
-            self.error(case, f"expected OpInfo, got {type(info).__name__}")
+        """Check the OpResult of a successful op (and count its seq)."""
+        if not isinstance(info, OpResult):
+            self.error(case, f"expected OpResult, got {type(info).__name__}")
             return
         problems = []
         if info.op != kind:
@@ -176,13 +176,13 @@ class _Checker:
         sends = kind in ("all_reduce", "reduce_scatter", "all_gather")  # a broadcast leaf does not
         if self.world > 1 and x.size and sends and info.wire_bytes_sent <= 0:
             problems.append("no wire bytes sent")
-        if info.contributors != tuple(range(self.world)):
+        if info.contributors != tuple(str(r) for r in range(self.world)):
             problems.append(f"contributors {info.contributors}")
         if problems:
-            self.error(case, "OpInfo: " + "; ".join(problems))
+            self.error(case, "OpResult: " + "; ".join(problems))
 
     def run(self, case: str, fn: Callable[[], object], unsupported: bool) -> object | None:
-        """Run one op; returns its OpInfo, or None if it raised (checked here)."""
+        """Run one op; returns its OpResult, or None if it raised (checked here)."""
         try:
             info = fn()
         except UnsupportedError as exc:
@@ -192,7 +192,7 @@ class _Checker:
         except Exception:
             self.error(case, "raised:\n" + traceback.format_exc())
             return None
-        if isinstance(info, OpInfo):
+        if isinstance(info, OpResult):
             if info.seq != self.seq:
                 self.error(case, f"seq {info.seq}, expected {self.seq}")
             self.seq = info.seq + 1
@@ -361,7 +361,7 @@ def _cases_broadcast(c: _Checker, small: int, large: int) -> None:
 
 def _async_sums(c: _Checker, case: str, ins: list[list[np.ndarray]]) -> None:
     """Sum ``ins[k]`` (every rank's input of op k) with all ops in flight at once,
-    waited in order: each result, seq and OpInfo checked, each digest recorded."""
+    waited in order: each result, seq and OpResult checked, each digest recorded."""
     xs = [ins[k][c.rank].copy() for k in range(len(ins))]
     handles = [c.group.all_reduce(x, "sum", async_op=True) for x in xs]
     for k, h in enumerate(handles):
@@ -518,7 +518,7 @@ def _cases_misc(c: _Checker) -> None:
     sent: dict[str, int] = {}
     for codec in ("none", "int8"):
         info = c.run(f"wire {codec}", partial(g.all_reduce, x.copy(), "sum", codec), False)
-        if isinstance(info, OpInfo):
+        if isinstance(info, OpResult):
             c.info(f"wire {codec}", info, "all_reduce", ("ring",), x)
             sent[codec] = info.wire_bytes_sent
     if len(sent) == 2 and not sent["int8"] <= 0.27 * sent["none"]:
@@ -691,7 +691,7 @@ def test_every_collective_codec_and_dtype(world: int) -> None:
 
 
 def test_world_of_one(secret: bytes) -> None:
-    """One rank: every collective is a local no-op (avg divides by 1), OpInfo 'trivial'."""
+    """One rank: every collective is a local no-op (avg divides by 1), OpResult 'trivial'."""
     listener = bind("127.0.0.1:0")
     with Group(0, [listener.address], secret, listener=listener, epoch=3) as g:
         for op in OPS:

@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from phalanx.membership import _wire
+from phalanx.membership import _rpc
 from phalanx.membership._proto import membership_pb2 as pb
 from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
 from phalanx.membership.agent import Agent
@@ -187,11 +188,11 @@ def raw_join(
     version: int | None = None,
     sender: str | None = None,
 ) -> pb.JoinResponse:
-    signer = _wire.Signer(secret)
+    signer = _rpc.Signer(secret)
     req = pb.JoinRequest(member=member)
     signer.sign(
         req,
-        _wire.SERVICE + "Join",
+        _rpc.SERVICE + "Join",
         "request",
         sender_id=member.id if sender is None else sender,
         incarnation=member.incarnation,
@@ -205,7 +206,7 @@ def raw_join(
 
 
 def reason_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, RejectReason | None, str]:
-    err = _wire.error_from_rpc(exc, "Join")
+    err = _rpc.error_from_rpc(exc, "Join")
     reason = err.reason if isinstance(err, Rejected) else None
     return exc.code(), reason, exc.details() or ""
 
@@ -260,9 +261,9 @@ def test_refusals_are_clear_and_leave_the_view_alone(
 def test_replay_and_garbage_are_refused(coordinator: Coordinator, group: Group) -> None:
     (a,) = form(group, "a")
     before = coordinator.view
-    signer = _wire.Signer(SECRET)
+    signer = _rpc.Signer(SECRET)
     req = pb.HeartbeatRequest()
-    signer.sign(req, _wire.SERVICE + "Heartbeat", "request", sender_id="a", incarnation=1)
+    signer.sign(req, _rpc.SERVICE + "Heartbeat", "request", sender_id="a", incarnation=1)
     with grpc.insecure_channel(coordinator.address) as channel:
         stub = pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
         stub.Heartbeat(req, timeout=5)
@@ -421,3 +422,70 @@ def test_coordinator_sigkill_and_restart(tmp_path: Path, listeners: list[Listene
             p.wait(5)
             if p.stdout is not None:
                 p.stdout.close()
+
+
+def test_a_view_change_is_serialized_once_for_every_watcher(
+    coordinator: Coordinator, group: Group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each watcher used to sign and serialize its own copy of the new view (N copies
+    of an N-member view per change: the coordinator bench's N^2). Now the broadcast
+    event is built once per view and every watcher gets those bytes."""
+    from phalanx.membership import coordinator as coord_mod
+
+    agents = form(group, "abcde")
+    built: list[tuple[bool, bool]] = []
+    original = coord_mod._Servicer._event
+
+    def counting(self: Any, published: Any, *, first: bool, evicted: bool) -> bytes:
+        built.append((first, evicted))
+        return original(self, published, first=first, evicted=evicted)
+
+    monkeypatch.setattr(coord_mod._Servicer, "_event", counting)
+    agents[-1].leave()
+    for a in agents[:-1]:
+        a.wait_for_view(lambda v: v.size == 4, 5)
+    assert built.count((False, False)) == 1, built  # one broadcast for four watchers
+
+
+def test_heartbeats_go_on_one_beats_stream_and_fall_back_to_unary(
+    listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent sends its heartbeats on one Beats call (a unary call per beat cost the
+    coordinator five times the CPU); against a coordinator without Beats it falls back
+    to unary Heartbeat calls. Either way the member stays in the view."""
+    from phalanx.membership import coordinator as coord_mod
+
+    calls: dict[str, int] = {"Beats": 0, "Heartbeat": 0}
+    for name in calls:
+        original = getattr(coord_mod._Servicer, name)
+
+        def counting(self: Any, request: Any, context: Any, _o: Any = original,
+                     _n: str = name) -> Any:  # fmt: skip
+            calls[_n] += 1
+            return _o(self, request, context)
+
+        monkeypatch.setattr(coord_mod._Servicer, name, counting)
+    for streams in (True, False):
+        if not streams:  # an older coordinator: no Beats method
+
+            def without_beats(servicer: Any, _full: Any = coord_mod._handlers) -> Any:
+                handler = _full(servicer)
+                handler._method_handlers.pop("/phalanx.v1.Coordinator/Beats")
+                return handler
+
+            monkeypatch.setattr(coord_mod, "_handlers", without_beats)
+        c = Coordinator(secret=SECRET, config=FRESH)
+        c.start()
+        group = Group(c.address, listeners)
+        try:
+            calls.update(Beats=0, Heartbeat=0)
+            (a,) = form(group, "a")
+            time.sleep(6 * c.config.heartbeat_interval)
+            assert c.view.has(a.member) and not a.evicted
+            if streams:
+                assert calls == {"Beats": 1, "Heartbeat": 0}, calls
+            else:
+                assert calls["Heartbeat"] >= 4 and a._unary_beats, calls
+        finally:
+            group.close()
+            c.stop(0.5)

@@ -2,102 +2,33 @@
 /metrics served, SIGTERM leaves the group and exits 0, and a SIGKILLed daemon gives its
 client ``DaemonUnavailable`` within a second (a blocked call and a new one), not a hang.
 
-:func:`daemons` (also used by test_client.py) runs an in-process coordinator and N
-daemon processes on 127.0.0.1 (port 0 everywhere) and stops them all in ``finally``.
+The ``daemons`` fixture (tests/conftest.py, :func:`phalanx.testing.launcher.local_cluster`)
+runs an in-process coordinator and N daemon processes on 127.0.0.1 (port 0 everywhere)
+and stops them all when its block ends.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import phalanx
-from phalanx.membership.config import MembershipConfig
-from phalanx.membership.coordinator import Coordinator
+from phalanx.testing.launcher import LocalCluster
 
 pytestmark = pytest.mark.timeout(90)
 
 
-@dataclass
-class Cluster:
-    coordinator: Coordinator
-    procs: list[subprocess.Popen[bytes]]
-    sockets: list[str]
-    outs: list[Path]
-    secret_file: Path
-
-    def ready_line(self, i: int, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.outs[i].read_text().splitlines():
-                if line.startswith("phalanx daemon ready"):
-                    return line
-            if self.procs[i].poll() is not None:
-                break
-            time.sleep(0.05)
-        err = self.outs[i].with_suffix(".err").read_text()[-3000:]
-        raise AssertionError(f"daemon {i} not ready: rc={self.procs[i].poll()}\n{err}")
-
-
-def spawn_daemon(
-    coordinator: str, secret_file: Path, sock: str, out: Path, member: str, *extra: str
-) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "phalanx", "daemon", "--coordinator", coordinator,
-           "--secret-file", str(secret_file), "--socket", sock, "--id", member,
-           "--metrics-port", "0", *extra]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
-    with open(out, "wb") as o, open(out.with_suffix(".err"), "wb") as e:
-        return subprocess.Popen(cmd, stdout=o, stderr=e, env=env)
-
-
-@contextlib.contextmanager
-def daemons(n: int, secret: bytes, tmp: Path) -> Iterator[Cluster]:
-    """A coordinator (this process) and ``n`` daemon processes in one view."""
-    secret_file = tmp / "secret"
-    secret_file.write_bytes(secret.hex().encode())
-    coord = Coordinator(
-        "127.0.0.1:0", secret=secret.hex().encode(), config=MembershipConfig(), recover=False
-    )
-    addr = coord.start()
-    procs: list[subprocess.Popen[bytes]] = []
-    cl = Cluster(coord, procs, [str(tmp / f"d{i}.sock") for i in range(n)], [], secret_file)
-    try:
-        for i in range(n):
-            out = tmp / f"d{i}.out"
-            cl.outs.append(out)
-            procs.append(spawn_daemon(addr, secret_file, cl.sockets[i], out, f"d{i}"))
-        for i in range(n):
-            cl.ready_line(i)
-        coord.wait_for(lambda v: v.size == n, 20.0)
-        yield cl
-    finally:
-        stop_daemons(procs, coord, 15.0)
-
-
-def stop_daemons(procs: list[subprocess.Popen[bytes]], coord: Coordinator, grace: float) -> None:
-    """SIGTERM every daemon still running, wait ``grace`` s each (then SIGKILL), stop
-    the coordinator."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5.0)
-    coord.stop(0.5)
+Daemons = Callable[..., AbstractContextManager[LocalCluster]]
 
 
 def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
@@ -121,12 +52,15 @@ def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     assert b"--insecure" in r.stderr and b"secret" in r.stderr
 
 
-def test_serves_health_and_metrics_and_leaves_on_sigterm(secret: bytes, tmp_path: Path) -> None:
-    with daemons(1, secret, tmp_path) as cl:
+def test_serves_health_and_metrics_and_leaves_on_sigterm(secret: bytes, daemons: Daemons) -> None:
+    with daemons(1) as cl:
         ready = cl.ready_line(0)
         text = cl.outs[0].read_text()
         assert "comm.streams = 1" in text and "secret_file" in text  # the config, printed
         assert secret.hex() not in text  # ... with no secret in it
+        from phalanx.checkpoint.erasure import backend_summary
+
+        assert f"erasure={backend_summary()[0]}" in ready.split()  # says what it encodes with
         metrics = ready.split("metrics=")[1].split()[0]
         with urllib.request.urlopen(f"http://{metrics}/healthz", timeout=5) as resp:
             assert resp.status == 200
@@ -135,8 +69,13 @@ def test_serves_health_and_metrics_and_leaves_on_sigterm(secret: bytes, tmp_path
             x[:] = 2
             pg.all_reduce(x)
             assert pg.view().members == ("d0",)
-        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as resp:
-            body = resp.read().decode()
+        deadline = time.monotonic() + 10.0
+        while True:  # op samples reach the monitor on a thread of their own: allow it a beat
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            if "phalanx_op_duration_seconds_count{" in body or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert "phalanx_view_epoch" in body and "phalanx_op_duration_seconds_count{" in body
         t0 = time.monotonic()
         cl.procs[0].send_signal(signal.SIGTERM)
@@ -147,10 +86,41 @@ def test_serves_health_and_metrics_and_leaves_on_sigterm(secret: bytes, tmp_path
         assert not os.path.exists(cl.sockets[0])
 
 
-def test_sigkilled_daemon_gives_daemon_unavailable_within_a_second(
-    secret: bytes, tmp_path: Path
-) -> None:
-    with daemons(2, secret, tmp_path) as cl:
+def _gauge(body: str, name: str) -> float:
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_heartbeat_gauges_follow_the_agent(daemons: Daemons) -> None:
+    """phalanx_heartbeat_last_{sent,ack}_timestamp_seconds come from the agent's
+    heartbeats (they stayed 0.0: nothing called metrics.heartbeat); with the
+    coordinator gone, beats are still sent but no longer acknowledged."""
+    with daemons(1) as cl:
+        metrics = cl.ready_line(0).split("metrics=")[1].split()[0]
+
+        def scrape() -> tuple[float, float]:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            return (_gauge(body, "phalanx_heartbeat_last_sent_timestamp_seconds"),
+                    _gauge(body, "phalanx_heartbeat_last_ack_timestamp_seconds"))  # fmt: skip
+
+        sent, acked = scrape()
+        assert time.time() - 5.0 < acked <= sent <= time.time() + 1.0, (sent, acked)
+        cl.coordinator.stop(0.5)  # beats go unanswered from here on
+        stopped = time.time()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            sent, acked = scrape()
+            if sent > stopped + 1.0:
+                break
+            time.sleep(0.2)
+        assert sent > stopped + 1.0 and acked < stopped + 0.5, (sent, acked, stopped)
+
+
+def test_sigkilled_daemon_gives_daemon_unavailable_within_a_second(daemons: Daemons) -> None:
+    with daemons(2) as cl:
         pg = phalanx.connect(cl.sockets[0], op_timeout=30.0)
         try:
             x = pg.empty((1024,), "float32")

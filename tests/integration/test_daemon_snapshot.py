@@ -22,14 +22,13 @@ Every child is stopped in ``finally`` (SIGTERM, then SIGKILL) and reaped.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import signal
-import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,8 @@ import numpy as np
 import pytest
 
 import phalanx
-from phalanx.membership.config import MembershipConfig
-from phalanx.membership.coordinator import Coordinator
-from tests.integration.test_daemon import Cluster, spawn_daemon, stop_daemons
+from phalanx.testing.launcher import LocalCluster
+from tests.integration.test_daemon import Daemons
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -83,40 +81,15 @@ def _trainer(sock: str, ready: str) -> None:
     time.sleep(120.0)
 
 
-@contextlib.contextmanager
-def cluster(secret: bytes, tmp: Path, n: int = 3) -> Iterator[Cluster]:
-    secret_file = tmp / "secret"
-    secret_file.write_bytes(secret.hex().encode())
+def cluster(daemons: Daemons, tmp: Path, n: int = 3) -> AbstractContextManager[LocalCluster]:
+    """The ``daemons`` fixture's cluster with every daemon on the test's snapshot config."""
     (tmp / "phalanx.toml").write_text(CONFIG)
-    coord = Coordinator(
-        "127.0.0.1:0", secret=secret.hex().encode(), config=MembershipConfig(), recover=False
-    )
-    addr = coord.start()
-    procs: list[subprocess.Popen[bytes]] = []
-    cl = Cluster(coord, procs, [str(tmp / f"d{i}.sock") for i in range(n)], [], secret_file)
-    try:
-        for i in range(n):
-            add(cl, addr, tmp, i)
-        for i in range(n):
-            cl.ready_line(i)
-        coord.wait_for(lambda v: v.size == n, 30.0)
-        yield cl
-    finally:
-        stop_daemons(procs, coord, 20.0)
+    return daemons(n, "--config", str(tmp / "phalanx.toml"), grace=20.0)
 
 
-def add(cl: Cluster, coordinator: str, tmp: Path, i: int) -> None:
-    if i >= len(cl.sockets):
-        cl.sockets.append(str(tmp / f"d{i}.sock"))
-    out = tmp / f"d{i}.out"
-    cl.outs.append(out)
-    config = ("--config", str(tmp / "phalanx.toml"))
-    cl.procs.append(spawn_daemon(coordinator, cl.secret_file, cl.sockets[i], out, f"d{i}", *config))
-
-
-def test_snapshots_through_daemons(secret: bytes, tmp_path: Path) -> None:
+def test_snapshots_through_daemons(daemons: Daemons, tmp_path: Path) -> None:
     mp = multiprocessing.get_context("spawn")
-    with cluster(secret, tmp_path) as cl:
+    with cluster(daemons, tmp_path) as cl:
         ready = cl.ready_line(0)
         assert "shards=" in ready
         # --- the training process snapshots twice and is SIGKILLed
@@ -184,7 +157,7 @@ def test_snapshots_through_daemons(secret: bytes, tmp_path: Path) -> None:
             assert step == 5 and same(state, make_state(12))
             # a replacement daemon restores the dead member's state from its holders
             cl.coordinator.wait_for(lambda v: "d1" not in v, 30.0)
-            add(cl, cl.coordinator.address, tmp_path, 3)
+            cl.add_daemon("--config", str(tmp_path / "phalanx.toml"))
             cl.ready_line(3)
             with phalanx.connect(cl.sockets[3]) as pg3:
                 t0 = time.perf_counter()

@@ -19,10 +19,10 @@ import pytest
 
 from phalanx.bench.failover import Scenario, run_scenario
 from phalanx.membership.statesync import (
-    Action,
-    Manifest,
     PeerRecord,
+    StateManifest,
     StateSyncError,
+    SyncAction,
     SyncState,
     plan_sync,
     state_digest,
@@ -55,7 +55,7 @@ def test_plan_majority_source_and_receivers() -> None:
         PeerRecord(False, -1, NONE),  # newcomer
     ]
     plan = plan_sync(recs)
-    assert plan.action is Action.PROCEED
+    assert plan.action is SyncAction.PROCEED
     assert (plan.source, plan.receivers, plan.step, plan.digest) == (0, (1, 3), 5, D1)
 
 
@@ -67,16 +67,16 @@ def test_plan_tie_prefers_higher_step_and_is_deterministic() -> None:
 
 def test_plan_nothing_to_do_without_state() -> None:
     plan = plan_sync([PeerRecord(False, -1, NONE)] * 3)
-    assert plan.source is None and plan.receivers == () and plan.action is Action.PROCEED
+    assert plan.source is None and plan.receivers == () and plan.action is SyncAction.PROCEED
 
 
 def test_plan_aborts_mid_step_members_when_a_boundary_member_arrives() -> None:
     mid = PeerRecord(True, 5, D1, pos_step=5, done=1)
     recs = [mid, mid, PeerRecord(False, -1, NONE, pos_step=-1, done=0)]
     plan = plan_sync(recs)
-    assert plan.action is Action.ABORT and plan.aborted == (0, 1)
+    assert plan.action is SyncAction.ABORT and plan.aborted == (0, 1)
     # the same members at the same point of the same step may go on
-    assert plan_sync([mid, mid]).action is Action.PROCEED
+    assert plan_sync([mid, mid]).action is SyncAction.PROCEED
     # everyone at a boundary: proceed (the newcomer receives)
     first = PeerRecord(True, 5, D1, pos_step=5, done=0)
     assert plan_sync([first, first, recs[2]]).receivers == (2,)
@@ -88,20 +88,20 @@ def test_plan_aborts_a_retry_that_would_need_new_state() -> None:
     retry = PeerRecord(True, 9, D2, pos_step=9, done=0, in_op=True)
     boundary = PeerRecord(True, 3, D1, pos_step=3, done=0)
     plan = plan_sync([boundary, boundary, retry])
-    assert plan.action is Action.ABORT and plan.aborted == (2,)
+    assert plan.action is SyncAction.ABORT and plan.aborted == (2,)
     # a retry that holds the majority state lines up with boundary members
     ok = PeerRecord(True, 3, D1, pos_step=3, done=0, in_op=True)
-    assert plan_sync([boundary, ok, PeerRecord(False, -1, NONE)]).action is Action.PROCEED
+    assert plan_sync([boundary, ok, PeerRecord(False, -1, NONE)]).action is SyncAction.PROCEED
 
 
 def test_manifest_roundtrip_digest_and_malformed() -> None:
     st = SyncState({"w": np.arange(10, dtype=np.float32), "b": np.ones((2, 3))}, 3)
     m = st.manifest()
-    assert Manifest.decode(m.encode()) == m
+    assert StateManifest.decode(m.encode()) == m
     assert m.digest == st.digest() == state_digest(3, st.arrays)
     for junk in (b"{", b"[]", b'{"v": 2}', b'{"v":1,"step":1,"entries":[{"name":""}]}'):
         with pytest.raises(StateSyncError):
-            Manifest.decode(junk)
+            StateManifest.decode(junk)
 
 
 def test_state_update_invalidates_only_named_entries() -> None:
@@ -134,7 +134,9 @@ class _FakeReceiverGroup:
         r = self.rank if rank is None else rank
         return slice(r * size // 2, (r + 1) * size // 2)
 
-    def broadcast(self, x: np.ndarray, root: int = 0, *, async_op: bool = False) -> Any:
+    def broadcast(
+        self, x: np.ndarray, root: int = 0, *, async_op: bool = False, deadline: Any = None
+    ) -> Any:
         src = self._feed[0].reshape(-1).view(np.uint8)
         flat = x.reshape(-1).view(np.uint8)
         flat[:] = src[self._offset : self._offset + flat.size]
@@ -144,7 +146,7 @@ class _FakeReceiverGroup:
             self._offset = 0
         return _Done()
 
-    def all_gather(self, x: np.ndarray) -> None:
+    def all_gather(self, x: np.ndarray, *, deadline: Any = None) -> None:
         x[self.chunk(x.size, 0)] = 1  # the source says ok
 
 

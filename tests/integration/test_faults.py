@@ -20,7 +20,6 @@ conftest fixture fails any test that leaves a child process behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -47,12 +46,14 @@ from phalanx.testing.faults import (
     foreign_epoch,
     oversize_length,
 )
+from phalanx.testing.launcher import die_with_parent
 
 WORLD = 3
 EPOCH = 5
 SECRET = b"phalanx-fault-tests-secret-32byt"
 FAST = CommOptions(timeout_s=1.0, probe_s=0.3, connect_timeout_s=10.0, handshake_timeout_s=2.0)
 SLACK_S = 3.0  # scheduling slack on a shared 2-core machine
+STARTUP_S = 120.0  # spawning the ranks and building their group, on a loaded machine
 
 # ----------------------------------------------------------------------------- harness
 
@@ -107,8 +108,7 @@ def _settled(base: tuple[int, int], within: float = 2.0) -> dict[str, Any]:
 def _child(
     fn: Callable[..., dict[str, Any]], rank: int, conn: Connection, args: tuple[Any, ...]
 ) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # die with the parent
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="rank" + str(rank) + " %(message)s")
     try:
@@ -191,6 +191,13 @@ class _Ranks:
                     self.results[rank] = payload
                 else:
                     self.errors[rank] = payload
+
+    def started(self, timeout: float = STARTUP_S) -> None:
+        """Wait until every rank built its group and finished an op (or reported): on
+        a loaded machine starting three interpreters alone can take tens of seconds,
+        which the op phase's own deadline must not pay for (run 183 of a 200-run loop
+        of test_corrupt_frame: no rank had finished an op after 30 s)."""
+        self.pump(lambda: all(self.progress[r] or r in self.results for r in range(WORLD)), timeout)
 
     def go(self) -> None:
         for c in self.conns:
@@ -392,6 +399,7 @@ def test_sigstop_past_the_deadline() -> None:
 
 def _frame_fault(hook: FaultInjector, n: int = 300_000) -> dict[int, dict[str, Any]]:
     with _Ranks(_faulty_rank, {2: hook}, n) as ranks:
+        ranks.started()
         res = ranks.wait_results({0, 1, 2}, 30)
     for r in res.values():
         _survivor_checks(r)
@@ -434,6 +442,7 @@ def test_the_culprit_is_told_why_it_was_expelled() -> None:
     (suspects [2], detected by 0) instead of accusing rank 0, so no survivor can hear a
     wrong verdict first."""
     with _Ranks(_faulty_rank, {2: corrupt_header(peer=0, seq=3)}, 300_000) as ranks:
+        ranks.started()
         res = ranks.wait_results({0, 1, 2}, 30)
     assert res[2]["suspects"] == [2] and res[2]["detected_by"] == 0, res[2]
     assert res[1]["suspects"] == [2], res[1]

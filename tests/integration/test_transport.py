@@ -96,7 +96,7 @@ class Acceptor:
     epoch: int = 1
     world: int = 4
     rank: int = 2
-    verdict: hs.RejectReason | None = None
+    verdict: hs.LinkRefusal | None = None
     deadline_s: float = 5.0
     claimed: list[hs.Hello] = field(default_factory=list)
     link: Link | None = None
@@ -104,7 +104,7 @@ class Acceptor:
     elapsed: float = 0.0
     _thread: threading.Thread | None = None
 
-    def claim(self, hello: hs.Hello) -> hs.RejectReason | None:
+    def claim(self, hello: hs.Hello) -> hs.LinkRefusal | None:
         self.claimed.append(hello)
         return self.verdict
 
@@ -220,7 +220,7 @@ def read_frames(sock: socket.socket, *, until_eof: bool = True, count: int = 0) 
         decoder.feed(data)
 
 
-def reject_of(frames: list[Frame]) -> hs.RejectReason | int:
+def reject_of(frames: list[Frame]) -> hs.LinkRefusal | int:
     assert frames, "no REJECT before the connection closed"
     assert frames[-1].header.kind == FrameKind.REJECT, [f.header.kind for f in frames]
     reason, _ = hs.decode_reject(frames[-1].payload)
@@ -399,7 +399,7 @@ def test_bad_proof_is_refused_by_the_acceptor(listener: Listener, secret: bytes)
         )
         wrong = hs.connect_mac(os.urandom(32), hello_payload, challenge.nonce, 1)
         send_frame(client, FrameKind.PROOF, wrong)
-        assert reject_of(read_frames(client)) == hs.RejectReason.BAD_AUTH
+        assert reject_of(read_frames(client)) == hs.LinkRefusal.BAD_AUTH
         err = acc.failure()
         assert isinstance(err, AuthError)
         assert err.reason == "bad-auth"
@@ -415,16 +415,16 @@ def test_reflected_accept_mac_is_not_a_proof(listener: Listener, secret: bytes) 
         )
         [frame] = read_frames(client, until_eof=False, count=1)
         send_frame(client, FrameKind.PROOF, hs.decode_challenge(frame.payload).mac)
-        assert reject_of(read_frames(client)) == hs.RejectReason.BAD_AUTH
+        assert reject_of(read_frames(client)) == hs.LinkRefusal.BAD_AUTH
         assert acc.failure().reason == "bad-auth"
 
 
 @pytest.mark.parametrize(
     ("verdict", "reason"),
-    [(hs.RejectReason.DUPLICATE, "duplicate"), (hs.RejectReason.UNEXPECTED, "unexpected")],
+    [(hs.LinkRefusal.DUPLICATE, "duplicate"), (hs.LinkRefusal.UNEXPECTED, "unexpected")],
 )
 def test_claim_refusal_reaches_the_connector(
-    listener: Listener, secret: bytes, verdict: hs.RejectReason, reason: str
+    listener: Listener, secret: bytes, verdict: hs.LinkRefusal, reason: str
 ) -> None:
     with Acceptor(listener, secret, verdict=verdict) as acc:
         err = connect_fails(listener.address, secret, stream=0, streams=2)
@@ -455,7 +455,7 @@ def test_wrong_epoch_seen_by_the_acceptor(listener: Listener, secret: bytes) -> 
         assert frame.header.epoch == 7
         nonce_s = hs.decode_challenge(frame.payload).nonce
         send_frame(client, FrameKind.PROOF, hs.connect_mac(secret, hello_payload, nonce_s, 5), 5)
-        assert reject_of(read_frames(client)) == hs.RejectReason.WRONG_EPOCH
+        assert reject_of(read_frames(client)) == hs.LinkRefusal.WRONG_EPOCH
         assert acc.failure().reason == "wrong-epoch"
         assert acc.claimed == []
 
@@ -501,20 +501,24 @@ def test_world_mismatch(listener: Listener, secret: bytes) -> None:
         (
             b"GET / HTTP/1.1\r\nHost: example\r\nUser-Agent: x\r\n\r\n",
             "bad-magic",
-            hs.RejectReason.MALFORMED,
+            hs.LinkRefusal.MALFORMED,
         ),
-        (bytes(HEADER_SIZE), "bad-magic", hs.RejectReason.MALFORMED),
-        (b"PHLX" + bytes([PROTOCOL_VERSION]) + bytes(35), "bad-crc", hs.RejectReason.MALFORMED),
+        (bytes(HEADER_SIZE), "bad-magic", hs.LinkRefusal.MALFORMED),
         (
-            b"PHLX" + bytes([PROTOCOL_VERSION + 1]) + bytes(35),
+            b"PHLX" + bytes([PROTOCOL_VERSION]) + bytes(HEADER_SIZE - 5),
+            "bad-crc",
+            hs.LinkRefusal.MALFORMED,
+        ),
+        (
+            b"PHLX" + bytes([PROTOCOL_VERSION + 1]) + bytes(HEADER_SIZE - 5),
             "bad-version",
-            hs.RejectReason.BAD_VERSION,
+            hs.LinkRefusal.BAD_VERSION,
         ),
     ],
     ids=["http", "zeros", "bad-crc", "version"],
 )
 def test_garbage_is_rejected(
-    listener: Listener, secret: bytes, data: bytes, reason: str, reply: hs.RejectReason
+    listener: Listener, secret: bytes, data: bytes, reason: str, reply: hs.LinkRefusal
 ) -> None:
     with Acceptor(listener, secret) as acc, raw_client(listener.address) as client:
         client.sendall(data)
@@ -539,7 +543,7 @@ def test_malformed_first_frame(
 ) -> None:
     with Acceptor(listener, secret) as acc, raw_client(listener.address) as client:
         send_frame(client, kind, payload)
-        assert reject_of(read_frames(client)) == hs.RejectReason.MALFORMED
+        assert reject_of(read_frames(client)) == hs.LinkRefusal.MALFORMED
         assert acc.failure().reason == "malformed"
 
 
@@ -570,7 +574,7 @@ def test_hello_with_a_huge_length_is_refused_without_allocating(
             tracemalloc.stop()
         assert info.value.reason == "too-large"
         assert peak < 256 * 1024, f"refusing a lying HELLO allocated {peak} bytes"
-        assert reject_of(read_frames(client)) == hs.RejectReason.MALFORMED
+        assert reject_of(read_frames(client)) == hs.LinkRefusal.MALFORMED
 
 
 def test_silent_client_meets_the_acceptor_deadline(listener: Listener, secret: bytes) -> None:

@@ -154,6 +154,25 @@ def test_degradation_needs_a_sustained_ten_percent_shift() -> None:
     assert not any(det.observe(v) for v in series)
 
 
+def test_degradation_ignores_microsecond_shifts_of_microsecond_series() -> None:
+    """On loopback a series of ~20 us moves by a few us (10 % and more) with scheduling
+    alone: no degradation (a healthy run gave 14 verdicts in 4,000 ops). A sustained
+    shift that is also >= min_excess_s (0.2 ms) in absolute terms still is one."""
+    rng = random.Random(7)
+    det = DegradationDetector(CFG)
+    series = [20e-6 * (1 + rng.gauss(0, 0.1)) for _ in range(500)]
+    series += [30e-6 * (1 + rng.gauss(0, 0.1)) for _ in range(3000)]  # +50 %, +10 us
+    assert not any(det.observe(v) for v in series)
+    det.reset()
+    fired_at = None
+    for i in range(3000):
+        v = 20e-6 * (1 + rng.gauss(0, 0.1)) + (0.5e-3 if i >= 500 else 0.0)  # +0.5 ms
+        if det.observe(v):
+            fired_at = i
+            break
+    assert fired_at is not None and 500 < fired_at < 500 + 12 * CFG.degradation_batch
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError):
         DetectorConfig(k=6, n=5)

@@ -1,7 +1,8 @@
 """The erasure-coder conformance test: every backend behind ErasureCoder must pass all of
 it, and all backends must write the same parity. The ISA-L variant skips (with the
-loader's reason) only when libisal2 is not loadable; PHALANX_REQUIRE_ISAL=1 turns that
-skip into a failure, for CI machines where the package is installed.
+loader's reason) only when no ISA-L is loadable — neither the copy in the pyeclib wheel
+(a dependency on Linux x86-64/aarch64, so it is there after a plain pip install) nor
+Debian's libisal2; PHALANX_REQUIRE_ISAL=1 turns that skip into a failure.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import platform
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -314,6 +317,44 @@ def test_make_coder_choice(caplog: pytest.LogCaptureFixture) -> None:
     if isal_unavailable_reason() is None:
         auto = make_coder(4, 2)
         assert isinstance(auto, IsalCoder) and auto.detail.startswith("isal ")
+
+
+#: where pyproject's environment marker installs pyeclib (and with it ISA-L)
+PIP_GIVES_ISAL = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
+
+
+@pytest.mark.skipif(not PIP_GIVES_ISAL, reason="pyeclib has wheels for Linux x86-64/aarch64 only")
+def test_a_plain_pip_install_gives_isal_speed() -> None:
+    """The default search takes the ISA-L inside the pyeclib wheel, before any system
+    copy: `pip install phalanx` alone must encode at ISA-L speed."""
+    copies = _isal.bundled_copies()
+    assert copies, "pyeclib (a dependency here) is installed but carries no libisal"
+    assert all("pyeclib.libs" in c for c in copies)
+    lib, why = _isal.load()
+    assert lib is not None, why
+    assert lib.path == copies[0]
+    coder = make_coder(4, 2)
+    assert isinstance(coder, IsalCoder) and "pyeclib.libs" in coder.detail
+    token, detail = erasure_mod.backend_summary()
+    assert token == f"isal-{lib.version}" and lib.path in detail
+    assert erasure_mod.backend_summary("numpy")[0] == "numpy"
+
+
+def test_every_isal_copy_writes_the_same_parity() -> None:
+    """The bundled copy and a system libisal2 (where installed) are interchangeable:
+    shards one encodes decode with the other and with numpy (the matrix is the format)."""
+    paths = [*_isal.bundled_copies(), *(n for n in _isal.DEFAULT_NAMES)]
+    loaded = [p for p in paths if _isal.load(p)[0] is not None]
+    if not loaded:
+        pytest.skip("no ISA-L copy loads here")
+    rng = np.random.default_rng(11)
+    data = _random_shards(rng, 4, 70_001)
+    want = [np.empty(70_001, np.uint8) for _ in range(2)]
+    make_coder(4, 2, "numpy").encode(data, want)
+    for path in loaded:
+        got = [np.empty(70_001, np.uint8) for _ in range(2)]
+        make_coder(4, 2, "isal", isal_library=path).encode(data, got)
+        assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)), path
 
 
 # ---------------------------------------------------------------------------- GIL

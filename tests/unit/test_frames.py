@@ -34,7 +34,7 @@ U64 = 2**64 - 1
 U32 = 2**32 - 1
 
 # The layout of the module docstring, written out independently of the module.
-_LAYOUT = struct.Struct("<4sBBBBQQIQ")
+_LAYOUT = struct.Struct("<4sBBBBQQIQQ")
 
 
 def raw_header(
@@ -48,10 +48,11 @@ def raw_header(
     seq: int = 0,
     chunk: int = 0,
     length: int = 0,
+    desc: int = 0,
     crc: int | None = None,
 ) -> bytes:
     """A header with any field values, with a correct CRC unless ``crc`` is given."""
-    prefix = _LAYOUT.pack(magic, version, kind, codec, flags, epoch, seq, chunk, length)
+    prefix = _LAYOUT.pack(magic, version, kind, codec, flags, epoch, seq, chunk, length, desc)
     return prefix + struct.pack("<I", zlib.crc32(prefix) if crc is None else crc)
 
 
@@ -67,8 +68,9 @@ def make_frame(
     seq: int = 7,
     chunk: int = 1,
     codec: int = 0,
+    desc: int = 0,
 ) -> Frame:
-    return Frame(FrameHeader(kind, epoch, seq, chunk, len(payload), codec), payload)
+    return Frame(FrameHeader(kind, epoch, seq, chunk, len(payload), codec, 0, desc), payload)
 
 
 def drain(decoder: FrameDecoder) -> list[Frame]:
@@ -93,6 +95,7 @@ def frames(draw: st.DrawFn, max_len: int = 64) -> Frame:
         chunk=draw(st.integers(0, U32)),
         length=len(payload),
         codec=draw(st.integers(0, MAX_CODEC_ID)),
+        desc=draw(st.integers(0, U64)),
     )
     return Frame(header, payload)
 
@@ -100,13 +103,35 @@ def frames(draw: st.DrawFn, max_len: int = 64) -> Frame:
 # --------------------------------------------------------------------------- encoding
 
 
-def test_header_is_forty_bytes_in_the_documented_layout() -> None:
-    head = encode_header(FrameKind.PING, epoch=U64, seq=2**63, chunk=U32, length=12345, codec=3)
-    assert len(head) == HEADER_SIZE == 40
-    magic, version, kind, codec, flags, epoch, seq, chunk, length = _LAYOUT.unpack_from(head)
+def test_header_is_forty_eight_bytes_in_the_documented_layout() -> None:
+    head = encode_header(
+        FrameKind.PING, epoch=U64, seq=2**63, chunk=U32, length=12345, codec=3, desc=U64 - 1
+    )
+    assert len(head) == HEADER_SIZE == 48
+    assert PROTOCOL_VERSION == 3
+    magic, version, kind, codec, flags, epoch, seq, chunk, length, desc = _LAYOUT.unpack_from(head)
     assert (magic, version, kind, codec, flags) == (b"PHLX", PROTOCOL_VERSION, 18, 3, 0)
-    assert (epoch, seq, chunk, length) == (U64, 2**63, U32, 12345)
-    assert struct.unpack_from("<I", head, 36)[0] == zlib.crc32(head[:36])
+    assert (epoch, seq, chunk, length, desc) == (U64, 2**63, U32, 12345, U64 - 1)
+    assert struct.unpack_from("<I", head, 44)[0] == zlib.crc32(head[:44])
+
+
+def test_a_version_2_peer_is_refused_by_version_not_misread() -> None:
+    # Version 2 headers were 40 bytes (no desc); with its payload behind it a v2 HELLO
+    # fills our 48 bytes, and the version byte (same offset) refuses it.
+    v2 = struct.Struct("<4sBBBBQQIQ").pack(MAGIC, 2, FrameKind.HELLO, 0, 0, 0, 0, 0, 48)
+    v2 += struct.pack("<I", zlib.crc32(v2)) + bytes(48)
+    with pytest.raises(FrameError) as info:
+        decode_header(v2, max_payload=512)
+    assert info.value.reason == "bad-version"
+
+
+def test_the_descriptor_digest_round_trips_and_defaults_to_zero() -> None:
+    head = encode_header(FrameKind.DATA, epoch=1, seq=2, chunk=3, length=0, desc=0xDEADBEEF)
+    assert decode_header(head, max_payload=0).desc == 0xDEADBEEF
+    assert decode_header(raw_header(), max_payload=0).desc == 0
+    assert decode_header(raw_header(kind=FrameKind.MISMATCH), max_payload=0).kind == 22
+    with pytest.raises(ValueError, match="desc"):
+        FrameHeader(FrameKind.DATA, 0, 0, 0, 0, desc=2**64)
 
 
 @pytest.mark.parametrize("kind", list(FrameKind), ids=lambda k: k.name)
@@ -232,7 +257,7 @@ def test_short_header(n: int) -> None:
         ({"kind": 0}, "bad-kind"),
         ({"kind": 6}, "bad-kind"),
         ({"kind": 15}, "bad-kind"),
-        ({"kind": 22}, "bad-kind"),
+        ({"kind": 23}, "bad-kind"),
         ({"kind": 255}, "bad-kind"),
         ({"codec": MAX_CODEC_ID + 1}, "bad-codec"),
         ({"codec": 255}, "bad-codec"),
@@ -262,7 +287,7 @@ def test_length_equal_to_the_limit_is_accepted_and_one_more_is_not() -> None:
 
 def test_wrong_crc_is_refused() -> None:
     good = raw_header(epoch=5, length=3)
-    crc = struct.unpack_from("<I", good, 36)[0]
+    crc = struct.unpack_from("<I", good, 44)[0]
     for bad in (crc ^ 1, crc ^ 0x80000000, 0, U32):
         if bad == crc:
             continue
@@ -303,7 +328,7 @@ def test_a_misaligned_stream_is_refused_at_every_offset() -> None:
 
 @pytest.mark.parametrize("length", [2**40, U64, 2**31])
 def test_an_oversized_length_is_refused_before_anything_is_allocated(length: int) -> None:
-    head = encode_header(FrameKind.DATA, epoch=1, seq=2, chunk=3, length=length)
+    head = encode_header(FrameKind.DATA, epoch=1, seq=2, chunk=3, length=length, desc=U64)
     decoder = FrameDecoder(max_payload=1024)
     tracemalloc.start()
     try:
@@ -315,7 +340,7 @@ def test_an_oversized_length_is_refused_before_anything_is_allocated(length: int
         tracemalloc.stop()
     assert info.value.reason == "too-large"
     assert decoder.buffered == HEADER_SIZE
-    assert peak < 64 * 1024, f"decoding a 40-byte header allocated {peak} bytes"
+    assert peak < 64 * 1024, f"decoding a 48-byte header allocated {peak} bytes"
 
 
 def test_a_header_is_checked_before_a_single_payload_byte_is_buffered() -> None:
@@ -439,9 +464,10 @@ def test_payload_is_an_independent_bytes_object() -> None:
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
-        (b"XXXX" + bytes(36), "bad-magic"),
+        (b"XXXX" + bytes(44), "bad-magic"),
         (raw_header(version=PROTOCOL_VERSION + 1), "bad-version"),
         (raw_header(version=1), "bad-version"),  # before RECEIPT: refused, not misread
+        (raw_header(version=2), "bad-version"),  # 40-byte headers, no descriptor
         (raw_header(crc=0), "bad-crc"),
         (raw_header(kind=99), "bad-kind"),
         (raw_header(length=2**40), "too-large"),
@@ -468,7 +494,7 @@ def test_decoder_is_poisoned_after_an_error(bad: bytes, reason: str) -> None:
 
 def test_decoder_error_at_the_start_of_a_stream() -> None:
     decoder = FrameDecoder(max_payload=256)
-    decoder.feed(b"\0" * 39)
+    decoder.feed(b"\0" * (HEADER_SIZE - 1))
     assert decoder.next_frame() is None  # not enough for a header yet: no verdict
     decoder.feed(b"\0")
     with pytest.raises(FrameError, match="bad-magic"):

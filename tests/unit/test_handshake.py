@@ -147,21 +147,21 @@ def test_proof_of_the_wrong_size_is_malformed(size: int) -> None:
 # --------------------------------------------------------------------------- REJECT
 
 
-@pytest.mark.parametrize("reason", list(hs.RejectReason), ids=lambda r: r.name)
-def test_reject_round_trips(reason: hs.RejectReason) -> None:
+@pytest.mark.parametrize("reason", list(hs.LinkRefusal), ids=lambda r: r.name)
+def test_reject_round_trips(reason: hs.LinkRefusal) -> None:
     code, text = hs.decode_reject(hs.encode_reject(reason, f"because {reason.name} ünïcode"))
     assert code is reason
     assert text == f"because {reason.name} ünïcode"
 
 
 def test_reject_text_is_bounded() -> None:
-    payload = hs.encode_reject(hs.RejectReason.DUPLICATE, "x" * 10_000)
+    payload = hs.encode_reject(hs.LinkRefusal.DUPLICATE, "x" * 10_000)
     assert len(payload) <= hs.MAX_HANDSHAKE_PAYLOAD
     code, text = hs.decode_reject(payload)
-    assert code == hs.RejectReason.DUPLICATE
+    assert code == hs.LinkRefusal.DUPLICATE
     assert 0 < len(text) < 10_000
     # A peer that sends more text than allowed does not get it all through.
-    _, text = hs.decode_reject(bytes([hs.RejectReason.UNEXPECTED]) + b"y" * 400)
+    _, text = hs.decode_reject(bytes([hs.LinkRefusal.UNEXPECTED]) + b"y" * 400)
     assert len(text) < 400
 
 
@@ -169,24 +169,24 @@ def test_reject_text_is_bounded() -> None:
 def test_unknown_reject_code_is_returned_as_a_plain_int(code: int) -> None:
     reason, text = hs.decode_reject(bytes([code]) + b"why")
     assert reason == code
-    assert not isinstance(reason, hs.RejectReason)
+    assert not isinstance(reason, hs.LinkRefusal)
     assert text == "why"
 
 
 def test_empty_reject_is_malformed() -> None:
     reason, text = hs.decode_reject(b"")
-    assert reason is hs.RejectReason.MALFORMED
+    assert reason is hs.LinkRefusal.MALFORMED
     assert text
 
 
 def test_reject_with_invalid_utf8_decodes() -> None:
-    reason, text = hs.decode_reject(bytes([hs.RejectReason.BAD_AUTH]) + b"\xff\xfe ok")
-    assert reason is hs.RejectReason.BAD_AUTH
+    reason, text = hs.decode_reject(bytes([hs.LinkRefusal.BAD_AUTH]) + b"\xff\xfe ok")
+    assert reason is hs.LinkRefusal.BAD_AUTH
     assert text.endswith(" ok")
 
 
 def test_reject_codes_are_one_byte_and_distinct() -> None:
-    codes = [int(r) for r in hs.RejectReason]
+    codes = [int(r) for r in hs.LinkRefusal]
     assert len(set(codes)) == len(codes)
     assert all(0 < c < 256 for c in codes)
 

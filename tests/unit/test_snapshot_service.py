@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from phalanx.checkpoint._crc import crc32
 from phalanx.checkpoint.channel import InProcessChannel, InProcessHub
 from phalanx.checkpoint.layout import LayoutError
 from phalanx.checkpoint.snapshot import (
@@ -338,3 +339,41 @@ def test_close_joins_threads(cluster6: Cluster) -> None:
     cluster6.svcs.clear()
     left = [t.name for t in threading.enumerate() if t.name.startswith("snapshot")]
     assert left == []
+
+
+def test_restore_newest_takes_the_newest_step_any_member_sealed() -> None:
+    """A group whose training state is gone altogether goes back to the newest step any
+    member sealed: rebuilt from the holders (its owner gone too), else the next newest,
+    never a generation that does not fit (``accept``)."""
+    c = Cluster(5, 2, 2)
+    try:
+        for owner, step in (("p0", 10), ("p1", 20), ("p2", 15)):
+            c.svcs[owner].snapshot(state(step), step).wait(10)
+        c.kill("p1")
+        c.view(c.ids)
+        owner, step, got = c.svcs["p4"].restore_newest(timeout=10)
+        assert (owner, step) == ("p1", 20) and same(got, state(20))
+        # the newest generation's pieces rot on every holder: the next newest is taken
+        for i in c.ids:
+            for key in c.stores[i].keys("p1"):
+                if key.stripe >= 0:
+                    junk = np.full(c.stores[i].get(key)[0].size, 7, np.uint8)
+                    c.stores[i].put(key, junk, crc32(junk))
+        owner, step, got = c.svcs["p4"].restore_newest(timeout=10)
+        assert (owner, step) == ("p2", 15) and same(got, state(15))
+        # the restorer's own sealed copy counts, and accept() skips what does not fit
+        c.svcs["p4"].snapshot(state(17), 17).wait(10)
+        assert c.svcs["p3"].restore_newest(timeout=10)[:2] == ("p4", 17)
+        assert c.svcs["p4"].restore_newest(timeout=10)[:2] == ("p4", 17)
+        owner, step, _ = c.svcs["p4"].restore_newest(timeout=10, accept=lambda s, st: s < 16)
+        assert (owner, step) == ("p2", 15)
+        with pytest.raises(SnapshotNotFound, match="does not fit"):
+            c.svcs["p4"].restore_newest(timeout=10, accept=lambda s, st: False)
+    finally:
+        c.close()
+    empty = Cluster(3, 1, 1)
+    try:
+        with pytest.raises(SnapshotNotFound, match="none is held"):
+            empty.svcs["p0"].restore_newest(timeout=5)
+    finally:
+        empty.close()

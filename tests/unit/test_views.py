@@ -163,7 +163,8 @@ def test_recovery_epoch_and_adoption() -> None:
 
 # -- the group rules ----------------------------------------------------------------------
 
-FAST = MembershipConfig(recovery_grace=0.0, probe_addresses=False)
+# join_batch=0: these tests drive admission one join at a time on a fake clock
+FAST = MembershipConfig(recovery_grace=0.0, probe_addresses=False, join_batch=0.0)
 
 
 class Clock:
@@ -210,6 +211,58 @@ def test_heartbeat_timeout_fails_member() -> None:
         g.join(m("c"), View(0), None, clock())
     g.join(m("c", 2), View(0), None, clock())  # a new incarnation may rejoin
     assert ids(g) == ("a", "b", "c")
+
+
+def test_most_of_the_view_silent_at_once_gets_one_more_timeout() -> None:
+    """Four of four members silent in one tick (soak seed 20261206: the coordinator
+    starved, their heartbeats queued) were all failed at once, and the view went to
+    newcomers without the training state. Now they get one more heartbeat timeout:
+    those whose beats arrive meanwhile stay, those still silent then are removed."""
+    g, clock = formed("abcd")
+    e0 = g.view.epoch
+    beat_all(g, clock, "abcd")
+    now = clock(0.7)  # nobody heard from for 0.7 s > 0.6 s
+    g.tick(now)
+    assert ids(g) == ("a", "b", "c", "d") and g.view.epoch == e0  # held, not failed
+    now = clock(0.1)  # the queued beats of a, b, c arrive; d really is gone
+    for n in "abc":
+        g.heartbeat(n, 1, now)
+    g.tick(now)
+    assert g.view.epoch == e0
+    beat_all(g, clock, "abc", 0.3)
+    beat_all(g, clock, "abc", 0.25)  # the hold (0.6 s) is over: d, silent all along, goes
+    assert ids(g) == ("a", "b", "c") and g.published.removed == (("d", "heartbeat-timeout"),)
+    # the whole group silent for good: removed one timeout later, not never
+    now = clock(0.7)
+    g.tick(now)
+    assert ids(g) == ("a", "b", "c")
+    g.tick(clock(0.61))
+    assert ids(g) == ()
+    # a minority falling silent is failed at the first timeout, as before
+    g2, clock2 = formed("abcde")
+    beat_all(g2, clock2, "abcde")
+    for _ in range(6):
+        beat_all(g2, clock2, "abc", 0.11)
+    assert ids(g2) == ("a", "b", "c")
+
+
+def test_a_burst_of_joins_enters_in_one_view() -> None:
+    """The first join after a quiet while is admitted at once; joins within join_batch
+    of it wait for the next tick and enter together (a cluster of N starting at once
+    made N views, each sent to every member: N^2 watch events at the coordinator)."""
+    cfg = MembershipConfig(recovery_grace=0.0, probe_addresses=False, join_batch=0.05)
+    clock = Clock()
+    g = GroupState(cfg, clock(), recovering=False)
+    g.join(m("a"), View(0), None, clock())
+    assert ids(g) == ("a",)
+    e = g.view.epoch
+    for n in "bcdef":
+        g.join(m(n), View(0), None, clock(0.001))
+    assert ids(g) == ("a",) and g.view.epoch == e  # waiting for the tick
+    g.tick(clock(0.01))
+    assert ids(g) == tuple("abcdef") and g.view.epoch == e + 1  # one view for five
+    g.join(m("g"), View(0), None, clock(1.0))  # quiet again: at once
+    assert ids(g)[-1] == "g"
 
 
 def test_report_confirmed_quickly_but_refuted_by_heartbeat() -> None:
@@ -320,7 +373,9 @@ def test_commit_agreement_rules() -> None:
 
 
 def test_commit_round_times_out() -> None:
-    cfg = MembershipConfig(recovery_grace=0.0, probe_addresses=False, commit_timeout=1.0)
+    cfg = MembershipConfig(
+        recovery_grace=0.0, probe_addresses=False, commit_timeout=1.0, join_batch=0.0
+    )
     g, clock = formed("ab", cfg)
     e = g.view.epoch
     g.vote("a", 1, e, 1, True, clock())
@@ -335,7 +390,7 @@ def test_restart_recovery_adopts_reported_view_without_change() -> None:
     old.join(m("d"), View(0), None, clock())
     reported = old.view
     assert reported.ids == ("a", "b", "d")
-    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.5)
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.5, join_batch=0.0)
     new = GroupState(cfg, clock(), recovering=True)
     new.join(m("e"), View(0), None, clock())  # a fresh joiner waits for recovery
     for name in ("d", "a", "b"):
@@ -349,7 +404,7 @@ def test_restart_recovery_adopts_reported_view_without_change() -> None:
 
 def test_restart_recovery_takes_highest_and_fails_missing() -> None:
     clock = Clock()
-    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0)
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0, join_batch=0.0)
     g = GroupState(cfg, clock(), recovering=True)
     v4 = view_of(4, "a", "b", "c")
     v5 = view_of(5, "a", "b")  # c was removed in 5, a saw it, b did not
@@ -366,7 +421,7 @@ def test_restart_recovery_takes_highest_and_fails_missing() -> None:
 
 def test_restart_recovery_window_expires() -> None:
     clock = Clock()
-    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0)
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0, join_batch=0.0)
     g = GroupState(cfg, clock(), recovering=True)
     v = view_of(6, "a", "b", "c")
     g.join(m("a"), v, None, clock())
@@ -396,7 +451,7 @@ def test_a_restart_that_recovers_nothing_never_reuses_an_epoch() -> None:
     old_epoch = old.view.epoch
     assert old_epoch >= 2
     floor = 1_795_000_000_000  # what the coordinator passes: the wall clock in ms
-    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0)
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0, join_batch=0.0)
     new = GroupState(cfg, clock(), recovering=True, epoch_floor=floor)
     new.tick(clock(1.5))  # nobody re-registered: recovery ends with nothing adopted
     assert not new.recovering and new.view == View(0)
@@ -414,7 +469,7 @@ def test_after_adopting_a_view_the_next_epoch_comes_from_the_floor() -> None:
     """Peers may re-register with a view older than the last one the predecessor
     published; counting up from it could repeat an epoch that already ran ops."""
     old, clock = formed("abc")
-    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0)
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0, join_batch=0.0)
     new = GroupState(cfg, clock(), recovering=True, epoch_floor=10_000)
     for n in "ab":
         new.join(m(n), old.view, None, clock())
@@ -440,7 +495,7 @@ def test_restarted_coordinator_does_not_guess_an_old_round() -> None:
     for n in "ab":
         old.vote(n, 1, e1, 42, True, clock())
     # the coordinator dies; a new one recovers from a and b
-    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0)
+    cfg = MembershipConfig(probe_addresses=False, recovery_grace=1.0, join_batch=0.0)
     new = GroupState(cfg, clock(), recovering=True)
     for n in "ab":
         new.join(m(n), old.view, old.decision(e1, 42), clock())

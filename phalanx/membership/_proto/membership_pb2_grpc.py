@@ -50,6 +50,11 @@ class CoordinatorStub:
                 request_serializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Beats = channel.stream_stream(
+                '/phalanx.v1.Coordinator/Beats',
+                request_serializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/phalanx.v1.Coordinator/Watch',
                 request_serializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.WatchRequest.SerializeToString,
@@ -87,6 +92,17 @@ class CoordinatorServicer:
 
     def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Beats(self, request_iterator, context):
+        """The same heartbeats on one call: a HeartbeatRequest per interval (each signed on
+        its own, method "Beats"), answered on the first beat, about once a second after,
+        and when the epoch changes. A unary call per beat cost the coordinator five times
+        the CPU in gRPC alone (phalanx bench coordinator). A refusal (EVICTED,
+        NOT_MEMBER, ...) ends the call with its status and trailer, as for Heartbeat.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -129,6 +145,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatRequest.FromString,
+                    response_serializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Beats': grpc.stream_stream_rpc_method_handler(
+                    servicer.Beats,
                     request_deserializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatRequest.FromString,
                     response_serializer=phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatResponse.SerializeToString,
             ),
@@ -228,6 +249,33 @@ class Coordinator:
             request,
             target,
             '/phalanx.v1.Coordinator/Heartbeat',
+            phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatRequest.SerializeToString,
+            phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Beats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/phalanx.v1.Coordinator/Beats',
             phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatRequest.SerializeToString,
             phalanx_dot_membership_dot___proto_dot_membership__pb2.HeartbeatResponse.FromString,
             options,

@@ -1,0 +1,202 @@
+"""``phalanx peer`` + ``phalanx train`` as real processes on 127.0.0.1: what a container
+peer does, without Docker (the compose smoke test, deploy/docker/smoke.py, runs the
+same in containers).
+
+One cluster of three peers (an in-process coordinator, each peer a supervisor with its
+daemon and training process, in a process group of its own like a container):
+
+* every peer commits steps;
+* the whole of peer 0 is SIGKILLed (a ``docker kill``): the others commit again in a
+  view without it within 10 s;
+* peer 0 starts again under the same id (incarnation 0 = the wall clock): its new
+  daemon holds nothing, so its training process rebuilds its newest sealed snapshot
+  from the other peers; the restored bytes' SHA-256 is the one it logged for that
+  snapshot; it rejoins and commits;
+* peer 1's training process alone is SIGKILLed: the supervisor restarts it, the daemon
+  hands back the live state (no restore), it commits again;
+* SIGTERM to peer 2's supervisor: the training process stops, the daemon leaves, the
+  supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.coordinator import Coordinator
+
+pytestmark = pytest.mark.timeout(180)
+
+_T = TypeVar("_T")
+
+
+def _wait(what: str, fn: Callable[[], _T | None], timeout: float) -> _T:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Peer:
+    def __init__(self, name: str, coordinator: str, secret: Path, tmp: Path) -> None:
+        self.name, self.coordinator, self.secret, self.tmp = name, coordinator, secret, tmp
+        self.out = tmp / f"{name}.out"
+        self.err = tmp / f"{name}.err"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
+        env.update(
+            PHALANX_COORDINATOR=self.coordinator, PHALANX_SECRET_FILE=str(self.secret),
+            PHALANX_ID=self.name, PHALANX_LISTEN="127.0.0.1:0",
+            PHALANX_METRICS_HOST="127.0.0.1", PHALANX_METRICS_PORT="0",
+            PHALANX_SOCKET=str(self.tmp / f"{self.name}.sock"),
+        )  # fmt: skip
+        cmd = [sys.executable, "-m", "phalanx", "peer", "--stop-timeout", "10", "--",
+               sys.executable, "-m", "phalanx", "train", "--step-time", "0.05",
+               "--log-every", "1", "--snapshot-every", "5", "--call-timeout", "10"]  # fmt: skip
+        with open(self.out, "ab") as o, open(self.err, "ab") as e:
+            self.proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, start_new_session=True)
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.out.read_text().splitlines():
+            if line.startswith('{"ev"'):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    def commits(self, after: float, without: str | None = None) -> list[dict[str, Any]]:
+        members: list[str] = []
+        got = []
+        for e in self.events():
+            if e["ev"] == "view":
+                members = e["members"]
+            elif (
+                e["ev"] == "commit"
+                and e["t"] > after
+                and (without is None or without not in members)
+            ):
+                got.append(e)
+        return got
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole process group (supervisor, daemon, trainer), then reap."""
+        proc = self.proc
+        assert proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # the daemon and trainer were our grandchildren: pytest is a subreaper, reap them
+        _wait("the peer's processes to be gone", lambda: not _group_alive(proc.pid), 10)
+
+    def tail(self) -> str:
+        return f"--- {self.name}\n{self.out.read_text()[-1500:]}\n{self.err.read_text()[-2500:]}"
+
+
+def _group_alive(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                if fields[0] == "Z":
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(int(stat.parent.name), os.WNOHANG)
+                    continue
+                return True
+    return False
+
+
+def _full_view(p: Peer, after: float, world: int) -> Callable[[], list[dict[str, Any]]]:
+    return lambda: [e for e in p.commits(after) if e["world"] == world]
+
+
+def _commits(p: Peer, after: float, without: str) -> Callable[[], list[dict[str, Any]]]:
+    return lambda: p.commits(after, without=without)
+
+
+@contextlib.contextmanager
+def cluster(n: int, secret: bytes, tmp: Path) -> Iterator[list[Peer]]:
+    secret_file = tmp / "secret"
+    secret_file.write_bytes(secret.hex().encode())
+    coord = Coordinator(
+        "127.0.0.1:0", secret=secret.hex().encode(), config=MembershipConfig(), recover=False
+    )
+    addr = coord.start()
+    peers = [Peer(f"p{i}", addr, secret_file, tmp) for i in range(n)]
+    try:
+        for p in peers:
+            p.start()
+        yield peers
+    except BaseException:
+        for p in peers:
+            sys.stderr.write(p.tail() + "\n")
+        raise
+    finally:
+        for p in peers:
+            if p.proc is not None and p.proc.poll() is None:
+                p.kill_all()
+        coord.stop(0.5)
+
+
+def test_container_peers_train_through_kills_restarts_and_stops(
+    secret: bytes, tmp_path: Path
+) -> None:
+    with cluster(3, secret, tmp_path) as peers:
+        t0 = time.time()
+        for p in peers:
+            _wait(f"{p.name} to commit in a full view", _full_view(p, t0, 3), 60)
+        _wait(
+            "p0 to take a snapshot",
+            lambda: [e for e in peers[0].events() if e["ev"] == "sealed"],
+            30,
+        )
+
+        # the whole of p0 dies: the others go on without it within 10 s
+        snaps = {e["step"]: e["sha256"] for e in peers[0].events() if e["ev"] == "snapshot"}
+        t_kill = time.time()
+        peers[0].kill_all()
+        for p in peers[1:]:
+            first = _wait(f"{p.name} to commit without p0", _commits(p, t_kill, "p0"), 30)
+            assert first[0]["t"] - t_kill < 10.0
+
+        # p0 comes back under the same id: its snapshot is rebuilt from the holders
+        peers[0].start()
+        restore = _wait("p0's restore", lambda: [e for e in peers[0].events()
+                        if e["t"] > t_kill and e["ev"] in ("restore", "restore_failed")], 90)[0]  # fmt: skip
+        assert restore["ev"] == "restore", restore
+        assert snaps.get(restore["step"]) == restore["sha256"], (restore, sorted(snaps))
+        _wait("p0 to commit again", lambda: peers[0].commits(t_kill), 60)
+
+        # only p1's training process dies: restarted, the daemon hands the state back
+        ready = [e for e in peers[1].events() if e["ev"] == "ready"][-1]
+        t_tk = time.time()
+        os.kill(ready["pid"], signal.SIGKILL)
+        again = _wait("p1's training process to be restarted",
+                      lambda: [e for e in peers[1].events() if e["t"] > t_tk and e["ev"] == "attached"], 30)  # fmt: skip
+        assert again[0]["source"] == "daemon" and again[0]["step"] >= 0, again
+        _wait("p1 to commit after its restart", lambda: peers[1].commits(again[0]["t"]), 60)
+
+        # SIGTERM: a clean stop, exit 0, the others see it leave
+        t_term = time.time()
+        p2 = peers[2]
+        assert p2.proc is not None
+        p2.proc.send_signal(signal.SIGTERM)
+        assert p2.proc.wait(40) == 0, p2.tail()
+        assert any(e["ev"] == "stop" and e["t"] > t_term for e in p2.events())
+        _wait("p0 to commit without p2", lambda: peers[0].commits(t_term, without="p2"), 30)
