@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "phalanx.bench.anomaly:register",
         "time to detect an injected slow link, straggler or hang; false positives (healthy run)",
     ),
+    "torch": (
+        "phalanx.bench.torchtrain:register",
+        "phalanx.torch under faults: kill -> next commit, replacement latency, state transfer, DiLoCo bytes",
+    ),
     "coordinator": (
         "phalanx.bench.coordinator:register",
         "one coordinator under N simulated members: CPU per heartbeat, failure -> every member",

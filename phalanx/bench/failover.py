@@ -543,7 +543,12 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     """Add this benchmark's options to ``parser``; return the function that runs it."""
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--fault", choices=FAULTS, required=True)
+    parser.add_argument("--fault", choices=FAULTS, help="the fault (required without --torch)")
+    parser.add_argument(
+        "--torch", action="store_true",
+        help="PyTorch training through phalanx.torch instead: runs `phalanx bench torch` "
+        "(kill -> next committed step, replacement latency, state transfer, DiLoCo bytes)",
+    )  # fmt: skip
     parser.add_argument("--world", type=int, default=3, help="peers before the fault (default 3)")
     parser.add_argument("--size", type=parse_size, default=16 << 20, help="default 16MiB")
     parser.add_argument(
@@ -559,6 +564,16 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     def run(args: argparse.Namespace) -> int:
+        if args.torch:
+            from phalanx.bench.torchtrain import add_options, run_parts
+
+            sub = argparse.ArgumentParser(add_help=False)
+            add_options(sub)
+            targs = sub.parse_args(["--world", str(args.world), "--timeout", "600"])
+            targs.json, targs.quiet = args.json, args.quiet
+            return run_parts(targs)
+        if args.fault is None:
+            parser.error("--fault is required (or --torch)")
         try:
             sc = Scenario(
                 fault=args.fault,

@@ -25,7 +25,7 @@ import math
 import sys
 from collections.abc import Callable
 
-from phalanx.demo.scenario import CODECS, TOLERANCE, DemoOptions, DemoResult, hold_at, run_demo
+from phalanx.demo.scenario import CODECS, DemoOptions, DemoResult, hold_at, run_demo
 
 __all__ = ["format_summary", "register"]
 
@@ -72,6 +72,12 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     )
     a("--timeout", type=float, default=d.timeout, metavar="S",
       help=f"fail if the run takes longer (default {d.timeout:.0f})")  # fmt: skip
+    a("--torch", action="store_true",
+      help="train a torch.nn model (with BatchNorm) through phalanx.torch instead of the "
+           "numpy MLP (needs the torch extra)")  # fmt: skip
+    a("--diloco", type=int, default=0, metavar="H",
+      help="with --torch: DiLoCo, inner steps alone and an outer sync every H steps "
+           "(H must divide --steps)")  # fmt: skip
     parser.set_defaults(default_log_level="WARNING")
     return run
 
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     opts = DemoOptions(
         peers=args.peers, steps=args.steps, kill_at=args.kill_at, join_at=args.join_at,
         codec=args.codec, seed=args.seed, step_time=args.step_time, timeout=args.timeout,
-        log_level="INFO",
+        log_level="INFO", torch=args.torch, diloco=args.diloco,
     )  # fmt: skip
     problems = opts.problems()
     if problems:
@@ -100,9 +106,12 @@ def _s(x: float | None) -> str:
 def format_summary(res: DemoResult) -> str:
     """The summary the demo prints (plain text, ends with a newline)."""
     o = res.options
+    flavour = ""
+    if o.torch:
+        flavour = f"torch DiLoCo H={o.diloco}, " if o.diloco else "torch elastic DDP, "
     lines = [
         "",
-        f"phalanx demo: {o.peers} peers, {res.steps}/{o.steps} steps, codec {o.codec}, "
+        f"phalanx demo: {flavour}{o.peers} peers, {res.steps}/{o.steps} steps, codec {o.codec}, "
         f"seed {o.seed}",
         f"  wall time        {res.wall_s:.1f}s (start-up {res.startup_s:.1f}s, "
         f"median step {res.step_s * 1000:.1f} ms incl. {o.step_time * 1000:.0f} ms simulated compute)",
@@ -133,7 +142,7 @@ def format_summary(res: DemoResult) -> str:
         extra = (f"  ops {got['ops']:.0f}, op failures {got['op_failures']:.0f}, "
                  f"view changes {got['view_changes']:.0f}") if got else "  (gone)"  # fmt: skip
         lines.append(f"    {member:<8} {url}{extra}")
-    tol = TOLERANCE[o.codec]
+    tol = res.tolerance
     if not res.members_final:  # nothing trained: no model to compare
         lines.append("FAILED:")
         lines += [f"  - {e}" for e in res.errors]

@@ -88,9 +88,12 @@ class Cluster:
     def socket_of(self, member: str) -> str:
         return self._launcher.socket_of(member)
 
-    def start_worker(self, member: str, args: list[str]) -> Proc:
-        """Start a training process for ``member``; its stdout (JSON lines) is a pipe."""
-        argv = [sys.executable, "-m", "phalanx.demo.worker", "--socket", self.socket_of(member),
+    def start_worker(
+        self, member: str, args: list[str], *, module: str = "phalanx.demo.worker"
+    ) -> Proc:
+        """Start a training process (``python -m module``) for ``member``; its stdout
+        (JSON lines) is a pipe."""
+        argv = [sys.executable, "-m", module, "--socket", self.socket_of(member),
                 *args]  # fmt: skip
         return self._launcher.spawn(f"worker-{member}", "worker", argv, pipe_out=True)
 

@@ -80,6 +80,8 @@ class DemoOptions:
     step_time: float = 0.03
     timeout: float = 120.0
     log_level: str = "INFO"
+    torch: bool = False  # a torch.nn model through phalanx.torch (phalanx.demo.torch_worker)
+    diloco: int = 0  # with torch: DiLoCo, an outer sync every this many steps (0: DDP)
 
     def problems(self) -> list[str]:
         """What is wrong with these options (empty: fine)."""
@@ -98,6 +100,12 @@ class DemoOptions:
             out.append(f"--codec must be one of {', '.join(CODECS)}")
         if self.step_time < 0:
             out.append("--step-time must be >= 0")
+        if self.diloco and not self.torch:
+            out.append("--diloco needs --torch")
+        if self.diloco < 0 or (self.diloco and self.steps % self.diloco):
+            out.append("--diloco H must be > 0 and divide --steps")
+        if self.diloco and self.join_at and self.join_at >= self.steps - 2 * self.diloco:
+            out.append("with --diloco H, --join-at must leave two outer syncs after it")
         if not self.timeout > 0:
             out.append("--timeout must be > 0")
         return out
@@ -166,6 +174,8 @@ class _Follower:
         self.errors: list[str] = []
         self.ignored: set[str] = set()  # members whose reports no longer count (killed)
         self.held = 0.0  # longest wait for a late replacement (see worker --hold-at)
+        self.commit_world: dict[int, int] = {}  # step -> world it was committed in
+        self.outer: dict[int, dict[str, Any]] = {}  # DiLoCo: sync step -> what members said
 
     def add(self, member: str, proc: Proc) -> None:
         self.workers[member] = proc
@@ -203,6 +213,7 @@ class _Follower:
             if step not in self.commit_t or t < self.commit_t[step]:
                 self.commit_t[step] = t
             self.commit_epoch[step] = int(ev["epoch"])
+            self.commit_world[step] = int(ev.get("world", 0))
             self.loss[step] = float(ev["loss"])
             self.committers[member] = self.committers.get(member, 0) + 1
         elif kind == "view":
@@ -211,6 +222,12 @@ class _Follower:
                 self.views[epoch] = (t, tuple(ev["members"]))
         elif kind == "retry":
             self.retries.append(ev)
+        elif kind == "outer":
+            o = self.outer.setdefault(int(ev["step"]), {"contributors": tuple(ev["contributors"]),
+                                                        "w": {}, "round": ()})  # fmt: skip
+            o["w"][member] = float(ev["w"])
+            if ev["w"] and ev.get("round_members"):
+                o["round"] = tuple(ev["round_members"])
         elif kind == "sync":
             self.syncs.append(ev)
         elif kind == "held":
@@ -258,7 +275,10 @@ def _scrape(url: str) -> dict[str, float]:
 def hold_at(o: DemoOptions) -> int:
     """The step at which the group waits for a replacement that is not in yet: the
     last tenth of the run (after ``join_at``)."""
-    return max(o.steps - max(1, o.steps // 10), o.join_at + 1)
+    at = o.steps - max(1, o.steps // 10)
+    if o.diloco:  # the replacement needs a sync to enter and a whole round to train
+        at = min(at, o.steps - o.diloco - max(1, o.diloco // 5))
+    return max(at, o.join_at + 1)
 
 
 def _worker_args(o: DemoOptions, *, expect_world: int, fresh: bool) -> list[str]:
@@ -267,12 +287,18 @@ def _worker_args(o: DemoOptions, *, expect_world: int, fresh: bool) -> list[str]
         "--step-time", str(o.step_time), "--expect-world", str(expect_world),
         "--deadline", str(o.timeout),
     ]  # fmt: skip
+    if o.diloco:
+        args += ["--diloco", str(o.diloco)]
     if fresh:
         return [*args, "--fresh"]
     if o.join_at:
         final = o.peers - (1 if o.kill_at else 0) + 1
         args += ["--hold-at", str(hold_at(o)), "--hold-world", str(final)]
     return args
+
+
+def _worker_module(o: DemoOptions) -> str:
+    return "phalanx.demo.torch_worker" if o.torch else "phalanx.demo.worker"
 
 
 def run_demo(o: DemoOptions, progress: Progress | None = None) -> DemoResult:
@@ -315,7 +341,8 @@ def _train(
         cluster.await_daemon(d, deadline)
         res.metrics[m] = f"http://{d.info.get('metrics', '?')}/metrics"
     for m in members:
-        f.add(m, cluster.start_worker(m, _worker_args(o, expect_world=o.peers, fresh=False)))
+        f.add(m, cluster.start_worker(m, _worker_args(o, expect_world=o.peers, fresh=False),
+                                      module=_worker_module(o)))  # fmt: skip
     victim = f"peer-{o.peers // 2}" if o.kill_at else None
     joiner = f"peer-{o.peers}" if o.join_at else None
     expected = {m for m in members if m != victim} | ({joiner} if joiner else set())
@@ -356,7 +383,7 @@ def _train(
             res.faults.append(join)
             join_daemon = cluster.start_daemon(joiner)
             args = _worker_args(o, expect_world=1, fresh=True)
-            f.add(joiner, cluster.start_worker(joiner, args))
+            f.add(joiner, cluster.start_worker(joiner, args, module=_worker_module(o)))
             bar.event(f"step {step}: starting replacement {joiner} (daemon + training process)")
         waiting = joiner is not None and joiner not in res.metrics
         if waiting and joiner and join_daemon is not None and cluster.daemon_ready(join_daemon):
@@ -459,6 +486,14 @@ def _summarize(
     if not res.bit_identical:
         errors.append(f"final parameters differ between training processes: {shas}")
     if not f.done:
+        return
+    if o.torch:
+        from phalanx.demo.torch_model import check
+
+        tc = check(o, f.done, f.commit_world, f.outer)
+        res.initial_loss, res.reference_loss, res.final_loss = tc.initial, tc.reference, tc.final
+        res.loss_diff, res.param_diff, res.tolerance = tc.loss_diff, tc.param_diff, tc.tolerance
+        errors.extend(tc.errors)
         return
     # ... and they match the single-process reference
     pr = Problem()

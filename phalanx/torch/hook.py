@@ -1,7 +1,9 @@
-"""PyTorch integration: a DDP communication hook over phalanx, and shared-memory tensors.
+"""The DDP communication hook over phalanx, and shared-memory tensors.
 
-Install the extra first: ``pip install -e ".[torch]"`` (it pins ``torch==2.13.0``, the
-CPU wheel; other versions pull gigabytes of CUDA packages). Example::
+The older, static way to use phalanx from ``torch.nn.parallel.DistributedDataParallel``:
+DDP keeps its own ``torch.distributed`` group (gloo) for its bookkeeping and the hook
+sends the gradients through phalanx. That group dies with a peer; for training that
+survives one use :class:`phalanx.torch.Manager` instead (docs/torch.md). Example::
 
     import phalanx, phalanx.torch
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,14 +47,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-try:
-    import torch
-    import torch.distributed  # DDP hooks need it: fail here if this torch lacks it
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ImportError(
-        "phalanx.torch needs PyTorch: install the extra with "
-        "pip install -e '.[torch]' (it pins torch==2.13.0, the CPU wheel)"
-    ) from exc
+import torch
+import torch.distributed
 
 from phalanx.client import Client, Handle, OpResult
 from phalanx.errors import ConfigError

@@ -1,0 +1,306 @@
+"""Elastic DDP's gradient path: buckets in shared memory, all-reduced during backward.
+
+:class:`GradSync` owns one flat buffer per bucket (:mod:`~phalanx.torch.buckets`) in
+memory the daemon shares (``client.empty``), and points every parameter's ``.grad`` at
+its slice: autograd accumulates straight into the shared pages, and the all-reduce runs
+on them with **zero copies**. A ``post_accumulate_grad`` hook per parameter counts the
+bucket's ready gradients; when a bucket is complete (and every bucket before it was
+launched: buckets go out in plan order, identical on every member) it is scaled by this
+member's weight and submitted as an **async** ``all_reduce(sum)``, so communication
+overlaps with the rest of the backward pass. **One bucket is in flight at a time** (the
+next goes out when the previous finished): after a failure no later bucket waits in
+the daemon's queue, where it would run in the next view against another member's first
+op of its next attempt (seen with a member frozen mid-step). :meth:`GradSync.finish` launches whatever
+is left (unused parameters contribute zeros) and collects every result.
+
+Errors never cross autograd: the hook only submits; a submission error is recorded
+and raised by :meth:`finish`, outside ``backward()``, as the typed phalanx error it is.
+If something set a ``.grad`` to a tensor of its own (``optimizer.zero_grad()`` with
+``set_to_none=True``, ``model.zero_grad()``), the hook copies it into the slot and
+points ``.grad`` back at it (one copy, correct either way).
+
+This module must never vote, never decide whether a step counts, and never leave an
+op it submitted unwaited: :meth:`finish` and :meth:`drain` settle every handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from phalanx.client import Client, Handle, OpResult
+from phalanx.errors import DaemonUnavailable
+from phalanx.torch.buckets import Bucket, plan_buckets
+from phalanx.torch.state import shared_tensor
+
+__all__ = ["GradSync"]
+
+log = logging.getLogger(__name__)
+
+
+class _Slot:
+    __slots__ = ("bucket", "device_bucket", "flat", "host", "ready", "views")
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+        self.ready = 0
+        self.views: list[torch.Tensor] = []
+        self.flat: torch.Tensor  # where .grad views live (host shared, or device)
+        self.host: torch.Tensor  # what the daemon reduces (shared memory)
+        self.device_bucket: Any = None
+
+
+class GradSync:
+    """See the module docstring. ``params``: the trainable parameters in registration
+    order; ``cap_bytes``: bucket size; ``codec``: the all-reduce codec."""
+
+    def __init__(
+        self,
+        client: Client,
+        params: Sequence[torch.nn.Parameter],
+        *,
+        cap_bytes: int = 25 << 20,
+        codec: str = "none",
+        timeout: float = 60.0,
+        keep_local: bool = False,
+    ) -> None:
+        self.client = client
+        self.keep_local = keep_local
+        self.codec = codec
+        self.timeout = timeout
+        self.params = [p for p in params if p.requires_grad]
+        specs = [(i, str(p.dtype).removeprefix("torch."), p.numel())
+                 for i, p in enumerate(self.params)]  # fmt: skip
+        self.plan = plan_buckets(specs, cap_bytes)
+        self._slots: list[_Slot] = []
+        self._where: dict[int, tuple[_Slot, torch.Tensor]] = {}  # id(param) -> slot, view
+        for b in self.plan:
+            s = _Slot(b)
+            dtype = self.params[b.params[0]].dtype
+            device = self.params[b.params[0]].device
+            s.host = shared_tensor(client, b.numel, dtype)
+            if device.type != "cpu":
+                from phalanx.torch.cuda import DeviceBucket
+
+                s.device_bucket = DeviceBucket(device, b.numel, dtype, s.host)
+                s.flat = s.device_bucket.flat
+            else:
+                s.flat = s.host
+            for i, off in zip(b.params, b.offsets, strict=True):
+                p = self.params[i]
+                view = s.flat[off : off + p.numel()].view_as(p)
+                s.views.append(view)
+                self._where[id(p)] = (s, view)
+                p.grad = view
+            self._slots.append(s)
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._hook)  # type: ignore[no-untyped-call]
+            for p in self.params
+        ]
+        self._lock = threading.Lock()
+        self._armed = False
+        self._sync = True
+        self._weight = 1.0
+        self._next = 0  # next bucket to launch
+        self._handles: list[tuple[_Slot, Handle]] = []
+        self._errors: list[BaseException] = []
+        self._failed = False
+        self._counted: set[int] = set()
+        # keep_local: each bucket's own (unweighted, unreduced) gradient, copied just
+        # before it goes out: what a partial step replays in the next view
+        self._local: list[torch.Tensor | None] = [None] * len(self._slots)
+        self.nbytes_sent = 0  # bytes handed to the daemon (for the wire-bytes figures)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.plan)
+
+    # ------------------------------------------------------------------ one attempt
+    def arm(self, weight: float) -> None:
+        """Start an attempt: zero every bucket, reset the counters; this member's
+        gradients will be multiplied by ``weight`` before the sum."""
+        self.drain()
+        with self._lock:
+            for s in self._slots:
+                s.ready = 0
+                with torch.no_grad():
+                    s.flat.zero_()
+            for p in self.params:
+                _, view = self._where[id(p)]
+                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                    p.grad = view
+            self._counted.clear()
+            self._failed = False
+            self._weight = float(weight)
+            self._next = 0
+            self._errors = []
+            self._armed = True
+
+    def zero(self) -> None:
+        """Zero every gradient in place (``optimizer.zero_grad`` for the manager)."""
+        with torch.no_grad():
+            for s in self._slots:
+                s.flat.zero_()
+        for p in self.params:
+            _, view = self._where[id(p)]
+            p.grad = view
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without launching buckets (micro-batches); the buckets
+        go out at :meth:`finish`."""
+        old = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def _hook(self, p: torch.Tensor) -> None:
+        where = self._where.get(id(p))
+        if where is None:
+            return
+        s, view = where
+        g = p.grad
+        if g is not None and g.data_ptr() != view.data_ptr():
+            with torch.no_grad():
+                view.copy_(g)  # someone replaced .grad: back into the shared slot
+            p.grad = view
+        if not self._armed:
+            return
+        with self._lock:
+            if id(p) in self._counted:
+                return  # a second backward (accumulation): counted once per attempt
+            self._counted.add(id(p))
+            s.ready += 1
+            if self._sync:
+                self._launch_ready()
+
+    def _in_flight(self) -> bool:
+        """Whether the last submitted bucket is still running (a non-blocking poll);
+        a failed one stops further launches."""
+        if not self._handles:
+            return False
+        _, h = self._handles[-1]
+        if not h.done():
+            return True
+        try:
+            h.wait(0.0)
+        except BaseException:
+            self._failed = True
+        return False
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self._slots) and not self._failed:
+            s = self._slots[self._next]
+            if s.ready < len(s.bucket.params) or self._in_flight():
+                return
+            self._launch(s)
+
+    def _launch(self, s: _Slot) -> None:
+        self._next += 1
+        if self._failed:
+            return
+        try:
+            if self.keep_local:
+                i = s.bucket.index
+                kept = self._local[i]
+                if kept is None:
+                    kept = self._local[i] = torch.empty_like(s.flat)
+                with torch.no_grad():
+                    kept.copy_(s.flat)
+            if self._weight != 1.0:
+                with torch.no_grad():
+                    s.flat.mul_(self._weight)
+            host = s.device_bucket.stage_out() if s.device_bucket is not None else s.host
+            h = self.client.all_reduce(host, "sum", self.codec, async_op=True,
+                                       timeout=self.timeout)  # fmt: skip
+            self._handles.append((s, h))
+            self.nbytes_sent += s.bucket.nbytes
+        except BaseException as exc:  # raised by finish(), outside autograd
+            self._errors.append(exc)
+
+    def restore_local(self) -> bool:
+        """Put the kept local gradients of the last attempt back into the buckets
+        (after :meth:`arm`); False if some bucket kept none."""
+        if any(k is None for k in self._local):
+            return False
+        with torch.no_grad():
+            for s, k in zip(self._slots, self._local, strict=True):
+                assert k is not None
+                s.flat.copy_(k)
+        return True
+
+    def forget_local(self) -> None:
+        self._local = [None] * len(self._slots)
+
+    def finish(self) -> list[OpResult]:
+        """Launch what is left, wait for every bucket; the results in bucket order.
+        Raises the first failure (every handle is settled first)."""
+        with self._lock:
+            if not self._armed:
+                raise RuntimeError("GradSync.finish() without arm()")
+            for p in self.params:
+                _, view = self._where[id(p)]
+                if p.grad is None:
+                    p.grad = view  # unused in this backward: contributes zeros
+                elif p.grad.data_ptr() != view.data_ptr():
+                    with torch.no_grad():
+                        view.copy_(p.grad)
+                    p.grad = view
+            # one bucket in flight at a time: when an op fails, no later bucket is
+            # queued in the daemon, where it would run in the next view and meet
+            # another member's first op of its next attempt
+            results: list[OpResult] = []
+            errors = list(self._errors)
+            waited = 0
+            while not errors:
+                if waited < len(self._handles):
+                    slot, h = self._handles[waited]
+                    waited += 1
+                    try:
+                        results.append(h.wait())
+                        if slot.device_bucket is not None:
+                            slot.device_bucket.stage_in()
+                    except BaseException as exc:
+                        errors.append(exc)
+                    continue
+                if self._next >= len(self._slots):
+                    break
+                n = len(self._errors)
+                self._launch(self._slots[self._next])
+                errors.extend(self._errors[n:])
+            for _, h in self._handles[waited:]:  # after a failure: settle them all
+                try:
+                    h.wait()
+                except BaseException as exc:
+                    errors.append(exc)
+            self._armed = False
+            self._handles = []
+        if errors:
+            fatal = [e for e in errors if isinstance(e, DaemonUnavailable)]
+            raise fatal[0] if fatal else errors[0]
+        return results
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Settle (and forget) the handles of an abandoned attempt, bounded by each op's
+        own deadline or ``timeout`` overall."""
+        with self._lock:
+            handles, self._handles = self._handles, []
+            self._armed = False
+        end = time.monotonic() + timeout
+        for _, h in handles:
+            with contextlib.suppress(Exception):
+                h.wait(max(0.0, end - time.monotonic()))
+
+    def close(self) -> None:
+        self.drain()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,539 @@
+"""Elastic data-parallel training with committed optimizer steps: :class:`Manager`.
+
+No ``torch.distributed`` process group: gradients, BatchNorm statistics and the state a
+newcomer receives all go through the local phalanx daemon, and a peer's death never
+takes the survivors down. One step::
+
+    s = mgr.begin_step()            # view installed, state received (a newcomer), and
+                                    # every member agreed on (job, view, step): opening op
+    x, y = batch(s.step)[s.shard()] # this member's part of the step's global batch
+    loss_fn(model(x), y).backward() # buckets all-reduced while backward runs
+    if mgr.commit():                # grads + buffers checked, vote, then optimizer.step(),
+        ...                         # scheduler.step(), update_state(step + 1)
+
+**The rule every member applies the same way.** An attempt counts only if the opening
+op, every gradient bucket and the buffer op ran in the view the step began in, among
+exactly its members (:mod:`~phalanx.torch.verdict`: the verdict is computed from the
+reduced bytes and ``OpResult.contributors``, which every member sees identically), and
+the group's commit vote says yes. Otherwise the attempt is dropped on every member
+(gradients discarded, BatchNorm statistics reverted, no vote cast: a "no" would settle
+the (epoch, step) round for good) and ``begin_step`` redoes the **same step** — same
+global batch, shards re-cut for the new view — so a step's gradient is always the mean
+over its whole global batch: ``sum_i (n_i / N) * grad_i`` with ``n_i`` the examples of
+member ``i``'s shard and ``N`` the global batch, whatever the world size.
+
+**Opt-in partial steps** (``partial=True``): when an attempt fails because members
+*left* (died, were evicted) after this member's backward, :meth:`commit` replays the
+survivors' gradients in the new view without a second forward/backward, weighted over
+the survivors' examples only (``sum_{i in S} n_i grad_i / sum_{i in S} n_i``): the dead
+members' examples are dropped from that step. Such commits are counted
+(``stats["partial_commits"]``) and logged, never silent.
+
+**Job identity.** The opening op also carries a hash of the job (``job=``, the state
+layout, the global batch, the codec, the buffer rule): a daemon of another job on the
+same coordinator makes every member raise :class:`~phalanx.torch.errors.JobMismatch`
+instead of averaging with it.
+
+This module must never apply an optimizer step that the group did not commit, nor let
+torch wrap a phalanx error (collectives are submitted in autograd hooks, waited for
+here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from phalanx.client import Client, OpResult
+from phalanx.errors import CommError, ConfigError, DaemonUnavailable
+from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
+from phalanx.torch.bufsync import BufferSync
+from phalanx.torch.errors import JobMismatch, StepTimeout
+from phalanx.torch.gradsync import GradSync
+from phalanx.torch.state import SectionTensor, TrainingState
+from phalanx.torch.verdict import SLOTS, Verdict, job_identity, judge, opening_slots
+
+__all__ = ["BUFFER_RULES", "Manager", "StepContext", "shard_slice"]
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("phalanx.audit.torch")
+
+BUFFER_RULES = ("average", "rank0")
+_RETRYABLE = (CommError, MembershipError, TimeoutError)
+
+
+def shard_slice(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``n`` items split over ``world`` members
+    (sizes differ by at most one, the larger parts first: ``numpy.array_split``)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """One attempt of a step, as :meth:`Manager.begin_step` opened it."""
+
+    step: int
+    epoch: int
+    members: tuple[str, ...]
+    rank: int
+    attempt: int  # 1 for the first attempt of this step on this member
+    synced: bool  # this begin_step installed the group's state (newcomer / diverged)
+    sync_bytes: int
+    global_batch: int | None
+
+    @property
+    def world(self) -> int:
+        return len(self.members)
+
+    def shard(self, n: int | None = None) -> slice:
+        """This member's slice of ``n`` items (default: the global batch)."""
+        total = self.global_batch if n is None else n
+        if total is None:
+            raise ConfigError("shard() needs n, or the manager's global_batch")
+        return shard_slice(total, self.rank, self.world)
+
+
+class _Attempt:
+    def __init__(self, ctx: StepContext, open_res: OpResult, weight: float, total: float):
+        self.ctx = ctx
+        self.open = open_res
+        self.weight = weight  # this member's share of the step's gradient
+        self.total = total  # the sum of the contributors' example counts
+        self.synced: bool | None = None  # gradients (and buffers) reduced and checked
+
+
+def _seed(base: int, step: int, rank: int) -> int:
+    d = hashlib.sha256(struct.pack("<qqq", base, step, rank)).digest()
+    return int.from_bytes(d[:4], "little")
+
+
+class Manager:
+    """Elastic DDP with committed optimizer steps (see the module docstring).
+
+    Args:
+        client: a :class:`phalanx.Client` (``phalanx.connect()`` or ``phalanx.start()``).
+        model: the ``torch.nn.Module``; its parameters and persistent buffers move into
+            memory the daemon shares (``param.data`` is rebound; keep using ``model``).
+        optimizer: any ``torch.optim`` optimizer over the model's parameters (state:
+            fixed-shape tensors plus plain values; no closure). Its ``zero_grad`` is
+            replaced by :meth:`zero_grad` so gradients stay in shared memory.
+        scheduler: an LR scheduler, stepped only on committed steps, synced to joiners.
+        user_state: a dict of plain values/tensors, **identical on every member** (data
+            loader position, epoch, seeds); a joiner receives it (updated in place).
+        global_batch: examples per step over the whole group; enables
+            :meth:`StepContext.shard` and exact example weighting. ``None``: every member
+            weighs ``1 / world``.
+        join: this process joins a running job: it receives the group's state at its
+            first ``begin_step`` before it contributes. Founders pass False.
+        start_step: the step the founders' state is at (resuming from a checkpoint).
+        job: a name for the job; part of the job identity checked at every step.
+        bucket_cap_mb: gradient bucket size; ``codec``: the gradients' all-reduce codec.
+        buffers: ``"average"`` (example-weighted mean over members at every commit) or
+            ``"rank0"`` (rank 0's values, what DDP broadcasts).
+        rng_seed: if given, torch/numpy/random are seeded at every attempt from
+            ``(rng_seed, step, rank)``: a redone step or a replacement draws the same
+            numbers, and no per-member RNG state has to travel.
+        partial: opt-in partial steps (see the module docstring).
+        timeout: seconds ``begin_step`` may take (retries included) before
+            :class:`~phalanx.torch.errors.StepTimeout`; ``op_timeout``: per collective.
+        meta_bytes: capacity of the plain-value blob (same on every member).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Any = None,
+        user_state: dict[str, Any] | None = None,
+        global_batch: int | None = None,
+        join: bool = False,
+        start_step: int = 0,
+        job: str = "",
+        bucket_cap_mb: float = 25.0,
+        codec: str = "none",
+        buffers: str = "average",
+        rng_seed: int | None = None,
+        partial: bool = False,
+        timeout: float = 120.0,
+        op_timeout: float = 30.0,
+        meta_bytes: int = 1 << 20,
+    ) -> None:
+        if buffers not in BUFFER_RULES:
+            raise ConfigError(f"buffers must be one of {', '.join(BUFFER_RULES)}")
+        if global_batch is not None and global_batch < 1:
+            raise ConfigError("global_batch must be >= 1")
+        if not timeout > 0 or not op_timeout > 0:
+            raise ConfigError("timeouts must be > 0")
+        if start_step < 0:
+            raise ConfigError("start_step must be >= 0")
+        self.client = client
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.global_batch = global_batch
+        self.buffers_rule = buffers
+        self.rng_seed = rng_seed
+        self.partial = partial
+        self.timeout = float(timeout)
+        self.op_timeout = float(op_timeout)
+        self.codec = codec
+        opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        named = list(model.named_parameters())
+        if not opt_params <= {id(p) for _, p in named}:
+            raise ConfigError("the optimizer holds tensors that are not the model's parameters")
+        params = [SectionTensor(n, p, _param_binder(p)) for n, p in named]
+        self._buffers = _persistent_buffers(model)
+        bufs = [SectionTensor(n, b, None) for n, b in self._buffers]
+        sched = {"lr": scheduler} if scheduler is not None else {}
+        self.state = TrainingState(
+            client, [("params", params), ("buffers", bufs)], optimizers={"opt": optimizer},
+            schedulers=sched, user_state=user_state, meta_bytes=meta_bytes,
+        )  # fmt: skip
+        self.grads = GradSync(
+            client, [p for _, p in named], cap_bytes=max(1, int(bucket_cap_mb * (1 << 20))),
+            codec=codec, timeout=op_timeout, keep_local=partial,
+        )  # fmt: skip
+        self.job = job_identity(
+            "ddp", job, self.state.layout.signature(), str(global_batch), codec, buffers,
+            str([(b.dtype, b.numel) for b in self.grads.plan]),
+        )  # fmt: skip
+        self._open = client.empty((SLOTS,), "float64")
+        self._bufsync = BufferSync(client, [b for _, b in self._buffers], timeout=op_timeout)
+        self._stash_buffers: list[torch.Tensor] | None = None
+        self._zero_grad_patched = True
+        optimizer.zero_grad = self.zero_grad  # type: ignore[method-assign]
+        self._attempt: _Attempt | None = None
+        self._loaded_epoch = -1
+        self._last_step = -1
+        self._tries = 0
+        self.stats: dict[str, Any] = {
+            "commits": 0, "attempts_failed": 0, "partial_commits": 0, "syncs": 0,
+            "sync_bytes": 0, "last_failure": "", "grad_bytes": 0, "foreign": 0,
+        }  # fmt: skip
+        self._step = -1 if join else start_step
+        got = self.client.attach_state(self.state.arrays(), step=None if join else start_step)
+        if join and got >= 0:
+            # the daemon still held this member's state (this training process was
+            # restarted): it is in the arrays now; install the plain values too
+            self.state.load()
+            self._step = got
+        audit.info(
+            "event=torch_attached member=%s join=%s step=%d state_bytes=%d buckets=%d job=%s",
+            client.member_id, join, self._step, self.state.nbytes, len(self.grads.plan),
+            self.job[:16],
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def step(self) -> int:
+        """The step the group's state is at: the next step to train (-1: a newcomer
+        that has not received the state yet)."""
+        return self._step
+
+    # ------------------------------------------------------------------ the step
+    def begin_step(self, *, timeout: float | None = None) -> StepContext:
+        """Open an attempt of the group's next step (see the module docstring).
+        Retries through view changes until ``timeout``; raises
+        :class:`~phalanx.torch.errors.JobMismatch` if another job is in the view,
+        ``DaemonUnavailable`` if the daemon is gone."""
+        self._abandon("begin_step called again before commit")
+        t = self.timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + t
+        last = ""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StepTimeout(self._step, t, last)
+            try:
+                att = self._open_attempt(min(left, self.op_timeout + 5.0), replay=False)
+            except _Retry as r:
+                last = r.why
+                self._note_failure(r.why)
+                time.sleep(r.pause)
+                continue
+            self._attempt = att
+            if self.rng_seed is not None:
+                s = _seed(self.rng_seed, att.ctx.step, att.ctx.rank)
+                torch.manual_seed(s)
+                np.random.seed(s)
+                random.seed(s)
+            self.grads.arm(att.weight)
+            return att.ctx
+
+    def _open_attempt(self, timeout: float, *, replay: bool) -> _Attempt:
+        c = self.client
+        try:
+            info = c.begin_step(timeout=timeout)
+        except DaemonUnavailable:
+            raise
+        except Evicted as exc:  # the daemon rejoins by itself; the state follows
+            raise _Retry(f"evicted: {exc}", 0.05) from exc
+        except _RETRYABLE as exc:
+            raise _Retry(f"begin_step: {type(exc).__name__}: {exc}", 0.02) from exc
+        synced = False
+        if info.synced and info.epoch != self._loaded_epoch:
+            self.state.load()
+            self._loaded_epoch = info.epoch
+            synced = True
+            self.stats["syncs"] += 1
+            self.stats["sync_bytes"] += info.sync_bytes
+            audit.info("event=torch_state_received member=%s epoch=%d step=%d bytes=%d",
+                       c.member_id, info.epoch, info.step, info.sync_bytes)  # fmt: skip
+        if info.step < 0:
+            raise _Retry("no member holds the group's state yet", 0.05)
+        if replay and info.step != self._step:
+            raise _Retry("the group moved on", 0.0)
+        self._step = info.step
+        me = c.member_id
+        if me not in info.members:
+            raise _Retry("this member is not in the view yet", 0.05)
+        rank = info.members.index(me)
+        world = len(info.members)
+        if replay:
+            assert self._attempt is not None
+            old = self._attempt.ctx
+            n_i = float(_count(old.shard())) if old.global_batch else 1.0
+        else:
+            gb = self.global_batch
+            n_i = float(_count(shard_slice(gb, rank, world))) if gb else 1.0
+        # a replay and a fresh attempt must not meet: the kind is part of the step fact
+        mode = "replay" if replay else "fresh"
+        self._open[:] = opening_slots(info.epoch, info.members, self.job, info.step, n_i, mode)
+        try:
+            res = c.all_reduce(self._open, "sum", timeout=self.op_timeout)
+        except DaemonUnavailable:
+            raise
+        except Evicted as exc:
+            raise _Retry(f"evicted: {exc}", 0.05) from exc
+        except _RETRYABLE as exc:
+            raise _Retry(f"opening op: {type(exc).__name__}: {exc}", 0.0) from exc
+        v = judge(self._open, res.epoch, res.contributors, info.step, mode)
+        if v.verdict is Verdict.FOREIGN:
+            self.stats["foreign"] += 1
+            raise JobMismatch(res.epoch, res.contributors, self.job)
+        if v.verdict is Verdict.RETRY:
+            raise _Retry(v.why, 0.0)
+        if not replay and self.global_batch is not None and v.weight != self.global_batch:
+            raise _Retry(f"shards cover {v.weight:.0f} of {self.global_batch} examples", 0.0)
+        if not v.weight > 0:
+            raise _Retry("no contributor has examples", 0.0)
+        attempt = 1 if info.step != self._last_step else self._tries + 1
+        self._last_step, self._tries = info.step, attempt
+        ctx = StepContext(info.step, res.epoch, res.contributors, rank, attempt, synced,
+                          info.sync_bytes if synced else 0, self.global_batch)  # fmt: skip
+        return _Attempt(ctx, res, n_i / v.weight, v.weight)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients over several backward passes (micro-batches) without
+        communicating; the buckets go out at :meth:`sync_gradients`."""
+        with self.grads.no_sync():
+            yield
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients in place (they stay in shared memory); what the
+        optimizer's ``zero_grad`` does under the manager. ``set_to_none`` is ignored."""
+        del set_to_none
+        self.grads.zero()
+
+    def sync_gradients(self) -> bool:
+        """Wait for every gradient bucket, average the buffers, check the attempt.
+        True: ``param.grad`` now holds the step's global gradient (clip it here if you
+        want); False: the attempt is dropped (call ``begin_step`` again).
+        :meth:`commit` calls it if you did not."""
+        att = self._attempt
+        if att is None:
+            raise ConfigError("sync_gradients() outside a step: call begin_step() first")
+        if att.synced is not None:
+            return att.synced
+        if self.partial:
+            self._stash_buffers = [b.detach().clone() for _, b in self._buffers]
+        why = ""
+        try:
+            results = self.grads.finish()
+            self.stats["grad_bytes"] += self.grads.nbytes
+            for r in results:
+                if r.epoch != att.open.epoch or r.contributors != att.open.contributors:
+                    why = f"a gradient bucket ran among {len(r.contributors)} in epoch {r.epoch}"
+                    break
+            if not why:
+                why = self._reduce_buffers(att)
+        except DaemonUnavailable:
+            raise
+        except (*_RETRYABLE, Evicted) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        att.synced = not why
+        if why:
+            self._note_failure(why)
+        return att.synced
+
+    def _reduce_buffers(self, att: _Attempt) -> str:
+        if not self._buffers:
+            return ""
+        if self.buffers_rule == "rank0":
+            w, total = (1 if att.ctx.rank == 0 else 0), 1
+        else:  # example counts (or 1 each): integral, so the weighted sum is exact
+            w, total = round(att.weight * att.total), round(att.total)
+        why, means = self._bufsync.reduce(w, total, att.open.epoch, att.open.contributors)
+        if not why:  # the live buffers: reverted from the state if the step is dropped
+            BufferSync.apply([b for _, b in self._buffers], means)
+        return why
+
+    def commit(self, apply: Callable[[], None] | None = None) -> bool:
+        """Finish the attempt: gradients (:meth:`sync_gradients`), the group's vote,
+        then — only if every member's answer is yes — ``optimizer.step()``,
+        ``scheduler.step()``, ``apply()`` (change ``user_state`` here), and the new
+        state is declared (``update_state(step + 1)``). False: nothing was applied;
+        call ``begin_step`` again (the same step is redone)."""
+        att = self._attempt
+        if att is None:
+            raise ConfigError("commit() outside a step: call begin_step() first")
+        ok = self.sync_gradients() and self._vote(att)
+        if not ok and self.partial and self._can_replay():
+            ok = self._replay()
+            att = self._attempt
+            assert att is not None
+        if not ok:
+            self._abandon("")
+            return False
+        with torch.no_grad():
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if apply is not None:
+            apply()
+        self.state.capture()
+        self.client.update_state(att.ctx.step + 1)
+        self._step = att.ctx.step + 1
+        self._attempt = None
+        self._stash_buffers = None
+        self.grads.forget_local()
+        self.stats["commits"] += 1
+        return True
+
+    def _vote(self, att: _Attempt) -> bool:
+        try:
+            ok = self.client.commit(att.ctx.step, True, timeout=self.op_timeout)
+        except DaemonUnavailable:
+            raise
+        except (*_RETRYABLE, CommitUnknown, Evicted) as exc:
+            # not applied here; should the others have applied it, this member's state
+            # now differs from theirs and is replaced (verified) at the next view change
+            self._note_failure(f"commit: {type(exc).__name__}")
+            return False
+        if not ok:
+            self._note_failure("not committed")
+        return ok
+
+    # ------------------------------------------------------------------ partial steps
+    def _can_replay(self) -> bool:
+        att = self._attempt
+        return (
+            att is not None and self._stash_buffers is not None
+            and att.ctx.global_batch is not None
+        )
+
+    def _replay(self) -> bool:
+        """Replay this member's gradients of the failed attempt in the next view,
+        weighted over the survivors' examples (opt-in ``partial``)."""
+        att = self._attempt
+        assert att is not None and self._stash_buffers is not None
+        sbuf = self._stash_buffers
+        self.grads.drain()
+        old_members = set(att.ctx.members)
+        try:
+            new = self._open_attempt(self.op_timeout, replay=True)
+        except (_Retry, JobMismatch):
+            return False
+        if not set(new.ctx.members) < old_members:
+            return False  # a newcomer, or nobody left: redo the step instead
+        new.synced = None
+        self._attempt = new
+        # the survivors' own gradients of the failed attempt, re-weighed over the
+        # survivors' examples
+        self.grads.arm(new.weight)
+        if not self.grads.restore_local():
+            return False
+        with torch.no_grad():
+            for (_, b), v in zip(self._buffers, sbuf, strict=True):
+                b.copy_(v)
+        self._stash_buffers = None
+        ok = self.sync_gradients() and self._vote(new)
+        if ok:
+            self.stats["partial_commits"] += 1
+            log.warning(
+                "event=partial_commit step=%d epoch=%d contributors=%d of %d examples=%.0f of %s",
+                new.ctx.step, new.ctx.epoch, new.ctx.world, len(old_members), new.total,
+                att.ctx.global_batch,
+            )  # fmt: skip
+        return ok
+
+    # ------------------------------------------------------------------ housekeeping
+    def _note_failure(self, why: str) -> None:
+        self.stats["attempts_failed"] += 1
+        self.stats["last_failure"] = why
+        log.info("event=attempt_failed member=%s step=%d why=%r",
+                 self.client.member_id, self._step, why)  # fmt: skip
+
+    def _abandon(self, why: str) -> None:
+        if self._attempt is None:
+            return
+        if why:
+            self._note_failure(why)
+        self.grads.drain()
+        self.state.revert()  # BatchNorm statistics of the dropped forward pass
+        self._attempt = None
+
+    def close(self) -> None:
+        """Remove the hooks and give the optimizer its own ``zero_grad`` back (the
+        client stays open: it is the caller's)."""
+        self._abandon("")
+        self.grads.close()
+        if self._zero_grad_patched:
+            with contextlib.suppress(AttributeError):
+                del self.optimizer.zero_grad
+            self._zero_grad_patched = False
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _count(sl: slice) -> int:
+    return int(sl.stop) - int(sl.start)
+
+
+class _Retry(Exception):
+    def __init__(self, why: str, pause: float) -> None:
+        super().__init__(why)
+        self.why = why
+        self.pause = pause
+
+
+def _param_binder(p: torch.nn.Parameter) -> Callable[[torch.Tensor], None]:
+    def bind(view: torch.Tensor) -> None:
+        p.data = view
+
+    return bind
+
+
+def _persistent_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers that are part of the model's state_dict, in state_dict order."""
+    keys = set(model.state_dict(keep_vars=True))
+    return [(n, b) for n, b in model.named_buffers() if n in keys and b is not None]

@@ -1,0 +1,315 @@
+"""``torch.distributed`` over phalanx: a ``ProcessGroup`` and the ``"phalanx"`` backend.
+
+Code written against ``torch.distributed`` (``dist.all_reduce``, ``broadcast``,
+``all_gather``, ``all_gather_into_tensor``, ``reduce_scatter_tensor``, ``barrier``, with
+``async_op`` or not) runs over the local phalanx daemon::
+
+    import phalanx, phalanx.torch
+    pg = phalanx.connect()
+    phalanx.torch.init_process_group(pg)        # registers backend "phalanx" and inits
+    dist.all_reduce(t)                          # over the daemon's current view
+
+or ``dist.init_process_group(backend="phalanx", store=dist.HashStore(), rank=0,
+world_size=1)`` after :func:`register_backend` (the daemon is found through
+``$PHALANX_SOCKET``; ``rank``/``world_size`` are placeholders: the view decides).
+
+**Rank and world size follow the view.** ``dist.get_rank()`` / ``get_world_size()``
+(``ProcessGroup.rank()`` / ``size()``) return this member's rank and the size of the
+daemon's *current* view (kept up to date by a view-change callback), so they change when
+a peer dies or joins; a collective runs over the view current when the daemon executes
+it. A collective that a view change interrupts raises phalanx's typed error
+(``ViewChanged``, a ``PeerFailure``; ``Work.wait()`` raises it too) unless the group was
+made with ``retry=True``, which reruns it in the next view (exact: the input was
+restored). Objects that read the rank or size once (``DistributedSampler``, DDP's
+reducer) keep what they read: use :class:`phalanx.torch.Manager` for training that
+must follow the view. Point-to-point ops, ``gather``, ``scatter``, ``all_to_all`` and
+``reduce`` raise ``UnsupportedError``; ops: SUM, AVG, MIN, MAX, PRODUCT.
+
+Investigated (torch 2.13): a Python subclass of ``torch.distributed.ProcessGroup``
+overriding ``allreduce``/``broadcast``/``allgather``/``all_gather_single``/
+``reduce_scatter_single``/``barrier``/``rank``/``size``/``getBackendName`` is called by
+``torch.distributed``'s functions, exceptions raised from them keep their class, and
+``Backend.register_backend(name, creator, devices=["cpu"])`` makes ``init_process_group``
+build it. This module must never hold the GIL while waiting on the daemon beyond the
+client's own calls.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from phalanx.client import Client, Handle, ViewInfo
+from phalanx.errors import ConfigError, UnsupportedError
+from phalanx.torch.state import shared_tensor
+
+__all__ = ["ProcessGroup", "init_process_group", "register_backend"]
+
+BACKEND = "phalanx"
+
+_OPS = {
+    dist.ReduceOp.SUM: "sum",
+    dist.ReduceOp.AVG: "avg",
+    dist.ReduceOp.MIN: "min",
+    dist.ReduceOp.MAX: "max",
+    dist.ReduceOp.PRODUCT: "prod",
+}
+
+
+def _op_name(op: Any) -> str:
+    for k, v in _OPS.items():
+        if op == k:
+            return v
+    raise UnsupportedError(f"reduce op {op} is not supported over phalanx")
+
+
+class _Work(dist._Work):  # type: ignore[misc,name-defined]
+    """Collectives in flight; :meth:`wait` raises phalanx's typed errors."""
+
+    def __init__(self, handles: Sequence[Handle], after: Callable[[], None] | None,
+                 result: list[torch.Tensor]) -> None:  # fmt: skip
+        super().__init__()
+        self._handles = list(handles)
+        self._after = after
+        self._result = result
+        self._done = False
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def _settle(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            try:
+                for h in self._handles:
+                    h.wait()
+                if self._after is not None:
+                    self._after()
+            except BaseException as exc:
+                self._error = exc
+            self._done = True
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        del timeout  # every phalanx op has its own deadline
+        self._settle()
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done or all(h.done() for h in self._handles)
+
+    def is_success(self) -> bool:
+        self._settle()
+        return self._error is None
+
+    def exception(self) -> BaseException | None:
+        self._settle()
+        return self._error
+
+    def result(self) -> list[torch.Tensor]:
+        self.wait()
+        return self._result
+
+    def get_future(self) -> torch.futures.Future[list[torch.Tensor]]:
+        fut: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
+        self._settle()
+        if self._error is not None:
+            fut.set_exception(self._error)  # type: ignore[arg-type]
+        else:
+            fut.set_result(self._result)
+        return fut
+
+
+class ProcessGroup(dist.ProcessGroup):
+    """A ``torch.distributed`` process group whose collectives run over ``client``'s
+    daemon (see the module docstring). ``retry``: rerun a collective that a view change
+    interrupted; ``timeout``: per collective (default the client's)."""
+
+    def __init__(self, client: Client, *, retry: bool = False,
+                 timeout: float | None = None) -> None:  # fmt: skip
+        v = client.view()
+        super().__init__(v.rank or 0, max(1, v.world))  # type: ignore[call-arg]
+        self.client = client
+        self.retry = retry
+        self.timeout = timeout
+        self._view: ViewInfo = v
+        client.on_view_change(self._on_view)
+
+    def _on_view(self, v: ViewInfo) -> None:
+        self._view = v
+
+    def _refresh(self) -> ViewInfo:
+        self._view = self.client.view()
+        return self._view
+
+    # -------------------------------------------------------------- identity
+    def rank(self) -> int:
+        r = self._view.rank
+        return -1 if r is None else r
+
+    def size(self) -> int:
+        return self._view.world
+
+    def getBackendName(self) -> str:  # torch's name
+        return BACKEND
+
+    def name(self) -> str:
+        return BACKEND
+
+    # -------------------------------------------------------------- helpers
+    def _kw(self) -> dict[str, Any]:
+        return {"async_op": True, "retry": self.retry, "timeout": self.timeout}
+
+    @staticmethod
+    def _cpu(tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            if t.device.type != "cpu":
+                raise UnsupportedError(
+                    "the phalanx backend takes CPU tensors (stage device tensors yourself, "
+                    "or use phalanx.torch.Manager)"
+                )
+
+    # -------------------------------------------------------------- collectives
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> _Work:  # type: ignore[override]
+        self._cpu(tensors)
+        op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        hs = [self.client.all_reduce(t, op, **self._kw()) for t in tensors]
+        return _Work(hs, None, tensors)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> _Work:  # type: ignore[override]
+        self._cpu(tensors)
+        root = int(opts.rootRank) if opts is not None else 0
+        hs = [self.client.broadcast(t, root, **self._kw()) for t in tensors]
+        return _Work(hs, None, tensors)
+
+    def barrier(self, opts: Any = None) -> _Work:
+        del opts
+        return _Work([self.client.barrier(**self._kw())], None, [])
+
+    def _gather_into(self, out: torch.Tensor, inp: torch.Tensor) -> _Work:
+        """all_gather of ``inp`` (one per member, rank order) into flat ``out``."""
+        self._cpu([out, inp])
+        world = self._refresh().world
+        n = inp.numel()
+        if out.numel() != n * world:
+            raise ConfigError(f"all_gather output holds {out.numel()} elements; the view "
+                              f"has {world} members x {n}")  # fmt: skip
+        buf = shared_tensor(self.client, n * world, inp.dtype)
+        r = self.rank()
+        buf[r * n : (r + 1) * n].copy_(inp.reshape(-1))
+        h = self.client.all_gather(buf, **self._kw())
+
+        def after() -> None:
+            out.reshape(-1).copy_(buf)
+
+        return _Work([h], after, [out])
+
+    def allgather(  # type: ignore[override]
+        self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
+        opts: Any = None,
+    ) -> _Work:
+        del opts
+        if len(input_tensors) != 1:
+            raise UnsupportedError("all_gather takes one input tensor per call over phalanx")
+        inp, outs = input_tensors[0], output_tensors[0]
+        flat = torch.empty(inp.numel() * len(outs), dtype=inp.dtype)
+        work = self._gather_into(flat, inp)
+        base_after = work._after
+        n = inp.numel()
+
+        def after() -> None:
+            if base_after is not None:
+                base_after()
+            for i, o in enumerate(outs):
+                o.copy_(flat[i * n : (i + 1) * n].view_as(o))
+
+        work._after = after
+        work._result = outs
+        return work
+
+    def _allgather_base(self, output: torch.Tensor, inp: torch.Tensor, opts: Any = None) -> _Work:
+        del opts
+        return self._gather_into(output, inp)
+
+    def all_gather_single(self, output: torch.Tensor, inp: torch.Tensor,
+                          opts: Any = None) -> _Work:  # fmt: skip
+        """``dist.all_gather_into_tensor`` / ``all_gather_single`` (torch 2.13)."""
+        del opts
+        return self._gather_into(output, inp)
+
+    def reduce_scatter_single(self, output: torch.Tensor, inp: torch.Tensor,
+                              opts: Any = None) -> _Work:  # fmt: skip
+        """``dist.reduce_scatter_tensor`` / ``reduce_scatter_single`` (torch 2.13)."""
+        return self._reduce_scatter_base(output, inp, opts)
+
+    def _reduce_scatter_base(self, output: torch.Tensor, inp: torch.Tensor,
+                             opts: Any = None) -> _Work:  # fmt: skip
+        self._cpu([output, inp])
+        op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
+        world = self._refresh().world
+        n = output.numel()
+        if inp.numel() != n * world:
+            raise ConfigError(f"reduce_scatter input holds {inp.numel()} elements; the view "
+                              f"has {world} members x {n}")  # fmt: skip
+        buf = shared_tensor(self.client, n * world, inp.dtype)
+        buf.copy_(inp.reshape(-1))
+        h = self.client.reduce_scatter(buf, op, **self._kw())
+        r = self.rank()
+
+        def after() -> None:
+            output.reshape(-1).copy_(buf[r * n : (r + 1) * n])
+
+        return _Work([h], after, [output])
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> _Work:
+        raise UnsupportedError("this collective is not available over phalanx (see "
+                               "phalanx.torch.process_group)")  # fmt: skip
+
+    send = recv = recv_anysource = gather = scatter = alltoall = alltoall_base = _unsupported
+    reduce = allreduce_coalesced = _unsupported
+
+
+_pending: list[tuple[Client, bool, float | None]] = []
+_registered = False
+_reg_lock = threading.Lock()
+
+
+def _create(store: Any, rank: int, size: int, timeout: Any) -> ProcessGroup:
+    del store, rank, size, timeout  # phalanx's view decides
+    if _pending:
+        client, retry, t = _pending.pop()
+        return ProcessGroup(client, retry=retry, timeout=t)
+    import phalanx
+
+    return ProcessGroup(phalanx.connect())
+
+
+def register_backend() -> None:
+    """Register ``backend="phalanx"`` with ``torch.distributed`` (idempotent)."""
+    global _registered
+    with _reg_lock:
+        if not _registered:
+            dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
+            _registered = True
+
+
+def init_process_group(client: Client, *, retry: bool = False,
+                       timeout: float | None = None) -> ProcessGroup:  # fmt: skip
+    """Make the default ``torch.distributed`` group a phalanx group over ``client``."""
+    register_backend()
+    _pending.append((client, retry, timeout))
+    try:
+        store = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group(BACKEND, store=store, rank=0, world_size=1)
+    finally:
+        _pending.clear()
+    pg = dist.distributed_c10d._get_default_group()
+    if not isinstance(pg, ProcessGroup):
+        raise ConfigError("torch.distributed did not build the phalanx group")
+    return pg

@@ -1,0 +1,135 @@
+"""phalanx.torch's Manager with one embedded daemon in the test process: the step
+protocol's local rules, quickly (no faults between processes here: see
+test_torch_faults.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import phalanx  # noqa: E402
+from phalanx.errors import DaemonUnavailable, PeerFailure  # noqa: E402
+from phalanx.torch import Manager, OptimizerWrapper, StateLayoutError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Any]:
+    client = phalanx.start()
+    yield client
+    client.close()
+
+
+def _net(seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 2))  # fmt: skip
+
+
+def _data(step: int) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(12, 4, generator=g), torch.randint(0, 2, (12,), generator=g)
+
+
+def test_alone_it_trains_exactly_like_plain_torch(pg: Any) -> None:
+    ref, net = _net(), _net()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, 2, 0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    mgr = Manager(pg, net, opt, scheduler=sched, global_batch=12)
+    try:
+        for step in range(5):
+            x, y = _data(step)
+            ref_opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x), y).backward()
+            ref_opt.step()
+            ref_sched.step()
+            s = mgr.begin_step()
+            assert (s.step, s.world, s.shard()) == (step, 1, slice(0, 12))
+            torch.nn.functional.cross_entropy(net(x[s.shard()]), y[s.shard()]).backward()
+            assert mgr.commit()
+        for a, b in zip(ref.state_dict().values(), net.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == 0.0025
+        assert mgr.step == 5 and mgr.stats["commits"] == 5
+    finally:
+        mgr.close()
+
+
+def test_a_failed_collective_drops_the_attempt_and_nothing_is_applied(pg: Any) -> None:
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    mgr = Manager(pg, net, opt, scheduler=sched, global_batch=12, bucket_cap_mb=0.0001)
+    real = pg.all_reduce
+    try:
+        x, y = _data(0)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+
+        def failing(*a: Any, **kw: Any) -> Any:
+            raise PeerFailure(op="all_reduce", seq=1, epoch=1, suspects=[], reason="timeout")
+
+        s = mgr.begin_step()
+        pg.all_reduce = failing  # every bucket's submission fails, inside backward
+        torch.nn.functional.cross_entropy(net(x), y).backward()  # no error crosses autograd
+        pg.all_reduce = real
+        assert not mgr.commit()
+        assert "PeerFailure" in mgr.stats["last_failure"]
+        # nothing applied: parameters, BatchNorm statistics, momentum, LR
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert not opt.state and opt.param_groups[0]["lr"] == 0.1
+        s2 = mgr.begin_step()
+        assert s2.step == s.step and s2.attempt == 2  # the same step, redone
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        assert mgr.commit() and mgr.step == 1 and opt.param_groups[0]["lr"] == 0.05
+        # a gone daemon is not transient: its typed error reaches the loop, not a RuntimeError
+        mgr.begin_step()
+
+        def gone(*a: Any, **kw: Any) -> Any:
+            raise DaemonUnavailable("the daemon died", socket=pg.socket)
+
+        pg.all_reduce = gone
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        with pytest.raises(DaemonUnavailable):
+            mgr.commit()
+    finally:
+        pg.all_reduce = real
+        mgr.close()
+
+
+def test_micro_batches_and_the_optimizer_wrapper(pg: Any) -> None:
+    one, acc = _net(), _net()
+    opt1 = torch.optim.SGD(one.parameters(), lr=0.1)
+    opt2 = torch.optim.SGD(acc.parameters(), lr=0.1)
+    m1 = Manager(pg, one, opt1, global_batch=12, job="one")
+    m1.close()  # (its state is replaced by the next manager's: one job per daemon)
+    m2 = Manager(pg, acc, opt2, global_batch=12, job="acc")
+    w = OptimizerWrapper(m2)
+    try:
+        x, y = _data(3)
+        opt1.zero_grad()
+        (torch.nn.functional.cross_entropy(one[0:1](x).sum(1, keepdim=True).repeat(1, 2), y)
+         ).backward()  # fmt: skip
+        w.zero_grad()
+        assert w.context.step == 0
+        with m2.no_sync():  # two micro-batches, one all-reduce
+            for half in (slice(0, 6), slice(6, 12)):
+                out = acc[0:1](x[half]).sum(1, keepdim=True).repeat(1, 2)
+                (torch.nn.functional.cross_entropy(out, y[half]) / 2).backward()
+        assert w.step()
+        opt1.step()
+        torch.testing.assert_close(acc[0].weight, one[0].weight, rtol=1e-5, atol=1e-6)
+        assert w.param_groups[0]["lr"] == 0.1  # the wrapped optimizer's
+    finally:
+        m2.close()
+
+
+def test_optimizers_that_need_a_closure_are_refused(pg: Any) -> None:
+    net = _net()
+    with pytest.raises(StateLayoutError):
+        Manager(pg, net, torch.optim.LBFGS(net.parameters()))
