@@ -91,8 +91,11 @@ def train(pg: Any, steps: int, join: bool, progress: Any, wait_for: int = 0) -> 
         if s.rank == 0:
             progress.value = s.step + 1
         if rep is not None and s.rank == 0:
-            print(f"step {rep.step:3d} outer sync among {len(rep.contributors)} "
-                  f"({rep.attempts} attempt(s)) loss {loss.item():.4f}", flush=True)
+            print(
+                f"step {rep.step:3d} outer sync among {len(rep.contributors)} "
+                f"({rep.attempts} attempt(s)) loss {loss.item():.4f}",
+                flush=True,
+            )
     h = hashlib.sha256()
     for t in model.state_dict().values():
         h.update(t.detach().contiguous().numpy().tobytes())
@@ -100,8 +103,16 @@ def train(pg: Any, steps: int, join: bool, progress: Any, wait_for: int = 0) -> 
     return h.hexdigest()
 
 
-def member(index: int, steps: int, join: bool, where: Any, results: Any, progress: Any,
-           wait_for: int, opts: dict[str, Any]) -> None:
+def member(
+    index: int,
+    steps: int,
+    join: bool,
+    where: Any,
+    results: Any,
+    progress: Any,
+    wait_for: int,
+    opts: dict[str, Any],
+) -> None:
     import phalanx
 
     for k, v in opts.items():
@@ -183,7 +194,9 @@ def main() -> int:
     if len(set(hashes.values())) != 1:
         print(f"FAILED: members hold different parameters: {hashes}", file=sys.stderr)
         return 1
-    print(f"OK: {len(hashes)} members hold bit-identical parameters {next(iter(hashes.values()))[:16]}")
+    print(
+        f"OK: {len(hashes)} members hold bit-identical parameters {next(iter(hashes.values()))[:16]}"
+    )
     return 0
 
 

@@ -88,8 +88,9 @@ def train(pg: Any, steps: int, join: bool, progress: Any, wait_for: int = 0) -> 
     return h.hexdigest()
 
 
-def member(index: int, steps: int, join: bool, where: Any, results: Any, progress: Any,
-           wait_for: int) -> None:
+def member(
+    index: int, steps: int, join: bool, where: Any, results: Any, progress: Any, wait_for: int
+) -> None:
     import phalanx
 
     if index == 0:
@@ -163,7 +164,9 @@ def main() -> int:
     if len(set(hashes.values())) != 1:
         print(f"FAILED: members hold different parameters: {hashes}", file=sys.stderr)
         return 1
-    print(f"OK: {len(hashes)} members hold bit-identical parameters {next(iter(hashes.values()))[:16]}")
+    print(
+        f"OK: {len(hashes)} members hold bit-identical parameters {next(iter(hashes.values()))[:16]}"
+    )
     return 0
 
 

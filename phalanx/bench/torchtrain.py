@@ -107,8 +107,11 @@ class TrainRun:
         while not until():
             if time.monotonic() > self.deadline:
                 raise DemoError(f"deadline passed waiting for {what}")
-            dead = [m for m in self.members.values()
-                    if not m.worker.killed and not m.worker.alive() and not self.finished(m)]
+            dead = [
+                m
+                for m in self.members.values()
+                if not m.worker.killed and not m.worker.alive() and not self.finished(m)
+            ]
             self.pump(0.02)  # (a process that just exited may still have lines in its pipe)
             for m in dead:
                 if not self.finished(m):
@@ -188,6 +191,7 @@ def _failover(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
             t_start = time.monotonic()
             new = r.start(args, fresh=True, expect=1)
             live = [*survivors, new]
+
             def started(m: _Member = new) -> bool:
                 return bool(r.commits(m))
 
@@ -208,6 +212,7 @@ def _failover(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
             }  # fmt: skip
             rows.append(row)
             emit(row)
+
             def steady(ms: list[_Member] = live, t0: float = first) -> bool:
                 return all(len([e for e in r.commits(m) if e["t"] > t0]) >= 10 for m in ms)
 

@@ -121,7 +121,9 @@ def _go(pg: Any, kind: str, step: int) -> None:
     os._exit(0)
 
 
-def _ddp(pg: Any, args: argparse.Namespace, deadline: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _ddp(
+    pg: Any, args: argparse.Namespace, deadline: float
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     from phalanx.torch import Manager, StepTimeout
 
     me = pg.member_id
@@ -165,7 +167,8 @@ def _ddp(pg: Any, args: argparse.Namespace, deadline: float) -> tuple[torch.nn.M
             if faults.get(kind) == s.step:  # the first layer's gradient comes last
                 first = next(model.parameters())
                 first.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
-                    lambda p, k=kind, st=s.step: _go(pg, k, st))
+                    lambda p, k=kind, st=s.step: _go(pg, k, st)
+                )
         loss.backward()  # type: ignore[no-untyped-call]
         if mgr.commit(apply=lambda: user.__setitem__("seen", user["seen"] + 64)):
             _emit("commit", member=me, step=s.step, epoch=s.epoch, world=s.world,
@@ -233,8 +236,7 @@ def _diloco(pg: Any, args: argparse.Namespace, deadline: float
         epoch, world = algo.epoch, len(algo.members)
         for kind in ("die-in-outer", "leave-in-outer"):
             if faults.get(kind) == s.step + 1:  # inside this outer sync, after the deltas
-                algo._bufsync.reduce = (
-                    lambda *a, k=kind, st=s.step + 1: _go(pg, k, st))
+                algo._bufsync.reduce = lambda *a, k=kind, st=s.step + 1: _go(pg, k, st)
         algo.end_step()
         # an inner step is "committed" locally at once; the outer syncs are reported apart
         _emit("commit", member=me, step=s.step, epoch=epoch, world=world,

@@ -62,7 +62,9 @@ class Mirror:
     """Device tensors and their host twins (views into shared state arrays)."""
 
     def __init__(
-        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], host_buffers: Sequence[torch.Tensor]
+        self,
+        pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        host_buffers: Sequence[torch.Tensor],
     ) -> None:
         self.pairs = [(d, h) for d, h in pairs if d.device.type != "cpu"]
         for buf in host_buffers:

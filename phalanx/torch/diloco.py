@@ -134,8 +134,7 @@ class DiLoCo:
         inner_optimizer: torch.optim.Optimizer,
         *,
         sync_every: int,
-        outer_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-        | None = None,
+        outer_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
         codec: str = "int8",
         fragments: int = 1,
         global_batch: int | None = None,

@@ -443,8 +443,7 @@ class Manager:
     def _can_replay(self) -> bool:
         att = self._attempt
         return (
-            att is not None and self._stash_buffers is not None
-            and att.ctx.global_batch is not None
+            att is not None and self._stash_buffers is not None and att.ctx.global_batch is not None
         )
 
     def _replay(self) -> bool:

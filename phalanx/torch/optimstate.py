@@ -116,13 +116,15 @@ class SharedOptimizerState:
                     if key not in want:
                         raise StateLayoutError(
                             f"optimizer state entry {key!r} appeared after the probe "
-                            "(its shape or presence changes during training)", str(i)
+                            "(its shape or presence changes during training)",
+                            str(i),
                         )
                     view = self.views[f"{i}/{key}"]
                     if v.shape != view.shape or v.dtype != view.dtype:
                         raise StateLayoutError(
                             f"optimizer state entry {key!r} changed to {tuple(v.shape)} "
-                            f"{v.dtype} (probed {tuple(view.shape)} {view.dtype})", str(i)
+                            f"{v.dtype} (probed {tuple(view.shape)} {view.dtype})",
+                            str(i),
                         )
                     if v.data_ptr() != view.data_ptr() or v.device != view.device:
                         with torch.no_grad():

@@ -211,7 +211,9 @@ class ProcessGroup(dist.ProcessGroup):
         return _Work([h], after, [out])
 
     def allgather(  # type: ignore[override]
-        self, output_tensors: list[list[torch.Tensor]], input_tensors: list[torch.Tensor],
+        self,
+        output_tensors: list[list[torch.Tensor]],
+        input_tensors: list[torch.Tensor],
         opts: Any = None,
     ) -> _Work:
         del opts

@@ -153,7 +153,8 @@ class TrainingState:
         self._mirror = None
         self._copies_on_device = any(
             it.rebind is None and it.tensor.device.type != "cpu"
-            for _, items in sections for it in items
+            for _, items in sections
+            for it in items
         )
         if mirrors:
             from phalanx.torch.cuda import Mirror

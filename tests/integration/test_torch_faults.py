@@ -49,16 +49,28 @@ def test_ddp_kill_and_leave_in_backward_and_a_frozen_member() -> None:
         # --hold-at: at step 32, wait (once) for a view of two, so that member 0 does not
         # finish alone while member 1 is frozen (a finished trainer's daemon no longer
         # takes part in anything: a late member could never line up with it)
-        base = ["--steps", str(steps), "--step-time", "0.02", "--bucket-cap-mb", "0.0005",
-                "--hold-at", "32", "--hold-world", "2"]
+        base = [
+            "--steps",
+            str(steps),
+            "--step-time",
+            "0.02",
+            "--bucket-cap-mb",
+            "0.0005",
+            "--hold-at",
+            "32",
+            "--hold-world",
+            "2",
+        ]
         m0 = r.start(base, fresh=False, expect=4)
         m1 = r.start(base, fresh=False, expect=4)
         m2 = r.start([*base, "--fault", "leave-in-backward@16"], fresh=False, expect=4)
         m3 = r.start([*base, "--fault", "die-in-backward@8"], fresh=False, expect=4)
         r.wait("the kill and the leave", lambda: bool(_events(r, "fault", m2))
                and bool(_events(r, "fault", m3)))  # fmt: skip
-        r.wait("a few steps in the world of two", lambda: any(
-            e["world"] == 2 and e["step"] >= 18 for e in _events(r, "commit", m0)))
+        r.wait(
+            "a few steps in the world of two",
+            lambda: any(e["world"] == 2 and e["step"] >= 18 for e in _events(r, "commit", m0)),
+        )
         # freeze member 1 (daemon and trainer) well past the 0.6 s heartbeat deadline
         for p in (m1.daemon, m1.worker):
             os.kill(p.pid, signal.SIGSTOP)
@@ -93,8 +105,18 @@ def test_diloco_kill_and_leave_during_the_outer_sync_then_a_join() -> None:
         r.cluster.start_coordinator(r.deadline)
         # --hold-at: the founders wait at step 22 for the replacement's daemon, so that
         # it enters at the sync of step 25 and trains the last round
-        base = ["--steps", str(steps), "--diloco", str(h), "--step-time", "0.01",
-                "--hold-at", "22", "--hold-world", "3"]
+        base = [
+            "--steps",
+            str(steps),
+            "--diloco",
+            str(h),
+            "--step-time",
+            "0.01",
+            "--hold-at",
+            "22",
+            "--hold-world",
+            "3",
+        ]
         m0 = r.start(base, fresh=False, expect=4)
         m1 = r.start(base, fresh=False, expect=4)
         m2 = r.start([*base, "--fault", "leave-in-outer@20"], fresh=False, expect=4)

@@ -101,8 +101,10 @@ def _rank(ctx: RankContext, secret: bytes) -> dict[str, Any]:
         opt2 = torch.optim.SGD(again.parameters(), lr=0.1, momentum=0.9)
         mgr2 = pt.Manager(pg2, again, opt2, global_batch=64, join=True)
         assert mgr2.step == _STEPS
-        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
-                                                      ela.state_dict().values(), strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(again.state_dict().values(), ela.state_dict().values(), strict=True)
+        )
         assert _sha(opt2.state_dict()) == _sha(opt.state_dict())
         mgr2.close()
         pg2.close()
@@ -195,7 +197,8 @@ def _rank(ctx: RankContext, secret: bytes) -> dict[str, Any]:
             if ctx.rank == 1 and s.step == 2:
                 first = next(part_model.parameters())
                 first.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
-                    lambda p: pg.close())
+                    lambda p: pg.close()
+                )
             loss = torch.nn.functional.cross_entropy(part_model(rows(x, idx)), rows(y, idx))
             loss.backward()
             if ctx.rank == 1 and s.step == 2:

@@ -68,13 +68,18 @@ def test_shards_cover_the_batch_once() -> None:
             parts = [shard_slice(n, r, world) for r in range(world)]
             covered = [i for p in parts for i in range(n)[p]]
             assert covered == list(range(n))
-            assert parts == [slice(int(c[0]), int(c[-1]) + 1) if len(c) else parts[i]
-                             for i, c in enumerate(np.array_split(np.arange(n), world))]
+            assert parts == [
+                slice(int(c[0]), int(c[-1]) + 1) if len(c) else parts[i]
+                for i, c in enumerate(np.array_split(np.arange(n), world))
+            ]
 
 
 def test_layout_is_aligned_and_signed() -> None:
-    specs = [TensorSpec("w", "float32", (3, 5)), TensorSpec("b", "float32", (5,)),
-             TensorSpec("n", "int64", ())]
+    specs = [
+        TensorSpec("w", "float32", (3, 5)),
+        TensorSpec("b", "float32", (5,)),
+        TensorSpec("n", "int64", ()),
+    ]
     lay = plan_layout([("params", specs[:2]), ("buffers", specs[2:])])
     w, b = lay.slots("params")
     assert (w.offset, b.offset) == (0, 16)  # 15 floats, then the next 64-byte boundary
@@ -88,8 +93,13 @@ def test_layout_is_aligned_and_signed() -> None:
 
 
 def test_bucket_plan() -> None:
-    params = [(0, "float32", 1000), (1, "float32", 10), (2, "float64", 50),
-              (3, "float32", 3000), (4, "float32", 20)]
+    params = [
+        (0, "float32", 1000),
+        (1, "float32", 10),
+        (2, "float64", 50),
+        (3, "float32", 3000),
+        (4, "float32", 20),
+    ]
     plan = plan_buckets(params, cap_bytes=4 * 1100)
     # last parameter first; dtypes never share a bucket; the 3000-float param alone
     assert [b.params for b in plan] == [(4,), (3,), (2,), (1, 0)]
@@ -111,8 +121,10 @@ def _model() -> Any:
     [
         (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), {"momentum_buffer"}),
         (lambda ps: torch.optim.Adam(ps, lr=0.1), {"step", "exp_avg", "exp_avg_sq"}),
-        (lambda ps: torch.optim.AdamW(ps, lr=0.1, amsgrad=True),
-         {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+        (
+            lambda ps: torch.optim.AdamW(ps, lr=0.1, amsgrad=True),
+            {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+        ),
     ],
 )
 def test_probe_finds_the_state_without_touching_the_optimizer(make, keys) -> None:  # type: ignore[no-untyped-def]

@@ -50,16 +50,32 @@ def _tree() -> dict[str, Any]:
         "optim": opt.state_dict(),  # int keys, tuples, 0-d step tensors, plain values
         "dtypes": {
             str(dt): (torch.randn(2, 3, generator=g) * 10).to(dt)
-            for dt in (torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64,
-                       torch.uint8, torch.bool, torch.complex64)
+            for dt in (
+                torch.float16,
+                torch.bfloat16,
+                torch.float64,
+                torch.int8,
+                torch.int64,
+                torch.uint8,
+                torch.bool,
+                torch.complex64,
+            )
         },
         "odd": [torch.empty(0, 5), torch.tensor(3.5), torch.arange(12.0).reshape(3, 4).t()],
         "param": torch.nn.Parameter(torch.ones(2), requires_grad=False),
         "np": np.arange(6, dtype=np.int16).reshape(2, 3),
         "plain": {
-            1: None, (1, "a"): True, 2.5: "x", "big": 2**70, "neg": -(2**63),
-            "nan": float("nan"), "inf": -math.inf, "bytes": b"\x00\xff",
-            "dtype": torch.float32, "size": torch.Size([2, 3]), "tuple": (1, [2, (3,)]),
+            1: None,
+            (1, "a"): True,
+            2.5: "x",
+            "big": 2**70,
+            "neg": -(2**63),
+            "nan": float("nan"),
+            "inf": -math.inf,
+            "bytes": b"\x00\xff",
+            "dtype": torch.float32,
+            "size": torch.Size([2, 3]),
+            "tuple": (1, [2, (3,)]),
         },
     }
 
