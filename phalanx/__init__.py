@@ -7,6 +7,7 @@ commit votes, state sync and snapshots (``snapshot``/``restore``/``restore_peer`
 layer shares in :mod:`phalanx.ops`, the error hierarchy in :mod:`phalanx.errors`.
 """
 
+from phalanx._parent import from_env as _die_with_parent_from_env
 from phalanx.client import (
     Client,
     Handle,
@@ -79,3 +80,5 @@ __all__ = [
     "connect",
     "start",
 ]
+
+_die_with_parent_from_env()  # a harness's child: die with its parent (phalanx/_parent.py)

@@ -298,7 +298,7 @@ def _env_names(cls: type, prefix: str) -> set[str]:
 
 
 #: PHALANX_* variables that belong to other tools, not to the daemon's config
-_FOREIGN_ENV = frozenset({"PHALANX_LOG_LEVEL", "PHALANX_SOCKET_DIR"})
+_FOREIGN_ENV = frozenset({"PHALANX_LOG_LEVEL", "PHALANX_SOCKET_DIR", "PHALANX_PARENT_PID"})
 
 
 def load_config(

@@ -207,7 +207,8 @@ class _DaemonBackend:
         import subprocess
 
         import phalanx
-        from phalanx.testing.launcher import die_with_parent, phalanx_argv
+        from phalanx._parent import child_env
+        from phalanx.testing.launcher import phalanx_argv
 
         sock = os.path.join(spec.workdir, f"d{ctx.rank}.sock")
         cmd = phalanx_argv("daemon", "--coordinator", spec.coordinator, "--secret-file",
@@ -215,9 +216,7 @@ class _DaemonBackend:
                            f"bench-{ctx.rank}", "--metrics-port", "-1",
                            log_level=spec.log_level)  # fmt: skip
         env = {**os.environ, "PHALANX_COMM_STREAMS": str(spec.streams)}
-        self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent
-        )
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=child_env(env))
         self.helper_pids: tuple[int, ...] = (self._proc.pid,)
         deadline = time.monotonic() + spec.timeout_s
         while True:

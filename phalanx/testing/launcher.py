@@ -4,9 +4,10 @@ Tests (through the fixtures in tests/conftest.py), ``phalanx stress``, ``phalanx
 and the benchmarks start the same processes; this module is the one place that knows
 how, and the one place that makes children die with their parent.
 
-* :func:`die_with_parent` -- ``PR_SET_PDEATHSIG`` (SIGKILL): pass it as ``preexec_fn``
-  to ``subprocess.Popen``, or call it first thing in a multiprocessing child. A
-  SIGKILLed parent then leaves nothing behind.
+* :func:`die_with_parent` -- ``PR_SET_PDEATHSIG`` (SIGKILL), called first thing in a
+  multiprocessing child; processes this launcher starts get it through
+  ``PHALANX_PARENT_PID`` (:mod:`phalanx._parent`: never a ``preexec_fn``, which runs
+  Python in a forked copy of a gRPC process). A SIGKILLed parent leaves nothing behind.
 * :class:`Launcher` -- a private directory (the generated cluster secret, 0600; the
   daemons' Unix sockets; every process's ``.out``/``.err`` files) and the processes
   started in it: ``phalanx coordinator``, ``phalanx daemon``, any command (a training
@@ -26,7 +27,6 @@ without a deadline.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -39,6 +39,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
+
+from phalanx._parent import child_env, die_with_parent
 
 if TYPE_CHECKING:
     from phalanx.membership.config import MembershipConfig
@@ -54,7 +56,6 @@ __all__ = [
     "phalanx_argv",
 ]
 
-_PR_SET_PDEATHSIG = 1
 DAEMON_READY = r"phalanx daemon ready(.*)$"
 COORDINATOR_READY = r"listening on (\S+)"
 _ORDER = ("worker", "daemon", "coordinator")  # the order close() stops them in
@@ -62,18 +63,6 @@ _ORDER = ("worker", "daemon", "coordinator")  # the order close() stops them in
 
 class LaunchError(RuntimeError):
     """A process did not start (it exited first, or missed its deadline)."""
-
-
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (best effort elsewhere).
-
-    Runs in the child: as ``preexec_fn`` between fork and exec, or first thing in a
-    multiprocessing child. ``parent_pid``: exit at once if the parent already died
-    before the request took effect (then this process has another parent)."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: rely on pipe EOF
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def phalanx_argv(*args: str, log_level: str | None = None) -> list[str]:
@@ -205,7 +194,7 @@ class Launcher:
             )
             popen = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
-                env=env if env is not None else self.env, preexec_fn=die_with_parent,
+                env=child_env(env if env is not None else self.env),
             )  # fmt: skip
         proc = Proc(name, kind, popen, out, err)
         self.procs.append(proc)
