@@ -65,9 +65,9 @@ from phalanx.torch.errors import JobMismatch, StepTimeout
 from phalanx.torch.layout import TensorSpec, plan_layout
 from phalanx.torch.manager import StepContext, shard_slice
 from phalanx.torch.state import SectionTensor, TrainingState, shared_tensor
-from phalanx.torch.verdict import SLOTS, Verdict, job_identity, judge, opening_slots
+from phalanx.torch.verdict import SLOTS, AttemptVerdict, job_identity, judge, opening_slots
 
-__all__ = ["DiLoCo", "LocalSGD", "SyncReport", "fragment_plan"]
+__all__ = ["DiLoCo", "LocalSGD", "OuterSyncReport", "fragment_plan"]
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.torch")
@@ -88,7 +88,7 @@ def fragment_plan(sizes: Sequence[int], fragments: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class SyncReport:
+class OuterSyncReport:
     """One committed outer sync: its step, fragment, contributors and their weights'
     sum, attempts it took, bytes of pseudo-gradient handed to the daemon."""
 
@@ -211,7 +211,7 @@ class DiLoCo:
             "syncs": 0, "attempts_failed": 0, "short_rounds": 0, "state_syncs": 0,
             "sync_bytes": 0, "delta_bytes": 0, "inner_steps": 0, "last_failure": "",
         }  # fmt: skip
-        self.reports: list[SyncReport] = []
+        self.reports: list[OuterSyncReport] = []
         self._t = start_step  # the next inner step this member runs
         self._joined = not join  # has the group's state (founders: their own)
         self._round_members: tuple[str, ...] = ()
@@ -246,7 +246,7 @@ class DiLoCo:
         return StepContext(self._t, -1, self._round_members, self._rank, 1, False, 0,
                            self.global_batch)  # fmt: skip
 
-    def end_step(self, *, timeout: float | None = None) -> SyncReport | None:
+    def end_step(self, *, timeout: float | None = None) -> OuterSyncReport | None:
         """Count one inner step (call it after ``inner_optimizer.step()``); at a sync
         step run the outer sync and return its report."""
         self._t += 1
@@ -257,7 +257,7 @@ class DiLoCo:
         return self._sync(timeout)
 
     # ------------------------------------------------------------------ a sync point
-    def _sync(self, timeout: float | None) -> SyncReport | None:
+    def _sync(self, timeout: float | None) -> OuterSyncReport | None:
         t = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + t
         last = ""
@@ -279,7 +279,7 @@ class DiLoCo:
                 continue
             return rep
 
-    def _attempt(self, deadline: float, attempts: int, t0: float) -> SyncReport | None:
+    def _attempt(self, deadline: float, attempts: int, t0: float) -> OuterSyncReport | None:
         c = self.client
         left = max(0.1, deadline - time.monotonic())
         try:
@@ -309,9 +309,9 @@ class DiLoCo:
         except _RETRYABLE as exc:
             raise _Again(f"opening op: {type(exc).__name__}", 0.0) from exc
         v = judge(self._open, res.epoch, res.contributors, info.step)
-        if v.verdict is Verdict.FOREIGN:
+        if v.verdict is AttemptVerdict.FOREIGN:
             raise JobMismatch(res.epoch, res.contributors, self.job)
-        if v.verdict is Verdict.RETRY:
+        if v.verdict is AttemptVerdict.RETRY:
             raise _Again(f"{v.why} (state step {info.step}, weight {w})", 0.0)
         W = v.weight
         members = res.contributors
@@ -378,7 +378,7 @@ class DiLoCo:
             log.warning("event=short_round step=%d lost=%s", new_step,
                         ",".join(sorted(set(round_members) - set(members))))  # fmt: skip
         self.stats["syncs"] += 1
-        rep = SyncReport(new_step, frag, res.epoch, members, W,
+        rep = OuterSyncReport(new_step, frag, res.epoch, members, W,
                          attempts, nbytes, time.monotonic() - t0, w, round_members)  # fmt: skip
         self.reports.append(rep)
         audit.info("event=outer_sync step=%d fragment=%d epoch=%d contributors=%d weight=%.0f "

@@ -2,13 +2,13 @@
 
 Pure bookkeeping (no torch, no memory): :func:`plan_layout` takes named tensor specs
 grouped by section (``params``, ``buffers``, ``optim``, ...) and returns a
-:class:`Layout`: one flat buffer per (section, dtype), each tensor a contiguous slice
+:class:`StateLayout`: one flat buffer per (section, dtype), each tensor a contiguous slice
 of it, 64-byte aligned. Every member computes the same layout from the same model and
 optimizer, so the state phalanx keeps in sync is a handful of big named arrays (a fast
 transfer, one hash each) instead of hundreds of small ones, and a newcomer can
 allocate exactly the arrays the group's state has before it receives it.
 
-:meth:`Layout.signature` is part of the job identity: two processes whose layouts
+:meth:`StateLayout.signature` is part of the job identity: two processes whose layouts
 differ are not the same job. This module must never allocate or touch a tensor.
 """
 
@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Layout", "Slot", "TensorSpec", "plan_layout"]
+__all__ = ["Slot", "StateLayout", "TensorSpec", "plan_layout"]
 
 _ALIGN_BYTES = 64
 
@@ -61,7 +61,7 @@ class Slot:
 
 
 @dataclass(frozen=True)
-class Layout:
+class StateLayout:
     """Flat buffers (name -> (dtype, elements)) and each section's slots, in order."""
 
     buffers: dict[str, tuple[str, int]]
@@ -91,7 +91,7 @@ def buffer_name(section: str, dtype: str) -> str:
     return f"{section}.{dtype}"
 
 
-def plan_layout(sections: Iterable[tuple[str, Sequence[TensorSpec]]]) -> Layout:
+def plan_layout(sections: Iterable[tuple[str, Sequence[TensorSpec]]]) -> StateLayout:
     """Place every spec of every section: buffer ``section.dtype``, specs in the order
     given, each start aligned to 64 bytes."""
     buffers: dict[str, tuple[str, int]] = {}
@@ -114,4 +114,4 @@ def plan_layout(sections: Iterable[tuple[str, Sequence[TensorSpec]]]) -> Layout:
             slots.append(Slot(spec, name, start))
             buffers[name] = (dt, start + spec.numel)
         out[section] = tuple(slots)
-    return Layout(buffers, out)
+    return StateLayout(buffers, out)

@@ -61,7 +61,7 @@ from phalanx.torch.bufsync import BufferSync
 from phalanx.torch.errors import JobMismatch, StepTimeout
 from phalanx.torch.gradsync import GradSync
 from phalanx.torch.state import SectionTensor, TrainingState
-from phalanx.torch.verdict import SLOTS, Verdict, job_identity, judge, opening_slots
+from phalanx.torch.verdict import SLOTS, AttemptVerdict, job_identity, judge, opening_slots
 
 __all__ = ["BUFFER_RULES", "Manager", "StepContext", "shard_slice"]
 
@@ -322,10 +322,10 @@ class Manager:
         except _RETRYABLE as exc:
             raise _Retry(f"opening op: {type(exc).__name__}: {exc}", 0.0) from exc
         v = judge(self._open, res.epoch, res.contributors, info.step, mode)
-        if v.verdict is Verdict.FOREIGN:
+        if v.verdict is AttemptVerdict.FOREIGN:
             self.stats["foreign"] += 1
             raise JobMismatch(res.epoch, res.contributors, self.job)
-        if v.verdict is Verdict.RETRY:
+        if v.verdict is AttemptVerdict.RETRY:
             raise _Retry(v.why, 0.0)
         if not replay and self.global_batch is not None and v.weight != self.global_batch:
             raise _Retry(f"shards cover {v.weight:.0f} of {self.global_batch} examples", 0.0)

@@ -39,7 +39,7 @@ import torch
 from phalanx.client import Client
 from phalanx.torch import treecodec
 from phalanx.torch.errors import StateLayoutError
-from phalanx.torch.layout import Layout, TensorSpec, plan_layout
+from phalanx.torch.layout import StateLayout, TensorSpec, plan_layout
 from phalanx.torch.optimstate import SharedOptimizerState, probe
 
 __all__ = ["META", "SectionTensor", "TrainingState", "shared_tensor"]
@@ -114,7 +114,7 @@ class TrainingState:
         probes = {name: probe(opt) for name, opt in self.optimizers.items()}
         for name, ps in probes.items():
             specs.append((f"optim-{name}", ps))
-        self.layout: Layout = plan_layout(specs)
+        self.layout: StateLayout = plan_layout(specs)
         self.flat: dict[str, torch.Tensor] = {}
         for bname, (dt, n) in self.layout.buffers.items():
             self.flat[bname] = shared_tensor(client, n, _TORCH_DTYPES[dt])

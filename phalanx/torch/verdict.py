@@ -18,7 +18,7 @@ member decided not to cast:
   members, and the comparison runs on Python ints);
 * the common view hash must equal the hash of the view the op *ran* in (epoch and
   contributors from the ``OpResult``): everyone began the step in that very view;
-* a job hash that differs is not a transient: :data:`Verdict.FOREIGN` (someone else's
+* a job hash that differs is not a transient: :data:`AttemptVerdict.FOREIGN` (someone else's
   job is in the view), the manager raises :class:`~phalanx.torch.errors.JobMismatch`.
 
 This module must never read a clock or anything but its arguments.
@@ -37,8 +37,8 @@ import numpy as np
 __all__ = [
     "HASHES",
     "SLOTS",
+    "AttemptVerdict",
     "Opening",
-    "Verdict",
     "hashes",
     "job_identity",
     "judge",
@@ -52,7 +52,7 @@ _FACTS = ("view", "job", "step")
 SLOTS = 2 + 2 * HASHES * len(_FACTS)
 
 
-class Verdict(enum.Enum):
+class AttemptVerdict(enum.Enum):
     OK = "ok"  # every contributor began this step in the view the op ran in
     RETRY = "retry"  # they did not all agree (a view change got in between): redo
     FOREIGN = "foreign"  # a contributor runs another job: nothing may be committed
@@ -62,7 +62,7 @@ class Verdict(enum.Enum):
 class Opening:
     """The opening op's outcome as every member sees it."""
 
-    verdict: Verdict
+    verdict: AttemptVerdict
     world: int  # contributors
     weight: float  # the sum of the contributors' weights
     why: str = ""
@@ -120,7 +120,9 @@ def judge(
     its reduced slots (the same on every member)."""
     n = len(contributors)
     if reduced.shape != (SLOTS,) or float(reduced[0]) != n:
-        return Opening(Verdict.RETRY, n, 0.0, f"{reduced[0]:.0f} slots summed by {n} contributors")
+        return Opening(
+            AttemptVerdict.RETRY, n, 0.0, f"{reduced[0]:.0f} slots summed by {n} contributors"
+        )
     weight = float(reduced[1])
     pos = 2
     common: dict[str, tuple[int, ...]] = {}
@@ -131,15 +133,19 @@ def judge(
             pos += 2
             if not _all_equal(n, s1, s2):
                 if fact == "job":
-                    return Opening(Verdict.FOREIGN, n, weight, "contributors run different jobs")
-                return Opening(Verdict.RETRY, n, weight, f"contributors assumed different {fact}s")
+                    return Opening(
+                        AttemptVerdict.FOREIGN, n, weight, "contributors run different jobs"
+                    )
+                return Opening(
+                    AttemptVerdict.RETRY, n, weight, f"contributors assumed different {fact}s"
+                )
             vals.append(int(s1) // n)
         common[fact] = tuple(vals)
     if common["view"] != view_hashes(epoch, contributors):
         return Opening(
-            Verdict.RETRY, n, weight,
+            AttemptVerdict.RETRY, n, weight,
             f"the op ran in epoch {epoch} among {n}, not in the view the step began in",
         )  # fmt: skip
     if common["step"] != step_hashes(step, tag):
-        return Opening(Verdict.RETRY, n, weight, "contributors are at another step")
-    return Opening(Verdict.OK, n, weight)
+        return Opening(AttemptVerdict.RETRY, n, weight, "contributors are at another step")
+    return Opening(AttemptVerdict.OK, n, weight)

@@ -32,6 +32,8 @@ def _sample(param: inspect.Parameter, hint: Any, i: int) -> Any:
         return (3 + i, 1)
     if hint is int or text in ("int", "int | None"):
         return 40 + i
+    if hint is float or text == "float":
+        return 1.5 + i
     if hint is str or text == "str":
         return f"{param.name}-{i}"
     if param.name == "key":  # a shard key: does not travel (its default comes back)

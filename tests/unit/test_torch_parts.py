@@ -16,7 +16,7 @@ from phalanx.torch.errors import StateLayoutError  # noqa: E402
 from phalanx.torch.layout import TensorSpec, plan_layout  # noqa: E402
 from phalanx.torch.manager import shard_slice  # noqa: E402
 from phalanx.torch.optimstate import SharedOptimizerState, probe  # noqa: E402
-from phalanx.torch.verdict import SLOTS, Verdict, judge, opening_slots  # noqa: E402
+from phalanx.torch.verdict import SLOTS, AttemptVerdict, judge, opening_slots  # noqa: E402
 
 MEMBERS = ("a", "b", "c")
 
@@ -31,18 +31,23 @@ def _reduce(rows: list[np.ndarray]) -> np.ndarray:
 def test_verdict_agreement() -> None:
     rows = [opening_slots(7, MEMBERS, "job", 12, w) for w in (22, 21, 21)]
     v = judge(_reduce(rows), 7, MEMBERS, 12)
-    assert v.verdict is Verdict.OK and v.world == 3 and v.weight == 64
+    assert v.verdict is AttemptVerdict.OK and v.world == 3 and v.weight == 64
 
 
 @pytest.mark.parametrize(
     ("odd", "expect"),
     [
-        (opening_slots(6, MEMBERS[:2], "job", 12, 1), Verdict.RETRY),  # began in another view
-        (opening_slots(7, MEMBERS, "job", 13, 1), Verdict.RETRY),  # at another step
-        (opening_slots(7, MEMBERS, "other-job", 12, 1), Verdict.FOREIGN),  # another job
+        (
+            opening_slots(6, MEMBERS[:2], "job", 12, 1),
+            AttemptVerdict.RETRY,
+        ),  # began in another view
+        (opening_slots(7, MEMBERS, "job", 13, 1), AttemptVerdict.RETRY),  # at another step
+        (opening_slots(7, MEMBERS, "other-job", 12, 1), AttemptVerdict.FOREIGN),  # another job
     ],
 )
-def test_one_member_that_disagrees_is_seen_by_everyone(odd: np.ndarray, expect: Verdict) -> None:
+def test_one_member_that_disagrees_is_seen_by_everyone(
+    odd: np.ndarray, expect: AttemptVerdict
+) -> None:
     rows = [opening_slots(7, MEMBERS, "job", 12, 1) for _ in range(2)] + [odd]
     assert judge(_reduce(rows), 7, MEMBERS, 12).verdict is expect
 
@@ -50,16 +55,16 @@ def test_one_member_that_disagrees_is_seen_by_everyone(odd: np.ndarray, expect: 
 def test_an_op_in_another_view_than_everyone_assumed_does_not_count() -> None:
     # every contributor assumed view 7 of (a, b) but the op ran in view 8 among (a, b, c)
     rows = [opening_slots(7, MEMBERS[:2], "job", 3, 1) for _ in range(3)]
-    assert judge(_reduce(rows), 8, MEMBERS, 3).verdict is Verdict.RETRY
-    assert judge(_reduce(rows[:2]), 7, MEMBERS[:2], 3).verdict is Verdict.OK
+    assert judge(_reduce(rows), 8, MEMBERS, 3).verdict is AttemptVerdict.RETRY
+    assert judge(_reduce(rows[:2]), 7, MEMBERS[:2], 3).verdict is AttemptVerdict.OK
 
 
 def test_large_worlds_stay_exact() -> None:
     members = tuple(f"m{i}" for i in range(1500))
     rows = [opening_slots(2**40, members, "j", 10**9, 1) for _ in range(1500)]
-    assert judge(_reduce(rows), 2**40, members, 10**9).verdict is Verdict.OK
+    assert judge(_reduce(rows), 2**40, members, 10**9).verdict is AttemptVerdict.OK
     rows[-1] = opening_slots(2**40, members, "j", 10**9 + 1, 1)
-    assert judge(_reduce(rows), 2**40, members, 10**9).verdict is Verdict.RETRY
+    assert judge(_reduce(rows), 2**40, members, 10**9).verdict is AttemptVerdict.RETRY
 
 
 def test_shards_cover_the_batch_once() -> None:
@@ -168,4 +173,4 @@ def test_a_replay_meeting_a_fresh_attempt_is_a_retry_not_a_foreign_job() -> None
     rows = [opening_slots(7, MEMBERS, "job", 12, 1, "replay") for _ in range(2)]
     rows.append(opening_slots(7, MEMBERS, "job", 12, 1, "fresh"))
     for tag in ("replay", "fresh"):
-        assert judge(_reduce(rows), 7, MEMBERS, 12, tag).verdict is Verdict.RETRY
+        assert judge(_reduce(rows), 7, MEMBERS, 12, tag).verdict is AttemptVerdict.RETRY
