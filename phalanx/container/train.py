@@ -57,11 +57,20 @@ from typing import Any
 
 import numpy as np
 
-from phalanx.demo.model import Problem, batch_indices, grad_sum, init_params, make_dataset, shard
+from phalanx.demo.model import (
+    Problem,
+    batch_indices,
+    check_slots,
+    grad_sum,
+    init_params,
+    make_dataset,
+    shard,
+    verdict,
+)
 from phalanx.errors import CommError, DaemonUnavailable, PhalanxError
 from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
 
-__all__ = ["EPOCH_MOD", "check_slots", "register", "run", "verdict"]
+__all__ = ["register", "run"]
 
 #: exit statuses (see the module docstring)
 EXIT_DEADLINE, EXIT_NO_DAEMON, EXIT_EVICTED = 3, 4, 5
@@ -111,31 +120,6 @@ class _Out:
         line = {"ev": ev, "t": round(time.time(), 3), "member": self.member, **fields}
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
-
-
-#: epochs are large (views are numbered from the wall clock in ms); their residue keeps
-#: the sums of e and e**2 exact in float64 (2**20 squared times 1000 members < 2**53)
-EPOCH_MOD = 1 << 20
-
-
-def check_slots(epoch: int) -> tuple[float, float]:
-    """What one member puts in the count-check slots: ``(e, e**2)`` of its epoch."""
-    e = float(epoch % EPOCH_MOD)
-    return e, e * e
-
-
-def verdict(meta: np.ndarray, epoch: int, members: tuple[str, ...],
-            contributors: tuple[str, ...]) -> str:  # fmt: skip
-    """'' if the reduced ``[loss, count, e, e**2]`` slots (:func:`check_slots`) show the
-    op ran among exactly ``members``, all in ``epoch``; else why not (pure):
-    ``sum(e**2) * n == sum(e)**2`` holds only if every contributor had the same e."""
-    n, s1, s2 = float(meta[1]), float(meta[2]), float(meta[3])
-    e = float(epoch % EPOCH_MOD)
-    if contributors != members:
-        return f"ran among {len(contributors)} members, shards were cut for {len(members)}"
-    if n != len(members) or s1 != n * e or s2 * n != s1 * s1:
-        return "contributors assumed different views"
-    return ""
 
 
 def _sha(a: np.ndarray) -> str:

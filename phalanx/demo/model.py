@@ -12,7 +12,10 @@ very same numbers:
 * :func:`grad_sum` — the **sum** (not the mean) of per-example gradients and losses
   over a shard: summed over every member's shard by an all-reduce and divided by the
   global batch size, it is the full batch's mean gradient whatever the world size;
-* :func:`reference` — the same training in one process on the whole batch.
+* :func:`reference` — the same training in one process on the whole batch;
+* :func:`check_slots` / :func:`verdict` — the count-check slots a member adds to its
+  all-reduce and the check that the op ran among exactly the members its shards were
+  cut for, all in one view.
 
 Parameters travel as one flat float64 vector (:data:`Layout` names the pieces), which
 is what the group keeps in sync and all-reduces. This module must never import
@@ -26,16 +29,19 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "EPOCH_MOD",
     "Dataset",
     "Layout",
     "Problem",
     "batch_indices",
+    "check_slots",
     "grad_sum",
     "init_params",
     "loss",
     "make_dataset",
     "reference",
     "shard",
+    "verdict",
 ]
 
 
@@ -159,3 +165,28 @@ def reference(pr: Problem, seed: int, steps: int) -> np.ndarray:
         g, _ = grad_sum(pr, p, data.x[idx], data.y[idx])
         p -= pr.lr * (g / pr.batch)
     return p
+
+
+#: epochs are large (views are numbered from the wall clock in ms); their residue keeps
+#: the sums of e and e**2 exact in float64 (2**20 squared times 1000 members < 2**53)
+EPOCH_MOD = 1 << 20
+
+
+def check_slots(epoch: int) -> tuple[float, float]:
+    """What one member puts in the count-check slots: ``(e, e**2)`` of its epoch."""
+    e = float(epoch % EPOCH_MOD)
+    return e, e * e
+
+
+def verdict(meta: np.ndarray, epoch: int, members: tuple[str, ...],
+            contributors: tuple[str, ...]) -> str:  # fmt: skip
+    """'' if the reduced ``[loss, count, e, e**2]`` slots (:func:`check_slots`) show the
+    op ran among exactly ``members``, all in ``epoch``; else why not (pure):
+    ``sum(e**2) * n == sum(e)**2`` holds only if every contributor had the same e."""
+    n, s1, s2 = float(meta[1]), float(meta[2]), float(meta[3])
+    e = float(epoch % EPOCH_MOD)
+    if contributors != members:
+        return f"ran among {len(contributors)} members, shards were cut for {len(members)}"
+    if n != len(members) or s1 != n * e or s2 * n != s1 * s1:
+        return "contributors assumed different views"
+    return ""

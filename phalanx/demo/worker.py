@@ -13,7 +13,7 @@ One step, with a world that may change under it:
    newcomer receives the group's parameters here, hash-verified, in place);
 2. the step's global batch is fixed by (seed, step); this member takes the shard its
    rank in *that* view names and computes the **sum** of per-example gradients;
-3. one all-reduce (sum) of ``[gradient, loss sum, 1, epoch, epoch**2]``. The last
+3. one all-reduce (sum) of ``[gradient, loss sum, 1, e, e**2]`` (e: the epoch modulo 2**20, :func:`~phalanx.demo.model.check_slots`: views may be numbered from the wall clock in ms). The last
    three slots prove that the op ran among exactly the members the shards were cut
    for: the count equals the world each member assumed, and ``sum(e**2) * n ==
    sum(e)**2`` holds only if every contributor assumed the same epoch. Every member
@@ -52,7 +52,16 @@ from typing import Any
 
 import numpy as np
 
-from phalanx.demo.model import Problem, batch_indices, grad_sum, init_params, loss, make_dataset
+from phalanx.demo.model import (
+    Problem,
+    batch_indices,
+    check_slots,
+    grad_sum,
+    init_params,
+    loss,
+    make_dataset,
+    verdict,
+)
 from phalanx.demo.model import shard as cut
 from phalanx.errors import CommError, DaemonUnavailable
 from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
@@ -82,18 +91,6 @@ def _connect(socket: str, deadline: float) -> Any:
             time.sleep(0.02)
 
 
-def _verdict(
-    meta: np.ndarray, epoch: int, members: tuple[str, ...], contrib: tuple[str, ...]
-) -> str:
-    """'' if the op ran among exactly the members the shards were cut for, else why not."""
-    n, s1, s2 = float(meta[1]), float(meta[2]), float(meta[3])
-    if contrib != members:
-        return f"ran among {len(contrib)} members, shards were cut for {len(members)}"
-    if n != len(members) or s1 != n * epoch or s2 * n != s1 * s1:
-        return "contributors assumed different views"
-    return ""
-
-
 def run(args: argparse.Namespace) -> int:
     pr = Problem()
     seed, steps, codec = args.seed, args.steps, args.codec
@@ -119,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             pg.attach_state({"params": params}, step=0)
         size = params.size
         lossless = codec in LOSSLESS
-        buf = pg.empty((size + 4,), "float64")  # gradient, loss sum, count, epoch, epoch**2
+        buf = pg.empty((size + 4,), "float64")  # gradient, loss sum, count, e, e**2 (check_slots)
         meta = buf[size:] if lossless else pg.empty((4,), "float64")
         grad = buf[:size]
         _emit("ready", member=me, pid=os.getpid(), daemon_pid=pg.daemon_pid)
@@ -166,17 +163,17 @@ def run(args: argparse.Namespace) -> int:
             idx = cut(batch_indices(pr, seed, step), members.index(me), len(members))
             g, lsum = grad_sum(pr, params, data.x[idx], data.y[idx])
             grad[:] = g
-            meta[:] = (lsum, 1.0, info.epoch, float(info.epoch) ** 2)
+            meta[:] = (lsum, 1.0, *check_slots(info.epoch))
             if args.step_time > 0:
                 time.sleep(args.step_time)  # stands for the forward/backward pass of a real model
             attempts += 1
             try:
                 if lossless:
                     res = pg.all_reduce(buf, "sum", codec, timeout=20.0)
-                    why = _verdict(meta, info.epoch, members, res.contributors)
+                    why = verdict(meta, info.epoch, members, res.contributors)
                 else:
                     res = pg.all_reduce(meta, "sum", "none", timeout=20.0)
-                    why = _verdict(meta, info.epoch, members, res.contributors)
+                    why = verdict(meta, info.epoch, members, res.contributors)
                     if not why:
                         res2 = pg.all_reduce(buf[:size], "sum", codec, timeout=20.0)
                         if res2.contributors != res.contributors:

@@ -19,7 +19,7 @@ from phalanx.container.peer import (
     peer_env,
     restart_delay,
 )
-from phalanx.container.train import EPOCH_MOD, check_slots, verdict
+from phalanx.demo.model import EPOCH_MOD, check_slots, verdict
 
 # views are numbered from the wall clock in milliseconds: epochs of this size are real
 EPOCH = 1_796_438_642_579
