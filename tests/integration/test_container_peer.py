@@ -188,7 +188,7 @@ def test_container_peers_train_through_kills_restarts_and_stops(
         t_tk = time.time()
         os.kill(ready["pid"], signal.SIGKILL)
         again = _wait("p1's training process to be restarted",
-                      lambda: [e for e in peers[1].events() if e["t"] > t_tk and e["ev"] == "attached"], 30)  # fmt: skip
+                      lambda: [e for e in peers[1].events() if e["t"] > t_tk and e["ev"] == "attached"], 60)  # fmt: skip
         assert again[0]["source"] == "daemon" and again[0]["step"] >= 0, again
         _wait("p1 to commit after its restart", lambda: peers[1].commits(again[0]["t"]), 60)
 
