@@ -84,6 +84,7 @@ class _Spec:
     coordinator: str = ""  # phalanx-daemon: where the ranks' daemons join
     workdir: str = ""  # phalanx-daemon: secret file and sockets
     preserve_input: bool = True  # False: promise 2 waived (measures what it costs)
+    device: str = "cpu"  # phalanx-daemon-cuda: "cuda"
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class _Series:
     max_rel_err: float = 0.0
     algorithms: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
+    digests: set[str] = field(default_factory=set)  # of every result (one if all agree)
 
     def add(self, replies: Sequence[_BlockResult], *, timed: bool) -> None:
         for rank, r in enumerate(replies):
@@ -132,6 +134,7 @@ class _Series:
             self.max_rel_err = max(self.max_rel_err, r.max_rel_err)
             if r.algorithm:
                 self.algorithms.add(r.algorithm)
+            self.digests.update(r.digests)
         for i, digests in enumerate(zip(*(r.digests for r in replies), strict=True)):
             if len(set(digests)) != 1:
                 self.ok = False
@@ -239,6 +242,9 @@ class _DaemonBackend:
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
         return self._pg.empty(shape, dtype)
 
+    def _close_extra(self) -> None:
+        pass
+
     def bind_buffer(self, buf: np.ndarray[Any, Any]) -> None:
         self._buf = buf
 
@@ -252,6 +258,7 @@ class _DaemonBackend:
     def close(self) -> None:
         import subprocess
 
+        self._close_extra()
         if getattr(self, "_pg", None) is not None:
             self._pg.close()
         self._proc.terminate()
@@ -260,6 +267,58 @@ class _DaemonBackend:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(5.0)
+
+
+class _CudaDaemonBackend(_DaemonBackend):
+    """``--device cuda``: the data lives on the GPU. An op is CUDA -> pinned daemon-shared
+    host twin -> daemon -> data plane -> host twin -> CUDA (the elastic DDP bucket path,
+    :class:`phalanx.torch.cuda.DeviceBucket`), all of it timed; the refill of the device
+    buffer before an op and the copy back for the check are not."""
+
+    impl = "phalanx-daemon-cuda"
+
+    def __init__(self, ctx: RankContext, spec: _Spec) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: torch.cuda.is_available() is False")
+        self._torch = torch
+        self._bucket: Any = None
+        self._host: Any = None
+        super().__init__(ctx, spec)
+
+    def bind_buffer(self, buf: np.ndarray[Any, Any]) -> None:
+        from phalanx.torch.cuda import DeviceBucket, pinned
+
+        torch = self._torch
+        self._buf = buf
+        self._bucket = None
+        self._host = torch.from_numpy(buf)
+        self._bucket = DeviceBucket(torch.device("cuda"), self._host.numel(), self._host.dtype,
+                                    self._host)  # fmt: skip
+        if not pinned(self._host):
+            log.warning("event=bench_unpinned bytes=%d", buf.nbytes)
+
+    def refill(self) -> None:
+        self._bucket.flat.copy_(self._host)
+        self._torch.cuda.synchronize()
+
+    def all_reduce(self, codec: str) -> tuple[int | None, str | None]:
+        host = self._bucket.stage_out()
+        res = self._pg.all_reduce(host, op="sum", codec=codec)
+        self._bucket.stage_in()
+        self._torch.cuda.synchronize()
+        return None, res.algorithm
+
+    def settle(self) -> None:
+        """What the device holds goes to the checked buffer (a lost copy shows)."""
+        self._host.zero_()
+        self._host.copy_(self._bucket.flat)
+        self._torch.cuda.synchronize()
+
+    def _close_extra(self) -> None:
+        self._bucket = None
+        self._host = None
 
 
 def _numpy_dtype(name: str) -> np.dtype[Any]:
@@ -306,12 +365,18 @@ def _run_block(backend: _Backend, bufs: _Buffers, iters: int, cpu: CpuClock) -> 
     res = _BlockResult([], [], [], [], True, 0.0, None)
     for _ in range(iters):
         np.copyto(bufs.buf, bufs.src)
+        refill = getattr(backend, "refill", None)  # device buffers: filled untimed
+        if refill is not None:
+            refill()
         backend.barrier()
         c0 = cpu.read()
         t0 = time.perf_counter()
         wire, algorithm = backend.all_reduce(bufs.codec)
         dt = time.perf_counter() - t0
         res.cpu.append(cpu.read() - c0)
+        settle = getattr(backend, "settle", None)
+        if settle is not None:
+            settle()
         ok, err, digest = bufs.check()
         res.times.append(dt)
         res.digests.append(digest)
@@ -334,6 +399,8 @@ def _rank_worker(ctx: RankContext, spec: _Spec) -> None:
         backend = GlooBackend(ctx, timeout_s=spec.timeout_s)
     elif spec.impl == "phalanx-daemon":
         backend = _DaemonBackend(ctx, spec)
+    elif spec.impl == "phalanx-daemon-cuda":
+        backend = _CudaDaemonBackend(ctx, spec)
     else:
         backend = _PhalanxBackend(ctx, spec)
     bufs: _Buffers | None = None
@@ -393,8 +460,9 @@ def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, An
     return row
 
 
-def _ratio_row(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _ratio_row(ours: dict[str, Any], theirs: dict[str, Any],
+               same: bool | None = None) -> dict[str, Any]:  # fmt: skip
+    row = {
         "ratio": f"{ours['impl']}/{theirs['impl']}",
         "world": ours["world"],
         "bytes": ours["bytes"],
@@ -404,6 +472,9 @@ def _ratio_row(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
             ours["cpu_s_per_op"] / theirs["cpu_s_per_op"] if theirs["cpu_s_per_op"] else None
         ),
     }
+    if same is not None:  # both hold the very same result bytes (every rank, iteration)
+        row["identical_results"] = same
+    return row
 
 
 _TABLE = (
@@ -458,19 +529,33 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             preserve_input=not args.no_preserve_input,
         )
     ]
-    coordinator = None
+    coordinators: list[Any] = []
     if args.via == "daemon":
         import tempfile
 
         from phalanx.membership.coordinator import Coordinator
 
-        workdir = tempfile.mkdtemp(prefix="phalanx-bench-")
-        with open(os.path.join(workdir, "secret"), "wb") as f:
-            f.write(secret.hex().encode())
-        coordinator = Coordinator("127.0.0.1:0", secret=secret.hex().encode(), recover=False)
-        via = _Spec("phalanx-daemon", secret, args.streams, args.timeout, args.log_level,
-                    coordinator.start(), workdir)  # fmt: skip
-        specs.insert(0, via)
+        # one coordinator (one group of daemons) per daemon set: the CUDA set first
+        impls = ["phalanx-daemon-cuda", "phalanx-daemon"] if args.device == "cuda" else [
+            "phalanx-daemon"]  # fmt: skip
+        for n, impl in enumerate(impls):
+            workdir = tempfile.mkdtemp(prefix="phalanx-bench-")
+            with open(os.path.join(workdir, "secret"), "wb") as f:
+                f.write(secret.hex().encode())
+            coordinator = Coordinator("127.0.0.1:0", secret=secret.hex().encode(),
+                                      recover=False)  # fmt: skip
+            coordinators.append(coordinator)
+            via = _Spec(
+                impl,
+                secret,
+                args.streams,
+                args.timeout,
+                args.log_level,
+                coordinator.start(),
+                workdir,
+                device=args.device if n == 0 else "cpu",
+            )
+            specs.insert(n, via)
     if args.vs:
         specs.append(_Spec(args.vs, secret, args.streams, args.timeout, args.log_level))
     pools = [RankPool(_rank_worker, args.world, spec, name=spec.impl) for spec in specs]
@@ -503,11 +588,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 pool.close(timeout=30.0)
             else:
                 pool.kill()
-        if coordinator is not None:
+        if coordinators:
             import shutil
 
-            coordinator.stop(0.5)
-            shutil.rmtree(specs[0].workdir, ignore_errors=True)
+            for coordinator, spec in zip(coordinators, specs, strict=False):
+                coordinator.stop(0.5)
+                shutil.rmtree(spec.workdir, ignore_errors=True)
     if not args.json:
         print_table([r for r in rows if "ratio" not in r], _TABLE)
         ratios = [r for r in rows if "ratio" in r]
@@ -547,8 +633,11 @@ def _bench_size(
         for problem in s.problems[:5]:
             log.error("%s %s: %s", s.impl, label, problem)
         rows.append(_row(s, args, nbytes))
-    for other in rows[1:]:
-        rows.append(_ratio_row(rows[0], other))
+    for other, s in zip(rows[1:], series[1:], strict=True):
+        same = None
+        if s.codec in LOSSLESS_CODECS and series[0].codec in LOSSLESS_CODECS:
+            same = len(series[0].digests | s.digests) == 1
+        rows.append(_ratio_row(rows[0], other, same))
     return rows
 
 
@@ -590,6 +679,14 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         "(client -> daemon -> data plane), compared with the in-process group",
     )
     parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda (with --via daemon): the data lives on the GPU and every op is staged "
+        "CUDA -> pinned shared memory -> daemon -> CUDA; compared with the same ops on "
+        "CPU tensors through another set of daemons (needs torch with CUDA)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=4,
@@ -611,6 +708,8 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
             parser.error("--iters, --rounds and --streams must be >= 1, --warmup >= 0")
         if args.timeout <= 0:
             parser.error("--timeout must be > 0")
+        if args.device == "cuda" and (args.via != "daemon" or args.dtype == "bfloat16"):
+            parser.error("--device cuda needs --via daemon and a dtype other than bfloat16")
         return run(args, parser)
 
     return check_and_run

@@ -16,32 +16,71 @@ the only place that does it:
   twin with zero copies, :meth:`stage_in` copies the result back.
 
 Host memory is pinned with ``cudaHostRegister`` (best effort: DMA from pinned pages is
-faster, unpinned copies still work). **Written for a GPU host and not exercised on the
-project's CPU-only machines** (a separate issue runs it there); nothing outside this
-module knows about CUDA streams. This module must never be imported on the CPU path
+faster, unpinned copies still work) and unregistered when the tensor that was pinned is
+freed (a stale registration over an address range that is later mapped again would make
+copies miss the new pages). A failed registration's error is cleared at once: the CUDA
+runtime keeps it as its "last error", and torch's next kernel launch check would raise
+it as if that kernel had failed. :class:`StagingPool` keeps pinned host twins for the
+``torch.distributed`` collectives that run in place on a device tensor. Nothing outside
+this module knows about CUDA streams. This module must never be imported on the CPU path
 (the manager imports it only when a tensor is on a device).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
-from collections.abc import Sequence
+import os
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["DeviceBucket", "Mirror", "pin"]
+__all__ = ["DeviceBucket", "Mirror", "StagingPool", "pin"]
 
 log = logging.getLogger(__name__)
 
 _pinned: set[int] = set()
+_pin_lock = threading.Lock()
+_cudart_lib: ctypes.CDLL | None = None
+
+
+def _clear_last_error() -> None:
+    """Reset the CUDA runtime's last error (``cudaGetLastError``) after a failed
+    ``cudaHostRegister``; torch's bindings do not expose it, so the runtime torch
+    already loaded is looked up by name (never loaded anew)."""
+    global _cudart_lib
+    if _cudart_lib is None:
+        mode = getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL
+        for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"):
+            try:
+                _cudart_lib = ctypes.CDLL(name, mode=mode)
+                break
+            except OSError:
+                continue
+    if _cudart_lib is not None:
+        _cudart_lib.cudaGetLastError()
+
+
+def _unpin(ptr: int) -> None:
+    with _pin_lock:
+        if ptr not in _pinned:
+            return
+        _pinned.discard(ptr)
+    with contextlib.suppress(Exception):  # the process may be shutting down
+        torch.cuda.cudart().cudaHostUnregister(ptr)  # type: ignore[no-untyped-call]
 
 
 def pin(host: torch.Tensor) -> bool:
     """Page-lock ``host`` (a CPU tensor over shared memory) for fast DMA; True if it is.
-    Idempotent per address; failures are logged once and ignored."""
+    Idempotent per address; unregistered when ``host`` is freed; failures are logged
+    and ignored (the copies then go through pageable memory)."""
     ptr = host.data_ptr()
-    if ptr in _pinned:
-        return True
+    with _pin_lock:
+        if ptr in _pinned:
+            return True
     if not torch.cuda.is_available():
         return False
     nbytes = host.numel() * host.element_size()
@@ -52,10 +91,21 @@ def pin(host: torch.Tensor) -> bool:
     except Exception as exc:  # pinning is an optimisation only
         log.warning("event=pin_failed bytes=%d error=%r", nbytes, str(exc))
         return False
-    ok = int(rc) == 0 if rc is not None else True
-    if ok:
+    code = 0 if rc is None else int(rc)
+    if code != 0:
+        _clear_last_error()
+        log.warning("event=pin_failed bytes=%d cuda_error=%d", nbytes, code)
+        return False
+    with _pin_lock:
         _pinned.add(ptr)
-    return ok
+    weakref.finalize(host, _unpin, ptr)
+    return True
+
+
+def pinned(host: torch.Tensor) -> bool:
+    """Whether ``host``'s memory was page-locked by :func:`pin`."""
+    with _pin_lock:
+        return host.data_ptr() in _pinned
 
 
 class Mirror:
@@ -114,3 +164,40 @@ class DeviceBucket:
         """Copy the reduced host twin back to the device buffer."""
         with torch.no_grad():
             self.flat.copy_(self.host, non_blocking=False)
+
+
+class StagingPool:
+    """Pinned, daemon-shared host twins for collectives that run in place on a device
+    tensor (``dist.all_reduce``/``broadcast`` of a CUDA tensor): :meth:`out` fills a
+    twin from the device tensor (waiting for the kernels that produced it), the op runs
+    on the twin with zero copies, :meth:`back` copies the result into the device tensor
+    and returns the twin to the pool. Twins are kept per (dtype, element count), so a
+    training loop's repeated collectives pin once."""
+
+    def __init__(self, alloc: Callable[[int, torch.dtype], torch.Tensor]) -> None:
+        self._alloc = alloc
+        self._free: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def out(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.dtype, t.numel())
+        with self._lock:
+            free = self._free.get(key)
+            host = free.pop() if free else None
+        if host is None:
+            host = self._alloc(t.numel(), t.dtype)
+            pin(host)
+        with torch.no_grad():
+            host.copy_(t.detach().reshape(-1), non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        return host
+
+    def back(self, t: torch.Tensor, host: torch.Tensor, *, copy: bool = True) -> None:
+        try:
+            if copy:
+                with torch.no_grad():
+                    t.copy_(host.view(t.shape), non_blocking=False)
+                torch.cuda.current_stream(t.device).synchronize()
+        finally:
+            with self._lock:
+                self._free.setdefault((host.dtype, host.numel()), []).append(host)

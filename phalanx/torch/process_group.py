@@ -23,7 +23,9 @@ made with ``retry=True``, which reruns it in the next view (exact: the input was
 restored). Objects that read the rank or size once (``DistributedSampler``, DDP's
 reducer) keep what they read: use :class:`phalanx.torch.Manager` for training that
 must follow the view. Point-to-point ops, ``gather``, ``scatter``, ``all_to_all`` and
-``reduce`` raise ``UnsupportedError``; ops: SUM, AVG, MIN, MAX, PRODUCT.
+``reduce`` raise ``UnsupportedError``; ops: SUM, AVG, MIN, MAX, PRODUCT. CUDA tensors
+are staged through pinned, daemon-shared host memory (:mod:`phalanx.torch.cuda`); the
+result is on the device when the work is waited for.
 
 Investigated (torch 2.13): a Python subclass of ``torch.distributed.ProcessGroup``
 overriding ``allreduce``/``broadcast``/``allgather``/``all_gather_single``/
@@ -72,10 +74,12 @@ class _Work(dist._Work):  # type: ignore[misc,name-defined]
     """Collectives in flight; :meth:`wait` raises phalanx's typed errors."""
 
     def __init__(self, handles: Sequence[Handle], after: Callable[[], None] | None,
-                 result: list[torch.Tensor]) -> None:  # fmt: skip
+                 result: list[torch.Tensor],
+                 release: Callable[[], None] | None = None) -> None:  # fmt: skip
         super().__init__()
         self._handles = list(handles)
         self._after = after
+        self._release = release  # on failure instead of after (staging twins back)
         self._result = result
         self._done = False
         self._error: BaseException | None = None
@@ -92,6 +96,8 @@ class _Work(dist._Work):  # type: ignore[misc,name-defined]
                     self._after()
             except BaseException as exc:
                 self._error = exc
+                if self._release is not None:
+                    self._release()
             self._done = True
 
     def wait(self, timeout: timedelta | None = None) -> bool:
@@ -139,6 +145,7 @@ class ProcessGroup(dist.ProcessGroup):
         self.retry = retry
         self.timeout = timeout
         self._view: ViewInfo = v
+        self._staging: Any = None  # phalanx.torch.cuda.StagingPool, made at first use
         client.on_view_change(self._on_view)
 
     def _on_view(self, v: ViewInfo) -> None:
@@ -169,24 +176,52 @@ class ProcessGroup(dist.ProcessGroup):
     @staticmethod
     def _cpu(tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:
-            if t.device.type != "cpu":
+            if t.device.type not in ("cpu", "cuda"):
                 raise UnsupportedError(
-                    "the phalanx backend takes CPU tensors (stage device tensors yourself, "
-                    "or use phalanx.torch.Manager)"
+                    f"the phalanx backend takes CPU and CUDA tensors, not {t.device.type}"
                 )
+
+    def _staged(
+        self, tensors: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], Callable[[], None] | None, Callable[[], None] | None]:
+        """What the daemon works on in place: CPU tensors themselves, CUDA tensors
+        through pinned shared host twins (:class:`phalanx.torch.cuda.StagingPool`),
+        copied back by the first callback once the ops are done (the second gives the
+        twins back without copying, after a failure)."""
+        self._cpu(tensors)
+        if all(t.device.type == "cpu" for t in tensors):
+            return tensors, None, None
+        if self._staging is None:
+            from phalanx.torch.cuda import StagingPool
+
+            client = self.client
+            self._staging = StagingPool(lambda n, dt: shared_tensor(client, n, dt))
+        pool = self._staging
+        pairs = [(t, pool.out(t)) for t in tensors if t.device.type != "cpu"]
+        hosts = [dict((id(t), h) for t, h in pairs).get(id(t), t) for t in tensors]
+
+        def back() -> None:
+            for t, h in pairs:
+                pool.back(t, h)
+
+        def release() -> None:
+            for t, h in pairs:
+                pool.back(t, h, copy=False)
+
+        return hosts, back, release
 
     # -------------------------------------------------------------- collectives
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> _Work:  # type: ignore[override]
-        self._cpu(tensors)
         op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
-        hs = [self.client.all_reduce(t, op, **self._kw()) for t in tensors]
-        return _Work(hs, None, tensors)
+        hosts, back, release = self._staged(tensors)
+        hs = [self.client.all_reduce(t, op, **self._kw()) for t in hosts]
+        return _Work(hs, back, tensors, release)
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> _Work:  # type: ignore[override]
-        self._cpu(tensors)
         root = int(opts.rootRank) if opts is not None else 0
-        hs = [self.client.broadcast(t, root, **self._kw()) for t in tensors]
-        return _Work(hs, None, tensors)
+        hosts, back, release = self._staged(tensors)
+        hs = [self.client.broadcast(t, root, **self._kw()) for t in hosts]
+        return _Work(hs, back, tensors, release)
 
     def barrier(self, opts: Any = None) -> _Work:
         del opts
