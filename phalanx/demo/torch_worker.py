@@ -77,11 +77,18 @@ def _connect(socket: str, deadline: float) -> Any:
 
 
 def _hold(pg: Any, args: argparse.Namespace, step: int, deadline: float, me: str) -> bool:
-    """At ``--hold-at``, wait (once) until the view has ``--hold-world`` members."""
-    if step < args.hold_at or args.hold_world <= 0 or pg.view().world >= args.hold_world:
+    """At ``--hold-at``, wait (once) until the view has ``--hold-world`` members and,
+    with ``--hold-file``, until that file exists (a test creates it once the newcomer's
+    training process is ready: its daemon alone can be in the view seconds earlier)."""
+
+    def waiting() -> bool:
+        late_file = bool(args.hold_file) and not os.path.exists(args.hold_file)
+        return pg.view().world < args.hold_world or late_file
+
+    if step < args.hold_at or args.hold_world <= 0 or not waiting():
         return False
     t0 = time.monotonic()
-    while pg.view().world < args.hold_world:
+    while waiting():
         if time.monotonic() > deadline:
             raise TimeoutError("the replacement never joined")
         time.sleep(0.02)
@@ -294,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="a newcomer: receive the state")
     p.add_argument("--hold-at", type=int, default=0)
     p.add_argument("--hold-world", type=int, default=0)
+    p.add_argument("--hold-file", default="", help="at --hold-at, also wait for this file")
     p.add_argument("--deadline", type=float, default=120.0)
     p.add_argument("--hidden", type=int, default=TorchDemo().hidden, help="hidden width")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")

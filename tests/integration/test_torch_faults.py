@@ -103,8 +103,11 @@ def test_diloco_kill_and_leave_during_the_outer_sync_then_a_join() -> None:
     r = TrainRun(time.monotonic() + 240)
     try:
         r.cluster.start_coordinator(r.deadline)
-        # --hold-at: the founders wait at step 22 for the replacement's daemon, so that
-        # it enters at the sync of step 25 and trains the last round
+        # --hold-at: the founders wait at step 22 for the replacement's daemon and for
+        # its training process to be ready (--hold-file), so that it enters at the sync
+        # of step 25 and trains the last round (under load, importing torch can take
+        # longer than the founders' three remaining inner steps)
+        go = r.cluster.dir / "replacement-ready"
         base = [
             "--steps",
             str(steps),
@@ -116,6 +119,8 @@ def test_diloco_kill_and_leave_during_the_outer_sync_then_a_join() -> None:
             "22",
             "--hold-world",
             "3",
+            "--hold-file",
+            str(go),
         ]
         m0 = r.start(base, fresh=False, expect=4)
         m1 = r.start(base, fresh=False, expect=4)
@@ -123,6 +128,8 @@ def test_diloco_kill_and_leave_during_the_outer_sync_then_a_join() -> None:
         m3 = r.start([*base, "--fault", "die-in-outer@10"], fresh=False, expect=4)
         r.wait("the leave", lambda: bool(_events(r, "fault", m2)))
         m4 = r.start(base, fresh=True, expect=1)
+        r.wait("the replacement's training process", lambda: bool(_events(r, "ready", m4)))
+        go.touch()
         r.wait("the end", lambda: r.done(m0) and r.done(m1) and r.done(m4))
         assert _events(r, "fault", m3)
         survivors = [m0, m1, m4]
