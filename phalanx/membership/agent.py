@@ -107,6 +107,12 @@ class Agent:
         self._stub = pb_grpc.CoordinatorStub(self._channel)  # type: ignore[no-untyped-call]
         self._lock = threading.Condition()
         self._register_lock = threading.Lock()
+        # leave() and rejoin()'s change of incarnation run one at a time: a rejoin that
+        # slipped in while a leave was in flight had its fresh heartbeat and watch
+        # threads stopped by that leave's clean-up, so the coordinator failed the new
+        # incarnation 0.6 s after admitting it and nothing told this agent (a 30 s
+        # begin_step hang in the 30-minute soak of seed 20261205)
+        self._life_lock = threading.Lock()
         self._member = member
         self._view = View(0)
         self._run = ""
@@ -202,32 +208,35 @@ class Agent:
 
     def rejoin(self, timeout: float = 15.0, *, incarnation: int | None = None) -> View:
         """After eviction (or leave): join again with a higher incarnation."""
-        self._stop_threads()
-        with self._lock:
-            new_inc = self._member.incarnation + 1 if incarnation is None else incarnation
-            if new_inc <= self._member.incarnation:
-                raise ConfigError("rejoin needs a higher incarnation")
-            self._member = replace(self._member, incarnation=new_inc)
-            self._view = View(0)
-            self._evicted = False
-            self._left = False
-            self._last_decision = None
+        with self._life_lock:
+            self._stop_threads()
+            with self._lock:
+                new_inc = self._member.incarnation + 1 if incarnation is None else incarnation
+                if new_inc <= self._member.incarnation:
+                    raise ConfigError("rejoin needs a higher incarnation")
+                self._member = replace(self._member, incarnation=new_inc)
+                self._view = View(0)
+                self._evicted = False
+                self._left = False
+                self._last_decision = None
         return self.join(timeout)
 
     def leave(self, timeout: float | None = None, reason: str = "") -> None:
         """Leave gracefully: the group gets a view without this peer at once."""
-        with self._lock:
-            if self._left or self._evicted:
-                return
-            self._left = True  # threads stand down from here on
-        req = pb.LeaveRequest(reason=reason)
-        try:
-            self._call("Leave", req, timeout or self.config.rpc_timeout)
-            log.info("event=left member=%s reason=%s", self._member.id, reason or "-")
-        except (Rejected, CoordinatorUnavailable) as err:
-            log.warning("event=leave_failed member=%s error=%s", self._member.id, err)
-        finally:
-            self._stop_threads()
+        with self._life_lock:
+            with self._lock:
+                if self._left or self._evicted:
+                    return
+                self._left = True  # threads stand down from here on
+                inc = self._member.incarnation
+            req = pb.LeaveRequest(reason=reason)
+            try:
+                self._call("Leave", req, timeout or self.config.rpc_timeout, incarnation=inc)
+                log.info("event=left member=%s reason=%s", self._member.id, reason or "-")
+            except (Rejected, CoordinatorUnavailable) as err:
+                log.warning("event=leave_failed member=%s error=%s", self._member.id, err)
+            finally:
+                self._stop_threads()
 
     def close(self) -> None:
         """Stop threads and the channel (no goodbye: call :meth:`leave` first for that)."""

@@ -1001,10 +1001,13 @@ class ElasticGroup:
                 st.valid = False
             if self._life.presence is not Presence.MEMBER:
                 return loss
-            self._life.cycle(time.monotonic())
+            self._life.cycle()
             self._cond.notify_all()
         audit.warning("event=client_lost_mid_step member=%s loss=%s", self.member_id, loss.value)
         self.agent.leave(reason="client-lost-mid-step")
+        with self._cond:
+            self._life.cycle_left(time.monotonic())  # the rejoin is due from here
+            self._cond.notify_all()
         self._retire_current()
         return loss
 

@@ -501,11 +501,17 @@ class Lifecycle:
         self.next_rejoin_at = None
         self.void()
 
-    def cycle(self, now: float) -> None:
-        """Leave to come back at once (a client lost mid-step)."""
+    def cycle(self) -> None:
+        """Leave to come back (a client lost mid-step): the rejoin is due once the
+        leave is through (:meth:`cycle_left`), never while it is still in flight."""
         self._presence(PresenceEvent.CYCLE)
-        self.next_rejoin_at = now
+        self.next_rejoin_at = None
         self.cycled = True
+
+    def cycle_left(self, now: float) -> None:
+        """The leave of a :meth:`cycle` is through: come back at once."""
+        if self.presence is Presence.CYCLING:
+            self.next_rejoin_at = now
 
     def rejoin_started(self) -> None:
         self._presence(PresenceEvent.REJOIN)

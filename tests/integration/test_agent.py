@@ -224,22 +224,34 @@ def test_frozen_peer_cannot_come_back_under_its_old_incarnation(
         lst.close()
 
 
-class _HeldCommit:
-    """Stands in for an agent's stub: ``Commit`` waits for ``release`` before it goes
-    out (a vote still in flight), everything else passes straight through."""
+class _Held:
+    """Stands in for an agent's stub: ``method`` waits for ``release`` before it goes
+    out (a call still in flight) -- or, ``answer_held``, goes out at once and its
+    answer waits -- everything else passes straight through."""
 
-    def __init__(self, stub: object) -> None:
+    def __init__(self, stub: object, method: str, *, answer_held: bool = False) -> None:
         self._stub = stub
+        self._method = method
+        self._answer_held = answer_held
         self.release = threading.Event()
         self.sent = threading.Event()
 
     def __getattr__(self, name: str) -> object:
-        return getattr(self._stub, name)
+        real = getattr(self._stub, name)
+        if name != self._method:
+            return real
 
-    def Commit(self, req: object, timeout: float) -> object:  # gRPC's method name
-        self.sent.set()
-        self.release.wait(20)
-        return self._stub.Commit(req, timeout=timeout)  # type: ignore[attr-defined]
+        def held(req: object, timeout: float) -> object:
+            if self._answer_held:
+                answer = real(req, timeout=timeout)
+                self.sent.set()
+                self.release.wait(20)
+                return answer
+            self.sent.set()
+            self.release.wait(20)
+            return real(req, timeout=timeout)
+
+        return held
 
 
 def test_a_stale_eviction_does_not_evict_the_rejoined_incarnation(
@@ -259,7 +271,7 @@ def test_a_stale_eviction_does_not_evict_the_rejoined_incarnation(
         view = agent.join(10)
         wait_all(survivors, lambda v: v.has(member), 10)
         stub = agent._stub
-        held = _HeldCommit(stub)
+        held = _Held(stub, "Commit")
         agent._stub = cast(Any, held)
         answers: list[object] = []
         voter = threading.Thread(
@@ -290,3 +302,48 @@ def _outcome(fn: Callable[[], object]) -> object:
         return fn()
     except Exception as exc:
         return type(exc).__name__
+
+
+def test_a_rejoin_during_a_leave_keeps_the_new_incarnation_alive(
+    coordinator: Coordinator, survivors: list[Agent]
+) -> None:
+    """A daemon whose client died mid-step leaves and rejoins; the rejoin once ran
+    while the leave was still in flight, the leave's clean-up then stopped the new
+    incarnation's heartbeat and watch threads, the coordinator failed it 0.6 s after
+    admitting it and the agent waited out its whole join timeout (a 20 s begin_step
+    hang in the 30-minute soak of seed 20261205). Now the rejoin waits for the leave,
+    and the leave speaks only as the incarnation it left."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(16)
+    member = Member("w", (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+    agent = Agent(coordinator.address, member, secret=SECRET)
+    try:
+        agent.join(10)
+        wait_all(survivors, lambda v: v.has(member), 10)
+        stub = agent._stub
+        held = _Held(stub, "Leave", answer_held=True)
+        agent._stub = cast(Any, held)
+        leaver = threading.Thread(target=lambda: agent.leave(reason="test"), daemon=True)
+        leaver.start()
+        assert held.sent.wait(10)  # incarnation 1 has left; its leave() is not through
+        rejoined: list[object] = []
+        rejoiner = threading.Thread(
+            target=lambda: rejoined.append(_outcome(lambda: agent.rejoin(15))), daemon=True
+        )
+        rejoiner.start()
+        # the rejoin is under way while the leave is not through (the old agent
+        # admitted incarnation 2 and started its threads meanwhile)
+        time.sleep(1.0)
+        held.release.set()
+        leaver.join(15)
+        rejoiner.join(20)
+        assert rejoined and isinstance(rejoined[0], View), rejoined
+        assert agent.member.incarnation == 2
+        time.sleep(4 * coordinator.config.heartbeat_timeout)
+        current = coordinator.view
+        assert current.has(agent.member), current  # incarnation 2 still heartbeats
+        assert not agent.evicted
+    finally:
+        agent.close()
+        lst.close()
