@@ -50,6 +50,7 @@ _T = TypeVar("_T")
 _WATCH_DEADLINE = 300.0  # a Watch stream is reopened at least this often
 _RETRY_MIN, _RETRY_MAX = 0.05, 0.25  # backoff while the coordinator is unreachable
 _VOTE_ATTEMPT = 5.0  # longest single Commit call; the vote is repeated after it
+_SILENT_MIN = 2.5  # the least silence of the coordinator after which the channel is new
 
 
 class Agent:
@@ -99,12 +100,18 @@ class Agent:
         ]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
-        if tls_root_cert is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
-            self._channel = grpc.secure_channel(coordinator, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(coordinator, options=options)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._options = options
+        self._creds = (
+            grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
+            if tls_root_cert is not None
+            else None
+        )
+        self._channel, self._stub = self._new_channel()
+        # the coordinator's last answer (any call or stream); silent for longer than
+        # this, the channel is replaced (see _reset_channel_if_silent)
+        self._last_answer = time.monotonic()
+        self._silent_after = max(_SILENT_MIN, 4 * self.config.heartbeat_timeout)
+        self._channel_resets = 0
         self._lock = threading.Condition()
         self._register_lock = threading.Lock()
         # leave() and rejoin()'s change of incarnation run one at a time: a rejoin that
@@ -411,15 +418,61 @@ class Agent:
         except grpc.RpcError as err:
             refusal = _rpc.error_from_rpc(err, method)
             if refusal is not None:
+                self._answered()
                 raise refusal from None
             code = err.code() if callable(getattr(err, "code", None)) else None
             raise CoordinatorUnavailable(f"{name}: {code}: {err.details()}") from None
+        self._answered()
         try:
             self._signer.verify(resp, method, "response")
         except Rejected as err:
             log.warning("event=bad_response method=%s error=%s", name, err)
             raise CoordinatorUnavailable(f"{name}: response failed verification") from None
         return resp
+
+    def _new_channel(self) -> tuple[grpc.Channel, Any]:
+        if self._creds is not None:
+            channel = grpc.secure_channel(self._target, self._creds, options=self._options)
+        else:
+            channel = grpc.insecure_channel(self._target, options=self._options)
+        return channel, pb_grpc.CoordinatorStub(channel)  # type: ignore[no-untyped-call]
+
+    def _answered(self) -> None:
+        """The coordinator answered (a reply, a refusal, a stream message)."""
+        self._last_answer = time.monotonic()
+
+    def _silent(self) -> bool:
+        return time.monotonic() - self._last_answer >= self._silent_after
+
+    def _reset_channel_if_silent(self) -> None:
+        """Replace the gRPC channel after the coordinator has been silent for
+        ``_silent_after`` (a fresh channel reconnects at once).
+
+        Why: twice in the 30-minute soak of seed 20261205, after a coordinator restart,
+        every old member's calls went unanswered for 5.6 s and 11.9 s while daemons
+        started meanwhile (fresh channels) joined the new coordinator at once; the
+        restarted coordinator ended its recovery with no member, a newcomer formed a
+        view without the training state, and commits hung 20 s. Whatever wedges a
+        channel (a connection whose end never arrived, a stream that stays open to a
+        dead peer), a new one does not inherit it. Closing the old channel cancels
+        its calls: the watch stream and a vote in flight reopen on the new one."""
+        now = time.monotonic()
+        with self._lock:
+            silent = now - self._last_answer
+            if self._closed or silent < self._silent_after:
+                return
+            old = self._channel
+            self._channel, self._stub = self._new_channel()
+            self._last_answer = now  # the new channel gets a whole period
+            self._channel_resets += 1
+            resets = self._channel_resets
+        log.warning(
+            "event=channel_reset member=%s silent_s=%.1f resets=%d",
+            self._member.id,
+            silent,
+            resets,
+        )
+        old.close()
 
     def _register(self) -> None:
         with self._register_lock:
@@ -583,6 +636,7 @@ class Agent:
             except CoordinatorUnavailable as err:
                 log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
                 self._callback(self.on_heartbeat, False)  # a beat due, not delivered
+            self._reset_channel_if_silent()
             if stop.wait(delay):
                 return
             delay = min(delay * 2, _RETRY_MAX)
@@ -606,6 +660,14 @@ class Agent:
                                   incarnation=inc, epoch=epoch)  # fmt: skip
                 yield req
                 self._callback(self.on_heartbeat, False)  # sent
+                if self._silent():
+                    # no answer for a while: end this stream, so the loop can check
+                    # the channel (the response iterator would wait on it for good)
+                    with self._lock:
+                        own = self._beats_call
+                    if own is not None:
+                        own.cancel()
+                    return
                 next_beat += self._interval
                 now = time.monotonic()
                 if next_beat < now:  # fell behind (stopped, starved): beat now, re-anchor
@@ -624,6 +686,7 @@ class Agent:
                     log.warning("event=bad_response method=Beats error=%s", err)
                     raise CoordinatorUnavailable("Beats: response failed verification") from None
                 answered = True
+                self._answered()
                 self._callback(self.on_heartbeat, True)
                 if resp.coordinator_run != self._run:
                     self._reregister(inc)
@@ -672,6 +735,7 @@ class Agent:
             except CoordinatorUnavailable as err:
                 log.debug("event=heartbeat_failed member=%s error=%s", self._member.id, err)
             if not acked:
+                self._reset_channel_if_silent()
                 self._callback(self.on_heartbeat, False)  # sent, not acknowledged
             next_beat += self._interval
             now = time.monotonic()
@@ -728,6 +792,7 @@ class Agent:
                     self._watch_call = None
 
     def _on_event(self, event: pb.WatchEvent, method: str, inc: int) -> None:
+        self._answered()
         try:
             self._signer.verify(event, method, "event")
             view = _rpc.view_from_pb(event.view)

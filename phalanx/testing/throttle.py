@@ -8,7 +8,9 @@ Two tools:
   (lower ranks accept), so give rank ``hi`` the address list from
   :func:`proxied_addresses`; the proxy forwards to ``lo``'s real listener. Bytes
   ``lo -> hi`` flow "down" (target to client), ``hi -> lo`` flow "up". The delay can be
-  changed while the group runs (:meth:`LinkProxy.set`).
+  changed while the group runs (:meth:`LinkProxy.set`). :meth:`LinkProxy.blackhole`
+  silences the connections relayed so far (bytes dropped, nothing closed: a peer
+  whose end never arrives) while new connections pass.
 * :class:`SlowFrames` -- a :class:`~phalanx.comm.engine.FrameHook` that sleeps before
   every DATA frame to one peer. It runs on the sender's engine thread, so the whole
   sending rank stalls during the sleep (its reads are late too): it models a slow
@@ -55,6 +57,7 @@ class _Pipe:
         self.queue: deque[tuple[float, bytes]] = deque()
         self.cond = threading.Condition()
         self.eof = False
+        self.silent = False  # drop what arrives from here on (LinkProxy.blackhole)
         self.last_release = 0.0
         self.threads = [
             threading.Thread(target=self._read, name="throttle-read", daemon=True),
@@ -102,6 +105,8 @@ class _Pipe:
                         self.cond.wait(min(wait, 0.1))
                         continue
                     self.queue.popleft()
+                    if self.silent:
+                        continue
                 self.dst.sendall(data)
         except OSError:
             pass
@@ -134,6 +139,17 @@ class LinkProxy:
         with self._lock:
             self._delay = {True: down_delay_s, False: up_delay_s}
             self._rate = {True: down_rate_Bps, False: up_rate_Bps}
+
+    def blackhole(self) -> None:
+        """The connections relayed so far go silent both ways: what either end sends
+        is dropped and nothing is closed, as if the other end had vanished without a
+        FIN. Connections accepted later are relayed as before."""
+        with self._lock:
+            pipes = list(self._pipes)
+        for p in pipes:
+            with p.cond:
+                p.silent = True
+                p.queue.clear()
 
     def _params(self, down: bool) -> tuple[float, float]:
         with self._lock:

@@ -26,6 +26,7 @@ from phalanx.membership.agent import Agent
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
 from phalanx.membership.view import Member, View
+from phalanx.testing.throttle import LinkProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -347,3 +348,44 @@ def test_a_rejoin_during_a_leave_keeps_the_new_incarnation_alive(
     finally:
         agent.close()
         lst.close()
+
+
+def test_an_agent_whose_connection_goes_silent_gets_back_on_a_new_channel(
+    coordinator: Coordinator, survivors: list[Agent]
+) -> None:
+    """The coordinator's end of the agent's connection vanishes without a FIN (its
+    packets stop, nothing closes): the heartbeat and watch streams would wait on it for
+    good. Twice in the 30-minute soak of seed 20261205 old members stayed unheard by a
+    restarted coordinator for 5.6 and 11.9 s while fresh processes joined at once. The
+    agent replaces a channel the coordinator has been silent on, so it learns it was
+    removed and rejoins."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(16)
+    member = Member("x", (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+    with LinkProxy(coordinator.address) as proxy:
+        agent = Agent(proxy.address, member, secret=SECRET)
+        try:
+            agent.join(10)
+            wait_all(survivors, lambda v: v.has(member), 10)
+            t0 = time.monotonic()
+            proxy.blackhole()
+            # the coordinator stops hearing it and removes it ...
+            wait_all(survivors, lambda v: not any(m.id == "x" for m in v.members), 10)
+            # ... and the agent comes back as a later incarnation, on a new channel
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline:
+                back = coordinator.view.members
+                if any(m.id == "x" and m.incarnation > 1 for m in back) or (
+                    any(m.id == "x" for m in back) and agent._channel_resets
+                ):
+                    break
+                if agent.evicted:
+                    agent.rejoin(10)  # what a daemon does by itself
+                time.sleep(0.05)
+            print(f"back after {time.monotonic() - t0:.2f}s, resets={agent._channel_resets}")
+            assert any(m.id == "x" for m in coordinator.view.members), coordinator.view
+            assert agent._channel_resets >= 1
+        finally:
+            agent.close()
+            lst.close()
