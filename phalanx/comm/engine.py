@@ -382,11 +382,10 @@ class Engine:
             now = time.monotonic()
             for fd, mask in events:
                 if fd == wake_fd:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
+                    # one read: more than 4096 wake bytes between two polls cannot
+                    # happen, and any left would only report the fd ready again
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        self._wake_r.recv(4096)
                     continue
                 link = self._by_fd.get(fd)
                 if link is None or link.channel.closed:

@@ -142,6 +142,16 @@ def robust_score(value: float, median: float, scale: float, floor: float) -> tup
     return z, ratio
 
 
+def _median_sorted(ordered: list[float]) -> float:
+    """``statistics.median`` of an already sorted, non-empty list (the same value,
+    without sorting it again: this runs for every op the monitor observes)."""
+    n = len(ordered)
+    if n == 0:
+        raise statistics.StatisticsError("no median for empty data")
+    mid = n // 2
+    return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 class RobustBaseline:
     """A sliding window of a series with its median and MAD."""
 
@@ -160,8 +170,8 @@ class RobustBaseline:
         first-byte wait is often ~0 (the frame was already there) and sometimes not,
         which leaves the MAD near zero although waits of that size are normal."""
         ordered = sorted(self.values)
-        med = statistics.median(ordered)
-        mad = statistics.median(abs(v - med) for v in ordered)
+        med = _median_sorted(ordered)
+        mad = _median_sorted(sorted([abs(v - med) for v in ordered]))
         q90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
         return med, max(MAD_SCALE * mad, (q90 - med) / 1.2816)
 
