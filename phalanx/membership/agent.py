@@ -94,7 +94,14 @@ class Agent:
         self.on_heartbeat = on_heartbeat
         options: list[tuple[str, Any]] = [
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
+            # gRPC core takes this as the *connect timeout* (MIN_CONNECT_TIMEOUT of
+            # doc/connection-backoff.md), not a backoff: at 100 ms every attempt was
+            # abandoned before a lost SYN's first retransmission (1 s) could land, and
+            # after a coordinator restart in the soak (seed 1205) old members failed
+            # every attempt with "connect() timed out" for 20 s while fresh processes
+            # connected. 2 s covers one retransmission; a refused connect still fails
+            # at once, and attempts still start every 0.1-0.5 s.
+            ("grpc.min_reconnect_backoff_ms", 2000),
             ("grpc.max_reconnect_backoff_ms", 500),
             ("grpc.enable_retries", 0),
         ]
