@@ -129,6 +129,14 @@ def survivors(coordinator: Coordinator) -> Iterator[list[Agent]]:
         lst.close()
 
 
+def _listening_member(name: str) -> tuple[socket.socket, Member]:
+    """A member whose data address is a real listener (closed by the caller)."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(16)
+    return lst, Member(name, (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+
+
 def wait_all(agents: list[Agent], pred: object, timeout: float) -> list[View]:
     assert callable(pred)
     return [a.wait_for_view(pred, timeout) for a in agents]
@@ -263,10 +271,7 @@ def test_a_stale_eviction_does_not_evict_the_rejoined_incarnation(
     current incarnation: its heartbeats stopped right after the rejoin, the coordinator
     failed it 0.6 s later and it stayed out for its 15 s join timeout (soak, seed
     20261206: four members at once, and the newcomers left in the view had no state)."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(16)
-    member = Member("v", (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+    lst, member = _listening_member("v")
     agent = Agent(coordinator.address, member, secret=SECRET)
     try:
         view = agent.join(10)
@@ -314,10 +319,7 @@ def test_a_rejoin_during_a_leave_keeps_the_new_incarnation_alive(
     admitting it and the agent waited out its whole join timeout (a 20 s begin_step
     hang in the 30-minute soak of seed 20261205). Now the rejoin waits for the leave,
     and the leave speaks only as the incarnation it left."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(16)
-    member = Member("w", (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+    lst, member = _listening_member("w")
     agent = Agent(coordinator.address, member, secret=SECRET)
     try:
         agent.join(10)
@@ -359,10 +361,7 @@ def test_an_agent_whose_connection_goes_silent_gets_back_on_a_new_channel(
     restarted coordinator for 5.6 and 11.9 s while fresh processes joined at once. The
     agent replaces a channel the coordinator has been silent on, so it learns it was
     removed and rejoins."""
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(16)
-    member = Member("x", (f"127.0.0.1:{lst.getsockname()[1]}",), 1)
+    lst, member = _listening_member("x")
     with LinkProxy(coordinator.address) as proxy:
         agent = Agent(proxy.address, member, secret=SECRET)
         try:
