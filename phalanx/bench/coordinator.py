@@ -70,6 +70,7 @@ class _Loads:
         self.last_error = ""  # the first failed heartbeat's gRPC status, if any
         self.beat_latency: tuple[float | None, float | None] = (None, None)  # p50, p99
         self.alive = 0  # simulated members still in the group (at the last stats())
+        self.rejoins = 0  # evicted members that came back (at the last stats())
         self.max_lag = 0.0  # the load processes' worst event-loop lag (they starve members)
         for p in range(procs):
             part = ids[p::procs]
@@ -106,9 +107,12 @@ class _Loads:
     def stats(self) -> tuple[int, int, int]:
         acked = failed = events = 0
         self.alive = 0
+        self.rejoins = 0
         for p in range(len(self.conns)):
-            _, a, f, e, alive, self.last_error, p50, p99, lag = self.ask(p, ("stats",))[:9]
+            reply = self.ask(p, ("stats",))
+            _, a, f, e, alive, self.last_error, p50, p99, lag, rejoins = reply[:10]
             self.max_lag = max(self.max_lag, lag)
+            self.rejoins += rejoins
             self.beat_latency = (p50, p99)
             acked, failed, events = acked + a, failed + f, events + e
             self.alive += alive
@@ -160,10 +164,19 @@ def run_bench(
             loads = _Loads(address, secret, interval, ids, procs, unary)
             t_join = time.monotonic()
             loads.wait_ready(60.0 + members / 20)
-            say(f"{members} members in the view after {time.monotonic() - t_join:.1f}s")
+            say(f"{members} members joined after {time.monotonic() - t_join:.1f}s")
             time.sleep(2.0)  # every member's Watch is open and its beats are spread
+            # members evicted during the join storm come back as agents do; the window
+            # starts once all are in the group again (or after a bounded wait)
+            settle_by = time.monotonic() + 30.0 + members / 50
             acked0, failed0, _ = loads.stats()
-            alive0 = loads.alive
+            while loads.alive < members and time.monotonic() < settle_by:
+                time.sleep(0.5)
+                acked0, failed0, _ = loads.stats()
+            settled_s = time.monotonic() - t_join
+            say(f"{loads.alive} of {members} members alive after {settled_s:.1f}s "
+                f"({loads.rejoins} rejoined after an eviction)")  # fmt: skip
+            alive0, rejoins0 = loads.alive, loads.rejoins
             cpu0, t0 = _cpu_s(coord.pid), time.monotonic()
             load_pids = [p.pid for p in loads.procs if p.pid is not None]
             load0 = sum(_cpu_s(pid) for pid in load_pids)
@@ -224,6 +237,9 @@ def run_bench(
         # simulated members still in the group at the window's start and end (a member
         # the coordinator evicted stops, as an evicted agent would until it rejoins)
         "members_alive": [alive0, loads.alive],
+        # evictions (then rejoins) while the members joined, and during the window
+        "rejoins": [rejoins0, loads.rejoins - rejoins0],
+        "settled_s": round(settled_s, 2),
         "coordinator_cores": round(cpu / span, 3),
         "load_cores": round((load1 - load0) / span, 3),  # the simulated members' processes
         "load_max_lag_s": round(loads.max_lag, 3),

@@ -60,6 +60,7 @@ class _Sim:
         self.view = View(0)
         self.gone: dict[str, float] = {}  # member id -> first view without it (monotonic)
         self.alive = True
+        self.stopped = False  # failed or left on purpose: never rejoins
 
 
 class _Load:
@@ -78,6 +79,8 @@ class _Load:
         self._parsed: dict[bytes, tuple[View, bool, frozenset[str]]] = {}
         self.max_lag = 0.0
         self.beat_s: collections.deque[float] = collections.deque(maxlen=2000)
+        self.rejoins = 0  # evicted members that came back as a later incarnation
+        self._rejoining: set[asyncio.Task[None]] = set()
 
     def _channel(self) -> grpc.aio.Channel:
         if not self.channels or len(self.sims) >= len(self.channels) * _MEMBERS_PER_CHANNEL:
@@ -89,9 +92,10 @@ class _Load:
                          incarnation=m.incarnation, epoch=epoch)  # fmt: skip
         return req
 
-    async def join(self, member_id: str, timeout: float = 30.0) -> None:
-        m = Member(member_id, ("127.0.0.1:9",), 1)
-        ch = self._channel()
+    async def join(self, member_id: str, timeout: float = 30.0, incarnation: int = 1) -> None:
+        m = Member(member_id, ("127.0.0.1:9",), incarnation)
+        old = self.sims.get(member_id)
+        ch = old.channel if old is not None else self._channel()
         sim = _Sim(m, pb_grpc.CoordinatorStub(ch), ch)  # type: ignore[no-untyped-call]
         self.sims[member_id] = sim
         req = pb.JoinRequest(member=_rpc.member_to_pb(m), known_view=_rpc.view_to_pb(View(0)))
@@ -105,6 +109,22 @@ class _Load:
                     raise
                 await asyncio.sleep(0.1)
         sim.tasks = [asyncio.create_task(self._beat(sim)), asyncio.create_task(self._watch(sim))]
+
+    def _evicted(self, sim: _Sim) -> None:
+        """The coordinator removed ``sim``: it stops and, as an agent does, comes back
+        as the next incarnation (once, however many of its tasks noticed)."""
+        if not sim.alive:
+            return
+        sim.alive = False
+        if sim.stopped or self.sims.get(sim.member.id) is not sim:
+            return
+        for t in sim.tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+        self.rejoins += 1
+        self._rejoining.add(
+            asyncio.create_task(self.join(sim.member.id, incarnation=sim.member.incarnation + 1))
+        )
 
     async def _beat(self, sim: _Sim) -> None:
         # spread the members' beats over the interval, as independent processes would
@@ -173,7 +193,7 @@ class _Load:
             self.failed_beats += 1
             self.last_error = self.last_error or f"{exc.code().name}: {exc.details()}"
             if _rpc.error_from_rpc(exc, _rpc.SERVICE + "Beats") is not None:
-                sim.alive = False  # refused (evicted): it stops, as the Watch would say
+                self._evicted(sim)  # refused (evicted), as the Watch would say
 
     def _parse(self, raw: bytes) -> tuple[View, bool, frozenset[str]]:
         """(view, evicted, member ids) of a Watch event, verified. The coordinator sends
@@ -208,7 +228,7 @@ class _Load:
                         sim.gone.setdefault(gone, now)
                     sim.view, sim.ids = view, ids
                     if evicted:
-                        sim.alive = False
+                        self._evicted(sim)
                         return
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.1)
@@ -225,6 +245,7 @@ class _Load:
         del self.sims[member_id]
         t0 = time.monotonic()
         sim.alive = False
+        sim.stopped = True
         for t in sim.tasks:
             t.cancel()  # the Watch stream drops now, the heartbeats stop
         req = pb.ReportFailureRequest(suspect_ids=[member_id], reason="disconnected")
@@ -237,6 +258,7 @@ class _Load:
     async def leave(self, member_id: str) -> None:
         sim = self.sims.pop(member_id)
         sim.alive = False
+        sim.stopped = True
         with contextlib.suppress(grpc.aio.AioRpcError):
             await sim.stub.Leave(self._sign(pb.LeaveRequest(reason="bench"), "Leave", sim.member,
                                             sim.view.epoch), timeout=5.0)  # fmt: skip
@@ -254,8 +276,11 @@ class _Load:
         return [m for m, s in self.sims.items() if s.alive]
 
     async def close(self) -> None:
+        for task in self._rejoining:
+            task.cancel()
         for sim in self.sims.values():
             sim.alive = False
+            sim.stopped = True
             for t in sim.tasks:
                 t.cancel()
         for ch in self.channels:
@@ -308,7 +333,7 @@ async def _serve(load: _Load, members: list[str], conn: Any) -> None:
             p99 = beats[int(len(beats) * 0.99)] if beats else None
             alive = sum(1 for sim in load.sims.values() if sim.alive)
             conn.send(("stats", load.acked, load.failed_beats, load.events, alive,
-                       load.last_error, p50, p99, load.max_lag))  # fmt: skip
+                       load.last_error, p50, p99, load.max_lag, load.rejoins))  # fmt: skip
         elif kind == "arrivals":
             conn.send(("arrivals", *load.arrivals(msg[1], msg[2])))
         elif kind == "live":
