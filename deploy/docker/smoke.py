@@ -100,10 +100,32 @@ class Stack:
         self.project = project
         self.env = env
         self.prom = f"http://127.0.0.1:{prom_port}"
+        self.rules: list[tuple[str, list[str]]] = []  # FORWARD rules added for the network
 
     def compose(self, *args: str, timeout: float = 180) -> str:
         return sh(["docker-compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args],
                   env=self.env, timeout=timeout)  # fmt: skip
+
+    def open_forwarding(self) -> None:
+        """FORWARD ACCEPT between the ports of the project's network bridge(s), where
+        bridged frames pass iptables and something there would stop them; removed by
+        :meth:`close_forwarding` (and dockerd.py restores the tables anyway)."""
+        from phalanx.testing.netns import open_forwarding
+
+        ids = sh([DOCKER, "network", "ls", "-q", "--no-trunc", "--filter",
+                  f"label=com.docker.compose.project={self.project}"], env=self.env).split()  # fmt: skip
+        for nid in ids:
+            name = sh([DOCKER, "network", "inspect", "-f",
+                       '{{index .Options "com.docker.network.bridge.name"}}', nid],
+                      env=self.env).strip()  # fmt: skip
+            bridge = name if name and name != "<no value>" else f"br-{nid[:12]}"
+            self.rules += open_forwarding(bridge, f"phalanx-smoke-{self.project}")
+
+    def close_forwarding(self) -> None:
+        from phalanx.testing.netns import close_forwarding
+
+        close_forwarding(self.rules)
+        self.rules.clear()
 
     def peers(self, running_only: bool = True) -> list[str]:
         """Container ids of the peer service (running ones by default)."""
@@ -177,6 +199,11 @@ def alert_names() -> set[str]:
 def scenario(stack: Stack, peers: int) -> dict[str, Any]:
     seen: dict[str, Any] = {"peers_initial": peers}
     t_up = time.time()
+    # the project's network first: where dockerd has left FORWARD DROP behind (our
+    # private dockerd adds no iptables rules), containers reach each other only
+    # through a rule for this network's bridge, added before any container starts
+    stack.compose("up", "--no-start", "--scale", f"peer={peers}")
+    stack.open_forwarding()
     stack.compose("up", "-d", "--scale", f"peer={peers}")
     ids = wait_for(f"{peers} running peers",
                    lambda: (lambda p: p if len(p) == peers else None)(stack.peers()), 60)  # fmt: skip
@@ -361,6 +388,7 @@ def main(argv: Sequence[str]) -> int:
             except SmokeError as exc:
                 status = 1
                 result["error"] = result.get("error", "") + f" | down: {exc}"
+            stack.close_forwarding()
             left = leftovers(stack)
             result["down_s"] = round(time.time() - t, 1)
             result["down_clean"] = not any(left.values())

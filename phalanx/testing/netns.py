@@ -43,8 +43,10 @@ __all__ = [
     "Bridge",
     "BridgeError",
     "bridged_through_iptables",
+    "close_forwarding",
     "forward_chains",
     "leftover_rules",
+    "open_forwarding",
     "unavailable",
 ]
 
@@ -85,6 +87,30 @@ def bridged_through_iptables() -> bool | None:
         return _BR_NF.read_text().strip() != "0"
     except OSError:
         return None
+
+
+def open_forwarding(bridge: str, comment: str) -> list[tuple[str, list[str]]]:
+    """Let frames between ports of ``bridge`` through FORWARD, in each iptables backend
+    that would stop them (a DROP policy or any rule: what dockerd leaves), when bridged
+    frames pass iptables at all. Returns the rules added, for :func:`close_forwarding`
+    (which removes exactly those). A backend that refuses the rule is skipped."""
+    if not bridged_through_iptables():
+        return []
+    spec = ["FORWARD", "-i", bridge, "-o", bridge, "-m", "comment", "--comment", comment,
+            "-j", "ACCEPT"]  # fmt: skip
+    added: list[tuple[str, list[str]]] = []
+    for tool, (policy, rules) in forward_chains().items():
+        if policy == "ACCEPT" and rules == 0:
+            continue  # nothing in that backend stops the bridge's frames
+        if _run(tool, "-w", "5", "-I", *spec[:1], "1", *spec[1:]).returncode == 0:
+            added.append((tool, spec))
+    return added
+
+
+def close_forwarding(rules: list[tuple[str, list[str]]]) -> None:
+    """Remove the rules :func:`open_forwarding` added."""
+    for tool, spec in rules:
+        _run(tool, "-w", "5", "-D", *spec)
 
 
 def forward_chains() -> dict[str, tuple[str, int]]:
@@ -178,22 +204,11 @@ class Bridge:
 
     # ------------------------------------------------------------------ rules
     def _open_forwarding(self) -> None:
-        if not bridged_through_iptables():
-            return
-        comment = f"phalanx-stress-{self.tag}"  # what leftover_rules() looks for
-        spec = ["FORWARD", "-i", self.name, "-o", self.name, "-m", "comment",
-                "--comment", comment, "-j", "ACCEPT"]  # fmt: skip
-        for tool, (policy, rules) in forward_chains().items():
-            if policy == "ACCEPT" and rules == 0:
-                continue  # nothing in that backend stops our frames
-            r = _run(tool, "-w", "5", "-I", *spec[:1], "1", *spec[1:])
-            if r.returncode == 0:
-                self._rules.append((tool, spec))
-            # a backend that refuses the rule is named by probe()'s diagnosis
+        # the comment is what leftover_rules() looks for
+        self._rules += open_forwarding(self.name, f"phalanx-stress-{self.tag}")
 
     def _close_forwarding(self) -> None:
-        for tool, spec in self._rules:
-            _run(tool, "-w", "5", "-D", *spec)
+        close_forwarding(self._rules)
         self._rules.clear()
 
     @property
