@@ -122,9 +122,9 @@ class _Load:
             if t is not asyncio.current_task():
                 t.cancel()
         self.rejoins += 1
-        self._rejoining.add(
-            asyncio.create_task(self.join(sim.member.id, incarnation=sim.member.incarnation + 1))
-        )
+        task = asyncio.create_task(self.join(sim.member.id, incarnation=sim.member.incarnation + 1))
+        self._rejoining.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._rejoining.discard)
 
     async def _beat(self, sim: _Sim) -> None:
         # spread the members' beats over the interval, as independent processes would
