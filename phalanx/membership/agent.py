@@ -100,8 +100,9 @@ class Agent:
             # after a coordinator restart in the soak (seed 1205) old members failed
             # every attempt with "connect() timed out" for 20 s while fresh processes
             # connected. 2 s covers one retransmission; a refused connect still fails
-            # at once, and attempts still start every 0.1-0.5 s. (It cut those stretches
-            # short, but did not end them: see docs/stress.md.)
+            # at once, and attempts still start every 0.1-0.5 s. (Those SYNs were lost
+            # by the harness's bridge changing its MAC address, fixed in
+            # phalanx/testing/netns.py; a lost SYN is ordinary on real networks too.)
             ("grpc.min_reconnect_backoff_ms", 2000),
             ("grpc.max_reconnect_backoff_ms", 500),
             ("grpc.enable_retries", 0),
@@ -460,10 +461,11 @@ class Agent:
         every old member's calls went unanswered for 5.6 s and 11.9 s while daemons
         started meanwhile (fresh channels) joined the new coordinator at once; the
         restarted coordinator ended its recovery with no member, a newcomer formed a
-        view without the training state, and commits hung 20 s. A safety net, not the
-        root cause: a channel wedged on a connection whose end never arrived is not
-        inherited by a new one, but in the soak of seed 20261206 new channels too
-        failed to connect for ~20 s after a restart (still open, docs/stress.md).
+        view without the training state, and commits hung 20 s. The cause there was the
+        harness's bridge (its MAC address moved when a peer's namespace went, and old
+        namespaces sent into nothing until their ARP entry expired; fixed in
+        phalanx/testing/netns.py), but a connection whose end never arrives happens on
+        real networks too (a NAT or firewall forgetting it): this is the safety net.
         Closing the old channel cancels its calls: the watch stream and a vote in
         flight reopen on the new one."""
         now = time.monotonic()

@@ -3,7 +3,10 @@
 :class:`Bridge` creates a Linux bridge with a /24 of its own, puts each peer in a
 network namespace joined to it by a veth pair, takes a peer's link down and up (a
 partition), and removes everything it created. Root and iproute2 are needed;
-:func:`unavailable` says why it cannot be done here.
+:func:`unavailable` says why it cannot be done here. The bridge gets a fixed (random,
+locally administered) MAC address: left to itself, Linux gives a bridge the lowest MAC
+of its ports and changes it when that port is deleted, and every namespace whose ARP
+cache still holds the old one cannot reach the bridge's address for up to ~45 s.
 
 **Hosts where dockerd has run.** dockerd sets the FORWARD chain's policy to DROP and
 loads ``br_netfilter`` with ``net.bridge.bridge-nf-call-iptables=1``: frames crossing
@@ -193,7 +196,15 @@ class Bridge:
         self.namespaces: list[str] = []
         self._rules: list[tuple[str, list[str]]] = []  # (backend, rule spec) added by us
         self._links = 0
-        self._ip("link", "add", name, "type", "bridge")
+        # A fixed address: a Linux bridge left to itself takes the lowest address of its
+        # ports and changes it when that port goes (a peer's namespace deleted). The
+        # namespaces still holding the old address in their ARP cache then send into
+        # nothing -- new connections to the bridge's address time out for the 15-45 s
+        # an entry stays reachable, while namespaces created later connect at once.
+        # That was the "coordinator unreachable after a restart" silence of the 30-minute
+        # soaks (docs/stress.md).
+        self.mac = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
+        self._ip("link", "add", name, "address", self.mac, "type", "bridge")
         try:
             self._ip("addr", "add", f"{self.host}/24", "dev", name)
             self._ip("link", "set", name, "up")
