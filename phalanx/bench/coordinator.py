@@ -2,8 +2,9 @@
 
 The parent starts ``phalanx coordinator`` as a process of its own and ``--procs`` load
 processes (:mod:`phalanx.membership._loadgen`) that simulate the members with
-asyncio over the gRPC API: every member joins, heartbeats at the coordinator's default
-rate (``heartbeat_interval``, 0.15 s) and keeps a Watch stream open. Once all are in the
+asyncio over the gRPC API: every member joins, heartbeats at the pace the coordinator
+asks for (``membership/pacing.py``: 0.15 s up to 300 members, doubled as often as it
+takes to keep the beats within ``max_beat_rate``, 2,000/s) and keeps a Watch stream open. Once all are in the
 view, for ``--window`` seconds it keeps the load on and adds churn: every
 ``--churn-every`` seconds a member joins or one leaves, and ``--failures`` times a
 member fails as a SIGKILL looks to the coordinator (its heartbeats stop and its Watch
@@ -72,6 +73,7 @@ class _Loads:
         self.alive = 0  # simulated members still in the group (at the last stats())
         self.rejoins = 0  # evicted members that came back (at the last stats())
         self.max_lag = 0.0  # the load processes' worst event-loop lag (they starve members)
+        self.interval = interval  # the heartbeat pace the coordinator asked for (last stats())
         for p in range(procs):
             part = ids[p::procs]
             parent, child = _MP.Pipe()
@@ -110,7 +112,7 @@ class _Loads:
         self.rejoins = 0
         for p in range(len(self.conns)):
             reply = self.ask(p, ("stats",))
-            _, a, f, e, alive, self.last_error, p50, p99, lag, rejoins = reply[:10]
+            _, a, f, e, alive, self.last_error, p50, p99, lag, rejoins, self.interval = reply[:11]
             self.max_lag = max(self.max_lag, lag)
             self.rejoins += rejoins
             self.beat_latency = (p50, p99)
@@ -230,7 +232,8 @@ def run_bench(
         "members": members,
         "load_procs": procs,
         "beats": "unary" if unary else "stream",
-        "heartbeat_interval_s": interval,
+        # the pace the coordinator set for this many members (pacing.py), at the end
+        "heartbeat_interval_s": loads.interval,
         "window_s": round(span, 2),
         "heartbeats_per_s": round(beats / span, 1),
         "heartbeats_failed": failed1 - failed0,

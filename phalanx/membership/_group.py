@@ -9,7 +9,9 @@ every rule here is testable with a fake clock. The gRPC servicer in
 Rules (docs/membership.md explains them):
   * failure: no heartbeat for ``heartbeat_timeout``; or a suspicion (peer report,
     lost Watch stream, a higher incarnation asking to join) not refuted by a
-    heartbeat within ``confirm_window``. When more than half of the view (two or
+    heartbeat within ``confirm_window``. Both, and the heartbeat interval, are those
+    of the group's pace (``pacing.py``): doubled as often as a large group needs to
+    keep its beats within ``max_beat_rate``. When more than half of the view (two or
     more) falls silent in the same tick, the likelier cause is on this side (the
     coordinator starved of CPU, its host's network) rather than that many deaths at
     once: they get one more ``heartbeat_timeout`` and only those still silent then
@@ -18,9 +20,10 @@ Rules (docs/membership.md explains them):
   * admission: joiners enter the view right after a commit decision (the operation
     boundary), or at once when the group is not stepping (no decision within
     ``step_window`` and no round open), or at the latest after ``admit_deadline``.
-    Joins that arrive within ``join_batch`` of the last admission wait for the next
-    tick and enter together: a cluster of N starting at once is a handful of views,
-    not N views each sent to every member (N^2 watch events).
+    Joins that arrive within ``join_batch`` of the last admission (in a group past the
+    first pace level: one heartbeat interval) wait for a later tick and enter
+    together: a cluster of N starting at once is a handful of views, not N views each
+    sent to every member (N^2 watch events).
   * commit: one decision per (epoch, step), remembered; a vote for an epoch that is
     not current is answered "not committed" unless that round was already decided --
     but only for epochs this instance published itself. For an older epoch (one a
@@ -50,6 +53,7 @@ from dataclasses import dataclass, field
 
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.errors import Evicted, Rejected, RejectReason
+from phalanx.membership.pacing import Pace, Pacer
 from phalanx.membership.view import (
     IN_VIEW_STATES,
     Change,
@@ -159,6 +163,7 @@ class GroupState:
         self._recovery_deadline = now + config.recovery_grace
         # a mass silence being waited out: (since, until) -- see tick()
         self._silence: tuple[float, float] | None = None
+        self._pacer = Pacer(config)
         #: Grows on every publication, adoption or decision (waiters compare it).
         self.revision = 0
 
@@ -167,6 +172,11 @@ class GroupState:
     @property
     def view(self) -> View:
         return self._published.view
+
+    @property
+    def pace(self) -> Pace:
+        """The heartbeat pace members are told now (``pacing.py``)."""
+        return self._pacer.told
 
     @property
     def published(self) -> Published:
@@ -265,22 +275,21 @@ class GroupState:
                 )
         # Unknown id (or a replaced joiner).
         if known_view.epoch > 0 and self._handle_reregistration(member, known_view, now):
+            self._repace(now)
             self._maybe_end_recovery(now)
             return self.view, True
         if len(self._entries) >= self.config.max_members:
             raise Rejected(RejectReason.GROUP_FULL, f"{len(self._entries)} members and joiners")
         state = transition(None, MemberEvent.JOIN)
         self._entries[member.id] = _Entry(member, state, now, now)
+        self._repace(now)
         log.info(
             "event=join_requested member=%s incarnation=%d epoch=%d",
             member.id,
             member.incarnation,
             self.view.epoch,
         )
-        recent = self._last_admit_at is not None and now - self._last_admit_at < (
-            self.config.join_batch
-        )
-        if not recent:  # else the next tick admits it with whoever else joins meanwhile
+        if not self._admitted_lately(now):  # else a later tick admits it with the others
             self._maybe_admit(now, boundary=False)
         entry = self._entries[member.id]
         return self.view, entry.state in IN_VIEW_STATES
@@ -357,7 +366,8 @@ class GroupState:
         entry.last_beat = now
         # Only a beat that arrives a while after the suspicion refutes it: one that was
         # already in flight when the peer died must not (it would cost a full timeout).
-        settled = now - (entry.suspected_at or now) >= self.config.heartbeat_interval / 2
+        pace = self._pacer.judging(now)
+        settled = now - (entry.suspected_at or now) >= pace.interval / 2
         if entry.state is MemberState.SUSPECTED and settled:
             entry.state = transition(entry.state, MemberEvent.REFUTE)
             log.info(
@@ -434,7 +444,7 @@ class GroupState:
     def _hold_mass_silence(self, now: float) -> bool:
         """True while heartbeat timeouts are held because most of the view fell silent
         at once (see the module docstring); starts such a hold when it applies."""
-        cfg = self.config
+        timeout = self._pacer.judging(now).timeout
         if self._silence is not None:
             if now < self._silence[1]:
                 return True
@@ -442,21 +452,23 @@ class GroupState:
             return False
         in_view = [e for e in self._entries.values() if e.state in IN_VIEW_STATES]
         silent = [e for e in in_view
-                  if e.last_beat is not None and now - e.last_beat >= cfg.heartbeat_timeout]  # fmt: skip
+                  if e.last_beat is not None and now - e.last_beat >= timeout]  # fmt: skip
         if len(silent) < 2 or 2 * len(silent) <= len(in_view):
             return False
-        self._silence = (now, now + cfg.heartbeat_timeout)
+        self._silence = (now, now + timeout)
         log.warning(
             "event=mass_silence members=%s of=%d hold_s=%.3f",
             ",".join(sorted(e.member.id for e in silent)),
             len(in_view),
-            cfg.heartbeat_timeout,
+            timeout,
         )
         return True
 
     def tick(self, now: float) -> None:
         """Detect failures, confirm suspicions, end recovery, admit joiners, time out rounds."""
         cfg = self.config
+        self._repace(now)
+        pace = self._pacer.judging(now)
         removals: list[Change] = []
         hold = self._hold_mass_silence(now)
         for member_id in list(self._entries):
@@ -470,15 +482,15 @@ class GroupState:
             if (
                 entry.state is MemberState.SUSPECTED
                 and entry.suspected_at is not None
-                and (now - entry.suspected_at >= cfg.confirm_window or self._corroborated(entry))
+                and (now - entry.suspected_at >= pace.confirm_window or self._corroborated(entry))
             ):
                 entry.state = transition(entry.state, MemberEvent.CONFIRM)
                 entry.removal_cause = f"confirmed:{entry.suspicion}"
-                if now - entry.suspected_at < cfg.confirm_window:
+                if now - entry.suspected_at < pace.confirm_window:
                     entry.removal_cause += "+corroborated"
                 removals.append(Change(ChangeKind.FAIL, entry.member, entry.removal_cause))
                 continue
-            if age >= cfg.heartbeat_timeout and not (hold and entry.state in IN_VIEW_STATES):
+            if age >= pace.timeout and not (hold and entry.state in IN_VIEW_STATES):
                 was_joining = entry.state is MemberState.JOINING
                 entry.state = transition(entry.state, MemberEvent.TIMEOUT)
                 cause = "heartbeat-timeout" if entry.last_beat is not None else "no-reregistration"
@@ -496,7 +508,8 @@ class GroupState:
         for key, rnd in list(self._rounds.items()):
             if key in self._rounds and now - rnd.opened >= cfg.commit_timeout:
                 self._decide(rnd, False, Outcome.TIMEOUT, now)
-        self._maybe_admit(now, boundary=False)
+        if self._pacer.told.level == 0 or not self._admitted_lately(now):  # ticks batch
+            self._maybe_admit(now, boundary=False)
 
     def _maybe_end_recovery(self, now: float) -> None:
         if not self._recovering or not self.view.members:
@@ -623,6 +636,19 @@ class GroupState:
 
     # -- admission and publication ----------------------------------------------------
 
+    def _admitted_lately(self, now: float) -> bool:
+        """Whether an admission was published within the batching window: ``join_batch``,
+        and for a group past the first pace level one heartbeat interval -- each view
+        goes to every member, and a thousand joiners admitted one tick (50 ms) apart
+        made the coordinator send ~20 views of 1,000 members a second, starve its
+        heartbeat handlers and fail the members by timeout (bench coordinator)."""
+        if self._last_admit_at is None:
+            return False
+        pace = self._pacer.told
+        gap = self.config.join_batch if pace.level == 0 else max(self.config.join_batch,
+                                                                   pace.interval)  # fmt: skip
+        return now - self._last_admit_at < gap
+
     def _maybe_admit(self, now: float, *, boundary: bool) -> None:
         if self._recovering:
             return
@@ -693,6 +719,12 @@ class GroupState:
         for key, rnd in list(self._rounds.items()):
             if rnd.epoch != view.epoch and key in self._rounds:
                 self._decide(rnd, False, self._moved_on(rnd.epoch), now)
+
+    def _repace(self, now: float) -> None:
+        if self._pacer.update(len(self._entries), now):
+            pace = self._pacer.told
+            log.info("event=heartbeat_pace entries=%d level=%d interval_s=%.3f timeout_s=%.3f",
+                     len(self._entries), pace.level, pace.interval, pace.timeout)  # fmt: skip
 
     def _bury(self, entry: _Entry, state: MemberState, cause: str) -> None:
         member = entry.member

@@ -31,6 +31,7 @@ from phalanx.membership.errors import (
     Rejected,
     RejectReason,
 )
+from phalanx.membership.pacing import Pace
 from phalanx.membership.view import Member, View, parse_address
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "member_to_pb",
     "probe",
     "status_for",
+    "timing_to_pb",
     "view_from_pb",
     "view_to_pb",
 ]
@@ -268,3 +270,9 @@ def probe(addresses: Sequence[str], timeout: float) -> bool:
         except OSError:
             continue
     return False
+
+
+def timing_to_pb(pace: Pace) -> pb.Timing:
+    """The pace as members are told it (milliseconds)."""
+    return pb.Timing(heartbeat_interval_ms=round(pace.interval * 1000),
+                     heartbeat_timeout_ms=round(pace.timeout * 1000))  # fmt: skip

@@ -157,6 +157,11 @@ class Agent:
             return self._view
 
     @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between this agent's heartbeats: the pace the coordinator asked for."""
+        return self._interval
+
+    @property
     def evicted(self) -> bool:
         return self._evicted
 
@@ -510,8 +515,7 @@ class Agent:
                             view.epoch,
                         )
                     self._run = resp.coordinator_run
-                if resp.timing.heartbeat_interval_ms:
-                    self._interval = resp.timing.heartbeat_interval_ms / 1000.0
+                self._follow_pace(resp.timing)
             if resp.admitted:
                 self._install(view)
 
@@ -699,6 +703,7 @@ class Agent:
                     raise CoordinatorUnavailable("Beats: response failed verification") from None
                 answered = True
                 self._answered()
+                self._follow_pace(resp.timing)
                 self._callback(self.on_heartbeat, True)
                 if resp.coordinator_run != self._run:
                     self._reregister(inc)
@@ -731,6 +736,7 @@ class Agent:
                                incarnation=inc),
                 )  # fmt: skip
                 acked = True
+                self._follow_pace(resp.timing)
                 self._callback(self.on_heartbeat, True)
                 if resp.coordinator_run != self._run:
                     self._reregister(inc)
@@ -802,6 +808,18 @@ class Agent:
             finally:
                 with self._lock:
                     self._watch_call = None
+
+    def _follow_pace(self, timing: pb.Timing) -> None:
+        """Beat at the interval the coordinator asks for (it grows with the group,
+        pacing.py), and give it as much longer before taking its silence for a lost
+        connection. Unset fields (an older coordinator) change nothing."""
+        if timing.heartbeat_interval_ms and timing.heartbeat_timeout_ms:
+            interval = timing.heartbeat_interval_ms / 1000.0
+            if interval != self._interval:
+                log.info("event=heartbeat_pace member=%s interval_s=%.3f timeout_s=%.3f",
+                         self._member.id, interval, timing.heartbeat_timeout_ms / 1000.0)  # fmt: skip
+            self._interval = interval
+            self._silent_after = max(_SILENT_MIN, 4 * timing.heartbeat_timeout_ms / 1000.0)
 
     def _on_event(self, event: pb.WatchEvent, method: str, inc: int) -> None:
         self._answered()

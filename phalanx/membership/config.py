@@ -39,6 +39,15 @@ class MembershipConfig:
     commit_timeout: float = 30.0
     #: Members plus joiners the coordinator accepts.
     max_members: int = 256
+    #: Heartbeats per second the coordinator is sized for. A group whose members would
+    #: send more at ``heartbeat_interval`` beats at 2x, 4x, ... that interval, with the
+    #: heartbeat timeout and the confirm window scaled alike (``pacing.py``): with the
+    #: defaults, up to 300 members beat every 0.15 s, 1,000 every 0.6 s.
+    max_beat_rate: float = 2000.0
+    #: A group that shrank keeps its slower pace this long (and at least ten of that
+    #: pace's heartbeat timeouts) before its beats quicken: members evicted en masse
+    #: are usually about to rejoin.
+    quicken_after: float = 60.0
     #: Allowed clock difference for the replay window of signed requests.
     max_skew: float = 30.0
     #: Refuse joins whose advertised addresses the coordinator cannot TCP-connect to.
@@ -64,12 +73,13 @@ class MembershipConfig:
             "probe_timeout",
             "tick",
             "rpc_timeout",
+            "max_beat_rate",
         )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"membership.{name} must be a positive number, got {value!r}")
-        for name in ("recovery_grace", "step_window", "join_batch"):
+        for name in ("recovery_grace", "step_window", "join_batch", "quicken_after"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"membership.{name} must be >= 0")
         if self.heartbeat_timeout < 2 * self.heartbeat_interval:

@@ -34,6 +34,7 @@ from phalanx.membership._proto import membership_pb2 as pb
 from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.errors import Rejected, RejectReason
+from phalanx.membership.pacing import Pace
 from phalanx.membership.view import IN_VIEW_STATES, MemberState, View, parse_address
 
 __all__ = ["Coordinator"]
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _WAIT_SLICE = 0.5  # longest single condition wait inside a handler
+_WATCH_LOOK_S = 5.0  # a Watch stream's longest wait without a wake-up
+_ANSWER_EVERY_S = 1.0  # a Beats call is answered at least this often (while beats come)
 SERVICE_NAME = _rpc.SERVICE.strip("/")
 
 
@@ -236,8 +239,8 @@ class Coordinator:
                 self._notify(group, before, seq)
 
 
-def _beat(who: tuple[str, int], group: GroupState, now: float) -> int:
-    return group.heartbeat(who[0], who[1], now)
+def _beat(who: tuple[str, int], group: GroupState, now: float) -> tuple[int, Pace]:
+    return group.heartbeat(who[0], who[1], now), group.pace
 
 
 def _raw(data: bytes) -> bytes:
@@ -342,14 +345,11 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 f"no TCP connection to any of {', '.join(member.addresses)} "
                 f"within {c.config.probe_timeout:.2f} s",
             )
-        view, admitted = c._locked(lambda g, now: g.join(member, known, last, now))
+        view, admitted, pace = c._locked(lambda g, now: (*g.join(member, known, last, now), g.pace))
         resp = pb.JoinResponse(
             view=_rpc.view_to_pb(view),
             admitted=admitted,
-            timing=pb.Timing(
-                heartbeat_interval_ms=round(c.config.heartbeat_interval * 1000),
-                heartbeat_timeout_ms=round(c.config.heartbeat_timeout * 1000),
-            ),
+            timing=_rpc.timing_to_pb(pace),
             coordinator_run=c.run_id,
         )
         self._sign(resp, method, "response", view.epoch)
@@ -381,10 +381,11 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
         def run() -> pb.HeartbeatResponse:
             info = self._c._signer.verify(request, method, "request")
-            epoch = self._c._locked(
-                lambda g, now: g.heartbeat(info.sender_id, info.incarnation, now)
+            epoch, pace = self._c._locked(
+                functools.partial(_beat, (info.sender_id, info.incarnation))
             )
-            resp = pb.HeartbeatResponse(epoch=epoch, coordinator_run=self._c.run_id)
+            resp = pb.HeartbeatResponse(epoch=epoch, coordinator_run=self._c.run_id,
+                                        timing=_rpc.timing_to_pb(pace))  # fmt: skip
             self._sign(resp, method, "response", epoch)
             return resp
 
@@ -396,14 +397,15 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         self, request_iterator: Iterator[pb.HeartbeatRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.HeartbeatResponse]:
         """Heartbeats on one call (see the .proto): each request verified and counted
-        as a Heartbeat; answered on the first beat, on an epoch change and about once a
-        second. A refusal ends the call with its status, as Heartbeat would answer."""
+        as a Heartbeat; answered on the first beat, on an epoch or pace change and on
+        the first beat a second or more after the last answer (the agent takes a long
+        silence for a lost connection). A refusal ends the call with its status, as
+        Heartbeat would answer."""
         method = _rpc.SERVICE + "Beats"
         c = self._c
-        every = max(1, round(1.0 / c.config.heartbeat_interval))
         sender: tuple[str, int] | None = None
-        last_epoch = -1
-        n = 0
+        last: tuple[int, Pace | None] = (-1, None)
+        answered = 0.0
         try:
             for request in request_iterator:
                 info = c._signer.verify(request, method, "request")
@@ -412,11 +414,12 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     sender = who
                 elif who != sender:
                     raise Rejected(RejectReason.MALFORMED, "one Beats call per member incarnation")
-                epoch = c._locked(functools.partial(_beat, who))
-                n += 1
-                if epoch != last_epoch or n % every == 0:
-                    last_epoch = epoch
-                    resp = pb.HeartbeatResponse(epoch=epoch, coordinator_run=c.run_id)
+                epoch, pace = c._locked(functools.partial(_beat, who))
+                now = time.monotonic()
+                if (epoch, pace) != last or now - answered >= _ANSWER_EVERY_S:
+                    last, answered = (epoch, pace), now
+                    resp = pb.HeartbeatResponse(epoch=epoch, coordinator_run=c.run_id,
+                                                timing=_rpc.timing_to_pb(pace))  # fmt: skip
                     self._sign(resp, method, "response", epoch)
                     yield resp
         except Rejected as err:
@@ -554,7 +557,10 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     live = state is MemberState.JOINING or state in IN_VIEW_STATES
                     if group.published.seq != last_seq or not live:
                         break
-                    c._views.wait(_WAIT_SLICE)  # a new view, the stream's end, or a look
+                    # woken by a new view, the stream's end (on_done) or stop(); the look
+                    # is a safety net only: 1,000 watchers looking every 0.5 s cost the
+                    # coordinator 2,000 wake-ups a second
+                    c._views.wait(_WATCH_LOOK_S)
                 published = group.published
             last_seq = published.seq
             evicted = not live and state is not MemberState.LEFT
@@ -608,8 +614,12 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def _event(self, published: Published, *, first: bool, evicted: bool) -> bytes:
         """A signed, serialized Watch event for ``published``. A broadcast event may go
         to many watchers with one nonce: each agent's replay cache sees it once."""
+        # an eviction notice ends the stream and its agent rejoins: it carries the
+        # epoch, not the members (at 1,000 members each notice was a 1,000-member view
+        # built, signed and serialized for one watcher)
+        view = View(published.view.epoch) if evicted else published.view
         event = pb.WatchEvent(
-            view=_rpc.view_to_pb(published.view),
+            view=_rpc.view_to_pb(view),
             cause=(pb.VIEW_CAUSE_SNAPSHOT if first else published.cause.value),  # type: ignore[arg-type]
             removed_ids=[i for i, _ in published.removed],
             removed_causes=[why for _, why in published.removed],

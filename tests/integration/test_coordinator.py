@@ -489,3 +489,46 @@ def test_heartbeats_go_on_one_beats_stream_and_fall_back_to_unary(
         finally:
             group.close()
             c.stop(0.5)
+
+
+# -- the heartbeat pace ------------------------------------------------------------------
+
+
+def _until(pred: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_agents_beat_at_the_pace_the_coordinator_sets_for_the_group_size(
+    listeners: list[Listener],
+) -> None:
+    """A group larger than max_beat_rate allows at the configured interval beats at a
+    multiple of it (pacing.py); agents follow it as the group grows and shrinks, and
+    none is failed for beating at a pace the coordinator asked for."""
+    # capacity at level L: 40/s x 0.05 s x 2**L = 2, 4, 8 members
+    cfg = MembershipConfig(heartbeat_interval=0.05, heartbeat_timeout=0.2, confirm_window=0.1,
+                           max_beat_rate=40.0, recovery_grace=0.0, join_batch=0.0,
+                           quicken_after=2.0)  # fmt: skip
+    c = Coordinator(secret=SECRET, config=cfg)
+    c.start()
+    g = Group(c.address, listeners)
+    try:
+        agents = form(g, "abcdef")
+        assert _until(lambda: all(a.heartbeat_interval == pytest.approx(0.2) for a in agents), 5)
+        epoch = c.view.epoch
+        time.sleep(2.0)  # ten intervals of 0.2 s: a timeout of 0.2 s would fail them all
+        assert c.view.epoch == epoch and c.view.size == 6
+        for a in agents[1:]:
+            a.leave()
+        # the pace quickens once the group has stayed small for 10 x 0.8 s (pacing.py)
+        assert _until(lambda: agents[0].heartbeat_interval == pytest.approx(0.05), 15)
+        epoch = c.view.epoch
+        time.sleep(1.5)
+        assert c.view.epoch == epoch and c.view.ids == ("a",)
+    finally:
+        g.close()
+        c.stop(grace=0.5)

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*phalanx/membership/_proto/membership.proto\x12\nphalanx.v1\"\x8b\x01\n\x06Header\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\x0b\n\x03mac\x18\x07 \x01(\x0c\"J\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x0c\n\x04zone\x18\x04 \x01(\t\":\n\x04View\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12#\n\x07members\x18\x02 \x03(\x0b\x32\x12.phalanx.v1.Member\":\n\x08\x44\x65\x63ision\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x11\n\tcommitted\x18\x03 \x01(\x08\"E\n\x06Timing\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x02 \x01(\r\"\xa8\x01\n\x0bJoinRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\"\n\x06member\x18\x02 \x01(\x0b\x32\x12.phalanx.v1.Member\x12$\n\nknown_view\x18\x03 \x01(\x0b\x32\x10.phalanx.v1.View\x12+\n\rlast_decision\x18\x04 \x01(\x0b\x32\x14.phalanx.v1.Decision\"\xa1\x01\n\x0cJoinResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x1e\n\x04view\x18\x02 \x01(\x0b\x32\x10.phalanx.v1.View\x12\x10\n\x08\x61\x64mitted\x18\x03 \x01(\x08\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.phalanx.v1.Timing\x12\x17\n\x0f\x63oordinator_run\x18\x05 \x01(\t\"B\n\x0cLeaveRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x0e\n\x06reason\x18\x02 \x01(\t\"S\n\rLeaveResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x1e\n\x04view\x18\x02 \x01(\x0b\x32\x10.phalanx.v1.View\"6\n\x10HeartbeatRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\"_\n\x11HeartbeatResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x17\n\x0f\x63oordinator_run\x18\x03 \x01(\t\"2\n\x0cWatchRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\"\xb4\x01\n\nWatchEvent\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x1e\n\x04view\x18\x02 \x01(\x0b\x32\x10.phalanx.v1.View\x12$\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x15.phalanx.v1.ViewCause\x12\x13\n\x0bremoved_ids\x18\x04 \x03(\t\x12\x16\n\x0eremoved_causes\x18\x05 \x03(\t\x12\x0f\n\x07\x65victed\x18\x06 \x01(\x08\"_\n\x14ReportFailureRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x13\n\x0bsuspect_ids\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"R\n\x15ReportFailureResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x15\n\rsuspected_ids\x18\x02 \x03(\t\"z\n\rCommitRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\n\n\x02ok\x18\x03 \x01(\x08\x12+\n\rlast_decision\x18\x04 \x01(\x0b\x32\x14.phalanx.v1.Decision\"\x90\x01\n\x0e\x43ommitResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12*\n\x07outcome\x18\x05 \x01(\x0e\x32\x19.phalanx.v1.CommitOutcome\":\n\nStateEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"H\n\x14StateManifestRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\xc3\x01\n\x15StateManifestResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\'\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x16.phalanx.v1.StateEntry\x12\x14\n\x0c\x64\x61ta_address\x18\x05 \x01(\t\x12\x16\n\x0etransfer_token\x18\x06 \x01(\x0c\x12\x12\n\nstate_hash\x18\x07 \x01(\x0c*\x8d\x03\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16REJECT_REASON_BAD_AUTH\x10\x01\x12\"\n\x1eREJECT_REASON_VERSION_MISMATCH\x10\x02\x12\x1e\n\x1aREJECT_REASON_DUPLICATE_ID\x10\x03\x12\x1d\n\x19REJECT_REASON_STALE_EPOCH\x10\x04\x12%\n!REJECT_REASON_UNREACHABLE_ADDRESS\x10\x05\x12\x1b\n\x17REJECT_REASON_MALFORMED\x10\x06\x12\x1c\n\x18REJECT_REASON_NOT_MEMBER\x10\x07\x12\x19\n\x15REJECT_REASON_EVICTED\x10\x08\x12#\n\x1fREJECT_REASON_STALE_INCARNATION\x10\t\x12\x1c\n\x18REJECT_REASON_GROUP_FULL\x10\n\x12\x1f\n\x1bREJECT_REASON_SHUTTING_DOWN\x10\x0b*\x9c\x01\n\tViewCause\x12\x1a\n\x16VIEW_CAUSE_UNSPECIFIED\x10\x00\x12\x17\n\x13VIEW_CAUSE_SNAPSHOT\x10\x01\x12\x13\n\x0fVIEW_CAUSE_JOIN\x10\x02\x12\x14\n\x10VIEW_CAUSE_LEAVE\x10\x03\x12\x16\n\x12VIEW_CAUSE_FAILURE\x10\x04\x12\x17\n\x13VIEW_CAUSE_RECOVERY\x10\x05*\xc5\x01\n\rCommitOutcome\x12\x1e\n\x1a\x43OMMIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OMMIT_OUTCOME_ALL_OK\x10\x01\x12 \n\x1c\x43OMMIT_OUTCOME_MEMBER_FAILED\x10\x02\x12\x1f\n\x1b\x43OMMIT_OUTCOME_VIEW_CHANGED\x10\x03\x12\x1a\n\x16\x43OMMIT_OUTCOME_TIMEOUT\x10\x04\x12\x1a\n\x16\x43OMMIT_OUTCOME_UNKNOWN\x10\x05\x32\xee\x03\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.phalanx.v1.JoinRequest\x1a\x18.phalanx.v1.JoinResponse\x12<\n\x05Leave\x12\x18.phalanx.v1.LeaveRequest\x1a\x19.phalanx.v1.LeaveResponse\x12H\n\tHeartbeat\x12\x1c.phalanx.v1.HeartbeatRequest\x1a\x1d.phalanx.v1.HeartbeatResponse\x12H\n\x05\x42\x65\x61ts\x12\x1c.phalanx.v1.HeartbeatRequest\x1a\x1d.phalanx.v1.HeartbeatResponse(\x01\x30\x01\x12;\n\x05Watch\x12\x18.phalanx.v1.WatchRequest\x1a\x16.phalanx.v1.WatchEvent0\x01\x12T\n\rReportFailure\x12 .phalanx.v1.ReportFailureRequest\x1a!.phalanx.v1.ReportFailureResponse\x12?\n\x06\x43ommit\x12\x19.phalanx.v1.CommitRequest\x1a\x1a.phalanx.v1.CommitResponse2c\n\x08PeerSync\x12W\n\x10GetStateManifest\x12 .phalanx.v1.StateManifestRequest\x1a!.phalanx.v1.StateManifestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*phalanx/membership/_proto/membership.proto\x12\nphalanx.v1\"\x8b\x01\n\x06Header\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\x0b\n\x03mac\x18\x07 \x01(\x0c\"J\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x0c\n\x04zone\x18\x04 \x01(\t\":\n\x04View\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12#\n\x07members\x18\x02 \x03(\x0b\x32\x12.phalanx.v1.Member\":\n\x08\x44\x65\x63ision\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x11\n\tcommitted\x18\x03 \x01(\x08\"E\n\x06Timing\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x02 \x01(\r\"\xa8\x01\n\x0bJoinRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\"\n\x06member\x18\x02 \x01(\x0b\x32\x12.phalanx.v1.Member\x12$\n\nknown_view\x18\x03 \x01(\x0b\x32\x10.phalanx.v1.View\x12+\n\rlast_decision\x18\x04 \x01(\x0b\x32\x14.phalanx.v1.Decision\"\xa1\x01\n\x0cJoinResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x1e\n\x04view\x18\x02 \x01(\x0b\x32\x10.phalanx.v1.View\x12\x10\n\x08\x61\x64mitted\x18\x03 \x01(\x08\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.phalanx.v1.Timing\x12\x17\n\x0f\x63oordinator_run\x18\x05 \x01(\t\"B\n\x0cLeaveRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x0e\n\x06reason\x18\x02 \x01(\t\"S\n\rLeaveResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x1e\n\x04view\x18\x02 \x01(\x0b\x32\x10.phalanx.v1.View\"6\n\x10HeartbeatRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\"\x83\x01\n\x11HeartbeatResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x17\n\x0f\x63oordinator_run\x18\x03 \x01(\t\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.phalanx.v1.Timing\"2\n\x0cWatchRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\"\xb4\x01\n\nWatchEvent\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x1e\n\x04view\x18\x02 \x01(\x0b\x32\x10.phalanx.v1.View\x12$\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x15.phalanx.v1.ViewCause\x12\x13\n\x0bremoved_ids\x18\x04 \x03(\t\x12\x16\n\x0eremoved_causes\x18\x05 \x03(\t\x12\x0f\n\x07\x65victed\x18\x06 \x01(\x08\"_\n\x14ReportFailureRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x13\n\x0bsuspect_ids\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"R\n\x15ReportFailureResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x15\n\rsuspected_ids\x18\x02 \x03(\t\"z\n\rCommitRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\n\n\x02ok\x18\x03 \x01(\x08\x12+\n\rlast_decision\x18\x04 \x01(\x0b\x32\x14.phalanx.v1.Decision\"\x90\x01\n\x0e\x43ommitResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12*\n\x07outcome\x18\x05 \x01(\x0e\x32\x19.phalanx.v1.CommitOutcome\":\n\nStateEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"H\n\x14StateManifestRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\xc3\x01\n\x15StateManifestResponse\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.phalanx.v1.Header\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\'\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x16.phalanx.v1.StateEntry\x12\x14\n\x0c\x64\x61ta_address\x18\x05 \x01(\t\x12\x16\n\x0etransfer_token\x18\x06 \x01(\x0c\x12\x12\n\nstate_hash\x18\x07 \x01(\x0c*\x8d\x03\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16REJECT_REASON_BAD_AUTH\x10\x01\x12\"\n\x1eREJECT_REASON_VERSION_MISMATCH\x10\x02\x12\x1e\n\x1aREJECT_REASON_DUPLICATE_ID\x10\x03\x12\x1d\n\x19REJECT_REASON_STALE_EPOCH\x10\x04\x12%\n!REJECT_REASON_UNREACHABLE_ADDRESS\x10\x05\x12\x1b\n\x17REJECT_REASON_MALFORMED\x10\x06\x12\x1c\n\x18REJECT_REASON_NOT_MEMBER\x10\x07\x12\x19\n\x15REJECT_REASON_EVICTED\x10\x08\x12#\n\x1fREJECT_REASON_STALE_INCARNATION\x10\t\x12\x1c\n\x18REJECT_REASON_GROUP_FULL\x10\n\x12\x1f\n\x1bREJECT_REASON_SHUTTING_DOWN\x10\x0b*\x9c\x01\n\tViewCause\x12\x1a\n\x16VIEW_CAUSE_UNSPECIFIED\x10\x00\x12\x17\n\x13VIEW_CAUSE_SNAPSHOT\x10\x01\x12\x13\n\x0fVIEW_CAUSE_JOIN\x10\x02\x12\x14\n\x10VIEW_CAUSE_LEAVE\x10\x03\x12\x16\n\x12VIEW_CAUSE_FAILURE\x10\x04\x12\x17\n\x13VIEW_CAUSE_RECOVERY\x10\x05*\xc5\x01\n\rCommitOutcome\x12\x1e\n\x1a\x43OMMIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OMMIT_OUTCOME_ALL_OK\x10\x01\x12 \n\x1c\x43OMMIT_OUTCOME_MEMBER_FAILED\x10\x02\x12\x1f\n\x1b\x43OMMIT_OUTCOME_VIEW_CHANGED\x10\x03\x12\x1a\n\x16\x43OMMIT_OUTCOME_TIMEOUT\x10\x04\x12\x1a\n\x16\x43OMMIT_OUTCOME_UNKNOWN\x10\x05\x32\xee\x03\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.phalanx.v1.JoinRequest\x1a\x18.phalanx.v1.JoinResponse\x12<\n\x05Leave\x12\x18.phalanx.v1.LeaveRequest\x1a\x19.phalanx.v1.LeaveResponse\x12H\n\tHeartbeat\x12\x1c.phalanx.v1.HeartbeatRequest\x1a\x1d.phalanx.v1.HeartbeatResponse\x12H\n\x05\x42\x65\x61ts\x12\x1c.phalanx.v1.HeartbeatRequest\x1a\x1d.phalanx.v1.HeartbeatResponse(\x01\x30\x01\x12;\n\x05Watch\x12\x18.phalanx.v1.WatchRequest\x1a\x16.phalanx.v1.WatchEvent0\x01\x12T\n\rReportFailure\x12 .phalanx.v1.ReportFailureRequest\x1a!.phalanx.v1.ReportFailureResponse\x12?\n\x06\x43ommit\x12\x19.phalanx.v1.CommitRequest\x1a\x1a.phalanx.v1.CommitResponse2c\n\x08PeerSync\x12W\n\x10GetStateManifest\x12 .phalanx.v1.StateManifestRequest\x1a!.phalanx.v1.StateManifestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phalanx.membership._proto.membership_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTREASON']._serialized_start=2128
-  _globals['_REJECTREASON']._serialized_end=2525
-  _globals['_VIEWCAUSE']._serialized_start=2528
-  _globals['_VIEWCAUSE']._serialized_end=2684
-  _globals['_COMMITOUTCOME']._serialized_start=2687
-  _globals['_COMMITOUTCOME']._serialized_end=2884
+  _globals['_REJECTREASON']._serialized_start=2165
+  _globals['_REJECTREASON']._serialized_end=2562
+  _globals['_VIEWCAUSE']._serialized_start=2565
+  _globals['_VIEWCAUSE']._serialized_end=2721
+  _globals['_COMMITOUTCOME']._serialized_start=2724
+  _globals['_COMMITOUTCOME']._serialized_end=2921
   _globals['_HEADER']._serialized_start=59
   _globals['_HEADER']._serialized_end=198
   _globals['_MEMBER']._serialized_start=200
@@ -57,28 +57,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEAVERESPONSE']._serialized_end=953
   _globals['_HEARTBEATREQUEST']._serialized_start=955
   _globals['_HEARTBEATREQUEST']._serialized_end=1009
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1011
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1106
-  _globals['_WATCHREQUEST']._serialized_start=1108
-  _globals['_WATCHREQUEST']._serialized_end=1158
-  _globals['_WATCHEVENT']._serialized_start=1161
-  _globals['_WATCHEVENT']._serialized_end=1341
-  _globals['_REPORTFAILUREREQUEST']._serialized_start=1343
-  _globals['_REPORTFAILUREREQUEST']._serialized_end=1438
-  _globals['_REPORTFAILURERESPONSE']._serialized_start=1440
-  _globals['_REPORTFAILURERESPONSE']._serialized_end=1522
-  _globals['_COMMITREQUEST']._serialized_start=1524
-  _globals['_COMMITREQUEST']._serialized_end=1646
-  _globals['_COMMITRESPONSE']._serialized_start=1649
-  _globals['_COMMITRESPONSE']._serialized_end=1793
-  _globals['_STATEENTRY']._serialized_start=1795
-  _globals['_STATEENTRY']._serialized_end=1853
-  _globals['_STATEMANIFESTREQUEST']._serialized_start=1855
-  _globals['_STATEMANIFESTREQUEST']._serialized_end=1927
-  _globals['_STATEMANIFESTRESPONSE']._serialized_start=1930
-  _globals['_STATEMANIFESTRESPONSE']._serialized_end=2125
-  _globals['_COORDINATOR']._serialized_start=2887
-  _globals['_COORDINATOR']._serialized_end=3381
-  _globals['_PEERSYNC']._serialized_start=3383
-  _globals['_PEERSYNC']._serialized_end=3482
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1012
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1143
+  _globals['_WATCHREQUEST']._serialized_start=1145
+  _globals['_WATCHREQUEST']._serialized_end=1195
+  _globals['_WATCHEVENT']._serialized_start=1198
+  _globals['_WATCHEVENT']._serialized_end=1378
+  _globals['_REPORTFAILUREREQUEST']._serialized_start=1380
+  _globals['_REPORTFAILUREREQUEST']._serialized_end=1475
+  _globals['_REPORTFAILURERESPONSE']._serialized_start=1477
+  _globals['_REPORTFAILURERESPONSE']._serialized_end=1559
+  _globals['_COMMITREQUEST']._serialized_start=1561
+  _globals['_COMMITREQUEST']._serialized_end=1683
+  _globals['_COMMITRESPONSE']._serialized_start=1686
+  _globals['_COMMITRESPONSE']._serialized_end=1830
+  _globals['_STATEENTRY']._serialized_start=1832
+  _globals['_STATEENTRY']._serialized_end=1890
+  _globals['_STATEMANIFESTREQUEST']._serialized_start=1892
+  _globals['_STATEMANIFESTREQUEST']._serialized_end=1964
+  _globals['_STATEMANIFESTRESPONSE']._serialized_start=1967
+  _globals['_STATEMANIFESTRESPONSE']._serialized_end=2162
+  _globals['_COORDINATOR']._serialized_start=2924
+  _globals['_COORDINATOR']._serialized_end=3418
+  _globals['_PEERSYNC']._serialized_start=3420
+  _globals['_PEERSYNC']._serialized_end=3519
 # @@protoc_insertion_point(module_scope)

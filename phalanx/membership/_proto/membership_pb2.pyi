@@ -169,14 +169,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("header", "epoch", "coordinator_run")
+    __slots__ = ("header", "epoch", "coordinator_run", "timing")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_RUN_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     header: Header
     epoch: int
     coordinator_run: str
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., epoch: _Optional[int] = ..., coordinator_run: _Optional[str] = ...) -> None: ...
+    timing: Timing
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., epoch: _Optional[int] = ..., coordinator_run: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("header",)
