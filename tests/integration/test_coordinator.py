@@ -456,15 +456,18 @@ def test_heartbeats_go_on_one_beats_stream_and_fall_back_to_unary(
     from phalanx.membership import coordinator as coord_mod
 
     calls: dict[str, int] = {"Beats": 0, "Heartbeat": 0}
-    for name in calls:
-        original = getattr(coord_mod._Servicer, name)
+    beats, heartbeat = coord_mod._Servicer.Beats, coord_mod._Servicer.Heartbeat
 
-        def counting(self: Any, request: Any, context: Any, _o: Any = original,
-                     _n: str = name) -> Any:  # fmt: skip
-            calls[_n] += 1
-            return _o(self, request, context)
+    async def counting_beats(self: Any, request: Any, context: Any) -> None:
+        calls["Beats"] += 1  # a coroutine, as the server's loop runs Beats
+        await beats(self, request, context)
 
-        monkeypatch.setattr(coord_mod._Servicer, name, counting)
+    def counting_heartbeat(self: Any, request: Any, context: Any) -> Any:
+        calls["Heartbeat"] += 1
+        return heartbeat(self, request, context)
+
+    monkeypatch.setattr(coord_mod._Servicer, "Beats", counting_beats)
+    monkeypatch.setattr(coord_mod._Servicer, "Heartbeat", counting_heartbeat)
     for streams in (True, False):
         if not streams:  # an older coordinator: no Beats method
 
