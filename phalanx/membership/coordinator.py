@@ -210,9 +210,10 @@ class Coordinator:
 
     def _stop_loop(self) -> None:
         loop, thread = self._loop, self._loop_thread
-        if loop is None or thread is None:
+        if loop is None or thread is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(loop.stop)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5.0)
         if not thread.is_alive():
             loop.close()
@@ -226,12 +227,13 @@ class Coordinator:
             self._cond.notify_all()
             self._views.notify_all()
         self._stop_event.set()
-        loop = self._loop
-        if self._server is not None and loop is not None:
-            loop.call_soon_threadsafe(self._wake_watchers)
-            stopping = asyncio.run_coroutine_threadsafe(self._server.stop(grace), loop)
-            with contextlib.suppress(Exception):
-                stopping.result(grace + 5.0)
+        loop, server = self._loop, self._server
+        if server is not None and loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: stopped already
+                loop.call_soon_threadsafe(self._wake_watchers)
+                stopping = asyncio.run_coroutine_threadsafe(server.stop(grace), loop)
+                with contextlib.suppress(Exception):
+                    stopping.result(grace + 5.0)
         self._stop_loop()
         if self._detector is not None:
             self._detector.join(timeout=5.0)

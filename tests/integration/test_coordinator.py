@@ -535,3 +535,19 @@ def test_agents_beat_at_the_pace_the_coordinator_sets_for_the_group_size(
     finally:
         g.close()
         c.stop(grace=0.5)
+
+
+def test_stop_twice_is_harmless_and_leaves_no_thread() -> None:
+    before = {t.ident for t in threading.enumerate()}
+    c = Coordinator(secret=SECRET, config=FRESH)
+    c.start()
+    c.stop(grace=0.2)
+    c.stop(grace=0.2)  # a second stop (a test's clean-up after its own stop) is a no-op
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()
+                and t.name.startswith("phalanx-coord")]  # fmt: skip
+        if not left:
+            break
+        time.sleep(0.05)
+    assert not left, left
