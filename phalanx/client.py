@@ -116,7 +116,7 @@ from phalanx.local.protocol import (
     WireFrame,
     row_of,
 )
-from phalanx.local.shm import Region, exchange
+from phalanx.local.shm import Region, exchange, pinned
 from phalanx.ops import Handle, OpResult, OpSpec, StepInfo, ViewInfo
 
 _ALIGN = 64
@@ -360,7 +360,9 @@ class Client:
         """The twin of the region ``ref`` lies in (mapped on first use), or None."""
         with self._rlock:
             region = self._regions.get(ref.region)
-            if region is None or ref.region in self._twins:
+            if region is None or pinned(region.base, region.size):
+                return None  # pinned by physical page: an exchange would detach it
+            if ref.region in self._twins:
                 return self._twins.get(ref.region)
             self._twins[ref.region] = None  # one try per region
         try:

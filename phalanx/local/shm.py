@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ import numpy as np
 from phalanx.comm import pageswap
 from phalanx.errors import ConfigError, ProtocolError
 
-__all__ = ["PAGE", "Region", "exchange", "interior"]
+__all__ = ["PAGE", "Region", "exchange", "interior", "mark_pinned", "pinned", "unmark_pinned"]
 
 PAGE = mmap.PAGESIZE
 
@@ -139,3 +140,26 @@ def exchange(a: Region, b: Region, offset: int, nbytes: int, *, edges: bool) -> 
         if hi > lo:
             np.copyto(a.bytes[hi:end], b.bytes[hi:end])
     return True
+
+
+# Memory pinned by physical page for a device (cudaHostRegister, phalanx/torch/cuda.py)
+# would keep the old pages after an exchange: regions that hold any is never exchanged.
+_pinned: dict[int, int] = {}  # start address -> bytes
+_pinned_lock = threading.Lock()
+
+
+def mark_pinned(addr: int, nbytes: int) -> None:
+    """Record that [addr, addr+nbytes) is pinned by physical page (no twin for it)."""
+    with _pinned_lock:
+        _pinned[addr] = nbytes
+
+
+def unmark_pinned(addr: int) -> None:
+    with _pinned_lock:
+        _pinned.pop(addr, None)
+
+
+def pinned(addr: int, nbytes: int) -> bool:
+    """Whether any pinned span overlaps [addr, addr+nbytes)."""
+    with _pinned_lock:
+        return any(a < addr + nbytes and addr < a + n for a, n in _pinned.items())

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import phalanx
+from phalanx.local import shm
 from phalanx.testing.faults import SEQ_OFFSET, At, Fault, FaultInjector, FlipHeaderByte
 
 pytestmark = pytest.mark.timeout(120)
@@ -130,6 +131,22 @@ def test_a_small_or_copied_array_does_not_use_a_twin(
     plain_a, plain_b = np.full(N, 1.0, np.float32), np.full(N, 2.0, np.float32)
     ra, _ = _both(lambda: a.all_reduce(plain_a), lambda: b.all_reduce(plain_b))
     assert not ra.in_twin and not ra.zero_copy and np.all(plain_a == 3.0)
+
+
+def test_pages_pinned_for_a_device_are_never_exchanged(
+    pair: tuple[phalanx.Client, phalanx.Client],
+) -> None:
+    a, b = pair
+    xa, xb = a.empty(N, "float32"), b.empty(N, "float32")
+    xa[:], xb[:] = 1.0, 2.0
+    addr = int(xa.ctypes.data)
+    shm.mark_pinned(addr, xa.nbytes)  # what cuda.pin records after cudaHostRegister
+    try:
+        ra, rb = _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))
+    finally:
+        shm.unmark_pinned(addr)
+    assert not ra.in_twin and rb.in_twin
+    assert np.all(xa == 3.0) and np.all(xb == 3.0)
 
 
 def test_an_op_failing_midway_leaves_the_array_as_it_was(
