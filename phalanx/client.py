@@ -78,7 +78,13 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from phalanx.errors import ConfigError, DaemonUnavailable, LayoutError, UnsupportedError
+from phalanx.errors import (
+    ConfigError,
+    DaemonUnavailable,
+    LayoutError,
+    PhalanxError,
+    UnsupportedError,
+)
 from phalanx.local.conn import Connection, NoReply
 from phalanx.local.protocol import (
     Attached,
@@ -107,9 +113,10 @@ from phalanx.local.protocol import (
     UpdateState,
     Watch,
     Welcome,
+    WireFrame,
     row_of,
 )
-from phalanx.local.shm import Region
+from phalanx.local.shm import Region, exchange, pinned
 from phalanx.ops import Handle, OpResult, OpSpec, StepInfo, ViewInfo
 
 _ALIGN = 64
@@ -137,6 +144,9 @@ log = logging.getLogger(__name__)
 Array = Any
 
 _DEFAULT_OP_TIMEOUT = 120.0
+#: all-reduces of this many bytes and more in shared memory go through a twin region
+#: (docs/daemon.md); ``PHALANX_TWIN_MIN_BYTES`` overrides it, 0 turns twins off
+_TWIN_MIN_BYTES = 4 << 20
 _CONTROL_TIMEOUT = 10.0
 _GRACE_S = 1.0  # past its deadline, how long a request may take to answer before CANCEL
 _ACK_S = 5.0  # how long the daemon has to acknowledge a CANCEL
@@ -244,6 +254,12 @@ class Client:
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
         self._owned: list[Callable[[], None]] = []  # embedded mode: what close() stops
+        # twin regions (docs/daemon.md): region id -> its twin (None: could not map one)
+        self.twin_min_bytes = int(os.environ.get("PHALANX_TWIN_MIN_BYTES", _TWIN_MIN_BYTES))
+        self._twins: dict[int, Region | None] = {}
+        self._twin_ops: dict[int, tuple[Region, Region, BufRef]] = {}  # rid -> where
+        self._twin_broken: str | None = None
+        conn.on_reply = self._on_reply
         self.coordinator_address: str | None = None  # embedded mode: where peers join
         self.daemon: Daemon | None = None  # embedded mode: the daemon in this process
         welcome = conn.call(ClientHello(os.getpid(), time.monotonic()), _CONTROL_TIMEOUT)
@@ -328,6 +344,9 @@ class Client:
     def _unmap(self, region: Region) -> None:
         with self._rlock:
             self._regions.pop(region.rid, None)
+            twin = self._twins.pop(region.rid, None)
+        if twin is not None:
+            self._unmap(twin)
         with contextlib.suppress(DaemonUnavailable, TimeoutError):
             self._conn.call(Unmap(region.rid), _CONTROL_TIMEOUT)
 
@@ -336,6 +355,61 @@ class Client:
         with self._rlock:
             self._regions.pop(region.rid, None)
         log.warning("event=staging_quarantined region=%d bytes=%d", region.rid, region.size)
+
+    def _twin_for(self, ref: BufRef) -> Region | None:
+        """The twin of the region ``ref`` lies in (mapped on first use), or None."""
+        with self._rlock:
+            region = self._regions.get(ref.region)
+            if region is None or pinned(region.base, region.size):
+                return None  # pinned by physical page: an exchange would detach it
+            if ref.region in self._twins:
+                return self._twins.get(ref.region)
+            self._twins[ref.region] = None  # one try per region
+        try:
+            twin = self._map_twin(region.size)
+        except (DaemonUnavailable, TimeoutError):
+            raise
+        except PhalanxError as exc:  # e.g. the daemon's shared-memory limit
+            log.info("event=twin_refused region=%d why=%s", ref.region, exc)
+            return None
+        with self._rlock:
+            self._twins[ref.region] = twin
+        return twin
+
+    def _map_twin(self, nbytes: int) -> Region:
+        with self._rlock:
+            rid = self._next_region
+            self._next_region += 1
+        twin = Region.create(rid, nbytes, f"phalanx-twin-{rid}")
+        try:
+            self._conn.call(Map(rid), _CONTROL_TIMEOUT, fd=twin.fd)
+        finally:
+            twin.close_fd()
+        return twin  # not in _regions: never handed out, never located
+
+    def _on_reply(self, frame: WireFrame) -> None:
+        """Every reply, in order, before anyone sees it: an all-reduce the daemon left
+        in the twin gets the same page exchange here that the daemon made."""
+        if not self._twin_ops:
+            return
+        where = self._twin_ops.pop(frame.rid, None)
+        msg = frame.message
+        if where is None or not isinstance(msg, OpResult) or not msg.in_twin:
+            return
+        region, twin, ref = where
+        try:
+            ok = exchange(region, twin, ref.offset, ref.nbytes, edges=False)
+        except Exception as exc:  # the reader must go on; later ops fail
+            ok, why = False, str(exc)
+        else:
+            why = "the kernel refused to move the pages"
+        if not ok:
+            # this result is right (copied), but the two processes' mappings of the
+            # region now differ: no later request may trust it
+            np.copyto(region.array(ref.offset, ref.dtype, ref.shape),
+                      twin.array(ref.offset, ref.dtype, ref.shape))  # fmt: skip
+            self._twin_broken = why
+            log.error("event=twin_exchange_failed region=%d why=%s", ref.region, why)
 
     def empty(
         self, shape: int | tuple[int, ...], dtype: str | np.dtype[Any] = "float32"
@@ -374,12 +448,29 @@ class Client:
         unsafe: Callable[[], None] | None = None
         ref: BufRef | None = None
         zero_copy = True
+        if self._twin_broken is not None:
+            self._conn.close()
+            raise DaemonUnavailable(
+                f"a twin region exchange failed ({self._twin_broken}): the connection is "
+                "closed", socket=self._conn.path,
+            )  # fmt: skip
         if x is not None:
             ref, release, unsafe, zero_copy = self._prepare(x)
+        twin = None
+        if (
+            ref is not None and zero_copy and spec.kind == "all_reduce"
+            and spec.codec == "none" and 0 < self.twin_min_bytes <= ref.nbytes
+        ):  # fmt: skip
+            twin = self._twin_for(ref)
         at = time.monotonic() + t
-        req = Op(spec, ref, retry, t, at)
+        req = Op(spec, ref, retry, t, at, twin.rid if twin is not None else 0)
+
+        def note(rid: int) -> None:
+            if twin is not None and ref is not None:
+                self._twin_ops[rid] = (self._regions[ref.region], twin, ref)
+
         try:
-            rid = self._conn.send(req)
+            rid = self._conn.send(req, before=note)
         except BaseException:
             release(False)
             raise

@@ -298,7 +298,9 @@ def _env_names(cls: type, prefix: str) -> set[str]:
 
 
 #: PHALANX_* variables that belong to other tools, not to the daemon's config
-_FOREIGN_ENV = frozenset({"PHALANX_LOG_LEVEL", "PHALANX_SOCKET_DIR", "PHALANX_PARENT_PID"})
+_FOREIGN_ENV = frozenset(
+    {"PHALANX_LOG_LEVEL", "PHALANX_SOCKET_DIR", "PHALANX_PARENT_PID", "PHALANX_TWIN_MIN_BYTES"}
+)
 
 
 def load_config(

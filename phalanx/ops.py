@@ -64,7 +64,10 @@ class OpResult:
     data went into the result, in rank order: a static group names its ranks ``"0"``,
     ``"1"``, ... unless given names), ``failed_attempts`` before this one
     (``retry=True``), and ``zero_copy``: False when the client staged the array
-    through a copy (it did not live in shared memory).
+    through a copy (it did not live in shared memory). ``in_twin`` is plumbing: True
+    when the data plane left an all-reduce's result in the ``into`` buffer it was
+    given rather than in the array (the daemon's twin regions, docs/daemon.md); the
+    client has exchanged the pages by the time a caller sees the result.
     """
 
     op: str
@@ -80,6 +83,7 @@ class OpResult:
     contributors: tuple[str, ...]
     failed_attempts: int = 0
     zero_copy: bool = True
+    in_twin: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,10 +163,22 @@ class _Stored:
 
 
 def build_all_reduce(
-    engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec, *, preserve_input: bool = True
+    engine: Engine,
+    x: np.ndarray,
+    op: ReduceOp,
+    codec: Codec,
+    *,
+    preserve_input: bool = True,
+    into: np.ndarray | None = None,
 ) -> Plan:
     """``preserve_input=False`` lets the in-place ring skip saving the caller's array
-    (promise 2 waived: after a failure ``x`` is undefined); other paths ignore it."""
+    (promise 2 waived: after a failure ``x`` is undefined); other paths ignore it.
+
+    ``into`` (same shape and dtype as ``x``, not overlapping it): where the ring may
+    leave the result instead of ``x``, which it then never writes (the daemon's twin
+    regions: it exchanges the pages itself on success). Only the plain ring takes it
+    (no codec, no widened accumulator); ``plan.into_used`` says whether it did, and
+    otherwise the op runs in place as without it."""
     world, rank = engine.world, engine.rank
     acc_dtype = accumulation_dtype(x.dtype, op)
     if codec.name != "none":
@@ -186,7 +198,10 @@ def build_all_reduce(
         return plan
     if algorithm == "ring" and codec.name == "none" and acc_dtype == x.dtype:
         swap_min = engine.options.page_swap_min_bytes
-        if preserve_input and swap_min and x.nbytes >= swap_min and pageswap.eligible(x):
+        if into is not None and into.shape == x.shape and into.dtype == x.dtype:
+            plan.into_used = True
+            _ring_all_reduce_swapped(plan, engine, x, op, rank, world, into=into)
+        elif preserve_input and swap_min and x.nbytes >= swap_min and pageswap.eligible(x):
             _ring_all_reduce_swapped(plan, engine, x, op, rank, world)
         else:
             _ring_all_reduce_in_place(plan, engine, x, op, rank, world, preserve_input)
@@ -467,7 +482,14 @@ def _ring_pieces(engine: Engine, x: np.ndarray, world: int) -> list[list[tuple[i
 
 
 def _ring_all_reduce_swapped(
-    plan: Plan, engine: Engine, x: np.ndarray, op: ReduceOp, rank: int, world: int
+    plan: Plan,
+    engine: Engine,
+    x: np.ndarray,
+    op: ReduceOp,
+    rank: int,
+    world: int,
+    *,
+    into: np.ndarray | None = None,
 ) -> None:
     """Ring all-reduce, no codec, that never writes ``x`` until it has succeeded:
     partial sums are received, reduced and sent on in a twin buffer, the all-gather
@@ -478,8 +500,14 @@ def _ring_all_reduce_swapped(
 
     A received piece is reduced with ``x``'s piece into the twin (``twin = got (op)
     x``, the same operand order as the in-place ring, so the two give the same
-    bits). The raw chunk of the first step leaves straight from ``x``."""
-    arena, out = plan.twin(x)
+    bits). The raw chunk of the first step leaves straight from ``x``.
+
+    With ``into`` the result is left there (the caller exchanges, see
+    :func:`build_all_reduce`) and no twin is borrowed."""
+    if into is None:
+        arena, out = plan.twin(x)
+    else:
+        out = into
     pieces = _ring_pieces(engine, x, world)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     last: dict[tuple[int, int], Node] = {}
@@ -497,7 +525,8 @@ def _ring_all_reduce_swapped(
             then = partial(_combine_into_twin, out[a:b], x[a:b], op, final)
             last[(c, j)] = plan.recv(prv, j, direct=_bytes(out[a:b]), max_encoded=0, then=then)
     _ring_all_gather_in(plan, out, pieces, last, rank, world)
-    plan.on_success(partial(_hand_over, plan, arena, x, out))
+    if into is None:
+        plan.on_success(partial(_hand_over, plan, arena, x, out))
 
 
 def _combine_into_twin(

@@ -571,6 +571,7 @@ class Engine:
             wire_bytes_recv=recv,
             duration_s=now - self._started,
             contributors=self.names,
+            in_twin=plan.into_used,
         )
         self._current = None
         self._probe = None

@@ -293,9 +293,14 @@ class Group:
         async_op: bool = False,
         deadline: Deadline | None = None,
         preserve_input: bool = True,
+        into: np.ndarray | None = None,
     ) -> OpResult | Handle:
         """Run the collective ``spec`` on ``x`` (in place; ``None`` for a barrier): the
         one entry point every named collective below goes through.
+
+        ``into`` (all-reduce, C-contiguous, like ``x``): a buffer the large-array ring
+        may leave the result in, never writing ``x``; the result's ``in_twin`` says
+        whether it did (then exchanging the two is the caller's job).
 
         ``deadline``: the engine fails the op (reason ``aborted``, the array restored)
         once it passes or is cancelled. ``preserve_input=False`` waives promise 2 for an
@@ -307,7 +312,13 @@ class Group:
             flat, copy_back = self._prepare(x)
         else:
             flat, copy_back = np.empty(0, np.uint8), []
-        plan = _BUILD[spec.kind](self, flat, spec, preserve_input)
+        if into is not None and spec.kind == "all_reduce" and into.flags.c_contiguous:
+            plan = collectives.build_all_reduce(
+                self.engine, flat, parse_op(spec.reduce), parse_codec(spec.codec),
+                preserve_input=preserve_input, into=into.reshape(-1),
+            )  # fmt: skip
+        else:
+            plan = _BUILD[spec.kind](self, flat, spec, preserve_input)
         plan.deadline = deadline
         handle = Handle(_settler(self.engine.submit(plan), copy_back))
         return handle if async_op else handle.wait()

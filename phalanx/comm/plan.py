@@ -157,6 +157,9 @@ class Plan:
         self.deadline: Deadline | None = None
         #: False when the caller waived promise 2 for this op (preserve_input=False)
         self.preserves_input = True
+        #: True when an all-reduce given ``into`` leaves its result there (the caller's
+        #: array untouched; the caller exchanges the two on success)
+        self.into_used = False
         #: peers this plan sent zero-copy frames to: its scratch goes back to the pool
         #: only after each of them sent a RECEIPT for it (engine.py)
         self.spliced: set[int] = set()

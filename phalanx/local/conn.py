@@ -33,6 +33,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from phalanx.errors import DaemonUnavailable, ErrorInfo, ProtocolError, rebuild
@@ -110,13 +111,26 @@ class Connection:
         self._closed = False
         self._side: Connection | None = None  # for CANCEL
         self._side_lock = threading.Lock()
+        #: called with every reply frame, in the order the daemon sent them, by the
+        #: thread that read it, before any waiter can see it (the client's twin
+        #: exchanges: phalanx/client.py); it must not raise
+        self.on_reply: Callable[[WireFrame], None] | None = None
 
     # ------------------------------------------------------------------ sending
-    def send(self, request: Request, fd: int | None = None) -> int:
-        """Write one request; its id (pass it to :meth:`wait`)."""
+    def send(
+        self,
+        request: Request,
+        fd: int | None = None,
+        *,
+        before: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write one request; its id (pass it to :meth:`wait`). ``before(rid)`` runs
+        before the request leaves (so that :attr:`on_reply` can know of it)."""
         rid = next(self._ids)
         data = encode(request, rid)
         self._check()
+        if before is not None:
+            before(rid)
         try:
             with self._send_lock:
                 if fd is None:
@@ -237,6 +251,11 @@ class Connection:
             with self._cond:
                 self._die(f"garbled data from the daemon: {exc}")
             return
+        hook = self.on_reply
+        if hook is not None:
+            for f in frames:
+                if f.kind != Kind.EVENT:
+                    hook(f)
         with self._cond:
             for f in frames:
                 if f.kind == Kind.EVENT:

@@ -299,10 +299,15 @@ class Op(Request):
     retry: bool
     timeout: float
     at: float
+    #: a region of the same size as ``buf``'s that the daemon may leave an all-reduce's
+    #: result in (0: none); see docs/daemon.md, "twin regions"
+    twin: int = 0
 
     def __post_init__(self) -> None:
         if (self.buf is None) != (not self.spec.needs_array):
             raise ProtocolError(f"{self.spec.kind} needs a buffer (and a barrier none)")
+        if self.twin < 0 or (self.twin and (self.buf is None or self.twin == self.buf.region)):
+            raise ProtocolError(f"bad twin region {self.twin}")
         _timeout(self.timeout, "OP")
 
 

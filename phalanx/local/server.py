@@ -48,12 +48,13 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from phalanx.comm.pageswap import SwapError
 from phalanx.deadline import Deadline
 from phalanx.errors import ConfigError, GroupClosed, PhalanxError, ProtocolError, describe
 from phalanx.local import snapshots
@@ -89,7 +90,7 @@ from phalanx.local.protocol import (
     encode,
     row_of,
 )
-from phalanx.local.shm import Region
+from phalanx.local.shm import Region, exchange
 from phalanx.ops import OpResult, StepInfo, ViewInfo
 
 if TYPE_CHECKING:
@@ -396,8 +397,35 @@ class LocalServer:
 
     def _op(self, s: Session, req: Op, fd: int | None, dl: Deadline) -> OpResult:
         x = None if req.buf is None else s.array(req.buf)
+        if not req.twin:
+            with self._driving(dl):
+                return self.group.run(req.spec, x, retry=req.retry, deadline=dl)
+        # twin regions (docs/daemon.md): reduce into the twin, never writing x; on
+        # success exchange the pages in this process, the client does the same when
+        # it reads the reply (in_twin). A failure leaves both processes' x untouched.
+        assert req.buf is not None and x is not None
+        ref = req.buf
+        region, twin = s.regions[ref.region], s.regions.get(req.twin)
+        if twin is None or twin.size != region.size:
+            raise ProtocolError(
+                f"twin region {req.twin} is unknown or not region {ref.region}'s size"
+            )
+        into = twin.array(ref.offset, ref.dtype, ref.shape)
         with self._driving(dl):
-            return self.group.run(req.spec, x, retry=req.retry, deadline=dl)
+            res = self.group.run(req.spec, x, retry=req.retry, deadline=dl, into=into)
+        if not res.in_twin:
+            return res
+        try:
+            swapped = exchange(region, twin, ref.offset, ref.nbytes, edges=True)
+        except SwapError as exc:  # not expected: the kernel refused to undo a move
+            s.regions.pop(ref.region, None)
+            s.regions.pop(req.twin, None)
+            raise ProtocolError(f"regions {ref.region}/{req.twin} damaged: {exc}") from None
+        if swapped:
+            return res
+        log.warning("event=twin_exchange_refused session=%d region=%d", s.sid, ref.region)
+        np.copyto(x, into)  # visible to the client through the shared pages
+        return replace(res, in_twin=False)
 
     def _commit(self, s: Session, req: Commit, fd: int | None, dl: Deadline) -> Committed:
         with self._driving(dl):

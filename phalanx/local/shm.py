@@ -12,6 +12,13 @@ Why memfd (``os.memfd_create``) passed over the Unix socket (SCM_RIGHTS), and no
 * only a process holding the fd can map it: the daemon receives it over its 0600
   socket, no other user can open it by guessing a name.
 
+Twin regions (issue 17): for a large all-reduce the client also maps a *twin* of the
+array's region (a second memfd of the same size). The daemon reduces into the twin,
+never writing the array, and on success both processes exchange the whole pages of the
+array's span between their two mappings (:func:`exchange`, ``mremap``: page-table
+entries move, no byte is copied). The exchange is private to the process that makes
+it, so both must make the same ones in the same order (docs/daemon.md says how).
+
 A :class:`Region` is one mapping. The client creates it (:meth:`Region.create`), sends
 the fd with a ``MAP`` request and keeps its mapping; the daemon maps the fd it got
 (:meth:`Region.adopt`, size from ``fstat``, bounded by the caller) and closes the fd
@@ -25,13 +32,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from typing import Any
 
 import numpy as np
 
+from phalanx.comm import pageswap
 from phalanx.errors import ConfigError, ProtocolError
 
-__all__ = ["PAGE", "Region"]
+__all__ = ["PAGE", "Region", "exchange", "interior", "mark_pinned", "pinned", "unmark_pinned"]
 
 PAGE = mmap.PAGESIZE
 
@@ -102,3 +111,55 @@ class Region:
         if off >= 0 and off + nbytes <= self.size:
             return off
         return None
+
+
+def interior(offset: int, nbytes: int) -> tuple[int, int]:
+    """The whole pages inside bytes [offset, offset+nbytes) of a region: [lo, hi)."""
+    lo = -(-offset // PAGE) * PAGE
+    hi = (offset + nbytes) // PAGE * PAGE
+    return lo, max(lo, hi)
+
+
+def exchange(a: Region, b: Region, offset: int, nbytes: int, *, edges: bool) -> bool:
+    """Give ``a`` what ``b`` holds over bytes [offset, offset+nbytes), in this process's
+    mappings: the whole pages inside the span are exchanged (``b`` then maps ``a``'s
+    old pages there), and with ``edges`` the bytes of the partial first and last page
+    are copied from ``b`` (those pages are shared by both processes: one copy does).
+
+    Returns False when the kernel refused a move: the pages are then where they were
+    (``a`` keeps its own), and the caller must copy instead (and know that the other
+    process may have exchanged)."""
+    if b.size != a.size or offset < 0 or offset + nbytes > a.size:
+        raise ConfigError(f"regions {a.rid}/{b.rid}: bad span [{offset}, {offset + nbytes})")
+    lo, hi = interior(offset, nbytes)
+    if hi > lo and not pageswap.exchange_shared(a.base + lo, b.base + lo, hi - lo):
+        return False
+    if edges:
+        end = offset + nbytes
+        np.copyto(a.bytes[offset : min(lo, end)], b.bytes[offset : min(lo, end)])
+        if hi > lo:
+            np.copyto(a.bytes[hi:end], b.bytes[hi:end])
+    return True
+
+
+# Memory pinned by physical page for a device (cudaHostRegister, phalanx/torch/cuda.py)
+# would keep the old pages after an exchange: regions that hold any is never exchanged.
+_pinned: dict[int, int] = {}  # start address -> bytes
+_pinned_lock = threading.Lock()
+
+
+def mark_pinned(addr: int, nbytes: int) -> None:
+    """Record that [addr, addr+nbytes) is pinned by physical page (no twin for it)."""
+    with _pinned_lock:
+        _pinned[addr] = nbytes
+
+
+def unmark_pinned(addr: int) -> None:
+    with _pinned_lock:
+        _pinned.pop(addr, None)
+
+
+def pinned(addr: int, nbytes: int) -> bool:
+    """Whether any pinned span overlaps [addr, addr+nbytes)."""
+    with _pinned_lock:
+        return any(a < addr + nbytes and addr < a + n for a, n in _pinned.items())

@@ -774,9 +774,12 @@ class ElasticGroup:
         retry: bool = False,
         timeout: float | None = None,
         deadline: Deadline | None = None,
+        into: np.ndarray | None = None,
     ) -> OpResult:
         """Run the collective ``spec`` on ``x`` (in place; ``None`` for a barrier) over
         the current view: the one method every collective goes through.
+
+        ``into``: see :meth:`phalanx.comm.Group.run` (the daemon's twin regions).
 
         ``retry=True``: when the view changes under the op (or its group must be
         rebuilt), run it again in the next one (exact: the input was restored) instead
@@ -817,7 +820,7 @@ class ElasticGroup:
             try:
                 if plane.phase is GroupPhase.READY:
                     self._exchange(plane, dl, in_op=True)
-                res = group.run(spec, x, deadline=dl)
+                res = group.run(spec, x, deadline=dl, into=into)
             except (PeerFailure, GroupClosed) as exc:
                 err = self._failed(plane, exc, spec.kind, dl)
                 failed += 1

@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from phalanx.local import shm
+
 __all__ = ["DeviceBucket", "Mirror", "StagingPool", "pin"]
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ def _unpin(ptr: int) -> None:
         if ptr not in _pinned:
             return
         _pinned.discard(ptr)
+    shm.unmark_pinned(ptr)
     with contextlib.suppress(Exception):  # the process may be shutting down
         torch.cuda.cudart().cudaHostUnregister(ptr)  # type: ignore[no-untyped-call]
 
@@ -98,6 +101,7 @@ def pin(host: torch.Tensor) -> bool:
         return False
     with _pin_lock:
         _pinned.add(ptr)
+    shm.mark_pinned(ptr, nbytes)  # never exchange these pages (twin regions)
     weakref.finalize(host, _unpin, ptr)
     return True
 

@@ -39,6 +39,11 @@ def _collectives(ctx: RankContext, sockets: list[str]) -> dict[str, Any]:
         res = pg.all_reduce(x)
         assert res.zero_copy and res.contributors == v.members and res.epoch == v.epoch
         assert np.array_equal(x, 2 * base + 1)
+        # large: through a twin region that both processes exchange (docs/daemon.md)
+        big = pg.empty((2, 1 << 20), "float32")
+        for i in range(3):
+            big[:] = r + i
+            assert pg.all_reduce(big).in_twin and np.all(big == 2 * i + 1)
         y = np.full(333, r + 1, np.float64)
         assert not pg.all_reduce(y, op="avg").zero_copy
         assert np.all(y == 1.5)

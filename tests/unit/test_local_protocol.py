@@ -192,10 +192,14 @@ def test_validation_in_the_constructors_reaches_the_decoder() -> None:
         p.decode(OP, unknown_op)
     barrier_with_buffer = p.Op.__new__(p.Op)  # bypass the constructor to build bad bytes
     for name, v in (("spec", OpSpec("barrier")), ("buf", REF), ("retry", False),
-                    ("timeout", 1.0), ("at", 1.0)):  # fmt: skip
+                    ("timeout", 1.0), ("at", 1.0), ("twin", 0)):  # fmt: skip
         object.__setattr__(barrier_with_buffer, name, v)
     with pytest.raises(ProtocolError, match="barrier"):
         p.decode(OP, _body(barrier_with_buffer))
+    with pytest.raises(ProtocolError, match="twin"):  # a twin must be another region
+        p.Op(OpSpec("all_reduce"), REF, False, 1.0, 1.0, REF.region)
+    twin = p.Op(OpSpec("all_reduce"), REF, False, 1.0, 1.0, REF.region + 1)
+    assert p.decode(OP, _body(twin)) == twin
     with pytest.raises(ProtocolError, match="unique"):
         p.AttachState((p.NamedBuf("w", REF), p.NamedBuf("w", REF)), 1, 1.0, 1.0)
 

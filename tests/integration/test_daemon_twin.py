@@ -1,0 +1,189 @@
+"""Twin regions through the daemon (issue 17 item 1; docs/daemon.md, "Twin regions").
+
+A large all-reduce on shared memory is reduced by the daemon into a twin memfd that the
+client maps too; on success the daemon and then the client exchange the array's pages
+between their two mappings. Checked here with two members in embedded mode (real
+daemons, real Unix sockets, real TCP, one process; each side's mappings are its own,
+so the exchanges are made separately, as between two processes):
+
+* results are right after the exchange, op after op, with the array written by the
+  caller between ops, chained (each op's input is the last op's result, read by the
+  daemon through its own mapping), pipelined async ops on the same array, and a slice
+  whose first and last page are shared with bytes that must keep their values;
+* promise 2: an op that fails mid-way (a corrupt frame from the peer after partial
+  sums reached the twin) leaves the caller's array exactly as it was, and the group
+  goes on with the right result.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import phalanx
+from phalanx.local import shm
+from phalanx.testing.faults import SEQ_OFFSET, At, Fault, FaultInjector, FlipHeaderByte
+
+pytestmark = pytest.mark.timeout(120)
+
+N = 3 << 20  # float32 elements: 12 MiB, above the 4 MiB twin threshold
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[phalanx.Client, phalanx.Client]]:
+    secret = os.urandom(32)
+    a = phalanx.start(secret=secret, member_id="a")
+    try:
+        b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
+        try:
+            deadline = time.monotonic() + 20
+            while a.view().world != 2 or b.view().world != 2:
+                assert time.monotonic() < deadline, "the two members never shared a view"
+                time.sleep(0.05)
+            yield a, b
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def _both(fa: Callable[[], Any], fb: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run ``fa`` here and ``fb`` on a thread (both members must call); their results,
+    or the first exception."""
+    out: list[Any] = [None]
+    err: list[BaseException] = []
+
+    def run_b() -> None:
+        try:
+            out[0] = fb()
+        except BaseException as exc:  # re-raised below
+            err.append(exc)
+
+    t = threading.Thread(target=run_b)
+    t.start()
+    try:
+        ra = fa()
+    finally:
+        t.join(60)
+    assert not t.is_alive()
+    if err:
+        raise err[0]
+    return ra, out[0]
+
+
+def test_results_are_right_after_each_exchange_op_after_op(
+    pair: tuple[phalanx.Client, phalanx.Client],
+) -> None:
+    a, b = pair
+    xa, xb = a.empty(N, "float32"), b.empty(N, "float32")
+    rng = np.random.default_rng(7)
+    for i in range(6):
+        if i % 2 == 0:  # written by the caller (its own mapping) between ops
+            xa[:] = rng.integers(-1000, 1000, N).astype(np.float32)
+            xb[:] = rng.integers(-1000, 1000, N).astype(np.float32)
+        expect = xa + xb  # else: chained, the input is the last op's result
+        ra, rb = _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))
+        assert ra.in_twin and rb.in_twin, "the op did not go through the twin region"
+        assert np.array_equal(xa, expect), f"op {i}: a's result is wrong"
+        assert np.array_equal(xb, expect), f"op {i}: b's result is wrong"
+
+    # pipelined: the second op (same array) must read the first one's result in the
+    # daemon's mapping before the client has even read the first reply
+    x0 = xa + xb
+    ha1 = a.all_reduce(xa, async_op=True)
+    ha2 = a.all_reduce(xa, async_op=True)
+    hb1, hb2 = b.all_reduce(xb, async_op=True), b.all_reduce(xb, async_op=True)
+    for h in (ha2, ha1, hb2, hb1):  # waited out of order on purpose
+        assert h.wait(60.0).in_twin
+    assert np.array_equal(xa, 2 * x0) and np.array_equal(xb, 2 * x0)
+
+    # a slice that starts and ends inside pages: the bytes around it keep their values
+    ya, yb = xa[3 : N - 5], xb[3 : N - 5]
+    around_a = (xa[:3].copy(), xa[N - 5 :].copy())
+    around_b = (xb[:3].copy(), xb[N - 5 :].copy())
+    xb[3 : N - 5] = rng.integers(0, 4000, N - 8).astype(np.float32)
+    expect = np.maximum(ya, yb)
+    ra, rb = _both(lambda: a.all_reduce(ya, op="max"), lambda: b.all_reduce(yb, op="max"))
+    assert ra.in_twin and rb.in_twin
+    assert np.array_equal(ya, expect) and np.array_equal(yb, expect)
+    assert np.array_equal(xa[:3], around_a[0]) and np.array_equal(xa[N - 5 :], around_a[1])
+    assert np.array_equal(xb[:3], around_b[0]) and np.array_equal(xb[N - 5 :], around_b[1])
+    # and a whole-array op after the slice op sees both sides' pages consistently
+    expect = xa + xb
+    _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))
+    assert np.array_equal(xa, expect) and np.array_equal(xb, expect)
+
+
+def test_a_small_or_copied_array_does_not_use_a_twin(
+    pair: tuple[phalanx.Client, phalanx.Client],
+) -> None:
+    a, b = pair
+    small_a, small_b = a.empty(1000, "float32"), b.empty(1000, "float32")
+    small_a[:], small_b[:] = 1.0, 2.0
+    ra, _ = _both(lambda: a.all_reduce(small_a), lambda: b.all_reduce(small_b))
+    assert not ra.in_twin and np.all(small_a == 3.0)
+    plain_a, plain_b = np.full(N, 1.0, np.float32), np.full(N, 2.0, np.float32)
+    ra, _ = _both(lambda: a.all_reduce(plain_a), lambda: b.all_reduce(plain_b))
+    assert not ra.in_twin and not ra.zero_copy and np.all(plain_a == 3.0)
+
+
+def test_pages_pinned_for_a_device_are_never_exchanged(
+    pair: tuple[phalanx.Client, phalanx.Client],
+) -> None:
+    a, b = pair
+    xa, xb = a.empty(N, "float32"), b.empty(N, "float32")
+    xa[:], xb[:] = 1.0, 2.0
+    addr = int(xa.ctypes.data)
+    shm.mark_pinned(addr, xa.nbytes)  # what cuda.pin records after cudaHostRegister
+    try:
+        ra, rb = _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))
+    finally:
+        shm.unmark_pinned(addr)
+    assert not ra.in_twin and rb.in_twin
+    assert np.all(xa == 3.0) and np.all(xb == 3.0)
+
+
+def test_an_op_failing_midway_leaves_the_array_as_it_was(
+    pair: tuple[phalanx.Client, phalanx.Client],
+) -> None:
+    a, b = pair
+    xa, xb = a.empty(N, "float32"), b.empty(N, "float32")
+    xa[:] = np.arange(N, dtype=np.float32) % 1000
+    xb[:] = 7.0
+    before = xa.copy()
+    # b's engine corrupts the header of its third frame of the next op to a: a has by
+    # then received partial sums into its twin, and fails on the corrupt frame
+    assert b.daemon is not None
+    engine = b.daemon.monitor._engine  # reaches into b's data plane
+    assert engine is not None
+    injector = FaultInjector(Fault(At(ordinal=2), FlipHeaderByte(SEQ_OFFSET)))
+    engine.frame_hook = injector  # type: ignore[attr-defined]
+
+    def fail_b() -> BaseException | None:
+        try:
+            b.all_reduce(xb, timeout=10.0)
+        except phalanx.PhalanxError as exc:
+            return exc
+        return None
+
+    with pytest.raises((phalanx.PhalanxError, TimeoutError)):
+        _both(lambda: a.all_reduce(xa, timeout=10.0), fail_b)
+    assert injector.fired, "the fault never fired: the op did not fail mid-way"
+    assert np.array_equal(xa, before), "a failed op changed the caller's array"
+    twin = a._twins[a._locate(xa).region]  # type: ignore[union-attr]
+    assert twin is not None
+    assert np.any(twin.bytes[: xa.nbytes] != 0), "nothing reached the twin: not mid-way"
+    # the group goes on (rebuilt if it must): the next op's result is right
+    expect = xa + 7.0
+    xb[:] = 7.0
+    _both(
+        lambda: a.all_reduce(xa, retry=True, timeout=30.0),
+        lambda: b.all_reduce(xb, retry=True, timeout=30.0),
+    )
+    assert np.array_equal(xa, expect) and np.array_equal(xb, expect)

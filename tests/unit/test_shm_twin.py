@@ -1,0 +1,75 @@
+"""shm.exchange: the page exchange of twin regions (phalanx/local/shm.py).
+
+Two mappings of the same two memfds stand for the client's and the daemon's: an
+exchange in one changes only that one's view; the same exchange in both gives both the
+same pages again (writes through one are seen through the other), and the bytes of a
+partial first and last page are copied once, into pages both map.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from phalanx.comm import pageswap
+from phalanx.errors import ConfigError
+from phalanx.local.shm import PAGE, Region, exchange, interior
+
+pytestmark = pytest.mark.skipif(not pageswap.available(), reason="needs Linux mremap")
+
+SIZE = 64 * PAGE
+
+
+def _pair() -> tuple[Region, Region, Region, Region]:
+    """(client region, client twin, daemon region, daemon twin) over two memfds."""
+    a, t = Region.create(1, SIZE), Region.create(2, SIZE)
+    assert a.fd is not None and t.fd is not None
+    da, dt = Region.adopt(1, os.dup(a.fd), SIZE), Region.adopt(2, os.dup(t.fd), SIZE)
+    a.close_fd()
+    t.close_fd()
+    return a, t, da, dt
+
+
+def test_interior_is_the_whole_pages_inside_a_span() -> None:
+    assert interior(0, 3 * PAGE) == (0, 3 * PAGE)
+    assert interior(5, 3 * PAGE) == (PAGE, 3 * PAGE)
+    assert interior(5, 10) == (PAGE, PAGE)  # none
+
+
+def test_exchange_in_one_mapping_is_private_and_in_both_is_consistent() -> None:
+    a, t, da, dt = _pair()
+    a.bytes[:] = 1
+    t.bytes[:] = 2
+    off, n = 100, 40 * PAGE + 7  # partial first and last page
+    end = off + n
+    # the daemon's side first, copying the partial pages' bytes (shared: both see them)
+    assert exchange(da, dt, off, n, edges=True)
+    assert np.all(da.bytes[off:end] == 2) and np.all(da.bytes[:off] == 1)
+    assert np.all(da.bytes[end:] == 1)
+    lo, hi = interior(off, n)
+    assert np.all(a.bytes[lo:hi] == 1), "an exchange leaked into the other mapping"
+    assert np.all(a.bytes[off:lo] == 2) and np.all(a.bytes[hi:end] == 2)  # edges: shared
+    # then the client's: both map the same pages again
+    assert exchange(a, t, off, n, edges=False)
+    assert np.all(a.bytes[off:end] == 2) and np.all(a.bytes[end:] == 1)
+    assert np.all(t.bytes[lo:hi] == 1) and np.all(dt.bytes[lo:hi] == 1)
+    a.bytes[lo + 3] = 77
+    assert da.bytes[lo + 3] == 77
+    dt.bytes[lo + 5] = 88
+    assert t.bytes[lo + 5] == 88
+    # and once more the other way round
+    assert exchange(da, dt, off, n, edges=True) and exchange(a, t, off, n, edges=False)
+    assert a.bytes[lo + 5] == 88 and da.bytes[lo + 5] == 88
+
+
+def test_exchange_refuses_regions_of_different_sizes_or_a_bad_span() -> None:
+    a, t = Region.create(1, SIZE), Region.create(2, 2 * SIZE)
+    with pytest.raises(ConfigError):
+        exchange(a, t, 0, PAGE, edges=False)
+    b = Region.create(3, SIZE)
+    with pytest.raises(ConfigError):
+        exchange(a, b, SIZE - PAGE, 2 * PAGE, edges=False)
+    for r in (a, t, b):
+        r.close_fd()
