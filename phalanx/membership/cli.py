@@ -87,6 +87,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"members plus joiners accepted (default {MembershipConfig().max_members})",
     )
+    p.add_argument(
+        "--max-beat-rate",
+        type=float,
+        metavar="PER_S",
+        help="heartbeats per second this coordinator is sized for; larger groups beat "
+        "less often, with timeouts to match (default "
+        f"{MembershipConfig().max_beat_rate:.0f}; docs/membership.md)",
+    )
 
 
 def _config(args: argparse.Namespace) -> MembershipConfig:
@@ -108,6 +116,8 @@ def _config(args: argparse.Namespace) -> MembershipConfig:
         kw["probe_addresses"] = False
     if args.max_members is not None:
         kw["max_members"] = int(args.max_members)
+    if args.max_beat_rate is not None:
+        kw["max_beat_rate"] = float(args.max_beat_rate)
     return MembershipConfig(**kw)
 
 

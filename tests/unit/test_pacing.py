@@ -106,3 +106,21 @@ def test_silence_is_still_detected_at_the_slow_pace() -> None:
 def test_max_beat_rate_must_be_positive() -> None:
     with pytest.raises(ConfigError):
         MembershipConfig(max_beat_rate=0)
+
+
+def test_the_coordinator_command_takes_a_beat_rate() -> None:
+    import argparse
+
+    from phalanx.membership import cli
+
+    p = argparse.ArgumentParser()
+    cli._add_arguments(p)
+    cfg = cli._config(
+        p.parse_args(["--listen", "127.0.0.1:0", "--insecure", "--max-beat-rate", "500"])
+    )
+    assert cfg.max_beat_rate == 500.0
+    assert level_for(300, cfg) == 2  # 500/s x 0.15 s = 75 members a level-0 group
+    assert (
+        cli._config(p.parse_args(["--listen", "127.0.0.1:0", "--insecure"])).max_beat_rate
+        == MembershipConfig().max_beat_rate
+    )
