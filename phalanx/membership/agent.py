@@ -428,7 +428,7 @@ class Agent:
             epoch=held if epoch is None else epoch,
         )
         try:
-            resp = getattr(self._stub, name)(req, timeout=timeout)
+            resp = self._start(name, req, timeout=timeout)
         except grpc.RpcError as err:
             refusal = _rpc.error_from_rpc(err, method)
             if refusal is not None:
@@ -443,6 +443,20 @@ class Agent:
             log.warning("event=bad_response method=%s error=%s", name, err)
             raise CoordinatorUnavailable(f"{name}: response failed verification") from None
         return resp
+
+    def _start(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Start call ``name`` on the current channel. A channel replaced and closed by
+        :meth:`_reset_channel_if_silent` between reading the stub and calling it makes
+        gRPC raise ``ValueError`` ("Channel closed!"): that is CoordinatorUnavailable
+        (try again, on the new channel), not a crash -- in a 30-minute soak (stop 22)
+        it killed an agent's watch thread; the member kept beating, deaf to every new
+        view, and the group could not form around it for 20 s."""
+        with self._lock:
+            stub = self._stub
+        try:
+            return getattr(stub, name)(*args, **kwargs)
+        except ValueError as exc:
+            raise CoordinatorUnavailable(f"{name}: {exc}") from None
 
     def _new_channel(self) -> tuple[grpc.Channel, Any]:
         if self._creds is not None:
@@ -600,16 +614,32 @@ class Agent:
         inc = self._member.incarnation
         self._threads = [
             threading.Thread(
-                target=self._heartbeat_loop, args=(stop, inc), name="phalanx-agent-hb",
-                daemon=True,
+                target=self._guarded, args=(self._heartbeat_loop, stop, inc),
+                name="phalanx-agent-hb", daemon=True,
             ),
             threading.Thread(
-                target=self._watch_loop, args=(stop, inc), name="phalanx-agent-watch",
-                daemon=True,
+                target=self._guarded, args=(self._watch_loop, stop, inc),
+                name="phalanx-agent-watch", daemon=True,
             ),
         ]  # fmt: skip
         for t in self._threads:
             t.start()
+
+    def _guarded(
+        self, loop: Callable[[threading.Event, int], None], stop: threading.Event, inc: int
+    ) -> None:
+        """Run a heartbeat or watch loop; an exception it did not expect is logged and
+        the loop starts over. A thread that died silently left a member that beat but
+        never heard a view (or the reverse): the group waited on it."""
+        while True:
+            try:
+                loop(stop, inc)
+                return
+            except Exception:
+                log.exception("event=agent_thread_error member=%s loop=%s", self._member.id,
+                              loop.__name__)  # fmt: skip
+            if self._standing_down(stop) or stop.wait(_RETRY_MAX):
+                return
 
     def _stop_threads(self) -> None:
         self._stop.set()
@@ -691,7 +721,7 @@ class Agent:
                 if stop.wait(next_beat - now):
                     return
 
-        call = self._stub.Beats(beats(), timeout=_WATCH_DEADLINE)
+        call = self._start("Beats", beats(), timeout=_WATCH_DEADLINE)
         with self._lock:
             self._beats_call = call
         try:
@@ -780,7 +810,7 @@ class Agent:
                 epoch=epoch,
             )
             try:
-                call = self._stub.Watch(req, timeout=_WATCH_DEADLINE)
+                call = self._start("Watch", req, timeout=_WATCH_DEADLINE)
                 with self._lock:
                     self._watch_call = call
                 if self._standing_down(stop):
@@ -805,6 +835,10 @@ class Agent:
                         return
                     delay = min(delay * 2, _RETRY_MAX)
                     self._reregister(inc)
+            except CoordinatorUnavailable as err:  # the channel was replaced under us
+                log.debug("event=watch_broken member=%s error=%s", member.id, err)
+                if stop.wait(_RETRY_MIN):
+                    return
             finally:
                 with self._lock:
                     self._watch_call = None

@@ -89,10 +89,6 @@ class Coordinator:
         self._recover = recover
         self.run_id = os.urandom(8).hex()
         self._cond = threading.Condition()
-        # Watch streams wait on their own condition (same lock), woken only when a view
-        # is published: commit decisions bump the revision every step, and waking every
-        # watcher thread for each of them cost N wake-ups per step for nothing.
-        self._views = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         self._state: GroupState | None = None
         self._stopping = False
         self._stop_event = threading.Event()
@@ -225,7 +221,6 @@ class Coordinator:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-            self._views.notify_all()
         self._stop_event.set()
         loop, server = self._loop, self._server
         if server is not None and loop is not None and not loop.is_closed():
@@ -291,11 +286,9 @@ class Coordinator:
         revision, Watch streams only on a new published view."""
         if group.revision != revision:
             self._cond.notify_all()
-        if group.published.seq != seq:
-            self._views.notify_all()
-            if self._loop is not None:
-                with contextlib.suppress(RuntimeError):  # the loop closed: stopping
-                    self._loop.call_soon_threadsafe(self._wake_watchers)
+        if group.published.seq != seq and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: stopping
+                self._loop.call_soon_threadsafe(self._wake_watchers)
 
     def _locked(self, fn: Callable[[GroupState, float], _T]) -> _T:
         with self._cond:

@@ -388,3 +388,37 @@ def test_an_agent_whose_connection_goes_silent_gets_back_on_a_new_channel(
         finally:
             agent.close()
             lst.close()
+
+
+def test_an_agent_whose_channel_is_closed_under_it_keeps_following_the_views(
+    coordinator: Coordinator, survivors: list[Agent]
+) -> None:
+    """The channel reset closes the old channel while the watch or heartbeat thread may
+    be about to start a call on it: gRPC then raises ValueError ("Channel closed!"),
+    not an RpcError. In a 30-minute soak (stop 22) that killed an agent's watch thread:
+    the member kept beating, never learnt a new view, and the group could not form
+    around it for 20 s. Here the channel is closed behind the agent's back; it must
+    keep (or get back) its place and see the views that follow."""
+    lst, member = _listening_member("x")
+    agent = Agent(coordinator.address, member, secret=SECRET)
+    try:
+        agent.join(10)
+        wait_all(survivors, lambda v: v.has(member), 10)
+        agent._channel.close()  # both streams end; every new call on it raises ValueError
+        time.sleep(0.5)
+        survivors[1].leave()  # a new view: the agent must hear of it
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            if agent.evicted:
+                agent.rejoin(10)  # what a daemon does by itself
+            v = agent.view
+            if v.ids and "s2" not in v.ids and any(m.id == "x" for m in v.members):
+                break
+            time.sleep(0.05)
+        assert "s2" not in agent.view.ids and any(m.id == "x" for m in agent.view.members), (
+            agent.view
+        )
+        assert all(t.is_alive() for t in agent._threads)  # heartbeat and watch threads
+    finally:
+        agent.close()
+        lst.close()
