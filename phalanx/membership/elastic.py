@@ -97,6 +97,7 @@ from phalanx.membership.lifecycle import (
     after_break,
     data_epoch,
     group_transition,
+    rebuild_delay,
     split_epoch,
 )
 from phalanx.membership.statesync import (
@@ -231,6 +232,8 @@ class ElasticGroup:
         self._life = Lifecycle(auto_rejoin=auto_rejoin)
         self._pending: View | None = None  # a view the installer has not taken yet
         self._rebuild: tuple[View, int] | None = None  # (view, generation) to build
+        self._rebuild_at = 0.0  # not before (monotonic): failed builds back off
+        self._failed_builds = 0  # consecutive failed builds of the current view
         self._view: View | None = None  # the view the newest build is for
         self._generation = 0  # of that view
         self._current: _Plane | None = None
@@ -300,6 +303,15 @@ class ElasticGroup:
                     self._cond.notify_all()
                 raise
             with self._cond:
+                if self.agent.evicted:
+                    # the new incarnation was removed before its join came back (it was
+                    # stopped meanwhile): still out, and the policy tries again. Taken as
+                    # joined, it counted as a member and rebuilt groups nobody else had
+                    # for 20 s instead of rejoining (30-minute soak, stop 22)
+                    self._life.rejoin_failed(time.monotonic())
+                    self._cond.notify_all()
+                    raise Evicted(f"{self.member_id}: the new incarnation was removed "
+                                  "before its join returned")  # fmt: skip
                 self._life.joined()
                 self._cond.notify_all()
             return view
@@ -391,16 +403,21 @@ class ElasticGroup:
                     if self._pending is not None:
                         view, self._pending = self._pending, None
                         break
-                    if self._rebuild is not None:
+                    now = time.monotonic()
+                    if self._rebuild is not None and now >= self._rebuild_at:
                         rebuild, self._rebuild = self._rebuild, None
                         break
-                    if self._life.rejoin_due(time.monotonic()):
+                    if self._life.rejoin_due(now):
                         rejoin = True
                         break
+                    scheduled = self._rebuild
                     self._notice_break()
+                    if self._rebuild is not scheduled:
+                        continue  # a rebuild was just scheduled: take it (when due)
+                    wait = _WAIT_SLICE
                     if self._rebuild is not None:
-                        continue
-                    self._cond.wait(_WAIT_SLICE)
+                        wait = max(0.0, min(wait, self._rebuild_at - now))
+                    self._cond.wait(wait)
                 else:
                     return
             if view is not None:
@@ -422,6 +439,7 @@ class ElasticGroup:
             self._view = view
             self._generation = 0
             self._rebuild = None
+            self._failed_builds = 0
         self._retire_current()
         self._start_build(view, 0)
 
@@ -482,6 +500,9 @@ class ElasticGroup:
                 self._reports.put((suspects, view.epoch, "connect"))
         else:
             plane.move(GroupEvent.BUILT)
+            with self._cond:
+                if self._view is view:
+                    self._failed_builds = 0
             if self._on_engine is not None:
                 try:
                     self._on_engine(plane.group.engine)
@@ -536,6 +557,11 @@ class ElasticGroup:
             return  # already superseded (a newer view or generation is on its way)
         self._generation = plane.generation + 1
         self._rebuild = (view, self._generation)
+        if plane.group is None:  # it failed to build: back off (lifecycle.rebuild_delay)
+            self._failed_builds += 1
+        else:
+            self._failed_builds = 0
+        self._rebuild_at = time.monotonic() + rebuild_delay(self._failed_builds)
         audit.info(
             "event=group_rebuild member=%s epoch=%d generation=%d cause=%r",
             self.member_id,

@@ -299,6 +299,23 @@ REJOIN_FIRST_DELAY_S = 0.2
 REJOIN_MAX_DELAY_S = 5.0
 
 
+#: a data-plane group that failed to *build* is rebuilt after this, doubling per
+#: consecutive failure up to REBUILD_MAX_DELAY_S (an op that broke is rebuilt at once)
+REBUILD_FIRST_DELAY_S = 0.05
+REBUILD_MAX_DELAY_S = 1.0
+
+
+def rebuild_delay(failed_builds: int) -> float:
+    """Seconds to wait before building a view's next generation after ``failed_builds``
+    consecutive builds of it failed (0 when none did). A build fails when a peer does not
+    answer the handshake -- it is gone, or not in this view -- and trying again at once
+    repeated it thousands of times in 20 s (30-minute soak, stop 22), sending a refused
+    failure report each time and keeping the installer from the rejoin it owed."""
+    if failed_builds <= 0:
+        return 0.0
+    return float(min(REBUILD_FIRST_DELAY_S * 2 ** (failed_builds - 1), REBUILD_MAX_DELAY_S))
+
+
 def rejoin_delay(failed_attempts: int) -> float:
     """Seconds to wait before the next rejoin attempt (0 for the first)."""
     if failed_attempts <= 0:

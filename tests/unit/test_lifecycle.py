@@ -25,6 +25,7 @@ from phalanx.membership.lifecycle import (
     after_break,
     data_epoch,
     group_transition,
+    rebuild_delay,
     rejoin_delay,
     split_epoch,
 )
@@ -286,3 +287,9 @@ def test_a_client_lost_mid_step_cycles_and_a_deliberate_leave_stays_out() -> Non
     life.close()
     with pytest.raises(IllegalTransition):
         life.rejoin_started()
+
+
+def test_failed_builds_back_off_and_an_op_that_broke_does_not() -> None:
+    assert rebuild_delay(0) == 0.0  # a group that broke mid-op is rebuilt at once
+    assert [rebuild_delay(n) for n in (1, 2, 3)] == [0.05, 0.1, 0.2]
+    assert rebuild_delay(50) == 1.0  # capped: a rejoin or a new view gets its turn
