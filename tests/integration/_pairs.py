@@ -1,9 +1,15 @@
-"""Two ranks of one data-plane group in this process, for tests that drive both."""
+"""Two ranks in this process, for tests that drive both: of one data-plane group
+(:func:`pair`), or two embedded members with their daemons (:func:`embedded_pair`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+import time
+from collections.abc import Iterator
 
+import phalanx
 from phalanx.comm import CommOptions, Group, bind
 
 
@@ -30,3 +36,23 @@ def pair(timeout_s: float = 30.0, options: CommOptions | None = None) -> tuple[G
     g0, g1 = groups
     assert g0 is not None and g1 is not None
     return g0, g1
+
+
+@contextlib.contextmanager
+def embedded_pair(timeout_s: float = 20.0) -> Iterator[tuple[phalanx.Client, phalanx.Client]]:
+    """Two embedded members ``a`` and ``b`` (``phalanx.start``: a daemon each, in this
+    process, a coordinator in ``a``), once both hold the two-member view."""
+    secret = os.urandom(32)
+    a = phalanx.start(secret=secret, member_id="a")
+    try:
+        b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
+        try:
+            deadline = time.monotonic() + timeout_s
+            while a.view().world != 2 or b.view().world != 2:
+                assert time.monotonic() < deadline, "the two members never shared a view"
+                time.sleep(0.05)
+            yield a, b
+        finally:
+            b.close()
+    finally:
+        a.close()

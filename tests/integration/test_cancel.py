@@ -27,6 +27,7 @@ import pytest
 import phalanx
 from phalanx.local import protocol
 from phalanx.ops import ViewInfo
+from tests.integration._pairs import embedded_pair
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -36,20 +37,8 @@ N = 4096
 
 @pytest.fixture
 def pair() -> Iterator[tuple[phalanx.Client, phalanx.Client]]:
-    secret = os.urandom(32)
-    a = phalanx.start(secret=secret, member_id="a")
-    try:
-        b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
-        try:
-            deadline = time.monotonic() + 20
-            while a.view().world != 2 or b.view().world != 2:
-                assert time.monotonic() < deadline, "the two members never shared a view"
-                time.sleep(0.05)
-            yield a, b
-        finally:
-            b.close()
-    finally:
-        a.close()
+    with embedded_pair() as clients:
+        yield clients
 
 
 def test_a_timed_out_op_never_touches_the_next_ops_data(

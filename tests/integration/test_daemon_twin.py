@@ -17,9 +17,7 @@ so the exchanges are made separately, as between two processes):
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +27,7 @@ import pytest
 import phalanx
 from phalanx.local import shm
 from phalanx.testing.faults import SEQ_OFFSET, At, Fault, FaultInjector, FlipHeaderByte
+from tests.integration._pairs import embedded_pair
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,20 +36,8 @@ N = 3 << 20  # float32 elements: 12 MiB, above the 4 MiB twin threshold
 
 @pytest.fixture
 def pair() -> Iterator[tuple[phalanx.Client, phalanx.Client]]:
-    secret = os.urandom(32)
-    a = phalanx.start(secret=secret, member_id="a")
-    try:
-        b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
-        try:
-            deadline = time.monotonic() + 20
-            while a.view().world != 2 or b.view().world != 2:
-                assert time.monotonic() < deadline, "the two members never shared a view"
-                time.sleep(0.05)
-            yield a, b
-        finally:
-            b.close()
-    finally:
-        a.close()
+    with embedded_pair() as clients:
+        yield clients
 
 
 def _both(fa: Callable[[], Any], fb: Callable[[], Any]) -> tuple[Any, Any]:
