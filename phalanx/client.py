@@ -328,17 +328,22 @@ class Client:
         )
 
     # ------------------------------------------------------------------ memory
-    def _map(self, nbytes: int) -> Region:
+    def _new_region(self, nbytes: int, prefix: str) -> Region:
+        """A new shared region of ``nbytes``, mapped by the daemon too."""
         with self._rlock:
             rid = self._next_region
             self._next_region += 1
-        region = Region.create(rid, nbytes, f"phalanx-{rid}")
+        region = Region.create(rid, nbytes, f"{prefix}-{rid}")
         try:
             self._conn.call(Map(rid), _CONTROL_TIMEOUT, fd=region.fd)
         finally:
             region.close_fd()  # the mapping keeps the memory; the daemon has its own fd
+        return region
+
+    def _map(self, nbytes: int) -> Region:
+        region = self._new_region(nbytes, "phalanx")
         with self._rlock:
-            self._regions[rid] = region
+            self._regions[region.rid] = region
         return region
 
     def _unmap(self, region: Region) -> None:
@@ -377,15 +382,8 @@ class Client:
         return twin
 
     def _map_twin(self, nbytes: int) -> Region:
-        with self._rlock:
-            rid = self._next_region
-            self._next_region += 1
-        twin = Region.create(rid, nbytes, f"phalanx-twin-{rid}")
-        try:
-            self._conn.call(Map(rid), _CONTROL_TIMEOUT, fd=twin.fd)
-        finally:
-            twin.close_fd()
-        return twin  # not in _regions: never handed out, never located
+        # not in _regions: never handed out, never located
+        return self._new_region(nbytes, "phalanx-twin")
 
     def _on_reply(self, frame: WireFrame) -> None:
         """Every reply, in order, before anyone sees it: an all-reduce the daemon left

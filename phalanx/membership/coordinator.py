@@ -351,7 +351,7 @@ class _Ended(Exception):
         self.detail = detail
 
 
-def _abort(context: grpc.ServicerContext, err: Rejected, method: str) -> NoReturn:
+def _log_rejected(context: Any, err: Rejected, method: str) -> None:
     log.info(
         "event=rejected method=%s reason=%s peer=%s detail=%r",
         method.rpartition("/")[2],
@@ -359,19 +359,17 @@ def _abort(context: grpc.ServicerContext, err: Rejected, method: str) -> NoRetur
         context.peer(),
         err.detail,
     )
+
+
+def _abort(context: grpc.ServicerContext, err: Rejected, method: str) -> NoReturn:
+    _log_rejected(context, err, method)
     context.set_trailing_metadata(((_rpc.REJECT_TRAILER, err.reason.name),))
     context.abort(_rpc.status_for(err.reason), err.detail or err.reason.name)
 
 
 async def _abort_async(context: Any, err: Rejected, method: str) -> NoReturn:
     """:func:`_abort` for the streams that run on the server's loop."""
-    log.info(
-        "event=rejected method=%s reason=%s peer=%s detail=%r",
-        method.rpartition("/")[2],
-        err.reason.name,
-        context.peer(),
-        err.detail,
-    )
+    _log_rejected(context, err, method)
     await context.abort(
         _rpc.status_for(err.reason),
         err.detail or err.reason.name,
