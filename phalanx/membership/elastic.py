@@ -374,11 +374,19 @@ class ElasticGroup:
         view_epoch, generation, side = split_epoch(epoch)
         with self._cond:
             view = self._view
-            if side or view is None or view.epoch != view_epoch or generation <= self._generation:
+            if side or view is None or view.epoch != view_epoch or generation < self._generation:
+                return
+            if generation == self._generation:
+                # scheduled here too but backing off after a failed build: a peer is
+                # already building it and waits for us, so build it now
+                if self._rebuild is not None and self._rebuild[1] == generation:
+                    self._rebuild_at = 0.0
+                    self._cond.notify_all()
                 return
             cur = self._current
             self._generation = generation
             self._rebuild = (view, generation)
+            self._rebuild_at = 0.0  # a peer waits in that generation: no backoff
             self._cond.notify_all()
         log.info(
             "event=peer_rebuilt member=%s epoch=%d generation=%d",

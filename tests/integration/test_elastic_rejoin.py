@@ -1,5 +1,6 @@
-"""An elastic member whose rejoin races the removal of its new incarnation (in-process:
-a real coordinator, real agents, real data-plane groups on loopback)."""
+"""Elastic members between groups: a rejoin that races the removal of its new
+incarnation, a rebuild a peer starts while this member backs off (in-process: a real
+coordinator, real agents, real data-plane groups on loopback)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,51 @@ def test_a_new_incarnation_removed_before_its_join_returns_rejoins_again(
         a.all_reduce(x, retry=True, timeout=15)
         t.join(20)
         assert np.allclose(x, 3.0) and np.allclose(y, 3.0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_member_backing_off_builds_at_once_when_a_peer_is_already_building(
+    coordinator: Coordinator,
+) -> None:
+    """After failed builds a member waits before the next (``rebuild_delay``, up to
+    1 s). When the peer it failed with is already waiting in that generation (its
+    links arrive at this member's door), waiting longer only stalls both: the member
+    must build at once. Here a's backoff is set to a minute: on a member that ignored
+    the peer, the all-reduce below times out."""
+    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
+    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
+    try:
+        a.join(10)
+        b.join(10)
+        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
+        x, y = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
+        t = threading.Thread(target=lambda: b.all_reduce(y, retry=True, timeout=15))
+        t.start()
+        a.all_reduce(x, retry=True, timeout=15)
+        t.join(20)
+        assert np.allclose(x, 3.0) and np.allclose(y, 3.0)
+        assert a.view.rank("a") == 0  # the higher rank connects to the lower one's door
+        with a._cond:  # a's build failed: the next generation is due in a minute
+            g, view = a._generation + 1, a._view
+            assert view is not None
+            a._generation, a._rebuild = g, (view, g)
+            a._rebuild_at = time.monotonic() + 60.0
+        with b._cond:  # b builds that generation now
+            assert b._generation == g - 1
+            assert b._view is not None
+            b._generation, b._rebuild, b._rebuild_at = g, (b._view, g), 0.0
+            b._cond.notify_all()
+        x, y = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
+        t0 = time.monotonic()
+        t = threading.Thread(target=lambda: b.all_reduce(y, retry=True, timeout=15))
+        t.start()
+        a.all_reduce(x, retry=True, timeout=15)
+        t.join(20)
+        assert np.allclose(x, 3.0) and np.allclose(y, 3.0)
+        assert time.monotonic() - t0 < 10.0
+        assert a._generation == b._generation == g
     finally:
         a.close()
         b.close()
