@@ -41,6 +41,16 @@ def _wait(pred: object, timeout: float) -> bool:
     return True
 
 
+def _sum_pair(a: ElasticGroup, b: ElasticGroup) -> None:
+    """One all-reduce of the pair (b on a thread of its own), its sums checked."""
+    x, y = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
+    t = threading.Thread(target=lambda: b.all_reduce(y, retry=True, timeout=15))
+    t.start()
+    a.all_reduce(x, retry=True, timeout=15)
+    t.join(20)
+    assert np.allclose(x, 3.0) and np.allclose(y, 3.0)
+
+
 def test_a_new_incarnation_removed_before_its_join_returns_rejoins_again(
     coordinator: Coordinator,
 ) -> None:
@@ -78,12 +88,7 @@ def test_a_new_incarnation_removed_before_its_join_returns_rejoins_again(
                      and coordinator.view.has(a.agent.member) and a.view.size == 2, 20), (
             a.presence, coordinator.view)  # fmt: skip
         assert a.agent.member.incarnation >= 3
-        x, y = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
-        t = threading.Thread(target=lambda: b.all_reduce(y, retry=True, timeout=15))
-        t.start()
-        a.all_reduce(x, retry=True, timeout=15)
-        t.join(20)
-        assert np.allclose(x, 3.0) and np.allclose(y, 3.0)
+        _sum_pair(a, b)
     finally:
         a.close()
         b.close()
@@ -103,12 +108,7 @@ def test_a_member_backing_off_builds_at_once_when_a_peer_is_already_building(
         a.join(10)
         b.join(10)
         assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
-        x, y = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
-        t = threading.Thread(target=lambda: b.all_reduce(y, retry=True, timeout=15))
-        t.start()
-        a.all_reduce(x, retry=True, timeout=15)
-        t.join(20)
-        assert np.allclose(x, 3.0) and np.allclose(y, 3.0)
+        _sum_pair(a, b)
         assert a.view.rank("a") == 0  # the higher rank connects to the lower one's door
         with a._cond:  # a's build failed: the next generation is due in a minute
             g, view = a._generation + 1, a._view
@@ -120,13 +120,8 @@ def test_a_member_backing_off_builds_at_once_when_a_peer_is_already_building(
             assert b._view is not None
             b._generation, b._rebuild, b._rebuild_at = g, (b._view, g), 0.0
             b._cond.notify_all()
-        x, y = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
         t0 = time.monotonic()
-        t = threading.Thread(target=lambda: b.all_reduce(y, retry=True, timeout=15))
-        t.start()
-        a.all_reduce(x, retry=True, timeout=15)
-        t.join(20)
-        assert np.allclose(x, 3.0) and np.allclose(y, 3.0)
+        _sum_pair(a, b)
         assert time.monotonic() - t0 < 10.0
         assert a._generation == b._generation == g
     finally:
