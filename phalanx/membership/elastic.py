@@ -370,7 +370,8 @@ class ElasticGroup:
 
     def _on_ahead(self, epoch: int) -> None:
         """The door holds a link for a group not built here: if it is a newer
-        generation of this view, a peer has rebuilt; follow it there."""
+        generation of this view, a peer has rebuilt; follow it there. If it is the
+        generation this member is backing off to build, build it now."""
         view_epoch, generation, side = split_epoch(epoch)
         with self._cond:
             view = self._view
