@@ -30,6 +30,7 @@ argument), log, or touch Prometheus.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import deque
@@ -153,27 +154,74 @@ def _median_sorted(ordered: list[float]) -> float:
 
 
 class RobustBaseline:
-    """A sliding window of a series with its median and MAD."""
+    """A sliding window of a series with its median and MAD.
+
+    The window is also kept sorted (one ``bisect`` removal and insertion per value), so
+    :meth:`stats` reads the median and q90 by index and finds the MAD without sorting:
+    it runs for every op the monitor observes."""
 
     def __init__(self, window: int) -> None:
         self.values: deque[float] = deque(maxlen=window)
+        self._ordered: list[float] = []
 
     def __len__(self) -> int:
         return len(self.values)
 
     def add(self, value: float) -> None:
+        if math.isnan(value):
+            return  # no order, no median: a NaN would corrupt the sorted window
+        if len(self.values) == self.values.maxlen:
+            del self._ordered[bisect.bisect_left(self._ordered, self.values[0])]
         self.values.append(value)
+        bisect.insort(self._ordered, value)
 
     def stats(self) -> tuple[float, float]:
         """(median, scale): scale is 1.4826 x MAD, raised to what the upper tail
         implies ((q90 - median) / 1.2816) when the series is skewed or bimodal -- a
         first-byte wait is often ~0 (the frame was already there) and sometimes not,
         which leaves the MAD near zero although waits of that size are normal."""
-        ordered = sorted(self.values)
+        ordered = self._ordered
         med = _median_sorted(ordered)
-        mad = _median_sorted(sorted([abs(v - med) for v in ordered]))
+        mad = _mad_sorted(ordered, med)
         q90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
         return med, max(MAD_SCALE * mad, (q90 - med) / 1.2816)
+
+
+def _mad_sorted(ordered: list[float], med: float) -> float:
+    """The median of ``|v - med|`` over a sorted list whose median is ``med``, in
+    O(log n): the deviations are two sorted runs, ``med - ordered[i]`` for ``i`` going
+    down from the middle and ``ordered[j] - med`` going up from it, and their k-th
+    smallest element is found by bisecting how many come from the first run."""
+    n = len(ordered)
+    split = n // 2  # ordered[:split] <= med <= ordered[split:]
+    left = split  # length of the first run
+
+    def a(i: int) -> float:  # i-th smallest deviation below the median
+        return med - ordered[split - 1 - i]
+
+    def b(j: int) -> float:  # j-th smallest deviation above it
+        return ordered[split + j] - med
+
+    def kth(k: int) -> float:
+        """The k-th smallest (0-based) of the merged runs."""
+        lo, hi = max(0, k + 1 - (n - left)), min(k + 1, left)
+        while lo < hi:  # i = how many of the k+1 smallest come from run a
+            i = (lo + hi) // 2
+            if a(i) < b(k - i):
+                lo = i + 1
+            else:
+                hi = i
+        i = lo
+        best = -math.inf
+        if i > 0:
+            best = a(i - 1)
+        if k + 1 - i > 0:
+            best = max(best, b(k - i))
+        return best
+
+    if n % 2:
+        return kth(n // 2)
+    return (kth(n // 2 - 1) + kth(n // 2)) / 2
 
 
 #: a matrix cell: (op kind, size bucket, sender rank, receiver rank)

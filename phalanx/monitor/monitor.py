@@ -254,10 +254,10 @@ class Monitor:
         m = self.metrics
         now = self._clock()
         outcome = "ok" if sample.ok else "failed"
-        m.op_duration.labels(sample.op, sample.algorithm, outcome).observe(sample.duration_s)
-        m.op_payload.labels(sample.op).inc(sample.nbytes)
+        m.child(m.op_duration, sample.op, sample.algorithm, outcome).observe(sample.duration_s)
+        m.child(m.op_payload, sample.op).inc(sample.nbytes)
         if not sample.ok:
-            m.op_failures.labels(sample.op, sample.reason or "unknown").inc()
+            m.child(m.op_failures, sample.op, sample.reason or "unknown").inc()
         m.op_inflight.set(0)
         m.op_last_finished.set(now)
         for link in sample.links:
@@ -265,15 +265,15 @@ class Monitor:
                 continue
             p = m.peer_seen(link.peer)
             if link.bytes_sent:
-                m.link_sent.labels(p).inc(link.bytes_sent)
-                m.link_send_blocked.labels(p).observe(link.send_blocked_s)
+                m.child(m.link_sent, p).inc(link.bytes_sent)
+                m.child(m.link_send_blocked, p).observe(link.send_blocked_s)
             if link.bytes_recv:
-                m.link_received.labels(p).inc(link.bytes_recv)
+                m.child(m.link_received, p).inc(link.bytes_recv)
                 if link.first_byte_s is not None:
-                    m.link_first_byte_wait.labels(p).observe(max(0.0, link.first_byte_s))
+                    m.child(m.link_first_byte_wait, p).observe(max(0.0, link.first_byte_s))
                 t = link.transfer_s
                 if t is not None:
-                    m.link_transfer.labels(p).observe(max(0.0, t))
+                    m.child(m.link_transfer, p).observe(max(0.0, t))
         with self._lock:
             if self._epoch != sample.epoch:
                 if self._epoch is not None:
@@ -288,7 +288,7 @@ class Monitor:
             scores = self._local.peer_scores()
         for (kind, peer), score in scores.items():
             if peer != self.rank:
-                m.anomaly_score.labels(kind, m.peer_seen(peer)).set(round(score, 4))
+                m.child(m.anomaly_score, kind, m.peer_seen(peer)).set(round(score, 4))
         for v in verdicts:
             self.record(v)
         if self.cluster is not None:
@@ -300,9 +300,9 @@ class Monitor:
         e.g. a cluster-wide matrix), and apply the eviction policy."""
         m = self.metrics
         peer = "any" if verdict.peer is None else m.peer_seen(verdict.peer)
-        m.anomalies.labels(verdict.kind).inc()
-        m.anomaly_score.labels(verdict.kind, peer).set(round(verdict.score, 4))
-        m.anomaly_active.labels(verdict.kind, peer).set(1)
+        m.child(m.anomalies, verdict.kind).inc()
+        m.child(m.anomaly_score, verdict.kind, peer).set(round(verdict.score, 4))
+        m.child(m.anomaly_active, verdict.kind, peer).set(1)
         audit.warning(
             "event=anomaly kind=%s peer=%s src=%s dst=%s score=%.2f epoch=%d seq=%s rank=%d %s",
             verdict.kind,
@@ -369,7 +369,7 @@ class Monitor:
             if now - t > self.config.active_s:
                 del self._active[key]
                 peer = "any" if key[1] is None else str(key[1])
-                self.metrics.anomaly_active.labels(key[0], peer).set(0)
+                self.metrics.child(self.metrics.anomaly_active, key[0], peer).set(0)
 
     def healthy(self) -> tuple[bool, str]:
         """/healthz: unhealthy while a hang verdict stands or the hang thread died."""
@@ -396,11 +396,11 @@ class Monitor:
         m = self.metrics
         if inflight is None:
             m.op_inflight.set(0)
-            m.anomaly_score.labels("hang", "any").set(0)
+            m.child(m.anomaly_score, "hang", "any").set(0)
             with self._lock:
                 if ("hang", None) in self._active:
                     del self._active[("hang", None)]
-                    m.anomaly_active.labels("hang", "any").set(0)
+                    m.child(m.anomaly_active, "hang", "any").set(0)
             return None
         # progress is on the monotonic clock: convert to this monitor's clock
         m.op_inflight.set(1)
@@ -410,7 +410,7 @@ class Monitor:
             score = self._hang.score(mono, inflight)
             epoch = self._epoch if self._epoch is not None else -1
             limit = self._hang.threshold()
-        m.anomaly_score.labels("hang", "any").set(round(score, 4))
+        m.child(m.anomaly_score, "hang", "any").set(round(score, 4))
         if hit is None:
             return None
         s, op, seq = hit

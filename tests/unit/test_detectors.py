@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+import statistics
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from phalanx.comm.observer import LinkSample, OpSample
 from phalanx.monitor.detectors import (
@@ -51,6 +54,27 @@ def test_size_bucket_and_robust_score() -> None:
         b.add(v)
     med, scale = b.stats()
     assert med == 0.0 and scale > 0.5
+
+
+@given(
+    st.integers(3, 40),
+    st.lists(st.floats(-1.0, 1.0, allow_nan=False, allow_subnormal=False), min_size=1,
+             max_size=120),
+)  # fmt: skip
+def test_robust_baseline_keeps_the_median_and_mad_of_its_window(
+    window: int, values: list[float]
+) -> None:
+    """The sorted window and the O(log n) MAD give exactly what sorting gives."""
+    b = RobustBaseline(window)
+    for i, v in enumerate(values):
+        b.add(v)
+        kept = values[max(0, i + 1 - window) : i + 1]
+        med = statistics.median(kept)
+        mad = statistics.median([abs(x - med) for x in kept])
+        q90 = sorted(kept)[min(len(kept) - 1, int(0.9 * len(kept)))]
+        assert b.stats() == (med, max(1.4826 * mad, (q90 - med) / 1.2816))
+    b.add(float("nan"))  # ignored: it has no place in the order
+    assert len(b) == min(window, len(values))
 
 
 def test_slow_link_needs_k_of_n_and_names_the_cell() -> None:

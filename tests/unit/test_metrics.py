@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 
 import pytest
 from prometheus_client import generate_latest
@@ -68,6 +69,11 @@ def test_op_and_link_metrics_and_forget_peer() -> None:
     text = generate_latest(mon.registry).decode()
     assert 'peer="0"' not in text and 'peer="2"' in text
     assert "phalanx_view_members 2.0" in text and "phalanx_view_changes_total 1.0" in text
+    # a rank 0 that comes back starts its series afresh (the cached children went too)
+    mon.set_view(5, [0, 1, 2], rank=1)
+    mon.observer.op_finished(replace(_sample(3), epoch=5))
+    text = generate_latest(mon.registry).decode()
+    assert 'phalanx_link_received_bytes_total{peer="0"} 200.0' in text
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is absent")
