@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from phalanx.checkpoint._crc import crc32_backend
 from phalanx.checkpoint.erasure import backend_summary
 from phalanx.checkpoint.snapshot import SnapshotConfig, SnapshotObserver, SnapshotService
 from phalanx.checkpoint.store import MemoryShardStore
@@ -375,7 +376,7 @@ class Daemon:
         self.erasure_backend = erasure
         audit.info(
             "event=daemon_started member=%s epoch=%d members=%s socket=%s data=%s metrics=%s "
-            "erasure=%s erasure_detail=%r",
+            "erasure=%s erasure_detail=%r checksum=%r",
             self.member_id,
             view.epoch,
             ",".join(view.ids),
@@ -384,6 +385,7 @@ class Daemon:
             _hostport(self.metrics_address),
             erasure,
             erasure_detail,
+            crc32_backend(),
         )
 
     def _stop_snapshots(self) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from phalanx.bench._harness import parse_size, print_json, progress
+from phalanx.checkpoint._crc import crc32_backend
 from phalanx.checkpoint.erasure import make_coder
 from phalanx.config import DAEMON_SWITCH_INTERVAL_S
 from phalanx.testing.launcher import die_with_parent
@@ -267,6 +268,7 @@ def run_bench(
             "pipeline_Bps": nbytes / seal,
             "checksum_Bps": 1.5 * nbytes / statistics.median(r["checksum_s"] for r in last),
             "coder": coder,
+            "checksum": crc32_backend(),
             "restore_local_s": local["s"],
             "restore_local_exact": local["exact"],
             "killed": doomed,
