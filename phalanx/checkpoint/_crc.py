@@ -26,18 +26,18 @@ __all__ = ["crc32", "crc32_backend"]
 _lock = threading.Lock()
 _fast: Callable[[int, int, int], int] | None = None
 _loaded = False
-_backend = [""]  # the library the fast path came from
+_library = ""  # where the fast path came from
 
 
 def _load() -> Callable[[int, int, int], int] | None:
-    global _fast, _loaded
+    global _fast, _loaded, _library
     with _lock:
         if not _loaded:
             _loaded = True
-            for name in (*_isal.bundled_copies(), *_isal.DEFAULT_NAMES):
+            for name in _isal.candidates():
                 _fast = _try(name)
                 if _fast is not None:
-                    _backend[0] = name
+                    _library = name
                     break
         return _fast
 
@@ -58,7 +58,7 @@ def _try(name: str) -> Callable[[int, int, int], int] | None:
 
 def crc32_backend() -> str:
     """``"isal (<library path>)"`` or ``"zlib"``: what :func:`crc32` uses here."""
-    return f"isal ({_backend[0]})" if _load() is not None else "zlib"
+    return f"isal ({_library})" if _load() is not None else "zlib"
 
 
 def crc32(data: np.ndarray | bytes | bytearray | memoryview, value: int = 0) -> int:

@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from phalanx.checkpoint import _gf256
 
-__all__ = ["DEFAULT_NAMES", "IsaL", "bundled_copies", "load"]
+__all__ = ["DEFAULT_NAMES", "IsaL", "bundled_copies", "candidates", "load"]
 
 U8 = npt.NDArray[np.uint8]
 
@@ -179,8 +179,14 @@ def bundled_copies() -> list[str]:
     return sorted(glob.glob(os.path.join(site, "pyeclib.libs", "libisal*.so*")), reverse=True)
 
 
+def candidates() -> list[str]:
+    """Where ISA-L is looked for by default, in order: the wheels' copies, then the
+    system's sonames (the erasure coder and the snapshot checksums share it)."""
+    return [*bundled_copies(), *DEFAULT_NAMES]
+
+
 def _load_uncached(path: str | None) -> tuple[IsaL | None, str]:
-    names: list[str] = [path] if path else [*bundled_copies(), *DEFAULT_NAMES]
+    names: list[str] = [path] if path else candidates()
     errors: list[str] = []
     for name in names:
         isal = _try(name, errors)

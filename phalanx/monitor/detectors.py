@@ -193,8 +193,7 @@ def _mad_sorted(ordered: list[float], med: float) -> float:
     down from the middle and ``ordered[j] - med`` going up from it, and their k-th
     smallest element is found by bisecting how many come from the first run."""
     n = len(ordered)
-    split = n // 2  # ordered[:split] <= med <= ordered[split:]
-    left = split  # length of the first run
+    split = n // 2  # ordered[:split] <= med <= ordered[split:]; run a has split items
 
     def a(i: int) -> float:  # i-th smallest deviation below the median
         return med - ordered[split - 1 - i]
@@ -204,7 +203,7 @@ def _mad_sorted(ordered: list[float], med: float) -> float:
 
     def kth(k: int) -> float:
         """The k-th smallest (0-based) of the merged runs."""
-        lo, hi = max(0, k + 1 - (n - left)), min(k + 1, left)
+        lo, hi = max(0, k + 1 - (n - split)), min(k + 1, split)
         while lo < hi:  # i = how many of the k+1 smallest come from run a
             i = (lo + hi) // 2
             if a(i) < b(k - i):

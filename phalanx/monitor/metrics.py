@@ -296,8 +296,9 @@ class Metrics:
         link = (self.link_sent, self.link_received, self.link_send_blocked,
                 self.link_first_byte_wait, self.link_transfer)  # fmt: skip
         anomaly = (self.anomaly_score, self.anomaly_active)
+        per_peer = link + anomaly  # the metrics whose last label is the peer
         with self._children_lock:
-            for key in [k for k in self._children if k[0] in link + anomaly and k[1][-1] == p]:
+            for key in [k for k in self._children if k[1][-1] == p and k[0] in per_peer]:
                 del self._children[key]
             for m in link:
                 _remove(m, (p,))
