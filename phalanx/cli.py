@@ -17,13 +17,15 @@ To add a command, add one line to the table (and, for a benchmark, to
 command's module is imported, so a slow import (torch, grpc) costs only its own command.
 
 This module owns logging set-up (``--log-level`` and a ``key=value`` formatter, on
-stderr) and the process's signal handling. It is the only place besides benchmark
+stderr) and the process's signal handling (SIGTERM unwinds; SIGUSR1 writes every
+thread's stack to stderr and the process goes on). It is the only place besides benchmark
 output that writes to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
 import logging
@@ -204,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``phalanx`` console script and of ``python -m phalanx``."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        # `kill -USR1 <pid>`: every thread's stack on stderr, the process goes on (for
+        # a process that seems stuck: which wait it is in, without stopping it)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _dispatch(["phalanx"], COMMANDS, sys.argv[1:] if argv is None else argv, None)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -349,3 +350,30 @@ def test_bench_coordinator_measures_a_failure_reaching_every_member() -> None:
     assert row["heartbeats_per_s"] > 0 and row["coordinator_cores"] > 0
     assert len(row["failure_to_all_s"]["samples"]) == 2, row
     assert all(0 < s < 5.0 for s in row["failure_to_all_s"]["samples"]), row
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_process_goes_on(tmp_path: Path) -> None:
+    """What an operator does to a phalanx process that seems stuck (``kill -USR1``)."""
+    secret = tmp_path / "secret"
+    secret.write_text("ab" * 32)
+    err = tmp_path / "err"
+    with open(err, "wb") as e:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phalanx", "coordinator", "--listen", "127.0.0.1:0",
+             "--secret-file", str(secret)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=e, text=True,
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert "listening on" in proc.stdout.readline()
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "most recent call first" not in err.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dump = err.read_text()
+        assert "Current thread" in dump and "Thread 0x" in dump, dump  # every thread
+        assert proc.poll() is None  # it goes on
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode in (0, 128 + signal.SIGTERM)
