@@ -11,9 +11,12 @@ Start-up, in this order:
 2. ``attach_state(step=None)``: if the daemon still holds this member's live state
    (only the training process died and was restarted), it is handed back at once
    (``attached`` with ``source=daemon``). If the daemon holds nothing (it is new: the
-   whole container restarted), this member's newest sealed snapshot is rebuilt from
-   its holders with ``restore()`` and attached at its step (``restore`` event, with
-   the SHA-256 of the restored bytes). Restoring an older snapshot while the daemon
+   whole container restarted; or the process died between a commit and its
+   ``update_state``, so the daemon's copy was half applied, and the daemon left and
+   rejoined to receive the group's state), this member's newest sealed snapshot is
+   rebuilt from its holders with ``restore()`` and attached at its step (``restore``
+   event, with the SHA-256 of the restored bytes); a newer state in the group then
+   arrives by sync at the first ``begin_step``. Restoring an older snapshot while the daemon
    still has the live state would put this member behind its group inside one view,
    where no state sync runs: never done;
 3. each ``begin_step`` may bring the group's state (state sync, hash-verified): a
