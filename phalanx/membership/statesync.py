@@ -541,13 +541,29 @@ def _move(
     # -- bytes: every rank takes part in every broadcast, whatever the manifest says.
     # Entries go in chunks of CHUNK_BYTES, up to WINDOW broadcasts in flight, so a
     # receiver hashes chunk k (hashlib drops the GIL) while the engine moves k+1...
+    # A receiver that holds nothing valid (a newcomer's attached arrays, a half-applied
+    # copy) receives straight into its arrays: no second buffer of the state's size, no
+    # copy at install, no fresh memory to fault in during the transfer. One that holds
+    # a valid older state keeps it until the new one verified (it may be all that is
+    # left if the source dies mid-transfer).
+    in_place = receiving and not state.valid
+    if in_place:
+        state.update()  # the arrays are about to change: forget their cached hashes
     fresh: dict[str, np.ndarray] = {}
     for entry in manifest.entries:
         have = state.arrays.get(entry.name)
         buf: np.ndarray | None = None
-        mine = (g.rank == root or not receiving) and have is not None and _same(have, entry)
-        if mine and have is not None and have.flags.c_contiguous and have.flags.writeable:
-            buf = _bytes_of(have)  # same bytes as the source's: overwriting is harmless
+        # the source's own bytes, a bystander's identical copy (overwritten with the same
+        # bytes: harmless), or a receiver's arrays that hold nothing valid
+        usable = g.rank == root or not receiving or in_place
+        if (
+            usable
+            and have is not None
+            and _same(have, entry)
+            and have.flags.c_contiguous
+            and have.flags.writeable
+        ):
+            buf = _bytes_of(have)
         if buf is None:
             buf = np.empty(entry.nbytes, dtype=np.uint8)
             if g.rank == root and have is not None:
@@ -586,7 +602,8 @@ def _install(state: SyncState, manifest: StateManifest, fresh: Mapping[str, np.n
         value = fresh[entry.name].view(np.dtype(entry.dtype)).reshape(entry.shape)
         have = state.arrays.get(entry.name)
         if have is not None and _same(have, entry) and have.flags.writeable:
-            np.copyto(have, value)  # keep the caller's references valid
+            if not np.may_share_memory(have, value):  # received in place: already there
+                np.copyto(have, value)  # keep the caller's references valid
             arrays[entry.name] = have
         else:
             arrays[entry.name] = value

@@ -141,6 +141,7 @@ class _FakeReceiverGroup:
                 raw[0] ^= 0xFF
             self._feed.append(raw)
         self._offset = 0
+        self.written: list[np.ndarray] = []  # every array the 'wire' wrote into
 
     def chunk(self, size: int, rank: int | None = None) -> slice:
         r = self.rank if rank is None else rank
@@ -152,6 +153,7 @@ class _FakeReceiverGroup:
         src = self._feed[0].reshape(-1).view(np.uint8)
         flat = x.reshape(-1).view(np.uint8)
         flat[:] = src[self._offset : self._offset + flat.size]
+        self.written.append(x)
         self._offset += flat.size
         if self._offset >= src.size:
             self._feed.pop(0)
@@ -182,6 +184,48 @@ def test_receiver_verifies_before_installing(corrupt: bool) -> None:
         report = transfer(group, plan, mine, epoch=3)
         assert report.received and report.nbytes == src.nbytes
         assert mine.valid and mine.step == 4 and mine.digest() == src.digest()
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_a_receiver_holding_nothing_valid_receives_into_its_own_arrays(corrupt: bool) -> None:
+    """A newcomer's attached arrays (or a half-applied copy) are written by the wire
+    itself: no second buffer of the state's size and no copy at install."""
+    src = SyncState({"w": np.arange(1000, dtype=np.float32), "m": np.array([4])}, 4)
+    w = np.full(1000, 7.0, dtype=np.float32)
+    mine = SyncState({"w": w, "m": np.array([0])}, -1, valid=False)
+    plan = plan_sync([PeerRecord(True, 4, src.digest()), PeerRecord(False, -1, NONE)])
+    group: Any = _FakeReceiverGroup(src, corrupt)
+    if corrupt:
+        with pytest.raises(StateSyncError, match="sha256 mismatch"):
+            transfer(group, plan, mine, epoch=3)
+        assert not mine.valid  # what it holds now is worth nothing, and says so
+    else:
+        transfer(group, plan, mine, epoch=3)
+        assert mine.valid and mine.step == 4 and mine.digest() == src.digest()
+        assert mine.arrays["w"] is w and np.array_equal(w, src.arrays["w"])
+    assert any(np.shares_memory(x, w) for x in group.written)
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_a_receiver_holding_a_valid_older_state_keeps_it_until_the_new_one_verified(
+    corrupt: bool,
+) -> None:
+    """Its older state may be all that is left if the source dies mid-transfer: the
+    bytes go to a buffer of their own and replace it only once verified."""
+    src = SyncState({"w": np.arange(1000, dtype=np.float32), "m": np.array([4])}, 4)
+    w = np.full(1000, 7.0, dtype=np.float32)
+    mine = SyncState({"w": w, "m": np.array([2])}, 2)
+    plan = plan_sync([PeerRecord(True, 4, src.digest()), PeerRecord(True, 2, mine.digest())])
+    group: Any = _FakeReceiverGroup(src, corrupt)
+    if corrupt:
+        with pytest.raises(StateSyncError, match="sha256 mismatch"):
+            transfer(group, plan, mine, epoch=3)
+        assert mine.valid and mine.step == 2 and np.all(w == 7.0)  # as it was
+    else:
+        transfer(group, plan, mine, epoch=3)
+        assert mine.step == 4 and mine.arrays["w"] is w  # copied in: references stay valid
+        assert np.array_equal(w, src.arrays["w"])
+    assert not any(np.shares_memory(x, w) for x in group.written)
 
 
 # ----------------------------------------------------------------------------- real faults
