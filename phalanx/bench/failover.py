@@ -14,7 +14,11 @@ After ``--warmup-ops`` steps the fault is injected:
 * ``kill``: SIGKILL the last peer; ``stop``: SIGSTOP it, then SIGCONT once the others
   resumed (it must learn it was evicted, rejoin, sync state and contribute);
 * ``leave``: the last peer leaves gracefully at a step boundary;
-* ``join``: a new peer process is started (its start-up counts) and joins;
+* ``join``: a new peer process is started (its start-up counts) and joins. With
+  ``--joiner-state arrays`` (the default) it holds arrays of the state's shapes, filled
+  but not valid, as a client that built its model and ``attach_state()``-ed it does,
+  and the sync writes into them; with ``empty`` it holds nothing and the sync
+  allocates the arrays (``SyncState.empty()``, the in-process API's newcomer);
 * ``coordinator``: SIGKILL the coordinator and restart it on the same port.
 
 Output: one JSON line (``--json``) or ``key=value`` pairs: ``fault``, ``world``,
@@ -58,6 +62,7 @@ __all__ = ["FAULTS", "Scenario", "register", "run_scenario"]
 log = logging.getLogger(__name__)
 
 FAULTS = ("kill", "stop", "leave", "join", "coordinator")
+JOINER_STATES = ("arrays", "empty")
 _MP = multiprocessing.get_context("spawn")
 
 
@@ -74,10 +79,13 @@ class Scenario:
     timeout: float = 60.0
     heartbeat_timeout: float | None = None  # None: the coordinator's default
     log_level: str = "WARNING"
+    joiner_state: str = "arrays"  # JOINER_STATES
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
             raise ValueError(f"fault must be one of {', '.join(FAULTS)}")
+        if self.joiner_state not in JOINER_STATES:
+            raise ValueError(f"joiner state must be one of {', '.join(JOINER_STATES)}")
         if self.world < 2 and self.fault != "join":
             raise ValueError("this fault needs --world >= 2")
         if self.world < 1 or self.size < 4 or self.state_size < 0 or self.timeout <= 0:
@@ -133,12 +141,15 @@ def _expected(base: np.ndarray, contributors: tuple[str, ...], step: int) -> np.
     return out
 
 
-def _initial_state(nbytes: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(7)
-    return {
-        "params": rng.standard_normal(nbytes // 4, dtype=np.float32),
-        "marker": np.zeros(1, dtype=np.int64),
-    }
+def _initial_state(nbytes: int, fill: float | None = None) -> dict[str, np.ndarray]:
+    """The state's arrays: seeded random (the initial group's), or ``fill`` everywhere
+    (a joiner's freshly built model, which the sync overwrites)."""
+    n = nbytes // 4
+    if fill is None:
+        params = np.random.default_rng(7).standard_normal(n, dtype=np.float32)
+    else:
+        params = np.full(n, fill, dtype=np.float32)
+    return {"params": params, "marker": np.zeros(1, dtype=np.int64)}
 
 
 class _Events:
@@ -172,7 +183,12 @@ def _peer_main(
     _child_logging(scenario.log_level)
     events = _Events(conn)
     me = member_id
-    state = SyncState.empty() if fresh else SyncState(_initial_state(scenario.state_size), 0)
+    if not fresh:
+        state = SyncState(_initial_state(scenario.state_size), 0)
+    elif scenario.joiner_state == "arrays":  # its model is built: the sync overwrites it
+        state = SyncState(_initial_state(scenario.state_size, fill=3.0), -1, valid=False)
+    else:
+        state = SyncState.empty()
     n = scenario.size // 4
     base = _base(n)
     mine = np.float32(_index(me) + 1)
@@ -486,6 +502,7 @@ def run_scenario(sc: Scenario, *, verbose: bool = False) -> dict[str, Any]:
             if sync:
                 _, _, _, nbytes, secs = sync[0]
                 row["sync_bytes"] = nbytes
+                row["joiner_state"] = sc.joiner_state
                 row["sync_s"] = round(secs, 4)
                 row["sync_MBps"] = round(nbytes / secs / 1e6, 1) if secs > 0 else None
                 row["synced_after_s"] = round(t_sync - t_fault, 4) if t_sync else None
@@ -554,6 +571,11 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     parser.add_argument(
         "--state-size", type=parse_size, default=64 << 20, help="synced state (default 64MiB)"
     )
+    parser.add_argument(
+        "--joiner-state", choices=JOINER_STATES, default="arrays",
+        help="join: the newcomer holds arrays to receive into (a client that attached its "
+        "model; default) or nothing (the sync allocates them)",
+    )  # fmt: skip
     parser.add_argument("--warmup-ops", type=int, default=5)
     parser.add_argument("--after-ops", type=int, default=5)
     parser.add_argument(
@@ -585,6 +607,7 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
                 timeout=args.timeout,
                 heartbeat_timeout=args.heartbeat_timeout,
                 log_level=getattr(args, "log_level", None) or "WARNING",
+                joiner_state=args.joiner_state,
             )
         except ValueError as exc:
             parser.error(str(exc))
