@@ -342,13 +342,17 @@ class LocalServer:
             audit.info("event=client_closed session=%d pid=%d", s.sid, s.peer_pid)
             self.group.client_closed()
             return
-        audit.warning(
-            "event=client_lost session=%d pid=%d epoch=%d", s.sid, s.peer_pid, self.group.view.epoch
-        )
+        epoch = self.group.view.epoch
         try:
-            self.group.client_lost()
+            loss = self.group.client_lost().value
         except Exception as exc:  # the next client call will see the group's error
             log.error("event=client_lost_failed error=%r", str(exc))
+            loss = "unknown"
+        # loss: nothing (at a step boundary), cycle (mid-step: left and rejoins),
+        # cycle-and-resync (mid-update: the state is received again, not handed back)
+        audit.warning(
+            "event=client_lost session=%d pid=%d epoch=%d loss=%s", s.sid, s.peer_pid, epoch, loss
+        )
 
     # ------------------------------------------------------------------ the group lock
     @contextlib.contextmanager
