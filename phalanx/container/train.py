@@ -16,9 +16,9 @@ Start-up, in this order:
    rejoined to receive the group's state), this member's newest sealed snapshot is
    rebuilt from its holders with ``restore()`` and attached at its step (``restore``
    event, with the SHA-256 of the restored bytes); a newer state in the group then
-   arrives by sync at the first ``begin_step``. Restoring an older snapshot while the daemon
-   still has the live state would put this member behind its group inside one view,
-   where no state sync runs: never done;
+   arrives by sync at the first ``begin_step``. Restoring an older snapshot while the
+   daemon still has the live state would put this member behind its group inside one
+   view, where no state sync runs: never done;
 3. each ``begin_step`` may bring the group's state (state sync, hash-verified): a
    newcomer or a restored member behind the group catches up there. If no member of
    the view holds any state (the very first start of a deployment), every member
