@@ -53,11 +53,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-import ml_dtypes
 import numpy as np
 import zstandard
 
-from phalanx.comm.reduce import SUPPORTED_DTYPES
+from phalanx.comm.reduce import bfloat16, check_dtype
 from phalanx.errors import ConfigError, FrameError, UnsupportedError
 
 __all__ = [
@@ -96,11 +95,9 @@ _VALID_SPECS: Final = (
 )
 
 _F16: Final = np.dtype(np.float16)
-_BF16: Final = np.dtype(ml_dtypes.bfloat16)
 _F32: Final = np.dtype(np.float32)
 _F64: Final = np.dtype(np.float64)
 _LOSSY_DTYPES: Final = (_F32, _F64)
-_LOSSLESS_DTYPES: Final = tuple(SUPPORTED_DTYPES.values())
 _U8: Final = np.dtype(np.uint8)
 _I8: Final = np.dtype(np.int8)
 _SCALE: Final = np.dtype("<f4")
@@ -129,8 +126,13 @@ class Codec(ABC):
 
     def supports(self, dtype: np.dtype) -> bool:
         """Whether :meth:`encode` accepts chunks of ``dtype``."""
-        allowed = _LOSSY_DTYPES if self.lossy else _LOSSLESS_DTYPES
-        return any(dtype == d for d in allowed)
+        if self.lossy:
+            return any(dtype == d for d in _LOSSY_DTYPES)
+        try:
+            check_dtype(dtype)
+        except UnsupportedError:
+            return False
+        return True
 
     @abstractmethod
     def max_encoded_nbytes(self, count: int, dtype: np.dtype) -> int:
@@ -252,7 +254,7 @@ class Bf16Codec(Codec):
     def encode(self, src: np.ndarray) -> tuple[int, memoryview | bytes]:
         _check_src(self, src)
         with np.errstate(over="ignore", under="ignore"):
-            half = src.astype(_BF16)
+            half = src.astype(bfloat16())
         return CODEC_BF16, _bytes_of(half)
 
 
@@ -458,7 +460,7 @@ def decode_into(codec_id: int, payload: memoryview | bytes, out: np.ndarray) -> 
         _decode_int8(buf, out)
         return
     _expect_len(buf, 2 * out.size, CODEC_NAMES[codec_id])
-    np.copyto(out, buf.view(_F16 if codec_id == CODEC_FP16 else _BF16), casting="same_kind")
+    np.copyto(out, buf.view(_F16 if codec_id == CODEC_FP16 else bfloat16()), casting="same_kind")
 
 
 def _parse_params(name: str, params: str, allowed: str) -> dict[str, int]:

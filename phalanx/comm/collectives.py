@@ -50,9 +50,9 @@ from phalanx.comm.descriptor import op_descriptor
 from phalanx.comm.engine import Engine
 from phalanx.comm.plan import Node, Plan, RecvNode
 from phalanx.comm.reduce import (
-    SUPPORTED_DTYPES,
     ReduceOp,
     accumulation_dtype,
+    check_dtype,
     combine,
     finalize,
 )
@@ -99,7 +99,6 @@ def _piece_elems(engine: Engine, itemsize: int) -> int:
     return max(1, engine.options.piece_bytes // max(1, itemsize))
 
 
-_DTYPE_NAMES = {dt: name for name, dt in SUPPORTED_DTYPES.items()}
 _NONE = NoneCodec()
 #: algorithms whose frames depend on options.piece_bytes (the others send whole arrays)
 _PIECED = ("ring", "chain")
@@ -119,7 +118,7 @@ def _describe(
         op_descriptor(
             plan.kind,
             0 if x is None else x.size,
-            "" if x is None else _DTYPE_NAMES[x.dtype],
+            "" if x is None else check_dtype(x.dtype).name,
             op,
             codec.spec,
             root,

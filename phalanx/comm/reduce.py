@@ -26,42 +26,71 @@ loop in Python over elements or blocks.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Sequence
 from typing import Final, Literal, cast, get_args
 
-import ml_dtypes
 import numpy as np
 
 from phalanx.errors import ConfigError, UnsupportedError
 
 __all__ = [
-    "SUPPORTED_DTYPES",
+    "DTYPE_NAMES",
     "ReduceOp",
     "accumulation_dtype",
+    "bfloat16",
     "check_dtype",
     "combine",
     "finalize",
     "parse_op",
     "reference",
+    "supported_dtypes",
 ]
 
 ReduceOp = Literal["sum", "avg", "min", "max", "prod"]
 
 _OPS: Final[tuple[str, ...]] = get_args(ReduceOp)
 
-SUPPORTED_DTYPES: Final[dict[str, np.dtype]] = {
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-    "int32": np.dtype(np.int32),
-    "int64": np.dtype(np.int64),
-    "uint8": np.dtype(np.uint8),
-}
+#: the dtypes phalanx reduces, by numpy name
+DTYPE_NAMES: Final[tuple[str, ...]] = (
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "int32",
+    "int64",
+    "uint8",
+)
+# Every supported dtype but bfloat16, which needs ml_dtypes: see bfloat16().
+_NUMPY_DTYPES: Final[tuple[np.dtype, ...]] = tuple(
+    np.dtype(name) for name in DTYPE_NAMES if name != "bfloat16"
+)
 
 _FLOAT32: Final = np.dtype(np.float32)
 _INT64: Final = np.dtype(np.int64)
-_NARROW_FLOATS: Final = (SUPPORTED_DTYPES["float16"], SUPPORTED_DTYPES["bfloat16"])
+
+
+@functools.cache
+def bfloat16() -> np.dtype:
+    """numpy's bfloat16 dtype, from ml_dtypes, imported on first use.
+
+    ml_dtypes 0.7.0 takes about a second of CPU to import (0.6.0: 0.08 s), and every
+    phalanx process -- daemon, client, CLI, rank -- would pay it at start-up although
+    most never see a bfloat16 array. A process that holds one has imported ml_dtypes
+    already (nothing else makes that dtype), so deferring costs it nothing.
+    """
+    import ml_dtypes
+
+    dt: np.dtype = np.dtype(ml_dtypes.bfloat16)
+    return dt
+
+
+def supported_dtypes() -> dict[str, np.dtype]:
+    """Name -> dtype of every dtype phalanx reduces (imports ml_dtypes for bfloat16)."""
+    numpy_dtypes = iter(_NUMPY_DTYPES)
+    return {n: bfloat16() if n == "bfloat16" else next(numpy_dtypes) for n in DTYPE_NAMES}
+
 
 # "avg" combines as a sum; the division happens once, in finalize.
 _COMBINE: Final[dict[str, np.ufunc]] = {
@@ -91,16 +120,21 @@ def check_dtype(dtype: np.dtype) -> np.dtype:
     Only native byte order is accepted; bool, int8, complex, object, strings, ... are
     refused.
     """
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return bfloat16()
     try:
         dt = np.dtype(dtype)
     except TypeError:
         dt = None
     if dt is not None:
-        for supported in SUPPORTED_DTYPES.values():
+        for supported in _NUMPY_DTYPES:
             if dt == supported:
                 return supported
+        # Only ml_dtypes makes a bfloat16 dtype: while it is not loaded, none exists.
+        if "ml_dtypes" in sys.modules and dt == bfloat16():
+            return bfloat16()
     raise UnsupportedError(
-        f"unsupported dtype {dtype!r}; supported dtypes: {', '.join(SUPPORTED_DTYPES)}"
+        f"unsupported dtype {dtype!r}; supported dtypes: {', '.join(DTYPE_NAMES)}"
     )
 
 
@@ -112,7 +146,7 @@ def accumulation_dtype(dtype: np.dtype, op: ReduceOp) -> np.dtype:
     """
     dt = check_dtype(dtype)
     op = parse_op(op)
-    if dt in _NARROW_FLOATS:
+    if dt.itemsize == 2:  # float16 and bfloat16, the only 2-byte dtypes supported
         return _FLOAT32
     if op == "avg" and dt.kind in "iu":
         return _INT64

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from phalanx.comm import CommOptions, Group, OpResult, bind
-from phalanx.comm.reduce import SUPPORTED_DTYPES, ReduceOp, accumulation_dtype, reference
+from phalanx.comm.reduce import ReduceOp, accumulation_dtype, reference, supported_dtypes
 from phalanx.comm.schedules import partition
 from phalanx.errors import UnsupportedError
 from phalanx.testing.procs import RankContext, run_ranks
@@ -68,7 +68,7 @@ def make_input(
 ) -> np.ndarray:
     """Rank ``rank``'s input for ``case`` (every rank can compute every rank's)."""
     rng = _rng(case, rank)
-    dt = SUPPORTED_DTYPES[dtype]
+    dt = supported_dtypes()[dtype]
     if dtype in FLOATS:
         if lossy:
             v = rng.uniform(0.5, 1.5, n) if op == "prod" else rng.standard_normal(n)
@@ -122,7 +122,7 @@ def _lossy_unsupported(kind: str, dtype: str, op: str) -> bool:
     Lossy codecs encode float32/float64 only. all_reduce and reduce_scatter encode
     accumulators (float16/bfloat16 accumulate in float32, so those work); all_gather
     and broadcast encode the caller's dtype, so narrow floats are refused there."""
-    dt = SUPPORTED_DTYPES[dtype]
+    dt = supported_dtypes()[dtype]
     if dtype not in FLOATS:
         return True
     if kind in ("all_reduce", "reduce_scatter"):
@@ -294,7 +294,7 @@ def _cases_reduce_scatter(c: _Checker, sizes: tuple[int, ...], codecs: tuple[str
 
 def _roundtrip(x: np.ndarray, codec: str) -> np.ndarray:
     """What a lossy codec makes of ``x`` when every element is its own round trip."""
-    half = np.float16 if codec == "fp16" else SUPPORTED_DTYPES["bfloat16"]
+    half = np.float16 if codec == "fp16" else supported_dtypes()["bfloat16"]
     return x.astype(half).astype(x.dtype)
 
 
@@ -306,7 +306,7 @@ def _cases_all_gather(c: _Checker, sizes: tuple[int, ...], tag: str = "") -> Non
                 lossy = codec in LOSSY
                 case = f"{tag}all_gather n={n} {dtype} {codec}"
                 parts = [make_input(case, r, n, dtype, "sum", lossy) for r in range(world)]
-                want = np.empty(n, dtype=SUPPORTED_DTYPES[dtype])
+                want = np.empty(n, dtype=supported_dtypes()[dtype])
                 for r in range(world):
                     sl = g.chunk(n, r)
                     want[sl] = parts[r][sl]

@@ -29,7 +29,7 @@ from phalanx.comm.codecs import (
     decode_into,
     parse_codec,
 )
-from phalanx.comm.reduce import SUPPORTED_DTYPES
+from phalanx.comm.reduce import DTYPE_NAMES, supported_dtypes
 from phalanx.errors import ConfigError, FrameError, UnsupportedError
 
 ALL_CODECS: list[Codec] = [
@@ -70,10 +70,10 @@ def _reject(codec_id: int, payload: bytes | memoryview, out: np.ndarray, reason:
 # ---------------------------------------------------------------- lossless
 
 
-@pytest.mark.parametrize("name", list(SUPPORTED_DTYPES))
+@pytest.mark.parametrize("name", list(DTYPE_NAMES))
 @pytest.mark.parametrize("codec", [NoneCodec(), ZstdCodec(), ZstdCodec(level=9)], ids=str)
 def test_lossless_roundtrip_is_bit_exact(codec: Codec, name: str) -> None:
-    dtype = SUPPORTED_DTYPES[name]
+    dtype = supported_dtypes()[name]
     random = _random_bits(dtype, 1000, seed=1)
     compressible = np.repeat(random[:10], 100)
     for x in (random, compressible, random[:0], random[:1]):
@@ -245,7 +245,7 @@ def test_lossy_codecs_are_deterministic(codec: Codec, dtype: np.dtype) -> None:
 def test_codec_conformance(codec: Codec) -> None:
     assert codec.name in CODEC_NAMES
     assert parse_codec(codec.spec) == codec
-    for name, dtype in SUPPORTED_DTYPES.items():
+    for name, dtype in supported_dtypes().items():
         x = np.random.default_rng(9).standard_normal(300).astype(dtype)
         if not codec.supports(dtype):
             assert codec.lossy and dtype not in LOSSY_DTYPES, name
@@ -266,13 +266,13 @@ def test_codec_conformance(codec: Codec) -> None:
 @settings(max_examples=150, deadline=None)
 @given(
     codec=st.sampled_from(ALL_CODECS),
-    name=st.sampled_from(list(SUPPORTED_DTYPES)),
+    name=st.sampled_from(list(DTYPE_NAMES)),
     count=st.one_of(st.integers(0, 2), st.integers(0, 700)),
     seed=st.integers(0, 2**32 - 1),
     scale=st.sampled_from([1e-6, 1.0, 1e4]),
 )
 def test_roundtrip_property(codec: Codec, name: str, count: int, seed: int, scale: float) -> None:
-    dtype = SUPPORTED_DTYPES[name]
+    dtype = supported_dtypes()[name]
     if not codec.supports(dtype):
         return
     rng = np.random.default_rng(seed)
@@ -393,7 +393,7 @@ def test_zstd_bombs_are_refused() -> None:
     name=st.sampled_from(["float32", "float64", "int32", "uint8"]),
 )
 def test_decoder_never_crashes(codec_id: int, payload: bytes, count: int, name: str) -> None:
-    out = np.empty(count, SUPPORTED_DTYPES[name])
+    out = np.empty(count, supported_dtypes()[name])
     try:
         decode_into(codec_id, payload, out)
     except FrameError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from functools import reduce as fold
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from phalanx.comm.reduce import (
-    SUPPORTED_DTYPES,
+    DTYPE_NAMES,
     ReduceOp,
     accumulation_dtype,
     check_dtype,
@@ -19,6 +21,7 @@ from phalanx.comm.reduce import (
     finalize,
     parse_op,
     reference,
+    supported_dtypes,
 )
 from phalanx.errors import ConfigError, UnsupportedError
 
@@ -57,7 +60,7 @@ def _int_inputs(dtype: np.dtype, op: str, rng: np.random.Generator) -> list[np.n
 @pytest.mark.parametrize("name", INT_DTYPES)
 @pytest.mark.parametrize("op", OPS)
 def test_integer_ops_match_python_ints(name: str, op: ReduceOp) -> None:
-    dtype = SUPPORTED_DTYPES[name]
+    dtype = supported_dtypes()[name]
     inputs = _int_inputs(dtype, op, np.random.default_rng(zlib.crc32(f"{name}/{op}".encode())))
     columns = [[int(x[i]) for x in inputs] for i in range(N)]
     if op == "avg":
@@ -80,7 +83,7 @@ def _exact_float_inputs(op: str, rng: np.random.Generator) -> list[np.ndarray]:
 @pytest.mark.parametrize("name", FLOAT_DTYPES)
 @pytest.mark.parametrize("op", OPS)
 def test_float_ops_match_float64_math(name: str, op: ReduceOp) -> None:
-    dtype = SUPPORTED_DTYPES[name]
+    dtype = supported_dtypes()[name]
     exact = _exact_float_inputs(op, np.random.default_rng(zlib.crc32(f"{name}/{op}".encode())))
     inputs = [x.astype(dtype) for x in exact]
     assert all((x.astype(np.float64) == e).all() for x, e in zip(inputs, exact, strict=True))
@@ -133,7 +136,7 @@ def test_int64_wraps_without_float() -> None:
 def test_narrow_floats_accumulate_in_float32(
     name: str, values: list[float], narrow_result: float, wide_result: float
 ) -> None:
-    dtype = SUPPORTED_DTYPES[name]
+    dtype = supported_dtypes()[name]
     assert accumulation_dtype(dtype, "sum") == np.float32
     inputs = [np.array([v], dtype=dtype) for v in values]
     narrow = inputs[0].copy()
@@ -147,7 +150,7 @@ def test_narrow_floats_accumulate_in_float32(
 
 @pytest.mark.parametrize("name", INT_DTYPES)
 def test_integer_avg_floors(name: str) -> None:
-    dtype = SUPPORTED_DTYPES[name]
+    dtype = supported_dtypes()[name]
     if dtype.kind == "u":
         rows = [[1, 2], [3, 4, 4], [255, 254]]
     else:
@@ -160,12 +163,12 @@ def test_integer_avg_floors(name: str) -> None:
 def test_accumulation_dtypes() -> None:
     f32, i64 = np.dtype(np.float32), np.dtype(np.int64)
     for op in OPS:
-        assert accumulation_dtype(SUPPORTED_DTYPES["float16"], op) == f32
-        assert accumulation_dtype(SUPPORTED_DTYPES["bfloat16"], op) == f32
+        assert accumulation_dtype(supported_dtypes()["float16"], op) == f32
+        assert accumulation_dtype(supported_dtypes()["bfloat16"], op) == f32
         assert accumulation_dtype(np.dtype(np.float64), op) == np.float64
         assert accumulation_dtype(np.dtype(np.float32), op) == f32
         for name in INT_DTYPES:
-            dtype = SUPPORTED_DTYPES[name]
+            dtype = supported_dtypes()[name]
             assert accumulation_dtype(dtype, op) == (i64 if op == "avg" else dtype)
 
 
@@ -173,7 +176,7 @@ def test_accumulation_dtypes() -> None:
 @pytest.mark.parametrize("name", ["float32", "int32"])
 def test_combine_aliasing(op: ReduceOp, name: str) -> None:
     rng = np.random.default_rng(7)
-    dtype = accumulation_dtype(SUPPORTED_DTYPES[name], op)
+    dtype = accumulation_dtype(supported_dtypes()[name], op)
     a = rng.integers(-50, 50, size=N).astype(dtype)
     b = rng.integers(-50, 50, size=N).astype(dtype)
     fresh = np.empty_like(a)
@@ -203,7 +206,7 @@ def test_finalize_float_avg_and_alias() -> None:
 
 @pytest.mark.parametrize(("name", "one_bits"), [("float16", 0x3C00), ("bfloat16", 0x3F80)])
 def test_finalize_rounds_to_nearest_even(name: str, one_bits: int) -> None:
-    dtype = SUPPORTED_DTYPES[name]
+    dtype = supported_dtypes()[name]
     # float32 values exactly halfway between two adjacent narrow values: the one with an
     # even mantissa must win (1.0 has an even mantissa, its successor an odd one).
     bits = np.array([one_bits, one_bits + 1, one_bits + 2], dtype=np.uint16)
@@ -257,7 +260,7 @@ def test_check_dtype_refuses(bad: np.dtype) -> None:
 
 
 def test_check_dtype_accepts_all_supported() -> None:
-    for name, dtype in SUPPORTED_DTYPES.items():
+    for name, dtype in supported_dtypes().items():
         assert check_dtype(np.dtype(dtype)) == dtype
         assert check_dtype(np.dtype(dtype).newbyteorder("=")).name == name
 
@@ -292,3 +295,32 @@ def test_reference_keeps_shape_and_returns_new_array() -> None:
     assert not np.shares_memory(got, a)
     np.testing.assert_array_equal(got, a * 2)
     np.testing.assert_array_equal(a, np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+_FRESH_PROCESS = """
+import sys
+import phalanx.client, phalanx.comm, phalanx.cli, phalanx.daemon
+from phalanx.comm.reduce import check_dtype
+loaded_at_import = "ml_dtypes" in sys.modules
+import numpy as np
+assert check_dtype(np.float32) == np.float32
+assert "ml_dtypes" not in sys.modules, "checking a numpy dtype imported ml_dtypes"
+import ml_dtypes  # the user's own import, after phalanx's
+assert check_dtype(np.dtype(ml_dtypes.bfloat16)) == np.dtype(ml_dtypes.bfloat16)
+print(loaded_at_import)
+"""
+
+
+def test_importing_phalanx_does_not_import_ml_dtypes_yet_bfloat16_is_recognised() -> None:
+    # ml_dtypes 0.7.0 costs ~1 s of CPU to import; every phalanx process paid it.
+    out = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_bfloat16_by_name_loads_ml_dtypes_on_demand() -> None:
+    assert check_dtype("bfloat16") == np.dtype(ml_dtypes.bfloat16)
+    assert supported_dtypes()["bfloat16"] == np.dtype(ml_dtypes.bfloat16)
+    assert list(supported_dtypes()) == list(DTYPE_NAMES)
