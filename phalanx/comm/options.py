@@ -33,8 +33,11 @@ class CommOptions:
     #: kernel's autotuning (measured at least as fast here, and it can grow the
     #: receive side past net.core.rmem_max, which caps explicit sizes)
     socket_buffer_bytes: int = 0
-    #: pipelining unit: collectives move data in pieces of at most this many bytes
-    piece_bytes: int = 1 * MiB
+    #: pipelining unit: collectives move data in pieces of at most this many bytes.
+    #: Every piece costs the engine thread a frame's Python on each side; 4 MiB
+    #: measured 3-6 % faster than 1 MiB at 64 MiB (world 2 and 4) and no slower at
+    #: 8-32 MiB on the 2-core machine (docs/comm.md, "Piece size")
+    piece_bytes: int = 4 * MiB
     #: all-reduces of at most this many bytes use recursive doubling (latency-bound);
     #: larger ones use the pipelined ring (bandwidth-bound); measured, see docs/comm.md
     small_bytes: int = 256 * KiB
