@@ -493,6 +493,7 @@ def parse_codec(spec: str) -> Codec:
     if name == "fp16" and not sep:
         return Fp16Codec()
     if name == "bf16" and not sep:
+        bfloat16()  # loads ml_dtypes (~1 s, once) here, on the caller's thread, not mid-op
         return Bf16Codec()
     if name == "zstd":
         if not sep:

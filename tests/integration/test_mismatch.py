@@ -28,6 +28,7 @@ import pytest
 
 import phalanx
 from phalanx.comm import CommOptions, Group, Handle, bind
+from phalanx.comm.reduce import bfloat16
 from phalanx.errors import OpMismatch
 from phalanx.testing.procs import RankContext, run_ranks
 from tests.integration.test_daemon import Daemons
@@ -215,6 +216,9 @@ def _outcome(exc: BaseException | None) -> dict[str, Any]:
 def _mismatch_rank(
     ctx: RankContext, options: CommOptions, names: list[str]
 ) -> list[dict[str, Any]]:
+    # bfloat16 loads ml_dtypes on first use (~1 s of CPU, once per process): not what
+    # the 1 s bound below is about, so pay it before the clock starts
+    bfloat16()
     listener = bind("127.0.0.1:0")
     addresses = ctx.exchange(listener.address)
     out: list[dict[str, Any]] = []
