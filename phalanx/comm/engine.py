@@ -84,6 +84,12 @@ _STALE_SEQS = 64
 #: protocol error (a peer can be one or two ops ahead at most: see docs/comm.md)
 _EARLY_SEQS = 64
 _SINK_KEEP_BYTES = 4 << 20
+#: longest sleep in epoll while no op runs: every event an idle engine acts on (a
+#: submitted plan, abort, close, a peer's frame or EOF) wakes it through a socket,
+#: so this is only a backstop; a short one cost an idle daemon ~20 wake-ups a second
+_IDLE_POLL_S = 1.0
+#: longest sleep while an op runs (progress checks and probes are due on this clock)
+_BUSY_POLL_S = 0.05
 
 
 class FrameHook(Protocol):
@@ -412,14 +418,20 @@ class Engine:
     def _poll_timeout(self) -> float:
         if self._dirty:
             return 0.0
-        if self._current is None:
-            return 0.05
         now = time.monotonic()
+        if self._current is None:
+            if self._broken is None and (
+                self._queue or self._deferred is not None or self._abort_request is not None
+            ):
+                return 0.0  # the loop's top has work: a queued plan, a verdict to deliver
+            if self._drain_deadline:
+                return max(0.0, min(self._drain_deadline - now, _IDLE_POLL_S))
+            return _IDLE_POLL_S
         if self._probe is not None:
             left = self._probe.deadline - now
         else:
             left = self._last_progress + self.options.timeout_s - now
-        return max(0.0, min(left, 0.05))
+        return max(0.0, min(left, _BUSY_POLL_S))
 
     # ---- starting and finishing plans
     def _start(self, plan: Plan) -> None:

@@ -208,7 +208,9 @@ class Group:
 
     def _accept_loop(self) -> None:
         sock = self._listener.sock
-        sock.settimeout(0.1)
+        # a backstop only: close() wakes accept() (Listener.close shuts the socket
+        # down); a 0.1 s poll woke every idle daemon ten times a second
+        sock.settimeout(1.0)
         while not self._stop.is_set():
             try:
                 conn, _ = sock.accept()

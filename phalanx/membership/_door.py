@@ -44,6 +44,9 @@ __all__ = ["Door", "EpochListener"]
 log = logging.getLogger(__name__)
 
 _MAX_PENDING = 256  # connections waiting for a header or for their epoch
+#: longest sleep of the door thread with nothing to time out (a backstop: close()
+#: and connections wake it; a 50 ms poll woke an idle daemon 20 times a second)
+_IDLE_S = 1.0
 
 
 class _EpochSocket:
@@ -126,6 +129,11 @@ class Door:
         self._sel = selectors.DefaultSelector()
         self._listener.sock.setblocking(False)
         self._sel.register(self._listener.sock, selectors.EVENT_READ, None)
+        # close() wakes the thread through this pair: it sleeps until an event or
+        # the next deadline of a connection it holds, not on a short poll
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._loop, name="phalanx-door", daemon=True)
         self._thread.start()
 
@@ -160,6 +168,8 @@ class Door:
 
     def close(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
         self._thread.join(5.0)
         with self._lock:
             for es in self._open.values():
@@ -172,6 +182,7 @@ class Door:
             if key.fileobj is not self._listener.sock:
                 cast(socket.socket, key.fileobj).close()
         self._sel.close()
+        self._wake_w.close()
         self._listener.close()
 
     # -- the thread -------------------------------------------------------------------
@@ -179,9 +190,12 @@ class Door:
     def _loop(self) -> None:
         peeking: dict[socket.socket, float] = {}
         while not self._stop.is_set():
-            for key, _ in self._sel.select(0.05):
+            for key, _ in self._sel.select(self._sleep_s(peeking)):
                 if key.fileobj is self._listener.sock:
                     self._accept(peeking)
+                elif key.fileobj is self._wake_r:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(64)
                 else:
                     self._peek(cast(socket.socket, key.fileobj), peeking)
             now = time.monotonic()
@@ -199,6 +213,15 @@ class Door:
                     else:
                         keep.append((conn, ep, deadline))
                 self._held = keep
+
+    def _sleep_s(self, peeking: dict[socket.socket, float]) -> float:
+        """Until the first held or peeked connection's deadline, at most _IDLE_S."""
+        with self._lock:
+            deadlines = [deadline for _, _, deadline in self._held]
+        deadlines.extend(peeking.values())
+        if not deadlines:
+            return _IDLE_S
+        return max(0.0, min(min(deadlines) - time.monotonic(), _IDLE_S))
 
     def _accept(self, peeking: dict[socket.socket, float]) -> None:
         while True:

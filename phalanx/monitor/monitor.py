@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["ClusterView", "EngineLike", "Monitor", "MonitorConfig"]
 
 log = logging.getLogger(__name__)
+#: longest sleep of the hang thread while no op runs (a backstop: an op start wakes it)
+_IDLE_WAIT_S = 1.0
 audit = logging.getLogger("phalanx.audit.anomaly")
 
 
@@ -157,6 +159,9 @@ class Monitor:
         self._epoch: int | None = None
         self._engine: EngineLike | None = None
         self._stop = threading.Event()
+        # set by every op start (and close): the hang thread sleeps on it while idle
+        self._op_began = threading.Event()
+        self._idle = True
         self._thread: threading.Thread | None = None
         self._server: MetricsServer | None = None
         self.ops_seen = 0
@@ -229,6 +234,7 @@ class Monitor:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the HTTP server and the hang thread and join them. Idempotent."""
         self._stop.set()
+        self._op_began.set()
         if self._server is not None:
             self._server.close(timeout)
             self._server = None
@@ -246,6 +252,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ observer
     def _op_started(self, op: str, seq: int, epoch: int, nbytes: int) -> None:
+        self._op_began.set()
         self._start_mono = time.monotonic()
         self.metrics.op_inflight.set(1)
         self.metrics.op_last_progress.set(self._clock())
@@ -386,6 +393,7 @@ class Monitor:
     def check_hang(self) -> Verdict | None:
         """One hang check now (the thread calls this every ``hang_check_s``)."""
         engine = self._engine
+        self._idle = True
         if engine is None:
             return None
         try:
@@ -394,6 +402,7 @@ class Monitor:
             return None
         mono = time.monotonic()
         m = self.metrics
+        self._idle = inflight is None
         if inflight is None:
             m.op_inflight.set(0)
             m.child(m.anomaly_score, "hang", "any").set(0)
@@ -433,3 +442,10 @@ class Monitor:
                 self.check_hang()
             except Exception:  # pragma: no cover - never let the thread die silently
                 log.exception("event=hang-check-error rank=%d", self.rank)
+            if self._idle:
+                # Nothing runs, so nothing can hang: sleep until an op starts (or the
+                # backstop), not every hang_check_s -- an idle daemon's thread woke
+                # ten times a second for nothing. An op that starts while this thread
+                # is between the check and the wait has set the event: no sleep.
+                self._op_began.wait(_IDLE_WAIT_S)
+                self._op_began.clear()
