@@ -119,3 +119,48 @@ def test_close_joins_threads() -> None:
     mon.close()
     after = {t.name for t in threading.enumerate()} - before
     assert not [n for n in after if n.startswith("phalanx-")], after
+
+
+def _wakeups(names: tuple[str, ...]) -> dict[str, int]:
+    """Voluntary context switches so far of this process's threads named ``names*``."""
+    out: dict[str, int] = {}
+    for t in threading.enumerate():
+        if t.native_id is None or not t.name.startswith(names):
+            continue
+        with open(f"/proc/self/task/{t.native_id}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out[t.name] = int(line.split()[1])
+    return out
+
+
+def test_an_idle_group_and_its_monitor_sleep_instead_of_polling(
+    pair: tuple[list[Group], list[Monitor]],
+) -> None:
+    # The engine polled every 50 ms, the hang thread every hang_check_s (50 ms here)
+    # and the accept loop every 100 ms while nothing ran: 20-40 wake-ups in 2 s each,
+    # CPU an idle daemon spent for nothing. Now each sleeps until an event or a 1 s
+    # backstop; an op still wakes them (the second all-reduce and the hang check).
+    groups, monitors = pair
+    x = [np.ones(1000, np.float32) for _ in groups]
+    ts = [threading.Thread(target=g.all_reduce, args=(x[r],)) for r, g in enumerate(groups)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10.0)
+    time.sleep(0.3)  # the monitor's first check after the op, then idle
+    names = ("phalanx-engine-", "phalanx-monitor-", "phalanx-accept-")
+    before = _wakeups(names)
+    assert len(before) == 6, before
+    time.sleep(2.0)
+    after = _wakeups(names)
+    woke = {name: after[name] - before[name] for name in before}
+    assert all(n <= 8 for n in woke.values()), woke
+    assert all(float(v[0]) == 2.0 for v in x), "the op before the idle spell"
+    ts = [threading.Thread(target=g.all_reduce, args=(x[r],)) for r, g in enumerate(groups)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10.0)
+    assert all(float(v[0]) == 4.0 for v in x), "an op after the idle spell"
+    assert all(m.ops_seen >= 2 for m in monitors)
