@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Final, Literal, cast, get_args
 
 import numpy as np
+import numpy.typing as npt
 
 from phalanx.errors import ConfigError, UnsupportedError
 
@@ -78,7 +79,9 @@ def bfloat16() -> np.dtype:
     ml_dtypes 0.7.0 takes about a second of CPU to import (0.6.0: 0.08 s), and every
     phalanx process -- daemon, client, CLI, rank -- would pay it at start-up although
     most never see a bfloat16 array. A process that holds one has imported ml_dtypes
-    already (nothing else makes that dtype), so deferring costs it nothing.
+    already (nothing else makes that dtype), so deferring costs it nothing. A member
+    that heartbeats calls this before it joins (membership/agent.py): the import holds
+    the GIL longer than a heartbeat timeout.
     """
     import ml_dtypes
 
@@ -113,7 +116,7 @@ def _bad_op(op: object) -> ConfigError:
     return ConfigError(f"unknown reduce op {op!r}; valid ops: {', '.join(_OPS)}")
 
 
-def check_dtype(dtype: np.dtype) -> np.dtype:
+def check_dtype(dtype: npt.DTypeLike) -> np.dtype:
     """Return ``dtype`` as a numpy dtype if phalanx can reduce it, else raise
     :class:`UnsupportedError` naming the supported dtypes.
 

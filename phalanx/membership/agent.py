@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
+from phalanx.comm.reduce import bfloat16
 from phalanx.errors import ConfigError
 from phalanx.membership import _rpc
 from phalanx.membership._group import Decision, Outcome
@@ -187,6 +188,11 @@ class Agent:
         by a dying incarnation) and wait until admitted; returns the first view."""
         if self._closed:
             raise MembershipError("agent is closed")
+        # A member must not import ml_dtypes later, mid-run: that import holds the GIL
+        # for ~1 s (0.7.0), longer than heartbeat_timeout (0.6 s), and the heartbeat
+        # thread would miss its beats and the member be evicted at its first bfloat16
+        # array. Pay it once here, before the first beat.
+        bfloat16()
         deadline = time.monotonic() + timeout
         delay = _RETRY_MIN
         while True:

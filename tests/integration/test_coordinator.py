@@ -551,3 +551,39 @@ def test_stop_twice_is_harmless_and_leaves_no_thread() -> None:
             break
         time.sleep(0.05)
     assert not left, left
+
+
+_JOIN_IN_A_FRESH_PROCESS = """
+import socket, sys
+from phalanx.membership.agent import Agent
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.coordinator import Coordinator
+from phalanx.membership.view import Member
+
+secret = b"integration-test-secret-0123456789"
+c = Coordinator(secret=secret, config=MembershipConfig(recovery_grace=0.0))
+c.start()
+lst = socket.socket()
+lst.bind(("127.0.0.1", 0))
+lst.listen(8)
+before = "ml_dtypes" in sys.modules
+a = Agent(c.address, Member("m", (f"127.0.0.1:{lst.getsockname()[1]}",), 1), secret=secret)
+a.join(20.0)
+print(before, "ml_dtypes" in sys.modules)
+a.close()
+c.stop(grace=0.5)
+"""
+
+
+def test_a_member_loads_ml_dtypes_before_it_joins_not_at_its_first_bfloat16() -> None:
+    # Importing ml_dtypes 0.7 holds the GIL ~1 s, past heartbeat_timeout (0.6 s): a
+    # daemon that did it at its first bfloat16 array missed its beats and was evicted.
+    out = subprocess.run(
+        [sys.executable, "-c", _JOIN_IN_A_FRESH_PROCESS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
