@@ -62,6 +62,7 @@ from phalanx.config import PhalanxConfig, load_config
 from phalanx.deadline import Deadline
 from phalanx.errors import ConfigError, PhalanxError, SnapshotError
 from phalanx.local.server import LocalServer
+from phalanx.membership.config import INSECURE_SECRET
 from phalanx.membership.elastic import ElasticGroup
 from phalanx.membership.statesync import SyncReport, SyncState
 from phalanx.membership.view import View
@@ -72,9 +73,6 @@ __all__ = ["INSECURE_SECRET", "Daemon", "SnapshotMetrics", "read_secret", "regis
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.daemon")
-
-#: the data plane's secret under --insecure: public on purpose (anyone may join)
-INSECURE_SECRET = b"phalanx-insecure-mode-public-secret"
 
 
 def read_secret(cfg: PhalanxConfig) -> bytes:

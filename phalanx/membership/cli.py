@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from phalanx.errors import ConfigError
-from phalanx.membership.config import MembershipConfig
+from phalanx.membership.config import INSECURE_SECRET, MembershipConfig
 from phalanx.membership.coordinator import Coordinator
 
 __all__ = ["build_coordinator", "command", "main", "register", "run_coordinator"]
@@ -127,12 +127,17 @@ def build_coordinator(args: argparse.Namespace) -> Coordinator:
     secret_file = args.secret_file or (
         Path(os.environ[SECRET_ENV]) if SECRET_ENV in os.environ else None
     )
-    if not args.insecure:
-        if secret_file is None:
+    if secret_file is None:
+        if not args.insecure:
             raise ConfigError(
                 "no cluster secret: pass --secret-file F (or set $PHALANX_SECRET_FILE), "
                 "or --insecure to run without authentication"
             )
+        # the public secret 'phalanx daemon --insecure' signs with (as the daemon does,
+        # a secret file still wins): without it the two refused each other (BAD_AUTH)
+        # and such a daemon never joined
+        secret = INSECURE_SECRET
+    else:
         try:
             secret = secret_file.read_bytes().strip()
         except OSError as exc:

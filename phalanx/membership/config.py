@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 from phalanx.errors import ConfigError
 
-__all__ = ["MembershipConfig"]
+__all__ = ["INSECURE_SECRET", "MembershipConfig"]
+
+#: the cluster secret of ``--insecure`` daemons and coordinators alike: public on
+#: purpose (anyone may join); both sides sign with it, so the two flags pair up
+INSECURE_SECRET = b"phalanx-insecure-mode-public-secret"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -144,3 +145,44 @@ def test_sigkilled_daemon_gives_daemon_unavailable_within_a_second(daemons: Daem
         cl.procs[0].wait(5.0)
         with pytest.raises(phalanx.DaemonUnavailable, match="no phalanx daemon"):
             phalanx.connect(cl.sockets[0])
+
+
+def test_an_insecure_coordinator_and_an_insecure_daemon_pair_up(tmp_path: Path) -> None:
+    # Both sign with the public secret; the coordinator used to sign nothing under
+    # --insecure and the daemon's Join was refused (BAD_AUTH) until it gave up.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coord = subprocess.Popen(
+        [sys.executable, "-m", "phalanx", "coordinator", "--listen", f"127.0.0.1:{port}",
+         "--insecure"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "phalanx", "daemon", "--coordinator", f"127.0.0.1:{port}",
+         "--insecure", "--socket", str(tmp_path / "d.sock"), "--metrics-port", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+    )  # fmt: skip
+    try:
+        assert daemon.stdout is not None
+        seen = []
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            line = daemon.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith("phalanx daemon ready"):
+                break
+        assert seen and seen[-1].startswith("phalanx daemon ready"), "".join(seen[-5:])
+        assert not any("BAD_AUTH" in line for line in seen)
+    finally:
+        for p in (daemon, coord):
+            p.terminate()
+        for p in (daemon, coord):
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
