@@ -42,6 +42,7 @@ from functools import lru_cache
 from typing import Final
 
 from phalanx.comm.codecs import parse_codec
+from phalanx.comm.reduce import DTYPE_NAMES
 from phalanx.errors import ConfigError, FrameError, OpMismatch
 
 __all__ = [
@@ -73,16 +74,9 @@ ALGORITHMS: Final[tuple[str, ...]] = (
     "chain",
     "dissemination",
 )
-DTYPES: Final[tuple[str, ...]] = (
-    "",
-    "float16",
-    "bfloat16",
-    "float32",
-    "float64",
-    "int32",
-    "int64",
-    "uint8",
-)
+#: a dtype's wire code is its index here ("": none); tests/unit/test_descriptor.py
+#: pins the table, so reduce.DTYPE_NAMES may only grow at its end
+DTYPES: Final[tuple[str, ...]] = ("", *DTYPE_NAMES)
 OPS: Final[tuple[str, ...]] = ("", "sum", "avg", "min", "max", "prod")
 NO_ROOT: Final = 0xFFFFFFFF
 _MAX_SPEC: Final = 64

@@ -53,7 +53,8 @@ ReduceOp = Literal["sum", "avg", "min", "max", "prod"]
 
 _OPS: Final[tuple[str, ...]] = get_args(ReduceOp)
 
-#: the dtypes phalanx reduces, by numpy name
+#: the dtypes phalanx reduces, by numpy name; their order gives their wire codes
+#: (comm/descriptor.py): add at the end only
 DTYPE_NAMES: Final[tuple[str, ...]] = (
     "float16",
     "bfloat16",

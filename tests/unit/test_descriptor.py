@@ -198,3 +198,9 @@ def test_options_are_named_when_no_argument_differs() -> None:
     err = mismatch_error(op="all_reduce", seq=1, epoch=0, descriptors={0: a, 1: b}, detected_by=0)
     assert err.fields == ("piece_bytes",)
     assert err.descriptors[1].endswith("piece_bytes=4096)")
+
+
+def test_the_dtype_wire_codes_are_fixed() -> None:
+    # A dtype's code in a descriptor is its index in DTYPES, derived from
+    # reduce.DTYPE_NAMES: reordering that tuple would change the wire format.
+    assert DTYPES == ("", "float16", "bfloat16", "float32", "float64", "int32", "int64", "uint8")
