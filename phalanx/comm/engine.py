@@ -315,7 +315,7 @@ class Engine:
                 self._abort_request = ("closed", "the group was closed under this operation")
         self._wake()
         self._thread.join(timeout)
-        if self._thread.is_alive():  # pragma: no cover - the loop polls at least every 50 ms
+        if self._thread.is_alive():  # pragma: no cover - the wake above ends its sleep at once
             log.error("event=engine-join-timeout rank=%d", self.rank)
         for streams in self.links.values():
             for link in streams:
