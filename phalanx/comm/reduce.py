@@ -92,8 +92,7 @@ def bfloat16() -> np.dtype:
 
 def supported_dtypes() -> dict[str, np.dtype]:
     """Name -> dtype of every dtype phalanx reduces (imports ml_dtypes for bfloat16)."""
-    numpy_dtypes = iter(_NUMPY_DTYPES)
-    return {n: bfloat16() if n == "bfloat16" else next(numpy_dtypes) for n in DTYPE_NAMES}
+    return {name: check_dtype(name) for name in DTYPE_NAMES}
 
 
 # "avg" combines as a sum; the division happens once, in finalize.

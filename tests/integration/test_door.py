@@ -6,16 +6,7 @@ import threading
 import time
 
 from phalanx.membership._door import Door
-
-
-def _door_wakeups() -> int:
-    (door,) = [t for t in threading.enumerate() if t.name == "phalanx-door"]
-    assert door.native_id is not None
-    with open(f"/proc/self/task/{door.native_id}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches line")
+from tests.integration._threads import wakeups
 
 
 def test_an_idle_door_sleeps_and_close_wakes_it() -> None:
@@ -24,9 +15,9 @@ def test_an_idle_door_sleeps_and_close_wakes_it() -> None:
     door = Door("127.0.0.1:0")
     try:
         time.sleep(0.2)
-        before = _door_wakeups()
+        before = wakeups("phalanx-door")["phalanx-door"]
         time.sleep(2.0)
-        assert _door_wakeups() - before <= 6
+        assert wakeups("phalanx-door")["phalanx-door"] - before <= 6
     finally:
         t = time.monotonic()
         door.close()

@@ -14,6 +14,7 @@ import pytest
 
 from phalanx.comm import CommOptions, Group, bind
 from phalanx.monitor import DetectorConfig, Monitor, MonitorConfig, Verdict
+from tests.integration._threads import wakeups
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -121,19 +122,6 @@ def test_close_joins_threads() -> None:
     assert not [n for n in after if n.startswith("phalanx-")], after
 
 
-def _wakeups(names: tuple[str, ...]) -> dict[str, int]:
-    """Voluntary context switches so far of this process's threads named ``names*``."""
-    out: dict[str, int] = {}
-    for t in threading.enumerate():
-        if t.native_id is None or not t.name.startswith(names):
-            continue
-        with open(f"/proc/self/task/{t.native_id}/status") as f:
-            for line in f:
-                if line.startswith("voluntary_ctxt_switches:"):
-                    out[t.name] = int(line.split()[1])
-    return out
-
-
 def test_an_idle_group_and_its_monitor_sleep_instead_of_polling(
     pair: tuple[list[Group], list[Monitor]],
 ) -> None:
@@ -150,10 +138,10 @@ def test_an_idle_group_and_its_monitor_sleep_instead_of_polling(
         t.join(10.0)
     time.sleep(0.3)  # the monitor's first check after the op, then idle
     names = ("phalanx-engine-", "phalanx-monitor-", "phalanx-accept-")
-    before = _wakeups(names)
+    before = wakeups(*names)
     assert len(before) == 6, before
     time.sleep(2.0)
-    after = _wakeups(names)
+    after = wakeups(*names)
     woke = {name: after[name] - before[name] for name in before}
     assert all(n <= 8 for n in woke.values()), woke
     assert all(float(v[0]) == 2.0 for v in x), "the op before the idle spell"
