@@ -6,14 +6,15 @@ ring's CPU time, measured with ``perf``). Linux can move *references* to the pag
 instead: ``vmsplice`` maps user memory into a pipe, and ``splice`` moves those pages
 from the pipe into the socket. The receiver still copies once, as it must.
 
-Off by default (``CommOptions.zero_copy_min_bytes`` = 0): since the in-place ring
-sends almost nothing from scratch it measured neutral on the project's machine and
-slower on a 16-core host (docs/comm.md). The price is a rule the caller must keep: **the memory must not change until the
+The price is a rule the caller must keep: **the memory must not change until the
 receiver has read it** -- the kernel sends (or the peer's socket holds) the very
-pages, not a copy. The engine keeps it by splicing only from scratch buffers it
-owns and returning those to the pool only once the receiver confirms it has finished
-the operation (a RECEIPT frame; see ``engine.py``), never from the caller's array
-(which a failure must be free to restore at once).
+pages, not a copy. The engine keeps it (``engine.py``, docs/comm.md "Zero-copy
+sends"): it splices only from memory it writes itself (scratch, the page-swapped
+ring's twin), never from the caller's array as it is (a failure must be free to
+hand it back at once); an operation that spliced ends only once every receiver
+confirmed it has read the operation's frames (a RECEIPT frame), so the caller may
+write whatever it gets back; and after a failure, when no such confirmation will
+come, :func:`detach` gives the spliced buffer fresh pages before anyone writes it.
 
 :class:`SplicePipe` is the mechanism only: a non-blocking pipe per channel that is fed
 with ``vmsplice`` and drained into the socket with ``splice``. It is used where
@@ -27,15 +28,18 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 from functools import cache
 
-__all__ = ["SplicePipe", "available"]
+__all__ = ["SplicePipe", "available", "detach"]
 
 _F_SETPIPE_SZ = 1031  # linux/fcntl.h
 _PIPE_BYTES = 1 << 20  # one default 1 MiB piece per refill; capped by fs.pipe-max-size
 _SPLICE_F_NONBLOCK = 0x02
 _SPLICE_F_MORE = 0x04
+_MADV_DONTNEED = 4  # linux/mman.h (Python's mmap module offers madvise on mmap objects only)
+_MADV_REMOVE = 9
 
 
 class _IOVec(ctypes.Structure):
@@ -59,6 +63,44 @@ def _vmsplice() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 def available() -> bool:
     """True where vmsplice and splice exist (Linux with glibc or musl)."""
     return _vmsplice() is not None
+
+
+@cache
+def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def detach(address: int, nbytes: int) -> None:
+    """Give every page that overlaps [address, address+nbytes) new, zero-filled
+    memory, leaving the old pages to the pipes and sockets that still reference
+    them: what was spliced from there goes out unchanged, whatever is written there
+    next. Shared memory (a memfd both processes map) loses the pages in both
+    processes (``MADV_REMOVE``: a hole is punched in the file); private memory in
+    this one (``MADV_DONTNEED``). Bytes of the first and last page outside the span
+    are zeroed too: only for buffers whose neighbours are scratch.
+
+    Raises OSError where the kernel refuses (not expected for those two kinds)."""
+    fn = _madvise()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "madvise is not available")
+    lo = address // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = -(-(address + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    if hi <= lo:
+        return
+    if fn(lo, hi - lo, _MADV_REMOVE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err != errno.EINVAL:  # EINVAL: not shared memory; anything else is a real refusal
+        raise OSError(err, f"madvise(MADV_REMOVE): {os.strerror(err)}")
+    if fn(lo, hi - lo, _MADV_DONTNEED) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(MADV_DONTNEED): {os.strerror(err)}")
 
 
 class SplicePipe:
