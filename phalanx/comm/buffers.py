@@ -13,12 +13,12 @@ drops the least recently returned first. It never hands one buffer to two holder
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["BufferPool", "HeldScratch"]
+__all__ = ["BufferPool"]
 
 _ALIGN = 1 << 20  # sizes are rounded up to whole MiB so that near sizes share buffers
 
@@ -84,57 +84,3 @@ class BufferPool:
         with self._lock:
             self._free.clear()
             self._free_bytes = 0
-
-
-class HeldScratch:
-    """Scratch of finished operations that peers may still be reading.
-
-    A zero-copy send hands the kernel the buffer's pages, not a copy (see
-    comm/zerocopy.py): until the receiver has read them, writing the buffer would
-    change the bytes in flight. So the scratch of an operation that sent zero-copy
-    frames goes back to the pool only once every such peer sent a RECEIPT for that
-    operation (or a later one: operations end in order). At most ``max_held``
-    operations wait; beyond that the oldest is dropped -- never pooled, only freed,
-    which is safe (the kernel keeps pages it still references).
-    """
-
-    def __init__(self, pool: BufferPool, max_held: int = 8) -> None:
-        self.pool = pool
-        self.max_held = max_held
-        self._held: deque[tuple[int, set[int], list[np.ndarray]]] = deque()
-        self._receipted: dict[int, int] = {}  # peer -> newest operation it confirmed
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def receipted(self, peer: int) -> int:
-        """The newest operation ``peer`` confirmed (-1: none yet)."""
-        return self._receipted.get(peer, -1)
-
-    def hold(self, seq: int, peers: set[int], bufs: list[np.ndarray]) -> None:
-        """Operation ``seq`` ended; ``bufs`` go to the pool once ``peers`` confirm."""
-        waiting = {p for p in peers if self.receipted(p) < seq}
-        if not waiting:
-            self._release(bufs)
-            return
-        self._held.append((seq, waiting, bufs))
-        while len(self._held) > self.max_held:
-            self._held.popleft()
-
-    def receipt(self, peer: int, seq: int) -> None:
-        """``peer`` has read every frame of operation ``seq`` (and of earlier ones)."""
-        if seq > self.receipted(peer):
-            self._receipted[peer] = seq
-        kept: deque[tuple[int, set[int], list[np.ndarray]]] = deque()
-        for held_seq, waiting, bufs in self._held:
-            if held_seq <= seq:
-                waiting.discard(peer)
-            if waiting:
-                kept.append((held_seq, waiting, bufs))
-            else:
-                self._release(bufs)
-        self._held = kept
-
-    def _release(self, bufs: list[np.ndarray]) -> None:
-        for buf in bufs:
-            self.pool.put(buf)

@@ -16,6 +16,12 @@ Rules every plan keeps:
   with the caller's array on success (comm/pageswap.py: no copy at all); otherwise
   it works in the caller's array itself and saves each piece to scratch before
   first writing it, and a failure puts the saved pieces back.
+* **Only the plan's own memory leaves spliced** (``zero_copy=True`` sends:
+  comm/zerocopy.py): scratch, the saved copy, the twin -- never the caller's array
+  as it is, which a failure must hand back at once and the caller may then write.
+  The engine ends a plan that spliced only after its receivers' RECEIPTs, so a twin
+  whose pages the caller then gets is no longer read; after a failure the twin gets
+  fresh pages (:func:`_detach_spliced`).
 * **Bit parity** (promise 1). Every reduced element is computed once, by the owner of
   its chunk, and then copied; in recursive doubling partners combine their partials in
   rank order. With a codec, a chunk's final value is encoded once by its owner, the
@@ -43,7 +49,7 @@ from functools import partial
 
 import numpy as np
 
-from phalanx.comm import pageswap
+from phalanx.comm import pageswap, zerocopy
 from phalanx.comm import schedules as sched
 from phalanx.comm.codecs import CODEC_NONE, Codec, NoneCodec, decode_into
 from phalanx.comm.descriptor import op_descriptor
@@ -393,10 +399,10 @@ def _ring_all_reduce_in_place(
     :func:`_save_and_combine`): the save reads what the reduce then finds in the
     cache, and writing ``x`` in place needs no fresh cache lines, so promise 2 costs
     little more than the waived path. The chunk that leaves raw at the first step is
-    saved first and sent from the saved copy (zero-copy where the options turn it on,
-    comm/zerocopy.py: the kernel takes the scratch pages; ``x`` itself is never
-    spliced, since a failure must be able to restore it at once). Without
-    ``preserve`` nothing is saved.
+    saved first and sent from the saved copy. Nothing leaves spliced: zero-copy here
+    (the saved copy) measured neutral on the 2-core machine and slower on a 16-core
+    host (docs/comm.md), and would make the op wait for its receivers' RECEIPTs.
+    Without ``preserve`` nothing is saved.
 
     Reduce-scatter frames land in one small buffer per stream, reused piece after
     piece: it stays in the cache, so the kernel's copy and the reduce that reads it
@@ -430,7 +436,7 @@ def _ring_all_reduce_in_place(
                 plan.send(nxt, j, _raw(x[a:b]), after=(last[(c, j)],))
             elif keep is not None:  # this chunk leaves raw: save it, send the copy
                 saved = plan.compute(partial(backup.ensure, index[(c, j)]))
-                plan.send(nxt, j, _raw(keep[a:b]), after=(saved,), zero_copy=True)
+                plan.send(nxt, j, _raw(keep[a:b]), after=(saved,))
             else:
                 plan.send(nxt, j, _raw(x[a:b]))
         c = step.recv_chunk
@@ -452,17 +458,21 @@ def _ring_all_gather_in(
     rank: int,
     world: int,
     prepare: Callable[[int, int], Callable[[], None]] | None = None,
+    *,
+    zero_copy: bool = False,
 ) -> None:
     """The ring's all-gather, raw, in ``dst``: send each final piece once it is
     ready (``last`` has this rank's own, from the reduce-scatter), receive the others
-    straight into place (``prepare(chunk, piece)`` runs before a piece is written)."""
+    straight into place (``prepare(chunk, piece)`` runs before a piece is written).
+    ``zero_copy``: ``dst`` is the plan's own memory (a twin), its pieces may leave
+    spliced."""
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     ready = {(rank, j): last[(rank, j)] for j in range(len(pieces[rank]))}
     for step in sched.ring_all_gather(rank, world):
         assert step.send_chunk is not None and step.recv_chunk is not None
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
-            plan.send(nxt, j, _raw(dst[a:b]), after=(ready[(c, j)],))
+            plan.send(nxt, j, _raw(dst[a:b]), after=(ready[(c, j)],), zero_copy=zero_copy)
         c = step.recv_chunk
         for j, (a, b) in enumerate(pieces[c]):
             ready[(c, j)] = plan.recv(
@@ -515,15 +525,16 @@ def _ring_all_reduce_swapped(
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
             if s > 0:  # a partial sum, reduced into the twin
-                plan.send(nxt, j, _raw(out[a:b]), after=(last[(c, j)],))
-            else:
+                plan.send(nxt, j, _raw(out[a:b]), after=(last[(c, j)],), zero_copy=True)
+            else:  # the caller's array itself: never spliced (module docstring)
                 plan.send(nxt, j, _raw(x[a:b]))
         c = step.recv_chunk
         final = world if c == rank else 0
         for j, (a, b) in enumerate(pieces[c]):
             then = partial(_combine_into_twin, out[a:b], x[a:b], op, final)
             last[(c, j)] = plan.recv(prv, j, direct=_bytes(out[a:b]), max_encoded=0, then=then)
-    _ring_all_gather_in(plan, out, pieces, last, rank, world)
+    _ring_all_gather_in(plan, out, pieces, last, rank, world, zero_copy=True)
+    plan.on_failure(partial(_detach_spliced, plan, out))
     if into is None:
         plan.on_success(partial(_hand_over, plan, arena, x, out))
 
@@ -543,6 +554,14 @@ def _combine_into_twin(
     combine(got, xs, got, op)
     if world and op == "avg":
         finalize(got, op, world, got)
+
+
+def _detach_spliced(plan: Plan, out: np.ndarray) -> None:
+    """After a failure: if frames left the twin spliced, a receiver may still read
+    those pages (no RECEIPT will say when), so the twin gets fresh ones before it is
+    written again -- by the next op, or by the caller once it is exchanged."""
+    if plan.spliced:
+        zerocopy.detach(out.ctypes.data, out.nbytes)
 
 
 def _hand_over(plan: Plan, arena: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from phalanx.comm import pageswap, zerocopy
-from phalanx.comm.buffers import BufferPool, HeldScratch
+from phalanx.comm.buffers import BufferPool
 from phalanx.comm.descriptor import (
     OpDescriptor,
     decode_mismatch,
@@ -245,9 +245,9 @@ class Engine:
         self._patience = 0
         self._probe_id = 0
         self._dirty: set[_Link] = set()
-        # zero-copy sends: scratch of finished plans that peers may still be reading
+        # zero-copy sends: a plan that spliced ends once its receivers' RECEIPTs are in
         self._zero_copy = options.zero_copy_min_bytes > 0 and zerocopy.available()
-        self.held = HeldScratch(self.pool)
+        self._receipted: dict[int, int] = {}  # peer -> newest op it confirmed reading
         # peers with a link gone (BYE or error): ops that still need such a link fail
         self._departed: dict[int, _OpFailed] = {}
         # a failure that belongs to a later op than the running one (see _later_op):
@@ -485,7 +485,7 @@ class Engine:
         if self._current is plan and plan.mismatch is not None:
             self._maybe_end_mismatch()
         elif self._current is plan and plan.pending == 0:
-            self._finish()
+            self._seal()
 
     def _expired(self, plan: Plan, now: float) -> bool:
         """Fail ``plan`` if its caller's deadline passed (or was cancelled): nobody is
@@ -545,7 +545,31 @@ class Engine:
             self._activate(child)
         plan = self._current
         if plan is not None and plan.pending == 0:
-            self._finish()
+            self._seal()
+
+    def _seal(self) -> None:
+        """Every node of the current plan is done. A plan that spliced frames (sent
+        pages, not copies: comm/zerocopy.py) ends only once each of those receivers
+        confirmed it has read them (a RECEIPT): until then writing the memory they came
+        from -- the caller's array, once a twin's pages are exchanged into it -- would
+        change bytes in flight. Its own RECEIPTs go out first: two ranks that spliced
+        to each other would otherwise wait for each other."""
+        plan = self._current
+        assert plan is not None
+        if plan.spliced:
+            if not plan.receipts_sent:
+                plan.receipts_sent = True
+                self._send_receipts(plan)
+            for peer in self._receipts_awaited():
+                if self._needs_dead_link(peer):  # gone already: no RECEIPT will come
+                    failure = self._departed.get(peer) or _OpFailed(
+                        {peer}, "disconnected", f"link to rank {peer} closed", self.rank
+                    )
+                    self._fail_current(failure)
+                    return
+            if self._receipts_awaited():
+                return  # frame_done finishes it when the last RECEIPT comes
+        self._finish()
 
     def _finish(self) -> None:
         plan = self._current
@@ -560,13 +584,11 @@ class Engine:
             plan.release()
             plan.future.set_exception(exc)
             return
-        self._send_receipts(plan)
+        if not plan.receipts_sent:
+            self._send_receipts(plan)
         if len(self._sink) > _SINK_KEEP_BYTES:  # a big dropped frame once: do not keep it
             self._sink = bytearray()
-        if plan.spliced:
-            self.held.hold(plan.seq, plan.spliced, plan.borrowed)
-            plan.borrowed = []
-        plan.release()
+        plan.release()  # spliced memory too: _seal waited for the RECEIPTs
         now = time.monotonic()
         samples = self._link_samples(now)
         sent = sum(sample.bytes_sent for sample in samples)
@@ -590,7 +612,7 @@ class Engine:
         plan.future.set_result(info)  # the caller first, then the observer
         self._observe(plan, True, now, samples, "", frozenset())
 
-    # ---- zero-copy bookkeeping: scratch goes back to the pool after the RECEIPTs
+    # ---- zero-copy bookkeeping: RECEIPTs (a plan that spliced ends once they are in)
     def _send_receipts(self, plan: Plan) -> None:
         """Tell every peer that asked: all its frames of ``plan`` have been read."""
         for peer in plan.receipts:
@@ -665,6 +687,10 @@ class Engine:
             self.observer.op_finished(sample)
         except Exception:
             log.exception("event=observer-error rank=%d", self.rank)
+
+    def receipted(self, peer: int) -> int:
+        """The newest op ``peer`` confirmed it has read all our frames of (-1: none)."""
+        return self._receipted.get(peer, -1)
 
     def inflight(self) -> tuple[str, int, float, float] | None:
         """(op, seq, started, last progress) of the running operation, monotonic
@@ -932,7 +958,12 @@ class Engine:
                 return
             raise failure
         elif kind == FrameKind.RECEIPT:
-            self.held.receipt(link.peer, header.seq)
+            # ops end in order: a RECEIPT for op N confirms every earlier one too
+            if header.seq > self.receipted(link.peer):
+                self._receipted[link.peer] = header.seq
+            plan = self._current
+            if plan is not None and plan.receipts_sent and plan.mismatch is None:
+                self._seal()  # maybe the RECEIPT it waited for
         elif kind == FrameKind.MISMATCH:
             desc, by = decode_mismatch(payload)
             self._peer_mismatch(link.peer, header.seq, desc, by)
@@ -1117,7 +1148,14 @@ class Engine:
             for link in streams:
                 if link.recvs or (link.want_write and (link.sends or link.current is not None)):
                     waited.add(peer)
-        return waited
+        return waited | self._receipts_awaited()
+
+    def _receipts_awaited(self) -> set[int]:
+        """Peers whose RECEIPT the running plan waits for (see :meth:`_seal`)."""
+        plan = self._current
+        if plan is None or not plan.receipts_sent:
+            return set()
+        return {peer for peer in plan.spliced if self.receipted(peer) < plan.seq}
 
     def _link_failed(self, link: _Link, reason: str, detail: str) -> None:
         """A link is gone: BYE (``closed``) ends just that stream — frames the peer
@@ -1163,8 +1201,9 @@ class Engine:
             link.channel.close()
 
     def _needs_peer(self, peer: int) -> bool:
-        """The running op still has frames to receive from, or send to, ``peer``."""
-        return any(
+        """The running op still has frames to receive from, or send to, ``peer``, or
+        waits for its RECEIPT."""
+        return peer in self._receipts_awaited() or any(
             link.recvs or link.sends or link.current is not None
             for link in self.links.get(peer, ())
         )
@@ -1179,9 +1218,12 @@ class Engine:
         if plan is not None and plan.mismatch is not None:
             # its MISMATCH frame comes on stream 0, and only while that is open
             return peer not in plan.mismatch and self.links[peer][0].channel.closed
+        streams = self.links.get(peer, ())
+        if peer in self._receipts_awaited() and streams and streams[0].channel.closed:
+            return True  # its RECEIPT comes on stream 0
         return any(
             link.channel.closed and (link.recvs or link.sends or link.current is not None)
-            for link in self.links.get(peer, ())
+            for link in streams
         )
 
     def _fail_current(self, exc: _OpFailed) -> None:

@@ -163,8 +163,9 @@ class Plan:
         #: peers this plan sent zero-copy frames to: its scratch goes back to the pool
         #: only after each of them sent a RECEIPT for it (engine.py)
         self.spliced: set[int] = set()
-        #: peers that asked for a RECEIPT (FLAG_RECEIPT): sent when this plan succeeds
+        #: peers that asked for a RECEIPT (FLAG_RECEIPT): sent once every node is done
         self.receipts: set[int] = set()
+        self.receipts_sent = False
         #: what every rank must agree on (descriptor.py); its digest goes in the
         #: header of every DATA frame of this plan (0: none, nothing is checked)
         self.descriptor: OpDescriptor | None = None

@@ -11,7 +11,8 @@ so the exchanges are made separately, as between two processes):
   daemon through its own mapping), pipelined async ops on the same array, and a slice
   whose first and last page are shared with bytes that must keep their values;
 * promise 2: an op that fails mid-way (a corrupt frame from the peer after partial
-  sums reached the twin) leaves the caller's array exactly as it was, and the group
+  sums reached the twin and left it spliced) leaves the caller's array exactly as it
+  was, the twin gets fresh pages (a peer may still read the old ones), and the group
   goes on with the right result.
 """
 
@@ -25,8 +26,9 @@ import numpy as np
 import pytest
 
 import phalanx
+from phalanx.comm import zerocopy
 from phalanx.local import shm
-from phalanx.testing.faults import SEQ_OFFSET, At, Fault, FaultInjector, FlipHeaderByte
+from phalanx.testing.faults import SEQ_OFFSET, At, Delay, Fault, FaultInjector, FlipHeaderByte
 from tests.integration._pairs import embedded_pair
 
 pytestmark = pytest.mark.timeout(120)
@@ -137,19 +139,31 @@ def test_pages_pinned_for_a_device_are_never_exchanged(
 
 
 def test_an_op_failing_midway_leaves_the_array_as_it_was(
-    pair: tuple[phalanx.Client, phalanx.Client],
+    pair: tuple[phalanx.Client, phalanx.Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = pair
+    detached: list[tuple[int, int]] = []
+    real_detach = zerocopy.detach
+
+    def spy(address: int, nbytes: int) -> None:
+        detached.append((address, nbytes))
+        real_detach(address, nbytes)
+
+    monkeypatch.setattr(zerocopy, "detach", spy)
     xa, xb = a.empty(N, "float32"), b.empty(N, "float32")
     xa[:] = np.arange(N, dtype=np.float32) % 1000
     xb[:] = 7.0
     before = xa.copy()
-    # b's engine corrupts the header of its third frame of the next op to a: a has by
-    # then received partial sums into its twin, and fails on the corrupt frame
+    # b's engine holds its third frame of the next op to a (the first of the
+    # all-gather) back for 0.5 s and corrupts the header of the fourth: a has by then
+    # received partial sums into its twin and sent its chunk's sum on from there,
+    # spliced (comm/zerocopy.py), and fails on the corrupt frame
     assert b.daemon is not None
     engine = b.daemon.monitor._engine  # reaches into b's data plane
     assert engine is not None
-    injector = FaultInjector(Fault(At(ordinal=2), FlipHeaderByte(SEQ_OFFSET)))
+    injector = FaultInjector(
+        Fault(At(ordinal=2), Delay(0.5)), Fault(At(ordinal=3), FlipHeaderByte(SEQ_OFFSET))
+    )
     engine.frame_hook = injector  # type: ignore[attr-defined]
 
     def fail_b() -> BaseException | None:
@@ -161,11 +175,15 @@ def test_an_op_failing_midway_leaves_the_array_as_it_was(
 
     with pytest.raises((phalanx.PhalanxError, TimeoutError)):
         _both(lambda: a.all_reduce(xa, timeout=10.0), fail_b)
-    assert injector.fired, "the fault never fired: the op did not fail mid-way"
+    assert len(injector.fired) == 2, "the faults never fired: the op did not fail mid-way"
     assert np.array_equal(xa, before), "a failed op changed the caller's array"
     twin = a._twins[a._locate(xa).region]  # type: ignore[union-attr]
     assert twin is not None
-    assert np.any(twin.bytes[: xa.nbytes] != 0), "nothing reached the twin: not mid-way"
+    # a's chunk's sum left its twin spliced, so the failed op gave the twin fresh
+    # pages, seen by both processes: b may still be reading the old ones, which the
+    # next op's partial sums must not overwrite (detached: the daemons' own mappings)
+    assert xa.nbytes in [n for _, n in detached], detached
+    assert not np.any(twin.bytes[: xa.nbytes]), "the twin kept pages a peer may still read"
     # the group goes on (rebuilt if it must): the next op's result is right
     expect = xa + 7.0
     xb[:] = 7.0

@@ -1,11 +1,16 @@
-"""Zero-copy sends (vmsplice + splice): exact results, scratch reused only after the
-receiver's RECEIPT, and a channel that keeps the frame whole through a full socket."""
+"""Zero-copy sends (vmsplice + splice): exact results; an op that spliced returns only
+once its receivers confirmed reading (RECEIPT), so the caller may write its array the
+moment it has it; and a channel that keeps the frame whole through a full socket.
+
+What leaves spliced is the page-swapped ring's twin (partial sums and the all-gather),
+whose pages the caller's array gets on success (comm/collectives.py)."""
 
 from __future__ import annotations
 
 import os
 import socket
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -14,11 +19,15 @@ from phalanx.comm import CommOptions, Group, zerocopy
 from phalanx.comm.engine import Engine
 from phalanx.comm.frames import HEADER_SIZE, FrameKind, decode_header, encode_header
 from phalanx.comm.transport import Channel, Link
+from phalanx.errors import PeerFailure
+from phalanx.ops import OpResult
 from tests.integration._pairs import pair
 
 pytestmark = pytest.mark.skipif(
     not zerocopy.available(), reason="vmsplice/splice are Linux-only; sendmsg is used instead"
 )
+
+N = 3 << 20  # float32 elements: 12 MiB, above page_swap_min_bytes (the twin ring)
 
 
 def _engine(g: Group) -> Engine:
@@ -31,12 +40,20 @@ def _zero_copied(g: Group) -> int:
     return sum(link.channel.bytes_zero_copy for s in _engine(g).links.values() for link in s)
 
 
-def _run_pair(groups: tuple[Group, Group], xs: list[np.ndarray]) -> None:
+def _run_pair(
+    groups: tuple[Group, Group],
+    xs: list[np.ndarray],
+    then: Callable[[int, OpResult], None] | None = None,
+) -> None:
+    """Both ranks all-reduce their array; ``then(rank, result)`` runs on the rank's
+    thread the instant its call returns."""
     errors: list[BaseException] = []
 
     def run(rank: int) -> None:
         try:
-            groups[rank].all_reduce(xs[rank])
+            res = groups[rank].all_reduce(xs[rank])
+            if then is not None:
+                then(rank, res)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -50,25 +67,29 @@ def _run_pair(groups: tuple[Group, Group], xs: list[np.ndarray]) -> None:
 
 @pytest.mark.parametrize("zero_copy", [True, False])
 def test_back_to_back_all_reduces_are_exact(zero_copy: bool) -> None:
-    """New data every round: a scratch buffer reused while the peer still reads its
-    pages would show up as a wrong sum in a later round."""
-    # page swap off: zero-copy sends come from the saving ring's scratch
-    opts = CommOptions(
-        zero_copy_min_bytes=256 << 10 if zero_copy else 0, page_swap_min_bytes=0, timeout_s=30.0
-    )
+    """New data every round, and each rank overwrites its result the instant it has
+    it (after keeping a copy): an op that returned while its peer still read the
+    pages it spliced -- the twin's, now the caller's array -- would hand the peer the
+    overwritten bytes, a wrong sum."""
+    opts = CommOptions(zero_copy_min_bytes=256 << 10 if zero_copy else 0, timeout_s=30.0)
     groups = pair(options=opts)
     rng = np.random.default_rng(7)
+    got: list[np.ndarray] = [np.empty(0), np.empty(0)]
+
+    def keep_then_scribble(rank: int, res: OpResult) -> None:
+        got[rank] = xs[rank].copy()
+        xs[rank][:] = np.nan
+
     try:
-        for _ in range(12):
-            xs = [rng.standard_normal(3 << 20).astype(np.float32) for _ in range(2)]
+        for i in range(12):
+            xs = [rng.standard_normal(N).astype(np.float32) for _ in range(2)]
             want = xs[0] + xs[1]
-            _run_pair(groups, xs)
-            for x in xs:
-                assert np.array_equal(x, want)
+            _run_pair(groups, xs, keep_then_scribble)
+            for rank in range(2):
+                assert np.array_equal(got[rank], want), f"round {i}, rank {rank}"
         for g in groups:
             moved = _zero_copied(g)
             assert (moved > 0) == zero_copy, moved
-            assert len(_engine(g).held) <= _engine(g).held.max_held
     finally:
         for g in groups:
             g.close()
@@ -78,26 +99,23 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_scratch_is_held_until_the_receipt_then_pooled() -> None:
+def test_an_op_that_spliced_returns_only_after_the_receipt() -> None:
     fds = _open_fds()
-    opts = CommOptions(zero_copy_min_bytes=256 << 10, page_swap_min_bytes=0, timeout_s=30.0)
-    groups = pair(options=opts)
+    groups = pair(options=CommOptions(zero_copy_min_bytes=256 << 10, timeout_s=30.0))
+    seen: list[tuple[int, int, int]] = []  # (rank, op, newest op the peer confirmed)
+
+    def check(rank: int, res: OpResult) -> None:
+        seen.append((rank, res.seq, _engine(groups[rank]).receipted(1 - rank)))
+
     try:
-        xs = [np.ones(4 << 20, dtype=np.float32) for _ in range(2)]
-        _run_pair(groups, xs)
-        assert np.array_equal(xs[0], np.full(4 << 20, 2, np.float32))
-        # both sides sent RECEIPTs at the end; a barrier later, they have been read
-        # (control frames are handled as they arrive) and nothing stays held
-        barrier = [threading.Thread(target=g.barrier) for g in groups]
-        for t in barrier:
-            t.start()
-        for t in barrier:
-            t.join(30)
-        for g in groups:
-            engine = _engine(g)
-            assert engine.held.receipted(1 - g.rank) >= 0
-            assert not len(engine.held)
-            assert engine.pool.cached_bytes > 0  # the scratch went back to the pool
+        for _ in range(10):
+            xs = [np.ones(N, dtype=np.float32) for _ in range(2)]
+            _run_pair(groups, xs, check)
+            assert np.array_equal(xs[0], np.full(N, 2, np.float32))
+        assert len(seen) == 20
+        for rank, seq, confirmed in seen:
+            assert confirmed >= seq, f"rank {rank} returned op {seq} before its RECEIPT"
+        assert all(_zero_copied(g) > 0 for g in groups)
     finally:
         for g in groups:
             g.close()
@@ -155,3 +173,49 @@ def test_a_closed_peer_is_an_error_not_a_hang() -> None:
                     break
     finally:
         ch.close()
+
+
+def test_a_peer_that_leaves_before_its_receipt_fails_the_op_not_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rank 1 reads everything but never confirms (its RECEIPTs are swallowed), then
+    closes: rank 0, which waits for that RECEIPT before it may hand the twin's pages
+    to its caller, fails the op at the BYE -- its array holding its input -- instead
+    of waiting for its progress timeout."""
+    groups = pair(options=CommOptions(zero_copy_min_bytes=256 << 10, timeout_s=60.0))
+    e1 = _engine(groups[1])
+    monkeypatch.setattr(e1, "_send_receipts", lambda plan: None)
+    xs = [np.ones(N, dtype=np.float32), np.full(N, 2.0, dtype=np.float32)]
+    before = xs[0].copy()
+    outcome: list[BaseException | OpResult] = []
+
+    def rank0() -> None:
+        try:
+            outcome.append(groups[0].all_reduce(xs[0]))
+        except BaseException as exc:  # examined below
+            outcome.append(exc)
+
+    t = threading.Thread(target=rank0)
+    t.start()
+    try:
+        # rank 1 cannot finish either (rank 0's RECEIPT comes, but rank 0 waits):
+        # give it its frames' worth of time, then leave
+        t1 = threading.Thread(target=lambda: _swallow(lambda: groups[1].all_reduce(xs[1])))
+        t1.start()
+        t1.join(5.0)
+        groups[1].close()
+        t.join(10.0)
+        assert not t.is_alive(), "rank 0 still waits for a RECEIPT from a closed peer"
+    finally:
+        for g in groups:
+            g.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], PeerFailure), outcome
+    assert 1 in outcome[0].suspects
+    assert np.array_equal(xs[0], before), "a failed op changed the caller's array"
+
+
+def _swallow(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except BaseException:  # noqa: BLE001 - either outcome is fine for this rank
+        pass
