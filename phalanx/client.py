@@ -377,6 +377,9 @@ class Client:
         except PhalanxError as exc:  # e.g. the daemon's shared-memory limit
             log.info("event=twin_refused region=%d why=%s", ref.region, exc)
             return None
+        # both on huge pages, once (phalanx/local/shm.py): every op on them runs faster
+        huge = region.collapse(), twin.collapse()
+        log.debug("event=twin_mapped region=%d bytes=%d huge=%s", ref.region, region.size, huge)
         with self._rlock:
             self._twins[ref.region] = twin
         return twin

@@ -51,9 +51,11 @@ import numpy as np
 
 __all__ = [
     "SwapError",
+    "advise",
     "available",
     "eligible",
     "exchange_shared",
+    "map_shared_aligned",
     "move_into",
     "new_arena",
     "twin",
@@ -102,6 +104,9 @@ class _Libc:
         size, ptr, i32 = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
         self.mremap = _bind(pylibc, "mremap", ptr, size, size, i32, ptr)
         self.mmap = _bind(libc, "mmap", ptr, size, i32, i32, i32, ctypes.c_long)
+        self.madvise = libc["madvise"]
+        self.madvise.restype = i32
+        self.madvise.argtypes = [ptr, size, i32]
 
 
 @cache
@@ -387,6 +392,38 @@ def _exchange(at: int, size: int, park: int, other: int) -> tuple[bool, bool]:
     except OSError:
         return True, False
     return True, True
+
+
+def advise(address: int, nbytes: int, advice: int) -> int:
+    """``madvise`` over [address, address+nbytes) (page-aligned): 0, or the errno of
+    the refusal (``ENOSYS`` off Linux)."""
+    libc = _libc()
+    if libc is None:
+        return errno.ENOSYS
+    if libc.madvise(address, nbytes, advice) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EINVAL
+
+
+def map_shared_aligned(fd: int, size: int) -> tuple[mmap.mmap, int] | None:
+    """Map all ``size`` bytes of ``fd`` shared and read-write at an address that is a
+    multiple of :data:`HUGE`: ``(mapping, offset)``, the file's bytes lying at
+    ``offset`` in the mapping's buffer. The mapping is an anonymous reservation of
+    ``size + HUGE`` bytes with the file mapped over part of it (``MAP_FIXED``);
+    closing or collecting it unmaps both. Aligned, huge pages of the file are mapped
+    whole (one page-table entry per 2 MiB) and exchanges between two such regions
+    move them whole. None where this cannot be done (then map it plainly)."""
+    libc = _libc()
+    if libc is None:
+        return None
+    reserve = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = int(np.frombuffer(reserve, dtype=np.uint8).ctypes.data)
+    at = -(-base // HUGE) * HUGE
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if libc.mmap(at, size, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) != at:
+        reserve.close()
+        return None
+    return reserve, at - base
 
 
 def _map_fresh(at: int, size: int) -> None:

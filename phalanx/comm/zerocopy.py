@@ -32,6 +32,8 @@ import mmap
 import os
 from functools import cache
 
+from phalanx.comm import pageswap
+
 __all__ = ["SplicePipe", "available", "detach"]
 
 _F_SETPIPE_SZ = 1031  # linux/fcntl.h
@@ -65,17 +67,6 @@ def available() -> bool:
     return _vmsplice() is not None
 
 
-@cache
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def detach(address: int, nbytes: int) -> None:
     """Give every page that overlaps [address, address+nbytes) new, zero-filled
     memory, leaving the old pages to the pipes and sockets that still reference
@@ -86,21 +77,17 @@ def detach(address: int, nbytes: int) -> None:
     are zeroed too: only for buffers whose neighbours are scratch.
 
     Raises OSError where the kernel refuses (not expected for those two kinds)."""
-    fn = _madvise()
-    if fn is None:
-        raise OSError(errno.ENOSYS, "madvise is not available")
     lo = address // mmap.PAGESIZE * mmap.PAGESIZE
     hi = -(-(address + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
     if hi <= lo:
         return
-    if fn(lo, hi - lo, _MADV_REMOVE) == 0:
-        return
-    err = ctypes.get_errno()
-    if err != errno.EINVAL:  # EINVAL: not shared memory; anything else is a real refusal
+    err = pageswap.advise(lo, hi - lo, _MADV_REMOVE)
+    if err == errno.EINVAL:  # not shared memory; anything else is a real refusal
+        err = pageswap.advise(lo, hi - lo, _MADV_DONTNEED)
+        if err:
+            raise OSError(err, f"madvise(MADV_DONTNEED): {os.strerror(err)}")
+    elif err:
         raise OSError(err, f"madvise(MADV_REMOVE): {os.strerror(err)}")
-    if fn(lo, hi - lo, _MADV_DONTNEED) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"madvise(MADV_DONTNEED): {os.strerror(err)}")
 
 
 class SplicePipe:

@@ -73,3 +73,39 @@ def test_exchange_refuses_regions_of_different_sizes_or_a_bad_span() -> None:
         exchange(a, b, SIZE - PAGE, 2 * PAGE, edges=False)
     for r in (a, t, b):
         r.close_fd()
+
+
+def _pmd_mapped_kib(base: int) -> int:
+    """ShmemPmdMapped of the mapping that starts at ``base`` (/proc/self/smaps)."""
+    found = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                found = int(head.split("-")[0], 16) == base
+            elif found and head == "ShmemPmdMapped:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping starts at {base:#x}")
+
+
+def test_large_regions_are_aligned_and_collapse_into_huge_pages_keeping_their_bytes() -> None:
+    """From 2 MiB a region is mapped 2 MiB-aligned in both processes, and collapse()
+    rebuilds it from huge pages: the daemon's mapping sees them too, and the bytes
+    written before survive (phalanx/local/shm.py, "Huge pages")."""
+    size = 8 * pageswap.HUGE
+    a = Region.create(1, size)
+    assert a.fd is not None
+    d = Region.adopt(1, os.dup(a.fd), size)
+    a.close_fd()
+    assert a.base % pageswap.HUGE == 0 and d.base % pageswap.HUGE == 0
+    a.bytes[: size // 2] = np.arange(size // 2, dtype=np.uint64).view(np.uint8)[: size // 2]
+    before = a.bytes.copy()
+    if not a.collapse():
+        pytest.skip("this kernel does not collapse shared memory (MADV_COLLAPSE, 6.1+)")
+    assert a.huge and a.collapse()  # idempotent
+    assert np.array_equal(a.bytes, before) and np.array_equal(d.bytes, before)
+    d.bytes[::PAGE].sum()  # the daemon's mapping faults the pages in
+    assert _pmd_mapped_kib(a.base) == size // 1024
+    assert _pmd_mapped_kib(d.base) == size // 1024
+    small = Region.create(3, pageswap.HUGE - PAGE)
+    assert not small.collapse()  # under 2 MiB: left as it is
