@@ -76,7 +76,10 @@ _CATALOG: tuple[tuple[str, str, str, str], ...] = (
     ("broadcast", "sum", "none", "float64"),
     ("barrier", "sum", "none", "float32"),
 )
-_SIZES = (1, 1000, 4099, 65536)
+#: element counts; 1 << 20 (4 MiB of float32) is the first size at which an all-reduce
+#: through the daemon takes the twin region and leaves it spliced (docs/comm.md,
+#: "Zero-copy sends"): the faults must meet that path too
+_SIZES = (1, 1000, 4099, 65536, 1 << 20)
 
 
 def member_id(index: int) -> str:
