@@ -47,7 +47,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -444,6 +444,22 @@ class _Run:
                 self.check.note(f"{p.member}'s trainer did not stop in time")
 
 
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """While the harness tears down, a second SIGTERM or Ctrl-C is ignored: it would
+    cut the teardown short and leave processes, network namespaces and forwarding
+    rules behind (the teardown is bounded: every wait in it has a deadline)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run one stress session; returns the result row (see the module docstring)."""
     t0 = time.monotonic()
@@ -527,14 +543,15 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
     except (KeyboardInterrupt, SystemExit) as exc:  # SIGINT/SIGTERM: still report
         row["error"] = f"interrupted ({type(exc).__name__})"
     finally:
-        run.stopping = True
-        run.stop_slow.set()
-        for t in run.slow_threads:
-            t.join(2.0)
-        cl.close()
-        if run.failures is not None:
-            run.failures.close()
-        events.close()
+        with _stop_signals_ignored():
+            run.stopping = True
+            run.stop_slow.set()
+            for t in run.slow_threads:
+                t.join(2.0)
+            cl.close()
+            if run.failures is not None:
+                run.failures.close()
+            events.close()
     bar.done()
     row.update(_summary(run))
     unresolved = run.check.unresolved(min(time.monotonic(), t_end), cfg.hang_s)

@@ -314,6 +314,61 @@ def test_cli_prints_one_json_line_and_fails_on_bad_options() -> None:
     assert r.returncode == 2 and b"unknown faults" in r.stderr
 
 
+def _netns_of(pid: int) -> list[str]:
+    if shutil.which("ip") is None:
+        return []
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10).stdout
+    return [line.split()[0] for line in out.decode().splitlines()
+            if line.startswith(f"pxs{pid}-")]  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_a_second_sigterm_does_not_cut_the_teardown_short(tmp_path: Path) -> None:
+    """SIGTERM twice (an impatient operator, or `timeout` plus a supervisor): the
+    first stops the run, the second used to interrupt the teardown and leave the
+    run's network namespaces and processes behind. Now the harness still reports
+    and leaves nothing."""
+    err_path = tmp_path / "stress.err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phalanx", "stress", "--peers", "3", "--duration", "120",
+             "--seed", "11", "--json"],
+            stdout=subprocess.PIPE, stderr=err,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while b"churn for" not in err_path.read_bytes():
+            assert proc.poll() is None, err_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the run never started its churn"
+            time.sleep(0.2)
+        text = err_path.read_text()
+        run_dir = text.split(" dir=", 1)[1].split()[0]
+        used_netns = bool(_netns_of(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # inside the teardown by now
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:  # a failed check above: still let it clean up
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    try:
+        left = subprocess.run(["pgrep", "-f", run_dir], capture_output=True, timeout=10).stdout
+        assert left == b"", f"processes of {run_dir} left behind: {left!r}"
+        assert _netns_of(proc.pid) == [], "network namespaces left behind"
+        if os.geteuid() == 0 and shutil.which("ip") is not None:
+            assert used_netns, "the run used no network namespaces: nothing was checked"
+        lines = out.decode().strip().splitlines()
+        assert lines, "no report: the teardown was cut short"
+        assert json.loads(lines[-1])["error"].startswith("interrupted"), lines[-1]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run keeps its logs
+
+
 # ----------------------------------------------------------------------------- docker hosts
 
 
