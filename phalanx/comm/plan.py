@@ -160,11 +160,13 @@ class Plan:
         #: True when an all-reduce given ``into`` leaves its result there (the caller's
         #: array untouched; the caller exchanges the two on success)
         self.into_used = False
-        #: peers this plan sent zero-copy frames to: its scratch goes back to the pool
-        #: only after each of them sent a RECEIPT for it (engine.py)
+        #: peers this plan sent zero-copy frames to: it ends only once each of them
+        #: sent a RECEIPT for it (Engine._seal), and after a failure what it spliced
+        #: from is never reused as it is
         self.spliced: set[int] = set()
         #: peers that asked for a RECEIPT (FLAG_RECEIPT): sent once every node is done
         self.receipts: set[int] = set()
+        #: whether those RECEIPTs went out (the plan may then still wait for its own)
         self.receipts_sent = False
         #: what every rank must agree on (descriptor.py); its digest goes in the
         #: header of every DATA frame of this plan (0: none, nothing is checked)
