@@ -25,6 +25,7 @@ import pytest
 
 import phalanx
 from phalanx.testing.launcher import LocalCluster
+from tests.integration._procs import stop
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -178,11 +179,4 @@ def test_an_insecure_coordinator_and_an_insecure_daemon_pair_up(tmp_path: Path) 
         assert seen and seen[-1].startswith("phalanx daemon ready"), "".join(seen[-5:])
         assert not any("BAD_AUTH" in line for line in seen)
     finally:
-        for p in (daemon, coord):
-            p.terminate()
-        for p in (daemon, coord):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop(daemon, coord, grace=15.0)

@@ -33,6 +33,7 @@ import pytest
 from phalanx.comm import CommOptions, Group, bind
 from phalanx.monitor import ClusterView, Monitor, Verdict
 from phalanx.testing.throttle import LinkProxy
+from tests.integration._procs import stop
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM = shutil.which("prometheus")
@@ -192,12 +193,7 @@ def prometheus(tmp_path: Path, cluster: _Cluster) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5.0)
+        stop(proc, grace=10.0)
 
 
 def _query(url: str, expr: str) -> list[dict[str, Any]]:

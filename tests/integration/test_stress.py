@@ -41,6 +41,7 @@ from phalanx.testing import _stress_model as model
 from phalanx.testing._stress_check import Checker
 from phalanx.testing._stress_cluster import Cluster
 from phalanx.testing.stress import _COORDINATOR_SPACING_S, StressConfig, _Run, run_stress
+from tests.integration._procs import stop
 from tests.integration.test_daemon import Daemons
 
 pytestmark = pytest.mark.timeout(180)
@@ -349,13 +350,7 @@ def test_a_second_sigterm_does_not_cut_the_teardown_short(tmp_path: Path) -> Non
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:  # a failed check above: still let it clean up
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop(proc, grace=60.0)  # after a failed check above: still let it clean up
     try:
         left = subprocess.run(["pgrep", "-f", run_dir], capture_output=True, timeout=10).stdout
         assert left == b"", f"processes of {run_dir} left behind: {left!r}"
