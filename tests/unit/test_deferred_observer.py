@@ -1,5 +1,6 @@
-"""The daemon's deferred observer: samples reach the monitor in batches, none lost,
-in order, op_started at once, and close() feeds what is queued and joins the thread."""
+"""The daemon's deferred observer: samples reach the monitor in batches (one feed call
+each), none lost, in order, op_started at once, and close() feeds what is queued and
+joins the thread."""
 
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ class _Recorder:
         self.started: list[int] = []
         self.finished: list[int] = []
         self.threads: set[int] = set()
+        self.batches: list[int] = []
 
     def op_started(self, op: str, seq: int, epoch: int, nbytes: int) -> None:
         self.started.append(seq)
 
-    def op_finished(self, sample: OpSample) -> None:
-        self.finished.append(sample.seq)
+    def op_finished(self, sample: OpSample) -> None:  # pragma: no cover - fed in batches
+        raise AssertionError("the deferred observer feeds batches")
+
+    def feed(self, samples: list[OpSample]) -> None:
+        self.batches.append(len(samples))
+        self.finished.extend(s.seq for s in samples)
         self.threads.add(threading.get_ident())
-        if sample.seq == 3:
+        if any(s.seq == 3 for s in samples):
             raise RuntimeError("a broken monitor must not stop the feeding")
 
 
@@ -41,7 +47,7 @@ def test_samples_arrive_in_batches_in_order_and_close_flushes(
 ) -> None:
     monkeypatch.setattr(daemon, "_OBSERVE_BATCH_S", 0.5)  # long: "not yet" is unambiguous
     rec = _Recorder()
-    obs = daemon._DeferredObserver(rec)
+    obs = daemon._DeferredObserver(rec, rec.feed)
     try:
         obs.op_started("all_reduce", 0, 1, 4096)
         assert rec.started == [0]  # passed through at once, on the caller's thread
@@ -55,6 +61,7 @@ def test_samples_arrive_in_batches_in_order_and_close_flushes(
         while len(rec.finished) < 50 and time.monotonic() < deadline:
             time.sleep(0.005)
         assert rec.finished == list(range(50))  # none lost (seq 3 raised), in order
+        assert len(rec.batches) < 50  # one call per batch, not one per op
         assert threading.get_ident() not in rec.threads  # fed on the observer's thread
         for seq in range(50, 60):
             obs.op_finished(_sample(seq))

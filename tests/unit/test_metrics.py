@@ -51,6 +51,21 @@ def test_registries_are_per_daemon() -> None:
     assert 'phalanx_op_duration_seconds_count{algorithm="ring"' not in text_b
 
 
+def test_a_batch_exports_what_the_same_ops_one_by_one_export() -> None:
+    """The daemon feeds finished ops in batches (counters summed, gauges set once): a
+    scrape must read the same as after feeding them one at a time."""
+    samples = [_sample(1), _sample(2, ok=False), _sample(3), replace(_sample(4), epoch=4)]
+    one, batch = Monitor(1, clock=lambda: 100.0), Monitor(1, clock=lambda: 100.0)
+    for s in samples:
+        one.observer.op_finished(s)
+    batch.observer.ops_finished(samples)
+    a, b = generate_latest(one.registry).decode(), generate_latest(batch.registry).decode()
+    drop = re.compile(r"^.*_created.*$", re.M)  # creation times differ by construction
+    assert drop.sub("", a) == drop.sub("", b)
+    assert 'phalanx_link_sent_bytes_total{peer="2"} 1200.0' in b  # 4 ops x 300 bytes
+    assert one.ops_seen == batch.ops_seen == 4
+
+
 def test_op_and_link_metrics_and_forget_peer() -> None:
     mon = Monitor(1)
     mon.observer.op_finished(_sample(1))
