@@ -560,14 +560,15 @@ class Engine:
             if not plan.receipts_sent:
                 plan.receipts_sent = True
                 self._send_receipts(plan)
-            for peer in self._receipts_awaited():
+            awaited = self._receipts_awaited()
+            for peer in awaited:
                 if self._needs_dead_link(peer):  # gone already: no RECEIPT will come
                     failure = self._departed.get(peer) or _OpFailed(
                         {peer}, "disconnected", f"link to rank {peer} closed", self.rank
                     )
                     self._fail_current(failure)
                     return
-            if self._receipts_awaited():
+            if awaited:
                 return  # frame_done finishes it when the last RECEIPT comes
         self._finish()
 
