@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -26,7 +27,7 @@ class _Recorder:
     def op_finished(self, sample: OpSample) -> None:  # pragma: no cover - fed in batches
         raise AssertionError("the deferred observer feeds batches")
 
-    def feed(self, samples: list[OpSample]) -> None:
+    def feed(self, samples: Sequence[OpSample]) -> None:
         self.batches.append(len(samples))
         self.finished.extend(s.seq for s in samples)
         self.threads.add(threading.get_ident())
