@@ -258,6 +258,8 @@ class Client:
         self.twin_min_bytes = int(os.environ.get("PHALANX_TWIN_MIN_BYTES", _TWIN_MIN_BYTES))
         self._twins: dict[int, Region | None] = {}
         self._twin_ops: dict[int, tuple[Region, Region, BufRef]] = {}  # rid -> where
+        # twins an op failed on: the daemon may have given them fresh (small) pages
+        self._twins_worn: set[int] = set()
         self._twin_broken: str | None = None
         conn.on_reply = self._on_reply
         self.coordinator_address: str | None = None  # embedded mode: where peers join
@@ -350,6 +352,7 @@ class Client:
         with self._rlock:
             self._regions.pop(region.rid, None)
             twin = self._twins.pop(region.rid, None)
+            self._twins_worn.discard(region.rid)
         if twin is not None:
             self._unmap(twin)
         with contextlib.suppress(DaemonUnavailable, TimeoutError):
@@ -367,9 +370,21 @@ class Client:
             region = self._regions.get(ref.region)
             if region is None or pinned(region.base, region.size):
                 return None  # pinned by physical page: an exchange would detach it
-            if ref.region in self._twins:
-                return self._twins.get(ref.region)
-            self._twins[ref.region] = None  # one try per region
+            known = ref.region in self._twins
+            twin = self._twins.get(ref.region)
+            worn = twin is not None and ref.region in self._twins_worn
+            self._twins_worn.discard(ref.region)
+            if not known:
+                self._twins[ref.region] = None  # one try per region
+        if known:
+            if worn:
+                # an op on it failed after its pages were sent without a copy, so the
+                # daemon gave it fresh pages (comm/zerocopy.py, detach): small ones,
+                # until collapsed again (~1.5 ms per MiB; quick if none were punched)
+                assert twin is not None
+                twin.huge = False
+                twin.collapse()
+            return twin
         try:
             twin = self._map_twin(region.size)
         except (DaemonUnavailable, TimeoutError):
@@ -395,6 +410,9 @@ class Client:
             return
         where = self._twin_ops.pop(frame.rid, None)
         msg = frame.message
+        if where is not None and not isinstance(msg, OpResult):
+            with self._rlock:
+                self._twins_worn.add(where[2].region)
         if where is None or not isinstance(msg, OpResult) or not msg.in_twin:
             return
         region, twin, ref = where

@@ -13,7 +13,7 @@ so the exchanges are made separately, as between two processes):
 * promise 2: an op that fails mid-way (a corrupt frame from the peer after partial
   sums reached the twin and left it spliced) leaves the caller's array exactly as it
   was, the twin gets fresh pages (a peer may still read the old ones), and the group
-  goes on with the right result.
+  goes on with the right result, on huge pages again where the kernel gives them.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import phalanx
 from phalanx.comm import zerocopy
 from phalanx.local import shm
 from phalanx.testing.faults import SEQ_OFFSET, At, Delay, Fault, FaultInjector, FlipHeaderByte
+from tests._smaps import pmd_mapped_kib
 from tests.integration._pairs import embedded_pair
 
 pytestmark = pytest.mark.timeout(120)
@@ -177,8 +178,11 @@ def test_an_op_failing_midway_leaves_the_array_as_it_was(
         _both(lambda: a.all_reduce(xa, timeout=10.0), fail_b)
     assert len(injector.fired) == 2, "the faults never fired: the op did not fail mid-way"
     assert np.array_equal(xa, before), "a failed op changed the caller's array"
-    twin = a._twins[a._locate(xa).region]  # type: ignore[union-attr]
+    ref = a._locate(xa)
+    assert ref is not None
+    region, twin = a._regions[ref.region], a._twins[ref.region]
     assert twin is not None
+    huge = twin.huge  # collapsed at its first use, where this kernel can
     # a's chunk's sum left its twin spliced, so the failed op gave the twin fresh
     # pages, seen by both processes: b may still be reading the old ones, which the
     # next op's partial sums must not overwrite (detached: the daemons' own mappings)
@@ -192,3 +196,9 @@ def test_an_op_failing_midway_leaves_the_array_as_it_was(
         lambda: b.all_reduce(xb, retry=True, timeout=30.0),
     )
     assert np.array_equal(xa, expect) and np.array_equal(xb, expect)
+    if huge:
+        # the fresh pages were small; the client collapsed them again before the op,
+        # so after its exchange the array and its twin are huge pages, as before
+        assert twin.huge
+        assert pmd_mapped_kib(region.base) == region.size // 1024
+        assert pmd_mapped_kib(twin.base) == twin.size // 1024

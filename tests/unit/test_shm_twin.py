@@ -16,6 +16,7 @@ import pytest
 from phalanx.comm import pageswap
 from phalanx.errors import ConfigError
 from phalanx.local.shm import PAGE, Region, exchange, interior
+from tests._smaps import pmd_mapped_kib
 
 pytestmark = pytest.mark.skipif(not pageswap.available(), reason="needs Linux mremap")
 
@@ -75,19 +76,6 @@ def test_exchange_refuses_regions_of_different_sizes_or_a_bad_span() -> None:
         r.close_fd()
 
 
-def _pmd_mapped_kib(base: int) -> int:
-    """ShmemPmdMapped of the mapping that starts at ``base`` (/proc/self/smaps)."""
-    found = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                found = int(head.split("-")[0], 16) == base
-            elif found and head == "ShmemPmdMapped:":
-                return int(line.split()[1])
-    raise AssertionError(f"no mapping starts at {base:#x}")
-
-
 def test_large_regions_are_aligned_and_collapse_into_huge_pages_keeping_their_bytes() -> None:
     """From 2 MiB a region is mapped 2 MiB-aligned in both processes, and collapse()
     rebuilds it from huge pages: the daemon's mapping sees them too, and the bytes
@@ -105,7 +93,7 @@ def test_large_regions_are_aligned_and_collapse_into_huge_pages_keeping_their_by
     assert a.huge and a.collapse()  # idempotent
     assert np.array_equal(a.bytes, before) and np.array_equal(d.bytes, before)
     d.bytes[::PAGE].sum()  # the daemon's mapping faults the pages in
-    assert _pmd_mapped_kib(a.base) == size // 1024
-    assert _pmd_mapped_kib(d.base) == size // 1024
+    assert pmd_mapped_kib(a.base) == size // 1024
+    assert pmd_mapped_kib(d.base) == size // 1024
     small = Region.create(3, pageswap.HUGE - PAGE)
     assert not small.collapse()  # under 2 MiB: left as it is
