@@ -382,8 +382,7 @@ class Client:
                 # daemon gave it fresh pages (comm/zerocopy.py, detach): small ones,
                 # until collapsed again (~1.5 ms per MiB; quick if none were punched)
                 assert twin is not None
-                twin.huge = False
-                twin.collapse()
+                twin.collapse(again=True)
             return twin
         try:
             twin = self._map_twin(region.size)

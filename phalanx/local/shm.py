@@ -104,10 +104,14 @@ class Region:
             os.close(fd)
         return cls(rid, mm, size, None, offset)
 
-    def collapse(self) -> bool:
+    def collapse(self, *, again: bool = False) -> bool:
         """Commit the region's memory and have the kernel rebuild it from huge pages
         (module docstring); whether it did. Safe while the other process uses it;
-        bytes are kept. A region under 2 MiB or not 2 MiB-aligned is left as it is."""
+        bytes are kept. A region under 2 MiB or not 2 MiB-aligned is left as it is.
+        ``again``: even if it was collapsed before, because some of its pages may have
+        been replaced since (quick when none were)."""
+        if again:
+            self.huge = False
         if self.huge or self.size < pageswap.HUGE or self.base % pageswap.HUGE:
             return self.huge
         span = self.size // pageswap.HUGE * pageswap.HUGE

@@ -126,7 +126,7 @@ class _Observer:
         self._m._op_started(op, seq, epoch, nbytes)
 
     def op_finished(self, sample: OpSample) -> None:
-        self._m._op_finished(sample)
+        self._m._ops_finished((sample,))
 
     def ops_finished(self, samples: Sequence[OpSample]) -> None:
         """Several finished ops at once, oldest first (see Monitor._ops_finished)."""
@@ -260,9 +260,6 @@ class Monitor:
         self._start_mono = time.monotonic()
         self.metrics.op_inflight.set(1)
         self.metrics.op_last_progress.set(self._clock())
-
-    def _op_finished(self, sample: OpSample) -> None:
-        self._ops_finished((sample,))
 
     def _ops_finished(self, samples: Sequence[OpSample]) -> None:
         """Finished ops, oldest first (the daemon feeds them in batches). Histograms and
