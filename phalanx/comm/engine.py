@@ -435,13 +435,14 @@ class Engine:
 
     # ---- starting and finishing plans
     def _start(self, plan: Plan) -> None:
-        self._current = plan
-        self._started = time.monotonic()
-        self._last_progress = self._started
+        started = time.monotonic()
+        # what inflight() reads from other threads is written before _current: a hang
+        # check never pairs this op with the previous op's progress time
+        self._started = self._last_progress = started
         self._probe = None
         self._patience = 0
-        if self._expired(plan, self._started):
-            return  # given up before it started: it must not pair with the next op
+        # the links' counters start over first: an op that fails at once (below) must
+        # not report the previous op's bytes as its own
         for streams in self.links.values():
             for link in streams:
                 link.sent0 = link.channel.bytes_sent
@@ -449,7 +450,10 @@ class Engine:
                 link.frames = 0
                 link.first = link.last = None
                 link.blocked = 0.0
-                link.blocked_since = self._started if link.want_write else None
+                link.blocked_since = started if link.want_write else None
+        self._current = plan
+        if self._expired(plan, started):
+            return  # given up before it started: it must not pair with the next op
         if self.observer is not None:
             try:
                 self.observer.op_started(plan.kind, plan.seq, self.epoch, plan.nbytes)

@@ -11,10 +11,16 @@ from collections.abc import Iterator
 
 import phalanx
 from phalanx.comm import CommOptions, Group, bind
+from phalanx.comm.observer import CommObserver
 
 
-def pair(timeout_s: float = 30.0, options: CommOptions | None = None) -> tuple[Group, Group]:
-    """Two ranks of one group, in this process (threads build them concurrently)."""
+def pair(
+    timeout_s: float = 30.0,
+    options: CommOptions | None = None,
+    observer: CommObserver | None = None,
+) -> tuple[Group, Group]:
+    """Two ranks of one group, in this process (threads build them concurrently);
+    ``observer`` watches rank 0."""
     listeners = [bind("127.0.0.1:0") for _ in range(2)]
     addresses = [lst.address for lst in listeners]
     groups: list[Group | None] = [None, None]
@@ -26,6 +32,7 @@ def pair(timeout_s: float = 30.0, options: CommOptions | None = None) -> tuple[G
             b"s" * 32,
             listener=listeners[rank],
             options=options or CommOptions(timeout_s=timeout_s),
+            observer=observer if rank == 0 else None,
         )
 
     threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 
 from phalanx.comm import CommOptions, Group, bind
+from phalanx.comm.observer import OpSample
+from phalanx.deadline import Deadline
+from phalanx.errors import PeerFailure
 from phalanx.monitor import DetectorConfig, Monitor, MonitorConfig, Verdict
+from tests.integration._pairs import pair as _pair
 from tests.integration._threads import wakeups
 
 
@@ -152,3 +156,41 @@ def test_an_idle_group_and_its_monitor_sleep_instead_of_polling(
         t.join(10.0)
     assert all(float(v[0]) == 4.0 for v in x), "an op after the idle spell"
     assert all(m.ops_seen >= 2 for m in monitors)
+
+
+class _Samples:
+    """A CommObserver that keeps every finished op's sample."""
+
+    def __init__(self) -> None:
+        self.done: list[OpSample] = []
+
+    def op_started(self, op: str, seq: int, epoch: int, nbytes: int) -> None:
+        pass
+
+    def op_finished(self, sample: OpSample) -> None:
+        self.done.append(sample)
+
+
+def test_an_op_given_up_in_the_queue_reports_no_bytes_of_the_op_before_it() -> None:
+    """An op whose deadline passes while it waits behind another fails as it starts;
+    its sample must count what it sent (an ABORT), not the previous op's 4 MiB."""
+    seen = _Samples()
+    g0, g1 = _pair(timeout_s=10.0, observer=seen)
+    try:
+        big = np.ones(1 << 20, np.float32)
+        first = g0.all_reduce(big, async_op=True)  # rank 1 joins it later
+        given_up = g0.all_reduce(np.ones(16, np.float32), async_op=True,
+                                 deadline=Deadline.after(0.05))  # fmt: skip
+        time.sleep(0.3)  # its deadline passes while it waits in the queue
+        g1.all_reduce(np.ones(1 << 20, np.float32))
+        first.wait(10.0)
+        with pytest.raises(PeerFailure):
+            given_up.wait(10.0)
+    finally:
+        g0.close()
+        g1.close()
+    ok, failed = seen.done[0], seen.done[1]
+    assert ok.ok and sum(link.bytes_sent for link in ok.links) >= big.nbytes
+    assert not failed.ok and failed.reason == "aborted"
+    assert sum(link.bytes_sent for link in failed.links) < 1024
+    assert all(link.bytes_recv == 0 and link.first_byte_s is None for link in failed.links)
