@@ -333,7 +333,9 @@ class HangDetector:
     def __init__(self, config: DetectorConfig, history: int = 256) -> None:
         self.config = config
         self._durations: deque[float] = deque(maxlen=history)
-        self._flagged: int | None = None  # seq already reported
+        # (seq, start) of the op already reported: a group rebuilt in the same view
+        # numbers its ops from 0 again, and its op 0 may hang too
+        self._flagged: tuple[int, float] | None = None
 
     def reset(self) -> None:
         self._durations.clear()
@@ -357,12 +359,12 @@ class HangDetector:
         clock as ``now``). Returns (score, op, seq) once per hung op, else ``None``."""
         if inflight is None:
             return None
-        op, seq, _started, progress = inflight
+        op, seq, started, progress = inflight
         idle = now - progress
         limit = self.threshold()
-        if idle < limit or self._flagged == seq:
+        if idle < limit or self._flagged == (seq, started):
             return None
-        self._flagged = seq
+        self._flagged = (seq, started)
         return idle / limit, op, seq
 
     def score(self, now: float, inflight: tuple[str, int, float, float] | None) -> float:

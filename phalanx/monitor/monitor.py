@@ -262,14 +262,17 @@ class Monitor:
         self.metrics.op_last_progress.set(self._clock())
 
     def _ops_finished(self, samples: Sequence[OpSample]) -> None:
-        """Finished ops, oldest first (the daemon feeds them in batches). Histograms and
-        detectors see every op; counters get one increment per series and the gauges
-        (scores included) one update per batch -- what a scrape reads is the same, and
-        a batch of small ops costs a fraction of the Python it took op by op."""
+        """Finished ops, oldest first (the daemon feeds them in batches, ~20 ms after
+        they ended). Histograms and detectors see every op; counters get one increment
+        per series. What a scrape reads afterwards is what feeding the ops one at a time
+        gives. A late op of a view this monitor has left (set_view came first) counts
+        as an op, but neither moves the view back nor brings back its peers' series."""
         if not samples:
             return
         m = self.metrics
         now = self._clock()
+        with self._lock:
+            current = self._epoch
         counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
 
         def count(metric: Counter, labels: tuple[str, ...], amount: float) -> None:
@@ -282,6 +285,8 @@ class Monitor:
             count(m.op_payload, (sample.op,), sample.nbytes)
             if not sample.ok:
                 count(m.op_failures, (sample.op, sample.reason or "unknown"), 1)
+            if current is not None and sample.epoch < current:
+                continue  # its peers' series were dropped with the view
             for link in sample.links:
                 if link.bytes_sent == 0 and link.bytes_recv == 0:
                     continue
@@ -298,30 +303,54 @@ class Monitor:
                         m.child(m.link_transfer, p).observe(max(0.0, t))
         for (metric, labels), amount in counts.items():
             m.child(metric, *labels).inc(amount)
-        m.op_inflight.set(0)
+        last = samples[-1]
+        if last.started + last.duration_s >= self._start_mono:
+            m.op_inflight.set(0)  # else the next op started after it ended, and runs
         m.op_last_finished.set(now)
+        # the detectors, one view at a time: a view change inside the batch resets the
+        # baselines only after the older view's verdicts are recorded (strikes and all)
+        first = 0
+        for i in range(1, len(samples) + 1):
+            if i == len(samples) or samples[i].epoch != samples[first].epoch:
+                self._detect(samples[first:i], now)
+                first = i
+        if self.cluster is not None:
+            for sample in samples:
+                self.cluster.add(sample, sample.started)
+
+    def _detect(self, samples: Sequence[OpSample], now: float) -> None:
+        """Detectors and anomaly gauges for finished ops of one view epoch."""
+        m = self.metrics
+        epoch = samples[0].epoch
         verdicts: list[Verdict] = []
         with self._lock:
-            for sample in samples:
-                if self._epoch != sample.epoch:
-                    if self._epoch is not None:
-                        self._reset_locked()
-                    self._epoch = sample.epoch
-                    m.view_epoch.set(sample.epoch)
-                    m.view_members.set(sample.world)
-                self.ops_seen += 1
+            self.ops_seen += len(samples)
+            if self._epoch is not None and epoch < self._epoch:
+                return  # an older view's op, fed after set_view: its baselines are gone
+            if self._epoch != epoch:
+                if self._epoch is not None:
+                    self._reset_locked()
+                self._epoch = epoch
+                m.view_epoch.set(epoch)
+                m.view_members.set(samples[-1].world)
+            for sample in samples[:-1]:
                 if sample.ok:
                     self._hang.observe_duration(sample.duration_s)
                 verdicts.extend(self._local.observe(sample, now))
+            last = samples[-1]
+            if last.ok:
+                self._hang.observe_duration(last.duration_s)
+            last_verdicts = self._local.observe(last, now)
             scores = self._local.peer_scores()
+        # the order op-by-op feeding writes the gauges in: each op's scores, then its
+        # verdicts (a verdict's record sets its own score)
+        for v in verdicts:
+            self.record(v)
         for (kind, peer), score in scores.items():
             if peer != self.rank:
                 m.child(m.anomaly_score, kind, m.peer_seen(peer)).set(round(score, 4))
-        for v in verdicts:
+        for v in last_verdicts:
             self.record(v)
-        if self.cluster is not None:
-            for sample in samples:
-                self.cluster.add(sample, self._start_mono)
 
     # ------------------------------------------------------------------ verdicts
     def record(self, verdict: Verdict) -> None:

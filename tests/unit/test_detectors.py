@@ -159,6 +159,15 @@ def test_hang_threshold_is_max_of_factor_p99_and_floor() -> None:
     assert det.threshold() == 1.0
 
 
+def test_a_rebuilt_groups_op_that_hangs_at_a_reported_seq_is_reported_too() -> None:
+    # a group rebuilt in the same view numbers its ops from 0 again: op 0 of the new
+    # group is another op than op 0 of the old one (it started at another time)
+    det = HangDetector(DetectorConfig(hang_floor_s=1.0, hang_factor=10.0))
+    assert det.check(100.0, ("all_reduce", 0, 90.0, 94.0)) is not None
+    assert det.check(101.0, ("all_reduce", 0, 90.0, 94.0)) is None  # the same op
+    assert det.check(120.0, ("all_reduce", 0, 110.0, 112.0)) is not None  # a new op 0
+
+
 def test_degradation_needs_a_sustained_ten_percent_shift() -> None:
     rng = random.Random(4)
     det = DegradationDetector(CFG)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import replace
 
 import pytest
@@ -64,6 +65,70 @@ def test_a_batch_exports_what_the_same_ops_one_by_one_export() -> None:
     assert drop.sub("", a) == drop.sub("", b)
     assert 'phalanx_link_sent_bytes_total{peer="2"} 1200.0' in b  # 4 ops x 300 bytes
     assert one.ops_seen == batch.ops_seen == 4
+
+
+def _timed(seq: int, first_byte: float, last_byte: float, epoch: int = 3) -> OpSample:
+    """An op whose bytes from peer 0 came after ``first_byte`` s and ended at ``last_byte``."""
+    links = (LinkSample(0, 100, 200, 2, first_byte, last_byte, 0.0),
+             LinkSample(2, 300, 0, 0, None, None, 0.0))  # fmt: skip
+    return OpSample("all_reduce", seq, epoch, "ring", "none", 4096, 3, 1, True, 0.01, "",
+                    frozenset(), links)  # fmt: skip
+
+
+def _scrape(mon: Monitor) -> str:
+    drop = re.compile(r"^.*_created.*$", re.M)  # creation times differ by construction
+    return drop.sub("", generate_latest(mon.registry).decode())
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        # a slow link (stretched transfers) and then healthy ops: the verdict's score
+        # must not stand over the later ops' scores
+        [_timed(30 + i, 0.010, 0.030) for i in range(4)]
+        + [_timed(40 + i, 0.001, 0.002) for i in range(3)],
+        # a straggler (late first bytes), then the next view's first op: the strikes
+        # belong to the old view and go with its reset
+        [_timed(30 + i, 0.010, 0.011) for i in range(4)] + [_timed(0, 0.001, 0.002, epoch=4)],
+    ],
+    ids=["verdict-then-healthy", "verdicts-then-new-view"],
+)
+def test_a_batch_with_verdicts_exports_what_one_by_one_feeding_does(late: list[OpSample]) -> None:
+    samples = [_timed(i, 0.001, 0.002) for i in range(30)] + late
+    one, batch = Monitor(1, clock=lambda: 100.0), Monitor(1, clock=lambda: 100.0)
+    for s in samples:
+        one.observer.op_finished(s)
+    batch.observer.ops_finished(samples)
+    assert one.verdicts(), "the late ops must make the detectors speak"
+    assert [(v.kind, v.peer, v.epoch) for v in batch.verdicts()] == [
+        (v.kind, v.peer, v.epoch) for v in one.verdicts()
+    ]
+    assert _scrape(one) == _scrape(batch)
+    assert one._strikes == batch._strikes
+
+
+def test_a_late_op_of_an_older_view_does_not_move_the_view_back() -> None:
+    mon = Monitor(1, clock=lambda: 100.0)
+    mon.observer.ops_finished([_sample(1), _sample(2)])  # view 3: ranks 0, 1, 2
+    mon.set_view(4, [0, 1], rank=1)  # rank 2 left
+    mon.observer.ops_finished([_sample(3, ok=False)])  # view 3's last op, fed after
+    text = generate_latest(mon.registry).decode()
+    assert "phalanx_view_epoch 4.0" in text and "phalanx_view_members 2.0" in text
+    assert 'peer="2"' not in text  # the departed peer's series stay gone
+    assert 'phalanx_op_failures_total{op="all_reduce",reason="timeout"} 1.0' in text
+    assert mon.anomalies()["epoch"] == 4 and mon.ops_seen == 3
+
+
+def test_a_batch_that_lands_while_the_next_op_runs_leaves_it_in_flight() -> None:
+    mon = Monitor(0)
+    mon.observer.op_started("all_reduce", 0, 3, 4096)
+    done = replace(_sample(0), started=time.monotonic() - 0.002, duration_s=0.001)
+    mon.observer.op_started("all_reduce", 1, 3, 4096)  # began after op 0 ended
+    mon.observer.ops_finished([done])
+    assert mon.metrics.op_inflight._value.get() == 1  # op 1 runs
+    second = replace(_sample(1), started=time.monotonic() - 0.001, duration_s=0.001)
+    mon.observer.ops_finished([second])
+    assert mon.metrics.op_inflight._value.get() == 0
 
 
 def test_op_and_link_metrics_and_forget_peer() -> None:
