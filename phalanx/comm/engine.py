@@ -1262,7 +1262,10 @@ class Engine:
             )
             # every rank that fails passes the verdict on before it shuts its links,
             # so a peer never reads our FIN before the reason for it
-            self._broadcast_abort(seq, exc.suspects, exc.reason, exc.detected_by)
+            try:
+                self._broadcast_abort(seq, exc.suspects, exc.reason, exc.detected_by)
+            except Exception:  # pragma: no cover - a bug: the undo steps below must run
+                log.exception("event=abort-broadcast-failed rank=%d seq=%d", self.rank, seq)
         self._current = None
         self._probe = None
         if first:
@@ -1347,14 +1350,14 @@ class Engine:
                 # finish the frame in flight (bounded), then the ABORT
                 while channel.sending and time.monotonic() < deadline:
                     if not channel.pump_send():
-                        select.select([], [channel.fd], [], max(0.0, deadline - time.monotonic()))
+                        _wait_writable(channel.fd, deadline - time.monotonic())
                 if channel.sending:
                     channel.close()
                     continue
                 channel.queue(header + payload)
                 while channel.sending and time.monotonic() < deadline:
                     if not channel.pump_send():
-                        select.select([], [channel.fd], [], max(0.0, deadline - time.monotonic()))
+                        _wait_writable(channel.fd, deadline - time.monotonic())
             except OSError:
                 channel.close()
 
@@ -1367,6 +1370,15 @@ class Engine:
                     continue
                 with contextlib.suppress(OSError):
                     ch.sock.send(bye)
+
+
+def _wait_writable(fd: int, timeout: float) -> None:
+    """Until ``fd`` takes more bytes or ``timeout`` seconds pass. ``poll``, not
+    ``select``: a process with many files open gives its sockets numbers past select's
+    limit of 1024 (``ValueError``, which crashed the engine mid-failure)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll(max(0.0, timeout) * 1000.0)
 
 
 def _encode_abort(suspects: Iterable[int], reason: str, detected_by: int | None) -> bytes:

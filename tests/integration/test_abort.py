@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from phalanx.comm import CommOptions
 from phalanx.deadline import Deadline
 from phalanx.errors import PeerFailure
 from tests.integration._pairs import pair
@@ -127,3 +131,57 @@ def test_the_callers_deadline_ends_the_op_in_the_engine_and_cancel_ends_it_soone
     finally:
         g0.close()
         g1.close()
+
+
+class _StallAfterFirstFrame:
+    """A FrameHook: the rank stops (neither sends nor reads) before its second frame."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def outgoing(self, peer: int, seq: int, ordinal: int, header: bytes, payload: object) -> None:
+        if ordinal >= 1:
+            time.sleep(self.seconds)
+
+
+def test_a_failure_with_a_send_blocked_on_a_socket_numbered_past_1024() -> None:
+    """A process with many files open gets socket numbers past select()'s limit of
+    1024. An op that fails while a send is blocked on such a socket must still tell
+    its peer and leave the input intact: waiting with select() raised ValueError,
+    which crashed the engine before the undo (CommError, the array half-reduced)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1400:
+        pytest.skip(f"the hard limit on open files ({hard}) is below 1400")
+    if soft != resource.RLIM_INFINITY and soft < 1400:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    pad = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        g0, g1 = pair(options=CommOptions(timeout_s=30.0, page_swap_min_bytes=0))
+        g1.engine.frame_hook = _StallAfterFirstFrame(3.0)
+        late: list[BaseException] = []
+        try:
+            assert min(s.channel.fd for ls in g0.engine.links.values() for s in ls) >= 1024
+            x = np.random.default_rng(1).standard_normal(8 << 20).astype(np.float32)
+            before = x.copy()
+
+            def peer() -> None:
+                try:
+                    g1.all_reduce(np.ones(8 << 20, np.float32))
+                except PeerFailure as exc:
+                    late.append(exc)
+
+            t = threading.Thread(target=peer)
+            t.start()
+            with pytest.raises(PeerFailure) as info:
+                g0.all_reduce(x, deadline=Deadline.after(1.0))
+            assert info.value.reason == "aborted"
+            assert np.array_equal(x, before)
+            t.join(30.0)
+            assert late, "the peer's op must fail too"
+        finally:
+            g0.close()
+            g1.close()
+    finally:
+        for fd in pad:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
