@@ -44,6 +44,7 @@ This module never touches a socket or a thread; it only describes work for the e
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from functools import partial
 
@@ -459,19 +460,20 @@ def _ring_all_gather_in(
     world: int,
     prepare: Callable[[int, int], Callable[[], None]] | None = None,
     *,
-    zero_copy: bool = False,
+    splice: Callable[[int, int], bool] | None = None,
 ) -> None:
     """The ring's all-gather, raw, in ``dst``: send each final piece once it is
     ready (``last`` has this rank's own, from the reduce-scatter), receive the others
     straight into place (``prepare(chunk, piece)`` runs before a piece is written).
-    ``zero_copy``: ``dst`` is the plan's own memory (a twin), its pieces may leave
-    spliced."""
+    ``splice(a, b)``: whether elements [a, b) of ``dst`` (the plan's own memory, a
+    twin) may leave spliced; None: no piece does."""
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     ready = {(rank, j): last[(rank, j)] for j in range(len(pieces[rank]))}
     for step in sched.ring_all_gather(rank, world):
         assert step.send_chunk is not None and step.recv_chunk is not None
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
+            zero_copy = splice is not None and splice(a, b)
             plan.send(nxt, j, _raw(dst[a:b]), after=(ready[(c, j)],), zero_copy=zero_copy)
         c = step.recv_chunk
         for j, (a, b) in enumerate(pieces[c]):
@@ -512,11 +514,15 @@ def _ring_all_reduce_swapped(
     bits). The raw chunk of the first step leaves straight from ``x``.
 
     With ``into`` the result is left there (the caller exchanges, see
-    :func:`build_all_reduce`) and no twin is borrowed."""
+    :func:`build_all_reduce`) and no twin is borrowed. Memory next to ``into`` may be
+    live (the caller's), so only pieces on whole pages of it leave spliced: after a
+    failure a spliced page gets fresh, zeroed memory, all of it."""
     if into is None:
         arena, out = plan.twin(x)
+        splice: Callable[[int, int], bool] = _anywhere  # the twin's neighbours: scratch
     else:
         out = into
+        splice = partial(_on_whole_pages, out)
     pieces = _ring_pieces(engine, x, world)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     last: dict[tuple[int, int], Node] = {}
@@ -525,7 +531,8 @@ def _ring_all_reduce_swapped(
         c = step.send_chunk
         for j, (a, b) in enumerate(pieces[c]):
             if s > 0:  # a partial sum, reduced into the twin
-                plan.send(nxt, j, _raw(out[a:b]), after=(last[(c, j)],), zero_copy=True)
+                plan.send(nxt, j, _raw(out[a:b]), after=(last[(c, j)],),
+                          zero_copy=splice(a, b))  # fmt: skip
             else:  # the caller's array itself: never spliced (module docstring)
                 plan.send(nxt, j, _raw(x[a:b]))
         c = step.recv_chunk
@@ -533,8 +540,8 @@ def _ring_all_reduce_swapped(
         for j, (a, b) in enumerate(pieces[c]):
             then = partial(_combine_into_twin, out[a:b], x[a:b], op, final)
             last[(c, j)] = plan.recv(prv, j, direct=_bytes(out[a:b]), max_encoded=0, then=then)
-    _ring_all_gather_in(plan, out, pieces, last, rank, world, zero_copy=True)
-    plan.on_failure(partial(_detach_spliced, plan, out))
+    _ring_all_gather_in(plan, out, pieces, last, rank, world, splice=splice)
+    plan.on_failure(partial(_detach_spliced, plan, out, into is not None))
     if into is None:
         plan.on_success(partial(_hand_over, plan, arena, x, out))
 
@@ -556,11 +563,38 @@ def _combine_into_twin(
         finalize(got, op, world, got)
 
 
-def _detach_spliced(plan: Plan, out: np.ndarray) -> None:
+def _anywhere(a: int, b: int) -> bool:
+    return True
+
+
+def _whole_pages(out: np.ndarray) -> tuple[int, int]:
+    """The byte addresses [lo, hi) of the pages that lie wholly inside ``out``."""
+    start = out.ctypes.data
+    page = mmap.PAGESIZE
+    lo = -(-start // page) * page
+    return lo, max(lo, (start + out.nbytes) // page * page)
+
+
+def _on_whole_pages(out: np.ndarray, a: int, b: int) -> bool:
+    """Whether elements [a, b) of ``out`` lie on pages wholly inside it."""
+    lo, hi = _whole_pages(out)
+    size = out.itemsize
+    return lo <= out.ctypes.data + a * size and out.ctypes.data + b * size <= hi
+
+
+def _detach_spliced(plan: Plan, out: np.ndarray, whole_pages_only: bool) -> None:
     """After a failure: if frames left the twin spliced, a receiver may still read
     those pages (no RECEIPT will say when), so the twin gets fresh ones before it is
-    written again -- by the next op, or by the caller once it is exchanged."""
-    if plan.spliced:
+    written again -- by the next op, or by the caller once it is exchanged. A
+    caller's ``into`` only spliced from its whole pages, and only those are replaced
+    (the bytes around it may be the caller's)."""
+    if not plan.spliced:
+        return
+    if whole_pages_only:
+        lo, hi = _whole_pages(out)
+        if hi > lo:
+            zerocopy.detach(lo, hi - lo)
+    else:
         zerocopy.detach(out.ctypes.data, out.nbytes)
 
 

@@ -20,8 +20,9 @@ from phalanx.comm import CommOptions, Group, zerocopy
 from phalanx.comm.engine import Engine
 from phalanx.comm.frames import HEADER_SIZE, FrameKind, decode_header, encode_header
 from phalanx.comm.transport import Channel, Link
+from phalanx.deadline import Deadline
 from phalanx.errors import PeerFailure
-from phalanx.ops import OpResult
+from phalanx.ops import OpResult, OpSpec
 from tests.integration._pairs import pair
 
 pytestmark = pytest.mark.skipif(
@@ -218,3 +219,46 @@ def test_a_peer_that_leaves_before_its_receipt_fails_the_op_not_hangs(
 def _swallow(fn: Callable[[], object]) -> None:
     with contextlib.suppress(BaseException):  # either outcome is fine for that rank
         fn()
+
+
+def test_a_failed_op_into_a_callers_buffer_leaves_the_memory_around_it_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Group.run(into=buf)`` whose ``buf`` shares its first and last pages with the
+    caller's other data (here the array itself and a guard after it): after a failure
+    that spliced, only whole pages of ``buf`` may get fresh (zeroed) memory. All of
+    them did, which zeroed the tail of the array and the head of the guard."""
+    groups = pair(options=CommOptions(zero_copy_min_bytes=256 << 10, timeout_s=30.0))
+    monkeypatch.setattr(_engine(groups[1]), "_send_receipts", lambda plan: None)
+    n = N + 5  # not a whole number of pages
+    mem = np.full(2 * n + 7, 3.0, dtype=np.float32)
+    x, into, guard = mem[:n], mem[n : 2 * n], mem[2 * n :]
+    keep_x, keep_guard = x.copy(), guard.copy()
+    outcome: list[BaseException | object] = []
+
+    def run(rank: int) -> None:
+        try:
+            if rank == 0:  # rank 1 never confirms: rank 0 waits, then its deadline ends it
+                outcome.append(groups[0].run(OpSpec("all_reduce"), x, into=into,
+                                             deadline=Deadline.after(2.0)))  # fmt: skip
+            else:
+                groups[1].all_reduce(
+                    np.full(n, 2.0, dtype=np.float32), deadline=Deadline.after(2.0)
+                )
+        except BaseException as exc:  # examined below
+            if rank == 0:
+                outcome.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30.0)
+    finally:
+        for g in groups:
+            g.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], PeerFailure), outcome
+    assert _zero_copied(groups[0]) > 0, "nothing left spliced: the test proves nothing"
+    assert np.array_equal(x, keep_x), "a failed op changed the caller's array"
+    assert np.array_equal(guard, keep_guard), "a failed op changed memory next to into"
