@@ -63,6 +63,7 @@ __all__ = [
     "HolderUnavailable",
     "IllegalTransition",
     "LayoutError",
+    "LimitExceeded",
     "MembershipError",
     "OpMismatch",
     "PeerFailure",
@@ -132,6 +133,12 @@ class ScheduleError(ConfigError):
 
 class UnsupportedError(PhalanxError, TypeError):
     """An input phalanx cannot handle: dtype, layout, codec for that dtype, ..."""
+
+
+class LimitExceeded(PhalanxError):
+    """A request needs more than the daemon may give it: shared memory beyond the
+    client's budget (``max_client_shm_bytes``), or memory the kernel refused to map.
+    Nothing was changed; the connection stays usable."""
 
 
 # ----------------------------------------------------------------------------- wire

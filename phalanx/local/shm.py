@@ -43,6 +43,7 @@ This module must never send or receive anything, nor map a size it did not check
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -51,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from phalanx.comm import pageswap
-from phalanx.errors import ConfigError, ProtocolError
+from phalanx.errors import ConfigError, LimitExceeded, ProtocolError
 
 __all__ = ["PAGE", "Region", "exchange", "interior", "mark_pinned", "pinned", "unmark_pinned"]
 
@@ -95,10 +96,17 @@ class Region:
         """Map a memfd received from a client. Closes ``fd`` in every case."""
         try:
             size = os.fstat(fd).st_size
-            if size <= 0 or size > max_bytes:
-                raise ProtocolError(f"shared region of {size} bytes refused (limit {max_bytes})")
+            if size <= 0:
+                raise ProtocolError(f"a shared region of {size} bytes")
+            if size > max_bytes:  # a budget, not a broken client: the session goes on
+                raise LimitExceeded(
+                    f"a shared region of {size} bytes is over this client's remaining "
+                    f"budget of {max(0, max_bytes)} bytes (max_client_shm_bytes)"
+                )
             mm, offset = _map(fd, size)
         except OSError as exc:
+            if exc.errno in (errno.ENOMEM, errno.EAGAIN, errno.ENFILE, errno.EMFILE):
+                raise LimitExceeded(f"cannot map the shared region: {exc}") from None
             raise ProtocolError(f"cannot map the shared region: {exc}") from None
         finally:
             os.close(fd)

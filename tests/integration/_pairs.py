@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import phalanx
 from phalanx.comm import CommOptions, Group, bind
 from phalanx.comm.observer import CommObserver
+from phalanx.config import PhalanxConfig
 
 
 def pair(
@@ -46,13 +47,17 @@ def pair(
 
 
 @contextlib.contextmanager
-def embedded_pair(timeout_s: float = 20.0) -> Iterator[tuple[phalanx.Client, phalanx.Client]]:
+def embedded_pair(
+    timeout_s: float = 20.0, config: PhalanxConfig | None = None
+) -> Iterator[tuple[phalanx.Client, phalanx.Client]]:
     """Two embedded members ``a`` and ``b`` (``phalanx.start``: a daemon each, in this
     process, a coordinator in ``a``), once both hold the two-member view."""
     secret = os.urandom(32)
-    a = phalanx.start(secret=secret, member_id="a")
+    a = phalanx.start(secret=secret, member_id="a", config=config)
     try:
-        b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
+        b = phalanx.start(
+            coordinator=a.coordinator_address, secret=secret, member_id="b", config=config
+        )
         try:
             deadline = time.monotonic() + timeout_s
             while a.view().world != 2 or b.view().world != 2:

@@ -27,6 +27,7 @@ import pytest
 
 import phalanx
 from phalanx.comm import zerocopy
+from phalanx.config import PhalanxConfig
 from phalanx.local import shm
 from phalanx.testing.faults import SEQ_OFFSET, At, Delay, Fault, FaultInjector, FlipHeaderByte
 from tests._smaps import pmd_mapped_kib
@@ -202,3 +203,19 @@ def test_an_op_failing_midway_leaves_the_array_as_it_was(
         assert twin.huge
         assert pmd_mapped_kib(region.base) == region.size // 1024
         assert pmd_mapped_kib(twin.base) == twin.size // 1024
+
+
+def test_a_twin_over_the_clients_memory_budget_is_refused_and_the_op_runs_without() -> None:
+    """The twin would take the client over ``max_client_shm_bytes``: the daemon refuses
+    it with a typed error, the op runs in place (right result), the connection stays
+    up; an array over the budget is refused the same way."""
+    with embedded_pair(config=PhalanxConfig(max_client_shm_bytes=20 << 20)) as (a, b):
+        xa, xb = a.empty(N, "float32"), b.empty(N, "float32")  # 12 MiB of 20: no twin
+        xa[:], xb[:] = 1.0, 2.0
+        ra, rb = _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))
+        assert not ra.in_twin and not rb.in_twin
+        assert np.all(xa == 3.0) and np.all(xb == 3.0)
+        with pytest.raises(phalanx.LimitExceeded, match="max_client_shm_bytes"):
+            a.empty(N, "float32")
+        ra, rb = _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))  # still usable
+        assert np.all(xa == 6.0) and np.all(xb == 6.0)
