@@ -171,6 +171,7 @@ class Connection:
     def wait_frame(self, rid: int, timeout: float | None) -> WireFrame:
         """:meth:`wait`, returning the reply frame (with its ``fd``, owned by the caller)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        read = False
         with self._cond:
             while True:
                 frame = self._replies.pop(rid, None)
@@ -182,7 +183,10 @@ class Connection:
                     raise DaemonUnavailable("the connection was closed", socket=self.path)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise NoReply(f"no answer from the daemon within {timeout}s")
+                    if read:
+                        raise NoReply(f"no answer from the daemon within {timeout}s")
+                    left = 0.0  # a timeout of 0 (Handle.done) still reads what came
+                read = True
                 self._read_or_wait(_POLL_S if left is None else min(left, _POLL_S))
         if frame.kind == Kind.ERROR:
             assert isinstance(frame.message, ErrorInfo)
@@ -222,7 +226,7 @@ class Connection:
     def _read_once(self, timeout: float) -> None:
         """One recv (without the condition held); frames go to their slots."""
         try:
-            if not self._poll.poll(max(1, int(timeout * 1000))):
+            if not self._poll.poll(0 if timeout <= 0 else max(1, int(timeout * 1000))):
                 return
             data, anc, _flags, _ = self.sock.recvmsg(_RECV, socket.CMSG_SPACE(4 * 4))
         except TimeoutError:

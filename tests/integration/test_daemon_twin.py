@@ -19,6 +19,7 @@ so the exchanges are made separately, as between two processes):
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -219,3 +220,19 @@ def test_a_twin_over_the_clients_memory_budget_is_refused_and_the_op_runs_withou
             a.empty(N, "float32")
         ra, rb = _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))  # still usable
         assert np.all(xa == 6.0) and np.all(xb == 6.0)
+
+
+def test_polling_done_alone_sees_the_op_end(pair: tuple[phalanx.Client, phalanx.Client]) -> None:
+    """A loop that only polls ``Handle.done()`` must see the op end (and get the
+    result's pages): done() gave up before reading the socket, so it stayed False
+    until the op's deadline had passed (~2 minutes by default)."""
+    a, b = pair
+    xa, xb = a.empty(N, "float32"), b.empty(N, "float32")
+    xa[:], xb[:] = 1.0, 2.0
+    ha = a.all_reduce(xa, async_op=True)
+    b.all_reduce(xb)
+    deadline = time.monotonic() + 10.0
+    while not ha.done():
+        assert time.monotonic() < deadline, "done() never became True"
+        time.sleep(0.01)
+    assert ha.wait(0.0).in_twin and np.all(xa == 3.0)
