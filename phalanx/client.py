@@ -371,6 +371,10 @@ class Client:
             if region is None or pinned(region.base, region.size):
                 return None  # pinned by physical page: an exchange would detach it
             known = ref.region in self._twins
+            if not known and self._conn.busy:
+                # its MAP would wait behind the request the daemon is running (an async
+                # op waiting for a slow peer): this op goes without; a later one maps it
+                return None
             twin = self._twins.get(ref.region)
             worn = twin is not None and ref.region in self._twins_worn
             self._twins_worn.discard(ref.region)

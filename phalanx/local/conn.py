@@ -104,6 +104,7 @@ class Connection:
         self._cond = threading.Condition()
         self._reading = False
         self._replies: dict[int, WireFrame] = {}
+        self._unanswered: set[int] = set()  # requests sent whose reply has not come
         self._events: list[WireFrame] = []
         self._decoder = Decoder()
         self._fds: list[int] = []  # received, not yet matched to a FLAG_FD frame
@@ -131,6 +132,7 @@ class Connection:
         self._check()
         if before is not None:
             before(rid)
+        self._unanswered.add(rid)
         try:
             with self._send_lock:
                 if fd is None:
@@ -158,6 +160,12 @@ class Connection:
         reply = side.call(Cancel(session, rid), timeout)
         assert isinstance(reply, Cancelled)
         return CancelState(reply.state)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request sent on this connection has not been answered yet: the
+        daemon answers a connection's requests in order, so a new one would wait."""
+        return bool(self._unanswered)
 
     # ------------------------------------------------------------------ receiving
     def wait(self, rid: int, timeout: float | None) -> Any:
@@ -265,6 +273,7 @@ class Connection:
                 if f.kind == Kind.EVENT:
                     self._events.append(f)
                 else:
+                    self._unanswered.discard(f.rid)
                     self._replies[f.rid] = f
 
     def _die(self, why: str) -> DaemonUnavailable:

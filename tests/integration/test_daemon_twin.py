@@ -236,3 +236,28 @@ def test_polling_done_alone_sees_the_op_end(pair: tuple[phalanx.Client, phalanx.
         assert time.monotonic() < deadline, "done() never became True"
         time.sleep(0.01)
     assert ha.wait(0.0).in_twin and np.all(xa == 3.0)
+
+
+def test_a_first_large_op_while_another_runs_does_not_wait_to_map_its_twin(
+    pair: tuple[phalanx.Client, phalanx.Client],
+) -> None:
+    """An async op waits for a slow peer; the first large op on another array must not
+    block its caller on the twin's MAP, which the daemon would answer only after the
+    running op (or never, past the 10 s control timeout: TimeoutError). It goes
+    without a twin; the next op on that array maps one."""
+    a, b = pair
+    x1a, x1b = a.empty(N, "float32"), b.empty(N, "float32")
+    x2a, x2b = a.empty(N, "float32"), b.empty(N, "float32")
+    x1a[:], x1b[:], x2a[:], x2b[:] = 1.0, 2.0, 10.0, 20.0
+    h1 = a.all_reduce(x1a, async_op=True)  # b joins it 3 s later
+    t0 = time.monotonic()
+    h2 = a.all_reduce(x2a, async_op=True)
+    assert time.monotonic() - t0 < 2.0, "the call waited for the running op"
+    time.sleep(3.0 - (time.monotonic() - t0))
+    b.all_reduce(x1b)
+    b.all_reduce(x2b)
+    h1.wait(30.0)
+    assert np.all(x1a == 3.0)
+    assert not h2.wait(30.0).in_twin and np.all(x2a == 30.0)
+    ra, _ = _both(lambda: a.all_reduce(x2a), lambda: b.all_reduce(x2b))
+    assert ra.in_twin and np.all(x2a == 60.0) and np.all(x2b == 60.0)
