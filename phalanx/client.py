@@ -261,6 +261,8 @@ class Client:
         # twins an op failed on: the daemon may have given them fresh (small) pages
         self._twins_worn: set[int] = set()
         self._twin_broken: str | None = None
+        # replies that came after a failed exchange: their results cannot be trusted
+        self._twin_lost: set[int] = set()
         conn.on_reply = self._on_reply
         self.coordinator_address: str | None = None  # embedded mode: where peers join
         self.daemon: Daemon | None = None  # embedded mode: the daemon in this process
@@ -409,6 +411,12 @@ class Client:
     def _on_reply(self, frame: WireFrame) -> None:
         """Every reply, in order, before anyone sees it: an all-reduce the daemon left
         in the twin gets the same page exchange here that the daemon made."""
+        if self._twin_broken is not None:
+            # this process's mappings and the daemon's differ since an exchange
+            # failed: nothing sent before that may be exchanged or trusted
+            self._twin_ops.pop(frame.rid, None)
+            self._twin_lost.add(frame.rid)
+            return
         if not self._twin_ops:
             return
         where = self._twin_ops.pop(frame.rid, None)
@@ -422,16 +430,20 @@ class Client:
         try:
             ok = exchange(region, twin, ref.offset, ref.nbytes, edges=False)
         except Exception as exc:  # the reader must go on; later ops fail
-            ok, why = False, str(exc)
+            ok, why, damaged = False, str(exc), True  # a mapping may have a hole now
         else:
-            why = "the kernel refused to move the pages"
+            why, damaged = "the kernel refused to move the pages", False
         if not ok:
-            # this result is right (copied), but the two processes' mappings of the
-            # region now differ: no later request may trust it
-            np.copyto(region.array(ref.offset, ref.dtype, ref.shape),
-                      twin.array(ref.offset, ref.dtype, ref.shape))  # fmt: skip
+            # the two processes' mappings of the region now differ: no later request
+            # may trust it. With nothing else in flight the result is copied (right);
+            # with more ops sent, the daemon may be writing these pages: lost too
             self._twin_broken = why
             log.error("event=twin_exchange_failed region=%d why=%s", ref.region, why)
+            if damaged or self._twin_ops or self._conn.busy:
+                self._twin_lost.add(frame.rid)
+            else:
+                np.copyto(region.array(ref.offset, ref.dtype, ref.shape),
+                          twin.array(ref.offset, ref.dtype, ref.shape))  # fmt: skip
 
     def empty(
         self, shape: int | tuple[int, ...], dtype: str | np.dtype[Any] = "float32"
@@ -510,6 +522,16 @@ class Client:
             except BaseException:
                 release(False)
                 raise
+            if rid in self._twin_lost:
+                self._twin_lost.discard(rid)
+                release(False)
+                self._conn.close()
+                raise DaemonUnavailable(
+                    f"a twin region exchange failed ({self._twin_broken}) while this op "
+                    "was under way: its result did not reliably reach the array, whose "
+                    "contents are undefined; the connection is closed",
+                    socket=self._conn.path,
+                )
             release(True)  # copy back (staged arrays), staging memory back to the pool
             assert isinstance(reply, OpResult)
             return reply if zero_copy else replace(reply, zero_copy=False)

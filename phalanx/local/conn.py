@@ -263,6 +263,9 @@ class Connection:
             with self._cond:
                 self._die(f"garbled data from the daemon: {exc}")
             return
+        for f in frames:
+            if f.kind != Kind.EVENT:
+                self._unanswered.discard(f.rid)
         hook = self.on_reply
         if hook is not None:
             for f in frames:
@@ -273,7 +276,6 @@ class Connection:
                 if f.kind == Kind.EVENT:
                     self._events.append(f)
                 else:
-                    self._unanswered.discard(f.rid)
                     self._replies[f.rid] = f
 
     def _die(self, why: str) -> DaemonUnavailable:

@@ -261,3 +261,43 @@ def test_a_first_large_op_while_another_runs_does_not_wait_to_map_its_twin(
     assert not h2.wait(30.0).in_twin and np.all(x2a == 30.0)
     ra, _ = _both(lambda: a.all_reduce(x2a), lambda: b.all_reduce(x2b))
     assert ra.in_twin and np.all(x2a == 60.0) and np.all(x2b == 60.0)
+
+
+def test_ops_in_flight_when_the_clients_exchange_fails_do_not_report_stale_results(
+    pair: tuple[phalanx.Client, phalanx.Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's page exchange is refused once (as when mremap fails in the
+    training process only) while a second op on the same array is already sent: the
+    two processes' mappings now differ, so neither op may report success with bytes
+    other than the peer's. The second op used to be exchanged anyway and report
+    success with the first op's result in the array."""
+    import phalanx.client as client_module
+
+    a, b = pair
+    xa, xb = a.empty(N, "float32"), b.empty(N, "float32")
+    xa[:], xb[:] = 1.0, 2.0
+    _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))  # the twins exist now
+    real, calls = shm.exchange, []
+    region = a._regions[next(iter(a._twins))]
+
+    def refuse_once(*args: Any, **kwargs: Any) -> bool:
+        if args[0] is region:
+            calls.append(1)
+            if len(calls) == 1:
+                return False
+        return bool(real(*args, **kwargs))
+
+    monkeypatch.setattr(client_module, "exchange", refuse_once)
+    handles = [a.all_reduce(xa, async_op=True) for _ in range(2)]
+    for _ in range(2):
+        b.all_reduce(xb)
+    assert np.all(xb == 12.0)
+    failed = 0
+    for h in handles:
+        try:
+            h.wait(30.0)
+        except phalanx.DaemonUnavailable:
+            failed += 1
+        else:
+            assert np.all(xa == 12.0), "an op reported success with a stale array"
+    assert calls and failed >= 1
