@@ -360,6 +360,15 @@ class Client:
         with contextlib.suppress(DaemonUnavailable, TimeoutError):
             self._conn.call(Unmap(region.rid), _CONTROL_TIMEOUT)
 
+    def _release(self, arr: np.ndarray) -> None:
+        """Unmap the region ``arr`` (from :meth:`empty`) lies in: nothing may use it after."""
+        ref = self._locate(arr)
+        if ref is not None:
+            with self._rlock:
+                region = self._regions.get(ref.region)
+            if region is not None:
+                self._unmap(region)
+
     def _forget(self, region: Region) -> None:
         """Never hand this region out again (an op it was given may still write it)."""
         with self._rlock:
@@ -996,18 +1005,24 @@ def _torch_numpy(t: Any, client: Client) -> tuple[np.ndarray, Callable[[bool], N
         t = t.detach()
     if t.device.type == "cuda":
         # Staged through host memory that the daemon shares: device -> host copy,
-        # zero-copy collective on the host pages, host -> device copy on success.
-        # Not exercised on CPU-only machines (see the module docstring).
-        host = torch.from_numpy(client.empty(tuple(t.shape), _torch_dtype_name(t.dtype)))
-        with contextlib.suppress(Exception):  # pin the shared pages for fast DMA
-            torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
-                host.data_ptr(), host.numel() * host.element_size(), 0
-            )
+        # zero-copy collective on the host pages, host -> device copy on success;
+        # then the staging region goes. Page-locked with cuda.pin, which records the
+        # pages as pinned: a twin exchange would leave the device copying from the
+        # old ones (the input) after the op. Not exercised on CPU-only machines.
+        from phalanx.torch import cuda
+
+        staged = client.empty(tuple(t.shape), _torch_dtype_name(t.dtype))
+        host = torch.from_numpy(staged)
+        cuda.pin(host)
         host.copy_(t)
 
         def back_cuda(ok: bool) -> None:
-            if ok:
-                t.copy_(host, non_blocking=False)
+            try:
+                if ok:
+                    t.copy_(host, non_blocking=False)
+            finally:
+                cuda.unpin(host)
+                client._release(staged)
 
         return _tensor_view(host), back_cuda
     if t.device.type != "cpu":

@@ -106,6 +106,11 @@ def pin(host: torch.Tensor) -> bool:
     return True
 
 
+def unpin(host: torch.Tensor) -> None:
+    """Undo :func:`pin` now (before ``host``'s memory is unmapped); idempotent."""
+    _unpin(host.data_ptr())
+
+
 def pinned(host: torch.Tensor) -> bool:
     """Whether ``host``'s memory was page-locked by :func:`pin`."""
     with _pin_lock:

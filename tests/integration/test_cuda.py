@@ -27,6 +27,7 @@ host twins are page-locked.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -279,3 +280,28 @@ def test_diloco_on_cuda_matches_cpu(runs: Any) -> None:
         assert cpu["syncs"] == gpu["syncs"]
         for k in cpu["state"]:
             _close(gpu["state"][k], cpu["state"][k], f"rank {me} {k}")
+
+
+def test_a_cuda_tensor_given_to_the_client_directly_is_right_and_leaves_nothing_behind() -> None:
+    """``client.all_reduce(cuda_tensor)`` stages through a page-locked shared host
+    region. At 4 MiB and more the daemon's twin exchange applies to host arrays; pages
+    the device has locked must never be exchanged (the copy back to the device would
+    read the old ones: the input), and the staging region must go after each op
+    (one was mapped, page-locked and kept on every call)."""
+    from tests.integration._pairs import embedded_pair
+
+    dev = torch.device("cuda")
+    with embedded_pair() as (a, b):
+        regions = len(a._regions), len(b._regions)
+        for i in range(3):
+            ta = torch.full((3 << 20,), 1.0 + i, device=dev)  # 12 MiB: over the twin size
+            tb = torch.full((3 << 20,), 2.0 * (1 + i), device=dev)
+            out: list[Any] = []
+            t = threading.Thread(target=lambda o=out, x=tb: o.append(b.all_reduce(x)))
+            t.start()
+            a.all_reduce(ta)
+            t.join(60.0)
+            assert out, "rank b's op did not finish"
+            want = 3.0 * (1 + i)
+            assert torch.all(ta == want).item() and torch.all(tb == want).item(), (i, ta[:3])
+        assert (len(a._regions), len(b._regions)) == regions, "staging regions were kept"
