@@ -329,7 +329,10 @@ def exchange_shared(at: int, other: int, nbytes: int) -> bool:
     be undone or the last move failed: the mappings are then damaged."""
     if _libc() is None:
         return False
-    reserve = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:  # a place to park the pages for the instant of the exchange
+        reserve = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # out of address space or commit charge: nothing moved
+        return False
     try:
         parked = ctypes.addressof(ctypes.c_char.from_buffer(reserve))
         park = parked + (at - parked) % HUGE

@@ -187,7 +187,7 @@ def exchange(a: Region, b: Region, offset: int, nbytes: int, *, edges: bool) -> 
     if edges:
         end = offset + nbytes
         np.copyto(a.bytes[offset : min(lo, end)], b.bytes[offset : min(lo, end)])
-        if hi > lo:
+        if hi < end:  # also when no whole page lies inside: [lo, end) then
             np.copyto(a.bytes[hi:end], b.bytes[hi:end])
     return True
 

@@ -8,6 +8,7 @@ partial first and last page are copied once, into pages both map.
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -63,6 +64,39 @@ def test_exchange_in_one_mapping_is_private_and_in_both_is_consistent() -> None:
     # and once more the other way round
     assert exchange(da, dt, off, n, edges=True) and exchange(a, t, off, n, edges=False)
     assert a.bytes[lo + 5] == 88 and da.bytes[lo + 5] == 88
+
+
+@pytest.mark.parametrize(
+    ("offset", "nbytes"),
+    [(100, PAGE + 200), (100, 200), (PAGE - 8, 16), (100, 2 * PAGE + 300), (0, PAGE)],
+    ids=["across-one-boundary", "inside-one-page", "two-bytes-either-side", "pages", "page"],
+)
+def test_exchange_with_edges_gives_every_byte_of_the_span_and_none_outside(
+    offset: int, nbytes: int
+) -> None:
+    a, b = Region.create(1, 4 * PAGE), Region.create(2, 4 * PAGE)
+    a.bytes[:], b.bytes[:] = 1, 2
+    assert exchange(a, b, offset, nbytes, edges=True)
+    assert np.all(a.bytes[offset : offset + nbytes] == 2)
+    assert np.all(a.bytes[:offset] == 1) and np.all(a.bytes[offset + nbytes :] == 1)
+
+
+def test_an_exchange_without_room_to_park_the_pages_is_refused_with_nothing_moved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exchange parks one side's pages in a fresh reservation for an instant; if
+    the kernel will not give one (address space, strict overcommit), the answer is
+    "refused" (the caller copies), not an OSError after a successful op."""
+    a, b = Region.create(1, 4 * PAGE), Region.create(2, 4 * PAGE)
+    a.bytes[:], b.bytes[:] = 1, 2
+
+    def no_room(*args: object, **kwargs: object) -> object:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", no_room)
+    assert not exchange(a, b, 0, 4 * PAGE, edges=True)
+    monkeypatch.undo()
+    assert np.all(a.bytes == 1) and np.all(b.bytes == 2)
 
 
 def test_exchange_refuses_regions_of_different_sizes_or_a_bad_span() -> None:
