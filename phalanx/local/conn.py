@@ -127,14 +127,16 @@ class Connection:
     ) -> int:
         """Write one request; its id (pass it to :meth:`wait`). ``before(rid)`` runs
         before the request leaves (so that :attr:`on_reply` can know of it)."""
-        rid = next(self._ids)
-        data = encode(request, rid)
         self._check()
-        if before is not None:
-            before(rid)
-        self._unanswered.add(rid)
         try:
+            # ids go out in the order they are taken: the daemon's CANCEL answers
+            # "finished" for any id up to the highest it has answered
             with self._send_lock:
+                rid = next(self._ids)
+                data = encode(request, rid)
+                if before is not None:
+                    before(rid)
+                self._unanswered.add(rid)
                 if fd is None:
                     self.sock.sendall(data)
                 else:
