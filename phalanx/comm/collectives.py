@@ -522,7 +522,7 @@ def _ring_all_reduce_swapped(
         splice: Callable[[int, int], bool] = _anywhere  # the twin's neighbours: scratch
     else:
         out = into
-        splice = partial(_on_whole_pages, out)
+        splice = _on_whole_pages(out)
     pieces = _ring_pieces(engine, x, world)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     last: dict[tuple[int, int], Node] = {}
@@ -575,11 +575,15 @@ def _whole_pages(out: np.ndarray) -> tuple[int, int]:
     return lo, max(lo, (start + out.nbytes) // page * page)
 
 
-def _on_whole_pages(out: np.ndarray, a: int, b: int) -> bool:
+def _on_whole_pages(out: np.ndarray) -> Callable[[int, int], bool]:
     """Whether elements [a, b) of ``out`` lie on pages wholly inside it."""
     lo, hi = _whole_pages(out)
-    size = out.itemsize
-    return lo <= out.ctypes.data + a * size and out.ctypes.data + b * size <= hi
+    start, size = out.ctypes.data, out.itemsize
+
+    def inside(a: int, b: int) -> bool:
+        return lo <= start + a * size and start + b * size <= hi
+
+    return inside
 
 
 def _detach_spliced(plan: Plan, out: np.ndarray, whole_pages_only: bool) -> None:

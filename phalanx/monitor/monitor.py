@@ -19,6 +19,7 @@ take one short lock), or call back into the group.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -309,11 +310,8 @@ class Monitor:
         m.op_last_finished.set(now)
         # the detectors, one view at a time: a view change inside the batch resets the
         # baselines only after the older view's verdicts are recorded (strikes and all)
-        first = 0
-        for i in range(1, len(samples) + 1):
-            if i == len(samples) or samples[i].epoch != samples[first].epoch:
-                self._detect(samples[first:i], now)
-                first = i
+        for _, view_samples in itertools.groupby(samples, key=lambda s: s.epoch):
+            self._detect(list(view_samples), now)
         if self.cluster is not None:
             for sample in samples:
                 self.cluster.add(sample, sample.started)
@@ -322,7 +320,7 @@ class Monitor:
         """Detectors and anomaly gauges for finished ops of one view epoch."""
         m = self.metrics
         epoch = samples[0].epoch
-        verdicts: list[Verdict] = []
+        per_op: list[list[Verdict]] = []
         with self._lock:
             self.ops_seen += len(samples)
             if self._epoch is not None and epoch < self._epoch:
@@ -333,23 +331,20 @@ class Monitor:
                 self._epoch = epoch
                 m.view_epoch.set(epoch)
                 m.view_members.set(samples[-1].world)
-            for sample in samples[:-1]:
+            for sample in samples:
                 if sample.ok:
                     self._hang.observe_duration(sample.duration_s)
-                verdicts.extend(self._local.observe(sample, now))
-            last = samples[-1]
-            if last.ok:
-                self._hang.observe_duration(last.duration_s)
-            last_verdicts = self._local.observe(last, now)
+                per_op.append(self._local.observe(sample, now))
             scores = self._local.peer_scores()
         # the order op-by-op feeding writes the gauges in: each op's scores, then its
-        # verdicts (a verdict's record sets its own score)
-        for v in verdicts:
-            self.record(v)
+        # verdicts (a verdict's record sets its own score), so the last op's come last
+        for verdicts in per_op[:-1]:
+            for v in verdicts:
+                self.record(v)
         for (kind, peer), score in scores.items():
             if peer != self.rank:
                 m.child(m.anomaly_score, kind, m.peer_seen(peer)).set(round(score, 4))
-        for v in last_verdicts:
+        for v in per_op[-1]:
             self.record(v)
 
     # ------------------------------------------------------------------ verdicts
