@@ -945,8 +945,15 @@ class Engine:
             )
             self._dirty.add(link)
         elif kind == FrameKind.PONG:
-            if self._probe is not None:
-                self._probe.answered.add(link.peer)
+            # only an answer to the probe running now: a late PONG of an earlier one
+            # says nothing about whether the peer is alive today
+            probe, plan = self._probe, self._current
+            if (
+                probe is not None
+                and plan is not None
+                and (header.seq, header.chunk) == (plan.seq, self._probe_id)
+            ):
+                probe.answered.add(link.peer)
         elif kind == FrameKind.ABORT:
             suspects, reason, by = _decode_abort(bytes(payload))
             failure = _OpFailed(
@@ -1002,7 +1009,11 @@ class Engine:
     def _flush(self) -> None:
         while self._dirty:
             link = self._dirty.pop()
-            if link.channel.closed:
+            # a draining link is shut for writing (or its peer broke the protocol):
+            # writing now fails with EPIPE, and treating that as a dead peer would
+            # close the socket with unread bytes -- a reset that can destroy the
+            # ABORT just sent (see _quiesce_links)
+            if link.channel.closed or link.draining:
                 continue
             try:
                 self._pump_out(link)
@@ -1185,6 +1196,7 @@ class Engine:
             # frame then belongs to a later op: all of this op's frames from the peer
             # arrived, and a frame whose header fails its check says nothing else)
             link.draining = True
+            self._want_write(link, False)  # never written again: no EPOLLOUT wake-ups
             self._set_mask(link)
             self._departed.setdefault(link.peer, failure)
             if self._current is not None and not self._needs_peer(link.peer):
@@ -1207,8 +1219,12 @@ class Engine:
 
     def _needs_peer(self, peer: int) -> bool:
         """The running op still has frames to receive from, or send to, ``peer``, or
-        waits for its RECEIPT."""
-        return peer in self._receipts_awaited() or any(
+        will wait for its RECEIPT (it spliced frames to it: from the seal on, or
+        already now while other peers' frames are still due)."""
+        plan = self._current
+        if plan is not None and peer in plan.spliced and self.receipted(peer) < plan.seq:
+            return True
+        return any(
             link.recvs or link.sends or link.current is not None
             for link in self.links.get(peer, ())
         )
@@ -1346,18 +1362,25 @@ class Engine:
             channel = link.channel
             if channel.closed:
                 continue
+            # the frame in flight, then the control frames queued before the verdict
+            # (a RECEIPT of the op that just ended here: without it the peer would
+            # fail that op while this rank succeeded it), then the ABORT -- each
+            # bounded by the deadline
+            frames = [*link.ctrl, header + payload]
+            link.ctrl.clear()
             try:
-                # finish the frame in flight (bounded), then the ABORT
+                for frame in frames:
+                    while channel.sending and time.monotonic() < deadline:
+                        if not channel.pump_send():
+                            _wait_writable(channel.fd, deadline - time.monotonic())
+                    if channel.sending:
+                        break
+                    channel.queue(frame)
                 while channel.sending and time.monotonic() < deadline:
                     if not channel.pump_send():
                         _wait_writable(channel.fd, deadline - time.monotonic())
                 if channel.sending:
                     channel.close()
-                    continue
-                channel.queue(header + payload)
-                while channel.sending and time.monotonic() < deadline:
-                    if not channel.pump_send():
-                        _wait_writable(channel.fd, deadline - time.monotonic())
             except OSError:
                 channel.close()
 
