@@ -80,6 +80,10 @@ _ABORT_REASONS = (
 _MAX_CONTROL_PAYLOAD = 4096
 #: ops that ended in a mismatch whose late DATA frames are still read and dropped
 _STALE_SEQS = 64
+# control frames (PONG, RECEIPT, MISMATCH) waiting on one link for the socket: a peer
+# has at most a few unanswered (one PING per probe, one RECEIPT per op); one that
+# sends PINGs without reading the PONGs would grow the queue without bound
+_MAX_QUEUED_CONTROL = 1024
 #: how far ahead of this rank a peer's MISMATCH frame may be (seqs); farther is a
 #: protocol error (a peer can be one or two ops ahead at most: see docs/comm.md)
 _EARLY_SEQS = 64
@@ -938,6 +942,11 @@ class Engine:
                 self._maybe_end_mismatch()  # a dropped frame: maybe the op's last one
             return
         if kind == FrameKind.PING:
+            if len(link.ctrl) >= _MAX_QUEUED_CONTROL:
+                raise FrameError(
+                    "unexpected-frame",
+                    f"PINGs faster than it reads the answers ({len(link.ctrl)} queued)",
+                )
             link.ctrl.append(
                 encode_header(
                     FrameKind.PONG, epoch=self.epoch, seq=header.seq, chunk=header.chunk, length=0

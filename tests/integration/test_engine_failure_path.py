@@ -94,7 +94,9 @@ def engine_and_peer() -> Iterator[tuple[Engine, FakePeer]]:
         theirs.close()
 
 
-def _start_all_reduce(engine: Engine, peer: FakePeer) -> tuple[object, FrameHeader, bytes]:
+def _start_all_reduce(
+    engine: Engine, peer: FakePeer
+) -> tuple[Future[OpResult], FrameHeader, bytes]:
     """Submit a small all-reduce on rank 0; return its future and rank 0's frame."""
     x = np.arange(16, dtype=np.float32)
     plan = collectives.build_all_reduce(engine, x, parse_op("sum"), parse_codec("none"))
@@ -121,7 +123,7 @@ def test_a_stale_pong_does_not_count_a_silent_peer_alive(
         )
         peer.sock.sendall(stale)
     with pytest.raises(PeerFailure) as info:
-        future.result(5.0)  # type: ignore[attr-defined]
+        future.result(5.0)
     assert info.value.suspects == frozenset({1})
     assert "no answer to a probe" in str(info.value), info.value
 
@@ -141,7 +143,7 @@ def test_the_answer_to_the_running_probe_still_counts(
         )
         peer.sock.sendall(pong)
     with pytest.raises(PeerFailure) as info:
-        future.result(5.0)  # type: ignore[attr-defined]
+        future.result(5.0)
     assert "peers alive" in str(info.value), info.value
 
 
@@ -161,7 +163,7 @@ def test_an_abort_read_after_a_ping_leaves_the_link_draining_not_reset(
     )
     caplog.set_level(logging.INFO, logger="phalanx.comm.engine")
     with pytest.raises(PeerFailure) as info:
-        future.result(5.0)  # type: ignore[attr-defined]
+        future.result(5.0)
     assert info.value.detected_by == 1
     # the engine answered the PING, passed the verdict on, and shut its side: a FIN
     # after the ABORT, not a reset that can cost the peer the ABORT
@@ -194,11 +196,28 @@ def test_a_receipt_owed_goes_out_before_the_abort(
         desc=header.desc,
     )
     peer.sock.sendall(answer + payload + b"\xff" * HEADER_SIZE)
-    result = future.result(5.0)  # type: ignore[attr-defined]
+    result = future.result(5.0)
     assert result.seq == 0
     # op 0 succeeded here, so rank 1 must hear so (or it fails op 0 for want of the
     # RECEIPT while this rank succeeded it), and only then that op 1 is aborted
     assert peer.read_until_eof() == [("RECEIPT", 0), ("ABORT", 1)]
+
+
+def test_a_peer_flooding_pings_without_reading_the_answers_is_cut_off(
+    engine_and_peer: tuple[Engine, FakePeer],
+) -> None:
+    engine, peer = engine_and_peer
+    future, header, _ = _start_all_reduce(engine, peer)
+    ping = encode_header(FrameKind.PING, epoch=EPOCH, seq=header.seq, chunk=1, length=0)
+    peer.sock.settimeout(0.05)
+    with contextlib.suppress(TimeoutError, BlockingIOError, OSError):
+        for _ in range(2_000):  # up to 100,000 PINGs; never a PONG read
+            peer.sock.sendall(ping * 50)
+    with pytest.raises(PeerFailure) as info:
+        future.result(5.0)
+    assert info.value.reason == "protocol", info.value
+    assert info.value.suspects == frozenset({1})
+    assert len(engine.links[1][0].ctrl) <= 1024
 
 
 @contextlib.contextmanager
@@ -245,7 +264,7 @@ def _ring_to_the_last_frame(
     sends. Returns the future, those frames' headers, and rank 2's last frame."""
     plan = collectives.build_all_reduce(engine, x, parse_op("sum"), parse_codec("none"))
     assert plan.algorithm.startswith("ring"), plan.algorithm
-    (from_2,) = [nodes for link, nodes in plan.recvs.items() if link.peer == 2]  # type: ignore[attr-defined]
+    (from_2,) = [nodes for link, nodes in plan.recvs.items() if link is engine.links[2][0]]
     frames = []
     for node in from_2:
         assert node.direct is not None
@@ -303,8 +322,11 @@ def test_a_peer_that_breaks_the_protocol_while_its_link_is_blocked_costs_no_cpu(
         sent = link.channel.bytes_recv
         deadline = time.monotonic() + 10.0
         while not link.want_write and time.monotonic() < deadline:
-            peers[1].sock.sendall(ping * 4096)
-            sent += len(ping) * 4096
+            # a few at a time, each batch read before the next: a flood is cut off
+            peers[1].sock.sendall(ping * 64)
+            sent += len(ping) * 64
+            while link.channel.bytes_recv < sent and time.monotonic() < deadline:
+                time.sleep(0.001)
         assert link.want_write, "rank 0's PONGs never filled the socket"
         # every PING read (their PONGs wait in rank 0's queue), then the broken frame
         while link.channel.bytes_recv < sent and time.monotonic() < deadline:
