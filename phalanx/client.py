@@ -430,7 +430,9 @@ class Client:
             return
         where = self._twin_ops.pop(frame.rid, None)
         msg = frame.message
-        if where is not None and not isinstance(msg, OpResult):
+        if where is not None and (not isinstance(msg, OpResult) or msg.failed_attempts):
+            # it failed (or failed before its retry succeeded): the daemon may have
+            # given the twin fresh small pages (see _twin_for)
             with self._rlock:
                 self._twins_worn.add(where[2].region)
         if where is None or not isinstance(msg, OpResult) or not msg.in_twin:

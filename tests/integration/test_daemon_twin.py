@@ -30,6 +30,7 @@ import phalanx
 from phalanx.comm import zerocopy
 from phalanx.config import PhalanxConfig
 from phalanx.local import shm
+from phalanx.local.protocol import REPLY_BASE, Kind, WireFrame
 from phalanx.testing.faults import SEQ_OFFSET, At, Delay, Fault, FaultInjector, FlipHeaderByte
 from tests._smaps import pmd_mapped_kib
 from tests.integration._pairs import embedded_pair
@@ -301,3 +302,39 @@ def test_ops_in_flight_when_the_clients_exchange_fails_do_not_report_stale_resul
         else:
             assert np.all(xa == 12.0), "an op reported success with a stale array"
     assert calls and failed >= 1
+
+
+def test_a_retried_op_marks_its_twin_for_collapsing_again(
+    pair: tuple[phalanx.Client, phalanx.Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An op whose first attempt failed after splicing from the twin, and whose retry
+    succeeded, answers with an OpResult (failed_attempts > 0), yet the failed attempt
+    gave the twin fresh small pages: the next op must collapse it again, as after a
+    failure. (Reply bookkeeping only: the reply is built here; a retried twin op with
+    a spliced failure has no deterministic trigger between two embedded members.)"""
+    a, b = pair
+    xa, xb = a.empty(N, "float32"), b.empty(N, "float32")
+    _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))  # the twins exist now
+    ref = a._locate(xa)
+    assert ref is not None
+    region, twin = a._regions[ref.region], a._twins[ref.region]
+    assert twin is not None
+    collapsed: list[bool] = []
+    real = type(twin).collapse
+
+    def spy(self: shm.Region, again: bool = False) -> bool:
+        if self is twin:
+            collapsed.append(again)
+        return bool(real(self, again=again))
+
+    monkeypatch.setattr(type(twin), "collapse", spy)
+    rid = 10**9  # a request id never sent
+    a._twin_ops[rid] = (region, twin, ref)
+    retried = phalanx.OpResult(
+        op="all_reduce", seq=1, epoch=2, algorithm="ring", nbytes=xa.nbytes, codec="none",
+        world=2, wire_bytes_sent=0, wire_bytes_recv=0, duration_s=0.1, contributors=("0", "1"),
+        failed_attempts=1, in_twin=False,
+    )  # fmt: skip
+    a._on_reply(WireFrame(REPLY_BASE + int(Kind.OP), rid, retried))
+    _both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb))
+    assert collapsed == [True], collapsed
