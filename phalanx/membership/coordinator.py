@@ -47,6 +47,7 @@ _T = TypeVar("_T")
 _WAIT_SLICE = 0.5  # longest single condition wait inside a handler
 _WATCH_LOOK_S = 5.0  # how often every Watch stream is woken without a new view
 _ANSWER_EVERY_S = 1.0  # a Beats call is answered at least this often (while beats come)
+_WATCH_EXPIRY_SLACK_S = 0.25  # a Watch call ending this close to its deadline ran out of time
 SERVICE_NAME = _rpc.SERVICE.strip("/")
 
 
@@ -607,10 +608,15 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         ended_by_us = False
 
         def on_done(_: object) -> None:
+            # the call's own deadline (the agent reopens the stream every few minutes)
+            # is no loss: suspecting the member then let any peer's report in that
+            # window remove a healthy member at once
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= _WATCH_EXPIRY_SLACK_S
             with c._cond:
                 group = c._group()
                 before, seq = group.revision, group.published.seq
-                if not c._stopping and not ended_by_us:
+                if not c._stopping and not ended_by_us and not expired:
                     now = time.monotonic()
                     group.stream_lost(member_id, incarnation, now)
                     group.tick(now)  # corroborated by a report already: remove it now

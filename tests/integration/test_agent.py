@@ -8,6 +8,7 @@ machine; the measured times are printed (pytest -s).
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -422,3 +423,38 @@ def test_an_agent_whose_channel_is_closed_under_it_keeps_following_the_views(
     finally:
         agent.close()
         lst.close()
+
+
+def test_a_watch_call_ending_at_its_own_deadline_raises_no_suspicion(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every agent reopens its Watch stream when the call's deadline passes (300 s;
+    1 s here). The coordinator took each such end for a lost stream and suspected a
+    healthy member, so that any peer's report in that window removed it at once."""
+    import phalanx.membership.agent as agent_module
+
+    monkeypatch.setattr(agent_module, "_WATCH_DEADLINE", 1.0)
+    caplog.set_level(logging.INFO, logger="phalanx.membership")
+    made = [_listening_member(name) for name in ("w1", "w2")]
+    agents = [Agent(coordinator.address, member, secret=SECRET) for _, member in made]
+    try:
+        for a in agents:
+            a.join(10)
+        time.sleep(3.5)  # three deadlines of each member's stream
+        lost = [r.getMessage() for r in caplog.records if "watch-stream-lost" in r.getMessage()]
+        assert not lost, lost
+        # the streams were reopened: a later view still reaches both members
+        lst, member = _listening_member("w3")
+        late = Agent(coordinator.address, member, secret=SECRET)
+        try:
+            late.join(10)
+            wait_all(agents, lambda v: "w3" in v, 5)
+        finally:
+            late.close()
+            lst.close()
+        assert all("w1" in a.view and "w2" in a.view for a in agents)
+    finally:
+        for a in agents:
+            a.close()
+        for lst, _ in made:
+            lst.close()
