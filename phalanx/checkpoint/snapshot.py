@@ -171,6 +171,9 @@ class _Gen:
     pins: int = 0
     released: bool = False
     unmarked: set[str] = field(default_factory=set)  # holders that missed the seal marker
+    # holders a repair moved this generation's pieces away from: still holding them
+    # if alive, so cleaned up with the generation when it is superseded
+    replaced: set[str] = field(default_factory=set)
 
 
 class PendingSeal:
@@ -617,8 +620,16 @@ class SnapshotService:
         futures: list[Future[None]] = []
         encode_s = checksum_s = 0.0
         failed = threading.Event()
+        closed: SnapshotError | None = None
         for s in range(geo.stripes):
-            if failed.is_set() or self._closed:
+            if self._closed:
+                # the stripes not sent have no checksums: this generation must never
+                # be committed (it would replace the sealed one with nothing readable)
+                closed = SnapshotError(
+                    "closed", f"service closed after {s} of {geo.stripes} stripes"
+                )
+                break
+            if failed.is_set():
                 break
             try:
                 par = pool.get(timeout=max(0.001, deadline - time.monotonic()))
@@ -675,6 +686,8 @@ class SnapshotService:
                 fut.add_done_callback(done)
                 futures.append(fut)
         err = self._wait_all(futures, deadline)
+        if err is None and closed is not None:
+            err = closed
         if err is None and failed.is_set():
             err = SnapshotError("timeout", "parity buffers not returned before the deadline")
         return err, encode_s, checksum_s
@@ -795,7 +808,8 @@ class SnapshotService:
         self._obs.on_seal(seal_s, "committed")
         if prev is not None:
             assert prev.meta is not None
-            self._stale.append((prev.generation, prev.meta.holders + tuple(prev.unmarked)))
+            old_holders = prev.unmarked | prev.replaced
+            self._stale.append((prev.generation, prev.meta.holders + tuple(sorted(old_holders))))
             self._release(prev)
         if not unmarked:  # every holder knows the new seal: older generations may go
             for g, hs in self._stale:
@@ -912,6 +926,7 @@ class SnapshotService:
             )
             return
         gen.meta = new_meta
+        gen.replaced |= {old.holders[i] for i in slots}
         gen.unmarked = set()
         audit.info(
             "snapshot repaired owner=%s generation=%d step=%d lost=%s new=%s",

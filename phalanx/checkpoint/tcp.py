@@ -296,9 +296,7 @@ class ShardServer:
         (crc,) = _U32.unpack_from(first, off)
         off += 4
         n = length - off
-        data = np.empty(n, np.uint8)
         have = len(first) - off
-        data[:have] = np.frombuffer(first, np.uint8, have, off)
         if not self._store.can_fit(key, n):
             # Drain the bytes in small pieces: never allocate what we will not keep.
             left = n - have
@@ -309,6 +307,8 @@ class ShardServer:
                 left -= step
             exc: ShardError = BudgetExceeded(f"{n} bytes do not fit the budget", key=key)
         else:
+            data = np.empty(n, np.uint8)  # only now: the budget has room for it
+            data[:have] = np.frombuffer(first, np.uint8, have, off)
             _recv_into(sock, data.data[have:], deadline)
             try:
                 self._store.put(key, data, crc)
@@ -320,6 +320,12 @@ class ShardServer:
         _send(sock, [_frame(seq, _status(exc), len(text)), text], deadline)
 
     def _control(self, op: int, body: bytes) -> tuple[int, list[bytes | memoryview]]:
+        try:
+            return self._control_op(op, body)
+        except (struct.error, UnicodeDecodeError) as exc:  # a malformed body: its peer's bug
+            raise FrameError("bad-payload", f"opcode {op}: {exc}") from None
+
+    def _control_op(self, op: int, body: bytes) -> tuple[int, list[bytes | memoryview]]:
         if op == OP_GET:
             key, _ = decode_key(body)
             data, crc = self._store.get(key)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,7 +25,14 @@ from phalanx.checkpoint.store import (
     ShardKey,
     ShardMissing,
 )
-from phalanx.checkpoint.tcp import ShardServer, TcpShardChannel
+from phalanx.checkpoint.tcp import (
+    OP_DELETE,
+    OP_LIST,
+    OP_PUT,
+    ShardServer,
+    TcpShardChannel,
+    encode_key,
+)
 from phalanx.comm.frames import FrameKind, encode_header
 
 
@@ -128,3 +138,62 @@ def test_tcp_silent_holder_fails_by_the_deadline() -> None:
     assert time.monotonic() - t0 < 3
     ch.close()
     lsock.close()
+
+
+@pytest.mark.parametrize(
+    ("op", "body"),
+    [
+        (OP_DELETE, b""),  # no key count
+        (OP_LIST, struct.pack("<H", 2) + b"\xff\xfe"),  # an owner that is not UTF-8
+    ],
+)
+def test_tcp_malformed_control_body_closes_the_link_with_a_log_line(
+    op: int, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The error used to escape the connection thread (threading.excepthook, a
+    traceback) instead of closing the link as every other bad frame does."""
+    uncaught: list[str] = []
+    secret = os.urandom(32)
+    st = MemoryShardStore(1 << 20)
+    previous = threading.excepthook
+    threading.excepthook = lambda args: uncaught.append(repr(args.exc_value))
+    try:
+        with ShardServer(st, secret=secret) as srv:
+            ch = TcpShardChannel(secret=secret, addresses={"h": srv.address})
+            sock = ch._take("h", time.monotonic() + 5)
+            sock.sendall(encode_header(FrameKind.DATA, epoch=0, seq=7, chunk=op, length=len(body)))
+            sock.sendall(body)
+            sock.settimeout(5)
+            assert sock.recv(100) == b""  # the server closed it
+            sock.close()
+            ch.put("h", ShardKey("o", 1, 0), _blob(10), crc32(_blob(10)), timeout=5)
+            ch.close()
+    finally:
+        threading.excepthook = previous
+    assert uncaught == []
+    assert any("bad-payload" in r.getMessage() for r in caplog.records)
+
+
+def test_tcp_put_over_the_budget_is_refused_before_its_bytes_are_allocated() -> None:
+    """A PUT announcing 64 MiB to a holder with a 1 MiB budget: the server must not
+    allocate those bytes (it did, before asking the budget) -- only drain them."""
+    secret = os.urandom(32)
+    st = MemoryShardStore(1 << 20)
+    with ShardServer(st, secret=secret) as srv:
+        ch = TcpShardChannel(secret=secret, addresses={"h": srv.address})
+        sock = ch._take("h", time.monotonic() + 5)
+        head = encode_key(ShardKey("o", 1, 0)) + struct.pack("<I", 0)
+        n = 64 << 20
+        tracemalloc.start()
+        try:
+            sock.sendall(
+                encode_header(FrameKind.DATA, epoch=0, seq=9, chunk=OP_PUT, length=len(head) + n)
+            )
+            sock.sendall(head + bytes(4096))
+            time.sleep(0.5)  # the server has read the head and decided
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        sock.close()
+        ch.close()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated for a PUT over the budget"

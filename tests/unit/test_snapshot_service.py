@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from phalanx.checkpoint.snapshot import (
     SnapshotObserver,
     SnapshotService,
 )
-from phalanx.checkpoint.store import MemoryShardStore, ShardKey
+from phalanx.checkpoint.store import HolderUnavailable, MemoryShardStore, ShardKey
 
 SHARD = 4096  # small pieces: many stripes even for small states
 
@@ -377,3 +378,92 @@ def test_restore_newest_takes_the_newest_step_any_member_sealed() -> None:
             empty.svcs["p0"].restore_newest(timeout=5)
     finally:
         empty.close()
+
+
+class SlowChannel(InProcessChannel):
+    """Every piece put takes ``delay`` seconds (a seal of many stripes takes a while)."""
+
+    def __init__(self, hub: InProcessHub, delay: float) -> None:
+        super().__init__(hub)
+        self.delay = delay
+
+    def put(self, holder: str, key: ShardKey, data: Any, crc: int, *, timeout: float) -> None:
+        if key.stripe >= 0:
+            time.sleep(self.delay)
+        super().put(holder, key, data, crc, timeout=timeout)
+
+
+def test_close_during_a_seal_abandons_it_and_keeps_the_sealed_generation() -> None:
+    """close() stopped the stripe loop without an error: the generation was committed
+    with the unsent stripes' checksums missing (unreadable metadata), and the sealed
+    one before it was deleted from every holder -- nothing left to restore."""
+    c = Cluster(4, 2, 1, io_threads=2, inflight_stripes=1)
+    try:
+        owner = c.service("p0", SlowChannel(c.hub, 0.02))
+        c.svcs["p0"].close()
+        c.svcs["p0"] = owner
+        first = owner.snapshot(state(1, n=40_000), 1).wait(30)
+        pending = owner.snapshot(state(2, n=40_000), 2)
+        time.sleep(0.15)  # a few of its ~20 stripes are out
+        owner.close()
+        with pytest.raises(SnapshotAbandoned) as info:
+            pending.wait(10)
+        assert info.value.reason == "closed"
+        for hid in c.ids[1:]:
+            assert {k.generation for k in c.stores[hid].keys("p0")} == {first.generation}
+        fresh = c.service("p0")  # a replacement restores from the holders
+        c.svcs["p0"] = fresh
+        step, out = fresh.restore()
+        assert step == 1 and same(out, state(1, n=40_000))
+    finally:
+        c.close()
+
+
+class MissOneMarker(InProcessChannel):
+    """The first seal marker put to ``victim`` fails (a transient error)."""
+
+    def __init__(self, hub: InProcessHub) -> None:
+        super().__init__(hub)
+        self.victim: str | None = None
+        self.fired = False
+
+    def put(self, holder: str, key: ShardKey, data: Any, crc: int, *, timeout: float) -> None:
+        if key.is_seal and holder == self.victim and not self.fired:
+            self.fired = True
+            raise HolderUnavailable("transient", holder=holder)
+        super().put(holder, key, data, crc, timeout=timeout)
+
+
+def test_a_holder_repaired_away_is_cleaned_up_with_its_generation() -> None:
+    """A holder that missed one seal marker is replaced by the repair; once that
+    generation is superseded, the pieces it still holds must go too (they stayed for
+    ever, counted against its budget)."""
+    c = Cluster(5, 2, 1)
+    try:
+        channel = MissOneMarker(c.hub)
+        owner = c.service("p0", channel)
+        c.svcs["p0"].close()
+        c.svcs["p0"] = owner
+        first = owner.snapshot(state(1), 1).wait(20)
+        channel.victim = first.holders[0]
+        second = owner.snapshot(state(2), 2).wait(20)  # the victim misses its marker
+        assert channel.fired
+
+        def holders() -> tuple[str, ...]:
+            sealed = owner._sealed
+            assert sealed is not None and sealed.meta is not None
+            return sealed.meta.holders
+
+        deadline = time.monotonic() + 10
+        while channel.victim in holders() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the repair moves the victim's slot elsewhere
+        assert channel.victim not in holders()
+        third = owner.snapshot(state(3), 3).wait(20)
+        fourth = owner.snapshot(state(4), 4).wait(20)
+        time.sleep(0.3)
+        for hid in c.ids:
+            gens = {k.generation for k in c.stores[hid].keys("p0")}
+            assert gens <= {third.generation, fourth.generation}, (hid, gens)
+            assert second.generation not in gens, hid
+    finally:
+        c.close()
