@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from phalanx.client import Client, Handle, OpResult
-from phalanx.errors import DaemonUnavailable
+from phalanx.errors import ConfigError, DaemonUnavailable
 from phalanx.torch.buckets import Bucket, plan_buckets
 from phalanx.torch.state import shared_tensor
 
@@ -115,6 +115,8 @@ class GradSync:
         # keep_local: each bucket's own (unweighted, unreduced) gradient, copied just
         # before it goes out: what a partial step replays in the next view
         self._local: list[torch.Tensor | None] = [None] * len(self._slots)
+        self._attempt_no = 0  # arm() without replay counts attempts
+        self._kept_at = [-1] * len(self._slots)  # the attempt each kept copy is of
         self.nbytes_sent = 0  # bytes handed to the daemon (for the wire-bytes figures)
 
     @property
@@ -122,10 +124,14 @@ class GradSync:
         return sum(b.nbytes for b in self.plan)
 
     # ------------------------------------------------------------------ one attempt
-    def arm(self, weight: float) -> None:
+    def arm(self, weight: float, *, replay: bool = False) -> None:
         """Start an attempt: zero every bucket, reset the counters; this member's
-        gradients will be multiplied by ``weight`` before the sum."""
+        gradients will be multiplied by ``weight`` before the sum. ``replay``: the
+        same step again from the kept local gradients (:meth:`restore_local`), not a
+        new backward."""
         self.drain()
+        if not replay:
+            self._attempt_no += 1  # copies kept by earlier attempts are stale from now
         with self._lock:
             for s in self._slots:
                 s.ready = 0
@@ -176,7 +182,19 @@ class GradSync:
             return
         with self._lock:
             if id(p) in self._counted:
-                return  # a second backward (accumulation): counted once per attempt
+                # a second backward (accumulation): counted once per attempt -- fine
+                # while its bucket waits, but a bucket already sent was summed and
+                # scaled in place: this backward's gradient lands on top of the sum,
+                # different on every member (they would commit diverging weights)
+                if s.bucket.index < self._next and not self._errors:
+                    self._errors.append(
+                        ConfigError(
+                            "backward() ran again in this step after its gradients were "
+                            "sent: accumulate micro-batches inside Manager.no_sync() (all "
+                            "but the last backward), or call backward() once per step"
+                        )
+                    )
+                return
             self._counted.add(id(p))
             s.ready += 1
             if self._sync:
@@ -215,6 +233,7 @@ class GradSync:
                     kept = self._local[i] = torch.empty_like(s.flat)
                 with torch.no_grad():
                     kept.copy_(s.flat)
+                self._kept_at[i] = self._attempt_no
             if self._weight != 1.0:
                 with torch.no_grad():
                     s.flat.mul_(self._weight)
@@ -228,8 +247,10 @@ class GradSync:
 
     def restore_local(self) -> bool:
         """Put the kept local gradients of the last attempt back into the buckets
-        (after :meth:`arm`); False if some bucket kept none."""
-        if any(k is None for k in self._local):
+        (after :meth:`arm` with ``replay``); False if some bucket kept none in that
+        attempt -- one that failed before sending every bucket left older copies in
+        the rest, and a mix of two attempts' gradients must never be committed."""
+        if any(k is None for k in self._local) or any(t != self._attempt_no for t in self._kept_at):
             return False
         with torch.no_grad():
             for s, k in zip(self._slots, self._local, strict=True):
@@ -239,6 +260,7 @@ class GradSync:
 
     def forget_local(self) -> None:
         self._local = [None] * len(self._slots)
+        self._kept_at = [-1] * len(self._slots)
 
     def finish(self) -> list[OpResult]:
         """Launch what is left, wait for every bucket; the results in bucket order.

@@ -464,7 +464,7 @@ class Manager:
         self._attempt = new
         # the survivors' own gradients of the failed attempt, re-weighed over the
         # survivors' examples
-        self.grads.arm(new.weight)
+        self.grads.arm(new.weight, replay=True)
         if not self.grads.restore_local():
             return False
         with torch.no_grad():

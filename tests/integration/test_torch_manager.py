@@ -133,3 +133,68 @@ def test_optimizers_that_need_a_closure_are_refused(pg: Any) -> None:
     net = _net()
     with pytest.raises(StateLayoutError):
         Manager(pg, net, torch.optim.LBFGS(net.parameters()))
+
+
+def test_a_second_backward_after_the_gradients_were_sent_is_refused(pg: Any) -> None:
+    """Two backward() calls in one step outside no_sync(): the first sends its buckets
+    (summed and scaled in place), the second adds this member's raw gradient on top,
+    so members would commit different gradients and their replicas drift apart. The
+    commit raises ConfigError instead and applies nothing; the next step trains."""
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    mgr = Manager(pg, net, opt, global_batch=12, job="twice")
+    try:
+        before = [p.detach().clone() for p in net.parameters()]
+        x, y = _data(0)
+        mgr.begin_step()
+        torch.nn.functional.cross_entropy(net(x[:6]), y[:6]).backward()
+        torch.nn.functional.cross_entropy(net(x[6:]), y[6:]).backward()
+        with pytest.raises(phalanx.ConfigError, match="no_sync"):
+            mgr.commit()
+        for a, b in zip(before, net.parameters(), strict=True):
+            assert torch.equal(a, b.detach())
+        s = mgr.begin_step()
+        torch.nn.functional.cross_entropy(net(x[s.shard()]), y[s.shard()]).backward()
+        assert mgr.commit()
+    finally:
+        mgr.close()
+
+
+def test_a_replay_never_mixes_the_kept_gradients_of_two_attempts(pg: Any) -> None:
+    """partial=True keeps each bucket's own gradient as it goes out, for a replay in a
+    smaller view. An attempt that fails at its first bucket keeps nothing new for the
+    later buckets: their copies are the previous attempt's, and a replay must refuse
+    (it used to commit the mix, no error)."""
+    from phalanx.ops import Handle
+    from phalanx.torch.gradsync import GradSync
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    gs = GradSync(pg, list(net.parameters()), cap_bytes=64, keep_local=True)
+    try:
+        assert len(gs.plan) >= 2
+        gs.arm(1.0)  # attempt 1: every bucket goes out (and is kept)
+        net(torch.randn(6, 4)).pow(2).sum().backward()
+        gs.finish()
+        gs.arm(1.0, replay=True)  # its replay has every bucket of attempt 1
+        assert gs.restore_local()
+        gs.drain()
+
+        def failing(*args: Any, **kwargs: Any) -> Handle:
+            def settle(wait: float | None) -> Any:
+                raise PeerFailure(op="all_reduce", seq=1, epoch=2, suspects=[], reason="x")
+
+            return Handle(settle)
+
+        gs.arm(1.0)  # attempt 2: its first bucket fails, the others never go out
+        real, pg.all_reduce = pg.all_reduce, failing
+        try:
+            net(torch.randn(6, 4)).pow(2).sum().backward()
+            with pytest.raises(PeerFailure):
+                gs.finish()
+        finally:
+            pg.all_reduce = real
+        gs.arm(1.0, replay=True)
+        assert not gs.restore_local()
+    finally:
+        gs.close()
