@@ -64,6 +64,8 @@ class BufferSync:
             for b in group:
                 n = b.numel()
                 src = b.detach().reshape(-1).to("cpu")
+                if src.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+                    src = src.to(torch.float32)
                 op[off : off + n] = src.numpy().astype(op.dtype) * weight
                 off += n
             op[off] = weight

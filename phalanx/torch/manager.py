@@ -217,6 +217,9 @@ class Manager:
         self._zero_grad_patched = True
         optimizer.zero_grad = self.zero_grad  # type: ignore[method-assign]
         self._attempt: _Attempt | None = None
+        # applying a step the group committed failed here (see commit): this member's
+        # state is no longer the group's, so no further step may run on it
+        self._broken: BaseException | None = None
         self._loaded_epoch = -1
         self._last_step = -1
         self._tries = 0
@@ -250,6 +253,7 @@ class Manager:
         Retries through view changes until ``timeout``; raises
         :class:`~phalanx.torch.errors.JobMismatch` if another job is in the view,
         ``DaemonUnavailable`` if the daemon is gone."""
+        self._check_broken()
         self._abandon("begin_step called again before commit")
         t = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + t
@@ -276,6 +280,7 @@ class Manager:
 
     def _open_attempt(self, timeout: float, *, replay: bool) -> _Attempt:
         c = self.client
+        deadline = time.monotonic() + timeout  # the opening op too: begin_step's bound
         try:
             info = c.begin_step(timeout=timeout)
         except DaemonUnavailable:
@@ -314,7 +319,8 @@ class Manager:
         mode = "replay" if replay else "fresh"
         self._open[:] = opening_slots(info.epoch, info.members, self.job, info.step, n_i, mode)
         try:
-            res = c.all_reduce(self._open, "sum", timeout=self.op_timeout)
+            left = max(0.001, min(self.op_timeout, deadline - time.monotonic()))
+            res = c.all_reduce(self._open, "sum", timeout=left)
         except DaemonUnavailable:
             raise
         except Evicted as exc:
@@ -399,6 +405,7 @@ class Manager:
         ``scheduler.step()``, ``apply()`` (change ``user_state`` here), and the new
         state is declared (``update_state(step + 1)``). False: nothing was applied;
         call ``begin_step`` again (the same step is redone)."""
+        self._check_broken()
         att = self._attempt
         if att is None:
             raise ConfigError("commit() outside a step: call begin_step() first")
@@ -410,20 +417,38 @@ class Manager:
         if not ok:
             self._abandon("")
             return False
-        with torch.no_grad():
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        if apply is not None:
-            apply()
-        self.state.capture()
-        self.client.update_state(att.ctx.step + 1)
+        # the group committed the step: from here a failure cannot be undone (the
+        # weights may have moved), and redoing the step would apply it twice
+        try:
+            with torch.no_grad():
+                self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if apply is not None:
+                apply()
+            self.state.capture()
+            self.client.update_state(att.ctx.step + 1)
+        except BaseException as exc:
+            self._broken = exc
+            self._attempt = None
+            log.error("event=torch_apply_failed member=%s step=%d error=%r",
+                      self.client.member_id, att.ctx.step, exc)  # fmt: skip
+            raise
         self._step = att.ctx.step + 1
         self._attempt = None
         self._stash_buffers = None
         self.grads.forget_local()
         self.stats["commits"] += 1
         return True
+
+    def _check_broken(self) -> None:
+        if self._broken is not None:
+            raise ConfigError(
+                f"step {self._step} was committed by the group but applying it here failed "
+                f"({type(self._broken).__name__}: {self._broken}); this member's state is no "
+                "longer the group's: close this Manager and restart this member (its daemon "
+                "and training process), which then joins again and receives the group's state"
+            ) from self._broken
 
     def _vote(self, att: _Attempt) -> bool:
         try:

@@ -146,7 +146,27 @@ class ProcessGroup(dist.ProcessGroup):
         self.timeout = timeout
         self._view: ViewInfo = v
         self._staging: Any = None  # phalanx.torch.cuda.StagingPool, made at first use
+        # shared buffers of gathers and reduce-scatters, per (dtype, elements): a
+        # training loop's repeated calls map one each instead of one per call
+        self._bufs: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+        self._bufs_lock = threading.Lock()
         client.on_view_change(self._on_view)
+
+    def _take_buf(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        with self._bufs_lock:
+            free = self._bufs.get((dtype, numel))
+            if free:
+                return free.pop()
+        return shared_tensor(self.client, numel, dtype)
+
+    def _give_buf(self, buf: torch.Tensor, ok: bool) -> None:
+        """Back to the pool after a success; unmapped after a failure (an op given
+        up on may still write it: never handed out again)."""
+        if ok:
+            with self._bufs_lock:
+                self._bufs.setdefault((buf.dtype, buf.numel()), []).append(buf)
+        else:
+            self.client._release(buf.view(torch.uint8).numpy())
 
     def _on_view(self, v: ViewInfo) -> None:
         self._view = v
@@ -235,15 +255,20 @@ class ProcessGroup(dist.ProcessGroup):
         if out.numel() != n * world:
             raise ConfigError(f"all_gather output holds {out.numel()} elements; the view "
                               f"has {world} members x {n}")  # fmt: skip
-        buf = shared_tensor(self.client, n * world, inp.dtype)
+        buf = self._take_buf(n * world, inp.dtype)
         r = self.rank()
         buf[r * n : (r + 1) * n].copy_(inp.reshape(-1))
-        h = self.client.all_gather(buf, **self._kw())
+        try:
+            h = self.client.all_gather(buf, **self._kw())
+        except BaseException:
+            self._give_buf(buf, False)
+            raise
 
         def after() -> None:
             out.reshape(-1).copy_(buf)
+            self._give_buf(buf, True)
 
-        return _Work([h], after, [out])
+        return _Work([h], after, [out], lambda: self._give_buf(buf, False))
 
     def allgather(  # type: ignore[override]
         self,
@@ -294,15 +319,20 @@ class ProcessGroup(dist.ProcessGroup):
         if inp.numel() != n * world:
             raise ConfigError(f"reduce_scatter input holds {inp.numel()} elements; the view "
                               f"has {world} members x {n}")  # fmt: skip
-        buf = shared_tensor(self.client, n * world, inp.dtype)
+        buf = self._take_buf(n * world, inp.dtype)
         buf.copy_(inp.reshape(-1))
-        h = self.client.reduce_scatter(buf, op, **self._kw())
+        try:
+            h = self.client.reduce_scatter(buf, op, **self._kw())
+        except BaseException:
+            self._give_buf(buf, False)
+            raise
         r = self.rank()
 
         def after() -> None:
             output.reshape(-1).copy_(buf[r * n : (r + 1) * n])
+            self._give_buf(buf, True)
 
-        return _Work([h], after, [output])
+        return _Work([h], after, [output], lambda: self._give_buf(buf, False))
 
     def _unsupported(self, *args: Any, **kwargs: Any) -> _Work:
         raise UnsupportedError("this collective is not available over phalanx (see "

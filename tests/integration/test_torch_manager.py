@@ -198,3 +198,94 @@ def test_a_replay_never_mixes_the_kept_gradients_of_two_attempts(pg: Any) -> Non
         assert not gs.restore_local()
     finally:
         gs.close()
+
+
+def test_gathers_through_the_backend_reuse_their_shared_buffers(pg: Any) -> None:
+    """dist.all_gather_single / reduce_scatter_single mapped a new shared region
+    per call (in this process and in the daemon) and never unmapped it."""
+    import torch.distributed as dist
+
+    import phalanx.torch as pt
+
+    pt.init_process_group(pg)
+    try:
+        t, out = torch.ones(1000), torch.empty(1000 * dist.get_world_size())
+        dist.all_gather_single(out, t)
+        dist.reduce_scatter_single(torch.empty(1000), out)
+        regions = len(pg._regions)
+        for _ in range(50):
+            dist.all_gather_single(out, t)
+            part = torch.empty(1000)
+            dist.reduce_scatter_single(part, out)
+        assert torch.equal(part, torch.full((1000,), float(dist.get_world_size())))
+        assert len(pg._regions) == regions
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bfloat16_model_with_batchnorm_commits(pg: Any) -> None:
+    """Its running statistics are bfloat16, which numpy lacks: the buffer all-reduce
+    raised torch's TypeError out of every commit."""
+    net = _net().to(torch.bfloat16)
+    mgr = Manager(pg, net, torch.optim.SGD(net.parameters(), lr=0.1), global_batch=12,
+                  job="bf16")  # fmt: skip
+    try:
+        x, _ = _data(0)
+        for _ in range(2):
+            mgr.begin_step()
+            net(x.to(torch.bfloat16)).float().pow(2).mean().backward()
+            assert mgr.commit()
+        stats = net[1].running_mean
+        assert stats.dtype == torch.bfloat16 and bool(stats.abs().sum() > 0)
+    finally:
+        mgr.close()
+
+
+def test_begin_step_keeps_its_timeout_when_a_peer_never_opens() -> None:
+    """The peer passed the daemon's begin_step but never reaches its opening op: the
+    opening all-reduce used op_timeout (8 s here), not what was left of begin_step's
+    1 s."""
+    import threading
+    import time
+
+    from phalanx.torch import StepTimeout
+    from tests.integration._pairs import embedded_pair
+
+    with embedded_pair() as (a, b):
+        net = _net()
+        mgr = Manager(a, net, torch.optim.SGD(net.parameters(), lr=0.1), global_batch=8,
+                      op_timeout=8.0)  # fmt: skip
+        try:
+            b.attach_state({"x": b.empty((4,), "float32")}, step=0)
+            peer = threading.Thread(target=lambda: b.begin_step(timeout=20), daemon=True)
+            peer.start()
+            t0 = time.monotonic()
+            with pytest.raises(StepTimeout):
+                mgr.begin_step(timeout=1.0)
+            assert time.monotonic() - t0 < 4.0
+            peer.join(25)
+        finally:
+            mgr.close()
+
+
+def test_a_commit_that_fails_after_the_vote_does_not_let_the_step_run_twice(pg: Any) -> None:
+    """The plain values outgrow meta_bytes: capture() raises after optimizer.step()
+    moved the weights. The next begin_step used to redo the same step on the moved
+    weights (applied twice); now the manager refuses to go on, saying why."""
+    from phalanx.torch import StateLayoutError
+
+    net = _net()
+    user: dict[str, Any] = {"log": ""}
+    mgr = Manager(pg, net, torch.optim.SGD(net.parameters(), lr=0.5), user_state=user,
+                  global_batch=12, meta_bytes=4096, job="overflow")  # fmt: skip
+    try:
+        x, y = _data(0)
+        mgr.begin_step()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        with pytest.raises(StateLayoutError):
+            mgr.commit(apply=lambda: user.update(log="x" * 5000))
+        user["log"] = ""
+        with pytest.raises(phalanx.ConfigError, match="committed by the group"):
+            mgr.begin_step()
+    finally:
+        mgr.close()
