@@ -47,6 +47,7 @@ _MAX_PENDING = 256  # connections waiting for a header or for their epoch
 #: longest sleep of the door thread with nothing to time out (a backstop: close()
 #: and connections wake it; a 50 ms poll woke an idle daemon 20 times a second)
 _IDLE_S = 1.0
+_PARK_S = 0.01  # a connection with part of its first header in is looked at again after this
 
 
 class _EpochSocket:
@@ -125,6 +126,8 @@ class Door:
         self._open: dict[int, _EpochSocket] = {}
         self._floor = (0, 0, False)  # connections for groups below this are refused
         self._held: list[tuple[socket.socket, int, float]] = []  # (conn, epoch, deadline)
+        # connections with part of a header in, out of the selector until their next look
+        self._parked: dict[socket.socket, float] = {}
         self._stop = threading.Event()
         self._sel = selectors.DefaultSelector()
         self._listener.sock.setblocking(False)
@@ -181,6 +184,9 @@ class Door:
         for key in list(self._sel.get_map().values()):
             if key.fileobj is not self._listener.sock:
                 cast(socket.socket, key.fileobj).close()
+        for conn in self._parked:
+            conn.close()
+        self._parked.clear()
         self._sel.close()
         self._wake_w.close()
         self._listener.close()
@@ -190,6 +196,11 @@ class Door:
     def _loop(self) -> None:
         peeking: dict[socket.socket, float] = {}
         while not self._stop.is_set():
+            now = time.monotonic()
+            for conn, at in list(self._parked.items()):
+                if now >= at:  # part of a header was in: look again
+                    del self._parked[conn]
+                    self._peek(conn, peeking)
             for key, _ in self._sel.select(self._sleep_s(peeking)):
                 if key.fileobj is self._listener.sock:
                     self._accept(peeking)
@@ -219,6 +230,7 @@ class Door:
         with self._lock:
             deadlines = [deadline for _, _, deadline in self._held]
         deadlines.extend(peeking.values())
+        deadlines.extend(self._parked.values())
         if not deadlines:
             return _IDLE_S
         return max(0.0, min(min(deadlines) - time.monotonic(), _IDLE_S))
@@ -241,6 +253,7 @@ class Door:
 
     def _forget(self, conn: socket.socket, peeking: dict[socket.socket, float]) -> None:
         peeking.pop(conn, None)
+        self._parked.pop(conn, None)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn)
 
@@ -256,7 +269,13 @@ class Door:
             conn.close()
             return
         if len(data) < HEADER_SIZE:
-            return  # wait for the rest of the header
+            # wait for the rest of the header -- not in the selector, which would
+            # report the unread bytes again at once: one stalled connection (anyone
+            # can open one) spun this thread until its deadline
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(conn)
+            self._parked[conn] = time.monotonic() + _PARK_S
+            return
         self._forget(conn, peeking)
         try:
             header = decode_header(data, 1 << 20)

@@ -123,6 +123,7 @@ class Agent:
         self._silent_after = max(_SILENT_MIN, 4 * self.config.heartbeat_timeout)
         self._channel_resets = 0
         self._lock = threading.Condition()
+        self._view_callbacks = threading.Lock()  # on_view calls, one at a time (_install)
         self._register_lock = threading.Lock()
         # leave() and rejoin()'s change of incarnation run one at a time: a rejoin that
         # slipped in while a leave was in flight had its fresh heartbeat and watch
@@ -138,6 +139,7 @@ class Agent:
         self._evicted = False
         self._left = False
         self._closed = False
+        self._closing = threading.Event()  # set by close() alone (waits that end there)
         self._stop = threading.Event()
         self._watching = threading.Event()  # set by the first event of a Watch stream
         self._threads: list[threading.Thread] = []
@@ -271,6 +273,7 @@ class Agent:
             if self._closed:
                 return
             self._closed = True
+            self._closing.set()
             self._lock.notify_all()
         self._stop_threads()
         self._channel.close()
@@ -333,6 +336,12 @@ class Agent:
                 raise CommitUnknown(step, vote_epoch, "deadline passed")
             with self._lock:
                 gone = self._evicted or self._member.incarnation != incarnation
+                left = self._left
+            if left:
+                # it left the group: every vote is refused now, and leave() set _stop,
+                # so the wait below would not pause between them (a busy loop of
+                # refused Commit and Join calls until the deadline)
+                raise CommitUnknown(step, vote_epoch, "this member left the group")
             if gone:
                 # Evicted while voting (a re-registration refused): a vote from here on
                 # would come from a later incarnation that never ran the step, and a
@@ -400,7 +409,8 @@ class Agent:
                     decision.outcome.name,
                 )
                 return decision.committed
-            if self._stop.wait(delay) and self._closed:
+            # not self._stop: set by leave() and eviction too, it would not wait at all
+            if self._closing.wait(min(delay, max(0.0, deadline - time.monotonic()))):
                 raise CommitUnknown(step, vote_epoch, "agent closed")
             delay = min(delay * 2, _RETRY_MAX)
 
@@ -565,7 +575,14 @@ class Agent:
             view.rank(self._member.id),
             ",".join(view.ids),
         )
-        self._callback(self._on_view, view)
+        # several threads install (watch, heartbeat, join, commit): one callback at a
+        # time, and none for a view a newer one replaced meanwhile (its own call
+        # delivers that one), so that on_view sees the epochs in order
+        with self._view_callbacks:
+            with self._lock:
+                if self._view is not view:
+                    return
+            self._callback(self._on_view, view)
 
     def _handle_evicted(self, incarnation: int) -> None:
         """``incarnation`` was removed from the group. Only the current incarnation's

@@ -352,6 +352,10 @@ class ElasticGroup:
     # ------------------------------------------------------------------ agent and door callbacks
     def _on_view(self, view: View) -> None:
         with self._cond:
+            if view.epoch <= self._latest:
+                # a callback that lost a race with a newer view's (the agent installs
+                # from several threads): taking it would build a view the agent left
+                return
             self._pending = view
             self._latest = max(self._latest, view.epoch)
             cur = self._current

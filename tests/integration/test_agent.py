@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import pytest
 
+from phalanx.errors import CommitUnknown
 from phalanx.membership.agent import Agent
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import socket, sys, threading
+from phalanx.errors import CommitUnknown
 from phalanx.membership.agent import Agent
 from phalanx.membership.view import Member
 address, name, secret = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
@@ -458,3 +460,23 @@ def test_a_watch_call_ending_at_its_own_deadline_raises_no_suspicion(
             a.close()
         for lst, _ in made:
             lst.close()
+
+
+def test_a_commit_after_leave_fails_at_once_without_calling_the_coordinator(
+    coordinator: Coordinator,
+) -> None:
+    """leave() sets the threads' stop event, so the vote's retry pause did not pause: a
+    commit after leave hammered the coordinator with refused Commit and Join calls
+    (about 1,000 of each in 2 s) until its deadline, then said "deadline passed"."""
+    lst, member = _listening_member("leaver")
+    agent = Agent(coordinator.address, member, secret=SECRET)
+    try:
+        view = agent.join(10)
+        agent.leave()
+        t0 = time.monotonic()
+        with pytest.raises(CommitUnknown, match="left the group"):
+            agent.commit(3, True, epoch=view.epoch, timeout=3.0)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        agent.close()
+        lst.close()

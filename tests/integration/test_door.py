@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 
+from phalanx.comm.frames import FrameKind, encode_header
 from phalanx.membership._door import Door
 from tests.integration._threads import wakeups
 
@@ -24,3 +27,33 @@ def test_an_idle_door_sleeps_and_close_wakes_it() -> None:
         took = time.monotonic() - t
     assert not any(t.name == "phalanx-door" for t in threading.enumerate())
     assert took < 0.9, f"close() waited for the backstop ({took:.2f} s), not the wake"
+
+
+def _thread_cpu_s(name: str) -> float:
+    (thread,) = [t for t in threading.enumerate() if t.name == name]
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_connection_stalled_mid_header_costs_no_cpu_and_is_still_read() -> None:
+    """Anyone can connect and send part of a header: the selector reported the unread
+    bytes again at once, and the door thread spun a core until the hold deadline."""
+    door = Door("127.0.0.1:0", hold_s=5.0)
+    host, port = door.address.rsplit(":", 1)
+    try:
+        hello = encode_header(FrameKind.HELLO, epoch=(7 << 32) | 1, seq=0, chunk=0, length=0)
+        with socket.create_connection((host, int(port))) as stalled:
+            stalled.sendall(hello[:10])
+            time.sleep(0.2)
+            cpu0 = _thread_cpu_s("phalanx-door")
+            time.sleep(1.0)
+            burnt = _thread_cpu_s("phalanx-door") - cpu0
+            assert burnt < 0.3, f"the door thread spun: {burnt:.2f} s of CPU in 1 s"
+            stalled.sendall(hello[10:])  # the rest: an epoch not open yet is held
+            deadline = time.monotonic() + 3.0
+            while not door._held and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(door._held) == 1
+    finally:
+        door.close()

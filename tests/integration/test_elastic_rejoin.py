@@ -127,3 +127,30 @@ def test_a_member_backing_off_builds_at_once_when_a_peer_is_already_building(
     finally:
         a.close()
         b.close()
+
+
+def test_a_view_callback_that_arrives_late_is_not_taken_over_a_newer_one(
+    coordinator: Coordinator,
+) -> None:
+    """The agent installs views from several threads, so the callback of an older view
+    could run after the newer one's. The elastic group replaced its pending newer view
+    with the older one and built a view its agent had left: every op then timed out
+    while the peers waited for it. Here the older view's callback comes last, while
+    the installer has not taken the newer one yet."""
+    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
+    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
+    try:
+        a.join(10)
+        b.join(10)
+        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
+        _sum_pair(a, b)
+        newest = a.agent.view
+        older = View(newest.epoch - 1, newest.members)
+        newer = View(newest.epoch + 1, newest.members)  # as if just published
+        with a._cond:  # the installer cannot take anything before both callbacks ran
+            a._on_view(newer)
+            a._on_view(older)
+            assert a._pending is newer
+    finally:
+        a.close()
+        b.close()
