@@ -33,6 +33,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -347,6 +348,21 @@ class ShardServer:
         raise FrameError("bad-payload", f"unknown opcode {op}")
 
 
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether an idle link's peer closed it (EOF or an error waiting), without
+    blocking; an idle link has nothing else to read."""
+    try:
+        sock.setblocking(False)
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        finally:
+            sock.setblocking(True)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def _status(exc: ShardError) -> int:
     for code, cls in _ERRORS.items():
         if isinstance(exc, cls):
@@ -380,7 +396,10 @@ class TcpShardChannel(ShardChannel):
         self._max = max_message
         self._max_conns = max_conns
         self._hs_timeout = handshake_timeout
-        self._idle: dict[str, list[socket.socket]] = {}
+        # idle links per holder, with the address each was opened to
+        self._idle: dict[str, list[tuple[str, socket.socket]]] = {}
+        # links in use -> the address each was opened to (back to _idle with it)
+        self._opened_to: weakref.WeakKeyDictionary[socket.socket, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._closed = False
@@ -400,7 +419,7 @@ class TcpShardChannel(ShardChannel):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            socks = [s for lst in self._idle.values() for s in lst]
+            socks = [s for lst in self._idle.values() for _, s in lst]
             self._idle.clear()
         for s in socks:
             with contextlib.suppress(OSError):
@@ -408,13 +427,24 @@ class TcpShardChannel(ShardChannel):
 
     # -- connections
     def _take(self, holder: str, deadline: float) -> socket.socket:
-        with self._lock:
-            if self._closed:
-                raise HolderUnavailable("channel closed", holder=holder)
-            idle = self._idle.get(holder)
-            if idle:
-                return idle.pop()
         address = self._resolve(holder)
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise HolderUnavailable("channel closed", holder=holder)
+                idle = self._idle.get(holder)
+                if not idle:
+                    break
+                opened_to, sock = idle.pop()
+            # a holder restarted with the same id (its address may be new) closed the
+            # links of its old process: such a link would fail the next call -- and a
+            # failed put abandons the whole generation
+            if opened_to == address and not _closed_by_peer(sock):
+                with self._lock:
+                    self._opened_to[sock] = opened_to
+                return sock
+            with contextlib.suppress(OSError):
+                sock.close()
         if not address:
             raise HolderUnavailable("no known shard address", holder=holder)
         try:
@@ -433,13 +463,16 @@ class TcpShardChannel(ShardChannel):
             )
         except HandshakeError as exc:
             raise HolderUnavailable(f"cannot link to {address}: {exc}", holder=holder) from None
+        with self._lock:
+            self._opened_to[link.sock] = address
         return link.sock
 
     def _give(self, holder: str, sock: socket.socket) -> None:
         with self._lock:
+            address = self._opened_to.pop(sock, None)
             idle = self._idle.setdefault(holder, [])
-            if not self._closed and len(idle) < self._max_conns:
-                idle.append(sock)
+            if address is not None and not self._closed and len(idle) < self._max_conns:
+                idle.append((address, sock))
                 return
         sock.close()
 

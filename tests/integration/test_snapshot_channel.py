@@ -197,3 +197,28 @@ def test_tcp_put_over_the_budget_is_refused_before_its_bytes_are_allocated() -> 
         sock.close()
         ch.close()
     assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated for a PUT over the budget"
+
+
+@pytest.mark.parametrize("same_port", [True, False])
+def test_tcp_a_holder_restarted_under_the_same_id_is_reached_at_once(same_port: bool) -> None:
+    """A pooled link to a holder's old process (it restarted with the same member id,
+    at a new address or the same one) failed the next call; in a seal, one failed put
+    abandons the whole generation."""
+    secret = os.urandom(32)
+    first = MemoryShardStore(1 << 20)
+    srv = ShardServer(first, secret=secret)
+    where = {"h": srv.address}
+    ch = TcpShardChannel(secret=secret, addresses=lambda member: where.get(member))
+    try:
+        ch.put("h", ShardKey("o", 1, 0), _blob(10), crc32(_blob(10)), timeout=5)  # pooled now
+        srv.close()
+        second = MemoryShardStore(1 << 20)
+        bind = srv.address if same_port else "127.0.0.1:0"
+        srv = ShardServer(second, secret=secret, address=bind)
+        where["h"] = srv.address
+        time.sleep(0.1)
+        ch.put("h", ShardKey("o", 2, 0), _blob(10), crc32(_blob(10)), timeout=5)
+        assert second.keys() == [ShardKey("o", 2, 0)]
+    finally:
+        ch.close()
+        srv.close()
