@@ -209,7 +209,8 @@ class Agent:
                 why = err
             if time.monotonic() + delay >= deadline:
                 raise why
-            time.sleep(delay)
+            if self._closing.wait(delay):  # close() ends the retries too
+                raise MembershipError(f"agent closed while joining ({why})")
             delay = min(delay * 2, _RETRY_MAX)
         self._start_threads()
         remaining = max(0.0, deadline - time.monotonic())

@@ -299,9 +299,19 @@ class ElasticGroup:
                 view = self.agent.rejoin(timeout)
             except BaseException:
                 with self._cond:
+                    if self._life.presence is Presence.CLOSED:
+                        raise GroupClosed("elastic group closed during its rejoin") from None
                     self._life.rejoin_failed(time.monotonic())
                     self._cond.notify_all()
                 raise
+            with self._cond:
+                closed = self._life.presence is Presence.CLOSED
+            if closed:
+                # close() ran meanwhile (it does not wait for a rejoin): the new
+                # incarnation must not stay in the group with nobody behind it
+                with contextlib.suppress(Exception):
+                    self.agent.leave(1.0, "closed during its rejoin")
+                raise GroupClosed("elastic group closed during its rejoin")
             with self._cond:
                 if self.agent.evicted:
                     # the new incarnation was removed before its join came back (it was
@@ -319,10 +329,13 @@ class ElasticGroup:
     def leave(self, timeout: float | None = None, reason: str = "") -> None:
         """Leave on purpose: the others get a view without us at once; no automatic
         return (:meth:`rejoin` comes back)."""
-        with self._cond:
-            self._life.leave()
-            self._cond.notify_all()
-        self.agent.leave(timeout, reason)
+        # after a rejoin under way (bounded by its timeout), never beside it: one that
+        # ended after this leave brought the member back while this side said "left"
+        with self._rejoin_lock:
+            with self._cond:
+                self._life.leave()
+                self._cond.notify_all()
+            self.agent.leave(timeout, reason)
         self._retire_current()
 
     def close(self) -> None:

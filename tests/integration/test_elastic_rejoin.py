@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from phalanx.errors import Evicted
+from phalanx.errors import Evicted, GroupClosed
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
 from phalanx.membership.elastic import ElasticGroup
@@ -154,3 +154,64 @@ def test_a_view_callback_that_arrives_late_is_not_taken_over_a_newer_one(
     finally:
         a.close()
         b.close()
+
+
+def test_a_leave_during_a_rejoin_leaves_the_member_out(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """leave() while a rejoin is under way: when the agent's leave ran first, the rejoin
+    then brought the member back (a new incarnation in the view, beating) while the
+    elastic group said "left" and refused every op -- a member nobody drives. Now the
+    leave waits for the rejoin and wins."""
+    import phalanx.membership.agent as agent_module
+
+    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
+    gate = threading.Event()
+    real = agent_module.Agent.rejoin
+
+    def slow_rejoin(self: agent_module.Agent, *args: object, **kwargs: object) -> View:
+        gate.wait(5)
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        a.join(10)
+        monkeypatch.setattr(agent_module.Agent, "rejoin", slow_rejoin)
+        out: list[object] = []
+        rejoin = threading.Thread(target=lambda: out.append(a.rejoin(timeout=5.0)))
+        rejoin.start()
+        time.sleep(0.1)  # the rejoin is under way (held at the gate)
+        threading.Timer(0.3, gate.set).start()
+        a.leave()
+        rejoin.join(10)
+        assert a.presence is Presence.LEFT
+        assert _wait(lambda: "a" not in coordinator.view, 5), coordinator.view
+    finally:
+        gate.set()
+        a.close()
+
+
+def test_close_during_a_rejoin_ends_it_with_group_closed(coordinator: Coordinator) -> None:
+    """The rejoin (coordinator away, so it retries) used to run on to its own timeout
+    and then fail with IllegalTransition (no rule for a rejoin failing once closed)."""
+    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
+    try:
+        a.join(10)
+        coordinator.stop(grace=0.1)
+        out: list[BaseException] = []
+
+        def rejoin() -> None:
+            try:
+                a.rejoin(timeout=8.0)
+            except BaseException as exc:
+                out.append(exc)
+
+        thread = threading.Thread(target=rejoin)
+        thread.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        a.close()
+        thread.join(10)
+        assert time.monotonic() - t0 < 3.0
+        assert len(out) == 1 and isinstance(out[0], GroupClosed), out
+    finally:
+        a.close()
