@@ -176,6 +176,9 @@ class _Gen:
     replaced: set[str] = field(default_factory=set)
 
 
+_NO_BUFFER: U8 = np.empty(0, np.uint8)  # a released generation's buffer
+
+
 class PendingSeal:
     """Returned by :meth:`SnapshotService.snapshot` once the state is copied."""
 
@@ -536,9 +539,11 @@ class SnapshotService:
 
     def _take_buffer(self, capacity: int) -> U8:
         with self._lock:
-            fits = [b for b in self._free if capacity <= b.size <= 2 * capacity + (1 << 20)]
-            if fits:
-                buf = min(fits, key=lambda b: b.size)
+            # pooled buffers that do not fit this state (it grew, or shrank by more
+            # than half) never will again while it stays so: let them go
+            self._free = [b for b in self._free if capacity <= b.size <= 2 * capacity + (1 << 20)]
+            if self._free:
+                buf = min(self._free, key=lambda b: b.size)
                 self._free = [b for b in self._free if b is not buf]
                 return buf
         return np.empty(capacity, np.uint8)
@@ -547,19 +552,27 @@ class SnapshotService:
         """The generation is no longer offered: recycle its buffer when unpinned."""
         with self._lock:
             gen.released = True
-            if gen.pins == 0 and len(self._free) < 2:
-                self._free.append(gen.buf)
+            if gen.pins == 0:
+                self._recycle(gen)
         self._report_held()
 
     def _unpin(self, gen: _Gen) -> None:
         with self._lock:
             gen.pins -= 1
-            if gen.pins == 0 and gen.released and len(self._free) < 2:
-                self._free.append(gen.buf)
+            if gen.pins == 0 and gen.released:
+                self._recycle(gen)
+
+    def _recycle(self, gen: _Gen) -> None:
+        """(Lock held.) The buffer of a released, unpinned generation goes back to the
+        pool; the generation lets go of it (a caller's PendingSeal keeps the _Gen)."""
+        if len(self._free) < 2 and gen.buf.size:
+            self._free.append(gen.buf)
+        gen.buf = _NO_BUFFER
 
     def _report_held(self) -> None:
         with self._lock:
             own = sum(g.buf.nbytes for g in (self._sealed, self._inflight) if g is not None)
+            own += sum(b.nbytes for b in self._free)
         self._obs.on_held_bytes(own + (self._store.used_bytes() if self._store else 0))
 
     def _set_underprotected(self, n: int) -> None:

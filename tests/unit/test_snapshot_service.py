@@ -467,3 +467,30 @@ def test_a_holder_repaired_away_is_cleaned_up_with_its_generation() -> None:
             assert second.generation not in gens, hid
     finally:
         c.close()
+
+
+def test_pooled_buffers_follow_the_state_size_and_are_counted() -> None:
+    """After the state shrank by more than half, the two big pooled buffers stayed in
+    the pool for ever (never fitting again: every snapshot allocated a fresh buffer),
+    the held-bytes metric did not count the pool, and every PendingSeal a caller kept
+    held its generation's whole buffer."""
+    c = Cluster(4, 2, 1)
+    try:
+        owner = c.svcs["p0"]
+        big, small = {"w": np.ones(4 << 20, np.uint8)}, {"w": np.ones(256 << 10, np.uint8)}
+        handles = [owner.snapshot(big, step) for step in (1, 2, 3)]
+        for h in handles:
+            h.wait(30)
+        for step in range(4, 8):
+            handles.append(owner.snapshot(small, step))
+            handles[-1].wait(30)
+        assert all(b.nbytes < 1 << 20 for b in owner._free), [b.nbytes for b in owner._free]
+        pooled = sum(b.nbytes for b in owner._free)
+        sealed = owner._sealed
+        assert sealed is not None
+        held = c.obs["p0"].held[-1]
+        assert held == sealed.buf.nbytes + pooled + c.stores["p0"].used_bytes()
+        kept = {id(h._gen.buf) for h in handles[:-1] if h._gen.buf.size}
+        assert kept <= {id(b) for b in owner._free}, "a handle keeps a released buffer"
+    finally:
+        c.close()
