@@ -93,6 +93,13 @@ class BufferSync:
                 off += n
         return "", [means[id(b)] for b in self.buffers]
 
+    def close(self) -> None:
+        """Unmap the two op buffers in the daemon (idempotent)."""
+        for op in (self._fop, self._iop):
+            if op is not None:
+                self.client._release(op)
+        self._fop = self._iop = None
+
     @staticmethod
     def apply(targets: Sequence[torch.Tensor], means: Sequence[torch.Tensor]) -> None:
         with torch.no_grad():

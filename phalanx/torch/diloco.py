@@ -439,6 +439,8 @@ class DiLoCo:
         with contextlib.suppress(Exception):
             for g in self._global:
                 g.grad = None
+        self._bufsync.close()
+        self.client._release(self._open)
 
     def __enter__(self) -> DiLoCo:
         return self

@@ -37,7 +37,7 @@ import torch
 from phalanx.client import Client, Handle, OpResult
 from phalanx.errors import ConfigError, DaemonUnavailable
 from phalanx.torch.buckets import Bucket, plan_buckets
-from phalanx.torch.state import shared_tensor
+from phalanx.torch.state import release_shared, shared_tensor
 
 __all__ = ["GradSync"]
 
@@ -322,7 +322,12 @@ class GradSync:
                 h.wait(max(0.0, end - time.monotonic()))
 
     def close(self) -> None:
+        """Remove the hooks and unmap the buckets in the daemon (``.grad`` tensors keep
+        this process's memory while they exist)."""
         self.drain()
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        slots, self._slots = self._slots, []
+        for s in slots:
+            release_shared(self.client, s.host)

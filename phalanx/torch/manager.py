@@ -527,6 +527,8 @@ class Manager:
         client stays open: it is the caller's)."""
         self._abandon("")
         self.grads.close()
+        self._bufsync.close()
+        self.client._release(self._open)
         if self._zero_grad_patched:
             with contextlib.suppress(AttributeError):
                 del self.optimizer.zero_grad

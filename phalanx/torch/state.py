@@ -81,6 +81,12 @@ def shared_tensor(client: Client, numel: int, dtype: torch.dtype) -> torch.Tenso
     return torch.from_numpy(client.empty((numel,), name))
 
 
+def release_shared(client: Client, t: torch.Tensor) -> None:
+    """Unmap the shared region of a tensor from :func:`shared_tensor` in the daemon and
+    forget it here; this process's memory stays valid while tensors still view it."""
+    client._release(t.detach().view(torch.uint8).numpy())
+
+
 _TORCH_DTYPES = {_dtype_name(dt): dt for dt in treecodec._DTYPES.values()}
 
 
