@@ -102,6 +102,11 @@ class HookState:
         self._lock = threading.Lock()
         self._closed = False
 
+    def _check_open(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise ConfigError("the hook state is closed")
+
     def _enqueue(self, item: tuple[Handle, torch.futures.Future[torch.Tensor],
                                    torch.Tensor, Callable[[], None] | None]) -> None:  # fmt: skip
         with self._lock:
@@ -162,6 +167,7 @@ def allreduce_hook(state: HookState, bucket: Any) -> torch.futures.Future[torch.
 
     ``bucket`` is a ``torch.distributed.GradBucket`` (typed ``Any``: torch's stubs do
     not export the name)."""
+    state._check_open()  # before the op is submitted: never an op nobody waits for
     grad = bucket.buffer()
     if grad.device.type == "cuda":
         host = state.host_buffer(bucket.index(), grad)

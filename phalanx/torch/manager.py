@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from phalanx.client import Client, OpResult
+from phalanx.comm.codecs import parse_codec
 from phalanx.errors import CommError, ConfigError, DaemonUnavailable
 from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
 from phalanx.torch.bufsync import BufferSync
@@ -190,6 +191,7 @@ class Manager:
         self.partial = partial
         self.timeout = float(timeout)
         self.op_timeout = float(op_timeout)
+        parse_codec(codec)  # a ConfigError now, not at the first commit
         self.codec = codec
         opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         named = list(model.named_parameters())

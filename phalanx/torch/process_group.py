@@ -90,8 +90,16 @@ class _Work(dist._Work):  # type: ignore[misc,name-defined]
             if self._done:
                 return
             try:
+                # every handle settled (a failed first one must not leave the others'
+                # ops unwaited), then the first error
+                errors = []
                 for h in self._handles:
-                    h.wait()
+                    try:
+                        h.wait()
+                    except BaseException as exc:
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
                 if self._after is not None:
                     self._after()
             except BaseException as exc:

@@ -312,3 +312,50 @@ def test_close_unmaps_the_managers_op_buffers(pg: Any) -> None:
     after = [p.grad for p in net.parameters() if p.grad is not None]
     assert all(torch.equal(a, b) for a, b in zip(grads, after, strict=True))
     mgr.close()  # idempotent
+
+
+def test_a_bad_codec_is_refused_when_the_manager_is_made(pg: Any) -> None:
+    net = _net()
+    with pytest.raises(phalanx.ConfigError):
+        Manager(pg, net, torch.optim.SGD(net.parameters(), lr=0.1), codec="bogus")
+
+
+def test_a_closed_hook_submits_nothing(pg: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """allreduce_hook submitted its op before finding the state closed: an op nobody
+    waits for (its staging memory never back) while ConfigError was raised."""
+    from phalanx.torch.hook import HookState, allreduce_hook
+
+    class Bucket:
+        def buffer(self) -> Any:
+            return torch.ones(8)
+
+    calls: list[object] = []
+    monkeypatch.setattr(pg, "all_reduce", lambda *a, **k: calls.append(a))
+    state = HookState(pg)
+    state.close()
+    with pytest.raises(phalanx.ConfigError, match="closed"):
+        allreduce_hook(state, Bucket())
+    assert calls == []
+
+
+def test_a_failed_work_still_waits_for_every_op() -> None:
+    """_Work stopped at the first failing handle: the later ops of a multi-tensor call
+    were never waited (their memory handed back while the daemon could still write)."""
+    from phalanx.ops import Handle
+    from phalanx.torch.process_group import _Work
+
+    waited: list[int] = []
+
+    def handle(i: int, fail: bool) -> Handle:
+        def settle(timeout: float | None) -> Any:
+            waited.append(i)
+            if fail:
+                raise PeerFailure(op="all_reduce", seq=i, epoch=1, suspects=[], reason="x")
+            return None
+
+        return Handle(settle)
+
+    work = _Work([handle(0, True), handle(1, False), handle(2, True)], None, [])
+    with pytest.raises(PeerFailure) as info:
+        work.wait()
+    assert waited == [0, 1, 2] and info.value.seq == 0
