@@ -279,6 +279,10 @@ class DiLoCo:
                 continue
             return rep
 
+    def _op_left(self, deadline: float) -> float:
+        """An op's timeout within the sync's deadline (``end_step(timeout=...)``)."""
+        return max(0.001, min(self.op_timeout, deadline - time.monotonic()))
+
     def _attempt(self, deadline: float, attempts: int, t0: float) -> OuterSyncReport | None:
         c = self.client
         left = max(0.1, deadline - time.monotonic())
@@ -303,7 +307,7 @@ class DiLoCo:
             self._restart_round()  # this member's inner steps were not from the group's state
         self._open[:] = opening_slots(info.epoch, info.members, self.job, info.step, w)
         try:
-            res = c.all_reduce(self._open, "sum", timeout=self.op_timeout)
+            res = c.all_reduce(self._open, "sum", timeout=self._op_left(deadline))
         except DaemonUnavailable:
             raise
         except _RETRYABLE as exc:
@@ -339,7 +343,7 @@ class DiLoCo:
             for f in frags:  # one op at a time: nothing stale queued after a failure
                 for flat in self._frag_flats[f]:
                     results.append(c.all_reduce(flat, "sum", self.codec,
-                                                timeout=self.op_timeout))  # fmt: skip
+                                                timeout=self._op_left(deadline)))  # fmt: skip
                     nbytes += flat.numel() * flat.element_size()
             for r in results:
                 if r.epoch != res.epoch or r.contributors != members:
@@ -347,7 +351,7 @@ class DiLoCo:
             why, means = self._bufsync.reduce(round(w), round(W), res.epoch, members)
             if why:
                 raise _Again(why, 0.0)
-            ok = c.commit(info.step, True, timeout=self.op_timeout)
+            ok = c.commit(info.step, True, timeout=self._op_left(deadline))
         except DaemonUnavailable:
             raise
         except _RETRYABLE as exc:

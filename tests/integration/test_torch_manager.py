@@ -359,3 +359,29 @@ def test_a_failed_work_still_waits_for_every_op() -> None:
     with pytest.raises(PeerFailure) as info:
         work.wait()
     assert waited == [0, 1, 2] and info.value.seq == 0
+
+
+def test_diloco_keeps_its_sync_timeout_when_a_peer_never_opens() -> None:
+    """As for the Manager: DiLoCo's opening op (and every op of a sync) took
+    op_timeout, not what was left of the sync's timeout."""
+    import threading
+    import time
+
+    from phalanx.torch import DiLoCo, StepTimeout
+    from tests.integration._pairs import embedded_pair
+
+    with embedded_pair() as (a, b):
+        net = _net()
+        algo = DiLoCo(a, net, torch.optim.SGD(net.parameters(), lr=0.1), sync_every=2,
+                      codec="none", op_timeout=8.0)  # fmt: skip
+        try:
+            b.attach_state({"x": b.empty((4,), "float32")}, step=0)
+            peer = threading.Thread(target=lambda: b.begin_step(timeout=20), daemon=True)
+            peer.start()
+            t0 = time.monotonic()
+            with pytest.raises(StepTimeout):
+                algo.begin_step(timeout=1.0)
+            assert time.monotonic() - t0 < 4.0
+            peer.join(25)
+        finally:
+            algo.close()
