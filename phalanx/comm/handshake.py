@@ -9,12 +9,16 @@ header) before any tensor byte may flow::
     PROOF     mac_c                             ->
               <-  WELCOME  (or REJECT reason, text)
 
-    mac_a = HMAC-SHA256(secret, "phalanx/v1 accept"  || hello || nonce_s || epoch)
+    mac_a = HMAC-SHA256(secret, "phalanx/v1 accept"  || hello || nonce_s || epoch || rank)
     mac_c = HMAC-SHA256(secret, "phalanx/v1 connect" || hello || nonce_s || epoch)
 
 Both sides prove the cluster secret over fresh nonces from both ends, so a recorded
 handshake cannot be replayed and neither side can be impersonated; the labels keep a
-proof from one direction useless in the other. The acceptor checks the proof before
+proof from one direction useless in the other. The acceptor's proof also covers the
+rank it answers as: every listener signs any HELLO (before it may say anything about
+the group), so without the rank a stranger holding the address a member dials could
+reflect that member's HELLO into the member's own listener, relabel the CHALLENGE with
+the rank the member expects, and pass for it without the secret. The acceptor checks the proof before
 it tells the connector anything about the group (rank or stream conflicts), so a
 stranger learns nothing but "bad-auth". This module only builds and checks bytes; the
 socket side is in :mod:`phalanx.comm.transport`.
@@ -60,6 +64,7 @@ _CHALLENGE = struct.Struct("<I32s32s")
 _PROOF = struct.Struct("<32s")
 _REJECT = struct.Struct("<B")
 _EPOCH = struct.Struct("<Q")
+_RANK = struct.Struct("<I")
 
 
 class LinkRefusal(enum.IntEnum):
@@ -156,14 +161,16 @@ def decode_reject(payload: bytes) -> tuple[LinkRefusal | int, str]:
         return code, text
 
 
-def _mac(label: bytes, secret: bytes, hello_payload: bytes, nonce_s: bytes, epoch: int) -> bytes:
-    msg = label + hello_payload + nonce_s + _EPOCH.pack(epoch)
+def _mac(
+    label: bytes, secret: bytes, hello_payload: bytes, nonce_s: bytes, epoch: int, tail: bytes = b""
+) -> bytes:
+    msg = label + hello_payload + nonce_s + _EPOCH.pack(epoch) + tail
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
-def accept_mac(secret: bytes, hello_payload: bytes, nonce_s: bytes, epoch: int) -> bytes:
-    """The acceptor's proof of the secret."""
-    return _mac(b"phalanx/v1 accept", secret, hello_payload, nonce_s, epoch)
+def accept_mac(secret: bytes, hello_payload: bytes, nonce_s: bytes, epoch: int, rank: int) -> bytes:
+    """The acceptor's proof of the secret, bound to the ``rank`` it answers as."""
+    return _mac(b"phalanx/v1 accept", secret, hello_payload, nonce_s, epoch, _RANK.pack(rank))
 
 
 def connect_mac(secret: bytes, hello_payload: bytes, nonce_s: bytes, epoch: int) -> bytes:

@@ -239,7 +239,7 @@ def connect_link(
         challenge = hs.decode_challenge(payload)
         try:
             hs.check_mac(
-                hs.accept_mac(secret, hello_payload, challenge.nonce, epoch),
+                hs.accept_mac(secret, hello_payload, challenge.nonce, epoch, challenge.rank),
                 challenge.mac,
                 who=f"peer at {address}",
                 peer=peer,
@@ -334,7 +334,7 @@ def accept_link(
             raise
         peer = hello.from_rank
         nonce_s = hs.new_nonce()
-        mac = hs.accept_mac(secret, payload, nonce_s, header.epoch)
+        mac = hs.accept_mac(secret, payload, nonce_s, header.epoch, rank)
         _send_frame(
             sock,
             FrameKind.CHALLENGE,

@@ -395,7 +395,9 @@ def test_bad_proof_is_refused_by_the_acceptor(listener: Listener, secret: bytes)
         challenge = hs.decode_challenge(challenge_frame.payload)
         # The acceptor proved the secret over our HELLO and its nonce.
         hs.check_mac(
-            hs.accept_mac(secret, hello_payload, challenge.nonce, 1), challenge.mac, who="test"
+            hs.accept_mac(secret, hello_payload, challenge.nonce, 1, challenge.rank),
+            challenge.mac,
+            who="test",
         )
         wrong = hs.connect_mac(os.urandom(32), hello_payload, challenge.nonce, 1)
         send_frame(client, FrameKind.PROOF, wrong)
@@ -417,6 +419,41 @@ def test_reflected_accept_mac_is_not_a_proof(listener: Listener, secret: bytes) 
         send_frame(client, FrameKind.PROOF, hs.decode_challenge(frame.payload).mac)
         assert reject_of(read_frames(client)) == hs.LinkRefusal.BAD_AUTH
         assert acc.failure().reason == "bad-auth"
+
+
+def test_a_reflected_hello_cannot_impersonate_a_peer(listener: Listener, secret: bytes) -> None:
+    """A stranger without the secret holds the address rank 1 dials for rank 2. It
+    reflects rank 1's HELLO into rank 1's own listener (which signs any HELLO before
+    it says anything), relabels that CHALLENGE as rank 2's and hands it back: the proof
+    used to pass, so rank 1 took the stranger for rank 2 and read its data."""
+    stranger = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{stranger.getsockname()[1]}"
+    outcome: list[BaseException | Link] = []
+
+    def victim() -> None:
+        try:
+            outcome.append(connect(address, secret, rank=1, peer=2, deadline_s=5.0))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with Acceptor(listener, secret, rank=1), stranger:
+        thread = threading.Thread(target=victim)
+        thread.start()
+        stranger.settimeout(JOIN_S)
+        conn, _ = stranger.accept()
+        with conn, raw_client(listener.address) as oracle:
+            [hello] = read_frames(conn, until_eof=False, count=1)
+            send_frame(oracle, FrameKind.HELLO, hello.payload, epoch=hello.header.epoch)
+            [signed] = read_frames(oracle, until_eof=False, count=1)
+            challenge = hs.decode_challenge(signed.payload)
+            assert challenge.rank == 1
+            relabeled = hs.encode_challenge(hs.Challenge(2, challenge.nonce, challenge.mac))
+            send_frame(conn, FrameKind.CHALLENGE, relabeled, epoch=hello.header.epoch)
+            answer = read_frames(conn)
+        thread.join(JOIN_S)
+    assert [f.header.kind for f in answer] == [FrameKind.REJECT], "rank 1 sent its PROOF"
+    assert reject_of(answer) == hs.LinkRefusal.BAD_AUTH
+    assert len(outcome) == 1 and isinstance(outcome[0], AuthError), outcome
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ HELLO), the epoch and the direction."""
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 
@@ -199,14 +200,14 @@ NONCE_S = b"n" * 32
 
 
 def test_macs_are_sha256_sized_and_deterministic() -> None:
-    a = hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5)
+    a = hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5, 2)
     assert len(a) == 32
-    assert a == hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5)
-    hs.check_mac(a, hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5), who="test")
+    assert a == hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5, 2)
+    hs.check_mac(a, hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5, 2), who="test")
 
 
 def test_accept_and_connect_macs_differ() -> None:
-    a = hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5)
+    a = hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5, 2)
     c = hs.connect_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5)
     assert a != c
     # A proof from one direction is useless in the other.
@@ -241,7 +242,11 @@ _OTHER_HELLO = hs.encode_hello(hello(nonce=b"\x01" * 32))
 def test_a_mac_over_anything_else_fails(
     secret: bytes, hello_payload: bytes, nonce_s: bytes, epoch: int
 ) -> None:
-    for make in (hs.accept_mac, hs.connect_mac):
+    makers = (
+        functools.partial(hs.accept_mac, rank=2),
+        hs.connect_mac,
+    )
+    for make in makers:
         expected = make(SECRET, HELLO_PAYLOAD, NONCE_S, 5)
         forged = make(secret, hello_payload, nonce_s, epoch)
         assert forged != expected
@@ -258,10 +263,18 @@ def test_a_mac_over_anything_else_fails(
 @pytest.mark.parametrize("got", [b"", b"\0" * 32, b"\0" * 31, b"\0" * 64])
 def test_check_mac_refuses_wrong_lengths_and_zero_macs(got: bytes) -> None:
     with pytest.raises(AuthError):
-        hs.check_mac(hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 0), got, who="x")
+        hs.check_mac(hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 0, 2), got, who="x")
 
 
 def test_nonces_are_fresh() -> None:
     nonces = {hs.new_nonce() for _ in range(64)}
     assert len(nonces) == 64
     assert all(len(n) == hs.NONCE_SIZE == 32 for n in nonces)
+
+
+def test_the_acceptors_proof_names_the_rank_it_answers_as() -> None:
+    """Without the rank, a listener's proof for one rank passed for another: the
+    reflection in test_transport's test_a_reflected_hello_cannot_impersonate_a_peer."""
+    assert hs.accept_mac(SECRET, HELLO_PAYLOAD, NONCE_S, 5, 1) != hs.accept_mac(
+        SECRET, HELLO_PAYLOAD, NONCE_S, 5, 0
+    )
