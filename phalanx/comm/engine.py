@@ -781,6 +781,11 @@ class Engine:
                     )
                 link.landing = True
                 return node.direct
+            if node.max_encoded == 0 and node.direct is not None and len(node.direct):
+                # a receive that takes raw bytes only (an empty piece may come encoded):
+                # an encoded frame, even an empty one, would complete it with nothing
+                # written -- stale memory reduced into the result, no error
+                raise FrameError("bad-codec", f"codec {header.codec} where raw bytes are due")
             if header.length > node.max_encoded:
                 raise FrameError(
                     "bad-payload",

@@ -339,3 +339,26 @@ def test_a_peer_that_breaks_the_protocol_while_its_link_is_blocked_costs_no_cpu(
         assert not future.done()
         peers[2].sock.sendall(last)
         assert future.result(5.0).seq == 0
+
+
+def test_an_encoded_frame_where_raw_bytes_are_due_is_a_protocol_error(
+    engine_and_peer: tuple[Engine, FakePeer],
+) -> None:
+    """A receive that takes raw bytes only accepted a frame with another codec id and
+    no payload: the op completed with nothing written there, reducing stale memory
+    into the result with no error."""
+    engine, peer = engine_and_peer
+    x = np.arange(16, dtype=np.float32)
+    before = x.copy()
+    plan = collectives.build_all_reduce(engine, x, parse_op("sum"), parse_codec("none"))
+    future = engine.submit(plan)
+    header, _ = peer.read()
+    empty = encode_header(
+        FrameKind.DATA, epoch=EPOCH, seq=header.seq, chunk=header.chunk, length=0, codec=2,
+        desc=header.desc,
+    )  # fmt: skip
+    peer.sock.sendall(empty)
+    with pytest.raises(PeerFailure) as info:
+        future.result(5.0)
+    assert info.value.reason == "protocol" and "bad-codec" in str(info.value), info.value
+    assert np.array_equal(x, before)
