@@ -150,6 +150,7 @@ _TWIN_MIN_BYTES = 4 << 20
 _CONTROL_TIMEOUT = 10.0
 _GRACE_S = 1.0  # past its deadline, how long a request may take to answer before CANCEL
 _ACK_S = 5.0  # how long the daemon has to acknowledge a CANCEL
+_MAX_TIMEOUT_S = 86400.0 * 7  # the protocol's bound on a request's timeout
 _STAGING_KEEP = 4
 
 
@@ -487,8 +488,8 @@ class Client:
     ) -> OpResult | Handle:  # fmt: skip
         """Every collective: one OP request for ``spec`` on where ``x`` lives."""
         t = self.op_timeout if timeout is None else float(timeout)
-        if not t > 0:
-            raise ConfigError("timeout must be > 0")
+        if not 0 < t <= _MAX_TIMEOUT_S:  # before anything is staged (and NaN too)
+            raise ConfigError(f"timeout must be in (0, {_MAX_TIMEOUT_S:g}] seconds, got {t}")
         release: Callable[[bool], None] = _nothing
         unsafe: Callable[[], None] | None = None
         ref: BufRef | None = None

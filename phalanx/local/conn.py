@@ -54,6 +54,7 @@ __all__ = ["Connection", "NoReply"]
 
 _POLL_S = 0.2
 _SEND_TIMEOUT_S = 5.0
+_SEND_POLL_S = 0.005  # a full socket: how long each look for replies (or room) lasts
 _RECV = 1 << 16
 _CONNECT_RETRY_S = 0.05
 
@@ -95,7 +96,7 @@ class Connection:
     def __init__(self, path: str, timeout: float = 5.0, *, wait: float = 0.0) -> None:
         self.path = path
         sock = _open(path, timeout, wait)
-        sock.settimeout(_SEND_TIMEOUT_S)  # sends only; reads poll first
+        sock.setblocking(False)  # reads poll first; sends wait in _send_all
         self.sock = sock
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
@@ -128,6 +129,11 @@ class Connection:
         """Write one request; its id (pass it to :meth:`wait`). ``before(rid)`` runs
         before the request leaves (so that :attr:`on_reply` can know of it)."""
         self._check()
+        # the daemon reads requests one after the other: while it runs a long one
+        # (a slow peer), a client that queued many async ops waits here for room --
+        # as long as this request may take, not a fixed 5 s that called a busy
+        # daemon gone
+        wait = max(_SEND_TIMEOUT_S, float(getattr(request, "timeout", 0.0)))
         try:
             # ids go out in the order they are taken: the daemon's CANCEL answers
             # "finished" for any id up to the highest it has answered
@@ -137,15 +143,42 @@ class Connection:
                 if before is not None:
                     before(rid)
                 self._unanswered.add(rid)
-                if fd is None:
-                    self.sock.sendall(data)
-                else:
-                    sent = socket.send_fds(self.sock, [data], [fd])
-                    if sent < len(data):
-                        self.sock.sendall(data[sent:])
+                self._send_all(data, fd, time.monotonic() + wait)
         except OSError as exc:
-            raise self._die(f"the daemon went away ({exc})") from None
+            err = self._die(
+                f"the daemon went away or took no request for {wait:g}s ({exc}); requests "
+                "sent before may still run and write the memory they named"
+            )
+            # nothing half-sent may be read as a request: the connection is over
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            raise err from None
         return rid
+
+    def _send_all(self, data: bytes | bytearray, fd: int | None, deadline: float) -> None:
+        """Write ``data`` (``fd`` with its first byte) by ``deadline`` (TimeoutError).
+        While the socket is full, read replies: the daemon answers each request
+        before it reads the next, so with nobody reading its answers, it would stop
+        reading requests, and both sides would wait for ever."""
+        view = memoryview(data)
+        while view:
+            try:
+                if fd is not None:
+                    n = socket.send_fds(self.sock, [view], [fd])
+                    fd = None  # it went with the first byte
+                else:
+                    n = self.sock.send(view)
+                view = view[n:]
+                continue
+            except (BlockingIOError, InterruptedError):
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no room to send before the deadline")
+            with self._cond:
+                if self._dead is not None:
+                    raise OSError(str(self._dead))
+                self._read_or_wait(min(left, _SEND_POLL_S))
 
     def call(self, request: Request, timeout: float, fd: int | None = None) -> Any:
         """send + wait: the reply message, or the typed error the daemon sent."""
@@ -239,7 +272,7 @@ class Connection:
             if not self._poll.poll(0 if timeout <= 0 else max(1, int(timeout * 1000))):
                 return
             data, anc, _flags, _ = self.sock.recvmsg(_RECV, socket.CMSG_SPACE(4 * 4))
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             with self._cond:

@@ -135,9 +135,9 @@ def _dtype_ok(name: str) -> bool:
         del ml_dtypes
     try:
         dt = np.dtype(name)
-    except TypeError:
+    except Exception:  # TypeError, and SyntaxError for some strings ("f4,(")
         return False
-    return not dt.hasobject and dt.fields is None
+    return not dt.hasobject and dt.fields is None and dt.itemsize > 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,9 @@ import array
 import contextlib
 import errno
 import logging
+import math
 import os
+import select
 import socket
 import stat
 import struct
@@ -58,6 +60,7 @@ from phalanx.comm.pageswap import SwapError
 from phalanx.deadline import Deadline
 from phalanx.errors import ConfigError, GroupClosed, PhalanxError, ProtocolError, describe
 from phalanx.local import snapshots
+from phalanx.local._codec import MAX_STR
 from phalanx.local.protocol import (
     REQUESTS,
     Attached,
@@ -235,12 +238,19 @@ class LocalServer:
     # ------------------------------------------------------------------ one connection
     def _serve(self, conn: _Conn) -> None:
         sock, s = conn.sock, conn.session
-        sock.settimeout(_POLL_S)
+        # the timeout is for replies: a client reads them when it waits, which may be
+        # after a long stretch of compute with many async ops queued (0.25 s, the
+        # read poll's, dropped such a session); reads poll first
+        sock.settimeout(max(_SEND_TIMEOUT_S, self.op_timeout + _CONTROL_TIMEOUT_S))
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         decoder = Decoder()
         fds: list[int] = []
         try:
             while not self._stop.is_set():
                 try:
+                    if not poller.poll(int(_POLL_S * 1000)):
+                        continue
                     data, anc, _flags, _ = sock.recvmsg(_RECV, socket.CMSG_SPACE(4 * 4))
                 except TimeoutError:
                     continue
@@ -298,6 +308,8 @@ class LocalServer:
                 s.running, s.deadline = frame.rid, deadline
                 cancelled = False
         if cancelled:
+            if fd is not None:  # a MAP's descriptor: never adopted
+                os.close(fd)
             err = TimeoutError(f"{row.kind.name} was cancelled before it ran")
             conn.send(encode(describe(err), frame.rid))
             return
@@ -312,11 +324,18 @@ class LocalServer:
                     log.debug("event=local_request_error kind=%s error=%r", row.kind.name, str(exc))
                 else:  # a bug on our side: keep the traceback
                     log.exception("event=local_request_failed kind=%s", row.kind.name)
-                conn.send(encode(describe(exc), frame.rid))
+                conn.send(_encode_error(exc, frame.rid))
                 return
             if isinstance(reply, snapshots.WithFd):
                 out_fd, reply = reply.fd, reply.layout
-            conn.send(encode(reply, frame.rid, reply_to=type(req)), out_fd)
+            try:
+                data = encode(reply, frame.rid, reply_to=type(req))
+            except ProtocolError as exc:  # a field over the wire's limits: say so
+                log.warning("event=local_reply_unencodable kind=%s error=%s", row.kind.name, exc)
+                why = f"the daemon's {row.kind.name} reply could not be sent: {exc}"
+                conn.send(_encode_error(PhalanxError(why), frame.rid))
+                return
+            conn.send(data, out_fd)
         finally:
             if out_fd is not None:
                 os.close(out_fd)
@@ -330,8 +349,10 @@ class LocalServer:
         if timeout is None:
             return Deadline.after(_CONTROL_TIMEOUT_S)
         at = getattr(req, "at", None)
-        if s.shared_clock and at is not None:
-            return Deadline(at)
+        if s.shared_clock and at is not None and math.isfinite(at):
+            # never later than its timeout from now (a NaN or far-off `at` would make
+            # a wait that cannot end, nor be cancelled)
+            return Deadline(min(at, time.monotonic() + timeout))
         return Deadline.after(timeout)
 
     def _session_ended(self, s: Session) -> None:
@@ -623,3 +644,15 @@ def _peer_pid(sock: socket.socket) -> int | None:
         return None
     pid, uid, _gid = struct.unpack("3i", creds)
     return int(pid) if uid == os.getuid() else None
+
+
+def _encode_error(exc: BaseException, rid: int) -> bytes | bytearray:
+    """The error reply for ``exc``; one whose text or fields are over the wire's limits
+    (a 4 KiB string) goes with its message cut and no fields rather than breaking the
+    connection."""
+    info = describe(exc)
+    try:
+        return encode(info, rid)
+    except ProtocolError:
+        text = info.message.encode()[: MAX_STR // 2].decode(errors="ignore")
+        return encode(replace(info, message=text + " [cut]", fields=()), rid)
