@@ -4,6 +4,7 @@ coordinator, real agents, real data-plane groups on loopback)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +40,22 @@ def _wait(pred: object, timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@contextlib.contextmanager
+def _joined_pair(coordinator: Coordinator) -> Iterator[tuple[ElasticGroup, ElasticGroup]]:
+    """Members a and b in one view, a collective run between them; closed after."""
+    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
+    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
+    try:
+        a.join(10)
+        b.join(10)
+        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
+        _sum_pair(a, b)
+        yield a, b
+    finally:
+        a.close()
+        b.close()
 
 
 def _sum_pair(a: ElasticGroup, b: ElasticGroup) -> None:
@@ -102,13 +119,7 @@ def test_a_member_backing_off_builds_at_once_when_a_peer_is_already_building(
     links arrive at this member's door), waiting longer only stalls both: the member
     must build at once. Here a's backoff is set to a minute: on a member that ignored
     the peer, the all-reduce below times out."""
-    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
-    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
-    try:
-        a.join(10)
-        b.join(10)
-        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
-        _sum_pair(a, b)
+    with _joined_pair(coordinator) as (a, b):
         assert a.view.rank("a") == 0  # the higher rank connects to the lower one's door
         with a._cond:  # a's build failed: the next generation is due in a minute
             g, view = a._generation + 1, a._view
@@ -124,9 +135,6 @@ def test_a_member_backing_off_builds_at_once_when_a_peer_is_already_building(
         _sum_pair(a, b)
         assert time.monotonic() - t0 < 10.0
         assert a._generation == b._generation == g
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_view_callback_that_arrives_late_is_not_taken_over_a_newer_one(
@@ -137,13 +145,7 @@ def test_a_view_callback_that_arrives_late_is_not_taken_over_a_newer_one(
     with the older one and built a view its agent had left: every op then timed out
     while the peers waited for it. Here the older view's callback comes last, while
     the installer has not taken the newer one yet."""
-    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
-    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
-    try:
-        a.join(10)
-        b.join(10)
-        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
-        _sum_pair(a, b)
+    with _joined_pair(coordinator) as (a, _):
         newest = a.agent.view
         older = View(newest.epoch - 1, newest.members)
         newer = View(newest.epoch + 1, newest.members)  # as if just published
@@ -151,9 +153,6 @@ def test_a_view_callback_that_arrives_late_is_not_taken_over_a_newer_one(
             a._on_view(newer)
             a._on_view(older)
             assert a._pending is newer
-    finally:
-        a.close()
-        b.close()
 
 
 def test_a_leave_during_a_rejoin_leaves_the_member_out(
