@@ -407,8 +407,8 @@ def _decode_int8(buf: np.ndarray, out: np.ndarray) -> None:
     if buf.size < _INT8_HEADER:
         raise FrameError("bad-payload", f"int8 payload of {buf.size} bytes has no header")
     block = int.from_bytes(buf[:_INT8_HEADER].tobytes(), "little")
-    if block == 0:
-        raise FrameError("bad-payload", "int8 block size is 0")
+    if not 1 <= block <= INT8_MAX_BLOCK:
+        raise FrameError("bad-payload", f"int8 block size {block} outside 1..{INT8_MAX_BLOCK}")
     _expect_len(buf, _int8_nbytes(count, block), f"int8 (block {block}, count {count})")
     nblocks = -(-count // block)
     scales = buf[_INT8_HEADER : _INT8_HEADER + 4 * nblocks].view(_SCALE)

@@ -471,3 +471,28 @@ def test_codec_ids_are_the_wire_contract() -> None:
     assert [
         c.codec_id for c in (NoneCodec(), ZstdCodec(), Fp16Codec(), Bf16Codec(), Int8Codec())
     ] == [0, 1, 2, 3, 4]
+
+
+def test_int8_block_sizes_the_encoder_never_makes_are_refused() -> None:
+    """The decoder took any block size up to 2**32 (found by review); the encoder
+    makes 1..INT8_MAX_BLOCK only."""
+    from phalanx.comm.codecs import INT8_MAX_BLOCK
+
+    out = np.zeros(2, np.float32)
+    for block in (INT8_MAX_BLOCK + 1, 1 << 30):
+        payload = struct.pack("<I", block) + struct.pack("<f", 1.0) + bytes([0x80, 5])
+        with pytest.raises(FrameError, match="block size"):
+            decode_into(CODEC_INT8, payload, out)
+
+
+def test_options_whose_pieces_cannot_travel_in_one_frame_are_refused() -> None:
+    """piece_bytes == max_frame_bytes passed, and small_bytes was never checked: a
+    small all-reduce (one frame of the whole array) or an int8 piece (5 bytes per 4)
+    then broke the group with too-large frames (found by review)."""
+    from phalanx.comm.options import CommOptions
+
+    with pytest.raises(ConfigError, match="small_bytes"):
+        CommOptions(max_frame_bytes=64 << 10, piece_bytes=32 << 10, small_bytes=256 << 10)
+    with pytest.raises(ConfigError, match="piece_bytes"):
+        CommOptions(max_frame_bytes=64 << 10, piece_bytes=64 << 10, small_bytes=0)
+    CommOptions(max_frame_bytes=64 << 10, piece_bytes=32 << 10, small_bytes=32 << 10)
