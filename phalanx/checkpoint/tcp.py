@@ -439,7 +439,8 @@ class TcpShardChannel(ShardChannel):
             # a holder restarted with the same id (its address may be new) closed the
             # links of its old process: such a link would fail the next call -- and a
             # failed put abandons the whole generation
-            if opened_to == address and not _closed_by_peer(sock):
+            # (an unknown address -- a holder between views -- keeps a live link usable)
+            if address in (None, opened_to) and not _closed_by_peer(sock):
                 with self._lock:
                     self._opened_to[sock] = opened_to
                 return sock

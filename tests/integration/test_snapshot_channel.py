@@ -222,3 +222,20 @@ def test_tcp_a_holder_restarted_under_the_same_id_is_reached_at_once(same_port: 
     finally:
         ch.close()
         srv.close()
+
+
+def test_tcp_a_live_pooled_link_serves_while_the_holders_address_is_unknown() -> None:
+    """Between views a daemon may not know a holder's address for a moment; a live
+    pooled link to it must still serve (checking links against the address made every
+    call then fail with "no known shard address": a soak lost a restore to it)."""
+    secret = os.urandom(32)
+    st = MemoryShardStore(1 << 20)
+    with ShardServer(st, secret=secret) as srv:
+        where: dict[str, str] = {"h": srv.address}
+        ch = TcpShardChannel(secret=secret, addresses=lambda member: where.get(member))
+        try:
+            ch.put("h", ShardKey("o", 1, 0), _blob(10), crc32(_blob(10)), timeout=5)
+            where.clear()
+            assert ch.list("h", "o", timeout=5) == [ShardKey("o", 1, 0)]
+        finally:
+            ch.close()
