@@ -167,6 +167,27 @@ class ProcessGroup(dist.ProcessGroup):
                 return free.pop()
         return shared_tensor(self.client, numel, dtype)
 
+    def _on_buf(
+        self,
+        buf: torch.Tensor,
+        submit: Callable[..., Handle],
+        copy_out: Callable[[], object],
+        result: torch.Tensor,
+    ) -> _Work:
+        """Run ``submit(buf)`` (a pooled buffer); ``copy_out`` once it succeeded, then
+        the buffer goes back to the pool -- or is unmapped if the op failed."""
+        try:
+            h = submit(buf, **self._kw())
+        except BaseException:
+            self._give_buf(buf, False)
+            raise
+
+        def after() -> None:
+            copy_out()
+            self._give_buf(buf, True)
+
+        return _Work([h], after, [result], lambda: self._give_buf(buf, False))
+
     def _give_buf(self, buf: torch.Tensor, ok: bool) -> None:
         """Back to the pool after a success; unmapped after a failure (an op given
         up on may still write it: never handed out again)."""
@@ -266,17 +287,7 @@ class ProcessGroup(dist.ProcessGroup):
         buf = self._take_buf(n * world, inp.dtype)
         r = self.rank()
         buf[r * n : (r + 1) * n].copy_(inp.reshape(-1))
-        try:
-            h = self.client.all_gather(buf, **self._kw())
-        except BaseException:
-            self._give_buf(buf, False)
-            raise
-
-        def after() -> None:
-            out.reshape(-1).copy_(buf)
-            self._give_buf(buf, True)
-
-        return _Work([h], after, [out], lambda: self._give_buf(buf, False))
+        return self._on_buf(buf, self.client.all_gather, lambda: out.reshape(-1).copy_(buf), out)
 
     def allgather(  # type: ignore[override]
         self,
@@ -329,18 +340,13 @@ class ProcessGroup(dist.ProcessGroup):
                               f"has {world} members x {n}")  # fmt: skip
         buf = self._take_buf(n * world, inp.dtype)
         buf.copy_(inp.reshape(-1))
-        try:
-            h = self.client.reduce_scatter(buf, op, **self._kw())
-        except BaseException:
-            self._give_buf(buf, False)
-            raise
         r = self.rank()
-
-        def after() -> None:
-            output.reshape(-1).copy_(buf[r * n : (r + 1) * n])
-            self._give_buf(buf, True)
-
-        return _Work([h], after, [output], lambda: self._give_buf(buf, False))
+        return self._on_buf(
+            buf,
+            lambda b, **kw: self.client.reduce_scatter(b, op, **kw),
+            lambda: output.reshape(-1).copy_(buf[r * n : (r + 1) * n]),
+            output,
+        )
 
     def _unsupported(self, *args: Any, **kwargs: Any) -> _Work:
         raise UnsupportedError("this collective is not available over phalanx (see "
