@@ -140,6 +140,8 @@ class Session:
     deadline: Deadline | None = None  # its deadline (CANCEL cancels it)
     answered: int = 0  # highest rid answered
     cancelled: set[int] = field(default_factory=set)  # rids cancelled before they ran
+    ended: bool = False  # its connection is closed (its thread is finishing)
+    loss_counted: bool = False  # its end was told to the group (once, see _lose)
 
     def array(self, ref: BufRef) -> np.ndarray:
         region = self.regions.get(ref.region)
@@ -276,13 +278,15 @@ class LocalServer:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            with self._lock:
+                s.ended = True
             with contextlib.suppress(OSError):
                 sock.close()
+            self._session_ended(s)  # listed until told: another session's reap sees it
             with self._lock:
                 if conn in self._conns:
                     self._conns.remove(conn)
                 self._sessions.pop(s.sid, None)
-            self._session_ended(s)
 
     def _answer(self, conn: _Conn, frame: WireFrame, fd: int | None) -> None:
         s, req = conn.session, frame.message
@@ -359,7 +363,48 @@ class LocalServer:
         s.regions.clear()  # arrays the state holds keep their pages mapped
         if not s.hello or s.watching:
             return
-        if s.closed_cleanly or self._closing:
+        if self._closing:  # the daemon leaves the group: nothing to tell it
+            audit.info("event=client_closed session=%d pid=%d", s.sid, s.peer_pid)
+            return
+        # under the group lock: a loss told while another session drives the group
+        # would void (or miss) that session's step instead of this one's
+        wait = Deadline.after(self.op_timeout + _CONTROL_TIMEOUT_S)
+        held = False
+        while not (held or self._closing or wait.expired):
+            held = self._group_lock.acquire(timeout=max(wait.slice(_POLL_S), 0.0))
+        try:
+            if not self._closing:
+                self._lose(s)
+        finally:
+            if held:
+                self._group_lock.release()
+
+    def _reap_dead(self, current: Session) -> None:
+        """(holding the group lock) Tell the group of every client that died before
+        ``current`` drives it: a session thread notices its client's death only once
+        its request in flight ends, and a replacement client that drove the group
+        first was handed state the dead one was changing (soak, stop 30: a commit
+        held behind a coordinator restart; the new client got the pre-update arrays
+        and the old client's loss was then counted against the new client's step)."""
+        with self._lock:
+            others = [
+                c
+                for c in self._conns
+                if c.session is not current
+                and c.session.hello
+                and not c.session.watching
+                and not c.session.loss_counted
+            ]
+        for c in others:
+            if c.session.ended or _hung_up(c.sock):
+                self._lose(c.session)
+
+    def _lose(self, s: Session) -> None:
+        """(holding the group lock) Tell the group that ``s`` ended, once."""
+        if s.loss_counted:
+            return
+        s.loss_counted = True
+        if s.closed_cleanly:
             audit.info("event=client_closed session=%d pid=%d", s.sid, s.peer_pid)
             self.group.client_closed()
             return
@@ -377,17 +422,19 @@ class LocalServer:
 
     # ------------------------------------------------------------------ the group lock
     @contextlib.contextmanager
-    def _driving(self, deadline: Deadline) -> Any:
-        """Hold the group lock (bounded by ``deadline``, cancellable)."""
+    def _driving(self, s: Session, deadline: Deadline) -> Any:
+        """Hold the group lock (bounded by ``deadline``, cancellable) for ``s``, after
+        telling the group of clients that died (:meth:`_reap_dead`)."""
         if self._closing:
             raise GroupClosed("the daemon is shutting down")
-        while not self._group_lock.acquire(timeout=deadline.slice(0.05)):
+        while not self._group_lock.acquire(timeout=max(deadline.slice(0.05), 0.0)):
             if deadline.expired:
                 why = "cancelled" if deadline.cancelled else "its deadline passed"
                 raise TimeoutError(f"the request {why} while another one drove the group")
         try:
             if self._closing:
                 raise GroupClosed("the daemon is shutting down")
+            self._reap_dead(s)
             yield
         finally:
             self._group_lock.release()
@@ -423,7 +470,7 @@ class LocalServer:
     def _op(self, s: Session, req: Op, fd: int | None, dl: Deadline) -> OpResult:
         x = None if req.buf is None else s.array(req.buf)
         if not req.twin:
-            with self._driving(dl):
+            with self._driving(s, dl):
                 return self.group.run(req.spec, x, retry=req.retry, deadline=dl)
         # twin regions (docs/daemon.md): reduce into the twin, never writing x; on
         # success exchange the pages in this process, the client does the same when
@@ -436,7 +483,7 @@ class LocalServer:
                 f"twin region {req.twin} is unknown or not region {ref.region}'s size"
             )
         into = twin.array(ref.offset, ref.dtype, ref.shape)
-        with self._driving(dl):
+        with self._driving(s, dl):
             res = self.group.run(req.spec, x, retry=req.retry, deadline=dl, into=into)
         if not res.in_twin:
             return res
@@ -453,11 +500,11 @@ class LocalServer:
         return replace(res, in_twin=False)
 
     def _commit(self, s: Session, req: Commit, fd: int | None, dl: Deadline) -> Committed:
-        with self._driving(dl):
+        with self._driving(s, dl):
             return Committed(self.group.commit(req.step, req.ok, timeout=max(dl.left(), 0.001)))
 
     def _begin_step(self, s: Session, req: BeginStep, fd: int | None, dl: Deadline) -> StepInfo:
-        with self._driving(dl):
+        with self._driving(s, dl):
             return self.group.begin_step(req.step, deadline=dl, allow_partial=req.allow_partial)
 
     def _view(self, s: Session, req: GetView, fd: int | None, dl: Deadline) -> ViewInfo:
@@ -465,7 +512,7 @@ class LocalServer:
 
     def _attach(self, s: Session, req: AttachState, fd: int | None, dl: Deadline) -> Attached:
         arrays = {e.name: s.array(e.buf) for e in req.entries}
-        with self._driving(dl):
+        with self._driving(s, dl):
             step, how = self.group.attach_state(arrays, req.step)
         audit.info(
             "event=state_attached session=%d step=%d entries=%d bytes=%d source=%s",
@@ -474,7 +521,7 @@ class LocalServer:
         return Attached(step, how)
 
     def _update(self, s: Session, req: UpdateState, fd: int | None, dl: Deadline) -> Done:
-        with self._driving(dl):
+        with self._driving(s, dl):
             self.group.update_state(req.step, None if req.changed is None else list(req.changed))
         return Done()
 
@@ -634,6 +681,22 @@ def _bind(path: str) -> socket.socket:
         os.umask(old)
     sock.listen(16)
     return sock
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Has the client at the other end of ``sock`` gone, leaving no request unread
+    (unread requests -- a goodbye among them -- are its session thread's to answer)?"""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        events = poller.poll(0)
+        if not events or not events[0][1] & (select.POLLHUP | select.POLLERR):
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # closed under us: its thread ends it
+        return True
 
 
 def _peer_pid(sock: socket.socket) -> int | None:

@@ -94,6 +94,7 @@ from phalanx.membership.lifecycle import (
     Lifecycle,
     Loss,
     Presence,
+    StepPhase,
     after_break,
     data_epoch,
     group_transition,
@@ -1007,9 +1008,20 @@ class ElasticGroup:
                 vote.why,
             )
         committed = self.agent.commit(step, vote.ok, epoch=vote.epoch, timeout=timeout)
+        behind = committed and not vote.ok
         with self._cond:
-            self._life.decided(committed, state_attached=self._attached)
-        return committed
+            # committed although we voted no: an earlier vote of this member (a client
+            # that died after voting yes) decided the round. This client holds no good
+            # update for it, so the group moved on without us: receive its state again
+            self._life.decided(committed and not behind, state_attached=self._attached)
+            if behind:
+                self._invalidate_state()
+        if behind:
+            audit.warning(
+                "event=commit_behind member=%s step=%d epoch=%d", self.member_id, step, vote.epoch
+            )
+            self._cycle("committed-without-our-vote")
+        return committed and not behind
 
     # ------------------------------------------------------------------ state and the client
     def attach_state(self, arrays: Mapping[str, np.ndarray], step: int | None) -> tuple[int, str]:
@@ -1019,9 +1031,15 @@ class ElasticGroup:
         state is received at the next exchange. Returns (step, source): ``given``,
         ``kept`` or ``to-receive``."""
         old = self.state
+        with self._cond:
+            # committed but never updated: the old arrays may be half-changed (the
+            # client applying them died), so they are not handed back
+            half = step is None and self._life.step_phase is StepPhase.APPLYING
+            if half:
+                self._life.void()
         if step is not None:
             new, how = SyncState(arrays, step), "given"
-        elif old is not None and old.valid and _same_layout(old.arrays, arrays):
+        elif not half and old is not None and old.valid and _same_layout(old.arrays, arrays):
             for name, a in arrays.items():
                 np.copyto(a, old.arrays[name])  # kept here: hand it back
             new, how = SyncState(arrays, old.step), "kept"
@@ -1030,6 +1048,8 @@ class ElasticGroup:
         with self._cond:
             self.state = new
             self._attached = True
+        if half:
+            self._cycle("attached-mid-update")  # the exchange of the view we come back to
         return new.step, how
 
     def update_state(self, step: int, changed: list[str] | None = None) -> None:
@@ -1051,29 +1071,42 @@ class ElasticGroup:
             loss = self._life.client_lost()
             if loss is Loss.NOTHING:
                 return loss
-            st = self.state
-            if loss is Loss.CYCLE_AND_RESYNC and st is not None:
-                st.valid = False
-            if self._life.presence is not Presence.MEMBER:
-                return loss
-            self._life.cycle()
-            self._cond.notify_all()
+            if loss is Loss.CYCLE_AND_RESYNC:
+                self._invalidate_state()
         audit.warning("event=client_lost_mid_step member=%s loss=%s", self.member_id, loss.value)
-        self.agent.leave(reason="client-lost-mid-step")
-        with self._cond:
-            self._life.cycle_left(time.monotonic())  # the rejoin is due from here
-            self._cond.notify_all()
-        self._retire_current()
+        self._cycle("client-lost-mid-step")
         return loss
 
     def client_closed(self) -> None:
         """The client said goodbye: the next one starts outside steps (a state left
-        committed but not updated is received again at the next exchange)."""
+        committed but not updated is received again, in the view we cycle to)."""
         with self._cond:
             half = self._life.client_closed()
-            st = self.state
-            if half and st is not None:
-                st.valid = False
+            if half:
+                self._invalidate_state()
+        if half:
+            self._cycle("client-closed-mid-update")
+
+    def _invalidate_state(self) -> None:
+        """(under the lock) The state's arrays no longer hold a step of the group."""
+        if self.state is not None:
+            self.state.valid = False
+
+    def _cycle(self, reason: str) -> None:
+        """Leave and come back by the rejoin policy (not under the lock): the others'
+        open ops and votes fail over to a view without us, and the view we return to
+        runs a state exchange -- the only place an invalid state is received again
+        (the current view's exchange has run)."""
+        with self._cond:
+            if self._life.presence is not Presence.MEMBER:
+                return  # already on the way out (or back): that view change does it
+            self._life.cycle()
+            self._cond.notify_all()
+        self.agent.leave(reason=reason)
+        with self._cond:
+            self._life.cycle_left(time.monotonic())  # the rejoin is due from here
+            self._cond.notify_all()
+        self._retire_current()
 
 
 class _ViewEpoch:

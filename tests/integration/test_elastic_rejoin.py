@@ -214,3 +214,38 @@ def test_close_during_a_rejoin_ends_it_with_group_closed(coordinator: Coordinato
         assert len(out) == 1 and isinstance(out[0], GroupClosed), out
     finally:
         a.close()
+
+
+def test_a_no_vote_on_a_round_this_member_already_carried_is_not_reported_committed(
+    coordinator: Coordinator,
+) -> None:
+    """Soak, stop 30: a trainer voted yes and died; the round committed; its
+    replacement, whose collectives had failed, voted no on the same step and was told
+    "committed" -- the coordinator answers a decided round with its decision. It then
+    applied an update it never computed. A member told "committed" after voting no
+    is behind the group: it is told False and receives the group's state again."""
+    with _joined_pair(coordinator) as (a, b):
+        wa, wb = np.ones(8, np.float32), np.ones(8, np.float32)
+        a.attach_state({"w": wa}, 0)
+        b.attach_state({"w": wb}, 0)
+        for g in (a, b):
+            threading.Thread(target=lambda g=g: g.begin_step(0, timeout=15)).start()
+        assert _wait(lambda: a._life.step == 0 and b._life.step == 0, 15)
+        _sum_pair(a, b)
+        votes: list[bool] = []
+        t = threading.Thread(target=lambda: votes.append(b.commit(0, True, timeout=15)))
+        t.start()
+        assert a.commit(0, True, timeout=15) is True
+        t.join(20)
+        assert votes == [True]
+        wb += 10.0
+        b.update_state(1)
+        assert a.commit(0, False, timeout=15) is False  # "the replacement's" vote
+        assert a.state is not None and not a.state.valid
+        # a left and comes back; its first step boundary receives b's state
+        assert _wait(lambda: a.view.size == 2 and a.agent.member.incarnation > 1, 20)
+        t = threading.Thread(target=lambda: b.begin_step(timeout=30))
+        t.start()
+        info = a.begin_step(timeout=30)
+        t.join(35)
+        assert info.synced and info.step == 1 and np.all(wa == 11.0), (info, wa)
