@@ -21,8 +21,11 @@ against its own history (C4, Greyhound). Four detectors:
   of at least ``min_excess_s`` in absolute terms: a one-sided CUSUM over the log-ratio
   of batch medians to the baseline median.
 
-Baselines reset on a view change (:meth:`reset`). Every detector returns
-:class:`Verdict` objects; counting, logging and exporting them is the Monitor's job.
+Baselines reset on a view change (:meth:`reset`; the Monitor keeps the hang detector's
+duration history across views). Every detector returns :class:`Verdict` objects when an
+anomaly starts, and lists the verdicts that still stand (``standing()``: the latest one
+of every anomaly whose persistence rule still holds) so the caller can keep them fresh;
+counting, logging, renewing, expiring and exporting them is the Monitor's job.
 
 What this module must never do: start threads, open sockets, read clocks (time is an
 argument), log, or touch Prometheus.
@@ -35,9 +38,10 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from phalanx.comm.observer import OpSample
+from phalanx.errors import ConfigError
 
 __all__ = [
     "Cell",
@@ -86,16 +90,25 @@ class DetectorConfig:
     degradation_limit: float = 5.0
 
     def __post_init__(self) -> None:
+        # ConfigError is a ValueError: callers may catch either
         if not 1 <= self.k <= self.n:
-            raise ValueError(f"need 1 <= k <= n, got k={self.k} n={self.n}")
+            raise ConfigError(f"need 1 <= k <= n, got k={self.k} n={self.n}")
         if self.min_baseline < 3 or self.window < self.min_baseline:
-            raise ValueError("need 3 <= min_baseline <= window")
+            raise ConfigError("need 3 <= min_baseline <= window")
         if self.ratio_threshold <= 1 or self.z_threshold <= 0:
-            raise ValueError("ratio_threshold must be > 1 and z_threshold > 0")
+            raise ConfigError("ratio_threshold must be > 1 and z_threshold > 0")
+        if not self.cross_ratio_threshold > 0:  # it divides: 0 would stop detection
+            raise ConfigError("cross_ratio_threshold must be > 0")
+        if not self.min_excess_s >= 0:
+            raise ConfigError("min_excess_s must be >= 0")
         if self.hang_floor_s <= 0 or self.hang_factor <= 0:
-            raise ValueError("hang_floor_s and hang_factor must be > 0")
+            raise ConfigError("hang_floor_s and hang_factor must be > 0")
         if self.degradation_shift <= 0 or self.degradation_batch < 1:
-            raise ValueError("degradation_shift must be > 0, degradation_batch >= 1")
+            raise ConfigError("degradation_shift must be > 0, degradation_batch >= 1")
+        if self.degradation_baseline_batches < 1:
+            raise ConfigError("degradation_baseline_batches must be >= 1")
+        if not self.degradation_limit > 0:  # the score divides by it
+            raise ConfigError("degradation_limit must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +271,7 @@ class _CellState:
     hits: deque[bool]
     active: bool = False
     score: float = 0.0
+    seen: int = 0  # the detector's op count when the cell was last observed
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,15 +291,27 @@ class SlowLinkDetector:
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
         self._cells: dict[Cell, _CellState] = {}
+        self._ops = 0  # calls of observe since the last reset
 
     def reset(self) -> None:
         self._cells.clear()
+        self._ops = 0
 
-    def scores(self) -> dict[Cell, float]:
-        return {c: s.score for c, s in self._cells.items()}
+    def scores(self, recent: int | None = None) -> dict[Cell, float]:
+        """The latest score of every cell; with ``recent``, only of the cells observed in
+        the last ``recent`` calls of :meth:`observe` (a cell no op measures any more must
+        not pin its last score)."""
+        oldest = -1 if recent is None else self._ops - recent
+        return {c: s.score for c, s in self._cells.items() if s.seen > oldest}
 
     def active(self) -> list[Cell]:
         return [c for c, s in self._cells.items() if s.active]
+
+    def is_active(self, cell: Cell) -> bool:
+        """Whether ``cell``'s verdict stands (it cleared once none of its last ``n``
+        ops was a hit)."""
+        st = self._cells.get(cell)
+        return st is not None and st.active
 
     def observe(self, cells: Mapping[Cell, float], *, cross: bool) -> list[CellHit]:
         """Judge one op's cells; ``cross``: also require standing out within the op."""
@@ -297,10 +323,12 @@ class SlowLinkDetector:
                 if len(rest) >= 2:
                     others_median[c] = statistics.median(rest)
         out: list[CellHit] = []
+        self._ops += 1
         for cell, value in cells.items():
             st = self._cells.get(cell)
             if st is None:
                 st = self._cells[cell] = _CellState(RobustBaseline(cfg.window), deque(maxlen=cfg.n))
+            st.seen = self._ops
             hit = False
             score = 0.0
             med = value
@@ -338,8 +366,15 @@ class HangDetector:
         self._flagged: tuple[int, float] | None = None
 
     def reset(self) -> None:
+        """Forget everything. (The Monitor does not call this on a view change: op
+        durations stay a fair history, and an op hung across the change is the same op.)"""
         self._durations.clear()
         self._flagged = None
+
+    def is_flagged(self, inflight: tuple[str, int, float, float] | None) -> bool:
+        """Whether ``inflight`` is the op already reported as hung (its verdict stands
+        while it is in flight, and ends when another op, or none, is)."""
+        return inflight is not None and self._flagged == (inflight[1], inflight[2])
 
     def observe_duration(self, seconds: float) -> None:
         self._durations.append(seconds)
@@ -440,34 +475,45 @@ class DegradationDetector:
         return self.active and not was
 
 
-@dataclass
-class _Pending:
-    cells: list[CellHit] = field(default_factory=list)
-
-
 class LocalDetector:
     """What one rank decides from its own samples (slow link, straggler, degradation).
 
     A flagged incoming cell ``peer -> me`` is a straggler when the peer's
     first-to-last-byte transfer stayed within the ratio threshold of its own baseline
     (it came late but then moved at its usual pace), a slow link otherwise. An outgoing
-    cell ``me -> peer`` (the kernel refused data) is always a slow link."""
+    cell ``me -> peer`` (the kernel refused data) is always a slow link. A flagged cell
+    keeps the kind it was last judged as: its score is exported under that kind."""
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
         self.links = SlowLinkDetector(config)
         self._transfer: dict[tuple[str, int, int], RobustBaseline] = {}
         self._degradation: dict[tuple[str, int, int], DegradationDetector] = {}
+        self._deg_seen: dict[tuple[str, int, int], int] = {}
+        self._kind: dict[Cell, str] = {}  # the kind a flagged cell was last judged as
+        self._standing: dict[Cell, Verdict] = {}
+        self._deg_standing: dict[tuple[str, int, int], Verdict] = {}
+        self._rank: int | None = None
+        self._ops = 0
 
     def reset(self) -> None:
         self.links.reset()
         self._transfer.clear()
         self._degradation.clear()
+        self._deg_seen.clear()
+        self._kind.clear()
+        self._standing.clear()
+        self._deg_standing.clear()
+        self._ops = 0
 
     def observe(self, sample: OpSample, now: float) -> list[Verdict]:
+        """Judge one op; returns the verdicts that start with it (see :meth:`standing`
+        for those that still stand)."""
         if not sample.ok:
             return []
         cfg = self.config
+        self._rank = sample.rank
+        self._ops += 1
         b = size_bucket(sample.nbytes)
         transfers: dict[int, float] = {}
         for link in sample.links:
@@ -487,20 +533,23 @@ class LocalDetector:
                     normal = t <= max(med * cfg.ratio_threshold, med + cfg.min_excess_s)
                     if normal:
                         kind = "straggler"
+            self._kind[hit.cell] = kind
+            v = Verdict(
+                kind,
+                peer,
+                hit.score,
+                now,
+                sample.epoch,
+                sample.seq,
+                src,
+                dst,
+                f"op={sample.op} bucket={b} value={hit.value:.6f}s median={hit.median:.6f}s",
+            )
+            self._standing[hit.cell] = v
             if hit.new:
-                out.append(
-                    Verdict(
-                        kind,
-                        peer,
-                        hit.score,
-                        now,
-                        sample.epoch,
-                        sample.seq,
-                        src,
-                        dst,
-                        f"op={sample.op} bucket={b} value={hit.value:.6f}s median={hit.median:.6f}s",
-                    )
-                )
+                out.append(v)
+        for cell in [c for c in self._standing if not self.links.is_active(c)]:
+            del self._standing[cell]
         for peer, t in transfers.items():
             key = (sample.op, b, peer)
             self._transfer.setdefault(key, RobustBaseline(cfg.window)).add(t)
@@ -511,33 +560,52 @@ class LocalDetector:
                 det = self._degradation.get(key)
                 if det is None:
                     det = self._degradation[key] = DegradationDetector(cfg)
-                if det.observe(link.last_byte_s or link.first_byte_s):
-                    out.append(
-                        Verdict(
-                            "degradation",
-                            link.peer,
-                            det.score,
-                            now,
-                            sample.epoch,
-                            sample.seq,
-                            link.peer,
-                            sample.rank,
-                            f"op={sample.op} bucket={b} cusum={det.cusum:.3f} "
-                            f"baseline={det.baseline:.6f}s",
-                        )
+                self._deg_seen[key] = self._ops
+                rang = det.observe(link.last_byte_s or link.first_byte_s)
+                if not det.active:
+                    self._deg_standing.pop(key, None)
+                    continue
+                was = self._deg_standing.get(key)
+                if rang or was is None or was.score != det.score:  # a new batch moved it
+                    v = Verdict(
+                        "degradation",
+                        link.peer,
+                        det.score,
+                        now,
+                        sample.epoch,
+                        sample.seq,
+                        link.peer,
+                        sample.rank,
+                        f"op={sample.op} bucket={b} cusum={det.cusum:.3f} "
+                        f"baseline={det.baseline or 0.0:.6f}s",
                     )
+                    self._deg_standing[key] = v
+                    if rang:
+                        out.append(v)
         return out
 
+    def standing(self) -> list[Verdict]:
+        """The latest verdict of every anomaly that still stands (a slow-link or
+        straggler cell until none of its last ``n`` ops was a hit, a degradation until
+        its CUSUM falls below the limit): the Monitor renews these on every op."""
+        return [*self._standing.values(), *self._deg_standing.values()]
+
     def peer_scores(self) -> dict[tuple[str, int], float]:
-        """Current score per (kind, peer) for the gauges (max over the peer's cells)."""
+        """Current score per (kind, peer) for the gauges: the max over the peer's cells
+        observed in the last ``window`` ops (a cell no op measures any more drops out),
+        each under the kind it was last judged as (slow_link or straggler)."""
+        recent = self.config.window
         out: dict[tuple[str, int], float] = {}
-        for (_op, _b, src, dst), s in self.links.scores().items():
-            for peer in (src, dst):
-                key = ("slow_link", peer)
-                out[key] = max(out.get(key, 0.0), s)
-        for (_op, _b, peer), det in self._degradation.items():
-            key = ("degradation", peer)
-            out[key] = max(out.get(key, 0.0), det.score)
+        for cell, s in self.links.scores(recent).items():
+            _op, _b, src, dst = cell
+            peer = src if dst == self._rank else dst
+            key = (self._kind.get(cell, "slow_link"), peer)
+            out[key] = max(out.get(key, 0.0), s)
+        oldest = self._ops - recent
+        for k, det in self._degradation.items():
+            if self._deg_seen.get(k, 0) > oldest:
+                key = ("degradation", k[2])
+                out[key] = max(out.get(key, 0.0), det.score)
         return out
 
 
@@ -565,11 +633,19 @@ class ClusterDetector:
         self.links = SlowLinkDetector(config)
         self.late = SlowLinkDetector(config)
         self._stragglers: set[int] = set()
+        self._standing: dict[Cell, Verdict] = {}
+        self._standing_stragglers: dict[int, Verdict] = {}
 
     def reset(self) -> None:
         self.links.reset()
         self.late.reset()
         self._stragglers.clear()
+        self._standing.clear()
+        self._standing_stragglers.clear()
+
+    def standing(self) -> list[Verdict]:
+        """The latest verdict of every slow link and straggler that still stands."""
+        return [*self._standing.values(), *self._standing_stragglers.values()]
 
     def cells(self, samples: Sequence[OpSample], starts: Mapping[int, float]) -> dict[Cell, float]:
         out: dict[Cell, float] = {}
@@ -597,20 +673,22 @@ class ClusterDetector:
         out: list[Verdict] = []
         for hit in self.links.observe(self.cells(ok, starts), cross=True):
             _op, _b, src, dst = hit.cell
+            v = Verdict(
+                "slow_link",
+                src,
+                hit.score,
+                now,
+                epoch,
+                seq,
+                src,
+                dst,
+                f"op={op} bucket={b} latency={hit.value:.6f}s median={hit.median:.6f}s",
+            )
+            self._standing[hit.cell] = v
             if hit.new:
-                out.append(
-                    Verdict(
-                        "slow_link",
-                        src,
-                        hit.score,
-                        now,
-                        epoch,
-                        seq,
-                        src,
-                        dst,
-                        f"op={op} bucket={b} latency={hit.value:.6f}s median={hit.median:.6f}s",
-                    )
-                )
+                out.append(v)
+        for cell in [c for c in self._standing if not self.links.is_active(c)]:
+            del self._standing[cell]
         durations = {s.rank: s.duration_s for s in ok}
         lateness: dict[Cell, float] = {}
         for r in durations:
@@ -618,23 +696,25 @@ class ClusterDetector:
             lateness[(op, b, r, r)] = max(0.0, starts[r] - statistics.median(others))
         hits = self.late.observe(lateness, cross=True)
         self._stragglers &= {h.cell[2] for h in hits}
+        for r in [q for q in self._standing_stragglers if q not in self._stragglers]:
+            del self._standing_stragglers[r]
         for hit in hits:
             r = hit.cell[2]
             others_d = [d for q, d in durations.items() if q != r]
             excess = hit.value - hit.median
             if durations[r] > statistics.median(others_d) - 0.5 * excess:
                 continue  # it was late but then waited like everyone: not its fault
+            v = Verdict(
+                "straggler",
+                r,
+                hit.score,
+                now,
+                epoch,
+                seq,
+                detail=f"op={op} bucket={b} late={hit.value:.6f}s median={hit.median:.6f}s",
+            )
+            self._standing_stragglers[r] = v
             if r not in self._stragglers:
                 self._stragglers.add(r)
-                out.append(
-                    Verdict(
-                        "straggler",
-                        r,
-                        hit.score,
-                        now,
-                        epoch,
-                        seq,
-                        detail=f"op={op} bucket={b} late={hit.value:.6f}s median={hit.median:.6f}s",
-                    )
-                )
+                out.append(v)
         return out

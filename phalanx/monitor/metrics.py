@@ -5,7 +5,9 @@ Naming follows the Prometheus rules: prefix ``phalanx_``, base units (seconds, b
 ``*_timestamp_seconds`` (Unix time) rather than ages, histograms rather than summaries.
 Labels are small bounded sets: op kinds, algorithms, outcomes, anomaly kinds and peer
 ranks -- never steps, sequence numbers or tensor names. When a peer leaves the view,
-:meth:`Metrics.forget_peer` removes every series labelled with it.
+:meth:`Metrics.forget_peer` removes every series labelled with it; on every view change
+:meth:`Metrics.forget_anomalies` removes the anomaly series of all peers (ranks are
+renumbered: none may inherit another host's verdict).
 
 Each daemon owns one :class:`Metrics` built on its own ``CollectorRegistry`` (never the
 process-global one), so several daemons in one process (tests, embedded mode) do not
@@ -306,6 +308,17 @@ class Metrics:
                 for g in anomaly:
                     _remove(g, (kind, p))
 
+    def forget_anomalies(self, keep: str = "any") -> None:
+        """Remove every anomaly score/active series except those of peer ``keep`` (a
+        view change: ranks are renumbered, so no rank may inherit another's state)."""
+        anomaly = (self.anomaly_score, self.anomaly_active)
+        with self._children_lock:
+            for key in [k for k in self._children if k[0] in anomaly and k[1][-1] != keep]:
+                del self._children[key]
+            for g in anomaly:
+                for labels in [ls for ls in _label_sets(g) if ls[-1] != keep]:
+                    _remove(g, labels)
+
     def peers(self) -> frozenset[str]:
         return frozenset(self._peers)
 
@@ -326,3 +339,12 @@ class Metrics:
 def _remove(metric: Counter | Gauge | Histogram, labels: tuple[str, ...]) -> None:
     with contextlib.suppress(KeyError):
         metric.remove(*labels)
+
+
+def _label_sets(metric: Gauge) -> list[tuple[str, str]]:
+    """The (kind, peer) label values of every child an anomaly gauge has now."""
+    return [
+        (sample.labels["kind"], sample.labels["peer"])
+        for family in metric.collect()
+        for sample in family.samples
+    ]

@@ -3,15 +3,20 @@
 ``Monitor(rank)`` owns a :class:`~phalanx.monitor.metrics.Metrics` on its own registry.
 Hand ``monitor.observer`` to ``Group(..., observer=...)``; connect the engine with
 :meth:`Monitor.attach` (hang checks read ``engine.inflight()``, the scrape reads
-``engine.link_stats()``); call :meth:`Monitor.set_view` on every view change (baselines
-reset, departed peers' series removed). :meth:`Monitor.start` runs the hang-check
-thread; :meth:`Monitor.serve` adds the HTTP endpoint (:mod:`phalanx.monitor.server`);
-:meth:`Monitor.close` stops and joins both.
+``engine.link_stats()``); call :meth:`Monitor.set_view` on every view change (baselines,
+verdicts, strikes and anomaly series against ranks reset; departed peers' series
+removed). :meth:`Monitor.start` runs the hang-check thread; :meth:`Monitor.serve` adds
+the HTTP endpoint (:mod:`phalanx.monitor.server`); :meth:`Monitor.close` stops and
+joins both.
 
-Every verdict is logged once as an audit line (``event=anomaly kind=... peer=...``),
-counted in ``phalanx_anomalies_total{kind}``, kept (bounded) for ``/anomalies``, and
--- for a straggler that persists ``evict_after`` verdicts, when the opt-in ``on_evict``
-callback is set -- reported for eviction (the daemon connects ``agent.report_failure``).
+Every verdict is logged as an audit line (``event=anomaly kind=... peer=...``), counted
+in ``phalanx_anomalies_total{kind}``, kept (bounded) for ``/anomalies``, and -- for a
+straggler with ``evict_after`` verdicts, when the opt-in ``on_evict`` callback is set --
+reported for eviction (the daemon connects ``agent.report_failure``). A verdict stays
+active while its anomaly stands: every op renews it, and it is issued again every
+``renew_s`` (so a persistent straggler collects strikes); it ends ``active_s`` after its
+last renewal, checked on the data path and by the hang thread (not only when someone
+polls /healthz). Expiry, renewal and strikes run on the monotonic clock.
 
 What it must never do: raise into the engine thread, block it (the observer methods
 take one short lock), or call back into the group.
@@ -21,16 +26,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
 from phalanx.comm.observer import OpSample
+from phalanx.errors import ConfigError
 from phalanx.monitor.detectors import (
     ClusterDetector,
     DetectorConfig,
@@ -63,13 +70,23 @@ class MonitorConfig:
     hang_check_s: float = 0.1
     #: verdicts kept for /anomalies
     keep_verdicts: int = 256
-    #: a verdict stays "active" in phalanx_anomaly_active this long after its last renewal
+    #: a verdict stays "active" in phalanx_anomaly_active this long after its last
+    #: renewal (every op renews the verdicts whose anomaly still stands)
     active_s: float = 60.0
+    #: a verdict that still stands is issued again (counted, logged, a straggler
+    #: strike) this long after it was last issued
+    renew_s: float = 10.0
     #: straggler verdicts against one peer (within ``active_s`` of each other) before
     #: ``on_evict`` is called; the policy is off unless ``on_evict`` is given
     evict_after: int = 3
     #: the daemon's opt-in: report a persistent straggler to the coordinator for eviction
     evict_stragglers: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.hang_check_s > 0 or self.keep_verdicts < 1 or self.evict_after < 1:
+            raise ConfigError("need hang_check_s > 0, keep_verdicts >= 1, evict_after >= 1")
+        if not 0 < self.renew_s <= self.active_s:
+            raise ConfigError("need 0 < renew_s <= active_s")
 
 
 class ClusterView:
@@ -79,7 +96,10 @@ class ClusterView:
     (``time.monotonic()``: valid as one clock only for ranks on one host -- embedded
     mode, tests, the bench; across hosts the daemon must correct clock offsets first).
     When all ``world`` ranks have reported an op, the :class:`ClusterDetector` judges it
-    and ``record`` receives each verdict (e.g. ``monitors[v.dst or 0].record``)."""
+    and ``record`` receives each new verdict (e.g. ``monitors[v.dst or 0].record``);
+    ``renew``, if given, receives after every judged op each verdict that still stands
+    (e.g. ``monitors[...].renew``: it keeps them active). Samples of an older epoch than
+    the newest seen are ignored; a newer epoch resets the baselines."""
 
     def __init__(
         self,
@@ -87,9 +107,11 @@ class ClusterView:
         record: Callable[[Verdict], None],
         config: DetectorConfig | None = None,
         clock: Callable[[], float] = time.time,
+        renew: Callable[[Verdict], None] | None = None,
     ) -> None:
         self.world = world
         self._record = record
+        self._renew = renew
         self._clock = clock
         self._lock = threading.Lock()
         self._detector = ClusterDetector(config or DetectorConfig())
@@ -98,6 +120,8 @@ class ClusterView:
 
     def add(self, sample: OpSample, start: float) -> None:
         with self._lock:
+            if self._epoch is not None and sample.epoch < self._epoch:
+                return  # a late sample of an older view: its op can never complete
             if sample.epoch != self._epoch:
                 self._detector.reset()
                 self._ops.clear()
@@ -113,8 +137,12 @@ class ClusterView:
             samples = [s for s, _ in got.values()]
             starts = {r: t for r, (_, t) in got.items()}
             verdicts = self._detector.observe(samples, starts, self._clock())
+            standing = self._detector.standing() if self._renew is not None else []
         for v in verdicts:
             self._record(v)
+        if self._renew is not None:
+            for v in standing:
+                self._renew(v)
 
 
 class _Observer:
@@ -134,8 +162,26 @@ class _Observer:
         self._m._ops_finished(samples)
 
 
+@dataclass(slots=True)
+class _Active:
+    """A standing verdict: ``since`` (wall clock, for display) and, on the monotonic
+    clock, when it was last renewed (expiry) and last issued (re-issue, strikes)."""
+
+    since: float
+    renewed: float
+    issued: float
+
+
+_HANG = ("hang", None)
+
+
 class Monitor:
-    """Metrics, detectors and verdicts of one daemon (one rank)."""
+    """Metrics, detectors and verdicts of one daemon (one rank).
+
+    ``clock`` (``time.time``) stamps verdicts and the ``*_timestamp_seconds`` gauges;
+    ``monotonic`` (``time.monotonic``, the engine's clock) times hang checks, verdict
+    expiry, renewal and straggler strikes, so a wall-clock step never moves them. A
+    fake ``clock`` given without ``monotonic`` (a test's) drives both."""
 
     def __init__(
         self,
@@ -146,6 +192,7 @@ class Monitor:
         on_evict: Callable[[int, str], None] | None = None,
         clock: Callable[[], float] = time.time,
         cluster: ClusterView | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.rank = rank
         self.config = config or MonitorConfig()
@@ -154,14 +201,19 @@ class Monitor:
         self.observer = _Observer(self)
         self.on_evict = on_evict
         self._clock = clock
+        if monotonic is None:
+            monotonic = time.monotonic if clock is time.time else clock
+        self._mono = monotonic
         self._lock = threading.Lock()
         self._local = LocalDetector(self.config.detectors)
         self._hang = HangDetector(self.config.detectors)
         self._verdicts: deque[Verdict] = deque(maxlen=self.config.keep_verdicts)
-        self._active: dict[tuple[str, int | None], float] = {}  # -> last renewal (clock)
-        self._strikes: dict[int, int] = {}
+        self._active: dict[tuple[str, int | None], _Active] = {}
+        self._strikes: dict[int, tuple[int, float]] = {}  # peer -> (strikes, last strike)
         self._evicted: set[int] = set()
+        self._scored: set[tuple[str, int]] = set()  # score gauges the detectors last set
         self._epoch: int | None = None
+        self._members: frozenset[int] | None = None  # None: not known yet (any peer)
         self._engine: EngineLike | None = None
         self._stop = threading.Event()
         # set by every op start (and close): the hang thread sleeps on it while idle
@@ -198,25 +250,38 @@ class Monitor:
         self.metrics.tcp.provider = tcp
 
     def set_view(self, epoch: int, members: Sequence[int], rank: int) -> None:
-        """A new view: reset every baseline, drop the series of peers that left."""
+        """A new view: reset every baseline and every verdict against a peer, drop the
+        series of peers that left."""
         with self._lock:
             self.rank = rank
             self._epoch = epoch
-            self._reset_locked()
+            self._members = frozenset(members)
+            self._view_change_locked()
             keep = {str(m) for m in members}
             for peer in self.metrics.peers() - keep:
                 self.metrics.forget_peer(peer)
-            for key in [k for k in self._active if k[1] is not None and str(k[1]) not in keep]:
-                del self._active[key]
         self.metrics.set_view(epoch, len(members), rank)
         audit.info(
             "event=view-baselines-reset epoch=%d members=%s rank=%d", epoch, list(members), rank
         )
 
-    def _reset_locked(self) -> None:
+    def _view_change_locked(self) -> None:
+        """Ranks are renumbered on a view change: no verdict, strike, eviction or anomaly
+        series against a rank survives it. The hang detector keeps its op durations (a
+        view's first ops would otherwise be judged against the 1 s floor) and the op it
+        reported (a hang that spans the change stays one hang, and ``/healthz`` stays
+        503 while that op is in flight)."""
         self._local.reset()
-        self._hang.reset()
         self._strikes.clear()
+        self._evicted.clear()
+        self._scored.clear()
+        hang = self._active.get(_HANG)
+        self._active = {_HANG: hang} if hang is not None else {}
+        self.metrics.forget_anomalies(keep="any")
+
+    def _peer_ok_locked(self, peer: int) -> bool:
+        """Whether ``peer`` is a member of the current view (series may be written)."""
+        return self._members is None or peer in self._members
 
     def start(self) -> None:
         """Start the hang-check thread (idempotent)."""
@@ -267,13 +332,13 @@ class Monitor:
         they ended). Histograms and detectors see every op; counters get one increment
         per series. What a scrape reads afterwards is what feeding the ops one at a time
         gives. A late op of a view this monitor has left (set_view came first) counts
-        as an op, but neither moves the view back nor brings back its peers' series."""
+        as an op, but neither moves the view back nor brings back its peers' series:
+        per-peer series are written under the lock, and only for members of the view
+        (a set_view between reading the view and writing cannot be raced)."""
         if not samples:
             return
         m = self.metrics
         now = self._clock()
-        with self._lock:
-            current = self._epoch
         counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
 
         def count(metric: Counter, labels: tuple[str, ...], amount: float) -> None:
@@ -286,24 +351,33 @@ class Monitor:
             count(m.op_payload, (sample.op,), sample.nbytes)
             if not sample.ok:
                 count(m.op_failures, (sample.op, sample.reason or "unknown"), 1)
-            if current is not None and sample.epoch < current:
-                continue  # its peers' series were dropped with the view
-            for link in sample.links:
-                if link.bytes_sent == 0 and link.bytes_recv == 0:
-                    continue
-                p = m.peer_seen(link.peer)
-                if link.bytes_sent:
-                    count(m.link_sent, (p,), link.bytes_sent)
-                    m.child(m.link_send_blocked, p).observe(link.send_blocked_s)
-                if link.bytes_recv:
-                    count(m.link_received, (p,), link.bytes_recv)
-                    if link.first_byte_s is not None:
-                        m.child(m.link_first_byte_wait, p).observe(max(0.0, link.first_byte_s))
-                    t = link.transfer_s
-                    if t is not None:
-                        m.child(m.link_transfer, p).observe(max(0.0, t))
         for (metric, labels), amount in counts.items():
             m.child(metric, *labels).inc(amount)
+        counts.clear()
+        with self._lock:
+            current = self._epoch
+            for sample in samples:
+                if current is not None and sample.epoch < current:
+                    continue  # its peers' series were dropped with the view
+                members = self._members if sample.epoch == current else None
+                for link in sample.links:
+                    if link.bytes_sent == 0 and link.bytes_recv == 0:
+                        continue
+                    if members is not None and link.peer not in members:
+                        continue  # not in this view: never (re)create its series
+                    p = m.peer_seen(link.peer)
+                    if link.bytes_sent:
+                        count(m.link_sent, (p,), link.bytes_sent)
+                        m.child(m.link_send_blocked, p).observe(link.send_blocked_s)
+                    if link.bytes_recv:
+                        count(m.link_received, (p,), link.bytes_recv)
+                        if link.first_byte_s is not None:
+                            m.child(m.link_first_byte_wait, p).observe(max(0.0, link.first_byte_s))
+                        t = link.transfer_s
+                        if t is not None:
+                            m.child(m.link_transfer, p).observe(max(0.0, t))
+            for (metric, labels), amount in counts.items():
+                m.child(metric, *labels).inc(amount)
         last = samples[-1]
         if last.started + last.duration_s >= self._start_mono:
             m.op_inflight.set(0)  # else the next op started after it ended, and runs
@@ -312,6 +386,7 @@ class Monitor:
         # baselines only after the older view's verdicts are recorded (strikes and all)
         for _, view_samples in itertools.groupby(samples, key=lambda s: s.epoch):
             self._detect(list(view_samples), now)
+        self.expire()
         if self.cluster is not None:
             for sample in samples:
                 self.cluster.add(sample, sample.started)
@@ -327,8 +402,9 @@ class Monitor:
                 return  # an older view's op, fed after set_view: its baselines are gone
             if self._epoch != epoch:
                 if self._epoch is not None:
-                    self._reset_locked()
+                    self._view_change_locked()
                 self._epoch = epoch
+                self._members = frozenset(range(samples[-1].world))
                 m.view_epoch.set(epoch)
                 m.view_members.set(samples[-1].world)
             for sample in samples:
@@ -336,29 +412,75 @@ class Monitor:
                     self._hang.observe_duration(sample.duration_s)
                 per_op.append(self._local.observe(sample, now))
             scores = self._local.peer_scores()
+            standing = self._local.standing()
         # the order op-by-op feeding writes the gauges in: each op's scores, then its
         # verdicts (a verdict's record sets its own score), so the last op's come last
         for verdicts in per_op[:-1]:
             for v in verdicts:
                 self.record(v)
-        for (kind, peer), score in scores.items():
-            if peer != self.rank:
-                m.child(m.anomaly_score, kind, m.peer_seen(peer)).set(round(score, 4))
+        with self._lock:
+            if self._epoch == epoch:  # else a set_view came in between: scores are void
+                self._write_scores_locked(scores)
         for v in per_op[-1]:
             self.record(v)
+        for v in standing:  # every op keeps the verdicts that still stand fresh
+            self.renew(v)
+
+    def _write_scores_locked(self, scores: dict[tuple[str, int], float]) -> None:
+        """The detectors' scores per (kind, peer); a score the detectors no longer
+        give (the peer's cells went quiet, or the cell changed kind) goes back to 0."""
+        m = self.metrics
+        written: set[tuple[str, int]] = set()
+        for (kind, peer), score in scores.items():
+            if peer != self.rank and self._peer_ok_locked(peer):
+                m.child(m.anomaly_score, kind, m.peer_seen(peer)).set(round(score, 4))
+                written.add((kind, peer))
+        for kind, peer in self._scored - written:
+            if self._peer_ok_locked(peer):
+                m.child(m.anomaly_score, kind, str(peer)).set(0)
+        self._scored = written
 
     # ------------------------------------------------------------------ verdicts
     def record(self, verdict: Verdict) -> None:
         """Count, log, keep and export one verdict (also for verdicts made elsewhere,
-        e.g. a cluster-wide matrix), and apply the eviction policy."""
+        e.g. a cluster-wide matrix), and apply the eviction policy. A verdict of an
+        older view, or against a rank that is not a member, is counted, logged and
+        kept, but sets no gauge and no strike (its rank may name another host now)."""
         m = self.metrics
-        peer = "any" if verdict.peer is None else m.peer_seen(verdict.peer)
-        m.child(m.anomalies, verdict.kind).inc()
-        m.child(m.anomaly_score, verdict.kind, peer).set(round(verdict.score, 4))
-        m.child(m.anomaly_active, verdict.kind, peer).set(1)
+        mono = self._mono()
+        kind, who = verdict.kind, verdict.peer
+        peer = "any" if who is None else str(who)
+        evict: int | None = None
+        with self._lock:
+            self._verdicts.append(verdict)
+            m.child(m.anomalies, kind).inc()
+            live = (self._epoch is None or verdict.epoch >= self._epoch) and (
+                who is None or self._peer_ok_locked(who)
+            )
+            if live:
+                if who is not None:
+                    m.peer_seen(who)
+                m.child(m.anomaly_score, kind, peer).set(round(verdict.score, 4))
+                m.child(m.anomaly_active, kind, peer).set(1)
+                a = self._active.get((kind, who))
+                if a is None:
+                    self._active[(kind, who)] = _Active(verdict.at, mono, mono)
+                else:
+                    a.renewed = a.issued = mono
+            if live and kind == "straggler" and who is not None:
+                strikes, last = self._strikes.get(who, (0, -math.inf))
+                strikes = strikes + 1 if mono - last <= self.config.active_s else 1
+                self._strikes[who] = (strikes, mono)
+                if (
+                    self.on_evict is not None
+                    and strikes >= self.config.evict_after
+                    and who not in self._evicted
+                ):
+                    self._evicted.add(who)
+                    evict = who
         audit.warning(
             "event=anomaly kind=%s peer=%s src=%s dst=%s score=%.2f epoch=%d seq=%s rank=%d %s",
-            verdict.kind,
+            kind,
             peer,
             verdict.src,
             verdict.dst,
@@ -368,23 +490,6 @@ class Monitor:
             self.rank,
             verdict.detail,
         )
-        evict: int | None = None
-        with self._lock:
-            self._verdicts.append(verdict)
-            key = (verdict.kind, verdict.peer)
-            last = self._active.get(key)
-            self._active[key] = verdict.at
-            if verdict.kind == "straggler" and verdict.peer is not None:
-                fresh = last is not None and verdict.at - last <= self.config.active_s
-                strikes = self._strikes.get(verdict.peer, 0) + 1 if fresh or last is None else 1
-                self._strikes[verdict.peer] = strikes
-                if (
-                    self.on_evict is not None
-                    and strikes >= self.config.evict_after
-                    and verdict.peer not in self._evicted
-                ):
-                    self._evicted.add(verdict.peer)
-                    evict = verdict.peer
         if evict is not None and self.on_evict is not None:
             audit.warning(
                 "event=evict-request peer=%d reason=straggler strikes=%d epoch=%d rank=%d",
@@ -398,16 +503,36 @@ class Monitor:
             except Exception:
                 log.exception("event=evict-callback-failed peer=%d", evict)
 
+    def renew(self, verdict: Verdict) -> None:
+        """``verdict`` still stands (a detector's ``standing()``): keep it active. It is
+        issued again -- counted, logged, a straggler strike -- when it is not active
+        (new, or expired) or ``renew_s`` has passed since it was last issued, so a
+        persistent straggler reaches ``evict_after`` while it persists."""
+        mono = self._mono()
+        with self._lock:
+            if self._epoch is not None and verdict.epoch < self._epoch:
+                return
+            if verdict.peer is not None and not self._peer_ok_locked(verdict.peer):
+                return
+            a = self._active.get((verdict.kind, verdict.peer))
+            if a is not None and mono - a.issued < self.config.renew_s:
+                a.renewed = mono
+                return
+        if a is not None:
+            verdict = replace(verdict, detail=f"{verdict.detail} (still standing)")
+        self.record(verdict)
+
     def verdicts(self) -> list[Verdict]:
         with self._lock:
             return list(self._verdicts)
 
     def anomalies(self) -> dict[str, object]:
         """What /anomalies serves: active verdicts and the recent ones, newest last."""
-        now = self._clock()
         with self._lock:
-            self._expire_locked(now)
-            active = [{"kind": k, "peer": p, "since": t} for (k, p), t in self._active.items()]
+            self._expire_locked(self._mono())
+            active = [
+                {"kind": k, "peer": p, "since": a.since} for (k, p), a in self._active.items()
+            ]
             recent = [v.as_dict() for v in self._verdicts]
             return {
                 "rank": self.rank,
@@ -417,18 +542,25 @@ class Monitor:
                 "recent": recent,
             }
 
-    def _expire_locked(self, now: float) -> None:
-        for key, t in list(self._active.items()):
-            if now - t > self.config.active_s:
+    def expire(self) -> None:
+        """End the verdicts not renewed for ``active_s`` (the data path and the hang
+        thread call this; so does every HTTP request, but nothing depends on that)."""
+        with self._lock:
+            self._expire_locked(self._mono())
+
+    def _expire_locked(self, mono: float) -> None:
+        for key, a in list(self._active.items()):
+            if mono - a.renewed > self.config.active_s:
                 del self._active[key]
-                peer = "any" if key[1] is None else str(key[1])
-                self.metrics.child(self.metrics.anomaly_active, key[0], peer).set(0)
+                if key[1] is None or self._peer_ok_locked(key[1]):
+                    peer = "any" if key[1] is None else str(key[1])
+                    self.metrics.child(self.metrics.anomaly_active, key[0], peer).set(0)
 
     def healthy(self) -> tuple[bool, str]:
         """/healthz: unhealthy while a hang verdict stands or the hang thread died."""
         with self._lock:
-            self._expire_locked(self._clock())
-            hung = any(k == "hang" for k, _ in self._active)
+            self._expire_locked(self._mono())
+            hung = _HANG in self._active
         if self._thread is not None and not self._thread.is_alive():
             return False, "hang-check thread is not running"
         if hung:
@@ -446,16 +578,20 @@ class Monitor:
             inflight = engine.inflight()
         except Exception:
             return None
-        mono = time.monotonic()
+        mono = self._mono()
         m = self.metrics
         self._idle = inflight is None
+        with self._lock:
+            # a hang verdict stands while the op it named is in flight, and no longer
+            a = self._active.get(_HANG)
+            if a is not None and self._hang.is_flagged(inflight):
+                a.renewed = mono
+            elif a is not None:
+                del self._active[_HANG]
+                m.child(m.anomaly_active, "hang", "any").set(0)
         if inflight is None:
             m.op_inflight.set(0)
             m.child(m.anomaly_score, "hang", "any").set(0)
-            with self._lock:
-                if ("hang", None) in self._active:
-                    del self._active[("hang", None)]
-                    m.child(m.anomaly_active, "hang", "any").set(0)
             return None
         # progress is on the monotonic clock: convert to this monitor's clock
         m.op_inflight.set(1)
@@ -486,6 +622,7 @@ class Monitor:
         while not self._stop.wait(period):
             try:
                 self.check_hang()
+                self.expire()  # verdicts end on time even when nothing runs
             except Exception:  # pragma: no cover - never let the thread die silently
                 log.exception("event=hang-check-error rank=%d", self.rank)
             if self._idle:

@@ -2,21 +2,27 @@
 
 ``/metrics`` is the Prometheus text format of the monitor's own registry (never the
 process-global one); ``/healthz`` answers 200 ``ok`` or 503 with the reason;
-``/anomalies`` is JSON (active verdicts and the recent ones). One thread serves
-requests (Prometheus scrapes are rare and small); :meth:`MetricsServer.close` shuts it
-down and joins it.
+``/anomalies`` is JSON (active verdicts and the recent ones). One thread accepts; each
+connection gets a short-lived handler thread and a deadline (``conn_timeout_s``, 5 s)
+on every read and write, so an idle or stalled client delays nobody else and cannot
+keep its thread. :meth:`MetricsServer.close` stops accepting, closes the listening
+socket, shuts the open connections down and joins every thread, each wait bounded.
 
-What it must never do: serve anything but these three read-only paths, or block the
-monitor's lock for longer than building one response.
+What it must never do: serve anything but these three read-only paths, wait on a
+client without a deadline, or block the monitor's lock for longer than building one
+response.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import TYPE_CHECKING
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,9 +33,18 @@ __all__ = ["MetricsServer"]
 
 log = logging.getLogger(__name__)
 
+#: the accept loop's longest wait before it looks at the stop flag
+_POLL_S = 0.1
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+
+    def setup(self) -> None:
+        # the deadline of every read and write on this connection (an accepted socket
+        # inherits none): an idle client is dropped, its thread ends
+        self.request.settimeout(self.server.conn_timeout_s)
+        super().setup()
 
     def do_GET(self) -> None:
         mon = self.server.monitor
@@ -45,8 +60,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, "application/json", body)
             else:
                 self._send(404, "text/plain; charset=utf-8", b"not found\n")
-        except BrokenPipeError:
-            pass
+        except OSError:  # the client went away or stalled past the deadline
+            self.close_connection = True
 
     def _send(self, code: int, ctype: str, body: bytes) -> None:
         self.send_response(code)
@@ -59,33 +74,90 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http " + format, *args)
 
 
-class _Server(HTTPServer):
-    daemon_threads = True
-    timeout = 5.0
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a handler thread never holds the process open
+    block_on_close = False  # close() joins the handler threads itself, bounded
+    timeout = _POLL_S  # handle_request's wait, so the accept loop sees the stop flag
 
-    def __init__(self, monitor: Monitor, host: str, port: int) -> None:
+    def __init__(self, monitor: Monitor, host: str, port: int, conn_timeout_s: float) -> None:
         self.monitor = monitor
+        self.conn_timeout_s = conn_timeout_s
+        self._conns_lock = threading.Lock()
+        self._conns: dict[threading.Thread, socket.socket] = {}
         super().__init__((host, port), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        t = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name=f"phalanx-metrics-conn-{self.server_address[1]}",
+            daemon=True,
+        )
+        with self._conns_lock:
+            self._conns[t] = request
+        t.start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conns_lock:
+                self._conns.pop(threading.current_thread(), None)
+
+    def handle_timeout(self) -> None:
+        pass  # no request within _POLL_S: the accept loop looks at its stop flag
+
+    def drop_connections(self, timeout: float) -> None:
+        """Shut every open connection down and join its handler thread (bounded)."""
+        with self._conns_lock:
+            conns = dict(self._conns)
+        for sock in conns.values():
+            with contextlib.suppress(OSError):  # already closed by its handler
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for t in conns:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():  # pragma: no cover - a shut-down socket ends its reads
+                log.warning("event=metrics-handler-stuck thread=%s", t.name)
 
 
 class MetricsServer:
-    """Serves one monitor on ``host:port`` (port 0: any free port) from one thread."""
+    """Serves one monitor on ``host:port`` (port 0: any free port); one accept thread,
+    one thread per connection, ``conn_timeout_s`` on every socket operation."""
 
-    def __init__(self, monitor: Monitor, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._httpd = _Server(monitor, host, port)
-        self._httpd.socket.settimeout(5.0)  # a stalled client cannot hold the thread forever
+    def __init__(
+        self,
+        monitor: Monitor,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        conn_timeout_s: float = 5.0,
+    ) -> None:
+        self._httpd = _Server(monitor, host, port, conn_timeout_s)
+        self._httpd.socket.settimeout(_POLL_S)  # accept() never waits longer either
         h, p = self._httpd.server_address[:2]
         self.address: tuple[str, int] = (str(h), int(p))
+        self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name=f"phalanx-metrics-{p}",
-            daemon=True,
+            target=self._serve, name=f"phalanx-metrics-{p}", daemon=True
         )
         self._thread.start()
         log.info("event=metrics-listening address=%s:%d", *self.address)
 
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._httpd.handle_request()  # waits at most _POLL_S for a connection
+            except Exception:  # pragma: no cover - never let the accept loop die silently
+                if self._stop.is_set():
+                    return
+                log.exception("event=metrics-accept-error")
+                self._stop.wait(_POLL_S)
+
     def close(self, timeout: float = 5.0) -> None:
-        self._httpd.shutdown()  # returns once serve_forever's loop has stopped
-        self._thread.join(timeout)
-        self._httpd.server_close()
+        """Stop accepting, close the listening socket, drop open connections and join
+        every thread; returns within about ``timeout`` seconds whatever clients do."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._httpd.server_close()  # the listening socket: new connections are refused
+        self._httpd.drop_connections(max(0.0, deadline - time.monotonic()))

@@ -4,8 +4,11 @@ Each daemon's monitor serves ``/metrics`` (Prometheus text), ``/healthz`` and
 ``/anomalies`` (JSON). This command polls every target, turns counter deltas into
 rates, and redraws one screen: the view (epoch, members), per daemon its health, op
 rate and latency, per link the bytes per second both ways and the TCP round-trip
-time, and the anomalies that are active now. ``--once`` prints one snapshot and exits
-(scripts, tests); ``--json`` prints the snapshot as one JSON object per poll.
+time (the slowest of the peer's streams), and the anomalies that are active now. A
+counter that went down between two polls was reset (the daemon restarted) and counts
+from zero, as in Prometheus' ``rate()``: rates are never negative. ``--once`` prints
+one snapshot and exits (scripts, tests); ``--json`` prints the snapshot as one JSON
+object per poll.
 
 Pure helpers (:func:`parse_metrics`, :func:`summarize`, :func:`render`) do no I/O and
 are tested alone; only :func:`poll` touches the network, with a deadline per request.
@@ -55,8 +58,37 @@ def _by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
     return out
 
 
+def _max_by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """The largest value per ``label`` (a peer's RTT over its streams: the slowest
+    stream, never their sum)."""
+    out: dict[str, float] = {}
+    for (n, labels), v in samples.items():
+        if n == name:
+            d = dict(labels)
+            if label in d:
+                out[d[label]] = max(out.get(d[label], v), v)
+    return out
+
+
 def _sum(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def _increase(cur: Samples, old: Samples, name: str, label: str | None = None) -> dict[str, float]:
+    """How much counter ``name`` grew between two polls, per series, summed per value
+    of ``label`` (all series under ``""`` when ``label`` is None). As Prometheus'
+    ``rate()`` does, a series that went down was reset (a restarted daemon): it counts
+    from zero, so its increase is its current value."""
+    out: dict[str, float] = {}
+    for key, v in cur.items():
+        if key[0] != name:
+            continue
+        group = "" if label is None else dict(key[1]).get(label)
+        if group is None:
+            continue
+        before = old.get(key, 0.0)
+        out[group] = out.get(group, 0.0) + (v - before if v >= before else v)
+    return out
 
 
 @dataclass
@@ -108,7 +140,6 @@ def summarize(prev: Sequence[TargetState] | None, cur: Sequence[TargetState]) ->
         epoch = _value(s, "phalanx_view_epoch")
         members = _value(s, "phalanx_view_members")
         ops = _sum(s, "phalanx_op_duration_seconds_count")
-        secs = _sum(s, "phalanx_op_duration_seconds_sum")
         row.update(
             rank=None if rank is None else int(rank),
             epoch=None if epoch is None else int(epoch),
@@ -123,21 +154,22 @@ def summarize(prev: Sequence[TargetState] | None, cur: Sequence[TargetState]) ->
         dt = (t.at - old.at) if old is not None and not old.error else 0.0
         sent = _by_label(s, "phalanx_link_sent_bytes_total", "peer")
         recv = _by_label(s, "phalanx_link_received_bytes_total", "peer")
-        rtt = _by_label(s, "phalanx_link_rtt_seconds", "peer")
+        rtt = _max_by_label(s, "phalanx_link_rtt_seconds", "peer")
+        d_sent: dict[str, float] = {}
+        d_recv: dict[str, float] = {}
         if dt > 0 and old is not None:
-            d_ops = ops - _sum(old.samples, "phalanx_op_duration_seconds_count")
-            d_secs = secs - _sum(old.samples, "phalanx_op_duration_seconds_sum")
+            o = old.samples
+            d_ops = _increase(s, o, "phalanx_op_duration_seconds_count").get("", 0.0)
+            d_secs = _increase(s, o, "phalanx_op_duration_seconds_sum").get("", 0.0)
             row["ops_per_s"] = d_ops / dt
             row["mean_op_ms"] = (d_secs / d_ops * 1e3) if d_ops > 0 else None
-            old_sent = _by_label(old.samples, "phalanx_link_sent_bytes_total", "peer")
-            old_recv = _by_label(old.samples, "phalanx_link_received_bytes_total", "peer")
-        else:
-            old_sent, old_recv = {}, {}
+            d_sent = _increase(s, o, "phalanx_link_sent_bytes_total", "peer")
+            d_recv = _increase(s, o, "phalanx_link_received_bytes_total", "peer")
         for peer in sorted(set(sent) | set(recv), key=lambda p: (len(p), p)):
             link: dict[str, Any] = {"from": row["rank"], "peer": peer}
             if dt > 0:
-                link["send_Bps"] = (sent.get(peer, 0.0) - old_sent.get(peer, 0.0)) / dt
-                link["recv_Bps"] = (recv.get(peer, 0.0) - old_recv.get(peer, 0.0)) / dt
+                link["send_Bps"] = d_sent.get(peer, 0.0) / dt
+                link["recv_Bps"] = d_recv.get(peer, 0.0) / dt
             link["sent_bytes"] = sent.get(peer, 0.0)
             link["recv_bytes"] = recv.get(peer, 0.0)
             if peer in rtt:

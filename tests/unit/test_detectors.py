@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -18,6 +19,7 @@ from phalanx.monitor.detectors import (
     LocalDetector,
     RobustBaseline,
     SlowLinkDetector,
+    Verdict,
     robust_score,
     size_bucket,
 )
@@ -128,6 +130,8 @@ def test_cluster_slow_link_vs_straggler() -> None:
         else:
             assert (v.kind, v.peer) == ("straggler", 3)
         assert all(x.kind == v.kind for _, x in verdicts)
+        # the fault persists: its verdict still stands after the last op
+        assert [(x.kind, x.peer) for x in det.standing()] == [(v.kind, v.peer)]
 
 
 def test_local_detector_tells_straggler_from_slow_link() -> None:
@@ -211,3 +215,71 @@ def test_config_is_validated() -> None:
         DetectorConfig(k=6, n=5)
     with pytest.raises(ValueError):
         DetectorConfig(ratio_threshold=1.0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"degradation_limit": 0.0},
+        {"degradation_limit": -1.0},
+        {"cross_ratio_threshold": 0.0},
+        {"cross_ratio_threshold": -2.0},
+    ],
+)
+def test_config_rejects_limits_that_would_divide_by_zero(bad: dict[str, Any]) -> None:
+    # both divide a score: a ZeroDivisionError on the observer thread stopped detection
+    with pytest.raises(ValueError):
+        DetectorConfig(**bad)
+
+
+def _straggling(det: LocalDetector, rng: random.Random, seq: int, bad: bool) -> list[Verdict]:
+    """One op of rank 1 that receives from 0 (late when ``bad``, same transfer time)."""
+    fb = 0.0002 + rng.uniform(0, 5e-5) + (0.005 if bad else 0.0)
+    xfer = 0.001 + rng.uniform(0, 1e-4)
+    links = [LinkSample(0, 0, 4096, 6, fb, fb + xfer, 0.0),
+             LinkSample(2, 4096, 0, 0, None, None, 0.0)]  # fmt: skip
+    return det.observe(_op(1, seq, 3, links, 0.01), 0.0)
+
+
+def test_a_standing_verdict_is_listed_while_it_persists_and_not_after() -> None:
+    det = LocalDetector(CFG)
+    rng = random.Random(5)
+    new: list[Verdict] = []
+    for seq in range(100):
+        new += _straggling(det, rng, seq, bad=False)
+    for seq in range(100, 160):
+        new += _straggling(det, rng, seq, bad=True)
+        if new:
+            # issued once, but it stands on every op while the peer stays late
+            assert [(v.kind, v.peer) for v in det.standing()] == [("straggler", 0)]
+    assert [(v.kind, v.peer) for v in new] == [("straggler", 0)]
+    for seq in range(160, 160 + CFG.n):
+        _straggling(det, rng, seq, bad=False)
+    assert det.standing() == []
+
+
+def test_peer_scores_use_the_straggler_kind_and_forget_cells_no_op_measures() -> None:
+    det = LocalDetector(CFG)
+    rng = random.Random(6)
+    for seq in range(100):
+        _straggling(det, rng, seq, bad=False)
+    for seq in range(100, 110):
+        _straggling(det, rng, seq, bad=True)
+    scores = det.peer_scores()
+    assert scores[("straggler", 0)] >= 1.0  # exported under its own kind
+    assert scores.get(("slow_link", 0), 0.0) < 1.0
+    # ops that no longer involve peer 0 (another neighbour): its score must not stay pinned
+    for seq in range(110, 110 + CFG.window + 1):
+        links = [LinkSample(2, 4096, 4096, 6, 0.0002, 0.0012, 0.0)]
+        det.observe(_op(1, seq, 3, links, 0.01), 0.0)
+    assert det.peer_scores().get(("straggler", 0), 0.0) == 0.0
+
+
+def test_hang_detector_knows_the_op_it_flagged() -> None:
+    det = HangDetector(DetectorConfig(hang_floor_s=1.0))
+    hung = ("all_reduce", 3, 90.0, 94.0)
+    assert not det.is_flagged(hung)
+    assert det.check(100.0, hung) is not None
+    assert det.is_flagged(hung)
+    assert not det.is_flagged(("all_reduce", 4, 99.0, 99.5))  # the next op runs
+    assert not det.is_flagged(None)
