@@ -47,6 +47,7 @@ import enum
 import hashlib
 import json
 import logging
+import math
 import struct
 import time
 from collections import deque
@@ -58,7 +59,7 @@ import numpy as np
 
 from phalanx.comm import Group, Handle
 from phalanx.deadline import Deadline
-from phalanx.errors import CommError, ConfigError, StateSyncError, StepAborted
+from phalanx.errors import CommError, ConfigError, PeerFailure, StateSyncError, StepAborted
 
 __all__ = [
     "RECORD_BYTES",
@@ -88,6 +89,7 @@ _F_WANTS_STATE = 4  # a state is attached but holds nothing yet (it waits to rec
 _FLAGS = _F_HAS_STATE | _F_IN_OP | _F_WANTS_STATE
 _MAX_ENTRIES = 65536
 _MAX_MANIFEST = 8 << 20
+_MAX_ENTRY_BYTES = 1 << 48  # one entry of the state: 256 TiB, beyond any host's memory
 _MAX_NAME = 1024
 CHUNK_BYTES = 8 << 20  # state bytes per broadcast
 WINDOW = 3  # broadcasts in flight during a transfer
@@ -264,8 +266,12 @@ def plan_sync(records: Sequence[PeerRecord]) -> SyncPlan:
         if rec.has_state:
             classes.setdefault((rec.state_step, rec.digest), []).append(rank)
     if classes:
+        # the newest step first: steps only advance by a commit every member applied,
+        # so an older state is behind, however many hold it (two replacements that
+        # attached their initial arrays as step 0 outvoted the survivor at step 100);
+        # among states of one step, the majority, then the lowest digest
         (step, digest), holders = max(
-            classes.items(), key=lambda kv: (len(kv[1]), kv[0][0], [-b for b in kv[0][1]])
+            classes.items(), key=lambda kv: (kv[0][0], len(kv[1]), [-b for b in kv[0][1]])
         )
         source: int | None = min(holders)
         receivers = tuple(r for r in range(len(records)) if r not in holders)
@@ -309,10 +315,12 @@ class StateEntry:
             raise StateSyncError(f"manifest entry {self.name!r}: bad shape {self.shape!r}")
         if len(self.sha256) != 32:
             raise StateSyncError(f"manifest entry {self.name!r}: bad hash")
+        if self.nbytes > _MAX_ENTRY_BYTES:  # int64 products wrapped to negative or 0
+            raise StateSyncError(f"manifest entry {self.name!r}: shape {self.shape!r} too large")
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize  # Python ints: exact
 
 
 @dataclass(frozen=True)
@@ -407,13 +415,17 @@ def gather_records(
     ]
 
 
-def _flags_all(group: Group, ok: bool, deadline: Deadline | None) -> list[bool]:
-    """A tiny all_gather of one flag per rank (8 bytes each, to stay word aligned)."""
+#: a rank's verdict on the transfer (step 4)
+_VERIFIED, _BAD, _NO_TRANSPORT = 1, 0, 2
+
+
+def _verdicts_all(group: Group, mine: int, deadline: Deadline | None) -> list[int]:
+    """A tiny all_gather of one verdict per rank (8 bytes each, to stay word aligned)."""
     buf = np.zeros(group.world, dtype=np.int64)
     own = group.chunk(buf.size)
-    buf[own] = 1 if ok else 0
+    buf[own] = mine
     group.all_gather(buf, deadline=deadline)
-    return [bool(v) for v in buf]
+    return [int(v) for v in buf]
 
 
 def _bytes_of(a: np.ndarray) -> np.ndarray:
@@ -444,7 +456,7 @@ def transfer(
     src = plan.source
     receiving = me in plan.receivers
     parts = tuple(sorted({src, *plan.receivers}))
-    manifest, error = StateManifest(plan.step, ()), ""
+    manifest, error, transport = StateManifest(plan.step, ()), "", ""
     fresh: dict[str, np.ndarray] = {}
     if side is None or len(parts) == group.world:
         manifest, fresh, error = _move(group, src, receiving, plan, state, deadline)
@@ -452,7 +464,7 @@ def transfer(
         try:
             sub = side(parts)
         except Exception as exc:  # HandshakeError, OSError: no transfer, say so
-            error = f"transfer group: {exc}"
+            transport = f"transfer group: {exc}"
         else:
             log.debug(
                 "event=side_group_up epoch=%d ranks=%s build_s=%.4f",
@@ -464,16 +476,41 @@ def transfer(
                 manifest, fresh, error = _move(
                     sub, parts.index(src), receiving, plan, state, deadline
                 )
-            except (CommError, StateSyncError) as exc:
+            except StateSyncError as exc:  # a malformed manifest, a changed source
                 error = error or f"transfer: {exc}"
+            except CommError as exc:  # the link failed: nobody's state is to blame
+                transport = f"transfer: {exc}"
             finally:
                 sub.close()
     else:
         manifest = StateManifest(plan.step, ())
-    verdicts = _flags_all(group, not error, deadline)
+    mine = _BAD if error else _NO_TRANSPORT if transport else _VERIFIED
+    verdicts = _verdicts_all(group, mine, deadline)
     seconds = time.monotonic() - t0
-    if not all(verdicts):
-        bad = [r for r, ok in enumerate(verdicts) if not ok]
+    if _BAD not in verdicts and _NO_TRANSPORT in verdicts:
+        # a side group that did not come up, a link that broke: no bytes (or not all)
+        # moved, nothing is installed. Not a verification failure -- blaming it would
+        # make the source, maybe the only holder of the state, leave the group -- but
+        # a failure of this group: every member rebuilds it and exchanges again
+        cut = tuple(r for r, v in enumerate(verdicts) if v == _NO_TRANSPORT)
+        log.warning(
+            "event=state_sync_interrupted epoch=%d source=%d ranks=%s detail=%r",
+            epoch,
+            src,
+            list(cut),
+            transport,
+        )
+        raise PeerFailure(
+            op="state_sync",
+            seq=-1,
+            epoch=epoch,
+            suspects=(),
+            reason="aborted",
+            detail=f"state transfer interrupted on ranks {list(cut)}"
+            + (f": {transport}" if transport else ""),
+        )
+    if _BAD in verdicts:
+        bad = [r for r, v in enumerate(verdicts) if v == _BAD]
         log.error(
             "event=state_sync_failed epoch=%d source=%d bad_receivers=%s detail=%r",
             epoch,

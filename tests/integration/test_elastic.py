@@ -12,17 +12,20 @@ on every member in each case. The first tests are pure (no sockets).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import pytest
 
 from phalanx.bench.failover import Scenario, run_scenario
+from phalanx.errors import PeerFailure
 from phalanx.membership.statesync import (
     PeerRecord,
     StateManifest,
     StateSyncError,
     SyncAction,
+    SyncPlan,
     SyncState,
     plan_sync,
     state_digest,
@@ -65,6 +68,18 @@ def test_plan_tie_prefers_higher_step_and_is_deterministic() -> None:
     assert plan_sync(recs) == plan_sync(list(recs))
 
 
+def test_plan_never_rolls_a_survivor_back_to_an_older_majority() -> None:
+    """Review, stop 31: two replacements that attached their initial arrays as step 0
+    (the README's loop) outvoted the survivor at step 100, and the group went back to
+    step 0. The newest step is the source; the majority only breaks ties within it."""
+    survivor, fresh = PeerRecord(True, 100, D1), PeerRecord(True, 0, D2)
+    plan = plan_sync([survivor, fresh, fresh])
+    assert (plan.source, plan.receivers, plan.step) == (0, (1, 2), 100)
+    # one step, two states: the majority's
+    plan = plan_sync([PeerRecord(True, 7, D1), PeerRecord(True, 7, D2), PeerRecord(True, 7, D2)])
+    assert (plan.source, plan.digest, plan.receivers) == (1, D2, (0,))
+
+
 def test_plan_nothing_to_do_without_state() -> None:
     plan = plan_sync([PeerRecord(False, -1, NONE)] * 3)
     assert plan.source is None and plan.receivers == () and plan.action is SyncAction.PROCEED
@@ -97,12 +112,12 @@ def test_plan_aborts_mid_step_members_when_a_boundary_member_arrives() -> None:
 def test_plan_aborts_a_retry_that_would_need_new_state() -> None:
     # a member retrying a collective (input computed from its old state) cannot
     # receive state in the middle of it: it goes back to begin_step first
-    retry = PeerRecord(True, 9, D2, pos_step=9, done=0, in_op=True)
-    boundary = PeerRecord(True, 3, D1, pos_step=3, done=0)
+    retry = PeerRecord(True, 3, D2, pos_step=3, done=0, in_op=True)
+    boundary = PeerRecord(True, 9, D1, pos_step=9, done=0)
     plan = plan_sync([boundary, boundary, retry])
     assert plan.action is SyncAction.ABORT and plan.aborted == (2,)
     # a retry that holds the majority state lines up with boundary members
-    ok = PeerRecord(True, 3, D1, pos_step=3, done=0, in_op=True)
+    ok = PeerRecord(True, 9, D1, pos_step=9, done=0, in_op=True)
     assert plan_sync([boundary, ok, PeerRecord(False, -1, NONE)]).action is SyncAction.PROCEED
 
 
@@ -167,6 +182,46 @@ class _FakeReceiverGroup:
 class _Done:
     def wait(self, timeout: float | None = None) -> None:
         return None
+
+
+class _SourceOfThree:
+    """Rank 0 (the source) of three; rank 1 receives, rank 2 looks on. ``others``:
+    the verdicts ranks 1 and 2 give in the final all_gather."""
+
+    rank, world = 0, 3
+
+    def __init__(self, others: tuple[int, int]) -> None:
+        self.others = others
+
+    def chunk(self, size: int, rank: int | None = None) -> slice:
+        r = self.rank if rank is None else rank
+        return slice(r * size // 3, (r + 1) * size // 3)
+
+    def all_gather(self, x: np.ndarray, *, deadline: Any = None) -> None:
+        x[1], x[2] = self.others
+
+
+def test_a_transfer_group_that_does_not_come_up_blames_nobody() -> None:
+    """Review, stop 31: the side group between the source and the receiver failed to
+    build (a slow handshake); both reported a failed verification, so the source --
+    maybe the only holder of the state -- was told to leave the group. A transport
+    failure is a failure of the group (rebuilt, exchanged again), not of a state."""
+    src = SyncState({"w": np.arange(8, dtype=np.float32)}, 4)
+    recs = [PeerRecord(True, 4, src.digest()), PeerRecord(False, -1, NONE)]
+    plan = plan_sync([*recs, PeerRecord(True, 4, src.digest())])
+    plan = SyncPlan(plan.action, 0, (1,), plan.step, plan.digest, 2)
+
+    def side(ranks: tuple[int, ...]) -> Any:
+        raise OSError("handshake timed out")
+
+    with pytest.raises(PeerFailure) as info:
+        transfer(_SourceOfThree((2, 1)), plan, src, epoch=5, side=side)  # type: ignore[arg-type]
+    assert not isinstance(info.value, StateSyncError) and not info.value.suspects
+    assert src.valid and src.step == 4
+    # a receiver whose bytes did not verify is still named (it must leave)
+    with pytest.raises(StateSyncError) as bad:
+        transfer(_SourceOfThree((0, 1)), plan, src, epoch=5, side=side)  # type: ignore[arg-type]
+    assert bad.value.bad_ranks == (1,)
 
 
 @pytest.mark.parametrize("corrupt", [False, True])
@@ -271,3 +326,14 @@ def test_coordinator_kill_and_restart_costs_no_op() -> None:
 def test_graceful_leave() -> None:
     row = _run("leave")
     assert row["detect_s"] is not None and row["resume_s"] <= 1.0
+
+
+@pytest.mark.parametrize("shape", [[2**62, 3], [2**40, 2**40]])
+def test_a_manifest_entry_of_absurd_shape_is_refused(shape: list[int]) -> None:
+    """Review, stop 31: sizes were int64 products: (2**62, 3) came out negative
+    (np.empty raised an untyped ValueError) and (2**40, 2**40) came out 0 bytes, which
+    verified against sha256(b"") and failed at install, after the verdict said ok."""
+    doc = {"v": 1, "step": 1, "entries": [
+        {"name": "w", "dtype": "float32", "shape": shape, "sha256": "00" * 32}]}  # fmt: skip
+    with pytest.raises(StateSyncError, match="too large"):
+        StateManifest.decode(json.dumps(doc).encode())
