@@ -199,6 +199,10 @@ class LocalServer:
         self._sessions: dict[int, Session] = {}
         self._next_sid = 1
         self._sock = _bind(path)
+        self._sock.settimeout(_POLL_S)  # here: a close before the thread runs is no race
+        # a handle on our socket file's inode: while it is open the number cannot be
+        # reused, so close() can tell our file from a replacement's of the same name
+        self._pin = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._acceptor = threading.Thread(
             target=self._accept_loop, name="phalanx-local-accept", daemon=True
         )
@@ -207,7 +211,6 @@ class LocalServer:
 
     # ------------------------------------------------------------------ accept
     def _accept_loop(self) -> None:
-        self._sock.settimeout(_POLL_S)
         while not self._stop.is_set():
             try:
                 sock, _ = self._sock.accept()
@@ -613,9 +616,16 @@ class LocalServer:
                 c.thread.join(timeout)
                 if c.thread.is_alive():
                     log.error("event=thread_not_joined name=%s", c.thread.name)
+        if self._pin < 0:
+            return
         with contextlib.suppress(FileNotFoundError):
-            if _is_socket(self.path):
+            st, mine = os.lstat(self.path), os.fstat(self._pin)
+            # a daemon with our id that started while we drained has found our socket
+            # dead, removed it and bound its own: that one is not ours to remove
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
                 os.unlink(self.path)
+        os.close(self._pin)
+        self._pin = -1
 
 
 _Handler = Callable[[LocalServer, Session, Any, "int | None", Deadline], Any]

@@ -146,3 +146,28 @@ def test_a_busy_daemon_is_waited_for_not_called_gone(pg: phalanx.Client) -> None
     handles = [pg.barrier(async_op=True, timeout=60) for _ in range(300)]
     for h in handles:
         h.wait(60)
+
+
+def test_a_stopping_daemon_leaves_its_replacements_socket_alone(tmp_path: Any) -> None:
+    """Review, stop 31: the socket file was unlinked at the end of close(), after the
+    drain and the leave; a daemon with the same id started meanwhile had found the
+    socket dead, removed it and bound its own -- which the old one then unlinked, and
+    its clients got ENOENT."""
+    from phalanx.local.server import LocalServer
+
+    path = str(tmp_path / "d.sock")
+    old = LocalServer(path, None, max_client_shm_bytes=1 << 20, op_timeout=5.0)  # type: ignore[arg-type]
+    old.stop_accepting()  # the listener is closed: the file is a dead socket now
+    os.unlink(path)  # what the replacement's _bind does with a dead socket
+    new = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        new.bind(path)
+        new.listen(1)
+        old.close()
+        assert os.path.exists(path)  # still the replacement's
+        _raw(path).close()  # and it answers
+    finally:
+        new.close()
+    mine = LocalServer(str(tmp_path / "e.sock"), None, max_client_shm_bytes=1 << 20, op_timeout=5.0)  # type: ignore[arg-type]
+    mine.close()
+    assert not os.path.exists(tmp_path / "e.sock")  # its own socket is removed
