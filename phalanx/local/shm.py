@@ -10,7 +10,11 @@ Why memfd (``os.memfd_create``) passed over the Unix socket (SCM_RIGHTS), and no
   process exits — a restarted training process would destroy the daemon's memory
   (``track=False`` only arrived in 3.13);
 * only a process holding the fd can map it: the daemon receives it over its 0600
-  socket, no other user can open it by guessing a name.
+  socket, no other user can open it by guessing a name;
+* it can be sealed: a region is sealed against shrinking (``F_SEAL_SHRINK``) before
+  it is sent, and the daemon maps only sealed ones. Pages past a shrunk end would
+  fault (SIGBUS) in the daemon the next time it touched them: one client's
+  ``ftruncate`` could otherwise kill the daemon.
 
 Twin regions (issue 17): for a large all-reduce the client also maps a *twin* of the
 array's region (a second memfd of the same size). The daemon reduces into the twin,
@@ -44,6 +48,7 @@ This module must never send or receive anything, nor map a size it did not check
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -82,9 +87,10 @@ class Region:
     def create(cls, rid: int, nbytes: int, name: str = "phalanx") -> Region:
         """A new memfd of at least ``nbytes`` (rounded up to a page), mapped here."""
         size = _round_up(nbytes)
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)  # see the module doc
             mm, offset = _map(fd, size)
         except BaseException:
             os.close(fd)
@@ -95,6 +101,11 @@ class Region:
     def adopt(cls, rid: int, fd: int, max_bytes: int) -> Region:
         """Map a memfd received from a client. Closes ``fd`` in every case."""
         try:
+            if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+                raise ProtocolError(
+                    "a shared region must be a memfd sealed against shrinking "
+                    "(F_SEAL_SHRINK): a client could otherwise crash the daemon"
+                )
             size = os.fstat(fd).st_size
             if size <= 0:
                 raise ProtocolError(f"a shared region of {size} bytes")

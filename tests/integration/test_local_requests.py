@@ -171,3 +171,37 @@ def test_a_stopping_daemon_leaves_its_replacements_socket_alone(tmp_path: Any) -
     mine = LocalServer(str(tmp_path / "e.sock"), None, max_client_shm_bytes=1 << 20, op_timeout=5.0)  # type: ignore[arg-type]
     mine.close()
     assert not os.path.exists(tmp_path / "e.sock")  # its own socket is removed
+
+
+def test_only_regions_sealed_against_shrinking_are_mapped(pg: phalanx.Client) -> None:
+    """Review, stop 30: a client could shrink a memfd the daemon had mapped; the
+    daemon's next touch of a page past the new end was a SIGBUS that killed it (and
+    every other client's group with it). Regions are sealed (F_SEAL_SHRINK) before
+    they are sent, and the daemon refuses unsealed ones."""
+    import fcntl
+
+    a = _raw(pg.socket)
+    try:
+        _call(a, P.ClientHello(os.getpid(), time.monotonic()), 1)
+        fd = os.memfd_create("phalanx-test", os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, 1 << 16)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            assert isinstance(_call(a, P.Map(7), 2, fd=fd), P.Mapped)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 4096)  # the seal holds in the client
+        finally:
+            os.close(fd)
+        loose = os.memfd_create("phalanx-test")
+        try:
+            os.ftruncate(loose, 1 << 16)
+            socket.send_fds(a, [bytes(P.encode(P.Map(8), 3))], [loose])
+        finally:
+            os.close(loose)
+        assert a.recv(65536) == b""  # refused: the daemon ended that session
+    finally:
+        a.close()
+    x = pg.empty((4,), "float32")  # the daemon and other sessions go on
+    x[:] = 2.0
+    pg.all_reduce(x)
+    assert np.all(x == 2.0)
