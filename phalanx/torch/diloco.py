@@ -213,6 +213,7 @@ class DiLoCo:
         }  # fmt: skip
         self.reports: list[OuterSyncReport] = []
         self._t = start_step  # the next inner step this member runs
+        self._sync_owed = False  # end_step counted a sync step whose sync did not finish
         self._joined = not join  # has the group's state (founders: their own)
         self._round_members: tuple[str, ...] = ()
         self.epoch = -1  # the view of the last sync point (the rounds' view)
@@ -248,13 +249,19 @@ class DiLoCo:
 
     def end_step(self, *, timeout: float | None = None) -> OuterSyncReport | None:
         """Count one inner step (call it after ``inner_optimizer.step()``); at a sync
-        step run the outer sync and return its report."""
-        self._t += 1
-        self._fresh = False
-        self.stats["inner_steps"] += 1
-        if self._t % (self.H // self.F):
-            return None
-        return self._sync(timeout)
+        step run the outer sync and return its report. If that sync raised
+        (``StepTimeout``), the next ``end_step`` runs it again without counting
+        another inner step: a retry never skips a sync."""
+        if not self._sync_owed:
+            self._t += 1
+            self._fresh = False
+            self.stats["inner_steps"] += 1
+            if self._t % (self.H // self.F):
+                return None
+            self._sync_owed = True
+        rep = self._sync(timeout)
+        self._sync_owed = False
+        return rep
 
     # ------------------------------------------------------------------ a sync point
     def _sync(self, timeout: float | None) -> OuterSyncReport | None:

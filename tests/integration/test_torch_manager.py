@@ -370,3 +370,37 @@ def test_begin_step_keeps_its_timeout_when_a_peer_never_opens(make: Any) -> None
             peer.join(25)
         finally:
             algo.close()
+
+
+def test_a_diloco_sync_that_timed_out_runs_again_at_the_next_end_step() -> None:
+    """Review, stop 30: end_step counted the inner step before its sync; when the sync
+    raised StepTimeout, calling end_step again counted another inner step and, off the
+    sync step, returned None: the retry silently skipped the sync (this member's
+    delta never averaged; the peer waited for it in vain)."""
+    import threading
+
+    from phalanx.torch import StepTimeout
+    from tests.integration._pairs import embedded_pair
+
+    with embedded_pair() as (a, b):
+        da, db = _diloco(a, _net()), _diloco(b, _net())
+        try:
+            opened = threading.Thread(target=lambda: db.begin_step(timeout=30))
+            opened.start()
+            da.begin_step(timeout=30)
+            opened.join(35)
+            for algo in (da, db):
+                assert algo.end_step(timeout=10) is None  # inner step 1 of 2
+                algo.begin_step()
+            with pytest.raises(StepTimeout):
+                da.end_step(timeout=1.0)  # b is not at the sync yet
+            reports: list[Any] = []
+            peer = threading.Thread(target=lambda: reports.append(db.end_step(timeout=30)))
+            peer.start()
+            again = da.end_step(timeout=30)  # the retry: the same sync
+            peer.join(35)
+            assert again is not None and reports and reports[0] is not None
+            assert da.stats["inner_steps"] == db.stats["inner_steps"] == 2
+        finally:
+            da.close()
+            db.close()
