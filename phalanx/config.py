@@ -20,8 +20,10 @@ daemon).
    ``[monitor.detectors]``, ``[snapshot]``);
 4. the defaults below.
 
-Unknown keys (file or ``PHALANX_*`` names that match no field) are refused with the
-list of valid names, never ignored. :meth:`PhalanxConfig.describe` is what the daemon
+Each layer is read and type-checked on its own, then the layers are merged and the
+result is built once, so the dataclasses' cross-field checks see the final combination
+(see :func:`load_config`). Unknown keys (file or ``PHALANX_*`` names that match no
+field) are refused with the list of valid names, never ignored. :meth:`PhalanxConfig.describe` is what the daemon
 prints at start-up; secrets never live in this object (only ``secret_file``, a path),
 and any value whose key names a secret is printed as ``<redacted>`` anyway.
 
@@ -30,6 +32,7 @@ This module must never open a socket, start a thread, or read the secret itself.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import types
@@ -49,6 +52,7 @@ __all__ = [
     "ENV_PREFIX",
     "PhalanxConfig",
     "SnapshotSettings",
+    "check_address",
     "default_socket_path",
     "load_config",
 ]
@@ -66,6 +70,37 @@ def default_socket_path(member_id: str = "") -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     root = Path(base) / "phalanx" if base else Path(f"/tmp/phalanx-{os.getuid()}")
     return str(root / f"{member_id or 'daemon'}.sock")
+
+
+def check_address(address: str, name: str, *, any_port: bool) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port), or :class:`ConfigError`
+    naming ``name``. The port is 1..65535, or 0 ("any free port") where ``any_port``;
+    the same rules as the membership layer's addresses, checked here so that a bad
+    value is a configuration error (exit 2), not a failure at start."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{name} must be HOST:PORT ({why}), got {address!r}")
+
+    if not isinstance(address, str) or len(address) > 300:
+        raise bad("a string of at most 300 characters")
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise bad("a host, a colon and a port")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise bad("an IPv6 host in brackets, e.g. [::1]:7000")
+        host = host[1:-1]
+    elif ":" in host:
+        raise bad("IPv6 hosts go in brackets, e.g. [::1]:7000")
+    if any(c.isspace() for c in host):
+        raise bad("no spaces in the host")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise bad(f"the port {port_text!r} is not a number")
+    port = int(port_text)
+    low = 0 if any_port else 1
+    if not low <= port <= 65535:
+        raise bad(f"the port must be in {low}..65535" + ("; 0: any free port" if any_port else ""))
+    return host, port
 
 
 @dataclass(frozen=True)
@@ -100,8 +135,8 @@ class SnapshotSettings:
             raise ConfigError("snapshot.k + snapshot.m must be <= 255")
         if self.disk_every < 1:
             raise ConfigError("snapshot.disk_every must be >= 1")
-        if self.listen and ":" not in self.listen:
-            raise ConfigError(f"snapshot.listen must be HOST:PORT, got {self.listen!r}")
+        if self.listen:
+            check_address(self.listen, "snapshot.listen", any_port=True)
         if self.shard_bytes < 64 or self.shard_bytes % 64:
             raise ConfigError("snapshot.shard_bytes must be a positive multiple of 64")
         if not (self.call_timeout > 0 and self.seal_timeout > 0):
@@ -158,10 +193,9 @@ class PhalanxConfig:
     snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
 
     def __post_init__(self) -> None:
-        if self.coordinator and ":" not in self.coordinator:
-            raise ConfigError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
-        if ":" not in self.listen:
-            raise ConfigError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if self.coordinator:
+            check_address(self.coordinator, "coordinator", any_port=False)
+        check_address(self.listen, "listen", any_port=True)
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError("metrics_port must be -1 (off), 0 (any) or a port number")
         if self.incarnation < 0:
@@ -171,6 +205,11 @@ class PhalanxConfig:
         for name in ("op_timeout", "build_timeout", "drain_timeout", "join_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
+        if not (math.isfinite(self.switch_interval_s) and self.switch_interval_s > 0):
+            raise ConfigError(
+                f"switch_interval_s must be a finite number of seconds > 0, "
+                f"got {self.switch_interval_s!r}"
+            )
 
     @property
     def socket_path(self) -> str:
@@ -244,35 +283,80 @@ def _check_value(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
-def _apply(obj: _T, values: Mapping[str, Any], where: str) -> _T:
-    """``obj`` with ``values`` (nested mappings for sections) applied; unknown keys refused."""
-    assert is_dataclass(obj) and not isinstance(obj, type)
-    hints = _hints(type(obj))
-    known = {f.name for f in fields(obj)}
-    changes: dict[str, Any] = {}
+@dataclass(frozen=True)
+class _Given:
+    """One value of one layer, with where it came from (for error messages)."""
+
+    value: Any
+    origin: str
+
+
+#: a layer's values as a tree: section name -> subtree, field name -> _Given
+_Tree = dict[str, Any]
+
+
+def _is_section(typ: Any) -> bool:
+    return isinstance(typ, type) and is_dataclass(typ)
+
+
+def _layer(cls: type, values: Mapping[str, Any], where: str) -> _Tree:
+    """One layer's raw values (nested mappings for sections) checked against ``cls``:
+    unknown keys refused, each value's type checked; nothing is built yet (the
+    cross-field checks run once, on the merge of every layer: :func:`_build`).
+    ``where`` prefixes a key in messages and origins (``"f.toml: "``, ``"--"``)."""
+    hints = _hints(cls)
+    known = {f.name for f in fields(cls)}
+    out: _Tree = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"{where}{key}: unknown setting (known: {', '.join(sorted(known))})")
-        current = getattr(obj, name)
-        if is_dataclass(current):
+        typ = hints[name]
+        if _is_section(typ):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}{key}: expected a section (table)")
-            changes[name] = _apply(current, value, f"{where}{name}.")
+            out[name] = _layer(typ, value, f"{where}{name}.")
         else:
-            changes[name] = _check_value(value, hints[name], f"{where}{name}")
+            out[name] = _Given(_check_value(value, typ, f"{where}{name}"), f"{where}{name}")
+    return out
+
+
+def _merge(low: _Tree, high: _Tree) -> _Tree:
+    """``low`` with ``high``'s values on top (sections merged field by field)."""
+    out = dict(low)
+    for key, value in high.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _build(obj: _T, tree: _Tree, section: str) -> _T:
+    """``obj`` with the merged values of every layer applied, each dataclass built (and
+    validated) once; a refusal names the section and where its values came from."""
+    assert is_dataclass(obj) and not isinstance(obj, type)
+    changes: dict[str, Any] = {}
+    origins: list[str] = []
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            changes[name] = _build(getattr(obj, name), value, f"{section}{name}.")
+        else:
+            changes[name] = value.value
+            origins.append(value.origin)
     try:
         return replace(obj, **changes)
     except ConfigError as exc:
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: {exc}") from None
+        source = f" (set by {', '.join(origins)})" if origins else ""
+        raise ConfigError(f"{section.rstrip('.') or 'config'}: {exc}{source}") from None
     except TypeError as exc:  # pragma: no cover - a field type we cannot handle
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{section.rstrip('.') or 'config'}: {exc}") from None
 
 
-def _env_tree(cls: type, env: Mapping[str, str], prefix: str, where: str) -> dict[str, Any]:
-    """The ``PHALANX_*`` variables that name fields of ``cls`` (recursively), as a tree;
-    leftover ``PHALANX_*`` names are checked by the caller."""
-    out: dict[str, Any] = {}
+def _env_tree(cls: type, env: Mapping[str, str], prefix: str, where: str) -> _Tree:
+    """The ``PHALANX_*`` variables that name fields of ``cls`` (recursively), as a tree
+    of typed values; leftover ``PHALANX_*`` names are checked by the caller."""
+    out: _Tree = {}
     hints = _hints(cls)
     for f in fields(cls):
         typ = hints[f.name]
@@ -282,7 +366,7 @@ def _env_tree(cls: type, env: Mapping[str, str], prefix: str, where: str) -> dic
             if sub:
                 out[f.name] = sub
         elif var in env:
-            out[f.name] = _coerce(env[var], typ, f"${var}")
+            out[f.name] = _Given(_coerce(env[var], typ, f"${var}"), f"${var}")
     return out
 
 
@@ -299,7 +383,19 @@ def _env_names(cls: type, prefix: str) -> set[str]:
 
 #: PHALANX_* variables that belong to other tools, not to the daemon's config
 _FOREIGN_ENV = frozenset(
-    {"PHALANX_LOG_LEVEL", "PHALANX_SOCKET_DIR", "PHALANX_PARENT_PID", "PHALANX_TWIN_MIN_BYTES"}
+    {
+        "PHALANX_LOG_LEVEL",
+        "PHALANX_SOCKET_DIR",
+        "PHALANX_PARENT_PID",
+        "PHALANX_TWIN_MIN_BYTES",  # the client (docs/daemon.md, twin regions)
+        "PHALANX_BENCH_DEBUG",  # phalanx bench anomaly
+        "PHALANX_IMAGE",  # deploy/docker-compose.yml: the image to run
+        "PHALANX_DOCKER_DATA_ROOT",  # deploy/docker/dockerd.py
+        "PHALANX_DOCKERD_LOG",  # deploy/docker/dockerd.py
+        "PHALANX_STRESS_SEED",  # .ci/stress
+        "PHALANX_STRESS_DURATION",  # .ci/stress
+        "PHALANX_STRESS_PEERS",  # .ci/stress
+    }
 )
 
 
@@ -312,8 +408,15 @@ def load_config(
 ) -> PhalanxConfig:
     """Build the config: ``flags`` > ``env`` (default ``os.environ``) > TOML ``file`` >
     ``base`` (default: the defaults). ``flags`` maps field names (``"comm"`` may map to a
-    dict) to values; ``None`` values are "not given". Raises :class:`ConfigError`."""
+    dict) to values; ``None`` values are "not given". Raises :class:`ConfigError`.
+
+    Every layer is read and checked on its own (unknown names, types), then merged,
+    and the result is built and validated once: a cross-field rule (``heartbeat_timeout
+    >= 2 x heartbeat_interval``) judges the final combination, never a half-applied one
+    (a file's interval with the defaults' timeout), and its message names where each
+    value of the section came from."""
     cfg = base or PhalanxConfig()
+    tree: _Tree = {}
     if file is not None:
         path = Path(file)
         try:
@@ -322,7 +425,7 @@ def load_config(
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-        cfg = _apply(cfg, data, f"{path}: ")
+        tree = _layer(PhalanxConfig, data, f"{path}: ")
     environ = os.environ if env is None else env
     ours = {k for k in environ if k.startswith(ENV_PREFIX)} - _FOREIGN_ENV
     unknown = ours - _env_names(PhalanxConfig, ENV_PREFIX)
@@ -331,6 +434,7 @@ def load_config(
             f"unknown environment variable(s) {sorted(unknown)}: PHALANX_<FIELD> or "
             "PHALANX_<SECTION>_<FIELD> (e.g. PHALANX_COORDINATOR, PHALANX_COMM_STREAMS)"
         )
-    cfg = _apply(cfg, _env_tree(PhalanxConfig, environ, ENV_PREFIX, ""), "$")
+    tree = _merge(tree, _env_tree(PhalanxConfig, environ, ENV_PREFIX, ""))
     given = {k: v for k, v in (flags or {}).items() if v is not None}
-    return _apply(cfg, given, "--")
+    tree = _merge(tree, _layer(PhalanxConfig, given, "--"))
+    return _build(cfg, tree, "")

@@ -25,7 +25,10 @@ that was SIGKILLed and restarted restores from it.
 Stop (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop accepting clients, let the request
 in flight finish (``drain_timeout``), leave the group (the others get a view without
 us at once), close the snapshot service, the shard server and the shard channel (in
-that order), close the local connections, join every thread, exit 0.
+that order), close the local connections, join every thread, exit 0. A signal while
+:meth:`Daemon.start` is still joining (an absent coordinator keeps it retrying for
+``join_timeout``) cancels the start (:meth:`Daemon.cancel_start` closes the agent, so
+the join ends at once), and the process exits 0 as well.
 
 Secure by default: ``run`` refuses to start without a secret file unless
 ``--insecure``. With ``--insecure`` the data plane (which always authenticates) uses a
@@ -69,7 +72,15 @@ from phalanx.membership.view import View
 from phalanx.monitor import Monitor
 from phalanx.monitor.metrics import Metrics
 
-__all__ = ["INSECURE_SECRET", "Daemon", "SnapshotMetrics", "read_secret", "register", "run"]
+__all__ = [
+    "INSECURE_SECRET",
+    "Daemon",
+    "SnapshotMetrics",
+    "StartCancelled",
+    "read_secret",
+    "register",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.daemon")
@@ -179,6 +190,10 @@ class SnapshotMetrics(SnapshotObserver):
         self._m.snapshot_underprotected.set(generations)
 
 
+class StartCancelled(PhalanxError):
+    """:meth:`Daemon.start` gave up because :meth:`Daemon.cancel_start` was called."""
+
+
 class Daemon:
     """The daemon's parts, started and stopped in order (see the module docstring)."""
 
@@ -206,6 +221,8 @@ class Daemon:
         self._store: MemoryShardStore | None = None
         self._snapshot_metrics = SnapshotMetrics(self.monitor.metrics)
         self._stopped = False
+        self._started = False  # start() returned: cancel_start() no longer applies
+        self._cancelled = False  # cancel_start() came first: start() gives up
         self._lock = threading.Lock()
 
     def _evict(self, peer_rank: int, detail: str) -> None:
@@ -327,16 +344,39 @@ class Daemon:
             observer=self._snapshot_metrics,
         )
 
+    def cancel_start(self) -> bool:
+        """Make a :meth:`start` in progress give up soon, from any thread (SIGTERM while
+        the daemon is still joining: the join may wait ``join_timeout`` for an absent
+        coordinator). Closes the membership agent, which ends the join's retries and
+        waits at once; ``start`` then stops what it started and raises
+        :class:`StartCancelled` (or the join's own error). False, and nothing done,
+        once ``start`` has returned: stop a running daemon with :meth:`stop`."""
+        with self._lock:
+            if self._started:
+                return False
+            self._cancelled = True
+            group = self.group
+        if group is not None:
+            group.agent.close()  # idempotent; stop() closes the rest
+        return True
+
+    def _check_cancelled(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                raise StartCancelled(f"{self.member_id}: start-up cancelled")
+
     def start(self) -> None:
         """Serve the local API, join the group, serve /metrics. Raises on failure
-        (everything started so far is stopped)."""
+        (everything started so far is stopped); :class:`StartCancelled` after
+        :meth:`cancel_start`."""
         cfg = self.config
         # before any gRPC or worker thread runs: loading the erasure backend may start a
         # child process (a fork beside gRPC's threads can break gRPC's poller)
         erasure, erasure_detail = backend_summary()
         try:
+            self._check_cancelled()
             advertise = self._start_snapshots()
-            self.group = ElasticGroup(
+            group = ElasticGroup(
                 cfg.coordinator,
                 self.member_id,
                 self._secret,
@@ -354,6 +394,9 @@ class Daemon:
                 advertise=advertise,
                 auto_rejoin=True,
             )
+            with self._lock:  # from here on cancel_start() closes its agent
+                self.group = group
+            self._check_cancelled()
             # heartbeats -> phalanx_heartbeat_last_{sent,ack}_timestamp_seconds
             self.group.agent.on_heartbeat = self.monitor.metrics.heartbeat
             self.group.recover_state = self._recover_state
@@ -371,9 +414,18 @@ class Daemon:
             if cfg.metrics_port >= 0:
                 self.metrics_address = self.monitor.serve(cfg.metrics_host, cfg.metrics_port)
             view = self.group.join(cfg.join_timeout)
+            with self._lock:
+                cancelled, self._started = self._cancelled, not self._cancelled
+            if cancelled:  # the join may have succeeded just before its agent closed
+                raise StartCancelled(f"{self.member_id}: start-up cancelled")
             self.snapshots.on_view(self.group.view)
-        except BaseException:
+        except BaseException as exc:
+            with self._lock:
+                cancelled = self._cancelled
             self.stop(leave=False)
+            if cancelled and not isinstance(exc, StartCancelled):
+                # the join's own error (its agent was closed under it): say why
+                raise StartCancelled(f"{self.member_id}: start-up cancelled ({exc})") from exc
             raise
         self.erasure_backend = erasure
         audit.info(
@@ -480,7 +532,9 @@ _FLAGS = ("coordinator", "listen", "metrics_port", "metrics_host", "secret_file"
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT: 0 after a clean stop, 2 on a configuration error."""
+    """Run until SIGTERM/SIGINT: 0 after a clean stop (a signal during start-up too:
+    the join is given up at once), 1 if it could not start, 2 on a configuration
+    error."""
     flags: dict[str, Any] = {k: getattr(args, k, None) for k in _FLAGS}
     snap = {"snapshot_dir": getattr(args, "snapshot_dir", None),
             "budget_bytes": getattr(args, "snapshot_budget", None)}  # fmt: skip
@@ -490,43 +544,57 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(flags, file=args.config)
         secret = read_secret(cfg)
         daemon = Daemon(cfg, secret)
-        if cfg.switch_interval_s > 0:  # the daemon process is ours to tune (see config)
-            sys.setswitchinterval(cfg.switch_interval_s)
     except ConfigError as exc:
         sys.stderr.write(f"phalanx daemon: {exc}\n")
         return 2
-    sys.stdout.write("phalanx daemon configuration:\n")
-    for line in cfg.describe().splitlines():
-        sys.stdout.write(f"  {line}\n")
-    sys.stdout.flush()
+    # the daemon process is ours to tune (see config); validated there: finite, > 0
+    sys.setswitchinterval(cfg.switch_interval_s)
     done = threading.Event()
+    cancellers: list[threading.Thread] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        done.set()
+        if not done.is_set():
+            done.set()
+            # a start-up still joining gives up at once (off the signal handler: it
+            # closes the agent, which takes locks the interrupted code may hold)
+            t = threading.Thread(target=daemon.cancel_start, name="phalanx-cancel", daemon=True)
+            t.start()
+            cancellers.append(t)
 
+    # before the configuration is printed: whoever waits for that print may signal
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        sys.stdout.write("phalanx daemon configuration:\n")
+        for line in cfg.describe().splitlines():
+            sys.stdout.write(f"  {line}\n")
+        sys.stdout.flush()
         try:
             daemon.start()
         except (PhalanxError, TimeoutError, OSError) as exc:
-            sys.stderr.write(f"phalanx daemon: could not start: {exc}\n")
-            return 1
-        assert daemon.group is not None
-        metrics = _hostport(daemon.metrics_address)
-        shards = daemon.shard_server.address if daemon.shard_server is not None else "off"
-        sys.stdout.write(
-            f"phalanx daemon ready member={daemon.member_id} socket={daemon.socket_path} "
-            f"data={daemon.group.address} shards={shards} metrics={metrics} "
-            f"epoch={daemon.group.view.epoch} erasure={daemon.erasure_backend}\n"
-        )
-        sys.stdout.flush()
-        while not done.wait(0.5):
-            pass
-        daemon.stop(leave=True)
+            if not done.is_set():
+                sys.stderr.write(f"phalanx daemon: could not start: {exc}\n")
+                return 1
+            # SIGTERM/SIGINT while joining: a clean stop (start() stopped what it began)
+            audit.info("event=start_cancelled member=%s why=%r", daemon.member_id, str(exc))
+        else:
+            assert daemon.group is not None
+            metrics = _hostport(daemon.metrics_address)
+            shards = daemon.shard_server.address if daemon.shard_server is not None else "off"
+            sys.stdout.write(
+                f"phalanx daemon ready member={daemon.member_id} socket={daemon.socket_path} "
+                f"data={daemon.group.address} shards={shards} metrics={metrics} "
+                f"epoch={daemon.group.view.epoch} erasure={daemon.erasure_backend}\n"
+            )
+            sys.stdout.flush()
+            while not done.wait(0.5):
+                pass
+            daemon.stop(leave=True)
     finally:
         daemon.stop(leave=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for t in cancellers:
+            t.join(5.0)
     sys.stdout.write("phalanx daemon stopped\n")
     sys.stdout.flush()
     return 0

@@ -20,7 +20,11 @@ exits, or the training process finished (exit 0), everything stops and the
 supervisor exits with the daemon's status (0 for a finished job), leaving a restart to
 the container's policy. SIGTERM/SIGINT: the training process gets SIGTERM (it finishes
 its step), then the daemon (it drains and leaves the group, so the others get a view
-without it at once), each within ``--stop-timeout`` before SIGKILL.
+without it at once); the whole stop takes at most ``--stop-timeout`` (20 s), of which
+the training process gets at most half (:func:`stop_budget`), so the daemon always has
+time left to leave. Whatever still runs at its deadline gets SIGKILL. Keep the
+container's grace period (compose ``stop_grace_period``, 30 s) above ``--stop-timeout``:
+the runtime SIGKILLs everything at its end.
 
 This module must never leave a child behind, nor signal a process it did not start.
 """
@@ -52,12 +56,19 @@ __all__ = [
     "register",
     "restart_delay",
     "run",
+    "stop_budget",
+    "trainer_command",
 ]
 
 log = logging.getLogger(__name__)
 
 DATA_PORT = 7100
 METRICS_PORT = 9464
+#: ``--stop-timeout`` default: the whole stop, both children (below compose's 30 s
+#: ``stop_grace_period``)
+STOP_TIMEOUT_S = 20.0
+#: the most of the stop budget the training process may take before its SIGKILL
+TRAINER_STOP_SHARE = 0.5
 
 
 class Exit(enum.Enum):
@@ -108,6 +119,24 @@ def restart_delay(previous: float, ran_s: float, policy: Backoff) -> float:
     return min(policy.maximum, previous * 2)
 
 
+def stop_budget(total_s: float, trainer_took_s: float) -> tuple[float, float]:
+    """(the training process's wait before SIGKILL, then the daemon's) in a stop that
+    takes at most ``total_s`` in all: the training process gets at most
+    :data:`TRAINER_STOP_SHARE` of it, the daemon whatever the training process left
+    (``trainer_took_s``: how long its stop took). Pure."""
+    trainer = total_s * TRAINER_STOP_SHARE
+    return trainer, max(0.0, total_s - min(trainer_took_s, trainer))
+
+
+def trainer_command(words: Sequence[str]) -> list[str]:
+    """The training command from the words after ``phalanx peer``'s options: one
+    leading ``--`` separator dropped (argparse keeps it when options came before it),
+    every later word kept as it is (a ``--`` of the training command's own included);
+    ``phalanx train`` when empty. Pure."""
+    cmd = list(words[1:] if words and words[0] == "--" else words)
+    return cmd or [sys.executable, "-m", "phalanx", "train"]
+
+
 def peer_env(environ: Mapping[str, str], hostname: str, address: str) -> dict[str, str]:
     """``environ`` with the peer's defaults filled in where unset (pure).
 
@@ -138,9 +167,11 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     a(
         "--stop-timeout",
         type=float,
-        default=20.0,
+        default=STOP_TIMEOUT_S,
         metavar="S",
-        help="on SIGTERM, wait this long for each child before SIGKILL (default 20)",
+        help="on SIGTERM, stop both children within S seconds in all, the training "
+        f"process in at most half of it, before SIGKILL (default {STOP_TIMEOUT_S:g}; "
+        "keep it below the container's grace period)",
     )
     a(
         "--restart-delay",
@@ -216,10 +247,19 @@ def _stop(child: _Child | None, others: Sequence[_Child | None], timeout: float)
             time.sleep(0.02)
 
 
+def _stop_both(trainer: _Child | None, daemon: _Child, total_s: float) -> None:
+    """The training process, then the daemon, all within ``total_s`` (see
+    :func:`stop_budget`)."""
+    t0 = time.monotonic()
+    trainer_s, _ = stop_budget(total_s, 0.0)
+    _stop(trainer, [daemon], trainer_s)
+    _, daemon_s = stop_budget(total_s, time.monotonic() - t0)
+    _stop(daemon, [trainer], daemon_s)
+
+
 def run(args: argparse.Namespace) -> int:
     """Supervise until a child ends for good or SIGTERM/SIGINT; see the module docstring."""
-    trainer_cmd = [w for w in args.trainer if w != "--"] if args.trainer else []
-    trainer_cmd = trainer_cmd or [sys.executable, "-m", "phalanx", "train"]
+    trainer_cmd = trainer_command(args.trainer or [])
     policy = Backoff(args.restart_delay, args.max_restart_delay)
     hostname = socket.gethostname()
     try:
@@ -258,8 +298,7 @@ def run(args: argparse.Namespace) -> int:
             if trainer is None and not stop.is_set() and time.monotonic() >= restart_at:
                 trainer = _Child("trainer", trainer_cmd, env)
     finally:
-        _stop(trainer, [daemon], args.stop_timeout)
-        _stop(daemon, [trainer], args.stop_timeout)
+        _stop_both(trainer, daemon, args.stop_timeout)
         _reap([])
         for s, h in previous.items():
             signal.signal(s, h)

@@ -180,3 +180,72 @@ def test_an_insecure_coordinator_and_an_insecure_daemon_pair_up(tmp_path: Path) 
         assert not any("BAD_AUTH" in line for line in seen)
     finally:
         stop(daemon, coord, grace=15.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("after_s", [0.0, 1.5])
+def test_sigterm_while_joining_exits_0_promptly(tmp_path: Path, after_s: float) -> None:
+    """A daemon whose coordinator is not there keeps joining (join_timeout, 30 s: as
+    long as Kubernetes' grace period); SIGTERM meanwhile gives the join up and exits 0
+    within seconds. It used to be ignored until the join timed out, then exit 1.
+    ``after_s``: right at the configuration print (the group may not exist yet), or
+    well into the join's retries."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "phalanx", "daemon", "--insecure",
+         "--coordinator", f"127.0.0.1:{_free_port()}",  # nobody listens there
+         "--socket", str(tmp_path / "d.sock"), "--metrics-port", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )  # fmt: skip
+    try:
+        assert daemon.stdout is not None
+        deadline = time.monotonic() + 30
+        line = ""
+        while time.monotonic() < deadline:
+            line = daemon.stdout.readline()
+            if not line or line.startswith("phalanx daemon configuration"):
+                break
+        assert line.startswith("phalanx daemon configuration"), line
+        time.sleep(after_s)
+        assert daemon.poll() is None, "the daemon ended before the signal"
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.wait(10.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGTERM during start-up was not acted on within 10 s")
+        out, err = daemon.communicate(timeout=10)
+        assert code == 0, err[-2000:]
+        assert "phalanx daemon stopped" in out
+        assert "could not start" not in err
+        assert not (tmp_path / "d.sock").exists()
+    finally:
+        stop(daemon, grace=5.0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [
+        ("--listen", "127.0.0.1:abc", "listen"),
+        ("--listen", "127.0.0.1:99999", "listen"),
+        ("--coordinator", "127.0.0.1:0", "coordinator"),
+    ],
+)
+def test_a_bad_address_is_a_configuration_error(
+    tmp_path: Path, flag: str, value: str, named: str
+) -> None:
+    """Exit 2 with a message naming the setting, not a traceback and exit 1 at start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHALANX_")}
+    args = {"--coordinator": "127.0.0.1:1", "--listen": "127.0.0.1:0", flag: value}
+    r = subprocess.run(
+        [sys.executable, "-m", "phalanx", "daemon", "--insecure", "--metrics-port", "-1",
+         "--socket", str(tmp_path / "s.sock"), *[w for kv in args.items() for w in kv]],
+        capture_output=True, env=env, timeout=60, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"{named} must be HOST:PORT" in r.stderr and value in r.stderr
+    assert "Traceback" not in r.stderr

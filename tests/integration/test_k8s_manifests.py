@@ -39,6 +39,9 @@ from phalanx.monitor import Monitor
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 ALERTS = K8S.parent / "prometheus" / "alerts.yml"
+DEPLOY_DOC = K8S.parents[1] / "docs" / "deploy.md"
+#: manifests the user reads or applies by hand, never part of the kustomization
+EXAMPLES = ("secret.example.yaml",)
 #: what the training process (the client) reads from the environment
 CLIENT_ENV = {"PHALANX_SOCKET"}
 #: sample values for the downward API, as a kubelet would fill them in
@@ -48,15 +51,29 @@ FIELD_SAMPLES = {"metadata.name": "phalanx-peer-0", "status.podIP": "10.244.1.7"
 Doc = dict[str, Any]
 
 
-def load() -> list[Doc]:
-    """Every object of the manifests kustomization.yaml lists (which must be all)."""
+def _read(name: str) -> list[Doc]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def applied() -> list[Doc]:
+    """Every object of the manifests kustomization.yaml lists (which must be all but
+    the examples): what ``kubectl apply -k deploy/k8s`` applies."""
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    files = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    files = sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", *EXAMPLES)
+    )
     assert sorted(kust["resources"]) == files, "kustomization.yaml must list every manifest"
+    assert not kust.get("secretGenerator"), "apply -k must not write the cluster secret"
     docs: list[Doc] = []
     for name in files:
-        docs.extend(d for d in yaml.safe_load_all((K8S / name).read_text()) if d)
+        docs.extend(_read(name))
     return docs
+
+
+def load() -> list[Doc]:
+    """What runs once the user followed docs/deploy.md: the example Secret (standing
+    for the one they create) and everything ``apply -k`` applies."""
+    return [d for name in EXAMPLES for d in _read(name)] + applied()
 
 
 class _Refused(Exception):
@@ -274,6 +291,21 @@ def test_manifests_match_the_code() -> None:
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["Deployment", "PodMonitor", "Secret", "Service", "Service", "StatefulSet"]
     assert check(docs) == []
+
+
+def test_apply_k_never_overwrites_the_cluster_secret() -> None:
+    """``kubectl apply -k deploy/k8s`` after ``kubectl create secret ...`` (the docs'
+    order) used to put the placeholder REPLACE-ME over the real secret, and again at
+    every later apply (an image bump): the kustomization must apply no Secret."""
+    assert [d["kind"] for d in applied() if d["kind"] == "Secret"] == []
+    text = DEPLOY_DOC.read_text()
+    k8s = text[text.index("## Kubernetes") :]
+    create = k8s.index("kubectl create secret generic phalanx-cluster-secret")
+    assert create < k8s.index("kubectl apply -k deploy/k8s"), "create the secret first"
+    # the docs' command makes the Secret the pods mount (the example's name and key)
+    (example,) = _read("secret.example.yaml")
+    assert example["metadata"]["name"] == "phalanx-cluster-secret"
+    assert f"--from-literal={next(iter(example['stringData']))}=" in k8s
 
 
 def _container(docs: list[Doc], name: str) -> Doc:

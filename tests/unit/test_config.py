@@ -3,6 +3,7 @@ nested sections, unknown names refused, values validated, secrets never printed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,93 @@ def test_straggler_eviction_is_opt_in_and_set_from_the_environment() -> None:
     assert load_config(env={}).monitor.evict_stragglers is False
     cfg = load_config(env={"PHALANX_MONITOR_EVICT_STRAGGLERS": "true"})
     assert cfg.monitor.evict_stragglers is True
+
+
+def test_layers_are_merged_before_the_cross_field_checks(tmp_path: Path) -> None:
+    """A file's heartbeat_interval with the environment's timeout and window is a valid
+    combination; it was refused (blaming the file) because the file was validated with
+    the defaults' timeout before the environment was applied."""
+    f = _toml(tmp_path, "[membership]\nheartbeat_interval = 0.5\n")
+    env = {
+        "PHALANX_MEMBERSHIP_HEARTBEAT_TIMEOUT": "2.0",
+        "PHALANX_MEMBERSHIP_CONFIRM_WINDOW": "0.5",
+    }
+    cfg = load_config(env=env, file=f)
+    assert (cfg.membership.heartbeat_interval, cfg.membership.heartbeat_timeout) == (0.5, 2.0)
+    assert cfg.membership.confirm_window == 0.5
+    # a flag may repair what the environment and the file set, too
+    cfg = load_config({"membership": {"heartbeat_timeout": 3.0, "confirm_window": 0.5}},
+                      env={"PHALANX_MEMBERSHIP_HEARTBEAT_TIMEOUT": "0.7"}, file=f)  # fmt: skip
+    assert cfg.membership.heartbeat_timeout == 3.0
+    # the final combination is still checked, naming where its values came from
+    with pytest.raises(ConfigError, match="heartbeat_timeout") as err:
+        load_config(env={**env, "PHALANX_MEMBERSHIP_HEARTBEAT_TIMEOUT": "0.8"}, file=f)
+    assert str(f) in str(err.value) and "$PHALANX_MEMBERSHIP_HEARTBEAT_TIMEOUT" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"listen": "127.0.0.1:abc"}, "listen"),
+        ({"listen": ":99999"}, "listen"),
+        ({"listen": "127.0.0.1:65536"}, "listen"),
+        ({"listen": "127.0.0.1:"}, "listen"),
+        ({"listen": "::1:7100"}, "listen"),  # IPv6 goes in brackets
+        ({"coordinator": "h:0"}, "coordinator"),  # a coordinator needs a real port
+        ({"coordinator": "h:x"}, "coordinator"),
+        ({"coordinator": ":7000"}, "coordinator"),
+        ({"snapshot": {"listen": "0.0.0.0:70000"}}, "snapshot.listen"),
+        ({"snapshot": {"listen": "0.0.0.0:p"}}, "snapshot.listen"),
+    ],
+)
+def test_addresses_are_parsed(flags: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{re.escape(named)} must be HOST:PORT"):
+        load_config(flags, env={})
+
+
+def test_good_addresses_are_accepted() -> None:
+    cfg = load_config(
+        {"listen": "[::1]:0", "coordinator": "coordinator:7000",
+         "snapshot": {"listen": "10.0.0.5:0"}},
+        env={},
+    )  # fmt: skip
+    assert (cfg.listen, cfg.coordinator, cfg.snapshot.listen) == (
+        "[::1]:0", "coordinator:7000", "10.0.0.5:0"
+    )  # fmt: skip
+    assert load_config({"listen": "0.0.0.0:7100"}, env={}).listen == "0.0.0.0:7100"
+    with pytest.raises(ConfigError, match="PHALANX_LISTEN"):  # names the variable
+        load_config(env={"PHALANX_LISTEN": "127.0.0.1:abc"})
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "-inf"])
+def test_switch_interval_must_be_finite_and_positive(value: str) -> None:
+    with pytest.raises(ConfigError, match="switch_interval_s"):
+        load_config(env={"PHALANX_SWITCH_INTERVAL_S": value})
+    assert load_config(env={"PHALANX_SWITCH_INTERVAL_S": "0.001"}).switch_interval_s == 0.001
+
+
+def test_every_phalanx_variable_the_project_uses_is_known() -> None:
+    """A PHALANX_* name read or set anywhere in the project (a tool's, compose's
+    PHALANX_IMAGE) is a daemon setting or listed as another tool's: the daemon refuses
+    unknown names, so `PHALANX_IMAGE=... phalanx daemon` exited 2."""
+    from phalanx.config import _FOREIGN_ENV, ENV_PREFIX, _env_names
+
+    root = Path(__file__).resolve().parents[2]
+    known = _env_names(PhalanxConfig, ENV_PREFIX) | _FOREIGN_ENV
+    used: dict[str, str] = {}
+    for folder in ("phalanx", "deploy", ".ci", "scripts"):
+        for p in (root / folder).rglob("*"):
+            if p.is_file() and p.suffix in ("", ".py", ".sh", ".yml", ".yaml", ".toml"):
+                try:
+                    text = p.read_text()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                for name in re.findall(r"\bPHALANX_[A-Z0-9_]*[A-Z0-9]\b", text):
+                    used.setdefault(name, str(p.relative_to(root)))
+    assert "PHALANX_IMAGE" in used  # the scan sees compose's variable
+    unknown = {n: where for n, where in used.items() if n not in known}
+    assert unknown == {}, unknown
+    # and the daemon's loader takes them
+    assert load_config(env={"PHALANX_IMAGE": "phalanx:1.2", "PHALANX_BENCH_DEBUG": "1"}) == (
+        PhalanxConfig()
+    )
