@@ -151,6 +151,13 @@ _CONTROL_TIMEOUT = 10.0
 _GRACE_S = 1.0  # past its deadline, how long a request may take to answer before CANCEL
 _ACK_S = 5.0  # how long the daemon has to acknowledge a CANCEL
 _MAX_TIMEOUT_S = 86400.0 * 7  # the protocol's bound on a request's timeout
+
+
+def _check_timeout(t: float) -> float:
+    """``t`` if a request may carry it (NaN and negatives too: ConfigError)."""
+    if not 0 < t <= _MAX_TIMEOUT_S:
+        raise ConfigError(f"timeout must be in (0, {_MAX_TIMEOUT_S:g}] seconds, got {t}")
+    return t
 _STAGING_KEEP = 4
 
 
@@ -487,9 +494,7 @@ class Client:
         async_op: bool,
     ) -> OpResult | Handle:  # fmt: skip
         """Every collective: one OP request for ``spec`` on where ``x`` lives."""
-        t = self.op_timeout if timeout is None else float(timeout)
-        if not 0 < t <= _MAX_TIMEOUT_S:  # before anything is staged (and NaN too)
-            raise ConfigError(f"timeout must be in (0, {_MAX_TIMEOUT_S:g}] seconds, got {t}")
+        t = _check_timeout(self.op_timeout if timeout is None else float(timeout))
         release: Callable[[bool], None] = _nothing
         unsafe: Callable[[], None] | None = None
         ref: BufRef | None = None
@@ -699,7 +704,7 @@ class Client:
         the step again with the new members. ``allow_partial=True`` lets such
         collectives run, for loops that weigh contributions themselves
         (``OpResult.contributors``)."""
-        t = self.op_timeout if timeout is None else float(timeout)
+        t = _check_timeout(self.op_timeout if timeout is None else float(timeout))
         req = BeginStep(step, t, time.monotonic() + t, allow_partial)
         info = self._call(req, t)
         assert isinstance(info, StepInfo)
@@ -708,7 +713,7 @@ class Client:
     def commit(self, step: int, ok: bool = True, *, timeout: float | None = None) -> bool:
         """Vote on ``step``; the group's decision, the same on every member (promise 4).
         Apply the step only on True. ``CommitUnknown`` if no decision came in time."""
-        t = self.op_timeout if timeout is None else float(timeout)
+        t = _check_timeout(self.op_timeout if timeout is None else float(timeout))
         reply = self._call(Commit(int(step), bool(ok), t, time.monotonic() + t), t)
         assert isinstance(reply, Committed)
         return reply.committed
@@ -788,7 +793,7 @@ class Client:
             if region is not None:
                 self._forget(region)
 
-        t = self._seal_timeout if timeout is None else float(timeout)
+        t = _check_timeout(self._seal_timeout if timeout is None else float(timeout))
         try:
             req = TakeSnapshot(tuple(entries), int(step), t, time.monotonic() + t)
             taken = self._call(req, t, unsafe=unsafe)
@@ -820,7 +825,7 @@ class Client:
     def _restore(
         self, member: str | None, step: int | None, timeout: float | None
     ) -> tuple[int, dict[str, Any]]:
-        t = self._seal_timeout if timeout is None else float(timeout)
+        t = _check_timeout(self._seal_timeout if timeout is None else float(timeout))
         if not t > 0:
             raise ConfigError("timeout must be > 0")
         req = Restore(member, None if step is None else int(step), t, time.monotonic() + t)

@@ -114,6 +114,7 @@ _MAX_CONNECTIONS = 64
 _CONTROL_TIMEOUT_S = 10.0  # requests that carry no deadline of their own
 _CLOCK_SKEW_S = 0.05  # HELLO: the client's monotonic clock is ours if this close
 _CANCEL_WAIT_S = 5.0  # how long a CANCEL waits for its request to stop
+_MAX_CANCELLED = 4096  # CANCELs of requests not read yet, per session (pipelining bound)
 _KEEP_HANDLES = 16  # snapshot generations kept for SNAPSHOT_WAIT (newest first)
 
 
@@ -349,6 +350,8 @@ class LocalServer:
             with s.cond:
                 s.running, s.deadline = 0, None
                 s.answered = max(s.answered, frame.rid)
+                if s.cancelled:  # requests are answered in order: older rids never come
+                    s.cancelled = {r for r in s.cancelled if r > s.answered}
                 s.cond.notify_all()
 
     def _deadline(self, s: Session, req: Request) -> Deadline:
@@ -547,6 +550,8 @@ class LocalServer:
             if req.rid <= target.answered:
                 return Cancelled(CancelState.FINISHED.value)
             if target.running != req.rid:
+                if len(target.cancelled) >= _MAX_CANCELLED:  # rids never sent, say
+                    raise ProtocolError(f"over {_MAX_CANCELLED} requests cancelled ahead")
                 target.cancelled.add(req.rid)  # not read yet: it never runs
                 return Cancelled(CancelState.WILL_NOT_RUN.value)
             if target.deadline is not None:

@@ -126,6 +126,24 @@ def test_a_timeout_the_protocol_refuses_is_a_config_error_and_stages_nothing(
     assert len(pg._regions) == regions
 
 
+@pytest.mark.parametrize("timeout", [1e6, float("nan"), -1.0])
+@pytest.mark.parametrize("call", ["begin_step", "commit", "snapshot", "restore"])
+def test_a_control_call_with_a_timeout_the_protocol_refuses_is_a_config_error(
+    pg: phalanx.Client, timeout: float, call: str
+) -> None:
+    """Review, stop 30: begin_step(timeout=-1) and the other control calls raised
+    ProtocolError (the request could not be encoded), as if the daemon had broken the
+    protocol, instead of naming the caller's mistake."""
+    calls = {
+        "begin_step": lambda: pg.begin_step(timeout=timeout),
+        "commit": lambda: pg.commit(0, timeout=timeout),
+        "snapshot": lambda: pg.snapshot({"w": np.ones(4, np.float32)}, 0, timeout=timeout),
+        "restore": lambda: pg.restore(timeout=timeout),
+    }
+    with pytest.raises(phalanx.ConfigError, match="timeout"):
+        calls[call]()
+
+
 @pytest.mark.parametrize("name", ["f4,(", "S0", "V0"])
 def test_dtype_strings_numpy_chokes_on_are_refused(name: str) -> None:
     ref: Any = None
@@ -205,3 +223,27 @@ def test_only_regions_sealed_against_shrinking_are_mapped(pg: phalanx.Client) ->
     x[:] = 2.0
     pg.all_reduce(x)
     assert np.all(x == 2.0)
+
+
+def test_cancels_of_requests_never_sent_are_bounded_and_pruned(pg: phalanx.Client) -> None:
+    """Review, stop 30: every CANCEL of a request not read yet was kept for good, so
+    CANCELs of rids never sent grew the daemon's memory without bound. They are capped
+    per session, and dropped once the session answers past them."""
+    a, b = _raw(pg.socket), _raw(pg.socket)
+    try:
+        welcome = _call(a, P.ClientHello(os.getpid(), time.monotonic()), 1)
+        rid = 100
+        for rid in range(100, 100 + 4096):
+            msg = P.Cancel(welcome.session, rid)
+            assert _call(b, msg, rid).state == "will-not-run"
+        b.sendall(bytes(P.encode(P.Cancel(welcome.session, rid + 1), rid + 1)))
+        assert b.recv(65536) == b""  # one too many: that connection is closed
+        b.close()
+        # the session answers a request past them: they are dropped, cancels work again
+        assert isinstance(_call(a, P.GetView(), rid + 10), P.ViewInfo)
+        b = _raw(pg.socket)
+        for r in range(rid + 20, rid + 4116):
+            assert _call(b, P.Cancel(welcome.session, r), r).state == "will-not-run"
+    finally:
+        a.close()
+        b.close()
