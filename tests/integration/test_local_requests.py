@@ -240,7 +240,7 @@ def test_cancels_of_requests_never_sent_are_bounded_and_pruned(pg: phalanx.Clien
         assert b.recv(65536) == b""  # one too many: that connection is closed
         b.close()
         # the session answers a request past them: they are dropped, cancels work again
-        assert isinstance(_call(a, P.GetView(), rid + 10), P.ViewInfo)
+        assert isinstance(_call(a, P.GetView(), rid + 10), phalanx.ViewInfo)
         b = _raw(pg.socket)
         for r in range(rid + 20, rid + 4116):
             assert _call(b, P.Cancel(welcome.session, r), r).state == "will-not-run"
