@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -134,7 +134,7 @@ def test_a_control_call_with_a_timeout_the_protocol_refuses_is_a_config_error(
     """Review, stop 30: begin_step(timeout=-1) and the other control calls raised
     ProtocolError (the request could not be encoded), as if the daemon had broken the
     protocol, instead of naming the caller's mistake."""
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "begin_step": lambda: pg.begin_step(timeout=timeout),
         "commit": lambda: pg.commit(0, timeout=timeout),
         "snapshot": lambda: pg.snapshot({"w": np.ones(4, np.float32)}, 0, timeout=timeout),
