@@ -533,6 +533,11 @@ class LocalDetector:
                     normal = t <= max(med * cfg.ratio_threshold, med + cfg.min_excess_s)
                     if normal:
                         kind = "straggler"
+            if not hit.new and hit.cell in self._standing:
+                # still standing: the verdict stays what it was when it started (an op
+                # of a standing cell that was itself normal would judge it a
+                # "straggler" of score 0 and issue that as a new verdict)
+                continue
             self._kind[hit.cell] = kind
             v = Verdict(
                 kind,

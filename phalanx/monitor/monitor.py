@@ -461,6 +461,8 @@ class Monitor:
                 if who is not None:
                     m.peer_seen(who)
                 m.child(m.anomaly_score, kind, peer).set(round(verdict.score, 4))
+                if who is not None:  # the detectors' next scores write over (or zero) it
+                    self._scored.add((kind, who))
                 m.child(m.anomaly_active, kind, peer).set(1)
                 a = self._active.get((kind, who))
                 if a is None:
