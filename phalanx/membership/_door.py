@@ -12,6 +12,19 @@ its epoch — and hands the connection to the listener of that epoch
 Connections for an older epoch, garbage, and probes that close without a word (the
 coordinator's reachability check) are closed with a DEBUG/WARNING line.
 
+Everything the door reads comes before any proof of the secret (the handshake runs in
+the group it hands the connection to), so anyone who reaches the port can open
+connections and name any epoch. What a stranger can take is bounded: a connection must
+deliver its header within ``header_s`` (2 s; a connector sends its HELLO right after
+``connect()``), at most ``per_source`` (32) connections from one source address wait
+for a header or for their epoch at a time, and all of them together at most 256. A
+stranger reopening idle sockets from one address therefore never blocks a member
+connecting from another. Members sharing a host share its quota: one group build
+dials one link at a time (each link's handshake completes before the next), so a
+host's members hold about one waiting connection each per build in progress
+(loopback is not exempt: the test clusters, every member on 127.0.0.1 and at most a
+handful of members, stay far below 32).
+
 Epochs here are data-plane group ids (:func:`~phalanx.membership.lifecycle.
 data_epoch`): a view epoch, the generation of its rebuilt group, and a side-group
 bit; "older" compares them as that tuple. A connection held for a group that is not
@@ -31,6 +44,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import cast
 
@@ -44,6 +58,11 @@ __all__ = ["Door", "EpochListener"]
 log = logging.getLogger(__name__)
 
 _MAX_PENDING = 256  # connections waiting for a header or for their epoch
+#: of those, from one source address (a stranger must not take every slot)
+_PER_SOURCE = 32
+#: a new connection's first header must be in within this (the connector sends its
+#: HELLO right after connect(); an idle socket must not hold a slot for hold_s)
+_HEADER_S = 2.0  # generous: a loaded 2-core host can stall a connector that long
 #: longest sleep of the door thread with nothing to time out (a backstop: close()
 #: and connections wake it; a 50 ms poll woke an idle daemon 20 times a second)
 _IDLE_S = 1.0
@@ -116,16 +135,24 @@ class Door:
         address: str = "127.0.0.1:0",
         *,
         hold_s: float = 5.0,
+        header_s: float = _HEADER_S,
+        per_source: int = _PER_SOURCE,
         on_ahead: Callable[[int], None] | None = None,
     ) -> None:
         self._listener = bind(address)
         self.address = self._listener.address
         self._hold_s = hold_s
+        self._header_s = min(header_s, hold_s)
+        self._per_source = per_source
         self._on_ahead = on_ahead
         self._lock = threading.Lock()
         self._open: dict[int, _EpochSocket] = {}
         self._floor = (0, 0, False)  # connections for groups below this are refused
         self._held: list[tuple[socket.socket, int, float]] = []  # (conn, epoch, deadline)
+        # source address of every connection waiting (peeked or held), and their count
+        # per address: the per-source quota (under _lock: listener() releases held ones)
+        self._origin: dict[socket.socket, str] = {}
+        self._by_source: Counter[str] = Counter()
         # connections with part of a header in, out of the selector until their next look
         self._parked: dict[socket.socket, float] = {}
         self._stop = threading.Event()
@@ -155,13 +182,23 @@ class Door:
             keep = []
             for conn, ep, deadline in self._held:
                 if ep == epoch:
+                    self._release(conn)
                     es.put(conn)
                 elif advance and split_epoch(ep) < key:
+                    self._release(conn)
                     conn.close()
                 else:
                     keep.append((conn, ep, deadline))
             self._held = keep
         return EpochListener(self, es)
+
+    def _release(self, conn: socket.socket) -> None:
+        """(Under _lock.) ``conn`` no longer waits here: its source's quota frees."""
+        source = self._origin.pop(conn, None)
+        if source is not None:
+            self._by_source[source] -= 1
+            if self._by_source[source] <= 0:
+                del self._by_source[source]
 
     def _retire(self, es: _EpochSocket) -> None:
         with self._lock:
@@ -181,6 +218,8 @@ class Door:
             for conn, _, _ in self._held:
                 conn.close()
             self._held.clear()
+            self._origin.clear()
+            self._by_source.clear()
         for key in list(self._sel.get_map().values()):
             if key.fileobj is not self._listener.sock:
                 cast(socket.socket, key.fileobj).close()
@@ -214,12 +253,13 @@ class Door:
                 if now > deadline:
                     log.debug("event=door_drop reason=no-header")
                     self._forget(conn, peeking)
-                    conn.close()
+                    self._drop(conn)
             with self._lock:
                 keep = []
                 for conn, ep, deadline in self._held:
                     if now > deadline:
                         log.warning("event=door_drop reason=epoch-never-opened epoch=%d", ep)
+                        self._release(conn)
                         conn.close()
                     else:
                         keep.append((conn, ep, deadline))
@@ -238,18 +278,33 @@ class Door:
     def _accept(self, peeking: dict[socket.socket, float]) -> None:
         while True:
             try:
-                conn, _ = self._listener.sock.accept()
+                conn, peer = self._listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
-            if len(peeking) + len(self._held) >= _MAX_PENDING:
+            source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            with self._lock:
+                if len(peeking) + len(self._held) >= _MAX_PENDING:
+                    why = "too-many-pending"
+                elif self._by_source[source] >= self._per_source:
+                    why = "too-many-pending-from-source"
+                else:
+                    why = ""
+                    self._origin[conn] = source
+                    self._by_source[source] += 1
+            if why:
                 conn.close()
-                log.warning("event=door_drop reason=too-many-pending")
+                log.warning("event=door_drop reason=%s source=%s", why, source)
                 continue
             conn.setblocking(False)
-            peeking[conn] = time.monotonic() + self._hold_s
+            peeking[conn] = time.monotonic() + self._header_s
             self._sel.register(conn, selectors.EVENT_READ, None)
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._release(conn)
+        conn.close()
 
     def _forget(self, conn: socket.socket, peeking: dict[socket.socket, float]) -> None:
         peeking.pop(conn, None)
@@ -266,7 +321,7 @@ class Door:
             data = b""
         if len(data) == 0:  # closed without a word: a reachability probe
             self._forget(conn, peeking)
-            conn.close()
+            self._drop(conn)
             return
         if len(data) < HEADER_SIZE:
             # wait for the rest of the header -- not in the selector, which would
@@ -283,21 +338,24 @@ class Door:
                 raise FrameError("unexpected-frame", f"first frame is {header.kind.name}")
         except FrameError as exc:
             log.warning("event=door_drop reason=bad-header detail=%r", str(exc))
-            conn.close()
+            self._drop(conn)
             return
         conn.setblocking(True)
         ahead = False
         with self._lock:
             es = self._open.get(header.epoch)
             if es is not None:
+                self._release(conn)
                 es.put(conn)
             elif split_epoch(header.epoch) > self._floor:
+                # still unauthenticated: it keeps its source's slot while held
                 self._held.append((conn, header.epoch, time.monotonic() + self._hold_s))
                 ahead = True
             else:
                 log.debug("event=door_drop reason=old-epoch epoch=%d", header.epoch)
+                self._release(conn)
                 conn.close()
-        if ahead and self._on_ahead is not None:
+        if ahead and self._on_ahead is not None:  # a hint, unauthenticated (see above)
             try:
                 self._on_ahead(header.epoch)
             except Exception:

@@ -29,10 +29,12 @@ Rules (docs/membership.md explains them):
     but only for epochs this instance published itself. For an older epoch (one a
     restarted coordinator adopted, or whose decisions were dropped from memory) a
     predecessor may have decided either way, so the answer is UNKNOWN (not committed,
-    and the caller must not treat it as "no": found by the churn soak, seed 20261122).
+    and the caller must not treat it as "no": found by the churn soak, seed 20261122);
+    so is a round of such an epoch that times out (``commit_timeout``).
   * restart: the coordinator starts in recovery; the highest view peers report is
     adopted without an epoch change; members that do not re-register within
-    ``recovery_grace`` are failed; votes wait until recovery ends. The first view it
+    ``recovery_grace`` are failed; votes wait until recovery ends (no round times
+    out meanwhile; their ``commit_timeout`` counts from its end). The first view it
     publishes is numbered at least ``epoch_floor`` (the coordinator passes the wall
     clock in milliseconds): a restarted coordinator cannot know every epoch its
     predecessors used -- when no peer re-registers in time it knows none -- and
@@ -146,8 +148,11 @@ class GroupState:
         self.config = config
         self._recovering = recovering and config.recovery_grace > 0
         #: the lowest epoch this instance may publish (see the module docstring); a
-        #: group known to be new (no recovery) counts from 1 whatever it is given
-        self.epoch_floor = epoch_floor if self._recovering else 0
+        #: group known to be new (``recovering=False``) counts from 1 whatever it is
+        #: given. A recovery grace of 0 only skips the wait for re-registrations: the
+        #: floor stays (it dropped with it, and a coordinator restarted with
+        #: ``--recovery-grace 0`` numbered a lone newcomer's view 1 again)
+        self.epoch_floor = epoch_floor if recovering else 0
         self._entries: dict[str, _Entry] = {}
         self._tombstones: OrderedDict[str, tuple[int, MemberState]] = OrderedDict()
         self._decisions: OrderedDict[tuple[int, int], Decision] = OrderedDict()
@@ -505,9 +510,17 @@ class GroupState:
             self._publish(removals, ViewCause.FAILURE, now)
         if self._recovering and now >= self._recovery_deadline:
             self._end_recovery(now)
+        # No round times out while recovering: a member that has not re-registered yet
+        # may hold the predecessor's decision of it (a timeout decided False first, and
+        # the seed of a True that came later was ignored: one member committed, one
+        # not). A round of an epoch this instance did not witness that times out is
+        # UNKNOWN, not False: the predecessor may have decided it True.
         for key, rnd in list(self._rounds.items()):
+            if self._recovering:
+                break
             if key in self._rounds and now - rnd.opened >= cfg.commit_timeout:
-                self._decide(rnd, False, Outcome.TIMEOUT, now)
+                outcome = Outcome.TIMEOUT if self._knows_all(rnd.epoch) else Outcome.UNKNOWN
+                self._decide(rnd, False, outcome, now)
         if self._pacer.told.level == 0 or not self._admitted_lately(now):  # ticks batch
             self._maybe_admit(now, boundary=False)
 
@@ -533,7 +546,10 @@ class GroupState:
                 changes.append(Change(ChangeKind.FAIL, entry.member, "no-reregistration"))
             self._publish(changes, ViewCause.FAILURE, now)
         for rnd in list(self._rounds.values()):
-            self._evaluate(rnd, now)
+            # votes cast during recovery waited for it: their commit_timeout starts now
+            rnd.opened = max(rnd.opened, now)
+            if (rnd.epoch, rnd.step) in self._rounds:
+                self._evaluate(rnd, now)
 
     # -- commit -------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ __all__ = [
     "REJECT_TRAILER",
     "HeaderInfo",
     "Signer",
+    "addressed_to",
     "decision_from_pb",
     "decision_to_pb",
     "error_from_rpc",
@@ -136,7 +137,9 @@ class Signer:
         incarnation: int = 0,
         epoch: int = 0,
     ) -> None:
-        """Fill ``msg.header`` (version, sender, epoch, timestamp, nonce, mac)."""
+        """Fill ``msg.header`` (version, sender, epoch, timestamp, nonce, mac). The
+        coordinator passes the member it answers as ``sender_id``/``incarnation``
+        (see :func:`addressed_to`)."""
         h = msg.header
         h.protocol_version = PROTOCOL_VERSION
         h.sender_id = sender_id
@@ -186,6 +189,19 @@ class Signer:
             if nonce in self._nonces:
                 raise Rejected(RejectReason.BAD_AUTH, "replayed nonce", method=method)
             self._nonces[nonce] = now_ms
+
+
+def addressed_to(msg: _Signed, member_id: str, incarnation: int) -> bool:
+    """Whether a (verified) message of the coordinator may be taken by that member
+    incarnation. The coordinator names the member it answers in the header's
+    ``sender_id``/``incarnation`` (covered by the MAC), so a signed answer recorded
+    on the path cannot be passed to another member, or to a later incarnation of the
+    same one. A header that names no one is a broadcast (a view's Watch event) or
+    comes from a coordinator older than this rule: taken as before."""
+    h = msg.header
+    if not h.sender_id:
+        return True
+    return h.sender_id == member_id and int(h.incarnation) == incarnation
 
 
 # -- conversions -------------------------------------------------------------------

@@ -354,6 +354,7 @@ class Agent:
             req = pb.CommitRequest(
                 step=step, ok=ok, last_decision=_rpc.decision_to_pb(self._last_decision)
             )
+            decision: Decision | None = None
             try:
                 resp = cast(
                     pb.CommitResponse,
@@ -383,9 +384,8 @@ class Agent:
             except CoordinatorUnavailable:
                 pass
             else:
-                decision = Decision(
-                    int(resp.epoch), int(resp.step), bool(resp.committed), Outcome(resp.outcome)
-                )
+                decision = self._answer_to(resp, step, vote_epoch)
+            if decision is not None:
                 if decision.outcome is Outcome.UNKNOWN:
                     # A restarted coordinator that cannot know the round's decision.
                     raise CommitUnknown(
@@ -414,6 +414,26 @@ class Agent:
             if self._closing.wait(min(delay, max(0.0, deadline - time.monotonic()))):
                 raise CommitUnknown(step, vote_epoch, "agent closed")
             delay = min(delay * 2, _RETRY_MAX)
+
+    def _answer_to(self, resp: pb.CommitResponse, step: int, epoch: int) -> Decision | None:
+        """The decision a Commit response carries, or None (no answer) when it decides
+        another round than the vote's: a signed answer to another vote (recorded and
+        replayed on the path, where no TLS protects the channel) must not decide ours."""
+        try:
+            outcome = Outcome(resp.outcome)
+        except ValueError:
+            outcome = None
+        if outcome is None or (int(resp.epoch), int(resp.step)) != (epoch, step):
+            log.warning(
+                "event=bad_response method=Commit member=%s voted=%d/%d answer=%d/%d",
+                self._member.id,
+                epoch,
+                step,
+                resp.epoch,
+                resp.step,
+            )
+            return None
+        return Decision(int(resp.epoch), int(resp.step), bool(resp.committed), outcome)
 
     # -- internals -------------------------------------------------------------------
 
@@ -459,6 +479,10 @@ class Agent:
         except Rejected as err:
             log.warning("event=bad_response method=%s error=%s", name, err)
             raise CoordinatorUnavailable(f"{name}: response failed verification") from None
+        if not _rpc.addressed_to(resp, member.id, member.incarnation):
+            log.warning("event=bad_response method=%s error='answers %s#%d'", name,
+                        resp.header.sender_id, resp.header.incarnation)  # fmt: skip
+            raise CoordinatorUnavailable(f"{name}: response addressed to another member")
         return resp
 
     def _start(self, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -755,6 +779,9 @@ class Agent:
                 except Rejected as err:
                     log.warning("event=bad_response method=Beats error=%s", err)
                     raise CoordinatorUnavailable("Beats: response failed verification") from None
+                if not _rpc.addressed_to(resp, self._member.id, inc):
+                    log.warning("event=bad_response method=Beats error='another member's'")
+                    raise CoordinatorUnavailable("Beats: response addressed to another member")
                 answered = True
                 self._answered()
                 self._follow_pace(resp.timing)
@@ -886,6 +913,11 @@ class Agent:
             view = _rpc.view_from_pb(event.view)
         except Rejected as err:
             log.warning("event=bad_watch_event member=%s error=%s", self._member.id, err)
+            return
+        if not _rpc.addressed_to(event, self._member.id, inc):
+            # e.g. another member's eviction notice, replayed into this stream
+            log.warning("event=bad_watch_event member=%s error='addressed to %s#%d'",
+                        self._member.id, event.header.sender_id, event.header.incarnation)  # fmt: skip
             return
         if event.evicted:
             self._handle_evicted(inc)

@@ -273,8 +273,14 @@ class Coordinator:
             with self._cond:
                 group = self._group()
                 before, seq = group.revision, group.published.seq
-                group.tick(time.monotonic())
-                self._notify(group, before, seq)
+                try:
+                    group.tick(time.monotonic())
+                except Exception:
+                    # a bug in one tick must not end failure detection for good (the
+                    # thread died silently and no member was ever failed again)
+                    log.exception("event=detector_error")
+                finally:
+                    self._notify(group, before, seq)
             if time.monotonic() >= look and self._loop is not None:
                 # every Watch stream looks at its member's state now and then, view
                 # or not (a safety net: state changes come with a view)
@@ -385,8 +391,21 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self._c = coordinator
 
-    def _sign(self, msg: _rpc._Signed, method: str, direction: str, epoch: int) -> None:
-        self._c._signer.sign(msg, method, direction, epoch=epoch)
+    def _sign(
+        self,
+        msg: _rpc._Signed,
+        method: str,
+        direction: str,
+        epoch: int,
+        to: tuple[str, int] | None = None,
+    ) -> None:
+        """Sign ``msg``; an answer to one member names it (``to``: id, incarnation) in
+        its header, so that it cannot be passed off to another member or to another
+        incarnation of the same one (docs/membership.md, "Wire protocol")."""
+        member_id, incarnation = to if to is not None else ("", 0)
+        self._c._signer.sign(
+            msg, method, direction, sender_id=member_id, incarnation=incarnation, epoch=epoch
+        )
 
     def _guard(self, context: grpc.ServicerContext, method: str, fn: Callable[[], _T]) -> _T:
         try:
@@ -431,7 +450,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             timing=_rpc.timing_to_pb(pace),
             coordinator_run=c.run_id,
         )
-        self._sign(resp, method, "response", view.epoch)
+        self._sign(resp, method, "response", view.epoch, (member.id, member.incarnation))
         return resp
 
     # -- Leave -------------------------------------------------------------------------
@@ -446,7 +465,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 lambda g, now: g.leave(info.sender_id, info.incarnation, reason, now)
             )
             resp = pb.LeaveResponse(view=_rpc.view_to_pb(view))
-            self._sign(resp, method, "response", view.epoch)
+            self._sign(resp, method, "response", view.epoch, (info.sender_id, info.incarnation))
             return resp
 
         return self._guard(context, method, run)
@@ -465,7 +484,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             )
             resp = pb.HeartbeatResponse(epoch=epoch, coordinator_run=self._c.run_id,
                                         timing=_rpc.timing_to_pb(pace))  # fmt: skip
-            self._sign(resp, method, "response", epoch)
+            self._sign(resp, method, "response", epoch, (info.sender_id, info.incarnation))
             return resp
 
         return self._guard(context, method, run)
@@ -499,7 +518,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     last, answered = (epoch, pace), now
                     resp = pb.HeartbeatResponse(epoch=epoch, coordinator_run=c.run_id,
                                                 timing=_rpc.timing_to_pb(pace))  # fmt: skip
-                    self._sign(resp, method, "response", epoch)
+                    self._sign(resp, method, "response", epoch, who)
                     # (a coroutine that writes, not an async generator: grpc's asyncio
                     # server runs stream-stream async generators as sync iterators)
                     await context.write(resp)
@@ -538,7 +557,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 ",".join(out) or "-",
             )
             resp = pb.ReportFailureResponse(suspected_ids=out)
-            self._sign(resp, method, "response", info.epoch)
+            self._sign(resp, method, "response", info.epoch, (info.sender_id, info.incarnation))
             return resp
 
         return self._guard(context, method, run)
@@ -566,6 +585,10 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         if decision is None:
             context.add_callback(ended.set)
         with c._cond:
+            # decided between the vote above and this lock (its notify_all came before
+            # we waited): the wake-up was missed, so look before waiting
+            if decision is None:
+                decision = c._group().decision(epoch, step)
             while decision is None:
                 if c._stopping:
                     raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
@@ -583,7 +606,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             committed=decision.committed,
             outcome=decision.outcome.value,  # type: ignore[arg-type]
         )
-        self._sign(resp, method, "response", epoch)
+        self._sign(resp, method, "response", epoch, (info.sender_id, info.incarnation))
         return resp
 
     # -- Watch -------------------------------------------------------------------------
@@ -642,7 +665,9 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             last_seq = published.seq
             evicted = not live and state is not MemberState.LEFT
             if evicted:  # this watcher's own notice
-                data = self._event(published, first=first, evicted=True)
+                data = self._event(
+                    published, first=first, evicted=True, to=(member_id, incarnation)
+                )
             elif first:  # a stream's snapshot: shared too, but never twice to one watcher
                 data = self._first_event(published, (member_id, incarnation))
             else:  # the same bytes for every watcher of this view, built by the first
@@ -688,9 +713,17 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     c._first = (published.seq, data, {who})
         return data
 
-    def _event(self, published: Published, *, first: bool, evicted: bool) -> bytes:
+    def _event(
+        self,
+        published: Published,
+        *,
+        first: bool,
+        evicted: bool,
+        to: tuple[str, int] | None = None,
+    ) -> bytes:
         """A signed, serialized Watch event for ``published``. A broadcast event may go
-        to many watchers with one nonce: each agent's replay cache sees it once."""
+        to many watchers with one nonce: each agent's replay cache sees it once. An
+        eviction notice names its member (``to``): replayed to another, it is refused."""
         # an eviction notice ends the stream and its agent rejoins: it carries the
         # epoch, not the members (at 1,000 members each notice was a 1,000-member view
         # built, signed and serialized for one watcher)
@@ -702,5 +735,5 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             removed_causes=[why for _, why in published.removed],
             evicted=evicted,
         )
-        self._sign(event, _rpc.SERVICE + "Watch", "event", published.view.epoch)
+        self._sign(event, _rpc.SERVICE + "Watch", "event", published.view.epoch, to)
         return event.SerializeToString()

@@ -87,6 +87,7 @@ from phalanx.membership._door import Door, EpochListener
 from phalanx.membership.agent import Agent
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.lifecycle import (
+    MAX_GENERATION,
     SIDE_BIT,
     GroupEvent,
     GroupPhase,
@@ -237,6 +238,7 @@ class ElasticGroup:
         self._failed_builds = 0  # consecutive failed builds of the current view
         self._view: View | None = None  # the view the newest build is for
         self._generation = 0  # of that view
+        self._exhausted = False  # its last generation broke: cycle (see _heal)
         self._current: _Plane | None = None
         self._latest = 0  # newest view epoch announced
         self._attached = False  # a client attached its arrays (attach_state): see commit
@@ -387,9 +389,23 @@ class ElasticGroup:
             _abort(cur.group, "view-change", "this member was evicted")
 
     def _on_ahead(self, epoch: int) -> None:
-        """The door holds a link for a group not built here: if it is a newer
-        generation of this view, a peer has rebuilt; follow it there. If it is the
-        generation this member is backing off to build, build it now."""
+        """The door holds a link for a group not built here. The door read that epoch
+        from the link's first header, before any proof of the secret: anyone who reaches
+        the port can name any epoch. So this is only a hint to look at our own group,
+        and it never breaks a working group nor skips a generation:
+
+        * the generation this member backs off to build: build it now (a peer is
+          already waiting in it);
+        * a newer generation: look at the engine now (a peer that rebuilt closed its
+          links, so a group that broke heals into the next generation at once instead
+          of at the installer's next look); and if this member is backing off after a
+          failed build -- its group is already unusable by its own account -- go to
+          the next generation at once. A peer is never more than one generation
+          ahead for long (it follows these rules too), and the generation never goes
+          past the last one a group id can hold.
+
+        A group that works is left alone: if the peer really moved on, that group
+        breaks by itself (its links close) and heals there."""
         view_epoch, generation, side = split_epoch(epoch)
         with self._cond:
             view = self._view
@@ -402,19 +418,28 @@ class ElasticGroup:
                     self._rebuild_at = 0.0
                     self._cond.notify_all()
                 return
-            cur = self._current
-            self._generation = generation
-            self._rebuild = (view, generation)
-            self._rebuild_at = 0.0  # a peer waits in that generation: no backoff
+            before = self._generation
+            self._notice_break()  # a broken engine: its next generation is due now
+            if self._generation != before:
+                return
+            scheduled = self._rebuild
+            if scheduled is None or scheduled[0] is not view:
+                return  # a group works here, or is being built: the hint changes nothing
+            nxt = before + 1
+            try:
+                data_epoch(view_epoch, nxt)
+            except ValueError:
+                return  # no generation after the last (a view change resets them)
+            self._generation = nxt
+            self._rebuild = (view, nxt)
+            self._rebuild_at = 0.0
             self._cond.notify_all()
         log.info(
             "event=peer_rebuilt member=%s epoch=%d generation=%d",
             self.member_id,
             view_epoch,
-            generation,
+            nxt,
         )
-        if cur is not None and cur.group is not None:
-            _abort(cur.group, "aborted", f"a peer rebuilt the group as generation {generation}")
 
     # ------------------------------------------------------------------ installer thread
     def _installer(self) -> None:
@@ -422,11 +447,14 @@ class ElasticGroup:
         while not self._stop.is_set():
             view: View | None = None
             rebuild: tuple[View, int] | None = None
-            rejoin = False
+            rejoin = exhausted = False
             with self._cond:
                 while not self._stop.is_set():
                     if self._life.presence is Presence.CLOSED:
                         return
+                    if self._exhausted:
+                        self._exhausted, exhausted = False, True
+                        break
                     if self._pending is not None:
                         view, self._pending = self._pending, None
                         break
@@ -447,7 +475,10 @@ class ElasticGroup:
                     self._cond.wait(wait)
                 else:
                     return
-            if view is not None:
+            if exhausted:
+                audit.warning("event=generations_exhausted member=%s", self.member_id)
+                self._cycle("generations-exhausted")
+            elif view is not None:
                 self._install(view)
             elif rebuild is not None:
                 self._start_build(*rebuild)
@@ -582,6 +613,12 @@ class ElasticGroup:
         view = self._view
         if view is None or view.epoch != plane.view.epoch or plane.generation != self._generation:
             return  # already superseded (a newer view or generation is on its way)
+        if plane.generation >= MAX_GENERATION:
+            # no group id after the last generation (data_epoch would raise in the
+            # builder): leave and come back, a new view starts again at generation 0
+            self._exhausted = True
+            self._cond.notify_all()
+            return
         self._generation = plane.generation + 1
         self._rebuild = (view, self._generation)
         if plane.group is None:  # it failed to build: back off (lifecycle.rebuild_delay)

@@ -39,7 +39,7 @@ def _thread_cpu_s(name: str) -> float:
 def test_a_connection_stalled_mid_header_costs_no_cpu_and_is_still_read() -> None:
     """Anyone can connect and send part of a header: the selector reported the unread
     bytes again at once, and the door thread spun a core until the hold deadline."""
-    door = Door("127.0.0.1:0", hold_s=5.0)
+    door = Door("127.0.0.1:0", hold_s=5.0, header_s=5.0)  # this test takes its time
     host, port = door.address.rsplit(":", 1)
     try:
         hello = encode_header(FrameKind.HELLO, epoch=(7 << 32) | 1, seq=0, chunk=0, length=0)
@@ -55,5 +55,56 @@ def test_a_connection_stalled_mid_header_costs_no_cpu_and_is_still_read() -> Non
             while not door._held and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert len(door._held) == 1
+    finally:
+        door.close()
+
+
+def _hello(epoch: int) -> bytes:
+    return encode_header(FrameKind.HELLO, epoch=epoch, seq=0, chunk=0, length=0)
+
+
+def test_a_stranger_reopening_idle_sockets_from_one_address_does_not_block_a_peer() -> None:
+    """Before any proof of the secret the door held up to 256 connections, each up to
+    hold_s (5 s): one stranger that kept 256 idle sockets open (from one address)
+    had every real peer's connection closed. A source address gets 32 waiting
+    connections at most, and a connection must bring its header within 2 s."""
+    door = Door("127.0.0.1:0", hold_s=5.0)
+    host, port = door.address.rsplit(":", 1)
+    epoch = (9 << 32) | 3
+    es = door.listener(epoch)
+    es.sock.settimeout(3.0)
+    stranger: list[socket.socket] = []
+    try:
+        for _ in range(300):  # all from 127.0.0.2 (loopback too, another address)
+            s = socket.socket()
+            s.settimeout(2.0)
+            s.bind(("127.0.0.2", 0))
+            try:
+                s.connect((host, int(port)))
+            except OSError:
+                s.close()
+                continue
+            stranger.append(s)
+        assert len(stranger) >= 256
+        with socket.create_connection((host, int(port)), timeout=2.0) as peer:
+            peer.sendall(_hello(epoch))
+            conn, _ = es.sock.accept()  # was: closed by the door (too-many-pending)
+            try:
+                assert conn.recv(48, socket.MSG_PEEK) == _hello(epoch)  # nothing consumed
+            finally:
+                conn.close()
+    finally:
+        for s in stranger:
+            s.close()
+        door.close()
+
+
+def test_a_connection_that_sends_no_header_is_closed_well_before_hold_s() -> None:
+    door = Door("127.0.0.1:0", hold_s=5.0)
+    host, port = door.address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0) as idle:
+            idle.settimeout(4.5)  # header_s is 2 s; hold_s (5 s) would time this out
+            assert idle.recv(1) == b""  # closed by the door (it held it 5 s)
     finally:
         door.close()

@@ -249,3 +249,24 @@ def test_a_no_vote_on_a_round_this_member_already_carried_is_not_reported_commit
         info = a.begin_step(timeout=30)
         t.join(35)
         assert info.synced and info.step == 1 and np.all(wa == 11.0), (info, wa)
+
+
+def test_a_view_whose_last_generation_broke_is_left_and_rejoined(
+    coordinator: Coordinator,
+) -> None:
+    """Review, stop 31: a group id holds 14 bits of generation; the rebuild after the
+    last one computed a generation data_epoch refuses, in the builder thread, so that
+    view never got a group again. The member leaves and comes back instead: the new
+    view starts at generation 0."""
+    from phalanx.membership.lifecycle import MAX_GENERATION
+
+    with _joined_pair(coordinator) as (a, b):
+        before = a.agent.member.incarnation
+        with a._cond:
+            cur = a._current
+            assert cur is not None
+            cur.generation = a._generation = MAX_GENERATION  # as if rebuilt that often
+            a._heal(cur)
+        assert _wait(lambda: a.agent.member.incarnation > before and a.view.size == 2, 20)
+        _sum_pair(a, b)  # the pair works again, in a view of generation 0
+        assert a._generation == 0
