@@ -63,6 +63,7 @@ from phalanx.checkpoint.placement import (
     replace_lost,
 )
 from phalanx.checkpoint.store import ShardError, ShardKey, ShardStore
+from phalanx.deadline import Deadline
 from phalanx.errors import (
     RestoreError,
     SnapshotAbandoned,
@@ -297,10 +298,15 @@ class SnapshotService:
                 self._free.append(buf)
         self._report_held()
 
-    def snapshot(self, state: Mapping[str, Any], step: int) -> PendingSeal:
+    def snapshot(
+        self, state: Mapping[str, Any], step: int, *, deadline: Deadline | None = None
+    ) -> PendingSeal:
         """Copy ``state`` into service memory and start sealing it; returns after that
         one copy. Raises :class:`~phalanx.checkpoint.layout.LayoutError` for a state
-        that cannot be snapshotted (nothing is copied; the sealed generation stays)."""
+        that cannot be snapshotted (nothing is copied; the sealed generation stays).
+        While the previous generation still seals it waits, up to ``seal_timeout_s``
+        (``SnapshotError('busy')``) and never past ``deadline`` (``TimeoutError``:
+        passed or cancelled, nothing copied)."""
         t0 = time.perf_counter()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise LayoutError("bad-state", f"step must be an int >= 0, got {step!r}")
@@ -309,8 +315,17 @@ class SnapshotService:
             if self._closed:
                 raise SnapshotError("closed", "the snapshot service is closed")
             busy = self._inflight
-        if busy is not None and not busy.event.wait(self.config.seal_timeout_s):
-            raise SnapshotError("busy", f"generation {busy.generation} is still sealing")
+        if busy is not None:
+            end = time.monotonic() + self.config.seal_timeout_s
+            while not busy.event.wait(_slice(end, deadline)):
+                if deadline is not None and deadline.expired:
+                    why = "was cancelled" if deadline.cancelled else "passed"
+                    raise TimeoutError(
+                        f"the snapshot's deadline {why} while generation "
+                        f"{busy.generation} was still sealing (nothing was copied)"
+                    )
+                if time.monotonic() >= end:
+                    raise SnapshotError("busy", f"generation {busy.generation} is still sealing")
         k, m = self._km()
         geo = Geometry(manifest.nbytes, k, self.config.shard_bytes)
         buf = self._take_buffer(geo.capacity)
@@ -1038,3 +1053,11 @@ class SnapshotService:
         if bad:
             raise RestoreError("checksum", f"rebuilt arrays fail their checksums: {bad[:5]}")
         return out, lost
+
+
+def _slice(end: float, deadline: Deadline | None) -> float:
+    """One bounded wait: until ``end``, at most 0.1 s (a cancel is seen that soon)."""
+    left = end - time.monotonic()
+    if deadline is not None:
+        left = min(left, deadline.left())
+    return max(0.0, min(left, 0.1))

@@ -84,11 +84,19 @@ def snapshot(
         if e.path[-1] in node:
             raise ConfigError(f"snapshot path {'/'.join(e.path)!r} given twice")
         node[e.path[-1]] = s.array(e.buf)
-    with server.snapshot_lock:  # one generation at a time: the service rotates two buffers
-        h = svc.snapshot(state, req.step)  # the one memory copy, from the client's pages
+    # one generation at a time (the service rotates two buffers); never past the
+    # request's deadline, nor after a CANCEL (the client's arrays are named here)
+    while not server.snapshot_lock.acquire(timeout=max(0.0, dl.slice(0.1))):
+        if dl.expired:
+            why = "was cancelled" if dl.cancelled else "passed"
+            raise TimeoutError(f"SNAPSHOT's deadline {why} while another snapshot ran")
+    try:
+        h = svc.snapshot(state, req.step, deadline=dl)  # the one copy, from the client's pages
         server.seals[h.generation] = h
         for old in sorted(server.seals)[:-_KEEP]:
             del server.seals[old]
+    finally:
+        server.snapshot_lock.release()
     return SnapshotTaken(h.generation, h.step, h.nbytes, h.stall_s, tuple(h.changes))
 
 

@@ -494,3 +494,29 @@ def test_pooled_buffers_follow_the_state_size_and_are_counted() -> None:
         assert kept <= {id(b) for b in owner._free}, "a handle keeps a released buffer"
     finally:
         c.close()
+
+
+def test_a_snapshot_waiting_for_the_previous_seal_keeps_its_deadline() -> None:
+    """Review, stop 30: a snapshot while the previous generation still sealed waited
+    up to seal_timeout_s (300 s by default) whatever its caller's deadline, and a
+    CANCEL could not stop it. It gives up at the deadline, copying nothing."""
+    from phalanx.deadline import Deadline
+
+    c = Cluster(4, 2, 1, io_threads=2, inflight_stripes=1)
+    try:
+        owner = c.service("p0", SlowChannel(c.hub, 0.05))
+        c.svcs["p0"].close()
+        c.svcs["p0"] = owner
+        sealing = owner.snapshot(state(1, n=40_000), 1)  # ~20 slow stripes
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="still sealing"):
+            owner.snapshot(state(2, n=40_000), 2, deadline=Deadline.after(0.3))
+        assert time.monotonic() - t0 < 5.0  # not the 20 s seal timeout
+        dl = Deadline.after(60)
+        threading.Timer(0.2, dl.cancel).start()  # a CANCEL from another thread
+        with pytest.raises(TimeoutError, match="cancelled"):
+            owner.snapshot(state(3, n=40_000), 3, deadline=dl)
+        assert sealing.wait(30).step == 1  # the one in flight seals as before
+        assert owner.snapshot(state(4, n=40_000), 4).wait(30).step == 4
+    finally:
+        c.close()
