@@ -365,8 +365,11 @@ class Client:
             self._twins_worn.discard(region.rid)
         if twin is not None:
             self._unmap(twin)
+        # nobody waits for the answer: a daemon busy with a long op would otherwise
+        # hold up the caller (Handle.done(), which gives staging memory back, blocked
+        # for up to 10 s); the daemon unmaps in request order, before any later use
         with contextlib.suppress(DaemonUnavailable, TimeoutError):
-            self._conn.call(Unmap(region.rid), _CONTROL_TIMEOUT)
+            self._conn.send(Unmap(region.rid), discard=True)
 
     def _release(self, arr: np.ndarray) -> None:
         """Unmap the region ``arr`` (from :meth:`empty`) lies in: nothing may use it after."""

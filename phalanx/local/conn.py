@@ -106,6 +106,7 @@ class Connection:
         self._reading = False
         self._replies: dict[int, WireFrame] = {}
         self._unanswered: set[int] = set()  # requests sent whose reply has not come
+        self._discard: set[int] = set()  # requests whose reply nobody waits for
         self._events: list[WireFrame] = []
         self._decoder = Decoder()
         self._fds: list[int] = []  # received, not yet matched to a FLAG_FD frame
@@ -125,9 +126,11 @@ class Connection:
         fd: int | None = None,
         *,
         before: Callable[[int], None] | None = None,
+        discard: bool = False,
     ) -> int:
         """Write one request; its id (pass it to :meth:`wait`). ``before(rid)`` runs
-        before the request leaves (so that :attr:`on_reply` can know of it)."""
+        before the request leaves (so that :attr:`on_reply` can know of it).
+        ``discard``: nobody waits for the reply (an UNMAP): it is dropped on arrival."""
         self._check()
         # the daemon reads requests one after the other: while it runs a long one
         # (a slow peer), a client that queued many async ops waits here for room --
@@ -143,6 +146,8 @@ class Connection:
                 if before is not None:
                     before(rid)
                 self._unanswered.add(rid)
+                if discard:
+                    self._discard.add(rid)
                 self._send_all(data, fd, time.monotonic() + wait)
         except OSError as exc:
             err = self._die(
@@ -310,6 +315,10 @@ class Connection:
             for f in frames:
                 if f.kind == Kind.EVENT:
                     self._events.append(f)
+                elif f.rid in self._discard:
+                    self._discard.discard(f.rid)
+                    if f.fd is not None:
+                        os.close(f.fd)
                 else:
                     self._replies[f.rid] = f
 

@@ -247,3 +247,32 @@ def test_cancels_of_requests_never_sent_are_bounded_and_pruned(pg: phalanx.Clien
     finally:
         a.close()
         b.close()
+
+
+def test_giving_staging_memory_back_never_waits_for_a_busy_daemon() -> None:
+    """Review, stop 30: Handle.done() ("never blocks") gives a staged op's memory back
+    and unmaps the regions beyond the few it keeps, and each UNMAP waited for its
+    answer -- behind whatever the daemon ran meanwhile (10 s at most). UNMAPs are now
+    sent without waiting; the daemon answers them in order, and the answer is dropped."""
+    from tests.integration._pairs import embedded_pair
+
+    with embedded_pair() as (a, b):
+        xs = [np.full(64, float(i), np.float32) for i in range(6)]  # not shared: staged
+        ys = [b.empty((64,), "float32") for _ in range(6)]  # shared: no MAP in between
+        for y in ys:
+            y[:] = 1.0
+        peer = [b.all_reduce(y, async_op=True, timeout=20) for y in ys]
+        hs = [a.all_reduce(x, async_op=True, timeout=20) for x in xs]
+        for h in peer:
+            h.wait(20)
+        held = a.empty((16,), "float32")  # b never joins this one: a's daemon is busy
+        busy = a.all_reduce(held, async_op=True, timeout=6.0)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        while not all(h.done() for h in hs):
+            assert time.monotonic() - t0 < 3.0
+            time.sleep(0.01)
+        assert time.monotonic() - t0 < 3.0  # was: each UNMAP waited behind the held op
+        assert [float(x[0]) for x in xs] == [i + 1.0 for i in range(6)]
+        with pytest.raises((TimeoutError, phalanx.PhalanxError)):
+            busy.wait(20)
