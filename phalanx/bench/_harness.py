@@ -138,9 +138,24 @@ def progress(msg: str, *, enabled: bool = True, stream: TextIO | None = None) ->
 
 
 def print_json(row: Mapping[str, Any], stream: TextIO | None = None) -> None:
+    """One JSON line. A non-finite float (NaN, inf: not JSON) is written as the string
+    ``"nan"``, ``"inf"`` or ``"-inf"``: the row is never lost to it."""
     out = stream or sys.stdout
-    out.write(json.dumps(dict(row), allow_nan=False, default=_json_default) + "\n")
+    out.write(json.dumps(_finite(dict(row)), allow_nan=False, default=_json_default) + "\n")
     out.flush()
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (numpy scalars too) replaced by its name."""
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
 
 
 def _json_default(obj: object) -> object:

@@ -4,11 +4,18 @@ N local rank processes (spawned, see :mod:`phalanx.testing.procs`) each bind a l
 on port 0, swap addresses through the parent and build a static :class:`phalanx.comm.Group`.
 For every size: warm-up, then timed iterations; per iteration the buffer is refilled
 from the rank's source (untimed), the ranks meet at a barrier, and the all-reduce alone
-is timed. The op time of an iteration is the slowest rank's; the CPU an op costs
-(``cpu_s_per_op``: user + system seconds of every thread, per rank, averaged over the
-ranks, median over iterations) counts the rank process and, with ``--via daemon``, its
-daemon process too, so the three implementations are compared on what the machine
-pays, not only on time. Inputs are integer-valued
+is timed. Each rank stamps the op's start and end with ``time.perf_counter``
+(CLOCK_MONOTONIC: one clock for every process of the host); the op time of an iteration
+is from the last rank's start to the last rank's end (``max(end) - max(start)``), so the
+ranks' spread in leaving the barrier is not in it; that spread is reported on its own
+(``start_spread_s``). Each block begins with one untimed op (the first after the idle
+gap). The CPU an op costs (``cpu_s_per_op``: user + system seconds of every thread)
+counts the rank process and, with ``--via daemon``, its daemon process too, read around
+the whole block and ``_CPU_TAIL_S`` after its last op (the daemon's observer works on
+its own thread after the op returns), less what the block costs without its ops (the
+same barriers and sleep, and the main thread's refills and checks), per op, averaged
+over the ranks: the three implementations are compared on what the machine pays, not
+only on time. Inputs are integer-valued
 (like the Gloo baseline) so float sums are exact: lossless results must equal the
 closed form bit for bit; lossy codecs report their largest relative error. Every
 iteration's result is hashed (sha256) and the hashes must agree across ranks.
@@ -33,6 +40,7 @@ import argparse
 import functools
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +75,13 @@ LOSSLESS_CODECS = frozenset({"none", "zstd"})
 # integers, so fp16 is exact; the bounds only catch garbage, they are not a spec).
 LOSSY_TOLERANCE = {"fp16": 1e-3, "bf16": 1e-2, "int8": 0.25}
 DEFAULT_LOSSY_TOLERANCE = 0.5
+# How long a block's CPU reading waits after its last op: longer than the daemon's
+# deferred observer takes to pick up an op's sample and feed it to the monitor
+# (phalanx.daemon._OBSERVE_BATCH_S, 20 ms, plus the feed).
+_CPU_TAIL_S = 0.05
+# What a device rank writes into the host buffer once the device holds the input: an op
+# that never copied the device's data out shows as a wrong result (ints: no NaN).
+_SENTINEL_INT = -0x5A5A
 
 
 # -- messages between the parent and the ranks ----------------------------------------
@@ -101,13 +116,37 @@ class _Block:
 
 @dataclass
 class _BlockResult:
-    times: list[float]
-    cpu: list[float]
-    digests: list[str]
-    wire_bytes: list[int | None]
-    ok: bool
-    max_rel_err: float
-    algorithm: str | None
+    #: time.perf_counter (CLOCK_MONOTONIC, comparable across the host's processes) at
+    #: each timed op's start and end
+    starts: list[float] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)
+    #: CPU seconds of the block's ``ops`` ops (rank + helper processes), the block's
+    #: cost without its ops subtracted
+    cpu_s: float = 0.0
+    ops: int = 0
+    digests: list[str] = field(default_factory=list)  # every op's, the untimed one too
+    wire_bytes: list[int | None] = field(default_factory=list)
+    ok: bool = True
+    max_rel_err: float = 0.0  # NaN if a result held NaN
+    algorithm: str | None = None
+
+
+def _worse_err(a: float, b: float) -> float:
+    """The larger of two relative errors; NaN wins (``max`` would drop it by order)."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return max(a, b)
+
+
+def _op_times(starts: Sequence[Sequence[float]],
+              ends: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Per iteration, from every rank's start and end stamps: (op time: the last rank's
+    start to the last rank's end, start spread: first to last rank's start)."""
+    times, spreads = [], []
+    for t0s, t1s in zip(zip(*starts, strict=True), zip(*ends, strict=True), strict=True):
+        times.append(max(t1s) - max(t0s))
+        spreads.append(max(t0s) - min(t0s))
+    return times, spreads
 
 
 @dataclass
@@ -117,8 +156,10 @@ class _Series:
     impl: str
     codec: str
     streams: int | None
-    times: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # op time per timed iteration
+    spreads: list[float] = field(default_factory=list)  # ranks' start spread, same
+    cpu_s: float = 0.0  # op CPU of every timed block (mean over ranks)
+    cpu_ops: int = 0  # the ops it covers
     wire_bytes: list[int] = field(default_factory=list)
     ok: bool = True
     max_rel_err: float = 0.0
@@ -131,7 +172,7 @@ class _Series:
             if not r.ok:
                 self.ok = False
                 self.problems.append(f"rank {rank}: result differs from the exact sum")
-            self.max_rel_err = max(self.max_rel_err, r.max_rel_err)
+            self.max_rel_err = _worse_err(self.max_rel_err, r.max_rel_err)
             if r.algorithm:
                 self.algorithms.add(r.algorithm)
             self.digests.update(r.digests)
@@ -141,9 +182,12 @@ class _Series:
                 self.problems.append(f"iteration {i}: ranks hold different bytes")
         if not timed:
             return
-        # The slowest rank defines the op time of an iteration.
-        self.times.extend(max(ts) for ts in zip(*(r.times for r in replies), strict=True))
-        self.cpu.extend(sum(cs) / len(cs) for cs in zip(*(r.cpu for r in replies), strict=True))
+        # From the last rank's start to the last rank's end (every implementation alike).
+        times, spreads = _op_times([r.starts for r in replies], [r.ends for r in replies])
+        self.times.extend(times)
+        self.spreads.extend(spreads)
+        self.cpu_s += sum(r.cpu_s for r in replies) / len(replies)
+        self.cpu_ops += max(r.ops for r in replies)
         for wires in zip(*(r.wire_bytes for r in replies), strict=True):
             known = [w for w in wires if w is not None]
             if known:
@@ -172,7 +216,7 @@ class _PhalanxBackend:
         from phalanx.comm import CommOptions, Group, bind
 
         listener = bind("127.0.0.1:0")
-        addresses = ctx.exchange(listener.address)
+        addresses = ctx.exchange(listener.address, timeout=spec.timeout_s)
         self._group = Group(
             ctx.rank,
             addresses,
@@ -236,7 +280,7 @@ class _DaemonBackend:
                 self.close()
                 raise TimeoutError("the daemons did not form one view in time")
             time.sleep(0.05)
-        ctx.exchange(None)
+        ctx.exchange(None, timeout=spec.timeout_s)
         self._buf: np.ndarray[Any, Any] = np.empty(0, np.float32)
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
@@ -300,8 +344,11 @@ class _CudaDaemonBackend(_DaemonBackend):
             log.warning("event=bench_unpinned bytes=%d", buf.nbytes)
 
     def refill(self) -> None:
+        """The device gets the input; the host buffer then holds a sentinel, so an op
+        that does not copy the device's data out (stage_out) gives a wrong result."""
         self._bucket.flat.copy_(self._host)
         self._torch.cuda.synchronize()
+        _poison(self._buf)
 
     def all_reduce(self, codec: str) -> tuple[int | None, str | None]:
         host = self._bucket.stage_out()
@@ -319,6 +366,12 @@ class _CudaDaemonBackend(_DaemonBackend):
     def _close_extra(self) -> None:
         self._bucket = None
         self._host = None
+
+
+def _poison(buf: np.ndarray[Any, Any]) -> None:
+    """Fill ``buf`` with what no correct all-reduce of the inputs gives: NaN, or
+    :data:`_SENTINEL_INT` for integer dtypes."""
+    buf.fill(_SENTINEL_INT if np.issubdtype(buf.dtype, np.integer) else np.nan)
 
 
 def _numpy_dtype(name: str) -> np.dtype[Any]:
@@ -361,29 +414,60 @@ class _Buffers:
         return bool(np.isfinite(err) and err <= tol), err, digest
 
 
-def _run_block(backend: _Backend, bufs: _Buffers, iters: int, cpu: CpuClock) -> _BlockResult:
-    res = _BlockResult([], [], [], [], True, 0.0, None)
-    for _ in range(iters):
+def _run_block(
+    backend: _Backend,
+    bufs: _Buffers,
+    iters: int,
+    cpu: CpuClock,
+    *,
+    tail_s: float = _CPU_TAIL_S,
+    thread_cpu: Callable[[], float] = time.thread_time,
+) -> _BlockResult:
+    """One untimed op (the first after the idle gap), then ``iters`` timed ones; every
+    result checked.
+
+    CPU: ``cpu`` is read around all ``iters + 1`` ops and ``tail_s`` after the last
+    (work a helper process does after the op returned, e.g. the daemon's observer),
+    less the CPU of the block's other work: the same barriers and ``tail_s`` sleep
+    without ops (run first, measured the same way), and the main thread's refills and
+    checks (``thread_cpu``)."""
+    res = _BlockResult()
+    refill = getattr(backend, "refill", None)  # device buffers: filled untimed
+    settle = getattr(backend, "settle", None)
+    ops = iters + 1
+    c0 = cpu.read()
+    for _ in range(ops):
+        backend.barrier()
+    time.sleep(tail_s)
+    without_ops = cpu.read() - c0
+    side = 0.0  # main-thread CPU of refills and checks
+    c0 = cpu.read()
+    for i in range(ops):
+        s0 = thread_cpu()
         np.copyto(bufs.buf, bufs.src)
-        refill = getattr(backend, "refill", None)  # device buffers: filled untimed
         if refill is not None:
             refill()
+        side += thread_cpu() - s0
         backend.barrier()
-        c0 = cpu.read()
         t0 = time.perf_counter()
         wire, algorithm = backend.all_reduce(bufs.codec)
-        dt = time.perf_counter() - t0
-        res.cpu.append(cpu.read() - c0)
-        settle = getattr(backend, "settle", None)
+        t1 = time.perf_counter()
+        s0 = thread_cpu()
         if settle is not None:
             settle()
         ok, err, digest = bufs.check()
-        res.times.append(dt)
+        side += thread_cpu() - s0
+        if i:  # op 0 is the untimed lead-in
+            res.starts.append(t0)
+            res.ends.append(t1)
+            res.wire_bytes.append(wire)
         res.digests.append(digest)
-        res.wire_bytes.append(wire)
         res.ok &= ok
-        res.max_rel_err = max(res.max_rel_err, err)
+        res.max_rel_err = _worse_err(res.max_rel_err, err)
         res.algorithm = algorithm
+    time.sleep(tail_s)
+    res.cpu_s = cpu.read() - c0 - side - without_ops
+    res.ops = ops
     return res
 
 
@@ -434,10 +518,26 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+def _block_order(impls: int, round_: int) -> list[int]:
+    """The implementations' turn order in round ``round_``: rotated by one each round,
+    so that none always follows the same one (or always comes first)."""
+    k = round_ % impls if impls else 0
+    return [*range(k, impls), *range(k)]
+
+
+def _preserve_label(impl: str, args: argparse.Namespace) -> bool | None:
+    """Whether the row's ops kept their input (promise 2): the in-process group as
+    asked, the daemon always (its API has no such switch), Gloo: not applicable."""
+    if impl == "phalanx":
+        return not args.no_preserve_input
+    return True if impl.startswith("phalanx-daemon") else None
+
+
 def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, Any]:
     world = args.world
     ring_bytes = nbytes * busbw_factor(world)  # what a no-codec ring sends per rank
     wire = int(np.median(series.wire_bytes)) if series.wire_bytes else None
+    err = series.max_rel_err
     row: dict[str, Any] = {
         "impl": series.impl,
         "world": world,
@@ -445,17 +545,23 @@ def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, An
         "dtype": args.dtype,
         "codec": series.codec,
         "streams": series.streams,
-        "preserve_input": (not args.no_preserve_input) if series.impl == "phalanx" else None,
+        "preserve_input": _preserve_label(series.impl, args),
         "algorithm": ",".join(sorted(series.algorithms)) or None,
         "iters": len(series.times),
         "warmup": args.warmup,
         "rounds": args.rounds if args.vs or args.via else 1,
         **summarize_times(nbytes, world, series.times),
-        "cpu_s_per_op": float(np.median(series.cpu)) if series.cpu else None,
+        # median_s etc.: last rank's start -> last rank's end; how far apart the ranks
+        # started (left the barrier), median over iterations:
+        "start_spread_s": float(np.median(series.spreads)) if series.spreads else None,
+        "time_basis": "last_start_to_last_end",
+        "cpu_s_per_op": series.cpu_s / series.cpu_ops if series.cpu_ops else None,
         "wire_bytes": wire,
         "wire_ratio": wire / ring_bytes if wire is not None and ring_bytes else None,
-        "max_rel_err": series.max_rel_err,
-        "correct": series.ok,
+        # null when a result held NaN or inf (then max_rel_err_nonfinite says which)
+        "max_rel_err": err if math.isfinite(err) else None,
+        "max_rel_err_nonfinite": None if math.isfinite(err) else str(err),
+        "correct": series.ok and math.isfinite(err),
     }
     return row
 
@@ -487,6 +593,7 @@ _TABLE = (
     ("median_s", "median ms", "ms"),
     ("min_s", "min ms", "ms"),
     ("max_s", "max ms", "ms"),
+    ("start_spread_s", "spread ms", "ms"),
     ("cpu_s_per_op", "cpu ms/op", "ms"),
     ("algbw_Bps", "algbw MB/s", "MBps"),
     ("busbw_Bps", "busbw MB/s", "MBps"),
@@ -625,7 +732,8 @@ def _bench_size(
         series.append(s)
     blocks = _split(args.iters, args.rounds if len(pools) > 1 else 1)
     for i, n in enumerate(blocks):
-        for pool, s in zip(pools, series, strict=True):
+        for j in _block_order(len(pools), i):
+            pool, s = pools[j], series[j]
             say(f"{label}: {s.impl} round {i + 1}/{len(blocks)} ({n} iterations)")
             s.add(pool.request_all(_Block(n), args.timeout), timed=True)
     rows = []
@@ -710,6 +818,10 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
             parser.error("--timeout must be > 0")
         if args.device == "cuda" and (args.via != "daemon" or args.dtype == "bfloat16"):
             parser.error("--device cuda needs --via daemon and a dtype other than bfloat16")
+        if args.no_preserve_input and args.via == "daemon":
+            parser.error("--no-preserve-input reaches only the in-process group (the "
+                         "daemon's client API always preserves the input): leave out one "
+                         "of --no-preserve-input and --via daemon")  # fmt: skip
         return run(args, parser)
 
     return check_and_run

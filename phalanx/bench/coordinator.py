@@ -18,8 +18,11 @@ Output, one row per member count (JSON lines with ``--json``):
   churn included, per heartbeat it acknowledged);
 * ``failure_to_all_s``: per failure, the time from the failure to the moment the last
   surviving member's Watch delivered a view without the failed member (``median``,
-  ``max``, ``samples``), and ``failure_member_median_s`` (the median member);
-* ``ok``: median failure_to_all_s <= 0.1 s and coordinator_cores <= 1.
+  ``max``, ``samples``), and ``failure_member_median_s`` (the median member); a failure
+  that did not reach every live member within ``_FAILURE_DEADLINE_S`` is a ``null``
+  sample, counted in ``failures_incomplete`` and left out of median and max;
+* ``ok``: median failure_to_all_s <= 0.1 s, coordinator_cores <= 1 and no incomplete
+  failure.
 
 ``--members`` takes one count or a comma list (the curve: ``100,300,1000,3000``).
 Every wait has a deadline; every process is stopped and reaped by PID.
@@ -53,6 +56,7 @@ _MP = multiprocessing.get_context("spawn")
 _TICKS = os.sysconf("SC_CLK_TCK")
 _OK_MEDIAN_S = 0.1
 _OK_CORES = 1.0
+_FAILURE_DEADLINE_S = 10.0  # a failure must reach every live member within this
 
 
 def _cpu_s(pid: int) -> float:
@@ -182,7 +186,7 @@ def run_bench(
             cpu0, t0 = _cpu_s(coord.pid), time.monotonic()
             load_pids = [p.pid for p in loads.procs if p.pid is not None]
             load0 = sum(_cpu_s(pid) for pid in load_pids)
-            latencies: list[float] = []
+            samples: list[float | None] = []  # None: it did not reach every member
             medians: list[float] = []
             joins = leaves = 0
             fail_at = {t0 + window * (i + 1) / (failures + 1) for i in range(failures)}
@@ -193,10 +197,11 @@ def run_bench(
                 due = [t for t in fail_at if t <= now]
                 if due:
                     fail_at -= set(due)
-                    lat = _failure(loads, len(latencies) % procs)
+                    lat = _failure(loads, len(samples) % procs)
                     if lat is not None:
-                        latencies.append(lat[0])
-                        medians.append(lat[1])
+                        samples.append(lat[0])
+                        if lat[1] is not None:
+                            medians.append(lat[1])
                 elif now >= next_churn:
                     next_churn += churn_every
                     if (joins + leaves) % 2 == 0:
@@ -226,6 +231,8 @@ def run_bench(
     span = t1 - t0
     cpu = cpu1 - cpu0
     beats = acked1 - acked0
+    fails = _failure_fields(samples, medians)
+    latencies = [x for x in samples if x is not None]
     med = statistics.median(latencies) if latencies else None
     return {
         "bench": "coordinator",
@@ -251,29 +258,61 @@ def run_bench(
             "p99": None if beat_p99 is None else round(beat_p99, 4),
         },
         "cpu_per_heartbeat_us": round(1e6 * cpu / beats, 1) if beats else None,
-        "failure_to_all_s": {
-            "median": None if med is None else round(med, 4),
-            "max": round(max(latencies), 4) if latencies else None,
-            "samples": [round(x, 4) for x in latencies],
-        },
-        "failure_member_median_s": round(statistics.median(medians), 4) if medians else None,
-        "failures": len(latencies),
+        **fails,
         "joins": joins,
         "leaves": leaves,
         "watch_events": events,
         # a run whose members missed beats measured a coordinator under less load than
         # asked (or evicted members): not ok, whatever the figures
-        "ok": med is not None
-        and med <= _OK_MEDIAN_S
-        and cpu / span <= _OK_CORES
-        and (failed1 - failed0) <= 0.01 * max(1, beats)
-        and alive0 >= members,
+        "ok": _ok(
+            median=med,
+            incomplete=fails["failures_incomplete"],
+            cores=cpu / span,
+            failed=failed1 - failed0,
+            beats=beats,
+            alive=alive0,
+            members=members,
+        ),
     }
 
 
-def _failure(loads: _Loads, p: int) -> tuple[float, float] | None:
+def _failure_fields(samples: list[float | None], medians: list[float]) -> dict[str, Any]:
+    """The row's failure fields; a ``None`` sample (the failure did not reach every live
+    member in time) is kept as ``null`` and counted, never averaged in."""
+    latencies = [x for x in samples if x is not None]
+    med = statistics.median(latencies) if latencies else None
+    return {
+        "failure_to_all_s": {
+            "median": None if med is None else round(med, 4),
+            "max": round(max(latencies), 4) if latencies else None,
+            "samples": [None if x is None else round(x, 4) for x in samples],
+        },
+        "failure_member_median_s": round(statistics.median(medians), 4) if medians else None,
+        "failures": len(samples),
+        "failures_incomplete": len(samples) - len(latencies),
+    }
+
+
+def _ok(*, median: float | None, incomplete: int, cores: float, failed: int, beats: int,
+        alive: int, members: int) -> bool:  # fmt: skip
+    """The row's verdict. A run whose members missed beats measured a coordinator
+    under less load than asked (or evicted members), and one whose failure did not
+    reach every member has no latency for it: not ok, whatever the figures."""
+    return (
+        median is not None
+        and incomplete == 0
+        and median <= _OK_MEDIAN_S
+        and cores <= _OK_CORES
+        and failed <= 0.01 * max(1, beats)
+        and alive >= members
+    )
+
+
+def _failure(loads: _Loads, p: int) -> tuple[float | None, float | None] | None:
     """Fail a live member of load process ``p`` (another of its members reports it);
-    (failure -> the last live member holds a view without it, the median member)."""
+    (failure -> the last live member holds a view without it, the median member).
+    ``None`` when no failure could be injected; ``(None, None)`` when it did not reach
+    every live member within ``_FAILURE_DEADLINE_S`` (no latency from part of them)."""
     live = loads.ask(p, ("live",))[1]
     if len(live) < 2:
         return None
@@ -281,20 +320,22 @@ def _failure(loads: _Loads, p: int) -> tuple[float, float] | None:
     t_fail = loads.ask(p, ("fail", victim, reporter))[1]
     if t_fail is None:
         return None
-    deadline = time.monotonic() + 10.0
+    deadline = time.monotonic() + _FAILURE_DEADLINE_S
     arrivals: list[float] = []
-    while time.monotonic() < deadline:
+    complete = False
+    while True:
         arrivals, expected = [], 0
         for q in range(len(loads.conns)):
             _, got, n = loads.ask(q, ("arrivals", victim, t_fail))
             arrivals += got
             expected += n
-        if arrivals and len(arrivals) >= expected:
+        complete = bool(arrivals) and len(arrivals) >= expected
+        if complete or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
     loads.owner.pop(victim, None)
-    if not arrivals:
-        return None
+    if not complete:
+        return None, None
     lat = [a - t_fail for a in arrivals]
     return max(lat), statistics.median(lat)
 

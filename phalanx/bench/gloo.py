@@ -63,9 +63,9 @@ class GlooBackend:
             store = tcp_store(
                 "127.0.0.1", 0, ctx.world, True, timeout=timeout, wait_for_workers=False
             )
-            port = ctx.exchange(store.port)[0]
+            port = ctx.exchange(store.port, timeout=timeout_s)[0]
         else:
-            port = ctx.exchange(None)[0]
+            port = ctx.exchange(None, timeout=timeout_s)[0]
             store = tcp_store("127.0.0.1", port, ctx.world, False, timeout=timeout)
         dist.init_process_group(
             "gloo", store=store, rank=ctx.rank, world_size=ctx.world, timeout=timeout

@@ -4,21 +4,23 @@
 
 Starts ``world`` processes; each runs a SnapshotService with a ShardServer and TCP
 shard links (HMAC handshake, fresh random secret) and a deterministic random state of
-``size`` bytes (four float32 arrays). All ranks snapshot at once, ``--generations``
-times, one rank after the other so that each rank's memcpy baseline and stall are
-measured on an otherwise idle machine (stall and memcpy: medians over every rank and
-every generation after the first, as is encode; seal: the last generation). Then
-rank 0 restores locally, rank 0 and more of its holders are SIGKILLed so that exactly m
+``size`` bytes (four float32 arrays; every element changes each generation: +1). All
+ranks snapshot at once, ``--generations`` times, one rank after the other so that each
+rank's memcpy baseline and stall are measured on an otherwise idle machine (stall and
+memcpy: medians over every rank and every generation after the first, as is encode;
+seal: the last generation). Then rank 0 restores locally, rank 0 and more of its holders are SIGKILLed so that exactly m
 of its k+m shards are gone (with world = k+m rank 0 holds one of its own shards, so it
 and m-1 other holders die; with more peers it and m holders die), and a fresh
 replacement process rebuilds rank 0's state from the survivors and compares it byte for
-byte with the state regenerated from its seed.
+byte with the state regenerated from its seed. Both restores must return the last
+generation's step and exactly its state (a stale or mixed-generation restore fails).
 
 One JSON line: ``stall_s`` (snapshot(), median over ranks and generations after the first),
 ``memcpy_s`` (np.copyto of the same bytes into a warm buffer, same ranks, just before),
 ``stall_ratio``, ``seal_s``, ``encode_Bps`` (state bytes / time inside the erasure coder,
 rank median; piece checksums are ``checksum_Bps``), ``pipeline_Bps`` (state bytes / seal_s), ``restore_local_s``,
-``restore_after_m_losses_s``, ``restore_Bps``, ``restored_exact``, plus the setup.
+``restore_after_m_losses_s``, ``restore_Bps``, ``restored_step`` (the peer restore's
+step; ``restore_local_step`` the local one's), ``restored_exact``, plus the setup.
 This module prints only what the CLI asked for; progress goes to stderr.
 """
 
@@ -50,14 +52,37 @@ __all__ = ["register", "run_bench"]
 _CMD_TIMEOUT = 300.0
 
 
-def _state(rank: int, size: int) -> dict[str, Any]:
+def _state(rank: int, size: int, generation: int = 0) -> dict[str, Any]:
+    """Rank ``rank``'s state at ``generation`` (what it snapshots as step
+    ``generation``): the seeded arrays, every element +1 per generation."""
     rng = np.random.default_rng(1000 + rank)
     n = size // 4
     parts = [n // 4] * 3 + [n - 3 * (n // 4)]
-    return {
+    state = {
         "model": {f"w{i}": rng.random(p, np.float32) for i, p in enumerate(parts[:3])},
         "opt": {"m": rng.random(parts[3], np.float32)},
     }
+    _advance(state, generation)
+    return state
+
+
+def _advance(state: dict[str, Any], generations: int) -> None:
+    """Move ``state`` on by ``generations`` (in place, one +1 each: the same float32
+    operations as :func:`_state`, so bit for bit reproducible)."""
+    for _ in range(generations):
+        for a in _leaves(state):
+            a += np.float32(1.0)
+
+
+def _restore_ok(step: int | None, out: Any, want_step: int, expected: dict[str, Any]) -> bool:
+    """A restore is right when it returned the last generation's step and exactly its
+    state: a stale generation or a mix of two fails."""
+    return step == want_step and _same(out, expected)
+
+
+def _checksum_Bps(nbytes: int, k: int, m: int, checksum_s: float) -> float | None:
+    """Checksummed bytes per second: the k data and m parity pieces of ``nbytes``."""
+    return (k + m) / k * nbytes / checksum_s if checksum_s else None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -97,6 +122,7 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
         ),
     )
     state = _state(rank, cfg["size"]) if rank >= 0 else {}
+    generation = 0  # the one ``state`` is at
     if rank >= 0:
         svc.reserve(cfg["size"])
     try:
@@ -105,6 +131,8 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
             if cmd == "stop":
                 break
             if cmd == "snap":
+                _advance(state, arg - generation)  # the state changes every generation
+                generation = arg
                 dst = np.empty(cfg["size"], np.uint8)
                 flat = [a.reshape(-1).view(np.uint8) for a in _leaves(state)]
                 _copy(dst, flat)  # fault the pages in: a warm buffer, like the service's
@@ -132,13 +160,14 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
                 t0 = time.perf_counter()
                 step, out = svc.restore()
                 dt = time.perf_counter() - t0
-                conn.send(("ok", {"s": dt, "step": step, "exact": _same(out, state)}))
+                exact = generation == arg and _restore_ok(step, out, arg, state)
+                conn.send(("ok", {"s": dt, "step": step, "exact": exact}))
             elif cmd == "restore_peer":
-                owner, owner_rank = arg
+                owner, owner_rank, want = arg
                 t0 = time.perf_counter()
                 step, out = svc.restore_peer(owner)
                 dt = time.perf_counter() - t0
-                exact = _same(out, _state(owner_rank, cfg["size"]))
+                exact = _restore_ok(step, out, want, _state(owner_rank, cfg["size"], want))
                 conn.send(("ok", {"s": dt, "step": step, "exact": exact}))
     finally:
         svc.close()
@@ -227,7 +256,7 @@ def run_bench(
                 enabled=verbose,
             )
         last = per_gen[-1]
-        procs[0].conn.send(("restore_local", None))
+        procs[0].conn.send(("restore_local", generations))
         local = procs[0].ask("restore")
         holders = list(last[0]["holders"])
         others = [h for h in holders if h != "r0"]
@@ -240,7 +269,7 @@ def run_bench(
         repl = _Proc(ctx, -1, secret, cfg)
         repl.ask("address", 60)
         repl.conn.send(survivors)
-        repl.conn.send(("restore_peer", ("r0", 0)))
+        repl.conn.send(("restore_peer", ("r0", 0, generations)))
         peer = repl.ask("restore")
         nbytes = last[0]["nbytes"]
         coder = make_coder(k, m).detail
@@ -266,15 +295,19 @@ def run_bench(
             "seal_max_s": max(r["seal_s"] for r in last),
             "encode_Bps": nbytes / encode_s if encode_s else None,
             "pipeline_Bps": nbytes / seal,
-            "checksum_Bps": 1.5 * nbytes / statistics.median(r["checksum_s"] for r in last),
+            "checksum_Bps": _checksum_Bps(
+                nbytes, k, m, statistics.median(r["checksum_s"] for r in last)
+            ),
             "coder": coder,
             "checksum": crc32_backend(),
             "restore_local_s": local["s"],
             "restore_local_exact": local["exact"],
+            "restore_local_step": local["step"],
             "killed": doomed,
             "shards_lost": lost,
             "restore_after_m_losses_s": peer["s"],
             "restore_Bps": nbytes / peer["s"],
+            "restored_step": peer["step"],
             "restored_exact": bool(peer["exact"] and local["exact"]),
         }
         return row

@@ -223,6 +223,16 @@ def _failover(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
                                        "kill_to_full_world_s"])  # fmt: skip
 
 
+def _sync_figures(log_text: str) -> tuple[int, float]:
+    """(bytes, seconds) of the joiner daemon's ``event=state_synced`` line; DemoError
+    when there is none: a transfer that cannot be read is not a valid row."""
+    m = _SYNC_RE.search(log_text)
+    if m is None:
+        raise DemoError("the joiner's daemon logged no 'event=state_synced ... "
+                        "received=True' line: the state transfer cannot be measured")  # fmt: skip
+    return int(m.group(1)), float(m.group(2))
+
+
 def _hidden_for(state_bytes: int) -> int:
     """Hidden width whose float32 state (params + BN buffers + SGD momentum) is
     about ``state_bytes``: per hidden unit 16+1+4 weights and bias, 2 BN params, 3 BN
@@ -246,14 +256,13 @@ def _transfer(a: argparse.Namespace, emit: Callable[[dict[str, Any]], None],
         new = r.start(args, fresh=True, expect=1)
         r.wait("the joiner's first step", lambda: bool(r.commits(new)))
         imported = next(e["t_imported"] for e in new.events if e["ev"] == "imported")
-        m = None
+        text = ""
         for _ in range(50):  # the daemon's log line may trail the event a little
             text = new.daemon.err_path.read_text(errors="replace")
-            m = _SYNC_RE.search(text)
-            if m:
+            if _SYNC_RE.search(text):
                 break
             time.sleep(0.05)
-        nbytes, seconds = (int(m.group(1)), float(m.group(2))) if m else (0, 0.0)
+        nbytes, seconds = _sync_figures(text)
         row = {
             "bench": "torch", "part": "transfer", "state_bytes": nbytes,
             "transfer_s": seconds,

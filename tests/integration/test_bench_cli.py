@@ -43,6 +43,8 @@ FIELDS = {
     "wire_ratio",
     "max_rel_err",
     "correct",
+    "start_spread_s",
+    "max_rel_err_nonfinite",
 }
 
 
@@ -101,6 +103,13 @@ def test_size_not_a_multiple_of_the_dtype_is_a_usage_error() -> None:
     res = phalanx_cli("bench", "allreduce", "--sizes", "1001", "--json")
     assert res.returncode == 2
     assert "multiples of 4 bytes" in res.stderr
+
+
+def test_no_preserve_input_through_the_daemon_is_a_usage_error() -> None:
+    res = phalanx_cli("bench", "allreduce", "--via", "daemon", "--no-preserve-input", "--json")
+    assert res.returncode == 2
+    assert "--no-preserve-input" in res.stderr and "Traceback" not in res.stderr
+    assert res.stdout == ""
 
 
 def test_unknown_command_is_a_usage_error() -> None:
@@ -322,15 +331,19 @@ def test_wrong_results_are_caught() -> None:
     assert not ok and err > 0.25
 
     series = _Series("phalanx", "none", 1)
-    same = _BlockResult([0.1], [0.004], [digest], [10], True, 0.0, "ring")
-    other = _BlockResult([0.2], [0.002], ["0" * 64], [12], True, 0.0, "ring")
+    same = _BlockResult(starts=[1.0], ends=[1.1], cpu_s=0.008, ops=2, digests=[digest],
+                        wire_bytes=[10], algorithm="ring")  # fmt: skip
+    other = _BlockResult(starts=[1.05], ends=[1.2], cpu_s=0.004, ops=2, digests=["0" * 64],
+                         wire_bytes=[12], algorithm="ring")  # fmt: skip
     series.add([same, same], timed=True)
-    assert series.ok and series.times == [0.1] and series.wire_bytes == [10]
-    assert series.cpu == [0.004]
+    assert series.ok and series.times == [pytest.approx(0.1)] and series.wire_bytes == [10]
+    assert series.cpu_s / series.cpu_ops == pytest.approx(0.004)
     series.add([same, other], timed=True)  # ranks disagree on the bytes
     assert not series.ok
-    assert series.times == [0.1, 0.2]  # the slowest rank's time
-    assert series.cpu == [0.004, 0.003]  # the mean over ranks
+    # the last rank's start (1.05) to the last rank's end (1.2)
+    assert series.times == [pytest.approx(0.1), pytest.approx(0.15)]
+    assert series.spreads == [0.0, pytest.approx(0.05)]
+    assert series.cpu_s / series.cpu_ops == pytest.approx((0.008 + 0.006) / 4)  # rank mean
     assert series.wire_bytes == [10, 12]  # max over ranks
 
 

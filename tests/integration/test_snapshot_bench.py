@@ -48,6 +48,9 @@ def test_bench_snapshot_cli_json() -> None:
     ):
         assert row[key] > 0, key
     assert row["restored_exact"] is True and row["shards_lost"] == 2
+    # both restores returned the last generation (the state differs in each one)
+    assert row["restored_step"] == 2 and row["restore_local_step"] == 2
+    assert row["checksum_Bps"] > 0
     assert len(row["killed"]) == 2 and "r0" in row["killed"]
 
 
