@@ -1,10 +1,13 @@
 """Elastic members between groups: a rejoin that races the removal of its new
-incarnation, a rebuild a peer starts while this member backs off (in-process: a real
-coordinator, real agents, real data-plane groups on loopback)."""
+incarnation, a rebuild a peer starts while this member backs off, a vote on a round
+this member already carried, a view whose generations ran out, a stranger's "peer
+ahead" hint (in-process: a real coordinator, real agents, real data-plane groups on
+loopback)."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,11 +15,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from phalanx.comm.frames import FrameKind, encode_header
 from phalanx.errors import Evicted, GroupClosed
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
 from phalanx.membership.elastic import ElasticGroup
-from phalanx.membership.lifecycle import Presence
+from phalanx.membership.lifecycle import MAX_GENERATION, Presence, data_epoch
 from phalanx.membership.view import View
 
 pytestmark = pytest.mark.timeout(90)
@@ -258,8 +262,6 @@ def test_a_view_whose_last_generation_broke_is_left_and_rejoined(
     last one computed a generation data_epoch refuses, in the builder thread, so that
     view never got a group again. The member leaves and comes back instead: the new
     view starts at generation 0."""
-    from phalanx.membership.lifecycle import MAX_GENERATION
-
     with _joined_pair(coordinator) as (a, b):
         before = a.agent.member.incarnation
         with a._cond:
@@ -270,3 +272,70 @@ def test_a_view_whose_last_generation_broke_is_left_and_rejoined(
         assert _wait(lambda: a.agent.member.incarnation > before and a.view.size == 2, 20)
         _sum_pair(a, b)  # the pair works again, in a view of generation 0
         assert a._generation == 0
+
+
+# ------------------------------------------------------------ the door's "peer ahead" hint
+# The door peeks the epoch of a new connection's first header and tells its member when
+# that names a group not built yet -- before any proof of the secret. The member used to
+# abort its working group and jump to whatever generation the stranger named: one raw
+# HELLO for data_epoch(view, MAX_GENERATION) moved it to 16383, and the next rebuild
+# (16384) raised in the builder thread, so the view never got a group again.
+
+
+def _hint(member: ElasticGroup, epoch: int) -> None:
+    """A stranger's raw TCP connection to ``member``'s door: one HELLO header, no
+    handshake. Returns once the door has told the member."""
+    told = threading.Event()
+    real = member._door._on_ahead
+    assert real is not None
+
+    def spy(e: int) -> None:
+        try:
+            real(e)
+        finally:
+            if e == epoch:
+                told.set()
+
+    member._door._on_ahead = spy
+    host, port = member.address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0) as s:
+            s.sendall(encode_header(FrameKind.HELLO, epoch=epoch, seq=0, chunk=0, length=0))
+            assert told.wait(5.0), "the door never reported the connection"
+    finally:
+        member._door._on_ahead = real
+
+
+def test_a_strangers_hello_neither_breaks_the_group_nor_moves_its_generation(
+    coordinator: Coordinator,
+) -> None:
+    with _joined_pair(coordinator) as (a, b):
+        view = a.view
+        g = a._generation
+        for generation in (MAX_GENERATION, g + 1, g + 2):
+            _hint(a, data_epoch(view.epoch, generation))
+            with a._cond:
+                assert a._generation == g, generation  # was: the generation named
+                assert a._rebuild is None
+            _sum_pair(a, b)  # the group still works (was: never built again)
+        assert a._generation == g and a.view == view
+
+
+def test_a_member_backing_off_moves_one_generation_at_most(
+    coordinator: Coordinator,
+) -> None:
+    """After its own build failed, a member backs off; a link for a newer generation
+    moves it on at once -- one generation, whatever the link names."""
+    with _joined_pair(coordinator) as (a, b):
+        view = a._view
+        assert view is not None
+        with a._cond:  # a's build failed: its next generation is due in a minute
+            g = a._generation + 1
+            a._generation, a._rebuild = g, (view, g)
+            a._rebuild_at = time.monotonic() + 60.0
+        _hint(a, data_epoch(view.epoch, MAX_GENERATION))
+        with a._cond:
+            assert a._generation == g + 1  # was: MAX_GENERATION
+        _sum_pair(a, b)  # b follows (a's old links closed): the pair works again
+        with a._cond, b._cond:
+            assert a._generation == b._generation < MAX_GENERATION
