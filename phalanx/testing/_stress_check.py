@@ -8,11 +8,12 @@ JSON line reports. What it checks:
   recomputed from ``(seed, step, contributors)`` (:mod:`._stress_model`); for lossy
   codecs the error is within :func:`~._stress_model.tolerance` and the bytes are
   identical on every member; members that report the same ``(epoch, seq)`` name the
-  same contributors (ops never mix views);
+  same contributors (ops never mix views) and the same step and op (never mix steps);
 * after every ``begin_step`` the synced state equals its closed form for that step
   (every committed step applied exactly once, newcomers synced byte-exact);
 * ``commit(step)``: one definite answer per ``(epoch of the step's first op, step)``
-  across members, and True only for a step whose ops all ran in one epoch;
+  across members (a member none of whose ops completed: the epoch its ``begin_step``
+  installed), and True only for a step whose ops all ran in one epoch;
 * restores byte-exact and never older than the newest seal the owner reported; a
   restore that fails is a lost snapshot unless more than ``m`` of that generation's
   holders (the trainer reports them with the seal) could not be read: gone (killed,
@@ -21,7 +22,11 @@ JSON line reports. What it checks:
   then. Without the holders (an older trainer) the rule is the coarse one: more than
   ``m`` (of the default ``k + m`` for the view size) other peers went away since the
   seal event;
-* hangs: any call that ran ``hang_s`` or longer, or hit its deadline; and a stall
+* hangs: any call that ran ``hang_s`` or longer, or hit its deadline (ops and steps:
+  any ``TimeoutError``; snapshots and restores: the daemon did not answer by their
+  deadline, the seal timeout -- one that answered "deadline passed", like a seal it
+  abandoned, failed cleanly: :func:`deadline_hang`); an evicted member that did not
+  rejoin within ``hang_s`` (``rejoin_timeout``); and a stall
   (:meth:`Checker.stalled`): no step committed for ``hang_s`` while at least two
   peers ran, counted once per stretch as it happens.
 
@@ -53,6 +58,22 @@ _OP_KINDS = frozenset({"all_reduce", "reduce_scatter", "all_gather", "broadcast"
 _SAME_BYTES = frozenset({"all_reduce", "all_gather", "broadcast"})
 _MAX_DETAILS = 20
 _NUMBERS = re.compile(r"0x[0-9a-f]+|\d+(\.\d+)?")
+# a request the daemon never answered (the client gave up waiting past its deadline)
+_NO_ANSWER = ("got no answer within", "before the daemon ran it")
+
+
+def deadline_hang(call: str, error: str) -> bool:
+    """Whether a failed call ended at its deadline in a way that is a hang. Ops and
+    steps: any ``TimeoutError``. Snapshots and restores run to the daemons' seal
+    timeout (the harness sets it to hang_s / 2 so that a generation that cannot seal
+    under churn is given up cleanly, docs/stress.md): the daemon answering that its
+    deadline passed (e.g. "while another snapshot ran") is such a clean failure; a
+    daemon that did not answer at all by then (+ the client's grace) is a hang."""
+    if call in ("snapshot", "restore"):
+        return error.startswith("NoReply") or (
+            error.startswith("TimeoutError") and any(m in error for m in _NO_ANSWER)
+        )
+    return error.startswith("TimeoutError")
 
 
 def failure_reason(call: str, error: str) -> str:
@@ -100,7 +121,10 @@ class Checker:
     _reasons_since_commit: Counter[str] = field(default_factory=Counter)
     details: list[str] = field(default_factory=list)
     beyond_m_details: list[str] = field(default_factory=list)  # why each was beyond m
-    _by_op: dict[tuple[int, int], tuple[tuple[str, ...], str, str]] = field(default_factory=dict)
+    # (epoch, seq) -> (contributors, shared digest, kind, (step, op index))
+    _by_op: dict[tuple[int, int], tuple[tuple[str, ...], str, str, tuple[int, int]]] = field(
+        default_factory=dict
+    )
     _answers: dict[tuple[int, int], dict[str, bool]] = field(default_factory=dict)
     _sealed: dict[str, int] = field(default_factory=dict)
     _seal_at: dict[str, tuple[float, int]] = field(default_factory=dict)  # (t, world)
@@ -111,6 +135,8 @@ class Checker:
     last_old_rule_lost: bool = False
     _departed: list[tuple[float, str]] = field(default_factory=list)
     unavailable: set[str] = field(default_factory=set)  # stopped / partitioned now
+    # evicted and not seen in a view since (cleared by back, ready or begin from it)
+    evicted_now: set[str] = field(default_factory=set)
     _last_begin: dict[str, float] = field(default_factory=dict)
     _pending_faults: list[tuple[float, str]] = field(default_factory=list)
     max_step: int = 0
@@ -153,7 +179,7 @@ class Checker:
         for h in holders:
             if h in self._retired:
                 why[h] = "gone"
-            elif h in self.unavailable:
+            elif h in self.unavailable or h in self.evicted_now:
                 why[h] = "unavailable"
             elif seen is not None and h not in seen:
                 why[h] = "not-in-view"
@@ -171,7 +197,7 @@ class Checker:
         (default k + m for the view size) other peers departed since the seal event
         or are unavailable now."""
         t_seal, world = self._seal_at.get(owner, (0.0, 1))
-        gone = {m for t, m in self._departed if t >= t_seal} | self.unavailable
+        gone = {m for t, m in self._departed if t >= t_seal} | self.unavailable | self.evicted_now
         gone.discard(owner)
         return len(gone) > default_km(world)[1]
 
@@ -207,9 +233,11 @@ class Checker:
             bad.append(f"{me} not among contributors {contrib}")
         key = (int(p["epoch"]), int(p["seq"]))
         shared = p["digest"] if spec.kind in _SAME_BYTES else ""
-        seen = self._by_op.setdefault(key, (contrib, shared, spec.kind))
+        seen = self._by_op.setdefault(key, (contrib, shared, spec.kind, (step, i)))
         if seen[0] != contrib:
             bad.append(f"contributors {contrib} differ from another member's {seen[0]}")
+        if seen[3] != (step, i):
+            bad.append(f"another member ran this op as step {seen[3][0]} op {seen[3][1]}")
         if seen[2] == spec.kind and shared and seen[1] and seen[1] != shared:
             bad.append("result bytes differ between members")
         if spec.kind != "barrier" and not bad:
@@ -256,29 +284,38 @@ class Checker:
         return True
 
     def _failed(self, me: str, t: float, call: str, p: dict[str, Any]) -> None:
-        why = failure_reason(call, str(p.get("error", "")))
+        err = str(p.get("error", ""))
+        why = failure_reason(call, err)
         self.failure_reasons[why] += 1
         self._reasons_since_commit[why] += 1
         if self.on_failure is not None:
             self.on_failure(me, t, {**p, "call": call})
+        # a call that ended at its deadline (one that ran hang_s is counted by event()
+        # already); a seal the daemons give up at their seal timeout is
+        # SnapshotAbandoned: a clean failure (see deadline_hang)
+        if deadline_hang(call, err) and not (p.get("secs", 0.0) >= self.hang_s):
+            self.hangs += 1
+            self.note(f"hang: {me} {call} hit its deadline: {err}")
 
     def since_commit(self, now: float) -> float | None:
         return None if self.last_commit_t is None else now - self.last_commit_t
 
     def _on_fail(self, me: str, t: float, p: dict[str, Any]) -> None:
-        err = str(p.get("error", ""))
         self._failed(me, t, str(p.get("call", "")), p)
         if p.get("call") in _OP_KINDS:
             self.ops += 1
             self.ops_failed_clean += 1
         else:
             self.steps_failed_clean += 1
-        if err.startswith("TimeoutError") and not (p.get("secs", 0.0) >= self.hang_s):
-            self.hangs += 1
-            self.note(f"hang: {me} {p.get('call')} hit its deadline: {err}")
+
+    def _on_ready(self, me: str, t: float, p: dict[str, Any]) -> None:
+        self.evicted_now.discard(me)  # attach_state worked: its daemon is in a view
 
     def _on_begin(self, me: str, t: float, p: dict[str, Any]) -> None:
         self._last_begin[me] = t - float(p["secs"])
+        # a begin_step that worked: back in the view (a trainer restarted while its
+        # daemon was evicted never says "back")
+        self.evicted_now.discard(me)
         if int(p["step"]) < 0:
             # begin_step syncs the state from any member that holds it: a step of -1
             # means nobody in this view holds the training state any more (every member
@@ -309,14 +346,16 @@ class Checker:
         if answer and not p["ok"]:
             self.wrong_results += 1
             self.note(f"wrong: {me} step={step} committed although it voted not ok")
-        if epochs:
-            votes = self._answers.setdefault((epochs[0], step), {})
+        # the round: the epoch of the step's first op; a member none of whose ops
+        # completed (its first one failed: it votes not ok) ran the step in the view
+        # its begin_step installed
+        epoch = epochs[0] if epochs else p.get("epoch")
+        if epoch is not None:
+            votes = self._answers.setdefault((int(epoch), step), {})
             votes[me] = bool(answer)
             if len(set(votes.values())) > 1:
                 self.wrong_results += 1
-                self.note(
-                    f"wrong: commit answers differ for epoch={epochs[0]} step={step}: {votes}"
-                )
+                self.note(f"wrong: commit answers differ for epoch={epoch} step={step}: {votes}")
         if answer:
             self.steps_committed += 1
             self.last_commit_t = max(self.last_commit_t or t, t)
@@ -386,12 +425,21 @@ class Checker:
         self.evictions += 1
         # out of the view until it rejoined: restores read holders through the current
         # view, so its shards cannot be read meanwhile
-        self.unavailable.add(me)
+        self.evicted_now.add(me)
         self._departed.append((t, me))
 
     def _on_back(self, me: str, t: float, p: dict[str, Any]) -> None:
         self.max_rejoin_s = max(self.max_rejoin_s, float(p["secs"]))
-        self.unavailable.discard(me)
+        self.evicted_now.discard(me)
+
+    def _on_rejoin_timeout(self, me: str, t: float, p: dict[str, Any]) -> None:
+        # the trainer gave up waiting for its evicted daemon to rejoin (the peer is
+        # then replaced): a hang, counted in event() when its secs reached hang_s
+        secs = float(p["secs"])
+        self.max_rejoin_s = max(self.max_rejoin_s, secs)
+        if secs < self.hang_s:
+            self.hangs += 1
+            self.note(f"hang: {me} was not back in a view after {secs:.1f}s")
 
     def _on_done(self, me: str, t: float, p: dict[str, Any]) -> None:
         why = str(p.get("why", ""))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from phalanx._parent import ENV as _PARENT_ENV
 from phalanx.testing._stress_trainer import TrainerArgs, trainer_main
 from phalanx.testing.launcher import Launcher, LaunchError, Proc
 from phalanx.testing.netns import Bridge, BridgeError, leftover_rules
@@ -45,6 +47,14 @@ from phalanx.testing.netns import unavailable as _netns_unavailable
 __all__ = ["Cluster", "Peer", "leaks", "netns_unavailable", "open_fds", "socket_fds"]
 
 _MP = multiprocessing.get_context("spawn")
+# a deleted namespace's veth pair goes when the kernel gets round to destroying the
+# namespace (asynchronously, later under load): how long the leak scan lets it
+_LINK_SETTLE_S = 10.0
+# exit statuses of a process that stopped because it was asked to (SIGTERM, or Ctrl-C's
+# SIGINT to the whole process group): the default action, or a handler's 128 + signal
+_CLEAN_EXITS = frozenset(
+    {0, -signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT}
+)
 
 
 def _signal(pid: int | None, sig: int) -> None:
@@ -76,6 +86,24 @@ class Peer:
     netns: str | None = None
     veth: str | None = None
     host: int = 0  # last octet of its address in the namespace (0: loopback)
+    killed: bool = False  # the harness SIGKILLed the daemon (any exit status is expected)
+    judged: bool = False  # the daemon's exit status was looked at (once)
+    trainer_killed: bool = False  # the harness SIGKILLed the current trainer
+    trainer_done: bool = False  # the current trainer said "done" (it ended on its own)
+
+    def daemon_crash(self) -> str | None:
+        """Once the daemon has exited, the first call says whether that was a crash:
+        an exit status other than a clean stop (0, or SIGTERM/SIGINT's) of a daemon the
+        harness did not SIGKILL. None while it runs, when expected, or judged already;
+        a daemon that never got a trainer (which starts once it is ready) failed to
+        join: counted as a join failure, not here."""
+        rc = self.daemon.poll()
+        if rc is None or self.judged:
+            return None
+        self.judged = True
+        if self.killed or rc in _CLEAN_EXITS or self.trainer is None:
+            return None
+        return f"daemon {self.member} exited rc={rc}"
 
     def daemon_ready(self) -> bool:
         try:
@@ -91,7 +119,11 @@ class Peer:
 
     def signal(self, sig: int, *, trainer: bool = True, daemon: bool = True) -> None:
         if daemon and self.daemon.poll() is None:
+            # a daemon that exited before this SIGKILL is judged on its own status
+            self.killed |= sig == signal.SIGKILL
             _signal(self.daemon.pid, sig)
+        if trainer and sig == signal.SIGKILL:
+            self.trainer_killed = True
         if trainer and self.trainer is not None and self.trainer.exitcode is None:
             _signal(self.trainer.pid, sig)
 
@@ -125,6 +157,10 @@ class Cluster:
         self.port = 0
         self.peers: dict[str, Peer] = {}
         self.retired: list[Peer] = []
+        # processes that exited with an unexpected status (daemons, coordinators): the
+        # harness counts and empties it (:meth:`take_crashes`)
+        self.crashes: list[str] = []
+        self._coords_judged: set[int] = set()
         self._runs = 0
         self._slot = 0
         self.netns = netns
@@ -150,6 +186,14 @@ class Cluster:
                 why = self.bridge.probe()
             except (BridgeError, OSError, subprocess.SubprocessError) as exc:
                 why = f"could not set up the stress bridge: {exc}"
+            except BaseException:  # Ctrl-C meanwhile: nobody else could remove the bridge
+                try:
+                    if self.bridge is not None:
+                        self.bridge.close()
+                finally:
+                    self.bridge = None
+                    self.launcher.remove_dir()
+                raise
             if why is not None or self.bridge is None:
                 self.net_skipped = why
                 if self.bridge is not None:
@@ -195,6 +239,25 @@ class Cluster:
     def kill_coordinator(self) -> None:
         if self._coord is not None:
             self._coord.kill()
+
+    def judge_coordinators(self) -> None:
+        """Every coordinator that listened and exited since the last call, without the
+        harness killing it (a fault, or the end's SIGKILL after the grace): a crash
+        unless it stopped cleanly (0, SIGTERM's or SIGINT's status). One that exits
+        before it listens is a failed restart, which :meth:`coordinator_ready` reports."""
+        for proc in self.launcher.procs:
+            if proc.kind != "coordinator" or proc.pid in self._coords_judged or not proc.info:
+                continue
+            rc = proc.popen.poll()
+            if rc is None:
+                continue
+            self._coords_judged.add(proc.pid)
+            if not proc.killed and rc not in _CLEAN_EXITS:
+                self.crashes.append(f"{proc.name} exited rc={rc}")
+
+    def take_crashes(self) -> list[str]:
+        out, self.crashes = self.crashes, []
+        return out
 
     # ------------------------------------------------------------------ peers
     def start_daemon(self, member: str) -> Peer:
@@ -258,6 +321,7 @@ class Cluster:
             with contextlib.suppress(OSError):
                 peer.conn.close()
         peer.trainer, peer.conn = proc, parent
+        peer.trainer_killed = peer.trainer_done = False
         peer.t_last = time.monotonic()
 
     def send(self, peer: Peer, cmd: str | tuple[str, int]) -> None:
@@ -282,7 +346,9 @@ class Cluster:
         fully gone (both processes reaped, pipe closed)."""
         keep = []
         for p in self.retired:
-            p.daemon.poll()
+            why = p.daemon_crash()
+            if why is not None:
+                self.crashes.append(why)
             if p.daemon.returncode is not None:
                 self._drop_netns(p)
             if p.trainer is not None and p.trainer.exitcode is None and not p.trainer.is_alive():
@@ -297,30 +363,41 @@ class Cluster:
 
     # ------------------------------------------------------------------ the end
     def close(self, grace: float = 15.0) -> None:
-        """Stop and reap every process started, remove the namespaces. Idempotent."""
-        everyone = list(self.peers.values()) + self.retired
-        for p in everyone:
-            p.signal(signal.SIGCONT)
-            p.signal(signal.SIGTERM, trainer=False)
-        deadline = time.monotonic() + grace
-        for p in everyone:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.daemon.wait(max(0.0, deadline - time.monotonic()))
-        for p in everyone:
-            p.signal(signal.SIGKILL)
-        for p in everyone:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.daemon.wait(5.0)
-            if p.trainer is not None:
-                p.trainer.join(5.0)
-            if p.conn is not None:
-                with contextlib.suppress(OSError):
-                    p.conn.close()
-        self.launcher.close(5.0)  # the coordinators, and anything else still running
-        if self.bridge is not None:  # namespaces, the bridge, the forwarding rules
-            self.bridge.close()
-            self.bridge = None
-        self.netns = False
+        """Stop and reap every process started, remove the namespaces. Idempotent.
+        Each step runs even if one before it failed (a Ctrl-C, an ``ip`` that timed
+        out): the namespaces, the bridge and the forwarding rules outlive the run.
+        Exit statuses that were crashes go to :attr:`crashes`."""
+        try:
+            everyone = list(self.peers.values()) + self.retired
+            for p in everyone:
+                p.signal(signal.SIGCONT)
+                p.signal(signal.SIGTERM, trainer=False)
+            deadline = time.monotonic() + grace
+            for p in everyone:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.daemon.wait(max(0.0, deadline - time.monotonic()))
+            for p in everyone:
+                why = p.daemon_crash()  # those that stopped within the grace
+                if why is not None:
+                    self.crashes.append(why)
+            for p in everyone:
+                p.signal(signal.SIGKILL)
+            for p in everyone:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.daemon.wait(5.0)
+                if p.trainer is not None:
+                    p.trainer.join(5.0)
+                if p.conn is not None:
+                    with contextlib.suppress(OSError):
+                        p.conn.close()
+        finally:
+            try:
+                self.launcher.close(5.0)  # the coordinators, and anything else still running
+                self.judge_coordinators()
+            finally:
+                bridge, self.bridge, self.netns = self.bridge, None, False
+                if bridge is not None:  # namespaces, the bridge, the forwarding rules
+                    bridge.close()
 
     def remove_dir(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -360,11 +437,63 @@ def _helper(cmd: str) -> bool:
     return "multiprocessing.resource_tracker" in cmd or "multiprocessing.forkserver" in cmd
 
 
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _ours(pid: int, me: int) -> bool:
+    """``pid`` was started by this process (its environment has the launcher's
+    ``PHALANX_PARENT_PID`` naming us: it stays so after its parent is gone) or descends
+    from us. Anyone else's process (a ``tail -f`` of the run's log) is not ours."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        env = []
+    if f"{_PARENT_ENV}={me}".encode() in env:
+        return True
+    for _ in range(64):
+        ppid = _ppid(pid)
+        if ppid is None or ppid <= 1:
+            return False
+        if ppid == me:
+            return True
+        pid = ppid
+    return False
+
+
+def _ip_links() -> str:
+    """``ip -o link show`` (empty without ``ip``)."""
+    if shutil.which("ip") is None:
+        return ""
+    try:
+        r = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout.decode(errors="replace")
+
+
+def leftover_links(text: str, tag: str) -> list[str]:
+    """The links of run ``tag`` in ``ip -o link show`` output: its bridge ``pxb<tag>``
+    and veth ends ``pxh<tag>k<n>`` / ``pxn<tag>k<n>`` (netns.Bridge's names)."""
+    rx = re.compile(rf"pxb{tag}|px[hn]{tag}k\d+")
+    out = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and rx.fullmatch(parts[1].strip().split("@", 1)[0]):
+            out.append(parts[1].strip().split("@", 1)[0])
+    return out
+
+
 def leaks(tmpdir: Path, threads_before: set[int], sockets_before: set[int]) -> list[str]:
     """What the run left behind: live children (ended ones are reaped, not counted),
-    processes that mention the run's directory (orphaned grandchildren, killed by PID
-    here), harness threads, sockets, network namespaces."""
+    processes of ours that mention the run's directory (orphaned grandchildren, killed
+    by PID here; other people's, e.g. a ``tail -f`` of its log, are left alone), harness
+    threads, sockets, network namespaces, links, forwarding rules."""
     found = []
+    me = os.getpid()
     for pid, state, cmd in _children():
         if _helper(cmd):
             continue
@@ -384,6 +513,8 @@ def leaks(tmpdir: Path, threads_before: set[int], sockets_before: set[int]) -> l
         with contextlib.suppress(OSError, ValueError):
             if needle in cmdline.read_bytes():
                 pid = int(cmdline.parent.name)
+                if pid == me or not _ours(pid, me):
+                    continue
                 found.append(f"orphan pid {pid} still runs in {tmpdir}")
                 _signal(pid, signal.SIGKILL)
     extra = [t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
@@ -397,5 +528,12 @@ def leaks(tmpdir: Path, threads_before: set[int], sockets_before: set[int]) -> l
     )
     if r is not None and f"pxs{os.getpid()}-".encode() in r.stdout:
         found.append("network namespaces of this run still exist")
-    found += [f"iptables rule left: {rule}" for rule in leftover_rules(str(os.getpid() % 100000))]
+    tag = str(me % 100000)
+    links = leftover_links(_ip_links(), tag)
+    settle = time.monotonic() + _LINK_SETTLE_S
+    while links and time.monotonic() < settle:
+        time.sleep(0.2)
+        links = leftover_links(_ip_links(), tag)
+    found += [f"network link left: {name}" for name in links]
+    found += [f"iptables rule left: {rule}" for rule in leftover_rules(tag)]
     return found

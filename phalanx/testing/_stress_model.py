@@ -17,6 +17,7 @@ This module must never touch a socket, a process or a clock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Sequence
@@ -102,15 +103,25 @@ def plan(seed: int, step: int) -> list[OpSpec]:
     return ops
 
 
+@functools.lru_cache(maxsize=4096)
+def _step_mix(step: int) -> int:
+    """A pseudo-random 32-bit number per step: the steps' offsets below have no
+    period (``step % 11`` made steps s and s + 11 contribute the same bytes, so a
+    collective that mixed them looked right)."""
+    return int.from_bytes(hashlib.blake2b(str(step).encode(), digest_size=4).digest(), "little")
+
+
 def contribution(spec: OpSpec, index: int, step: int) -> np.ndarray:
-    """What member ``p<index>`` puts in for ``spec`` at ``step`` (small integers)."""
+    """What member ``p<index>`` puts in for ``spec`` at ``step`` (small integers: the
+    step's offset stays below 251, so sums stay exact and within fp16's range)."""
     j = np.arange(spec.n, dtype=np.int64)
+    mix = _step_mix(step)
     if spec.kind == "all_reduce" and spec.reduce == "max":
-        vals = (index * 31 + step * 7 + j * 13) % 1009
+        vals = (index * 31 + mix % 1009 * 7 + j * 13) % 1009
     elif spec.kind in ("all_gather", "broadcast"):
-        vals = index * 1000 + (step % 97) * 3 + j % 11
+        vals = index * 1000 + (mix % 97) * 3 + j % 11
     else:
-        vals = (1 + j % 7) * (index + 1) + step % 11
+        vals = (1 + j % 7) * (index + 1) + mix % 251
     return vals.astype(spec.dtype)
 
 

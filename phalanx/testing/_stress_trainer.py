@@ -10,7 +10,8 @@ steps a snapshot of ``w`` (when the client has ``snapshot``).
 
 ``Evicted`` is transient: the daemon rejoins by itself with a new incarnation and the
 state re-syncs at the next ``begin_step``; the trainer waits (``evicted`` / ``back``
-events) and gives up only when its daemon stays out for ``call_timeout`` seconds.
+events) and gives up only when its daemon stays out for ``call_timeout`` seconds
+(``rejoin_timeout``, with how long it waited: the harness counts it as a hang).
 
 It reports facts, not verdicts: every op's epoch, seq, contributors and result digest,
 every commit answer, every clean failure with its type, and the state check after each
@@ -232,7 +233,7 @@ def trainer_main(a: TrainerArgs, conn: Any) -> None:
                         secs=time.monotonic() - t2)  # fmt: skip
                 continue
             out.put("commit", step=step, ok=ok, answer=answer, epochs=epochs,
-                    secs=time.monotonic() - t2)  # fmt: skip
+                    epoch=info.epoch, secs=time.monotonic() - t2)  # fmt: skip
             if answer:
                 w += model.state_delta(step)
                 pg.update_state(step + 1)
@@ -265,6 +266,7 @@ def _evicted(out: _Out, since: float | None, exc: BaseException, limit: float) -
         out.put("evicted", error=_err(exc))
         since = now
     elif now - since > limit:
+        out.put("rejoin_timeout", secs=now - since, error=_err(exc))
         raise exc
     time.sleep(0.1)
     return since

@@ -112,8 +112,9 @@ def open_forwarding(bridge: str, comment: str) -> list[tuple[str, list[str]]]:
 
 def close_forwarding(rules: list[tuple[str, list[str]]]) -> None:
     """Remove the rules :func:`open_forwarding` added."""
-    for tool, spec in rules:
-        _run(tool, "-w", "5", "-D", *spec)
+    for tool, spec in rules:  # one that times out does not keep the others
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            _run(tool, "-w", "5", "-D", *spec)
 
 
 def forward_chains() -> dict[str, tuple[str, int]]:
@@ -194,6 +195,7 @@ class Bridge:
         self.ns_prefix = ns_prefix
         self.host = f"{net}.1"
         self.namespaces: list[str] = []
+        self._outer: dict[str, str] = {}  # namespace -> host end of its veth pair
         self._rules: list[tuple[str, list[str]]] = []  # (backend, rule spec) added by us
         self._links = 0
         # A fixed address: a Linux bridge left to itself takes the lowest address of its
@@ -240,6 +242,7 @@ class Bridge:
         outer, inner = f"pxh{self.tag}k{self._links}", f"pxn{self.tag}k{self._links}"
         self._ip("netns", "add", ns)
         self.namespaces.append(ns)
+        self._outer[ns] = outer
         self._ip("link", "add", outer, "type", "veth", "peer", "name", inner)
         self._ip("link", "set", inner, "netns", ns)
         self._ip("link", "set", outer, "master", self.name, "up")
@@ -249,10 +252,20 @@ class Bridge:
         return outer
 
     def remove(self, ns: str) -> None:
-        """Delete namespace ``ns`` (its veth pair goes with it)."""
-        _run("ip", "netns", "del", ns)
-        with contextlib.suppress(ValueError):
-            self.namespaces.remove(ns)
+        """Delete namespace ``ns`` and its veth pair. The pair would go with the
+        namespace, but only once the kernel frees it, and a namespace can outlive its
+        name for good (a socket of it still referenced): the host end is deleted too,
+        which takes the pair down whatever holds the namespace (stop 31: two host ends
+        of a short run were still up minutes later)."""
+        try:
+            _run("ip", "netns", "del", ns)
+        finally:
+            outer = self._outer.pop(ns, None)
+            if outer is not None:
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    _run("ip", "link", "del", outer)  # already gone: ip says so, ignored
+            with contextlib.suppress(ValueError):
+                self.namespaces.remove(ns)
 
     def set_link(self, veth: str, up: bool) -> None:
         """Partition (``up=False``) or heal the peer behind host-side link ``veth``."""
@@ -315,8 +328,16 @@ class Bridge:
 
     # ------------------------------------------------------------------ the end
     def close(self) -> None:
-        """Remove every namespace, the bridge and the rules this bridge added."""
-        for ns in list(self.namespaces):
-            self.remove(ns)
-        _run("ip", "link", "del", self.name)
-        self._close_forwarding()
+        """Remove every namespace, the bridge and the rules this bridge added. Each
+        step runs even if one before it failed (an ``ip`` that timed out, a Ctrl-C):
+        a namespace left behind must not keep the bridge and the rules too."""
+        try:
+            for ns in list(self.namespaces):
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    self.remove(ns)
+        finally:
+            try:
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    _run("ip", "link", "del", self.name)
+            finally:
+                self._close_forwarding()

@@ -24,8 +24,10 @@ orchestrator driven by ``random.Random(seed)`` injects, every ``--churn`` second
 Never fewer than 2 live peers. Checks (:mod:`._stress_check`): exact results (lossy
 codecs: within their stated error and bit-identical across members), the synced state
 after every ``begin_step``, commit answers, restores, hangs (any call that runs
-``--hang-s`` or hits its deadline, or a trainer silent for ``--hang-s`` + 10 s), and
-leaks at the end (children, threads, sockets, namespaces).
+``--hang-s`` or hits its deadline, an eviction not over within ``--hang-s``, a trainer
+silent for ``--hang-s`` + 10 s, a stall; during the stop too), crashes (a daemon or
+coordinator that exits unclean unless the harness killed it, a trainer that dies
+without a word), and leaks at the end (children, threads, sockets, namespaces, links).
 
 Output: a progress bar on stderr; one JSON line on stdout. Exit status 1 when
 ``wrong_results``, ``hangs``, ``lost_snapshots``, ``crashes`` or ``leaks`` is not 0.
@@ -67,8 +69,13 @@ _MAX_EXTRA_PEERS = 2  # joins may grow the group to peers + 2
 # at a time (recovery grace 1.5 s + re-registration); back-to-back kills would starve
 # every membership change (a peer that left cannot be removed) past --hang-s
 _COORDINATOR_SPACING_S = 5.0
-_STOP_STRAGGLER_S = 5.0
-_MAX_REASONS = 25  # failure reasons in the JSON line (the rest: failures.log)  # at the end: members still stepping this long after the rest stopped
+_STOP_STRAGGLER_S = 5.0  # at the end: members still stepping this long after the rest stopped
+_MAX_REASONS = 25  # failure reasons in the JSON line (the rest: failures.log)
+# a trainer whose pipe closed without "done": how long to wait for its exit status
+_TRAINER_EXIT_S = 2.0
+# a starting trainer's attach_state may wait out a daemon busy rejoining: the client
+# waits op_timeout + the daemon's join timeout (30 s by default) for state calls
+_STARTING_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,11 @@ class _Run:
         self.cfg = cfg
         self.cl = cluster
         self.say = say
-        self.rng = random.Random(cfg.seed)
+        self.rng = random.Random(cfg.seed)  # replaced at every fault tick (see inject)
+        self.tick = 0
+        # held while a fault or the slow duty cycle changes whether a daemon is stopped
+        self.sig_lock = threading.Lock()
+        self.t_finished: float | None = None  # when finish() ended
         self.check = Checker(cfg.seed, cfg.hang_s, on_finding=lambda m: say(f"FINDING {m}"),
                              on_failure=self.log_failure)  # fmt: skip
         # every clean failure, one line each, in failures.log (kept with the logs:
@@ -161,6 +172,22 @@ class _Run:
             restore_own=restore_own,
         )
 
+    def crash(self, what: str) -> None:
+        self.check.crashes += 1
+        self.check.note(f"crash: {what}")
+
+    def take_crashes(self) -> None:
+        """Count what the cluster found: daemons and coordinators that exited with a
+        status other than a clean stop, without the harness killing them."""
+        self.cl.judge_coordinators()
+        for what in self.cl.take_crashes():
+            self.crash(what)
+
+    def silent_limit(self, peer: Peer) -> float:
+        """How long a trainer may send nothing before it is a hang."""
+        grace = _STARTING_GRACE_S if peer.status == "starting" else 0.0
+        return self.cfg.hang_s + 10.0 + grace
+
     def retire(self, peer: Peer, *, kill: bool) -> None:
         self.check.departed(time.monotonic(), peer.member)
         self.check.unavailable.discard(peer.member)
@@ -182,13 +209,38 @@ class _Run:
         for c in ready:
             peer = conns[id(c)]
             try:
+                # poll(0) says bytes are there, recv() reads a whole message. Events are
+                # a few hundred bytes: Connection.send writes one (header included) with
+                # a single send() on the socket pair, which the kernel copies whole, so
+                # recv() does not wait on a half-written event (a trainer SIGSTOPped
+                # mid-send). A reader thread per trainer would cover megabyte messages
                 while peer.conn.poll(0):
                     ev = peer.conn.recv()
                     peer.t_last = time.monotonic()
                     self.on_event(peer, ev)
             except (EOFError, OSError):
                 peer.conn.close()
+                self.on_pipe_closed(peer)
                 self.on_trainer_gone(peer, "pipe closed")
+
+    def on_pipe_closed(self, peer: Peer) -> None:
+        """A trainer's pipe closed. Without a "done" first, and not killed by the
+        harness, it died (SIGSEGV, SIGBUS, the OOM killer...): a crash when its exit
+        status (waited for, bounded) is not 0."""
+        tr = peer.trainer
+        if tr is None or peer.trainer_done or peer.trainer_killed:
+            return
+        tr.join(_TRAINER_EXIT_S)
+        code = tr.exitcode
+        if code is None or code == 0:
+            return
+        how = f"status {code}"
+        if code < 0:
+            try:
+                how = f"signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"signal {-code}"
+        self.crash(f"trainer {peer.member} died without a word ({how})")
 
     def on_event(self, peer: Peer, ev: tuple[str, str, float, dict[str, Any]]) -> None:
         self.check.event(ev)
@@ -196,9 +248,15 @@ class _Run:
         if kind == "ready" and peer.status == "starting":
             peer.status = "running"
         elif kind == "done":
+            peer.trainer_done = True
             self.on_trainer_gone(peer, str(payload.get("why", "")))
 
     def on_trainer_gone(self, peer: Peer, why: str) -> None:
+        # a trainer ends when its daemon died (DaemonUnavailable): judge the daemon's
+        # exit status before the peer is retired (and SIGKILLed) as a replacement
+        crashed = peer.daemon_crash()
+        if crashed is not None:
+            self.crash(crashed)
         if peer.member not in self.cl.peers or self.stopping:
             return
         if peer.status == "leaving":
@@ -227,23 +285,31 @@ class _Run:
                 ):
                     self.counts["join_failures"] += 1
                     self.check.note(f"join failed: {peer.member} daemon rc={peer.daemon.poll()}")
+                    peer.judged = True  # a daemon that never got ready: a join failure
                     self.retire(peer, kill=True)
                     if not self.stopping:
                         self.start_peer()
-            elif peer.status in ("running", "stopped") and peer.daemon.poll() is not None:
-                self.check.crashes += 1
-                self.check.note(f"crash: daemon {peer.member} exited rc={peer.daemon.poll()}")
+            elif peer.daemon.poll() is not None:  # whatever the state: a crash unless clean
                 self.on_trainer_gone(peer, "daemon exited")
-            elif peer.status == "running" and now - peer.t_last > self.cfg.hang_s + 10.0:
+            elif (
+                peer.trainer is not None
+                and peer.status != "restarting"  # its trainer was killed: no one to hear
+                and now - peer.t_last > self.silent_limit(peer)
+            ):
                 self.check.hangs += 1
-                self.check.note(f"hang: trainer {peer.member} silent for {now - peer.t_last:.1f}s")
-                self.on_trainer_gone(peer, "silent")
+                self.check.note(f"hang: trainer {peer.member} ({peer.status}) silent for "
+                                f"{now - peer.t_last:.1f}s")  # fmt: skip
+                if peer.status == "leaving":
+                    self.retire(peer, kill=True)
+                else:
+                    self.on_trainer_gone(peer, "silent")
         self.poll_coordinator(now)
         due = [t for t in self.timers if t[0] <= now]
         self.timers = [t for t in self.timers if t[0] > now]
         for _, _, fn in due:
             fn()
         self.cl.reap()
+        self.take_crashes()
 
     def poll_coordinator(self, now: float) -> None:
         """Notice when a restarted coordinator listens; start it again if it failed."""
@@ -274,7 +340,16 @@ class _Run:
             return False
         return now - self.coord_up_at >= _COORDINATOR_SPACING_S
 
+    def next_gap(self) -> float:
+        """Seconds to the next fault tick: drawn from the seed and the tick only."""
+        return random.Random(f"{self.cfg.seed}:gap:{self.tick}").uniform(*self.cfg.churn)
+
     def inject(self) -> None:
+        # every tick draws from a generator of its own: how many draws an earlier tick
+        # made (which depends on timing: who was running, who was below --peers) does
+        # not shift the draws of the later ones
+        self.tick += 1
+        self.rng = random.Random(f"{self.cfg.seed}:{self.tick}")
         live = self.live()
         n_all = len(self.cl.peers)
         kinds = []
@@ -327,16 +402,18 @@ class _Run:
         self.counts["stops"] += 1
         dur = self.rng.uniform(0.2, 2.5)
         self.say(f"stop {victim.member} for {dur:.1f}s")
-        victim.status = "stopped"
-        victim.signal(signal.SIGSTOP)
+        with self.sig_lock:  # the slow duty cycle must not continue it (see _duty_cycle)
+            victim.status = "stopped"
+            victim.signal(signal.SIGSTOP)
         self.check.unavailable.add(victim.member)
 
         def cont() -> None:
-            victim.signal(signal.SIGCONT)
+            with self.sig_lock:
+                victim.signal(signal.SIGCONT)
+                if victim.status == "stopped":
+                    victim.status = "running"
             self.check.unavailable.discard(victim.member)
             victim.t_last = time.monotonic()
-            if victim.status == "stopped":
-                victim.status = "running"
 
         self.at(dur, "cont", cont)
 
@@ -374,17 +451,31 @@ class _Run:
         t.start()
 
     def _duty_cycle(self, peer: Peer, dur: float) -> None:
+        """SIGSTOP the daemon 50 ms of every 200 ms. It continues only a stop of its
+        own, and never one a ``stop`` fault took over meanwhile (status "stopped": that
+        fault's timer continues it); ``sig_lock`` orders the two."""
         end = time.monotonic() + dur
+        held = False
+
+        def release() -> None:
+            nonlocal held
+            with self.sig_lock:
+                if held and peer.status != "stopped":
+                    peer.signal(signal.SIGCONT, trainer=False)
+                held = False
+
         try:
             while time.monotonic() < end and not self.stop_slow.is_set():
-                if peer.status != "running":
-                    return
-                peer.signal(signal.SIGSTOP, trainer=False)
+                with self.sig_lock:
+                    if peer.status != "running":
+                        return
+                    peer.signal(signal.SIGSTOP, trainer=False)
+                    held = True
                 self.stop_slow.wait(0.05)
-                peer.signal(signal.SIGCONT, trainer=False)
+                release()
                 self.stop_slow.wait(0.15)
         finally:
-            peer.signal(signal.SIGCONT, trainer=False)
+            release()
 
     def _fault_net(self, victim: Peer | None) -> None:
         assert victim is not None
@@ -420,28 +511,57 @@ class _Run:
             p.signal(signal.SIGCONT)
             self.cl.set_link(p, True)
             self.cl.send(p, ("stop", last))
-        n_left, t_change = -1, time.monotonic()
+        t_stop = time.monotonic()
+        n_first: int | None = None  # trainers told to stop
+        n_left, t_change = -1, t_stop
         while time.monotonic() < deadline:
+            now = time.monotonic()
             waiting = [p for p in self.cl.peers.values()
                        if p.trainer is not None and p.conn is not None and not p.conn.closed]  # fmt: skip
             if not waiting:
                 break
+            if n_first is None:
+                n_first = len(waiting)
             if len(waiting) != n_left:
-                n_left, t_change = len(waiting), time.monotonic()
-            elif time.monotonic() - t_change > _STOP_STRAGGLER_S:
+                n_left, t_change = len(waiting), now
+            elif len(waiting) < n_first and now - t_change > _STOP_STRAGGLER_S:
                 # the rest stopped at the boundary; these are caught in a view change
                 # (e.g. a late joiner's state exchange) that needs members who are gone:
                 # it is shut down (SIGKILL: a SIGTERMed daemon would drain that very call
-                # first), so the run ends now instead of at the call's deadline
+                # first), so the run ends now instead of at the call's deadline. Waiting
+                # on the stopped members is no hang; a call silent for hang_s already
+                # (begun long before the stop) is
                 for p in waiting:
+                    silent = now - p.t_last
+                    if silent >= self.cfg.hang_s:
+                        self.check.hangs += 1
+                        self.check.note(f"hang: {p.member} silent for {silent:.1f}s at the "
+                                        f"stop, still in a step after the others stopped")  # fmt: skip
                     self.say(f"{p.member} still in a step after the others stopped: killing it")
                     self.retire(p, kill=True)
                 n_left = -1
+                continue
+            for p in waiting:  # the churn phase's watchdogs go on to the end
+                if now - p.t_last > self.silent_limit(p):
+                    self.check.hangs += 1
+                    self.check.note(f"hang: trainer {p.member} silent for "
+                                    f"{now - p.t_last:.1f}s while the run stopped")  # fmt: skip
+                    self.retire(p, kill=True)
+            # a stall while every trainer still steps (once some stopped at the
+            # boundary the others cannot commit without them: no stall)
+            self.check.stalled(now, len(waiting) if len(waiting) == n_first else 0)
             self.pump(0.1)
             self.poll_coordinator(time.monotonic())
+        patient = time.monotonic() - t_stop >= self.cfg.hang_s
         for p in self.cl.peers.values():
             if p.conn is not None and not p.conn.closed:
-                self.check.note(f"{p.member}'s trainer did not stop in time")
+                if patient:  # hang_s and more to reach a boundary 2 steps away: a hang
+                    self.check.hangs += 1
+                    self.check.note(f"hang: {p.member}'s trainer did not stop within "
+                                    f"{time.monotonic() - t_stop:.1f}s")  # fmt: skip
+                else:
+                    self.check.note(f"{p.member}'s trainer did not stop in time")
+        self.t_finished = time.monotonic()
 
 
 @contextlib.contextmanager
@@ -483,35 +603,40 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
     # hang_s (which the checker counts as a hang). The defaults -- seal 300 s, commit
     # 30 s -- made one CI run's seal under 22 kills in 90 s and the soaks' commits
     # during eviction storms "hangs" of exactly hang_s.
-    cl = Cluster(
-        heartbeat_timeout=cfg.heartbeat_timeout,
-        netns=netns,
-        log_level=cfg.log_level,
-        seal_timeout=cfg.hang_s / 2,
-        commit_timeout=cfg.hang_s / 2,
-    )
-    if cl.net_skipped is not None:  # the namespaces could not reach each other: the cause
-        bar.say(f"net faults skipped: {cl.net_skipped}")
-        row["net_skipped"] = cl.net_skipped
-        faults.remove("net")
-    elif cl.bridge is not None and cl.bridge.rules:
-        bar.say(f"opened forwarding for the stress bridge: {'; '.join(cl.bridge.rules)}")
-    events = open(cl.dir / "events.log", "a", buffering=1)  # noqa: SIM115
-
-    def say(msg: str) -> None:
-        """Progress on stderr; with wall-clock and monotonic times in events.log, so
-        faults line up with the daemons' logs and the trainers' failures.log."""
-        bar.say(msg)
-        with contextlib.suppress(OSError, ValueError):
-            wall = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            events.write(f"{wall}.{int(time.time() * 1000) % 1000:03d}Z "
-                         f"{time.monotonic():.3f} {msg}\n")  # fmt: skip
-
-    run = _Run(StressConfig(**{**cfg.__dict__, "faults": tuple(faults)}), cl, say)
-    say(f"stress seed={cfg.seed} peers={cfg.peers} faults={','.join(faults)} dir={cl.dir}")
+    cl: Cluster | None = None
+    run: _Run | None = None
+    events: TextIO | None = None
     hard_end = t0 + cfg.duration + 150.0
     t_churn = t_end = float("inf")
+    # everything from the first namespace on is inside the try: a Ctrl-C (or an error)
+    # at any point still tears the cluster down (namespaces, bridge, forwarding rules)
     try:
+        cl = Cluster(
+            heartbeat_timeout=cfg.heartbeat_timeout,
+            netns=netns,
+            log_level=cfg.log_level,
+            seal_timeout=cfg.hang_s / 2,
+            commit_timeout=cfg.hang_s / 2,
+        )
+        if cl.net_skipped is not None:  # the namespaces could not reach each other: the cause
+            bar.say(f"net faults skipped: {cl.net_skipped}")
+            row["net_skipped"] = cl.net_skipped
+            faults.remove("net")
+        elif cl.bridge is not None and cl.bridge.rules:
+            bar.say(f"opened forwarding for the stress bridge: {'; '.join(cl.bridge.rules)}")
+        events = log = open(cl.dir / "events.log", "a", buffering=1)  # noqa: SIM115
+
+        def say(msg: str) -> None:
+            """Progress on stderr; with wall-clock and monotonic times in events.log, so
+            faults line up with the daemons' logs and the trainers' failures.log."""
+            bar.say(msg)
+            with contextlib.suppress(OSError, ValueError):
+                wall = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+                log.write(f"{wall}.{int(time.time() * 1000) % 1000:03d}Z "
+                          f"{time.monotonic():.3f} {msg}\n")  # fmt: skip
+
+        run = _Run(StressConfig(**{**cfg.__dict__, "faults": tuple(faults)}), cl, say)
+        say(f"stress seed={cfg.seed} peers={cfg.peers} faults={','.join(faults)} dir={cl.dir}")
         cl.start_coordinator()
         for _ in range(cfg.peers):
             run.start_peer()
@@ -526,35 +651,51 @@ def run_stress(cfg: StressConfig, *, progress: bool = True) -> dict[str, Any]:
         t_churn = time.monotonic()
         t_end = t_churn + cfg.duration
         say(f"started in {t_churn - t0:.1f}s; churn for {cfg.duration:.0f}s")
-        next_fault = t_churn + run.rng.uniform(*cfg.churn)
+        next_fault = t_churn + run.next_gap()
         while time.monotonic() < t_end:
             run.pump(0.05)
             run.advance()
             now = time.monotonic()
             if now >= next_fault:
                 run.inject()
-                next_fault = now + run.rng.uniform(*cfg.churn)
+                next_fault = now + run.next_gap()
             run.check.stalled(now, len(run.live()))  # a stall is a hang as it happens
             bar.show(now - t_churn, run)
         run.finish(min(hard_end, time.monotonic() + cfg.hang_s + 10.0))
     except RuntimeError as exc:
+        if run is None:
+            raise
         run.check.note(f"harness: {exc}")
         row["error"] = str(exc)
     except (KeyboardInterrupt, SystemExit) as exc:  # SIGINT/SIGTERM: still report
+        if run is None:
+            raise
         row["error"] = f"interrupted ({type(exc).__name__})"
     finally:
         with _stop_signals_ignored():
-            run.stopping = True
-            run.stop_slow.set()
-            for t in run.slow_threads:
-                t.join(2.0)
-            cl.close()
-            if run.failures is not None:
-                run.failures.close()
-            events.close()
+            try:
+                if run is not None:
+                    run.stopping = True
+                    run.stop_slow.set()
+                    for t in run.slow_threads:
+                        t.join(2.0)
+            finally:
+                try:
+                    if cl is not None:
+                        cl.close()
+                finally:
+                    if run is not None and run.failures is not None:
+                        run.failures.close()
+                    if events is not None:
+                        events.close()
+    assert cl is not None and run is not None
+    run.take_crashes()  # daemons and coordinators that did not stop cleanly at the end
     bar.done()
     row.update(_summary(run))
-    unresolved = run.check.unresolved(min(time.monotonic(), t_end), cfg.hang_s)
+    # faults pending when the trainers stopped (the stop commits two more steps, which
+    # resolve them), not when the churn ended: a fault in its last hang_s counts too
+    t_last = run.t_finished if run.t_finished is not None else min(time.monotonic(), t_end)
+    unresolved = run.check.unresolved(t_last, cfg.hang_s)
     if unresolved:  # the group never committed a step after these faults
         row["hangs"] += len(unresolved)
         row["details"] = row.get("details", []) + [
