@@ -408,9 +408,13 @@ def test_the_bridge_is_removed_even_when_a_namespace_cannot_be(
     monkeypatch.setattr(netns, "_run", fake_run)
     b = netns.Bridge.__new__(netns.Bridge)
     b.name, b.namespaces = "pxb1", ["ns1", "ns2"]
+    b._outer = {"ns1": "pxh1k1", "ns2": "pxh1k2"}
     b._rules = [("iptables", ["FORWARD", "-i", "pxb1"])]
     b.close()
     assert ("ip", "netns", "del", "ns2") in calls
+    # the host ends go too, even the one whose namespace would not go (a namespace can
+    # outlive its name and keep its veth pair up)
+    assert ("ip", "link", "del", "pxh1k1") in calls and ("ip", "link", "del", "pxh1k2") in calls
     assert ("ip", "link", "del", "pxb1") in calls
     assert ("iptables", "-w", "5", "-D", "FORWARD", "-i", "pxb1") in calls
 
