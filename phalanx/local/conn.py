@@ -204,8 +204,11 @@ class Connection:
     @property
     def busy(self) -> bool:
         """Whether a request sent on this connection has not been answered yet: the
-        daemon answers a connection's requests in order, so a new one would wait."""
-        return bool(self._unanswered)
+        daemon answers a connection's requests in order, so a new one would wait.
+        Requests whose reply nobody waits for (a discarded UNMAP) do not count: they
+        are answered at once, and counting them made the client skip twin regions and
+        misread a twin exchange's failure as hitting a request in flight."""
+        return bool(self._unanswered - self._discard)
 
     # ------------------------------------------------------------------ receiving
     def wait(self, rid: int, timeout: float | None) -> Any:
@@ -309,7 +312,7 @@ class Connection:
         hook = self.on_reply
         if hook is not None:
             for f in frames:
-                if f.kind != Kind.EVENT:
+                if f.kind != Kind.EVENT and f.rid not in self._discard:
                     hook(f)
         with self._cond:
             for f in frames:

@@ -91,7 +91,9 @@ __all__ = [
     "row_of",
 ]
 
-PROTOCOL_VERSION = 2
+#: 3: shared regions are sealed against shrinking (F_SEAL_SHRINK); a daemon maps no
+#: other kind, so a client of version 2 is told so at HELLO instead of losing its session
+PROTOCOL_VERSION = 3
 MAGIC = b"PXL2"
 HEADER = struct.Struct("<4sBBHQI")
 MAX_BODY = 1 << 20

@@ -62,6 +62,7 @@ from phalanx.errors import ConfigError, GroupClosed, PhalanxError, ProtocolError
 from phalanx.local import snapshots
 from phalanx.local._codec import MAX_STR
 from phalanx.local.protocol import (
+    PROTOCOL_VERSION,
     REQUESTS,
     Attached,
     AttachState,
@@ -106,7 +107,6 @@ __all__ = ["HANDLERS", "LocalServer", "Session", "view_info"]
 log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.local")
 
-PROTOCOL_VERSION = 2
 _POLL_S = 0.25
 _RECV = 1 << 16
 _SEND_TIMEOUT_S = 5.0
@@ -142,6 +142,7 @@ class Session:
     answered: int = 0  # highest rid answered
     cancelled: set[int] = field(default_factory=set)  # rids cancelled before they ran
     ended: bool = False  # its connection is closed (its thread is finishing)
+    queued: int = 0  # requests read from the socket, not yet answered
     loss_counted: bool = False  # its end was told to the group (once, see _lose)
 
     def array(self, ref: BufRef) -> np.ndarray:
@@ -269,9 +270,12 @@ class LocalServer:
                         fds.extend(fds_in)
                 if not data:
                     break  # EOF: the client closed or died
-                for frame in decoder.feed(data):
+                frames = decoder.feed(data)
+                for i, frame in enumerate(frames):
+                    s.queued = len(frames) - i - 1  # read, not answered yet (see _reap_dead)
                     fd = fds.pop(0) if frame.flags and fds else None
                     self._answer(conn, frame, fd)
+                s.queued = 0
                 if fds and decoder.pending == 0:
                     raise ProtocolError("a file descriptor came without a MAP request")
         except ProtocolError as exc:
@@ -286,11 +290,13 @@ class LocalServer:
                 s.ended = True
             with contextlib.suppress(OSError):
                 sock.close()
-            self._session_ended(s)  # listed until told: another session's reap sees it
-            with self._lock:
-                if conn in self._conns:
-                    self._conns.remove(conn)
-                self._sessions.pop(s.sid, None)
+            try:
+                self._session_ended(s)  # listed until told: another session's reap sees it
+            finally:
+                with self._lock:
+                    if conn in self._conns:
+                        self._conns.remove(conn)
+                    self._sessions.pop(s.sid, None)
 
     def _answer(self, conn: _Conn, frame: WireFrame, fd: int | None) -> None:
         s, req = conn.session, frame.message
@@ -372,18 +378,20 @@ class LocalServer:
         if self._closing:  # the daemon leaves the group: nothing to tell it
             audit.info("event=client_closed session=%d pid=%d", s.sid, s.peer_pid)
             return
-        # under the group lock: a loss told while another session drives the group
-        # would void (or miss) that session's step instead of this one's
-        wait = Deadline.after(self.op_timeout + _CONTROL_TIMEOUT_S)
+        # under the group lock, never without it: a loss told while another session
+        # drives the group would void (or miss) that session's step instead of this
+        # one's, and two tellers could count it twice. The wait ends when the lock
+        # comes (a long request of another session: its next _driving reaps this one
+        # first, since it is still listed) or when the daemon closes.
         held = False
-        while not (held or self._closing or wait.expired):
-            held = self._group_lock.acquire(timeout=max(wait.slice(_POLL_S), 0.0))
+        while not (held or self._closing):
+            held = self._group_lock.acquire(timeout=_POLL_S)
+        if not held:
+            return
         try:
-            if not self._closing:
-                self._lose(s)
+            self._lose(s)
         finally:
-            if held:
-                self._group_lock.release()
+            self._group_lock.release()
 
     def _reap_dead(self, current: Session) -> None:
         """(holding the group lock) Tell the group of every client that died before
@@ -402,7 +410,9 @@ class LocalServer:
                 and not c.session.loss_counted
             ]
         for c in others:
-            if c.session.ended or _hung_up(c.sock):
+            # a session with requests read but not answered is its thread's to finish
+            # (a goodbye may be among them): only an empty one is reaped here
+            if c.session.ended or (c.session.queued == 0 and _hung_up(c.sock)):
                 self._lose(c.session)
 
     def _lose(self, s: Session) -> None:
@@ -412,7 +422,10 @@ class LocalServer:
         s.loss_counted = True
         if s.closed_cleanly:
             audit.info("event=client_closed session=%d pid=%d", s.sid, s.peer_pid)
-            self.group.client_closed()
+            try:
+                self.group.client_closed()  # may leave and rejoin (a state mid-update)
+            except Exception as exc:  # the next client call will see the group's error
+                log.error("event=client_closed_failed error=%r", str(exc))
             return
         epoch = self.group.view.epoch
         try:
@@ -441,6 +454,8 @@ class LocalServer:
             if self._closing:
                 raise GroupClosed("the daemon is shutting down")
             self._reap_dead(s)
+            if s.loss_counted:  # its client died (reaped above, or by another session)
+                raise GroupClosed("this client's connection is gone; its request is void")
             yield
         finally:
             self._group_lock.release()
@@ -448,8 +463,10 @@ class LocalServer:
     # ------------------------------------------------------------------ handlers
     def _hello(self, s: Session, req: ClientHello, fd: int | None, dl: Deadline) -> Welcome:
         if req.version != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"client speaks local protocol {req.version}, not {PROTOCOL_VERSION}"
+            # a typed answer, not a closed connection: the client learns why
+            raise ConfigError(
+                f"client speaks local protocol {req.version}, not {PROTOCOL_VERSION}: "
+                "the client and the daemon must come from the same phalanx release"
             )
         s.hello = True
         s.shared_clock = abs(req.clock - time.monotonic()) < _CLOCK_SKEW_S
@@ -462,7 +479,7 @@ class LocalServer:
         if req.region in s.regions:
             os.close(fd)
             raise ProtocolError(f"duplicate region id {req.region}")
-        region = Region.adopt(req.region, fd, self.max_shm - s.shm_bytes)
+        region = Region.adopt(req.region, fd, self.max_shm - s.shm_bytes, sealed=True)
         s.regions[req.region] = region
         s.shm_bytes += region.size
         return Mapped(region.size)

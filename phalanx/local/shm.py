@@ -98,10 +98,12 @@ class Region:
         return cls(rid, mm, size, fd, offset)
 
     @classmethod
-    def adopt(cls, rid: int, fd: int, max_bytes: int) -> Region:
-        """Map a memfd received from a client. Closes ``fd`` in every case."""
+    def adopt(cls, rid: int, fd: int, max_bytes: int, *, sealed: bool = False) -> Region:
+        """Map a memfd received from the other process. Closes ``fd`` in every case.
+        ``sealed``: refuse one not sealed against shrinking (the daemon's MAP: see the
+        module doc); a client mapping the daemon's RESTORE region need not ask."""
         try:
-            if not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            if sealed and not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
                 raise ProtocolError(
                     "a shared region must be a memfd sealed against shrinking "
                     "(F_SEAL_SHRINK): a client could otherwise crash the daemon"

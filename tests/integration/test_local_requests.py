@@ -276,3 +276,24 @@ def test_giving_staging_memory_back_never_waits_for_a_busy_daemon() -> None:
         assert [float(x[0]) for x in xs] == [i + 1.0 for i in range(6)]
         with pytest.raises((TimeoutError, phalanx.PhalanxError)):
             busy.wait(20)
+
+
+def test_a_client_of_the_previous_local_protocol_is_told_at_hello(pg: phalanx.Client) -> None:
+    """Review, stop 31: regions must now be sealed, but the protocol version stayed 2,
+    so an older client passed HELLO and lost its session at its first MAP with
+    "the daemon closed the connection". The version is 3: HELLO says what is wrong."""
+    a = _raw(pg.socket)
+    try:
+        old = P.ClientHello(os.getpid(), time.monotonic(), version=2)
+        a.sendall(bytes(P.encode(old, 1)))
+        answer = P.Decoder()
+        frames: list[Any] = []
+        while not frames:
+            data = a.recv(65536)
+            if not data:
+                break
+            frames = answer.feed(data)
+        assert frames, "the daemon closed the connection without saying why"
+        assert "local protocol 2, not 3" in str(frames[0].message), frames[0].message
+    finally:
+        a.close()
