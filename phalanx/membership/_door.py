@@ -62,6 +62,7 @@ _MAX_PENDING = 256  # connections waiting for a header or for their epoch
 _PER_SOURCE = 32
 #: a new connection's first header must be in within this (the connector sends its
 #: HELLO right after connect(); an idle socket must not hold a slot for hold_s)
+_HELD_PER_SOURCE_FACTOR = 4  # held connections per source: 4 x per_source (128)
 _HEADER_S = 2.0  # generous: a loaded 2-core host can stall a connector that long
 #: longest sleep of the door thread with nothing to time out (a backstop: close()
 #: and connections wake it; a 50 ms poll woke an idle daemon 20 times a second)
@@ -152,7 +153,9 @@ class Door:
         # source address of every connection waiting (peeked or held), and their count
         # per address: the per-source quota (under _lock: listener() releases held ones)
         self._origin: dict[socket.socket, str] = {}
-        self._by_source: Counter[str] = Counter()
+        self._by_source: Counter[str] = Counter()  # connections waiting for a header
+        self._held_origin: dict[socket.socket, str] = {}
+        self._held_by: Counter[str] = Counter()  # held connections, per source
         # connections with part of a header in, out of the selector until their next look
         self._parked: dict[socket.socket, float] = {}
         self._stop = threading.Event()
@@ -194,11 +197,12 @@ class Door:
 
     def _release(self, conn: socket.socket) -> None:
         """(Under _lock.) ``conn`` no longer waits here: its source's quota frees."""
-        source = self._origin.pop(conn, None)
-        if source is not None:
-            self._by_source[source] -= 1
-            if self._by_source[source] <= 0:
-                del self._by_source[source]
+        for origin, count in ((self._origin, self._by_source), (self._held_origin, self._held_by)):
+            source = origin.pop(conn, None)
+            if source is not None:
+                count[source] -= 1
+                if count[source] <= 0:
+                    del count[source]
 
     def _retire(self, es: _EpochSocket) -> None:
         with self._lock:
@@ -220,6 +224,8 @@ class Door:
             self._held.clear()
             self._origin.clear()
             self._by_source.clear()
+            self._held_origin.clear()
+            self._held_by.clear()
         for key in list(self._sel.get_map().values()):
             if key.fileobj is not self._listener.sock:
                 cast(socket.socket, key.fileobj).close()
@@ -348,9 +354,20 @@ class Door:
                 self._release(conn)
                 es.put(conn)
             elif split_epoch(header.epoch) > self._floor:
-                # still unauthenticated: it keeps its source's slot while held
-                self._held.append((conn, header.epoch, time.monotonic() + self._hold_s))
-                ahead = True
+                # a well-formed header for a group not built yet: held, under a larger
+                # quota of its own (a full mesh of peers behind one address -- a NAT,
+                # many members on one host -- holds one link each per stream while
+                # the group here is not up); still unauthenticated, so still bounded
+                source = self._origin.get(conn, "?")
+                self._release(conn)
+                if self._held_by[source] >= _HELD_PER_SOURCE_FACTOR * self._per_source:
+                    log.warning("event=door_drop reason=too-many-held source=%s", source)
+                    conn.close()
+                else:
+                    self._held_origin[conn] = source
+                    self._held_by[source] += 1
+                    self._held.append((conn, header.epoch, time.monotonic() + self._hold_s))
+                    ahead = True
             else:
                 log.debug("event=door_drop reason=old-epoch epoch=%d", header.epoch)
                 self._release(conn)

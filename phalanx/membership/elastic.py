@@ -239,6 +239,7 @@ class ElasticGroup:
         self._view: View | None = None  # the view the newest build is for
         self._generation = 0  # of that view
         self._exhausted = False  # its last generation broke: cycle (see _heal)
+        self._hint_quiet_until = 0.0  # the door's "peer ahead" hints wait until then
         self._current: _Plane | None = None
         self._latest = 0  # newest view epoch announced
         self._attached = False  # a client attached its arrays (attach_state): see commit
@@ -411,11 +412,16 @@ class ElasticGroup:
             view = self._view
             if side or view is None or view.epoch != view_epoch or generation < self._generation:
                 return
+            now = time.monotonic()
+            if now < self._hint_quiet_until:
+                return  # one hint per backoff step: a stranger's stream of HELLOs must
+                # not cancel every backoff nor march the generations to the last one
             if generation == self._generation:
                 # scheduled here too but backing off after a failed build: a peer is
                 # already building it and waits for us, so build it now
                 if self._rebuild is not None and self._rebuild[1] == generation:
                     self._rebuild_at = 0.0
+                    self._hint_quiet_until = now + rebuild_delay(max(self._failed_builds, 1))
                     self._cond.notify_all()
                 return
             before = self._generation
@@ -433,6 +439,7 @@ class ElasticGroup:
             self._generation = nxt
             self._rebuild = (view, nxt)
             self._rebuild_at = 0.0
+            self._hint_quiet_until = now + rebuild_delay(max(self._failed_builds, 1))
             self._cond.notify_all()
         log.info(
             "event=peer_rebuilt member=%s epoch=%d generation=%d",

@@ -108,3 +108,33 @@ def test_a_connection_that_sends_no_header_is_closed_well_before_hold_s() -> Non
             assert idle.recv(1) == b""  # closed by the door (it held it 5 s)
     finally:
         door.close()
+
+
+def test_links_held_for_a_group_not_built_yet_do_not_use_up_their_sources_quota() -> None:
+    """Review, stop 31: the 32-per-source quota also counted connections held for a
+    group this member had not built yet. A full mesh of peers behind one address (a
+    NAT, many members on one host) holds one link each per stream while the group here
+    is not up: the 33rd was dropped and the build failed, again and again."""
+    door = Door("127.0.0.1:0", hold_s=10.0)
+    host, port = door.address.rsplit(":", 1)
+    epoch = (9 << 32) | 5
+    held: list[socket.socket] = []
+    try:
+        for _ in range(40):
+            s = socket.create_connection((host, int(port)), timeout=2.0)
+            s.sendall(_hello(epoch))
+            held.append(s)
+            time.sleep(0.02)  # read and held before the next one
+        es = door.listener(epoch)  # the group is built now: every held link is handed over
+        es.sock.settimeout(3.0)
+        got = []
+        for _ in range(40):
+            conn, _ = es.sock.accept()
+            got.append(conn)
+        assert len(got) == 40
+        for c in got:
+            c.close()
+    finally:
+        for s in held:
+            s.close()
+        door.close()

@@ -339,3 +339,21 @@ def test_a_member_backing_off_moves_one_generation_at_most(
         _sum_pair(a, b)  # b follows (a's old links closed): the pair works again
         with a._cond, b._cond:
             assert a._generation == b._generation < MAX_GENERATION
+
+
+def test_a_stream_of_hints_moves_a_backing_off_member_once(coordinator: Coordinator) -> None:
+    """Review, stop 31: every stranger's HELLO for a newer generation moved a member
+    that backs off one generation on, with no backoff: a stream of them marched the
+    group towards its last generation. One hint per backoff step counts."""
+    with _joined_pair(coordinator) as (a, b):
+        view = a._view
+        assert view is not None
+        with a._cond:
+            g = a._generation + 1
+            a._generation, a._rebuild = g, (view, g)
+            a._rebuild_at = time.monotonic() + 60.0
+        for _ in range(5):
+            _hint(a, data_epoch(view.epoch, MAX_GENERATION))
+        with a._cond:
+            assert a._generation == g + 1  # was: g + 5
+        _sum_pair(a, b)
