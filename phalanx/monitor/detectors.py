@@ -313,6 +313,14 @@ class SlowLinkDetector:
         st = self._cells.get(cell)
         return st is not None and st.active
 
+    def stands(self, cell: Cell) -> bool:
+        """Whether ``cell``'s verdict stands *and* the cell was measured in the last
+        ``n`` calls: a cell no op measures any more (a link that stopped blocking
+        sends, an op size no longer used) cannot clear itself, and must not keep its
+        verdict alive for good."""
+        st = self._cells.get(cell)
+        return st is not None and st.active and st.seen > self._ops - self.config.n
+
     def observe(self, cells: Mapping[Cell, float], *, cross: bool) -> list[CellHit]:
         """Judge one op's cells; ``cross``: also require standing out within the op."""
         cfg = self.config
@@ -469,8 +477,14 @@ class DegradationDetector:
         # one batch counts as at most a 2 x shift: a short blip cannot ring the alarm
         shift = min(math.log1p(rel), 2 * math.log1p(cfg.degradation_shift))
         step = shift - math.log1p(cfg.degradation_shift / 2)
-        self.cusum = max(0.0, self.cusum + step)
         was = self.active
+        if was and step <= 0:
+            # a batch back under the reference ends the alarm: an unbounded CUSUM
+            # built up over a long degradation took tens of thousands of healthy ops
+            # to fall back below the limit, the verdict standing all along
+            self.cusum, self.active = 0.0, False
+            return False
+        self.cusum = max(0.0, self.cusum + step)
         self.active = self.cusum >= self.limit
         return self.active and not was
 
@@ -553,7 +567,7 @@ class LocalDetector:
             self._standing[hit.cell] = v
             if hit.new:
                 out.append(v)
-        for cell in [c for c in self._standing if not self.links.is_active(c)]:
+        for cell in [c for c in self._standing if not self.links.stands(c)]:
             del self._standing[cell]
         for peer, t in transfers.items():
             key = (sample.op, b, peer)
@@ -587,6 +601,9 @@ class LocalDetector:
                     self._deg_standing[key] = v
                     if rang:
                         out.append(v)
+        oldest = self._ops - cfg.window  # a degradation no op measures any more is over
+        for key in [k for k in self._deg_standing if self._deg_seen.get(k, 0) <= oldest]:
+            del self._deg_standing[key]
         return out
 
     def standing(self) -> list[Verdict]:
@@ -692,7 +709,7 @@ class ClusterDetector:
             self._standing[hit.cell] = v
             if hit.new:
                 out.append(v)
-        for cell in [c for c in self._standing if not self.links.is_active(c)]:
+        for cell in [c for c in self._standing if not self.links.stands(c)]:
             del self._standing[cell]
         durations = {s.rank: s.duration_s for s in ok}
         lateness: dict[Cell, float] = {}

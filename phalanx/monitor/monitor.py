@@ -74,8 +74,8 @@ class MonitorConfig:
     #: renewal (every op renews the verdicts whose anomaly still stands)
     active_s: float = 60.0
     #: a verdict that still stands is issued again (counted, logged, a straggler
-    #: strike) this long after it was last issued
-    renew_s: float = 10.0
+    #: strike) this long after it was last issued; ``None``: ``min(10, active_s)``
+    renew_s: float | None = None
     #: straggler verdicts against one peer (within ``active_s`` of each other) before
     #: ``on_evict`` is called; the policy is off unless ``on_evict`` is given
     evict_after: int = 3
@@ -85,7 +85,11 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         if not self.hang_check_s > 0 or self.keep_verdicts < 1 or self.evict_after < 1:
             raise ConfigError("need hang_check_s > 0, keep_verdicts >= 1, evict_after >= 1")
-        if not 0 < self.renew_s <= self.active_s:
+        if not self.active_s > 0:
+            raise ConfigError("need active_s > 0")
+        if self.renew_s is None:
+            object.__setattr__(self, "renew_s", min(10.0, self.active_s))
+        elif not 0 < self.renew_s <= self.active_s:
             raise ConfigError("need 0 < renew_s <= active_s")
 
 
@@ -517,7 +521,9 @@ class Monitor:
             if verdict.peer is not None and not self._peer_ok_locked(verdict.peer):
                 return
             a = self._active.get((verdict.kind, verdict.peer))
-            if a is not None and mono - a.issued < self.config.renew_s:
+            renew_s = self.config.renew_s
+            assert renew_s is not None  # resolved by MonitorConfig.__post_init__
+            if a is not None and mono - a.issued < renew_s:
                 a.renewed = mono
                 return
         if a is not None:
@@ -583,14 +589,23 @@ class Monitor:
         mono = self._mono()
         m = self.metrics
         self._idle = inflight is None
+        restalled = False
         with self._lock:
-            # a hang verdict stands while the op it named is in flight, and no longer
+            # a hang verdict stands while the op it named is in flight *and* still makes
+            # no progress by the detector's own rule (idle >= its limit); it ends as soon
+            # as that op progresses again, or another op (or none) runs
             a = self._active.get(_HANG)
-            if a is not None and self._hang.is_flagged(inflight):
+            flagged = self._hang.is_flagged(inflight)
+            stalled = inflight is not None and mono - inflight[3] >= self._hang.threshold()
+            if a is not None and flagged and stalled:
                 a.renewed = mono
             elif a is not None:
                 del self._active[_HANG]
                 m.child(m.anomaly_active, "hang", "any").set(0)
+            elif flagged and stalled:
+                # the reported op progressed (its verdict ended) and stalled again: the
+                # detector reports an op once, so this is issued here
+                restalled = True
         if inflight is None:
             m.op_inflight.set(0)
             m.child(m.anomaly_score, "hang", "any").set(0)
@@ -604,6 +619,8 @@ class Monitor:
             epoch = self._epoch if self._epoch is not None else -1
             limit = self._hang.threshold()
         m.child(m.anomaly_score, "hang", "any").set(round(score, 4))
+        if hit is None and restalled:
+            hit = (score, inflight[0], inflight[1])
         if hit is None:
             return None
         s, op, seq = hit

@@ -4,9 +4,12 @@
 process-global one); ``/healthz`` answers 200 ``ok`` or 503 with the reason;
 ``/anomalies`` is JSON (active verdicts and the recent ones). One thread accepts; each
 connection gets a short-lived handler thread and a deadline (``conn_timeout_s``, 5 s)
-on every read and write, so an idle or stalled client delays nobody else and cannot
-keep its thread. :meth:`MetricsServer.close` stops accepting, closes the listening
-socket, shuts the open connections down and joins every thread, each wait bounded.
+for the whole connection, counted from its accept: the accept loop shuts down a
+connection still open past it (about every 0.1 s), so an idle client, or one that
+trickles its request a byte at a time, delays nobody else and cannot keep its thread.
+At most ``max_conns`` (32) connections are served at once; one more is closed at once.
+:meth:`MetricsServer.close` stops accepting, closes the listening socket, shuts the
+open connections down and joins every thread, each wait bounded.
 
 What it must never do: serve anything but these three read-only paths, wait on a
 client without a deadline, or block the monitor's lock for longer than building one
@@ -33,16 +36,18 @@ __all__ = ["MetricsServer"]
 
 log = logging.getLogger(__name__)
 
-#: the accept loop's longest wait before it looks at the stop flag
+#: the accept loop's longest wait before it looks at the stop flag and the deadlines
 _POLL_S = 0.1
+#: connections served at once; one more is closed as soon as it is accepted
+_MAX_CONNS = 32
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        # the deadline of every read and write on this connection (an accepted socket
-        # inherits none): an idle client is dropped, its thread ends
+        # the longest wait of any one read or write (an accepted socket inherits none);
+        # the whole connection's deadline is enforced by the accept loop
         self.request.settimeout(self.server.conn_timeout_s)
         super().setup()
 
@@ -79,23 +84,44 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False  # close() joins the handler threads itself, bounded
     timeout = _POLL_S  # handle_request's wait, so the accept loop sees the stop flag
 
-    def __init__(self, monitor: Monitor, host: str, port: int, conn_timeout_s: float) -> None:
+    def __init__(
+        self,
+        monitor: Monitor,
+        host: str,
+        port: int,
+        conn_timeout_s: float,
+        max_conns: int = _MAX_CONNS,
+    ) -> None:
         self.monitor = monitor
         self.conn_timeout_s = conn_timeout_s
+        self.max_conns = max_conns
         self._conns_lock = threading.Lock()
-        self._conns: dict[threading.Thread, socket.socket] = {}
+        # handler thread -> (its socket, the connection's deadline on the monotonic clock)
+        self._conns: dict[threading.Thread, tuple[socket.socket, float]] = {}
         super().__init__((host, port), _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        t = threading.Thread(
-            target=self.process_request_thread,
-            args=(request, client_address),
-            name=f"phalanx-metrics-conn-{self.server_address[1]}",
-            daemon=True,
-        )
+        deadline = time.monotonic() + self.conn_timeout_s
         with self._conns_lock:
-            self._conns[t] = request
-        t.start()
+            # the lock is held across start(): the thread's own removal (in its
+            # finally) cannot run before it is registered
+            if len(self._conns) >= self.max_conns:
+                log.warning("event=metrics-conn-refused open=%d", len(self._conns))
+                self.shutdown_request(request)
+                return
+            t = threading.Thread(
+                target=self.process_request_thread,
+                args=(request, client_address),
+                name=f"phalanx-metrics-conn-{self.server_address[1]}",
+                daemon=True,
+            )
+            try:
+                t.start()
+            except Exception:  # e.g. no thread can be started: drop this connection
+                log.exception("event=metrics-conn-thread-failed")
+                self.shutdown_request(request)
+                return
+            self._conns[t] = (request, deadline)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -107,11 +133,20 @@ class _Server(ThreadingHTTPServer):
     def handle_timeout(self) -> None:
         pass  # no request within _POLL_S: the accept loop looks at its stop flag
 
+    def drop_expired(self) -> None:
+        """Shut down the connections open past their deadline (their threads end)."""
+        now = time.monotonic()
+        with self._conns_lock:
+            late = [sock for sock, deadline in self._conns.values() if now >= deadline]
+        for sock in late:
+            with contextlib.suppress(OSError):  # already closed by its handler
+                sock.shutdown(socket.SHUT_RDWR)
+
     def drop_connections(self, timeout: float) -> None:
         """Shut every open connection down and join its handler thread (bounded)."""
         with self._conns_lock:
             conns = dict(self._conns)
-        for sock in conns.values():
+        for sock, _ in conns.values():
             with contextlib.suppress(OSError):  # already closed by its handler
                 sock.shutdown(socket.SHUT_RDWR)
         deadline = time.monotonic() + timeout
@@ -123,7 +158,8 @@ class _Server(ThreadingHTTPServer):
 
 class MetricsServer:
     """Serves one monitor on ``host:port`` (port 0: any free port); one accept thread,
-    one thread per connection, ``conn_timeout_s`` on every socket operation."""
+    one thread per connection (at most ``max_conns`` at once), each connection closed
+    ``conn_timeout_s`` after its accept at the latest."""
 
     def __init__(
         self,
@@ -131,8 +167,9 @@ class MetricsServer:
         host: str = "127.0.0.1",
         port: int = 0,
         conn_timeout_s: float = 5.0,
+        max_conns: int = _MAX_CONNS,
     ) -> None:
-        self._httpd = _Server(monitor, host, port, conn_timeout_s)
+        self._httpd = _Server(monitor, host, port, conn_timeout_s, max_conns)
         self._httpd.socket.settimeout(_POLL_S)  # accept() never waits longer either
         h, p = self._httpd.server_address[:2]
         self.address: tuple[str, int] = (str(h), int(p))
@@ -147,6 +184,7 @@ class MetricsServer:
         while not self._stop.is_set():
             try:
                 self._httpd.handle_request()  # waits at most _POLL_S for a connection
+                self._httpd.drop_expired()
             except Exception:  # pragma: no cover - never let the accept loop die silently
                 if self._stop.is_set():
                     return

@@ -1,11 +1,18 @@
 """The monitor's HTTP server on 127.0.0.1: an idle or stalled client delays no other
-request and no close(), and is dropped after its deadline."""
+request and no close(), and is dropped after its deadline (for the whole connection, so
+a client trickling its request gains nothing); connections are capped, and a handler
+thread that cannot start leaves nothing behind."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+import time
 import urllib.request
+from typing import Any
+
+import pytest
 
 from phalanx.monitor import Monitor
 from phalanx.monitor.server import MetricsServer
@@ -58,3 +65,86 @@ def test_an_idle_connection_is_dropped_after_its_deadline() -> None:
         assert _get(*server.address, "/healthz") == (200, b"ok\n")
     finally:
         assert _close_bounded(server.close)
+
+
+def _closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """True if the server closes ``sock`` (EOF or reset) within ``wait`` seconds."""
+    ready, _, _ = select.select([sock], [], [], wait)
+    if not ready:
+        return False
+    try:
+        return sock.recv(1024) == b""
+    except OSError:
+        return True
+
+
+def test_a_client_trickling_its_request_is_dropped_at_the_connection_deadline() -> None:
+    mon = Monitor(0)
+    server = MetricsServer(mon, "127.0.0.1", 0, conn_timeout_s=0.5)
+    try:
+        with socket.create_connection(server.address, timeout=10.0) as slow:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            began = time.monotonic()
+            closed = False
+            while not closed and time.monotonic() - began < 5.0:
+                try:
+                    slow.sendall(b"a")  # one byte every 0.2 s: each read is quick
+                except OSError:
+                    closed = True
+                    break
+                closed = _closed_by_server(slow, 0.2)
+            assert closed, "a trickling client kept its connection past the deadline"
+            assert time.monotonic() - began < 3.0
+        assert _get(*server.address, "/healthz") == (200, b"ok\n")
+    finally:
+        assert _close_bounded(server.close)
+
+
+def test_connections_over_the_cap_are_closed_at_once() -> None:
+    mon = Monitor(0)
+    server = MetricsServer(mon, "127.0.0.1", 0, conn_timeout_s=10.0, max_conns=2)
+    idle = [socket.create_connection(server.address, timeout=10.0) for _ in range(2)]
+    try:
+        began = time.monotonic()
+        while len(server._httpd._conns) < 2 and time.monotonic() - began < 5.0:
+            time.sleep(0.02)
+        with socket.create_connection(server.address, timeout=10.0) as extra:
+            assert _closed_by_server(extra, 3.0)  # not left to its 10 s deadline
+        for s in idle:
+            s.close()  # their handlers see EOF and end: room again
+        began = time.monotonic()
+        while server._httpd._conns and time.monotonic() - began < 5.0:
+            time.sleep(0.02)
+        assert _get(*server.address, "/healthz") == (200, b"ok\n")
+    finally:
+        for s in idle:
+            s.close()
+        assert _close_bounded(server.close)
+
+
+def test_a_handler_thread_that_cannot_start_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mon = Monitor(0)
+    server = MetricsServer(mon, "127.0.0.1", 0, conn_timeout_s=10.0)
+    real = threading.Thread
+
+    class _NoStart(real):  # type: ignore[valid-type,misc]
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    def thread(*args: Any, **kwargs: Any) -> threading.Thread:
+        if str(kwargs.get("name", "")).startswith("phalanx-metrics-conn"):
+            return _NoStart(*args, **kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(threading, "Thread", thread)
+    try:
+        with socket.create_connection(server.address, timeout=10.0) as c:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _closed_by_server(c, 3.0)  # dropped, not left open
+        assert server._httpd._conns == {}
+    finally:
+        monkeypatch.setattr(threading, "Thread", real)
+        server.close()  # joins nothing unstarted: returns without raising
+    assert not server._thread.is_alive()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from phalanx.comm.observer import LinkSample, OpSample
+from phalanx.errors import ConfigError
 from phalanx.monitor import ClusterView, DetectorConfig, Monitor, MonitorConfig, Verdict
 
 
@@ -255,6 +257,34 @@ def test_a_hang_verdict_ends_when_its_op_is_no_longer_in_flight() -> None:
     mon.check_hang()
     assert mon.healthy() == (True, "ok")
     assert _value(mon.registry, "phalanx_anomaly_active", kind="hang", peer="any") == 0.0
+
+
+def test_a_hang_verdict_ends_when_its_op_progresses_again() -> None:
+    mon, engine = _hang_monitor()
+    engine.run(20, idle_s=6.0)
+    assert mon.check_hang() is not None
+    assert mon.healthy()[0] is False
+    assert engine.op is not None
+    op, seq, started, _ = engine.op
+    engine.op = (op, seq, started, time.monotonic())  # the same op progresses again
+    assert mon.check_hang() is None
+    assert mon.healthy() == (True, "ok")  # though the (long) op is still in flight
+    assert _value(mon.registry, "phalanx_anomaly_active", kind="hang", peer="any") == 0.0
+    engine.op = (op, seq, started, time.monotonic() - 6.0)  # and stalls again
+    again = mon.check_hang()
+    assert again is not None and again.kind == "hang" and again.seq == seq
+    assert mon.healthy() == (False, "an operation is hung")
+    assert [v.kind for v in mon.verdicts()] == ["hang", "hang"]
+
+
+def test_renew_s_defaults_to_at_most_active_s() -> None:
+    assert MonitorConfig().renew_s == 10.0
+    assert MonitorConfig(active_s=5.0).renew_s == 5.0  # valid before renew_s existed
+    Monitor(0, config=MonitorConfig(active_s=5.0)).expire()
+    assert MonitorConfig(active_s=5.0, renew_s=2.0).renew_s == 2.0
+    for bad in ({"active_s": 5.0, "renew_s": 6.0}, {"renew_s": 0.0}, {"active_s": 0.0}):
+        with pytest.raises(ConfigError):
+            MonitorConfig(**bad)  # type: ignore[arg-type]
 
 
 def test_a_cluster_view_ignores_late_samples_of_an_older_view() -> None:
