@@ -7,8 +7,11 @@ JSON line reports. What it checks:
 * every completed op: the result's digest equals the digest of the exact result
   recomputed from ``(seed, step, contributors)`` (:mod:`._stress_model`); for lossy
   codecs the error is within :func:`~._stress_model.tolerance` and the bytes are
-  identical on every member; members that report the same ``(epoch, seq)`` name the
-  same contributors (ops never mix views) and the same step and op (never mix steps);
+  identical on every member; members that report the same op (view epoch, step, op
+  index) name the same contributors (ops never mix views), and at the same seq the same
+  bytes. A collective that mixed steps fails the digest check (contributions carry a
+  non-periodic per-step offset); ``(epoch, seq)`` alone names no collective, since each
+  data-plane generation rebuilt within a view restarts its seq at 0;
 * after every ``begin_step`` the synced state equals its closed form for that step
   (every committed step applied exactly once, newcomers synced byte-exact);
 * ``commit(step)``: one definite answer per ``(epoch of the step's first op, step)``
@@ -121,8 +124,12 @@ class Checker:
     _reasons_since_commit: Counter[str] = field(default_factory=Counter)
     details: list[str] = field(default_factory=list)
     beyond_m_details: list[str] = field(default_factory=list)  # why each was beyond m
-    # (epoch, seq) -> (contributors, shared digest, kind, (step, op index))
-    _by_op: dict[tuple[int, int], tuple[tuple[str, ...], str, str, tuple[int, int]]] = field(
+    # (view epoch, step, op index) -> (contributors, {seq: shared digest}). Not keyed by
+    # (epoch, seq) alone: OpResult.epoch is the VIEW epoch (elastic.run), and every
+    # data-plane generation rebuilt within one view (a stop, a net fault) is a new
+    # Engine whose seq restarts at 0, so a later step reuses the (epoch, seq) of an
+    # earlier one. The plan position is generation-independent.
+    _by_op: dict[tuple[int, int, int], tuple[tuple[str, ...], dict[int, str]]] = field(
         default_factory=dict
     )
     _answers: dict[tuple[int, int], dict[str, bool]] = field(default_factory=dict)
@@ -231,15 +238,23 @@ class Checker:
         bad = []
         if me not in contrib:
             bad.append(f"{me} not among contributors {contrib}")
-        key = (int(p["epoch"]), int(p["seq"]))
+        # Cross-member checks, keyed by (view epoch, step, op index): one view has one
+        # member set, so every run of that op in it (any member, any generation) names
+        # the same contributors; the result bytes are compared only between runs at the
+        # same seq too (the same collective as far as the reports can tell). Which step
+        # a collective ran is not compared by (epoch, seq): without a generation in
+        # OpResult, a rebuilt generation's (epoch, seq) legitimately names other steps.
+        # A collective that mixed steps is caught by the digest check below instead
+        # (contributions carry a non-periodic per-step offset).
+        epoch, seq = int(p["epoch"]), int(p["seq"])
         shared = p["digest"] if spec.kind in _SAME_BYTES else ""
-        seen = self._by_op.setdefault(key, (contrib, shared, spec.kind, (step, i)))
-        if seen[0] != contrib:
-            bad.append(f"contributors {contrib} differ from another member's {seen[0]}")
-        if seen[3] != (step, i):
-            bad.append(f"another member ran this op as step {seen[3][0]} op {seen[3][1]}")
-        if seen[2] == spec.kind and shared and seen[1] and seen[1] != shared:
-            bad.append("result bytes differ between members")
+        seen_contrib, digests = self._by_op.setdefault((epoch, step, i), (contrib, {}))
+        if seen_contrib != contrib:
+            bad.append(f"contributors {contrib} differ from another member's {seen_contrib}")
+        if shared:
+            first = digests.setdefault(seq, shared)
+            if first != shared:
+                bad.append("result bytes differ between members")
         if spec.kind != "barrier" and not bad:
             if spec.lossy:
                 exact = _expected(spec, step, contrib, me)
@@ -252,7 +267,7 @@ class Checker:
                 bad.append("result differs from the exact value")
         if bad:
             self.wrong_results += 1
-            self.note(f"wrong: {me} step={step} op={i} {spec} epoch={key[0]} seq={key[1]}: "
+            self.note(f"wrong: {me} step={step} op={i} {spec} epoch={epoch} seq={seq}: "
                       + "; ".join(bad))  # fmt: skip
         else:
             self.ops_ok += 1

@@ -44,6 +44,14 @@ from phalanx.testing.launcher import Launcher, LaunchError, Proc
 from phalanx.testing.netns import Bridge, BridgeError, leftover_rules
 from phalanx.testing.netns import unavailable as _netns_unavailable
 
+# Every process the harness starts carries RUN_ENV=<harness pid> in its environment.
+# PHALANX_PARENT_PID is not enough: phalanx/_parent.py removes it from the environment
+# at import, so a daemon's own children never inherit it, and once the daemon is killed
+# they are reparented to PID 1 and the parent-chain walk no longer finds the harness.
+# Nobody removes this one, and it is not a PHALANX_* name (the daemon's config rejects
+# unknown ones: phalanx/config.py _FOREIGN_ENV).
+RUN_ENV = "PXSTRESS_RUN"
+
 __all__ = ["Cluster", "Peer", "leaks", "netns_unavailable", "open_fds", "socket_fds"]
 
 _MP = multiprocessing.get_context("spawn")
@@ -141,6 +149,9 @@ class Cluster:
         commit_timeout: float | None = None,
     ) -> None:
         self.launcher = Launcher(prefix="phalanx-stress-", log_level=log_level)
+        # the run marker (RUN_ENV): inherited by every coordinator, daemon and their
+        # children, so orphans are still recognised as ours (_ours)
+        self.launcher.env[RUN_ENV] = str(os.getpid())
         self.dir = self.launcher.dir
         self.secret_file = self.launcher.secret_file
         self.heartbeat_timeout = heartbeat_timeout
@@ -445,14 +456,15 @@ def _ppid(pid: int) -> int | None:
 
 
 def _ours(pid: int, me: int) -> bool:
-    """``pid`` was started by this process (its environment has the launcher's
-    ``PHALANX_PARENT_PID`` naming us: it stays so after its parent is gone) or descends
-    from us. Anyone else's process (a ``tail -f`` of the run's log) is not ours."""
+    """``pid`` was started by this process or by one of its processes (its environment
+    has the run marker ``PXSTRESS_RUN`` or the launcher's ``PHALANX_PARENT_PID`` naming
+    us: both stay so after its parent is gone; only the marker reaches grandchildren) or
+    descends from us. Anyone else's process (a ``tail -f`` of the run's log) is not ours."""
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         env = []
-    if f"{_PARENT_ENV}={me}".encode() in env:
+    if f"{RUN_ENV}={me}".encode() in env or f"{_PARENT_ENV}={me}".encode() in env:
         return True
     for _ in range(64):
         ppid = _ppid(pid)
