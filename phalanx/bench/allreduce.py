@@ -11,11 +11,12 @@ ranks' spread in leaving the barrier is not in it; that spread is reported on it
 (``start_spread_s``). Each block begins with one untimed op (the first after the idle
 gap). The CPU an op costs (``cpu_s_per_op``: user + system seconds of every thread)
 counts the rank process and, with ``--via daemon``, its daemon process too, read around
-the whole block and ``_CPU_TAIL_S`` after its last op (the daemon's observer works on
-its own thread after the op returns), less what the block costs without its ops (the
-same barriers and sleep, and the main thread's refills and checks), per op, averaged
-over the ranks: the three implementations are compared on what the machine pays, not
-only on time. Inputs are integer-valued
+the block's timed ops (from ``_CPU_TAIL_S`` after the untimed one to ``_CPU_TAIL_S``
+after the last: the daemon's observer works on its own thread after the op returns),
+less what the block costs without its ops (the same barriers and sleep, and the main
+thread's refills and checks), per timed op, averaged over the ranks (null when that is
+not above zero: background work outweighed the ops): the three implementations are
+compared on what the machine pays, not only on time. Inputs are integer-valued
 (like the Gloo baseline) so float sums are exact: lossless results must equal the
 closed form bit for bit; lossy codecs report their largest relative error. Every
 iteration's result is hashed (sha256) and the hashes must agree across ranks.
@@ -120,8 +121,9 @@ class _BlockResult:
     #: each timed op's start and end
     starts: list[float] = field(default_factory=list)
     ends: list[float] = field(default_factory=list)
-    #: CPU seconds of the block's ``ops`` ops (rank + helper processes), the block's
-    #: cost without its ops subtracted
+    #: CPU seconds of the block's ``ops`` timed ops (rank + helper processes; the
+    #: untimed lead-in op left out), the block's cost without its ops subtracted; may
+    #: be <= 0 when background work outweighed the ops
     cpu_s: float = 0.0
     ops: int = 0
     digests: list[str] = field(default_factory=list)  # every op's, the untimed one too
@@ -426,23 +428,29 @@ def _run_block(
     """One untimed op (the first after the idle gap), then ``iters`` timed ones; every
     result checked.
 
-    CPU: ``cpu`` is read around all ``iters + 1`` ops and ``tail_s`` after the last
-    (work a helper process does after the op returned, e.g. the daemon's observer),
-    less the CPU of the block's other work: the same barriers and ``tail_s`` sleep
+    CPU: counts the ``iters`` timed ops only, like the timings. ``cpu`` is first read
+    ``tail_s`` after the untimed lead-in op (so its cold cost and the work a helper does
+    on it after it returned are left out), then ``tail_s`` after the last op (work a
+    helper process does after the op returned, e.g. the daemon's observer), less the
+    CPU of the block's other work: the same ``iters`` barriers and ``tail_s`` sleep
     without ops (run first, measured the same way), and the main thread's refills and
-    checks (``thread_cpu``)."""
+    checks (``thread_cpu``). Background work can make the difference <= 0; the row
+    then reports no CPU figure (see :func:`_row`)."""
     res = _BlockResult()
     refill = getattr(backend, "refill", None)  # device buffers: filled untimed
     settle = getattr(backend, "settle", None)
-    ops = iters + 1
     c0 = cpu.read()
-    for _ in range(ops):
+    for _ in range(iters):
         backend.barrier()
     time.sleep(tail_s)
     without_ops = cpu.read() - c0
-    side = 0.0  # main-thread CPU of refills and checks
-    c0 = cpu.read()
-    for i in range(ops):
+    side = 0.0  # main-thread CPU of the timed ops' refills and checks
+    c0 = 0.0
+    for i in range(iters + 1):
+        if i == 1:  # the lead-in op and its tail are not counted
+            time.sleep(tail_s)
+            side = 0.0
+            c0 = cpu.read()
         s0 = thread_cpu()
         np.copyto(bufs.buf, bufs.src)
         if refill is not None:
@@ -466,8 +474,9 @@ def _run_block(
         res.max_rel_err = _worse_err(res.max_rel_err, err)
         res.algorithm = algorithm
     time.sleep(tail_s)
-    res.cpu_s = cpu.read() - c0 - side - without_ops
-    res.ops = ops
+    if iters:
+        res.cpu_s = cpu.read() - c0 - side - without_ops
+    res.ops = iters
     return res
 
 
@@ -533,6 +542,22 @@ def _preserve_label(impl: str, args: argparse.Namespace) -> bool | None:
     return True if impl.startswith("phalanx-daemon") else None
 
 
+def _cpu_per_op(series: _Series) -> float | None:
+    """Op CPU per timed op; None when there is none or it is not above the noise (the
+    block's background work outweighed the ops: the difference is <= 0)."""
+    if not series.cpu_ops:
+        return None
+    per_op = series.cpu_s / series.cpu_ops
+    return per_op if per_op > 0 else None
+
+
+def _positive_ratio(a: float | None, b: float | None) -> float | None:
+    """a / b when both are measured and > 0, else None (no ratio of noise)."""
+    if a is None or b is None or a <= 0 or b <= 0:
+        return None
+    return a / b
+
+
 def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, Any]:
     world = args.world
     ring_bytes = nbytes * busbw_factor(world)  # what a no-codec ring sends per rank
@@ -555,7 +580,7 @@ def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, An
         # started (left the barrier), median over iterations:
         "start_spread_s": float(np.median(series.spreads)) if series.spreads else None,
         "time_basis": "last_start_to_last_end",
-        "cpu_s_per_op": series.cpu_s / series.cpu_ops if series.cpu_ops else None,
+        "cpu_s_per_op": _cpu_per_op(series),
         "wire_bytes": wire,
         "wire_ratio": wire / ring_bytes if wire is not None and ring_bytes else None,
         # null when a result held NaN or inf (then max_rel_err_nonfinite says which)
@@ -574,9 +599,7 @@ def _ratio_row(ours: dict[str, Any], theirs: dict[str, Any],
         "bytes": ours["bytes"],
         "busbw_ratio": ours["busbw_Bps"] / theirs["busbw_Bps"],
         "time_ratio": ours["median_s"] / theirs["median_s"],
-        "cpu_ratio": (
-            ours["cpu_s_per_op"] / theirs["cpu_s_per_op"] if theirs["cpu_s_per_op"] else None
-        ),
+        "cpu_ratio": _positive_ratio(ours["cpu_s_per_op"], theirs["cpu_s_per_op"]),
     }
     if same is not None:  # both hold the very same result bytes (every rank, iteration)
         row["identical_results"] = same

@@ -102,9 +102,9 @@ def test_op_time_is_last_start_to_last_end_and_the_spread_is_apart() -> None:
     """Rank 0 leaves the barrier 0.3 s before rank 1 and then waits in the op for it:
     timing each rank from its own start would make the op 1.0 s; it took 0.7 s once
     everyone was in."""
-    r0 = _BlockResult(starts=[10.0, 20.0], ends=[11.0, 20.5], ops=3, digests=["a"] * 3,
+    r0 = _BlockResult(starts=[10.0, 20.0], ends=[11.0, 20.5], ops=2, digests=["a"] * 3,
                       wire_bytes=[1, 1])  # fmt: skip
-    r1 = _BlockResult(starts=[10.3, 20.1], ends=[11.0, 20.6], ops=3, digests=["a"] * 3,
+    r1 = _BlockResult(starts=[10.3, 20.1], ends=[11.0, 20.6], ops=2, digests=["a"] * 3,
                       wire_bytes=[1, 1])  # fmt: skip
     s = _Series("phalanx", "none", 1)
     s.add([r0, r1], timed=True)
@@ -136,6 +136,78 @@ def test_cpu_per_op_counts_work_done_after_the_op_returned() -> None:
     assert row["cpu_s_per_op"] == pytest.approx(IN_OP_CPU + DEFERRED_CPU, abs=0.1)
 
 
+class _ColdFirstOpBackend(_FakeBackend):
+    """The first op after the idle gap (the untimed lead-in) costs far more CPU."""
+
+    def all_reduce(self, codec: str) -> tuple[int | None, str | None]:
+        if self.calls == 0:
+            self.clock.now += COLD_OP_CPU
+        return super().all_reduce(codec)
+
+
+COLD_OP_CPU = 40.0
+
+
+def test_cpu_per_op_leaves_out_the_untimed_lead_in_op() -> None:
+    """The lead-in op is not in the timings, so neither its (cold) CPU nor its count
+    may be in cpu_s_per_op: 4 timed ops cost IN_OP_CPU + DEFERRED_CPU each."""
+    bufs = _bufs()
+    clock = _FakeCpu()
+    backend = _ColdFirstOpBackend(bufs, clock)
+    res = _run_block(backend, bufs, 4, clock)  # type: ignore[arg-type]
+    assert backend.calls == 5
+    assert res.ops == 4
+    s = _Series("phalanx-daemon", "none", 1)
+    s.add([res, res], timed=True)
+    row = allreduce._row(s, _args(via="daemon", rounds=1), 4096)
+    assert row["cpu_s_per_op"] == pytest.approx(IN_OP_CPU + DEFERRED_CPU, abs=0.1)
+
+
+def _cpu_row(impl: str, cpu_s: float, ops: int = 4) -> dict[str, Any]:
+    r = _BlockResult(starts=[1.0] * ops, ends=[2.0] * ops, cpu_s=cpu_s, ops=ops,
+                     digests=["a"] * (ops + 1), wire_bytes=[1] * ops)  # fmt: skip
+    s = _Series(impl, "none", 1)
+    s.add([r, r], timed=True)
+    return allreduce._row(s, _args(), 4096)
+
+
+@pytest.mark.parametrize("cpu_s", [-0.4, 0.0])
+def test_cpu_at_or_below_zero_is_noise_reported_null_with_no_ratio(cpu_s: float) -> None:
+    """Background (daemon, gRPC) work in the no-op window can outweigh the ops: a
+    per-op CPU <= 0 is no measurement, and must not yield a (negative) cpu ratio."""
+    noisy = _cpu_row("phalanx", cpu_s)
+    good = _cpu_row("gloo", 0.8)
+    assert noisy["cpu_s_per_op"] is None
+    assert good["cpu_s_per_op"] == pytest.approx(0.2)
+    assert json.loads(json.dumps(noisy))["cpu_s_per_op"] is None
+    assert allreduce._ratio_row(good, noisy)["cpu_ratio"] is None
+    assert allreduce._ratio_row(noisy, good)["cpu_ratio"] is None
+    assert allreduce._ratio_row(good, good)["cpu_ratio"] == pytest.approx(1.0)
+
+
+def test_a_background_burst_in_the_no_op_window_gives_no_negative_cpu() -> None:
+    """A burst of background CPU while the block's no-op calibration runs makes the
+    difference negative: the row reports null, not a negative CPU per op."""
+    bufs = _bufs()
+    clock = _FakeCpu()
+    backend = _FakeBackend(bufs, clock)
+    burst = {"left": 1}
+
+    def barrier() -> None:
+        clock.now += BARRIER_CPU
+        if burst["left"]:  # the first barrier is the calibration's
+            burst["left"] = 0
+            clock.now += 1000.0
+
+    backend.barrier = barrier  # type: ignore[method-assign]
+    res = _run_block(backend, bufs, 3, clock)  # type: ignore[arg-type]
+    assert res.cpu_s < 0
+    s = _Series("phalanx", "none", 1)
+    s.add([res, res], timed=True)
+    row = allreduce._row(s, _args(), 4096)
+    assert row["cpu_s_per_op"] is None
+
+
 def test_the_cpu_tail_outlasts_the_daemons_observer_batching() -> None:
     from phalanx import daemon
 
@@ -153,7 +225,7 @@ def test_each_block_starts_with_an_untimed_op() -> None:
     assert backend.calls == 4  # the first op after the gap is not timed
     assert len(res.starts) == len(res.ends) == len(res.wire_bytes) == 3
     assert len(res.digests) == 4  # ... but its result is checked like the others
-    assert res.ops == 4 and res.ok
+    assert res.ops == 3 and res.ok  # the CPU figure covers the timed ops only
 
 
 def test_block_order_rotates_every_round() -> None:
