@@ -17,7 +17,9 @@ the group it hands the connection to), so anyone who reaches the port can open
 connections and name any epoch. What a stranger can take is bounded: a connection must
 deliver its header within ``header_s`` (2 s; a connector sends its HELLO right after
 ``connect()``), at most ``per_source`` (32) connections from one source address wait
-for a header or for their epoch at a time, and all of them together at most 256. A
+for a header, at most 4 x ``per_source`` from one address are held for their epoch (a
+full mesh of peers behind one address holds one link each per stream), and all of
+them together at most 256. A
 stranger reopening idle sockets from one address therefore never blocks a member
 connecting from another. Members sharing a host share its quota: one group build
 dials one link at a time (each link's handshake completes before the next), so a
