@@ -336,47 +336,10 @@ def test_a_split_commit_is_seen_when_a_members_first_op_failed() -> None:
 # ------------------------------------------------------------- 8. the leak scan
 
 
-def test_the_leak_scan_kills_only_its_own_processes(tmp_path: Path) -> None:
-    """A `tail -f events.log` of someone else names the run's directory too: it was
-    SIGKILLed and reported as a leak. Orphans of the run (started with the launcher's
-    PHALANX_PARENT_PID naming the harness) still are."""
-    reader = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "events.log")]
-    )
-    script = textwrap.dedent(f"""
-        import json, os, subprocess, sys, threading
-        from pathlib import Path
-        from phalanx.testing._stress_cluster import leaks, socket_fds
-        threads = {{t.ident for t in threading.enumerate()}}
-        sockets = socket_fds()
-        cmd = f"{{sys.executable}} -c 'import time; time.sleep(60)' {tmp_path} >/dev/null 2>&1 & echo $!"
-        env = {{**os.environ, "PHALANX_PARENT_PID": str(os.getpid())}}
-        sh = subprocess.run(["sh", "-c", cmd], capture_output=True, env=env, timeout=30)
-        orphan = int(sh.stdout)
-        print(json.dumps({{"orphan": orphan, "found": leaks(Path({str(tmp_path)!r}), threads, sockets)}}))
-    """)  # fmt: skip
-    orphan = None
-    try:
-        r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=45)
-        assert r.returncode == 0, r.stderr.decode()
-        out = json.loads(r.stdout)
-        orphan = out["orphan"]
-        assert reader.poll() is None, out
-        assert not any(str(reader.pid) in f for f in out["found"]), out
-        assert f"orphan pid {orphan} still runs in {tmp_path}" in out["found"], out
-    finally:
-        reader.kill()
-        reader.wait(10)
-        if orphan is not None:  # adopted by this process (the suite is a subreaper)
-            with contextlib.suppress(ChildProcessError, ProcessLookupError):
-                os.kill(orphan, signal.SIGKILL)
-                os.waitpid(orphan, 0)
-
-
-def test_the_leak_scan_finds_orphans_carrying_only_the_run_marker(tmp_path: Path) -> None:
-    """A daemon's children never inherit PHALANX_PARENT_PID (phalanx/_parent.py drops
-    it at import); once the daemon is killed they are reparented away from the
-    harness. The run marker the harness gives every process it starts still names it."""
+def _scan_with_an_orphan(tmp_path: Path, env_lines: str) -> tuple[dict[str, Any], int]:
+    """In a child process: start an orphan (``sleep``, its command line naming
+    ``tmp_path``) with the environment ``env_lines`` builds as ``env``, then run the
+    leak scan; (the scan's output, the orphan's pid)."""
     script = textwrap.dedent(f"""
         import json, os, subprocess, sys, threading
         from pathlib import Path
@@ -384,24 +347,59 @@ def test_the_leak_scan_finds_orphans_carrying_only_the_run_marker(tmp_path: Path
         threads = {{t.ident for t in threading.enumerate()}}
         sockets = socket_fds()
         cmd = f"{{sys.executable}} -c 'import time; time.sleep(60)' {tmp_path} >/dev/null 2>&1 & echo $!"
-        env = {{k: v for k, v in os.environ.items() if k != "PHALANX_PARENT_PID"}}
-        env[RUN_ENV] = str(os.getpid())
+        {env_lines}
         sh = subprocess.run(["sh", "-c", cmd], capture_output=True, env=env, timeout=30)
         orphan = int(sh.stdout)
         print(json.dumps({{"orphan": orphan, "found": leaks(Path({str(tmp_path)!r}), threads, sockets)}}))
     """)  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=45)
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    return out, int(out["orphan"])
+
+
+def _reap(orphan: int | None) -> None:
+    if orphan is not None:  # adopted by this process (the suite is a subreaper)
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+            os.waitpid(orphan, 0)
+
+
+def test_the_leak_scan_kills_only_its_own_processes(tmp_path: Path) -> None:
+    """A `tail -f events.log` of someone else names the run's directory too: it was
+    SIGKILLed and reported as a leak. Orphans of the run (started with the launcher's
+    PHALANX_PARENT_PID naming the harness) still are."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "events.log")]
+    )
     orphan = None
     try:
-        r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=45)
-        assert r.returncode == 0, r.stderr.decode()
-        out = json.loads(r.stdout)
-        orphan = out["orphan"]
+        out, orphan = _scan_with_an_orphan(
+            tmp_path, 'env = {**os.environ, "PHALANX_PARENT_PID": str(os.getpid())}'
+        )
+        assert reader.poll() is None, out
+        assert not any(str(reader.pid) in f for f in out["found"]), out
         assert f"orphan pid {orphan} still runs in {tmp_path}" in out["found"], out
     finally:
-        if orphan is not None:  # adopted by this process (the suite is a subreaper)
-            with contextlib.suppress(ChildProcessError, ProcessLookupError):
-                os.kill(orphan, signal.SIGKILL)
-                os.waitpid(orphan, 0)
+        reader.kill()
+        reader.wait(10)
+        _reap(orphan)
+
+
+def test_the_leak_scan_finds_orphans_carrying_only_the_run_marker(tmp_path: Path) -> None:
+    """A daemon's children never inherit PHALANX_PARENT_PID (phalanx/_parent.py drops
+    it at import); once the daemon is killed they are reparented away from the
+    harness. The run marker the harness gives every process it starts still names it."""
+    orphan = None
+    try:
+        out, orphan = _scan_with_an_orphan(
+            tmp_path,
+            'env = {k: v for k, v in os.environ.items() if k != "PHALANX_PARENT_PID"}; '
+            "env[RUN_ENV] = str(os.getpid())",
+        )
+        assert f"orphan pid {orphan} still runs in {tmp_path}" in out["found"], out
+    finally:
+        _reap(orphan)
 
 
 def test_the_cluster_marks_every_process_it_starts(cluster: Cluster) -> None:
