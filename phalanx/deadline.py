@@ -14,6 +14,12 @@ This module must never import from the rest of phalanx, start a thread or sleep.
 from __future__ import annotations
 
 import time
+from typing import Protocol
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
 
 __all__ = ["Deadline"]
 
@@ -47,6 +53,14 @@ class Deadline:
     def slice(self, most: float) -> float:
         """How long one bounded wait may last: ``min(most, left())``."""
         return min(most, self.left())
+
+    def acquire(self, lock: _Lock) -> bool:
+        """Take ``lock`` by this deadline (waits in slices, so a cancel is seen within
+        50 ms); False, and the lock not held, once the deadline passed or was cancelled."""
+        while not lock.acquire(timeout=self.slice(0.05)):
+            if self.expired:
+                return False
+        return True
 
     def cancel(self) -> None:
         """Expire now (idempotent): everything waiting on this deadline gives up."""

@@ -446,10 +446,9 @@ class LocalServer:
         telling the group of clients that died (:meth:`_reap_dead`)."""
         if self._closing:
             raise GroupClosed("the daemon is shutting down")
-        while not self._group_lock.acquire(timeout=max(deadline.slice(0.05), 0.0)):
-            if deadline.expired:
-                why = "cancelled" if deadline.cancelled else "its deadline passed"
-                raise TimeoutError(f"the request {why} while another one drove the group")
+        if not deadline.acquire(self._group_lock):
+            why = "cancelled" if deadline.cancelled else "its deadline passed"
+            raise TimeoutError(f"the request {why} while another one drove the group")
         try:
             if self._closing:
                 raise GroupClosed("the daemon is shutting down")

@@ -86,10 +86,9 @@ def snapshot(
         node[e.path[-1]] = s.array(e.buf)
     # one generation at a time (the service rotates two buffers); never past the
     # request's deadline, nor after a CANCEL (the client's arrays are named here)
-    while not server.snapshot_lock.acquire(timeout=max(0.0, dl.slice(0.1))):
-        if dl.expired:
-            why = "was cancelled" if dl.cancelled else "passed"
-            raise TimeoutError(f"SNAPSHOT's deadline {why} while another snapshot ran")
+    if not dl.acquire(server.snapshot_lock):
+        why = "was cancelled" if dl.cancelled else "passed"
+        raise TimeoutError(f"SNAPSHOT's deadline {why} while another snapshot ran")
     try:
         h = svc.snapshot(state, req.step, deadline=dl)  # the one copy, from the client's pages
         server.seals[h.generation] = h
