@@ -7,7 +7,8 @@ checksums). A write goes to ``g<generation>.tmp``: data first, fsync, meta last,
 then an atomic rename and an fsync of the parent; so a folder without ``.tmp`` is
 complete, and a crash mid-write leaves only a ``.tmp`` that the next start removes.
 Older generations are removed after a newer one is in place. Reads check every array's
-checksum.
+checksum; :meth:`DiskTier.newest_step` reads only ``meta.json`` (the snapshot service
+compares it with the step the holders offer before reading any data).
 
 This module must never block the caller of :meth:`DiskTier.submit` on I/O, never write
 a folder in place (always tmp + rename), and never read a file whose size does not match
@@ -153,20 +154,36 @@ class DiskTier:
                     continue
         return sorted(out, reverse=True)
 
+    def _meta(self, gen: int) -> tuple[int, Manifest]:
+        """(step, manifest) of generation ``gen`` from its ``meta.json``, once its
+        ``data.bin`` has the manifest's size (its checksums are not read here)."""
+        path = self.dir / f"g{gen:020d}"
+        meta = json.loads((path / "meta.json").read_text())
+        manifest = Manifest.from_bytes(str(meta["manifest"]).encode())
+        if (path / "data.bin").stat().st_size != manifest.nbytes:
+            raise ValueError("truncated data file")
+        return int(meta["step"]), manifest
+
+    def newest_step(self) -> int | None:
+        """The step of the newest complete generation, from its ``meta.json`` alone
+        (cheap: ``data.bin`` is not read, so :meth:`read` may still refuse it), or
+        ``None``."""
+        for gen in self.generations():
+            try:
+                return self._meta(gen)[0]
+            except (OSError, ValueError, KeyError, LayoutError) as exc:
+                log.warning("snapshot disk generation=%d unreadable: %s", gen, exc)
+        return None
+
     def read(self, step: int | None = None) -> tuple[int, int, Manifest, U8] | None:
         """(generation, step, manifest, buffer) of the newest complete, intact generation
         (with that ``step`` when given), or ``None``."""
         for gen in self.generations():
-            path = self.dir / f"g{gen:020d}"
             try:
-                meta = json.loads((path / "meta.json").read_text())
-                manifest = Manifest.from_bytes(str(meta["manifest"]).encode())
-                if step is not None and int(meta["step"]) != step:
+                got, manifest = self._meta(gen)
+                if step is not None and got != step:
                     continue
-                if (path / "data.bin").stat().st_size != manifest.nbytes:
-                    log.warning("snapshot disk generation=%d has a truncated data file", gen)
-                    continue
-                buf = np.fromfile(path / "data.bin", dtype=np.uint8)
+                buf = np.fromfile(self.dir / f"g{gen:020d}" / "data.bin", dtype=np.uint8)
             except (OSError, ValueError, KeyError, LayoutError) as exc:
                 log.warning("snapshot disk generation=%d unreadable: %s", gen, exc)
                 continue
@@ -174,5 +191,5 @@ class DiskTier:
             if bad:
                 log.warning("snapshot disk generation=%d fails checksums arrays=%s", gen, bad[:5])
                 continue
-            return gen, int(meta["step"]), manifest, buf
+            return gen, got, manifest, buf
         return None

@@ -6,14 +6,18 @@ a background worker that checksums it, places its k+m holders
 (:func:`~phalanx.checkpoint.placement.place`), encodes stripe after stripe while earlier
 stripes are on the wire (:class:`~phalanx.checkpoint.channel.ShardChannel` puts), puts
 the generation's metadata on every holder and, once *every* put is acknowledged, commits:
-the generation is sealed, seal markers go to the holders, and only then is the previous
-sealed generation dropped. Any failure before the commit abandons the generation (its
-shards are deleted, the previous sealed one stays). :meth:`on_view` repairs the sealed
-generation when holders leave (the owner re-encodes the lost pieces from its own copy
-and re-places them with :func:`~phalanx.checkpoint.placement.replace_lost`).
+the generation is sealed, seal markers go to the holders, and only then, if every
+marker was acknowledged, is every older generation of this owner swept from the live
+peers (the previous sealed one, and pieces of abandoned generations or failed repairs
+that landed after their deletion). Any failure before the commit abandons the
+generation (its shards are deleted, the previous sealed one stays). :meth:`on_view`
+repairs the sealed generation when holders leave or restart (a new incarnation: an
+empty store under the same id): the owner re-encodes the lost pieces from its own copy
+and re-places them with :func:`~phalanx.checkpoint.placement.replace_lost`.
 
 Restore: :meth:`restore` returns this member's newest sealed generation from its own
-copy (checked, one memcpy), else from the holders, else from the disk tier;
+copy (checked, one memcpy), else from the holders, else from the disk tier; a newer
+step on disk than the own copy or the holders offer wins (they are the fallback);
 :meth:`restore_peer` rebuilds a gone peer's newest sealed generation from any k
 checked pieces per stripe. A generation without a seal marker is never offered.
 
@@ -172,9 +176,8 @@ class _Gen:
     pins: int = 0
     released: bool = False
     unmarked: set[str] = field(default_factory=set)  # holders that missed the seal marker
-    # holders a repair moved this generation's pieces away from: still holding them
-    # if alive, so cleaned up with the generation when it is superseded
-    replaced: set[str] = field(default_factory=set)
+    # holder -> its incarnation when it was given its pieces (views that carry one)
+    incarnations: dict[str, int] = field(default_factory=dict)
 
 
 _NO_BUFFER: U8 = np.empty(0, np.uint8)  # a released generation's buffer
@@ -209,9 +212,12 @@ class PendingSeal:
         return self._gen.info
 
 
-def _peers_of(view: _ViewLike | Sequence[Peer | str]) -> list[Peer]:
+def _peers_of(view: _ViewLike | Sequence[Peer | str]) -> tuple[list[Peer], dict[str, int]]:
+    """The live peers, and the incarnation of those that carry one (membership
+    ``Member``s; ``Peer``s and plain ids carry none)."""
     members = view.members if hasattr(view, "members") else view
     out: list[Peer] = []
+    incarnations: dict[str, int] = {}
     for m in members:
         if isinstance(m, Peer):
             out.append(m)
@@ -219,7 +225,31 @@ def _peers_of(view: _ViewLike | Sequence[Peer | str]) -> list[Peer]:
             out.append(Peer(m))
         else:
             out.append(Peer(str(m.id), str(getattr(m, "zone", "") or "")))
-    return out
+            inc = getattr(m, "incarnation", None)
+            if isinstance(inc, int) and not isinstance(inc, bool):
+                incarnations[out[-1].id] = inc
+    return out, incarnations
+
+
+def _lost_holders(
+    gen: _Gen, holders: Sequence[str], peers: Sequence[Peer], incarnations: Mapping[str, int]
+) -> set[str]:
+    """The ``holders`` of ``gen`` whose pieces no longer count: gone from the view,
+    missed the seal marker, or restarted since they got their pieces (another
+    incarnation in the view than the one recorded: an empty store under the same id)."""
+    live = {p.id for p in peers}
+    restarted = {
+        h
+        for h, recorded in gen.incarnations.items()
+        if h in holders and incarnations.get(h, recorded) != recorded
+    }
+    return {h for h in holders if h not in live} | (gen.unmarked & live) | restarted
+
+
+def _wanted(got: int, step: int | None, since: int | None) -> bool:
+    """A generation of step ``got`` is asked for: it is ``step`` (any when ``None``) and
+    not older than step ``since`` (when given)."""
+    return step in (None, got) and (since is None or got >= since)
 
 
 def _abandon_reason(exc: BaseException) -> tuple[str, str]:
@@ -257,13 +287,16 @@ class SnapshotService:
         self._store = store
         self._obs = observer or SnapshotObserver()
         self._lock = threading.Lock()
-        self._peers: list[Peer] = _peers_of(peers)
+        self._peers, self._incarnations = _peers_of(peers)
+        # peers that may hold keys of this owner older than the last sweep: every peer
+        # at first (a previous process of this member may have left some), then the
+        # holders each seal and repair sends to (see _delete_older)
+        self._touched: set[str] = {p.id for p in self._peers}
         self._sealed: _Gen | None = None
         self._inflight: _Gen | None = None
         self._last_manifest: Manifest | None = None
         self._last_gen = 0
         self._free: list[U8] = []
-        self._stale: list[tuple[int, tuple[str, ...]]] = []
         self._coders: dict[tuple[int, int], ErasureCoder] = {}
         self._parity: dict[tuple[int, int], queue.Queue[list[U8]]] = {}
         self._seals = 0
@@ -280,10 +313,11 @@ class SnapshotService:
     # ------------------------------------------------------------------ public API
     def on_view(self, view: _ViewLike | Sequence[Peer | str]) -> None:
         """The live members changed: future placements use them, and the sealed
-        generation is repaired in the background if it lost holders."""
-        peers = _peers_of(view)
+        generation is repaired in the background if it lost holders (gone, or restarted:
+        a member whose incarnation changed)."""
+        peers, incarnations = _peers_of(view)
         with self._lock:
-            self._peers = peers
+            self._peers, self._incarnations = peers, incarnations
         self._tasks.put(("repair", None))
 
     def reserve(self, nbytes: int) -> None:
@@ -363,40 +397,24 @@ class SnapshotService:
 
     def restore(self, step: int | None = None) -> tuple[int, dict[str, Any]]:
         """(step, state) of this member's newest sealed generation (of ``step`` when
-        given): own copy, else the holders, else the disk tier."""
-        with self._lock:
-            gen = self._sealed
-            if gen is not None and (step is None or gen.step == step):
-                gen.pins += 1
-            else:
-                gen = None
-        if gen is not None:
-            try:
-                assert gen.meta is not None
-                bad = verify(gen.meta.manifest, gen.buf)
-                if not bad:
-                    return gen.step, unflatten(gen.meta.manifest, gen.buf)
-                log.error(
-                    "snapshot own copy fails checksums generation=%d arrays=%s",
-                    gen.generation,
-                    bad[:5],
-                )
-            finally:
-                self._unpin(gen)
+        given): own copy, else the holders, else the disk tier. With ``step`` ``None``
+        a newer step on disk wins over the own copy and the holders (steps are
+        compared, not generation ids), which stay the fallback if it fails to read."""
         errors: list[str] = []
-        try:
-            return self.restore_peer(self.member_id, step)
-        except SnapshotError as exc:
-            errors.append(f"holders: {exc}")
-        if self._disk is not None:
-            found = self._disk.read(step)
-            if found is not None:
-                _, dstep, manifest, buf = found
-                audit.info("snapshot restore from disk owner=%s step=%d", self.member_id, dstep)
-                return dstep, unflatten(manifest, buf)
-            errors.append("disk: no intact generation")
-        want = "any step" if step is None else f"step {step}"
-        raise SnapshotNotFound("not-found", f"no sealed generation of {want}: {'; '.join(errors)}")
+        disk_step = None
+        if step is None and self._disk is not None:
+            disk_step = self._disk.newest_step()
+        got = self._restore_memory(step, disk_step, errors)
+        if got is None:
+            got = self._restore_disk(step, errors)
+        if got is None and disk_step is not None:  # the newer disk step failed
+            got = self._restore_memory(step, None, errors)
+        if got is None:
+            want = "any step" if step is None else f"step {step}"
+            raise SnapshotNotFound(
+                "not-found", f"no sealed generation of {want}: {'; '.join(errors)}"
+            )
+        return got
 
     def restore_peer(
         self, owner: str, step: int | None = None, *, timeout: float | None = None
@@ -404,40 +422,7 @@ class SnapshotService:
         """Rebuild ``owner``'s newest sealed generation (of ``step`` when given) from
         the live holders: any k checked pieces per stripe, decoded, state checksums
         verified. Raises :class:`SnapshotNotFound` or :class:`RestoreError`."""
-        deadline = time.monotonic() + (timeout or self.config.seal_timeout_s)
-        t0 = time.perf_counter()
-        have = self._listing(owner, deadline)
-        sealed = sorted({k.generation for k in have if k.is_seal}, reverse=True)
-        last: SnapshotError | None = None
-        for generation in sealed:
-            meta = self._fetch_meta(owner, generation, have, deadline)
-            if meta is None or (step is not None and meta.step != step):
-                continue
-            try:
-                buf, lost = self._rebuild(meta, have, deadline)
-            except RestoreError as exc:
-                log.warning(
-                    "snapshot rebuild failed owner=%s generation=%d: %s", owner, generation, exc
-                )
-                last = exc
-                continue
-            audit.info(
-                "snapshot restore from holders owner=%s generation=%d step=%d bytes=%d "
-                "pieces_lost=%d seconds=%.3f",
-                owner,
-                generation,
-                meta.step,
-                meta.manifest.nbytes,
-                lost,
-                time.perf_counter() - t0,
-            )
-            return meta.step, unflatten(meta.manifest, buf)
-        if last is not None:
-            raise last
-        want = "any step" if step is None else f"step {step}"
-        raise SnapshotNotFound(
-            "not-found", f"no live holder has a sealed generation of {owner} ({want})"
-        )
+        return self._from_holders(owner, step, None, timeout)
 
     def restore_newest(
         self,
@@ -760,12 +745,15 @@ class SnapshotService:
         geo = gen.geo
         n = gen.k + gen.m
         with self._lock:
-            peers = list(self._peers)
+            peers, incarnations = list(self._peers), dict(self._incarnations)
         holders: tuple[str, ...] = ()
         try:
             manifest = with_checksums(gen.manifest, gen.buf)
             placement = place(self.member_id, peers, gen.k, gen.m)
             holders = placement.holders
+            with self._lock:
+                self._touched.update(holders)
+            gen.incarnations = {h: incarnations[h] for h in holders if h in incarnations}
             crcs: list[list[int]] = [[] for _ in range(geo.stripes)]
             err, encode_s, checksum_s = self._send_stripes(gen, holders, range(n), deadline, crcs)
             if err is not None:
@@ -835,14 +823,9 @@ class SnapshotService:
         )
         self._obs.on_seal(seal_s, "committed")
         if prev is not None:
-            assert prev.meta is not None
-            old_holders = prev.unmarked | prev.replaced
-            self._stale.append((prev.generation, prev.meta.holders + tuple(sorted(old_holders))))
             self._release(prev)
         if not unmarked:  # every holder knows the new seal: older generations may go
-            for g, hs in self._stale:
-                self._delete_stale(g, hs)
-            self._stale = []
+            self._delete_older(gen)
         if to_disk and self._disk is not None:
             self._disk.submit(
                 DiskWrite(
@@ -852,20 +835,37 @@ class SnapshotService:
         self._report_held()
         gen.event.set()  # last: the previous generation is already gone from the holders
 
-    def _delete_stale(self, generation: int, holders: Sequence[str]) -> None:
-        """Drop every key of an old generation on ``holders`` (listing what they hold)."""
+    def _delete_older(self, gen: _Gen) -> None:
+        """Sweep every key of this owner's generations older than ``gen`` off the live
+        peers that may hold some (listing what each holds): superseded sealed
+        generations (also on holders a repair moved away from), and pieces of
+        abandoned generations or failed repairs that landed after they were deleted.
+        Only peers some seal or repair sent to since the last sweep are asked (all of
+        them after a start), so a seal costs a listing per holder, not per member.
+        Newer generations (the one in flight) are left alone."""
+        assert gen.meta is not None
+        with self._lock:
+            live = {p.id for p in self._peers}
+            targets = (self._touched & live) | {self.member_id}
+            # gen's own holders are owed the next sweep (the next seal supersedes
+            # gen); peers outside the view are dropped (the daemon's channel cannot
+            # reach a member that left)
+            self._touched = set(gen.meta.holders)
 
         def drop(h: str) -> None:
             keys = [
                 k
                 for k in self._channel.list(h, self.member_id, timeout=self.config.call_timeout_s)
-                if k.generation == generation
+                if k.generation < gen.generation
             ]
             if keys:
                 self._channel.delete(h, keys, timeout=self.config.call_timeout_s)
 
-        futs = [self._io.submit(drop, h) for h in set(holders)]
-        wait_futures(futs, timeout=2 * self.config.call_timeout_s + 1.0)
+        futs = {h: self._io.submit(drop, h) for h in sorted(targets)}
+        wait_futures(list(futs.values()), timeout=2 * self.config.call_timeout_s + 1.0)
+        failed = {h for h, f in futs.items() if not f.done() or f.exception() is not None}
+        with self._lock:
+            self._touched |= failed  # asked again after the next clean seal
 
     def _fail(self, gen: _Gen, error: SnapshotAbandoned) -> None:
         gen.error = error
@@ -888,20 +888,21 @@ class SnapshotService:
     def _repair(self) -> None:
         with self._lock:
             gen = self._sealed
-            peers = list(self._peers)
+            peers, incarnations = list(self._peers), dict(self._incarnations)
         if gen is None or gen.meta is None:
             self._set_underprotected(0)
             return
         meta = gen.meta
-        live = {p.id for p in peers}
-        lost = {h for h in meta.holders if h not in live} | (gen.unmarked & live)
+        lost = _lost_holders(gen, meta.holders, peers, incarnations)
         if not lost:
             self._set_underprotected(0)
             return
         self._set_underprotected(1)
         old = Placement(self.member_id, meta.k, meta.m, meta.holders)
         try:
-            new = replace_lost(old, peers, lost=gen.unmarked & live)
+            new = replace_lost(old, peers, lost=lost)
+            with self._lock:
+                self._touched.update(new.holders)
         except PlacementError as exc:
             audit.warning(
                 "snapshot repair impossible owner=%s generation=%d lost=%s reason=%s",
@@ -954,8 +955,11 @@ class SnapshotService:
             )
             return
         gen.meta = new_meta
-        gen.replaced |= {old.holders[i] for i in slots}
         gen.unmarked = set()
+        gen.incarnations = {h: i for h, i in gen.incarnations.items() if h in new.holders}
+        for h in (new.holders[i] for i in slots):
+            if h in incarnations:
+                gen.incarnations[h] = incarnations[h]
         audit.info(
             "snapshot repaired owner=%s generation=%d step=%d lost=%s new=%s",
             self.member_id,
@@ -966,13 +970,97 @@ class SnapshotService:
         )
         with self._lock:
             still = self._sealed is gen and bool(
-                {h for h in new.holders if h not in {p.id for p in self._peers}}
+                _lost_holders(gen, new.holders, self._peers, self._incarnations)
             )
         self._set_underprotected(1 if still else 0)
         if still:
             self._tasks.put(("repair", None))
 
     # ------------------------------------------------------------------ restore side
+    def _restore_memory(
+        self, step: int | None, since: int | None, errors: list[str]
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The own copy, else the holders (of ``step``; of a step >= ``since`` when
+        given); ``None`` (the reason added to ``errors``) when neither has it."""
+        with self._lock:
+            gen = self._sealed
+            if gen is not None and _wanted(gen.step, step, since):
+                gen.pins += 1
+            else:
+                gen = None
+        if gen is not None:
+            try:
+                assert gen.meta is not None
+                bad = verify(gen.meta.manifest, gen.buf)
+                if not bad:
+                    return gen.step, unflatten(gen.meta.manifest, gen.buf)
+                log.error(
+                    "snapshot own copy fails checksums generation=%d arrays=%s",
+                    gen.generation,
+                    bad[:5],
+                )
+            finally:
+                self._unpin(gen)
+        try:
+            return self._from_holders(self.member_id, step, since, None)
+        except SnapshotError as exc:
+            errors.append(f"holders: {exc}")
+        return None
+
+    def _restore_disk(
+        self, step: int | None, errors: list[str]
+    ) -> tuple[int, dict[str, Any]] | None:
+        if self._disk is None:
+            return None
+        found = self._disk.read(step)
+        if found is None:
+            errors.append("disk: no intact generation")
+            return None
+        _, dstep, manifest, buf = found
+        audit.info("snapshot restore from disk owner=%s step=%d", self.member_id, dstep)
+        return dstep, unflatten(manifest, buf)
+
+    def _from_holders(
+        self, owner: str, step: int | None, since: int | None, timeout: float | None
+    ) -> tuple[int, dict[str, Any]]:
+        """:meth:`restore_peer`; ``since``: only generations of a step >= it."""
+        deadline = time.monotonic() + (timeout or self.config.seal_timeout_s)
+        t0 = time.perf_counter()
+        have = self._listing(owner, deadline)
+        sealed = sorted({k.generation for k in have if k.is_seal}, reverse=True)
+        last: SnapshotError | None = None
+        for generation in sealed:
+            meta = self._fetch_meta(owner, generation, have, deadline)
+            if meta is None or not _wanted(meta.step, step, since):
+                continue
+            try:
+                buf, lost = self._rebuild(meta, have, deadline)
+            except RestoreError as exc:
+                log.warning(
+                    "snapshot rebuild failed owner=%s generation=%d: %s", owner, generation, exc
+                )
+                last = exc
+                continue
+            audit.info(
+                "snapshot restore from holders owner=%s generation=%d step=%d bytes=%d "
+                "pieces_lost=%d seconds=%.3f",
+                owner,
+                generation,
+                meta.step,
+                meta.manifest.nbytes,
+                lost,
+                time.perf_counter() - t0,
+            )
+            return meta.step, unflatten(meta.manifest, buf)
+        if last is not None:
+            raise last
+        want = "any step" if step is None else f"step {step}"
+        if since is not None:
+            want += f" from step {since} on"
+        raise SnapshotNotFound(
+            "not-found", f"no live holder has a sealed generation of {owner} ({want})"
+        )
+
     def _listing(self, owner: str | None, deadline: float) -> dict[ShardKey, list[str]]:
         with self._lock:
             holders = sorted({p.id for p in self._peers} | {self.member_id})

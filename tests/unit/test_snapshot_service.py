@@ -1,8 +1,10 @@
 """SnapshotService over the in-process hub: seal, restore, every loss pattern, corrupt
-shards, a holder dying mid-seal, budgets, bad input, repair, the disk tier."""
+shards, a holder dying mid-seal, budgets, bad input, repair (holders gone or restarted),
+the disk tier (and its newer steps), late puts swept."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -24,6 +26,7 @@ from phalanx.checkpoint.snapshot import (
     SnapshotService,
 )
 from phalanx.checkpoint.store import HolderUnavailable, MemoryShardStore, ShardKey
+from phalanx.membership.view import Member, View
 
 SHARD = 4096  # small pieces: many stripes even for small states
 
@@ -518,5 +521,188 @@ def test_a_snapshot_waiting_for_the_previous_seal_keeps_its_deadline() -> None:
             owner.snapshot(state(3, n=40_000), 3, deadline=dl)
         assert sealing.wait(30).step == 1  # the one in flight seals as before
         assert owner.snapshot(state(4, n=40_000), 4).wait(30).step == 4
+    finally:
+        c.close()
+
+
+def members(ids: Sequence[str], epoch: int, bumped: Sequence[str] = ()) -> View:
+    """A membership view of ``ids`` (incarnation 1; 2 for the ``bumped``, restarted)."""
+    return View(
+        epoch,
+        tuple(Member(i, ("127.0.0.1:1",), 2 if i in bumped else 1) for i in ids),
+    )
+
+
+def test_a_holder_restarted_under_the_same_id_is_repaired_away() -> None:
+    """A holder restarted with the same member id (a new incarnation in the view, an
+    empty store) still counted as holding its pieces: underprotected stayed 0 while
+    only m - 1 more losses were survivable."""
+    c = Cluster(9, 4, 2)
+    try:
+        owner, obs = c.svcs["p0"], c.obs["p0"]
+        owner.on_view(members(c.ids, 1))
+        info = owner.snapshot(state(13), 6).wait(10)
+        restarted = info.holders[0]
+        c.svcs.pop(restarted).close()
+        c.stores[restarted] = MemoryShardStore(1 << 30)  # the new process: memory gone
+        c.hub.register(restarted, c.stores[restarted])
+        c.svcs[restarted] = c.service(restarted)
+        since = len(obs.under)
+        owner.on_view(members(c.ids, 2, bumped=[restarted]))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            seen = obs.under[since:]
+            if 1 in seen and seen[-1] == 0:
+                break
+            time.sleep(0.02)
+        assert 1 in obs.under[since:] and owner.underprotected == 0
+        sealed = owner._sealed
+        assert sealed is not None and sealed.meta is not None
+        assert restarted not in sealed.meta.holders  # lost peers get nothing back
+        assert not c.stores[restarted].keys("p0")
+        # fully protected again: m more holders of the repaired placement may die
+        c.kill(*sealed.meta.holders[:2])
+        c.hub.register("new", MemoryShardStore(0))
+        repl = c.service("new")
+        try:
+            step, out = repl.restore_peer("p0")
+            assert step == 6 and same(out, state(13))
+        finally:
+            repl.close()
+    finally:
+        c.close()
+
+
+def test_restore_takes_a_newer_step_on_disk_over_an_older_one_on_the_holders(
+    tmp_path: Path,
+) -> None:
+    """restore() returned the holders' generation whenever one could be rebuilt, even
+    when the disk tier had an intact generation of a newer step."""
+    earlier = Cluster(6, 4, 2, snapshot_dir=str(tmp_path))
+    try:
+        earlier.svcs["p0"].snapshot(state(30), 9).wait(10)
+    finally:
+        earlier.close()  # joins the disk writer: step 9 is on disk
+    c = Cluster(6, 4, 2)  # a later run whose holders got an older step (and generation id)
+    try:
+        c.svcs["p0"].snapshot(state(31), 3).wait(10)
+        c.svcs["p0"].close()
+        fresh = SnapshotService(
+            "p0",
+            c.hub.channel(),
+            c.stores["p0"],
+            peers=c.ids,
+            config=dataclasses.replace(c.cfg, snapshot_dir=str(tmp_path)),
+        )
+        c.svcs["p0"] = fresh
+        step, out = fresh.restore()
+        assert step == 9 and same(out, state(30))
+        assert fresh.restore(step=3)[0] == 3 and fresh.restore(step=9)[0] == 9
+        # the newer step on disk fails its checksums: the holders' older step it is
+        (data,) = tmp_path.glob("p0/g*/data.bin")
+        raw = bytearray(data.read_bytes())
+        raw[0] ^= 0xFF
+        data.write_bytes(bytes(raw))
+        step, out = fresh.restore()
+        assert step == 3 and same(out, state(31))
+    finally:
+        c.close()
+
+
+class LatePut(InProcessChannel):
+    """Once ``armed``, the next piece put to ``victim`` reports a timeout at once but
+    lands on the holder later, when ``release`` is set (the owner gave up on a put the
+    holder still stored)."""
+
+    def __init__(self, hub: InProcessHub, victim: str) -> None:
+        super().__init__(hub)
+        self.victim = victim
+        self.armed = False
+        self.generation = -1
+        self.release = threading.Event()
+        self.late: list[threading.Thread] = []
+        self.lock = threading.Lock()
+
+    def put(self, holder: str, key: ShardKey, data: Any, crc: int, *, timeout: float) -> None:
+        with self.lock:
+            fire = self.armed and holder == self.victim and key.stripe >= 0
+            self.armed = self.armed and not fire
+        if not fire:
+            super().put(holder, key, data, crc, timeout=timeout)
+            return
+        self.generation = key.generation
+        copy = np.array(data, dtype=np.uint8, copy=True)  # the owner reuses its buffers
+
+        def land() -> None:
+            self.release.wait(10)
+            InProcessChannel.put(self, holder, key, copy, crc, timeout=timeout)
+
+        self.late.append(threading.Thread(target=land))
+        self.late[-1].start()
+        raise HolderUnavailable("timed out", holder=holder)
+
+
+def test_a_put_that_lands_after_its_generation_was_abandoned_is_swept() -> None:
+    """A put the owner gave up on landed after the abandoned generation was deleted:
+    its piece stayed on the holder for ever (nothing deleted that generation again)."""
+    c = Cluster(6, 4, 2)
+    try:
+        first = c.svcs["p0"].snapshot(state(40), 1).wait(10)
+        victim = next(h for h in first.holders if h != "p0")
+        channel = LatePut(c.hub, victim)
+        owner = c.service("p0", channel)
+        c.svcs["p0"].close()
+        c.svcs["p0"] = owner
+        second = owner.snapshot(state(41), 2).wait(10)
+        channel.armed = True
+        with pytest.raises(SnapshotAbandoned):
+            owner.snapshot(state(42), 3).wait(10)
+        channel.release.set()
+        for t in channel.late:
+            t.join(10)
+        orphans = [k for k in c.stores[victim].keys("p0") if k.generation == channel.generation]
+        assert orphans, "the late put did not land"
+        fourth = owner.snapshot(state(43), 4).wait(10)
+
+        def generations() -> set[int]:
+            return {k.generation for h in c.ids for k in c.stores[h].keys("p0")}
+
+        deadline = time.monotonic() + 5
+        while generations() != {fourth.generation} and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert channel.generation not in generations()
+        assert generations() == {fourth.generation}, (first, second)
+    finally:
+        c.close()
+
+
+class ListCounter(InProcessChannel):
+    """Records which holders were asked for a listing."""
+
+    def __init__(self, hub: InProcessHub) -> None:
+        super().__init__(hub)
+        self.listed: list[str] = []
+
+    def list(self, holder: str, owner: str | None = None, *, timeout: float) -> list[ShardKey]:
+        self.listed.append(holder)
+        return super().list(holder, owner, timeout=timeout)
+
+
+def test_the_sweep_after_a_seal_lists_the_holders_not_every_member() -> None:
+    """Sweeping every member of a large group costs a listing per member per seal;
+    after the first (a start may find a previous process's keys anywhere) only the
+    peers a seal sent to are asked."""
+    c = Cluster(9, 2, 1)
+    try:
+        channel = ListCounter(c.hub)
+        owner = c.service("p0", channel)
+        c.svcs["p0"].close()
+        c.svcs["p0"] = owner
+        owner.snapshot(state(50), 1).wait(10)
+        assert set(channel.listed) == set(c.ids)  # the first sweep asks everyone
+        channel.listed.clear()
+        info = owner.snapshot(state(51), 2).wait(10)
+        assert set(channel.listed) <= set(info.holders) | {"p0"}
+        assert len(set(info.holders) | {"p0"}) < len(c.ids)
     finally:
         c.close()
