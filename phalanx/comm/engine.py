@@ -369,6 +369,14 @@ class Engine:
         poll = self._epoll.poll
         wake_fd = self._wake_r.fileno()
         while True:
+            if self._closing and self._current is not None and self._abort_request is None:
+                # close() found no op running, but one was being started: abort it too
+                with self._lock:
+                    if self._abort_request is None:
+                        self._abort_request = (
+                            "closed",
+                            "the group was closed under this operation",
+                        )
             if self._abort_request is not None and self._broken is None:
                 reason, detail = self._abort_request
                 self._fail_current(_OpFailed((), reason, detail, self.rank))
@@ -378,7 +386,10 @@ class Engine:
             if self._current is None:
                 with self._lock:
                     closing = self._closing
-                    nxt = self._queue.popleft() if self._queue and self._broken is None else None
+                    # closing: queued plans fail (below), none starts (close() would
+                    # otherwise shut the links under it once its join timed out)
+                    ready = self._queue and self._broken is None and not closing
+                    nxt = self._queue.popleft() if ready else None
                 if nxt is not None:
                     self._start(nxt)
                     try:
@@ -505,6 +516,24 @@ class Engine:
         why = "cancelled by the caller" if deadline.cancelled else "the caller's deadline passed"
         late = sorted(self._waited_peers())
         self._fail_current(_OpFailed((), "aborted", f"{why} (waiting on ranks {late})", self.rank))
+        return True
+
+    def _queued_expired(self, now: float) -> bool:
+        """A plan queued behind the running one reached its deadline (or was
+        cancelled): it can only be given up on with the group (its seq is taken, and
+        peers would pair it with this rank's next op), so the running op fails now,
+        reason ``aborted``, and every queued plan with it. Without this a queued
+        plan's deadline waited for the op ahead, however long that took."""
+        with self._lock:
+            late = next(
+                (p for p in self._queue if p.deadline is not None and now >= p.deadline.at), None
+            )
+        if late is None:
+            return False
+        assert late.deadline is not None
+        why = "was cancelled" if late.deadline.cancelled else "reached its deadline"
+        detail = f"{late.kind} #{late.seq}, queued behind this op, {why}"
+        self._fail_current(_OpFailed((), "aborted", detail, self.rank))
         return True
 
     def _resume(self, link: _Link) -> None:
@@ -1109,7 +1138,7 @@ class Engine:
     def _check_progress(self, now: float) -> None:
         plan = self._current
         assert plan is not None
-        if self._expired(plan, now):
+        if self._expired(plan, now) or self._queued_expired(now):
             return
         probe = self._probe
         if probe is None:

@@ -12,7 +12,7 @@ import pytest
 
 from phalanx.comm import CommOptions
 from phalanx.deadline import Deadline
-from phalanx.errors import PeerFailure
+from phalanx.errors import GroupClosed, PeerFailure
 from tests.integration._pairs import pair
 
 
@@ -185,3 +185,50 @@ def test_a_failure_with_a_send_blocked_on_a_socket_numbered_past_1024() -> None:
         for fd in pad:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_close_right_after_submit_fails_the_queued_op_without_starting_it(round_: int) -> None:
+    """close() found no op running and left the queued one to the engine, which
+    started it; close() then gave up joining after 5 s and shut the links under it
+    (the engine died with an untyped error, the input half overwritten)."""
+    g0, g1 = pair(timeout_s=10.0)
+    try:
+        x = np.arange(1 << 18, dtype=np.float32)  # 1 MiB: the in-place ring
+        before = x.copy()
+        handle = g0.all_reduce(x, async_op=True)  # rank 1 never joins
+        t0 = time.monotonic()
+        g0.close()
+        assert time.monotonic() - t0 < 3.0
+        with pytest.raises((PeerFailure, GroupClosed)) as info:
+            handle.wait(2.0)
+        assert isinstance(info.value, GroupClosed) or info.value.reason == "closed"
+        assert np.array_equal(x, before)
+    finally:
+        g0.close()
+        g1.close()
+
+
+def test_a_queued_ops_deadline_is_kept_while_the_op_ahead_waits() -> None:
+    """A queued op's deadline was checked only once it started: behind an op that
+    a peer never joins it waited for that op's progress timeout (30 s here). The
+    group gives up on both within the queued op's deadline; inputs intact."""
+    g0, g1 = pair(timeout_s=30.0)
+    try:
+        x = np.arange(1 << 16, dtype=np.float32)
+        y = np.arange(1 << 16, dtype=np.float32) * 2
+        xb, yb = x.copy(), y.copy()
+        ahead = g0.all_reduce(x, async_op=True)  # rank 1 never joins
+        t0 = time.monotonic()
+        queued = g0.all_reduce(y, async_op=True, deadline=Deadline.after(0.5))
+        with pytest.raises(PeerFailure) as info:
+            queued.wait(10.0)
+        assert time.monotonic() - t0 < 5.0
+        assert info.value.reason == "aborted"
+        with pytest.raises(PeerFailure) as ahead_info:
+            ahead.wait(1.0)
+        assert "queued behind this op" in str(ahead_info.value)
+        assert np.array_equal(x, xb) and np.array_equal(y, yb)
+    finally:
+        g0.close()
+        g1.close()
