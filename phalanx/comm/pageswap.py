@@ -298,10 +298,14 @@ def move_into(x: np.ndarray, result: np.ndarray) -> bool:
     if segments is None:
         np.copyto(dst, src)
         return True
+    try:  # a place to park the pages, first: nothing is written before it exists
+        reserve = mmap.mmap(-1, hi - lo + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # out of address space or commit charge: a copy keeps the promise
+        np.copyto(dst, src)
+        return True
     np.copyto(dst[: lo - start], src[: lo - start])
     np.copyto(dst[hi - start :], src[hi - start :])
     reusable = True
-    reserve = mmap.mmap(-1, hi - lo + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         parked = ctypes.addressof(ctypes.c_char.from_buffer(reserve))
         park = parked + (lo - parked) % HUGE  # keeps the huge-page phase

@@ -144,6 +144,30 @@ def test_a_move_the_kernel_refuses_still_hands_over_the_result(
     assert calls["n"] >= fail_at
 
 
+def test_no_room_to_park_the_pages_hands_over_the_result_by_copy(
+    arena: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parking reservation refused (ENOMEM: overcommit off, RLIMIT_AS): the partial
+    edge pages were copied first and the error escaped, leaving the array a mix of
+    result and input behind an untyped OSError. Now it gets the whole result by copy."""
+    _buf, x = _placed(16, 2 * MiB + 13)  # not page aligned: partial first and last page
+    x[:] = 7
+    result = pageswap.twin(arena, x)
+    result[:] = np.arange(x.size) % 251
+    want = result.copy()
+
+    class NoRoom:
+        def __getattr__(self, name: str) -> object:
+            return getattr(mmap, name)
+
+        def mmap(self, *args: object, **kwargs: object) -> mmap.mmap:
+            raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(pageswap, "mmap", NoRoom())
+    assert pageswap.move_into(x, result) is True
+    assert np.array_equal(x, want)
+
+
 def test_a_twin_keeps_the_huge_page_phase(arena: np.ndarray) -> None:
     x = np.zeros(MiB + 3, dtype=np.float32)
     t = pageswap.twin(arena, x)
