@@ -55,6 +55,7 @@ from phalanx.comm import schedules as sched
 from phalanx.comm.codecs import CODEC_NONE, Codec, NoneCodec, decode_into
 from phalanx.comm.descriptor import op_descriptor
 from phalanx.comm.engine import Engine
+from phalanx.comm.options import largest_payload
 from phalanx.comm.plan import Node, Plan, RecvNode
 from phalanx.comm.reduce import (
     ReduceOp,
@@ -189,7 +190,12 @@ def build_all_reduce(
     acc_dtype = accumulation_dtype(x.dtype, op)
     if codec.name != "none":
         _check_codec(codec, acc_dtype)
-    small = x.nbytes <= engine.options.small_bytes
+    # recursive doubling sends the whole accumulator in one frame, and it may be
+    # wider than x (float16 sums in float32, integer averages in int64): an array
+    # whose accumulator would not fit takes the ring, whose pieces are sized for it
+    small = x.nbytes <= engine.options.small_bytes and x.size * acc_dtype.itemsize <= (
+        largest_payload(engine.options.max_frame_bytes)
+    )
     algorithm = (
         "trivial" if world == 1 or x.size == 0 else ("recursive-doubling" if small else "ring")
     )

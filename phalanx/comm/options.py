@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from phalanx.errors import ConfigError
 
-__all__ = ["CommOptions"]
+__all__ = ["CommOptions", "largest_payload"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -69,12 +69,12 @@ class CommOptions:
         # a frame carries one piece (or a whole small array), raw or encoded; int8 with
         # one-element blocks on 4-byte floats is the largest encoding in use (5 bytes
         # per 4): a piece that cannot travel in one frame breaks the group at its op
-        if not 4 * KiB <= self.piece_bytes <= _largest_payload(self.max_frame_bytes):
+        if not 4 * KiB <= self.piece_bytes <= largest_payload(self.max_frame_bytes):
             raise ConfigError(
                 "piece_bytes must be between 4 KiB and 4/5 of max_frame_bytes (its "
                 f"largest encoding must fit one frame), got {self.piece_bytes}"
             )
-        if not 0 <= self.small_bytes <= _largest_payload(self.max_frame_bytes):
+        if not 0 <= self.small_bytes <= largest_payload(self.max_frame_bytes):
             raise ConfigError(
                 "small_bytes must be between 0 and 4/5 of max_frame_bytes (a small "
                 f"all-reduce or broadcast sends the whole array in one frame), got "
@@ -86,6 +86,6 @@ class CommOptions:
             raise ConfigError("zero_copy_min_bytes must be >= 0 (0 turns zero-copy off)")
 
 
-def _largest_payload(max_frame_bytes: int) -> int:
+def largest_payload(max_frame_bytes: int) -> int:
     """The most raw bytes whose every encoding fits a frame of ``max_frame_bytes``."""
     return (max_frame_bytes - 64) * 4 // 5
