@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from phalanx.comm import CommOptions
-from phalanx.comm.reduce import reference
+from phalanx.comm.reduce import ReduceOp, reference
 from tests.integration._pairs import pair
 
 KiB = 1 << 10
@@ -23,7 +23,7 @@ KiB = 1 << 10
     [("uint8", "avg", 200_000), ("float16", "sum", 300_000), ("int32", "avg", 150_000)],
 )
 def test_a_small_array_with_a_wide_accumulator_stays_within_the_frame_limit(
-    dtype: str, op: str, count: int
+    dtype: str, op: ReduceOp, count: int
 ) -> None:
     options = CommOptions(
         timeout_s=10.0, max_frame_bytes=1024 * KiB, small_bytes=800 * KiB, piece_bytes=256 * KiB
