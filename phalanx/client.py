@@ -158,6 +158,8 @@ def _check_timeout(t: float) -> float:
     if not 0 < t <= _MAX_TIMEOUT_S:
         raise ConfigError(f"timeout must be in (0, {_MAX_TIMEOUT_S:g}] seconds, got {t}")
     return t
+
+
 _STAGING_KEEP = 4
 
 
