@@ -20,7 +20,9 @@ This module must never vote or decide whether an attempt counts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,18 +46,34 @@ class BufferSync:
         self.fdtype = np.float64 if wide else np.float32
         nf = sum(b.numel() for b in self.floats)
         ni = sum(b.numel() for b in self.ints)
-        self._fop = client.empty((nf + 1,), np.dtype(self.fdtype)) if self.floats else None
-        self._iop = client.empty((ni + 1,), "int64") if self.ints else None
+        self._fop: np.ndarray[Any, Any] | None = None
+        self._iop: np.ndarray[Any, Any] | None = None
+        try:
+            if self.floats:
+                self._fop = client.empty((nf + 1,), np.dtype(self.fdtype))
+            if self.ints:
+                self._iop = client.empty((ni + 1,), "int64")
+        except BaseException:
+            self.close()  # the first one mapped, the second refused: nothing left mapped
+            raise
         self.nbytes = (0 if self._fop is None else self._fop.nbytes) + (
             0 if self._iop is None else self._iop.nbytes)  # fmt: skip
 
     def reduce(
-        self, weight: int, total: int, epoch: int, contributors: tuple[str, ...]
+        self,
+        weight: int,
+        total: int,
+        epoch: int,
+        contributors: tuple[str, ...],
+        timeout: float | None = None,
     ) -> tuple[str, list[torch.Tensor]]:
         """All-reduce ``weight * buffer``; (why it does not count, or "", the means in
-        buffer order). Raises the collectives' errors."""
+        buffer order). Raises the collectives' errors. ``timeout``: what both ops
+        together may take (a caller's deadline: each op gets what is left of it);
+        ``None``: the constructor's ``timeout`` for each op."""
         if not self.buffers:
             return "", []
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
         results = []
         for op, group in ((self._fop, self.floats), (self._iop, self.ints)):
             if op is None:
@@ -70,7 +88,8 @@ class BufferSync:
                 off += n
             op[off] = weight
             # one after the other: a failed op leaves nothing queued for the next view
-            results.append(self.client.all_reduce(op, "sum", timeout=self.timeout))
+            t = self.timeout if deadline is None else max(0.001, deadline - time.monotonic())
+            results.append(self.client.all_reduce(op, "sum", timeout=t))
         for r in results:
             if r.epoch != epoch or r.contributors != contributors:
                 return "a buffer op ran in another view", []

@@ -64,7 +64,7 @@ from phalanx.torch.bufsync import BufferSync
 from phalanx.torch.errors import JobMismatch, StepTimeout
 from phalanx.torch.layout import TensorSpec, plan_layout
 from phalanx.torch.manager import StepContext, shard_slice
-from phalanx.torch.state import SectionTensor, TrainingState, shared_tensor
+from phalanx.torch.state import SectionTensor, TrainingState, release_shared, shared_tensor
 from phalanx.torch.verdict import SLOTS, AttemptVerdict, job_identity, judge, opening_slots
 
 __all__ = ["DiLoCo", "LocalSGD", "OuterSyncReport", "fragment_plan"]
@@ -180,10 +180,33 @@ class DiLoCo:
             ("gbuf", [SectionTensor(n, b, keep(self._gbuf)) for (n, _), b in zip(
                 self._buffers, gbufs, strict=True)]),
         ]  # fmt: skip
+        # what close() unmaps; set before the first region is mapped, so that a
+        # constructor that fails after it unmaps what it mapped
+        self._closed = False
+        self._dflat: dict[str, torch.Tensor] = {}
+        self._open: Any = None
         self.state = TrainingState(
             client, sections, optimizers={"outer": self.outer}, user_state=user_state,
             meta_bytes=meta_bytes,
         )  # fmt: skip
+        try:
+            self._build(client, named, join, start_step, job, global_batch, codec, op_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(
+        self,
+        client: Client,
+        named: list[tuple[str, torch.nn.Parameter]],
+        join: bool,
+        start_step: int,
+        job: str,
+        global_batch: int | None,
+        codec: str,
+        op_timeout: float,
+    ) -> None:
+        """The rest of the constructor, once the state is mapped."""
         # pseudo-gradients: the global parameters' .grad, in shared memory
         specs = [TensorSpec(n, str(p.dtype).removeprefix("torch."), tuple(p.shape))
                  for (n, _), p in zip(named, self._global, strict=True)]  # fmt: skip
@@ -355,7 +378,10 @@ class DiLoCo:
             for r in results:
                 if r.epoch != res.epoch or r.contributors != members:
                     raise _Again("a pseudo-gradient op ran in another view", 0.0)
-            why, means = self._bufsync.reduce(round(w), round(W), res.epoch, members)
+            # the buffer ops are bounded by the sync's deadline too (positional: the
+            # demo's fault injection replaces reduce with a *args lambda)
+            why, means = self._bufsync.reduce(round(w), round(W), res.epoch, members,
+                                              self._op_left(deadline))  # fmt: skip
             if why:
                 raise _Again(why, 0.0)
             ok = c.commit(info.step, True, timeout=self._op_left(deadline))
@@ -447,11 +473,32 @@ class DiLoCo:
         return shard_slice(total, self._rank, max(1, len(self._round_members)))
 
     def close(self) -> None:
+        """Unmap every shared region this object mapped, here and in the daemon
+        (pseudo-gradients, buffer ops, opening slots, the state's buffers; idempotent).
+        The daemon keeps serving the attached state until a new ``attach_state``
+        replaces it (its own mappings keep the pages), and the global parameters stay
+        readable here (this process's memory lives while tensors view it)."""
+        if self._closed:
+            return
+        self._closed = True
+        c = self.client
         with contextlib.suppress(Exception):
             for g in self._global:
                 g.grad = None
-        self._bufsync.close()
-        self.client._release(self._open)
+        bufsync: BufferSync | None = getattr(self, "_bufsync", None)  # None: never made
+        if bufsync is not None:
+            bufsync.close()
+        for flat in self._dflat.values():
+            release_shared(c, flat)
+        self._dflat = {}
+        self._frag_flats = [[] for _ in range(self.F)]
+        if self._open is not None:
+            c._release(self._open)
+        for arr in self.state.arrays().values():
+            if isinstance(arr, torch.Tensor):
+                release_shared(c, arr)
+            else:
+                c._release(arr)
 
     def __enter__(self) -> DiLoCo:
         return self

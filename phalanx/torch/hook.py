@@ -27,8 +27,10 @@ survives one use :class:`phalanx.torch.Manager` instead (docs/torch.md). Example
   memory and one back (tensors from :func:`empty` need none: they live in memory the
   daemon shares, and collectives on them are zero-copy).
 * CUDA buckets are staged through a persistent host buffer per bucket, allocated from
-  the daemon's shared memory and pinned with ``cudaHostRegister`` (fast DMA): device to
-  host, all-reduce on the host pages (zero-copy), host to device. This path is written
+  the daemon's shared memory and pinned by :func:`phalanx.torch.cuda.pin` (fast DMA; the
+  client then never swaps its pages with a twin region): device to host, all-reduce on
+  the host pages (zero-copy), host to device; unpinned and unmapped when the bucket
+  changes size and at :meth:`HookState.close`. This path is written
   but **not tested**: the project's machines have no GPU.
 
 The hook averages over the members of the phalanx view the op runs in; with
@@ -40,7 +42,6 @@ the network: it talks to the daemon through :class:`phalanx.Client`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -137,19 +138,35 @@ class HookState:
                 fut.set_exception(exc)
 
     def host_buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        """The pinned, daemon-shared host buffer of bucket ``index`` (CUDA staging)."""
+        """The pinned, daemon-shared host buffer of bucket ``index`` (CUDA staging),
+        page-locked by :func:`phalanx.torch.cuda.pin`, which tells the client so
+        (``shm.mark_pinned``): it never gives such a buffer a twin region, whose page
+        exchange would leave the GPU's registration on the old pages. A bucket that
+        changed size gets a new buffer; the old one is unpinned and unmapped (its op
+        ended: DDP waited for its future before this backward)."""
         buf = self._host.get(index)
         if buf is None or buf.numel() != like.numel() or buf.dtype != like.dtype:
+            from phalanx.torch.cuda import pin  # the CUDA path only
+
+            if buf is not None:
+                del self._host[index]
+                self._drop(buf)
             buf = empty(self.client, (like.numel(),), like.dtype)
-            with contextlib.suppress(Exception):  # pinning is an optimisation only
-                torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
-                    buf.data_ptr(), buf.numel() * buf.element_size(), 0
-                )
+            pin(buf)  # best effort: an unpinned buffer still works, through pageable memory
             self._host[index] = buf
         return buf
 
+    def _drop(self, buf: torch.Tensor) -> None:
+        """Unpin a staging buffer, then unmap it here and in the daemon."""
+        from phalanx.torch.cuda import unpin
+
+        unpin(buf)
+        self.client._release(buf.view(torch.uint8).numpy())
+
     def close(self, timeout: float = 10.0) -> None:
-        """Settle what is queued, stop the completion thread (idempotent)."""
+        """Settle what is queued, stop the completion thread, unpin and unmap the
+        staging buffers (idempotent). Buffers are kept mapped if an op may still run
+        on them (the thread did not stop in ``timeout``)."""
         with self._lock:
             if self._closed:
                 return
@@ -160,6 +177,10 @@ class HookState:
             thread.join(timeout)
             if thread.is_alive():
                 log.error("event=hook_thread_not_joined")
+                return
+        host, self._host = self._host, {}
+        for buf in host.values():
+            self._drop(buf)
 
 
 def allreduce_hook(state: HookState, bucket: Any) -> torch.futures.Future[torch.Tensor]:

@@ -20,9 +20,12 @@ a peer dies or joins; a collective runs over the view current when the daemon ex
 it. A collective that a view change interrupts raises phalanx's typed error
 (``ViewChanged``, a ``PeerFailure``; ``Work.wait()`` raises it too) unless the group was
 made with ``retry=True``, which reruns it in the next view (exact: the input was
-restored). Objects that read the rank or size once (``DistributedSampler``, DDP's
-reducer) keep what they read: use :class:`phalanx.torch.Manager` for training that
-must follow the view. Point-to-point ops, ``gather``, ``scatter``, ``all_to_all`` and
+restored). Gathers and reduce-scatters are laid out for the world and rank read when
+they are called: they are never rerun, and one that ran in any other view than that
+(a member left or joined between the call and the op) raises ``ViewChanged`` with the
+output untouched, never bytes laid out for another world. Objects that read the rank
+or size once (``DistributedSampler``, DDP's reducer) keep what they read: use
+:class:`phalanx.torch.Manager` for training that must follow the view. Point-to-point ops, ``gather``, ``scatter``, ``all_to_all`` and
 ``reduce`` raise ``UnsupportedError``; ops: SUM, AVG, MIN, MAX, PRODUCT. CUDA tensors
 are staged through pinned, daemon-shared host memory (:mod:`phalanx.torch.cuda`); the
 result is on the device when the work is waited for.
@@ -46,8 +49,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from phalanx.client import Client, Handle, ViewInfo
-from phalanx.errors import ConfigError, UnsupportedError
+from phalanx.client import Client, Handle, OpResult, ViewInfo
+from phalanx.errors import ConfigError, UnsupportedError, ViewChanged
 from phalanx.torch.state import shared_tensor
 
 __all__ = ["ProcessGroup", "init_process_group", "register_backend"]
@@ -142,8 +145,9 @@ class _Work(dist._Work):  # type: ignore[misc,name-defined]
 
 class ProcessGroup(dist.ProcessGroup):
     """A ``torch.distributed`` process group whose collectives run over ``client``'s
-    daemon (see the module docstring). ``retry``: rerun a collective that a view change
-    interrupted; ``timeout``: per collective (default the client's)."""
+    daemon (see the module docstring). ``retry``: rerun an all-reduce, broadcast or
+    barrier that a view change interrupted (never a gather or reduce-scatter: their
+    layout is the view's); ``timeout``: per collective (default the client's)."""
 
     def __init__(self, client: Client, *, retry: bool = False,
                  timeout: float | None = None) -> None:  # fmt: skip
@@ -173,16 +177,21 @@ class ProcessGroup(dist.ProcessGroup):
         submit: Callable[..., Handle],
         copy_out: Callable[[], object],
         result: torch.Tensor,
+        layout: ViewInfo,
     ) -> _Work:
-        """Run ``submit(buf)`` (a pooled buffer); ``copy_out`` once it succeeded, then
-        the buffer goes back to the pool -- or is unmapped if the op failed."""
+        """Run ``submit(buf)`` (a pooled buffer laid out for ``layout``'s world and
+        rank; never retried: a rerun would run in another view); ``copy_out`` once it
+        succeeded in that very view, then the buffer goes back to the pool -- or is
+        unmapped if the op failed. An op that ran in another view raises
+        ``ViewChanged`` and leaves the output untouched."""
         try:
-            h = submit(buf, **self._kw())
+            h = submit(buf, **self._kw(retry=False))
         except BaseException:
             self._give_buf(buf, False)
             raise
 
         def after() -> None:
+            _check_layout(h.wait(), layout, self.client.member_id)
             copy_out()
             self._give_buf(buf, True)
 
@@ -219,8 +228,10 @@ class ProcessGroup(dist.ProcessGroup):
         return BACKEND
 
     # -------------------------------------------------------------- helpers
-    def _kw(self) -> dict[str, Any]:
-        return {"async_op": True, "retry": self.retry, "timeout": self.timeout}
+    def _kw(self, retry: bool | None = None) -> dict[str, Any]:
+        """Submit arguments; ``retry``: None for the group's (layout-free ops only)."""
+        return {"async_op": True, "retry": self.retry if retry is None else retry,
+                "timeout": self.timeout}  # fmt: skip
 
     @staticmethod
     def _cpu(tensors: Sequence[torch.Tensor]) -> None:
@@ -276,18 +287,27 @@ class ProcessGroup(dist.ProcessGroup):
         del opts
         return _Work([self.client.barrier(**self._kw())], None, [])
 
+    def _layout(self) -> tuple[ViewInfo, int]:
+        """The view a gather/reduce-scatter is laid out for, and this member's rank."""
+        v = self._refresh()
+        if v.rank is None:
+            raise ViewChanged(op="layout", seq=-1, old_epoch=v.epoch, epoch=v.epoch,
+                              detail="this member is not in the daemon's view")  # fmt: skip
+        return v, v.rank
+
     def _gather_into(self, out: torch.Tensor, inp: torch.Tensor) -> _Work:
         """all_gather of ``inp`` (one per member, rank order) into flat ``out``."""
         self._cpu([out, inp])
-        world = self._refresh().world
+        v, r = self._layout()
+        world = v.world
         n = inp.numel()
         if out.numel() != n * world:
             raise ConfigError(f"all_gather output holds {out.numel()} elements; the view "
                               f"has {world} members x {n}")  # fmt: skip
         buf = self._take_buf(n * world, inp.dtype)
-        r = self.rank()
         buf[r * n : (r + 1) * n].copy_(inp.reshape(-1))
-        return self._on_buf(buf, self.client.all_gather, lambda: out.reshape(-1).copy_(buf), out)
+        return self._on_buf(buf, self.client.all_gather,
+                            lambda: out.reshape(-1).copy_(buf), out, v)  # fmt: skip
 
     def allgather(  # type: ignore[override]
         self,
@@ -333,19 +353,20 @@ class ProcessGroup(dist.ProcessGroup):
                              opts: Any = None) -> _Work:  # fmt: skip
         self._cpu([output, inp])
         op = _op_name(opts.reduceOp if opts is not None else dist.ReduceOp.SUM)
-        world = self._refresh().world
+        v, r = self._layout()
+        world = v.world
         n = output.numel()
         if inp.numel() != n * world:
             raise ConfigError(f"reduce_scatter input holds {inp.numel()} elements; the view "
                               f"has {world} members x {n}")  # fmt: skip
         buf = self._take_buf(n * world, inp.dtype)
         buf.copy_(inp.reshape(-1))
-        r = self.rank()
         return self._on_buf(
             buf,
             lambda b, **kw: self.client.reduce_scatter(b, op, **kw),
             lambda: output.reshape(-1).copy_(buf[r * n : (r + 1) * n]),
             output,
+            v,
         )
 
     def _unsupported(self, *args: Any, **kwargs: Any) -> _Work:
@@ -354,6 +375,21 @@ class ProcessGroup(dist.ProcessGroup):
 
     send = recv = recv_anysource = gather = scatter = alltoall = alltoall_base = _unsupported
     reduce = allreduce_coalesced = _unsupported
+
+
+def _check_layout(res: OpResult, layout: ViewInfo, member_id: str) -> None:
+    """A gather/reduce-scatter's result counts only if it ran in the view its buffer
+    was laid out for (same epoch and world, this member at the same rank)."""
+    rank = layout.rank
+    if res.contributors and member_id in res.contributors:
+        rank = res.contributors.index(member_id)
+    if res.epoch != layout.epoch or res.world != layout.world or rank != layout.rank:
+        raise ViewChanged(
+            op=res.op, seq=res.seq, old_epoch=layout.epoch, epoch=res.epoch,
+            detail=f"laid out for {layout.world} members (rank {layout.rank}, epoch "
+            f"{layout.epoch}); the op ran among {res.world} (rank {rank}, epoch "
+            f"{res.epoch}): its result is not returned",
+        )  # fmt: skip
 
 
 _pending: list[tuple[Client, bool, float | None]] = []
