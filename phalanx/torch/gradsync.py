@@ -10,17 +10,30 @@ member's weight and submitted as an **async** ``all_reduce(sum)``, so communicat
 overlaps with the rest of the backward pass. **One bucket is in flight at a time** (the
 next goes out when the previous finished): after a failure no later bucket waits in
 the daemon's queue, where it would run in the next view against another member's first
-op of its next attempt (seen with a member frozen mid-step). :meth:`GradSync.finish` launches whatever
-is left (unused parameters contribute zeros) and collects every result.
+op of its next attempt (seen with a member frozen mid-step).
 
-Errors never cross autograd: the hook only submits; a submission error is recorded
-and raised by :meth:`finish`, outside ``backward()``, as the typed phalanx error it is.
+**backward() returns with the global gradient** (what DDP does): the first hook of a
+backward that launches buckets (not inside :meth:`no_sync`) queues an end-of-backward
+autograd callback, which launches whatever is left (unused parameters contribute zeros)
+and waits for every bucket (each bounded by its op's own timeout, one in flight at a
+time). So code between ``backward()`` and the commit (``clip_grad_norm_``) sees the
+same, global gradient on every member, and never writes into a bucket the daemon is
+still reducing. :meth:`GradSync.finish` then finds the work done and hands over its
+results (or does it itself: a backward inside :meth:`no_sync`, a replay).
+
+Errors never cross autograd: the hook only submits, and the end-of-backward callback
+records what it meets (it never raises into autograd); the first error is raised by
+:meth:`finish`, outside ``backward()``, as the typed phalanx error it is.
 If something set a ``.grad`` to a tensor of its own (``optimizer.zero_grad()`` with
 ``set_to_none=True``, ``model.zero_grad()``), the hook copies it into the slot and
 points ``.grad`` back at it (one copy, correct either way).
 
+:meth:`touched` tells whether the gradients changed after the buckets were settled (the
+user clipped or replaced them): the manager then never replays kept local gradients.
+
 This module must never vote, never decide whether a step counts, and never leave an
-op it submitted unwaited: :meth:`finish` and :meth:`drain` settle every handle.
+op it submitted unwaited: the end-of-backward callback, :meth:`finish` and
+:meth:`drain` settle every handle.
 """
 
 from __future__ import annotations
@@ -80,29 +93,41 @@ class GradSync:
         self.plan = plan_buckets(specs, cap_bytes)
         self._slots: list[_Slot] = []
         self._where: dict[int, tuple[_Slot, torch.Tensor]] = {}  # id(param) -> slot, view
-        for b in self.plan:
-            s = _Slot(b)
-            dtype = self.params[b.params[0]].dtype
-            device = self.params[b.params[0]].device
-            s.host = shared_tensor(client, b.numel, dtype)
-            if device.type != "cpu":
-                from phalanx.torch.cuda import DeviceBucket
+        self._hooks: list[Any] = []
+        old_grads = [p.grad for p in self.params]
+        try:
+            for b in self.plan:
+                s = _Slot(b)
+                dtype = self.params[b.params[0]].dtype
+                device = self.params[b.params[0]].device
+                s.host = shared_tensor(client, b.numel, dtype)
+                self._slots.append(s)
+                if device.type != "cpu":
+                    from phalanx.torch.cuda import DeviceBucket
 
-                s.device_bucket = DeviceBucket(device, b.numel, dtype, s.host)
-                s.flat = s.device_bucket.flat
-            else:
-                s.flat = s.host
-            for i, off in zip(b.params, b.offsets, strict=True):
-                p = self.params[i]
-                view = s.flat[off : off + p.numel()].view_as(p)
-                s.views.append(view)
-                self._where[id(p)] = (s, view)
-                p.grad = view
-            self._slots.append(s)
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._hook)  # type: ignore[no-untyped-call]
-            for p in self.params
-        ]
+                    s.device_bucket = DeviceBucket(device, b.numel, dtype, s.host)
+                    s.flat = s.device_bucket.flat
+                else:
+                    s.flat = s.host
+                for i, off in zip(b.params, b.offsets, strict=True):
+                    p = self.params[i]
+                    view = s.flat[off : off + p.numel()].view_as(p)
+                    s.views.append(view)
+                    self._where[id(p)] = (s, view)
+                    p.grad = view
+            for p in self.params:
+                self._hooks.append(
+                    p.register_post_accumulate_grad_hook(self._hook)  # type: ignore[no-untyped-call]
+                )
+        except BaseException:
+            # (client.empty over the daemon's limit, ...): nothing of this stays behind
+            for h in self._hooks:
+                h.remove()
+            for p, g in zip(self.params, old_grads, strict=True):
+                p.grad = g
+            for s in self._slots:
+                release_shared(client, s.host)
+            raise
         self._lock = threading.Lock()
         self._armed = False
         self._sync = True
@@ -118,6 +143,12 @@ class GradSync:
         self._attempt_no = 0  # arm() without replay counts attempts
         self._kept_at = [-1] * len(self._slots)  # the attempt each kept copy is of
         self.nbytes_sent = 0  # bytes handed to the daemon (for the wire-bytes figures)
+        # the end-of-backward settle (see the module docstring)
+        self._arm_no = 0  # every arm(): a queued callback of an older attempt does nothing
+        self._queued = False  # an end-of-backward callback is queued for this backward
+        self._settled = False  # every bucket of this attempt was launched and waited for
+        self._results: list[OpResult] = []
+        self._versions: list[int] | None = None  # the buckets' versions once settled
 
     @property
     def nbytes(self) -> int:
@@ -146,6 +177,11 @@ class GradSync:
             self._weight = float(weight)
             self._next = 0
             self._errors = []
+            self._arm_no += 1
+            self._queued = False
+            self._settled = False
+            self._results = []
+            self._versions = None
             self._armed = True
 
     def zero(self) -> None:
@@ -181,24 +217,71 @@ class GradSync:
         if not self._armed:
             return
         with self._lock:
-            if id(p) in self._counted:
-                # a second backward (accumulation): counted once per attempt -- fine
-                # while its bucket waits, but a bucket already sent was summed and
-                # scaled in place: this backward's gradient lands on top of the sum,
-                # different on every member (they would commit diverging weights)
-                if s.bucket.index < self._next and not self._errors:
+            if s.bucket.index < self._next:
+                # a bucket already sent was summed and scaled in place: this backward's
+                # gradient lands on top of the sum, different on every member (they
+                # would commit diverging weights). A second backward outside no_sync(),
+                # or any backward after the end-of-backward settle sent every bucket
+                if not self._errors:
                     self._errors.append(
                         ConfigError(
                             "backward() ran again in this step after its gradients were "
                             "sent: accumulate micro-batches inside Manager.no_sync() (all "
-                            "but the last backward), or call backward() once per step"
+                            "but the last backward), or call backward() once per step "
+                            "(activation checkpointing: use_reentrant=False)"
                         )
                     )
                 return
+            if id(p) in self._counted:
+                return  # a second backward (accumulation): counted once per attempt
             self._counted.add(id(p))
             s.ready += 1
             if self._sync:
+                self._queue_end()
                 self._launch_ready()
+
+    def _queue_end(self) -> None:
+        """Queue the end-of-backward settle once per backward (lock held)."""
+        if self._queued or self._settled:
+            return
+        token = self._arm_no
+        try:
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: self._end_of_backward(token))
+        except RuntimeError:
+            return  # not inside a backward pass (a hook called by hand): finish() settles
+        self._queued = True
+
+    def _end_of_backward(self, token: int) -> None:
+        """Autograd's final callback: launch what is left and wait for every bucket, so
+        ``.grad`` holds the global gradient when ``backward()`` returns. Never raises
+        into autograd: what it meets is recorded and raised by :meth:`finish`."""
+        try:
+            with self._lock:
+                if token != self._arm_no:
+                    return  # an older attempt's (drained and re-armed since)
+                self._queued = False
+                if not self._armed or self._settled:
+                    return
+                self._fix_grads()
+                self._settle()
+        except BaseException as exc:  # recorded, raised by finish()
+            self._errors.append(exc)
+
+    def touched(self) -> bool:
+        """Whether the gradients changed since this attempt's buckets were settled (an
+        in-place change bumps a bucket's version: ``clip_grad_norm_``), or a ``.grad``
+        was replaced or removed. False if they were not settled yet."""
+        versions = self._versions
+        if versions is None:
+            return False
+        if any(s.flat._version != v for s, v in zip(self._slots, versions, strict=True)):
+            return True
+        for p in self.params:
+            _, view = self._where[id(p)]
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                return True
+        return False
 
     def _in_flight(self) -> bool:
         """Whether the last submitted bucket is still running (a non-blocking poll);
@@ -262,49 +345,62 @@ class GradSync:
         self._local = [None] * len(self._slots)
         self._kept_at = [-1] * len(self._slots)
 
+    def _fix_grads(self) -> None:
+        """Every ``.grad`` back in its slot (lock held): one set to a tensor of its own
+        is copied in; one unused in this backward contributes zeros."""
+        for p in self.params:
+            _, view = self._where[id(p)]
+            if p.grad is None:
+                p.grad = view
+            elif p.grad.data_ptr() != view.data_ptr():
+                with torch.no_grad():
+                    view.copy_(p.grad)
+                p.grad = view
+
+    def _settle(self) -> None:
+        """Launch what is left, wait for every bucket (lock held). One bucket in flight
+        at a time: when an op fails, no later bucket is queued in the daemon, where it
+        would run in the next view and meet another member's first op of its next
+        attempt. Errors go to ``_errors`` (every handle is settled first)."""
+        results: list[OpResult] = []
+        waited = 0
+        while not self._errors:
+            if waited < len(self._handles):
+                slot, h = self._handles[waited]
+                waited += 1
+                try:
+                    results.append(h.wait())
+                    if slot.device_bucket is not None:
+                        slot.device_bucket.stage_in()
+                except BaseException as exc:
+                    self._errors.append(exc)
+                continue
+            if self._next >= len(self._slots):
+                break
+            self._launch(self._slots[self._next])
+        for _, h in self._handles[waited:]:  # after a failure: settle them all
+            try:
+                h.wait()
+            except BaseException as exc:
+                self._errors.append(exc)
+        self._handles = []
+        self._results = results
+        self._settled = True
+        self._versions = [s.flat._version for s in self._slots]
+
     def finish(self) -> list[OpResult]:
-        """Launch what is left, wait for every bucket; the results in bucket order.
-        Raises the first failure (every handle is settled first)."""
+        """The results in bucket order, once every bucket was launched and waited for
+        (here, unless the end-of-backward callback did it). Raises the first failure
+        (``DaemonUnavailable`` before any other)."""
         with self._lock:
             if not self._armed:
                 raise RuntimeError("GradSync.finish() without arm()")
-            for p in self.params:
-                _, view = self._where[id(p)]
-                if p.grad is None:
-                    p.grad = view  # unused in this backward: contributes zeros
-                elif p.grad.data_ptr() != view.data_ptr():
-                    with torch.no_grad():
-                        view.copy_(p.grad)
-                    p.grad = view
-            # one bucket in flight at a time: when an op fails, no later bucket is
-            # queued in the daemon, where it would run in the next view and meet
-            # another member's first op of its next attempt
-            results: list[OpResult] = []
-            errors = list(self._errors)
-            waited = 0
-            while not errors:
-                if waited < len(self._handles):
-                    slot, h = self._handles[waited]
-                    waited += 1
-                    try:
-                        results.append(h.wait())
-                        if slot.device_bucket is not None:
-                            slot.device_bucket.stage_in()
-                    except BaseException as exc:
-                        errors.append(exc)
-                    continue
-                if self._next >= len(self._slots):
-                    break
-                n = len(self._errors)
-                self._launch(self._slots[self._next])
-                errors.extend(self._errors[n:])
-            for _, h in self._handles[waited:]:  # after a failure: settle them all
-                try:
-                    h.wait()
-                except BaseException as exc:
-                    errors.append(exc)
+            self._fix_grads()
+            if not self._settled:
+                self._settle()
+            results, errors = self._results, list(self._errors)
             self._armed = False
-            self._handles = []
+            self._results = []
         if errors:
             fatal = [e for e in errors if isinstance(e, DaemonUnavailable)]
             raise fatal[0] if fatal else errors[0]
@@ -316,6 +412,8 @@ class GradSync:
         with self._lock:
             handles, self._handles = self._handles, []
             self._armed = False
+            self._settled = False
+            self._results = []
         end = time.monotonic() + timeout
         for _, h in handles:
             with contextlib.suppress(Exception):

@@ -7,7 +7,8 @@ takes the survivors down. One step::
     s = mgr.begin_step()            # view installed, state received (a newcomer), and
                                     # every member agreed on (job, view, step): opening op
     x, y = batch(s.step)[s.shard()] # this member's part of the step's global batch
-    loss_fn(model(x), y).backward() # buckets all-reduced while backward runs
+    loss_fn(model(x), y).backward() # buckets all-reduced while backward runs; when it
+                                    # returns, .grad is the global gradient (clip here)
     if mgr.commit():                # grads + buffers checked, vote, then optimizer.step(),
         ...                         # scheduler.step(), update_state(step + 1)
 
@@ -27,7 +28,17 @@ member ``i``'s shard and ``N`` the global batch, whatever the world size.
 survivors' gradients in the new view without a second forward/backward, weighted over
 the survivors' examples only (``sum_{i in S} n_i grad_i / sum_{i in S} n_i``): the dead
 members' examples are dropped from that step. Such commits are counted
-(``stats["partial_commits"]``) and logged, never silent.
+(``stats["partial_commits"]``) and logged, never silent. A replay reduces the kept *raw*
+local gradients again, so it would undo whatever the loop did to the synced ones: it is
+refused (the step is redone, counted in ``stats["partial_refused"]``, logged) once
+:meth:`sync_gradients` returned True to the caller, or once the gradients changed after
+they were synced (``clip_grad_norm_`` after ``backward()``).
+
+**Which parameters train** is fixed when the manager is built (the bucket plan and its
+hooks): a parameter whose ``requires_grad`` changed since, or a ``.grad`` on one outside
+the plan, makes :meth:`begin_step` / :meth:`commit` raise ``ConfigError`` before anything
+is applied (its gradient would never be averaged: the members would silently diverge).
+Build a new manager after changing which parameters train.
 
 **Job identity.** The opening op also carries a hash of the job (``job=``, the state
 layout, the global batch, the codec, the buffer rule): a daemon of another job on the
@@ -49,7 +60,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,7 +72,7 @@ from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
 from phalanx.torch.bufsync import BufferSync
 from phalanx.torch.errors import JobMismatch, StepTimeout
 from phalanx.torch.gradsync import GradSync
-from phalanx.torch.state import SectionTensor, TrainingState
+from phalanx.torch.state import SectionTensor, TrainingState, release_shared
 from phalanx.torch.verdict import SLOTS, AttemptVerdict, job_identity, judge, opening_slots
 
 __all__ = ["BUFFER_RULES", "Manager", "StepContext", "shard_slice"]
@@ -113,6 +124,9 @@ class _Attempt:
         self.weight = weight  # this member's share of the step's gradient
         self.total = total  # the sum of the contributors' example counts
         self.synced: bool | None = None  # gradients (and buffers) reduced and checked
+        # sync_gradients() returned True to the caller: the loop has had the synced
+        # gradients (and may have changed them), so this attempt is never replayed
+        self.seen = False
 
 
 def _seed(base: int, step: int, rank: int) -> int:
@@ -197,27 +211,11 @@ class Manager:
         named = list(model.named_parameters())
         if not opt_params <= {id(p) for _, p in named}:
             raise ConfigError("the optimizer holds tensors that are not the model's parameters")
-        params = [SectionTensor(n, p, _param_binder(p)) for n, p in named]
+        self._named = named
         self._buffers = _persistent_buffers(model)
-        bufs = [SectionTensor(n, b, None) for n, b in self._buffers]
-        sched = {"lr": scheduler} if scheduler is not None else {}
-        self.state = TrainingState(
-            client, [("params", params), ("buffers", bufs)], optimizers={"opt": optimizer},
-            schedulers=sched, user_state=user_state, meta_bytes=meta_bytes,
-        )  # fmt: skip
-        self.grads = GradSync(
-            client, [p for _, p in named], cap_bytes=max(1, int(bucket_cap_mb * (1 << 20))),
-            codec=codec, timeout=op_timeout, keep_local=partial,
-        )  # fmt: skip
-        self.job = job_identity(
-            "ddp", job, self.state.layout.signature(), str(global_batch), codec, buffers,
-            str([(b.dtype, b.numel) for b in self.grads.plan]),
-        )  # fmt: skip
-        self._open = client.empty((SLOTS,), "float64")
-        self._bufsync = BufferSync(client, [b for _, b in self._buffers], timeout=op_timeout)
         self._stash_buffers: list[torch.Tensor] | None = None
-        self._zero_grad_patched = True
-        optimizer.zero_grad = self.zero_grad  # type: ignore[method-assign]
+        self._zero_grad_patched = False
+        self._closed = False
         self._attempt: _Attempt | None = None
         # applying a step the group committed failed here (see commit): this member's
         # state is no longer the group's, so no further step may run on it
@@ -226,16 +224,61 @@ class Manager:
         self._last_step = -1
         self._tries = 0
         self.stats: dict[str, Any] = {
-            "commits": 0, "attempts_failed": 0, "partial_commits": 0, "syncs": 0,
-            "sync_bytes": 0, "last_failure": "", "grad_bytes": 0, "foreign": 0,
+            "commits": 0, "attempts_failed": 0, "partial_commits": 0, "partial_refused": 0,
+            "syncs": 0, "sync_bytes": 0, "last_failure": "", "grad_bytes": 0, "foreign": 0,
         }  # fmt: skip
         self._step = -1 if join else start_step
-        got = self.client.attach_state(self.state.arrays(), step=None if join else start_step)
-        if join and got >= 0:
-            # the daemon still held this member's state (this training process was
-            # restarted): it is in the arrays now; install the plain values too
-            self.state.load()
-            self._step = got
+        # what the parts below change, undone if one of them raises (client.empty over
+        # the daemon's limit, attach_state timing out, a state too large for meta_bytes)
+        before = [(p, p.data, p.grad) for _, p in named]
+        mapped = _Mapped(client)  # notes every region the parts map
+        grads: GradSync | None = None
+        try:
+            params = [SectionTensor(n, p, _param_binder(p)) for n, p in named]
+            bufs = [SectionTensor(n, b, None) for n, b in self._buffers]
+            sched = {"lr": scheduler} if scheduler is not None else {}
+            self.state = TrainingState(
+                cast(Client, mapped), [("params", params), ("buffers", bufs)],
+                optimizers={"opt": optimizer}, schedulers=sched, user_state=user_state,
+                meta_bytes=meta_bytes,
+            )  # fmt: skip
+            self.state.client = client
+            grads = GradSync(
+                client, [p for _, p in named],
+                cap_bytes=max(1, int(bucket_cap_mb * (1 << 20))), codec=codec,
+                timeout=op_timeout, keep_local=partial,
+            )  # fmt: skip
+            self.grads = grads
+            self.job = job_identity(
+                "ddp", job, self.state.layout.signature(), str(global_batch), codec, buffers,
+                str([(b.dtype, b.numel) for b in self.grads.plan]),
+            )  # fmt: skip
+            self._open = mapped.empty((SLOTS,), "float64")
+            self._bufsync = BufferSync(cast(Client, mapped), [b for _, b in self._buffers],
+                                       timeout=op_timeout)  # fmt: skip
+            self._bufsync.client = client
+            optimizer.zero_grad = self.zero_grad  # type: ignore[method-assign]
+            self._zero_grad_patched = True
+            got = self.client.attach_state(self.state.arrays(), step=None if join else start_step)
+            if join and got >= 0:
+                # the daemon still held this member's state (this training process was
+                # restarted): it is in the arrays now; install the plain values too
+                self.state.load()
+                self._step = got
+        except BaseException:
+            if grads is not None:
+                grads.close()  # its hooks and buckets
+            for arr in mapped.arrays:
+                client._release(arr)
+            if self._zero_grad_patched:
+                with contextlib.suppress(AttributeError):
+                    del optimizer.zero_grad
+                self._zero_grad_patched = False
+            with torch.no_grad():
+                for p, data, grad in before:
+                    p.data = data  # off the shared slots (same values)
+                    p.grad = grad
+            raise
         audit.info(
             "event=torch_attached member=%s join=%s step=%d state_bytes=%d buckets=%d job=%s",
             client.member_id, join, self._step, self.state.nbytes, len(self.grads.plan),
@@ -257,6 +300,7 @@ class Manager:
         ``DaemonUnavailable`` if the daemon is gone."""
         self._check_broken()
         self._abandon("begin_step called again before commit")
+        self._check_trainable()
         t = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + t
         last = ""
@@ -361,11 +405,20 @@ class Manager:
     def sync_gradients(self) -> bool:
         """Wait for every gradient bucket, average the buffers, check the attempt.
         True: ``param.grad`` now holds the step's global gradient (clip it here if you
-        want); False: the attempt is dropped (call ``begin_step`` again).
-        :meth:`commit` calls it if you did not."""
+        want; after a ``backward()`` outside :meth:`no_sync` it already did when
+        ``backward()`` returned); False: the attempt is dropped (call ``begin_step``
+        again). :meth:`commit` calls it if you did not. Once it returned True here, a
+        ``partial=True`` manager no longer replays this attempt (see the module
+        docstring)."""
         att = self._attempt
         if att is None:
             raise ConfigError("sync_gradients() outside a step: call begin_step() first")
+        ok = self._sync_gradients(att)
+        if ok:
+            att.seen = True
+        return ok
+
+    def _sync_gradients(self, att: _Attempt) -> bool:
         if att.synced is not None:
             return att.synced
         if self.partial:
@@ -411,11 +464,28 @@ class Manager:
         att = self._attempt
         if att is None:
             raise ConfigError("commit() outside a step: call begin_step() first")
-        ok = self.sync_gradients() and self._vote(att)
+        try:
+            self._check_trainable()
+        except ConfigError as exc:
+            self._abandon(str(exc))
+            raise
+        touched = self.grads.touched()  # before finish() puts replaced .grads back
+        ok = self._sync_gradients(att) and self._vote(att)
         if not ok and self.partial and self._can_replay():
-            ok = self._replay()
-            att = self._attempt
-            assert att is not None
+            refused = (
+                "sync_gradients() returned the synced gradients to the loop" if att.seen
+                else "the gradients changed after they were synced" if touched else ""
+            )  # fmt: skip
+            if refused:
+                # a replay reduces the raw local gradients again: whatever the loop did
+                # to the synced ones (clipping) would be lost for this step
+                self.stats["partial_refused"] += 1
+                audit.info("event=partial_refused member=%s step=%d why=%r",
+                           self.client.member_id, att.ctx.step, refused)  # fmt: skip
+            else:
+                ok = self._replay()
+                att = self._attempt
+                assert att is not None
         if not ok:
             self._abandon("")
             return False
@@ -442,6 +512,31 @@ class Manager:
         self.grads.forget_local()
         self.stats["commits"] += 1
         return True
+
+    def _check_trainable(self) -> None:
+        """The parameters that train are the ones the bucket plan covers, and no other
+        parameter carries a ``.grad`` (it would be applied unaveraged: the members'
+        weights would silently diverge)."""
+        planned = {id(p) for p in self.grads.params}
+        now = [n for n, p in self._named if p.requires_grad and id(p) not in planned]
+        frozen = [n for n, p in self._named if not p.requires_grad and id(p) in planned]
+        stray = [n for n, p in self._named if id(p) not in planned and p.grad is not None]
+        what = []
+        if now:
+            what.append(f"now require grad but did not when the Manager was built: {now}")
+        if frozen:
+            what.append(f"no longer require grad: {frozen}")
+        if stray:
+            what.append(f"have a .grad but are outside the gradient plan: {stray}")
+        if what:
+            raise ConfigError(
+                "the parameters that train changed after the Manager was built (its "
+                "gradient buckets cover the ones that required grad then); parameters "
+                + "; ".join(what)
+                + ". Nothing was applied. Build a new Manager (close this one) after "
+                "changing which parameters train, at the same step on every member, and "
+                "leave .grad None on frozen parameters"
+            )
 
     def _check_broken(self) -> None:
         if self._broken is not None:
@@ -498,7 +593,7 @@ class Manager:
             for (_, b), v in zip(self._buffers, sbuf, strict=True):
                 b.copy_(v)
         self._stash_buffers = None
-        ok = self.sync_gradients() and self._vote(new)
+        ok = self._sync_gradients(new) and self._vote(new)
         if ok:
             self.stats["partial_commits"] += 1
             log.warning(
@@ -525,12 +620,23 @@ class Manager:
         self._attempt = None
 
     def close(self) -> None:
-        """Remove the hooks and give the optimizer its own ``zero_grad`` back (the
-        client stays open: it is the caller's)."""
+        """Remove the hooks, give the optimizer its own ``zero_grad`` back, and unmap
+        every region this manager mapped (buckets, buffer ops, the opening slots, the
+        state's arrays: the daemon keeps serving the state it holds, and the tensors
+        viewing them stay valid in this process). The client stays open: it is the
+        caller's. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._abandon("")
         self.grads.close()
         self._bufsync.close()
         self.client._release(self._open)
+        for arr in self.state.arrays().values():
+            if isinstance(arr, torch.Tensor):
+                release_shared(self.client, arr)
+            else:
+                self.client._release(arr)
         if self._zero_grad_patched:
             with contextlib.suppress(AttributeError):
                 del self.optimizer.zero_grad
@@ -545,6 +651,24 @@ class Manager:
 
 def _count(sl: slice) -> int:
     return int(sl.stop) - int(sl.start)
+
+
+class _Mapped:
+    """The client as the constructor's parts see it while they are built: every array
+    ``empty`` maps is noted, so that a constructor failing part-way unmaps them; the
+    rest is the client's own."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.arrays: list[np.ndarray] = []
+
+    def empty(self, shape: int | tuple[int, ...], dtype: Any = "float32") -> np.ndarray:
+        arr = self.client.empty(shape, dtype)
+        self.arrays.append(arr)
+        return arr
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
 
 
 class _Retry(Exception):

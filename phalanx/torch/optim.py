@@ -6,7 +6,10 @@ For loops written around ``optimizer.zero_grad()`` / ``loss.backward()`` /
 * ``zero_grad()`` opens the group's next step if none is open
   (:meth:`Manager.begin_step`: view, state, opening check) and zeroes the gradients in
   place; ``wrapper.context`` is that step (its number, rank, shard);
-* ``step()`` is :meth:`Manager.commit`: the gradients are averaged, the vote is taken,
+* ``loss.backward()`` returns with the global gradient (the manager waits for its
+  buckets at the end of the backward pass), so ``clip_grad_norm_`` between
+  ``backward()`` and ``step()`` clips the same gradient on every member;
+* ``step()`` is :meth:`Manager.commit`: the gradients are checked, the vote is taken,
   and the wrapped optimizer (and LR scheduler) step only if every member said yes. It
   returns that answer: False means the same step is redone at the next ``zero_grad()``.
 
