@@ -320,6 +320,7 @@ class Client:
         except NoReply:
             row = row_of(request)
             if not row.memory:
+                self._abandon(rid)
                 raise TimeoutError(
                     f"{row.kind.name} got no answer within {wait - _GRACE_S:g}s"
                 ) from None
@@ -329,9 +330,12 @@ class Client:
         except (NoReply, DaemonUnavailable, OSError):
             state = None
         if state is CancelState.WILL_NOT_RUN:
+            self._abandon(rid)  # its answer (a TimeoutError) is dropped when it comes
             raise TimeoutError(f"{name} passed its deadline before the daemon ran it (cancelled)")
         if state in (CancelState.FINISHED, CancelState.STOPPED):
-            return self._conn.wait(rid, _ACK_S)  # its answer is in: a result or its error
+            # its answer is in: a result or its error (kept, not abandoned, if it is
+            # late: an op's reply may carry a twin exchange this process must make)
+            return self._conn.wait(rid, _ACK_S)
         if unsafe is not None:
             unsafe()
         self._conn.close()
@@ -341,17 +345,46 @@ class Client:
             socket=self._conn.path,
         )
 
+    def _abandon(self, rid: int) -> None:
+        """Nobody waits for request ``rid``'s reply any more: it is dropped on arrival
+        (with a descriptor it carries); an op of it never gets a twin exchange here (it
+        did not run: the daemon made none)."""
+        self._twin_ops.pop(rid, None)
+        self._conn.abandon(rid)
+
     # ------------------------------------------------------------------ memory
+    def _map_timeout(self) -> float:
+        """How long a MAP waits for its answer: the control timeout, and while earlier
+        requests are in the daemon's hands (answered in order: an async op waiting for
+        a slow peer), as long as they may still take, CANCEL included."""
+        if not self._conn.busy:
+            return _CONTROL_TIMEOUT
+        return _CONTROL_TIMEOUT + self._conn.backlog() + _GRACE_S + _ACK_S
+
     def _new_region(self, nbytes: int, prefix: str) -> Region:
-        """A new shared region of ``nbytes``, mapped by the daemon too."""
+        """A new shared region of ``nbytes``, mapped by the daemon too. A MAP that gets
+        no answer in time is undone: its late reply is dropped and an UNMAP follows
+        it, so the daemon unmaps the region right after it maps it (it would otherwise
+        stay charged to this session, unknown to the client, for the session's life)."""
         with self._rlock:
             rid = self._next_region
             self._next_region += 1
         region = Region.create(rid, nbytes, f"{prefix}-{rid}")
         try:
-            self._conn.call(Map(rid), _CONTROL_TIMEOUT, fd=region.fd)
+            wait = self._map_timeout()
+            sent = self._conn.send(Map(rid), region.fd)
         finally:
             region.close_fd()  # the mapping keeps the memory; the daemon has its own fd
+        try:
+            self._conn.wait(sent, wait)
+        except NoReply:
+            self._conn.abandon(sent)
+            with contextlib.suppress(DaemonUnavailable, TimeoutError):
+                self._conn.send(Unmap(rid), discard=True)
+            raise TimeoutError(
+                f"MAP got no answer within {wait:g}s (the daemon is busy with earlier "
+                "requests); the region is unmapped there as soon as it is mapped"
+            ) from None
         return region
 
     def _map(self, nbytes: int) -> Region:
@@ -834,7 +867,12 @@ class Client:
         if not t > 0:
             raise ConfigError("timeout must be > 0")
         req = Restore(member, None if step is None else int(step), t, time.monotonic() + t)
-        frame = self._conn.wait_frame(self._conn.send(req), t + _GRACE_S + _ACK_S)
+        rid = self._conn.send(req)
+        try:
+            frame = self._conn.wait_frame(rid, t + _GRACE_S + _ACK_S)
+        except NoReply:
+            self._conn.abandon(rid)  # a late reply's memfd would pin the whole state
+            raise
         layout = frame.message
         if frame.fd is None or not isinstance(layout, RestoreLayout):
             raise DaemonUnavailable("the daemon's restore reply carried no memory")

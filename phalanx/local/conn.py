@@ -107,6 +107,8 @@ class Connection:
         self._replies: dict[int, WireFrame] = {}
         self._unanswered: set[int] = set()  # requests sent whose reply has not come
         self._discard: set[int] = set()  # requests whose reply nobody waits for
+        self._due: dict[int, float] = {}  # unanswered request -> when its deadline ends
+        self._due_lock = threading.Lock()
         self._events: list[WireFrame] = []
         self._decoder = Decoder()
         self._fds: list[int] = []  # received, not yet matched to a FLAG_FD frame
@@ -146,6 +148,10 @@ class Connection:
                 if before is not None:
                     before(rid)
                 self._unanswered.add(rid)
+                with self._due_lock:
+                    self._due[rid] = time.monotonic() + float(
+                        getattr(request, "timeout", 0.0) or 0.0
+                    )
                 if discard:
                     self._discard.add(rid)
                 self._send_all(data, fd, time.monotonic() + wait)
@@ -186,8 +192,35 @@ class Connection:
                 self._read_or_wait(min(left, _SEND_POLL_S))
 
     def call(self, request: Request, timeout: float, fd: int | None = None) -> Any:
-        """send + wait: the reply message, or the typed error the daemon sent."""
-        return self.wait(self.send(request, fd), timeout)
+        """send + wait: the reply message, or the typed error the daemon sent. After
+        :class:`NoReply` the reply is dropped when it comes (:meth:`abandon`)."""
+        rid = self.send(request, fd)
+        try:
+            return self.wait(rid, timeout)
+        except NoReply:
+            self.abandon(rid)
+            raise
+
+    def abandon(self, rid: int) -> None:
+        """Nobody will wait for request ``rid``'s reply (its caller got
+        :class:`NoReply`, or it was cancelled before it ran): drop the reply, closing a
+        descriptor that came with it (a RESTORE's memfd holds a whole state), now if it
+        came, else when it comes. Without this a late reply stayed here for good."""
+        with self._cond:
+            frame = self._replies.pop(rid, None)
+            if frame is None:
+                self._discard.add(rid)  # _read_once drops it (checked under the condition)
+        if frame is not None and frame.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(frame.fd)
+
+    def backlog(self) -> float:
+        """Seconds until the deadline of every request sent and not answered yet has
+        passed (0.0 when none is in the daemon's hands): how long a request sent now
+        may wait behind them (the daemon answers a connection's requests in order)."""
+        with self._due_lock:
+            last = max(self._due.values(), default=0.0)
+        return max(0.0, last - time.monotonic())
 
     def cancel(self, session: int, rid: int, timeout: float) -> CancelState:
         """Ask the daemon to stop request ``rid`` of ``session`` (this process's own),
@@ -306,6 +339,10 @@ class Connection:
             with self._cond:
                 self._die(f"garbled data from the daemon: {exc}")
             return
+        with self._due_lock:
+            for f in frames:
+                if f.kind != Kind.EVENT:
+                    self._due.pop(f.rid, None)
         for f in frames:
             if f.kind != Kind.EVENT:
                 self._unanswered.discard(f.rid)

@@ -19,17 +19,21 @@ request, if running, has its :class:`~phalanx.deadline.Deadline` cancelled, whic
 stops it wherever it waits; the CANCEL is answered only once the request is over (or
 will never run), so the client reuses no memory an op could still touch.
 
-**Sessions and client loss.** A connection that sent HELLO is a client session. When
-it ends without BYE (the training process died) the elastic group is told
-(:meth:`ElasticGroup.client_lost`: its step lifecycle decides what that costs).
+**Sessions and client loss.** A connection whose HELLO was accepted is a client
+session; until then it may send only HELLO, CANCEL or WATCH (anything else closes it
+as a protocol error). When a session ends without BYE (the training process died) the
+elastic group is told (:meth:`ElasticGroup.client_lost`: its step lifecycle decides
+what that costs).
 Connections that sent WATCH only receive view EVENTs.
 
 One lock serializes every request that drives the group, so two connections never
 interleave a collective; it is taken bounded by the request's deadline. Malformed
 input closes that connection with an ``event=local_protocol_error`` line; it never
 stops the daemon. A stale socket file is replaced; a live one (another daemon) is
-refused. :meth:`close` stops accepting, shuts every connection down and joins every
-thread.
+refused. An accept() error (descriptors used up, ...) or a thread that cannot start
+costs one connection, never the acceptor. A session maps at most :data:`_MAX_REGIONS`
+regions, each charged whole pages against ``max_client_shm_bytes``. :meth:`close`
+stops accepting, shuts every connection down and joins every thread.
 
 This module must never hold the group lock while it waits for a client, nor block a
 connection thread without a deadline.
@@ -58,7 +62,14 @@ import numpy as np
 
 from phalanx.comm.pageswap import SwapError
 from phalanx.deadline import Deadline
-from phalanx.errors import ConfigError, GroupClosed, PhalanxError, ProtocolError, describe
+from phalanx.errors import (
+    ConfigError,
+    GroupClosed,
+    LimitExceeded,
+    PhalanxError,
+    ProtocolError,
+    describe,
+)
 from phalanx.local import snapshots
 from phalanx.local._codec import MAX_STR
 from phalanx.local.protocol import (
@@ -111,6 +122,9 @@ _POLL_S = 0.25
 _RECV = 1 << 16
 _SEND_TIMEOUT_S = 5.0
 _MAX_CONNECTIONS = 64
+_MAX_REGIONS = 4096  # shared regions mapped per session (each one a mapping here)
+_ACCEPT_PAUSE_S = 0.1  # after an accept() error (EMFILE, ...): pause, then go on
+_ACCEPT_LOG_S = 10.0  # such errors are logged at most this often
 _CONTROL_TIMEOUT_S = 10.0  # requests that carry no deadline of their own
 _CLOCK_SKEW_S = 0.05  # HELLO: the client's monotonic clock is ours if this close
 _CANCEL_WAIT_S = 5.0  # how long a CANCEL waits for its request to stop
@@ -200,6 +214,7 @@ class LocalServer:
         self._conns: list[_Conn] = []
         self._sessions: dict[int, Session] = {}
         self._next_sid = 1
+        self._accept_logged = -math.inf  # when an accept error was last logged
         self._sock = _bind(path)
         self._sock.settimeout(_POLL_S)  # here: a close before the thread runs is no race
         # a handle on our socket file's inode: while it is open the number cannot be
@@ -213,34 +228,65 @@ class LocalServer:
 
     # ------------------------------------------------------------------ accept
     def _accept_loop(self) -> None:
+        """Accept connections until :meth:`stop_accepting`. An accept() error
+        (``EMFILE``/``ENFILE`` with the descriptors used up, ``ENOBUFS``,
+        ``ECONNABORTED``) or a thread that cannot start costs that one connection,
+        never the acceptor: it pauses briefly (the pending connection waits in the
+        backlog) and goes on."""
         while not self._stop.is_set():
             try:
                 sock, _ = self._sock.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
-            pid = _peer_pid(sock)
-            if pid is None:
-                log.warning("event=local_refused reason=foreign-user")
-                sock.close()
+            except OSError as exc:
+                if self._stop.is_set() or self._sock.fileno() < 0:
+                    return  # closed by stop_accepting
+                self._accept_trouble("accept", exc)
                 continue
-            with self._lock:
-                self._conns = [c for c in self._conns if c.thread is None or c.thread.is_alive()]
-                if len(self._conns) >= _MAX_CONNECTIONS:
-                    log.warning("event=local_refused reason=too-many-connections")
-                    sock.close()
-                    continue
-                session = Session(self._next_sid, pid)
-                self._next_sid += 1
-                conn = _Conn(sock, session)
-                t = threading.Thread(
-                    target=self._serve, args=(conn,), name="phalanx-local-conn", daemon=True
-                )
-                conn.thread = t
-                self._conns.append(conn)
-                self._sessions[session.sid] = session
+            try:
+                self._admit(sock)
+            except Exception as exc:  # a thread that cannot start: that connection only
+                sock.close()
+                self._accept_trouble("connection", exc)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Serve the accepted ``sock`` on a thread of its own (or refuse it)."""
+        pid = _peer_pid(sock)
+        if pid is None:
+            log.warning("event=local_refused reason=foreign-user")
+            sock.close()
+            return
+        with self._lock:
+            self._conns = [c for c in self._conns if c.thread is None or c.thread.is_alive()]
+            if len(self._conns) >= _MAX_CONNECTIONS:
+                log.warning("event=local_refused reason=too-many-connections")
+                sock.close()
+                return
+            session = Session(self._next_sid, pid)
+            self._next_sid += 1
+            conn = _Conn(sock, session)
+            t = threading.Thread(
+                target=self._serve, args=(conn,), name="phalanx-local-conn", daemon=True
+            )
+            conn.thread = t
+            self._conns.append(conn)
+            self._sessions[session.sid] = session
+        try:
             t.start()
+        except BaseException:
+            with self._lock:  # never served: no trace of it (close() would join it)
+                if conn in self._conns:
+                    self._conns.remove(conn)
+                self._sessions.pop(session.sid, None)
+            raise
+
+    def _accept_trouble(self, what: str, exc: BaseException) -> None:
+        """Log (at most once per :data:`_ACCEPT_LOG_S`) and pause before accepting again."""
+        now = time.monotonic()
+        if now - self._accept_logged >= _ACCEPT_LOG_S:
+            self._accept_logged = now
+            log.error("event=local_accept_failed stage=%s error=%r", what, str(exc))
+        self._stop.wait(_ACCEPT_PAUSE_S)
 
     # ------------------------------------------------------------------ one connection
     def _serve(self, conn: _Conn) -> None:
@@ -311,6 +357,12 @@ class LocalServer:
             raise ProtocolError(
                 f"{row.kind.name} {'needs' if row.fd_in else 'must not carry'} a file descriptor"
             )
+        if not s.hello and type(req) not in _WITHOUT_HELLO:
+            # a client session starts with an accepted HELLO (its end is then told to
+            # the group); CANCEL and WATCH connections send only their own request
+            if fd is not None:
+                os.close(fd)
+            raise ProtocolError(f"{row.kind.name} before an accepted HELLO")
         deadline = self._deadline(s, req)
         with s.cond:
             if frame.rid in s.cancelled:  # the client gave up before it ran
@@ -478,15 +530,24 @@ class LocalServer:
         if req.region in s.regions:
             os.close(fd)
             raise ProtocolError(f"duplicate region id {req.region}")
+        if len(s.regions) >= _MAX_REGIONS:
+            # each region is a mapping of the daemon's (vm.max_map_count is shared by
+            # every session and the data plane): tiny ones are bounded by count
+            os.close(fd)
+            raise LimitExceeded(
+                f"this client already has {len(s.regions)} shared regions mapped, the "
+                f"most a session may have ({_MAX_REGIONS}): allocate fewer, larger "
+                "arrays (client.empty) or release some"
+            )
         region = Region.adopt(req.region, fd, self.max_shm - s.shm_bytes, sealed=True)
         s.regions[req.region] = region
-        s.shm_bytes += region.size
+        s.shm_bytes += region.charge
         return Mapped(region.size)
 
     def _unmap(self, s: Session, req: Unmap, fd: int | None, dl: Deadline) -> Done:
         region = s.regions.pop(req.region, None)
         if region is not None:
-            s.shm_bytes -= region.size
+            s.shm_bytes -= region.charge
         return Done()
 
     def _op(self, s: Session, req: Op, fd: int | None, dl: Deadline) -> OpResult:
@@ -669,6 +730,10 @@ HANDLERS: dict[type[Request], _Handler] = {
     Restore: snapshots.restore,
     Cancel: LocalServer._cancel,
 }
+#: what a connection may send without an accepted HELLO (the client's CANCEL and WATCH
+#: connections); anything else closes it
+_WITHOUT_HELLO: frozenset[type[Request]] = frozenset({ClientHello, Cancel, Watch})
+
 if set(HANDLERS) != {r.request for r in REQUESTS}:  # pragma: no cover - caught at import
     raise ConfigError("every request of protocol.REQUESTS needs exactly one handler")
 

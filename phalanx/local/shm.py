@@ -39,7 +39,7 @@ per MiB here); regions never all-reduced that large never pay it.
 A :class:`Region` is one mapping. The client creates it (:meth:`Region.create`), sends
 the fd with a ``MAP`` request and keeps its mapping; the daemon maps the fd it got
 (:meth:`Region.adopt`, size from ``fstat``, bounded by the caller) and closes the fd
-(the mapping keeps the memory). Arrays are views of the mapping; the mapping is
+(the mapping keeps the memory). No mapping keeps a descriptor open (:func:`_map_over`). Arrays are views of the mapping; the mapping is
 unmapped when the last array over it is gone (no explicit close while arrays live).
 
 This module must never send or receive anything, nor map a size it did not check.
@@ -47,6 +47,7 @@ This module must never send or receive anything, nor map a size it did not check
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -64,6 +65,7 @@ __all__ = ["PAGE", "Region", "exchange", "interior", "mark_pinned", "pinned", "u
 PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = 23  # linux/mman.h (5.14+)
 _MADV_COLLAPSE = 25  # (6.1+)
+_MAP_FIXED = 0x10  # linux/mman.h (Python's mmap module does not export it)
 
 
 def _round_up(n: int, to: int = PAGE) -> int:
@@ -82,6 +84,12 @@ class Region:
         self.base: int = int(self.bytes.ctypes.data)
         #: whether the kernel rebuilt it from huge pages (:meth:`collapse`)
         self.huge = False
+
+    @property
+    def charge(self) -> int:
+        """What it costs against a client's budget: whole pages, one at least (a
+        one-byte memfd is a page of the daemon's, and a mapping)."""
+        return _round_up(self.size)
 
     @classmethod
     def create(cls, rid: int, nbytes: int, name: str = "phalanx") -> Region:
@@ -111,9 +119,10 @@ class Region:
             size = os.fstat(fd).st_size
             if size <= 0:
                 raise ProtocolError(f"a shared region of {size} bytes")
-            if size > max_bytes:  # a budget, not a broken client: the session goes on
+            if _round_up(size) > max_bytes:  # a budget, not a broken client: it goes on
                 raise LimitExceeded(
-                    f"a shared region of {size} bytes is over this client's remaining "
+                    f"a shared region of {size} bytes ({_round_up(size)} in whole pages) "
+                    "is over this client's remaining "
                     f"budget of {max(0, max_bytes)} bytes (max_client_shm_bytes)"
                 )
             mm, offset = _map(fd, size)
@@ -168,12 +177,33 @@ class Region:
 
 def _map(fd: int, size: int) -> tuple[mmap.mmap, int]:
     """The whole memfd, shared, read-write: (mapping, the region's offset in it);
-    2 MiB-aligned from 2 MiB up (module docstring)."""
+    2 MiB-aligned from 2 MiB up (module docstring). The mapping keeps no descriptor
+    open (see :func:`_map_over`)."""
     if size >= pageswap.HUGE:
         aligned = pageswap.map_shared_aligned(fd, size)
         if aligned is not None:
             return aligned
-    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), 0
+    return _map_over(fd, size), 0
+
+
+def _map_over(fd: int, size: int) -> mmap.mmap:
+    """The memfd mapped over an anonymous reservation of its size (``MAP_FIXED``):
+    the mapping object owns the address range (closing or collecting it unmaps the
+    file's pages) and, unlike ``mmap.mmap(fd, ...)``, keeps no ``dup`` of the
+    descriptor for its life -- a trainer with a thousand small arrays would run the
+    daemon and itself out of descriptors."""
+    libc = pageswap._libc()
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if libc is None:  # not Linux: the plain mapping (it keeps a descriptor)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+    span = _round_up(size)
+    reserve = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = int(np.frombuffer(reserve, dtype=np.uint8).ctypes.data)
+    if libc.mmap(base, span, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) != base:
+        err = ctypes.get_errno() or errno.ENOMEM
+        reserve.close()
+        raise OSError(err, f"mmap of a {size}-byte shared region: {os.strerror(err)}")
+    return reserve
 
 
 def interior(offset: int, nbytes: int) -> tuple[int, int]:

@@ -7,7 +7,9 @@ the service's ``snapshot()`` copies them once into its own memory (the one copy)
 the reply goes out after that copy. ``SNAPSHOT_WAIT`` waits (bounded) for a
 generation's seal. ``RESTORE`` rebuilds a state (this member's, or a gone peer's) and
 returns it in a fresh memfd (:class:`WithFd`): the arrays laid out at 64-byte
-offsets; the daemon keeps no mapping of it.
+offsets; the daemon keeps no mapping of it. A RESTORE whose deadline passed (it waited
+behind a slow request, or took too long) answers ``TimeoutError`` instead: its client
+has stopped waiting and drops the reply.
 
 This module must never keep a reference to a client's region after the request.
 """
@@ -121,10 +123,12 @@ def snapshot_wait(
 def restore(server: LocalServer, s: Session, req: Restore, fd: int | None, dl: Deadline) -> WithFd:
     svc = _service(server)
     member = server.group.member_id
+    _in_time(dl)  # queued behind a slow request: its client has stopped waiting
     if req.member is None or req.member == member:
-        got, state = svc.restore(req.step)
+        got, state = svc.restore(req.step)  # (the service's own restore takes no deadline)
     else:
         got, state = svc.restore_peer(req.member, req.step, timeout=max(dl.left(), 0.001))
+    _in_time(dl)  # no memfd of the whole state for a client that no longer waits
     leaves: list[tuple[tuple[str, ...], np.ndarray]] = []
     _leaves(state, (), leaves)
     entries: list[RestoredArray] = []
@@ -152,6 +156,12 @@ def restore(server: LocalServer, s: Session, req: Restore, fd: int | None, dl: D
         offset,
     )
     return WithFd(RestoreLayout(got, max(offset, 1), tuple(entries)), out_fd)
+
+
+def _in_time(dl: Deadline) -> None:
+    if dl.expired:
+        why = "was cancelled" if dl.cancelled else "passed"
+        raise TimeoutError(f"RESTORE's deadline {why}")
 
 
 def _leaves(
