@@ -137,8 +137,10 @@ class SnapshotSettings:
             raise ConfigError("snapshot.disk_every must be >= 1")
         if self.listen:
             check_address(self.listen, "snapshot.listen", any_port=True)
-        if self.shard_bytes < 64 or self.shard_bytes % 64:
-            raise ConfigError("snapshot.shard_bytes must be a positive multiple of 64")
+        # at most 1 GiB (phalanx.checkpoint.generation.MAX_SHARD_BYTES): one piece is one
+        # PUT and one coder call
+        if not 64 <= self.shard_bytes <= 1 << 30 or self.shard_bytes % 64:
+            raise ConfigError("snapshot.shard_bytes must be a multiple of 64 from 64 to 1 GiB")
         if not (self.call_timeout > 0 and self.seal_timeout > 0):
             raise ConfigError("snapshot.call_timeout and snapshot.seal_timeout must be > 0")
 

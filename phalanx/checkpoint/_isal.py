@@ -16,7 +16,8 @@ Where from, in this order (the first that loads and passes the self-check wins):
 Only four C functions are used: ``gf_gen_cauchy1_matrix`` (checked against our own
 generator at load), ``gf_invert_matrix``, ``ec_init_tables`` and ``ec_encode_data``.
 ctypes releases the GIL for the length of every foreign call, so the bulk work never
-blocks other Python threads; the caller chops work into stripes so each call is short.
+blocks other Python threads; the caller chops work into stripes so each call is short,
+and never longer than :data:`MAX_LENGTH` (ISA-L's lengths are C ``int``).
 
 This module must never be imported for its side effects: loading happens in
 :func:`load`, and a missing or unusable library is reported as ``None`` plus a reason,
@@ -45,6 +46,11 @@ U8 = npt.NDArray[np.uint8]
 
 #: System sonames tried after the bundled copies when no explicit path is given.
 DEFAULT_NAMES = ("libisal.so.2",)
+
+#: Most bytes per shard one ``ec_encode_data`` call may cover: its length is a C
+#: ``int``, and 2 GiB or more wrapped silently (no parity written, no error). Callers
+#: chunk longer shards; :meth:`IsaL.encode` refuses more.
+MAX_LENGTH = 1 << 30
 
 _P = ctypes.c_void_p
 _PP = ctypes.POINTER(ctypes.c_void_p)
@@ -79,7 +85,10 @@ class IsaL:
         return tbl
 
     def encode(self, length: int, k: int, rows: int, tables: U8, srcs: Ptrs, outs: Ptrs) -> None:
-        """One ``ec_encode_data`` call over raw pointer arrays (GIL released inside)."""
+        """One ``ec_encode_data`` call over raw pointer arrays (GIL released inside);
+        ``length`` at most :data:`MAX_LENGTH` (ValueError: its C ``int`` would wrap)."""
+        if not 0 <= length <= MAX_LENGTH:
+            raise ValueError(f"ISA-L length {length} not in 0..{MAX_LENGTH}; chunk the call")
         self._lib.ec_encode_data(length, k, rows, tables.ctypes.data, srcs, outs)
 
     @staticmethod

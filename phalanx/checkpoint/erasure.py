@@ -183,8 +183,8 @@ class ErasureCoder(ABC):
         Work in stripes of :meth:`_stripes` so no single step is long."""
 
     # ------------------------------------------------------------------ internals
-    def _stripes(self, length: int) -> Iterator[tuple[int, int]]:
-        step = self._stripe
+    def _stripes(self, length: int, most: int | None = None) -> Iterator[tuple[int, int]]:
+        step = self._stripe if most is None else min(self._stripe, most)
         for start in range(0, length, step):
             yield start, min(start + step, length)
 
@@ -299,7 +299,9 @@ class IsalCoder(ErasureCoder):
         src_addr = [s.ctypes.data for s in srcs]
         out_addr = [o.ctypes.data for o in outs]
         ptrs = _isal.IsaL.pointers
-        for a, b in self._stripes(length):
+        # ISA-L's length is a C int: never more than MAX_LENGTH per call, whatever the
+        # stripe (a snapshot's stripe is its piece size)
+        for a, b in self._stripes(length, _isal.MAX_LENGTH):
             self._isal.encode(
                 b - a,
                 k,

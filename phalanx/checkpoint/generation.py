@@ -18,11 +18,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from phalanx.checkpoint.layout import LayoutError, Manifest
+from phalanx.checkpoint._gf256 import MAX_SHARDS
+from phalanx.checkpoint.layout import LayoutError, Manifest, load_json, wire_int
+from phalanx.checkpoint.store import MAX_OWNER_LEN
 
-__all__ = ["ALIGN", "GenerationMeta", "Geometry"]
+__all__ = ["ALIGN", "MAX_SHARD_BYTES", "GenerationMeta", "Geometry"]
 
 ALIGN = 64
+#: Largest piece (``shard_bytes``): 1 GiB. Every coder call and every PUT carries at
+#: most one piece; ISA-L takes C ``int`` lengths (the coder also chunks its calls).
+MAX_SHARD_BYTES = 1 << 30
 _MAX_META = 64 * 1024 * 1024
 
 
@@ -102,31 +107,58 @@ class GenerationMeta:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> GenerationMeta:
+        """Parse metadata a holder kept: anything :meth:`to_bytes` of a real generation
+        could not have written is a :class:`LayoutError` ``bad-manifest`` (owner and
+        generation within :class:`ShardKey`'s ranges, ``1 <= k``, ``0 <= m``,
+        ``k + m <= 255``, ``step >= 0``, ``shard_bytes`` a multiple of 64 up to
+        :data:`MAX_SHARD_BYTES`, one holder per piece, one CRC-32 row per stripe, and
+        the manifest's own rules). Whether it is the generation it was read *for* is the
+        reader's check (its key)."""
         if len(data) > _MAX_META:
             raise LayoutError("bad-manifest", f"generation metadata of {len(data)} bytes")
         try:
-            doc = json.loads(data)
-            if doc.get("v") != 1:
-                raise LayoutError("bad-manifest", f"unknown metadata version {doc.get('v')!r}")
-            meta = cls(
-                str(doc["owner"]),
-                int(doc["generation"]),
-                int(doc["step"]),
-                int(doc["k"]),
-                int(doc["m"]),
-                int(doc["shard_bytes"]),
-                tuple(str(h) for h in doc["holders"]),
-                tuple(tuple(int(c) for c in row) for row in doc["crcs"]),
-                Manifest.from_bytes(str(doc["manifest"]).encode()),
+            doc = load_json(data)
+            if not isinstance(doc, dict) or doc.get("v") != 1:
+                raise LayoutError("bad-manifest", "not version 1 generation metadata")
+            owner, holders, rows, manifest = (
+                doc["owner"],
+                doc["holders"],
+                doc["crcs"],
+                doc["manifest"],
             )
-            geo = meta.geometry
+            k = wire_int(doc["k"], "k", 1, MAX_SHARDS)
+            m = wire_int(doc["m"], "m", 0, MAX_SHARDS - k)
+            n = k + m
+            if not isinstance(owner, str) or not 0 < len(owner.encode()) <= MAX_OWNER_LEN:
+                raise LayoutError("bad-manifest", f"bad owner {owner!r:.80}")
+            if not isinstance(holders, list) or len(holders) != n:
+                raise LayoutError("bad-manifest", "holders do not match k + m")
+            if not all(isinstance(h, str) and h for h in holders):
+                raise LayoutError("bad-manifest", "holders must be non-empty str")
+            if not isinstance(manifest, str):
+                raise LayoutError("bad-manifest", "the manifest is not a str")
+            shard_bytes = wire_int(doc["shard_bytes"], "shard_bytes", ALIGN, MAX_SHARD_BYTES)
+            if shard_bytes % ALIGN:
+                raise LayoutError("bad-manifest", f"shard_bytes {shard_bytes} not a multiple of 64")
+            man = Manifest.from_bytes(manifest.encode())
+            geo = Geometry(man.nbytes, k, shard_bytes)
+            if not isinstance(rows, list) or len(rows) != geo.stripes:
+                raise LayoutError("bad-manifest", "checksum rows do not match the geometry")
+            if not all(isinstance(r, list) and len(r) == n for r in rows):
+                raise LayoutError("bad-manifest", "checksum rows do not match k + m")
+            crcs = tuple(tuple(wire_int(c, "a crc", 0, 2**32 - 1) for c in r) for r in rows)
+            return cls(
+                owner,
+                wire_int(doc["generation"], "generation", 0, 2**63 - 1),
+                wire_int(doc["step"], "step", 0, 2**63 - 1),
+                k,
+                m,
+                shard_bytes,
+                tuple(holders),
+                crcs,
+                man,
+            )
         except LayoutError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise LayoutError("bad-manifest", f"generation metadata: {exc}") from None
-        n = meta.k + meta.m
-        if len(meta.holders) != n or len(meta.crcs) != geo.stripes:
-            raise LayoutError("bad-manifest", "holders or checksums do not match the geometry")
-        if any(len(row) != n for row in meta.crcs):
-            raise LayoutError("bad-manifest", "checksum rows do not match k + m")
-        return meta

@@ -20,6 +20,7 @@ caller's arrays beyond the call that copies them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from phalanx.errors import LayoutError
 
 __all__ = [
     "ALIGN",
+    "MAX_STATE_BYTES",
     "ArraySpec",
     "LayoutError",
     "Manifest",
@@ -48,6 +50,9 @@ __all__ = [
 #: Every array starts at a multiple of this many bytes in the flat buffer.
 ALIGN = 64
 _MAX_MANIFEST = 64 * 1024 * 1024
+#: Most state bytes one generation may have (1 TiB): what a manifest from a peer or a
+#: disk may claim, so a lying one cannot make a reader allocate more.
+MAX_STATE_BYTES = 1 << 40
 _OK_KINDS = frozenset("biufcmMSU")
 
 U8 = npt.NDArray[np.uint8]
@@ -90,36 +95,128 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse a manifest read off the wire or a disk: anything that is not one
+        :func:`plan` could have written (numbers out of range, unknown kinds or dtypes,
+        bad paths, a shape that does not match its bytes, more than
+        :data:`MAX_STATE_BYTES`) is a :class:`LayoutError` ``bad-manifest``."""
         if len(data) > _MAX_MANIFEST:
             raise LayoutError("bad-manifest", f"{len(data)} bytes is too large")
         try:
-            doc = json.loads(data)
-            if doc.get("v") != 1:
-                raise LayoutError("bad-manifest", f"unknown version {doc.get('v')!r}")
-            arrays = tuple(
-                ArraySpec(
-                    tuple(str(p) for p in path),
-                    str(kind),
-                    str(dtype),
-                    tuple(int(s) for s in shape),
-                    int(off),
-                    int(n),
-                    int(c),
-                )
-                for path, kind, dtype, shape, off, n, c in doc["arrays"]
-            )
-            man = cls(arrays, int(doc["nbytes"]))
+            doc = load_json(data)
+            if not isinstance(doc, dict) or doc.get("v") != 1:
+                raise LayoutError("bad-manifest", "not a version 1 manifest")
+            nbytes = wire_int(doc["nbytes"], "nbytes", 0, MAX_STATE_BYTES)
+            rows = doc["arrays"]
+            if not isinstance(rows, list):
+                raise LayoutError("bad-manifest", "arrays is not a list")
+            man = cls(tuple(_spec(row, nbytes) for row in rows), nbytes)
         except LayoutError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise LayoutError("bad-manifest", str(exc)) from None
-        for a in man.arrays:
-            if a.offset < 0 or a.nbytes < 0 or a.offset + a.nbytes > man.nbytes:
-                raise LayoutError("bad-manifest", "array outside the buffer", a.name)
+        paths = sorted(a.path for a in man.arrays)
+        for a, b in itertools.pairwise(paths):
+            if b[: len(a)] == a:  # sorted: a path is a prefix of the one right after it
+                raise LayoutError(
+                    "bad-manifest", "one array's path is a prefix of another's", "/".join(b)
+                )
         return man
 
     def by_name(self) -> dict[str, ArraySpec]:
         return {a.name: a for a in self.arrays}
+
+
+def load_json(data: bytes) -> Any:
+    """``json.loads`` for bytes from a peer or a disk: NaN and Infinity refused, nesting
+    too deep for the parser (RecursionError) a ``bad-manifest`` :class:`LayoutError`."""
+
+    def constant(name: str) -> Any:
+        raise LayoutError("bad-manifest", f"{name} is not a number here")
+
+    try:
+        return json.loads(data, parse_constant=constant)
+    except RecursionError:
+        raise LayoutError("bad-manifest", "nested too deeply") from None
+
+
+def wire_int(value: object, name: str, lo: int, hi: int) -> int:
+    """``value`` if it is an int (not a bool, not a float) in ``lo..hi``."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise LayoutError("bad-manifest", f"{name} must be an int in {lo}..{hi}, got {value!r}")
+    return value
+
+
+#: torch dtypes a manifest may name (``str(tensor.dtype)`` without ``torch.``) and
+#: their item sizes; read without importing torch.
+_TORCH_ITEMSIZE = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex32": 4,
+    "complex64": 8,
+    "complex128": 16,
+    "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}
+
+
+def _itemsize(kind: str, dtype: str) -> int:
+    """The item size of ``dtype`` if :func:`plan` could have written it for ``kind``
+    (numpy: the same whitelist, by its canonical name); 0 when it could not."""
+    if kind == "torch":
+        if not dtype.startswith("torch."):
+            return 0
+        return _TORCH_ITEMSIZE.get(dtype.removeprefix("torch."), 0)
+    if kind != "numpy":
+        return 0
+    try:
+        dt = _np_dtype(dtype)
+    except Exception:  # any name numpy or ml_dtypes cannot make is refused
+        return 0
+    return dt.itemsize if _np_dtype_name(dt) == dtype else 0
+
+
+def _spec(row: object, total: int) -> ArraySpec:
+    if not isinstance(row, list) or len(row) != 7:
+        raise LayoutError("bad-manifest", f"an array entry is not 7 fields: {row!r:.80}")
+    path, kind, dtype, shape, off, n, c = row
+    if (
+        not isinstance(path, list)
+        or not path
+        or not all(isinstance(p, str) and p and "/" not in p for p in path)
+    ):
+        raise LayoutError("bad-manifest", f"bad array path {path!r:.80}")
+    name = "/".join(path)
+    if not isinstance(kind, str) or not isinstance(dtype, str):
+        raise LayoutError("bad-manifest", "kind and dtype must be str", name)
+    size = _itemsize(kind, dtype)
+    if not size:
+        raise LayoutError("bad-manifest", f"{kind} dtype {dtype!r:.40} is not snapshotted", name)
+    if not isinstance(shape, list) or len(shape) > 64:
+        raise LayoutError("bad-manifest", "shape must be a list of at most 64 dims", name)
+    dims = tuple(wire_int(d, "a dimension", 0, MAX_STATE_BYTES) for d in shape)
+    nbytes = wire_int(n, "nbytes", 0, total)
+    offset = wire_int(off, "offset", 0, total - nbytes)
+    count = 1
+    for d in dims:
+        count *= d
+    if count * size != nbytes:
+        raise LayoutError("bad-manifest", f"shape {dims} of {dtype} is not {nbytes} bytes", name)
+    crc = wire_int(c, "crc", 0, 2**32 - 1)
+    return ArraySpec(tuple(path), kind, dtype, dims, offset, nbytes, crc)
 
 
 def _torch() -> Any:
@@ -207,6 +304,8 @@ def plan(state: Mapping[str, Any]) -> tuple[Manifest, list[npt.NDArray[Any]]]:
             offset += -(-nbytes // ALIGN) * ALIGN
 
     walk(state, ())
+    if offset > MAX_STATE_BYTES:
+        raise LayoutError("bad-state", f"{offset} bytes is more than a snapshot may hold")
     return Manifest(tuple(specs), offset), sources
 
 

@@ -47,7 +47,7 @@ from phalanx.checkpoint._crc import crc32
 from phalanx.checkpoint.channel import ShardChannel
 from phalanx.checkpoint.disk import DiskTier, DiskWrite
 from phalanx.checkpoint.erasure import ErasureCoder, make_coder
-from phalanx.checkpoint.generation import GenerationMeta, Geometry
+from phalanx.checkpoint.generation import MAX_SHARD_BYTES, GenerationMeta, Geometry
 from phalanx.checkpoint.layout import (
     LayoutError,
     Manifest,
@@ -92,6 +92,9 @@ audit = logging.getLogger("phalanx.audit.snapshot")
 
 U8 = npt.NDArray[np.uint8]
 
+#: Warnings about one holder (its listing failed) at most this often.
+_WARN_EVERY_S = 30.0
+
 
 @dataclass(frozen=True)
 class SnapshotConfig:
@@ -116,8 +119,10 @@ class SnapshotConfig:
     def __post_init__(self) -> None:
         if (self.k is None) != (self.m is None):
             raise ValueError("give both k and m, or neither")
-        if self.shard_bytes < 64 or self.shard_bytes % 64:
-            raise ValueError("shard_bytes must be a positive multiple of 64")
+        if not 64 <= self.shard_bytes <= MAX_SHARD_BYTES or self.shard_bytes % 64:
+            raise ValueError(
+                f"shard_bytes must be a multiple of 64 from 64 to {MAX_SHARD_BYTES} (1 GiB)"
+            )
         if min(self.call_timeout_s, self.seal_timeout_s) <= 0:
             raise ValueError("timeouts must be > 0")
         if self.inflight_stripes < 1 or self.io_threads < 1 or self.disk_every < 1:
@@ -301,6 +306,7 @@ class SnapshotService:
         self._parity: dict[tuple[int, int], queue.Queue[list[U8]]] = {}
         self._seals = 0
         self._underprotected = 0
+        self._warned: dict[str, float] = {}  # holder -> when it may be warned about again
         self._closed = False
         self._tasks: queue.Queue[tuple[str, _Gen | None]] = queue.Queue()
         self._io = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="snapshot-io")
@@ -462,7 +468,15 @@ class SnapshotService:
                 else:
                     buf, _ = self._rebuild(meta, have, deadline)
                     got, state = meta.step, unflatten(meta.manifest, buf)
-            except SnapshotError as exc:
+            except Exception as exc:  # this candidate fails: try the next
+                if not isinstance(exc, SnapshotError):
+                    log.warning(
+                        "snapshot candidate failed owner=%s generation=%d: %s: %s",
+                        owner,
+                        generation,
+                        type(exc).__name__,
+                        exc,
+                    )
                 errors.append(f"{owner}/g{generation}: {exc}")
                 continue
             if accept is not None and not accept(got, state):
@@ -1035,11 +1049,22 @@ class SnapshotService:
                 continue
             try:
                 buf, lost = self._rebuild(meta, have, deadline)
-            except RestoreError as exc:
+                got = unflatten(meta.manifest, buf)
+            except Exception as exc:  # this generation fails, never the whole restore
                 log.warning(
-                    "snapshot rebuild failed owner=%s generation=%d: %s", owner, generation, exc
+                    "snapshot rebuild failed owner=%s generation=%d: %s: %s",
+                    owner,
+                    generation,
+                    type(exc).__name__,
+                    exc,
                 )
-                last = exc
+                last = (
+                    exc
+                    if isinstance(exc, RestoreError)
+                    else RestoreError(
+                        "error", f"generation {generation}: {type(exc).__name__}: {exc}"
+                    )
+                )
                 continue
             audit.info(
                 "snapshot restore from holders owner=%s generation=%d step=%d bytes=%d "
@@ -1051,7 +1076,7 @@ class SnapshotService:
                 lost,
                 time.perf_counter() - t0,
             )
-            return meta.step, unflatten(meta.manifest, buf)
+            return meta.step, got
         if last is not None:
             raise last
         want = "any step" if step is None else f"step {step}"
@@ -1071,10 +1096,29 @@ class SnapshotService:
         wait_futures(list(futs.values()), timeout=self.config.call_timeout_s + 1.0)
         have: dict[ShardKey, list[str]] = {}
         for h, f in futs.items():
-            if f.done() and f.exception() is None:
+            if not f.done():
+                f.cancel()
+                self._throttled(h, "snapshot listing failed holder=%s: no answer in time", h)
+            elif f.exception() is not None:
+                exc = f.exception()
+                self._throttled(
+                    h, "snapshot listing failed holder=%s: %s: %s", h, type(exc).__name__, exc
+                )
+            else:
                 for key in f.result():
                     have.setdefault(key, []).append(h)
         return have
+
+    def _throttled(self, holder: str, msg: str, *args: object) -> None:
+        """A warning about ``holder``, at most one per :data:`_WARN_EVERY_S` each."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._warned.get(holder, 0.0):
+                return
+            self._warned[holder] = now + _WARN_EVERY_S
+            if len(self._warned) > 4096:  # holders come and go: forget the stale ones
+                self._warned = {h: t for h, t in self._warned.items() if t > now}
+        log.warning(msg, *args)
 
     def _fetch_meta(
         self, owner: str, generation: int, have: Mapping[ShardKey, list[str]], deadline: float
@@ -1083,9 +1127,26 @@ class SnapshotService:
         for h in have.get(key, []):
             try:
                 data, _ = self._channel.get(h, key, timeout=self._call_timeout(deadline))
-                return GenerationMeta.from_bytes(data.tobytes())
-            except (ShardError, LayoutError) as exc:
-                log.warning("snapshot metadata unreadable holder=%s key=%s: %s", h, key, exc)
+                meta = GenerationMeta.from_bytes(data.tobytes())
+            except Exception as exc:  # this holder's copy is unusable: try the next
+                log.warning(
+                    "snapshot metadata unreadable holder=%s key=%s: %s: %s",
+                    h,
+                    key,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            if (meta.owner, meta.generation) != (owner, generation):
+                log.warning(
+                    "snapshot metadata of %s/g%d held under key %s holder=%s: ignored",
+                    meta.owner,
+                    meta.generation,
+                    key,
+                    h,
+                )
+                continue
+            return meta
         return None
 
     def _rebuild(

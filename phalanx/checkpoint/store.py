@@ -34,6 +34,7 @@ __all__ = [
     "BudgetExceeded",
     "HolderUnavailable",
     "MemoryShardStore",
+    "Reservation",
     "ShardCorrupt",
     "ShardError",
     "ShardKey",
@@ -89,6 +90,28 @@ class ShardKey:
         return f"{self.owner}/g{self.generation}/" + (part or f"s{self.stripe}.{self.index}")
 
 
+class Reservation:
+    """Bytes a :class:`ShardStore` set aside for one coming ``put`` of ``key``
+    (:meth:`ShardStore.reserve`): counted in every fit check until that put consumes
+    it or :meth:`release` gives it back. :meth:`release` is idempotent and a no-op once
+    consumed, so a caller releases in a ``finally`` whatever happened."""
+
+    __slots__ = ("_done", "_release", "charge", "key", "nbytes")
+
+    def __init__(
+        self, key: ShardKey, nbytes: int, charge: int, release: Callable[[Reservation], None]
+    ) -> None:
+        self.key = key
+        self.nbytes = nbytes
+        #: bytes counted against the budget (less than ``nbytes`` when it replaces a key)
+        self.charge = charge
+        self._release = release
+        self._done = False
+
+    def release(self) -> None:
+        self._release(self)
+
+
 class ShardStore(ABC):
     """Shards held for other peers, under ``budget_bytes``; thread-safe.
 
@@ -96,7 +119,11 @@ class ShardStore(ABC):
     again), checks ``crc`` and the budget, and replaces any shard under the same key.
     ``get`` returns ``(bytes, crc)`` after checking the bytes against the crc; the
     returned array is read-only and must not be kept past the next ``put``/``delete``
-    of that key."""
+    of that key.
+
+    A caller that must allocate before it can ``put`` (the TCP server receiving a
+    shard) first sets them aside with :meth:`reserve`: reservations count in every fit
+    check, so concurrent puts can never allocate more than the budget between them."""
 
     @property
     @abstractmethod
@@ -106,12 +133,26 @@ class ShardStore(ABC):
     def used_bytes(self) -> int: ...
 
     @abstractmethod
-    def can_fit(self, key: ShardKey, nbytes: int) -> bool:
-        """Would a shard of ``nbytes`` under ``key`` fit in the budget right now?"""
+    def reserved_bytes(self) -> int:
+        """Bytes set aside by reservations not yet consumed or released."""
 
     @abstractmethod
-    def put(self, key: ShardKey, data: U8, crc: int) -> None:
-        """Raises :class:`ShardCorrupt` (bytes do not match crc), :class:`BudgetExceeded`."""
+    def can_fit(self, key: ShardKey, nbytes: int) -> bool:
+        """Would a shard of ``nbytes`` under ``key`` fit in the budget right now
+        (reservations counted)?"""
+
+    @abstractmethod
+    def reserve(self, key: ShardKey, nbytes: int) -> Reservation:
+        """Set ``nbytes`` aside for a coming ``put`` of ``key``; raises
+        :class:`BudgetExceeded` when they do not fit (reservations counted)."""
+
+    @abstractmethod
+    def put(
+        self, key: ShardKey, data: U8, crc: int, *, reservation: Reservation | None = None
+    ) -> None:
+        """Raises :class:`ShardCorrupt` (bytes do not match crc), :class:`BudgetExceeded`.
+        With ``reservation`` (for ``key``, at least ``data.nbytes``) the put consumes
+        it; on an error it stays the caller's to release."""
 
     @abstractmethod
     def get(self, key: ShardKey) -> tuple[U8, int]:
@@ -128,7 +169,9 @@ class ShardStore(ABC):
 
 class MemoryShardStore(ShardStore):
     """Shards in this process's memory. ``on_change(used_bytes)`` is called after every
-    change (the daemon points it at the ``phalanx_snapshot_held_bytes`` gauge)."""
+    change (the daemon points it at the ``phalanx_snapshot_held_bytes`` gauge), one call
+    at a time and with the total current when it is made, so the last call always
+    reports the store's total."""
 
     def __init__(
         self, budget_bytes: int, *, on_change: Callable[[int], None] | None = None
@@ -138,8 +181,11 @@ class MemoryShardStore(ShardStore):
         self._budget = budget_bytes
         self._blobs: dict[ShardKey, tuple[U8, int]] = {}
         self._used = 0
+        self._reserved = 0
+        self._reserved_keys: dict[ShardKey, int] = {}  # key -> reservations pending
         self._lock = threading.Lock()
         self._on_change = on_change
+        self._notify_lock = threading.Lock()
 
     @property
     def budget_bytes(self) -> int:
@@ -149,31 +195,94 @@ class MemoryShardStore(ShardStore):
         with self._lock:
             return self._used
 
-    def _fits(self, key: ShardKey, nbytes: int) -> bool:
+    def reserved_bytes(self) -> int:
+        with self._lock:
+            return self._reserved
+
+    def _charge(self, key: ShardKey, nbytes: int) -> int:
+        """(Lock held.) What a shard of ``nbytes`` under ``key`` adds: the difference
+        when it replaces a held shard no other reservation is about to replace (never
+        less than 0: the old bytes stay held until the put)."""
         old = self._blobs.get(key)
-        return self._used - (old[0].nbytes if old else 0) + nbytes <= self._budget
+        if old is None or self._reserved_keys.get(key):
+            return nbytes
+        return max(0, nbytes - old[0].nbytes)
+
+    def _fits(self, key: ShardKey, nbytes: int) -> bool:
+        return self._used + self._reserved + self._charge(key, nbytes) <= self._budget
 
     def can_fit(self, key: ShardKey, nbytes: int) -> bool:
         with self._lock:
             return self._fits(key, nbytes)
 
-    def put(self, key: ShardKey, data: U8, crc: int) -> None:
+    def _over(self, nbytes: int, key: ShardKey) -> BudgetExceeded:
+        return BudgetExceeded(
+            f"{nbytes} more bytes over a budget of {self._budget} "
+            f"({self._used} used, {self._reserved} reserved)",
+            key=key,
+        )
+
+    def reserve(self, key: ShardKey, nbytes: int) -> Reservation:
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        with self._lock:
+            if not self._fits(key, nbytes):
+                raise self._over(nbytes, key)
+            charge = self._charge(key, nbytes)
+            self._reserved += charge
+            self._reserved_keys[key] = self._reserved_keys.get(key, 0) + 1
+            return Reservation(key, nbytes, charge, self._release)
+
+    def _drop(self, r: Reservation) -> bool:
+        """(Lock held.) Forget ``r``; False when it was already consumed or released."""
+        if r._done:
+            return False
+        r._done = True
+        self._reserved -= r.charge
+        left = self._reserved_keys[r.key] - 1
+        if left:
+            self._reserved_keys[r.key] = left
+        else:
+            del self._reserved_keys[r.key]
+        return True
+
+    def _release(self, r: Reservation) -> None:
+        with self._lock:
+            self._drop(r)
+
+    def put(
+        self, key: ShardKey, data: U8, crc: int, *, reservation: Reservation | None = None
+    ) -> None:
         if data.dtype != np.uint8 or data.ndim != 1 or not data.flags.c_contiguous:
             raise ValueError("shards are 1-D C-contiguous uint8 arrays")
+        r = reservation
+        if r is not None and (r._release != self._release or r.key != key):
+            raise ValueError(f"a reservation for {r.key} used to put {key}")
         if crc32(data) != crc:
             raise ShardCorrupt("bytes do not match the checksum sent with them", key=key)
         data.setflags(write=False)
         with self._lock:
-            if not self._fits(key, data.nbytes):
-                raise BudgetExceeded(
-                    f"{data.nbytes} more bytes over a budget of {self._budget} ({self._used} used)",
-                    key=key,
-                )
+            if r is not None and (r._done or data.nbytes > r.nbytes):
+                raise self._over(data.nbytes, key)
             old = self._blobs.get(key)
-            self._used += data.nbytes - (old[0].nbytes if old else 0)
+            delta = data.nbytes - (old[0].nbytes if old else 0)
+            others = self._reserved - (r.charge if r is not None else 0)
+            if self._used + others + delta > self._budget:
+                raise self._over(data.nbytes, key)
+            if r is not None:
+                self._drop(r)
+            self._used += delta
             self._blobs[key] = (data, crc)
-            used = self._used
-        if self._on_change is not None:
+        self._changed()
+
+    def _changed(self) -> None:
+        """Report the total to ``on_change``: one call at a time, each with the total
+        current when it is made (never one read before another call's change)."""
+        if self._on_change is None:
+            return
+        with self._notify_lock:
+            with self._lock:
+                used = self._used
             self._on_change(used)
 
     def get(self, key: ShardKey) -> tuple[U8, int]:
@@ -194,9 +303,8 @@ class MemoryShardStore(ShardStore):
                 if old is not None:
                     self._used -= old[0].nbytes
                     n += 1
-            used = self._used
-        if n and self._on_change is not None:
-            self._on_change(used)
+        if n:
+            self._changed()
         return n
 
     def keys(self, owner: str | None = None) -> list[ShardKey]:

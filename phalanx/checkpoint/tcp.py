@@ -20,8 +20,10 @@ the header) whose ``seq`` is the request id and ``chunk`` the opcode (request) o
 
 Every call has a deadline (socket timeouts from one monotonic deadline); every length is
 checked against ``max_message`` before a byte is allocated; a malformed request closes
-that connection with a log line, never the server. The server reads PUT bytes straight
-into the array the store keeps (``recv_into``, no copy).
+that connection with a log line, never the server. The server reserves a PUT's bytes
+in the store's budget before it allocates them, then reads them straight into the array
+the store keeps (``recv_into``, no copy). Connections are capped (see
+:class:`ShardServer`). LIST answers are one message of at most 4 MiB (no paging).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from phalanx.comm.transport import Listener, accept_link, bind, connect_link
 from phalanx.errors import FrameError, HandshakeError
 
 __all__ = [
+    "DEFAULT_MAX_CONNS",
+    "DEFAULT_MAX_HANDSHAKES",
     "DEFAULT_MAX_MESSAGE",
     "SHARD_STREAM",
     "ShardServer",
@@ -75,6 +79,9 @@ SHARD_EPOCH = 0
 SHARD_STREAMS = 0xFFFF
 SHARD_STREAM = 0xFFFE
 DEFAULT_MAX_MESSAGE = 256 * 1024 * 1024
+#: ShardServer's caps: connections still in their handshake, authenticated ones
+DEFAULT_MAX_HANDSHAKES = 64
+DEFAULT_MAX_CONNS = 1024
 _MAX_CONTROL = 4 * 1024 * 1024  # non-PUT requests and non-GET answers
 _MAX_TEXT = 1024
 
@@ -150,10 +157,39 @@ def _frame(seq: int, code: int, length: int) -> bytes:
 # --------------------------------------------------------------------------- server
 
 
+class _Throttle:
+    """At most one warning per ``interval`` seconds per kind; the next one that is
+    logged says how many were left out (strangers must not flood the log)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._next: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(kind, 0.0):
+                self._skipped[kind] = self._skipped.get(kind, 0) + 1
+                return
+            self._next[kind] = now + self._interval
+            skipped = self._skipped.pop(kind, 0)
+        if skipped:
+            msg, args = msg + " (and %d more not logged)", (*args, skipped)
+        log.warning(msg, *args)
+
+
 class ShardServer:
     """Serves ``store`` to authenticated peers on ``listener`` (or a new listener on
     ``address``). One accept thread plus one thread per connection; :meth:`close`
-    shuts every socket and joins every thread."""
+    shuts every socket and joins every thread.
+
+    Connections are capped: at most ``max_handshakes`` still proving the secret (a
+    stranger gets no more than that many threads) and ``max_conns`` authenticated
+    ones; one over either cap is closed at once (a rate-limited log line). A
+    connection whose thread cannot start is closed and the accept loop backs off
+    briefly; it never stops accepting."""
 
     def __init__(
         self,
@@ -165,9 +201,13 @@ class ShardServer:
         max_message: int = DEFAULT_MAX_MESSAGE,
         io_timeout: float = 30.0,
         handshake_timeout: float = 5.0,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        max_conns: int = DEFAULT_MAX_CONNS,
     ) -> None:
         if not secret:
             raise ValueError("a shard server needs the cluster secret")
+        if max_handshakes < 1 or max_conns < 1:
+            raise ValueError("max_handshakes and max_conns must be >= 1")
         self._store = store
         self._secret = secret
         self._listener = listener or bind(address)
@@ -175,17 +215,23 @@ class ShardServer:
         self._max = max_message
         self._io_timeout = io_timeout
         self._hs_timeout = handshake_timeout
+        self._max_handshakes = max_handshakes
+        self._max_conns = max_conns
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # every connection whose thread runs; _authed: those past the handshake
         self._conns: dict[int, tuple[socket.socket, threading.Thread]] = {}
+        self._authed: set[int] = set()
         self._ids = itertools.count()
+        self._throttle = _Throttle()
         self._listener.sock.settimeout(0.2)
         self._thread = threading.Thread(target=self._accept, name="shard-accept", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         self._listener.close()
         with self._lock:
             conns = list(self._conns.values())
@@ -193,7 +239,8 @@ class ShardServer:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         for _, t in conns:
-            t.join(timeout)
+            if t.ident is not None and t is not threading.current_thread():
+                t.join(timeout)
 
     def __enter__(self) -> ShardServer:
         return self
@@ -212,21 +259,51 @@ class ShardServer:
                     return
                 time.sleep(0.05)
                 continue
+            with self._lock:
+                pending = len(self._conns) - len(self._authed)
+                full = pending >= self._max_handshakes
+            if full:
+                self._throttle.warning(
+                    "handshakes",
+                    "shard connection refused: %d connections already in their handshake",
+                    pending,
+                )
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
             cid = next(self._ids)
             t = threading.Thread(
                 target=self._serve, args=(cid, sock), name="shard-conn", daemon=True
             )
-            with self._lock:
-                self._conns[cid] = (sock, t)
-            t.start()
+            try:
+                # under the lock: the thread's own cleanup (which takes it) runs only
+                # after its entry exists, and no entry exists for a thread never started
+                with self._lock:
+                    t.start()
+                    self._conns[cid] = (sock, t)
+            except RuntimeError as exc:  # no thread to be had: this connection only
+                self._throttle.warning("start", "shard connection dropped: %s", exc)
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._stop.wait(0.1)
 
     def _serve(self, cid: int, sock: socket.socket) -> None:
         try:
             sock.setblocking(True)
 
             def claim(hello: hs.Hello) -> hs.LinkRefusal | None:
-                ok = hello.stream == SHARD_STREAM and hello.streams == SHARD_STREAMS
-                return None if ok else hs.LinkRefusal.UNEXPECTED
+                if hello.stream != SHARD_STREAM or hello.streams != SHARD_STREAMS:
+                    return hs.LinkRefusal.UNEXPECTED
+                with self._lock:  # the secret is proven: move to the authenticated
+                    if len(self._authed) >= self._max_conns:
+                        full = len(self._authed)
+                    else:
+                        self._authed.add(cid)
+                        return None
+                self._throttle.warning(
+                    "conns", "shard link refused: %d authenticated links already", full
+                )
+                return hs.LinkRefusal.UNEXPECTED
 
             accept_link(
                 sock,
@@ -242,7 +319,7 @@ class ShardServer:
                 if not self._one(sock):
                     return
         except HandshakeError as exc:
-            log.warning("shard link refused: %s", exc)
+            self._throttle.warning("refused", "shard link refused: %s", exc)
         except (FrameError, ConnectionError, TimeoutError, OSError) as exc:
             if not self._stop.is_set():
                 log.warning("shard link closed: %s", exc)
@@ -251,6 +328,7 @@ class ShardServer:
                 sock.close()
             with self._lock:
                 self._conns.pop(cid, None)
+                self._authed.discard(cid)
 
     def _one(self, sock: socket.socket) -> bool:
         """Serve one request; False when the peer closed the link between requests."""
@@ -298,7 +376,10 @@ class ShardServer:
         off += 4
         n = length - off
         have = len(first) - off
-        if not self._store.can_fit(key, n):
+        try:
+            # set the bytes aside first: concurrent PUTs never allocate past the budget
+            reservation = self._store.reserve(key, n)
+        except BudgetExceeded as e:
             # Drain the bytes in small pieces: never allocate what we will not keep.
             left = n - have
             scratch = memoryview(bytearray(min(left, 1 << 20) or 1))
@@ -306,17 +387,21 @@ class ShardServer:
                 step = min(left, len(scratch))
                 _recv_into(sock, scratch[:step], deadline)
                 left -= step
-            exc: ShardError = BudgetExceeded(f"{n} bytes do not fit the budget", key=key)
+            exc: ShardError = e
         else:
-            data = np.empty(n, np.uint8)  # only now: the budget has room for it
-            data[:have] = np.frombuffer(first, np.uint8, have, off)
-            _recv_into(sock, data.data[have:], deadline)
-            try:
-                self._store.put(key, data, crc)
-                _send(sock, [_frame(seq, ST_OK, 0)], deadline)
-                return
-            except ShardError as e:
-                exc = e
+            try:  # a timeout, a disconnect, a bad CRC: the reservation goes back
+                data = np.empty(n, np.uint8)  # only now: the budget has room for it
+                data[:have] = np.frombuffer(first, np.uint8, have, off)
+                _recv_into(sock, data.data[have:], deadline)
+                try:
+                    self._store.put(key, data, crc, reservation=reservation)
+                except ShardError as e:
+                    exc = e
+                else:
+                    _send(sock, [_frame(seq, ST_OK, 0)], deadline)
+                    return
+            finally:
+                reservation.release()
         text = exc.detail.encode()[:_MAX_TEXT]
         _send(sock, [_frame(seq, _status(exc), len(text)), text], deadline)
 
