@@ -227,13 +227,17 @@ class GradSync:
                         ConfigError(
                             "backward() ran again in this step after its gradients were "
                             "sent: accumulate micro-batches inside Manager.no_sync() (all "
-                            "but the last backward), or call backward() once per step "
-                            "(activation checkpointing: use_reentrant=False)"
+                            "but the last backward), or call backward() once per step"
                         )
                     )
                 return
             if id(p) in self._counted:
-                return  # a second backward (accumulation): counted once per attempt
+                # a later backward of accumulated micro-batches: counted once per
+                # attempt, and its bucket waits (it may still be taking this backward's
+                # part); the last one, outside no_sync(), settles at its end
+                if self._sync:
+                    self._queue_end()
+                return
             self._counted.add(id(p))
             s.ready += 1
             if self._sync:
@@ -252,6 +256,16 @@ class GradSync:
             return  # not inside a backward pass (a hook called by hand): finish() settles
         self._queued = True
 
+    def _requeue(self, token: int) -> None:
+        """(A post hook of the node that ran a nested backward, in the outer one.)
+        Queue the settle again, now on the outer backward."""
+        try:
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: self._end_of_backward(token))
+        except RuntimeError:
+            with self._lock:
+                self._queued = False  # finish() settles
+
     def _end_of_backward(self, token: int) -> None:
         """Autograd's final callback: launch what is left and wait for every bucket, so
         ``.grad`` holds the global gradient when ``backward()`` returns. Never raises
@@ -260,9 +274,18 @@ class GradSync:
             with self._lock:
                 if token != self._arm_no:
                     return  # an older attempt's (drained and re-armed since)
-                self._queued = False
                 if not self._armed or self._settled:
+                    self._queued = False
                     return
+                outer = torch._C._current_autograd_node()
+                if outer is not None:
+                    # the end of a backward nested in another (reentrant activation
+                    # checkpointing runs one per segment): the outer backward has more
+                    # gradients to accumulate. Settle at *its* end: a post hook of the
+                    # node running this one queues the callback there
+                    outer.register_hook(lambda *_: self._requeue(token))
+                    return
+                self._queued = False
                 self._fix_grads()
                 self._settle()
         except BaseException as exc:  # recorded, raised by finish()

@@ -24,6 +24,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
 import phalanx  # noqa: E402
 from phalanx.errors import DaemonUnavailable, LimitExceeded, PeerFailure  # noqa: E402
 from phalanx.torch import Manager, OptimizerWrapper  # noqa: E402
@@ -60,14 +62,21 @@ def _run_members(target: Any, names: str) -> None:
 
 
 # ---------------------------------------------------------------- 1. clip after backward
-def test_clipping_right_after_backward_keeps_the_replicas_identical() -> None:
+@pytest.mark.parametrize("shape", ["plain", "accumulated", "checkpointed"])
+def test_clipping_right_after_backward_keeps_the_replicas_identical(shape: str) -> None:
     """A torchft-style loop: zero_grad / backward / clip_grad_norm_ / step. The clip
     used to see a mix of reduced, in-flight and local buckets (and wrote into pages the
-    daemon was reducing): each member scaled differently and the replicas diverged."""
+    daemon was reducing): each member scaled differently and the replicas diverged.
+    Also after micro-batches accumulated in no_sync() (the last backward's hooks found
+    their parameters counted and queued no settle: the clip saw local gradients), and
+    with reentrant activation checkpointing (its nested backward's end settled every
+    bucket, and the outer backward's next hooks then failed the step)."""
     lock = threading.Lock()
     out: dict[str, dict[str, Any]] = {}
     with embedded_pair() as (a, b):
         clients = {"a": a, "b": b}
+
+        mse = torch.nn.functional.mse_loss
 
         def member(name: str) -> None:
             with lock:
@@ -83,8 +92,18 @@ def test_clipping_right_after_backward_keeps_the_replicas_identical() -> None:
                     s = w.context
                     g = torch.Generator().manual_seed(step)
                     x, y = torch.randn(8, 64, generator=g), torch.randn(8, 64, generator=g)
-                    loss = torch.nn.functional.mse_loss(net(x[s.shard()]) * 10, y[s.shard()])
-                    loss.backward()
+                    xs, ys = x[s.shard()], y[s.shard()]
+                    if shape == "accumulated":
+                        with mgr.no_sync():
+                            mse(net(xs[:1]) * 10, ys[:1]).backward()
+                        mse(net(xs[1:]) * 10, ys[1:]).backward()
+                    elif shape == "checkpointed":
+                        h = net[:2](xs)  # the last two layers run (and backward) nested
+                        top = checkpoint(net[2:], h, use_reentrant=True)
+                        mse(top * 10, ys).backward()
+                    else:
+                        mse(net(xs) * 10, ys).backward()
+                    assert mgr.grads._settled  # the global gradient once backward returns
                     torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
                     assert w.step()
                 out[name] = {k: v.detach().clone() for k, v in net.state_dict().items()}
