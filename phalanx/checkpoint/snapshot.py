@@ -293,10 +293,12 @@ class SnapshotService:
         self._obs = observer or SnapshotObserver()
         self._lock = threading.Lock()
         self._peers, self._incarnations = _peers_of(peers)
-        # peers that may hold keys of this owner older than the last sweep: every peer
-        # at first (a previous process of this member may have left some), then the
-        # holders each seal and repair sends to (see _delete_older)
-        self._touched: set[str] = {p.id for p in self._peers}
+        # peers that may hold keys of this owner older than the last sweep: every live
+        # peer at the first sweep (a previous process of this member may have left
+        # some; the daemon makes the service before its first view), then the holders
+        # each seal and repair sends to (see _delete_older)
+        self._touched: set[str] = set()
+        self._swept = False
         self._sealed: _Gen | None = None
         self._inflight: _Gen | None = None
         self._last_manifest: Manifest | None = None
@@ -411,10 +413,12 @@ class SnapshotService:
         if step is None and self._disk is not None:
             disk_step = self._disk.newest_step()
         got = self._restore_memory(step, disk_step, errors)
-        if got is None:
-            got = self._restore_disk(step, errors)
-        if got is None and disk_step is not None:  # the newer disk step failed
+        if got is None:  # the disk's newest step exactly, if it is the newest
+            got = self._restore_disk(step if disk_step is None else disk_step, errors)
+        if got is None and disk_step is not None:  # it failed: memory at any step,
             got = self._restore_memory(step, None, errors)
+            if got is None:  # then an older generation on disk
+                got = self._restore_disk(None, errors)
         if got is None:
             want = "any step" if step is None else f"step {step}"
             raise SnapshotNotFound(
@@ -854,13 +858,15 @@ class SnapshotService:
         peers that may hold some (listing what each holds): superseded sealed
         generations (also on holders a repair moved away from), and pieces of
         abandoned generations or failed repairs that landed after they were deleted.
-        Only peers some seal or repair sent to since the last sweep are asked (all of
-        them after a start), so a seal costs a listing per holder, not per member.
+        Only peers some seal or repair sent to since the last sweep are asked (every
+        live one at the first sweep), so a seal costs a listing per holder, not per
+        member.
         Newer generations (the one in flight) are left alone."""
         assert gen.meta is not None
         with self._lock:
             live = {p.id for p in self._peers}
-            targets = (self._touched & live) | {self.member_id}
+            targets = (live if not self._swept else self._touched & live) | {self.member_id}
+            self._swept = True
             # gen's own holders are owed the next sweep (the next seal supersedes
             # gen); peers outside the view are dropped (the daemon's channel cannot
             # reach a member that left)

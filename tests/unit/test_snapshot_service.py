@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -704,5 +705,68 @@ def test_the_sweep_after_a_seal_lists_the_holders_not_every_member() -> None:
         info = owner.snapshot(state(51), 2).wait(10)
         assert set(channel.listed) <= set(info.holders) | {"p0"}
         assert len(set(info.holders) | {"p0"}) < len(c.ids)
+    finally:
+        c.close()
+
+
+def test_the_first_sweep_asks_every_peer_of_a_view_that_came_after_the_start() -> None:
+    """The daemon makes the service before its first view (peers=()); the "every peer
+    at start" sweep then asked nobody, and a previous process's generation stayed on
+    peers outside the new placement for good."""
+    c = Cluster(9, 2, 1)
+    try:
+        old = c.svcs["p0"].snapshot(state(60), 1).wait(10)
+        c.svcs["p0"].close()  # the member restarts: a new process, the same id
+        channel = ListCounter(c.hub)
+        fresh = SnapshotService("p0", channel, c.stores["p0"], peers=(), config=c.cfg)
+        c.svcs["p0"] = fresh
+        fresh.on_view(c.ids)
+        new = fresh.snapshot(state(61), 2).wait(10)
+        assert set(channel.listed) == set(c.ids)
+        deadline = time.monotonic() + 5
+        left = [
+            h for h in c.ids if any(k.generation == old.generation for k in c.stores[h].keys("p0"))
+        ]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.02)
+            left = [
+                h
+                for h in c.ids
+                if any(k.generation == old.generation for k in c.stores[h].keys("p0"))
+            ]
+        assert not left, left
+        assert new.generation > old.generation
+    finally:
+        c.close()
+
+
+def test_a_newest_disk_step_that_fails_falls_back_to_memory_not_an_older_disk_step(
+    tmp_path: Path,
+) -> None:
+    """The disk's newest generation failed its checksums and an older one was still on
+    disk (a crash before older generations were removed): restore() read that older
+    step instead of the own copy's or the holders' newer one."""
+    earlier = Cluster(6, 4, 2, snapshot_dir=str(tmp_path))
+    try:
+        earlier.svcs["p0"].snapshot(state(70), 2).wait(10)
+        earlier.svcs["p0"].close()  # joins the disk writer
+        (older,) = tmp_path.glob("p0/g*")
+        keep = tmp_path / "kept"
+        shutil.copytree(older, keep)
+        svc = earlier.service("p0")
+        earlier.svcs["p0"] = svc
+        svc.snapshot(state(71), 9).wait(10)
+    finally:
+        earlier.close()  # step 9 is on disk; step 2 was removed
+    shutil.copytree(keep, older)  # ... and is back, as after a crash in between
+    (newest,) = [d for d in tmp_path.glob("p0/g*") if d != older]
+    raw = bytearray((newest / "data.bin").read_bytes())
+    raw[0] ^= 0xFF
+    (newest / "data.bin").write_bytes(bytes(raw))
+    c = Cluster(6, 4, 2, snapshot_dir=str(tmp_path), disk_every=1000)  # writes nothing
+    try:
+        c.svcs["p0"].snapshot(state(72), 5).wait(10)  # memory: step 5
+        step, out = c.svcs["p0"].restore()
+        assert step == 5 and same(out, state(72))
     finally:
         c.close()
