@@ -7,6 +7,7 @@ fix (found by review)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -160,6 +161,7 @@ def test_small_regions_keep_no_descriptor_open(pg: phalanx.Client) -> None:
     here): a trainer with ~1000 small arrays ran out of descriptors."""
     pg.empty(16)  # whatever a first call opens once
     before = len(_fds())
+    memfds = _memfds()  # other tests' (same process) are not this one's
     arrays = [pg.empty((256,), "float32") for _ in range(40)]
     assert len(_fds()) - before < 10
     regions = _session(pg).regions
@@ -168,7 +170,18 @@ def test_small_regions_keep_no_descriptor_open(pg: phalanx.Client) -> None:
         ref = pg._locate(a)
         assert ref is not None
         assert np.all(regions[ref.region].array(ref.offset, ref.dtype, ref.shape) == i)
-    assert not _fds("memfd:phalanx")  # no memfd left open on either side
+    assert not _memfds() - memfds  # no memfd left open on either side
+
+
+def _memfds() -> set[tuple[str, str]]:
+    """(descriptor, target) of this process's open phalanx memfds."""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if "memfd:phalanx" in target:
+                out.add((name, target))
+    return out
 
 
 def _memfd(size: int) -> int:
