@@ -13,6 +13,7 @@ Two members in embedded mode (real daemons, real Unix sockets, real TCP; one pro
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import threading
@@ -199,11 +200,15 @@ class _MuteDaemon:
         with conn:
             while not self._stop.is_set():
                 try:
-                    data, _anc, _f, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(16))
+                    data, anc, _f, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(16))
                 except TimeoutError:
                     continue
                 except OSError:
                     return
+                for level, kind, payload in anc:  # a MAP's memfd: not kept (a real
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:  # leak)
+                        for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
+                            os.close(fd)
                 if not data:
                     return
                 for frame in dec.feed(data):
