@@ -105,10 +105,9 @@ class Connection:
         self._cond = threading.Condition()
         self._reading = False
         self._replies: dict[int, WireFrame] = {}
-        self._unanswered: set[int] = set()  # requests sent whose reply has not come
+        # requests sent whose reply has not come -> when their deadline ends
+        self._unanswered: dict[int, float] = {}
         self._discard: set[int] = set()  # requests whose reply nobody waits for
-        self._due: dict[int, float] = {}  # unanswered request -> when its deadline ends
-        self._due_lock = threading.Lock()
         self._events: list[WireFrame] = []
         self._decoder = Decoder()
         self._fds: list[int] = []  # received, not yet matched to a FLAG_FD frame
@@ -147,11 +146,8 @@ class Connection:
                 data = encode(request, rid)
                 if before is not None:
                     before(rid)
-                self._unanswered.add(rid)
-                with self._due_lock:
-                    self._due[rid] = time.monotonic() + float(
-                        getattr(request, "timeout", 0.0) or 0.0
-                    )
+                due = float(getattr(request, "timeout", 0.0) or 0.0)
+                self._unanswered[rid] = time.monotonic() + due
                 if discard:
                     self._discard.add(rid)
                 self._send_all(data, fd, time.monotonic() + wait)
@@ -218,8 +214,7 @@ class Connection:
         """Seconds until the deadline of every request sent and not answered yet has
         passed (0.0 when none is in the daemon's hands): how long a request sent now
         may wait behind them (the daemon answers a connection's requests in order)."""
-        with self._due_lock:
-            last = max(self._due.values(), default=0.0)
+        last = max(self._unanswered.values(), default=0.0)
         return max(0.0, last - time.monotonic())
 
     def cancel(self, session: int, rid: int, timeout: float) -> CancelState:
@@ -241,7 +236,7 @@ class Connection:
         Requests whose reply nobody waits for (a discarded UNMAP) do not count: they
         are answered at once, and counting them made the client skip twin regions and
         misread a twin exchange's failure as hitting a request in flight."""
-        return bool(self._unanswered - self._discard)
+        return bool(self._unanswered.keys() - self._discard)
 
     # ------------------------------------------------------------------ receiving
     def wait(self, rid: int, timeout: float | None) -> Any:
@@ -339,13 +334,9 @@ class Connection:
             with self._cond:
                 self._die(f"garbled data from the daemon: {exc}")
             return
-        with self._due_lock:
-            for f in frames:
-                if f.kind != Kind.EVENT:
-                    self._due.pop(f.rid, None)
         for f in frames:
             if f.kind != Kind.EVENT:
-                self._unanswered.discard(f.rid)
+                self._unanswered.pop(f.rid, None)
         hook = self.on_reply
         if hook is not None:
             for f in frames:

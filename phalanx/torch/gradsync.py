@@ -248,21 +248,22 @@ class GradSync:
         """Queue the end-of-backward settle once per backward (lock held)."""
         if self._queued or self._settled:
             return
-        token = self._arm_no
+        # not inside a backward pass (a hook called by hand): finish() settles
+        self._queued = self._queue_settle(self._arm_no)
+
+    def _queue_settle(self, token: int) -> bool:
+        """Queue :meth:`_end_of_backward` on the running backward; False outside one."""
         try:
             engine = torch.autograd.Variable._execution_engine
             engine.queue_callback(lambda: self._end_of_backward(token))
         except RuntimeError:
-            return  # not inside a backward pass (a hook called by hand): finish() settles
-        self._queued = True
+            return False
+        return True
 
     def _requeue(self, token: int) -> None:
         """(A post hook of the node that ran a nested backward, in the outer one.)
         Queue the settle again, now on the outer backward."""
-        try:
-            engine = torch.autograd.Variable._execution_engine
-            engine.queue_callback(lambda: self._end_of_backward(token))
-        except RuntimeError:
+        if not self._queue_settle(token):
             with self._lock:
                 self._queued = False  # finish() settles
 

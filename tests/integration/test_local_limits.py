@@ -111,12 +111,7 @@ def test_the_acceptor_outlives_an_accept_error(
     failing = _AcceptFailsOnce(srv._sock, OSError(code, os.strerror(code)))
     monkeypatch.setattr(srv, "_sock", failing)
     assert failing.raised.wait(5.0)
-    conn = Connection(pg.socket, 5.0)
-    try:
-        assert _hello(conn).session > 0
-    finally:
-        conn.close()
-    assert srv._acceptor.is_alive()
+    _serves_a_new_client(pg, srv)
 
 
 def test_the_acceptor_outlives_a_thread_it_cannot_start(
@@ -144,11 +139,16 @@ def test_the_acceptor_outlives_a_thread_it_cannot_start(
         first.close()
     assert failed.is_set()
     assert set(srv._sessions) == sessions  # nothing left of the refused connection
-    second = Connection(pg.socket, 5.0)
+    _serves_a_new_client(pg, srv)
+
+
+def _serves_a_new_client(pg: phalanx.Client, srv: LocalServer) -> None:
+    """A new connection gets its HELLO answered, and the acceptor is alive."""
+    conn = Connection(pg.socket, 5.0)
     try:
-        assert _hello(second).session > 0
+        assert _hello(conn).session > 0
     finally:
-        second.close()
+        conn.close()
     assert srv._acceptor.is_alive()
 
 

@@ -273,6 +273,16 @@ def test_bad_input_is_refused_and_the_last_sealed_stays(cluster6: Cluster) -> No
         cluster6.svcs["p1"].restore_peer("nobody")
 
 
+def _newcomer_restores(c: Cluster, owner: str) -> tuple[int, dict[str, Any]]:
+    """(step, state) of ``owner`` as a member that just joined rebuilds it."""
+    c.hub.register("new", MemoryShardStore(0))
+    repl = c.service("new")
+    try:
+        return repl.restore_peer(owner)
+    finally:
+        repl.close()
+
+
 def test_repair_brings_a_generation_back_to_full_protection() -> None:
     c = Cluster(9, 4, 2)
     try:
@@ -291,13 +301,8 @@ def test_repair_brings_a_generation_back_to_full_protection() -> None:
         holders = {h for h in c.ids if c.stores[h].keys("p0")}
         more = sorted(holders - {"p0"})[:2]
         c.kill(*more)
-        c.hub.register("new", MemoryShardStore(0))
-        repl = c.service("new")
-        try:
-            step, out = repl.restore_peer("p0")
-            assert step == 5 and same(out, state(10))
-        finally:
-            repl.close()
+        step, out = _newcomer_restores(c, "p0")
+        assert step == 5 and same(out, state(10))
     finally:
         c.close()
 
@@ -563,13 +568,8 @@ def test_a_holder_restarted_under_the_same_id_is_repaired_away() -> None:
         assert not c.stores[restarted].keys("p0")
         # fully protected again: m more holders of the repaired placement may die
         c.kill(*sealed.meta.holders[:2])
-        c.hub.register("new", MemoryShardStore(0))
-        repl = c.service("new")
-        try:
-            step, out = repl.restore_peer("p0")
-            assert step == 6 and same(out, state(13))
-        finally:
-            repl.close()
+        step, out = _newcomer_restores(c, "p0")
+        assert step == 6 and same(out, state(13))
     finally:
         c.close()
 
@@ -723,18 +723,18 @@ def test_the_first_sweep_asks_every_peer_of_a_view_that_came_after_the_start() -
         fresh.on_view(c.ids)
         new = fresh.snapshot(state(61), 2).wait(10)
         assert set(channel.listed) == set(c.ids)
-        deadline = time.monotonic() + 5
-        left = [
-            h for h in c.ids if any(k.generation == old.generation for k in c.stores[h].keys("p0"))
-        ]
-        while left and time.monotonic() < deadline:
-            time.sleep(0.02)
-            left = [
+
+        def left() -> list[str]:
+            return [
                 h
                 for h in c.ids
                 if any(k.generation == old.generation for k in c.stores[h].keys("p0"))
             ]
-        assert not left, left
+
+        deadline = time.monotonic() + 5
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not left(), left()
         assert new.generation > old.generation
     finally:
         c.close()
