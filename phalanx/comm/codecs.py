@@ -33,7 +33,11 @@ accumulators, and narrow floats accumulate in float32 (see ``reduce.py``).
   (NaN). A block whose absmax is below ~1.5e-36 has a subnormal (less precise) scale,
   which loosens the error bound there; one whose scale underflows to 0 decodes to 0.
   At block 256 the payload is ``count * (1 + 4/256) + 4`` bytes, about 0.254x of
-  float32.
+  float32. The decoder checks the header, the length and the scales (negative or
+  infinite: ``bad-payload``) but not the values: a byte of -128, which no encoder
+  writes, decodes to ``-128 * scale``, finite and within 1/127 of the block's range.
+  Checking it would cost a pass over every int8 payload for a value that can only
+  come from an authenticated peer's bug.
 
 Every encode is a pure function of the input bytes, so the decoded values are
 identical on every rank (the engine relies on that for bit parity).
