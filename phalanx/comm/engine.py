@@ -544,8 +544,10 @@ class Engine:
     def _pump_in(self, link: _Link) -> None:
         """Read what the link has; a broken link becomes a link failure (an ABORT or a
         plan's own failure propagates as _OpFailed to the caller)."""
+        channel = link.channel
+        before = channel.bytes_recv
         try:
-            link.channel.pump_recv(self)
+            channel.pump_recv(self)
         except FrameError as exc:
             reason = "foreign-epoch" if exc.reason == "foreign-epoch" else "protocol"
             self._link_failed(link, reason, f"bad frame from rank {link.peer}: {exc}")
@@ -553,6 +555,11 @@ class Engine:
             self._link_failed(link, "closed", str(exc))
         except OSError as exc:
             self._link_failed(link, "disconnected", f"link to rank {link.peer}: {exc}")
+        else:
+            if channel.mid_frame and channel.bytes_recv != before:
+                # part of a frame came in: a slow wire, not a silent peer (a whole
+                # frame slower than timeout_s must not fail the op: see _check_progress)
+                self._last_progress = time.monotonic()
 
     def _activate(self, node: Node) -> None:
         stack = [node]
@@ -1067,7 +1074,10 @@ class Engine:
         channel = link.channel
         while True:
             if channel.sending:
+                before = channel.bytes_sent
                 if not channel.pump_send():
+                    if channel.bytes_sent != before:
+                        self._last_progress = time.monotonic()  # part of a frame went out
                     self._want_write(link, True)
                     return
                 node = link.current

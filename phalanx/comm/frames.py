@@ -236,6 +236,12 @@ class FrameDecoder:
         return self.header is not None and self._dest is None
 
     @property
+    def in_payload(self) -> bool:
+        """A payload destination is placed and the frame is not popped yet (part of
+        its payload may be in)."""
+        return self._dest is not None
+
+    @property
     def complete(self) -> bool:
         """The current frame is whole: :meth:`pop` it."""
         return self._dest is not None and self.header is not None and self._got == len(self._dest)

@@ -547,6 +547,11 @@ class Channel:
 
     # -- receiving
     @property
+    def mid_frame(self) -> bool:
+        """A frame's payload is being received (its destination placed, not all in)."""
+        return self._decoder.in_payload
+
+    @property
     def parked(self) -> bool:
         """A header is in but the sink has no place for its payload yet."""
         return self._decoder.needs_dest

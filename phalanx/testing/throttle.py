@@ -38,6 +38,9 @@ __all__ = ["LinkProxy", "SlowFrames", "proxied_addresses"]
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
+_SLICE_S = 0.01  # a paced direction releases its bytes in slices this long at its rate
+_MIN_SLICE = 512
+_PACED_HOLD = 64 * 1024  # a paced direction reads no more while it holds this much
 
 
 def proxied_addresses(addresses: Sequence[str], a: int, b: int, proxy_address: str) -> list[str]:
@@ -59,6 +62,7 @@ class _Pipe:
         self.eof = False
         self.silent = False  # drop what arrives from here on (LinkProxy.blackhole)
         self.last_release = 0.0
+        self.queued = 0  # bytes read and not yet written (a paced wire holds few)
         self.threads = [
             threading.Thread(target=self._read, name="throttle-read", daemon=True),
             threading.Thread(target=self._write, name="throttle-write", daemon=True),
@@ -69,6 +73,12 @@ class _Pipe:
     def _read(self) -> None:
         try:
             while not self.proxy._stop.is_set():
+                with self.cond:
+                    # a paced wire pushes back: the sender's socket fills as a real
+                    # slow link's would, instead of this relay buffering everything
+                    if self.queued > _PACED_HOLD and self.proxy._params(self.down)[1] > 0:
+                        self.cond.wait(0.05)
+                        continue
                 try:
                     data = self.src.recv(_CHUNK)
                 except TimeoutError:
@@ -78,11 +88,17 @@ class _Pipe:
                 delay, rate = self.proxy._params(self.down)
                 now = time.monotonic()
                 release = max(now + delay, self.last_release)
-                if rate > 0:
-                    release = max(release, self.last_release) + len(data) / rate
-                self.last_release = release
+                # a paced wire trickles: slices of ~10 ms of its rate, each released
+                # when the wire would have carried it (not one burst per read)
+                step = max(_MIN_SLICE, int(rate * _SLICE_S)) if rate > 0 else len(data)
                 with self.cond:
-                    self.queue.append((release, data))
+                    for i in range(0, len(data), step):
+                        piece = data[i : i + step]
+                        if rate > 0:
+                            release += len(piece) / rate
+                        self.queue.append((release, piece))
+                    self.queued += len(data)
+                    self.last_release = release
                     self.cond.notify()
         except OSError:
             pass
@@ -105,6 +121,8 @@ class _Pipe:
                         self.cond.wait(min(wait, 0.1))
                         continue
                     self.queue.popleft()
+                    self.queued -= len(data)
+                    self.cond.notify_all()
                     if self.silent:
                         continue
                 self.dst.sendall(data)
@@ -150,6 +168,8 @@ class LinkProxy:
             with p.cond:
                 p.silent = True
                 p.queue.clear()
+                p.queued = 0
+                p.cond.notify_all()
 
     def _params(self, down: bool) -> tuple[float, float]:
         with self._lock:
