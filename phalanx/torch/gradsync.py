@@ -31,6 +31,21 @@ points ``.grad`` back at it (one copy, correct either way).
 :meth:`touched` tells whether the gradients changed after the buckets were settled (the
 user clipped or replaced them): the manager then never replays kept local gradients.
 
+**Unused parameters** (opt-in ``find_unused_parameters``, DDP's meaning): every
+``.grad`` is a view into a bucket, so a parameter the forward pass never used ends the
+step with a zero gradient, and weight decay or momentum would still move it. With the
+option on, each attempt's sync also agrees which parameters were used *anywhere*: a
+local flag per parameter (its hook fired in this attempt: the union over the
+micro-batches of :meth:`no_sync`) is summed by one more all-reduce (float32, codec
+``none``, never scaled), issued after the last bucket was waited for, bounded by the
+same op timeout, its errors recorded like a bucket's. A parameter whose global count is
+zero gets ``.grad = None`` (``optimizer.step()`` then skips it, as under plain torch);
+one used by any member keeps the averaged gradient (zeros from the others). The next
+:meth:`arm` / :meth:`zero` points those ``.grad`` back at their views, and
+:meth:`touched` does not count that deliberate ``None``. With ``keep_local`` the flags
+are kept with the local gradients, so a replay reduces the usage of the attempt it
+replays. Every member must use the same setting (the op sequences differ otherwise).
+
 This module must never vote, never decide whether a step counts, and never leave an
 op it submitted unwaited: the end-of-backward callback, :meth:`finish` and
 :meth:`drain` settle every handle.
@@ -71,7 +86,9 @@ class _Slot:
 
 class GradSync:
     """See the module docstring. ``params``: the trainable parameters in registration
-    order; ``cap_bytes``: bucket size; ``codec``: the all-reduce codec."""
+    order; ``cap_bytes``: bucket size; ``codec``: the all-reduce codec;
+    ``find_unused_parameters``: ``.grad = None`` on parameters no member used (one
+    more small op per attempt; the same on every member)."""
 
     def __init__(
         self,
@@ -82,9 +99,11 @@ class GradSync:
         codec: str = "none",
         timeout: float = 60.0,
         keep_local: bool = False,
+        find_unused_parameters: bool = False,
     ) -> None:
         self.client = client
         self.keep_local = keep_local
+        self.find_unused = find_unused_parameters
         self.codec = codec
         self.timeout = timeout
         self.params = [p for p in params if p.requires_grad]
@@ -94,8 +113,12 @@ class GradSync:
         self._slots: list[_Slot] = []
         self._where: dict[int, tuple[_Slot, torch.Tensor]] = {}  # id(param) -> slot, view
         self._hooks: list[Any] = []
+        # find_unused_parameters: the members' "used in this attempt" flags, summed
+        self._usage: torch.Tensor | None = None
         old_grads = [p.grad for p in self.params]
         try:
+            if self.find_unused and self.params:
+                self._usage = shared_tensor(client, len(self.params), torch.float32)
             for b in self.plan:
                 s = _Slot(b)
                 dtype = self.params[b.params[0]].dtype
@@ -127,6 +150,8 @@ class GradSync:
                 p.grad = g
             for s in self._slots:
                 release_shared(client, s.host)
+            if self._usage is not None:
+                release_shared(client, self._usage)
             raise
         self._lock = threading.Lock()
         self._armed = False
@@ -136,12 +161,17 @@ class GradSync:
         self._handles: list[tuple[_Slot, Handle]] = []
         self._errors: list[BaseException] = []
         self._failed = False
-        self._counted: set[int] = set()
+        self._counted: set[int] = set()  # id(param): its hook fired in this attempt
+        # id(param): .grad set to None on purpose (no member used it: find_unused)
+        self._unused: set[int] = set()
         # keep_local: each bucket's own (unweighted, unreduced) gradient, copied just
         # before it goes out: what a partial step replays in the next view
         self._local: list[torch.Tensor | None] = [None] * len(self._slots)
         self._attempt_no = 0  # arm() without replay counts attempts
         self._kept_at = [-1] * len(self._slots)  # the attempt each kept copy is of
+        # keep_local + find_unused: the parameters used in the kept attempt, and which
+        self._kept_used: frozenset[int] | None = None
+        self._kept_used_at = -1
         self.nbytes_sent = 0  # bytes handed to the daemon (for the wire-bytes figures)
         # the end-of-backward settle (see the module docstring)
         self._arm_no = 0  # every arm(): a queued callback of an older attempt does nothing
@@ -173,6 +203,7 @@ class GradSync:
                 if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                     p.grad = view
             self._counted.clear()
+            self._unused.clear()
             self._failed = False
             self._weight = float(weight)
             self._next = 0
@@ -192,6 +223,7 @@ class GradSync:
         for p in self.params:
             _, view = self._where[id(p)]
             p.grad = view
+        self._unused.clear()
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -295,7 +327,8 @@ class GradSync:
     def touched(self) -> bool:
         """Whether the gradients changed since this attempt's buckets were settled (an
         in-place change bumps a bucket's version: ``clip_grad_norm_``), or a ``.grad``
-        was replaced or removed. False if they were not settled yet."""
+        was replaced or removed (not one set to ``None`` here because no member used
+        it). False if they were not settled yet."""
         versions = self._versions
         if versions is None:
             return False
@@ -303,6 +336,8 @@ class GradSync:
             return True
         for p in self.params:
             _, view = self._where[id(p)]
+            if p.grad is None and id(p) in self._unused:
+                continue
             if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                 return True
         return False
@@ -341,6 +376,11 @@ class GradSync:
                 with torch.no_grad():
                     kept.copy_(s.flat)
                 self._kept_at[i] = self._attempt_no
+                if self.find_unused and i == len(self._slots) - 1:
+                    # the last bucket goes out: no hook counts anything more in this
+                    # attempt (a later one is the "backward() ran again" error)
+                    self._kept_used = frozenset(self._counted)
+                    self._kept_used_at = self._attempt_no
             if self._weight != 1.0:
                 with torch.no_grad():
                     s.flat.mul_(self._weight)
@@ -356,30 +396,42 @@ class GradSync:
         """Put the kept local gradients of the last attempt back into the buckets
         (after :meth:`arm` with ``replay``); False if some bucket kept none in that
         attempt -- one that failed before sending every bucket left older copies in
-        the rest, and a mix of two attempts' gradients must never be committed."""
+        the rest, and a mix of two attempts' gradients must never be committed. With
+        ``find_unused_parameters`` the parameters that attempt used count as this
+        one's (the usage op then sums the replayed attempt's flags)."""
         if any(k is None for k in self._local) or any(t != self._attempt_no for t in self._kept_at):
+            return False
+        if self.find_unused and (self._kept_used is None or self._kept_used_at != self._attempt_no):
             return False
         with torch.no_grad():
             for s, k in zip(self._slots, self._local, strict=True):
                 assert k is not None
                 s.flat.copy_(k)
+        if self._kept_used is not None:
+            with self._lock:
+                self._counted = set(self._kept_used)
         return True
 
     def forget_local(self) -> None:
         self._local = [None] * len(self._slots)
         self._kept_at = [-1] * len(self._slots)
+        self._kept_used = None
+        self._kept_used_at = -1
 
     def _fix_grads(self) -> None:
         """Every ``.grad`` back in its slot (lock held): one set to a tensor of its own
-        is copied in; one unused in this backward contributes zeros."""
+        is copied in; one unused in this backward contributes zeros; one that no member
+        used (``find_unused_parameters``, once settled) stays ``None``."""
         for p in self.params:
             _, view = self._where[id(p)]
             if p.grad is None:
-                p.grad = view
+                if id(p) not in self._unused:
+                    p.grad = view
             elif p.grad.data_ptr() != view.data_ptr():
                 with torch.no_grad():
                     view.copy_(p.grad)
                 p.grad = view
+                self._unused.discard(id(p))
 
     def _settle(self) -> None:
         """Launch what is left, wait for every bucket (lock held). One bucket in flight
@@ -408,12 +460,37 @@ class GradSync:
             except BaseException as exc:
                 self._errors.append(exc)
         self._handles = []
+        if self._usage is not None and not self._errors:
+            self._sync_usage(self._usage, results)
         self._results = results
         self._settled = True
         self._versions = [s.flat._version for s in self._slots]
 
+    def _sync_usage(self, usage: torch.Tensor, results: list[OpResult]) -> None:
+        """``find_unused_parameters``: sum the members' "used in this attempt" flags
+        (after the last bucket: one op in flight at a time), then ``.grad = None`` on
+        the parameters no member used (lock held). Its result joins ``results`` (the
+        manager checks it ran among the step's contributors, like a bucket); an error
+        goes to ``_errors``, and no ``.grad`` changes then."""
+        flags = [1.0 if id(p) in self._counted else 0.0 for p in self.params]
+        try:
+            with torch.no_grad():
+                usage.copy_(torch.tensor(flags, dtype=torch.float32))
+            h = self.client.all_reduce(usage, "sum", "none", async_op=True,
+                                       timeout=self.timeout)  # fmt: skip
+            self.nbytes_sent += usage.numel() * usage.element_size()
+            results.append(h.wait())
+        except BaseException as exc:  # raised by finish(), outside autograd
+            self._errors.append(exc)
+            return
+        for p, n in zip(self.params, usage.tolist(), strict=True):
+            if n == 0.0:
+                p.grad = None
+                self._unused.add(id(p))
+
     def finish(self) -> list[OpResult]:
-        """The results in bucket order, once every bucket was launched and waited for
+        """The results in bucket order (then the usage op's, with
+        ``find_unused_parameters``), once every bucket was launched and waited for
         (here, unless the end-of-backward callback did it). Raises the first failure
         (``DaemonUnavailable`` before any other)."""
         with self._lock:
@@ -453,3 +530,6 @@ class GradSync:
         slots, self._slots = self._slots, []
         for s in slots:
             release_shared(self.client, s.host)
+        usage, self._usage = self._usage, None
+        if usage is not None:
+            release_shared(self.client, usage)

@@ -40,6 +40,15 @@ the plan, makes :meth:`begin_step` / :meth:`commit` raise ``ConfigError`` before
 is applied (its gradient would never be averaged: the members would silently diverge).
 Build a new manager after changing which parameters train.
 
+**Unused parameters** (opt-in ``find_unused_parameters=True``, DDP's meaning): every
+``.grad`` is a view into a shared bucket, so by default a parameter no member's forward
+used ends the step with a zero gradient (weight decay and momentum still move it). With
+the option, each attempt's gradient sync also sums the members' "used" flags (one small
+all-reduce after the last bucket, :mod:`~phalanx.torch.gradsync`): parameters no member
+used get ``.grad = None`` and ``optimizer.step()`` leaves them alone; those used by any
+member get the averaged gradient as before. Every member must pass the same setting: it
+is part of the job identity when on.
+
 **Job identity.** The opening op also carries a hash of the job (``job=``, the state
 layout, the global batch, the codec, the buffer rule): a daemon of another job on the
 same coordinator makes every member raise :class:`~phalanx.torch.errors.JobMismatch`
@@ -161,6 +170,9 @@ class Manager:
             ``(rng_seed, step, rank)``: a redone step or a replacement draws the same
             numbers, and no per-member RNG state has to travel.
         partial: opt-in partial steps (see the module docstring).
+        find_unused_parameters: parameters no member used in the step get ``.grad =
+            None`` (DDP's option; one more small all-reduce per attempt; see the module
+            docstring). The same on every member.
         timeout: seconds ``begin_step`` may take (retries included) before
             :class:`~phalanx.torch.errors.StepTimeout`; ``op_timeout``: per collective.
         meta_bytes: capacity of the plain-value blob (same on every member).
@@ -186,6 +198,7 @@ class Manager:
         timeout: float = 120.0,
         op_timeout: float = 30.0,
         meta_bytes: int = 1 << 20,
+        find_unused_parameters: bool = False,
     ) -> None:
         if buffers not in BUFFER_RULES:
             raise ConfigError(f"buffers must be one of {', '.join(BUFFER_RULES)}")
@@ -203,6 +216,7 @@ class Manager:
         self.buffers_rule = buffers
         self.rng_seed = rng_seed
         self.partial = partial
+        self.find_unused_parameters = find_unused_parameters
         self.timeout = float(timeout)
         self.op_timeout = float(op_timeout)
         parse_codec(codec)  # a ConfigError now, not at the first commit
@@ -247,11 +261,15 @@ class Manager:
                 client, [p for _, p in named],
                 cap_bytes=max(1, int(bucket_cap_mb * (1 << 20))), codec=codec,
                 timeout=op_timeout, keep_local=partial,
+                find_unused_parameters=find_unused_parameters,
             )  # fmt: skip
             self.grads = grads
+            # the usage op is one more op per attempt: members that disagree on it
+            # must not meet (JobMismatch); off, the identity is what it always was
+            unused = ["find_unused_parameters"] if find_unused_parameters else []
             self.job = job_identity(
                 "ddp", job, self.state.layout.signature(), str(global_batch), codec, buffers,
-                str([(b.dtype, b.numel) for b in self.grads.plan]),
+                str([(b.dtype, b.numel) for b in self.grads.plan]), *unused,
             )  # fmt: skip
             self._open = mapped.empty((SLOTS,), "float64")
             self._bufsync = BufferSync(cast(Client, mapped), [b for _, b in self._buffers],
