@@ -654,34 +654,46 @@ class Client:
     @overload
     def reduce_scatter(self, x: Array, op: str = ..., codec: str = ..., *,
                        async_op: Literal[False] = ..., retry: bool = ...,
-                       timeout: float | None = ...) -> OpResult: ...  # fmt: skip
+                       timeout: float | None = ...,
+                       layout_epoch: int | None = ...) -> OpResult: ...  # fmt: skip
     @overload
     def reduce_scatter(self, x: Array, op: str = ..., codec: str = ..., *,
                        async_op: Literal[True], retry: bool = ...,
-                       timeout: float | None = ...) -> Handle: ...  # fmt: skip
+                       timeout: float | None = ...,
+                       layout_epoch: int | None = ...) -> Handle: ...  # fmt: skip
     def reduce_scatter(
         self, x: Array, op: str = "sum", codec: str = "none", *, async_op: bool = False,
-        retry: bool = False, timeout: float | None = None,
+        retry: bool = False, timeout: float | None = None, layout_epoch: int | None = None,
     ) -> OpResult | Handle:  # fmt: skip
         """Reduce over the view; only this member's chunk of ``x`` (flat, see
-        :meth:`chunk`) is written with the result, the rest keeps its values."""
-        return self._submit(OpSpec("reduce_scatter", op, codec), x, retry=retry,
-                            timeout=timeout, async_op=async_op)  # fmt: skip
+        :meth:`chunk`) is written with the result, the rest keeps its values.
+
+        ``layout_epoch``: the epoch of the view ``x`` was laid out for (whose rank and
+        world chose this member's chunk). It is part of what every member must call
+        identically: if members pass different tags (one read the view before a change,
+        one after), the op fails on every member with ``OpMismatch`` naming ``layout``,
+        every ``x`` holding its input. The daemon runs it in its current view as any op;
+        ``OpResult.epoch`` says which (compare it with the tag). None: untagged."""
+        return self._submit(OpSpec("reduce_scatter", op, codec, layout=_tag(layout_epoch)), x,
+                            retry=retry, timeout=timeout, async_op=async_op)  # fmt: skip
 
     @overload
     def all_gather(self, x: Array, codec: str = ..., *, async_op: Literal[False] = ...,
-                   retry: bool = ..., timeout: float | None = ...) -> OpResult: ...  # fmt: skip
+                   retry: bool = ..., timeout: float | None = ...,
+                   layout_epoch: int | None = ...) -> OpResult: ...  # fmt: skip
     @overload
     def all_gather(self, x: Array, codec: str = ..., *, async_op: Literal[True],
-                   retry: bool = ..., timeout: float | None = ...) -> Handle: ...  # fmt: skip
+                   retry: bool = ..., timeout: float | None = ...,
+                   layout_epoch: int | None = ...) -> Handle: ...  # fmt: skip
     def all_gather(
         self, x: Array, codec: str = "none", *, async_op: bool = False, retry: bool = False,
-        timeout: float | None = None,
+        timeout: float | None = None, layout_epoch: int | None = None,
     ) -> OpResult | Handle:  # fmt: skip
         """Each member contributes its chunk of ``x`` (flat, :meth:`chunk`); afterwards
-        every member's ``x`` holds every chunk."""
-        return self._submit(OpSpec("all_gather", codec=codec), x, retry=retry, timeout=timeout,
-                            async_op=async_op)  # fmt: skip
+        every member's ``x`` holds every chunk. ``layout_epoch``: the layout tag, as in
+        :meth:`reduce_scatter`."""
+        return self._submit(OpSpec("all_gather", codec=codec, layout=_tag(layout_epoch)), x,
+                            retry=retry, timeout=timeout, async_op=async_op)  # fmt: skip
 
     @overload
     def broadcast(self, x: Array, root: int = ..., codec: str = ..., *,
@@ -1023,6 +1035,11 @@ def _snapshot_leaves(
                 "non-contiguous", "array is not C-contiguous; pass np.ascontiguousarray(a)", name
             )
         out.append((path, arr))
+
+
+def _tag(layout_epoch: int | None) -> int:
+    """A layout tag as :attr:`OpSpec.layout` holds it (-1: untagged)."""
+    return -1 if layout_epoch is None else layout_epoch
 
 
 def _nothing(ok: bool) -> None:

@@ -26,28 +26,44 @@ from dataclasses import dataclass
 
 from phalanx.errors import ConfigError
 
-__all__ = ["COLLECTIVES", "Handle", "OpResult", "OpSpec", "StepInfo", "ViewInfo"]
+__all__ = ["COLLECTIVES", "LAYOUT_KINDS", "Handle", "OpResult", "OpSpec", "StepInfo", "ViewInfo"]
 
 #: every collective phalanx runs, by name
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier")
+#: the collectives whose array is laid out per view (a chunk per rank): they take a
+#: layout tag (:attr:`OpSpec.layout`)
+LAYOUT_KINDS = ("reduce_scatter", "all_gather")
 
 
 @dataclass(frozen=True, slots=True)
 class OpSpec:
     """One collective: ``kind`` (see :data:`COLLECTIVES`), the ``reduce`` op (sum,
     avg, min, max, prod; reductions only), the ``codec`` (none, zstd, fp16, bf16,
-    int8), and the ``root`` rank of a broadcast."""
+    int8), the ``root`` rank of a broadcast, and the ``layout`` tag of an all_gather
+    or reduce_scatter: the view epoch the caller laid its array out for (-1:
+    untagged; a plain int so that an untagged op costs the local protocol nothing but
+    8 packed bytes). The tag is part of what every member must call identically (the
+    op's descriptor, docs/comm.md "Mismatched calls"): members that laid out for
+    different views all fail the op with ``OpMismatch`` naming ``layout``."""
 
     kind: str
     reduce: str = "sum"
     codec: str = "none"
     root: int = 0
+    layout: int = -1
 
     def __post_init__(self) -> None:
         if self.kind not in COLLECTIVES:
             raise ConfigError(f"unknown collective {self.kind!r}; one of {', '.join(COLLECTIVES)}")
         if self.root < 0:
             raise ConfigError(f"root must be >= 0, got {self.root}")
+        if self.layout != -1:
+            if self.kind not in LAYOUT_KINDS:
+                raise ConfigError(
+                    f"a layout tag applies to {' and '.join(LAYOUT_KINDS)}, not {self.kind}"
+                )
+            if not 0 <= self.layout < 2**63:
+                raise ConfigError(f"layout must be a view epoch (>= 0) or -1, got {self.layout}")
 
     @property
     def needs_array(self) -> bool:

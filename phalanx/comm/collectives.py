@@ -120,8 +120,10 @@ def _describe(
     op: str = "",
     codec: Codec = _NONE,
     root: int = -1,
+    layout: int = -1,
 ) -> None:
-    """Give ``plan`` its descriptor: what every rank must have called identically."""
+    """Give ``plan`` its descriptor: what every rank must have called identically
+    (``layout``: the caller's layout tag of a gather or reduce-scatter, -1: none)."""
     plan.describe(
         op_descriptor(
             plan.kind,
@@ -132,6 +134,7 @@ def _describe(
             root,
             plan.algorithm,
             engine.options.piece_bytes if plan.algorithm in _PIECED else 0,
+            layout,
         )
     )
 
@@ -767,15 +770,18 @@ def _quantize_own(work: np.ndarray, codec: Codec, box: list[Encoded], lossy: boo
 # ----------------------------------------------------------------------------- reduce-scatter
 
 
-def build_reduce_scatter(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec) -> Plan:
+def build_reduce_scatter(
+    engine: Engine, x: np.ndarray, op: ReduceOp, codec: Codec, *, layout: int = -1
+) -> Plan:
     """After success, x[partition(n, world)[rank]] holds the reduced chunk; the rest of
-    x keeps its input values."""
+    x keeps its input values. ``layout``: the caller's layout tag (-1: none), part of
+    the descriptor."""
     world, rank = engine.world, engine.rank
     acc_dtype = accumulation_dtype(x.dtype, op)
     if codec.name != "none":
         _check_codec(codec, acc_dtype)
     plan = engine.plan("reduce_scatter", algorithm="ring", nbytes=x.nbytes, codec=codec.name)
-    _describe(plan, engine, x, op=op, codec=codec)
+    _describe(plan, engine, x, op=op, codec=codec, layout=layout)
     a, b = sched.partition(x.size, world)[rank]
     if world == 1 or x.size == 0:
         if world > 1:
@@ -797,13 +803,14 @@ def build_reduce_scatter(engine: Engine, x: np.ndarray, op: ReduceOp, codec: Cod
 # ----------------------------------------------------------------------------- all-gather
 
 
-def build_all_gather(engine: Engine, x: np.ndarray, codec: Codec) -> Plan:
-    """Rank r contributes x[partition(n, world)[r]]; afterwards every rank has all."""
+def build_all_gather(engine: Engine, x: np.ndarray, codec: Codec, *, layout: int = -1) -> Plan:
+    """Rank r contributes x[partition(n, world)[r]]; afterwards every rank has all.
+    ``layout``: the caller's layout tag (-1: none), part of the descriptor."""
     world, rank = engine.world, engine.rank
     if codec.name != "none":
         _check_codec(codec, x.dtype)
     plan = engine.plan("all_gather", algorithm="ring", nbytes=x.nbytes, codec=codec.name)
-    _describe(plan, engine, x, codec=codec)
+    _describe(plan, engine, x, codec=codec, layout=layout)
     if world == 1 or x.size == 0:
         if world > 1:
             _exchange(plan, engine)

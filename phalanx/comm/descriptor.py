@@ -6,8 +6,9 @@ the n-th call on one rank the same call as the n-th on another. When callers dis
 ``int8`` against ``none``; broadcast roots 0 and 1) the frames no longer fit each
 other's buffers, or worse, they fit and the result is silently wrong. An
 :class:`OpDescriptor` names everything that defines what a rank sends and expects:
-kind, element count, dtype, reduce op, codec, root, and the algorithm and piece size
-the rank's options chose. Its 64-bit :attr:`~OpDescriptor.digest` rides in the header
+kind, element count, dtype, reduce op, codec, root, the layout tag of a gather or
+reduce-scatter (the view epoch its caller laid the array out for), and the algorithm
+and piece size the rank's options chose. Its 64-bit :attr:`~OpDescriptor.digest` rides in the header
 of every DATA frame (``frames.py``); a receiver compares it with its own before any
 payload byte reaches a plan's buffer. Only on a mismatch do ranks exchange their full
 descriptors (the MISMATCH frame: :func:`encode_mismatch`), so each can name every
@@ -24,6 +25,8 @@ Wire form of a descriptor (little-endian)::
     u32  piece_bytes the sender's pipelining unit
     u8   n           bytes of the codec spec that follow (at most 64)
     n    codec       canonical codec spec, ASCII ("none", "zstd:level=3", ...)
+    [u64 layout]     the layout tag, present only on a tagged op: an untagged
+                     descriptor's bytes (so its digest) are what they were before tags
 
 and a MISMATCH payload is ``u32 detected_by + 1`` (0: unknown) followed by the
 sender's descriptor. The tables are part of the wire contract: append, never reorder.
@@ -83,9 +86,10 @@ _MAX_SPEC: Final = 64
 
 _FIXED = struct.Struct("<BBBBIQIB")
 _BY = struct.Struct("<I")
+_LAYOUT = struct.Struct("<Q")
 
 #: fields that are the caller's arguments (always shown); the rest follow from options
-_ARGUMENTS: Final = ("kind", "count", "dtype", "op", "codec", "root")
+_ARGUMENTS: Final = ("kind", "count", "dtype", "op", "codec", "root", "layout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,8 @@ class OpDescriptor:
     """Everything that defines the frames a rank sends and expects for one op.
 
     ``dtype`` and ``op`` are ``""`` where the kind has none (barrier; op for
-    all_gather and broadcast); ``root`` is ``-1`` except for broadcast.
+    all_gather and broadcast); ``root`` is ``-1`` except for broadcast; ``layout``
+    (the caller's layout tag, :attr:`phalanx.ops.OpSpec.layout`) is ``-1`` when untagged.
     """
 
     kind: str
@@ -104,6 +109,7 @@ class OpDescriptor:
     root: int = -1
     algorithm: str = "trivial"
     piece_bytes: int = 0
+    layout: int = -1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -120,6 +126,8 @@ class OpDescriptor:
             raise ConfigError(f"root out of range: {self.root}")
         if not 0 <= self.piece_bytes < 2**32:
             raise ConfigError(f"piece_bytes out of range: {self.piece_bytes}")
+        if not -1 <= self.layout < 2**64:
+            raise ConfigError(f"layout out of range: {self.layout}")
         spec = self.codec.encode("ascii", "replace")
         if len(spec) > _MAX_SPEC:
             raise ConfigError(f"codec spec longer than {_MAX_SPEC} bytes: {self.codec!r}")
@@ -138,6 +146,7 @@ class OpDescriptor:
                 len(spec),
             )
             + spec
+            + (b"" if self.layout < 0 else _LAYOUT.pack(self.layout))
         )
 
     @classmethod
@@ -147,8 +156,10 @@ class OpDescriptor:
         if len(data) < _FIXED.size:
             raise FrameError("bad-payload", f"op descriptor of {len(data)} bytes")
         kind, algo, dtype, op, root, count, piece, n = _FIXED.unpack_from(data)
-        if len(data) != _FIXED.size + n:
+        end = _FIXED.size + n
+        if len(data) not in (end, end + _LAYOUT.size):
             raise FrameError("bad-payload", "op descriptor length does not match its codec spec")
+        layout = _LAYOUT.unpack_from(data, end)[0] if len(data) > end else -1
         for code, table, what in (
             (kind, KINDS, "kind"),
             (algo, ALGORITHMS, "algorithm"),
@@ -158,7 +169,7 @@ class OpDescriptor:
             if code >= len(table):
                 raise FrameError("bad-payload", f"unknown {what} code {code} in an op descriptor")
         try:
-            spec = data[_FIXED.size :].decode("ascii")
+            spec = data[_FIXED.size : end].decode("ascii")
             codec = parse_codec(spec).spec
         except (UnicodeDecodeError, ConfigError) as exc:
             raise FrameError("bad-payload", f"bad codec in an op descriptor: {exc}") from None
@@ -173,6 +184,7 @@ class OpDescriptor:
             root=-1 if root == NO_ROOT else root,
             algorithm=ALGORITHMS[algo],
             piece_bytes=piece,
+            layout=layout,
         )
 
     @property
@@ -193,6 +205,8 @@ class OpDescriptor:
             parts.append(f"codec={self.codec}")
         if self.root >= 0:
             parts.append(f"root={self.root}")
+        if self.layout >= 0:
+            parts.append(f"layout={self.layout}")
         for name in extra:
             parts.append(f"{name}={getattr(self, name)}")
         return f"{self.kind}({', '.join(parts)})"
@@ -208,10 +222,11 @@ def op_descriptor(
     root: int,
     algorithm: str,
     piece_bytes: int,
+    layout: int = -1,
 ) -> OpDescriptor:
     """:class:`OpDescriptor` with its checks run once per distinct call: a training
     loop repeats a handful of descriptors, and this runs per op (1 us instead of 4)."""
-    return OpDescriptor(kind, count, dtype, op, codec, root, algorithm, piece_bytes)
+    return OpDescriptor(kind, count, dtype, op, codec, root, algorithm, piece_bytes, layout)
 
 
 @lru_cache(maxsize=1024)

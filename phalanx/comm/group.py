@@ -12,7 +12,7 @@ only build the spec. Results are :class:`~phalanx.ops.OpResult` (contributors na
 
 Membership changes are not this class's business: after a :class:`PeerFailure` the group
 is broken and a new one (a new view, a new epoch) must be built. Ranks that call an op
-with different arguments (length, dtype, op, codec, root, kind) all raise
+with different arguments (length, dtype, op, codec, root, layout tag, kind) all raise
 :class:`~phalanx.errors.OpMismatch` instead, with their arrays intact, and the group
 stays usable (docs/comm.md, "Mismatched calls").
 """
@@ -477,12 +477,12 @@ def _build_all_reduce(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> 
 
 def _build_reduce_scatter(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> Plan:
     return collectives.build_reduce_scatter(
-        g.engine, x, parse_op(spec.reduce), parse_codec(spec.codec)
+        g.engine, x, parse_op(spec.reduce), parse_codec(spec.codec), layout=spec.layout
     )
 
 
 def _build_all_gather(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> Plan:
-    return collectives.build_all_gather(g.engine, x, parse_codec(spec.codec))
+    return collectives.build_all_gather(g.engine, x, parse_codec(spec.codec), layout=spec.layout)
 
 
 def _build_broadcast(g: Group, x: np.ndarray, spec: OpSpec, preserve: bool) -> Plan:

@@ -92,8 +92,11 @@ __all__ = [
 ]
 
 #: 3: shared regions are sealed against shrinking (F_SEAL_SHRINK); a daemon maps no
-#: other kind, so a client of version 2 is told so at HELLO instead of losing its session
-PROTOCOL_VERSION = 3
+#: other kind, so a client of version 2 is told so at HELLO instead of losing its session.
+#: 4: an OP's spec carries the layout tag (``OpSpec.layout``, one more field: the body
+#: changed), so a client of version 3 is told so at HELLO instead of its first OP
+#: being refused as malformed. HELLO's own body is the same in every version.
+PROTOCOL_VERSION = 4
 MAGIC = b"PXL2"
 HEADER = struct.Struct("<4sBBHQI")
 MAX_BODY = 1 << 20
@@ -294,7 +297,9 @@ class Done:
 class Op(Request):
     """One collective on the buffer at ``buf`` (None for a barrier). Its deadline:
     ``at`` on the client's monotonic clock, ``timeout`` the seconds it had left when
-    sent (used where the clocks differ)."""
+    sent (used where the clocks differ). The spec's ``layout`` tag (protocol 4) goes
+    into the op's descriptor unchanged: the daemon never refuses an op for its tag
+    alone (docs/daemon.md, "Layout tags")."""
 
     spec: OpSpec
     buf: BufRef | None

@@ -950,17 +950,21 @@ class ElasticGroup:
 
     def reduce_scatter(
         self, x: np.ndarray, op: str = "sum", codec: str = "none", *, retry: bool = False,
-        timeout: float | None = None,
+        timeout: float | None = None, layout_epoch: int | None = None,
     ) -> OpResult:  # fmt: skip
-        """Reduce over the view; only this member's chunk of ``x`` is written."""
-        return self.run(OpSpec("reduce_scatter", op, codec), x, retry=retry, timeout=timeout)
+        """Reduce over the view; only this member's chunk of ``x`` is written.
+        ``layout_epoch``: the layout tag (:attr:`phalanx.ops.OpSpec.layout`)."""
+        spec = OpSpec("reduce_scatter", op, codec, layout=_tag(layout_epoch))
+        return self.run(spec, x, retry=retry, timeout=timeout)
 
     def all_gather(
         self, x: np.ndarray, codec: str = "none", *, retry: bool = False,
-        timeout: float | None = None,
+        timeout: float | None = None, layout_epoch: int | None = None,
     ) -> OpResult:  # fmt: skip
-        """Every member's chunk of ``x`` (:meth:`chunk_of`) ends up in every ``x``."""
-        return self.run(OpSpec("all_gather", codec=codec), x, retry=retry, timeout=timeout)
+        """Every member's chunk of ``x`` (:meth:`chunk_of`) ends up in every ``x``.
+        ``layout_epoch``: the layout tag (:attr:`phalanx.ops.OpSpec.layout`)."""
+        spec = OpSpec("all_gather", codec=codec, layout=_tag(layout_epoch))
+        return self.run(spec, x, retry=retry, timeout=timeout)
 
     def broadcast(
         self, x: np.ndarray, root: int = 0, codec: str = "none", *, retry: bool = False,
@@ -1203,3 +1207,8 @@ def _retire(plane: _Plane) -> None:
     if plane.group is not None:
         _abort(plane.group, "view-change", "the group was replaced")
         plane.group.close()
+
+
+def _tag(layout_epoch: int | None) -> int:
+    """A layout tag as :attr:`OpSpec.layout` holds it (-1: untagged)."""
+    return -1 if layout_epoch is None else layout_epoch

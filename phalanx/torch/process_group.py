@@ -23,7 +23,13 @@ made with ``retry=True``, which reruns it in the next view (exact: the input was
 restored). Gathers and reduce-scatters are laid out for the world and rank read when
 they are called: they are never rerun, and one that ran in any other view than that
 (a member left or joined between the call and the op) raises ``ViewChanged`` with the
-output untouched, never bytes laid out for another world. Objects that read the rank
+output untouched, never bytes laid out for another world. The members also agree on
+the layout before any byte moves: each op carries its layout's epoch as the client's
+``layout_epoch`` tag, part of the op's descriptor, so if a view change lands between
+one member's layout and its submit while a peer laid out for the new view, the op
+fails on *every* member (``OpMismatch`` naming ``layout``, raised here as
+``ViewChanged``) instead of a peer accepting the stale member's chunk in the wrong
+slot. Objects that read the rank
 or size once (``DistributedSampler``, DDP's reducer) keep what they read: use
 :class:`phalanx.torch.Manager` for training that must follow the view. Point-to-point ops, ``gather``, ``scatter``, ``all_to_all`` and
 ``reduce`` raise ``UnsupportedError``; ops: SUM, AVG, MIN, MAX, PRODUCT. CUDA tensors
@@ -50,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 from phalanx.client import Client, Handle, OpResult, ViewInfo
-from phalanx.errors import ConfigError, UnsupportedError, ViewChanged
+from phalanx.errors import ConfigError, OpMismatch, UnsupportedError, ViewChanged
 from phalanx.torch.state import shared_tensor
 
 __all__ = ["ProcessGroup", "init_process_group", "register_backend"]
@@ -78,11 +84,14 @@ class _Work(dist._Work):  # type: ignore[misc,name-defined]
 
     def __init__(self, handles: Sequence[Handle], after: Callable[[], None] | None,
                  result: list[torch.Tensor],
-                 release: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 release: Callable[[], None] | None = None,
+                 translate: Callable[[BaseException], BaseException] | None = None,
+                 ) -> None:  # fmt: skip
         super().__init__()
         self._handles = list(handles)
         self._after = after
         self._release = release  # on failure instead of after (staging twins back)
+        self._translate = translate  # the error a handle's error is raised as
         self._result = result
         self._done = False
         self._error: BaseException | None = None
@@ -102,7 +111,7 @@ class _Work(dist._Work):  # type: ignore[misc,name-defined]
                     except BaseException as exc:
                         errors.append(exc)
                 if errors:
-                    raise errors[0]
+                    raise errors[0] if self._translate is None else self._translate(errors[0])
                 if self._after is not None:
                     self._after()
             except BaseException as exc:
@@ -180,12 +189,13 @@ class ProcessGroup(dist.ProcessGroup):
         layout: ViewInfo,
     ) -> _Work:
         """Run ``submit(buf)`` (a pooled buffer laid out for ``layout``'s world and
-        rank; never retried: a rerun would run in another view); ``copy_out`` once it
-        succeeded in that very view, then the buffer goes back to the pool -- or is
-        unmapped if the op failed. An op that ran in another view raises
+        rank, tagged with its epoch; never retried: a rerun would run in another view);
+        ``copy_out`` once it succeeded in that very view, then the buffer goes back to
+        the pool -- or is unmapped if the op failed. An op that ran in another view, or
+        that members laid out for different views (the tags differ), raises
         ``ViewChanged`` and leaves the output untouched."""
         try:
-            h = submit(buf, **self._kw(retry=False))
+            h = submit(buf, layout_epoch=layout.epoch, **self._kw(retry=False))
         except BaseException:
             self._give_buf(buf, False)
             raise
@@ -195,7 +205,10 @@ class ProcessGroup(dist.ProcessGroup):
             copy_out()
             self._give_buf(buf, True)
 
-        return _Work([h], after, [result], lambda: self._give_buf(buf, False))
+        def translate(exc: BaseException) -> BaseException:
+            return _layout_disagreed(exc, layout, self._view.epoch)
+
+        return _Work([h], after, [result], lambda: self._give_buf(buf, False), translate)
 
     def _give_buf(self, buf: torch.Tensor, ok: bool) -> None:
         """Back to the pool after a success; unmapped after a failure (an op given
@@ -375,6 +388,22 @@ class ProcessGroup(dist.ProcessGroup):
 
     send = recv = recv_anysource = gather = scatter = alltoall = alltoall_base = _unsupported
     reduce = allreduce_coalesced = _unsupported
+
+
+def _layout_disagreed(exc: BaseException, layout: ViewInfo, now: int) -> BaseException:
+    """``exc``, or the ``ViewChanged`` it means: an ``OpMismatch`` on ``layout`` says
+    the members laid this op out for different views (a view change landed between
+    one member's layout and its submit); ``now``: the newest epoch this member knows."""
+    if not isinstance(exc, OpMismatch) or "layout" not in exc.fields:
+        return exc
+    err = ViewChanged(
+        op=exc.op, seq=exc.seq, old_epoch=layout.epoch, epoch=max(now, layout.epoch),
+        detail=f"laid out for {layout.world} members (rank {layout.rank}, epoch "
+        f"{layout.epoch}); members laid this op out for different views, so it ran on "
+        f"none: {exc}",
+    )  # fmt: skip
+    err.__cause__ = exc
+    return err
 
 
 def _check_layout(res: OpResult, layout: ViewInfo, member_id: str) -> None:

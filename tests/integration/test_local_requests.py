@@ -281,19 +281,22 @@ def test_giving_staging_memory_back_never_waits_for_a_busy_daemon() -> None:
 def test_a_client_of_the_previous_local_protocol_is_told_at_hello(pg: phalanx.Client) -> None:
     """Review, stop 31: regions must now be sealed, but the protocol version stayed 2,
     so an older client passed HELLO and lost its session at its first MAP with
-    "the daemon closed the connection". The version is 3: HELLO says what is wrong."""
-    a = _raw(pg.socket)
-    try:
-        old = P.ClientHello(os.getpid(), time.monotonic(), version=2)
-        a.sendall(bytes(P.encode(old, 1)))
-        answer = P.Decoder()
-        frames: list[Any] = []
-        while not frames:
-            data = a.recv(65536)
-            if not data:
-                break
-            frames = answer.feed(data)
-        assert frames, "the daemon closed the connection without saying why"
-        assert "local protocol 2, not 3" in str(frames[0].message), frames[0].message
-    finally:
-        a.close()
+    "the daemon closed the connection". The version is 3: HELLO says what is wrong.
+    (Version 4, the OP spec's layout tag: a client of 3 is told the same way.)"""
+    for version in (2, P.PROTOCOL_VERSION - 1):
+        a = _raw(pg.socket)
+        try:
+            old = P.ClientHello(os.getpid(), time.monotonic(), version=version)
+            a.sendall(bytes(P.encode(old, 1)))
+            answer = P.Decoder()
+            frames: list[Any] = []
+            while not frames:
+                data = a.recv(65536)
+                if not data:
+                    break
+                frames = answer.feed(data)
+            assert frames, "the daemon closed the connection without saying why"
+            want = f"local protocol {version}, not {P.PROTOCOL_VERSION}"
+            assert want in str(frames[0].message), frames[0].message
+        finally:
+            a.close()
