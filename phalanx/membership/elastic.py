@@ -73,6 +73,7 @@ from phalanx.comm.observer import CommObserver, OpSample
 from phalanx.deadline import Deadline
 from phalanx.errors import (
     CommError,
+    CommitUnknown,
     ConfigError,
     Evicted,
     GroupClosed,
@@ -282,10 +283,33 @@ class ElasticGroup:
 
     def join(self, timeout: float | None = None) -> View:
         """Join the group; returns the first view (the data-plane group is built in the
-        background; the first collective or :meth:`begin_step` waits for it)."""
+        background; the first collective or :meth:`begin_step` waits for it).
+        ``Evicted`` if the group removed this incarnation before this call could take
+        its admission (a stall right after it): :meth:`rejoin`, or with
+        ``auto_rejoin`` the rejoin policy, brings it back."""
         view = self.agent.join(self.join_timeout if timeout is None else timeout)
         with self._cond:
+            presence = self._life.presence
+            if presence is Presence.CLOSED:
+                raise GroupClosed("elastic group closed during its join")
+            if self.agent.evicted or presence in (
+                Presence.EVICTED,
+                Presence.REJOINING,
+                Presence.CYCLING,
+            ):
+                # removed between the agent's admission and here (as _rejoin checks):
+                # taken as joined, the table raised IllegalTransition, or a rejoin in
+                # flight was marked a member while still out
+                if presence is Presence.JOINING:
+                    self._life.evicted(time.monotonic())  # the agent's callback may lag
+                    self._cond.notify_all()
+                raise Evicted(
+                    f"{self.member_id}: removed right after its admission", epoch=self._latest
+                )
             self._life.joined()
+            self._cond.notify_all()
+            if presence is Presence.MEMBER:
+                view = self.agent.view  # the rejoin policy brought it back meanwhile
         return view
 
     def rejoin(self, timeout: float | None = None) -> View:
@@ -296,6 +320,9 @@ class ElasticGroup:
     def _rejoin(self, timeout: float) -> View:
         with self._rejoin_lock:
             with self._cond:
+                closed = self._life.presence is Presence.CLOSED
+                if closed:  # like every other call (the table has no way back from closed)
+                    raise GroupClosed("elastic group is closed")
                 self._life.rejoin_started()
                 self._cond.notify_all()
             self._retire_current()
@@ -998,7 +1025,8 @@ class ElasticGroup:
         allow_partial: bool = False,
     ) -> StepInfo:
         """Mark a training-step boundary: install a new view if one is pending and run
-        the state exchange/sync there. ``step`` defaults to ``state.step``.
+        the state exchange/sync there. ``step`` defaults to ``state.step`` -- read after
+        the exchange, so the step of a state this call received (``StepInfo.step``).
 
         No silent wrong step: a collective of this step that would run over other
         members than ``StepInfo.members`` (the view changed: a retry on a smaller view,
@@ -1009,10 +1037,14 @@ class ElasticGroup:
         """
         dl = deadline if deadline is not None else Deadline.after(timeout or _DEFAULT_TIMEOUT)
         st = self.state
+        implicit = step is None and st is not None  # the state names the step
         if step is None:
             step = st.step if st is not None else self._life.step + 1
         with self._cond:
             stale = self._life.begin(step, self.view.ids, allow_partial=allow_partial)
+            # a group a peer ended while we were idle (it re-syncs after an unknown
+            # commit, or heals): rebuild now and exchange there, not run this step in it
+            self._notice_break()
         if stale and st is not None:
             st.update()  # changed in place without update_state: hash again
         after = (0, -1)
@@ -1029,9 +1061,16 @@ class ElasticGroup:
                 continue
             if report is not None and report.received:
                 received = report
-            with self._cond:
-                self._life.begin_members(plane.view.ids, plane.view.epoch)
             st = self.state
+            with self._cond:
+                # the step of the state held now (a newcomer's was -1 before the
+                # exchange): what a later exchange of this step and a forced-False
+                # vote on it must name, as on the members it received the state from
+                self._life.begin_members(
+                    plane.view.ids,
+                    plane.view.epoch,
+                    step=st.step if implicit and st is not None else None,
+                )
             return StepInfo(
                 plane.view.epoch,
                 plane.view.ids,
@@ -1055,7 +1094,11 @@ class ElasticGroup:
                 vote.epoch,
                 vote.why,
             )
-        committed = self.agent.commit(step, vote.ok, epoch=vote.epoch, timeout=timeout)
+        try:
+            committed = self.agent.commit(step, vote.ok, epoch=vote.epoch, timeout=timeout)
+        except CommitUnknown:
+            self._resync_after_unknown(step, vote.epoch)
+            raise
         behind = committed and not vote.ok
         with self._cond:
             # committed although we voted no: an earlier vote of this member (a client
@@ -1070,6 +1113,50 @@ class ElasticGroup:
             )
             self._cycle("committed-without-our-vote")
         return committed and not behind
+
+    def _resync_after_unknown(self, step: int, epoch: int) -> None:
+        """``commit`` raised ``CommitUnknown`` while this member stays in its view (its
+        deadline passed; a restarted coordinator forgot the round): the round may have
+        committed True with our earlier yes, and the others then apply the step while
+        we must not. Nothing would re-sync us -- the group is exchanged, no view change
+        comes -- so we would train the next step on the old state beside them. End the
+        group as a heal does: it breaks here, the peers learn it (ABORT, then the
+        closed links; an idle one's installer within 100 ms, a busy one's op fails
+        with ``view-change`` and ``retry=True`` runs again) and every member rebuilds
+        the next generation, whose state exchange hands the newest step, the one the
+        group committed, to every member before its first collective. No wait here:
+        the abort only wakes the engine. Left, evicted, closed, a newer view or a
+        group not exchanged yet: that group's exchange does it already."""
+        with self._cond:
+            cur = self._current
+            if (
+                self._life.presence is not Presence.MEMBER
+                or self.agent.evicted
+                or cur is None
+                or cur.phase is not GroupPhase.EXCHANGED
+                or self._latest > cur.view.epoch
+            ):
+                return
+            cur.broken = PeerFailure(
+                op="commit",
+                seq=-1,
+                epoch=cur.view.epoch,
+                suspects=(),
+                reason="view-change",
+                detail=f"{self.member_id} holds no decision on step {step}: state exchange",
+            )
+            cur.move(GroupEvent.OP_FAILED)
+            self._heal(cur)
+            group = cur.group
+        audit.warning(
+            "event=commit_unknown_resync member=%s step=%d epoch=%d generation=%d",
+            self.member_id,
+            step,
+            epoch,
+            cur.generation,
+        )
+        if group is not None:
+            _abort(group, "view-change", f"{self.member_id} re-syncs after an unknown commit")
 
     # ------------------------------------------------------------------ state and the client
     def attach_state(self, arrays: Mapping[str, np.ndarray], step: int | None) -> tuple[int, str]:

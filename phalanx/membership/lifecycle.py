@@ -395,10 +395,18 @@ class Lifecycle:
         self.synced_bytes = None
         return stale
 
-    def begin_members(self, members: tuple[str, ...], epoch: int) -> None:
-        """The view ``begin_step`` ends in (it may install a newer one than it began in)."""
+    def begin_members(
+        self, members: tuple[str, ...], epoch: int, *, step: int | None = None
+    ) -> None:
+        """The view ``begin_step`` ends in (it may install a newer one than it began in).
+        ``step``: the step of the state its exchange left here, when the caller let the
+        state name the step (a newcomer began at its empty state's -1 and received the
+        group's): the position later exchanges of this step compare, and the step an
+        abort of it forces a False vote on."""
         self.members = members
         self.begin_epoch = epoch
+        if step is not None:
+            self.step = step
 
     def admits(self, members: tuple[str, ...]) -> bool:
         """May a collective of the open step run over ``members`` (the view's)? Not

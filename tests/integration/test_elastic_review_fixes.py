@@ -1,0 +1,327 @@
+"""Elastic members at the edges a review found (in-process: a real coordinator, real
+agents, real data-plane groups on loopback): a vote that timed out while the group
+committed, a newcomer's step position, an eviction right after admission, a rejoin
+after close."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from phalanx.errors import CommitUnknown, Evicted, GroupClosed
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.coordinator import Coordinator
+from phalanx.membership.elastic import ElasticGroup
+from phalanx.membership.lifecycle import Presence
+from phalanx.membership.statesync import SyncState
+from phalanx.membership.view import View
+from phalanx.ops import OpResult
+
+pytestmark = pytest.mark.timeout(90)
+
+SECRET = b"elastic-review-fixes-secret-0123456789"
+
+
+@pytest.fixture
+def coordinator() -> Iterator[Coordinator]:
+    c = Coordinator(secret=SECRET, config=MembershipConfig(recovery_grace=0.0))
+    c.start()
+    yield c
+    c.stop(grace=0.5)
+
+
+def _member(c: Coordinator, mid: str, state: SyncState | None, **kw: Any) -> ElasticGroup:
+    return ElasticGroup(c.address, mid, SECRET, state=state, join_timeout=10.0, **kw)
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _parallel(*fns: Callable[[], Any], timeout: float = 30.0) -> list[Any]:
+    """Each fn on a thread of its own; its result, or the exception it raised."""
+    out: list[Any] = [None] * len(fns)
+
+    def run(i: int, f: Callable[[], Any]) -> None:
+        try:
+            out[i] = f()
+        except BaseException as exc:  # reported to the test as a value
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, f), daemon=True) for i, f in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a member's call did not return in time"
+    return out
+
+
+def _join_all(members: tuple[ElasticGroup, ...]) -> None:
+    _parallel(*(lambda m=m: m.join(10) for m in members))
+    n = len(members)
+    assert _wait(lambda: all(m.view.size == n for m in members), 10)
+
+
+# ----------------------------------------------------------------------------- 1
+
+
+def test_a_member_whose_vote_timed_out_receives_the_committed_state_at_its_next_step(
+    coordinator: Coordinator,
+) -> None:
+    """b voted yes and gave up waiting (CommitUnknown: its deadline passed); a voted
+    after it and the round committed with b's yes. a applied the step, b must not.
+    There is no view change, and the group was exchanged: before, the next
+    begin_step ran no exchange, b trained its redo of step 0 beside a's step 1 and
+    the two ended at the same step with different states. Now the group is rebuilt
+    as the next generation and its exchange gives b the committed step-1 state."""
+    a = _member(coordinator, "a", SyncState({"w": np.zeros(4, np.float32)}, 0))
+    b = _member(coordinator, "b", SyncState({"w": np.zeros(4, np.float32)}, 0))
+    try:
+        _join_all((a, b))
+        infos = _parallel(lambda: a.begin_step(timeout=15), lambda: b.begin_step(timeout=15))
+        assert [i.step for i in infos] == [0, 0], infos
+        ga, gb = np.ones(4, np.float32), np.ones(4, np.float32)
+        res = _parallel(lambda: a.all_reduce(ga, timeout=15), lambda: b.all_reduce(gb, timeout=15))
+        assert all(isinstance(r, OpResult) for r in res), res
+        generation = a._generation
+        with pytest.raises(CommitUnknown):
+            b.commit(0, True, timeout=0.5)
+        assert a.commit(0, True, timeout=10) is True  # b's yes was kept: committed
+        assert a.state is not None and b.state is not None
+        a.state.arrays["w"] += ga
+        a.update_state(1)
+
+        t0 = time.monotonic()
+        ia, ib = _parallel(lambda: a.begin_step(timeout=15), lambda: b.begin_step(timeout=15))
+        assert time.monotonic() - t0 < 15
+        assert not isinstance(ia, BaseException) and not isinstance(ib, BaseException), (ia, ib)
+        # b was re-synced to the committed step, in the same view, a new generation
+        assert ib.synced and ib.step == 1 and ia.step == 1, (ia, ib)
+        assert ia.epoch == ib.epoch and a._generation == b._generation > generation
+        assert b.state.step == 1 and b.state.digest() == a.state.digest()
+        assert np.all(b.state.arrays["w"] == 2.0), b.state.arrays["w"]
+        # and step 1 runs and commits over both members as usual
+        ga, gb = np.full(4, 10.0, np.float32), np.full(4, 1.0, np.float32)
+        res = _parallel(lambda: a.all_reduce(ga, timeout=15), lambda: b.all_reduce(gb, timeout=15))
+        assert all(isinstance(r, OpResult) for r in res), res
+        assert np.all(ga == 11.0) and np.all(gb == 11.0)
+        votes = _parallel(
+            lambda: a.commit(1, True, timeout=15), lambda: b.commit(1, True, timeout=15)
+        )
+        assert votes == [True, True], votes
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_vote_that_timed_out_on_a_round_decided_false_moves_no_state(
+    coordinator: Coordinator,
+) -> None:
+    """The same, but a votes no: the round is False, nobody applies it. The rebuilt
+    generation's exchange finds one state everywhere and moves nothing; both redo
+    step 0 over it."""
+    a = _member(coordinator, "a", SyncState({"w": np.zeros(4, np.float32)}, 0))
+    b = _member(coordinator, "b", SyncState({"w": np.zeros(4, np.float32)}, 0))
+    try:
+        _join_all((a, b))
+        _parallel(lambda: a.begin_step(timeout=15), lambda: b.begin_step(timeout=15))
+        ga, gb = np.ones(4, np.float32), np.ones(4, np.float32)
+        _parallel(lambda: a.all_reduce(ga, timeout=15), lambda: b.all_reduce(gb, timeout=15))
+        generation = a._generation
+        with pytest.raises(CommitUnknown):
+            b.commit(0, True, timeout=0.5)
+        assert a.commit(0, False, timeout=10) is False
+        ia, ib = _parallel(lambda: a.begin_step(timeout=15), lambda: b.begin_step(timeout=15))
+        assert not isinstance(ia, BaseException) and not isinstance(ib, BaseException), (ia, ib)
+        assert (ia.step, ia.synced, ib.step, ib.synced) == (0, False, 0, False), (ia, ib)
+        assert a._generation == b._generation > generation
+        ga, gb = np.ones(4, np.float32), np.ones(4, np.float32)
+        res = _parallel(lambda: a.all_reduce(ga, timeout=15), lambda: b.all_reduce(gb, timeout=15))
+        assert all(isinstance(r, OpResult) for r in res), res
+        assert a.state is not None and b.state is not None
+        assert a.state.digest() == b.state.digest() and a.state.step == 0
+    finally:
+        a.close()
+        b.close()
+
+
+# ----------------------------------------------------------------------------- 2
+
+
+def test_a_newcomers_step_position_is_the_step_it_received(coordinator: Coordinator) -> None:
+    """c joins with an empty state and begin_step(step=None) receives step 5. Its
+    position in the step was left at -1 (its empty state's step): when the group
+    broke later in the step (c's own deadline, every member alive) the rebuilt
+    generation's exchange saw positions -1 and 5 and every member's retry raised
+    StepAborted -- where founders at one point simply go on."""
+
+    def w() -> np.ndarray:
+        return np.arange(4, dtype=np.float32)
+
+    a = _member(coordinator, "a", SyncState({"w": w()}, 5))
+    b = _member(coordinator, "b", SyncState({"w": w()}, 5))
+    c = _member(coordinator, "c", SyncState.empty())
+    ms = (a, b, c)
+    try:
+        _join_all(ms)
+        infos = _parallel(*(lambda m=m: m.begin_step(timeout=15) for m in ms))
+        assert [(i.step, i.synced) for i in infos] == [(5, False), (5, False), (5, True)], infos
+        xs = [np.ones(4, np.float32) for _ in ms]
+        res = _parallel(
+            *(lambda m=m, x=x: m.all_reduce(x, timeout=15) for m, x in zip(ms, xs, strict=True))
+        )
+        assert all(isinstance(r, OpResult) for r in res), res
+        # c calls the step's second collective first, with a short deadline: the group
+        # breaks with every member alive and heals into the next generation
+        xs = [np.ones(4, np.float32) for _ in ms]
+        with pytest.raises(TimeoutError):
+            c.all_reduce(xs[2], timeout=0.2)
+        res = _parallel(
+            *(
+                lambda m=m, x=x: m.all_reduce(x, retry=True, timeout=15)
+                for m, x in zip(ms, xs, strict=True)
+            )
+        )
+        assert all(isinstance(r, OpResult) for r in res), res
+        assert all(np.all(x == 3.0) for x in xs), xs
+    finally:
+        for m in ms:
+            m.close()
+
+
+# ----------------------------------------------------------------------------- 3
+
+
+def _removed_right_after_admission(
+    coordinator: Coordinator,
+    a: ElasticGroup,
+    b: ElasticGroup,
+    then: Callable[[], None],
+) -> Callable[[float], View]:
+    """a's agent join, held after its return until the group removed the new member
+    (its Watch stream "drops" and a peer reports it: two signals) and the agent
+    learnt it; ``then`` runs before it returns. Only the first join is held."""
+    real = a.agent.join
+    calls: list[int] = []
+
+    def join(timeout: float = 15.0) -> View:
+        calls.append(1)
+        view = real(timeout)
+        if len(calls) > 1:
+            return view
+        inc = a.agent.member.incarnation
+        coordinator._locked(lambda g, now: g.stream_lost("a", inc, now))
+        b.agent.report_failure(["a"], view.epoch, "test")
+        assert _wait(lambda: a.agent.evicted, 10), "a's agent never learnt of its removal"
+        then()
+        return view
+
+    return join
+
+
+def test_join_raises_evicted_when_the_group_removed_the_member_right_after_admission(
+    coordinator: Coordinator,
+) -> None:
+    """Before, join() fed "joined" to a presence already evicted: IllegalTransition."""
+    b = _member(coordinator, "b", None)
+    a = _member(coordinator, "a", None)
+    try:
+        b.join(10)
+
+        def until_evicted() -> None:  # the agent's callback ran: presence is evicted
+            assert _wait(lambda: a.presence is Presence.EVICTED, 10), a.presence
+
+        a.agent.join = _removed_right_after_admission(  # type: ignore[method-assign,assignment]
+            coordinator, a, b, until_evicted
+        )
+        with pytest.raises(Evicted, match="removed right after its admission"):
+            a.join(10)
+        assert a.presence is Presence.EVICTED and a.evicted
+        assert _wait(lambda: "a" not in coordinator.view.ids, 5), coordinator.view
+        # the ordinary way back works
+        a.rejoin(10)
+        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
+        x, y = np.ones(4, np.float32), np.full(4, 2.0, np.float32)
+        res = _parallel(
+            lambda: a.all_reduce(x, retry=True, timeout=15),
+            lambda: b.all_reduce(y, retry=True, timeout=15),
+        )
+        assert all(isinstance(r, OpResult) for r in res), res
+        assert np.all(x == 3.0) and np.all(y == 3.0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_join_with_auto_rejoin_is_not_marked_a_member_while_its_rejoin_runs(
+    coordinator: Coordinator,
+) -> None:
+    """With auto_rejoin the policy starts a rejoin as soon as the eviction lands; a
+    join() that came back then marked the member MEMBER while it was still out. Here
+    the policy's rejoin is held until join() answered: join() says Evicted, and the
+    policy then brings the member back."""
+    b = _member(coordinator, "b", None)
+    a = _member(coordinator, "a", None, auto_rejoin=True)
+    release = threading.Event()
+    real_rejoin = a.agent.rejoin
+
+    def held_rejoin(timeout: float = 15.0, *, incarnation: int | None = None) -> View:
+        release.wait(20)
+        return real_rejoin(timeout, incarnation=incarnation)
+
+    def until_rejoining() -> None:
+        assert _wait(lambda: a.presence is Presence.REJOINING, 10), a.presence
+
+    try:
+        b.join(10)
+        a.agent.rejoin = held_rejoin  # type: ignore[method-assign]
+        a.agent.join = _removed_right_after_admission(  # type: ignore[method-assign,assignment]
+            coordinator, a, b, until_rejoining
+        )
+        try:
+            with pytest.raises(Evicted, match="removed right after its admission"):
+                a.join(10)
+            assert a.presence is Presence.REJOINING, a.presence
+        finally:
+            release.set()
+        assert _wait(
+            lambda: (
+                a.presence is Presence.MEMBER
+                and coordinator.view.has(a.agent.member)
+                and a.view.size == 2
+            ),
+            20,
+        ), (a.presence, coordinator.view)
+        assert a.agent.member.incarnation >= 2
+    finally:
+        release.set()
+        a.close()
+        b.close()
+
+
+# ----------------------------------------------------------------------------- 4
+
+
+def test_rejoin_on_a_closed_group_raises_group_closed(coordinator: Coordinator) -> None:
+    a = _member(coordinator, "a", None)
+    try:
+        a.join(10)
+        a.close()
+        with pytest.raises(GroupClosed):
+            a.rejoin(timeout=1)
+        with pytest.raises(GroupClosed):
+            a.barrier(timeout=1)
+        assert a.presence is Presence.CLOSED
+    finally:
+        a.close()
