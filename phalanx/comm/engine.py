@@ -1188,7 +1188,7 @@ class Engine:
             )
             return
         self._patience += 1
-        if self._patience >= 2:
+        if self._patience >= 2 and not (plan.patient and plan.deadline is not None):
             self._fail_current(
                 _OpFailed(
                     probe.waited,

@@ -296,9 +296,14 @@ class Group:
         deadline: Deadline | None = None,
         preserve_input: bool = True,
         into: np.ndarray | None = None,
+        patient: bool = False,
     ) -> OpResult | Handle:
         """Run the collective ``spec`` on ``x`` (in place; ``None`` for a barrier): the
         one entry point every named collective below goes through.
+
+        ``patient`` (with a ``deadline``): a wait that is the caller's protocol, not a
+        stall -- while every peer it waits on answers the probes, only the deadline
+        ends it (docs/comm.md, "Detection"). Dead or silent peers fail it as any op.
 
         ``into`` (all-reduce, C-contiguous, like ``x``): a buffer the large-array ring
         may leave the result in, never writing ``x``; the result's ``in_twin`` says
@@ -322,6 +327,7 @@ class Group:
         else:
             plan = _BUILD[spec.kind](self, flat, spec, preserve_input)
         plan.deadline = deadline
+        plan.patient = patient
         handle = Handle(_settler(self.engine.submit(plan), copy_back))
         return handle if async_op else handle.wait()
 

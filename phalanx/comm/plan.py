@@ -155,6 +155,10 @@ class Plan:
         #: the caller's deadline: the engine fails the op once it passes (None: only
         #: the engine's own progress timeout applies)
         self.deadline: Deadline | None = None
+        #: a wait that is the protocol's, not a stall (a state transfer's verdict,
+        #: which waits while other ranks move the bytes elsewhere): while every peer it
+        #: waits on answers the probes, it is bounded by its deadline alone
+        self.patient = False
         #: False when the caller waived promise 2 for this op (preserve_input=False)
         self.preserves_input = True
         #: True when an all-reduce given ``into`` leaves its result there (the caller's

@@ -60,6 +60,7 @@ import numpy as np
 from phalanx.comm import Group, Handle
 from phalanx.deadline import Deadline
 from phalanx.errors import CommError, ConfigError, PeerFailure, StateSyncError, StepAborted
+from phalanx.ops import OpSpec
 
 __all__ = [
     "RECORD_BYTES",
@@ -420,11 +421,18 @@ _VERIFIED, _BAD, _NO_TRANSPORT = 1, 0, 2
 
 
 def _verdicts_all(group: Group, mine: int, deadline: Deadline | None) -> list[int]:
-    """A tiny all_gather of one verdict per rank (8 bytes each, to stay word aligned)."""
+    """A tiny all_gather of one verdict per rank (8 bytes each, to stay word aligned).
+
+    Patient: ranks reach it when their part is done -- a bystander at once, the
+    source when its last bytes are queued -- and wait there while the receivers take
+    the rest, which may last longer than the engine's no-progress window (a large
+    state, a slow link: the window would fail it, every member rebuild, and the
+    transfer start over for ever). Live peers keep it waiting until the deadline; a
+    dead or silent one fails it as any op."""
     buf = np.zeros(group.world, dtype=np.int64)
     own = group.chunk(buf.size)
     buf[own] = mine
-    group.all_gather(buf, deadline=deadline)
+    group.run(OpSpec("all_gather"), buf, deadline=deadline, patient=True)
     return [int(v) for v in buf]
 
 

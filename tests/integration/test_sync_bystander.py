@@ -1,0 +1,126 @@
+"""A state transfer longer than the engine's no-progress window still reaches the
+newcomer when a bystander waits for its verdict.
+
+Three ranks of one group (threads of this process): rank 0 holds the state, rank 1
+holds it too (the bystander), rank 2 is the newcomer. The bytes go 0 -> 2 in a side
+group whose link is paced to 2 MB/s (a :class:`~phalanx.testing.throttle.LinkProxy`),
+so the 4 MiB transfer takes ~2 s, several times the view group's ``timeout_s`` +
+``probe_s``. Meanwhile the bystander waits in the verdict all_gather on the view's
+group, where nothing moves until the transfer ends: its peers are alive (they answer
+its probes), and that wait is the protocol's, bounded by the caller's deadline. Before,
+the engine's "peers alive but the operation made no progress" rule failed it after two
+periods, every member rebuilt, and the transfer started over -- for ever, once a state
+took longer than ~2 x timeout_s to move (~14 GB at the default 10 s).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from phalanx.comm import CommOptions, Group, bind
+from phalanx.deadline import Deadline
+from phalanx.membership.statesync import (
+    SyncAction,
+    SyncPlan,
+    SyncReport,
+    SyncState,
+    transfer,
+)
+from phalanx.testing.throttle import LinkProxy
+
+SECRET = b"s" * 32
+RATE_BPS = 2_000_000
+
+
+def _groups(n: int, options: CommOptions, via: dict[int, str] | None = None) -> list[Group]:
+    """``n`` ranks of one group; ``via[r]``: rank 0 reached through this address by r."""
+    listeners = [bind("127.0.0.1:0") for _ in range(n)]
+    real = [lst.address for lst in listeners]
+    out: list[Group | None] = [None] * n
+
+    def build(r: int) -> None:
+        addrs = list(real)
+        if via and r in via:
+            addrs[0] = via[r]
+        out[r] = Group(r, addrs, SECRET, listener=listeners[r], options=options)
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(g is not None for g in out)
+    return [g for g in out if g is not None]
+
+
+def test_a_bystander_waits_out_a_transfer_longer_than_the_no_progress_window() -> None:
+    opts = CommOptions(timeout_s=0.3, probe_s=0.2)
+    view = _groups(3, opts)
+    n = (4 << 20) // 4
+    states = [
+        SyncState({"w": np.full(n, 1.5, np.float32)}, 7),
+        SyncState({"w": np.full(n, 1.5, np.float32)}, 7),
+        SyncState.empty(),
+    ]
+    plan = SyncPlan(SyncAction.PROCEED, 0, (2,), 7, states[0].digest(), 2)
+
+    # the side group 0 -> 2 (source, newcomer), its link paced; built on first use by
+    # both of its ranks, each taking its own end
+    side_listeners = [bind("127.0.0.1:0") for _ in range(2)]
+    side_real = [lst.address for lst in side_listeners]
+    proxy = LinkProxy(side_real[0])
+    proxy.set(down_rate_Bps=RATE_BPS, up_rate_Bps=RATE_BPS)
+    side_opts = CommOptions(timeout_s=0.3, probe_s=0.2)
+
+    def side_for(me: int) -> Callable[[tuple[int, ...]], Group]:
+        def side(ranks: tuple[int, ...]) -> Group:
+            assert ranks == (0, 2)
+            i = ranks.index(me)
+            addrs = list(side_real) if i == 0 else [proxy.address, side_real[1]]
+            return Group(i, addrs, SECRET, listener=side_listeners[i], options=side_opts)
+
+        return side
+
+    reports: list[SyncReport | BaseException | None] = [None] * 3
+
+    def run(r: int) -> None:
+        try:
+            reports[r] = transfer(view[r], plan, states[r], epoch=0, side=side_for(r),
+                                  deadline=Deadline.after(60.0))  # fmt: skip
+        except BaseException as exc:  # reported below
+            reports[r] = exc
+
+    try:
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        took = time.monotonic() - t0
+        assert not any(t.is_alive() for t in threads)
+        errors = [r for r in reports if isinstance(r, BaseException)]
+        assert not errors, f"the transfer failed: {errors!r}"
+        # the wait really was longer than the window the old rule allowed (two
+        # periods of timeout_s + probe_s): otherwise this test tests nothing
+        assert took > 2 * (opts.timeout_s + opts.probe_s), took
+        assert states[2].valid and states[2].step == 7
+        np.testing.assert_array_equal(states[2].arrays["w"], states[0].arrays["w"])
+        assert states[2].digest() == states[0].digest()
+        # the view's group is still whole: an op over all three
+        xs = [np.ones(4, np.float32) for _ in range(3)]
+        ts = [threading.Thread(target=view[r].all_reduce, args=(xs[r],)) for r in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        for x in xs:
+            np.testing.assert_array_equal(x, 3.0)
+    finally:
+        for g in view:
+            g.close()
+        proxy.close()
