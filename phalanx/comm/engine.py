@@ -560,6 +560,7 @@ class Engine:
                 # part of a frame came in: a slow wire, not a silent peer (a whole
                 # frame slower than timeout_s must not fail the op: see _check_progress)
                 self._last_progress = time.monotonic()
+                self._patience = 0
 
     def _activate(self, node: Node) -> None:
         stack = [node]
@@ -739,10 +740,16 @@ class Engine:
 
     def inflight(self) -> tuple[str, int, float, float] | None:
         """(op, seq, started, last progress) of the running operation, monotonic
-        seconds; ``None`` when idle. Safe to call from any thread (a snapshot)."""
+        seconds; ``None`` when idle. Safe to call from any thread (a snapshot).
+
+        A patient op whose peers answered the last probe (it waits by design: the
+        state transfer's verdict) reports progress now: a hang detector must not take
+        that wait, which may last the whole transfer, for a hang."""
         plan, started, progress = self._current, self._started, self._last_progress
         if plan is None:
             return None
+        if plan.patient and self._patience > 0:
+            progress = time.monotonic()
         return plan.kind, plan.seq, started, progress
 
     def waiting_on(self) -> frozenset[int]:
@@ -1078,6 +1085,7 @@ class Engine:
                 if not channel.pump_send():
                     if channel.bytes_sent != before:
                         self._last_progress = time.monotonic()  # part of a frame went out
+                        self._patience = 0
                     self._want_write(link, True)
                     return
                 node = link.current

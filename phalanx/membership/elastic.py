@@ -284,9 +284,11 @@ class ElasticGroup:
     def join(self, timeout: float | None = None) -> View:
         """Join the group; returns the first view (the data-plane group is built in the
         background; the first collective or :meth:`begin_step` waits for it).
-        ``Evicted`` if the group removed this incarnation before this call could take
-        its admission (a stall right after it): :meth:`rejoin`, or with
-        ``auto_rejoin`` the rejoin policy, brings it back."""
+        If the group removed this incarnation before this call could take its
+        admission (a stall right after it): ``Evicted`` (:meth:`rejoin` brings it
+        back) -- or, with ``auto_rejoin``, the view, while the rejoin policy brings the
+        member back (it is not a member until then: collectives and
+        :meth:`begin_step` wait for it, as for the first group)."""
         view = self.agent.join(self.join_timeout if timeout is None else timeout)
         with self._cond:
             presence = self._life.presence
@@ -303,6 +305,9 @@ class ElasticGroup:
                 if presence is Presence.JOINING:
                     self._life.evicted(time.monotonic())  # the agent's callback may lag
                     self._cond.notify_all()
+                if self._life.auto_rejoin:
+                    # a daemon: its start must not fail on a removal the policy undoes
+                    return view
                 raise Evicted(
                     f"{self.member_id}: removed right after its admission", epoch=self._latest
                 )

@@ -30,6 +30,8 @@ from phalanx.membership.statesync import (
     SyncState,
     transfer,
 )
+from phalanx.monitor.monitor import Monitor
+from phalanx.ops import OpSpec
 from phalanx.testing.throttle import LinkProxy
 
 SECRET = b"s" * 32
@@ -124,3 +126,53 @@ def test_a_bystander_waits_out_a_transfer_longer_than_the_no_progress_window() -
         for g in view:
             g.close()
         proxy.close()
+
+
+def test_a_patient_wait_on_live_peers_is_not_a_hang() -> None:
+    """The daemon's /healthz (a livenessProbe in deploy/k8s) answers 503 while the
+    monitor sees a hang. A patient op whose peers answer the probes waits by design
+    (the verdict, while a transfer runs elsewhere): once the first probe is answered
+    it is not a hang. Before, the monitor saw it stall between probes (its progress
+    time moved once per ``timeout_s``) and the daemon looked unhealthy most of the
+    wait -- long enough for a liveness probe to restart the source mid-transfer."""
+    opts = CommOptions(timeout_s=2.0, probe_s=0.3)
+    view = _groups(3, opts)
+    mon = Monitor(2)
+    mon.attach(view[2].engine)
+    mon.start()
+    late = 6.0
+    errors: list[BaseException] = []
+
+    def verdict(r: int, delay: float) -> None:
+        time.sleep(delay)
+        buf = np.zeros(3, dtype=np.int64)
+        buf[r] = r + 1
+        try:
+            view[r].run(OpSpec("all_gather"), buf, deadline=Deadline.after(30.0), patient=True)
+            assert list(buf) == [1, 2, 3], buf
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        threads = [
+            threading.Thread(target=verdict, args=(r, late if r == 1 else 0.0)) for r in range(3)
+        ]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        samples: list[tuple[float, bool]] = []
+        while any(t.is_alive() for t in threads) and time.monotonic() - t0 < 40:
+            samples.append((time.monotonic() - t0, mon.healthy()[0]))
+            time.sleep(0.1)
+        for t in threads:
+            t.join(10)
+        assert not errors, errors
+        # after the first probe was answered (timeout_s + probe_s) and before rank 1
+        # arrived, the wait is the protocol's: healthy throughout
+        window = [ok for at, ok in samples if opts.timeout_s + opts.probe_s + 0.5 < at < late - 0.2]
+        assert len(window) > 10, samples
+        assert all(window), [(round(at, 1), ok) for at, ok in samples]
+    finally:
+        mon.close()
+        for g in view:
+            g.close()
