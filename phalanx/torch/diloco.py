@@ -243,10 +243,9 @@ class DiLoCo:
         self._rank = 0
         self._fresh = True  # no inner step since the last sync: weight 0
         self._synced_at = start_step  # the group's state step this member started from
-        self._loaded_epoch = -1
         got = self.client.attach_state(self.state.arrays(), step=None if join else start_step)
         if join and got >= 0:  # a restarted training process: its daemon kept the state
-            self._receive(-1, 0)
+            self._receive(0)
         self._started = False
 
     # ------------------------------------------------------------------ properties
@@ -317,19 +316,24 @@ class DiLoCo:
         c = self.client
         left = max(0.1, deadline - time.monotonic())
         try:
-            info = c.begin_step(timeout=min(left, self.op_timeout + 5))
+            # all that is left: the exchange may move the whole state to a newcomer
+            info = c.begin_step(timeout=left)
         except DaemonUnavailable:
             raise
         except _RETRYABLE as exc:
             raise _Again(f"begin_step: {type(exc).__name__}: {exc}", 0.02) from exc
-        if info.synced and info.epoch != self._loaded_epoch:
-            self._receive(info.epoch, info.sync_bytes)
+        # load whenever *this* call received the group's state (StepInfo.synced is per
+        # call), not once per view epoch: after an unanswered vote (CommitUnknown) the
+        # daemon re-syncs in a new generation of the same view, and the outer state,
+        # user_state and the step it received must replace this member's
+        if info.synced:
+            self._receive(info.sync_bytes)
         if info.step < 0:
             raise _Again("no member holds the group's state yet", 0.05)
         if c.member_id not in info.members:
             raise _Again("this member is not in the view yet", 0.05)
         if not self._joined:
-            self._receive(info.epoch, 0)
+            self._receive(0)
         # a member whose state is the group's and that ran inner steps since it
         # started from it contributes; the others (a newcomer) take part with weight 0
         w = 0.0 if (self._fresh or info.step != self._state_step()) else 1.0
@@ -428,11 +432,10 @@ class DiLoCo:
         sync step (the daemon's state step)."""
         return self._synced_at
 
-    def _receive(self, epoch: int, nbytes: int) -> None:
+    def _receive(self, nbytes: int) -> None:
         """The group's state arrived (or this newcomer's first sync): load it, restart
         the local round from the global parameters."""
         self.state.load()
-        self._loaded_epoch = epoch
         self._t = int(self.state.extra.get("t", self._t))
         self._joined = True
         if nbytes:

@@ -234,7 +234,6 @@ class Manager:
         # applying a step the group committed failed here (see commit): this member's
         # state is no longer the group's, so no further step may run on it
         self._broken: BaseException | None = None
-        self._loaded_epoch = -1
         self._last_step = -1
         self._tries = 0
         self.stats: dict[str, Any] = {
@@ -327,7 +326,10 @@ class Manager:
             if left <= 0:
                 raise StepTimeout(self._step, t, last)
             try:
-                att = self._open_attempt(min(left, self.op_timeout + 5.0), replay=False)
+                # all that is left: the exchange may move the whole state to a
+                # newcomer, which can outlast any one op (the opening op itself is
+                # still bounded by op_timeout)
+                att = self._open_attempt(left, replay=False)
             except _Retry as r:
                 last = r.why
                 self._note_failure(r.why)
@@ -354,9 +356,15 @@ class Manager:
         except _RETRYABLE as exc:
             raise _Retry(f"begin_step: {type(exc).__name__}: {exc}", 0.02) from exc
         synced = False
-        if info.synced and info.epoch != self._loaded_epoch:
+        # load whenever *this* call received the group's state (StepInfo.synced is per
+        # call): the daemon has just overwritten the shared arrays, so the plain values
+        # (optimizer settings, scheduler, user_state) and, on a GPU, the device copies
+        # must follow. Not keyed on the view epoch: after an unanswered vote
+        # (CommitUnknown) the daemon re-syncs in a new generation of the same view, and
+        # a member may receive the state more than once in one epoch; loading what was
+        # just received is always right (a load of an unchanged state changes nothing)
+        if info.synced:
             self.state.load()
-            self._loaded_epoch = info.epoch
             synced = True
             self.stats["syncs"] += 1
             self.stats["sync_bytes"] += info.sync_bytes
@@ -572,7 +580,10 @@ class Manager:
             raise
         except (*_RETRYABLE, CommitUnknown, Evicted) as exc:
             # not applied here; should the others have applied it, this member's state
-            # now differs from theirs and is replaced (verified) at the next view change
+            # now differs from theirs: CommitUnknown makes the daemon rebuild the group
+            # (same view, next generation), eviction brings a new view, and either
+            # exchange hands it the group's state (verified), which the next begin_step
+            # loads (StepInfo.synced)
             self._note_failure(f"commit: {type(exc).__name__}")
             return False
         if not ok:
