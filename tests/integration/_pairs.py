@@ -68,3 +68,29 @@ def embedded_pair(
             b.close()
     finally:
         a.close()
+
+
+@contextlib.contextmanager
+def embedded_members(
+    names: str, timeout_s: float = 20.0, config: PhalanxConfig | None = None
+) -> Iterator[dict[str, phalanx.Client]]:
+    """Embedded members named by the letters of ``names`` (a daemon each, in this
+    process, a coordinator in the first), once all hold one view of them all. Every
+    client is closed on exit, last first (closing one early, to make it leave, is
+    fine)."""
+    secret = os.urandom(32)
+    first = phalanx.start(secret=secret, member_id=names[0], config=config)
+    clients = {names[0]: first}
+    try:
+        for name in names[1:]:
+            clients[name] = phalanx.start(coordinator=first.coordinator_address,
+                                          secret=secret, member_id=name, config=config)  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while any(c.view().world != len(names) for c in clients.values()):
+            assert time.monotonic() < deadline, f"the {len(names)} members never shared a view"
+            time.sleep(0.05)
+        yield clients
+    finally:
+        for c in reversed(list(clients.values())):
+            with contextlib.suppress(Exception):
+                c.close()

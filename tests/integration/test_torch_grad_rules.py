@@ -14,9 +14,7 @@ and what the manager leaves behind (review of the torch path).
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +27,7 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 import phalanx  # noqa: E402
 from phalanx.errors import DaemonUnavailable, LimitExceeded, PeerFailure  # noqa: E402
 from phalanx.torch import Manager, OptimizerWrapper  # noqa: E402
-from tests.integration._pairs import embedded_pair  # noqa: E402
+from tests.integration._pairs import embedded_members, embedded_pair  # noqa: E402
 
 _JOIN_S = 60.0  # every thread join / barrier wait is bounded by this
 
@@ -253,17 +251,7 @@ def test_a_partial_replay_never_undoes_the_loops_clipping() -> None:
     commit them (update norm ~17000 with lr=1): now the step is redone, clipped.
     Then b leaves before a's vote while a left its gradients alone: that replay is
     still made (a partial commit)."""
-    secret = os.urandom(32)
-    a = phalanx.start(secret=secret, member_id="a")
-    clients = {"a": a}
-    try:
-        for name in "bc":
-            clients[name] = phalanx.start(coordinator=a.coordinator_address, secret=secret,
-                                          member_id=name)  # fmt: skip
-        deadline = time.monotonic() + _JOIN_S
-        while any(c.view().world != 3 for c in clients.values()):
-            assert time.monotonic() < deadline, "the three members never shared a view"
-            time.sleep(0.05)
+    with embedded_members("abc", _JOIN_S) as clients:
         synced = threading.Barrier(3, timeout=_JOIN_S)
         again = threading.Barrier(2, timeout=_JOIN_S)
         lock = threading.Lock()
@@ -335,10 +323,6 @@ def test_a_partial_replay_never_undoes_the_loops_clipping() -> None:
         ra = out["a"]
         assert ra["partial"] and ra["stats"]["partial_commits"] == 1, ra
         assert ra["partial_moved"] > 1.0  # its own, unclipped gradient, as partial promises
-    finally:
-        for c in reversed(list(clients.values())):
-            with contextlib.suppress(Exception):
-                c.close()
 
 
 # ---------------------------------------------------------------- 4. leaks

@@ -19,9 +19,7 @@ alone: its ``.grad`` stays ``None``). With the option on:
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,7 +32,7 @@ from phalanx.errors import PeerFailure  # noqa: E402
 from phalanx.ops import Handle  # noqa: E402
 from phalanx.torch import JobMismatch, Manager  # noqa: E402
 from phalanx.torch.gradsync import GradSync  # noqa: E402
-from tests.integration._pairs import embedded_pair  # noqa: E402
+from tests.integration._pairs import embedded_members, embedded_pair  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -291,17 +289,7 @@ def test_a_partial_replay_uses_the_replayed_attempts_usage() -> None:
     backward, before the vote. The survivors replay their kept gradients in the new
     view (no hook fires in a replay): a's kept flags still say the branch was used, so
     it gets the survivors' averaged gradient, alike on a and b."""
-    secret = os.urandom(32)
-    a = phalanx.start(secret=secret, member_id="a")
-    clients = {"a": a}
-    try:
-        for name in "bc":
-            clients[name] = phalanx.start(coordinator=a.coordinator_address, secret=secret,
-                                          member_id=name)  # fmt: skip
-        deadline = time.monotonic() + _JOIN_S
-        while any(c.view().world != 3 for c in clients.values()):
-            assert time.monotonic() < deadline, "the three members never shared a view"
-            time.sleep(0.05)
+    with embedded_members("abc", _JOIN_S) as clients:
         synced = threading.Barrier(3, timeout=_JOIN_S)
         out: dict[str, Any] = {}
         errors: list[BaseException] = []
@@ -350,10 +338,6 @@ def test_a_partial_replay_uses_the_replayed_attempts_usage() -> None:
         for n in out["a"]["end"]:
             assert torch.equal(out["a"]["end"][n], out["b"]["end"][n]), n
             assert torch.equal(out["a"]["grads"][n], out["b"]["grads"][n]), n
-    finally:
-        for c in reversed(list(clients.values())):
-            with contextlib.suppress(Exception):
-                c.close()
 
 
 # ---------------------------------------------------------------- 5. one member's rules
