@@ -101,6 +101,7 @@ from phalanx.membership.lifecycle import (
     data_epoch,
     group_transition,
     rebuild_delay,
+    rejoin_delay,
     split_epoch,
 )
 from phalanx.membership.statesync import (
@@ -244,6 +245,7 @@ class ElasticGroup:
         self._current: _Plane | None = None
         self._latest = 0  # newest view epoch announced
         self._attached = False  # a client attached its arrays (attach_state): see commit
+        self._sync_failures = 0  # verifications of a received state failed in a row
         #: called (on the caller's thread, lock not held) when nobody in the view holds
         #: the state this member waits for: fill ``state`` from elsewhere (snapshots) and
         #: say what moved, or None. The daemon sets it.
@@ -814,11 +816,22 @@ class ElasticGroup:
                         plane.move(GroupEvent.OP_FAILED)
                     if plane.rank in exc.bad_ranks:
                         # never contribute unverified state: step out, so that the
-                        # others get a view without us; the caller may rejoin()
-                        with self._cond:
-                            self._life.leave()
-                        self.agent.leave(reason="state-sync-failed")
+                        # others get a view without us. A daemon (auto_rejoin) exists
+                        # to be in the group: it comes back by the rejoin policy, later
+                        # after each failure in a row (a source that changed its arrays
+                        # without update() fails every try until it hashes again);
+                        # otherwise the caller may rejoin()
+                        if self._life.auto_rejoin:
+                            self._sync_failures += 1
+                            delay = rejoin_delay(self._sync_failures)
+                            self._cycle("state-sync-failed", delay=delay)
+                        else:
+                            with self._cond:
+                                self._life.leave()
+                            self.agent.leave(reason="state-sync-failed")
                     raise
+                if report is not None and report.received:
+                    self._sync_failures = 0
             with self._cond:
                 if plane.phase is GroupPhase.READY:
                     plane.move(GroupEvent.EXCHANGED)
@@ -1232,11 +1245,11 @@ class ElasticGroup:
         if self.state is not None:
             self.state.valid = False
 
-    def _cycle(self, reason: str) -> None:
-        """Leave and come back by the rejoin policy (not under the lock): the others'
-        open ops and votes fail over to a view without us, and the view we return to
-        runs a state exchange -- the only place an invalid state is received again
-        (the current view's exchange has run)."""
+    def _cycle(self, reason: str, *, delay: float = 0.0) -> None:
+        """Leave and come back by the rejoin policy (not under the lock), ``delay``
+        seconds after the leave: the others' open ops and votes fail over to a view
+        without us, and the view we return to runs a state exchange -- the only place
+        an invalid state is received again (the current view's exchange has run)."""
         with self._cond:
             if self._life.presence is not Presence.MEMBER:
                 return  # already on the way out (or back): that view change does it
@@ -1244,7 +1257,7 @@ class ElasticGroup:
             self._cond.notify_all()
         self.agent.leave(reason=reason)
         with self._cond:
-            self._life.cycle_left(time.monotonic())  # the rejoin is due from here
+            self._life.cycle_left(time.monotonic() + delay)  # the rejoin is due then
             self._cond.notify_all()
         self._retire_current()
 

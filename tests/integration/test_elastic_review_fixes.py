@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import phalanx
-from phalanx.errors import CommitUnknown, Evicted, GroupClosed
+from phalanx.errors import CommitUnknown, Evicted, GroupClosed, StateSyncError
 from phalanx.membership.agent import Agent
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
@@ -370,3 +370,36 @@ def test_a_daemon_removed_right_after_admission_still_starts_and_comes_back(
             b.close()
     finally:
         a.close()
+
+
+def test_a_daemon_whose_received_state_fails_verification_comes_back(
+    coordinator: Coordinator,
+) -> None:
+    """A receiver whose state fails verification steps out (it never contributes
+    unverified state). Under auto_rejoin (a daemon) it used to leave for good: its
+    client got GroupClosed until the daemon restarted. It now comes back by the rejoin
+    policy, later after each failure in a row, and receives the state once the source
+    hashes again. The source here changed its array in place without update(): its
+    manifest carries stale hashes, so every receiver fails until it does."""
+    n = 1 << 14
+    src = SyncState({"w": np.arange(n, dtype=np.float32)}, 3)
+    src.digest()  # the hashes are cached now
+    src.arrays["w"][:] += 1.0  # changed in place without update()
+    a = _member(coordinator, "a", src)
+    b = _member(coordinator, "b", SyncState.empty(), auto_rejoin=True)
+    try:
+        _join_all((a, b))
+        first = _parallel(lambda: a.begin_step(timeout=10), lambda: b.begin_step(timeout=10))
+        assert all(isinstance(r, StateSyncError) for r in first), first
+        assert b.presence is not Presence.LEFT, b.presence  # on its way back
+        src.update()  # the source hashes again
+        deadline = time.monotonic() + 40
+        while not (b.state is not None and b.state.valid):
+            assert time.monotonic() < deadline, (b.presence, b.view)
+            _parallel(lambda: a.begin_step(timeout=5), lambda: b.begin_step(timeout=5))
+        assert b.presence is Presence.MEMBER, b.presence
+        assert b.state is not None and b.state.step == 3
+        np.testing.assert_array_equal(b.state.arrays["w"], src.arrays["w"])
+    finally:
+        a.close()
+        b.close()
