@@ -290,7 +290,8 @@ class ElasticGroup:
         admission (a stall right after it): ``Evicted`` (:meth:`rejoin` brings it
         back) -- or, with ``auto_rejoin``, the view, while the rejoin policy brings the
         member back (it is not a member until then: collectives and
-        :meth:`begin_step` wait for it, as for the first group)."""
+        :meth:`begin_step` raise ``Evicted`` meanwhile, as after any eviction; the
+        torch manager retries them)."""
         view = self.agent.join(self.join_timeout if timeout is None else timeout)
         with self._cond:
             presence = self._life.presence
@@ -821,7 +822,9 @@ class ElasticGroup:
                         # after each failure in a row (a source that changed its arrays
                         # without update() fails every try until it hashes again);
                         # otherwise the caller may rejoin()
-                        if self._life.auto_rejoin:
+                        with self._cond:
+                            member = self._life.presence is Presence.MEMBER
+                        if self._life.auto_rejoin and member:
                             self._sync_failures += 1
                             delay = rejoin_delay(self._sync_failures)
                             self._cycle("state-sync-failed", delay=delay)
@@ -830,9 +833,8 @@ class ElasticGroup:
                                 self._life.leave()
                             self.agent.leave(reason="state-sync-failed")
                     raise
-                if report is not None and report.received:
-                    self._sync_failures = 0
             with self._cond:
+                self._sync_failures = 0  # an exchange went through: the run is over
                 if plane.phase is GroupPhase.READY:
                     plane.move(GroupEvent.EXCHANGED)
                     plane.exchanged_sync = report
@@ -1256,10 +1258,12 @@ class ElasticGroup:
             self._life.cycle()
             self._cond.notify_all()
         self.agent.leave(reason=reason)
+        # the old group goes first: a rejoin due at once could otherwise install the
+        # new incarnation's group before this retires "the current" one -- that one
+        self._retire_current()
         with self._cond:
             self._life.cycle_left(time.monotonic() + delay)  # the rejoin is due then
             self._cond.notify_all()
-        self._retire_current()
 
 
 class _ViewEpoch:

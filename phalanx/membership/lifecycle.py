@@ -240,7 +240,8 @@ class Presence(enum.Enum):
     MEMBER = "member"
     EVICTED = "evicted"  # removed by the group; the rejoin policy may bring us back
     LEFT = "left"  # left on purpose: no automatic return (rejoin() brings us back)
-    CYCLING = "cycling"  # leaving on purpose to come back at once (client lost mid-step)
+    CYCLING = "cycling"  # leaving on purpose to come back (client lost mid-step, a state
+    # that failed verification: see ElasticGroup._cycle)
     REJOINING = "rejoining"  # a join attempt of a new incarnation is under way
     CLOSED = "closed"
 
@@ -313,14 +314,22 @@ def rebuild_delay(failed_builds: int) -> float:
     failure report each time and keeping the installer from the rejoin it owed."""
     if failed_builds <= 0:
         return 0.0
-    return float(min(REBUILD_FIRST_DELAY_S * 2 ** (failed_builds - 1), REBUILD_MAX_DELAY_S))
+    return _doubling(REBUILD_FIRST_DELAY_S, failed_builds, REBUILD_MAX_DELAY_S)
 
 
 def rejoin_delay(failed_attempts: int) -> float:
     """Seconds to wait before the next rejoin attempt (0 for the first)."""
     if failed_attempts <= 0:
         return 0.0
-    return float(min(REJOIN_FIRST_DELAY_S * 2 ** (failed_attempts - 1), REJOIN_MAX_DELAY_S))
+    return _doubling(REJOIN_FIRST_DELAY_S, failed_attempts, REJOIN_MAX_DELAY_S)
+
+
+def _doubling(first: float, n: int, most: float) -> float:
+    """``first`` doubled ``n - 1`` times, at most ``most``. The exponent is capped: a
+    count that grows for hours (a coordinator away, a source that never hashes
+    again) would otherwise make ``2 ** n`` too large for a float (OverflowError from
+    n = 1025)."""
+    return float(min(first * 2.0 ** min(n - 1, 60), most))
 
 
 _K = TypeVar("_K", StepPhase, GroupPhase, Presence)
@@ -534,7 +543,8 @@ class Lifecycle:
         self.cycled = True
 
     def cycle_left(self, now: float) -> None:
-        """The leave of a :meth:`cycle` is through: come back at once."""
+        """The leave of a :meth:`cycle` is through: come back at ``now`` (the caller's
+        clock plus any delay it chose)."""
         if self.presence is Presence.CYCLING:
             self.next_rejoin_at = now
 

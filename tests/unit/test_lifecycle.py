@@ -12,6 +12,9 @@ from phalanx.membership.lifecycle import (
     GROUP_TRANSITIONS,
     ON_CLIENT_LOST,
     PRESENCE_TRANSITIONS,
+    REBUILD_MAX_DELAY_S,
+    REJOIN_FIRST_DELAY_S,
+    REJOIN_MAX_DELAY_S,
     STEP_TRANSITIONS,
     GroupEvent,
     GroupPhase,
@@ -293,3 +296,15 @@ def test_failed_builds_back_off_and_an_op_that_broke_does_not() -> None:
     assert rebuild_delay(0) == 0.0  # a group that broke mid-op is rebuilt at once
     assert [rebuild_delay(n) for n in (1, 2, 3)] == [0.05, 0.1, 0.2]
     assert rebuild_delay(50) == 1.0  # capped: a rejoin or a new view gets its turn
+
+
+def test_the_backoff_delays_stay_finite_for_any_count() -> None:
+    """A count that grows for hours (a coordinator away, a source that never hashes
+    again) made ``2 ** n`` too large for a float: OverflowError from n = 1025, raised
+    where the rejoin or rebuild was to be scheduled."""
+    for n in (1, 2, 10, 1025, 10**6):
+        assert 0.0 < rejoin_delay(n) <= REJOIN_MAX_DELAY_S
+        assert 0.0 < rebuild_delay(n) <= REBUILD_MAX_DELAY_S
+    assert rejoin_delay(10**6) == REJOIN_MAX_DELAY_S
+    assert rebuild_delay(10**6) == REBUILD_MAX_DELAY_S
+    assert rejoin_delay(1) == REJOIN_FIRST_DELAY_S
