@@ -74,6 +74,7 @@ from phalanx.errors import (
     SnapshotError,
     SnapshotNotFound,
 )
+from phalanx.logthrottle import LogThrottle
 
 __all__ = [
     "PendingSeal",
@@ -308,7 +309,7 @@ class SnapshotService:
         self._parity: dict[tuple[int, int], queue.Queue[list[U8]]] = {}
         self._seals = 0
         self._underprotected = 0
-        self._warned: dict[str, float] = {}  # holder -> when it may be warned about again
+        self._warn = LogThrottle(log, _WARN_EVERY_S)  # per holder
         self._closed = False
         self._tasks: queue.Queue[tuple[str, _Gen | None]] = queue.Queue()
         self._io = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="snapshot-io")
@@ -1104,27 +1105,16 @@ class SnapshotService:
         for h, f in futs.items():
             if not f.done():
                 f.cancel()
-                self._throttled(h, "snapshot listing failed holder=%s: no answer in time", h)
+                self._warn.warning(h, "snapshot listing failed holder=%s: no answer in time", h)
             elif f.exception() is not None:
                 exc = f.exception()
-                self._throttled(
+                self._warn.warning(
                     h, "snapshot listing failed holder=%s: %s: %s", h, type(exc).__name__, exc
                 )
             else:
                 for key in f.result():
                     have.setdefault(key, []).append(h)
         return have
-
-    def _throttled(self, holder: str, msg: str, *args: object) -> None:
-        """A warning about ``holder``, at most one per :data:`_WARN_EVERY_S` each."""
-        now = time.monotonic()
-        with self._lock:
-            if now < self._warned.get(holder, 0.0):
-                return
-            self._warned[holder] = now + _WARN_EVERY_S
-            if len(self._warned) > 4096:  # holders come and go: forget the stale ones
-                self._warned = {h: t for h, t in self._warned.items() if t > now}
-        log.warning(msg, *args)
 
     def _fetch_meta(
         self, owner: str, generation: int, have: Mapping[ShardKey, list[str]], deadline: float

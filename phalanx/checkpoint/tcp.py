@@ -57,6 +57,7 @@ from phalanx.comm import handshake as hs
 from phalanx.comm.frames import HEADER_SIZE, FrameKind, decode_header, encode_header
 from phalanx.comm.transport import Listener, accept_link, bind, connect_link
 from phalanx.errors import FrameError, HandshakeError
+from phalanx.logthrottle import LogThrottle
 
 __all__ = [
     "DEFAULT_MAX_CONNS",
@@ -157,29 +158,6 @@ def _frame(seq: int, code: int, length: int) -> bytes:
 # --------------------------------------------------------------------------- server
 
 
-class _Throttle:
-    """At most one warning per ``interval`` seconds per kind; the next one that is
-    logged says how many were left out (strangers must not flood the log)."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self._interval = interval
-        self._next: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, kind: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next.get(kind, 0.0):
-                self._skipped[kind] = self._skipped.get(kind, 0) + 1
-                return
-            self._next[kind] = now + self._interval
-            skipped = self._skipped.pop(kind, 0)
-        if skipped:
-            msg, args = msg + " (and %d more not logged)", (*args, skipped)
-        log.warning(msg, *args)
-
-
 class ShardServer:
     """Serves ``store`` to authenticated peers on ``listener`` (or a new listener on
     ``address``). One accept thread plus one thread per connection; :meth:`close`
@@ -223,7 +201,7 @@ class ShardServer:
         self._conns: dict[int, tuple[socket.socket, threading.Thread]] = {}
         self._authed: set[int] = set()
         self._ids = itertools.count()
-        self._throttle = _Throttle()
+        self._throttle = LogThrottle(log)
         self._listener.sock.settimeout(0.2)
         self._thread = threading.Thread(target=self._accept, name="shard-accept", daemon=True)
         self._thread.start()

@@ -106,6 +106,7 @@ from phalanx.local.protocol import (
     row_of,
 )
 from phalanx.local.shm import Region, exchange
+from phalanx.logthrottle import LogThrottle
 from phalanx.ops import OpResult, StepInfo, ViewInfo
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ class LocalServer:
         self._conns: list[_Conn] = []
         self._sessions: dict[int, Session] = {}
         self._next_sid = 1
-        self._accept_logged = -math.inf  # when an accept error was last logged
+        self._accept_log = LogThrottle(log, _ACCEPT_LOG_S)
         self._sock = _bind(path)
         self._sock.settimeout(_POLL_S)  # here: a close before the thread runs is no race
         # a handle on our socket file's inode: while it is open the number cannot be
@@ -282,10 +283,8 @@ class LocalServer:
 
     def _accept_trouble(self, what: str, exc: BaseException) -> None:
         """Log (at most once per :data:`_ACCEPT_LOG_S`) and pause before accepting again."""
-        now = time.monotonic()
-        if now - self._accept_logged >= _ACCEPT_LOG_S:
-            self._accept_logged = now
-            log.error("event=local_accept_failed stage=%s error=%r", what, str(exc))
+        self._accept_log.error("accept", "event=local_accept_failed stage=%s error=%r", what,
+                               str(exc))  # fmt: skip
         self._stop.wait(_ACCEPT_PAUSE_S)
 
     # ------------------------------------------------------------------ one connection

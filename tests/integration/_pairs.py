@@ -10,9 +10,40 @@ import time
 from collections.abc import Iterator
 
 import phalanx
-from phalanx.comm import CommOptions, Group, bind
+from phalanx.comm import CommOptions, Group, Listener, bind
 from phalanx.comm.observer import CommObserver
 from phalanx.config import PhalanxConfig
+
+
+def ranks(
+    n: int,
+    options: CommOptions,
+    *,
+    listeners: list[Listener] | None = None,
+    via: dict[int, str] | None = None,
+    observer: CommObserver | None = None,
+) -> list[Group]:
+    """``n`` ranks of one group, in this process (threads build them concurrently);
+    ``listeners``: bound ones to use (fresh on 127.0.0.1 by default); ``via[r]``: the
+    address rank ``r`` reaches rank 0 at (a proxy); ``observer`` watches rank 0."""
+    listeners = listeners or [bind("127.0.0.1:0") for _ in range(n)]
+    real = [lst.address for lst in listeners]
+    groups: list[Group | None] = [None] * n
+
+    def build(rank: int) -> None:
+        addresses = list(real)
+        if via and rank in via:
+            addresses[0] = via[rank]
+        groups[rank] = Group(rank, addresses, b"s" * 32, listener=listeners[rank],
+                             options=options, observer=observer if rank == 0 else None)  # fmt: skip
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(g is not None for g in groups), "a rank was not built in time"
+    return [g for g in groups if g is not None]
 
 
 def pair(
@@ -20,29 +51,8 @@ def pair(
     options: CommOptions | None = None,
     observer: CommObserver | None = None,
 ) -> tuple[Group, Group]:
-    """Two ranks of one group, in this process (threads build them concurrently);
-    ``observer`` watches rank 0."""
-    listeners = [bind("127.0.0.1:0") for _ in range(2)]
-    addresses = [lst.address for lst in listeners]
-    groups: list[Group | None] = [None, None]
-
-    def build(rank: int) -> None:
-        groups[rank] = Group(
-            rank,
-            addresses,
-            b"s" * 32,
-            listener=listeners[rank],
-            options=options or CommOptions(timeout_s=timeout_s),
-            observer=observer if rank == 0 else None,
-        )
-
-    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    g0, g1 = groups
-    assert g0 is not None and g1 is not None
+    """Two ranks of one group, in this process; ``observer`` watches rank 0."""
+    g0, g1 = ranks(2, options or CommOptions(timeout_s=timeout_s), observer=observer)
     return g0, g1
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from phalanx.comm import CommOptions, Group, bind
 from phalanx.deadline import Deadline
 from phalanx.testing.throttle import LinkProxy
+from tests.integration._pairs import ranks
 
 RATE_BPS = 100_000
 PIECE = 128 * 1024
@@ -27,23 +28,9 @@ PIECE = 128 * 1024
 
 def _slow_pair(options: CommOptions) -> tuple[Group, Group, LinkProxy]:
     listeners = [bind("127.0.0.1:0") for _ in range(2)]
-    real = [lst.address for lst in listeners]
-    proxy = LinkProxy(real[0])
+    proxy = LinkProxy(listeners[0].address)
     # fast while the groups connect and shake hands; slow from the first op on
-    lists = [list(real), [proxy.address, real[1]]]
-    groups: list[Group | None] = [None, None]
-
-    def build(rank: int) -> None:
-        groups[rank] = Group(rank, lists[rank], b"s" * 32, listener=listeners[rank],
-                             options=options)  # fmt: skip
-
-    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    g0, g1 = groups
-    assert g0 is not None and g1 is not None
+    g0, g1 = ranks(2, options, listeners=listeners, via={1: proxy.address})
     proxy.set(down_rate_Bps=RATE_BPS, up_rate_Bps=RATE_BPS)
     return g0, g1, proxy
 

@@ -33,35 +33,15 @@ from phalanx.membership.statesync import (
 from phalanx.monitor.monitor import Monitor
 from phalanx.ops import OpSpec
 from phalanx.testing.throttle import LinkProxy
+from tests.integration._pairs import ranks
 
 SECRET = b"s" * 32
 RATE_BPS = 2_000_000
 
 
-def _groups(n: int, options: CommOptions, via: dict[int, str] | None = None) -> list[Group]:
-    """``n`` ranks of one group; ``via[r]``: rank 0 reached through this address by r."""
-    listeners = [bind("127.0.0.1:0") for _ in range(n)]
-    real = [lst.address for lst in listeners]
-    out: list[Group | None] = [None] * n
-
-    def build(r: int) -> None:
-        addrs = list(real)
-        if via and r in via:
-            addrs[0] = via[r]
-        out[r] = Group(r, addrs, SECRET, listener=listeners[r], options=options)
-
-    threads = [threading.Thread(target=build, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert all(g is not None for g in out)
-    return [g for g in out if g is not None]
-
-
 def test_a_bystander_waits_out_a_transfer_longer_than_the_no_progress_window() -> None:
     opts = CommOptions(timeout_s=0.3, probe_s=0.2)
-    view = _groups(3, opts)
+    view = ranks(3, opts)
     n = (4 << 20) // 4
     states = [
         SyncState({"w": np.full(n, 1.5, np.float32)}, 7),
@@ -136,7 +116,7 @@ def test_a_patient_wait_on_live_peers_is_not_a_hang() -> None:
     time moved once per ``timeout_s``) and the daemon looked unhealthy most of the
     wait -- long enough for a liveness probe to restart the source mid-transfer."""
     opts = CommOptions(timeout_s=2.0, probe_s=0.3)
-    view = _groups(3, opts)
+    view = ranks(3, opts)
     mon = Monitor(2)
     mon.attach(view[2].engine)
     mon.start()
