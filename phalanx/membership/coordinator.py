@@ -92,6 +92,10 @@ class Coordinator:
         self._cond = threading.Condition()
         self._state: GroupState | None = None
         self._stopping = False
+        # unary handlers running on the pool (under _cond): stop() lets them end before
+        # it stops the server, since a pool thread's abort and peer() need a live call
+        # and a live loop (see stop())
+        self._busy = 0
         self._stop_event = threading.Event()
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's (see start())
@@ -218,10 +222,21 @@ class Coordinator:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def stop(self, grace: float = 1.0) -> None:
-        """Refuse new work, end streams, stop the server and join the detector."""
+        """Refuse new work, let the unary handlers answer, end streams, stop the server
+        and join the detector.
+
+        The unary handlers run on pool threads, and their abort() goes through the
+        server's loop while peer() reads the call: a handler that ran on past
+        ``server.stop`` blocked on a stopped loop, or read a call the server was
+        tearing down. That read killed the process with a segfault (CI, a vote
+        refused with SHUTTING_DOWN while a container test stopped its coordinator).
+        So the handlers -- woken here, each refusing with SHUTTING_DOWN -- end first,
+        within ``grace`` plus the longest a handler blocks (a vote's wait slice, a
+        join's address probe)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            self._drain(grace + self.config.probe_timeout + 2 * _WAIT_SLICE)
         self._stop_event.set()
         loop, server = self._loop, self._server
         if server is not None and loop is not None and not loop.is_closed():
@@ -234,6 +249,16 @@ class Coordinator:
         if self._detector is not None:
             self._detector.join(timeout=5.0)
         log.info("event=coordinator_stopped address=%s run=%s", self._address, self.run_id)
+
+    def _drain(self, timeout: float) -> None:
+        """Wait (holding _cond) until no unary handler runs, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while self._busy > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("event=coordinator_stop_undrained handlers=%d", self._busy)
+                return
+            self._cond.wait(min(remaining, _WAIT_SLICE))
 
     def __enter__(self) -> Coordinator:
         self.start()
@@ -408,7 +433,14 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         )
 
     def _guard(self, context: grpc.ServicerContext, method: str, fn: Callable[[], _T]) -> _T:
+        """Run a unary handler: its refusals and errors become statuses, and it counts
+        as running until it returns (stop() waits for it)."""
+        c = self._c
+        with c._cond:
+            c._busy += 1
         try:
+            if c._stopping:
+                raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
             return fn()
         except Rejected as err:
             _abort(context, err, method)
@@ -417,6 +449,11 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         except Exception:
             log.exception("event=handler_error method=%s peer=%s", method, context.peer())
             context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the coordinator)")
+        finally:
+            with c._cond:
+                c._busy -= 1
+                if c._busy == 0 and c._stopping:
+                    c._cond.notify_all()
 
     # -- Join --------------------------------------------------------------------------
 

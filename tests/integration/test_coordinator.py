@@ -553,6 +553,62 @@ def test_stop_twice_is_harmless_and_leaves_no_thread() -> None:
     assert not left, left
 
 
+def test_stop_lets_a_waiting_vote_be_refused_before_it_stops_the_server(
+    monkeypatch: pytest.MonkeyPatch, listeners: list[Listener]
+) -> None:
+    # CI died of a segfault: a vote waiting for its decision was refused with
+    # SHUTTING_DOWN by stop(), and its pool thread, slow on a loaded machine, asked
+    # the call for its peer after stop() had gone on to tear the server down. Here the
+    # refusal is made slower than stop()'s grace: stop() must wait for it.
+    import phalanx.membership.coordinator as coord_mod
+
+    refused: list[tuple[str, str]] = []  # (reason, peer) of each refusal, when done
+    real = coord_mod._log_rejected
+
+    def slow(context: Any, err: Rejected, method: str) -> None:
+        if not method.endswith("/Commit"):  # (the streams' refusals run on the loop)
+            real(context, err, method)
+            return
+        time.sleep(1.0)  # > grace below
+        real(context, err, method)
+        refused.append((err.reason.name, context.peer()))
+
+    monkeypatch.setattr(coord_mod, "_log_rejected", slow)
+    c = Coordinator(secret=SECRET, config=FRESH)
+    c.start()
+    g = Group(c.address, listeners)
+    try:
+        agents = form(g, "abc")
+        errors: list[BaseException | None] = []
+        monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+        # a and b vote, c never does: both votes wait for a decision
+        votes = [threading.Thread(target=a.commit, args=(1, True), kwargs={"timeout": 8})
+                 for a in agents[:2]]  # fmt: skip
+        for t in votes:
+            t.start()
+
+        def voted() -> int:
+            with c._cond:
+                return sum(len(r.votes) for r in c._group()._rounds.values())
+
+        assert _until(lambda: voted() == 2, 5.0)
+        time.sleep(0.1)  # (each vote's handler goes on to wait for the decision)
+        c.stop(grace=0.2)
+        # both refusals were made, and read a live call, before stop() returned
+        assert [r for r, _ in refused] == ["SHUTTING_DOWN"] * 2, refused
+        assert all(peer.startswith("ipv4:127.0.0.1:") for _, peer in refused), refused
+        for t in votes:
+            t.join(12)
+            assert not t.is_alive()
+        # each voter heard why: the refusal, not a cancelled call or a hang
+        assert len(errors) == 2, errors
+        assert all(isinstance(e, Rejected) and e.reason is RejectReason.SHUTTING_DOWN
+                   for e in errors), errors  # fmt: skip
+    finally:
+        g.close()
+        c.stop(grace=0.2)
+
+
 _JOIN_IN_A_FRESH_PROCESS = """
 import socket, sys
 from phalanx.membership.agent import Agent
