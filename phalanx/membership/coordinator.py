@@ -92,9 +92,8 @@ class Coordinator:
         self._cond = threading.Condition()
         self._state: GroupState | None = None
         self._stopping = False
-        # unary handlers running on the pool (under _cond): stop() lets them end before
-        # it stops the server, since a pool thread's abort and peer() need a live call
-        # and a live loop (see stop())
+        # unary calls being answered (under _cond): stop() lets them end before it
+        # stops the server, so that a waiting vote hears SHUTTING_DOWN (see stop())
         self._busy = 0
         self._stop_event = threading.Event()
         self._server: grpc.aio.Server | None = None
@@ -127,8 +126,9 @@ class Coordinator:
         to a thousand watchers from one thread in one pass. On the thread-per-stream
         server every watcher was a thread woken in turn, and a failure reached the
         last of 1,000 members 0.4 s after it reached the coordinator (bench
-        coordinator). The unary calls (Join, Leave, Heartbeat, ReportFailure, Commit
-        -- a vote waits for its decision) run on a thread pool, as before."""
+        coordinator). The unary calls (Join, Leave, Heartbeat, ReportFailure, Commit)
+        are coroutines there too, whose work -- a vote waits for its decision -- runs
+        on a thread pool that never touches grpc (``_Servicer._unary``)."""
         if self._server is not None:
             raise RuntimeError("coordinator already started")
         cfg = self.config
@@ -225,14 +225,11 @@ class Coordinator:
         """Refuse new work, let the unary handlers answer, end streams, stop the server
         and join the detector.
 
-        The unary handlers run on pool threads, and their abort() goes through the
-        server's loop while peer() reads the call: a handler that ran on past
-        ``server.stop`` blocked on a stopped loop, or read a call the server was
-        tearing down. That read killed the process with a segfault (CI, a vote
-        refused with SHUTTING_DOWN while a container test stopped its coordinator).
-        So the handlers -- woken here, each refusing with SHUTTING_DOWN -- end first,
+        The votes waiting for a decision are woken here and refused with SHUTTING_DOWN;
+        every unary call ends (see ``_Servicer._unary``) before the server stops,
         within ``grace`` plus the longest a handler blocks (a vote's wait slice, a
-        join's address probe)."""
+        join's address probe). Before, ``server.stop`` cancelled them: their callers
+        heard CANCELLED, not why."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -383,25 +380,29 @@ class _Ended(Exception):
         self.detail = detail
 
 
-def _log_rejected(context: Any, err: Rejected, method: str) -> None:
+def _claimed(request: Any) -> str:
+    """Who a request says it comes from, for the log: its header's sender id, verified
+    or not. (Never ``context.peer()``: grpc 1.85's aio server segfaults reading the
+    peer of a call that has ended -- cancelled, past its deadline, its connection
+    gone -- and a handler cannot know that its call has not just ended.)"""
+    header = getattr(request, "header", None)
+    sender = header.sender_id[:64] if header is not None else ""
+    return repr(sender) if sender else "-"
+
+
+def _log_rejected(err: Rejected, method: str, sender: str) -> None:
     log.info(
-        "event=rejected method=%s reason=%s peer=%s detail=%r",
+        "event=rejected method=%s reason=%s sender=%s detail=%r",
         method.rpartition("/")[2],
         err.reason.name,
-        context.peer(),
+        sender,
         err.detail,
     )
 
 
-def _abort(context: grpc.ServicerContext, err: Rejected, method: str) -> NoReturn:
-    _log_rejected(context, err, method)
-    context.set_trailing_metadata(((_rpc.REJECT_TRAILER, err.reason.name),))
-    context.abort(_rpc.status_for(err.reason), err.detail or err.reason.name)
-
-
-async def _abort_async(context: Any, err: Rejected, method: str) -> NoReturn:
-    """:func:`_abort` for the streams that run on the server's loop."""
-    _log_rejected(context, err, method)
+async def _abort_async(context: Any, err: Rejected, method: str, sender: str) -> NoReturn:
+    """Log a refusal and end the call with its status (on the server's loop)."""
+    _log_rejected(err, method, sender)
     await context.abort(
         _rpc.status_for(err.reason),
         err.detail or err.reason.name,
@@ -432,34 +433,56 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             msg, method, direction, sender_id=member_id, incarnation=incarnation, epoch=epoch
         )
 
-    def _guard(self, context: grpc.ServicerContext, method: str, fn: Callable[[], _T]) -> _T:
-        """Run a unary handler: its refusals and errors become statuses, and it counts
-        as running until it returns (stop() waits for it)."""
+    async def _unary(
+        self,
+        context: Any,
+        request: Any,
+        method: str,
+        fn: Callable[[], _T],
+        ended: threading.Event | None = None,
+    ) -> _T:
+        """Run a unary call: ``fn`` (verify, decide, sign; a vote waits for its
+        decision) on the pool, everything that touches the call here on the loop.
+
+        A pool thread never touches grpc. On the aio server a sync handler's context
+        is a wrapper whose abort() goes through this loop (it blocked for good on a
+        stopped one) and whose peer() read a call the caller or stop() had ended (a
+        segfault, CI); its add_callback() is never called, so a vote never heard that
+        its caller went away. Here the caller going away (a cancel, its deadline, its
+        connection) cancels this coroutine, which tells ``fn`` through ``ended``. The
+        call counts as running until this returns: stop() waits for it."""
         c = self._c
         with c._cond:
             c._busy += 1
         try:
             if c._stopping:
                 raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
-            return fn()
+            return await asyncio.get_running_loop().run_in_executor(c._pool, fn)
+        except asyncio.CancelledError:
+            if ended is not None:
+                ended.set()
+            raise
         except Rejected as err:
-            _abort(context, err, method)
+            await _abort_async(context, err, method, _claimed(request))
         except _Ended as end:  # the caller went away or its deadline passed: not an error
-            context.abort(end.code, end.detail)
+            await context.abort(end.code, end.detail)
         except Exception:
-            log.exception("event=handler_error method=%s peer=%s", method, context.peer())
-            context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the coordinator)")
+            log.exception("event=handler_error method=%s sender=%s", method, _claimed(request))
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "internal error (logged by the coordinator)"
+            )
         finally:
             with c._cond:
                 c._busy -= 1
                 if c._busy == 0 and c._stopping:
                     c._cond.notify_all()
+        raise AssertionError("unreachable: abort raises")
 
     # -- Join --------------------------------------------------------------------------
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+    async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinResponse:
         method = _rpc.SERVICE + "Join"
-        return self._guard(context, method, lambda: self._join(request, method))
+        return await self._unary(context, request, method, lambda: self._join(request, method))
 
     def _join(self, request: pb.JoinRequest, method: str) -> pb.JoinResponse:
         c = self._c
@@ -492,7 +515,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
     # -- Leave -------------------------------------------------------------------------
 
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+    async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveResponse:
         method = _rpc.SERVICE + "Leave"
 
         def run() -> pb.LeaveResponse:
@@ -505,13 +528,11 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             self._sign(resp, method, "response", view.epoch, (info.sender_id, info.incarnation))
             return resp
 
-        return self._guard(context, method, run)
+        return await self._unary(context, request, method, run)
 
     # -- Heartbeat ---------------------------------------------------------------------
 
-    def Heartbeat(
-        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
-    ) -> pb.HeartbeatResponse:
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         method = _rpc.SERVICE + "Heartbeat"
 
         def run() -> pb.HeartbeatResponse:
@@ -524,7 +545,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             self._sign(resp, method, "response", epoch, (info.sender_id, info.incarnation))
             return resp
 
-        return self._guard(context, method, run)
+        return await self._unary(context, request, method, run)
 
     # -- Beats -------------------------------------------------------------------------
 
@@ -541,6 +562,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         sender: tuple[str, int] | None = None
         last: tuple[int, Pace | None] = (-1, None)
         answered = 0.0
+        request: pb.HeartbeatRequest | None = None
         try:
             async for request in request_iterator:
                 info = c._signer.verify(request, method, "request")
@@ -560,12 +582,12 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     # server runs stream-stream async generators as sync iterators)
                     await context.write(resp)
         except Rejected as err:
-            await _abort_async(context, err, method)
+            await _abort_async(context, err, method, _claimed(request))
 
     # -- ReportFailure -----------------------------------------------------------------
 
-    def ReportFailure(
-        self, request: pb.ReportFailureRequest, context: grpc.ServicerContext
+    async def ReportFailure(
+        self, request: pb.ReportFailureRequest, context: Any
     ) -> pb.ReportFailureResponse:
         method = _rpc.SERVICE + "ReportFailure"
 
@@ -597,17 +619,26 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             self._sign(resp, method, "response", info.epoch, (info.sender_id, info.incarnation))
             return resp
 
-        return self._guard(context, method, run)
+        return await self._unary(context, request, method, run)
 
     # -- Commit ------------------------------------------------------------------------
 
-    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
+    async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
         method = _rpc.SERVICE + "Commit"
-        return self._guard(context, method, lambda: self._commit(request, context, method))
+        remaining = context.time_remaining()
+        until = None if remaining is None else time.monotonic() + remaining
+        ended = threading.Event()  # the call is over (the caller went away)
+
+        def run() -> pb.CommitResponse:
+            return self._commit(request, method, until, ended)
+
+        return await self._unary(context, request, method, run, ended)
 
     def _commit(
-        self, request: pb.CommitRequest, context: grpc.ServicerContext, method: str
+        self, request: pb.CommitRequest, method: str, until: float | None, ended: threading.Event
     ) -> pb.CommitResponse:
+        """A vote, then its decision: waits (on a pool thread) until the group decides,
+        the caller goes away (``ended``) or its deadline (``until``, monotonic) nears."""
         c = self._c
         info = c._signer.verify(request, method, "request")
         step, ok = int(request.step), bool(request.ok)
@@ -618,9 +649,6 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         decision: Decision | None = c._locked(
             lambda g, now: g.vote(info.sender_id, info.incarnation, epoch, step, ok, now, last)
         )
-        ended = threading.Event()  # the call is over (cancelled by the caller, or done)
-        if decision is None:
-            context.add_callback(ended.set)
         with c._cond:
             # decided between the vote above and this lock (its notify_all came before
             # we waited): the wake-up was missed, so look before waiting
@@ -629,7 +657,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             while decision is None:
                 if c._stopping:
                     raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
-                remaining = context.time_remaining()
+                remaining = None if until is None else until - time.monotonic()
                 if ended.is_set():
                     raise _Ended(grpc.StatusCode.CANCELLED, "vote cancelled by the caller")
                 if remaining is not None and remaining < 0.05:
@@ -663,7 +691,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             with c._cond:
                 c._group().check_sender(info.sender_id, info.incarnation)
         except Rejected as err:
-            await _abort_async(context, err, method)
+            await _abort_async(context, err, method, _claimed(request))
         member_id, incarnation = info.sender_id, info.incarnation
         ended_by_us = False
 

@@ -13,9 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
-import grpc
 import pytest
 
 from phalanx.membership import _rpc
@@ -73,21 +72,6 @@ def test_a_tick_that_raises_does_not_end_failure_detection(
     coordinator.wait_for(lambda v: "m" not in v, 10)
 
 
-class _Context:
-    """What the Commit handler uses of a gRPC context; ``on_callback`` runs where the
-    handler registers its cancellation callback: after its vote, before it waits."""
-
-    def __init__(self, on_callback: Any) -> None:
-        self._on_callback = on_callback
-
-    def add_callback(self, fn: Any) -> bool:
-        self._on_callback()
-        return True
-
-    def time_remaining(self) -> float:
-        return 10.0
-
-
 def test_a_vote_decided_before_its_first_wait_is_answered_without_waiting(
     coordinator: Coordinator,
 ) -> None:
@@ -100,9 +84,6 @@ def test_a_vote_decided_before_its_first_wait_is_answered_without_waiting(
         coordinator._locked(join)
     view = coordinator.wait_for(lambda v: v.ids == ("a", "b"), 5)
     epoch = view.epoch
-
-    def b_votes() -> None:  # the deciding vote lands between a's vote and its wait
-        coordinator._locked(lambda g, now: g.vote("b", 1, epoch, 1, True, now))
 
     waits: list[float | None] = []
     cond = coordinator._cond
@@ -117,11 +98,20 @@ def test_a_vote_decided_before_its_first_wait_is_answered_without_waiting(
     req = pb.CommitRequest(step=1, ok=True)
     method = _rpc.SERVICE + "Commit"
     _rpc.Signer(SECRET).sign(req, method, "request", sender_id="a", incarnation=1, epoch=epoch)
+    real_locked = coordinator._locked
+
+    def locked_then_b_votes(fn: Any) -> Any:  # a's vote, then b's, then a's wait
+        out = real_locked(fn)
+        real_locked(lambda g, now: g.vote("b", 1, epoch, 1, True, now))
+        return out
+
     cond.wait = counting_wait  # type: ignore[method-assign]
+    coordinator._locked = locked_then_b_votes  # type: ignore[method-assign]
     try:
-        context = cast(grpc.ServicerContext, _Context(b_votes))
-        resp = _Servicer(coordinator)._commit(req, context, method)
+        until = time.monotonic() + 10.0
+        resp = _Servicer(coordinator)._commit(req, method, until, threading.Event())
     finally:
         del cond.wait
+        del coordinator._locked
     assert (resp.epoch, resp.step, resp.committed) == (epoch, 1, True)
     assert waits == []  # it waited for a wake-up that had already come (0.5 s)
