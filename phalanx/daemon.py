@@ -400,6 +400,7 @@ class Daemon:
             # heartbeats -> phalanx_heartbeat_last_{sent,ack}_timestamp_seconds
             self.group.agent.on_heartbeat = self.monitor.metrics.heartbeat
             self.group.recover_state = self._recover_state
+            self.group.on_state_sync = self.monitor.metrics.state_sync
             self.snapshots = self._snapshot_service()
             self.server = LocalServer(
                 self.socket_path,

@@ -107,6 +107,7 @@ from phalanx.membership.lifecycle import (
 from phalanx.membership.statesync import (
     PeerRecord,
     SyncAction,
+    SyncOutcome,
     SyncReport,
     SyncState,
     gather_records,
@@ -250,6 +251,9 @@ class ElasticGroup:
         #: the state this member waits for: fill ``state`` from elsewhere (snapshots) and
         #: say what moved, or None. The daemon sets it.
         self.recover_state: Callable[[SyncState, Deadline], SyncReport | None] | None = None
+        #: called (lock not held) after each state transfer this member sent or
+        #: received, ok or not: the daemon's metrics (phalanx_state_sync_*)
+        self.on_state_sync: Callable[[SyncOutcome], None] | None = None
         self._rejoin_lock = threading.Lock()
         self._stop = threading.Event()
         self._reports: queue.Queue[tuple[list[str], int, str] | None] = queue.Queue()
@@ -400,6 +404,18 @@ class ElasticGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _sync_done(self, role: str, ok: bool, nbytes: int, began: float) -> None:
+        """Tell :attr:`on_state_sync` about a transfer this member sent or received."""
+        hook = self.on_state_sync
+        if hook is None or not role:
+            return
+        with self._cond:
+            in_row = self._sync_failures
+        try:
+            hook(SyncOutcome(role, ok, nbytes, time.monotonic() - began, in_row))
+        except Exception:  # a metrics bug must not fail the sync
+            log.exception("event=state_sync_hook_error member=%s", self.member_id)
 
     # ------------------------------------------------------------------ agent and door callbacks
     def _on_view(self, view: View) -> None:
@@ -794,6 +810,14 @@ class ElasticGroup:
                     report = hook(st, deadline)
                 continue
             if st is not None and plan.receivers:
+                role = (
+                    "sent"
+                    if plan.source == plane.rank
+                    else "received"
+                    if plane.rank in plan.receivers
+                    else ""
+                )
+                began = time.monotonic()
                 try:
                     report = transfer(
                         group,
@@ -815,6 +839,9 @@ class ElasticGroup:
                     with self._cond:
                         plane.broken = failure
                         plane.move(GroupEvent.OP_FAILED)
+                        if plane.rank in exc.bad_ranks:
+                            self._sync_failures += 1
+                    self._sync_done(role, False, 0, began)
                     if plane.rank in exc.bad_ranks:
                         # never contribute unverified state: step out, so that the
                         # others get a view without us. A daemon (auto_rejoin) exists
@@ -825,7 +852,6 @@ class ElasticGroup:
                         with self._cond:
                             member = self._life.presence is Presence.MEMBER
                         if self._life.auto_rejoin and member:
-                            self._sync_failures += 1
                             delay = rejoin_delay(self._sync_failures)
                             self._cycle("state-sync-failed", delay=delay)
                         else:
@@ -833,6 +859,12 @@ class ElasticGroup:
                                 self._life.leave()
                             self.agent.leave(reason="state-sync-failed")
                     raise
+                except BaseException:  # a peer lost, the deadline: the transfer failed
+                    self._sync_done(role, False, 0, began)
+                    raise
+                with self._cond:
+                    self._sync_failures = 0
+                self._sync_done(role, True, report.nbytes, began)
             with self._cond:
                 self._sync_failures = 0  # an exchange went through: the run is over
                 if plane.phase is GroupPhase.READY:

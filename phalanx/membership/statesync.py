@@ -399,6 +399,20 @@ class SyncReport:
         return self.nbytes / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class SyncOutcome:
+    """One transfer this member took part in, as the monitor counts it: ``role`` is
+    "sent" (the source) or "received"; ``ok`` False when verification or the transfer
+    failed (then ``nbytes`` is 0). ``failures_in_row`` is this member's received
+    states that failed verification in a row, 0 once an exchange went through."""
+
+    role: str
+    ok: bool
+    nbytes: int
+    seconds: float
+    failures_in_row: int
+
+
 def gather_records(
     group: Group, mine: PeerRecord, deadline: Deadline | None = None
 ) -> list[PeerRecord]:

@@ -25,11 +25,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from phalanx.membership.statesync import SyncOutcome
 
 __all__ = [
     "ANOMALY_KINDS",
@@ -55,6 +58,9 @@ LINK_BUCKETS: tuple[float, ...] = (
 SNAPSHOT_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+#: a state transfer's ``role`` label's whole domain
+SYNC_ROLES: tuple[str, ...] = ("sent", "received")
 
 #: the anomaly kinds the detectors produce (the ``kind`` label's whole domain)
 ANOMALY_KINDS: tuple[str, ...] = ("slow_link", "straggler", "hang", "degradation")
@@ -242,6 +248,37 @@ class Metrics:
             "further losses until repaired.",
             registry=r,
         )
+        # ---- state sync (a newcomer or a diverged member receives the group's state)
+        self.state_syncs = Counter(
+            "phalanx_state_syncs",
+            "State transfers this daemon took part in, by role (sent: it was the source; "
+            "received) and outcome (ok; failed: verification or the transfer failed).",
+            ["role", "outcome"],
+            registry=r,
+        )
+        self.state_sync_bytes = Counter(
+            "phalanx_state_sync_bytes",
+            "State bytes this daemon sent, or received and verified.",
+            ["role"],
+            registry=r,
+        )
+        self.state_sync_duration = Histogram(
+            "phalanx_state_sync_duration_seconds",
+            "Transfers that went through: manifest, bytes and verification.",
+            ["role"],
+            buckets=SNAPSHOT_BUCKETS,
+            registry=r,
+        )
+        self.state_sync_failures_in_row = Gauge(
+            "phalanx_state_sync_failures_in_row",
+            "States this daemon received that failed verification in a row (it steps "
+            "out and comes back after each); 0 once an exchange went through.",
+            registry=r,
+        )
+        for role in SYNC_ROLES:  # zeros, so that increase() works before the first sync
+            self.state_sync_bytes.labels(role=role)
+            for outcome in ("ok", "failed"):
+                self.state_syncs.labels(role=role, outcome=outcome)
         # ---- anomalies
         self.anomaly_score = Gauge(
             "phalanx_anomaly_score",
@@ -328,6 +365,16 @@ class Metrics:
         self.view_members.set(members)
         self.rank.set(rank)
         self.view_changes.inc()
+
+    def state_sync(self, outcome: SyncOutcome) -> None:
+        """Count one state transfer this daemon sent or received (ElasticGroup's
+        ``on_state_sync``)."""
+        role = outcome.role if outcome.role in SYNC_ROLES else "received"
+        self.state_syncs.labels(role=role, outcome="ok" if outcome.ok else "failed").inc()
+        if outcome.ok:
+            self.state_sync_bytes.labels(role=role).inc(outcome.nbytes)
+            self.state_sync_duration.labels(role=role).observe(outcome.seconds)
+        self.state_sync_failures_in_row.set(outcome.failures_in_row)
 
     def heartbeat(self, acked: bool, at: float | None = None) -> None:
         """Record a heartbeat sent (and, if ``acked``, acknowledged) at Unix time ``at``."""

@@ -21,7 +21,7 @@ from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
 from phalanx.membership.elastic import ElasticGroup
 from phalanx.membership.lifecycle import Presence
-from phalanx.membership.statesync import SyncState
+from phalanx.membership.statesync import SyncOutcome, SyncState
 from phalanx.membership.view import View
 from phalanx.ops import OpResult
 
@@ -387,11 +387,16 @@ def test_a_daemon_whose_received_state_fails_verification_comes_back(
     src.arrays["w"][:] += 1.0  # changed in place without update()
     a = _member(coordinator, "a", src)
     b = _member(coordinator, "b", SyncState.empty(), auto_rejoin=True)
+    sent: list[SyncOutcome] = []
+    received: list[SyncOutcome] = []
+    a.on_state_sync, b.on_state_sync = sent.append, received.append  # (the metrics')
     try:
         _join_all((a, b))
         first = _parallel(lambda: a.begin_step(timeout=10), lambda: b.begin_step(timeout=10))
         assert all(isinstance(r, StateSyncError) for r in first), first
         assert b.presence is not Presence.LEFT, b.presence  # on its way back
+        assert [(o.role, o.ok, o.failures_in_row) for o in received] == [("received", False, 1)]
+        assert [(o.role, o.ok) for o in sent] == [("sent", False)]
         src.update()  # the source hashes again
         deadline = time.monotonic() + 40
         while not (b.state is not None and b.state.valid):
@@ -400,6 +405,14 @@ def test_a_daemon_whose_received_state_fails_verification_comes_back(
         assert b.presence is Presence.MEMBER, b.presence
         assert b.state is not None and b.state.step == 3
         np.testing.assert_array_equal(b.state.arrays["w"], src.arrays["w"])
+        # every try that failed counted in the row; the one that went through ends it
+        fails = [o.failures_in_row for o in received if not o.ok]
+        assert fails == list(range(1, len(fails) + 1)), received
+        last = received[-1]
+        assert (last.role, last.ok, last.failures_in_row, last.nbytes) == (
+            "received", True, 0, n * 4,
+        ), received  # fmt: skip
+        assert (sent[-1].role, sent[-1].ok, sent[-1].nbytes) == ("sent", True, n * 4), sent
     finally:
         a.close()
         b.close()

@@ -213,6 +213,17 @@ def test_synced_is_true_only_on_the_begin_step_that_received_state() -> None:
         assert np.all(wb == 3.0)
         assert not again.synced and again.sync_bytes == 0  # the same view: nothing received
         assert not second.synced and not third.synced  # the source never receives
+        # each daemon counted the transfer (phalanx_state_sync_*)
+        for client, role in ((a, "sent"), (b, "received")):
+            assert client.daemon is not None
+            reg = client.daemon.monitor.registry
+            ok = {"role": role, "outcome": "ok"}
+            assert reg.get_sample_value("phalanx_state_syncs_total", ok) == 1.0, role
+            failed = {"role": role, "outcome": "failed"}
+            assert reg.get_sample_value("phalanx_state_syncs_total", failed) == 0.0, role
+            got_bytes = reg.get_sample_value("phalanx_state_sync_bytes_total", {"role": role})
+            assert got_bytes == w.nbytes, (role, got_bytes)
+            assert reg.get_sample_value("phalanx_state_sync_failures_in_row") == 0.0
     finally:
         if b is not None:
             b.close()

@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from phalanx.comm.observer import LinkSample, OpSample
+from phalanx.membership.statesync import SyncOutcome
 from phalanx.monitor import Monitor
 from phalanx.monitor.metrics import LinkTcp, Metrics
 
@@ -37,7 +38,7 @@ def test_names_follow_prometheus_rules() -> None:
         for s in f.samples:
             assert "seq" not in s.labels and "step" not in s.labels
             assert set(s.labels) <= {"op", "algorithm", "outcome", "peer", "stream", "kind",
-                                     "reason", "version", "le"}  # fmt: skip
+                                     "reason", "version", "le", "role"}  # fmt: skip
         if re.search(r"(time|duration|latency|wait|rtt)", f.name) and not f.name.endswith(
             "_created"
         ):
@@ -154,6 +155,31 @@ def test_op_and_link_metrics_and_forget_peer() -> None:
     mon.observer.op_finished(replace(_sample(3), epoch=5))
     text = generate_latest(mon.registry).decode()
     assert 'phalanx_link_received_bytes_total{peer="0"} 200.0' in text
+
+
+def test_state_syncs_are_counted_by_role_and_outcome() -> None:
+    m = Metrics()
+    r = m.registry
+
+    def value(name: str, **labels: str) -> float | None:
+        return r.get_sample_value(name, labels)
+
+    # exported at zero before the first sync (increase() needs a first sample)
+    assert value("phalanx_state_syncs_total", role="received", outcome="failed") == 0.0
+    assert value("phalanx_state_sync_bytes_total", role="sent") == 0.0
+    m.state_sync(SyncOutcome("received", False, 0, 0.2, 1))
+    m.state_sync(SyncOutcome("received", False, 0, 0.2, 2))
+    assert value("phalanx_state_sync_failures_in_row") == 2.0
+    assert value("phalanx_state_syncs_total", role="received", outcome="failed") == 2.0
+    m.state_sync(SyncOutcome("received", True, 4096, 0.5, 0))
+    assert value("phalanx_state_sync_failures_in_row") == 0.0
+    assert value("phalanx_state_syncs_total", role="received", outcome="ok") == 1.0
+    assert value("phalanx_state_sync_bytes_total", role="received") == 4096.0
+    assert value("phalanx_state_sync_duration_seconds_count", role="received") == 1.0
+    assert value("phalanx_state_sync_duration_seconds_sum", role="received") == 0.5
+    m.state_sync(SyncOutcome("sent", True, 100, 0.1, 0))
+    assert value("phalanx_state_sync_bytes_total", role="sent") == 100.0
+    assert value("phalanx_state_syncs_total", role="sent", outcome="failed") == 0.0
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is absent")
