@@ -231,9 +231,10 @@ class Coordinator:
         join's address probe). Before, ``server.stop`` cancelled them: their callers
         heard CANCELLED, not why."""
         with self._cond:
-            self._stopping = True
+            again, self._stopping = self._stopping, True
             self._cond.notify_all()
-            self._drain(grace + self.config.probe_timeout + 2 * _WAIT_SLICE)
+            if not again:  # (a call the stopped loop left suspended never ends)
+                self._drain(grace + self.config.probe_timeout + 2 * _WAIT_SLICE)
         self._stop_event.set()
         loop, server = self._loop, self._server
         if server is not None and loop is not None and not loop.is_closed():
@@ -450,7 +451,8 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         segfault, CI); its add_callback() is never called, so a vote never heard that
         its caller went away. Here the caller going away (a cancel, its deadline, its
         connection) cancels this coroutine, which tells ``fn`` through ``ended``. The
-        call counts as running until this returns: stop() waits for it."""
+        call counts as running until this returns: stop() waits for it (a cancelled
+        call's ``fn`` may outlive it by a moment, touching nothing of the call)."""
         c = self._c
         with c._cond:
             c._busy += 1
@@ -459,8 +461,10 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 raise Rejected(RejectReason.SHUTTING_DOWN, "coordinator is stopping")
             return await asyncio.get_running_loop().run_in_executor(c._pool, fn)
         except asyncio.CancelledError:
-            if ended is not None:
-                ended.set()
+            if ended is not None:  # the vote stops waiting now, not at its next slice
+                with c._cond:
+                    ended.set()
+                    c._cond.notify_all()
             raise
         except Rejected as err:
             await _abort_async(context, err, method, _claimed(request))

@@ -569,7 +569,7 @@ def test_stop_lets_a_waiting_vote_be_refused_before_it_stops_the_server(
         try:
             return real(self, *args)
         except Rejected as err:
-            time.sleep(1.0)  # > grace below
+            time.sleep(0.5)  # > grace below
             refused.append((err.reason.name, args[0].header.sender_id))
             raise
 
@@ -593,7 +593,7 @@ def test_stop_lets_a_waiting_vote_be_refused_before_it_stops_the_server(
 
         assert _until(lambda: voted() == 2, 5.0)
         time.sleep(0.1)  # (each vote's handler goes on to wait for the decision)
-        c.stop(grace=0.2)
+        c.stop(grace=0.05)
         # both refusals were made, and answered, before stop() returned
         assert sorted(refused) == [("SHUTTING_DOWN", "a"), ("SHUTTING_DOWN", "b")], refused
         for t in votes:
@@ -616,9 +616,20 @@ from phalanx.membership._proto import membership_pb2 as pb
 from phalanx.membership._proto import membership_pb2_grpc as pb_grpc
 from phalanx.membership.agent import Agent
 from phalanx.membership.config import MembershipConfig
-from phalanx.membership.coordinator import Coordinator
+from phalanx.membership.coordinator import Coordinator, _Servicer
 from phalanx.membership.view import Member
 
+voting = [0]  # votes inside _commit (on a pool thread)
+real_commit = _Servicer._commit
+
+def counted(self, *args):
+    voting[0] += 1
+    try:
+        return real_commit(self, *args)
+    finally:
+        voting[0] -= 1
+
+_Servicer._commit = counted
 secret = b"integration-test-secret-0123456789"
 c = Coordinator(secret=secret, config=MembershipConfig(recovery_grace=0.0))
 c.start()
@@ -643,14 +654,14 @@ _rpc.Signer(secret).sign(req, method, "request", sender_id="a", incarnation=1,
 channel = grpc.insecure_channel(c.address)
 vote = pb_grpc.CoordinatorStub(channel).Commit.future(req, timeout=30.0)
 deadline = time.monotonic() + 5.0
-while c._busy == 0 and time.monotonic() < deadline:
+while voting[0] == 0 and time.monotonic() < deadline:
     time.sleep(0.02)
-print("waiting", c._busy, flush=True)
+print("waiting", voting[0], c._busy, flush=True)
 vote.cancel()
-deadline = time.monotonic() + 3.0
-while c._busy > 0 and time.monotonic() < deadline:
+deadline = time.monotonic() + 3.0  # (the vote would wait 30 s for its deadline)
+while (voting[0] or c._busy) and time.monotonic() < deadline:
     time.sleep(0.02)
-print("released", c._busy, flush=True)
+print("released", voting[0], c._busy, flush=True)
 c.stop(grace=0.2)  # waking that vote to log its refusal with its peer: a segfault
 channel.close()
 for a in agents:
@@ -668,9 +679,9 @@ def test_a_vote_whose_caller_went_away_is_released_and_stop_survives_it() -> Non
                          text=True, timeout=60, cwd=REPO)  # fmt: skip
     assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
     lines = out.stdout.split()
-    assert lines[:2] == ["waiting", "1"], out.stdout  # the vote was waiting
-    assert lines[2:4] == ["released", "0"], out.stdout  # and heard its caller go
-    assert lines[4:] == ["stopped"], out.stdout
+    assert lines[:3] == ["waiting", "1", "1"], out.stdout  # the vote was waiting
+    assert lines[3:6] == ["released", "0", "0"], out.stdout  # and heard its caller go
+    assert lines[6:] == ["stopped"], out.stdout
 
 
 _JOIN_IN_A_FRESH_PROCESS = """
