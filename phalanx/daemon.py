@@ -401,6 +401,7 @@ class Daemon:
             self.group.agent.on_heartbeat = self.monitor.metrics.heartbeat
             self.group.recover_state = self._recover_state
             self.group.on_state_sync = self.monitor.metrics.state_sync
+            self.monitor.metrics.follow_sync_failures(lambda: group.sync_failures_in_row)
             self.snapshots = self._snapshot_service()
             self.server = LocalServer(
                 self.socket_path,

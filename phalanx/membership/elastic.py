@@ -405,6 +405,13 @@ class ElasticGroup:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def sync_failures_in_row(self) -> int:
+        """Received states that failed verification in a row (0 after any exchange
+        that went through)."""
+        with self._cond:
+            return self._sync_failures
+
     def _sync_done(self, role: str, ok: bool, nbytes: int, began: float) -> None:
         """Tell :attr:`on_state_sync` about a transfer this member sent or received."""
         hook = self.on_state_sync

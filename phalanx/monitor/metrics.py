@@ -3,8 +3,8 @@
 Naming follows the Prometheus rules: prefix ``phalanx_``, base units (seconds, bytes),
 ``_total`` on counters, ``_seconds``/``_bytes`` suffixes, points in time as
 ``*_timestamp_seconds`` (Unix time) rather than ages, histograms rather than summaries.
-Labels are small bounded sets: op kinds, algorithms, outcomes, anomaly kinds and peer
-ranks -- never steps, sequence numbers or tensor names. When a peer leaves the view,
+Labels are small bounded sets: op kinds, algorithms, outcomes, anomaly kinds, state-sync
+roles and peer ranks -- never steps, sequence numbers or tensor names. When a peer leaves the view,
 :meth:`Metrics.forget_peer` removes every series labelled with it; on every view change
 :meth:`Metrics.forget_anomalies` removes the anomaly series of all peers (ranks are
 renumbered: none may inherit another host's verdict).
@@ -58,6 +58,9 @@ LINK_BUCKETS: tuple[float, ...] = (
 SNAPSHOT_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+#: a state transfer takes longer than a seal for a large state (10 GB at 0.7 GB/s: 14 s)
+SYNC_BUCKETS: tuple[float, ...] = (*SNAPSHOT_BUCKETS, 120.0, 300.0, 600.0)
 
 #: a state transfer's ``role`` label's whole domain
 SYNC_ROLES: tuple[str, ...] = ("sent", "received")
@@ -266,7 +269,7 @@ class Metrics:
             "phalanx_state_sync_duration_seconds",
             "Transfers that went through: manifest, bytes and verification.",
             ["role"],
-            buckets=SNAPSHOT_BUCKETS,
+            buckets=SYNC_BUCKETS,
             registry=r,
         )
         self.state_sync_failures_in_row = Gauge(
@@ -274,7 +277,7 @@ class Metrics:
             "States this daemon received that failed verification in a row (it steps "
             "out and comes back after each); 0 once an exchange went through.",
             registry=r,
-        )
+        )  # read at scrape from the group (follow_sync_failures)
         for role in SYNC_ROLES:  # zeros, so that increase() works before the first sync
             self.state_sync_bytes.labels(role=role)
             for outcome in ("ok", "failed"):
@@ -369,12 +372,20 @@ class Metrics:
     def state_sync(self, outcome: SyncOutcome) -> None:
         """Count one state transfer this daemon sent or received (ElasticGroup's
         ``on_state_sync``)."""
-        role = outcome.role if outcome.role in SYNC_ROLES else "received"
+        role = outcome.role
+        if role not in SYNC_ROLES:
+            raise ValueError(f"state sync role {role!r} is not one of {SYNC_ROLES}")
         self.state_syncs.labels(role=role, outcome="ok" if outcome.ok else "failed").inc()
         if outcome.ok:
             self.state_sync_bytes.labels(role=role).inc(outcome.nbytes)
             self.state_sync_duration.labels(role=role).observe(outcome.seconds)
-        self.state_sync_failures_in_row.set(outcome.failures_in_row)
+
+    def follow_sync_failures(self, read: Callable[[], int]) -> None:
+        """``phalanx_state_sync_failures_in_row`` is ``read()`` at each scrape (the
+        group's own count: it goes back to 0 at any exchange that goes through, a
+        transfer or not -- set only at transfers, it stayed high, and its alert
+        fired, after a state came from snapshots instead)."""
+        self.state_sync_failures_in_row.set_function(lambda: float(read()))
 
     def heartbeat(self, acked: bool, at: float | None = None) -> None:
         """Record a heartbeat sent (and, if ``acked``, acknowledged) at Unix time ``at``."""

@@ -396,6 +396,7 @@ def test_a_daemon_whose_received_state_fails_verification_comes_back(
         assert all(isinstance(r, StateSyncError) for r in first), first
         assert b.presence is not Presence.LEFT, b.presence  # on its way back
         assert [(o.role, o.ok, o.failures_in_row) for o in received] == [("received", False, 1)]
+        assert b.sync_failures_in_row == 1  # (what the daemon's gauge reads)
         assert [(o.role, o.ok) for o in sent] == [("sent", False)]
         src.update()  # the source hashes again
         deadline = time.monotonic() + 40
@@ -413,6 +414,7 @@ def test_a_daemon_whose_received_state_fails_verification_comes_back(
             "received", True, 0, n * 4,
         ), received  # fmt: skip
         assert (sent[-1].role, sent[-1].ok, sent[-1].nbytes) == ("sent", True, n * 4), sent
+        assert b.sync_failures_in_row == 0
     finally:
         a.close()
         b.close()

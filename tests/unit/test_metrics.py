@@ -167,12 +167,16 @@ def test_state_syncs_are_counted_by_role_and_outcome() -> None:
     # exported at zero before the first sync (increase() needs a first sample)
     assert value("phalanx_state_syncs_total", role="received", outcome="failed") == 0.0
     assert value("phalanx_state_sync_bytes_total", role="sent") == 0.0
+    in_row = [0]  # the group's count, read at each scrape
+    m.follow_sync_failures(lambda: in_row[0])
     m.state_sync(SyncOutcome("received", False, 0, 0.2, 1))
     m.state_sync(SyncOutcome("received", False, 0, 0.2, 2))
+    in_row[0] = 2
     assert value("phalanx_state_sync_failures_in_row") == 2.0
     assert value("phalanx_state_syncs_total", role="received", outcome="failed") == 2.0
-    m.state_sync(SyncOutcome("received", True, 4096, 0.5, 0))
+    in_row[0] = 0  # an exchange went through, with or without a transfer
     assert value("phalanx_state_sync_failures_in_row") == 0.0
+    m.state_sync(SyncOutcome("received", True, 4096, 0.5, 0))
     assert value("phalanx_state_syncs_total", role="received", outcome="ok") == 1.0
     assert value("phalanx_state_sync_bytes_total", role="received") == 4096.0
     assert value("phalanx_state_sync_duration_seconds_count", role="received") == 1.0
@@ -180,6 +184,8 @@ def test_state_syncs_are_counted_by_role_and_outcome() -> None:
     m.state_sync(SyncOutcome("sent", True, 100, 0.1, 0))
     assert value("phalanx_state_sync_bytes_total", role="sent") == 100.0
     assert value("phalanx_state_syncs_total", role="sent", outcome="failed") == 0.0
+    with pytest.raises(ValueError, match="role"):
+        m.state_sync(SyncOutcome("restored", True, 1, 0.1, 0))
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is absent")
