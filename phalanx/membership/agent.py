@@ -212,12 +212,17 @@ class Agent:
             if self._closing.wait(delay):  # close() ends the retries too
                 raise MembershipError(f"agent closed while joining ({why})")
             delay = min(delay * 2, _RETRY_MAX)
+        self._left_while_joining()
         self._start_threads()
         remaining = max(0.0, deadline - time.monotonic())
         try:
             # an eviction ends the wait at once (a join refused while it waited for
-            # admission would otherwise hold the caller for the whole timeout)
-            view = self.wait_for_view(lambda v: v.has(self._member) or self._evicted, remaining)
+            # admission would otherwise hold the caller for the whole timeout), and so
+            # does a leave()
+            view = self.wait_for_view(
+                lambda v: v.has(self._member) or self._evicted or self._left, remaining
+            )
+            self._left_while_joining()
             if self._evicted and not view.has(self._member):
                 raise Evicted("removed before admission")
             # Joined means wired: the Watch stream is open (its loss is a fast death
@@ -235,6 +240,23 @@ class Agent:
             view.rank(self._member.id),
         )
         return view
+
+    def _left_while_joining(self) -> None:
+        """Raise if leave() ran during this join. A Leave that reached the coordinator
+        before the Join registered us was refused (NOT_MEMBER), and the member then
+        stayed in the group until its missing heartbeats removed it: say it again."""
+        with self._lock:
+            left, inc = self._left, self._member.incarnation
+        if not left:
+            return
+        with self._life_lock:
+            self._stop_threads()
+        try:
+            self._call("Leave", pb.LeaveRequest(reason="left while joining"),
+                       self.config.rpc_timeout, incarnation=inc)  # fmt: skip
+        except (Rejected, CoordinatorUnavailable) as err:  # NOT_MEMBER: it got through
+            log.debug("event=leave_repeated member=%s error=%s", self._member.id, err)
+        raise MembershipError(f"{self._member.id}: leave() was called during its join")
 
     def rejoin(self, timeout: float = 15.0, *, incarnation: int | None = None) -> View:
         """After eviction (or leave): join again with a higher incarnation."""
@@ -259,6 +281,7 @@ class Agent:
                     return
                 self._left = True  # threads stand down from here on
                 inc = self._member.incarnation
+                self._lock.notify_all()  # a join waiting for its admission ends
             req = pb.LeaveRequest(reason=reason)
             try:
                 self._call("Leave", req, timeout or self.config.rpc_timeout, incarnation=inc)

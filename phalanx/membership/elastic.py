@@ -119,6 +119,8 @@ from phalanx.ops import OpResult, OpSpec, StepInfo
 
 __all__ = ["ElasticGroup", "ViewChanged"]
 
+_LEFT_DURING_JOIN = "this member left the group during its join (rejoin() to come back)"
+
 log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.elastic")
 
@@ -296,11 +298,20 @@ class ElasticGroup:
         member back (it is not a member until then: collectives and
         :meth:`begin_step` raise ``Evicted`` meanwhile, as after any eviction; the
         torch manager retries them)."""
-        view = self.agent.join(self.join_timeout if timeout is None else timeout)
+        try:
+            view = self.agent.join(self.join_timeout if timeout is None else timeout)
+        except BaseException:
+            with self._cond:
+                left = self._life.presence is Presence.LEFT
+            if left:  # the agent's own error says less than this
+                raise GroupClosed(_LEFT_DURING_JOIN) from None
+            raise
         with self._cond:
             presence = self._life.presence
             if presence is Presence.CLOSED:
                 raise GroupClosed("elastic group closed during its join")
+            if presence is Presence.LEFT:  # (feeding it "joined" raised IllegalTransition)
+                raise GroupClosed(_LEFT_DURING_JOIN)
             if self.agent.evicted or presence in (
                 Presence.EVICTED,
                 Presence.REJOINING,

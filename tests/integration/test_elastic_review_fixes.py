@@ -418,3 +418,38 @@ def test_a_daemon_whose_received_state_fails_verification_comes_back(
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_leave_during_join_ends_the_join_with_group_closed_and_leaves_no_member(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """leave() while join() runs (a shutdown racing the start): join() fed "joined" to
+    a member that had LEFT and raised IllegalTransition, and a Leave that came before
+    the Join's registration was refused, so the member stayed in the group until its
+    missing heartbeats evicted it. Now join() raises GroupClosed and the member is out
+    of the view -- whether the leave lands before or after the registration."""
+    member = _member(coordinator, "m", None)
+    real = Agent._register
+    left: list[BaseException | None] = []
+
+    def register(self: Agent) -> Any:
+        if when == "before":
+            left.append(_parallel(member.leave)[0])
+            return real(self)
+        out = real(self)
+        left.append(_parallel(member.leave)[0])
+        return out
+
+    monkeypatch.setattr(Agent, "_register", register)
+    try:
+        with pytest.raises(GroupClosed, match="left"):
+            member.join(10)
+        assert left == [None], left  # leave() itself went through
+        assert member.presence is Presence.LEFT
+        # nobody stays behind in the coordinator's view (at most a heartbeat timeout)
+        assert _wait(lambda: "m" not in coordinator.view.ids, 5), coordinator.view
+        with pytest.raises(GroupClosed):  # as after any leave
+            member.begin_step(timeout=2)
+    finally:
+        member.close()
