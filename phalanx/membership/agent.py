@@ -197,6 +197,8 @@ class Agent:
         bfloat16()
         deadline = time.monotonic() + timeout
         delay = _RETRY_MIN
+        with self._lock:
+            inc = self._member.incarnation  # this join's (a rejoin meanwhile replaces it)
         while True:
             try:
                 self._register()
@@ -207,12 +209,13 @@ class Agent:
                 why: Exception = err
             except CoordinatorUnavailable as err:
                 why = err
+            self._left_while_joining(inc)  # and a leave() ends them (no more retries)
             if time.monotonic() + delay >= deadline:
                 raise why
             if self._closing.wait(delay):  # close() ends the retries too
                 raise MembershipError(f"agent closed while joining ({why})")
             delay = min(delay * 2, _RETRY_MAX)
-        self._left_while_joining()
+        self._left_while_joining(inc)
         self._start_threads()
         remaining = max(0.0, deadline - time.monotonic())
         try:
@@ -222,7 +225,7 @@ class Agent:
             view = self.wait_for_view(
                 lambda v: v.has(self._member) or self._evicted or self._left, remaining
             )
-            self._left_while_joining()
+            self._left_while_joining(inc)
             if self._evicted and not view.has(self._member):
                 raise Evicted("removed before admission")
             # Joined means wired: the Watch stream is open (its loss is a fast death
@@ -241,16 +244,18 @@ class Agent:
         )
         return view
 
-    def _left_while_joining(self) -> None:
-        """Raise if leave() ran during this join. A Leave that reached the coordinator
-        before the Join registered us was refused (NOT_MEMBER), and the member then
-        stayed in the group until its missing heartbeats removed it: say it again."""
+    def _left_while_joining(self, inc: int) -> None:
+        """Raise if leave() ran during the join of incarnation ``inc``. A Leave that
+        reached the coordinator before the Join registered us was refused (NOT_MEMBER),
+        and the member then stayed in the group until its missing heartbeats removed
+        it: say it again. (leave() stopped the threads; any started since stand down on
+        ``_left`` by themselves. Stopping them here could stop a rejoin's new ones.)"""
         with self._lock:
-            left, inc = self._left, self._member.incarnation
+            left, current = self._left, self._member.incarnation
+        if current != inc:  # leave() and a rejoin() ran meanwhile: the rejoin's now
+            raise MembershipError(f"{self._member.id}: this join was replaced by a rejoin")
         if not left:
             return
-        with self._life_lock:
-            self._stop_threads()
         try:
             self._call("Leave", pb.LeaveRequest(reason="left while joining"),
                        self.config.rpc_timeout, incarnation=inc)  # fmt: skip

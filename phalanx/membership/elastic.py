@@ -300,7 +300,7 @@ class ElasticGroup:
         torch manager retries them)."""
         try:
             view = self.agent.join(self.join_timeout if timeout is None else timeout)
-        except BaseException:
+        except Exception:
             with self._cond:
                 left = self._life.presence is Presence.LEFT
             if left:  # the agent's own error says less than this

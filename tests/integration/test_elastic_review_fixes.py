@@ -420,7 +420,7 @@ def test_a_daemon_whose_received_state_fails_verification_comes_back(
         b.close()
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("when", ["before", "after", "waiting"])
 def test_leave_during_join_ends_the_join_with_group_closed_and_leaves_no_member(
     coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
@@ -428,9 +428,10 @@ def test_leave_during_join_ends_the_join_with_group_closed_and_leaves_no_member(
     a member that had LEFT and raised IllegalTransition, and a Leave that came before
     the Join's registration was refused, so the member stayed in the group until its
     missing heartbeats evicted it. Now join() raises GroupClosed and the member is out
-    of the view -- whether the leave lands before or after the registration."""
+    of the view -- whether the leave lands before or after the registration, or while
+    the join waits for its admission."""
     member = _member(coordinator, "m", None)
-    real = Agent._register
+    real, real_start = Agent._register, Agent._start_threads
     left: list[BaseException | None] = []
 
     def register(self: Agent) -> Any:
@@ -438,10 +439,17 @@ def test_leave_during_join_ends_the_join_with_group_closed_and_leaves_no_member(
             left.append(_parallel(member.leave)[0])
             return real(self)
         out = real(self)
-        left.append(_parallel(member.leave)[0])
+        if when == "after":
+            left.append(_parallel(member.leave)[0])
         return out
 
+    def start_threads(self: Agent) -> None:  # "waiting": the join waits for admission
+        real_start(self)
+        if when == "waiting" and not left:
+            left.append(_parallel(member.leave)[0])
+
     monkeypatch.setattr(Agent, "_register", register)
+    monkeypatch.setattr(Agent, "_start_threads", start_threads)
     try:
         with pytest.raises(GroupClosed, match="left"):
             member.join(10)
