@@ -117,7 +117,7 @@ from phalanx.local.protocol import (
     row_of,
 )
 from phalanx.local.shm import Region, exchange, pinned
-from phalanx.ops import Handle, OpResult, OpSpec, StepInfo, ViewInfo
+from phalanx.ops import Handle, OpResult, OpSpec, StepInfo, ViewInfo, layout_tag
 
 _ALIGN = 64
 
@@ -674,8 +674,8 @@ class Client:
         one after), the op fails on every member with ``OpMismatch`` naming ``layout``,
         every ``x`` holding its input. The daemon runs it in its current view as any op;
         ``OpResult.epoch`` says which (compare it with the tag). None: untagged."""
-        return self._submit(OpSpec("reduce_scatter", op, codec, layout=_tag(layout_epoch)), x,
-                            retry=retry, timeout=timeout, async_op=async_op)  # fmt: skip
+        spec = OpSpec("reduce_scatter", op, codec, layout=layout_tag(layout_epoch))
+        return self._submit(spec, x, retry=retry, timeout=timeout, async_op=async_op)
 
     @overload
     def all_gather(self, x: Array, codec: str = ..., *, async_op: Literal[False] = ...,
@@ -692,8 +692,8 @@ class Client:
         """Each member contributes its chunk of ``x`` (flat, :meth:`chunk`); afterwards
         every member's ``x`` holds every chunk. ``layout_epoch``: the layout tag, as in
         :meth:`reduce_scatter`."""
-        return self._submit(OpSpec("all_gather", codec=codec, layout=_tag(layout_epoch)), x,
-                            retry=retry, timeout=timeout, async_op=async_op)  # fmt: skip
+        spec = OpSpec("all_gather", codec=codec, layout=layout_tag(layout_epoch))
+        return self._submit(spec, x, retry=retry, timeout=timeout, async_op=async_op)
 
     @overload
     def broadcast(self, x: Array, root: int = ..., codec: str = ..., *,
@@ -1035,11 +1035,6 @@ def _snapshot_leaves(
                 "non-contiguous", "array is not C-contiguous; pass np.ascontiguousarray(a)", name
             )
         out.append((path, arr))
-
-
-def _tag(layout_epoch: int | None) -> int:
-    """A layout tag as :attr:`OpSpec.layout` holds it (-1: untagged)."""
-    return -1 if layout_epoch is None else layout_epoch
 
 
 def _nothing(ok: bool) -> None:

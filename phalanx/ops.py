@@ -26,13 +26,27 @@ from dataclasses import dataclass
 
 from phalanx.errors import ConfigError
 
-__all__ = ["COLLECTIVES", "LAYOUT_KINDS", "Handle", "OpResult", "OpSpec", "StepInfo", "ViewInfo"]
+__all__ = [
+    "COLLECTIVES",
+    "LAYOUT_KINDS",
+    "Handle",
+    "OpResult",
+    "OpSpec",
+    "StepInfo",
+    "ViewInfo",
+    "layout_tag",
+]
 
 #: every collective phalanx runs, by name
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "barrier")
 #: the collectives whose array is laid out per view (a chunk per rank): they take a
 #: layout tag (:attr:`OpSpec.layout`)
 LAYOUT_KINDS = ("reduce_scatter", "all_gather")
+
+
+def layout_tag(layout_epoch: int | None) -> int:
+    """A caller's ``layout_epoch`` as :attr:`OpSpec.layout` holds it (-1: untagged)."""
+    return -1 if layout_epoch is None else layout_epoch
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,7 +115,7 @@ from phalanx.membership.statesync import (
     transfer,
 )
 from phalanx.membership.view import Member, View
-from phalanx.ops import OpResult, OpSpec, StepInfo
+from phalanx.ops import OpResult, OpSpec, StepInfo, layout_tag
 
 __all__ = ["ElasticGroup", "ViewChanged"]
 
@@ -424,12 +424,13 @@ class ElasticGroup:
             return self._sync_failures
 
     def _sync_done(self, role: str, ok: bool, nbytes: int, began: float) -> None:
-        """Tell :attr:`on_state_sync` about a transfer this member sent or received."""
+        """Tell :attr:`on_state_sync` about a transfer this member sent or received
+        (one that went through ends any run of failures)."""
         hook = self.on_state_sync
         if hook is None or not role:
             return
         with self._cond:
-            in_row = self._sync_failures
+            in_row = 0 if ok else self._sync_failures
         try:
             hook(SyncOutcome(role, ok, nbytes, time.monotonic() - began, in_row))
         except Exception:  # a metrics bug must not fail the sync
@@ -880,8 +881,6 @@ class ElasticGroup:
                 except BaseException:  # a peer lost, the deadline: the transfer failed
                     self._sync_done(role, False, 0, began)
                     raise
-                with self._cond:
-                    self._sync_failures = 0
                 self._sync_done(role, True, report.nbytes, began)
             with self._cond:
                 self._sync_failures = 0  # an exchange went through: the run is over
@@ -1051,7 +1050,7 @@ class ElasticGroup:
     ) -> OpResult:  # fmt: skip
         """Reduce over the view; only this member's chunk of ``x`` is written.
         ``layout_epoch``: the layout tag (:attr:`phalanx.ops.OpSpec.layout`)."""
-        spec = OpSpec("reduce_scatter", op, codec, layout=_tag(layout_epoch))
+        spec = OpSpec("reduce_scatter", op, codec, layout=layout_tag(layout_epoch))
         return self.run(spec, x, retry=retry, timeout=timeout)
 
     def all_gather(
@@ -1060,7 +1059,7 @@ class ElasticGroup:
     ) -> OpResult:  # fmt: skip
         """Every member's chunk of ``x`` (:meth:`chunk_of`) ends up in every ``x``.
         ``layout_epoch``: the layout tag (:attr:`phalanx.ops.OpSpec.layout`)."""
-        spec = OpSpec("all_gather", codec=codec, layout=_tag(layout_epoch))
+        spec = OpSpec("all_gather", codec=codec, layout=layout_tag(layout_epoch))
         return self.run(spec, x, retry=retry, timeout=timeout)
 
     def broadcast(
@@ -1366,8 +1365,3 @@ def _retire(plane: _Plane) -> None:
     if plane.group is not None:
         _abort(plane.group, "view-change", "the group was replaced")
         plane.group.close()
-
-
-def _tag(layout_epoch: int | None) -> int:
-    """A layout tag as :attr:`OpSpec.layout` holds it (-1: untagged)."""
-    return -1 if layout_epoch is None else layout_epoch
