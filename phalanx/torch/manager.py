@@ -76,7 +76,7 @@ import torch
 
 from phalanx.client import Client, OpResult
 from phalanx.comm.codecs import parse_codec
-from phalanx.errors import CommError, ConfigError, DaemonUnavailable
+from phalanx.errors import CommError, ConfigError, DaemonUnavailable, StepAborted, ViewChanged
 from phalanx.membership.errors import CommitUnknown, Evicted, MembershipError
 from phalanx.torch.bufsync import BufferSync
 from phalanx.torch.errors import JobMismatch, StepTimeout
@@ -397,6 +397,10 @@ class Manager:
             raise
         except Evicted as exc:
             raise _Retry(f"evicted: {exc}", 0.05) from exc
+        except (StepAborted, ViewChanged) as exc:
+            # opened in a view that has since been replaced (the daemon answered the
+            # vote before it installed the new view): opening again meets the others
+            raise _Retry(f"opening op: {type(exc).__name__}: {exc}", 0.01, view_moved=True) from exc
         except _RETRYABLE as exc:
             raise _Retry(f"opening op: {type(exc).__name__}: {exc}", 0.0) from exc
         v = judge(self._open, res.epoch, res.contributors, info.step, mode)
@@ -605,10 +609,20 @@ class Manager:
         sbuf = self._stash_buffers
         self.grads.drain()
         old_members = set(att.ctx.members)
-        try:
-            new = self._open_attempt(self.op_timeout, replay=True)
-        except (_Retry, JobMismatch):
-            return False
+        deadline = time.monotonic() + self.op_timeout
+        while True:
+            try:
+                new = self._open_attempt(max(0.001, deadline - time.monotonic()), replay=True)
+                break
+            except _Retry as r:
+                # only a view that moved under the opening is worth another try; any
+                # other refusal (the group moved on, members disagree) is final, and
+                # the step is redone
+                if not r.view_moved or time.monotonic() >= deadline:
+                    return False
+                time.sleep(r.pause)
+            except JobMismatch:
+                return False
         if not set(new.ctx.members) < old_members:
             return False  # a newcomer, or nobody left: redo the step instead
         new.synced = None
@@ -701,10 +715,11 @@ class _Mapped:
 
 
 class _Retry(Exception):
-    def __init__(self, why: str, pause: float) -> None:
+    def __init__(self, why: str, pause: float, *, view_moved: bool = False) -> None:
         super().__init__(why)
         self.why = why
         self.pause = pause
+        self.view_moved = view_moved  # the attempt opened in a view since replaced
 
 
 def _param_binder(p: torch.nn.Parameter) -> Callable[[torch.Tensor], None]:

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import phalanx  # noqa: E402
-from phalanx.errors import DaemonUnavailable, LimitExceeded, PeerFailure  # noqa: E402
+from phalanx.errors import DaemonUnavailable, LimitExceeded, PeerFailure, StepAborted  # noqa: E402
 from phalanx.torch import Manager, OptimizerWrapper  # noqa: E402
 from tests.integration._pairs import embedded_members, embedded_pair  # noqa: E402
 
@@ -323,6 +323,76 @@ def test_a_partial_replay_never_undoes_the_loops_clipping() -> None:
         ra = out["a"]
         assert ra["partial"] and ra["stats"]["partial_commits"] == 1, ra
         assert ra["partial_moved"] > 1.0  # its own, unclipped gradient, as partial promises
+
+
+class _ReplayOpensStale:
+    """A member's client whose daemon answers the vote (the view changed) before it
+    installs the new view: the replay's first opening op is then refused with
+    StepAborted, as that daemon refuses it. Everything else is the real client."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.opening: Any = None  # the manager's opening array
+        self.armed = False
+        self.refused = 0
+
+    def all_reduce(self, x: Any, *args: Any, **kw: Any) -> Any:
+        if self.armed and x is self.opening:
+            self.armed = False
+            self.refused += 1
+            raise StepAborted(0, 0, "the view changed since begin_step")
+        return self.client.all_reduce(x, *args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_a_replay_opened_before_the_new_view_opens_again_and_commits() -> None:
+    """Three members, partial=True; c leaves before the vote. b's replay opens before
+    its daemon installed the view without c, so its opening op is refused: the replay
+    used to give up at once (commit False) while a waited in the new view for b until
+    its deadline, and neither committed (a CI flake of the unused-parameters replay
+    test). Now b opens again, and both make the partial commit, alike."""
+    with embedded_members("abc", _JOIN_S) as clients:
+        synced = threading.Barrier(3, timeout=_JOIN_S)
+        out: dict[str, Any] = {}
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(6, 4, generator=g), torch.randn(6, 1, generator=g)
+        stale = _ReplayOpensStale(clients["b"])
+        lock = threading.Lock()
+
+        def member(name: str) -> None:
+            with lock:  # torch.manual_seed is process-wide: one member builds at a time
+                torch.manual_seed(0)
+                net = torch.nn.Linear(4, 1)
+            mgr = Manager(clients[name], net, torch.optim.SGD(net.parameters(), lr=0.1),
+                          global_batch=6, partial=True, op_timeout=10, job="stale")  # fmt: skip
+            try:
+                if name == "b":
+                    stale.opening = mgr._open
+                    mgr.client = stale  # type: ignore[assignment]  # a real client inside
+                s = mgr.begin_step(timeout=30)
+                torch.nn.functional.mse_loss(net(x[s.shard()]), y[s.shard()]).backward()
+                synced.wait()
+                if name == "c":
+                    clients["c"].close()  # leaves before its vote
+                    return
+                if name == "b":
+                    stale.armed = True
+                out[name] = {"committed": mgr.commit(), "params": _params(net)}
+            finally:
+                out.setdefault(name, {})["stats"] = dict(mgr.stats)
+                with contextlib.suppress(Exception):
+                    mgr.close()
+
+        _run_members(member, "abc")
+    assert stale.refused == 1, out["b"]["stats"]
+    for name in "ab":
+        r = out[name]
+        assert r["committed"] and r["stats"]["partial_commits"] == 1, r
+    assert all(
+        torch.equal(p, q) for p, q in zip(out["a"]["params"], out["b"]["params"], strict=True)
+    )
 
 
 # ---------------------------------------------------------------- 4. leaks
