@@ -540,6 +540,21 @@ def transfer(
             bad,
             error,
         )
+        if me == src:
+            # the links are authenticated, so bytes that do not match the source's
+            # hashes most likely changed after it hashed them (arrays written in place
+            # without update()): hash them again, or every later try sends the same
+            # stale hashes and fails the same way. The next exchange then picks its
+            # source by the true digests (a majority holder's state if this one's
+            # arrays went astray; these arrays if it is the only holder)
+            state.update()
+            log.warning(
+                "event=state_sync_source_rehashed epoch=%d source=%d step=%d "
+                "(the arrays were hashed again; were they changed without update()?)",
+                epoch,
+                src,
+                state.step,
+            )
         raise StateSyncError(
             f"state sync in epoch {epoch} failed on ranks {bad}" + (f": {error}" if error else ""),
             tuple(bad),

@@ -420,6 +420,39 @@ def test_a_daemon_whose_received_state_fails_verification_comes_back(
         b.close()
 
 
+def test_a_source_whose_arrays_changed_without_update_hashes_them_again(
+    coordinator: Coordinator,
+) -> None:
+    """The source changed its array in place without update(), so its manifest carried
+    stale hashes and the receiver's check failed. Every later try sent the same stale
+    hashes and failed the same way until the source's owner happened to call update():
+    the receiver cycled out and back with a growing delay. The source now hashes its
+    arrays again after a failed transfer, so the receiver's next try gets the arrays as
+    they are, without anyone calling update()."""
+    n = 1 << 14
+    src = SyncState({"w": np.arange(n, dtype=np.float32)}, 3)
+    src.digest()  # the hashes are cached now
+    src.arrays["w"][:] += 1.0  # changed in place without update()
+    a = _member(coordinator, "a", src)
+    b = _member(coordinator, "b", SyncState.empty(), auto_rejoin=True)
+    received: list[SyncOutcome] = []
+    b.on_state_sync = received.append
+    try:
+        _join_all((a, b))
+        first = _parallel(lambda: a.begin_step(timeout=10), lambda: b.begin_step(timeout=10))
+        assert all(isinstance(r, StateSyncError) for r in first), first
+        deadline = time.monotonic() + 20
+        while not (b.state is not None and b.state.valid):
+            assert time.monotonic() < deadline, (received, b.presence)
+            _parallel(lambda: a.begin_step(timeout=5), lambda: b.begin_step(timeout=5))
+        assert [o.ok for o in received] == [False, True], received  # the next try went through
+        assert b.state.step == 3
+        np.testing.assert_array_equal(b.state.arrays["w"], np.arange(n, dtype=np.float32) + 1)
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize("when", ["before", "after", "waiting"])
 def test_leave_during_join_ends_the_join_with_group_closed_and_leaves_no_member(
     coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch, when: str
