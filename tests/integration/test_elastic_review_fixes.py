@@ -372,6 +372,21 @@ def test_a_daemon_removed_right_after_admission_still_starts_and_comes_back(
         a.close()
 
 
+def _stale_source_and_receiver(
+    coordinator: Coordinator,
+) -> tuple[int, SyncState, ElasticGroup, ElasticGroup]:
+    """Source ``a`` (step 3) whose array was changed in place without update() after
+    it was hashed, so its cached hashes are stale; receiver ``b``, a newcomer under
+    auto_rejoin (as a daemon's group). The array's length comes first."""
+    n = 1 << 14
+    src = SyncState({"w": np.arange(n, dtype=np.float32)}, 3)
+    src.digest()  # the hashes are cached now
+    src.arrays["w"][:] += 1.0  # changed in place without update()
+    a = _member(coordinator, "a", src)
+    b = _member(coordinator, "b", SyncState.empty(), auto_rejoin=True)
+    return n, src, a, b
+
+
 def test_a_daemon_whose_received_state_fails_verification_comes_back(
     coordinator: Coordinator,
 ) -> None:
@@ -380,13 +395,9 @@ def test_a_daemon_whose_received_state_fails_verification_comes_back(
     client got GroupClosed until the daemon restarted. It now comes back by the rejoin
     policy, later after each failure in a row, and receives the state once the source
     hashes again. The source here changed its array in place without update(): its
-    manifest carries stale hashes, so every receiver fails until it does."""
-    n = 1 << 14
-    src = SyncState({"w": np.arange(n, dtype=np.float32)}, 3)
-    src.digest()  # the hashes are cached now
-    src.arrays["w"][:] += 1.0  # changed in place without update()
-    a = _member(coordinator, "a", src)
-    b = _member(coordinator, "b", SyncState.empty(), auto_rejoin=True)
+    manifest carried stale hashes (it now hashes again after the first failure by
+    itself, see the next test; here its owner's update() does it as well)."""
+    n, src, a, b = _stale_source_and_receiver(coordinator)
     sent: list[SyncOutcome] = []
     received: list[SyncOutcome] = []
     a.on_state_sync, b.on_state_sync = sent.append, received.append  # (the metrics')
@@ -429,12 +440,7 @@ def test_a_source_whose_arrays_changed_without_update_hashes_them_again(
     the receiver cycled out and back with a growing delay. The source now hashes its
     arrays again after a failed transfer, so the receiver's next try gets the arrays as
     they are, without anyone calling update()."""
-    n = 1 << 14
-    src = SyncState({"w": np.arange(n, dtype=np.float32)}, 3)
-    src.digest()  # the hashes are cached now
-    src.arrays["w"][:] += 1.0  # changed in place without update()
-    a = _member(coordinator, "a", src)
-    b = _member(coordinator, "b", SyncState.empty(), auto_rejoin=True)
+    n, src, a, b = _stale_source_and_receiver(coordinator)
     received: list[SyncOutcome] = []
     b.on_state_sync = received.append
     try:
@@ -447,6 +453,8 @@ def test_a_source_whose_arrays_changed_without_update_hashes_them_again(
             _parallel(lambda: a.begin_step(timeout=5), lambda: b.begin_step(timeout=5))
         assert [o.ok for o in received] == [False, True], received  # the next try went through
         assert b.state.step == 3
+        # the source's arrays as they are (changed), not as they were hashed
+        np.testing.assert_array_equal(b.state.arrays["w"], src.arrays["w"])
         np.testing.assert_array_equal(b.state.arrays["w"], np.arange(n, dtype=np.float32) + 1)
     finally:
         a.close()
