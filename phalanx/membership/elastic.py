@@ -865,8 +865,9 @@ class ElasticGroup:
                         # never contribute unverified state: step out, so that the
                         # others get a view without us. A daemon (auto_rejoin) exists
                         # to be in the group: it comes back by the rejoin policy, later
-                        # after each failure in a row (a source that changed its arrays
-                        # without update() fails every try until it hashes again);
+                        # after each failure in a row (the source hashes its arrays
+                        # again after a failure, statesync.transfer, so one that changed
+                        # them without update() fails one try, not every one);
                         # otherwise the caller may rejoin()
                         with self._cond:
                             member = self._life.presence is Presence.MEMBER

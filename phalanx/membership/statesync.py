@@ -545,8 +545,10 @@ def transfer(
             # hashes most likely changed after it hashed them (arrays written in place
             # without update()): hash them again, or every later try sends the same
             # stale hashes and fails the same way. The next exchange then picks its
-            # source by the true digests (a majority holder's state if this one's
-            # arrays went astray; these arrays if it is the only holder)
+            # source by the true digests, by the usual rule: the largest class of
+            # holders at the newest step (the others' state if this one's arrays went
+            # astray among three or more holders; with two holders that now differ,
+            # the lower digest; these arrays if it is the only holder)
             state.update()
             log.warning(
                 "event=state_sync_source_rehashed epoch=%d source=%d step=%d "
