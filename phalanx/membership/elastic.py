@@ -293,18 +293,31 @@ class ElasticGroup:
         """Join the group; returns the first view (the data-plane group is built in the
         background; the first collective or :meth:`begin_step` waits for it).
         If the group removed this incarnation before this call could take its
-        admission (a stall right after it): ``Evicted`` (:meth:`rejoin` brings it
-        back) -- or, with ``auto_rejoin``, the view, while the rejoin policy brings the
+        admission (while it waited for it, or in a stall right after it): ``Evicted``
+        (:meth:`rejoin` brings it back) -- or, with ``auto_rejoin``, the view (also when
+        the policy's rejoin has already replaced this join), while the rejoin policy brings the
         member back (it is not a member until then: collectives and
         :meth:`begin_step` raise ``Evicted`` meanwhile, as after any eviction; the
         torch manager retries them)."""
+        inc = self.agent.member.incarnation
         try:
             view = self.agent.join(self.join_timeout if timeout is None else timeout)
-        except Exception:
+        except Exception as exc:
             with self._cond:
-                left = self._life.presence is Presence.LEFT
-            if left:  # the agent's own error says less than this
+                presence = self._life.presence
+            if presence is Presence.LEFT:  # the agent's own error says less than this
                 raise GroupClosed(_LEFT_DURING_JOIN) from None
+            if (
+                self._life.auto_rejoin
+                and presence is not Presence.CLOSED
+                and self.agent.member.incarnation != inc
+            ):
+                # removed while this join waited, and the rejoin policy's new
+                # incarnation replaced it (the agent says so): a daemon's start must not
+                # fail on a removal the policy is undoing, as below
+                log.info("event=join_replaced_by_rejoin member=%s error=%r", self.member_id,
+                         str(exc))  # fmt: skip
+                return self.agent.view
             raise
         with self._cond:
             presence = self._life.presence

@@ -372,6 +372,60 @@ def test_a_daemon_removed_right_after_admission_still_starts_and_comes_back(
         a.close()
 
 
+def test_a_daemon_removed_while_its_join_waits_still_starts_when_the_rejoin_replaces_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The removal lands while the join waits for its admission, and the rejoin
+    policy's new incarnation comes up before the join looks again: the agent says the
+    join was replaced by a rejoin (MembershipError), and ``phalanx.start`` failed on it
+    -- a daemon that would not start while its policy had already brought it back. Now
+    the daemon starts, and it is a working member once the policy's rejoin is through
+    (until then its collectives raise Evicted, as after any removal)."""
+    real = Agent._start_threads
+    removed: list[int] = []
+
+    def start_threads(self: Agent) -> None:  # inside join(), before the admission wait
+        real(self)
+        if self.member.id == "b" and not removed:
+            removed.append(self.member.incarnation)
+            self._handle_evicted(self.member.incarnation)
+            assert _wait(lambda: self.member.incarnation > removed[0], 10), "no rejoin"
+
+    monkeypatch.setattr(Agent, "_start_threads", start_threads)
+    secret = os.urandom(32)
+    a = phalanx.start(secret=secret, member_id="a")
+    try:
+        b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
+        try:
+            assert removed, "the removal was not injected"
+            assert _wait(lambda: a.view().world == 2 and b.view().world == 2, 20), (
+                a.view(),
+                b.view(),
+            )
+            x, y = np.ones(4, np.float32), np.ones(4, np.float32)
+
+            def b_reduce() -> None:  # Evicted until the policy's rejoin is through
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        b.all_reduce(y)
+                        return
+                    except Evicted:
+                        assert time.monotonic() < deadline, "b never became a member"
+                        time.sleep(0.05)
+
+            t = threading.Thread(target=b_reduce)
+            t.start()
+            a.all_reduce(x)
+            t.join(30)
+            np.testing.assert_array_equal(x, 2.0)
+            np.testing.assert_array_equal(y, 2.0)
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
 def _stale_source_and_receiver(
     coordinator: Coordinator,
 ) -> tuple[int, SyncState, ElasticGroup, ElasticGroup]:
