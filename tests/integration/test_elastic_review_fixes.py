@@ -349,27 +349,7 @@ def test_a_daemon_removed_right_after_admission_still_starts_and_comes_back(
         return view
 
     monkeypatch.setattr(Agent, "join", join)
-    secret = os.urandom(32)
-    a = phalanx.start(secret=secret, member_id="a")
-    try:
-        b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
-        try:
-            assert done, "the removal was not injected"
-            assert _wait(lambda: a.view().world == 2 and b.view().world == 2, 20), (
-                a.view(),
-                b.view(),
-            )
-            x, y = np.ones(4, np.float32), np.ones(4, np.float32)
-            t = threading.Thread(target=b.all_reduce, args=(y,))
-            t.start()
-            a.all_reduce(x)
-            t.join(30)
-            np.testing.assert_array_equal(x, 2.0)
-            np.testing.assert_array_equal(y, 2.0)
-        finally:
-            b.close()
-    finally:
-        a.close()
+    _start_b_and_reduce_with_a(lambda: bool(done))
 
 
 def test_a_daemon_removed_while_its_join_waits_still_starts_when_the_rejoin_replaces_it(
@@ -392,19 +372,26 @@ def test_a_daemon_removed_while_its_join_waits_still_starts_when_the_rejoin_repl
             assert _wait(lambda: self.member.incarnation > removed[0], 10), "no rejoin"
 
     monkeypatch.setattr(Agent, "_start_threads", start_threads)
+    _start_b_and_reduce_with_a(lambda: bool(removed))
+
+
+def _start_b_and_reduce_with_a(injected: Callable[[], bool]) -> None:
+    """Start daemons ``a`` and ``b`` (b's start meets the injected removal), then one
+    all-reduce between them, exact. b's collectives raise Evicted until the rejoin
+    policy's new incarnation is through (as after any removal): b retries them."""
     secret = os.urandom(32)
     a = phalanx.start(secret=secret, member_id="a")
     try:
         b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
         try:
-            assert removed, "the removal was not injected"
+            assert injected(), "the removal was not injected"
             assert _wait(lambda: a.view().world == 2 and b.view().world == 2, 20), (
                 a.view(),
                 b.view(),
             )
             x, y = np.ones(4, np.float32), np.ones(4, np.float32)
 
-            def b_reduce() -> None:  # Evicted until the policy's rejoin is through
+            def b_reduce() -> None:
                 deadline = time.monotonic() + 20
                 while True:
                     try:
