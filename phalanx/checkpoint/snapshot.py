@@ -294,6 +294,7 @@ class SnapshotService:
         self._obs = observer or SnapshotObserver()
         self._lock = threading.Lock()
         self._peers, self._incarnations = _peers_of(peers)
+        self._view_epoch = -1  # the newest view's epoch seen by on_view (-1: none)
         # peers that may hold keys of this owner older than the last sweep: every live
         # peer at the first sweep (a previous process of this member may have left
         # some; the daemon makes the service before its first view), then the holders
@@ -323,9 +324,17 @@ class SnapshotService:
     def on_view(self, view: _ViewLike | Sequence[Peer | str]) -> None:
         """The live members changed: future placements use them, and the sealed
         generation is repaired in the background if it lost holders (gone, or restarted:
-        a member whose incarnation changed)."""
+        a member whose incarnation changed). A view older than one already seen is
+        ignored: views reach it from several threads (the daemon's start hands it the
+        view its join returned, while the view callback may already have handed it a
+        newer one)."""
         peers, incarnations = _peers_of(view)
+        epoch = getattr(view, "epoch", None)
         with self._lock:
+            if isinstance(epoch, int):
+                if epoch < self._view_epoch:
+                    return
+                self._view_epoch = epoch
             self._peers, self._incarnations = peers, incarnations
         self._tasks.put(("repair", None))
 

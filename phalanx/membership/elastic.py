@@ -294,8 +294,9 @@ class ElasticGroup:
         background; the first collective or :meth:`begin_step` waits for it).
         If the group removed this incarnation before this call could take its
         admission (while it waited for it, or in a stall right after it): ``Evicted``
-        (:meth:`rejoin` brings it back) -- or, with ``auto_rejoin``, the view (also when
-        the policy's rejoin has already replaced this join), while the rejoin policy brings the
+        (:meth:`rejoin` brings it back) -- or, with ``auto_rejoin``, the view (whether
+        or not the policy's rejoin has already replaced this join; possibly one without
+        this member, or empty), while the rejoin policy brings the
         member back (it is not a member until then: collectives and
         :meth:`begin_step` raise ``Evicted`` meanwhile, as after any eviction; the
         torch manager retries them)."""
@@ -305,20 +306,25 @@ class ElasticGroup:
         except Exception as exc:
             with self._cond:
                 presence = self._life.presence
-            if presence is Presence.LEFT:  # the agent's own error says less than this
-                raise GroupClosed(_LEFT_DURING_JOIN) from None
-            if (
-                self._life.auto_rejoin
-                and presence is not Presence.CLOSED
-                and self.agent.member.incarnation != inc
-            ):
-                # removed while this join waited, and the rejoin policy's new
-                # incarnation replaced it (the agent says so): a daemon's start must not
-                # fail on a removal the policy is undoing, as below
-                log.info("event=join_replaced_by_rejoin member=%s error=%r", self.member_id,
-                         str(exc))  # fmt: skip
-                return self.agent.view
-            raise
+                if presence is Presence.LEFT:  # the agent's own error says less than this
+                    raise GroupClosed(_LEFT_DURING_JOIN) from None
+                # removed while this join waited for its admission: the agent raises
+                # Evicted, or -- when the rejoin policy's new incarnation came first --
+                # says this join was replaced. A daemon's start must not fail on a
+                # removal the policy is undoing (as below, right after the admission)
+                policy = (
+                    self._life.auto_rejoin
+                    and presence is not Presence.CLOSED
+                    and (isinstance(exc, Evicted) or self.agent.member.incarnation != inc)
+                )
+                if policy and presence is Presence.JOINING:
+                    self._life.evicted(time.monotonic())  # the agent's callback may lag
+                    self._cond.notify_all()
+            if not policy:
+                raise
+            log.info("event=join_left_to_rejoin_policy member=%s error=%r", self.member_id,
+                     str(exc))  # fmt: skip
+            return self.agent.view
         with self._cond:
             presence = self._life.presence
             if presence is Presence.CLOSED:

@@ -539,6 +539,28 @@ def members(ids: Sequence[str], epoch: int, bumped: Sequence[str] = ()) -> View:
     )
 
 
+def test_an_older_view_handed_in_late_does_not_replace_a_newer_one() -> None:
+    """Views reach the service from several threads: a daemon's start hands it the
+    view its join returned (possibly an old or empty one, when the rejoin policy took
+    over) while the view callback may already have handed it a newer one. The older
+    one used to replace it, and placements used the stale member list until the next
+    view change. A plain id list (no epoch) is always taken."""
+    c = Cluster(6, 4, 2)
+    try:
+        owner = c.svcs["p0"]
+        owner.on_view(members(c.ids, 5))
+        owner.on_view(View(0, ()))  # the late, empty one
+        assert [p.id for p in owner._peers] == list(c.ids)
+        owner.on_view(members(c.ids[:5], 6))
+        assert [p.id for p in owner._peers] == list(c.ids[:5])
+        owner.on_view(list(c.ids))  # no epoch: taken
+        assert [p.id for p in owner._peers] == list(c.ids)
+        info = owner.snapshot(state(3), 1).wait(10)  # and the service still works
+        assert set(info.holders) <= set(c.ids)
+    finally:
+        c.close()
+
+
 def test_a_holder_restarted_under_the_same_id_is_repaired_away() -> None:
     """A holder restarted with the same member id (a new incarnation in the view, an
     empty store) still counted as holding its pieces: underprotected stayed 0 while
