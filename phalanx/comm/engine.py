@@ -742,13 +742,19 @@ class Engine:
         """(op, seq, started, last progress) of the running operation, monotonic
         seconds; ``None`` when idle. Safe to call from any thread (a snapshot).
 
-        A patient op whose peers answered the last probe (it waits by design: the
-        state transfer's verdict) reports progress now: a hang detector must not take
-        that wait, which may last the whole transfer, for a hang."""
+        A patient op (it waits by design: the state transfer's verdict, while the
+        receivers take the bytes) reports progress now: a hang detector must not take
+        that wait, which may last the whole transfer, for a hang. Its peers are checked
+        by the engine itself: one that does not answer the probe (``timeout_s`` +
+        ``probe_s`` without progress) fails the op, and the caller's deadline bounds
+        the rest. (It used to report progress now only once a probe had been
+        answered, so every wait of more than the hang floor, 1 s, and less than
+        ``timeout_s`` was a hang: a critical alert and a 503 on /healthz on the
+        source and the bystanders of every state transfer that long.)"""
         plan, started, progress = self._current, self._started, self._last_progress
         if plan is None:
             return None
-        if plan.patient and self._patience > 0:
+        if plan.patient:
             progress = time.monotonic()
         return plan.kind, plan.seq, started, progress
 
