@@ -728,6 +728,7 @@ class Engine:
             suspects=suspects,
             links=tuple(samples),
             started=self._started,
+            patient=plan.patient and plan.deadline is not None,
         )
         try:
             self.observer.op_finished(sample)
@@ -742,20 +743,25 @@ class Engine:
         """(op, seq, started, last progress) of the running operation, monotonic
         seconds; ``None`` when idle. Safe to call from any thread (a snapshot).
 
-        A patient op (it waits by design: the state transfer's verdict, while the
-        receivers take the bytes) reports progress now: a hang detector must not take
-        that wait, which may last the whole transfer, for a hang. Its peers are checked
-        by the engine itself: one that does not answer the probe (``timeout_s`` +
-        ``probe_s`` without progress) fails the op, and the caller's deadline bounds
-        the rest. (It used to report progress now only once a probe had been
-        answered, so every wait of more than the hang floor, 1 s, and less than
-        ``timeout_s`` was a hang: a critical alert and a 503 on /healthz on the
-        source and the bystanders of every state transfer that long.)"""
+        A patient op (with a deadline: it waits by design, e.g. the state transfer's
+        verdict while the receivers take the bytes) reports progress now until its
+        deadline: a hang detector must not take that wait, which may last the whole
+        transfer, for a hang. Its peers are checked by the engine itself: one that
+        does not answer the probe (``timeout_s`` + ``probe_s`` without progress)
+        fails the op, and the deadline fails the rest -- one still running past it
+        means this engine is stuck, and then it is a hang again. (It used to report
+        progress now only once a probe had been answered, so every wait longer than
+        the hang floor, 1 s, was a hang until ``timeout_s`` + ``probe_s``: a critical
+        alert and a 503 on /healthz on the source and the bystanders of every state
+        transfer that long.)"""
         plan, started, progress = self._current, self._started, self._last_progress
         if plan is None:
             return None
-        if plan.patient:
-            progress = time.monotonic()
+        deadline = plan.deadline
+        if plan.patient and deadline is not None:
+            now = time.monotonic()
+            if now < deadline.at:
+                progress = now
         return plan.kind, plan.seq, started, progress
 
     def waiting_on(self) -> frozenset[int]:

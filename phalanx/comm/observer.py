@@ -65,6 +65,9 @@ class OpSample:
     #: ``time.monotonic()`` when the op started on this rank (comparable across ranks
     #: of one host only)
     started: float = 0.0
+    #: a wait by protocol (``Group.run(..., patient=True)`` with a deadline: a state
+    #: transfer's verdict): its duration says nothing about the links or the peers
+    patient: bool = False
 
 
 class CommObserver(Protocol):

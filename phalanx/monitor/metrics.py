@@ -148,7 +148,7 @@ class Metrics:
         self.op_last_progress = Gauge(
             "phalanx_op_last_progress_timestamp_seconds",
             "Unix time of the last progress (a frame or part of one sent or received; "
-            "now, for a patient op whose peers answered a probe) of the running "
+            "now, for a patient op before its deadline) of the running "
             "collective; with phalanx_op_inflight it tells a hang.",
             registry=r,
         )

@@ -412,6 +412,13 @@ class Monitor:
                 m.view_epoch.set(epoch)
                 m.view_members.set(samples[-1].world)
             for sample in samples:
+                if sample.patient:
+                    # a wait by protocol (a state transfer's verdict, seconds long):
+                    # in the hang limit's history three of them would raise the limit
+                    # to 10x the wait for every op; to the link detectors the late
+                    # peer would look like a straggler
+                    per_op.append([])
+                    continue
                 if sample.ok:
                     self._hang.observe_duration(sample.duration_s)
                 per_op.append(self._local.observe(sample, now))

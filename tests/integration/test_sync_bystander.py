@@ -118,12 +118,13 @@ def test_a_patient_wait_on_live_peers_is_not_a_hang(timeout_s: float, late: floa
     waits by design (the verdict, while a transfer runs elsewhere): it is not a hang.
     The engine checks its peers itself (a silent one fails the op at the probe).
 
-    past-a-probe: the monitor saw it stall between probes (its progress time moved
+    Before stop 33 the monitor saw it stall between probes (its progress time moved
     once per ``timeout_s``) and the daemon looked unhealthy most of the wait -- long
-    enough for a liveness probe to restart the source mid-transfer.
-    before-any-probe (the default ``timeout_s``, a wait of 3.5 s): it was a hang from
-    the hang floor (1 s) until the first probe was answered, so every state transfer
-    that kept the bystanders waiting longer than a second raised the alert."""
+    enough for a liveness probe to restart the source mid-transfer (past-a-probe
+    guards that). Until stop 35 it was a hang from the hang floor (1 s) until the first
+    probe was answered (both cases; before-any-probe is the default ``timeout_s`` and a
+    3.5 s wait), so every state transfer that kept the bystanders waiting longer than
+    a second raised the alert."""
     opts = CommOptions(timeout_s=timeout_s, probe_s=0.3)
     view = ranks(3, opts)
     mon = Monitor(2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -303,3 +304,28 @@ def test_a_cluster_view_ignores_late_samples_of_an_older_view() -> None:
     view.add(_op(9, link, epoch=1, rank=1, world=2), 0.0)  # late, from the old view
     view.add(_op(0, link, epoch=2, rank=1, world=2), 0.0)
     assert judged == [2]  # the new view's op completed: nothing was wiped
+
+
+def test_a_patient_wait_moves_neither_the_hang_limit_nor_the_link_detectors() -> None:
+    """A patient op (a state transfer's verdict) waits by protocol, for as long as the
+    transfer takes. Fed like any op, three such waits of 5 s raised the hang limit to
+    50 s for every op (10 x the p99 of the history), and a peer that reached the
+    verdict late looked like a straggler. They now go to neither."""
+    clock = _Clock()
+    mon = Monitor(1, clock=clock)
+    feed = _Feed(mon, clock)
+    feed.ops(100, late=False)
+    assert mon._hang.threshold() == pytest.approx(1.0)  # the floor: ops of ~10 ms
+    real = mon.observer.op_finished
+
+    def patient(sample: OpSample) -> None:
+        real(replace(sample, duration_s=5.0, patient=True))
+
+    mon.observer.op_finished = patient  # type: ignore[method-assign]
+    feed.ops(10, late=True)  # ten long waits on a late peer 0
+    mon.observer.op_finished = real  # type: ignore[method-assign]
+    assert mon._hang.threshold() == pytest.approx(1.0)
+    assert _straggler_active(mon) != 1.0
+    feed.ops(10, late=True)  # the same lateness in plain ops is still seen
+    assert _straggler_active(mon) == 1.0
+    mon.close()
