@@ -310,16 +310,13 @@ class ElasticGroup:
                     raise GroupClosed(_LEFT_DURING_JOIN) from None
                 # removed while this join waited for its admission: the agent raises
                 # Evicted, or -- when the rejoin policy's new incarnation came first --
-                # says this join was replaced. A daemon's start must not fail on a
-                # removal the policy is undoing (as below, right after the admission)
+                # says this join was replaced (as below, right after the admission)
                 policy = (
                     self._life.auto_rejoin
                     and presence is not Presence.CLOSED
                     and (isinstance(exc, Evicted) or self.agent.member.incarnation != inc)
+                    and self._removed_while_joining(presence)
                 )
-                if policy and presence is Presence.JOINING:
-                    self._life.evicted(time.monotonic())  # the agent's callback may lag
-                    self._cond.notify_all()
             if not policy:
                 raise
             log.info("event=join_left_to_rejoin_policy member=%s error=%r", self.member_id,
@@ -339,11 +336,7 @@ class ElasticGroup:
                 # removed between the agent's admission and here (as _rejoin checks):
                 # taken as joined, the table raised IllegalTransition, or a rejoin in
                 # flight was marked a member while still out
-                if presence is Presence.JOINING:
-                    self._life.evicted(time.monotonic())  # the agent's callback may lag
-                    self._cond.notify_all()
-                if self._life.auto_rejoin:
-                    # a daemon: its start must not fail on a removal the policy undoes
+                if self._removed_while_joining(presence):
                     return view
                 raise Evicted(
                     f"{self.member_id}: removed right after its admission", epoch=self._latest
@@ -353,6 +346,17 @@ class ElasticGroup:
             if presence is Presence.MEMBER:
                 view = self.agent.view  # the rejoin policy brought it back meanwhile
         return view
+
+    def _removed_while_joining(self, presence: Presence) -> bool:
+        """(under the lock) This join's incarnation was removed: mark it evicted if the
+        agent's callback has not yet (``presence`` still JOINING), so that the rejoin
+        policy's rejoin is due. True when that policy brings the member back
+        (``auto_rejoin``, a daemon): its start must not fail on a removal the policy
+        undoes."""
+        if presence is Presence.JOINING:
+            self._life.evicted(time.monotonic())
+            self._cond.notify_all()
+        return self._life.auto_rejoin
 
     def rejoin(self, timeout: float | None = None) -> View:
         """After eviction (or leave): join again with a higher incarnation (the state is

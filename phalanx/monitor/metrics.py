@@ -4,10 +4,10 @@ Naming follows the Prometheus rules: prefix ``phalanx_``, base units (seconds, b
 ``_total`` on counters, ``_seconds``/``_bytes`` suffixes, points in time as
 ``*_timestamp_seconds`` (Unix time) rather than ages, histograms rather than summaries.
 Labels are small bounded sets: op kinds, algorithms, outcomes, anomaly kinds, state-sync
-roles and peer ranks -- never steps, sequence numbers or tensor names. When a peer leaves the view,
-:meth:`Metrics.forget_peer` removes every series labelled with it; on every view change
-:meth:`Metrics.forget_anomalies` removes the anomaly series of all peers (ranks are
-renumbered: none may inherit another host's verdict).
+roles and peer ranks -- never steps, sequence numbers or tensor names. When a peer leaves
+the view, :meth:`Metrics.forget_peer` removes every series labelled with it; on every view
+change :meth:`Metrics.forget_anomalies` removes the anomaly series of all peers (ranks
+are renumbered: none may inherit another host's verdict).
 
 Each daemon owns one :class:`Metrics` built on its own ``CollectorRegistry`` (never the
 process-global one), so several daemons in one process (tests, embedded mode) do not
