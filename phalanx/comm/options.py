@@ -46,9 +46,11 @@ class CommOptions:
     #: frames of at least this many bytes that a plan sends from its own memory (the
     #: page-swapped ring's twin) go out zero-copy (vmsplice + splice, Linux; see
     #: comm/zerocopy.py), and the op then ends once the receivers confirmed reading
-    #: them; 0 sends everything with sendmsg. 256 KiB: 64 MiB all-reduces 4-5 %
-    #: faster with 5 % less CPU at world 2 and 4 on the 2-core machine (docs/comm.md)
-    zero_copy_min_bytes: int = 256 * KiB
+    #: them; 0 (the default) sends everything with sendmsg. Off: on the 2-core
+    #: machine splicing gained 4-5 % at 64 MiB on one day (stop 27) and lost 8 % at
+    #: world 2 and 20 % at world 4 on others (stop 36), its sends pushing many more,
+    #: smaller TCP writes (docs/comm.md, "Zero-copy sends")
+    zero_copy_min_bytes: int = 0
     #: a ring all-reduce of at least this many bytes, on an array in private
     #: anonymous memory, reduces into a twin buffer and hands the caller the result
     #: by exchanging pages (mremap) once it has succeeded, instead of saving the

@@ -4,7 +4,10 @@
 that copy is the largest single cost of a large all-reduce (a fifth of a 64 MiB
 ring's CPU time, measured with ``perf``). Linux can move *references* to the pages
 instead: ``vmsplice`` maps user memory into a pipe, and ``splice`` moves those pages
-from the pipe into the socket. The receiver still copies once, as it must.
+from the pipe into the socket. The receiver still copies once, as it must. Whether
+that is faster depends on the host: the splices push the socket far more often, and on
+loopback each push runs the receiver's softirq inline, so it is off unless
+``zero_copy_min_bytes`` turns it on (docs/comm.md, "Zero-copy sends", has the figures).
 
 The price is a rule the caller must keep: **the memory must not change until the
 receiver has read it** -- the kernel sends (or the peer's socket holds) the very

@@ -285,8 +285,12 @@ class Cluster:
             ns, veth, host = self._add_netns(slot)
             listen = f"{self.bridge.net}.{host}:0"
             prefix = ["ip", "netns", "exec", ns]
+        env = self.daemon_env
+        if slot % 2:  # zero-copy sends are off by default; every other daemon splices,
+            # so that the soak keeps both send paths (and mixed links) under churn
+            env = {**env, "PHALANX_COMM_ZERO_COPY_MIN_BYTES": str(256 << 10)}
         proc = self.launcher.start_daemon(member, coordinator=self.address, listen=listen,
-                                          metrics_port=-1, prefix=prefix, env=self.daemon_env)  # fmt: skip
+                                          metrics_port=-1, prefix=prefix, env=env)  # fmt: skip
         assert proc.out_path == out and self.launcher.socket_of(member) == sock
         peer = Peer(member, slot, proc.popen, out, sock, netns=ns, veth=veth, host=host)
         self.peers[member] = peer

@@ -11,9 +11,10 @@ so the exchanges are made separately, as between two processes):
   daemon through its own mapping), pipelined async ops on the same array, and a slice
   whose first and last page are shared with bytes that must keep their values;
 * promise 2: an op that fails mid-way (a corrupt frame from the peer after partial
-  sums reached the twin and left it spliced) leaves the caller's array exactly as it
-  was, the twin gets fresh pages (a peer may still read the old ones), and the group
-  goes on with the right result, on huge pages again where the kernel gives them.
+  sums reached the twin, sent with zero-copy on or off) leaves the caller's array
+  exactly as it was, a twin that left spliced gets fresh pages (a peer may still read
+  the old ones), and the group goes on with the right result, on huge pages again
+  where the kernel gives them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 
 import phalanx
-from phalanx.comm import zerocopy
+from phalanx.comm import CommOptions, zerocopy
 from phalanx.config import PhalanxConfig
 from phalanx.local import shm
 from phalanx.local.protocol import REPLY_BASE, Kind, WireFrame
@@ -142,8 +143,18 @@ def test_pages_pinned_for_a_device_are_never_exchanged(
     assert np.all(xa == 3.0) and np.all(xb == 3.0)
 
 
+@pytest.mark.parametrize("spliced", [True, False], ids=["zero-copy", "sendmsg"])
 def test_an_op_failing_midway_leaves_the_array_as_it_was(
-    pair: tuple[phalanx.Client, phalanx.Client], monkeypatch: pytest.MonkeyPatch
+    spliced: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # zero-copy sends are off by default (comm/options.py): both ways must keep promise 2
+    comm = CommOptions(zero_copy_min_bytes=(256 << 10) if spliced else 0)
+    with embedded_pair(config=PhalanxConfig(comm=comm)) as pair:
+        _fail_midway_then_go_on(pair, spliced, monkeypatch)
+
+
+def _fail_midway_then_go_on(
+    pair: tuple[phalanx.Client, phalanx.Client], spliced: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = pair
     detached: list[tuple[int, int]] = []
@@ -186,11 +197,14 @@ def test_an_op_failing_midway_leaves_the_array_as_it_was(
     region, twin = a._regions[ref.region], a._twins[ref.region]
     assert twin is not None
     huge = twin.huge  # collapsed at its first use, where this kernel can
-    # a's chunk's sum left its twin spliced, so the failed op gave the twin fresh
-    # pages, seen by both processes: b may still be reading the old ones, which the
-    # next op's partial sums must not overwrite (detached: the daemons' own mappings)
-    assert xa.nbytes in [n for _, n in detached], detached
-    assert not np.any(twin.bytes[: xa.nbytes]), "the twin kept pages a peer may still read"
+    if spliced:
+        # a's chunk's sum left its twin spliced, so the failed op gave the twin fresh
+        # pages, seen by both processes: b may still be reading the old ones, which the
+        # next op's partial sums must not overwrite (detached: the daemons' own mappings)
+        assert xa.nbytes in [n for _, n in detached], detached
+        assert not np.any(twin.bytes[: xa.nbytes]), "the twin kept pages a peer may still read"
+    else:  # nothing left spliced: no peer reads the twin's pages, which it keeps
+        assert detached == [], detached
     # the group goes on (rebuilt if it must): the next op's result is right
     expect = xa + 7.0
     xb[:] = 7.0

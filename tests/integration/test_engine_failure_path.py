@@ -277,7 +277,8 @@ def test_a_broken_frame_from_a_peer_still_owing_a_receipt_fails_the_op_at_once()
     waiting for a RECEIPT that can no longer be read until the no-progress timeout."""
     if not zerocopy.available():
         pytest.skip("no vmsplice/splice here: nothing is spliced, no RECEIPT is owed")
-    with world_of_three(CommOptions(timeout_s=5.0, probe_s=0.5)) as (engine, peers):
+    options = CommOptions(timeout_s=5.0, probe_s=0.5, zero_copy_min_bytes=256 << 10)
+    with world_of_three(options) as (engine, peers):
         x = np.ones(2 << 20, dtype=np.float32)  # 8 MiB: the page-swapped ring
         before = x.copy()
         future, to_1, _ = _ring_to_the_last_frame(engine, peers, x)
