@@ -17,8 +17,11 @@ generation's step and exactly its state (a stale or mixed-generation restore fai
 
 One JSON line: ``stall_s`` (snapshot(), median over ranks and generations after the first),
 ``memcpy_s`` (np.copyto of the same bytes into a warm buffer, same ranks, just before),
-``stall_ratio``, ``seal_s``, ``encode_Bps`` (state bytes / time inside the erasure coder,
-rank median; piece checksums are ``checksum_Bps``), ``pipeline_Bps`` (state bytes / seal_s), ``restore_local_s``,
+``stall_ratio``, ``seal_s``, ``encode_Bps`` (state bytes / wall time inside the erasure
+coder, rank median), ``encode_cpu_Bps`` (state bytes / CPU time of the coder's thread
+inside it: the coder's own speed, where ``encode_Bps`` also counts the waits for a core
+while the pieces already encoded go out and the holders take them in), piece checksums
+are ``checksum_Bps``, ``pipeline_Bps`` (state bytes / seal_s), ``restore_local_s``,
 ``restore_after_m_losses_s``, ``restore_Bps``, ``restored_step`` (the peer restore's
 step; ``restore_local_step`` the local one's), ``restored_exact``, plus the setup.
 This module prints only what the CLI asked for; progress goes to stderr.
@@ -150,6 +153,7 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
                             "stall_s": h.stall_s,
                             "seal_s": info.seal_s,
                             "encode_s": info.encode_s,
+                            "encode_cpu_s": info.encode_cpu_s,
                             "checksum_s": info.checksum_s,
                             "holders": info.holders,
                             "nbytes": info.nbytes,
@@ -277,6 +281,7 @@ def run_bench(
         stall = statistics.median(r["stall_s"] for r in warm)
         memcpy = statistics.median(r["memcpy_s"] for r in warm)
         encode_s = statistics.median(r["encode_s"] for r in warm)
+        encode_cpu_s = statistics.median(r["encode_cpu_s"] for r in warm)
         seal = statistics.median(r["seal_s"] for r in last)
         row = {
             "bench": "snapshot",
@@ -294,6 +299,7 @@ def run_bench(
             "seal_s": seal,
             "seal_max_s": max(r["seal_s"] for r in last),
             "encode_Bps": nbytes / encode_s if encode_s else None,
+            "encode_cpu_Bps": nbytes / encode_cpu_s if encode_cpu_s else None,
             "pipeline_Bps": nbytes / seal,
             "checksum_Bps": _checksum_Bps(
                 nbytes, k, m, statistics.median(r["checksum_s"] for r in last)

@@ -51,6 +51,8 @@ def test_bench_snapshot_cli_json() -> None:
     # both restores returned the last generation (the state differs in each one)
     assert row["restored_step"] == 2 and row["restore_local_step"] == 2
     assert row["checksum_Bps"] > 0
+    # the coder's CPU time is part of its wall time: never the slower of the two
+    assert row["encode_cpu_Bps"] >= 0.99 * row["encode_Bps"] > 0
     assert len(row["killed"]) == 2 and "r0" in row["killed"]
 
 
