@@ -39,7 +39,9 @@ holds in-process, and what a daemon serves its client with. It
 * when the group lost its training state (every member that held it is gone and a
   member waits for it), calls :attr:`ElasticGroup.recover_state` on each member that
   waits -- a daemon rebuilds the newest sealed snapshot generation there -- and runs
-  the exchange once more, so the newest recovered state spreads by the usual sync.
+  the exchange once more, so the newest recovered state spreads by the usual sync (a
+  hook that raises is logged and counts as nothing recovered, since the others wait
+  for that member in the second exchange).
 
 Errors: a collective aborted because the view changed raises ``ViewChanged`` (a
 ``PeerFailure`` whose ``epoch`` is the **new** epoch; ``old_epoch`` is the one it ran
@@ -849,7 +851,7 @@ class ElasticGroup:
                 recovered = True
                 hook = self.recover_state
                 if st is not None and not st.valid and hook is not None:
-                    report = hook(st, deadline)
+                    report = self._recover(hook, st, deadline)
                 continue
             if st is not None and plan.receivers:
                 role = (
@@ -923,6 +925,27 @@ class ElasticGroup:
                 list(plan.receivers),
             )
         return report
+
+    def _recover(
+        self,
+        hook: Callable[[SyncState, Deadline], SyncReport | None],
+        st: SyncState,
+        deadline: Deadline,
+    ) -> SyncReport | None:
+        """Run the lost-state hook. The other members go on to exchange once more and
+        wait there for this one: a hook that raises must not end this member's call
+        (they would wait for it until their deadline), so its error counts as
+        nothing recovered, said loudly. The state stays invalid unless the hook
+        finished the job (an error after it did is still only logged)."""
+        try:
+            return hook(st, deadline)
+        except Exception as exc:
+            log.exception(
+                "event=recover_state_failed member=%s error=%r: carrying on without the state",
+                self.member_id,
+                str(exc),
+            )
+            return None
 
     def _side_group(self, plane: _Plane) -> Callable[[tuple[int, ...]], Group]:
         """Builds a group of some ranks of ``plane``'s view, for the state transfer,

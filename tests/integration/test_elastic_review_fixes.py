@@ -554,3 +554,50 @@ def test_leave_during_join_ends_the_join_with_group_closed_and_leaves_no_member(
             member.begin_step(timeout=2)
     finally:
         member.close()
+
+
+# ----------------------------------------------------------------------------- 5
+
+
+def test_a_recover_hook_that_raises_costs_its_member_the_state_not_the_group_its_step(
+    coordinator: Coordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every member that held the state is gone, so the exchange asks each member
+    waiting for it to recover it (``recover_state``: the daemon restores a snapshot),
+    then all exchange once more. a's hook raised: before, that ended a's call while b
+    went on to the second exchange and waited there for a until its deadline. Now a's
+    failure counts as "nothing recovered" (logged), and both go on at once."""
+    a, b = _member(coordinator, "a", None), _member(coordinator, "b", None)
+    for m in (a, b):  # a client attached arrays that wait for the group's state
+        assert m.attach_state({"w": np.zeros(4, np.float32)}, None) == (-1, "to-receive")
+    calls: list[str] = []
+
+    def broken(state: SyncState, deadline: Any) -> None:
+        calls.append("a")
+        raise RuntimeError("the snapshot disk is on fire")
+
+    def nothing(state: SyncState, deadline: Any) -> None:
+        calls.append("b")
+
+    a.recover_state, b.recover_state = broken, nothing
+    try:
+        _join_all((a, b))
+        t0 = time.monotonic()
+        got = _parallel(lambda: a.begin_step(timeout=20), lambda: b.begin_step(timeout=20))
+        took = time.monotonic() - t0
+        assert not any(isinstance(g, BaseException) for g in got), got
+        assert took < 10, f"a member waited {took:.1f} s for the one whose hook raised"
+        assert sorted(calls) == ["a", "b"], calls  # each hook ran once
+        assert a.state is not None and not a.state.valid  # nothing was recovered
+        assert any(
+            "event=recover_state_failed" in r.getMessage() and "on fire" in r.getMessage()
+            for r in caplog.records
+        ), [r.getMessage() for r in caplog.records]
+        # the step runs over both members
+        ga, gb = np.ones(4, np.float32), np.full(4, 2.0, np.float32)
+        res = _parallel(lambda: a.all_reduce(ga, timeout=15), lambda: b.all_reduce(gb, timeout=15))
+        assert all(isinstance(r, OpResult) for r in res), res
+        assert np.all(ga == 3.0) and np.all(gb == 3.0)
+    finally:
+        b.close()
+        a.close()
