@@ -54,6 +54,7 @@ from phalanx.bench._harness import (
     CpuClock,
     busbw_factor,
     format_bytes,
+    parse_size,
     parse_sizes,
     print_json,
     print_table,
@@ -101,6 +102,9 @@ class _Spec:
     workdir: str = ""  # phalanx-daemon: secret file and sockets
     preserve_input: bool = True  # False: promise 2 waived (measures what it costs)
     device: str = "cpu"  # phalanx-daemon-cuda: "cuda"
+    #: CommOptions.zero_copy_min_bytes of the in-process group and of the daemons
+    #: (``PHALANX_COMM_ZERO_COPY_MIN_BYTES``); None: the default
+    zero_copy_min_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,13 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _zero_copy(spec: _Spec) -> dict[str, int]:
+    """The ``CommOptions`` keyword that ``--zero-copy-min-bytes`` asks for, if any."""
+    if spec.zero_copy_min_bytes is None:
+        return {}
+    return {"zero_copy_min_bytes": spec.zero_copy_min_bytes}
+
+
 class _PhalanxBackend:
     impl = "phalanx"
     helper_pids: tuple[int, ...] = ()
@@ -225,7 +236,7 @@ class _PhalanxBackend:
             spec.secret,
             listener=listener,
             epoch=0,
-            options=CommOptions(streams=spec.streams),
+            options=CommOptions(streams=spec.streams, **_zero_copy(spec)),
         )
         self._buf: np.ndarray[Any, Any] = np.empty(0, np.float32)
         self._preserve = spec.preserve_input
@@ -265,6 +276,8 @@ class _DaemonBackend:
                            f"bench-{ctx.rank}", "--metrics-port", "-1",
                            log_level=spec.log_level)  # fmt: skip
         env = {**os.environ, "PHALANX_COMM_STREAMS": str(spec.streams)}
+        if spec.zero_copy_min_bytes is not None:
+            env["PHALANX_COMM_ZERO_COPY_MIN_BYTES"] = str(spec.zero_copy_min_bytes)
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=child_env(env))
         self.helper_pids: tuple[int, ...] = (self._proc.pid,)
         deadline = time.monotonic() + spec.timeout_s
@@ -542,6 +555,17 @@ def _preserve_label(impl: str, args: argparse.Namespace) -> bool | None:
     return True if impl.startswith("phalanx-daemon") else None
 
 
+def _zero_copy_label(impl: str, args: argparse.Namespace) -> int | None:
+    """The phalanx rows' ``zero_copy_min_bytes`` (0: zero-copy sends off); Gloo: None."""
+    if not impl.startswith("phalanx"):
+        return None
+    if args.zero_copy_min_bytes is not None:
+        return int(args.zero_copy_min_bytes)
+    from phalanx.comm import CommOptions
+
+    return CommOptions().zero_copy_min_bytes
+
+
 def _cpu_per_op(series: _Series) -> float | None:
     """Op CPU per timed op; None when there is none or it is not above the noise (the
     block's background work outweighed the ops: the difference is <= 0)."""
@@ -570,6 +594,7 @@ def _row(series: _Series, args: argparse.Namespace, nbytes: int) -> dict[str, An
         "dtype": args.dtype,
         "codec": series.codec,
         "streams": series.streams,
+        "zero_copy_min_bytes": _zero_copy_label(series.impl, args),
         "preserve_input": _preserve_label(series.impl, args),
         "algorithm": ",".join(sorted(series.algorithms)) or None,
         "iters": len(series.times),
@@ -657,6 +682,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             args.timeout,
             args.log_level,
             preserve_input=not args.no_preserve_input,
+            zero_copy_min_bytes=args.zero_copy_min_bytes,
         )
     ]
     coordinators: list[Any] = []
@@ -684,6 +710,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 coordinator.start(),
                 workdir,
                 device=args.device if n == 0 else "cpu",
+                zero_copy_min_bytes=args.zero_copy_min_bytes,
             )
             specs.insert(n, via)
     if args.vs:
@@ -793,6 +820,15 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         action="store_true",
         help="phalanx skips saving the input (promise 2 waived): shows what the "
         "nothing-half-done guarantee costs; not the default",
+    )
+    parser.add_argument(
+        "--zero-copy-min-bytes",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="phalanx (in process and through the daemon) splices frames of at least "
+        "SIZE from its own memory (vmsplice + splice) instead of copying them with "
+        "sendmsg; 0 = off, the default (docs/comm.md, 'Zero-copy sends'). E.g. 256KiB",
     )
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up iterations (default 3)")

@@ -939,6 +939,8 @@ class ElasticGroup:
         finished the job (an error after it did is still only logged)."""
         try:
             return hook(st, deadline)
+        except (GroupClosed, Evicted, TimeoutError):
+            raise  # this call is over anyway: not the hook's failure
         except Exception as exc:
             log.exception(
                 "event=recover_state_failed member=%s error=%r: carrying on without the state",

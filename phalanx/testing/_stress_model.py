@@ -78,8 +78,9 @@ _CATALOG: tuple[tuple[str, str, str, str], ...] = (
     ("barrier", "sum", "none", "float32"),
 )
 #: element counts; 1 << 20 (4 MiB of float32) is the first size at which an all-reduce
-#: through the daemon takes the twin region and leaves it spliced (docs/comm.md,
-#: "Zero-copy sends"): the faults must meet that path too
+#: through the daemon takes the twin region, which leaves spliced from the daemons
+#: that turn zero-copy on (every other one, _stress_cluster.py; docs/comm.md,
+#: "Zero-copy sends"): the faults must meet those paths too
 _SIZES = (1, 1000, 4099, 65536, 1 << 20)
 
 

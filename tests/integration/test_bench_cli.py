@@ -32,6 +32,7 @@ FIELDS = {
     "dtype",
     "codec",
     "streams",
+    "zero_copy_min_bytes",
     "iters",
     "median_s",
     "cpu_s_per_op",
@@ -161,6 +162,7 @@ def test_bench_allreduce_phalanx_json() -> None:
     for row in rows:
         assert row["codec"] == "none"
         assert row["streams"] == 1
+        assert row["zero_copy_min_bytes"] == 0  # zero-copy sends: off by default
         assert row["iters"] == 3
         assert row["wire_bytes"] > 0
         assert row["wire_ratio"] > 0
@@ -185,10 +187,13 @@ def test_bench_allreduce_vs_gloo() -> None:
 
 def test_bench_allreduce_via_daemon_counts_the_daemons_cpu() -> None:
     """Through the daemon the rank process only waits on a socket: its CPU per op
-    must include its daemon's, or the daemon path would look almost free."""
+    must include its daemon's, or the daemon path would look almost free. (With
+    zero-copy sends asked for: the daemons must take the setting, or they refuse to
+    start, and the in-process group's options too.)"""
     res = phalanx_cli(
         "bench", "allreduce", "--world", "2", "--sizes", "1MiB", "--iters", "6",
         "--warmup", "1", "--rounds", "2", "--via", "daemon", "--json",
+        "--zero-copy-min-bytes", "256KiB",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     rows = json_lines(res.stdout)
@@ -197,6 +202,7 @@ def test_bench_allreduce_via_daemon_counts_the_daemons_cpu() -> None:
     daemon = next(r for r in rows if r.get("impl") == "phalanx-daemon")
     inproc = next(r for r in rows if r.get("impl") == "phalanx")
     assert daemon["cpu_s_per_op"] is not None and inproc["cpu_s_per_op"] is not None, rows
+    assert daemon["zero_copy_min_bytes"] == inproc["zero_copy_min_bytes"] == 256 << 10
     # the ring's reductions and socket copies happen in the daemon: ~ the in-process
     # group's CPU (a client-only count would be a socket round trip, ~20x less)
     assert daemon["cpu_s_per_op"] >= 0.5 * inproc["cpu_s_per_op"], (daemon, inproc)

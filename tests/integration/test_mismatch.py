@@ -293,8 +293,8 @@ def _late(ctx: RankContext, g: Group) -> dict[str, Any]:
 
 CONFIGS = {
     2: CommOptions(timeout_s=10.0),
-    # zero-copy sends: the in-place ring splices its saved first chunk (FLAG_RECEIPT);
-    # a mismatched op must not hand that scratch back to the pool
+    # zero-copy sends turned on: at these sizes nothing leaves spliced (only the
+    # page-swapped ring's twin does, from 4 MiB); the verdicts must not change
     3: CommOptions(timeout_s=10.0, zero_copy_min_bytes=64 * 1024),
     # two streams and 64 KiB pieces: frames of the op on several links at once
     4: CommOptions(timeout_s=10.0, streams=2, piece_bytes=64 * 1024),
