@@ -415,7 +415,7 @@ class Daemon:
             self.monitor.start()
             if cfg.metrics_port >= 0:
                 self.metrics_address = self.monitor.serve(cfg.metrics_host, cfg.metrics_port)
-            view = self.group.join(cfg.join_timeout)
+            self.group.join(cfg.join_timeout)
             with self._lock:
                 cancelled, self._started = self._cancelled, not self._cancelled
             if cancelled:  # the join may have succeeded just before its agent closed
@@ -430,10 +430,14 @@ class Daemon:
                 raise StartCancelled(f"{self.member_id}: start-up cancelled ({exc})") from exc
             raise
         self.erasure_backend = erasure
+        # a member removed while its join waited is started all the same and comes
+        # back by the rejoin policy: its presence says so (the view is one without it)
+        view = self.group.view
         audit.info(
-            "event=daemon_started member=%s epoch=%d members=%s socket=%s data=%s metrics=%s "
-            "erasure=%s erasure_detail=%r checksum=%r",
+            "event=daemon_started member=%s presence=%s epoch=%d members=%s socket=%s "
+            "data=%s metrics=%s erasure=%s erasure_detail=%r checksum=%r",
             self.member_id,
+            self.group.presence.value,
             view.epoch,
             ",".join(view.ids),
             self.socket_path,

@@ -5,7 +5,9 @@ after close."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -331,7 +333,7 @@ def test_rejoin_on_a_closed_group_raises_group_closed(coordinator: Coordinator) 
 
 
 def test_a_daemon_removed_right_after_admission_still_starts_and_comes_back(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A daemon's group has auto_rejoin: a removal that lands right after its
     admission (the agent hears of it, then a stall) must not fail ``phalanx.start`` --
@@ -349,7 +351,17 @@ def test_a_daemon_removed_right_after_admission_still_starts_and_comes_back(
         return view
 
     monkeypatch.setattr(Agent, "join", join)
+    caplog.set_level(logging.INFO, logger="phalanx.audit.daemon")
     _start_b_and_reduce_with_a(lambda: bool(done))
+    started = {
+        r.getMessage().split(" member=")[1].split()[0]: r.getMessage()
+        for r in caplog.records
+        if "event=daemon_started" in r.getMessage()
+    }
+    # the start-up line says where each daemon stood: b's depends on the race with
+    # its rejoin, a's does not
+    assert "presence=member epoch=" in started["a"], started
+    assert re.search(r"presence=(member|evicted|rejoining) epoch=", started["b"]), started
 
 
 @pytest.mark.parametrize("first", ["join", "rejoin"])
