@@ -431,13 +431,14 @@ class Daemon:
             raise
         self.erasure_backend = erasure
         # a member removed while its join waited is started all the same and comes
-        # back by the rejoin policy: its presence says so (the view is one without it)
-        view = self.group.view
+        # back by the rejoin policy: its presence says so (the view is one without it).
+        # Presence first: a view read after it is never older than the presence says
+        presence, view = self.group.presence.value, self.group.view
         audit.info(
             "event=daemon_started member=%s presence=%s epoch=%d members=%s socket=%s "
             "data=%s metrics=%s erasure=%s erasure_detail=%r checksum=%r",
             self.member_id,
-            self.group.presence.value,
+            presence,
             view.epoch,
             ",".join(view.ids),
             self.socket_path,

@@ -61,6 +61,7 @@ from phalanx.bench._harness import (
     progress,
     summarize_times,
 )
+from phalanx.comm.options import CommOptions
 from phalanx.testing.procs import RankPool, RanksFailed
 
 if TYPE_CHECKING:
@@ -103,8 +104,8 @@ class _Spec:
     preserve_input: bool = True  # False: promise 2 waived (measures what it costs)
     device: str = "cpu"  # phalanx-daemon-cuda: "cuda"
     #: CommOptions.zero_copy_min_bytes of the in-process group and of the daemons
-    #: (``PHALANX_COMM_ZERO_COPY_MIN_BYTES``); None: the default
-    zero_copy_min_bytes: int | None = None
+    #: (``PHALANX_COMM_ZERO_COPY_MIN_BYTES``, set either way: not an inherited one)
+    zero_copy_min_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,11 +215,14 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
-def _zero_copy(spec: _Spec) -> dict[str, int]:
-    """The ``CommOptions`` keyword that ``--zero-copy-min-bytes`` asks for, if any."""
-    if spec.zero_copy_min_bytes is None:
-        return {}
-    return {"zero_copy_min_bytes": spec.zero_copy_min_bytes}
+def _daemon_env(spec: _Spec, base: dict[str, str]) -> dict[str, str]:
+    """A rank's daemon's environment: ``base`` with the run's data-plane settings,
+    which replace any the caller exported (the rows say what ran)."""
+    return {
+        **base,
+        "PHALANX_COMM_STREAMS": str(spec.streams),
+        "PHALANX_COMM_ZERO_COPY_MIN_BYTES": str(spec.zero_copy_min_bytes),
+    }
 
 
 class _PhalanxBackend:
@@ -226,7 +230,7 @@ class _PhalanxBackend:
     helper_pids: tuple[int, ...] = ()
 
     def __init__(self, ctx: RankContext, spec: _Spec) -> None:
-        from phalanx.comm import CommOptions, Group, bind
+        from phalanx.comm import Group, bind
 
         listener = bind("127.0.0.1:0")
         addresses = ctx.exchange(listener.address, timeout=spec.timeout_s)
@@ -236,7 +240,7 @@ class _PhalanxBackend:
             spec.secret,
             listener=listener,
             epoch=0,
-            options=CommOptions(streams=spec.streams, **_zero_copy(spec)),
+            options=CommOptions(streams=spec.streams, zero_copy_min_bytes=spec.zero_copy_min_bytes),
         )
         self._buf: np.ndarray[Any, Any] = np.empty(0, np.float32)
         self._preserve = spec.preserve_input
@@ -275,9 +279,7 @@ class _DaemonBackend:
                            os.path.join(spec.workdir, "secret"), "--socket", sock, "--id",
                            f"bench-{ctx.rank}", "--metrics-port", "-1",
                            log_level=spec.log_level)  # fmt: skip
-        env = {**os.environ, "PHALANX_COMM_STREAMS": str(spec.streams)}
-        if spec.zero_copy_min_bytes is not None:
-            env["PHALANX_COMM_ZERO_COPY_MIN_BYTES"] = str(spec.zero_copy_min_bytes)
+        env = _daemon_env(spec, dict(os.environ))
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=child_env(env))
         self.helper_pids: tuple[int, ...] = (self._proc.pid,)
         deadline = time.monotonic() + spec.timeout_s
@@ -556,14 +558,15 @@ def _preserve_label(impl: str, args: argparse.Namespace) -> bool | None:
 
 
 def _zero_copy_label(impl: str, args: argparse.Namespace) -> int | None:
-    """The phalanx rows' ``zero_copy_min_bytes`` (0: zero-copy sends off); Gloo: None."""
-    if not impl.startswith("phalanx"):
-        return None
-    if args.zero_copy_min_bytes is not None:
-        return int(args.zero_copy_min_bytes)
-    from phalanx.comm import CommOptions
+    """The phalanx rows' ``zero_copy_min_bytes`` setting (0: zero-copy sends off);
+    Gloo: None. A setting: frames leave spliced only from the page-swapped ring's
+    twin (not with ``--no-preserve-input``) and where the system has vmsplice."""
+    return int(args.zero_copy_min_bytes) if impl.startswith("phalanx") else None
 
-    return CommOptions().zero_copy_min_bytes
+
+def _size_or_zero(text: str) -> int:
+    """``--zero-copy-min-bytes``: a size as ``--sizes`` takes them, or 0 (off)."""
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def _cpu_per_op(series: _Series) -> float | None:
@@ -823,8 +826,8 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     )
     parser.add_argument(
         "--zero-copy-min-bytes",
-        type=parse_size,
-        default=None,
+        type=_size_or_zero,
+        default=CommOptions().zero_copy_min_bytes,
         metavar="SIZE",
         help="phalanx (in process and through the daemon) splices frames of at least "
         "SIZE from its own memory (vmsplice + splice) instead of copying them with "

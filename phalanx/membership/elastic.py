@@ -936,12 +936,17 @@ class ElasticGroup:
         wait there for this one: a hook that raises must not end this member's call
         (they would wait for it until their deadline), so its error counts as
         nothing recovered, said loudly. The state stays invalid unless the hook
-        finished the job (an error after it did is still only logged)."""
+        finished the job (an error after it did is still only logged). Only a call
+        that is over anyway ends here: its deadline passed, or this member is no
+        longer one (closed, left, evicted) -- whatever the hook raised then (a
+        TimeoutError of the hook's own I/O, say, is the hook's failure)."""
         try:
             return hook(st, deadline)
-        except (GroupClosed, Evicted, TimeoutError):
-            raise  # this call is over anyway: not the hook's failure
         except Exception as exc:
+            with self._cond:
+                over = deadline.expired or self._life.presence is not Presence.MEMBER
+            if over:
+                raise
             log.exception(
                 "event=recover_state_failed member=%s error=%r: carrying on without the state",
                 self.member_id,

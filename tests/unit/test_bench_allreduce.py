@@ -38,7 +38,7 @@ IDLE_CPU_PER_S = 0.5  # a helper's background work: not the op's either
 
 def _args(**kw: Any) -> argparse.Namespace:
     base = dict(world=2, dtype="float32", warmup=0, rounds=1, vs=None, via=None,
-                no_preserve_input=False)  # fmt: skip
+                no_preserve_input=False, zero_copy_min_bytes=0)  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -437,3 +437,25 @@ def test_gloo_rank_exchange_uses_the_timeout() -> None:
     with pytest.raises(_Stop):
         GlooBackend(ctx, timeout_s=7.5)  # type: ignore[arg-type]
     assert ctx.timeouts == [7.5]
+
+
+@pytest.mark.parametrize("asked", [0, 256 << 10])
+def test_the_daemons_run_with_the_zero_copy_setting_the_rows_name(asked: int) -> None:
+    """``--zero-copy-min-bytes`` reaches each rank's daemon through its environment,
+    replacing one the user exported (the rows are labelled with the flag's value, so
+    an inherited setting would make them lie), and the daemon's config takes it."""
+    from phalanx.config import load_config
+
+    spec = _Spec("phalanx-daemon", b"s" * 32, 2, 10.0, "WARNING", zero_copy_min_bytes=asked)
+    inherited = {"PHALANX_COMM_ZERO_COPY_MIN_BYTES": "65536", "PATH": "/bin"}
+    env = allreduce._daemon_env(spec, inherited)
+    assert env["PATH"] == "/bin" and inherited["PHALANX_COMM_ZERO_COPY_MIN_BYTES"] == "65536"
+    comm = load_config(env={k: v for k, v in env.items() if k.startswith("PHALANX_")}).comm
+    assert comm.zero_copy_min_bytes == asked and comm.streams == 2
+
+
+def test_zero_copy_flag_takes_zero_and_sizes() -> None:
+    assert allreduce._size_or_zero("0") == 0
+    assert allreduce._size_or_zero("256KiB") == 256 << 10
+    with pytest.raises(argparse.ArgumentTypeError):
+        allreduce._size_or_zero("-1")
