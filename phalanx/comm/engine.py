@@ -728,7 +728,7 @@ class Engine:
             suspects=suspects,
             links=tuple(samples),
             started=self._started,
-            patient=plan.patient and plan.deadline is not None,
+            patient=plan.patient,
         )
         try:
             self.observer.op_finished(sample)
@@ -758,7 +758,7 @@ class Engine:
         if plan is None:
             return None
         deadline = plan.deadline
-        if plan.patient and deadline is not None:
+        if plan.patient and deadline is not None:  # (a patient plan has one: Group.run)
             now = time.monotonic()
             if now < deadline.at:
                 progress = now
@@ -1208,7 +1208,7 @@ class Engine:
             )
             return
         self._patience += 1
-        if self._patience >= 2 and not (plan.patient and plan.deadline is not None):
+        if self._patience >= 2 and not plan.patient:
             self._fail_current(
                 _OpFailed(
                     probe.waited,

@@ -327,7 +327,7 @@ class Group:
         else:
             plan = _BUILD[spec.kind](self, flat, spec, preserve_input)
         plan.deadline = deadline
-        plan.patient = patient
+        plan.patient = patient and deadline is not None  # never unbounded
         handle = Handle(_settler(self.engine.submit(plan), copy_back))
         return handle if async_op else handle.wait()
 

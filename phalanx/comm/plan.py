@@ -157,7 +157,8 @@ class Plan:
         self.deadline: Deadline | None = None
         #: a wait that is the protocol's, not a stall (a state transfer's verdict,
         #: which waits while other ranks move the bytes elsewhere): while every peer it
-        #: waits on answers the probes, it is bounded by its deadline alone
+        #: waits on answers the probes, it is bounded by its deadline alone. Set only
+        #: together with a deadline (Group.run)
         self.patient = False
         #: False when the caller waived promise 2 for this op (preserve_input=False)
         self.preserves_input = True

@@ -144,7 +144,7 @@ def _check_rows(rows: list[dict[str, Any]], impl: str, sizes: list[int]) -> None
         assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
         # a few small ops may cost less CPU than the block's background work: then the
         # figure is None by design (bench.allreduce._cpu_per_op), never 0 or negative.
-        # The daemon test below requires it measured, on ops large enough to be
+        # The daemon test below requires it measured, on ops large enough for that
         cpu = row["cpu_s_per_op"]
         assert cpu is None or cpu > 0, cpu
         assert row["max_rel_err"] == 0
