@@ -113,8 +113,8 @@ class SnapshotSettings:
     ``k = 0`` = :func:`~phalanx.checkpoint.default_km` of the view size. ``snapshot_dir``
     (empty: off) and ``disk_every``: the disk tier. ``listen``: the shard server's
     address (empty: the data plane's host, any port); it is advertised as the member's
-    second address. ``shard_bytes``, ``call_timeout``, ``seal_timeout``: see
-    :class:`~phalanx.checkpoint.SnapshotConfig`."""
+    second address. ``shard_bytes``, ``call_timeout``, ``seal_timeout``, ``io_nice``:
+    see :class:`~phalanx.checkpoint.SnapshotConfig`."""
 
     budget_bytes: int = 4 * GiB
     k: int = 0
@@ -125,6 +125,7 @@ class SnapshotSettings:
     shard_bytes: int = 4 * 1024 * 1024
     call_timeout: float = 30.0
     seal_timeout: float = 300.0
+    io_nice: int = 10
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
@@ -143,6 +144,8 @@ class SnapshotSettings:
             raise ConfigError("snapshot.shard_bytes must be a multiple of 64 from 64 to 1 GiB")
         if not (self.call_timeout > 0 and self.seal_timeout > 0):
             raise ConfigError("snapshot.call_timeout and snapshot.seal_timeout must be > 0")
+        if not 0 <= self.io_nice <= 19:
+            raise ConfigError("snapshot.io_nice must be from 0 to 19")
 
 
 #: see PhalanxConfig.switch_interval_s

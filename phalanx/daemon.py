@@ -317,6 +317,7 @@ class Daemon:
             address=sc.listen or f"{host}:0",
             max_message=max_message,
             io_timeout=sc.call_timeout,
+            io_nice=sc.io_nice,
         )
         self._shard_channel = TcpShardChannel(
             secret=self._secret, addresses=self._shard_address, max_message=max_message
@@ -340,6 +341,7 @@ class Daemon:
                 seal_timeout_s=sc.seal_timeout,
                 snapshot_dir=sc.snapshot_dir or None,
                 disk_every=sc.disk_every,
+                io_nice=sc.io_nice,
             ),
             observer=self._snapshot_metrics,
         )

@@ -47,6 +47,7 @@ import numpy as np
 from phalanx.bench._harness import parse_size, print_json, progress
 from phalanx.checkpoint._crc import crc32_backend
 from phalanx.checkpoint.erasure import make_coder
+from phalanx.checkpoint.snapshot import SnapshotConfig
 from phalanx.config import DAEMON_SWITCH_INTERVAL_S
 from phalanx.testing.launcher import die_with_parent
 
@@ -99,14 +100,16 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
     # like a daemon (PhalanxConfig.switch_interval_s): threads hand the GIL over quickly,
     # so the coder thread is not kept waiting behind the shard senders after each call
     sys.setswitchinterval(DAEMON_SWITCH_INTERVAL_S)
-    from phalanx.checkpoint.snapshot import SnapshotConfig, SnapshotService
+    from phalanx.checkpoint.snapshot import SnapshotService
     from phalanx.checkpoint.store import MemoryShardStore
     from phalanx.checkpoint.tcp import ShardServer, TcpShardChannel
 
     logging.basicConfig(level=cfg["log_level"], format=f"[r{rank}] %(name)s %(message)s")
     me = f"r{rank}" if rank >= 0 else "replacement"
     store = MemoryShardStore(cfg["budget"])
-    server = ShardServer(store, secret=secret, max_message=cfg["shard_bytes"] + 4096)
+    server = ShardServer(
+        store, secret=secret, max_message=cfg["shard_bytes"] + 4096, io_nice=cfg["io_nice"]
+    )
     conn.send(("addr", server.address))
     addresses: dict[str, str] = conn.recv() if conn.poll(_CMD_TIMEOUT) else {}
     channel = TcpShardChannel(
@@ -122,6 +125,7 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
             m=cfg["m"],
             shard_bytes=cfg["shard_bytes"],
             io_threads=2 * (cfg["k"] + cfg["m"]),
+            io_nice=cfg["io_nice"],
         ),
     )
     state = _state(rank, cfg["size"]) if rank >= 0 else {}
@@ -222,17 +226,21 @@ def run_bench(
     *,
     generations: int = 4,
     shard_bytes: int = 4 << 20,
+    io_nice: int = SnapshotConfig.io_nice,
     verbose: bool = True,
     log_level: str = "WARNING",
 ) -> dict[str, Any]:
     if world < 2 or k + m > world or m < 1:
         raise ValueError(f"need m >= 1 and k + m <= world; got {k}+{m} with world {world}")
+    if not 0 <= io_nice <= 19:
+        raise ValueError(f"--io-nice must be from 0 to 19, not {io_nice}")
     secret = os.urandom(32)
     cfg = {
         "k": k,
         "m": m,
         "size": size,
         "shard_bytes": shard_bytes,
+        "io_nice": io_nice,
         "log_level": log_level,
         "budget": 4 * size,
     }
@@ -290,6 +298,7 @@ def run_bench(
             "m": m,
             "size": size,
             "shard_bytes": shard_bytes,
+            "io_nice": io_nice,
             "generations": generations,
             "stall_s": stall,
             "memcpy_s": memcpy,
@@ -337,6 +346,13 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     parser.add_argument("--size", type=parse_size, default=256 << 20, help="state per rank")
     parser.add_argument("--shard-bytes", type=parse_size, default=4 << 20)
     parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument(
+        "--io-nice",
+        type=int,
+        default=SnapshotConfig.io_nice,
+        help="nice increment of the threads that send and take in pieces "
+        "(SnapshotConfig.io_nice, ShardServer(io_nice=); 0: same priority as the coder)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -349,6 +365,7 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
                 args.size,
                 generations=max(1, args.generations),
                 shard_bytes=args.shard_bytes,
+                io_nice=args.io_nice,
                 verbose=not args.quiet,
                 log_level=getattr(args, "log_level", None) or "WARNING",
             )

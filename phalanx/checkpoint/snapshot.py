@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint._crc import crc32
+from phalanx.checkpoint._nice import MAX_NICE, lower_own_priority
 from phalanx.checkpoint.channel import ShardChannel
 from phalanx.checkpoint.disk import DiskTier, DiskWrite
 from phalanx.checkpoint.erasure import ErasureCoder, make_coder
@@ -104,7 +105,11 @@ class SnapshotConfig:
     of state). ``call_timeout_s``: deadline of every channel call;
     ``seal_timeout_s``: of a whole generation (and of ``snapshot()`` waiting for the
     previous one). ``snapshot_dir``/``disk_every``: the disk tier (every Nth sealed
-    generation)."""
+    generation). ``io_nice``: how much lower than the service's creator the threads
+    that send pieces to holders run (a nice increment, 0-19; Linux only, where nice
+    is per thread): background work that yields to the training loop and to the
+    coder when cores are short, and costs nothing when a core is free. 0: the same
+    priority."""
 
     k: int | None = None
     m: int | None = None
@@ -116,6 +121,7 @@ class SnapshotConfig:
     backend: str = "auto"
     snapshot_dir: str | None = None
     disk_every: int = 1
+    io_nice: int = 10
 
     def __post_init__(self) -> None:
         if (self.k is None) != (self.m is None):
@@ -128,6 +134,8 @@ class SnapshotConfig:
             raise ValueError("timeouts must be > 0")
         if self.inflight_stripes < 1 or self.io_threads < 1 or self.disk_every < 1:
             raise ValueError("inflight_stripes, io_threads and disk_every must be >= 1")
+        if not 0 <= self.io_nice <= MAX_NICE:
+            raise ValueError(f"io_nice must be from 0 to {MAX_NICE}, not {self.io_nice}")
 
 
 class SnapshotObserver:
@@ -318,7 +326,12 @@ class SnapshotService:
         self._warn = LogThrottle(log, _WARN_EVERY_S)  # per holder
         self._closed = False
         self._tasks: queue.Queue[tuple[str, _Gen | None]] = queue.Queue()
-        self._io = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="snapshot-io")
+        self._io = ThreadPoolExecutor(
+            self.config.io_threads,
+            thread_name_prefix="snapshot-io",
+            initializer=lower_own_priority,
+            initargs=(self.config.io_nice,),
+        )
         self._disk = (
             DiskTier(self.config.snapshot_dir, member_id) if self.config.snapshot_dir else None
         )

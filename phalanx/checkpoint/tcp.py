@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint._crc import crc32
+from phalanx.checkpoint._nice import MAX_NICE, lower_own_priority
 from phalanx.checkpoint.channel import ShardChannel
 from phalanx.checkpoint.store import (
     MAX_OWNER_LEN,
@@ -167,7 +168,9 @@ class ShardServer:
     stranger gets no more than that many threads) and ``max_conns`` authenticated
     ones; one over either cap is closed at once (a rate-limited log line). A
     connection whose thread cannot start is closed and the accept loop backs off
-    briefly; it never stops accepting."""
+    briefly; it never stops accepting. Each connection's thread runs ``io_nice``
+    nicer than the server's creator (:mod:`phalanx.checkpoint._nice`; the daemon
+    passes ``[snapshot] io_nice``): taking in peers' pieces is background work."""
 
     def __init__(
         self,
@@ -181,11 +184,14 @@ class ShardServer:
         handshake_timeout: float = 5.0,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         max_conns: int = DEFAULT_MAX_CONNS,
+        io_nice: int = 0,
     ) -> None:
         if not secret:
             raise ValueError("a shard server needs the cluster secret")
         if max_handshakes < 1 or max_conns < 1:
             raise ValueError("max_handshakes and max_conns must be >= 1")
+        if not 0 <= io_nice <= MAX_NICE:
+            raise ValueError(f"io_nice must be from 0 to {MAX_NICE}, not {io_nice}")
         self._store = store
         self._secret = secret
         self._listener = listener or bind(address)
@@ -195,6 +201,7 @@ class ShardServer:
         self._hs_timeout = handshake_timeout
         self._max_handshakes = max_handshakes
         self._max_conns = max_conns
+        self._io_nice = io_nice
         self._stop = threading.Event()
         self._lock = threading.Lock()
         # every connection whose thread runs; _authed: those past the handshake
@@ -267,6 +274,7 @@ class ShardServer:
 
     def _serve(self, cid: int, sock: socket.socket) -> None:
         try:
+            lower_own_priority(self._io_nice)
             sock.setblocking(True)
 
             def claim(hello: hs.Hello) -> hs.LinkRefusal | None:

@@ -21,6 +21,7 @@ from phalanx.checkpoint.store import (
     BudgetExceeded,
     HolderUnavailable,
     MemoryShardStore,
+    Reservation,
     ShardCorrupt,
     ShardKey,
     ShardMissing,
@@ -239,3 +240,39 @@ def test_tcp_a_live_pooled_link_serves_while_the_holders_address_is_unknown() ->
             assert ch.list("h", "o", timeout=5) == [ShardKey("o", 1, 0)]
         finally:
             ch.close()
+
+
+class NiceStore(MemoryShardStore):
+    """Records the nice value of every thread that stores a piece."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(budget)
+        self.nice: set[int] = set()
+
+    def put(
+        self, key: ShardKey, data: np.ndarray, crc: int, *, reservation: Reservation | None = None
+    ) -> None:
+        self.nice.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        super().put(key, data, crc, reservation=reservation)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no nice values here")
+@pytest.mark.parametrize("io_nice", [0, 6])
+def test_tcp_a_holder_takes_pieces_in_on_threads_niced_by_io_nice(io_nice: int) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    store = NiceStore(1 << 20)
+    secret = os.urandom(32)
+    server = ShardServer(store, secret=secret, io_nice=io_nice)
+    ch = TcpShardChannel(secret=secret, addresses={"h": server.address})
+    try:
+        blob = _blob(4096)
+        ch.put("h", ShardKey("o", 1, 0, 0), blob, crc32(blob), timeout=5)
+        data, _ = ch.get("h", ShardKey("o", 1, 0, 0), timeout=5)
+        assert np.array_equal(data, blob)
+        assert store.nice == {min(19, base + io_nice)}
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    finally:
+        ch.close()
+        server.close()
+    with pytest.raises(ValueError, match="io_nice"):
+        ShardServer(MemoryShardStore(1), secret=secret, address="127.0.0.1:0", io_nice=20)

@@ -192,3 +192,10 @@ def test_every_phalanx_variable_the_project_uses_is_known() -> None:
     assert load_config(env={"PHALANX_IMAGE": "phalanx:1.2", "PHALANX_BENCH_DEBUG": "1"}) == (
         PhalanxConfig()
     )
+
+
+def test_snapshot_io_nice_comes_from_the_environment_and_is_bounded() -> None:
+    assert load_config(env={}).snapshot.io_nice == 10
+    assert load_config(env={"PHALANX_SNAPSHOT_IO_NICE": "0"}).snapshot.io_nice == 0
+    with pytest.raises(ConfigError, match=r"snapshot\.io_nice"):
+        load_config(env={"PHALANX_SNAPSHOT_IO_NICE": "20"})

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -792,3 +794,43 @@ def test_a_newest_disk_step_that_fails_falls_back_to_memory_not_an_older_disk_st
         assert step == 5 and same(out, state(72))
     finally:
         c.close()
+
+
+class NiceRecorder(InProcessChannel):
+    """Records the nice value of every thread that puts a piece."""
+
+    def __init__(self, hub: InProcessHub) -> None:
+        super().__init__(hub)
+        self.nice: set[int] = set()
+
+    def put(self, holder: str, key: ShardKey, data: Any, crc: int, *, timeout: float) -> None:
+        self.nice.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        super().put(holder, key, data, crc, timeout=timeout)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+@pytest.mark.parametrize("io_nice", [0, 7])
+def test_pieces_are_sent_by_threads_niced_by_io_nice_and_the_caller_keeps_its_own(
+    io_nice: int,
+) -> None:
+    c = Cluster(6, 4, 2, io_nice=io_nice)
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        channel = NiceRecorder(c.hub)
+        owner = c.service("p0", channel)
+        c.svcs["p0"].close()
+        c.svcs["p0"] = owner
+        info = owner.snapshot(state(3), 1).wait(10)
+        assert info.step == 1
+        assert channel.nice == {min(19, base + io_nice)}
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+        step, out = owner.restore()
+        assert step == 1 and same(out, state(3))
+    finally:
+        c.close()
+
+
+def test_io_nice_out_of_range_is_refused() -> None:
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="io_nice"):
+            SnapshotConfig(io_nice=bad)
