@@ -46,6 +46,7 @@ import numpy as np
 
 from phalanx.bench._harness import parse_size, print_json, progress
 from phalanx.checkpoint._crc import crc32_backend
+from phalanx.checkpoint._nice import MAX_NICE
 from phalanx.checkpoint.erasure import make_coder
 from phalanx.checkpoint.snapshot import SnapshotConfig
 from phalanx.config import DAEMON_SWITCH_INTERVAL_S
@@ -232,8 +233,8 @@ def run_bench(
 ) -> dict[str, Any]:
     if world < 2 or k + m > world or m < 1:
         raise ValueError(f"need m >= 1 and k + m <= world; got {k}+{m} with world {world}")
-    if not 0 <= io_nice <= 19:
-        raise ValueError(f"--io-nice must be from 0 to 19, not {io_nice}")
+    if not 0 <= io_nice <= MAX_NICE:
+        raise ValueError(f"--io-nice must be from 0 to {MAX_NICE}, not {io_nice}")
     secret = os.urandom(32)
     cfg = {
         "k": k,
