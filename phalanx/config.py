@@ -144,7 +144,7 @@ class SnapshotSettings:
             raise ConfigError("snapshot.shard_bytes must be a multiple of 64 from 64 to 1 GiB")
         if not (self.call_timeout > 0 and self.seal_timeout > 0):
             raise ConfigError("snapshot.call_timeout and snapshot.seal_timeout must be > 0")
-        if not 0 <= self.io_nice <= 19:
+        if not 0 <= self.io_nice <= 19:  # == phalanx.checkpoint._nice.MAX_NICE
             raise ConfigError("snapshot.io_nice must be from 0 to 19")
 
 

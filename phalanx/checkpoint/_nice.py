@@ -1,11 +1,15 @@
 """Lowering a background thread's CPU priority (its nice value), Linux only.
 
-Sending pieces to holders and taking in peers' pieces is background work on a
-training host: when cores are short it should yield to the training loop and to the
-erasure coder, whose output those threads wait for anyway; when a core is free, a
-nicer thread runs just as fast. On Linux the nice value belongs to each thread, so a
-thread can lower its own without touching the rest of the process; elsewhere the same
-call would change the whole process, so it is not made there."""
+Sending pieces to holders and taking in peers' pieces is background work: when cores
+are short it should yield to the erasure coder, whose output those threads wait for
+anyway, and to the rest of the process (the daemon's data plane); when a core is
+free, a nicer thread runs just as fast. On Linux the nice value belongs to each
+thread, so a thread can lower its own without touching the rest of the process;
+elsewhere the same call would change the whole process, so it is not made there.
+
+Nice values order threads only against others in the same CPU cgroup (and, on
+desktops, the same autogroup): a daemon in a container of its own gains the coder's
+head start over its senders, not a lead over a trainer in another container."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import os
 import sys
 import threading
 
-__all__ = ["MAX_NICE", "lower_own_priority"]
+__all__ = ["MAX_NICE", "check_increment", "lower_own_priority"]
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +26,31 @@ log = logging.getLogger(__name__)
 MAX_NICE = 19
 
 
+def check_increment(value: object, name: str = "io_nice") -> int:
+    """``value`` if it is a nice increment (an int from 0 to :data:`MAX_NICE`), else
+    ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_NICE:
+        raise ValueError(f"{name} must be from 0 to {MAX_NICE}, not {value}")
+    return value
+
+
 def lower_own_priority(increment: int) -> None:
-    """Raise the calling thread's nice value by ``increment`` (at most to
-    :data:`MAX_NICE`). No-op for 0 and off Linux; a refusal (a sandbox without the
-    syscall) leaves the thread as it was, with a debug line."""
-    if increment < 0:
-        raise ValueError(f"a nice increment is >= 0, not {increment}")
-    if not increment or sys.platform != "linux":
+    """Run the calling thread at the process's nice value plus ``increment`` (at
+    most :data:`MAX_NICE`); never raise its priority. The base is the process's
+    (its main thread's), not the caller's, so a thread started from a thread already
+    lowered does not sink further. No-op for ``increment <= 0`` and off Linux.
+
+    Never raises: it runs as a thread pool's initializer, where an exception would
+    break the pool for good; a refusal (a sandbox without the syscall) leaves the
+    thread as it was, with a debug line."""
+    if increment <= 0 or sys.platform != "linux":
         return
     tid = threading.get_native_id()
     try:
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, now + increment))
-    except OSError as exc:
+        target = min(MAX_NICE, os.getpriority(os.PRIO_PROCESS, os.getpid()) + increment)
+        if target > os.getpriority(os.PRIO_PROCESS, tid):
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+    except (OSError, TypeError, ValueError) as exc:
         log.debug("thread %s keeps its priority: %s", threading.current_thread().name, exc)

@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint._crc import crc32
-from phalanx.checkpoint._nice import MAX_NICE, lower_own_priority
+from phalanx.checkpoint._nice import check_increment, lower_own_priority
 from phalanx.checkpoint.channel import ShardChannel
 from phalanx.checkpoint.disk import DiskTier, DiskWrite
 from phalanx.checkpoint.erasure import ErasureCoder, make_coder
@@ -105,11 +105,12 @@ class SnapshotConfig:
     of state). ``call_timeout_s``: deadline of every channel call;
     ``seal_timeout_s``: of a whole generation (and of ``snapshot()`` waiting for the
     previous one). ``snapshot_dir``/``disk_every``: the disk tier (every Nth sealed
-    generation). ``io_nice``: how much lower than the service's creator the threads
-    that send pieces to holders run (a nice increment, 0-19; Linux only, where nice
-    is per thread): background work that yields to the training loop and to the
-    coder when cores are short, and costs nothing when a core is free. 0: the same
-    priority."""
+    generation). ``io_nice``: how much nicer than the process the I/O threads run
+    (an increment, 0-19; Linux only, where nice is per thread;
+    :mod:`phalanx.checkpoint._nice`): the sends of a seal, and the fetches of a
+    restore, which share the pool. Background work that yields to the coder and to
+    the rest of the process when cores are short, and runs as fast when a core is
+    free. 0: the process's priority."""
 
     k: int | None = None
     m: int | None = None
@@ -134,8 +135,7 @@ class SnapshotConfig:
             raise ValueError("timeouts must be > 0")
         if self.inflight_stripes < 1 or self.io_threads < 1 or self.disk_every < 1:
             raise ValueError("inflight_stripes, io_threads and disk_every must be >= 1")
-        if not 0 <= self.io_nice <= MAX_NICE:
-            raise ValueError(f"io_nice must be from 0 to {MAX_NICE}, not {self.io_nice}")
+        check_increment(self.io_nice)
 
 
 class SnapshotObserver:

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint._crc import crc32
-from phalanx.checkpoint._nice import MAX_NICE, lower_own_priority
+from phalanx.checkpoint._nice import check_increment, lower_own_priority
 from phalanx.checkpoint.channel import ShardChannel
 from phalanx.checkpoint.store import (
     MAX_OWNER_LEN,
@@ -169,8 +169,10 @@ class ShardServer:
     ones; one over either cap is closed at once (a rate-limited log line). A
     connection whose thread cannot start is closed and the accept loop backs off
     briefly; it never stops accepting. Each connection's thread runs ``io_nice``
-    nicer than the server's creator (:mod:`phalanx.checkpoint._nice`; the daemon
-    passes ``[snapshot] io_nice``): taking in peers' pieces is background work."""
+    nicer than the process (:mod:`phalanx.checkpoint._nice`; the same default as
+    :class:`~phalanx.checkpoint.SnapshotConfig`, and the daemon passes ``[snapshot]
+    io_nice``): taking in peers' pieces, and serving them to a restore, is background
+    work."""
 
     def __init__(
         self,
@@ -184,14 +186,13 @@ class ShardServer:
         handshake_timeout: float = 5.0,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         max_conns: int = DEFAULT_MAX_CONNS,
-        io_nice: int = 0,
+        io_nice: int = 10,
     ) -> None:
         if not secret:
             raise ValueError("a shard server needs the cluster secret")
         if max_handshakes < 1 or max_conns < 1:
             raise ValueError("max_handshakes and max_conns must be >= 1")
-        if not 0 <= io_nice <= MAX_NICE:
-            raise ValueError(f"io_nice must be from 0 to {MAX_NICE}, not {io_nice}")
+        check_increment(io_nice)
         self._store = store
         self._secret = secret
         self._listener = listener or bind(address)

@@ -195,7 +195,13 @@ def test_every_phalanx_variable_the_project_uses_is_known() -> None:
 
 
 def test_snapshot_io_nice_comes_from_the_environment_and_is_bounded() -> None:
-    assert load_config(env={}).snapshot.io_nice == 10
-    assert load_config(env={"PHALANX_SNAPSHOT_IO_NICE": "0"}).snapshot.io_nice == 0
-    with pytest.raises(ConfigError, match=r"snapshot\.io_nice"):
-        load_config(env={"PHALANX_SNAPSHOT_IO_NICE": "20"})
+    from phalanx.checkpoint._nice import MAX_NICE
+    from phalanx.checkpoint.snapshot import SnapshotConfig
+
+    assert load_config(env={}).snapshot.io_nice == SnapshotConfig.io_nice == 10
+    for good in (0, MAX_NICE):
+        cfg = load_config(env={"PHALANX_SNAPSHOT_IO_NICE": str(good)})
+        assert cfg.snapshot.io_nice == good
+    for bad in (-1, MAX_NICE + 1):
+        with pytest.raises(ConfigError, match=r"snapshot\.io_nice"):
+            load_config(env={"PHALANX_SNAPSHOT_IO_NICE": str(bad)})

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from phalanx.checkpoint._crc import crc32
+from phalanx.checkpoint._nice import MAX_NICE, lower_own_priority
 from phalanx.checkpoint.channel import InProcessChannel, InProcessHub
 from phalanx.checkpoint.layout import LayoutError
 from phalanx.checkpoint.snapshot import (
@@ -813,24 +814,57 @@ class NiceRecorder(InProcessChannel):
 def test_pieces_are_sent_by_threads_niced_by_io_nice_and_the_caller_keeps_its_own(
     io_nice: int,
 ) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    if base + 7 > MAX_NICE:
+        pytest.skip(f"the test runs at nice {base}: no room to lower a thread by 7")
     c = Cluster(6, 4, 2, io_nice=io_nice)
     try:
-        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         channel = NiceRecorder(c.hub)
         owner = c.service("p0", channel)
         c.svcs["p0"].close()
         c.svcs["p0"] = owner
         info = owner.snapshot(state(3), 1).wait(10)
         assert info.step == 1
-        assert channel.nice == {min(19, base + io_nice)}
+        assert channel.nice == {base + io_nice}
+        # the caller and the coder (the service's worker thread) keep the process's
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+        assert owner._worker.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, owner._worker.native_id) == base
         step, out = owner.restore()
         assert step == 1 and same(out, state(3))
     finally:
         c.close()
 
 
-def test_io_nice_out_of_range_is_refused() -> None:
+def test_io_nice_out_of_range_or_not_an_int_is_refused() -> None:
     for bad in (-1, 20):
         with pytest.raises(ValueError, match="io_nice"):
             SnapshotConfig(io_nice=bad)
+    for wrong in (2.5, True, "5"):
+        with pytest.raises(TypeError, match="io_nice"):
+            SnapshotConfig(io_nice=wrong)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+def test_a_thread_started_from_a_lowered_thread_does_not_sink_further() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    if base + 3 > MAX_NICE:
+        pytest.skip(f"the test runs at nice {base}")
+    seen: list[int] = []
+
+    def inner() -> None:
+        lower_own_priority(3)  # inherits base + 3 from its creator; stays there
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    def outer() -> None:
+        lower_own_priority(3)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        t = threading.Thread(target=inner)
+        t.start()
+        t.join(5)
+
+    t = threading.Thread(target=outer)
+    t.start()
+    t.join(5)
+    assert seen == [base + 3, base + 3]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
