@@ -16,7 +16,9 @@ byte with the state regenerated from its seed. Both restores must return the las
 generation's step and exactly its state (a stale or mixed-generation restore fails).
 
 One JSON line: ``stall_s`` (snapshot(), median over ranks and generations after the first),
-``memcpy_s`` (np.copyto of the same bytes into a warm buffer, same ranks, just before),
+``memcpy_s`` (np.copyto of the same bytes, same ranks, just before, into one of two
+buffers faulted in with the service's pool and taken in turn as it takes its own, so
+both copies write memory idle equally long),
 ``stall_ratio``, ``seal_s``, ``encode_Bps`` (state bytes / wall time inside the erasure
 coder, rank median), ``encode_cpu_Bps`` (state bytes / CPU time of the coder's thread
 inside it: the coder's own speed, where ``encode_Bps`` also counts the waits for a core
@@ -131,8 +133,17 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
     )
     state = _state(rank, cfg["size"]) if rank >= 0 else {}
     generation = 0  # the one ``state`` is at
+    baseline: list[np.ndarray] = []
     if rank >= 0:
         svc.reserve(cfg["size"])
+        # the memcpy baseline's own pair of buffers, faulted in now as the service's
+        # pool just was and taken in turn as it takes its own (one per generation), so
+        # both copies write memory that sat idle equally long: here a buffer last
+        # written seconds ago copies 3-9 % slower than one written just before
+        # (docs/snapshots.md, "The stall's baseline")
+        baseline = [np.empty(cfg["size"], np.uint8) for _ in range(2)]
+        for b in baseline:
+            b.fill(0)
     try:
         while conn.poll(_CMD_TIMEOUT):
             cmd, arg = conn.recv()
@@ -141,13 +152,10 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
             if cmd == "snap":
                 _advance(state, arg - generation)  # the state changes every generation
                 generation = arg
-                dst = np.empty(cfg["size"], np.uint8)
                 flat = [a.reshape(-1).view(np.uint8) for a in _leaves(state)]
-                _copy(dst, flat)  # fault the pages in: a warm buffer, like the service's
                 t0 = time.perf_counter()
-                _copy(dst, flat)
+                _copy(baseline[arg % 2], flat)
                 memcpy_s = time.perf_counter() - t0
-                del dst
                 h = svc.snapshot(state, arg)
                 info = h.wait(_CMD_TIMEOUT)
                 conn.send(
