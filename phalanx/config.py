@@ -125,7 +125,7 @@ class SnapshotSettings:
     shard_bytes: int = 4 * 1024 * 1024
     call_timeout: float = 30.0
     seal_timeout: float = 300.0
-    io_nice: int = 10
+    io_nice: int = 10  # == phalanx.checkpoint._nice.DEFAULT_IO_NICE (test_config)
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:

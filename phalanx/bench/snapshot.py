@@ -18,7 +18,11 @@ generation's step and exactly its state (a stale or mixed-generation restore fai
 One JSON line: ``stall_s`` (snapshot(), median over ranks and generations after the first),
 ``memcpy_s`` (np.copyto of the same bytes, same ranks, just before, into one of two
 buffers faulted in with the service's pool and taken in turn as it takes its own, so
-both copies write memory idle equally long),
+both copies write a buffer last written two generations ago; it runs first, so it is
+the one that reads the state while the +1 has just left it in cache),
+``memcpy_hot_s`` (the same copy into a buffer written just before, after the seal:
+what the baseline was until stop 37: how much a destination left idle costs any
+copy on the machine),
 ``stall_ratio``, ``seal_s``, ``encode_Bps`` (state bytes / wall time inside the erasure
 coder, rank median), ``encode_cpu_Bps`` (state bytes / CPU time of the coder's thread
 inside it: the coder's own speed, where ``encode_Bps`` also counts the waits for a core
@@ -48,7 +52,7 @@ import numpy as np
 
 from phalanx.bench._harness import parse_size, print_json, progress
 from phalanx.checkpoint._crc import crc32_backend
-from phalanx.checkpoint._nice import MAX_NICE
+from phalanx.checkpoint._nice import check_increment
 from phalanx.checkpoint.erasure import make_coder
 from phalanx.checkpoint.snapshot import SnapshotConfig
 from phalanx.config import DAEMON_SWITCH_INTERVAL_S
@@ -137,10 +141,11 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
     if rank >= 0:
         svc.reserve(cfg["size"])
         # the memcpy baseline's own pair of buffers, faulted in now as the service's
-        # pool just was and taken in turn as it takes its own (one per generation), so
-        # both copies write memory that sat idle equally long: here a buffer last
-        # written seconds ago copies 3-9 % slower than one written just before
-        # (docs/snapshots.md, "The stall's baseline")
+        # pool just was and taken in turn as it takes its own (one per generation:
+        # the service alternates its two because generations here never overlap or
+        # fail), so both copies write a buffer last written two generations ago; on
+        # this machine one written just before copies 3-9 % faster at 256 MiB, up to
+        # 1.6x at 1 GiB (docs/snapshots.md, "The stall's baseline")
         baseline = [np.empty(cfg["size"], np.uint8) for _ in range(2)]
         for b in baseline:
             b.fill(0)
@@ -158,11 +163,18 @@ def _rank_main(rank: int, conn: Connection, secret: bytes, cfg: dict[str, Any]) 
                 memcpy_s = time.perf_counter() - t0
                 h = svc.snapshot(state, arg)
                 info = h.wait(_CMD_TIMEOUT)
+                # the same copy into a buffer written just before (the old baseline),
+                # after the seal so that it cannot touch the stall's conditions
+                _copy(baseline[arg % 2], flat)
+                t0 = time.perf_counter()
+                _copy(baseline[arg % 2], flat)
+                memcpy_hot_s = time.perf_counter() - t0
                 conn.send(
                     (
                         "ok",
                         {
                             "memcpy_s": memcpy_s,
+                            "memcpy_hot_s": memcpy_hot_s,
                             "stall_s": h.stall_s,
                             "seal_s": info.seal_s,
                             "encode_s": info.encode_s,
@@ -241,8 +253,7 @@ def run_bench(
 ) -> dict[str, Any]:
     if world < 2 or k + m > world or m < 1:
         raise ValueError(f"need m >= 1 and k + m <= world; got {k}+{m} with world {world}")
-    if not 0 <= io_nice <= MAX_NICE:
-        raise ValueError(f"--io-nice must be from 0 to {MAX_NICE}, not {io_nice}")
+    check_increment(io_nice, "io_nice")
     secret = os.urandom(32)
     cfg = {
         "k": k,
@@ -311,6 +322,7 @@ def run_bench(
             "generations": generations,
             "stall_s": stall,
             "memcpy_s": memcpy,
+            "memcpy_hot_s": statistics.median(r["memcpy_hot_s"] for r in warm),
             "stall_ratio": stall / memcpy,
             "stall_first_s": statistics.median(r["stall_s"] for r in per_gen[0]),
             "stall_max_s": max(r["stall_s"] for r in last),
@@ -360,7 +372,7 @@ def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         type=int,
         default=SnapshotConfig.io_nice,
         help="nice increment of the threads that send and take in pieces "
-        "(SnapshotConfig.io_nice, ShardServer(io_nice=); 0: same priority as the coder)",
+        "(SnapshotConfig.io_nice, ShardServer(io_nice=); 0: as the threads that start them)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON line")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -18,12 +18,16 @@ import os
 import sys
 import threading
 
-__all__ = ["MAX_NICE", "check_increment", "lower_own_priority"]
+__all__ = ["DEFAULT_IO_NICE", "MAX_NICE", "check_increment", "lower_own_priority"]
 
 log = logging.getLogger(__name__)
 
 #: the highest nice value (the lowest priority) Linux has
 MAX_NICE = 19
+
+#: how much nicer the snapshot's I/O threads run by default (SnapshotConfig.io_nice,
+#: ShardServer(io_nice=), the daemon's [snapshot] io_nice)
+DEFAULT_IO_NICE = 10
 
 
 def check_increment(value: object, name: str = "io_nice") -> int:
@@ -38,9 +42,11 @@ def check_increment(value: object, name: str = "io_nice") -> int:
 
 def lower_own_priority(increment: int) -> None:
     """Run the calling thread at the process's nice value plus ``increment`` (at
-    most :data:`MAX_NICE`); never raise its priority. The base is the process's
-    (its main thread's), not the caller's, so a thread started from a thread already
-    lowered does not sink further. No-op for ``increment <= 0`` and off Linux.
+    most :data:`MAX_NICE`); never raise its priority. The base is the process's, as
+    ``nice`` or ``renice -p PID`` set it (Linux reads its main thread's), not the
+    caller's, so a thread started from a thread already lowered does not sink
+    further. No-op for ``increment <= 0`` (the thread keeps what it inherited from
+    the thread that started it) and off Linux.
 
     Never raises: it runs as a thread pool's initializer, where an exception would
     break the pool for good; a refusal (a sandbox without the syscall) leaves the

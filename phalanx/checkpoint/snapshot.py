@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint._crc import crc32
-from phalanx.checkpoint._nice import check_increment, lower_own_priority
+from phalanx.checkpoint._nice import DEFAULT_IO_NICE, check_increment, lower_own_priority
 from phalanx.checkpoint.channel import ShardChannel
 from phalanx.checkpoint.disk import DiskTier, DiskWrite
 from phalanx.checkpoint.erasure import ErasureCoder, make_coder
@@ -110,7 +110,8 @@ class SnapshotConfig:
     :mod:`phalanx.checkpoint._nice`): the sends of a seal, and the fetches of a
     restore, which share the pool. Background work that yields to the coder and to
     the rest of the process when cores are short, and runs as fast when a core is
-    free. 0: the process's priority."""
+    free. 0: left as the thread that starts them (the pool starts its threads on
+    first use, from the worker or a restore's caller)."""
 
     k: int | None = None
     m: int | None = None
@@ -122,7 +123,7 @@ class SnapshotConfig:
     backend: str = "auto"
     snapshot_dir: str | None = None
     disk_every: int = 1
-    io_nice: int = 10
+    io_nice: int = DEFAULT_IO_NICE
 
     def __post_init__(self) -> None:
         if (self.k is None) != (self.m is None):

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from phalanx.checkpoint._crc import crc32
-from phalanx.checkpoint._nice import check_increment, lower_own_priority
+from phalanx.checkpoint._nice import DEFAULT_IO_NICE, check_increment, lower_own_priority
 from phalanx.checkpoint.channel import ShardChannel
 from phalanx.checkpoint.store import (
     MAX_OWNER_LEN,
@@ -186,7 +186,7 @@ class ShardServer:
         handshake_timeout: float = 5.0,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         max_conns: int = DEFAULT_MAX_CONNS,
-        io_nice: int = 10,
+        io_nice: int = DEFAULT_IO_NICE,
     ) -> None:
         if not secret:
             raise ValueError("a shard server needs the cluster secret")

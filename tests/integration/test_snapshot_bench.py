@@ -41,6 +41,7 @@ def test_bench_snapshot_cli_json() -> None:
     for key in (
         "stall_s",
         "memcpy_s",
+        "memcpy_hot_s",
         "seal_s",
         "encode_Bps",
         "restore_local_s",
@@ -54,6 +55,7 @@ def test_bench_snapshot_cli_json() -> None:
     # the coder's CPU time is part of its wall time: never the slower of the two
     assert row["encode_cpu_Bps"] >= 0.99 * row["encode_Bps"] > 0
     assert len(row["killed"]) == 2 and "r0" in row["killed"]
+    assert row["io_nice"] == 10  # the service's default, said in the row
 
 
 def test_bench_snapshot_rejects_impossible_codes() -> None:
@@ -79,3 +81,14 @@ def test_bench_snapshot_rejects_impossible_codes() -> None:
         check=False,
     )
     assert out.returncode == 2 and "k + m <= world" in out.stderr
+
+
+def test_bench_snapshot_refuses_an_io_nice_out_of_range() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "phalanx", "bench", "snapshot", "--io-nice", "20"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2 and "io_nice must be from 0 to 19" in out.stderr

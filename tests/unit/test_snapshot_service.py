@@ -815,8 +815,8 @@ def test_pieces_are_sent_by_threads_niced_by_io_nice_and_the_caller_keeps_its_ow
     io_nice: int,
 ) -> None:
     base = os.getpriority(os.PRIO_PROCESS, os.getpid())
-    if base + 7 > MAX_NICE:
-        pytest.skip(f"the test runs at nice {base}: no room to lower a thread by 7")
+    if base + io_nice > MAX_NICE:
+        pytest.skip(f"the test runs at nice {base}: no room to lower a thread by {io_nice}")
     c = Cluster(6, 4, 2, io_nice=io_nice)
     try:
         channel = NiceRecorder(c.hub)
@@ -868,3 +868,40 @@ def test_a_thread_started_from_a_lowered_thread_does_not_sink_further() -> None:
     t.join(5)
     assert seen == [base + 3, base + 3]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
+def test_a_refused_priority_change_leaves_the_pool_working(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    c = Cluster(6, 4, 2, io_nice=5)
+    try:
+        info = c.svcs["p0"].snapshot(state(8), 1).wait(10)
+        assert info.step == 1
+        step, out = c.svcs["p0"].restore()
+        assert step == 1 and same(out, state(8))
+    finally:
+        c.close()
+
+
+def test_the_two_reserved_buffers_are_taken_in_turn() -> None:
+    # phalanx bench snapshot times its memcpy baseline into a pair of buffers taken
+    # in the same turn (docs/snapshots.md, "The stall's baseline")
+    c = Cluster(6, 4, 2)
+    try:
+        svc = c.svcs["p0"]
+        svc.reserve(state(1)["model"]["w"].nbytes + 4096)
+        reserved = {b.ctypes.data for b in svc._free}
+        assert len(reserved) == 2
+        used = []
+        for step in range(1, 6):
+            h = svc.snapshot(state(step), step)
+            used.append(h._gen.buf.ctypes.data)
+            h.wait(10)
+        assert set(used) == reserved
+        assert used[0::2] == [used[0]] * 3 and used[1::2] == [used[1]] * 2
+    finally:
+        c.close()
