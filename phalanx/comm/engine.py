@@ -9,7 +9,10 @@ the compute that the arrival unlocks, and sends whatever became ready — so rec
 reducing and sending overlap piece by piece without a thread per link.
 
 Between operations the thread keeps answering liveness probes (PING) and noticing
-peers that leave, so a failure is known before the next operation starts.
+peers that leave, so a failure is known before the next operation starts. An op that
+follows another closely starts on its caller's thread (:meth:`Engine.submit`): one
+lock, ``_state``, guards the engine's state, held by the engine thread between polls
+and taken by a caller only when free; the rest of the op runs here.
 
 Failure handling lives here too: a closed link, a malformed or foreign-epoch frame, an
 ABORT from a peer, no progress for ``timeout_s`` (after a PING probe to find out who
@@ -94,6 +97,10 @@ _SINK_KEEP_BYTES = 4 << 20
 _IDLE_POLL_S = 1.0
 #: longest sleep while an op runs (progress checks and probes are due on this clock)
 _BUSY_POLL_S = 0.05
+#: for this long after an op ends the idle engine still sleeps at most _BUSY_POLL_S:
+#: the next op of a training loop may then start on its caller's thread (see
+#: Engine.submit), and the engine thread still looks at it within _BUSY_POLL_S
+_ACTIVE_S = 0.25
 
 
 class FrameHook(Protocol):
@@ -101,7 +108,9 @@ class FrameHook(Protocol):
 
     Return ``None`` to send the frame unchanged, or the (header, payload) to send
     instead — corrupted, re-epoched, with a lying length field. It runs on the engine
-    thread, so sleeping in it makes this rank slow, as a straggler would be.
+    thread (or, for the first frames of an op started inline, on its caller's thread
+    with the engine's state held), so sleeping in it makes this rank slow, as a
+    straggler would be.
     """
 
     def outgoing(
@@ -237,6 +246,18 @@ class Engine:
             link.channel.fd: link for streams in self.links.values() for link in streams
         }
         self._lock = threading.Lock()
+        # held while the engine's state is worked on: by the engine thread between
+        # polls, or by a caller starting its plan inline (submit); never across a poll
+        self._state = threading.Lock()
+        # when the engine thread's current poll ends at the latest, and when the
+        # newest op ended (the idle poll stays short for _ACTIVE_S after it)
+        self._sleep_until = 0.0
+        self._ended = 0.0
+        # a bug met while starting a plan inline: the engine thread raises it (its
+        # crash handler fails every waiting caller), as if it had met it itself
+        self._crash: BaseException | None = None
+        #: ops started on their caller's thread (see submit)
+        self.inline_starts = 0
         self._queue: deque[Plan] = deque()
         self._next_seq = 0
         self._closing = False
@@ -285,17 +306,58 @@ class Engine:
             return self._next_seq
 
     def submit(self, plan: Plan) -> Future[OpResult]:
-        with self._lock:
-            if self._broken is not None or self._closing:
-                err = self._failure_for(plan)
-                plan.release()
-                plan.future.set_exception(err)
-                return plan.future
-            plan.seq = self._next_seq
-            self._next_seq += 1
-            self._queue.append(plan)
-        self._wake()
+        """Queue ``plan`` (ops run in submission order); its future settles when it ends.
+
+        When the engine is idle and its thread will look again within _BUSY_POLL_S (it
+        ended an op less than _ACTIVE_S ago), the plan starts here, on the caller's
+        thread: its first frames leave without a wake-up of the engine thread, whose
+        poll then sees the peers' frames. Otherwise the engine thread is woken to start
+        it. Either way the engine thread runs the rest of the op and its checks."""
+        state = self._state.acquire(blocking=False)
+        inline = False
+        try:
+            with self._lock:
+                if self._broken is not None or self._closing:
+                    err = self._failure_for(plan)
+                    plan.release()
+                    plan.future.set_exception(err)
+                    return plan.future
+                plan.seq = self._next_seq
+                self._next_seq += 1
+                inline = state and self._idle_and_watched()
+                if not inline:
+                    self._queue.append(plan)
+            if inline:
+                self.inline_starts += 1
+                try:
+                    self._start(plan)
+                    self._flush()
+                except _OpFailed as exc:
+                    self._fail_current(exc)
+                except BaseException as exc:  # pragma: no cover - a bug
+                    log.exception("event=engine-inline-start-crash rank=%d", self.rank)
+                    self._crash = exc
+                    if not plan.future.done():
+                        plan.future.set_exception(CommError(f"phalanx engine crashed: {exc!r}"))
+                    inline = False  # wake the engine thread: it raises it
+        finally:
+            if state:
+                self._state.release()
+        if not inline:
+            self._wake()
         return plan.future
+
+    def _idle_and_watched(self) -> bool:
+        """No op runs or waits, nothing is to be delivered, and the engine thread's
+        poll ends within _BUSY_POLL_S (callers hold ``_state`` and ``_lock``)."""
+        return (
+            self._current is None
+            and not self._queue
+            and self._broken is None
+            and self._deferred is None
+            and self._abort_request is None
+            and self._sleep_until - time.monotonic() <= _BUSY_POLL_S
+        )
 
     def abort(self, reason: str = "view-change", detail: str = "") -> None:
         """Fail the running op (and every later one) from any thread, at once: the
@@ -367,68 +429,86 @@ class Engine:
 
     def _loop(self) -> None:
         poll = self._epoll.poll
-        wake_fd = self._wake_r.fileno()
         while True:
-            if self._closing and self._current is not None and self._abort_request is None:
-                # close() found no op running, but one was being started: abort it too
-                with self._lock:
-                    if self._abort_request is None:
-                        self._abort_request = (
-                            "closed",
-                            "the group was closed under this operation",
-                        )
-            if self._abort_request is not None and self._broken is None:
-                reason, detail = self._abort_request
-                self._fail_current(_OpFailed((), reason, detail, self.rank))
-            if self._deferred is not None and self._current is None:
-                # the running op ended; the group broke in a later one: tell everyone
-                self._fail_current(self._deferred)
-            if self._current is None:
-                with self._lock:
-                    closing = self._closing
-                    # closing: queued plans fail (below), none starts (close() would
-                    # otherwise shut the links under it once its join timed out)
-                    ready = self._queue and self._broken is None and not closing
-                    nxt = self._queue.popleft() if ready else None
-                if nxt is not None:
-                    self._start(nxt)
-                    try:
-                        self._flush()
-                    except _OpFailed as exc:
-                        self._fail_current(exc)
-                elif closing:
-                    self._fail_queued(GroupClosed("group closed"))
+            with self._state:
+                if not self._between_polls():
                     return
-            events = poll(self._poll_timeout())
-            now = time.monotonic()
-            for fd, mask in events:
-                if fd == wake_fd:
-                    # one read: more than 4096 wake bytes between two polls cannot
-                    # happen, and any left would only report the fd ready again
-                    with contextlib.suppress(BlockingIOError, OSError):
-                        self._wake_r.recv(4096)
-                    continue
-                link = self._by_fd.get(fd)
-                if link is None or link.channel.closed:
-                    continue
-                if link.draining:
-                    self._drain(link)
-                    continue
+                timeout = self._poll_timeout()
+                self._sleep_until = time.monotonic() + timeout
+            events = poll(timeout)
+            with self._state:
+                self._sleep_until = 0.0
+                self._handle(events)
+
+    def _between_polls(self) -> bool:
+        """Deliver verdicts and start the next queued plan; False once closed."""
+        if self._crash is not None:
+            raise self._crash
+        if self._closing and self._current is not None and self._abort_request is None:
+            # close() found no op running, but one was being started: abort it too
+            with self._lock:
+                if self._abort_request is None:
+                    self._abort_request = (
+                        "closed",
+                        "the group was closed under this operation",
+                    )
+        if self._abort_request is not None and self._broken is None:
+            reason, detail = self._abort_request
+            self._fail_current(_OpFailed((), reason, detail, self.rank))
+        if self._deferred is not None and self._current is None:
+            # the running op ended; the group broke in a later one: tell everyone
+            self._fail_current(self._deferred)
+        if self._current is None:
+            with self._lock:
+                closing = self._closing
+                # closing: queued plans fail (below), none starts (close() would
+                # otherwise shut the links under it once its join timed out)
+                ready = self._queue and self._broken is None and not closing
+                nxt = self._queue.popleft() if ready else None
+            if nxt is not None:
+                self._start(nxt)
                 try:
-                    if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-                        self._pump_in(link)
-                    if mask & select.EPOLLOUT:
-                        self._dirty.add(link)
+                    self._flush()
                 except _OpFailed as exc:
                     self._fail_current(exc)
+            elif closing:
+                self._fail_queued(GroupClosed("group closed"))
+                return False
+        return True
+
+    def _handle(self, events: list[tuple[int, int]]) -> None:
+        """Act on what one poll returned, then send what became ready and check
+        progress."""
+        now = time.monotonic()
+        wake_fd = self._wake_r.fileno()
+        for fd, mask in events:
+            if fd == wake_fd:
+                # one read: more than 4096 wake bytes between two polls cannot
+                # happen, and any left would only report the fd ready again
+                with contextlib.suppress(BlockingIOError, OSError):
+                    self._wake_r.recv(4096)
+                continue
+            link = self._by_fd.get(fd)
+            if link is None or link.channel.closed:
+                continue
+            if link.draining:
+                self._drain(link)
+                continue
             try:
-                self._flush()
+                if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+                    self._pump_in(link)
+                if mask & select.EPOLLOUT:
+                    self._dirty.add(link)
             except _OpFailed as exc:
                 self._fail_current(exc)
-            if self._current is not None:
-                self._check_progress(now)
-            elif self._drain_deadline:
-                self._expire_drains(now)
+        try:
+            self._flush()
+        except _OpFailed as exc:
+            self._fail_current(exc)
+        if self._current is not None:
+            self._check_progress(now)
+        elif self._drain_deadline:
+            self._expire_drains(now)
 
     def _poll_timeout(self) -> float:
         if self._dirty:
@@ -439,9 +519,10 @@ class Engine:
                 self._queue or self._deferred is not None or self._abort_request is not None
             ):
                 return 0.0  # the loop's top has work: a queued plan, a verdict to deliver
+            idle = _BUSY_POLL_S if now - self._ended < _ACTIVE_S else _IDLE_POLL_S
             if self._drain_deadline:
-                return max(0.0, min(self._drain_deadline - now, _IDLE_POLL_S))
-            return _IDLE_POLL_S
+                return max(0.0, min(self._drain_deadline - now, idle))
+            return idle
         if self._probe is not None:
             left = self._probe.deadline - now
         else:
@@ -654,6 +735,7 @@ class Engine:
             in_twin=plan.into_used,
         )
         self._current = None
+        self._ended = now
         self._probe = None
         plan.future.set_result(info)  # the caller first, then the observer
         self._observe(plan, True, now, samples, "", frozenset())
@@ -955,6 +1037,7 @@ class Engine:
             detected_by=plan.mismatch_by,
         )
         self._current = None
+        self._ended = time.monotonic()
         self._probe = None
         for streams in self.links.values():
             for link in streams:
