@@ -3,7 +3,7 @@
 A collective is compiled (by :mod:`phalanx.comm.collectives`) into a :class:`Plan`: per
 link an ordered list of frames to send and an ordered list of frames to receive, plus
 compute steps (reduce, decode, finalize), tied together by dependency counts. The engine
-thread owns every socket of the group. It waits in ``epoll`` on all links at once,
+owns every socket of the group; its thread waits in ``epoll`` on all links at once,
 receives each frame's payload straight into the buffer its receive node names, runs
 the compute that the arrival unlocks, and sends whatever became ready — so receiving,
 reducing and sending overlap piece by piece without a thread per link.
@@ -12,7 +12,9 @@ Between operations the thread keeps answering liveness probes (PING) and noticin
 peers that leave, so a failure is known before the next operation starts. An op that
 follows another closely starts on its caller's thread (:meth:`Engine.submit`): one
 lock, ``_state``, guards the engine's state, held by the engine thread between polls
-and taken by a caller only when free; the rest of the op runs here.
+and taken by a caller only when free. Starting may read frames that arrived early,
+and an op that needs no frames (or fails at once) ends there; everything after the
+start runs on the engine thread.
 
 Failure handling lives here too: a closed link, a malformed or foreign-epoch frame, an
 ABORT from a peer, no progress for ``timeout_s`` (after a PING probe to find out who
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import select
 import socket
 import struct
@@ -314,7 +317,7 @@ class Engine:
         poll then sees the peers' frames. Otherwise the engine thread is woken to start
         it. Either way the engine thread runs the rest of the op and its checks."""
         state = self._state.acquire(blocking=False)
-        inline = False
+        inline = wake = False
         try:
             with self._lock:
                 if self._broken is not None or self._closing:
@@ -327,25 +330,46 @@ class Engine:
                 inline = state and self._idle_and_watched()
                 if not inline:
                     self._queue.append(plan)
+                    wake = True
             if inline:
                 self.inline_starts += 1
-                try:
-                    self._start(plan)
-                    self._flush()
-                except _OpFailed as exc:
-                    self._fail_current(exc)
-                except BaseException as exc:  # pragma: no cover - a bug
-                    log.exception("event=engine-inline-start-crash rank=%d", self.rank)
-                    self._crash = exc
-                    if not plan.future.done():
-                        plan.future.set_exception(CommError(f"phalanx engine crashed: {exc!r}"))
-                    inline = False  # wake the engine thread: it raises it
+                wake = self._start_inline(plan)
         finally:
             if state:
                 self._state.release()
-        if not inline:
-            self._wake()
+            if wake:
+                self._wake()
         return plan.future
+
+    def _start_inline(self, plan: Plan) -> bool:
+        """Start ``plan`` on the caller's thread (``_state`` held); whether the engine
+        thread must be woken (something went wrong that it has to act on)."""
+        try:
+            try:
+                self._start(plan)
+                self._flush()
+            except _OpFailed as exc:
+                self._fail_current(exc)
+        except Exception as exc:  # pragma: no cover - a bug
+            log.exception("event=engine-inline-start-crash rank=%d", self.rank)
+            self._crash = exc  # the engine thread raises it: its crash handler runs
+            if not plan.future.done():
+                plan.future.set_exception(CommError(f"phalanx engine crashed: {exc!r}"))
+            return True
+        except BaseException:
+            # KeyboardInterrupt (signals reach the main thread, which may be the
+            # caller) in the middle of the start: the op is failed -- input restored,
+            # peers told -- and the group broken, as abort() does; the engine thread
+            # does it, and the interrupt goes on to the caller
+            with self._lock:
+                if self._abort_request is None:
+                    self._abort_request = (
+                        "aborted",
+                        "interrupted while the op was being started on the caller's thread",
+                    )
+            self._wake()
+            raise
+        return False
 
     def _idle_and_watched(self) -> bool:
         """No op runs or waits, nothing is to be delivered, and the engine thread's
@@ -354,6 +378,7 @@ class Engine:
             self._current is None
             and not self._queue
             and self._broken is None
+            and self._crash is None
             and self._deferred is None
             and self._abort_request is None
             and self._sleep_until - time.monotonic() <= _BUSY_POLL_S
@@ -415,15 +440,18 @@ class Engine:
         except BaseException as exc:  # pragma: no cover - a bug; never leave callers hanging
             log.exception("event=engine-crash rank=%d", self.rank)
             err = CommError(f"phalanx engine crashed: {exc!r}")
-            with self._lock:
-                self._broken = GroupClosed(str(err))
-                plans = list(self._queue)
-                self._queue.clear()
-            if self._current is not None:
-                plans.insert(0, self._current)
-            for plan in plans:
-                if not plan.future.done():
-                    plan.future.set_exception(err)
+            # under _state: no caller starts a plan inline while (or after) this runs
+            with self._state:
+                self._sleep_until = math.inf
+                with self._lock:
+                    self._broken = GroupClosed(str(err))
+                    plans = list(self._queue)
+                    self._queue.clear()
+                if self._current is not None:
+                    plans.insert(0, self._current)
+                for plan in plans:
+                    if not plan.future.done():
+                        plan.future.set_exception(err)
         finally:
             self._shutdown_links()
 
@@ -438,12 +466,12 @@ class Engine:
             events = poll(timeout)
             with self._state:
                 self._sleep_until = 0.0
+                if self._crash is not None:  # a caller met a bug starting a plan inline
+                    raise self._crash
                 self._handle(events)
 
     def _between_polls(self) -> bool:
         """Deliver verdicts and start the next queued plan; False once closed."""
-        if self._crash is not None:
-            raise self._crash
         if self._closing and self._current is not None and self._abort_request is None:
             # close() found no op running, but one was being started: abort it too
             with self._lock:

@@ -5,8 +5,10 @@ a :class:`CommObserver`. The daemon connects an observer that feeds
 ``phalanx.monitor`` (Prometheus metrics, anomaly detectors); tests connect a list.
 This keeps the data plane free of any metrics library and testable without one.
 
-Observers are called on the engine thread, so they must be quick and must not raise
-(an exception is logged and dropped) and must never call back into the group.
+Observers are called where the engine runs -- its own thread, or a caller's thread
+starting its op inline (``op_started``; ``op_finished`` too for an op that ends at
+once) with the engine's state held -- so they must be quick and must not raise (an
+exception is logged and dropped) and must never call back into the group.
 """
 
 from __future__ import annotations

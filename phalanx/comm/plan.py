@@ -249,7 +249,8 @@ class Plan:
         self.success.append(fn)
 
     def on_failure(self, fn: Callable[[], None]) -> None:
-        """Undo work on the caller's memory; runs on the engine thread when the op fails."""
+        """Undo work on the caller's memory; runs where the engine runs (its thread, or
+        a caller's starting an op inline) when the op fails."""
         self.failure.append(fn)
 
     def scratch(self, count: int, dtype: np.dtype) -> np.ndarray:

@@ -438,7 +438,8 @@ class FrameSink(Protocol):
 class Channel:
     """One established link, non-blocking, with its in-flight send and receive frames.
 
-    The engine thread is its only user. ``pump_recv`` reads as much as the kernel has
+    The engine is its only user (its thread, or a caller's thread starting an op
+    inline, with the engine's state held: one at a time). ``pump_recv`` reads as much as the kernel has
     with the data plane's :class:`~phalanx.comm.frames.FrameDecoder` (header first,
     then the payload straight into the buffer the sink chooses); ``pump_send`` writes
     as much of the queued frame as the kernel takes.

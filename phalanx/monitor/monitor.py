@@ -18,8 +18,9 @@ active while its anomaly stands: every op renews it, and it is issued again ever
 last renewal, checked on the data path and by the hang thread (not only when someone
 polls /healthz). Expiry, renewal and strikes run on the monotonic clock.
 
-What it must never do: raise into the engine thread, block it (the observer methods
-take one short lock), or call back into the group.
+What it must never do: raise into the engine (its thread, or a caller's starting an op
+inline), block it (the observer methods take one short lock), or call back into the
+group.
 """
 
 from __future__ import annotations

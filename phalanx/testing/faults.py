@@ -18,8 +18,9 @@ CRC-32, so the receiver judges the field itself rather than the checksum;
 The injector is picklable (build it in a parent, run it in a spawned rank) and records
 every fault it fired in :attr:`FaultInjector.fired`.
 
-What it must never do: touch sockets or threads (the engine calls it on its own
-thread; a :class:`Delay` sleeps there, which is the point), change the caller's payload
+What it must never do: touch sockets or threads (the engine calls it where it runs:
+its own thread, or the caller's for the first frames of an op started inline; a
+:class:`Delay` sleeps there, which is the point), change the caller's payload
 buffer in place, or fire on a frame its key does not match.
 """
 
@@ -172,8 +173,9 @@ class LieLength(Action):
 
 @dataclass(frozen=True)
 class Delay(Action):
-    """Sleep ``seconds`` on the engine thread before the frame goes out (a straggler,
-    or — longer than the peers' timeout — a rank that looks frozen)."""
+    """Sleep ``seconds`` where the engine runs before the frame goes out (a straggler,
+    or — longer than the peers' timeout — a rank that looks frozen). For the first
+    frames of an op started inline that is the caller's thread, inside ``submit``."""
 
     seconds: float
 

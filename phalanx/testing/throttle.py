@@ -12,7 +12,8 @@ Two tools:
   silences the connections relayed so far (bytes dropped, nothing closed: a peer
   whose end never arrives) while new connections pass.
 * :class:`SlowFrames` -- a :class:`~phalanx.comm.engine.FrameHook` that sleeps before
-  every DATA frame to one peer. It runs on the sender's engine thread, so the whole
+  every DATA frame to one peer. It runs where the sender's engine runs (its thread,
+  or the caller's for an op's first frames when it starts inline), so the whole
   sending rank stalls during the sleep (its reads are late too): it models a slow
   *sender*, not a slow wire. Use :class:`LinkProxy` to test link localization.
 
