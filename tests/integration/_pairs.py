@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import phalanx
 from phalanx.comm import CommOptions, Group, Listener, bind
@@ -44,6 +44,26 @@ def ranks(
         t.join(30)
     assert all(g is not None for g in groups), "a rank was not built in time"
     return [g for g in groups if g is not None]
+
+
+def on_both(body: Callable[[int], None], timeout_s: float = 60.0) -> None:
+    """Run ``body(rank)`` for ranks 0 and 1, a thread each; fail if either raised or
+    did not end within ``timeout_s``."""
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            body(rank)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    assert not any(t.is_alive() for t in threads), "a rank did not end in time"
+    assert not errors, errors
 
 
 def pair(

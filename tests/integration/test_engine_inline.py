@@ -16,31 +16,21 @@ from phalanx.comm import CommOptions, Group
 from phalanx.comm.engine import _ACTIVE_S, _BUSY_POLL_S
 from phalanx.deadline import Deadline
 from phalanx.errors import PeerFailure
-from tests.integration._pairs import pair
+from tests.integration._pairs import on_both, pair
 
 
 def _together(groups: tuple[Group, Group], ops: int, n: int = 1024) -> list[np.ndarray]:
     """``ops`` back-to-back all-reduces on both ranks; every result checked."""
     xs = [np.empty(n, np.float32) for _ in groups]
-    errors: list[BaseException] = []
 
     def loop(rank: int) -> None:
-        try:
-            for i in range(ops):
-                xs[rank][:] = rank + 1 + i
-                groups[rank].all_reduce(xs[rank])
-                expected = 1 + 2 + 2 * i
-                assert np.all(xs[rank] == expected), (rank, i, xs[rank][:4])
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for i in range(ops):
+            xs[rank][:] = rank + 1 + i
+            groups[rank].all_reduce(xs[rank])
+            expected = 1 + 2 + 2 * i
+            assert np.all(xs[rank] == expected), (rank, i, xs[rank][:4])
 
-    threads = [threading.Thread(target=loop, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "the ops did not end in time"
-    assert not errors, errors
+    on_both(loop)
     return xs
 
 

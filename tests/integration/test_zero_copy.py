@@ -23,7 +23,7 @@ from phalanx.comm.transport import Channel, Link
 from phalanx.deadline import Deadline
 from phalanx.errors import PeerFailure
 from phalanx.ops import OpResult, OpSpec
-from tests.integration._pairs import pair
+from tests.integration._pairs import on_both, pair
 
 pytestmark = pytest.mark.skipif(
     not zerocopy.available(), reason="vmsplice/splice are Linux-only; sendmsg is used instead"
@@ -49,22 +49,13 @@ def _run_pair(
 ) -> None:
     """Both ranks all-reduce their array; ``then(rank, result)`` runs on the rank's
     thread the instant its call returns."""
-    errors: list[BaseException] = []
 
     def run(rank: int) -> None:
-        try:
-            res = groups[rank].all_reduce(xs[rank])
-            if then is not None:
-                then(rank, res)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        res = groups[rank].all_reduce(xs[rank])
+        if then is not None:
+            then(rank, res)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    on_both(run)
 
 
 @pytest.mark.parametrize("zero_copy", [True, False])
