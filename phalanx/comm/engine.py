@@ -12,9 +12,9 @@ Between operations the thread keeps answering liveness probes (PING) and noticin
 peers that leave, so a failure is known before the next operation starts. An op that
 follows another closely starts on its caller's thread (:meth:`Engine.submit`): one
 lock, ``_state``, guards the engine's state, held by the engine thread between polls
-and taken by a caller only when free. Starting may read frames that arrived early,
-and an op that needs no frames (or fails at once) ends there; everything after the
-start runs on the engine thread.
+and taken by a caller only when free. Starting reads the frames that arrived early,
+and an op whose frames are all in by then (or that needs none, or fails at once) ends
+there, on the caller's thread; everything after the start runs on the engine thread.
 
 Failure handling lives here too: a closed link, a malformed or foreign-epoch frame, an
 ABORT from a peer, no progress for ``timeout_s`` (after a PING probe to find out who
@@ -314,8 +314,9 @@ class Engine:
         When the engine is idle and its thread will look again within _BUSY_POLL_S (it
         ended an op less than _ACTIVE_S ago), the plan starts here, on the caller's
         thread: its first frames leave without a wake-up of the engine thread, whose
-        poll then sees the peers' frames. Otherwise the engine thread is woken to start
-        it. Either way the engine thread runs the rest of the op and its checks."""
+        poll then sees the peers' frames (frames that came early are read here, and an
+        op whose frames are all in ends here). Otherwise the engine thread is woken to
+        start it. Either way the engine thread runs what is left and the checks."""
         state = self._state.acquire(blocking=False)
         inline = wake = False
         try:
@@ -332,7 +333,6 @@ class Engine:
                     self._queue.append(plan)
                     wake = True
             if inline:
-                self.inline_starts += 1
                 wake = self._start_inline(plan)
         finally:
             if state:
@@ -345,6 +345,7 @@ class Engine:
         """Start ``plan`` on the caller's thread (``_state`` held); whether the engine
         thread must be woken (something went wrong that it has to act on)."""
         try:
+            self.inline_starts += 1
             try:
                 self._start(plan)
                 self._flush()
@@ -357,19 +358,45 @@ class Engine:
                 plan.future.set_exception(CommError(f"phalanx engine crashed: {exc!r}"))
             return True
         except BaseException:
-            # KeyboardInterrupt (signals reach the main thread, which may be the
-            # caller) in the middle of the start: the op is failed -- input restored,
-            # peers told -- and the group broken, as abort() does; the engine thread
-            # does it, and the interrupt goes on to the caller
+            self._interrupted(plan)
+            self._wake()
+            raise
+        return False
+
+    def _interrupted(self, plan: Plan) -> None:
+        """KeyboardInterrupt (signals reach the main thread, which may be the caller)
+        while ``plan`` was being started inline (``_state`` still held). An op that
+        already ended is left as it is; otherwise it fails as abort() fails one --
+        input restored, peers told (ABORT for its seq), the group broken -- by the
+        engine thread before it reads another frame. One not yet made current goes
+        back to the head of the queue for that; one whose failure this thread was in
+        the middle of is finished here (undo steps put the saved input back, so
+        running them again is harmless)."""
+        if plan.future.done():
+            return
+        if self._broken is None:
             with self._lock:
+                if self._current is not plan:
+                    self._queue.appendleft(plan)
                 if self._abort_request is None:
                     self._abort_request = (
                         "aborted",
                         "interrupted while the op was being started on the caller's thread",
                     )
-            self._wake()
-            raise
-        return False
+            return
+        if self._current is plan:
+            self._current = None
+        for undo in plan.failure:
+            try:
+                undo()
+            except Exception:  # pragma: no cover - keep failing cleanly
+                log.exception("event=undo-failed rank=%d seq=%d", self.rank, plan.seq)
+        if plan.spliced:
+            plan.borrowed = []
+        plan.release()
+        if not plan.future.done():
+            plan.future.set_exception(self._failure_for(plan))
+        self._fail_queued(None)
 
     def _idle_and_watched(self) -> bool:
         """No op runs or waits, nothing is to be delivered, and the engine thread's
@@ -466,12 +493,18 @@ class Engine:
             events = poll(timeout)
             with self._state:
                 self._sleep_until = 0.0
-                if self._crash is not None:  # a caller met a bug starting a plan inline
+                # what a caller's inline start left: acted on before any frame is read
+                if self._crash is not None:
                     raise self._crash
+                if self._abort_request is not None and self._broken is None:
+                    reason, detail = self._abort_request
+                    self._fail_current(_OpFailed((), reason, detail, self.rank))
                 self._handle(events)
 
     def _between_polls(self) -> bool:
         """Deliver verdicts and start the next queued plan; False once closed."""
+        if self._crash is not None:  # a caller met a bug starting a plan inline
+            raise self._crash
         if self._closing and self._current is not None and self._abort_request is None:
             # close() found no op running, but one was being started: abort it too
             with self._lock:

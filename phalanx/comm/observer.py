@@ -6,8 +6,9 @@ a :class:`CommObserver`. The daemon connects an observer that feeds
 This keeps the data plane free of any metrics library and testable without one.
 
 Observers are called where the engine runs -- its own thread, or a caller's thread
-starting its op inline (``op_started``; ``op_finished`` too for an op that ends at
-once) with the engine's state held -- so they must be quick and must not raise (an
+starting its op inline (``op_started``; ``op_finished`` too for an op that ends while
+it starts: its peers' frames were all in) with the engine's state held -- so they must
+be quick and must not raise (an
 exception is logged and dropped) and must never call back into the group.
 """
 

@@ -246,6 +246,8 @@ class Plan:
         return node
 
     def on_success(self, fn: Callable[[], None]) -> None:
+        """Finish the result (write the caller's memory); runs where the engine runs
+        (its thread, or a caller's whose op ended while it started inline)."""
         self.success.append(fn)
 
     def on_failure(self, fn: Callable[[], None]) -> None:

@@ -439,10 +439,10 @@ class Channel:
     """One established link, non-blocking, with its in-flight send and receive frames.
 
     The engine is its only user (its thread, or a caller's thread starting an op
-    inline, with the engine's state held: one at a time). ``pump_recv`` reads as much as the kernel has
-    with the data plane's :class:`~phalanx.comm.frames.FrameDecoder` (header first,
-    then the payload straight into the buffer the sink chooses); ``pump_send`` writes
-    as much of the queued frame as the kernel takes.
+    inline, with the engine's state held: one at a time). ``pump_recv`` reads as much
+    as the kernel has with the data plane's :class:`~phalanx.comm.frames.FrameDecoder`
+    (header first, then the payload straight into the buffer the sink chooses);
+    ``pump_send`` writes as much of the queued frame as the kernel takes.
     """
 
     __slots__ = (

@@ -57,7 +57,8 @@ def on_both(body: Callable[[int], None], timeout_s: float = 60.0) -> None:
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    # daemon threads: a rank that hangs fails the test instead of holding pytest open
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
