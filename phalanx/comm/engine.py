@@ -386,16 +386,7 @@ class Engine:
             return
         if self._current is plan:
             self._current = None
-        for undo in plan.failure:
-            try:
-                undo()
-            except Exception:  # pragma: no cover - keep failing cleanly
-                log.exception("event=undo-failed rank=%d seq=%d", self.rank, plan.seq)
-        if plan.spliced:
-            plan.borrowed = []
-        plan.release()
-        if not plan.future.done():
-            plan.future.set_exception(self._failure_for(plan))
+        self._settle_failed(plan, self._failure_for(plan))
         self._fail_queued(None)
 
     def _idle_and_watched(self) -> bool:
@@ -494,17 +485,20 @@ class Engine:
             with self._state:
                 self._sleep_until = 0.0
                 # what a caller's inline start left: acted on before any frame is read
-                if self._crash is not None:
-                    raise self._crash
-                if self._abort_request is not None and self._broken is None:
-                    reason, detail = self._abort_request
-                    self._fail_current(_OpFailed((), reason, detail, self.rank))
+                self._requested()
                 self._handle(events)
+
+    def _requested(self) -> None:
+        """Raise a crash a caller met starting a plan inline; fail the current op for
+        an abort requested (abort(), close(), an interrupted inline start)."""
+        if self._crash is not None:
+            raise self._crash
+        if self._abort_request is not None and self._broken is None:
+            reason, detail = self._abort_request
+            self._fail_current(_OpFailed((), reason, detail, self.rank))
 
     def _between_polls(self) -> bool:
         """Deliver verdicts and start the next queued plan; False once closed."""
-        if self._crash is not None:  # a caller met a bug starting a plan inline
-            raise self._crash
         if self._closing and self._current is not None and self._abort_request is None:
             # close() found no op running, but one was being started: abort it too
             with self._lock:
@@ -513,9 +507,7 @@ class Engine:
                         "closed",
                         "the group was closed under this operation",
                     )
-        if self._abort_request is not None and self._broken is None:
-            reason, detail = self._abort_request
-            self._fail_current(_OpFailed((), reason, detail, self.rank))
+        self._requested()
         if self._deferred is not None and self._current is None:
             # the running op ended; the group broke in a later one: tell everyone
             self._fail_current(self._deferred)
@@ -1507,17 +1499,22 @@ class Engine:
         if plan is not None:
             now = time.monotonic()
             self._observe(plan, False, now, self._link_samples(now), exc.reason, exc.suspects)
-            for undo in plan.failure:
-                try:
-                    undo()
-                except Exception:  # pragma: no cover - keep failing cleanly
-                    log.exception("event=undo-failed rank=%d seq=%d", self.rank, plan.seq)
-            if plan.spliced:  # peers may still read it: never back into the pool
-                plan.borrowed = []
-            plan.release()
-            if not plan.future.done():
-                plan.future.set_exception(failure)
+            self._settle_failed(plan, failure)
         self._fail_queued(None)
+
+    def _settle_failed(self, plan: Plan, failure: PeerFailure | GroupClosed) -> None:
+        """Put the caller's input back (undo steps), free the plan's buffers and fail
+        its future, if not done yet."""
+        for undo in plan.failure:
+            try:
+                undo()
+            except Exception:  # pragma: no cover - keep failing cleanly
+                log.exception("event=undo-failed rank=%d seq=%d", self.rank, plan.seq)
+        if plan.spliced:  # peers may still read it: never back into the pool
+            plan.borrowed = []
+        plan.release()
+        if not plan.future.done():
+            plan.future.set_exception(failure)
 
     def _quiesce_links(self) -> None:
         """After a failure: FIN every link (after the ABORT already queued) and keep

@@ -8,8 +8,8 @@ This keeps the data plane free of any metrics library and testable without one.
 Observers are called where the engine runs -- its own thread, or a caller's thread
 starting its op inline (``op_started``; ``op_finished`` too for an op that ends while
 it starts: its peers' frames were all in) with the engine's state held -- so they must
-be quick and must not raise (an
-exception is logged and dropped) and must never call back into the group.
+be quick and must not raise (an exception is logged and dropped) and must never call
+back into the group.
 """
 
 from __future__ import annotations
