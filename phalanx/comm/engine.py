@@ -1098,14 +1098,6 @@ class Engine:
                 link.landing = False
         now = time.monotonic()
         self._observe(plan, False, now, self._link_samples(now), "mismatch", frozenset())
-        for undo in plan.failure:
-            try:
-                undo()
-            except Exception:  # pragma: no cover - keep failing cleanly
-                log.exception("event=undo-failed rank=%d seq=%d", self.rank, plan.seq)
-        if plan.spliced:  # peers may still read it: never back into the pool
-            plan.borrowed = []
-        plan.release()
         log.warning(
             "event=op-mismatch rank=%d epoch=%d op=%s seq=%d fields=%s detected_by=%s ranks=%r",
             self.rank,
@@ -1116,8 +1108,7 @@ class Engine:
             plan.mismatch_by,
             err.descriptors,
         )
-        if not plan.future.done():
-            plan.future.set_exception(err)
+        self._settle_failed(plan, err)
 
     def _next_seq_started(self) -> int:
         plan = self._current
@@ -1502,7 +1493,7 @@ class Engine:
             self._settle_failed(plan, failure)
         self._fail_queued(None)
 
-    def _settle_failed(self, plan: Plan, failure: PeerFailure | GroupClosed) -> None:
+    def _settle_failed(self, plan: Plan, failure: CommError) -> None:
         """Put the caller's input back (undo steps), free the plan's buffers and fail
         its future, if not done yet."""
         for undo in plan.failure:
