@@ -125,7 +125,7 @@ def format_summary(res: DemoResult) -> str:
         else:
             what = (f"join {fl.member} started at step {fl.at_step}: admitted after "
                     f"{_s(fl.view_after_s)}, {fl.sync_bytes} bytes of state received "
-                    "(sha256-verified)")  # fmt: skip
+                    "(verified)")  # fmt: skip
         lines.append(f"  fault            {what}")
         lines.append(
             f"                   resumed at step {fl.resumed_step}, time lost {_s(fl.lost_s)}, "

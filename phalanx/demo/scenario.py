@@ -11,7 +11,7 @@ The faults, keyed by the group's step (the step its state is at):
 * ``kill_at``: SIGKILL one training peer and its daemon (daemon first, so the daemon
   never sees its client vanish and leaves on its own);
 * ``join_at``: start a replacement (daemon + training process with no state); it is
-  admitted at a commit boundary, receives the parameters (sha256-verified) at its
+  admitted at a commit boundary, receives the parameters (verified) at its
   first ``begin_step``, and trains with the others to the end.
 
 The checks: every training process ends at ``steps`` with bit-identical parameters;

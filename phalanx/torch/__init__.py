@@ -8,7 +8,7 @@ guide. The parts, one concept per module:
   optimizer steps: no ``torch.distributed`` process group; gradients all-reduced in
   shared-memory buckets during backward (:mod:`~phalanx.torch.gradsync`), BatchNorm
   buffers averaged, the optimizer stepped only when every member's commit vote says
-  yes, a newcomer handed model + optimizer + scheduler + user state (sha256-verified)
+  yes, a newcomer handed model + optimizer + scheduler + user state (verified)
   before it contributes (:mod:`~phalanx.torch.state`).
 * :class:`OptimizerWrapper` (:mod:`~phalanx.torch.optim`) — the same behind the
   ``zero_grad()`` / ``step()`` calls of an existing loop.

@@ -20,6 +20,7 @@ import pytest
 
 from phalanx.bench.failover import Scenario, run_scenario
 from phalanx.errors import PeerFailure
+from phalanx.membership import statesync
 from phalanx.membership.statesync import (
     PeerRecord,
     StateManifest,
@@ -233,7 +234,7 @@ def test_receiver_verifies_before_installing(corrupt: bool) -> None:
     plan = plan_sync([PeerRecord(True, 4, src.digest()), PeerRecord(False, -1, NONE)])
     group: Any = _FakeReceiverGroup(src, corrupt)
     if corrupt:
-        with pytest.raises(StateSyncError, match="sha256 mismatch") as info:
+        with pytest.raises(StateSyncError, match="crc32 mismatch") as info:
             transfer(group, plan, mine, epoch=3)
         assert info.value.bad_ranks == (1,)
         assert not mine.valid and mine.arrays == {}  # nothing installed
@@ -253,7 +254,7 @@ def test_a_receiver_holding_nothing_valid_receives_into_its_own_arrays(corrupt: 
     plan = plan_sync([PeerRecord(True, 4, src.digest()), PeerRecord(False, -1, NONE)])
     group: Any = _FakeReceiverGroup(src, corrupt)
     if corrupt:
-        with pytest.raises(StateSyncError, match="sha256 mismatch"):
+        with pytest.raises(StateSyncError, match="crc32 mismatch"):
             transfer(group, plan, mine, epoch=3)
         assert not mine.valid  # what it holds now is worth nothing, and says so
     else:
@@ -275,7 +276,7 @@ def test_a_receiver_holding_a_valid_older_state_keeps_it_until_the_new_one_verif
     plan = plan_sync([PeerRecord(True, 4, src.digest()), PeerRecord(True, 2, mine.digest())])
     group: Any = _FakeReceiverGroup(src, corrupt)
     if corrupt:
-        with pytest.raises(StateSyncError, match="sha256 mismatch"):
+        with pytest.raises(StateSyncError, match="crc32 mismatch"):
             transfer(group, plan, mine, epoch=3)
         assert mine.valid and mine.step == 2 and np.all(w == 7.0)  # as it was
     else:
@@ -335,7 +336,56 @@ def test_a_manifest_entry_of_absurd_shape_is_refused(shape: list[int]) -> None:
     """Review, stop 31: sizes were int64 products: (2**62, 3) came out negative
     (np.empty raised an untyped ValueError) and (2**40, 2**40) came out 0 bytes, which
     verified against sha256(b"") and failed at install, after the verdict said ok."""
-    doc = {"v": 1, "step": 1, "entries": [
-        {"name": "w", "dtype": "float32", "shape": shape, "sha256": "00" * 32}]}  # fmt: skip
+    doc = {"v": 2, "step": 1, "entries": [
+        {"name": "w", "dtype": "float32", "shape": shape, "sha256": "00" * 32, "crc32": 0}]}  # fmt: skip
     with pytest.raises(StateSyncError, match="too large"):
         StateManifest.decode(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"v": 1}, "version 1 not understood"),
+        ({"crc32": None}, "crc32"),  # an entry without one
+        ({"crc32": True}, "not an integer"),
+        ({"crc32": 1.0}, "not an integer"),
+        ({"crc32": -1}, "bad crc32"),
+        ({"crc32": 1 << 32}, "bad crc32"),
+    ],
+)
+def test_a_manifest_without_a_sound_crc32_is_refused(change: dict[str, Any], match: str) -> None:
+    """Receivers check the bytes by each entry's CRC-32: a manifest of the old version,
+    or one whose checksum is missing or not a 32-bit integer, is refused by name."""
+    src = SyncState({"w": np.arange(10, dtype=np.float32)}, 3)
+    doc = json.loads(src.manifest().encode())
+    assert StateManifest.decode(json.dumps(doc).encode()) == src.manifest()  # sound: taken
+    if "v" in change:
+        doc["v"] = change["v"]
+    elif change["crc32"] is None:
+        del doc["entries"][0]["crc32"]
+    else:
+        doc["entries"][0]["crc32"] = change["crc32"]
+    with pytest.raises(StateSyncError, match=match):
+        StateManifest.decode(json.dumps(doc).encode())
+
+
+def test_a_receiver_takes_the_sources_hashes_instead_of_hashing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bytes passed their CRC-32 on arrival: the receiver's digest (what it says in
+    the next exchange) is the source's, with no SHA-256 of the state computed again."""
+    src = SyncState({"w": np.arange(1000, dtype=np.float32), "m": np.array([4])}, 4)
+    mine = SyncState.empty()
+    plan = plan_sync([PeerRecord(True, 4, src.digest()), PeerRecord(False, -1, NONE)])
+    group: Any = _FakeReceiverGroup(src, corrupt=False)
+
+    def no_hashing(array: np.ndarray) -> bytes:
+        raise AssertionError("the receiver hashed the state again")
+
+    monkeypatch.setattr(statesync, "entry_digest", no_hashing)
+    transfer(group, plan, mine, epoch=3)
+    assert mine.valid and mine.digest() == src.digest()
+    assert mine.manifest() == src.manifest()
+    monkeypatch.undo()
+    mine.update()  # what the hashes of its bytes really are: the same
+    assert mine.digest() == src.digest()
