@@ -25,11 +25,19 @@ torch = pytest.importorskip("torch")
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import phalanx  # noqa: E402
+from phalanx.config import PhalanxConfig  # noqa: E402
 from phalanx.errors import DaemonUnavailable, LimitExceeded, PeerFailure, StepAborted  # noqa: E402
+from phalanx.membership.config import MembershipConfig  # noqa: E402
 from phalanx.torch import Manager, OptimizerWrapper  # noqa: E402
 from tests.integration._pairs import embedded_members, embedded_pair  # noqa: E402
 
 _JOIN_S = 60.0  # every thread join / barrier wait is bounded by this
+# A failure detector a loaded machine does not trip (heartbeats may lag by 2 s), for the
+# tests whose subject is the one view change they make (a member leaving before its
+# vote). With the default 0.6 s a CI run (stop 38) went through views 5 and 6 that the
+# test never made -- by the log, most likely b's beats lagging under load: evicted,
+# then back -- and the replay the test checks was never opened.
+_STEADY = PhalanxConfig(membership=MembershipConfig(heartbeat_timeout=2.5, confirm_window=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +259,7 @@ def test_a_partial_replay_never_undoes_the_loops_clipping() -> None:
     commit them (update norm ~17000 with lr=1): now the step is redone, clipped.
     Then b leaves before a's vote while a left its gradients alone: that replay is
     still made (a partial commit)."""
-    with embedded_members("abc", _JOIN_S) as clients:
+    with embedded_members("abc", _JOIN_S, _STEADY) as clients:
         synced = threading.Barrier(3, timeout=_JOIN_S)
         again = threading.Barrier(2, timeout=_JOIN_S)
         lock = threading.Lock()
@@ -353,7 +361,7 @@ def test_a_replay_opened_before_the_new_view_opens_again_and_commits() -> None:
     used to give up at once (commit False) while a waited in the new view for b until
     its deadline, and neither committed (a CI flake of the unused-parameters replay
     test). Now b opens again, and both make the partial commit, alike."""
-    with embedded_members("abc", _JOIN_S) as clients:
+    with embedded_members("abc", _JOIN_S, _STEADY) as clients:
         synced = threading.Barrier(3, timeout=_JOIN_S)
         out: dict[str, Any] = {}
         g = torch.Generator().manual_seed(2)
