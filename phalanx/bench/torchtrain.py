@@ -13,7 +13,7 @@ member, a generated secret) and reads the training processes' JSON events:
   moment its process finished ``import torch``) and kill -> back at full world.
 * ``transfer`` — two members train a model whose synced state (parameters, BatchNorm
   buffers, SGD momentum) is ``--state-size`` (default 256 MiB, float32); a third joins:
-  the state transfer's rate as its daemon measured it (manifest + bytes + sha256
+  the state transfer's rate as its daemon measured it (manifest + bytes +
   verification; the ``event=state_synced`` line), and the joiner's import -> first
   contribution.
 * ``diloco`` — the same task, ``--steps`` steps, three members, twice: elastic DDP, then

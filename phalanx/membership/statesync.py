@@ -30,12 +30,14 @@ plane** — bulk bytes never travel through protobuf/gRPC:
 
 Why a CRC-32 checks the bytes and the SHA-256 names the state: the digest is the
 state's identity (members compare it to pick the source, so it must not collide by
-design), while the transfer check only has to catch bytes that changed on the way or
-at the source after it hashed them -- the links are authenticated, so a forger is not
-in the picture, and a CRC-32 catches every burst up to 32 bits and all but 2**-32 of
-the rest. The receiver's SHA-256 of every byte was the critical path of a large sync
-(1 GB/s here against the wire's ~1 GB/s); the CRC-32 runs at ~10 GB/s through ISA-L
-(:mod:`phalanx.checkpoint._crc`, what the snapshots use too).
+design), while the transfer check has to catch bytes that changed on the way or at the
+source after it hashed them; a CRC-32 catches every burst up to 32 bits and all but
+2**-32 of the rest. A relay that forges bytes is outside what the data plane defends
+(no per-frame MAC guards any collective's bytes: docs/comm.md). The receiver's SHA-256
+of every byte was the critical path of a large sync (1 GB/s here against the wire's
+~1 GB/s); the CRC-32 runs at ~10 GB/s through ISA-L (:mod:`phalanx.checkpoint._crc`,
+what the snapshots use too). Adopted hashes are checked once more after install
+(:meth:`SyncState.adopt`).
 
 Positions and ``ABORT``: a member that already finished collectives of the current
 training step (``done > 0``) cannot take new state mid-step, and its next collective
@@ -186,10 +188,18 @@ class SyncState:
         return got
 
     def adopt(self, manifest: StateManifest) -> None:
-        """The arrays now hold ``manifest``'s bytes (verified on arrival): take its
-        hashes instead of hashing every byte again."""
-        self._entry = {e.name: (e.sha256, e.crc32) for e in manifest.entries}
-        self._digest = manifest.digest
+        """The arrays were just installed from ``manifest``'s bytes (each passed its
+        CRC-32 on arrival): take its SHA-256s instead of hashing every byte again, for
+        each entry whose installed bytes still pass their CRC-32 (~10 GB/s). One that
+        does not -- two entries sharing memory, an array overlapping itself: a later
+        write changed bytes already checked -- is hashed from what it holds, so the
+        digest this member announces is that of its bytes, never the source's."""
+        self._entry = {}
+        self._digest = None
+        for e in manifest.entries:
+            data = np.ascontiguousarray(self.arrays[e.name]).reshape(-1).view(np.uint8)
+            if crc32(data) == e.crc32:
+                self._entry[e.name] = (e.sha256, e.crc32)
 
     def manifest(self) -> StateManifest:
         entries = []
@@ -347,7 +357,7 @@ class StateEntry:
             raise StateSyncError(f"manifest entry {self.name!r}: bad shape {self.shape!r}")
         if len(self.sha256) != 32:
             raise StateSyncError(f"manifest entry {self.name!r}: bad hash")
-        if not isinstance(self.crc32, int) or not 0 <= self.crc32 < 1 << 32:
+        if type(self.crc32) is not int or not 0 <= self.crc32 < 1 << 32:
             raise StateSyncError(f"manifest entry {self.name!r}: bad crc32")
         if self.nbytes > _MAX_ENTRY_BYTES:  # int64 products wrapped to negative or 0
             raise StateSyncError(f"manifest entry {self.name!r}: shape {self.shape!r} too large")
