@@ -183,7 +183,7 @@ class SyncState:
     def _hashes(self, name: str) -> tuple[bytes, int]:
         got = self._entry.get(name)
         if got is None:
-            data = np.ascontiguousarray(self.arrays[name]).reshape(-1).view(np.uint8)
+            data = _bytes_of(np.ascontiguousarray(self.arrays[name]))
             got = self._entry[name] = (entry_digest(data), crc32(data))
         return got
 
@@ -197,8 +197,7 @@ class SyncState:
         self._entry = {}
         self._digest = None
         for e in manifest.entries:
-            data = np.ascontiguousarray(self.arrays[e.name]).reshape(-1).view(np.uint8)
-            if crc32(data) == e.crc32:
+            if crc32(_bytes_of(np.ascontiguousarray(self.arrays[e.name]))) == e.crc32:
                 self._entry[e.name] = (e.sha256, e.crc32)
 
     def manifest(self) -> StateManifest:
