@@ -56,7 +56,10 @@ MAGIC = b"PHLX"
 #: 2: the RECEIPT frame kind and flag (zero-copy sends)
 #: 3: the ``desc`` header field and the MISMATCH kind (op descriptors); header 40 -> 48
 #: bytes. Peers of another version are refused at their first frame (the handshake).
-PROTOCOL_VERSION = 3
+#: 4: frames unchanged; the state sync that runs over them sends manifest version 2
+#: (each entry's CRC-32 checks its bytes: phalanx/membership/statesync.py). A peer of
+#: version 3 sends and expects version 1: refused at the handshake, before any sync
+PROTOCOL_VERSION = 4
 #: on a DATA frame: the sender handed the payload's pages to the kernel (no copy) and
 #: may reuse that memory only after a RECEIPT for the operation from this receiver
 FLAG_RECEIPT = 0x01

@@ -108,11 +108,20 @@ def test_header_is_forty_eight_bytes_in_the_documented_layout() -> None:
         FrameKind.PING, epoch=U64, seq=2**63, chunk=U32, length=12345, codec=3, desc=U64 - 1
     )
     assert len(head) == HEADER_SIZE == 48
-    assert PROTOCOL_VERSION == 3
+    assert PROTOCOL_VERSION == 4
     magic, version, kind, codec, flags, epoch, seq, chunk, length, desc = _LAYOUT.unpack_from(head)
     assert (magic, version, kind, codec, flags) == (b"PHLX", PROTOCOL_VERSION, 18, 3, 0)
     assert (epoch, seq, chunk, length, desc) == (U64, 2**63, U32, 12345, U64 - 1)
     assert struct.unpack_from("<I", head, 44)[0] == zlib.crc32(head[:44])
+
+
+def test_a_version_3_peer_is_refused_by_version() -> None:
+    """Version 3 frames are laid out as ours; its state sync's manifest is not (v1,
+    without the CRC-32s): a mixed group is refused at the handshake, not at a sync."""
+    with pytest.raises(FrameError) as info:
+        decode_header(raw_header(version=3, kind=FrameKind.HELLO, length=48), max_payload=512)
+    assert info.value.reason == "bad-version"
+    assert "version 3" in str(info.value)
 
 
 def test_a_version_2_peer_is_refused_by_version_not_misread() -> None:
