@@ -51,7 +51,7 @@ from ``begin_step``); otherwise ``ABORT``: those members get :class:`StepAborted
 the others exchange again, which lines up with the aborted members' next call.
 
 This module must never talk gRPC, hold a lock while a collective runs, or write a
-caller's array before its bytes were verified.
+caller's array that holds a valid state before the new bytes were verified.
 """
 
 from __future__ import annotations
@@ -199,6 +199,13 @@ class SyncState:
         for e in manifest.entries:
             if crc32(_bytes_of(np.ascontiguousarray(self.arrays[e.name]))) == e.crc32:
                 self._entry[e.name] = (e.sha256, e.crc32)
+            else:
+                log.warning(
+                    "event=state_sync_install_changed entry=%s step=%d (its bytes changed "
+                    "after they were checked: does it share memory with another entry?)",
+                    e.name,
+                    manifest.step,
+                )
 
     def manifest(self) -> StateManifest:
         entries = []
@@ -220,9 +227,9 @@ class SyncState:
         return sum(int(a.nbytes) for a in self.arrays.values())
 
 
-def _int(v: Any) -> int:
+def _int(v: Any, field: str) -> int:
     if type(v) is not int:  # JSON's true and 1.0 are no checksums
-        raise StateSyncError(f"state manifest: {v!r} is not an integer")
+        raise StateSyncError(f"state manifest: {field} {v!r} is not an integer")
     return v
 
 
@@ -420,7 +427,7 @@ class StateManifest:
                     str(e["dtype"]),
                     tuple(int(d) for d in e["shape"]),
                     bytes.fromhex(str(e["sha256"])),
-                    _int(e["crc32"]),
+                    _int(e["crc32"], "crc32"),
                 )
                 for e in raw
             )

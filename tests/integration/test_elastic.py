@@ -127,7 +127,13 @@ def test_manifest_roundtrip_digest_and_malformed() -> None:
     m = st.manifest()
     assert StateManifest.decode(m.encode()) == m
     assert m.digest == st.digest() == state_digest(3, st.arrays)
-    for junk in (b"{", b"[]", b'{"v": 2}', b'{"v":2,"step":1,"entries":[{"name":""}]}'):
+    for junk in (
+        b"{",
+        b"[]",
+        b'{"v": 2}',
+        b'{"v": 3}',
+        b'{"v":2,"step":1,"entries":[{"name":""}]}',
+    ):
         with pytest.raises(StateSyncError):
             StateManifest.decode(junk)
 
@@ -393,7 +399,7 @@ def test_a_receiver_takes_the_sources_hashes_instead_of_hashing_again(
 
 @pytest.mark.parametrize("valid", [False, True])
 def test_a_receiver_whose_entries_share_memory_never_announces_the_sources_digest(
-    valid: bool,
+    valid: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two names for one buffer (tied weights): b's bytes, written after a's passed
     their CRC-32, overwrite a. Adopting the source's hashes wholesale made this member
@@ -406,3 +412,5 @@ def test_a_receiver_whose_entries_share_memory_never_announces_the_sources_diges
     transfer(_FakeReceiverGroup(src, corrupt=False), plan, mine, epoch=3)  # type: ignore[arg-type]
     assert mine.arrays["a"] is mine.arrays["b"] is tied and np.all(tied == 1.0)
     assert mine.digest() == state_digest(4, mine.arrays) != src.digest()
+    changed = [r for r in caplog.records if "state_sync_install_changed" in r.getMessage()]
+    assert [r.getMessage().split()[1] for r in changed] == ["entry=a"]
