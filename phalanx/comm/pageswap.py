@@ -13,8 +13,13 @@ reused as the next operation's twin, so no page is ever faulted in twice.
 
 What it needs, checked by :func:`eligible` before each use:
 
-* Linux with ``mremap`` (and ``MREMAP_DONTUNMAP``, 5.7+, to never leave a hole; see
-  :func:`move_into`).
+* Linux with ``mremap`` and ``MREMAP_DONTUNMAP`` (5.7+; 5.13+ for the daemon's
+  shared twin regions). Every move of an exchange leaves its source mapped, so no
+  address in play is ever a hole: another thread's ``mmap`` in that instant (numpy's
+  allocator, a daemon mapping a client's region) could land there and be wiped by
+  the next move, which maps over its destination -- a mapping gone under the thread
+  that made it (the data plane then read ``EFAULT``, stop 39's CI). Without
+  ``DONTUNMAP`` nothing is exchanged: the result is copied.
 * The array's whole pages lie in *private anonymous* memory (what numpy and
   PyTorch's CPU allocator return): not a file (``np.memmap``), not shared memory,
   not hugetlbfs. Exchanging pages there would detach the array from the file or from
@@ -146,8 +151,9 @@ def _dontunmap() -> int:
 
 
 def available() -> bool:
-    """True where pages can be exchanged at all (Linux with mremap)."""
-    return _libc() is not None
+    """True where pages can be exchanged at all: Linux with ``mremap`` and
+    ``MREMAP_DONTUNMAP`` (an exchange never leaves a hole: the module's head)."""
+    return _libc() is not None and _dontunmap() != 0
 
 
 # ----------------------------------------------------------------- what is mapped where
@@ -331,8 +337,9 @@ def exchange_shared(at: int, other: int, nbytes: int) -> bool:
     Returns False when the kernel refused the first or second move (the pages are back
     where they were; nothing exchanged). Raises :class:`SwapError` when a move could not
     be undone or the last move failed: the mappings are then damaged."""
-    if _libc() is None:
+    if not available():
         return False
+    keep = _dontunmap()  # every source stays mapped: never a hole (the module's head)
     try:  # a place to park the pages for the instant of the exchange
         reserve = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError:  # out of address space or commit charge: nothing moved
@@ -341,19 +348,19 @@ def exchange_shared(at: int, other: int, nbytes: int) -> bool:
         parked = ctypes.addressof(ctypes.c_char.from_buffer(reserve))
         park = parked + (at - parked) % HUGE
         try:
-            _move(at, park, nbytes, _dontunmap())
+            _move(at, park, nbytes, keep)
         except OSError:
             return False
         try:
-            _move(other, at, nbytes)
+            _move(other, at, nbytes, keep)
         except OSError as exc:
             try:
-                _move(park, at, nbytes)
+                _move(park, at, nbytes, keep)
             except OSError:
                 raise SwapError(exc.errno, f"a twin exchange could not be undone: {exc}") from exc
             return False
         try:
-            _move(park, other, nbytes)
+            _move(park, other, nbytes, keep)
         except OSError as exc:
             raise SwapError(exc.errno, f"a twin exchange left a hole: {exc}") from exc
         return True
@@ -381,21 +388,23 @@ def _exchange(at: int, size: int, park: int, other: int) -> tuple[bool, bool]:
     ``park``: (whether ``at`` now has ``other``'s pages, whether ``other`` still has
     memory). When the first answer is False, ``at`` is mapped and its bytes are
     either its own or must be rewritten by the caller (it copies in both cases)."""
+    keep = _dontunmap()  # each source stays mapped (empty): never a hole in play
+    if not keep:
+        return False, True
     try:
-        # x's pages aside; with DONTUNMAP x stays mapped (empty) for the instant
-        _move(at, park, size, _dontunmap())
+        _move(at, park, size, keep)  # x's pages aside
     except OSError:
         return False, True
     try:
-        _move(other, at, size)  # the result's pages into x
+        _move(other, at, size, keep)  # the result's pages into x
     except OSError:
         try:
-            _move(park, at, size)  # put x's pages back
+            _move(park, at, size, keep)  # put x's pages back
         except OSError:
             _map_fresh(at, size)  # x's bytes are lost, but the caller copies them anew
         return False, True
     try:
-        _move(park, other, size)  # x's old pages become the twin's
+        _move(park, other, size, keep)  # x's old pages become the twin's
     except OSError:
         return True, False
     return True, True

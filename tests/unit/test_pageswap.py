@@ -10,7 +10,10 @@ leaves the array with the result.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +177,66 @@ def test_a_twin_keeps_the_huge_page_phase(arena: np.ndarray) -> None:
     assert (t.ctypes.data - x.ctypes.data) % pageswap.HUGE == 0
     with pytest.raises(ValueError, match="too small"):
         pageswap.twin(pageswap.new_arena(MiB), x)
+
+
+def _unmapped(address: int, nbytes: int) -> bool:
+    """Whether any page of [address, address + nbytes) is mapped by nothing: a hole
+    another thread's mmap could take (mincore answers ENOMEM for such a range)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    vec = (ctypes.c_ubyte * (nbytes // pageswap.PAGE + 1))()
+    if libc.mincore(address, nbytes, vec) == 0:
+        return False
+    assert ctypes.get_errno() == errno.ENOMEM, os.strerror(ctypes.get_errno())
+    return True
+
+
+def _watch_for_holes(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[tuple[int, int]]]:
+    """After every move of an exchange, look at every span any move of it touched
+    (clear the second list between exchanges: the parking place goes with each)."""
+    real = pageswap._move
+    spans: list[tuple[int, int]] = []
+    holes: list[str] = []
+
+    def watched(src: int, dst: int, nbytes: int, flags: int = 0) -> None:
+        real(src, dst, nbytes, flags)
+        spans.extend([(src, nbytes), (dst, nbytes)])
+        holes.extend(
+            f"move #{len(spans) // 2} left {a:#x}+{n} unmapped" for a, n in spans if _unmapped(a, n)
+        )
+
+    monkeypatch.setattr(pageswap, "_move", watched)
+    return holes, spans
+
+
+def test_an_exchange_never_leaves_a_hole_another_thread_could_map(
+    arena: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two moves of an exchange, an address in play was mapped by nothing; an
+    mmap by another thread in that instant (numpy allocating, a daemon mapping a
+    client's region) could land there, and the next move, which maps over its
+    destination, wiped it: a mapping gone under the thread that made it. The data
+    plane read EFAULT (stop 39's CI, a daemon's link in test_daemon_twin). Every move
+    now leaves its source mapped (MREMAP_DONTUNMAP)."""
+    x = np.arange(2 * MiB, dtype=np.float32)
+    result = pageswap.twin(arena, x)
+    result[:] = 5
+    holes, spans = _watch_for_holes(monkeypatch)
+    assert pageswap.move_into(x, result)
+    assert np.all(x == 5)
+    assert holes == [] and len(spans) >= 6  # three moves at least
+    spans.clear()
+    # the daemon's twin regions: shared mappings of two memfds
+    n = 64 * pageswap.PAGE
+    fds = [os.memfd_create("px-hole-test") for _ in range(2)]
+    try:
+        for fd in fds:
+            os.ftruncate(fd, n)
+        a, b = (np.frombuffer(mmap.mmap(fd, n), dtype=np.uint8) for fd in fds)
+        a[:], b[:] = 1, 2
+        assert pageswap.exchange_shared(a.ctypes.data, b.ctypes.data, n)
+        assert np.all(a == 2) and np.all(b == 1)
+        assert holes == [] and len(spans) == 6
+    finally:
+        for fd in fds:
+            os.close(fd)
