@@ -70,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -1209,9 +1210,7 @@ def start(
         coordinator = coord.start()
     elif raw is None and not insecure:
         raise ConfigError("joining an existing coordinator needs the cluster secret")
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix="phalanx-")
+    tmp = _socket_dir()
     mid = member_id or cfg.id or f"embedded-{os.getpid()}-{os.path.basename(tmp)[-6:]}"
     from dataclasses import replace
 
@@ -1246,3 +1245,54 @@ def _rmdir(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+#: an embedded daemon's socket folder: phalanx-<pid of its process>-<random>
+_EMBEDDED_DIR = re.compile(r"phalanx-([0-9]+)-[A-Za-z0-9_]+")
+
+
+def _socket_dir() -> str:
+    """A new folder for an embedded daemon's socket, named after this process. A
+    process killed with SIGKILL never removes its own (the examples' and the tests'
+    kills left one per victim in /tmp, with a dead socket in it): the folders of
+    embedded daemons whose process is gone are removed here first."""
+    import tempfile
+
+    base = tempfile.gettempdir()
+    _sweep_dead(base)
+    return tempfile.mkdtemp(prefix=f"phalanx-{os.getpid()}-", dir=base)
+
+
+def _sweep_dead(base: str) -> list[str]:
+    """Remove ``base``'s embedded-daemon folders (see :data:`_EMBEDDED_DIR`) of this
+    user whose process no longer exists and that hold nothing but a socket; returns
+    what it removed. Never raises: a folder it cannot judge or remove is left."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _EMBEDDED_DIR.fullmatch(e.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            if not e.is_dir(follow_symlinks=False) or e.stat().st_uid != os.getuid():
+                continue
+            if _alive(int(m.group(1))) or set(os.listdir(e.path)) - {"daemon.sock"}:
+                continue
+        except OSError:
+            continue
+        _rmdir(e.path)
+        removed.append(e.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -206,6 +209,49 @@ def test_embedded_mode_same_api_and_view_callbacks() -> None:
     assert pg.daemon is not None and not os.path.exists(pg.socket)
     with pytest.raises(phalanx.DaemonUnavailable):
         pg.view()
+
+
+_EMBEDDED_THEN_WAIT = """
+import sys, time, phalanx
+pg = phalanx.start()
+print(pg.socket, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_socket_folder_of_a_killed_embedded_process_is_swept_by_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process running an embedded daemon that is SIGKILLed (the examples kill
+    one) never removes its socket folder: each kill left one in /tmp, a dead socket
+    inside. The next phalanx.start() on the machine removes the folders of embedded
+    daemons whose process is gone -- and nothing else."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", _EMBEDDED_THEN_WAIT], env=env,
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        sock = Path(proc.stdout.readline().strip())
+        assert sock.parent.parent == tmp_path and sock.exists(), sock
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert sock.exists()  # nobody cleaned up after the SIGKILL
+    alive = tmp_path / f"phalanx-{os.getppid()}-live"  # a live process's: kept
+    busy = tmp_path / f"phalanx-{proc.pid}-keep"  # a dead one's holding something else
+    for d in (alive, busy):
+        d.mkdir()
+        (d / "daemon.sock").touch()
+    (busy / "notes.txt").touch()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pg = phalanx.start()
+    try:
+        assert Path(pg.socket).parent.name.startswith(f"phalanx-{os.getpid()}-")
+        assert not sock.parent.exists(), "the dead process's folder is still there"
+        assert alive.exists() and busy.exists()
+    finally:
+        pg.close()
+    assert not Path(pg.socket).parent.exists()
 
 
 def test_state_calls_wait_out_a_busy_daemon() -> None:
