@@ -300,7 +300,8 @@ def move_into(x: np.ndarray, result: np.ndarray) -> bool:
     dst = x.view(np.uint8)
     src = result.view(np.uint8)
     lo, hi = _interior(x)
-    segments = _segments(lo, hi, result.ctypes.data + lo - start) if hi - lo >= PAGE else None
+    swap = hi - lo >= PAGE and available()  # no DONTUNMAP: no exchange (the module's head)
+    segments = _segments(lo, hi, result.ctypes.data + lo - start) if swap else None
     if segments is None:
         np.copyto(dst, src)
         return True
@@ -389,8 +390,6 @@ def _exchange(at: int, size: int, park: int, other: int) -> tuple[bool, bool]:
     memory). When the first answer is False, ``at`` is mapped and its bytes are
     either its own or must be rewritten by the caller (it copies in both cases)."""
     keep = _dontunmap()  # each source stays mapped (empty): never a hole in play
-    if not keep:
-        return False, True
     try:
         _move(at, park, size, keep)  # x's pages aside
     except OSError:
