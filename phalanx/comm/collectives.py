@@ -202,8 +202,21 @@ def build_all_reduce(
     algorithm = (
         "trivial" if world == 1 or x.size == 0 else ("recursive-doubling" if small else "ring")
     )
+    # the common small op (no codec, accumulated in its own dtype) runs a plan built
+    # once and rearmed, while its shape repeats: building one costs more than the op
+    key = (x.size, x.dtype.str, op)
+    reusable = algorithm == "recursive-doubling" and codec.name == "none" and acc_dtype == x.dtype
+    if reusable:
+        plan = engine.reusable.pop(key, None)
+        if plan is not None and plan.rebind is not None:
+            plan.rearm()
+            plan.rebind(x)
+            return plan
     plan = engine.plan("all_reduce", algorithm=algorithm, nbytes=x.nbytes, codec=codec.name)
     _describe(plan, engine, x, op=op, codec=codec)
+    if reusable:
+        _recursive_doubling(plan, engine, x, x, op, codec, reuse_key=key)
+        return plan
     if algorithm == "trivial":
         if world == 1 and x.size:
             work = x.astype(acc_dtype)
@@ -679,8 +692,17 @@ def _cast_into(x: np.ndarray, work: np.ndarray) -> None:
 
 
 def _recursive_doubling(
-    plan: Plan, engine: Engine, x: np.ndarray, xa: np.ndarray, op: ReduceOp, codec: Codec
+    plan: Plan,
+    engine: Engine,
+    x: np.ndarray,
+    xa: np.ndarray,
+    op: ReduceOp,
+    codec: Codec,
+    *,
+    reuse_key: tuple[int, str, ReduceOp] | None = None,
 ) -> None:
+    """``reuse_key`` (no codec, ``xa`` is ``x``): the plan is frozen for reuse; its
+    ``rebind(x)`` loads the next input and points the result at it."""
     rank, world = engine.rank, engine.world
     n = x.size
     acc = xa.dtype
@@ -746,7 +768,17 @@ def _recursive_doubling(
     if core and lossy and world != p and final_box is None:
         # core ranks without an unfold partner end with the same decoded value as the rest
         quantize_final(prev)
-    plan.on_success(partial(finalize, work, op, world, x))
+    if reuse_key is None:
+        plan.on_success(partial(finalize, work, op, world, x))
+        return
+
+    def rebind(y: np.ndarray) -> None:
+        np.copyto(work, y)
+        plan.success = [partial(finalize, work, op, world, y)]
+
+    plan.freeze(reuse_key)
+    plan.rebind = rebind
+    plan.success = [partial(finalize, work, op, world, x)]
 
 
 def _peek_box(box: list[Encoded]) -> Encoded:

@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -104,6 +104,9 @@ _BUSY_POLL_S = 0.05
 #: the next op of a training loop may then start on its caller's thread (see
 #: Engine.submit), and the engine thread still looks at it within _BUSY_POLL_S
 _ACTIVE_S = 0.25
+#: at most this many plans are kept for reuse (each keeps two arrays of at most
+#: options.small_bytes): a loop of small ops of a few shapes reuses them all
+_REUSABLE_PLANS = 16
 
 
 class FrameHook(Protocol):
@@ -261,6 +264,10 @@ class Engine:
         self._crash: BaseException | None = None
         #: ops started on their caller's thread (see submit)
         self.inline_starts = 0
+        #: plans that can run again (Plan.freeze), by their reuse key: a builder takes
+        #: one out (dict.pop: two callers never get the same), the engine puts it back
+        #: once the plan ended well and nothing of the engine still reads it
+        self.reusable: dict[Hashable, Plan] = {}
         self._queue: deque[Plan] = deque()
         self._next_seq = 0
         self._closing = False
@@ -792,6 +799,12 @@ class Engine:
         self._probe = None
         plan.future.set_result(info)  # the caller first, then the observer
         self._observe(plan, True, now, samples, "", frozenset())
+        key = plan.reuse_key
+        if key is not None and len(self.reusable) < _REUSABLE_PLANS:
+            # its success step named the caller's array: kept, it would keep that
+            # memory mapped (a client's region the daemon was told to unmap)
+            plan.success = []
+            self.reusable.setdefault(key, plan)
 
     # ---- zero-copy bookkeeping: RECEIPTs (a plan that spliced ends once they are in)
     def _send_receipts(self, plan: Plan) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -124,6 +125,18 @@ class ComputeNode(Node):
         self.fn = fn
 
 
+@dataclass(frozen=True, slots=True)
+class _Frozen:
+    """What :meth:`Plan.rearm` puts back: the plan's state as it was built."""
+
+    waiting: list[int]
+    ready: list[Node]
+    pending: int
+    failure: list[Callable[[], None]]
+    sends: dict[Hashable, list[SendNode]]
+    recvs: dict[Hashable, list[RecvNode]]
+
+
 class Plan:
     """A collective as per-link ordered sends/receives plus compute, built before it runs."""
 
@@ -181,6 +194,13 @@ class Plan:
         #: as they are in (the engine then runs the MISMATCH exchange, not the plan)
         self.mismatch: dict[int, OpDescriptor] | None = None
         self.mismatch_by: int | None = None
+        #: set by collectives for a plan that may run again (see :meth:`freeze`): the
+        #: engine hands it back to its host's ``reusable`` once it is done with it
+        self.reuse_key: Hashable | None = None
+        #: a reusable plan's way to take its next input array (see :meth:`freeze`)
+        self.rebind: Callable[[np.ndarray], None] | None = None
+        self._nodes: list[Node] = []
+        self._frozen: _Frozen | None = None
 
     def describe(self, descriptor: OpDescriptor) -> None:
         """Name what this plan is (kind, count, dtype, op, codec, root, ...)."""
@@ -200,8 +220,49 @@ class Plan:
     def _add(self, node: Node, deps: Iterable[Node | None]) -> None:
         node.after(deps)
         self.pending += 1
+        self._nodes.append(node)
         if node.waiting == 0:
             self.ready.append(node)
+
+    def freeze(self, key: Hashable) -> None:
+        """Mark this just-built plan as one that can run again: :meth:`rearm` puts
+        every node, queue and per-run field back to what it is now. Only for plans
+        that borrow nothing (no scratch, no twins): those go back to their pools."""
+        if self.borrowed or self.twins:
+            raise ValueError("a plan that borrowed pool memory cannot be kept for reuse")
+        self.reuse_key = key
+        self._frozen = _Frozen(
+            waiting=[n.waiting for n in self._nodes],
+            ready=list(self.ready),
+            pending=self.pending,
+            failure=list(self.failure),
+            sends={k: list(v) for k, v in self.sends.items()},
+            recvs={k: list(v) for k, v in self.recvs.items()},
+        )
+
+    def rearm(self) -> None:
+        """Make a frozen plan that ran (and ended) ready to run again, as built."""
+        frozen = self._frozen
+        if frozen is None:
+            raise ValueError("only a frozen plan can be rearmed")
+        for node, waiting in zip(self._nodes, frozen.waiting, strict=True):
+            node.waiting = waiting
+            node.done = False
+        self.ready = list(frozen.ready)
+        self.pending = frozen.pending
+        self.sends = {k: deque(v) for k, v in frozen.sends.items()}
+        self.recvs = {k: deque(v) for k, v in frozen.recvs.items()}
+        self.failure = list(frozen.failure)
+        self.seq = -1
+        self.future = Future()
+        self.deadline = None
+        self.patient = False
+        self.preserves_input = True
+        self.spliced = set()
+        self.receipts = set()
+        self.receipts_sent = False
+        self.mismatch = None
+        self.mismatch_by = None
 
     def send(
         self,
