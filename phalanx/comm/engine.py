@@ -104,8 +104,9 @@ _BUSY_POLL_S = 0.05
 #: the next op of a training loop may then start on its caller's thread (see
 #: Engine.submit), and the engine thread still looks at it within _BUSY_POLL_S
 _ACTIVE_S = 0.25
-#: at most this many plans are kept for reuse (each keeps two arrays of at most
-#: options.small_bytes): a loop of small ops of a few shapes reuses them all
+#: at most this many plans are kept for reuse (each keeps its work array and one per
+#: exchange step, ~log2(world), of at most options.small_bytes each): a loop of small
+#: ops of a few shapes reuses them all
 _REUSABLE_PLANS = 16
 
 
@@ -268,6 +269,10 @@ class Engine:
         #: one out (dict.pop: two callers never get the same), the engine puts it back
         #: once the plan ended well and nothing of the engine still reads it
         self.reusable: dict[Hashable, Plan] = {}
+        # the plan a caller is starting inline, and whether it ended well meanwhile
+        # (its put-back waits until that caller no longer reads it)
+        self._starting: Plan | None = None
+        self._keep_after_start = False
         self._queue: deque[Plan] = deque()
         self._next_seq = 0
         self._closing = False
@@ -324,6 +329,9 @@ class Engine:
         poll then sees the peers' frames (frames that came early are read here, and an
         op whose frames are all in ends here). Otherwise the engine thread is woken to
         start it. Either way the engine thread runs what is left and the checks."""
+        # taken now: once the op ended, a kept plan (Plan.freeze) may already be
+        # another caller's, rearmed with a future of its own
+        future = plan.future
         state = self._state.acquire(blocking=False)
         inline = wake = False
         try:
@@ -331,8 +339,8 @@ class Engine:
                 if self._broken is not None or self._closing:
                     err = self._failure_for(plan)
                     plan.release()
-                    plan.future.set_exception(err)
-                    return plan.future
+                    future.set_exception(err)
+                    return future
                 plan.seq = self._next_seq
                 self._next_seq += 1
                 inline = state and self._idle_and_watched()
@@ -346,11 +354,14 @@ class Engine:
                 self._state.release()
             if wake:
                 self._wake()
-        return plan.future
+        return future
 
     def _start_inline(self, plan: Plan) -> bool:
         """Start ``plan`` on the caller's thread (``_state`` held); whether the engine
-        thread must be woken (something went wrong that it has to act on)."""
+        thread must be woken (something went wrong that it has to act on). A kept plan
+        that ended well here goes back to ``reusable`` only once this is done with it."""
+        self._starting = plan
+        keep = False
         try:
             self.inline_starts += 1
             try:
@@ -358,6 +369,7 @@ class Engine:
                 self._flush()
             except _OpFailed as exc:
                 self._fail_current(exc)
+            keep = self._keep_after_start
         except Exception as exc:  # pragma: no cover - a bug
             log.exception("event=engine-inline-start-crash rank=%d", self.rank)
             self._crash = exc  # the engine thread raises it: its crash handler runs
@@ -368,6 +380,11 @@ class Engine:
             self._interrupted(plan)
             self._wake()
             raise
+        finally:
+            self._starting = None
+            self._keep_after_start = False
+        if keep:
+            self._keep(plan)
         return False
 
     def _interrupted(self, plan: Plan) -> None:
@@ -799,12 +816,28 @@ class Engine:
         self._probe = None
         plan.future.set_result(info)  # the caller first, then the observer
         self._observe(plan, True, now, samples, "", frozenset())
-        key = plan.reuse_key
-        if key is not None and len(self.reusable) < _REUSABLE_PLANS:
+        if plan.reuse_key is not None:
             # its success step named the caller's array: kept, it would keep that
             # memory mapped (a client's region the daemon was told to unmap)
             plan.success = []
-            self.reusable.setdefault(key, plan)
+            if plan is self._starting:
+                self._keep_after_start = True  # submit still reads it: kept after
+            else:
+                self._keep(plan)
+
+    def _keep(self, plan: Plan) -> None:
+        """Put a kept plan that ended well back for the next op of its shape; when
+        _REUSABLE_PLANS are kept, the one unused longest goes (a plan taken and put
+        back moves to the end: dicts keep insertion order)."""
+        kept, key = self.reusable, plan.reuse_key
+        if key in kept:
+            return  # two ops of one shape ran at once: one plan is enough
+        while len(kept) >= _REUSABLE_PLANS:
+            try:
+                kept.pop(next(iter(kept)), None)
+            except (RuntimeError, StopIteration):  # a builder took one meanwhile
+                break
+        kept.setdefault(key, plan)
 
     # ---- zero-copy bookkeeping: RECEIPTs (a plan that spliced ends once they are in)
     def _send_receipts(self, plan: Plan) -> None:

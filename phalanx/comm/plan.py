@@ -245,6 +245,8 @@ class Plan:
         frozen = self._frozen
         if frozen is None:
             raise ValueError("only a frozen plan can be rearmed")
+        if self.borrowed or self.twins:
+            raise ValueError("a plan that borrowed pool memory cannot be rearmed")
         for node, waiting in zip(self._nodes, frozen.waiting, strict=True):
             node.waiting = waiting
             node.done = False
@@ -258,6 +260,7 @@ class Plan:
         self.deadline = None
         self.patient = False
         self.preserves_input = True
+        self.into_used = False
         self.spliced = set()
         self.receipts = set()
         self.receipts_sent = False

@@ -15,6 +15,7 @@ import pytest
 
 from phalanx.comm import CommOptions, Group
 from phalanx.comm.engine import Engine
+from phalanx.comm.reduce import reference
 from phalanx.deadline import Deadline
 from phalanx.errors import OpMismatch, PeerFailure
 from tests.integration._pairs import on_both, ranks
@@ -173,3 +174,77 @@ def test_a_kept_plan_does_not_keep_the_callers_array_alive(two: list[Group]) -> 
     gc.collect()
     assert all(len(g.engine.reusable) == 1 for g in two)
     assert all(r is not None and r() is None for r in refs)
+
+
+def test_a_plan_kept_by_an_op_that_ended_inline_is_not_anothers_before_submit_returns(
+    two: list[Group], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An op that ends on its caller's thread (inside submit) must not put its plan
+    back before submit is done with it: a second thread of the process taking and
+    rearming it there would swap in a future of its own, and the first caller would
+    wait on an op that never runs. The hook plays that second thread at the worst
+    moment: right after the engine ended the op."""
+    real = Engine._finish
+    stolen = [0]
+
+    def finish_then_steal(self: Engine) -> None:
+        real(self)
+        if self.rank == 0:
+            for key in list(self.reusable):
+                plan = self.reusable.pop(key, None)
+                if plan is not None:
+                    plan.rearm()  # what build_all_reduce does for another caller
+                    stolen[0] += 1
+
+    monkeypatch.setattr(Engine, "_finish", finish_then_steal)
+
+    def loop(rank: int) -> None:
+        seqs = []
+        for i in range(40):
+            x = np.full(256, rank + 1.0 + i, np.float32)
+            res = two[rank].all_reduce(x, deadline=Deadline.after(10.0))
+            assert np.all(x == 3.0 + 2 * i), (rank, i)
+            seqs.append(res.seq)
+        assert seqs == list(range(seqs[0], seqs[0] + 40)), seqs  # each call its own result
+
+    on_both(loop, timeout_s=60.0)
+    assert two[0].engine.inline_starts > 0 and stolen[0] > 0
+
+
+def test_the_plan_unused_longest_makes_room_for_a_new_shape(two: list[Group]) -> None:
+    from phalanx.comm.engine import _REUSABLE_PLANS
+
+    sizes = [64 + 8 * i for i in range(_REUSABLE_PLANS)]
+
+    def run(rank: int, n: int) -> None:
+        x = np.full(n, rank + 1.0, np.float32)
+        two[rank].all_reduce(x)
+        assert np.all(x == 3.0)
+
+    for n in sizes:
+        on_both(lambda rank, n=n: run(rank, n))
+    on_both(lambda rank: run(rank, sizes[0]))  # the oldest is used again: now newest
+    on_both(lambda rank: run(rank, 1000))  # one shape more than there is room for
+    for g in two:
+        kept = [key[0] for key in g.engine.reusable]  # type: ignore[index]
+        assert len(kept) == _REUSABLE_PLANS
+        assert kept[-1] == 1000 and sizes[0] in kept and sizes[1] not in kept, kept
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64"])
+@pytest.mark.parametrize("op", ["sum", "avg", "min", "max", "prod"])
+def test_every_reduce_op_on_a_reused_plan_matches_numpy(
+    two: list[Group], op: str, dtype: str
+) -> None:
+    rng = np.random.default_rng(7)
+    inputs = [[rng.integers(-9, 9, 200).astype(dtype) for _ in range(6)] for _ in range(2)]
+
+    def run(rank: int) -> None:
+        for i in range(6):
+            x = inputs[rank][i].copy()
+            two[rank].all_reduce(x, op=op)
+            want = reference([inputs[0][i], inputs[1][i]], op)  # type: ignore[arg-type]
+            assert np.array_equal(x, want), (rank, i, op, x[:4], want[:4])
+
+    on_both(run)
+    assert all(len(g.engine.reusable) == 1 for g in two)
