@@ -8,6 +8,7 @@ import gc
 import threading
 import weakref
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -103,12 +104,18 @@ def test_fold_and_unfold_steps_reused_stay_exact(world: int) -> None:
             g.close()
 
 
-def test_a_mismatch_hands_no_plan_on_and_the_next_op_is_exact(two: list[Group]) -> None:
-    def warm(rank: int) -> None:
-        for _ in range(5):
-            two[rank].all_reduce(np.ones(256, np.float32))
+def _warm(groups: list[Group], n: int) -> None:
+    """A few all-reduces of ``n`` floats on both ranks: a plan of that shape is kept."""
 
-    on_both(warm)
+    def run(rank: int) -> None:
+        for _ in range(5):
+            groups[rank].all_reduce(np.ones(n, np.float32))
+
+    on_both(run)
+
+
+def test_a_mismatch_hands_no_plan_on_and_the_next_op_is_exact(two: list[Group]) -> None:
+    _warm(two, 256)
     key = next(iter(two[0].engine.reusable))
 
     def disagree(rank: int) -> None:
@@ -130,11 +137,7 @@ def test_a_mismatch_hands_no_plan_on_and_the_next_op_is_exact(two: list[Group]) 
 
 
 def test_a_reused_plan_that_fails_leaves_the_input_and_is_dropped(two: list[Group]) -> None:
-    def warm(rank: int) -> None:
-        for _ in range(5):
-            two[rank].all_reduce(np.ones(512, np.float32))
-
-    on_both(warm)
+    _warm(two, 512)
     key = next(iter(two[0].engine.reusable))
     x = np.full(512, 5.0, np.float32)
     with pytest.raises(PeerFailure) as info:  # rank 1 never calls: the deadline ends it
@@ -216,15 +219,15 @@ def test_the_plan_unused_longest_makes_room_for_a_new_shape(two: list[Group]) ->
 
     sizes = [64 + 8 * i for i in range(_REUSABLE_PLANS)]
 
-    def run(rank: int, n: int) -> None:
+    def run(n: int, rank: int) -> None:
         x = np.full(n, rank + 1.0, np.float32)
         two[rank].all_reduce(x)
         assert np.all(x == 3.0)
 
     for n in sizes:
-        on_both(lambda rank, n=n: run(rank, n))
-    on_both(lambda rank: run(rank, sizes[0]))  # the oldest is used again: now newest
-    on_both(lambda rank: run(rank, 1000))  # one shape more than there is room for
+        on_both(partial(run, n))
+    on_both(partial(run, sizes[0]))  # the oldest is used again: now newest
+    on_both(partial(run, 1000))  # one shape more than there is room for
     for g in two:
         kept = [key[0] for key in g.engine.reusable]  # type: ignore[index]
         assert len(kept) == _REUSABLE_PLANS
