@@ -40,6 +40,34 @@ def coordinator() -> Iterator[Coordinator]:
     c.stop(grace=0.5)
 
 
+@pytest.fixture
+def steady_coordinator() -> Iterator[Coordinator]:
+    """For tests whose subject is a vote or a rebuild, not failure detection: a
+    heartbeat timeout that CI's load does not trip, so no member is evicted for beats
+    that lagged (what broke a test of test_torch_grad_rules.py in CI; test_steps.py's
+    _steady does the same)."""
+    config = MembershipConfig(recovery_grace=0.0, heartbeat_timeout=2.5, confirm_window=1.0)
+    c = Coordinator(secret=SECRET, config=config)
+    c.start()
+    yield c
+    c.stop(grace=0.5)
+
+
+def _both_rebuilt(a: ElasticGroup, b: ElasticGroup, generation: int) -> None:
+    """Wait until both members run the generation that b's CommitUnknown rebuilt.
+    b rebuilds at once; a learns of it when b's abort reaches its engine. Under load
+    a's begin_step could come first and start the step on the old generation (its
+    exchange is done, so nothing there waits for b): then b's exchange waits for a,
+    which only a's next collective would bring (it fails on the old generation and
+    runs the exchange in the new one). These tests are about the new generation's
+    exchange, so they start the step once both are in it."""
+    assert _wait(lambda: a._generation == b._generation > generation, 10.0), (
+        a._generation,
+        b._generation,
+        generation,
+    )
+
+
 def _member(c: Coordinator, mid: str, state: SyncState | None, **kw: Any) -> ElasticGroup:
     return ElasticGroup(c.address, mid, SECRET, state=state, join_timeout=10.0, **kw)
 
@@ -82,7 +110,7 @@ def _join_all(members: tuple[ElasticGroup, ...]) -> None:
 
 
 def test_a_member_whose_vote_timed_out_receives_the_committed_state_at_its_next_step(
-    coordinator: Coordinator,
+    steady_coordinator: Coordinator,
 ) -> None:
     """b voted yes and gave up waiting (CommitUnknown: its deadline passed); a voted
     after it and the round committed with b's yes. a applied the step, b must not.
@@ -90,8 +118,8 @@ def test_a_member_whose_vote_timed_out_receives_the_committed_state_at_its_next_
     begin_step ran no exchange, b trained its redo of step 0 beside a's step 1 and
     the two ended at the same step with different states. Now the group is rebuilt
     as the next generation and its exchange gives b the committed step-1 state."""
-    a = _member(coordinator, "a", SyncState({"w": np.zeros(4, np.float32)}, 0))
-    b = _member(coordinator, "b", SyncState({"w": np.zeros(4, np.float32)}, 0))
+    a = _member(steady_coordinator, "a", SyncState({"w": np.zeros(4, np.float32)}, 0))
+    b = _member(steady_coordinator, "b", SyncState({"w": np.zeros(4, np.float32)}, 0))
     try:
         _join_all((a, b))
         infos = _parallel(lambda: a.begin_step(timeout=15), lambda: b.begin_step(timeout=15))
@@ -106,6 +134,7 @@ def test_a_member_whose_vote_timed_out_receives_the_committed_state_at_its_next_
         assert a.state is not None and b.state is not None
         a.state.arrays["w"] += ga
         a.update_state(1)
+        _both_rebuilt(a, b, generation)
 
         t0 = time.monotonic()
         ia, ib = _parallel(lambda: a.begin_step(timeout=15), lambda: b.begin_step(timeout=15))
@@ -131,13 +160,13 @@ def test_a_member_whose_vote_timed_out_receives_the_committed_state_at_its_next_
 
 
 def test_a_vote_that_timed_out_on_a_round_decided_false_moves_no_state(
-    coordinator: Coordinator,
+    steady_coordinator: Coordinator,
 ) -> None:
     """The same, but a votes no: the round is False, nobody applies it. The rebuilt
     generation's exchange finds one state everywhere and moves nothing; both redo
     step 0 over it."""
-    a = _member(coordinator, "a", SyncState({"w": np.zeros(4, np.float32)}, 0))
-    b = _member(coordinator, "b", SyncState({"w": np.zeros(4, np.float32)}, 0))
+    a = _member(steady_coordinator, "a", SyncState({"w": np.zeros(4, np.float32)}, 0))
+    b = _member(steady_coordinator, "b", SyncState({"w": np.zeros(4, np.float32)}, 0))
     try:
         _join_all((a, b))
         _parallel(lambda: a.begin_step(timeout=15), lambda: b.begin_step(timeout=15))
@@ -147,6 +176,7 @@ def test_a_vote_that_timed_out_on_a_round_decided_false_moves_no_state(
         with pytest.raises(CommitUnknown):
             b.commit(0, True, timeout=0.5)
         assert a.commit(0, False, timeout=10) is False
+        _both_rebuilt(a, b, generation)
         ia, ib = _parallel(lambda: a.begin_step(timeout=15), lambda: b.begin_step(timeout=15))
         assert not isinstance(ia, BaseException) and not isinstance(ib, BaseException), (ia, ib)
         assert (ia.step, ia.synced, ib.step, ib.synced) == (0, False, 0, False), (ia, ib)
