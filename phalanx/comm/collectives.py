@@ -204,9 +204,9 @@ def build_all_reduce(
     )
     # the common small op (no codec, accumulated in its own dtype) runs a plan built
     # once and rearmed, while its shape repeats: building one costs more than the op
-    key = (x.size, x.dtype.str, op)
     reusable = algorithm == "recursive-doubling" and codec.name == "none" and acc_dtype == x.dtype
-    if reusable:
+    key = (x.size, x.dtype.str, op) if reusable else None
+    if key is not None:
         plan = engine.reusable.pop(key, None)
         if plan is not None and plan.rebind is not None:
             plan.rearm()
@@ -214,7 +214,7 @@ def build_all_reduce(
             return plan
     plan = engine.plan("all_reduce", algorithm=algorithm, nbytes=x.nbytes, codec=codec.name)
     _describe(plan, engine, x, op=op, codec=codec)
-    if reusable:
+    if key is not None:
         _recursive_doubling(plan, engine, x, x, op, codec, reuse_key=key)
         return plan
     if algorithm == "trivial":
@@ -768,8 +768,8 @@ def _recursive_doubling(
     if core and lossy and world != p and final_box is None:
         # core ranks without an unfold partner end with the same decoded value as the rest
         quantize_final(prev)
+    plan.on_success(partial(finalize, work, op, world, x))
     if reuse_key is None:
-        plan.on_success(partial(finalize, work, op, world, x))
         return
 
     def rebind(y: np.ndarray) -> None:
@@ -778,7 +778,6 @@ def _recursive_doubling(
 
     plan.freeze(reuse_key)
     plan.rebind = rebind
-    plan.success = [partial(finalize, work, op, world, x)]
 
 
 def _peek_box(box: list[Encoded]) -> Encoded:
