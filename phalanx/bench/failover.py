@@ -28,7 +28,8 @@ to; for ``coordinator``, whose view does not change: a step committed after the 
 ``ops_failed`` (steps in which a surviving member saw a failed attempt), ``correct``
 (every successful op equals the exact sum over the view that ran it, and members of a
 view agree on its contributors), ``commit_agree`` (each (epoch, step) got the same
-commit answer on every member), plus details. Exit status 1 if a check failed.
+commit answer on every member; the fault's victim may answer "unknown" -- frozen in
+its vote and evicted, it cannot learn the decision), plus details. Exit status 1 if a check failed.
 
 Every wait has a deadline (``--timeout``); every child is killed by PID at the end.
 Timestamps are ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for all processes).
@@ -538,8 +539,13 @@ def _summarize(r: _Run, row: dict[str, Any], victim: str | None) -> None:
     by_op: dict[tuple[int, int], set[tuple[str, ...]]] = {}
     answers: dict[tuple[int, int], set[Any]] = {}
     for o in r.ops:
-        _, _, step, epoch, contrib, _, _, _, ok, _ = o
+        _, member, step, epoch, contrib, _, _, _, ok, _ = o
         by_op.setdefault((epoch, step), set()).add(contrib)
+        if ok is None and member == victim:
+            # the member the fault froze voted, then was evicted before it could learn
+            # the round's decision: "unknown" (CommitUnknown) is its true answer, not
+            # a disagreement; every other member must know, and all who know agree
+            continue
         answers.setdefault((epoch, step), set()).add(ok)
     row["ops"] = len({(o[3], o[2]) for o in r.ops})
     row["steps_committed"] = len({o[2] for o in r.ops if o[8]})
