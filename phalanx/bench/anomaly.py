@@ -92,7 +92,8 @@ def _rank_main(ctx: RankContext, spec: _Spec) -> None:
             records.append((sample, starts.pop(sample.seq, 0.0)))
             monitor.observer.op_finished(sample)
 
-    opts = CommOptions(small_bytes=0, piece_bytes=4096, timeout_s=10.0)
+    # many small frames per op, however many ranks share the host's CPUs
+    opts = CommOptions(small_bytes=0, piece_bytes=4096, crowded_piece_bytes=0, timeout_s=10.0)
     group = Group(
         ctx.rank, addresses, spec.secret, listener=listener, options=opts, observer=_Tee()
     )

@@ -20,11 +20,13 @@ stays usable (docs/comm.md, "Mismatched calls").
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from typing import Literal, overload
 
 import numpy as np
@@ -34,7 +36,7 @@ from phalanx.comm import handshake as hs
 from phalanx.comm.codecs import Codec, parse_codec
 from phalanx.comm.engine import Engine, FrameHook, LinkStats
 from phalanx.comm.observer import CommObserver
-from phalanx.comm.options import CommOptions
+from phalanx.comm.options import CommOptions, pipelining_unit
 from phalanx.comm.plan import Plan
 from phalanx.comm.reduce import check_dtype, parse_op
 from phalanx.comm.transport import (
@@ -53,6 +55,12 @@ from phalanx.ops import Handle, OpResult, OpSpec
 __all__ = ["Group"]
 
 log = logging.getLogger(__name__)
+
+
+def _cpus() -> int | None:
+    """The CPUs of this host, the same figure for every process on it (not this
+    process's affinity, which may differ between the ranks of one group)."""
+    return os.cpu_count()
 
 
 def _settler(
@@ -122,7 +130,10 @@ class Group:
         self.world = world
         self.epoch = epoch
         self.addresses = tuple(addresses)
-        self.options = options or CommOptions()
+        opts = options or CommOptions()
+        unit = pipelining_unit(opts, [parse_address(a)[0] for a in addresses], _cpus())
+        # the options the engine runs with: piece_bytes is the group's pipelining unit
+        self.options = opts if unit == opts.piece_bytes else replace(opts, piece_bytes=unit)
         self._secret = _coerce_secret(secret)
         self._listener = listener if listener is not None else bind(addresses[rank])
         self._stop = threading.Event()
@@ -157,11 +168,12 @@ class Group:
             names=names,
         )
         log.info(
-            "event=group-up rank=%d world=%d epoch=%d streams=%d address=%s",
+            "event=group-up rank=%d world=%d epoch=%d streams=%d piece_bytes=%d address=%s",
             rank,
             world,
             epoch,
             self.options.streams,
+            self.options.piece_bytes,
             self._listener.address,
         )
 

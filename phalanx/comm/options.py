@@ -7,11 +7,12 @@ fills this object, and a :class:`~phalanx.comm.group.Group` takes it whole.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from phalanx.errors import ConfigError
 
-__all__ = ["CommOptions", "largest_payload"]
+__all__ = ["CommOptions", "crowded", "largest_payload", "pipelining_unit"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -38,6 +39,14 @@ class CommOptions:
     #: measured 3-6 % faster than 1 MiB at 64 MiB (world 2 and 4) and no slower at
     #: 8-32 MiB on the 2-core machine (docs/comm.md, "Piece size")
     piece_bytes: int = 4 * MiB
+    #: the pipelining unit of a *crowded* group instead, when larger than
+    #: piece_bytes: every member on one host, more members than the host has CPUs
+    #: (see :func:`crowded`). There no core is idle for a piece's receive, reduce and
+    #: send to overlap on, so smaller pieces only add frames, wake-ups and switches
+    #: between the ranks: 16 MiB ran a 64 MiB world-4 ring on 2 cores 7-12 % faster
+    #: than 4 MiB (docs/comm.md, "Piece size"). Capped, like every piece, by what
+    #: one frame carries (``largest_payload(max_frame_bytes)``). 0: never
+    crowded_piece_bytes: int = 16 * MiB
     #: all-reduces of at most this many bytes use recursive doubling (latency-bound);
     #: larger ones use the pipelined ring (bandwidth-bound); measured, see docs/comm.md
     small_bytes: int = 256 * KiB
@@ -76,6 +85,10 @@ class CommOptions:
                 "piece_bytes must be between 4 KiB and 4/5 of max_frame_bytes (its "
                 f"largest encoding must fit one frame), got {self.piece_bytes}"
             )
+        if self.crowded_piece_bytes and self.crowded_piece_bytes < 4 * KiB:
+            raise ConfigError(
+                f"crowded_piece_bytes must be 0 (off) or >= 4 KiB, got {self.crowded_piece_bytes}"
+            )
         if not 0 <= self.small_bytes <= largest_payload(self.max_frame_bytes):
             raise ConfigError(
                 "small_bytes must be between 0 and 4/5 of max_frame_bytes (a small "
@@ -91,3 +104,24 @@ class CommOptions:
 def largest_payload(max_frame_bytes: int) -> int:
     """The most raw bytes whose every encoding fits a frame of ``max_frame_bytes``."""
     return (max_frame_bytes - 64) * 4 // 5
+
+
+def crowded(hosts: Sequence[str], cpus: int | None) -> bool:
+    """Whether a group whose members' addresses name ``hosts`` (one per member) is
+    crowded: all of them name one host, and the members outnumber its ``cpus``
+    (``None``: unknown, never crowded).
+
+    Every member computes the same answer, as the pipelining unit it decides must be
+    the same on every rank (it is in the op descriptor): the hosts come from the
+    group's one address list, and members that all name one host share its CPU
+    count. A group spread over several hosts is never crowded, however many ranks
+    each one runs: its members could not agree on a count."""
+    return cpus is not None and len(set(hosts)) == 1 and len(hosts) > cpus
+
+
+def pipelining_unit(options: CommOptions, hosts: Sequence[str], cpus: int | None) -> int:
+    """The ``piece_bytes`` a group of these members runs with (see :func:`crowded`)."""
+    if crowded(hosts, cpus):
+        fits = largest_payload(options.max_frame_bytes)
+        return max(options.piece_bytes, min(options.crowded_piece_bytes, fits))
+    return options.piece_bytes

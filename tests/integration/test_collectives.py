@@ -649,7 +649,9 @@ def _collectives_rank(ctx: RankContext) -> dict[str, Any]:
         assert cs.errors is not None and cs.hashes is not None
         errors += cs.errors
         hashes += cs.hashes
-    opts = CommOptions(streams=3, small_bytes=4096, piece_bytes=4096, timeout_s=20.0)
+    opts = CommOptions(
+        streams=3, small_bytes=4096, piece_bytes=4096, crowded_piece_bytes=0, timeout_s=20.0
+    )
     with _connect(ctx, opts, EPOCH + 1) as g3:
         c3 = _Checker(ctx.rank, ctx.world, g3, ctx)
         t = time.monotonic()
@@ -777,7 +779,9 @@ def test_broadcast_to_a_late_receiver() -> None:
 def _early_leaver_rank(ctx: RankContext) -> str:
     listener = bind("127.0.0.1:0")
     addresses = ctx.exchange(listener.address)
-    opts = CommOptions(streams=3, piece_bytes=4096, small_bytes=4096, timeout_s=5.0)
+    opts = CommOptions(
+        streams=3, piece_bytes=4096, crowded_piece_bytes=0, small_bytes=4096, timeout_s=5.0
+    )
     with Group(ctx.rank, addresses, b"s" * 32, listener=listener, options=opts) as g:
         x = np.arange(30_000.0) if ctx.rank == 0 else np.zeros(30_000)
         if ctx.rank == 1:

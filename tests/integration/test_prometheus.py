@@ -86,7 +86,7 @@ class _Cluster:
         self.view = ClusterView(WORLD, self._record)
         self.monitors = [Monitor(r, cluster=self.view) for r in range(WORLD)]
         self.groups: list[Group | None] = [None] * WORLD
-        opts = CommOptions(small_bytes=0, piece_bytes=4096, timeout_s=10.0)
+        opts = CommOptions(small_bytes=0, piece_bytes=4096, crowded_piece_bytes=0, timeout_s=10.0)
 
         def build(r: int) -> None:
             self.groups[r] = Group(

@@ -36,8 +36,8 @@ def _slow_pair(options: CommOptions) -> tuple[Group, Group, LinkProxy]:
 
 
 def test_a_frame_slower_than_the_timeout_is_progress_not_a_failure() -> None:
-    opts = CommOptions(timeout_s=0.25, probe_s=0.2, piece_bytes=PIECE, small_bytes=0,
-                       zero_copy_min_bytes=1 << 40)  # fmt: skip
+    opts = CommOptions(timeout_s=0.25, probe_s=0.2, piece_bytes=PIECE, crowded_piece_bytes=0,
+                       small_bytes=0, zero_copy_min_bytes=1 << 40)  # fmt: skip
     g0, g1, proxy = _slow_pair(opts)
     try:
         # world 2 ring: each rank sends one 128 KiB chunk per phase, one frame each

@@ -26,7 +26,11 @@ def test_a_small_array_with_a_wide_accumulator_stays_within_the_frame_limit(
     dtype: str, op: ReduceOp, count: int
 ) -> None:
     options = CommOptions(
-        timeout_s=10.0, max_frame_bytes=1024 * KiB, small_bytes=800 * KiB, piece_bytes=256 * KiB
+        timeout_s=10.0,
+        max_frame_bytes=1024 * KiB,
+        small_bytes=800 * KiB,
+        piece_bytes=256 * KiB,
+        crowded_piece_bytes=0,
     )
     g0, g1 = pair(options=options)
     try:
