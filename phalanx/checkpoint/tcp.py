@@ -86,6 +86,8 @@ DEFAULT_MAX_HANDSHAKES = 64
 DEFAULT_MAX_CONNS = 1024
 _MAX_CONTROL = 4 * 1024 * 1024  # non-PUT requests and non-GET answers
 _MAX_TEXT = 1024
+#: the shard server's acceptor waits at most this long (close() wakes it sooner)
+_ACCEPT_BACKSTOP_S = 30.0
 
 OP_PUT, OP_GET, OP_DELETE, OP_LIST = 1, 2, 3, 4
 ST_OK, ST_MISSING, ST_CORRUPT, ST_BUDGET, ST_BAD = 0, 1, 2, 3, 4
@@ -210,12 +212,16 @@ class ShardServer:
         self._authed: set[int] = set()
         self._ids = itertools.count()
         self._throttle = LogThrottle(log)
-        self._listener.sock.settimeout(0.2)
+        # a backstop only: close() wakes the acceptor at once (it shuts the listening
+        # socket down), so an idle one does not poll
+        self._listener.sock.settimeout(_ACCEPT_BACKSTOP_S)
         self._thread = threading.Thread(target=self._accept, name="shard-accept", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):  # wakes a waiting accept() (EINVAL)
+            self._listener.sock.shutdown(socket.SHUT_RDWR)
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._listener.close()

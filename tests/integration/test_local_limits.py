@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -110,6 +111,11 @@ def test_the_acceptor_outlives_an_accept_error(
     srv = _server(pg)
     failing = _AcceptFailsOnce(srv._sock, OSError(code, os.strerror(code)))
     monkeypatch.setattr(srv, "_sock", failing)
+    # the acceptor waits in accept() on the real socket (it does not poll): a
+    # connection wakes it, and its next accept() goes through the wrapper
+    with socket.socket(socket.AF_UNIX) as wake:
+        wake.settimeout(5.0)
+        wake.connect(pg.socket)
     assert failing.raised.wait(5.0)
     _serves_a_new_client(pg, srv)
 
@@ -382,3 +388,16 @@ def test_requests_before_hello_are_refused(pg: phalanx.Client) -> None:
     finally:
         watch.close()
     pg.barrier(timeout=5.0)  # the daemon serves its client as before
+
+
+def test_an_idle_acceptor_does_not_poll_and_stops_at_once(pg: phalanx.Client) -> None:
+    """The acceptor used to wake every 0.25 s; now it waits in accept(), and
+    stop_accepting() wakes it by shutting the listening socket down."""
+    srv = _server(pg)
+    timeout = srv._sock.gettimeout()
+    assert timeout is None or timeout >= 10.0
+    time.sleep(0.3)  # the acceptor is waiting in accept()
+    t = time.monotonic()
+    srv.stop_accepting()
+    assert time.monotonic() - t < 5.0  # woken, not left to its backstop
+    assert not srv._acceptor.is_alive()

@@ -258,3 +258,18 @@ def test_a_holder_whose_listing_fails_is_named_in_a_log_line(
         assert len(lines) == 1 and "p2" in lines[0] and "listing refused" in lines[0]
     finally:
         c.close()
+
+
+def test_an_idle_shard_server_does_not_poll_and_closes_at_once() -> None:
+    """Its acceptor used to wake every 0.2 s; now it waits in accept(), and close()
+    wakes it by shutting the listening socket down."""
+    srv = ShardServer(MemoryShardStore(1 << 20), secret=os.urandom(32))
+    try:
+        timeout = srv._listener.sock.gettimeout()
+        assert timeout is None or timeout >= 10.0
+        time.sleep(0.3)  # the acceptor is waiting in accept()
+    finally:
+        t = time.monotonic()
+        srv.close(timeout=20.0)
+    assert time.monotonic() - t < 5.0  # woken, not left to its backstop
+    assert not srv._thread.is_alive()
