@@ -449,7 +449,10 @@ def _ring_all_reduce_in_place(
         plan.preserves_input = False
     block = max(1, _FUSED_BLOCK_BYTES // dtype.itemsize)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
-    hot = [plan.scratch(max(b - a for a, b in flat), dtype) for _ in range(len(engine.links[prv]))]
+    # a landing buffer per stream, but no more than a chunk has pieces (a crowded
+    # group's pieces are large and few)
+    lanes = min(len(engine.links[prv]), max(len(p) for p in pieces))
+    hot = [plan.scratch(max(b - a for a, b in flat), dtype) for _ in range(lanes)]
     last: dict[tuple[int, int], Node] = {}
     for s, step in enumerate(sched.ring_reduce_scatter(rank, world)):
         assert step.send_chunk is not None and step.recv_chunk is not None

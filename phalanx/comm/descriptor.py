@@ -272,6 +272,14 @@ def mismatch_error(
     diff = differing_fields(descriptors)
     args = tuple(name for name in diff if name in _ARGUMENTS)
     extra = () if args else diff
+    detail = ""
+    if "piece_bytes" in extra:
+        detail = (
+            "the ranks' options differ: piece_bytes, or crowded_piece_bytes (a group "
+            "whose addresses all name one host, with more members than its CPUs, moves "
+            "larger pieces; where one address reaches several machines, or releases are "
+            "mixed, set crowded_piece_bytes=0 on every rank)"
+        )
     return OpMismatch(
         op=op,
         seq=seq,
@@ -279,4 +287,5 @@ def mismatch_error(
         descriptors={r: d.describe(extra) for r, d in descriptors.items()},
         fields=args or diff,
         detected_by=detected_by,
+        detail=detail,
     )

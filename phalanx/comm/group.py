@@ -58,9 +58,14 @@ log = logging.getLogger(__name__)
 
 
 def _cpus() -> int | None:
-    """The CPUs of this host, the same figure for every process on it (not this
-    process's affinity, which may differ between the ranks of one group)."""
-    return os.cpu_count()
+    """The CPUs this host is configured with: one figure for every process on it --
+    not a process's affinity, nor the online count (CPU hotplug), nor Python 3.13's
+    per-process ``PYTHON_CPU_COUNT``, any of which may differ between the ranks."""
+    try:
+        n = os.sysconf("SC_NPROCESSORS_CONF")
+    except (ValueError, OSError):
+        return os.cpu_count()
+    return n if n > 0 else os.cpu_count()
 
 
 def _settler(

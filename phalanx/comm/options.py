@@ -43,9 +43,11 @@ class CommOptions:
     #: piece_bytes: every member on one host, more members than the host has CPUs
     #: (see :func:`crowded`). There no core is idle for a piece's receive, reduce and
     #: send to overlap on, so smaller pieces only add frames, wake-ups and switches
-    #: between the ranks: 16 MiB ran a 64 MiB world-4 ring on 2 cores 7-12 % faster
-    #: than 4 MiB (docs/comm.md, "Piece size"). Capped, like every piece, by what
-    #: one frame carries (``largest_payload(max_frame_bytes)``). 0: never
+    #: between the ranks: 16 MiB ran a 64 MiB world-4 ring on 2 cores up to ~12 %
+    #: faster than 4 MiB (docs/comm.md, "Piece size"). Capped, like every piece, by
+    #: what one frame carries (``largest_payload(max_frame_bytes)``). Every rank must
+    #: decide alike: where one address reaches several machines (a tunnel, a port
+    #: forward), set 0 on every rank. 0: never
     crowded_piece_bytes: int = 16 * MiB
     #: all-reduces of at most this many bytes use recursive doubling (latency-bound);
     #: larger ones use the pipelined ring (bandwidth-bound); measured, see docs/comm.md
@@ -115,7 +117,9 @@ def crowded(hosts: Sequence[str], cpus: int | None) -> bool:
     the same on every rank (it is in the op descriptor): the hosts come from the
     group's one address list, and members that all name one host share its CPU
     count. A group spread over several hosts is never crowded, however many ranks
-    each one runs: its members could not agree on a count."""
+    each one runs: its members could not agree on a count. An address that reaches
+    several machines (a tunnel, a port forward) breaks the premise: the ranks' units
+    may then differ, and every large op fails with a mismatch naming piece_bytes."""
     return cpus is not None and len(set(hosts)) == 1 and len(hosts) > cpus
 
 

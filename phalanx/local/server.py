@@ -120,10 +120,6 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("phalanx.audit.local")
 
 _POLL_S = 0.25
-#: the acceptor's longest wait: a backstop only, since stop_accepting() wakes it at
-#: once (it shuts the listening socket down; an idle acceptor polling every 0.25 s
-#: cost a daemon ~0.3 ms of CPU a second)
-_ACCEPT_BACKSTOP_S = 30.0
 _RECV = 1 << 16
 _SEND_TIMEOUT_S = 5.0
 _MAX_CONNECTIONS = 64
@@ -221,7 +217,11 @@ class LocalServer:
         self._next_sid = 1
         self._accept_log = LogThrottle(log, _ACCEPT_LOG_S)
         self._sock = _bind(path)
-        self._sock.settimeout(_ACCEPT_BACKSTOP_S)  # set before the thread runs: no race
+        # a blocking accept(), no poll: stop_accepting() wakes it by shutting the socket
+        # down (a blocking accept() then fails with EINVAL; a non-blocking one, as
+        # with a timeout, would get EAGAIN and spin). An idle acceptor polling every
+        # 0.25 s cost a daemon ~0.3 ms of CPU a second
+        self._sock.settimeout(None)
         # a handle on our socket file's inode: while it is open the number cannot be
         # reused, so close() can tell our file from a replacement's of the same name
         self._pin = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -671,7 +671,7 @@ class LocalServer:
     # ------------------------------------------------------------------ lifecycle
     def stop_accepting(self) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):  # wakes a waiting accept() (EINVAL), unlike close()
+        with contextlib.suppress(OSError):  # wakes a blocked accept() (EINVAL); close() won't
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 #: the accept loop's longest wait with no connection open: a backstop only, since
 #: close() wakes it at once (it shuts the listening socket down)
 _IDLE_WAIT_S = 30.0
-#: its shortest wait, and its pause after an unexpected error
+#: its shortest wait
 _MIN_WAIT_S = 0.01
+#: its pause after an unexpected error (each one is logged)
+_ERROR_PAUSE_S = 0.1
 #: connections served at once; one more is closed as soon as it is accepted
 _MAX_CONNS = 32
 
@@ -143,8 +146,8 @@ class _Server(ThreadingHTTPServer):
         """How long the accept loop may wait for a connection: until the earliest
         open connection's deadline, else :data:`_IDLE_WAIT_S`."""
         with self._conns_lock:
-            earliest = min((d for _, d in self._conns.values()), default=None)
-        if earliest is None:
+            earliest = min((d for _, d in self._conns.values()), default=math.inf)
+        if earliest == math.inf:  # none open, or only ones already dropped
             return _IDLE_WAIT_S
         return min(_IDLE_WAIT_S, max(_MIN_WAIT_S, earliest - time.monotonic()))
 
@@ -153,6 +156,9 @@ class _Server(ThreadingHTTPServer):
         now = time.monotonic()
         with self._conns_lock:
             late = [sock for sock, deadline in self._conns.values() if now >= deadline]
+            for t, (sock, deadline) in self._conns.items():
+                if now >= deadline:  # dropped now: no deadline left to wake for
+                    self._conns[t] = (sock, math.inf)
         for sock in late:
             with contextlib.suppress(OSError):  # already closed by its handler
                 sock.shutdown(socket.SHUT_RDWR)
@@ -206,7 +212,7 @@ class MetricsServer:
                 if self._stop.is_set():
                     return
                 log.exception("event=metrics-accept-error")
-                self._stop.wait(_MIN_WAIT_S)
+                self._stop.wait(_ERROR_PAUSE_S)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting, close the listening socket, drop open connections and join

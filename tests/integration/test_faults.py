@@ -357,7 +357,7 @@ def test_sigkill_mid_op(page_swap: bool) -> None:
     PeerFailure naming it, within a bounded time, with their input intact -- both
     when the ring works in a twin and swaps pages on success (the default at this
     size) and when it works in place and saves the input (page swap off)."""
-    n = 8 * 1024 * 1024  # 32 MiB of float32: ring, pipelined
+    n = 8 * 1024 * 1024  # 32 MiB of float32: ring (pipelined where not crowded)
     options = dataclasses.replace(FAST, page_swap_min_bytes=4 << 20 if page_swap else 0)
     with _Ranks(_faulty_rank, {}, n, options) as ranks:
         ranks.pump(lambda: len(ranks.progress[0]) >= 2, 60)

@@ -183,3 +183,42 @@ def test_an_idle_server_sleeps_until_a_connection_and_closes_at_once(
     assert _close_bounded(srv.close)
     assert time.monotonic() - t < 5.0  # woken, not left to its 30 s backstop
     assert not [t.name for t in threading.enumerate() if t.name.startswith("phalanx-metrics")]
+
+
+def test_a_dropped_connection_whose_handler_lingers_does_not_spin_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection past its deadline is shut down once; while its handler thread
+    still runs (stuck outside socket I/O here) the accept loop must not keep waking
+    for that spent deadline."""
+    from phalanx.monitor import server as server_module
+
+    release = threading.Event()
+    rounds = 0
+    real_handle = server_module._Server.handle_request
+    real_get = server_module._Handler.do_GET
+
+    def counted(self: Any) -> None:
+        nonlocal rounds
+        rounds += 1
+        real_handle(self)
+
+    def stuck(self: Any) -> None:
+        release.wait(10.0)  # e.g. building a response behind a lock
+        real_get(self)
+
+    monkeypatch.setattr(server_module._Server, "handle_request", counted)
+    monkeypatch.setattr(server_module._Handler, "do_GET", stuck)
+    srv = MetricsServer(Monitor(0), "127.0.0.1", 0, conn_timeout_s=0.2)
+    host, port = srv.address
+    c = socket.create_connection((host, port), timeout=10.0)
+    try:
+        c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # past its deadline: shut down, its handler still waiting
+        before = rounds
+        time.sleep(1.0)
+        assert rounds - before <= 3, f"{rounds - before} rounds in 1 s"
+    finally:
+        release.set()
+        c.close()
+        assert _close_bounded(srv.close)

@@ -198,6 +198,12 @@ def test_options_are_named_when_no_argument_differs() -> None:
     err = mismatch_error(op="all_reduce", seq=1, epoch=0, descriptors={0: a, 1: b}, detected_by=0)
     assert err.fields == ("piece_bytes",)
     assert err.descriptors[1].endswith("piece_bytes=4096)")
+    # the unit may come from the crowded rule, which the user never set: say so
+    assert "crowded_piece_bytes=0" in str(err)
+    count = dataclasses.replace(b, count=12)
+    other = mismatch_error(op="all_reduce", seq=1, epoch=0, descriptors={0: a, 1: count},
+                           detected_by=0)  # fmt: skip
+    assert "crowded" not in str(other)  # an argument differs: no word on options
 
 
 def test_the_dtype_wire_codes_are_fixed() -> None:
