@@ -294,12 +294,18 @@ def scenario(stack: Stack, peers: int) -> dict[str, Any]:
     addresses = {f"{stack.address(c)}:9464" for c in everyone}
 
     def targets_up() -> set[str] | None:
+        # both views must agree: the up series, and the targets Prometheus scrapes
+        # now. A peer that replaced a killed one may reuse its IP: the old series can
+        # still read up == 1 while the new target was found but not yet scraped
+        # (health "unknown"), which failed CI once after this wait had passed.
         try:
             data = stack.api("/api/v1/query", query='up{job="phalanx"} == 1')
-        except (OSError, SmokeError):
+            targets = stack.api("/api/v1/targets")["activeTargets"]
+        except (OSError, SmokeError, KeyError):
             return None
         up = {r["metric"]["instance"] for r in data["result"]}
-        return up if up >= addresses else None
+        healthy = {t["labels"]["instance"] for t in targets if t["health"] == "up"}
+        return up if up >= addresses and healthy >= addresses else None
 
     up = wait_for("Prometheus to scrape every peer (up == 1)", targets_up, 90, every=2.0)
     targets = stack.api("/api/v1/targets")["activeTargets"]
