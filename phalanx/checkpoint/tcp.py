@@ -220,11 +220,9 @@ class ShardServer:
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):  # wakes a waiting accept() (EINVAL)
-            self._listener.sock.shutdown(socket.SHUT_RDWR)
+        self._listener.close()  # shuts the socket down first: a waiting accept() wakes
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self._listener.close()
         with self._lock:
             conns = list(self._conns.values())
         for sock, _ in conns:

@@ -154,11 +154,12 @@ class _Server(ThreadingHTTPServer):
     def drop_expired(self) -> None:
         """Shut down the connections open past their deadline (their threads end)."""
         now = time.monotonic()
+        late = []
         with self._conns_lock:
-            late = [sock for sock, deadline in self._conns.values() if now >= deadline]
             for t, (sock, deadline) in self._conns.items():
                 if now >= deadline:  # dropped now: no deadline left to wake for
                     self._conns[t] = (sock, math.inf)
+                    late.append(sock)
         for sock in late:
             with contextlib.suppress(OSError):  # already closed by its handler
                 sock.shutdown(socket.SHUT_RDWR)
