@@ -1,0 +1,62 @@
+"""deploy/docker/smoke.py's reading of a killed container's log: which snapshots the
+killed run took. CI once failed because the smoke counted only the snapshots logged
+before it *asked* docker to kill the peer, while the peer trained on for 3 s and
+took three more; the restarted peer rightly restored the newest (step 40)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "smoke.py"
+
+
+@pytest.fixture(scope="module")
+def smoke() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("phalanx_deploy_smoke", _PATH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _log(t_kill_lands: float) -> list[dict[str, Any]]:
+    """A peer snapshotting every second from t=10, killed at ``t_kill_lands``, then
+    restarted at t=30, restoring, and snapshotting again."""
+    out: list[dict[str, Any]] = [{"ev": "ready", "t": 1.0}]
+    for i, t in enumerate(range(10, 20)):
+        if t < t_kill_lands:
+            out.append({"ev": "commit", "t": t - 0.5, "step": i * 10 + 9})
+            out.append({"ev": "snapshot", "t": float(t), "step": i * 10 + 10, "sha256": f"s{i}"})
+    out.append({"ev": "ready", "t": 30.0})
+    out.append({"ev": "restore", "t": 30.5, "step": 40, "sha256": "s3"})
+    out.append({"ev": "snapshot", "t": 32.0, "step": 50, "sha256": "new"})
+    return out
+
+
+def test_snapshots_taken_after_the_kill_was_asked_still_count(smoke: ModuleType) -> None:
+    events = _log(t_kill_lands=13.5)  # asked at 10.2, landed 3.3 s later
+    restore = next(e for e in events if e["ev"] == "restore")
+    snaps, last = smoke.killed_run(events, restore)
+    assert snaps == {10: "s0", 20: "s1", 30: "s2", 40: "s3"}
+    assert snaps[restore["step"]] == restore["sha256"]
+    assert last == 13.0  # the killed run's last event, not the restarted run's ready
+
+
+def test_the_restarted_runs_snapshots_are_not_the_killed_runs(smoke: ModuleType) -> None:
+    events = _log(t_kill_lands=11.5)
+    restore = {"ev": "restore", "t": 30.5, "step": 50, "sha256": "new"}
+    snaps, _ = smoke.killed_run(events, restore)
+    assert 50 not in snaps and restore["step"] not in snaps
+
+
+def test_no_snapshot_before_the_restore(smoke: ModuleType) -> None:
+    events = [{"ev": "ready", "t": 1.0}, {"ev": "restore", "t": 2.0, "step": 0, "sha256": "x"}]
+    snaps, last = smoke.killed_run(events, events[1])
+    assert snaps == {} and last is None
