@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -234,12 +234,17 @@ class Engine:
         frame_hook: FrameHook | None = None,
         observer: CommObserver | None = None,
         names: Sequence[str] | None = None,
+        on_break: Callable[[], None] | None = None,
     ) -> None:
         self.rank = rank
         #: what OpResult.contributors calls each rank (default: "0", "1", ...)
         self.names = tuple(names) if names is not None else tuple(str(r) for r in range(world))
         self.observer = observer
         self.frame_hook = frame_hook
+        # told once, with no engine lock held, when the group breaks: whoever owns the
+        # group learns of a break that reached an idle engine without polling for it
+        self._on_break = on_break
+        self._break_told = False
         self.pool = BufferPool()
         # twins of page-swapped all-reduces (comm/pageswap.py): mapped memory of their own
         self.twins = BufferPool(alloc=pageswap.new_arena)
@@ -494,12 +499,14 @@ class Engine:
                 for plan in plans:
                     if not plan.future.done():
                         plan.future.set_exception(err)
+            self._tell_broken()
         finally:
             self._shutdown_links()
 
     def _loop(self) -> None:
         poll = self._epoll.poll
         while True:
+            self._tell_broken()
             with self._state:
                 if not self._between_polls():
                     return
@@ -511,6 +518,16 @@ class Engine:
                 # what a caller's inline start left: acted on before any frame is read
                 self._requested()
                 self._handle(events)
+
+    def _tell_broken(self) -> None:
+        """(Engine thread, no lock held.) Call ``on_break`` once the group has broken."""
+        if self._broken is None or self._break_told or self._on_break is None:
+            return
+        self._break_told = True
+        try:
+            self._on_break()
+        except Exception:  # its owner's bug must not take the engine down
+            log.exception("event=on-break-error rank=%d", self.rank)
 
     def _requested(self) -> None:
         """Raise a crash a caller met starting a plan inline; fail the current op for

@@ -109,6 +109,7 @@ class Group:
         frame_hook: FrameHook | None = None,
         observer: CommObserver | None = None,
         names: Sequence[str] | None = None,
+        on_break: Callable[[], None] | None = None,
     ) -> None:
         """Connect to every peer (blocking, bounded by ``options.connect_timeout_s``).
 
@@ -116,7 +117,9 @@ class Group:
         from now on and closes it. ``observer`` receives per-op, per-link measurements
         (see :mod:`phalanx.comm.observer`); ``frame_hook`` is for fault injection only.
         ``names``: what results call each rank (``OpResult.contributors``; default the
-        ranks as strings).
+        ranks as strings). ``on_break`` is called once, on the engine's thread with no
+        lock of the group held, when the group breaks -- also while no op runs (a peer's
+        ABORT, a lost link): its owner needs no poll to notice.
         """
         world = len(addresses)
         if world < 1:
@@ -171,6 +174,7 @@ class Group:
             frame_hook=frame_hook,
             observer=observer,
             names=names,
+            on_break=on_break,
         )
         log.info(
             "event=group-up rank=%d world=%d epoch=%d streams=%d piece_bytes=%d address=%s",

@@ -568,8 +568,13 @@ class Lifecycle:
 
     def rejoin_due(self, now: float) -> bool:
         """The rejoin policy: is an attempt due now?"""
-        return (
-            self.presence in (Presence.EVICTED, Presence.CYCLING)
-            and self.next_rejoin_at is not None
-            and now >= self.next_rejoin_at
-        )
+        return self.rejoin_wait(now) == 0.0
+
+    def rejoin_wait(self, now: float) -> float | None:
+        """Seconds until the next rejoin attempt is due (0.0: now); None while none is
+        scheduled (a member, a leave in flight, no automatic retry)."""
+        if self.presence not in (Presence.EVICTED, Presence.CYCLING):
+            return None
+        if self.next_rejoin_at is None:
+            return None
+        return max(0.0, self.next_rejoin_at - now)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from phalanx.comm import CommOptions
+from phalanx.comm import CommOptions, Group, bind
 from phalanx.deadline import Deadline
 from phalanx.errors import GroupClosed, PeerFailure
 from tests.integration._pairs import pair
@@ -235,3 +235,48 @@ def test_a_queued_ops_deadline_is_kept_while_the_op_ahead_waits() -> None:
     finally:
         g0.close()
         g1.close()
+
+
+def test_on_break_tells_the_owner_once_of_a_break_that_reaches_an_idle_engine() -> None:
+    """A peer's ABORT while this rank runs nothing breaks its group; ``on_break`` says
+    so at once, on the engine's thread, once -- what lets ElasticGroup's installer
+    sleep instead of polling the engine for a break."""
+    listeners = [bind("127.0.0.1:0") for _ in range(2)]
+    addresses = [lst.address for lst in listeners]
+    told: list[list[str]] = [[], []]
+    groups: list[Group | None] = [None, None]
+
+    def build(rank: int) -> None:
+        groups[rank] = Group(rank, addresses, b"s" * 32, listener=listeners[rank],
+                             options=CommOptions(timeout_s=30.0),
+                             on_break=lambda: told[rank].append(threading.current_thread().name))  # fmt: skip
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    g0, g1 = groups
+    assert g0 is not None and g1 is not None
+    try:
+        b1 = threading.Thread(target=g1.barrier)
+        b1.start()
+        g0.barrier()  # an op that ended well: no break, nothing told
+        b1.join(30)
+        time.sleep(0.2)
+        assert told == [[], []]
+        g1.abort("view-change", "test: rank 1 gives up while rank 0 is idle")
+        deadline = time.monotonic() + 10
+        while not (told[0] and told[1]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert told[0] == ["phalanx-engine-0"], told  # rank 0 ran nothing: ABORT read idle
+        assert told[1] == ["phalanx-engine-1"], told
+        assert isinstance(g0.engine.broken, PeerFailure)
+        with pytest.raises(PeerFailure):
+            g0.barrier()
+        time.sleep(0.2)
+        assert told == [["phalanx-engine-0"], ["phalanx-engine-1"]]  # once, not per failure
+    finally:
+        g0.close()
+        g1.close()
+    assert told == [["phalanx-engine-0"], ["phalanx-engine-1"]]  # closing is no break to tell

@@ -246,8 +246,9 @@ def test_one_rejoin_policy_with_backoff_on_a_fake_clock() -> None:
         assert at is not None and presence(life) == Presence.EVICTED
         delays.append(round(at - clock(), 3))
         assert not life.rejoin_due(clock())
+        assert life.rejoin_wait(clock()) == pytest.approx(at - clock())  # the installer sleeps that
         clock.t = at
-        assert life.rejoin_due(clock())
+        assert life.rejoin_due(clock()) and life.rejoin_wait(clock()) == 0.0
     assert delays == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
     assert [rejoin_delay(n) for n in range(3)] == [0.0, 0.2, 0.4]
     life.rejoin_started()
@@ -261,6 +262,7 @@ def test_without_auto_rejoin_an_eviction_waits_for_the_caller() -> None:
     assert life.evicted(clock()) is False
     clock.t += 100
     assert not life.rejoin_due(clock()) and not life.coming_back()
+    assert life.rejoin_wait(clock()) is None  # nothing to wake the installer for
     life.rejoin_started()  # the caller's rejoin()
     assert life.rejoin_failed(clock()) is None
 
@@ -274,6 +276,7 @@ def test_a_client_lost_mid_step_cycles_and_a_deliberate_leave_stays_out() -> Non
     life.cycle()
     # no rejoin while the leave is in flight: it would race the leave's clean-up
     assert presence(life) == Presence.CYCLING and not life.rejoin_due(clock())
+    assert life.rejoin_wait(clock()) is None
     life.cycle_left(clock())
     assert life.rejoin_due(clock())
     assert life.coming_back()  # a restarted client's calls wait for it

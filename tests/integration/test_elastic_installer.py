@@ -1,0 +1,81 @@
+"""ElasticGroup's installer thread sleeps while nothing is due and is woken by what
+is: a break of its group that reaches an idle engine comes through the group's
+``on_break``, not through a poll (in-process: a real coordinator, real agents, real
+data-plane groups on loopback)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import phalanx.membership.elastic as elastic_module
+from phalanx.membership.config import MembershipConfig
+from phalanx.membership.coordinator import Coordinator
+from phalanx.membership.elastic import ElasticGroup
+
+pytestmark = pytest.mark.timeout(90)
+
+SECRET = b"elastic-installer-secret-0123456789abc"
+
+
+@pytest.fixture
+def coordinator() -> Iterator[Coordinator]:
+    # a heartbeat timeout CI's load does not trip: nobody is evicted in this test
+    config = MembershipConfig(recovery_grace=0.0, heartbeat_timeout=2.5, confirm_window=1.0)
+    c = Coordinator(secret=SECRET, config=config)
+    c.start()
+    yield c
+    c.stop(grace=0.5)
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _switches(m: ElasticGroup) -> int:
+    tid = next(t.native_id for t in m._threads if t.name == "phalanx-elastic-install")
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
+
+
+def test_the_installer_sleeps_while_idle_and_a_break_wakes_it(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # its fallback look pushed out of the test's reach: only on_break can wake it
+    monkeypatch.setattr(elastic_module, "_LOOK_S", 60.0)
+    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
+    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
+    try:
+        a.join(10)
+        b.join(10)
+
+        def built(m: ElasticGroup) -> bool:
+            cur = m._current
+            return cur is not None and cur.usable and cur.view.size == 2
+
+        assert _wait(lambda: built(a) and built(b), 15), "the pair's group was not built"
+        time.sleep(0.5)
+        before = _switches(a)
+        time.sleep(2.0)
+        woke = _switches(a) - before
+        assert woke <= 4, f"an idle installer woke {woke} times in 2 s (a 0.1 s poll: ~20)"
+
+        # b's group gives up while a runs nothing: b's ABORT reaches a's idle engine
+        generation = a._generation
+        cur = b._current
+        assert cur is not None and cur.group is not None
+        cur.group.abort("view-change", "test: b breaks the group while a is idle")
+        assert _wait(lambda: a._generation > generation, 10), (
+            "a's installer never noticed its group's break (its look is 60 s away)"
+        )
+        assert _wait(lambda: built(a) and built(b) and a._generation == b._generation, 15)
+    finally:
+        a.close()
+        b.close()
