@@ -119,7 +119,8 @@ class Group:
         ``names``: what results call each rank (``OpResult.contributors``; default the
         ranks as strings). ``on_break`` is called once, on the engine's thread with no
         lock of the group held, when the group breaks -- also while no op runs (a peer's
-        ABORT, a lost link): its owner needs no poll to notice.
+        ABORT, a lost link), and when ``close()`` aborts an op in flight (closing an idle
+        group tells nothing): its owner needs no poll to notice.
         """
         world = len(addresses)
         if world < 1:

@@ -133,9 +133,10 @@ _WAIT_SLICE = 0.1
 # (_wake_installer found the lock held). It was a 0.1 s poll: ~1.1 ms of CPU a second
 # and 10 wake-ups in every idle daemon, and more under load.
 _LOOK_S = 1.0
-# how long an engine's on_break waits for the installer's lock before leaving the break
-# to the installer's next look
-_WAKE_TRY_S = 0.05
+# how long an engine's on_break waits for the installer's lock (nobody holds it while
+# waiting on an engine; the bound is a guard should that ever change): a wake given up
+# after it is no later than the installer's own next look
+_WAKE_TRY_S = _LOOK_S
 
 
 class _Plane:
@@ -603,9 +604,9 @@ class ElasticGroup:
     def _wake_installer(self) -> None:
         """A group's engine broke (its thread, no engine lock held): the installer
         notices it now (``_notice_break``), so the peers' rebuild does not wait for us.
-        The lock is waited for ``_WAKE_TRY_S`` at most: whoever holds it may be
-        waiting on this very engine; the installer then sees the break at its next look
-        (``_LOOK_S``)."""
+        The lock is waited for ``_WAKE_TRY_S`` at most, in case a holder ever waits on
+        this very engine: a wake given up then is no later than the installer's own
+        next look (``_LOOK_S``)."""
         if not self._cond.acquire(timeout=_WAKE_TRY_S):
             return
         try:
@@ -1271,8 +1272,9 @@ class ElasticGroup:
         we must not. Nothing would re-sync us -- the group is exchanged, no view change
         comes -- so we would train the next step on the old state beside them. End the
         group as a heal does: it breaks here, the peers learn it (ABORT, then the
-        closed links; an idle one's installer within 100 ms, a busy one's op fails
-        with ``view-change`` and ``retry=True`` runs again) and every member rebuilds
+        closed links; an idle one's installer at once, woken by its engine's
+        ``on_break``; a busy one's op fails with ``view-change`` and ``retry=True``
+        runs again) and every member rebuilds
         the next generation, whose state exchange hands the newest step, the one the
         group committed, to every member before its first collective. No wait here:
         the abort only wakes the engine. Left, evicted, closed, a newer view or a

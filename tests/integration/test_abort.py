@@ -241,23 +241,14 @@ def test_on_break_tells_the_owner_once_of_a_break_that_reaches_an_idle_engine() 
     """A peer's ABORT while this rank runs nothing breaks its group; ``on_break`` says
     so at once, on the engine's thread, once -- what lets ElasticGroup's installer
     sleep instead of polling the engine for a break."""
-    listeners = [bind("127.0.0.1:0") for _ in range(2)]
-    addresses = [lst.address for lst in listeners]
-    told: list[list[str]] = [[], []]
-    groups: list[Group | None] = [None, None]
+    # an idle group that never broke, closed: nothing to tell
+    told, (g0, g1) = _told_pair()
+    g0.close()
+    g1.close()
+    time.sleep(0.2)
+    assert told == [[], []]
 
-    def build(rank: int) -> None:
-        groups[rank] = Group(rank, addresses, b"s" * 32, listener=listeners[rank],
-                             options=CommOptions(timeout_s=30.0),
-                             on_break=lambda: told[rank].append(threading.current_thread().name))  # fmt: skip
-
-    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    g0, g1 = groups
-    assert g0 is not None and g1 is not None
+    told, (g0, g1) = _told_pair()
     try:
         b1 = threading.Thread(target=g1.barrier)
         b1.start()
@@ -279,4 +270,25 @@ def test_on_break_tells_the_owner_once_of_a_break_that_reaches_an_idle_engine() 
     finally:
         g0.close()
         g1.close()
-    assert told == [["phalanx-engine-0"], ["phalanx-engine-1"]]  # closing is no break to tell
+
+
+def _told_pair() -> tuple[list[list[str]], tuple[Group, Group]]:
+    """Two ranks whose ``on_break`` calls are recorded (the calling thread's name)."""
+    listeners = [bind("127.0.0.1:0") for _ in range(2)]
+    addresses = [lst.address for lst in listeners]
+    told: list[list[str]] = [[], []]
+    groups: list[Group | None] = [None, None]
+
+    def build(rank: int) -> None:
+        groups[rank] = Group(rank, addresses, b"s" * 32, listener=listeners[rank],
+                             options=CommOptions(timeout_s=30.0),
+                             on_break=lambda: told[rank].append(threading.current_thread().name))  # fmt: skip
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    g0, g1 = groups
+    assert g0 is not None and g1 is not None
+    return told, (g0, g1)

@@ -48,8 +48,10 @@ def _switches(m: ElasticGroup) -> int:
 def test_the_installer_sleeps_while_idle_and_a_break_wakes_it(
     coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # its fallback look pushed out of the test's reach: only on_break can wake it
+    # its fallback look pushed out of the test's reach: only on_break can wake it --
+    # and no door hint either (b dialling a for the next generation would tell a)
     monkeypatch.setattr(elastic_module, "_LOOK_S", 60.0)
+    monkeypatch.setattr(ElasticGroup, "_on_ahead", lambda self, *args, **kwargs: None)
     a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
     b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
     try:
