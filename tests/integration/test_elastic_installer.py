@@ -6,7 +6,7 @@ data-plane groups on loopback)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,6 +14,7 @@ import phalanx.membership.elastic as elastic_module
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
 from phalanx.membership.elastic import ElasticGroup
+from tests.integration._waits import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,15 +29,6 @@ def coordinator() -> Iterator[Coordinator]:
     c.start()
     yield c
     c.stop(grace=0.5)
-
-
-def _wait(pred: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _switches(m: ElasticGroup) -> int:
@@ -62,7 +54,7 @@ def test_the_installer_sleeps_while_idle_and_a_break_wakes_it(
             cur = m._current
             return cur is not None and cur.usable and cur.view.size == 2
 
-        assert _wait(lambda: built(a) and built(b), 15), "the pair's group was not built"
+        assert until(lambda: built(a) and built(b), 15), "the pair's group was not built"
         time.sleep(0.5)
         before = _switches(a)
         time.sleep(2.0)
@@ -74,10 +66,10 @@ def test_the_installer_sleeps_while_idle_and_a_break_wakes_it(
         cur = b._current
         assert cur is not None and cur.group is not None
         cur.group.abort("view-change", "test: b breaks the group while a is idle")
-        assert _wait(lambda: a._generation > generation, 10), (
+        assert until(lambda: a._generation > generation, 10), (
             "a's installer never noticed its group's break (its look is 60 s away)"
         )
-        assert _wait(lambda: built(a) and built(b) and a._generation == b._generation, 15)
+        assert until(lambda: built(a) and built(b) and a._generation == b._generation, 15)
     finally:
         a.close()
         b.close()

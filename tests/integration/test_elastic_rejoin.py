@@ -22,6 +22,7 @@ from phalanx.membership.coordinator import Coordinator
 from phalanx.membership.elastic import ElasticGroup
 from phalanx.membership.lifecycle import MAX_GENERATION, Presence, data_epoch
 from phalanx.membership.view import View
+from tests.integration._waits import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,16 +37,6 @@ def coordinator() -> Iterator[Coordinator]:
     c.stop(grace=0.5)
 
 
-def _wait(pred: object, timeout: float) -> bool:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 @contextlib.contextmanager
 def _joined_pair(coordinator: Coordinator) -> Iterator[tuple[ElasticGroup, ElasticGroup]]:
     """Members a and b in one view, a collective run between them; closed after."""
@@ -54,7 +45,7 @@ def _joined_pair(coordinator: Coordinator) -> Iterator[tuple[ElasticGroup, Elast
     try:
         a.join(10)
         b.join(10)
-        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
+        assert until(lambda: a.view.size == 2 and b.view.size == 2, 10)
         _sum_pair(a, b)
         yield a, b
     finally:
@@ -91,7 +82,7 @@ def test_a_new_incarnation_removed_before_its_join_returns_rejoins_again(
         inc = a.agent.member.incarnation
         # the coordinator removes the new incarnation before the join "returns" ...
         coordinator._locked(lambda g, now: g.leave("a", inc, "", now))
-        assert _wait(lambda: not coordinator.view.has(a.agent.member), 5)
+        assert until(lambda: not coordinator.view.has(a.agent.member), 5)
         # ... and the agent hears of it first, as its watch thread did in the soak
         a.agent._handle_evicted(inc)
         return view
@@ -99,13 +90,13 @@ def test_a_new_incarnation_removed_before_its_join_returns_rejoins_again(
     try:
         a.join(10)
         b.join(10)
-        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
+        assert until(lambda: a.view.size == 2 and b.view.size == 2, 10)
         a.agent.rejoin = rejoin_then_removed  # type: ignore[method-assign,assignment]
         with pytest.raises(Evicted, match="removed before its join returned"):
             a.rejoin(10)
         a.agent.rejoin = real  # type: ignore[method-assign]
         # the policy brings it back as a later incarnation, and the pair works again
-        assert _wait(lambda: a.presence is Presence.MEMBER
+        assert until(lambda: a.presence is Presence.MEMBER
                      and coordinator.view.has(a.agent.member) and a.view.size == 2, 20), (
             a.presence, coordinator.view)  # fmt: skip
         assert a.agent.member.incarnation >= 3
@@ -187,7 +178,7 @@ def test_a_leave_during_a_rejoin_leaves_the_member_out(
         a.leave()
         rejoin.join(10)
         assert a.presence is Presence.LEFT
-        assert _wait(lambda: "a" not in coordinator.view, 5), coordinator.view
+        assert until(lambda: "a" not in coordinator.view, 5), coordinator.view
     finally:
         gate.set()
         a.close()
@@ -234,7 +225,7 @@ def test_a_no_vote_on_a_round_this_member_already_carried_is_not_reported_commit
         b.attach_state({"w": wb}, 0)
         for g in (a, b):
             threading.Thread(target=lambda g=g: g.begin_step(0, timeout=15)).start()
-        assert _wait(lambda: a._life.step == 0 and b._life.step == 0, 15)
+        assert until(lambda: a._life.step == 0 and b._life.step == 0, 15)
         _sum_pair(a, b)
         votes: list[bool] = []
         t = threading.Thread(target=lambda: votes.append(b.commit(0, True, timeout=15)))
@@ -247,7 +238,7 @@ def test_a_no_vote_on_a_round_this_member_already_carried_is_not_reported_commit
         assert a.commit(0, False, timeout=15) is False  # "the replacement's" vote
         assert a.state is not None and not a.state.valid
         # a left and comes back; its first step boundary receives b's state
-        assert _wait(lambda: a.view.size == 2 and a.agent.member.incarnation > 1, 20)
+        assert until(lambda: a.view.size == 2 and a.agent.member.incarnation > 1, 20)
         t = threading.Thread(target=lambda: b.begin_step(timeout=30))
         t.start()
         info = a.begin_step(timeout=30)
@@ -269,7 +260,7 @@ def test_a_view_whose_last_generation_broke_is_left_and_rejoined(
             assert cur is not None
             cur.generation = a._generation = MAX_GENERATION  # as if rebuilt that often
             a._heal(cur)
-        assert _wait(lambda: a.agent.member.incarnation > before and a.view.size == 2, 20)
+        assert until(lambda: a.agent.member.incarnation > before and a.view.size == 2, 20)
         _sum_pair(a, b)  # the pair works again, in a view of generation 0
         assert a._generation == 0
 

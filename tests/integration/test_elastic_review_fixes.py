@@ -26,6 +26,7 @@ from phalanx.membership.lifecycle import Presence
 from phalanx.membership.statesync import SyncOutcome, SyncState
 from phalanx.membership.view import View
 from phalanx.ops import OpResult
+from tests.integration._waits import until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,7 +62,7 @@ def _both_rebuilt(a: ElasticGroup, b: ElasticGroup, generation: int) -> None:
     which only a's next collective would bring (it fails on the old generation and
     runs the exchange in the new one). These tests are about the new generation's
     exchange, so they start the step once both are in it."""
-    assert _wait(lambda: a._generation == b._generation > generation, 10.0), (
+    assert until(lambda: a._generation == b._generation > generation, 10.0), (
         a._generation,
         b._generation,
         generation,
@@ -70,15 +71,6 @@ def _both_rebuilt(a: ElasticGroup, b: ElasticGroup, generation: int) -> None:
 
 def _member(c: Coordinator, mid: str, state: SyncState | None, **kw: Any) -> ElasticGroup:
     return ElasticGroup(c.address, mid, SECRET, state=state, join_timeout=10.0, **kw)
-
-
-def _wait(pred: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _parallel(*fns: Callable[[], Any], timeout: float = 30.0) -> list[Any]:
@@ -103,7 +95,7 @@ def _parallel(*fns: Callable[[], Any], timeout: float = 30.0) -> list[Any]:
 def _join_all(members: tuple[ElasticGroup, ...]) -> None:
     _parallel(*(lambda m=m: m.join(10) for m in members))
     n = len(members)
-    assert _wait(lambda: all(m.view.size == n for m in members), 10)
+    assert until(lambda: all(m.view.size == n for m in members), 10)
 
 
 # ----------------------------------------------------------------------------- 1
@@ -258,7 +250,7 @@ def _removed_right_after_admission(
         inc = a.agent.member.incarnation
         coordinator._locked(lambda g, now: g.stream_lost("a", inc, now))
         b.agent.report_failure(["a"], view.epoch, "test")
-        assert _wait(lambda: a.agent.evicted, 10), "a's agent never learnt of its removal"
+        assert until(lambda: a.agent.evicted, 10), "a's agent never learnt of its removal"
         then()
         return view
 
@@ -275,7 +267,7 @@ def test_join_raises_evicted_when_the_group_removed_the_member_right_after_admis
         b.join(10)
 
         def until_evicted() -> None:  # the agent's callback ran: presence is evicted
-            assert _wait(lambda: a.presence is Presence.EVICTED, 10), a.presence
+            assert until(lambda: a.presence is Presence.EVICTED, 10), a.presence
 
         a.agent.join = _removed_right_after_admission(  # type: ignore[method-assign,assignment]
             coordinator, a, b, until_evicted
@@ -283,10 +275,10 @@ def test_join_raises_evicted_when_the_group_removed_the_member_right_after_admis
         with pytest.raises(Evicted, match="removed right after its admission"):
             a.join(10)
         assert a.presence is Presence.EVICTED and a.evicted
-        assert _wait(lambda: "a" not in coordinator.view.ids, 5), coordinator.view
+        assert until(lambda: "a" not in coordinator.view.ids, 5), coordinator.view
         # the ordinary way back works
         a.rejoin(10)
-        assert _wait(lambda: a.view.size == 2 and b.view.size == 2, 10)
+        assert until(lambda: a.view.size == 2 and b.view.size == 2, 10)
         x, y = np.ones(4, np.float32), np.full(4, 2.0, np.float32)
         res = _parallel(
             lambda: a.all_reduce(x, retry=True, timeout=15),
@@ -317,7 +309,7 @@ def test_join_with_auto_rejoin_is_not_marked_a_member_while_its_rejoin_runs(
         return real_rejoin(timeout, incarnation=incarnation)
 
     def until_rejoining() -> None:
-        assert _wait(lambda: a.presence is Presence.REJOINING, 10), a.presence
+        assert until(lambda: a.presence is Presence.REJOINING, 10), a.presence
 
     try:
         b.join(10)
@@ -330,7 +322,7 @@ def test_join_with_auto_rejoin_is_not_marked_a_member_while_its_rejoin_runs(
             assert a.presence is Presence.REJOINING, a.presence
         finally:
             release.set()
-        assert _wait(
+        assert until(
             lambda: (
                 a.presence is Presence.MEMBER
                 and coordinator.view.has(a.agent.member)
@@ -414,7 +406,7 @@ def test_a_daemon_removed_while_its_join_waits_still_starts(
             removed.append(self.member.incarnation)
             self._handle_evicted(self.member.incarnation)
             if first == "rejoin":
-                assert _wait(lambda: self.member.incarnation > removed[0], 10), "no rejoin"
+                assert until(lambda: self.member.incarnation > removed[0], 10), "no rejoin"
 
     monkeypatch.setattr(Agent, "_start_threads", start_threads)
     _start_b_and_reduce_with_a(lambda: bool(removed))
@@ -431,7 +423,7 @@ def _start_b_and_reduce_with_a(injected: Callable[[], bool]) -> None:
         b = phalanx.start(coordinator=a.coordinator_address, secret=secret, member_id="b")
         try:
             assert injected(), "the removal was not injected"
-            assert _wait(lambda: a.view().world == 2 and b.view().world == 2, 20), (
+            assert until(lambda: a.view().world == 2 and b.view().world == 2, 20), (
                 a.view(),
                 b.view(),
             )
@@ -591,7 +583,7 @@ def test_leave_during_join_ends_the_join_with_group_closed_and_leaves_no_member(
         assert left == [None], left  # leave() itself went through
         assert member.presence is Presence.LEFT
         # nobody stays behind in the coordinator's view (at most a heartbeat timeout)
-        assert _wait(lambda: "m" not in coordinator.view.ids, 5), coordinator.view
+        assert until(lambda: "m" not in coordinator.view.ids, 5), coordinator.view
         with pytest.raises(GroupClosed):  # as after any leave
             member.begin_step(timeout=2)
     finally:

@@ -6,24 +6,16 @@ another program added meanwhile left alone."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "dockerd.py"
+from tests.unit._deploy import load
 
 
 @pytest.fixture(scope="module")
 def dockerd() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("phalanx_deploy_dockerd", _PATH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load("dockerd")
 
 
 BEFORE = """\

@@ -5,25 +5,17 @@ took three more; the restarted peer rightly restored the newest (step 40)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "smoke.py"
+from tests.unit._deploy import load
 
 
 @pytest.fixture(scope="module")
 def smoke() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("phalanx_deploy_smoke", _PATH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load("smoke")
 
 
 def _log(t_kill_lands: float) -> list[dict[str, Any]]:
