@@ -352,11 +352,27 @@ class ElasticGroup:
                 raise Evicted(
                     f"{self.member_id}: removed right after its admission", epoch=self._latest
                 )
-            self._life.joined()
-            self._cond.notify_all()
+            self._joined()
             if presence is Presence.MEMBER:
                 view = self.agent.view  # the rejoin policy brought it back meanwhile
         return view
+
+    def _joined(self) -> None:
+        """(Lock held.) This member is in the group (again): say so, and heal a group of
+        its view that broke while it was joining or rejoining. The rule said then to
+        wait for the join (``after_break``: nothing, or a rejoin), the group stayed
+        marked broken, and nothing else would rebuild it: calls waited for the next
+        view while the peers rebuilt and waited for us."""
+        self._life.joined()
+        self._notice_break()
+        cur = self._current
+        if (
+            cur is not None
+            and cur.phase in (GroupPhase.BROKEN, GroupPhase.FAILED)
+            and self._rebuild is None
+        ):
+            self._heal(cur)
+        self._cond.notify_all()
 
     def _removed_while_joining(self, presence: Presence) -> bool:
         """(under the lock) This join's incarnation was removed: mark it evicted if the
@@ -410,8 +426,7 @@ class ElasticGroup:
                     self._cond.notify_all()
                     raise Evicted(f"{self.member_id}: the new incarnation was removed "
                                   "before its join returned")  # fmt: skip
-                self._life.joined()
-                self._cond.notify_all()
+                self._joined()
             return view
 
     def leave(self, timeout: float | None = None, reason: str = "") -> None:

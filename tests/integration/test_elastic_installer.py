@@ -73,3 +73,56 @@ def test_the_installer_sleeps_while_idle_and_a_break_wakes_it(
     finally:
         a.close()
         b.close()
+
+
+def test_a_group_that_broke_while_its_member_rejoined_is_rebuilt_once_it_is_back(
+    coordinator: Coordinator,
+) -> None:
+    """A break seen while the member is rejoining (a caller's ``rejoin()``: the new
+    view's group came up before ``joined()``) waits for the join, by the rule
+    (``after_break``: rejoin); the group stays marked broken. Before, nothing rebuilt
+    it after the join: calls waited for the next view while the peer rebuilt and
+    waited for us. ``_joined`` heals it."""
+    from phalanx.membership.lifecycle import GroupPhase, Presence
+
+    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
+    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
+    try:
+        a.join(10)
+        b.join(10)
+
+        def built(m: ElasticGroup) -> bool:
+            cur = m._current
+            return cur is not None and cur.usable and cur.view.size == 2
+
+        assert until(lambda: built(a) and built(b), 15), "the pair's group was not built"
+        generation = a._generation
+        with a._cond:  # where a's rejoin stands just before its joined()
+            a._life.evicted(time.monotonic())
+            a._life.rejoin_started()
+            assert a._life.presence is Presence.REJOINING
+        cur = b._current
+        assert cur is not None and cur.group is not None
+        cur.group.abort("view-change", "test: b breaks the group while a rejoins")
+
+        def marked() -> bool:
+            plane = a._current
+            return plane is not None and plane.phase is GroupPhase.BROKEN
+
+        assert until(marked, 10), "a never saw its group break"
+        time.sleep(0.5)
+        assert a._generation == generation and a._rebuild is None  # waiting for the join
+        with a._cond:
+            a._joined()
+        assert until(
+            lambda: (
+                a._generation > generation
+                and built(a)
+                and built(b)
+                and a._generation == b._generation
+            ),
+            20,
+        ), (a._generation, b._generation)
+    finally:
+        a.close()
+        b.close()
