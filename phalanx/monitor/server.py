@@ -192,7 +192,6 @@ class MetricsServer:
         max_conns: int = _MAX_CONNS,
     ) -> None:
         self._httpd = _Server(monitor, host, port, conn_timeout_s, max_conns)
-        self._httpd.socket.settimeout(_IDLE_WAIT_S)  # accept() never waits longer either
         h, p = self._httpd.server_address[:2]
         self.address: tuple[str, int] = (str(h), int(p))
         self._stop = threading.Event()

@@ -5,6 +5,7 @@ data-plane groups on loopback)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ import phalanx.membership.elastic as elastic_module
 from phalanx.membership.config import MembershipConfig
 from phalanx.membership.coordinator import Coordinator
 from phalanx.membership.elastic import ElasticGroup
+from phalanx.membership.lifecycle import GroupPhase, Presence
 from tests.integration._waits import until
 
 pytestmark = pytest.mark.timeout(90)
@@ -37,6 +39,26 @@ def _switches(m: ElasticGroup) -> int:
         return sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
 
 
+def _built(m: ElasticGroup) -> bool:
+    cur = m._current
+    return cur is not None and cur.usable and cur.view.size == 2
+
+
+@contextlib.contextmanager
+def _built_pair(coordinator: Coordinator) -> Iterator[tuple[ElasticGroup, ElasticGroup]]:
+    """Members a and b, joined, their group built; closed afterwards."""
+    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
+    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
+    try:
+        a.join(10)
+        b.join(10)
+        assert until(lambda: _built(a) and _built(b), 15), "the pair's group was not built"
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
 def test_the_installer_sleeps_while_idle_and_a_break_wakes_it(
     coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -44,17 +66,7 @@ def test_the_installer_sleeps_while_idle_and_a_break_wakes_it(
     # and no door hint either (b dialling a for the next generation would tell a)
     monkeypatch.setattr(elastic_module, "_LOOK_S", 60.0)
     monkeypatch.setattr(ElasticGroup, "_on_ahead", lambda self, *args, **kwargs: None)
-    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
-    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
-    try:
-        a.join(10)
-        b.join(10)
-
-        def built(m: ElasticGroup) -> bool:
-            cur = m._current
-            return cur is not None and cur.usable and cur.view.size == 2
-
-        assert until(lambda: built(a) and built(b), 15), "the pair's group was not built"
+    with _built_pair(coordinator) as (a, b):
         time.sleep(0.5)
         before = _switches(a)
         time.sleep(2.0)
@@ -69,10 +81,7 @@ def test_the_installer_sleeps_while_idle_and_a_break_wakes_it(
         assert until(lambda: a._generation > generation, 10), (
             "a's installer never noticed its group's break (its look is 60 s away)"
         )
-        assert until(lambda: built(a) and built(b) and a._generation == b._generation, 15)
-    finally:
-        a.close()
-        b.close()
+        assert until(lambda: _built(a) and _built(b) and a._generation == b._generation, 15)
 
 
 def test_a_group_that_broke_while_its_member_rejoined_is_rebuilt_once_it_is_back(
@@ -83,19 +92,7 @@ def test_a_group_that_broke_while_its_member_rejoined_is_rebuilt_once_it_is_back
     (``after_break``: rejoin); the group stays marked broken. Before, nothing rebuilt
     it after the join: calls waited for the next view while the peer rebuilt and
     waited for us. ``_joined`` heals it."""
-    from phalanx.membership.lifecycle import GroupPhase, Presence
-
-    a = ElasticGroup(coordinator.address, "a", SECRET, join_timeout=10.0)
-    b = ElasticGroup(coordinator.address, "b", SECRET, join_timeout=10.0)
-    try:
-        a.join(10)
-        b.join(10)
-
-        def built(m: ElasticGroup) -> bool:
-            cur = m._current
-            return cur is not None and cur.usable and cur.view.size == 2
-
-        assert until(lambda: built(a) and built(b), 15), "the pair's group was not built"
+    with _built_pair(coordinator) as (a, b):
         generation = a._generation
         with a._cond:  # where a's rejoin stands just before its joined()
             a._life.evicted(time.monotonic())
@@ -117,12 +114,9 @@ def test_a_group_that_broke_while_its_member_rejoined_is_rebuilt_once_it_is_back
         assert until(
             lambda: (
                 a._generation > generation
-                and built(a)
-                and built(b)
+                and _built(a)
+                and _built(b)
                 and a._generation == b._generation
             ),
             20,
         ), (a._generation, b._generation)
-    finally:
-        a.close()
-        b.close()
